@@ -1,5 +1,31 @@
-"""kdcache: run the teacher once, cache its logits in Zarr, distill students from the cache."""
+"""kdcache: run the teacher once, cache its logits in Zarr, distill students from the cache.
+
+The public API; the ``kdcache`` command line is a thin layer over it and this package imports
+without click.
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from kdcache.config import DistillConfig, DumpConfig, TrainConfig
+from kdcache.errors import KdcacheError
+from kdcache.losses import AttentionLogitsLoss, FocalDistillationLoss, LogitsDistillationLoss
+from kdcache.metadata import StoreMetadata
+from kdcache.store import StoreReader, StoreWriter, create_store, open_store
+
+__all__ = [
+    "AttentionLogitsLoss",
+    "DistillConfig",
+    "DumpConfig",
+    "FocalDistillationLoss",
+    "KdcacheError",
+    "LogitsDistillationLoss",
+    "StoreMetadata",
+    "StoreReader",
+    "StoreWriter",
+    "TrainConfig",
+    "__version__",
+    "create_store",
+    "open_store",
+]

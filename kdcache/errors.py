@@ -59,3 +59,7 @@ class StoreExistsError(StoreError, FileExistsError):
 
 class StoreLockedError(StoreError):
     """Another process is writing the store."""
+
+
+class InvalidLogitsError(KdcacheError, ValueError):
+    """Logits handed to a store are non-finite or have the wrong shape."""

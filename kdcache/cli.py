@@ -1,0 +1,123 @@
+"""The ``kdcache`` command line: a thin layer over the public Python API.
+
+Results go to stdout, progress and logs to stderr. Every user-facing error is one line on
+stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from kdcache.config import LOSS_NAMES, DistillConfig, DumpConfig, TrainConfig
+from kdcache import __version__
+from kdcache.errors import KdcacheError
+
+EXIT_USER_ERROR = 1
+
+
+class KdcacheGroup(click.Group):
+    """Turns every :class:`KdcacheError` into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KdcacheError as error:
+            click.echo(f"Error: {error}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+
+
+@click.group(cls=KdcacheGroup, context_settings={"auto_envvar_prefix": "KDCACHE", "help_option_names": ["-h", "--help"]})
+@click.version_option(version=__version__, prog_name="kdcache")
+@click.option("-q", "--quiet", is_flag=True, help="Only print results and errors.")
+def cli(quiet: bool) -> None:
+    """Run the teacher once, cache its logits in Zarr, distill students from the cache."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def loop_options(function: Any) -> Any:
+    """Options every training command takes."""
+    options = [
+        click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder for checkpoints, metrics and config."),
+        click.option("--epochs", default=10, show_default=True, type=int, help="Passes over the training split."),
+        click.option("--batch-size", default=64, show_default=True, type=int, help="Samples per optimisation step."),
+        click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed for initialisation and shuffling."),
+        click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available, else cpu]."),
+        click.option("--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes."),
+        click.option("--overwrite", is_flag=True, help="Replace a finished run already in --out."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def print_run(result: Any) -> None:
+    click.echo(
+        f"best val_acc {result.best_val_acc:.2f}% (epoch {result.best_epoch}), final {result.final_val_acc:.2f}%, "
+        f"{result.epochs} epochs in {result.wall_time_s:.1f}s -> {result.out}"
+    )
+
+
+@cli.command()
+@click.option("--model", required=True, help="Model spec: mlp, cnn, a torchvision model name, or package.module:function.")
+@click.option("--dataset", default="digits", show_default=True, help="Dataset spec: digits, fake:N, imagefolder:PATH, cifar10:ROOT, ...")
+@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]), help="Split to train on; the other one validates.")
+@loop_options
+def train(**options: Any) -> None:
+    """Train a model with plain cross-entropy (a teacher, or the CE-only baseline)."""
+    from kdcache.training import train as run
+
+    print_run(run(TrainConfig(**options)))
+
+
+@cli.command("dump-teacher")
+@click.option("--teacher", required=True, help="Teacher model spec (see `kdcache train --help`).")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Teacher state_dict or checkpoint from `kdcache train`.")
+@click.option("--dataset", default="digits", show_default=True, help="Dataset spec to run the teacher over.")
+@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]), help="Dataset split.")
+@click.option("--out", default="teacher.zarr", show_default=True, help="Store path to create.")
+@click.option("--encoding", default="float16", show_default=True, help="How logits are stored: float32 or float16.")
+@click.option("--batch-size", default=256, show_default=True, type=int, help="Samples per teacher forward pass.")
+@click.option("--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available, else cpu].")
+@click.option("--chunk-rows", default=None, type=int, help="Rows per Zarr chunk [default: about 1 MiB per chunk].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted dump at --out.")
+def dump_teacher(**options: Any) -> None:
+    """Run the teacher once over a dataset and store its raw logits in a Zarr store."""
+    from kdcache.dump import dump_teacher as run
+
+    result = run(DumpConfig(**options))
+    size = "remote" if result.bytes_on_disk is None else f"{result.bytes_on_disk:,} bytes on disk ({result.bytes_per_sample:,.1f} B/sample)"
+    click.echo(
+        f"wrote {result.out}: N={result.num_samples} C={result.num_classes} {result.encoding}, "
+        f"{size}, {result.wall_time_s:.1f}s"
+    )
+
+
+@cli.command()
+@click.option("--student", required=True, help="Student model spec (see `kdcache train --help`).")
+@click.option("--cache", help="Teacher logit store written by `kdcache dump-teacher`.")
+@click.option("--teacher", help="Online baseline only: teacher spec run in the loop instead of --cache.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Online baseline only: the teacher's weights.")
+@click.option("--dataset", help="Dataset spec [default: the one recorded in the store]; checked against its fingerprint.")
+@click.option("--split", type=click.Choice(["train", "test"]), help="Dataset split [default: the one recorded in the store].")
+@click.option("--loss", default="kd", show_default=True, type=click.Choice(LOSS_NAMES), help="Distillation loss.")
+@click.option("--temperature", default=4.0, show_default=True, type=float, help="Softmax temperature T (> 0).")
+@click.option("--alpha", default=0.7, show_default=True, type=float, help="Weight of the soft loss, in [0, 1].")
+@click.option("--gamma", default=2.0, show_default=True, type=float, help="Focal exponent (--loss focal).")
+@click.option("--top-k", default=5, show_default=True, type=int, help="Teacher classes kept (--loss attention).")
+@loop_options
+def distill(**options: Any) -> None:
+    """Distill a student from cached teacher logits (or, as a baseline, from a live teacher)."""
+    from kdcache.training import distill as run
+
+    print_run(run(DistillConfig(**options)))
+
+
+def main() -> None:
+    cli(prog_name="kdcache")

@@ -1,0 +1,85 @@
+"""Small pieces every stage needs: the device, sample indices alongside items, atomic saves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kdcache.errors import ConfigError, KdcacheError
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``name`` as a device; ``None`` means cuda when available, else cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was requested but CUDA is not available here; use --device cpu")
+    return device
+
+
+class IndexedDataset(Dataset):
+    """Yields ``(input, label, index)`` so teacher logits can be paired by sample index."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+        inputs, label = self.dataset[index]
+        return inputs, label, index
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    shuffle: bool,
+    seed: int = 0,
+) -> DataLoader:
+    """A loader over ``(input, label, index)`` batches, seeded so runs repeat exactly."""
+    return DataLoader(
+        IndexedDataset(dataset),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
+
+
+def prepare_output_dir(path: str | os.PathLike[str], *, overwrite: bool, marker: str = "last.pt") -> Path:
+    """Create the run folder, refusing to clobber a finished run unless ``overwrite``."""
+    out = Path(path)
+    if (out / marker).exists() and not overwrite:
+        raise KdcacheError(
+            f"{out} already holds a finished run ({marker}); pass --overwrite to replace it "
+            "or choose another --out"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".kdcache-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise KdcacheError(f"cannot write to output folder {out}: {error.strerror}; choose a writable --out") from None
+    return out
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Save so that ``path`` is always either the old file or the complete new one."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)

@@ -1,0 +1,403 @@
+"""Create, fill and read kdcache logit stores: Zarr v3 groups keyed by sample index.
+
+Layout (see docs/store-format.md): one array per name in the encoding's layout, each of shape
+``(N, ...)`` chunked by ``chunk_rows`` rows and compressed with zstd plus a crc32c checksum;
+``labels`` ``(N,)`` when labels are known; ``chunk_written`` ``(num_chunks,)``, one flag per row
+chunk set only after that chunk's data is durably stored; and the :class:`StoreMetadata` record
+in the group attributes, whose ``complete`` flag is written last.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from kdcache import __version__
+from kdcache.encodings import Encoding, parse_encoding
+from kdcache.errors import (
+    ConfigError,
+    InvalidLogitsError,
+    StoreCorruptError,
+    StoreExistsError,
+    StoreFormatError,
+    StoreIncompleteError,
+    StoreMismatchError,
+    StoreNotFoundError,
+)
+from kdcache.metadata import ATTRIBUTE_KEY, StoreMetadata
+
+WRITTEN_ARRAY = "chunk_written"
+LABELS_ARRAY = "labels"
+#: Rows per chunk aim at about this many stored bytes: big enough that per-chunk overhead is
+#: negligible, small enough that an interrupted dump loses little and chunks decode quickly.
+TARGET_CHUNK_BYTES = 1 << 20
+#: Chunks decoded per read request when loading a whole store into memory.
+LOAD_BLOCK_CHUNKS = 64
+
+
+def _compressors() -> list[Any]:
+    # zstd level 1: logits barely compress beyond their dtype, so spend little CPU on it.
+    return [ZstdCodec(level=1), Crc32cCodec()]
+
+
+def default_chunk_rows(encoding: Encoding, num_samples: int, num_classes: int) -> int:
+    """Rows per chunk so that a chunk holds about :data:`TARGET_CHUNK_BYTES`."""
+    return max(1, min(num_samples, TARGET_CHUNK_BYTES // encoding.row_nbytes(num_classes)))
+
+
+def _describe(path: str | os.PathLike[str]) -> str:
+    return os.fspath(path)
+
+
+def store_nbytes(path: str | os.PathLike[str]) -> int | None:
+    """Bytes a local store occupies on disk; ``None`` for a remote store."""
+    root = Path(path)
+    if "://" in os.fspath(path) or not root.exists():
+        return None
+    return sum(item.stat().st_size for item in root.rglob("*") if item.is_file())
+
+
+def _row_ranges(rows: np.ndarray) -> str:
+    """Compact text for a sorted set of row indices, e.g. ``0-99, 200-255``."""
+    if rows.size == 0:
+        return "none"
+    breaks = np.flatnonzero(np.diff(rows) != 1)
+    starts = np.concatenate(([rows[0]], rows[breaks + 1]))
+    stops = np.concatenate((rows[breaks], [rows[-1]]))
+    parts = [f"{a}" if a == b else f"{a}-{b}" for a, b in zip(starts, stops)]
+    return ", ".join(parts[:5]) + (f" and {len(parts) - 5} more ranges" if len(parts) > 5 else "")
+
+
+def _read_metadata(group: zarr.Group, where: str) -> StoreMetadata:
+    attributes = group.attrs.asdict()
+    if ATTRIBUTE_KEY not in attributes:
+        raise StoreFormatError(
+            f"{where} is a Zarr group but not a kdcache store (no {ATTRIBUTE_KEY!r} attributes); "
+            "pass a store written by `kdcache dump-teacher` or kdcache.create_store"
+        )
+    return StoreMetadata.from_dict(attributes[ATTRIBUTE_KEY], where=where)
+
+
+def _open_group(path: str | os.PathLike[str], mode: str) -> zarr.Group:
+    where = _describe(path)
+    is_local = "://" not in where
+    if is_local and not Path(where).exists():
+        raise StoreNotFoundError(f"no store at {where}; check the path or run `kdcache dump-teacher`")
+    try:
+        return zarr.open_group(where, mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as error:
+        raise StoreFormatError(
+            f"{where} is not a kdcache store (no Zarr v3 group there: {error}); "
+            "pass a store written by `kdcache dump-teacher`"
+        ) from None
+
+
+class StoreWriter:
+    """Accepts logits for any rows in any order and stores every chunk as soon as it is full.
+
+    Whole contiguous chunks are the fast path: they go to disk without waiting for other rows.
+    Call :meth:`finalize` once every row is written; the store is complete only after it.
+    """
+
+    def __init__(self, group: zarr.Group, metadata: StoreMetadata, where: str) -> None:
+        self._group = group
+        self._where = where
+        self.metadata = metadata
+        self.encoding = parse_encoding(metadata.encoding)
+        self._layout = self.encoding.layout(metadata.num_classes)
+        self._arrays = {name: group[name] for name in self._layout}
+        self._written_array = group[WRITTEN_ARRAY]
+        self._written = np.asarray(self._written_array[:], dtype=bool)
+        self._buffers: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self._written)
+
+    def _chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        rows = self.metadata.chunk_rows
+        return chunk * rows, min((chunk + 1) * rows, self.metadata.num_samples)
+
+    def pending_indices(self) -> np.ndarray:
+        """Row indices whose chunk is not yet durably written (all rows of a fresh store)."""
+        chunks = np.flatnonzero(~self._written)
+        if chunks.size == 0:
+            return np.empty(0, dtype=np.int64)
+        return np.concatenate([np.arange(*self._chunk_bounds(int(c))) for c in chunks])
+
+    def write(self, indices: Sequence[int] | np.ndarray | torch.Tensor, logits: np.ndarray | torch.Tensor) -> None:
+        """Store raw logits ``(B, C)`` for the sample indices ``(B,)``."""
+        if isinstance(logits, torch.Tensor):
+            logits = logits.detach().to("cpu", torch.float32).numpy()
+        if isinstance(indices, torch.Tensor):
+            indices = indices.cpu().numpy()
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        block = np.asarray(logits, dtype=np.float32)
+        self._check_block(rows, block)
+        encoded = self.encoding.encode(block)
+        chunk_of_row = rows // self.metadata.chunk_rows
+        for chunk in np.unique(chunk_of_row):
+            chunk = int(chunk)
+            if self._written[chunk]:
+                continue  # already durable (a resumed dump may recompute a partial batch)
+            start, stop = self._chunk_bounds(chunk)
+            buffers, filled = self._buffers.get(chunk) or self._new_buffer(stop - start)
+            selected = chunk_of_row == chunk
+            local = rows[selected] - start
+            for name, values in encoded.items():
+                buffers[name][local] = values[selected]
+            filled[local] = True
+            if filled.all():
+                self._buffers.pop(chunk, None)
+                self._flush(chunk, buffers)
+            else:
+                self._buffers[chunk] = (buffers, filled)
+
+    def _new_buffer(self, num_rows: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        buffers = {name: np.empty((num_rows, *shape), dtype=dtype) for name, (shape, dtype) in self._layout.items()}
+        return buffers, np.zeros(num_rows, dtype=bool)
+
+    def _check_block(self, rows: np.ndarray, block: np.ndarray) -> None:
+        num_classes = self.metadata.num_classes
+        if block.ndim != 2 or block.shape[1] != num_classes or block.shape[0] != rows.size:
+            raise InvalidLogitsError(
+                f"expected logits of shape ({rows.size}, {num_classes}) for {rows.size} indices, "
+                f"got {tuple(block.shape)}; the teacher's output width must equal the store's "
+                f"{num_classes} classes"
+            )
+        if rows.size and (rows.min() < 0 or rows.max() >= self.metadata.num_samples):
+            raise InvalidLogitsError(
+                f"sample indices must lie in [0, {self.metadata.num_samples}), "
+                f"got values from {rows.min()} to {rows.max()}"
+            )
+        bad = ~np.isfinite(block).all(axis=1)
+        if bad.any():
+            raise InvalidLogitsError(
+                f"teacher logits are NaN or Inf for samples {_row_ranges(np.sort(rows[bad]))}; "
+                "check the teacher's weights and inputs"
+            )
+
+    def _flush(self, chunk: int, buffers: dict[str, np.ndarray]) -> None:
+        start, stop = self._chunk_bounds(chunk)
+        for name, values in buffers.items():
+            self._arrays[name][start:stop] = values
+        # The flag goes last: a crash between the two leaves the chunk marked unwritten.
+        self._written_array[chunk] = 1
+        self._written[chunk] = True
+
+    def finalize(self) -> StoreMetadata:
+        """Mark the store complete; refuses while any row is missing."""
+        missing = self.pending_indices()
+        if missing.size:
+            raise StoreIncompleteError(
+                f"cannot finalize {self._where}: no logits were written for samples "
+                f"{_row_ranges(missing)}; write every row before finalize()"
+            )
+        self.metadata = self.metadata.replace(complete=True)
+        self._group.attrs[ATTRIBUTE_KEY] = self.metadata.to_dict()
+        return self.metadata
+
+
+def create_store(
+    path: str | os.PathLike[str],
+    *,
+    num_samples: int,
+    num_classes: int,
+    encoding: str = "float16",
+    labels: np.ndarray | Sequence[int] | None = None,
+    chunk_rows: int | None = None,
+    teacher: dict[str, Any] | None = None,
+    dataset: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> StoreWriter:
+    """Create an empty store at ``path`` (or reopen an interrupted one) and return its writer.
+
+    ``resume=True`` continues an incomplete store made with the same parameters; ``overwrite=True``
+    replaces an existing kdcache store. Anything else already at ``path`` is never touched.
+    """
+    where = _describe(path)
+    if num_samples < 1 or num_classes < 1:
+        raise ConfigError(f"num_samples and num_classes must be >= 1, got {num_samples} and {num_classes}")
+    codec = parse_encoding(encoding)
+    rows = chunk_rows or default_chunk_rows(codec, num_samples, num_classes)
+    if rows < 1:
+        raise ConfigError(f"chunk_rows must be >= 1, got {rows}")
+    label_values = None
+    if labels is not None:
+        label_values = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if label_values.size != num_samples:
+            raise ConfigError(f"expected {num_samples} labels, got {label_values.size}")
+
+    metadata = StoreMetadata(
+        num_samples=num_samples,
+        num_classes=num_classes,
+        encoding=encoding,
+        chunk_rows=rows,
+        teacher=teacher,
+        dataset=dataset,
+        kdcache_version=__version__,
+        created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    existing = _existing_store(where)
+    if existing is not None:
+        group, old = existing
+        if resume and not old.complete and not overwrite:
+            _check_resumable(old, metadata, where)
+            return StoreWriter(group, old, where)
+        if not overwrite:
+            if old.complete:
+                raise StoreExistsError(
+                    f"{where} already holds a complete store; pass --overwrite (overwrite=True) "
+                    "to replace it, or choose another path"
+                )
+            raise StoreExistsError(
+                f"{where} holds an interrupted dump; pass --resume (resume=True) to continue it "
+                "or --overwrite (overwrite=True) to start over"
+            )
+    elif "://" not in where and Path(where).exists() and any(Path(where).iterdir()):
+        raise StoreExistsError(
+            f"{where} exists and is not a kdcache store; choose another path (kdcache never deletes it)"
+        )
+
+    group = zarr.open_group(where, mode="w", zarr_format=3)
+    group.attrs[ATTRIBUTE_KEY] = metadata.to_dict()
+    for name, (shape, dtype) in codec.layout(num_classes).items():
+        group.create_array(
+            name,
+            shape=(num_samples, *shape),
+            chunks=(rows, *shape),
+            dtype=dtype,
+            fill_value=0,
+            compressors=_compressors(),
+        )
+    num_chunks = -(-num_samples // rows)
+    group.create_array(WRITTEN_ARRAY, shape=(num_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
+    if label_values is not None:
+        labels_array = group.create_array(
+            LABELS_ARRAY, shape=(num_samples,), chunks=(max(rows, 1 << 16),), dtype="int64",
+            fill_value=-1, compressors=_compressors(),
+        )
+        labels_array[:] = label_values
+    return StoreWriter(group, metadata, where)
+
+
+def _existing_store(where: str) -> tuple[zarr.Group, StoreMetadata] | None:
+    try:
+        group = zarr.open_group(where, mode="r+")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        return None
+    if ATTRIBUTE_KEY not in group.attrs:
+        raise StoreExistsError(
+            f"{where} is a Zarr group but not a kdcache store; choose another path "
+            "(kdcache never deletes it)"
+        )
+    return group, _read_metadata(group, where)
+
+
+def _check_resumable(old: StoreMetadata, new: StoreMetadata, where: str) -> None:
+    for field_name in ("num_samples", "num_classes", "encoding", "chunk_rows", "teacher", "dataset"):
+        before, now = getattr(old, field_name), getattr(new, field_name)
+        if before != now:
+            raise StoreMismatchError(
+                f"cannot resume {where}: its {field_name} is {before!r} but this dump has {now!r}; "
+                "resume with the original settings or pass --overwrite to start over"
+            )
+
+
+class StoreReader:
+    """Read-only access to a store; :meth:`read` gathers rows from an in-memory copy."""
+
+    def __init__(self, group: zarr.Group, metadata: StoreMetadata, where: str) -> None:
+        self._group = group
+        self.where = where
+        self.metadata = metadata
+        self.encoding = parse_encoding(metadata.encoding)
+        self._layout = self.encoding.layout(metadata.num_classes)
+        self._in_memory: dict[str, np.ndarray] | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return self.metadata.num_samples
+
+    @property
+    def num_classes(self) -> int:
+        return self.metadata.num_classes
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        if LABELS_ARRAY not in self._group:
+            return None
+        return np.asarray(self._group[LABELS_ARRAY][:])
+
+    def written_fraction(self) -> float:
+        return float(np.asarray(self._group[WRITTEN_ARRAY][:]).mean())
+
+    def load(self) -> None:
+        """Decode every array into memory (idempotent)."""
+        if self._in_memory is not None:
+            return
+        self._in_memory = {name: self._read_array(name) for name in self._layout}
+
+    def _read_array(self, name: str) -> np.ndarray:
+        array = self._group[name]
+        out = np.empty(array.shape, dtype=array.dtype)
+        block_rows = self.metadata.chunk_rows * LOAD_BLOCK_CHUNKS
+        for start in range(0, self.num_samples, block_rows):
+            stop = min(start + block_rows, self.num_samples)
+            try:
+                out[start:stop] = array[start:stop]
+            except (ValueError, RuntimeError):
+                out[start:stop] = self._read_chunkwise(array, start, stop)
+        return out
+
+    def _read_chunkwise(self, array: Any, start: int, stop: int) -> np.ndarray:
+        """Reread a failed block chunk by chunk to name the corrupted sample range."""
+        rows = self.metadata.chunk_rows
+        parts = []
+        for chunk_start in range(start, stop, rows):
+            chunk_stop = min(chunk_start + rows, stop)
+            try:
+                parts.append(array[chunk_start:chunk_stop])
+            except (ValueError, RuntimeError) as error:
+                raise StoreCorruptError(
+                    f"{self.where}: array {array.basename!r} is corrupted for samples "
+                    f"{chunk_start}-{chunk_stop - 1} ({error}); run `kdcache verify` and dump again"
+                ) from None
+        return np.concatenate(parts)
+
+    def read(self, indices: Sequence[int] | np.ndarray | torch.Tensor, *, temperature: float | None = None) -> torch.Tensor:
+        """Dense float32 logits ``(B, C)`` for the given sample indices."""
+        self.load()
+        assert self._in_memory is not None
+        if isinstance(indices, torch.Tensor):
+            indices = indices.cpu().numpy()
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_samples):
+            raise ConfigError(
+                f"sample indices must lie in [0, {self.num_samples}), got {rows.min()} to {rows.max()}"
+            )
+        gathered = {name: values[rows] for name, values in self._in_memory.items()}
+        return torch.from_numpy(self.encoding.decode(gathered, temperature=temperature))
+
+
+def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> StoreReader:
+    """Open a store read-only; refuses an incomplete one unless ``allow_incomplete``."""
+    where = _describe(path)
+    group = _open_group(where, mode="r")
+    metadata = _read_metadata(group, where)
+    reader = StoreReader(group, metadata, where)
+    if not metadata.complete and not allow_incomplete:
+        raise StoreIncompleteError(
+            f"{where} is incomplete ({reader.written_fraction():.0%} of its chunks written); "
+            "finish it with `kdcache dump-teacher --resume` before using it"
+        )
+    return reader
