@@ -1,0 +1,220 @@
+"""Models named by a spec string, and loading of weights files.
+
+A spec is a builtin (``mlp``, ``mlp:HIDDEN``, ``mlp:H1,H2``, ``cnn``, ``cnn:WIDTH``), any
+torchvision classification model name (always randomly initialised: kdcache never downloads
+weights), or ``package.module:function`` for a user-defined model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import inspect
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from kdcache.errors import CheckpointError, ConfigError, SpecError
+
+BUILTIN_MODELS = ("mlp", "cnn")
+_VALID = ("Valid: mlp, cnn, any torchvision classification model "
+          "(torchvision.models.list_models()), or package.module:function")
+# Without these, these models return namedtuples in train mode and warn about their init.
+_TORCHVISION_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                       "inception_v3": {"aux_logits": False, "init_weights": True}}
+
+
+def build_model(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
+    """Build the model a spec names, with ``num_classes`` outputs and ``in_channels`` inputs."""
+    if num_classes < 1 or in_channels < 1:
+        raise ConfigError(f"model {spec!r} needs num_classes >= 1 and in_channels >= 1, "
+                          f"got num_classes={num_classes}, in_channels={in_channels}")
+    name, sep, arg = spec.partition(":")
+    if name == "mlp":
+        hidden = _positive_ints(spec, arg, "mlp, mlp:HIDDEN or mlp:H1,H2, e.g. mlp:256,128")
+        return _mlp(in_channels, hidden or [128], num_classes)
+    if name == "cnn":
+        width = _positive_ints(spec, arg, "cnn or cnn:WIDTH, e.g. cnn:32")
+        if len(width) > 1:
+            raise SpecError(f"malformed model spec {spec!r}; expected cnn or cnn:WIDTH, "
+                            "e.g. cnn:32")
+        return _cnn(in_channels, width[0] if width else 32, num_classes)
+    if sep:
+        return _user_model(spec, name, arg, num_classes, in_channels)
+    if spec in _torchvision_names():
+        return _torchvision_model(spec, num_classes, in_channels)
+    close = difflib.get_close_matches(spec, [*BUILTIN_MODELS, *_torchvision_names()], n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise SpecError(f"unknown model {spec!r}; {hint}{_VALID}")
+
+
+def _positive_ints(spec: str, arg: str, form: str) -> list[int]:
+    if not arg:
+        return []
+    try:
+        values = [int(v) for v in arg.split(",")]
+    except ValueError:
+        raise SpecError(f"malformed model spec {spec!r}; expected {form}") from None
+    if any(v < 1 for v in values) or len(values) > 2:
+        raise SpecError(f"malformed model spec {spec!r}; expected {form} (positive integers)")
+    return values
+
+
+def _mlp(in_channels: int, hidden: list[int], num_classes: int) -> nn.Module:
+    # Pooling to 8x8 is the identity on digits and lets the same MLP take any image size.
+    layers: list[nn.Module] = [nn.AdaptiveAvgPool2d((8, 8)), nn.Flatten()]
+    width = in_channels * 64
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def _cnn(in_channels: int, width: int, num_classes: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes),
+    )
+
+
+def _torchvision_names() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _torchvision_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes,
+                                         **_TORCHVISION_KWARGS.get(name, {}))
+    if in_channels != 3:
+        path, conv = next((p, m) for p, m in model.named_modules() if isinstance(m, nn.Conv2d))
+        if conv.groups != 1 and in_channels % conv.groups:
+            raise ConfigError(f"model {name!r} cannot take in_channels={in_channels}: its first "
+                              f"convolution has {conv.groups} groups; use in_channels=3")
+        new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                        padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                        bias=conv.bias is not None, padding_mode=conv.padding_mode)
+        parent_path, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), attr, new)
+    return model
+
+
+def _user_model(spec: str, module_name: str, func_name: str, num_classes: int,
+                in_channels: int) -> nn.Module:
+    form = "package.module:function"
+    if not module_name or not func_name:
+        raise SpecError(f"malformed model spec {spec!r}; expected {form}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise SpecError(f"cannot import module {module_name!r} for model spec {spec!r} ({e}); "
+                        f"expected {form} with the module on PYTHONPATH") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise SpecError(f"module {module_name!r} has no function {func_name!r} "
+                        f"(model spec {spec!r}); expected {form}")
+    try:
+        inspect.signature(func).bind(num_classes=num_classes, in_channels=in_channels)
+    except TypeError:
+        raise SpecError(f"{spec} must accept keyword arguments num_classes and "
+                        "in_channels") from None
+    except ValueError:
+        pass  # no introspectable signature (some builtins): just call it
+    model = func(num_classes=num_classes, in_channels=in_channels)
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"{spec} returned {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path, *, spec: str | None = None) -> dict:
+    """Load a state_dict (plain, or under key ``"state_dict"`` of a checkpoint) into ``model``.
+
+    Returns the checkpoint's other keys as metadata ({} for a plain state_dict). ``spec`` only
+    names the model in error messages. Only tensors and plain containers are unpickled.
+    """
+    path = Path(path)
+    obj = _load_trusted(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        state, metadata = obj["state_dict"], {k: v for k, v in obj.items() if k != "state_dict"}
+    elif isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state, metadata = obj, {}
+    else:
+        raise CheckpointError(f"{path} holds a {type(obj).__name__} that is not a state_dict; "
+                              "expected torch.save(model.state_dict()) or a checkpoint dict with "
+                              "key 'state_dict'")
+    problems = _fit_problems(model, state)
+    if problems:
+        name = spec or type(model).__name__
+        raise CheckpointError(f"weights in {path.name} do not fit model {name!r}: {problems}")
+    model.load_state_dict(state)
+    return metadata
+
+
+def _load_trusted(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"weights file {path} not found; expected a file written by "
+                              "'kdcache train' or torch.save(model.state_dict(), path)") from None
+    except pickle.UnpicklingError as e:
+        # torch's message is many lines; its own reason follows this marker.
+        reason = _first_sentence(str(e).partition("WeightsUnpickler error:")[2])
+        raise CheckpointError(f"cannot load {path}: it is corrupt or holds objects other than "
+                              f"tensors and plain containers ({reason or 'unreadable pickle'}); "
+                              "kdcache only loads weights_only files: save "
+                              "model.state_dict() instead") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = _first_sentence(str(e)) or type(e).__name__
+        raise CheckpointError(f"cannot load {path}: the file is corrupt or not a torch.save file "
+                              f"({reason}); re-create it with torch.save") from None
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of an error text, so that kdcache's message stays one line."""
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    return line.split(". ")[0][:200]
+
+
+def _fit_problems(model: nn.Module, state: Mapping) -> str:
+    """Summarise in one line how ``state`` fails to fit ``model`` ('' when it fits)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and _shape(own[k]) != _shape(state[k])]
+    parts = []
+    for keys, what in ((missing, "missing"), (unexpected, "unexpected")):
+        if keys:
+            shown = ", ".join(keys[:3]) + (", …" if len(keys) > 3 else "")
+            parts.append(f"{len(keys)} {what} key{'s' if len(keys) > 1 else ''} ({shown})")
+    if mismatched:
+        k = mismatched[0]
+        more = f" and {len(mismatched) - 1} more" if len(mismatched) > 1 else ""
+        parts.append(f"shape mismatch for {k}: checkpoint {_shape(state[k])} vs model "
+                     f"{_shape(own[k])}{more}")
+    return ", ".join(parts)
+
+
+def _shape(value: object) -> tuple[int, ...] | None:
+    # Non-tensor entries (a module's extra_state) have no shape to compare.
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def weights_sha256(path: str | Path) -> str:
+    """Hex sha256 of a weights file's bytes, to record which teacher produced a store."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise CheckpointError(f"weights file {path} not found; expected an existing "
+                              "file") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read weights file {path}: {e.strerror}") from None
+    return digest.hexdigest()
