@@ -43,7 +43,7 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
     dataset = build_dataset(config.dataset, split=config.split)
     teacher = build_model(config.teacher, num_classes=dataset.num_classes, in_channels=dataset.in_channels)
     if config.weights is not None:
-        load_weights(teacher, config.weights)
+        load_weights(teacher, config.weights, spec=config.teacher)
     teacher.to(device).eval().requires_grad_(False)
 
     writer = create_store(

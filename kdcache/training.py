@@ -201,7 +201,7 @@ def distill(config: DistillConfig) -> RunResult:
         train_set = build_dataset(config.dataset, split=config.split or "train")
         teacher = build_model(config.teacher, num_classes=train_set.num_classes, in_channels=train_set.in_channels)
         if config.weights is not None:
-            load_weights(teacher, config.weights)
+            load_weights(teacher, config.weights, spec=config.teacher)
             resolved["teacher_weights_sha256"] = weights_sha256(config.weights)
         teacher.to(device).eval().requires_grad_(False)
         resolved.update(dataset=train_set.spec, split=train_set.split)
