@@ -9,23 +9,30 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from kdcache.config import DistillConfig, DumpConfig, TrainConfig
+from kdcache.dump import DumpResult, dump_teacher
 from kdcache.errors import KdcacheError
 from kdcache.losses import AttentionLogitsLoss, FocalDistillationLoss, LogitsDistillationLoss
 from kdcache.metadata import StoreMetadata
 from kdcache.store import StoreReader, StoreWriter, create_store, open_store
+from kdcache.training import RunResult, distill, train
 
 __all__ = [
     "AttentionLogitsLoss",
     "DistillConfig",
     "DumpConfig",
+    "DumpResult",
     "FocalDistillationLoss",
     "KdcacheError",
     "LogitsDistillationLoss",
+    "RunResult",
     "StoreMetadata",
     "StoreReader",
     "StoreWriter",
     "TrainConfig",
     "__version__",
     "create_store",
+    "distill",
+    "dump_teacher",
     "open_store",
+    "train",
 ]
