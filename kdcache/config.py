@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.errors import ConfigError
-
-LOSS_NAMES = ("kd", "focal", "attention")
-SPLITS = ("train", "test")
+from kdcache.datasets import SPLITS
+from kdcache.losses import LOSS_NAMES
 
 
 def _require(condition: bool, message: str) -> None:
