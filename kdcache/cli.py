@@ -119,5 +119,37 @@ def distill(**options: Any) -> None:
     print_run(run(DistillConfig(**options)))
 
 
+@cli.command()
+@click.option("--cache", required=True, help="Teacher logit store written by `kdcache dump-teacher`.")
+@click.option("--student", required=True, help="Student model spec (see `kdcache train --help`).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep folder: one run folder per setting, results.csv, sweep.png.")
+@click.option("--temperatures", default="1,2,4,8,16", show_default=True, help="Comma-separated temperatures T (> 0).")
+@click.option("--alphas", default="0.7", show_default=True, help="Comma-separated soft-loss weights in [0, 1]; 1 = soft targets only.")
+@click.option("--losses", default="kd", show_default=True, help=f"Comma-separated losses among {', '.join(LOSS_NAMES)}.")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds; results are mean ± std over them.")
+@click.option("--dataset", help="Dataset spec [default: the one recorded in the store].")
+@click.option("--split", type=click.Choice(["train", "test"]), help="Dataset split [default: the one recorded in the store].")
+@click.option("--gamma", default=2.0, show_default=True, type=float, help="Focal exponent (loss focal).")
+@click.option("--top-k", default=5, show_default=True, type=int, help="Teacher classes kept (loss attention).")
+@click.option("--epochs", default=10, show_default=True, type=int, help="Passes over the training split, per run.")
+@click.option("--batch-size", default=64, show_default=True, type=int, help="Samples per optimisation step.")
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available, else cpu].")
+@click.option("--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes.")
+def sweep(temperatures: str, alphas: str, losses: str, seeds: str, **options: Any) -> None:
+    """Distill one student per loss x alpha x temperature x seed from one store (resumable)."""
+    from kdcache.sweep import SweepConfig, format_table, parse_list, run_sweep
+
+    result = run_sweep(SweepConfig(
+        temperatures=parse_list(temperatures, float, option="--temperatures", example="1,2,4,8,16"),
+        alphas=parse_list(alphas, float, option="--alphas", example="0.5,0.7,1"),
+        losses=parse_list(losses, str, option="--losses", example="kd,focal"),
+        seeds=parse_list(seeds, int, option="--seeds", example="0,1,2"),
+        **options,
+    ))
+    click.echo(format_table(result.rows))
+    click.echo(f"{result.runs_done} runs trained, {result.runs_skipped} kept from before -> {result.results_csv}, {result.figure}")
+
+
 def main() -> None:
     cli(prog_name="kdcache")

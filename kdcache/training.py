@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,9 +23,10 @@ from tqdm import tqdm
 from kdcache import __version__
 from kdcache.config import DistillConfig, LoopConfig, TrainConfig
 from kdcache.datasets import LabeledDataset, build_dataset, compare_fingerprints, dataset_fingerprint
-from kdcache.errors import StoreMismatchError
+from kdcache.errors import ConfigError, StoreMismatchError
 from kdcache.losses import build_loss, total_loss
 from kdcache.models import build_model, load_weights, weights_sha256
+from kdcache.plots import plot_curves, plot_distributions
 from kdcache.runtime import atomic_torch_save, make_loader, prepare_output_dir, resolve_device
 from kdcache.store import StoreReader, open_store
 
@@ -125,10 +127,12 @@ def fit(
             best_acc, best_epoch = val_acc, epoch
             atomic_torch_save(checkpoint, out / "best.pt")
         atomic_torch_save(checkpoint, out / "last.pt")
-    return RunResult(
+    result = RunResult(
         out=str(out), best_val_acc=best_acc, final_val_acc=val_acc, best_epoch=best_epoch,
         epochs=config.epochs, wall_time_s=time.perf_counter() - started,
     )
+    plot_curves(metrics_path, out / "curves.png", title=f"{model_spec} -> {out}")
+    return result
 
 
 def train(config: TrainConfig) -> RunResult:
@@ -182,14 +186,20 @@ def _cached_dataset(config: DistillConfig, reader: StoreReader) -> LabeledDatase
     return dataset
 
 
-def distill(config: DistillConfig) -> RunResult:
-    """Train ``config.student`` on the KD loss against cached (or live) teacher logits."""
+def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunResult:
+    """Train ``config.student`` on the KD loss against cached (or live) teacher logits.
+
+    ``reader`` is ``config.cache`` already opened with :func:`~kdcache.store.open_store`: pass
+    it to share one decoded store across many runs (as :func:`kdcache.sweep.run_sweep` does).
+    """
+    if reader is not None and config.cache is None:
+        raise ConfigError("an open store was passed to distill() but config.cache is None; set cache to its path")
     device = resolve_device(config.device)
     loss_fn = build_loss(config.loss, temperature=config.temperature, alpha=config.alpha,
                          gamma=config.gamma, top_k=config.top_k)
     resolved: dict = {"command": "distill", "device": str(device), "kdcache_version": __version__}
     if config.cache is not None:
-        reader = open_store(config.cache)
+        reader = reader if reader is not None else open_store(config.cache)
         train_set = _cached_dataset(config, reader)
         reader.load()
         resolved.update(dataset=train_set.spec, split=train_set.split, store=reader.metadata.to_dict())
@@ -217,5 +227,28 @@ def distill(config: DistillConfig) -> RunResult:
     def kd_loss(logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return total_loss(loss_fn(logits, teacher_logits(inputs, indices), labels))
 
-    return fit(model_spec=config.student, train_set=train_set, val_set=val_set, config=config,
-               batch_loss=kd_loss, out=out, device=device)
+    result = fit(model_spec=config.student, train_set=train_set, val_set=val_set, config=config,
+                 batch_loss=kd_loss, out=out, device=device)
+    _plot_final_distributions(out, config=config, dataset=train_set, teacher_logits=teacher_logits, device=device)
+    return result
+
+
+def _plot_final_distributions(
+    out: Path, *, config: DistillConfig, dataset: LabeledDataset,
+    teacher_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device,
+    num_samples: int = 4,
+) -> None:
+    """Write ``distributions.png``: teacher vs final student on the first sample of a few classes."""
+    classes, first = np.unique(dataset.labels, return_index=True)
+    picked = np.linspace(0, len(classes) - 1, min(num_samples, len(classes))).round().astype(int)
+    indices = torch.from_numpy(np.sort(first[picked]))
+    inputs = torch.stack([dataset[int(i)][0] for i in indices]).to(device)
+    labels = [dataset[int(i)][1] for i in indices]
+    student = build_model(config.student, num_classes=dataset.num_classes, in_channels=dataset.in_channels)
+    load_weights(student, out / "last.pt", spec=config.student)
+    student.to(device).eval()
+    with torch.no_grad():
+        student_logits = student(inputs).cpu()
+        teacher = teacher_logits(inputs, indices).cpu()
+    plot_distributions(teacher, student_logits, labels, out / "distributions.png",
+                       temperature=config.temperature, sample_ids=indices.tolist())

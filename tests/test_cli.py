@@ -35,5 +35,30 @@ def test_user_errors_are_one_line(tmp_path, digits_store):
 
 def test_help_lists_the_commands():
     result = run_cli("--help")
-    for command in ("train", "dump-teacher", "distill"):
+    for command in ("train", "dump-teacher", "distill", "sweep"):
         assert command in result.stdout
+
+
+def test_sweep_end_to_end_and_resumed(tmp_path, digits_store):
+    args = ("sweep", "--cache", str(digits_store), "--student", "mlp:8", "--temperatures", "1,4", "--seeds", "0,1",
+            "--epochs", "2", "--batch-size", "128", "--device", "cpu", "--out", str(tmp_path / "sweep"))
+    first = run_cli(*args)
+    table = first.stdout.splitlines()
+    assert table[0].split()[:2] == ["setting", "seeds"]
+    assert [line.split()[:2] for line in table[1:3]] == [["kd-a0.7-T1", "2"], ["kd-a0.7-T4", "2"]]
+    assert "4 runs trained, 0 kept" in first.stdout
+    assert "[4/4] kd-a0.7-T4-seed1" in first.stderr
+    rows = (tmp_path / "sweep/results.csv").read_text().splitlines()
+    assert rows[0].startswith("setting,loss,alpha,temperature,seed,best_val_acc,final_val_acc") and len(rows) == 5
+    assert (tmp_path / "sweep/sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "0 runs trained, 4 kept" in run_cli(*args).stdout
+
+
+def test_sweep_user_errors_are_one_line(tmp_path, digits_store):
+    common = ("--student", "mlp:8", "--out", str(tmp_path / "s"))
+    assert_one_line_error(run_cli("sweep", "--cache", str(digits_store), "--temperatures", "1,x", *common, check=False),
+                          "--temperatures must be a comma-separated list, got '1,x'")
+    assert_one_line_error(run_cli("sweep", "--cache", str(digits_store), "--losses", "kd,l2", *common, check=False),
+                          "unknown loss 'l2'", "kd, focal, attention")
+    assert_one_line_error(run_cli("sweep", "--cache", str(tmp_path / "none.zarr"), *common, check=False), "no store at")
+    assert not (tmp_path / "s").exists()

@@ -9,7 +9,10 @@ import torch
 
 from kdcache import DistillConfig, TrainConfig
 from kdcache.errors import ConfigError, KdcacheError, StoreMismatchError
+from kdcache.store import open_store
 from kdcache.training import distill, train
+
+from test_plots import assert_png
 
 
 def load_state(path):
@@ -27,6 +30,8 @@ def test_train_writes_the_run_folder(tmp_path):
     assert config["model"] == "mlp:16" and config["seed"] == 3 and config["resolved"]["device"] == "cpu"
     checkpoint = torch.load(run / "best.pt", weights_only=True)
     assert checkpoint["model"] == "mlp:16" and checkpoint["val_acc"] == result.best_val_acc
+    assert_png(run / "curves.png")
+    assert not (run / "distributions.png").exists()
 
 
 def test_a_finished_run_is_not_clobbered(tmp_path):
@@ -46,6 +51,23 @@ def test_cached_and_online_distillation_give_bit_identical_students(tmp_path, di
     assert cached.keys() == online.keys()
     for name in cached:
         assert torch.equal(cached[name], online[name]), name
+
+
+def test_distill_shares_an_open_store_and_draws_its_figures(tmp_path, digits_store):
+    moved = tmp_path / "moved.zarr"
+    digits_store.rename(moved)
+    try:
+        reader = open_store(moved)
+        reader.load()
+    finally:
+        moved.rename(digits_store)
+    # The store's files are gone from `moved`: the run can only use the reader's decoded copy.
+    config = DistillConfig(student="mlp:8", cache=str(moved), epochs=1, out=str(tmp_path / "run"), device="cpu")
+    assert 0 <= distill(config, reader=reader).final_val_acc <= 100
+    assert_png(tmp_path / "run/curves.png")
+    assert_png(tmp_path / "run/distributions.png")
+    with pytest.raises(ConfigError, match="config.cache is None"):
+        distill(DistillConfig(student="mlp:8", teacher="cnn:8", dataset="digits", out=str(tmp_path / "x")), reader=reader)
 
 
 @pytest.mark.parametrize("loss", ["kd", "focal", "attention"])
