@@ -14,6 +14,7 @@ from kdcache.errors import KdcacheError
 from kdcache.losses import AttentionLogitsLoss, FocalDistillationLoss, LogitsDistillationLoss
 from kdcache.metadata import StoreMetadata
 from kdcache.store import StoreReader, StoreWriter, create_store, open_store
+from kdcache.sweep import SweepConfig, SweepResult, run_sweep
 from kdcache.training import RunResult, distill, train
 
 __all__ = [
@@ -28,11 +29,14 @@ __all__ = [
     "StoreMetadata",
     "StoreReader",
     "StoreWriter",
+    "SweepConfig",
+    "SweepResult",
     "TrainConfig",
     "__version__",
     "create_store",
     "distill",
     "dump_teacher",
     "open_store",
+    "run_sweep",
     "train",
 ]
