@@ -229,16 +229,21 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
 
     result = fit(model_spec=config.student, train_set=train_set, val_set=val_set, config=config,
                  batch_loss=kd_loss, out=out, device=device)
-    _plot_final_distributions(out, config=config, dataset=train_set, teacher_logits=teacher_logits, device=device)
+    _plot_final_distributions(out, config=config, dataset=train_set, reader=reader, teacher_logits=teacher_logits,
+                              device=device)
     return result
 
 
 def _plot_final_distributions(
-    out: Path, *, config: DistillConfig, dataset: LabeledDataset,
+    out: Path, *, config: DistillConfig, dataset: LabeledDataset, reader: StoreReader | None,
     teacher_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device,
     num_samples: int = 4,
 ) -> None:
-    """Write ``distributions.png``: teacher vs final student on the first sample of a few classes."""
+    """Write ``distributions.png``: teacher vs final student on the first sample of a few classes.
+
+    The teacher's side comes from the store when there is one (dense, at the run's temperature),
+    else from the live teacher.
+    """
     classes, first = np.unique(dataset.labels, return_index=True)
     picked = np.linspace(0, len(classes) - 1, min(num_samples, len(classes))).round().astype(int)
     indices = torch.from_numpy(np.sort(first[picked]))
@@ -249,6 +254,9 @@ def _plot_final_distributions(
     student.to(device).eval()
     with torch.no_grad():
         student_logits = student(inputs).cpu()
-        teacher = teacher_logits(inputs, indices).cpu()
+        if reader is not None:
+            teacher = reader.read(indices, temperature=config.temperature)
+        else:
+            teacher = teacher_logits(inputs, indices).cpu()
     plot_distributions(teacher, student_logits, labels, out / "distributions.png",
                        temperature=config.temperature, sample_ids=indices.tolist())
