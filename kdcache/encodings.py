@@ -10,8 +10,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import numpy as np
+import torch
 
-from kdcache.errors import SpecError
+from kdcache.errors import ConfigError, SpecError
+from kdcache.sparse import TAIL_STATS, SparseLogits, tail_statistics
 
 #: Per-row shape and dtype of every array an encoding stores, keyed by array name.
 Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
@@ -38,6 +40,10 @@ class Encoding(ABC):
         the temperature the logits will be softened with; exact encodings ignore it.
         """
 
+    def sparse(self, arrays: dict[str, np.ndarray]) -> SparseLogits | None:
+        """The rows in sparse form (:class:`~kdcache.sparse.SparseLogits`); ``None`` for dense encodings."""
+        return None
+
     def row_nbytes(self, num_classes: int) -> int:
         """Uncompressed bytes one row occupies on disk."""
         return sum(
@@ -63,11 +69,113 @@ class DenseEncoding(Encoding):
         return arrays["logits"].astype(np.float32, copy=False)
 
 
-ENCODING_CHOICES = ("float32", "float16")
+class Int8Encoding(Encoding):
+    """Per-row affine quantisation to uint8: ``z = offset + scale * code``, error <= scale / 2.
+
+    ``offset`` is the row's minimum and ``scale`` its range / 255, so each row uses all 256 levels
+    whatever its scale; C + 8 bytes a row.
+    """
+
+    name = "int8"
+
+    def layout(self, num_classes: int) -> Layout:
+        return {"codes": ((num_classes,), np.dtype("uint8")), "offset": ((), np.dtype("float32")),
+                "scale": ((), np.dtype("float32"))}
+
+    def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        low = logits.min(axis=1)
+        # A constant row has range 0; any positive scale then encodes it exactly.
+        scale = np.maximum(logits.max(axis=1) - low, np.finfo(np.float32).tiny) / 255.0
+        codes = np.rint((logits - low[:, None]) / scale[:, None])
+        return {"codes": np.clip(codes, 0, 255).astype(np.uint8), "offset": low.astype(np.float32),
+                "scale": scale.astype(np.float32)}
+
+    def decode(self, arrays: dict[str, np.ndarray], *, temperature: float | None = None) -> np.ndarray:
+        codes = arrays["codes"].astype(np.float32)
+        return arrays["offset"][:, None] + arrays["scale"][:, None] * codes
 
 
-def parse_encoding(spec: str) -> Encoding:
-    """The encoding named by ``spec`` (one of :data:`ENCODING_CHOICES`)."""
+def index_dtype(num_classes: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every class index below ``num_classes``."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if num_classes - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+class TopKEncoding(Encoding):
+    """The K largest raw logits, their class indices, and six statistics of the other classes.
+
+    Per row: ``row_max`` (float32, the largest logit), ``topk_offsets`` (K float16: the K largest
+    logits minus ``row_max``, descending), ``topk_indices`` (K, the smallest unsigned type that
+    holds C) and ``tail`` (the :data:`~kdcache.sparse.TAIL_STATS` minus ``row_max``, float16):
+    4K + 16 bytes. Offsets from the max keep float16's relative error on the differences that
+    decide the softmax rather than on the raw values. See :mod:`kdcache.sparse` for the
+    reconstruction at any temperature; ``decode`` without a temperature reconstructs for T = 1.
+    """
+
+    def __init__(self, k: int, *, num_classes: int | None = None) -> None:
+        self.k = k
+        self.name = f"topk:{k}"
+        self.num_classes = num_classes
+
+    def layout(self, num_classes: int) -> Layout:
+        if self.k >= num_classes:
+            raise ConfigError(
+                f"encoding {self.name} keeps {self.k} classes but the store has only {num_classes}; "
+                f"use topk:K with K < {num_classes}, or float16 to keep every class"
+            )
+        return {"row_max": ((), np.dtype("float32")),
+                "topk_offsets": ((self.k,), np.dtype("float16")),
+                "topk_indices": ((self.k,), index_dtype(num_classes)),
+                "tail": ((len(TAIL_STATS),), np.dtype("float16"))}
+
+    def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        layout = self.layout(logits.shape[1])
+        dense = torch.from_numpy(logits)
+        values, top = dense.topk(self.k, dim=1)  # descending
+        tail = tail_statistics(dense, top)
+        row_max = values[:, :1]
+        return {"row_max": row_max[:, 0].numpy(),
+                "topk_offsets": (values - row_max).numpy().astype(np.float16),
+                "topk_indices": top.numpy().astype(layout["topk_indices"][1]),
+                "tail": (tail - row_max).numpy().astype(np.float16)}
+
+    def sparse(self, arrays: dict[str, np.ndarray]) -> SparseLogits:
+        if self.num_classes is None:
+            raise ConfigError(
+                f"encoding {self.name} needs the number of classes to reconstruct rows; "
+                f"get it with parse_encoding({self.name!r}, num_classes=C)"
+            )
+        row_max = torch.from_numpy(np.asarray(arrays["row_max"], dtype=np.float32))[:, None]
+        return SparseLogits(
+            values=torch.from_numpy(arrays["topk_offsets"].astype(np.float32)) + row_max,
+            indices=torch.from_numpy(arrays["topk_indices"].astype(np.int64)),
+            tail=torch.from_numpy(arrays["tail"].astype(np.float32)) + row_max,
+            num_classes=self.num_classes,
+        )
+
+    def decode(self, arrays: dict[str, np.ndarray], *, temperature: float | None = None) -> np.ndarray:
+        return self.sparse(arrays).dense(1.0 if temperature is None else temperature).numpy()
+
+
+ENCODING_CHOICES = ("float32", "float16", "int8", "topk:K")
+
+
+def parse_encoding(spec: str, *, num_classes: int | None = None) -> Encoding:
+    """The encoding named by ``spec`` (one of :data:`ENCODING_CHOICES`, K an integer >= 1).
+
+    ``num_classes`` binds a sparse encoding to its store's class count, which ``decode`` needs.
+    """
     if spec in ("float32", "float16"):
         return DenseEncoding(spec)
-    raise SpecError(f"unknown encoding {spec!r}; valid encodings: {', '.join(ENCODING_CHOICES)}")
+    if spec == "int8":
+        return Int8Encoding()
+    name, _, arg = str(spec).partition(":")
+    if name == "topk":
+        if not (arg.isdigit() and int(arg) >= 1):
+            raise SpecError(f"malformed encoding {spec!r}; expected topk:K with an integer K >= 1, e.g. topk:20")
+        return TopKEncoding(int(arg), num_classes=num_classes)
+    raise SpecError(
+        f"unknown encoding {spec!r}; valid encodings: {', '.join(ENCODING_CHOICES)} (e.g. topk:20)"
+    )

@@ -36,6 +36,9 @@ class StoreMetadata:
     kdcache_version: str = ""
     created_at: str = ""
     complete: bool = False
+    #: Fidelity of the encoding measured while writing (kdcache.fidelity.Fidelity.to_dict());
+    #: None in stores written before it was recorded.
+    fidelity: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

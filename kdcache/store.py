@@ -22,6 +22,8 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache import __version__
 from kdcache.encodings import Encoding, parse_encoding
+from kdcache.fidelity import SAMPLE_EVERY as FIDELITY_SAMPLE_EVERY
+from kdcache.fidelity import FidelityAccumulator
 from kdcache.errors import (
     ConfigError,
     InvalidLogitsError,
@@ -33,6 +35,7 @@ from kdcache.errors import (
     StoreNotFoundError,
 )
 from kdcache.metadata import ATTRIBUTE_KEY, StoreMetadata
+from kdcache.sparse import SparseLogits
 
 WRITTEN_ARRAY = "chunk_written"
 LABELS_ARRAY = "labels"
@@ -111,12 +114,14 @@ class StoreWriter:
         self._group = group
         self._where = where
         self.metadata = metadata
-        self.encoding = parse_encoding(metadata.encoding)
+        self.encoding = parse_encoding(metadata.encoding, num_classes=metadata.num_classes)
         self._layout = self.encoding.layout(metadata.num_classes)
         self._arrays = {name: group[name] for name in self._layout}
         self._written_array = group[WRITTEN_ARRAY]
         self._written = np.asarray(self._written_array[:], dtype=bool)
         self._buffers: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
+        #: Fidelity of the encoding over the rows this writer has stored (see kdcache.fidelity).
+        self.fidelity = FidelityAccumulator(self.encoding, sample_every=FIDELITY_SAMPLE_EVERY)
 
     @property
     def num_chunks(self) -> int:
@@ -144,6 +149,7 @@ class StoreWriter:
         self._check_block(rows, block)
         encoded = self.encoding.encode(block)
         chunk_of_row = rows // self.metadata.chunk_rows
+        self.fidelity.update(block, encoded, indices=rows, keep=~self._written[chunk_of_row])
         for chunk in np.unique(chunk_of_row):
             chunk = int(chunk)
             if self._written[chunk]:
@@ -201,7 +207,10 @@ class StoreWriter:
                 f"cannot finalize {self._where}: no logits were written for samples "
                 f"{_row_ranges(missing)}; write every row before finalize()"
             )
-        self.metadata = self.metadata.replace(complete=True)
+        fidelity = self.fidelity.result()
+        self.metadata = self.metadata.replace(
+            complete=True, fidelity=None if fidelity is None else fidelity.to_dict()
+        )
         self._group.attrs[ATTRIBUTE_KEY] = self.metadata.to_dict()
         return self.metadata
 
@@ -320,7 +329,7 @@ class StoreReader:
         self._group = group
         self.where = where
         self.metadata = metadata
-        self.encoding = parse_encoding(metadata.encoding)
+        self.encoding = parse_encoding(metadata.encoding, num_classes=metadata.num_classes)
         self._layout = self.encoding.layout(metadata.num_classes)
         self._in_memory: dict[str, np.ndarray] | None = None
 
@@ -375,7 +384,25 @@ class StoreReader:
         return np.concatenate(parts)
 
     def read(self, indices: Sequence[int] | np.ndarray | torch.Tensor, *, temperature: float | None = None) -> torch.Tensor:
-        """Dense float32 logits ``(B, C)`` for the given sample indices."""
+        """Dense float32 logits ``(B, C)`` for the given sample indices.
+
+        For a ``topk:K`` store the tail is filled so that the softmax at ``temperature`` (T = 1
+        when ``None``) gives the tail its true total mass; pass the temperature you distill at.
+        """
+        gathered = self._gather(indices)
+        return torch.from_numpy(self.encoding.decode(gathered, temperature=temperature))
+
+    def read_sparse(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> SparseLogits:
+        """The rows of a ``topk:K`` store in sparse form, never as a dense (B, C) tensor."""
+        sparse = self.encoding.sparse(self._gather(indices))
+        if sparse is None:
+            raise ConfigError(
+                f"{self.where} uses the dense encoding {self.metadata.encoding!r}; read_sparse needs "
+                "a topk:K store: use read() instead"
+            )
+        return sparse
+
+    def _gather(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
         self.load()
         assert self._in_memory is not None
         if isinstance(indices, torch.Tensor):
@@ -385,8 +412,7 @@ class StoreReader:
             raise ConfigError(
                 f"sample indices must lie in [0, {self.num_samples}), got {rows.min()} to {rows.max()}"
             )
-        gathered = {name: values[rows] for name, values in self._in_memory.items()}
-        return torch.from_numpy(self.encoding.decode(gathered, temperature=temperature))
+        return {name: values[rows] for name, values in self._in_memory.items()}
 
 
 def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> StoreReader:
