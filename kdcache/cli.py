@@ -6,6 +6,7 @@ stderr and a non-zero exit status.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Any
@@ -80,7 +81,9 @@ def train(**options: Any) -> None:
 @click.option("--dataset", default="digits", show_default=True, help="Dataset spec to run the teacher over.")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]), help="Dataset split.")
 @click.option("--out", default="teacher.zarr", show_default=True, help="Store path to create.")
-@click.option("--encoding", default="float16", show_default=True, help="How logits are stored: float32 or float16.")
+@click.option("--encoding", default="float16", show_default=True,
+              help="How logits are stored: float32, float16, int8 (per-row scale/offset) or topk:K "
+                   "(the K largest logits plus tail statistics; any --temperature at distill time).")
 @click.option("--batch-size", default=256, show_default=True, type=int, help="Samples per teacher forward pass.")
 @click.option("--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available, else cpu].")
@@ -93,10 +96,22 @@ def dump_teacher(**options: Any) -> None:
 
     result = run(DumpConfig(**options))
     size = "remote" if result.bytes_on_disk is None else f"{result.bytes_on_disk:,} bytes on disk ({result.bytes_per_sample:,.1f} B/sample)"
+    fidelity = "" if result.fidelity is None else f", KL(T=1) {result.fidelity.kl_at(1.0):.3g}"
     click.echo(
         f"wrote {result.out}: N={result.num_samples} C={result.num_classes} {result.encoding}, "
-        f"{size}, {result.wall_time_s:.1f}s"
+        f"{size}{fidelity}, {result.wall_time_s:.1f}s"
     )
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def inspect(store: str, as_json: bool) -> None:
+    """Show what STORE holds: identity, size, teacher accuracy and entropy, recorded fidelity."""
+    from kdcache.inspect import format_report, inspect_store
+
+    report = inspect_store(store)
+    click.echo(json.dumps(report.to_dict()) if as_json else format_report(report))
 
 
 @cli.command()

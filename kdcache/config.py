@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdcache.encodings import parse_encoding
 from kdcache.errors import ConfigError
 from kdcache.datasets import SPLITS
 from kdcache.losses import LOSS_NAMES
@@ -133,6 +134,7 @@ class DumpConfig:
         _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         _require(self.chunk_rows is None or self.chunk_rows >= 1, f"chunk_rows must be >= 1, got {self.chunk_rows}")
         _require(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other; pick one")
+        parse_encoding(self.encoding)  # a bad name fails here, listing the valid encodings
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from kdcache.config import DumpConfig
 from kdcache.datasets import build_dataset, dataset_fingerprint
+from kdcache.fidelity import Fidelity
 from kdcache.models import build_model, load_weights, weights_sha256
 from kdcache.runtime import make_loader, resolve_device
 from kdcache.store import create_store, store_nbytes
@@ -30,6 +31,8 @@ class DumpResult:
     rows_computed: int
     bytes_on_disk: int | None
     wall_time_s: float
+    #: The encoding's fidelity over the rows this run computed (kdcache.fidelity), if any.
+    fidelity: Fidelity | None = None
 
     @property
     def bytes_per_sample(self) -> float | None:
@@ -85,5 +88,6 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
         rows_computed=len(pending),
         bytes_on_disk=store_nbytes(config.out),
         wall_time_s=time.perf_counter() - started,
+        fidelity=writer.fidelity.result(),
     )
 

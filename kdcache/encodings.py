@@ -23,6 +23,8 @@ class Encoding(ABC):
     """A lossless or lossy representation of one row of teacher logits."""
 
     name: str
+    #: True when :meth:`sparse` gives the rows without a dense (B, C) tensor.
+    is_sparse: bool = False
 
     @abstractmethod
     def layout(self, num_classes: int) -> Layout:
@@ -113,6 +115,8 @@ class TopKEncoding(Encoding):
     decide the softmax rather than on the raw values. See :mod:`kdcache.sparse` for the
     reconstruction at any temperature; ``decode`` without a temperature reconstructs for T = 1.
     """
+
+    is_sparse = True
 
     def __init__(self, k: int, *, num_classes: int | None = None) -> None:
         self.k = k

@@ -88,6 +88,15 @@ class SparseLogits:
         normalizer = torch.logsumexp(torch.cat([top, tail[:, None]], dim=1), dim=1, keepdim=True)
         return top - normalizer, tail - normalizer[:, 0]
 
+    def entropy(self, temperature: float) -> Tensor:
+        """Entropy (nats) of p_T per row, shape (B,), with the tail mass spread uniformly."""
+        top, tail = self.log_probs(temperature)
+        entropy = -(top.exp() * top).nan_to_num().sum(dim=1)
+        if self.num_tail:
+            mass = tail.exp()
+            entropy = entropy - torch.where(mass > 0, mass * (tail - math.log(self.num_tail)), 0.0)
+        return entropy
+
     def dense(self, temperature: float = 1.0) -> Tensor:
         """Dense raw logits (B, C) whose softmax at ``temperature`` is the best reconstruction."""
         fill = self.tail_logit(temperature) if self.num_tail else self.values[:, -1]
@@ -115,13 +124,17 @@ def tail_statistics(logits: Tensor, kept: Tensor) -> Tensor:
 _KNOT_T = (0.0, *(1.0 / t for t in reversed(KNOT_TEMPERATURES)))
 
 
+def _pchip_end_slope(h0: float, h1: float, d0: Tensor, d1: Tensor) -> Tensor:
+    """The three-point slope at an end knot, kept shape-preserving (as scipy's PCHIP)."""
+    slope = ((2 * h0 + h1) * d0 - h0 * d1) / (h0 + h1)
+    slope = torch.where(torch.sign(slope) != torch.sign(d0), torch.zeros_like(slope), slope)
+    overshoot = (torch.sign(d0) != torch.sign(d1)) & (slope.abs() > 3 * d0.abs())
+    return torch.where(overshoot, 3 * d0, slope)
+
+
 def _pchip_slopes(h: list[float], delta: Tensor) -> Tensor:
     """Fritsch-Carlson slopes (B, knots) for knot spacings ``h`` and secant slopes ``delta``."""
-    slopes = []
-    first = ((2 * h[0] + h[1]) * delta[:, 0] - h[0] * delta[:, 1]) / (h[0] + h[1])
-    first = torch.where(torch.sign(first) != torch.sign(delta[:, 0]), torch.zeros_like(first), first)
-    overshoot = (torch.sign(delta[:, 0]) != torch.sign(delta[:, 1])) & (first.abs() > 3 * delta[:, 0].abs())
-    slopes.append(torch.where(overshoot, 3 * delta[:, 0], first))
+    slopes = [_pchip_end_slope(h[0], h[1], delta[:, 0], delta[:, 1])]
     for k in range(1, len(h)):
         w1, w2 = 2 * h[k] + h[k - 1], h[k] + 2 * h[k - 1]
         left, right = delta[:, k - 1], delta[:, k]
@@ -129,22 +142,21 @@ def _pchip_slopes(h: list[float], delta: Tensor) -> Tensor:
         # Weighted harmonic mean where the data are monotone, a flat slope at an extremum.
         harmonic = (w1 + w2) / (w1 / torch.where(same_sign, left, 1.0) + w2 / torch.where(same_sign, right, 1.0))
         slopes.append(torch.where(same_sign, harmonic, torch.zeros_like(left)))
-    # The last knot (T = 1) gets the one-sided secant slope: beyond it the extrapolation takes over.
-    slopes.append(delta[:, -1])
+    slopes.append(_pchip_end_slope(h[-1], h[-2], delta[:, -1], delta[:, -2]))
     return torch.stack(slopes, dim=1)
 
 
-def _extrapolate_below_one(top: Tensor, z_half: Tensor, z_one: Tensor, t: float, num_tail: int) -> Tensor:
+def _extrapolate_below_one(top: Tensor, z_one: Tensor, z_slope: Tensor, t: float, num_tail: int) -> Tensor:
     """z at t = 1/T > 1 from psi(t) = t (z(t) - m) = log mean exp(t (d - m)).
 
     psi is convex and decreasing from psi(1) towards -log(n) (one tail class at the max); it
-    decays exponentially towards that floor at the rate the [1/2, 1] secant gives at t = 1.
+    decays exponentially towards that floor, starting with the slope psi'(1) = z(1) - m + z'(1)
+    that the interpolant has at t = 1.
     """
     floor = -math.log(num_tail)
-    psi_one, psi_half = z_one - top, (z_half - top) / 2
-    slope = (psi_one - psi_half) / 0.5
+    psi_one = z_one - top
     above = (psi_one - floor).clamp_min(1e-12)
-    rate = (-slope / above).clamp_min(0.0)
+    rate = (-(psi_one + z_slope) / above).clamp_min(0.0)
     return top + (floor + above * torch.exp(-(t - 1.0) * rate)) / t
 
 
@@ -153,12 +165,12 @@ def interpolate_tail_logit(tail: Tensor, temperature: float, num_tail: int) -> T
     t = 1.0 / float(temperature)
     top = tail[:, 0]
     knots = torch.cat([tail[:, 1:2], tail[:, 2:].flip(1)], dim=1)  # values at _KNOT_T
-    if t >= 1.0:
-        return _extrapolate_below_one(top, knots[:, -2], knots[:, -1], t, num_tail)
-    segment = max(k for k in range(len(_KNOT_T) - 1) if _KNOT_T[k] <= t)
     h = [b - a for a, b in zip(_KNOT_T[:-1], _KNOT_T[1:])]
     delta = (knots[:, 1:] - knots[:, :-1]) / torch.tensor(h, dtype=knots.dtype, device=knots.device)
     slopes = _pchip_slopes(h, delta)
+    if t >= 1.0:
+        return _extrapolate_below_one(top, knots[:, -1], slopes[:, -1], t, num_tail)
+    segment = max(k for k in range(len(_KNOT_T) - 1) if _KNOT_T[k] <= t)
     width = h[segment]
     s = (t - _KNOT_T[segment]) / width
     h00, h10, h01, h11 = 2 * s**3 - 3 * s**2 + 1, s**3 - 2 * s**2 + s, -2 * s**3 + 3 * s**2, s**3 - s**2

@@ -24,7 +24,7 @@ from kdcache import __version__
 from kdcache.config import DistillConfig, LoopConfig, TrainConfig
 from kdcache.datasets import LabeledDataset, build_dataset, compare_fingerprints, dataset_fingerprint
 from kdcache.errors import ConfigError, StoreMismatchError
-from kdcache.losses import build_loss, total_loss
+from kdcache.losses import TeacherLogits, build_loss, total_loss
 from kdcache.models import build_model, load_weights, weights_sha256
 from kdcache.plots import plot_curves, plot_distributions
 from kdcache.runtime import atomic_torch_save, make_loader, prepare_output_dir, resolve_device
@@ -204,7 +204,10 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
         reader.load()
         resolved.update(dataset=train_set.spec, split=train_set.split, store=reader.metadata.to_dict())
 
-        def teacher_logits(inputs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        def teacher_logits(inputs: torch.Tensor, indices: torch.Tensor) -> TeacherLogits:
+            if reader.encoding.is_sparse:
+                # A topk:K store stays sparse: no dense (B, C) teacher tensor on the host.
+                return reader.read_sparse(indices).to(device)
             return reader.read(indices, temperature=config.temperature).to(device, non_blocking=True)
     else:
         assert config.teacher is not None and config.dataset is not None
