@@ -35,7 +35,7 @@ def test_user_errors_are_one_line(tmp_path, digits_store):
 
 def test_help_lists_the_commands():
     result = run_cli("--help")
-    for command in ("train", "dump-teacher", "distill", "sweep"):
+    for command in ("train", "dump-teacher", "distill", "sweep", "inspect"):
         assert command in result.stdout
 
 
@@ -60,3 +60,34 @@ def test_sweep_user_errors_are_one_line(tmp_path, digits_store):
                           "--temperatures must be a comma-separated list, got '1,x'")
     assert_one_line_error(run_cli("sweep", "--cache", str(tmp_path / "none.zarr"), *common, check=False), "no store at")
     assert not (tmp_path / "s").exists()
+
+
+def test_topk_store_through_the_cli_dump_inspect_distill(tmp_path, digits_teacher):
+    store = str(tmp_path / "top3.zarr")
+    dumped = run_cli("dump-teacher", "--teacher", "cnn:8", "--weights", str(digits_teacher), "--out", store,
+                     "--device", "cpu", "--encoding", "topk:3")
+    assert "C=10 topk:3" in dumped.stdout and "KL(T=1)" in dumped.stdout
+
+    report = json.loads(run_cli("inspect", store, "--json").stdout)
+    assert report["encoding"] == "topk:3" and report["complete"] and report["num_samples"] == 1437
+    assert report["fidelity"]["top1_agreement"] == 1.0 and len(report["fidelity"]["mean_kl"]) == 4
+    assert 0 <= report["teacher_accuracy"] <= 100 and report["bytes_per_sample"] > 0
+    text = run_cli("inspect", store).stdout
+    assert "encoding:" in text and "topk:3" in text and "fidelity KL:" in text
+
+    run_cli("distill", "--student", "mlp:16", "--cache", store, "--epochs", "1", "--loss", "attention",
+            "--top-k", "3", "--temperature", "3", "--out", str(tmp_path / "kd"))
+    assert_one_line_error(run_cli("distill", "--student", "mlp:16", "--cache", store, "--epochs", "1", "--loss",
+                                  "attention", "--top-k", "5", "--out", str(tmp_path / "kd5"), check=False),
+                          "at most the 3 classes", "got 5")
+
+
+def test_bad_encodings_are_one_line_errors_that_write_nothing(tmp_path):
+    assert_one_line_error(run_cli("dump-teacher", "--teacher", "cnn:8", "--encoding", "bf16",
+                                  "--out", str(tmp_path / "a.zarr"), check=False),
+                          "'bf16'", "float32, float16, int8, topk:K")
+    assert_one_line_error(run_cli("dump-teacher", "--teacher", "cnn:8", "--encoding", "topk:10",
+                                  "--out", str(tmp_path / "b.zarr"), check=False),
+                          "topk:10 keeps 10 classes", "K < 10")
+    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
+    assert_one_line_error(run_cli("inspect", str(tmp_path / "missing.zarr"), check=False), "no store at")

@@ -301,3 +301,52 @@ def test_build_loss_names_and_unknown_name():
     with pytest.raises(SpecError, match="'mse'.*kd, focal, attention") as info:
         build_loss("mse", temperature=2.0, alpha=0.4)
     assert isinstance(info.value, ValueError)
+
+
+# --- Sparse teacher (topk:K stores). ----------------------------------------------------------
+
+
+def sparse_teacher(seed, batch, classes, k):
+    from kdcache.encodings import parse_encoding
+
+    gen = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(batch, classes, generator=gen) * 3
+    encoding = parse_encoding(f"topk:{k}", num_classes=classes)
+    return encoding.sparse(encoding.encode(teacher.numpy()))
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0, 4.0, 16.0])
+@pytest.mark.parametrize("classes, k", [(10, 3), (100, 5)])
+def test_sparse_teacher_equals_dense_loss_on_its_reconstruction(name, temperature, classes, k):
+    sparse = sparse_teacher(11, 8, classes, k)
+    student, _, labels = make_inputs(12, 8, classes)
+    student = student * 2
+    loss = build_loss(name, temperature=temperature, alpha=0.6, gamma=2.0, top_k=k)
+    got = total_loss(loss(student, sparse, labels))
+    want = total_loss(loss(student, sparse.dense(temperature), labels))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_kd_outputs_and_gradients():
+    sparse = sparse_teacher(3, 6, 50, 4)
+    student, _, labels = make_inputs(4, 6, 50)
+    student.requires_grad_(True)
+    out = LogitsDistillationLoss(2.0, 0.5)(student, sparse, labels)
+    assert "teacher_probs" not in out and out["student_probs"].shape == (6, 50)
+    out["total"].backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+
+
+def test_sparse_attention_refuses_top_k_beyond_the_stored_classes():
+    sparse = sparse_teacher(3, 2, 20, 3)
+    student, _, labels = make_inputs(4, 2, 20)
+    with pytest.raises(ConfigError, match="at most the 3 classes.*got 4"):
+        AttentionLogitsLoss(top_k=4)(student, sparse, labels)
+
+
+def test_sparse_teacher_of_the_wrong_width_is_refused():
+    sparse = sparse_teacher(3, 4, 20, 3)
+    student, _, labels = make_inputs(4, 4, 21)
+    with pytest.raises(ConfigError, match=r"\(4, 21\) and \(4, 20\)"):
+        LogitsDistillationLoss()(student, sparse, labels)

@@ -9,6 +9,7 @@ import zarr
 
 from kdcache import create_store, open_store
 from kdcache.errors import (
+    ConfigError,
     InvalidLogitsError,
     StoreExistsError,
     StoreFormatError,
@@ -128,3 +129,54 @@ def test_newer_format_version_is_refused(tmp_path):
     group.attrs["kdcache"] = {**group.attrs["kdcache"], "format_version": FORMAT_VERSION + 1}
     with pytest.raises(StoreFormatError, match="upgrade kdcache"):
         open_store(tmp_path / "s.zarr")
+
+
+@pytest.mark.parametrize("encoding", ["int8", "topk:4"])
+def test_lossy_encodings_round_trip_and_record_their_fidelity(tmp_path, encoding):
+    logits = random_logits(64, 12)
+    writer = create_store(tmp_path / "s.zarr", num_samples=64, num_classes=12, encoding=encoding, chunk_rows=16)
+    for batch in np.array_split(np.random.default_rng(2).permutation(64), 5):
+        writer.write(batch, logits[batch])
+    metadata = writer.finalize()
+    fidelity = metadata.fidelity
+    assert fidelity["temperatures"] == [1.0, 2.0, 4.0, 8.0] and fidelity["num_samples"] == 8  # every 8th row
+    assert writer.fidelity.result().to_dict() == fidelity
+    assert all(kl > 0 for kl in fidelity["mean_kl"])
+
+    reader = open_store(tmp_path / "s.zarr")
+    assert reader.metadata.fidelity == fidelity
+    for temperature in (1.0, 3.0):
+        read = reader.read(np.arange(64), temperature=temperature).numpy()
+        assert read.shape == (64, 12) and read.dtype == np.float32
+        np.testing.assert_array_equal(read.argmax(axis=1), logits.argmax(axis=1))
+    if encoding == "int8":
+        np.testing.assert_allclose(read, logits, atol=(logits.max() - logits.min()) / 255)
+        with pytest.raises(ConfigError, match="read_sparse needs a topk:K store"):
+            reader.read_sparse([0])
+    else:
+        sparse = reader.read_sparse([5, 0])
+        np.testing.assert_array_equal(sparse.indices.numpy(), np.argsort(-logits[[5, 0]], axis=1)[:, :4])
+        torch.testing.assert_close(sparse.dense(3.0), reader.read([5, 0], temperature=3.0))
+
+
+def test_a_store_written_before_fidelity_was_recorded_still_opens(tmp_path):
+    writer = create_store(tmp_path / "s.zarr", num_samples=4, num_classes=3)
+    writer.write(np.arange(4), random_logits(4, 3))
+    writer.finalize()
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")
+    group.attrs["kdcache"] = {key: value for key, value in group.attrs["kdcache"].items() if key != "fidelity"}
+    reader = open_store(tmp_path / "s.zarr")
+    assert reader.metadata.fidelity is None and reader.read([0]).shape == (1, 3)
+
+
+def test_topk_store_stays_near_its_raw_payload_on_disk(tmp_path):
+    from kdcache.encodings import parse_encoding
+    from kdcache.store import store_nbytes
+
+    rows, classes = 4096, 1000
+    writer = create_store(tmp_path / "s.zarr", num_samples=rows, num_classes=classes, encoding="topk:20")
+    writer.write(np.arange(rows), random_logits(rows, classes))
+    writer.finalize()
+    payload = parse_encoding("topk:20").row_nbytes(classes)
+    assert payload == 96
+    assert store_nbytes(tmp_path / "s.zarr") / rows <= 1.1 * payload
