@@ -11,8 +11,10 @@ __version__ = "0.1.0"
 from kdcache.config import DistillConfig, DumpConfig, TrainConfig
 from kdcache.dump import DumpResult, dump_teacher
 from kdcache.errors import KdcacheError
+from kdcache.inspect import StoreReport, inspect_store
 from kdcache.losses import AttentionLogitsLoss, FocalDistillationLoss, LogitsDistillationLoss
 from kdcache.metadata import StoreMetadata
+from kdcache.sparse import SparseLogits
 from kdcache.store import StoreReader, StoreWriter, create_store, open_store
 from kdcache.sweep import SweepConfig, SweepResult, run_sweep
 from kdcache.training import RunResult, distill, train
@@ -26,8 +28,10 @@ __all__ = [
     "KdcacheError",
     "LogitsDistillationLoss",
     "RunResult",
+    "SparseLogits",
     "StoreMetadata",
     "StoreReader",
+    "StoreReport",
     "StoreWriter",
     "SweepConfig",
     "SweepResult",
@@ -36,6 +40,7 @@ __all__ = [
     "create_store",
     "distill",
     "dump_teacher",
+    "inspect_store",
     "open_store",
     "run_sweep",
     "train",

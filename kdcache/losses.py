@@ -184,8 +184,8 @@ def _prepare(
 ) -> tuple[Tensor, Tensor, _TeacherTargets | _SparseTargets]:
     """Validate, then return student logits and log q_T in the compute dtype, and p_T."""
     _check_inputs(student_logits, teacher_logits, labels)
-    teacher_dtype = teacher_logits.values if isinstance(teacher_logits, SparseLogits) else teacher_logits
-    dtype = _compute_dtype(student_logits, teacher_dtype)
+    teacher_values = teacher_logits.values if isinstance(teacher_logits, SparseLogits) else teacher_logits
+    dtype = _compute_dtype(student_logits, teacher_values)
     student = student_logits.to(dtype)
     student_log_probs = F.log_softmax(student / temperature, dim=1)
     return student, student_log_probs, _teacher_targets(teacher_logits, temperature, dtype)

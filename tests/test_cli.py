@@ -72,11 +72,8 @@ def test_topk_store_through_the_cli_dump_inspect_distill(tmp_path, digits_teache
     assert report["encoding"] == "topk:3" and report["complete"] and report["num_samples"] == 1437
     assert report["fidelity"]["top1_agreement"] == 1.0 and len(report["fidelity"]["mean_kl"]) == 4
     assert 0 <= report["teacher_accuracy"] <= 100 and report["bytes_per_sample"] > 0
-    text = run_cli("inspect", store).stdout
-    assert "encoding:" in text and "topk:3" in text and "fidelity KL:" in text
 
-    run_cli("distill", "--student", "mlp:16", "--cache", store, "--epochs", "1", "--loss", "attention",
-            "--top-k", "3", "--temperature", "3", "--out", str(tmp_path / "kd"))
+    # Distilling from it runs the sparse path up to the first batch, where the loss refuses k > K.
     assert_one_line_error(run_cli("distill", "--student", "mlp:16", "--cache", store, "--epochs", "1", "--loss",
                                   "attention", "--top-k", "5", "--out", str(tmp_path / "kd5"), check=False),
                           "at most the 3 classes", "got 5")
@@ -90,4 +87,3 @@ def test_bad_encodings_are_one_line_errors_that_write_nothing(tmp_path):
                                   "--out", str(tmp_path / "b.zarr"), check=False),
                           "topk:10 keeps 10 classes", "K < 10")
     assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
-    assert_one_line_error(run_cli("inspect", str(tmp_path / "missing.zarr"), check=False), "no store at")

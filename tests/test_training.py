@@ -101,14 +101,19 @@ def test_invalid_distill_options(changes, message):
         DistillConfig(**options)
 
 
-@pytest.mark.parametrize("loss", ["kd", "focal", "attention"])
-def test_every_loss_distills_from_a_topk_store(tmp_path, digits_teacher, loss):
+@pytest.fixture(scope="module")
+def topk_store(tmp_path_factory, digits_teacher):
     from kdcache import DumpConfig
     from kdcache.dump import dump_teacher
 
-    store = tmp_path / "top4.zarr"
+    store = tmp_path_factory.mktemp("topk") / "top4.zarr"
     dump_teacher(DumpConfig(teacher="cnn:8", weights=str(digits_teacher), out=str(store), encoding="topk:4", device="cpu"))
-    result = distill(DistillConfig(student="mlp:16", cache=str(store), loss=loss, epochs=1, top_k=4,
+    return store
+
+
+@pytest.mark.parametrize("loss", ["kd", "focal", "attention"])
+def test_every_loss_distills_from_a_topk_store(tmp_path, topk_store, loss):
+    result = distill(DistillConfig(student="mlp:16", cache=str(topk_store), loss=loss, epochs=1, top_k=4,
                                    temperature=2.5, out=str(tmp_path / "run")))
     assert 0 <= result.final_val_acc <= 100
     assert json.loads((tmp_path / "run/config.json").read_text())["resolved"]["store"]["encoding"] == "topk:4"
