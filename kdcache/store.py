@@ -22,8 +22,6 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache import __version__
 from kdcache.encodings import Encoding, parse_encoding
-from kdcache.fidelity import SAMPLE_EVERY as FIDELITY_SAMPLE_EVERY
-from kdcache.fidelity import FidelityAccumulator
 from kdcache.errors import (
     ConfigError,
     InvalidLogitsError,
@@ -34,6 +32,8 @@ from kdcache.errors import (
     StoreMismatchError,
     StoreNotFoundError,
 )
+from kdcache.fidelity import SAMPLE_EVERY as FIDELITY_SAMPLE_EVERY
+from kdcache.fidelity import FidelityAccumulator
 from kdcache.metadata import ATTRIBUTE_KEY, StoreMetadata
 from kdcache.sparse import SparseLogits
 
