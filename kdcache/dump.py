@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from kdcache.config import DumpConfig
 from kdcache.datasets import build_dataset, dataset_fingerprint
 from kdcache.fidelity import Fidelity
 from kdcache.models import build_model, load_weights, weights_sha256
-from kdcache.runtime import make_loader, resolve_device
-from kdcache.store import create_store, store_nbytes
+from kdcache.errors import KdcacheError, StoreWriteError
+from kdcache.runtime import IndexedDataset, resolve_device
+from kdcache.store import StoreWriter, create_store, store_nbytes
 
 log = logging.getLogger("kdcache")
 
@@ -39,6 +43,43 @@ class DumpResult:
         return None if self.bytes_on_disk is None else self.bytes_on_disk / self.num_samples
 
 
+def pending_batches(pending: np.ndarray, *, num_samples: int, batch_size: int) -> list[list[int]]:
+    """The batches of an uninterrupted dump (``[0, B)``, ``[B, 2B)``, ...) that hold a pending row.
+
+    A resumed dump recomputes exactly the batches an uninterrupted one would have run, so every
+    row comes from the same batch composition and the result is bit-identical on CPU.
+    """
+    starts = np.unique(pending // batch_size) * batch_size
+    return [list(range(int(start), min(int(start) + batch_size, num_samples))) for start in starts]
+
+
+@contextmanager
+def _resumable_on_os_error(action: str) -> Iterator[None]:
+    """Turn a failed store write (full disk, lost mount) into one line that says how to go on."""
+    try:
+        yield
+    except OSError as error:
+        if isinstance(error, KdcacheError):
+            raise
+        raise StoreWriteError(
+            f"{action} failed: {error.strerror or error}; the chunks written so far are kept: "
+            "free space (or fix the cause) and rerun with --resume"
+        ) from None
+
+
+def _fill(writer: StoreWriter, teacher: torch.nn.Module, loader: DataLoader, *, device: torch.device,
+          total: int, where: str) -> None:
+    """Run the teacher over ``loader`` into ``writer``; a write failure leaves the store resumable."""
+    done = 0
+    with torch.inference_mode(), tqdm(total=total, unit="sample", desc="dump", disable=None) as bar:
+        for inputs, _, indices in loader:
+            logits = teacher(inputs.to(device, non_blocking=True))
+            with _resumable_on_os_error(f"writing {where} after {done} of {total} samples"):
+                writer.write(indices, logits)
+            done += len(indices)
+            bar.update(len(indices))
+
+
 def dump_teacher(config: DumpConfig) -> DumpResult:
     """Run ``config.teacher`` in eval mode without gradients and write its logits to ``config.out``."""
     started = time.perf_counter()
@@ -49,7 +90,7 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
         load_weights(teacher, config.weights, spec=config.teacher)
     teacher.to(device).eval().requires_grad_(False)
 
-    writer = create_store(
+    with create_store(
         config.out,
         num_samples=len(dataset),
         num_classes=dataset.num_classes,
@@ -68,18 +109,14 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
         },
         overwrite=config.overwrite,
         resume=config.resume,
-    )
-    pending = writer.pending_indices()
-    loader = make_loader(
-        Subset(dataset, pending.tolist()), batch_size=config.batch_size,
-        num_workers=config.num_workers, device=device, shuffle=False,
-    )
-    with torch.inference_mode(), tqdm(total=len(pending), unit="sample", desc="dump", disable=None) as bar:
-        for inputs, _, positions in loader:
-            logits = teacher(inputs.to(device, non_blocking=True))
-            writer.write(pending[positions.numpy()], logits)
-            bar.update(len(positions))
-    writer.finalize()
+    ) as writer:
+        pending = writer.pending_indices()
+        batches = pending_batches(pending, num_samples=len(dataset), batch_size=config.batch_size)
+        loader = DataLoader(IndexedDataset(dataset), batch_sampler=batches, num_workers=config.num_workers,
+                            pin_memory=device.type == "cuda")
+        _fill(writer, teacher, loader, device=device, total=sum(map(len, batches)), where=config.out)
+        with _resumable_on_os_error(f"marking {config.out} complete"):
+            writer.finalize()
     return DumpResult(
         out=config.out,
         num_samples=len(dataset),

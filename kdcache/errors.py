@@ -63,3 +63,7 @@ class StoreLockedError(StoreError):
 
 class InvalidLogitsError(KdcacheError, ValueError):
     """Logits handed to a store are non-finite or have the wrong shape."""
+
+
+class StoreWriteError(StoreError, OSError):
+    """The store cannot be written (unwritable path, full disk); a dump stays resumable."""

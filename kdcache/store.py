@@ -25,17 +25,32 @@ from kdcache.encodings import Encoding, parse_encoding
 from kdcache.errors import (
     ConfigError,
     InvalidLogitsError,
+    KdcacheError,
     StoreCorruptError,
     StoreExistsError,
     StoreFormatError,
     StoreIncompleteError,
     StoreMismatchError,
     StoreNotFoundError,
+    StoreWriteError,
 )
 from kdcache.fidelity import SAMPLE_EVERY as FIDELITY_SAMPLE_EVERY
 from kdcache.fidelity import FidelityAccumulator
+from kdcache.locking import WriterLock, acquire_writer_lock
 from kdcache.metadata import ATTRIBUTE_KEY, StoreMetadata
 from kdcache.sparse import SparseLogits
+from kdcache.storage import (
+    StoreLocation,
+    location_exists,
+    location_is_empty,
+    location_nbytes,
+    parse_location,
+    remove_partial_files,
+    zarr_store,
+)
+
+#: Anything that names a store: a path, an fsspec URL, a .zip file (see kdcache.storage).
+StoreLike = str | os.PathLike[str] | StoreLocation
 
 WRITTEN_ARRAY = "chunk_written"
 LABELS_ARRAY = "labels"
@@ -56,16 +71,9 @@ def default_chunk_rows(encoding: Encoding, num_samples: int, num_classes: int) -
     return max(1, min(num_samples, TARGET_CHUNK_BYTES // encoding.row_nbytes(num_classes)))
 
 
-def _describe(path: str | os.PathLike[str]) -> str:
-    return os.fspath(path)
-
-
-def store_nbytes(path: str | os.PathLike[str]) -> int | None:
-    """Bytes a local store occupies on disk; ``None`` for a remote store."""
-    root = Path(path)
-    if "://" in os.fspath(path) or not root.exists():
-        return None
-    return sum(item.stat().st_size for item in root.rglob("*") if item.is_file())
+def store_nbytes(path: StoreLike) -> int | None:
+    """Bytes a local store (or packed zip) occupies on disk; ``None`` for a remote store."""
+    return location_nbytes(parse_location(path))
 
 
 def _row_ranges(rows: np.ndarray) -> str:
@@ -89,13 +97,13 @@ def _read_metadata(group: zarr.Group, where: str) -> StoreMetadata:
     return StoreMetadata.from_dict(attributes[ATTRIBUTE_KEY], where=where)
 
 
-def _open_group(path: str | os.PathLike[str], mode: str) -> zarr.Group:
-    where = _describe(path)
-    is_local = "://" not in where
-    if is_local and not Path(where).exists():
+def _open_group(location: StoreLocation) -> zarr.Group:
+    """The store's Zarr group, opened read-only."""
+    where = location.text
+    if not location_exists(location):
         raise StoreNotFoundError(f"no store at {where}; check the path or run `kdcache dump-teacher`")
     try:
-        return zarr.open_group(where, mode=mode)
+        return zarr.open_group(zarr_store(location, read_only=True), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as error:
         raise StoreFormatError(
             f"{where} is not a kdcache store (no Zarr v3 group there: {error}); "
@@ -110,13 +118,15 @@ class StoreWriter:
     Call :meth:`finalize` once every row is written; the store is complete only after it.
     """
 
-    def __init__(self, group: zarr.Group, metadata: StoreMetadata, where: str) -> None:
+    def __init__(self, group: zarr.Group, metadata: StoreMetadata, where: str, lock: WriterLock | None = None) -> None:
         self._group = group
         self._where = where
+        self._lock = lock
         self.metadata = metadata
         self.encoding = parse_encoding(metadata.encoding, num_classes=metadata.num_classes)
         self._layout = self.encoding.layout(metadata.num_classes)
-        self._arrays = {name: group[name] for name in self._layout}
+        # Store every chunk, even one equal to the fill value, so a missing chunk file is damage.
+        self._arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in self._layout}
         self._written_array = group[WRITTEN_ARRAY]
         self._written = np.asarray(self._written_array[:], dtype=bool)
         self._buffers: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
@@ -175,9 +185,9 @@ class StoreWriter:
         num_classes = self.metadata.num_classes
         if block.ndim != 2 or block.shape[1] != num_classes or block.shape[0] != rows.size:
             raise InvalidLogitsError(
-                f"expected logits of shape ({rows.size}, {num_classes}) for {rows.size} indices, "
-                f"got {tuple(block.shape)}; the teacher's output width must equal the store's "
-                f"{num_classes} classes"
+                f"expected logits of shape ({rows.size}, {num_classes}) for samples "
+                f"{_row_ranges(np.unique(rows))}, got {tuple(block.shape)}; the teacher's output "
+                f"width must equal the store's {num_classes} classes"
             )
         if rows.size and (rows.min() < 0 or rows.max() >= self.metadata.num_samples):
             raise InvalidLogitsError(
@@ -198,6 +208,8 @@ class StoreWriter:
         # The flag goes last: a crash between the two leaves the chunk marked unwritten.
         self._written_array[chunk] = 1
         self._written[chunk] = True
+        if self._lock is not None:
+            self._lock.refresh()
 
     def finalize(self) -> StoreMetadata:
         """Mark the store complete; refuses while any row is missing."""
@@ -212,11 +224,24 @@ class StoreWriter:
             complete=True, fidelity=None if fidelity is None else fidelity.to_dict()
         )
         self._group.attrs[ATTRIBUTE_KEY] = self.metadata.to_dict()
+        self.close()
         return self.metadata
+
+    def close(self) -> None:
+        """Release the writer lock; an unfinished store stays resumable (idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def create_store(
-    path: str | os.PathLike[str],
+    path: StoreLike,
     *,
     num_samples: int,
     num_classes: int,
@@ -231,9 +256,11 @@ def create_store(
     """Create an empty store at ``path`` (or reopen an interrupted one) and return its writer.
 
     ``resume=True`` continues an incomplete store made with the same parameters; ``overwrite=True``
-    replaces an existing kdcache store. Anything else already at ``path`` is never touched.
+    replaces an existing kdcache store. Anything else already at ``path`` is never touched. The
+    writer holds the store's single-writer lock (kdcache.locking) until ``finalize`` or ``close``.
     """
-    where = _describe(path)
+    location = parse_location(path)
+    where = location.text
     if num_samples < 1 or num_classes < 1:
         raise ConfigError(f"num_samples and num_classes must be >= 1, got {num_samples} and {num_classes}")
     codec = parse_encoding(encoding)
@@ -256,12 +283,39 @@ def create_store(
         kdcache_version=__version__,
         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
-    existing = _existing_store(where)
+    store = zarr_store(location, read_only=False)
+    lock = acquire_writer_lock(location)
+    try:
+        return _create_locked(location, store, lock, metadata, codec, label_values, resume=resume, overwrite=overwrite)
+    except BaseException as error:
+        lock.release()
+        if isinstance(error, OSError) and not isinstance(error, KdcacheError):
+            raise StoreWriteError(
+                f"cannot write the store at {where}: {error.strerror or error}; choose a writable "
+                "path with free space"
+            ) from None
+        raise
+
+
+def _create_locked(
+    location: StoreLocation,
+    store: Any,
+    lock: WriterLock,
+    metadata: StoreMetadata,
+    codec: Encoding,
+    label_values: np.ndarray | None,
+    *,
+    resume: bool,
+    overwrite: bool,
+) -> StoreWriter:
+    where = location.text
+    existing = _existing_store(location, store)
     if existing is not None:
         group, old = existing
         if resume and not old.complete and not overwrite:
             _check_resumable(old, metadata, where)
-            return StoreWriter(group, old, where)
+            remove_partial_files(location)  # temporary files of a killed writer; we hold the lock
+            return StoreWriter(group, old, where, lock)
         if not overwrite:
             if old.complete:
                 raise StoreExistsError(
@@ -272,12 +326,13 @@ def create_store(
                 f"{where} holds an interrupted dump; pass --resume (resume=True) to continue it "
                 "or --overwrite (overwrite=True) to start over"
             )
-    elif "://" not in where and Path(where).exists() and any(Path(where).iterdir()):
+    elif not location_is_empty(location):
         raise StoreExistsError(
             f"{where} exists and is not a kdcache store; choose another path (kdcache never deletes it)"
         )
 
-    group = zarr.open_group(where, mode="w", zarr_format=3)
+    num_samples, num_classes, rows = metadata.num_samples, metadata.num_classes, metadata.chunk_rows
+    group = zarr.open_group(store, mode="w", zarr_format=3)
     group.attrs[ATTRIBUTE_KEY] = metadata.to_dict()
     for name, (shape, dtype) in codec.layout(num_classes).items():
         group.create_array(
@@ -296,12 +351,15 @@ def create_store(
             fill_value=-1, compressors=_compressors(),
         )
         labels_array[:] = label_values
-    return StoreWriter(group, metadata, where)
+    return StoreWriter(group, metadata, where, lock)
 
 
-def _existing_store(where: str) -> tuple[zarr.Group, StoreMetadata] | None:
+def _existing_store(location: StoreLocation, store: Any) -> tuple[zarr.Group, StoreMetadata] | None:
+    where = location.text
+    if location_is_empty(location):
+        return None
     try:
-        group = zarr.open_group(where, mode="r+")
+        group = zarr.open_group(store, mode="r+")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         return None
     if ATTRIBUTE_KEY not in group.attrs:
@@ -325,8 +383,10 @@ def _check_resumable(old: StoreMetadata, new: StoreMetadata, where: str) -> None
 class StoreReader:
     """Read-only access to a store; :meth:`read` gathers rows from an in-memory copy."""
 
-    def __init__(self, group: zarr.Group, metadata: StoreMetadata, where: str) -> None:
-        self._group = group
+    def __init__(self, group: zarr.Group, metadata: StoreMetadata, where: str, *, location: StoreLocation | None = None) -> None:
+        self._opened = group
+        self._location = location
+        self._pid = os.getpid()
         self.where = where
         self.metadata = metadata
         self.encoding = parse_encoding(metadata.encoding, num_classes=metadata.num_classes)
@@ -347,8 +407,23 @@ class StoreReader:
             return None
         return np.asarray(self._group[LABELS_ARRAY][:])
 
+    @property
+    def _group(self) -> zarr.Group:
+        # fsspec clients and zip handles break when shared across fork: reopen per process.
+        if self._location is not None and os.getpid() != self._pid:
+            self._opened, self._pid = _open_group(self._location), os.getpid()
+        return self._opened
+
     def written_fraction(self) -> float:
         return float(np.asarray(self._group[WRITTEN_ARRAY][:]).mean())
+
+    def progress(self) -> str:
+        """How far the dump got, e.g. ``1 of 3 chunks (10 of 30 samples, 33%)``."""
+        written = np.asarray(self._group[WRITTEN_ARRAY][:], dtype=bool)
+        rows = self.metadata.chunk_rows
+        samples = sum(min(rows, self.num_samples - int(c) * rows) for c in np.flatnonzero(written))
+        return (f"{int(written.sum())} of {written.size} chunks ({samples} of {self.num_samples} "
+                f"samples, {written.mean():.0%})")
 
     def load(self) -> None:
         """Decode every array into memory (idempotent)."""
@@ -415,15 +490,16 @@ class StoreReader:
         return {name: values[rows] for name, values in self._in_memory.items()}
 
 
-def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> StoreReader:
-    """Open a store read-only; refuses an incomplete one unless ``allow_incomplete``."""
-    where = _describe(path)
-    group = _open_group(where, mode="r")
+def open_store(path: StoreLike, *, allow_incomplete: bool = False) -> StoreReader:
+    """Open a store (folder, URL or .zip) read-only; refuses an incomplete one unless ``allow_incomplete``."""
+    location = parse_location(path)
+    where = location.text
+    group = _open_group(location)
     metadata = _read_metadata(group, where)
-    reader = StoreReader(group, metadata, where)
+    reader = StoreReader(group, metadata, where, location=location)
     if not metadata.complete and not allow_incomplete:
         raise StoreIncompleteError(
-            f"{where} is incomplete ({reader.written_fraction():.0%} of its chunks written); "
-            "finish it with `kdcache dump-teacher --resume` before using it"
+            f"{where} is an unfinished dump ({reader.progress()} written); finish it with "
+            "`kdcache dump-teacher --resume` (same options) before using it"
         )
     return reader
