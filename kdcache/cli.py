@@ -80,7 +80,7 @@ def train(**options: Any) -> None:
 @click.option("--weights", type=click.Path(dir_okay=False), help="Teacher state_dict or checkpoint from `kdcache train`.")
 @click.option("--dataset", default="digits", show_default=True, help="Dataset spec to run the teacher over.")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]), help="Dataset split.")
-@click.option("--out", default="teacher.zarr", show_default=True, help="Store path to create.")
+@click.option("--out", default="teacher.zarr", show_default=True, help="Store to create: a path or an fsspec URL (s3://...).")
 @click.option("--encoding", default="float16", show_default=True,
               help="How logits are stored: float32, float16, int8 (per-row scale/offset) or topk:K "
                    "(the K largest logits plus tail statistics; any --temperature at distill time).")
@@ -116,7 +116,7 @@ def inspect(store: str, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--student", required=True, help="Student model spec (see `kdcache train --help`).")
-@click.option("--cache", help="Teacher logit store written by `kdcache dump-teacher`.")
+@click.option("--cache", help="Teacher logit store written by `kdcache dump-teacher`: a path, URL or .zip.")
 @click.option("--teacher", help="Online baseline only: teacher spec run in the loop instead of --cache.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Online baseline only: the teacher's weights.")
 @click.option("--dataset", help="Dataset spec [default: the one recorded in the store]; checked against its fingerprint.")
@@ -164,6 +164,31 @@ def sweep(temperatures: str, alphas: str, losses: str, seeds: str, **options: An
     ))
     click.echo(format_table(result.rows))
     click.echo(f"{result.runs_done} runs trained, {result.runs_skipped} kept from before -> {result.results_csv}, {result.figure}")
+
+
+@cli.command()
+@click.argument("store")
+def verify(store: str) -> None:
+    """Decode every chunk of STORE (path, URL or .zip); report corrupted or missing chunks, NaN/Inf
+    rows and metadata mismatches as sample ranges; exit 1 if anything is wrong."""
+    from kdcache.verify import verify_store
+
+    report = verify_store(store)
+    for line in report.lines():
+        click.echo(line)
+    report.raise_if_bad()
+
+
+@cli.command()
+@click.argument("store")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+def pack(store: str, out: str, overwrite: bool) -> None:
+    """Pack the complete STORE (path or URL) into the single zip file OUT, readable in place."""
+    from kdcache.pack import pack_store
+
+    result = pack_store(store, out, overwrite=overwrite)
+    click.echo(f"packed {store} into {result.out}: {result.num_objects} objects, {result.nbytes:,} bytes")
 
 
 def main() -> None:

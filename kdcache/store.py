@@ -87,6 +87,23 @@ def _row_ranges(rows: np.ndarray) -> str:
     return ", ".join(parts[:5]) + (f" and {len(parts) - 5} more ranges" if len(parts) > 5 else "")
 
 
+def missing_chunks(array: Any, chunks: np.ndarray) -> np.ndarray:
+    """Those row ``chunks`` of ``array`` whose stored object is absent.
+
+    Zarr reads an absent chunk as fill values, so decoding alone cannot tell: a written chunk
+    that is missing was deleted or lost in a copy.
+    """
+    from zarr.core.sync import sync
+
+    if array.nchunks_initialized >= len(chunks):
+        return np.empty(0, dtype=np.int64)
+    store, prefix = array.store_path.store, array.store_path.path
+    extra = (0,) * (array.ndim - 1)
+    return np.array([c for c in chunks
+                     if not sync(store.exists(f"{prefix}/{array.metadata.encode_chunk_key((int(c), *extra))}"))],
+                    dtype=np.int64)
+
+
 def _read_metadata(group: zarr.Group, where: str) -> StoreMetadata:
     attributes = group.attrs.asdict()
     if ATTRIBUTE_KEY not in attributes:
@@ -414,6 +431,11 @@ class StoreReader:
             self._opened, self._pid = _open_group(self._location), os.getpid()
         return self._opened
 
+    @property
+    def group(self) -> zarr.Group:
+        """The store's read-only Zarr group, for tools that inspect the raw arrays."""
+        return self._group
+
     def written_fraction(self) -> float:
         return float(np.asarray(self._group[WRITTEN_ARRAY][:]).mean())
 
@@ -441,6 +463,14 @@ class StoreReader:
                 out[start:stop] = array[start:stop]
             except (ValueError, RuntimeError):
                 out[start:stop] = self._read_chunkwise(array, start, stop)
+        missing = missing_chunks(array, np.arange(-(-self.num_samples // self.metadata.chunk_rows)))
+        if missing.size:
+            rows = self.metadata.chunk_rows
+            lost = np.concatenate([np.arange(c * rows, min((c + 1) * rows, self.num_samples)) for c in missing])
+            raise StoreCorruptError(
+                f"{self.where}: array {name!r} lacks the chunks for samples {_row_ranges(lost)} (deleted "
+                "or lost in a copy); run `kdcache verify` and dump again"
+            )
         return out
 
     def _read_chunkwise(self, array: Any, start: int, stop: int) -> np.ndarray:
