@@ -87,12 +87,11 @@ def zarr_store(location: StoreLocation, *, read_only: bool) -> Store:
             )
         if not Path(location.target).is_file():
             raise StoreNotFoundError(f"no store at {location}; check the path or run `kdcache pack`")
-        try:
-            return ZipStore(location.target, mode="r")
-        except zipfile.BadZipFile:
+        if not zipfile.is_zipfile(location.target):
             raise StoreFormatError(
                 f"{location} is not a zip file kdcache can read; pass a zip written by `kdcache pack`"
-            ) from None
+            )
+        return ZipStore(location.target, mode="r")
     if location.kind == "local":
         return LocalStore(location.target, read_only=read_only)
     try:

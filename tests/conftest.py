@@ -5,20 +5,37 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS_DIR = Path(__file__).resolve().parent
 
 
-def run_cli(*args: str, cwd: Path | None = None, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m kdcache ARGS`` in a fresh process, as a user would."""
+def cli_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a kdcache subprocess: this checkout first, then tests/ (teachers.py)."""
     environment = {**os.environ, **(env or {})}
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
+    environment["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO_ROOT), str(TESTS_DIR), environment.get("PYTHONPATH")])
+    )
+    return environment
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``python -m kdcache ARGS`` without waiting for it (to kill it midway)."""
+    return subprocess.Popen([sys.executable, "-m", "kdcache", *args], env=cli_environment(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True, env: dict[str, str] | None = None,
+            preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m kdcache ARGS`` in a fresh process, as a user would."""
     result = subprocess.run(
-        [sys.executable, "-m", "kdcache", *args], cwd=cwd, env=environment,
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "kdcache", *args], cwd=cwd, env=cli_environment(env),
+        capture_output=True, text=True, timeout=600, preexec_fn=preexec_fn,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"kdcache {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
@@ -55,3 +72,28 @@ def digits_store(tmp_path_factory: pytest.TempPathFactory, digits_teacher: Path)
     out = tmp_path_factory.mktemp("stores") / "digits.zarr"
     dump_teacher(DumpConfig(teacher="cnn:8", weights=str(digits_teacher), out=str(out), encoding="float32", device="cpu"))
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict[str, str]]:
+    """A real S3-compatible server (moto) on 127.0.0.1; yields the AWS variables that reach it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on the test S3 server, with this process's AWS variables pointing at it."""
+    import s3fs
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    name = f"kdcache-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+    return f"s3://{name}"

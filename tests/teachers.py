@@ -1,0 +1,63 @@
+"""Deterministic teachers for dump tests, named by spec as ``teachers:FUNCTION``.
+
+Each builds kdcache's ``cnn:8`` from a fixed seed, so separate processes compute identical
+logits; the variants misbehave in one controlled way.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+
+from kdcache.models import build_model
+
+
+def _seeded(num_classes: int, in_channels: int) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("cnn:8", num_classes=num_classes, in_channels=in_channels)
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def seeded(*, num_classes: int, in_channels: int) -> nn.Module:
+    """cnn:8 with weights from seed 0."""
+    return _seeded(num_classes, in_channels)
+
+
+class _Slow(_Wrapped):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The pause lets a test kill the dump between chunks at a chosen point.
+        time.sleep(float(os.environ.get("KDCACHE_TEST_BATCH_SLEEP", "0.05")))
+        return self.inner(x)
+
+
+def slow(*, num_classes: int, in_channels: int) -> nn.Module:
+    """``seeded`` that sleeps KDCACHE_TEST_BATCH_SLEEP seconds (default 0.05) per batch."""
+    return _Slow(_seeded(num_classes, in_channels))
+
+
+class _NaNForBright(_Wrapped):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(x)
+        bright = x.flatten(1).mean(dim=1) > float(os.environ["KDCACHE_TEST_BRIGHT"])
+        return torch.where(bright[:, None], torch.full_like(logits, float("nan")), logits)
+
+
+def nan_for_bright(*, num_classes: int, in_channels: int) -> nn.Module:
+    """``seeded`` whose logits are NaN for inputs with mean above KDCACHE_TEST_BRIGHT."""
+    return _NaNForBright(_seeded(num_classes, in_channels))
+
+
+def too_wide(*, num_classes: int, in_channels: int) -> nn.Module:
+    """A teacher with one output more than the dataset has classes."""
+    return _seeded(num_classes + 1, in_channels)
