@@ -99,7 +99,7 @@ def dump_teacher(**options: Any) -> None:
     fidelity = "" if result.fidelity is None else f", KL(T=1) {result.fidelity.kl_at(1.0):.3g}"
     click.echo(
         f"wrote {result.out}: N={result.num_samples} C={result.num_classes} {result.encoding}, "
-        f"{size}{fidelity}, {result.wall_time_s:.1f}s"
+        f"{result.rows_computed} rows computed, {size}{fidelity}, {result.wall_time_s:.1f}s"
     )
 
 

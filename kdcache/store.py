@@ -332,8 +332,10 @@ def _create_locked(
         if resume and not old.complete and not overwrite:
             _check_resumable(old, metadata, where)
             remove_partial_files(location)  # temporary files of a killed writer; we hold the lock
-            return StoreWriter(group, old, where, lock)
-        if not overwrite:
+            if WRITTEN_ARRAY in group:
+                return StoreWriter(group, old, where, lock)
+            # Killed while creating the arrays: nothing was computed yet, so start afresh below.
+        elif not overwrite:
             if old.complete:
                 raise StoreExistsError(
                     f"{where} already holds a complete store; pass --overwrite (overwrite=True) "
@@ -349,8 +351,9 @@ def _create_locked(
         )
 
     num_samples, num_classes, rows = metadata.num_samples, metadata.num_classes, metadata.chunk_rows
-    group = zarr.open_group(store, mode="w", zarr_format=3)
-    group.attrs[ATTRIBUTE_KEY] = metadata.to_dict()
+    # The kdcache record goes into the group's first zarr.json write: a kill right after creation
+    # must leave a store that --resume recognises as its own.
+    group = zarr.open_group(store, mode="w", zarr_format=3, attributes={ATTRIBUTE_KEY: metadata.to_dict()})
     for name, (shape, dtype) in codec.layout(num_classes).items():
         group.create_array(
             name,
@@ -360,14 +363,15 @@ def _create_locked(
             fill_value=0,
             compressors=_compressors(),
         )
-    num_chunks = -(-num_samples // rows)
-    group.create_array(WRITTEN_ARRAY, shape=(num_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
     if label_values is not None:
         labels_array = group.create_array(
             LABELS_ARRAY, shape=(num_samples,), chunks=(max(rows, 1 << 16),), dtype="int64",
             fill_value=-1, compressors=_compressors(),
         )
         labels_array[:] = label_values
+    # Created last: its presence means every other array and the labels are in place.
+    num_chunks = -(-num_samples // rows)
+    group.create_array(WRITTEN_ARRAY, shape=(num_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
     return StoreWriter(group, metadata, where, lock)
 
 
@@ -441,8 +445,11 @@ class StoreReader:
 
     def progress(self) -> str:
         """How far the dump got, e.g. ``1 of 3 chunks (10 of 30 samples, 33%)``."""
-        written = np.asarray(self._group[WRITTEN_ARRAY][:], dtype=bool)
         rows = self.metadata.chunk_rows
+        if WRITTEN_ARRAY in self._group:
+            written = np.asarray(self._group[WRITTEN_ARRAY][:], dtype=bool)
+        else:  # killed while creating the store
+            written = np.zeros(-(-self.num_samples // rows), dtype=bool)
         samples = sum(min(rows, self.num_samples - int(c) * rows) for c in np.flatnonzero(written))
         return (f"{int(written.sum())} of {written.size} chunks ({samples} of {self.num_samples} "
                 f"samples, {written.mean():.0%})")

@@ -102,7 +102,9 @@ def _rows_of(reader: StoreReader, chunks: np.ndarray) -> np.ndarray:
 def _written_chunks(reader: StoreReader, problems: list[str]) -> np.ndarray:
     num_chunks = -(-reader.num_samples // reader.metadata.chunk_rows)
     if WRITTEN_ARRAY not in reader.group:
-        problems.append(f"array {WRITTEN_ARRAY!r} is missing; progress cannot be known")
+        if not reader.metadata.complete:
+            return np.zeros(num_chunks, dtype=bool)  # killed while creating the store
+        problems.append(f"array {WRITTEN_ARRAY!r} is missing; which chunks were written is unknown")
         return np.ones(num_chunks, dtype=bool)
     flags = np.asarray(reader.group[WRITTEN_ARRAY][:], dtype=bool)
     if flags.shape != (num_chunks,):
