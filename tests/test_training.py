@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from kdcache import DistillConfig, TrainConfig
+from conftest import assert_one_line_error, run_cli, start_cli
+from kdcache import DistillConfig, DumpConfig, TrainConfig, open_store
+from kdcache.dump import dump_teacher
 from kdcache.errors import ConfigError, KdcacheError, StoreMismatchError
 from kdcache.store import open_store
 from kdcache.training import distill, train
@@ -117,3 +122,56 @@ def test_every_loss_distills_from_a_topk_store(tmp_path, topk_store, loss):
                                    temperature=2.5, out=str(tmp_path / "run")))
     assert 0 <= result.final_val_acc <= 100
     assert json.loads((tmp_path / "run/config.json").read_text())["resolved"]["store"]["encoding"] == "topk:4"
+
+
+def test_concurrent_distill_runs_read_one_store(tmp_path, digits_store):
+    before = {p: p.read_bytes() for p in digits_store.rglob("*") if p.is_file()}
+    runs = [start_cli("distill", "--student", "mlp:8", "--cache", str(digits_store), "--epochs", "1", "--seed", "5",
+                      "--device", "cpu", "--out", str(tmp_path / f"run{i}")) for i in range(2)]
+    for run in runs:
+        _, stderr = run.communicate(timeout=600)
+        assert run.returncode == 0, stderr
+    first, second = load_state(tmp_path / "run0/last.pt"), load_state(tmp_path / "run1/last.pt")
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert {p: p.read_bytes() for p in digits_store.rglob("*") if p.is_file()} == before
+    assert open_store(digits_store).group.store.read_only
+
+
+def _image_folder(root, seed=0):
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for label in ("ant", "bee"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(3):
+                pixels = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    return f"imagefolder:{root}:8"
+
+
+def test_fingerprint_refusals_say_which_part_differs(tmp_path):
+    spec = _image_folder(tmp_path / "images")
+    dump_teacher(DumpConfig(teacher="cnn:4", dataset=spec, out=str(tmp_path / "s.zarr"), device="cpu"))
+    # Same files and labels, one image's pixels changed.
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "images/train/ant/0.png")
+    config = DistillConfig(student="mlp:8", cache=str(tmp_path / "s.zarr"), epochs=1, out=str(tmp_path / "run"))
+    with pytest.raises(StoreMismatchError, match="inputs differ at the sampled indices") as refused:
+        distill(config)
+    assert "labels differ" not in str(refused.value)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+    dump_teacher(DumpConfig(teacher="cnn:4", dataset="fake:40:8:10", out=str(tmp_path / "f.zarr"), device="cpu"))
+    with pytest.raises(StoreMismatchError, match=r"labels differ \(sha256 .*inputs differ"):
+        distill(DistillConfig(student="mlp:8", cache=str(tmp_path / "f.zarr"), dataset="fake:40:16:10", epochs=1,
+                              out=str(tmp_path / "run")))
+
+
+def test_distill_stops_at_a_corrupted_chunk_naming_its_samples(tmp_path, digits_store):
+    store = tmp_path / "s.zarr"
+    shutil.copytree(digits_store, store)
+    chunk = next(p for p in sorted((store / "logits" / "c").rglob("*")) if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    rows = open_store(store).metadata.chunk_rows
+    result = run_cli("distill", "--student", "mlp:8", "--cache", str(store), "--out", str(tmp_path / "run"), check=False)
+    assert_one_line_error(result, f"corrupted for samples 0-{min(rows, 1437) - 1}", "kdcache verify")
