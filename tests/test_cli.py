@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
+import numpy as np
+import pytest
 import zarr
 
 from conftest import assert_one_line_error, run_cli
+from kdcache import DumpConfig, create_store
+from kdcache.dump import dump_teacher
+from kdcache.metadata import FORMAT_VERSION
 
 
 def test_dump_then_distill_end_to_end(tmp_path, digits_teacher):
@@ -87,3 +94,62 @@ def test_bad_encodings_are_one_line_errors_that_write_nothing(tmp_path):
                                   "--out", str(tmp_path / "b.zarr"), check=False),
                           "topk:10 keeps 10 classes", "K < 10")
     assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
+
+
+def tree_bytes(*roots: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for root in roots for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, digits_store) -> Path:
+    """Things users point kdcache at by mistake, beside the good digits store."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    (root / "empty").mkdir()
+    (root / "a-file").write_text("not a folder")
+    shutil.copytree(digits_store, root / "newer.zarr")
+    group = zarr.open_group(str(root / "newer.zarr"), mode="r+")
+    group.attrs["kdcache"] = {**group.attrs["kdcache"], "format_version": FORMAT_VERSION + 1}
+    writer = create_store(root / "five-classes.zarr", num_samples=1437, num_classes=5, chunk_rows=500)
+    writer.write(np.arange(1437), np.zeros((1437, 5)))
+    writer.finalize()
+    dump_teacher(DumpConfig(teacher="cnn:4", dataset="fake:40:8:10", out=str(root / "fake.zarr"), device="cpu"))
+    return root
+
+
+DISTILL = ("distill", "--student", "mlp:8", "--epochs", "1", "--out", "{tmp}/run")
+BAD_INPUTS = {
+    "missing store": ((*DISTILL, "--cache", "{root}/nope.zarr"), ["no store at", "nope.zarr"]),
+    "folder that is not a store": ((*DISTILL, "--cache", "{root}/empty"), ["not a kdcache store"]),
+    "newer format version": ((*DISTILL, "--cache", "{root}/newer.zarr"), [f"version {FORMAT_VERSION + 1}", "upgrade kdcache"]),
+    "other N": ((*DISTILL, "--cache", "{store}", "--dataset", "fake:50"), ["1437 samples", "has 50"]),
+    "other C": ((*DISTILL, "--cache", "{root}/five-classes.zarr", "--dataset", "digits"), ["5 classes", "has 10"]),
+    "other fingerprint": ((*DISTILL, "--cache", "{root}/fake.zarr", "--dataset", "fake:40:16:10"), ["labels differ"]),
+    "temperature 0": ((*DISTILL, "--cache", "{store}", "--temperature", "0"), ["temperature must be > 0, got 0.0"]),
+    "alpha above 1": ((*DISTILL, "--cache", "{store}", "--alpha", "1.5"), ["alpha must lie in [0, 1], got 1.5"]),
+    "unknown model": (("dump-teacher", "--teacher", "resnet-18", "--out", "{tmp}/t.zarr"), ["'resnet-18'", "Valid: mlp, cnn"]),
+    "unknown dataset": (("dump-teacher", "--teacher", "cnn", "--dataset", "imagenette", "--out", "{tmp}/t.zarr"),
+                        ["'imagenette'", "valid kinds: digits, fake"]),
+    "unknown encoding": (("dump-teacher", "--teacher", "cnn", "--encoding", "int3", "--out", "{tmp}/t.zarr"),
+                         ["'int3'", "valid encodings: float32, float16"]),
+    "weights that do not fit": (("dump-teacher", "--teacher", "cnn:16", "--weights", "{teacher}", "--out", "{tmp}/t.zarr"),
+                                ["do not fit model 'cnn:16'"]),
+    "batch size 0 (distill)": ((*DISTILL, "--cache", "{store}", "--batch-size", "0"), ["batch size must be >= 1, got 0"]),
+    "batch size 0 (dump)": (("dump-teacher", "--teacher", "cnn", "--batch-size", "0", "--out", "{tmp}/t.zarr"),
+                            ["batch size must be >= 1, got 0"]),
+    "unwritable store output": (("dump-teacher", "--teacher", "cnn", "--out", "{root}/a-file/t.zarr"),
+                                ["cannot write a store at", "a-file/t.zarr", "choose a writable path"]),
+    "unwritable run output": (("distill", "--student", "mlp:8", "--cache", "{store}", "--out", "{root}/a-file/run"),
+                              ["cannot write to output folder", "a-file/run"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_each_bad_input_ends_in_one_line_and_damages_nothing(case, tmp_path, bad_inputs, digits_store, digits_teacher):
+    args, fragments = BAD_INPUTS[case]
+    values = {"tmp": tmp_path, "root": bad_inputs, "store": digits_store, "teacher": digits_teacher}
+    before = tree_bytes(bad_inputs, digits_store)
+    result = run_cli(*(arg.format(**values) for arg in args), check=False)
+    assert_one_line_error(result, *fragments)
+    assert result.returncode == 1
+    assert tree_bytes(bad_inputs, digits_store) == before
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "t.zarr").exists()

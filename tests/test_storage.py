@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fsspec.core import url_to_fs
 
+from conftest import run_cli
 from kdcache import create_store, open_store
 from kdcache.errors import ConfigError, StoreFormatError, StoreNotFoundError
 from kdcache.pack import pack_store
 from kdcache.storage import parse_location, partial_files
+from kdcache.verify import verify_store
 
 
 def finished_store(path, num_samples=30, num_classes=4, seed=0):
@@ -82,3 +85,17 @@ def test_s3_store_round_trip_and_zip_of_it(s3_bucket, tmp_path):
     np.testing.assert_array_equal(open_store(packed.out).read(np.arange(20)).numpy(), logits)
     with pytest.raises(StoreNotFoundError, match="no store at"):
         open_store(f"{s3_bucket}/missing.zarr")
+
+
+def test_dump_to_s3_then_distill_from_it_in_forked_workers(s3_server, s3_bucket, tmp_path, digits_teacher):
+    url = f"{s3_bucket}/teacher.zarr"
+    dumped = run_cli("dump-teacher", "--teacher", "cnn:8", "--weights", str(digits_teacher), "--out", url,
+                     "--device", "cpu", "--chunk-rows", "500", env=s3_server)
+    assert "N=1437 C=10" in dumped.stdout and "remote" in dumped.stdout
+    report = verify_store(url)
+    assert report.ok and report.chunks_checked == 3
+    fs, path = url_to_fs(url)
+    assert not fs.exists(path + ".lock")  # the lease went away with the writer
+    distilled = run_cli("distill", "--student", "mlp:8", "--cache", url, "--epochs", "1", "--num-workers", "2",
+                        "--out", str(tmp_path / "run"), env=s3_server)
+    assert "best val_acc" in distilled.stdout
