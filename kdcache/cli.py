@@ -169,8 +169,11 @@ def sweep(temperatures: str, alphas: str, losses: str, seeds: str, **options: An
 @cli.command()
 @click.argument("store")
 def verify(store: str) -> None:
-    """Decode every chunk of STORE (path, URL or .zip); report corrupted or missing chunks, NaN/Inf
-    rows and metadata mismatches as sample ranges; exit 1 if anything is wrong."""
+    """Check every chunk and the metadata of STORE; exit 1 if anything is wrong.
+
+    STORE is a path, URL or .zip. Corrupted or missing chunks and NaN/Inf rows are reported as
+    sample-index ranges, with any metadata/array mismatch and how far an unfinished dump got.
+    """
     from kdcache.verify import verify_store
 
     report = verify_store(store)
@@ -184,7 +187,11 @@ def verify(store: str) -> None:
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
 def pack(store: str, out: str, overwrite: bool) -> None:
-    """Pack the complete STORE (path or URL) into the single zip file OUT, readable in place."""
+    """Pack a complete STORE (path or URL) into one zip file OUT.
+
+    distill, verify and the Python API read the zip in place; it is written under a temporary name
+    and renamed only once complete.
+    """
     from kdcache.pack import pack_store
 
     result = pack_store(store, out, overwrite=overwrite)
