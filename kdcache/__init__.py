@@ -14,10 +14,12 @@ from kdcache.errors import KdcacheError
 from kdcache.inspect import StoreReport, inspect_store
 from kdcache.losses import AttentionLogitsLoss, FocalDistillationLoss, LogitsDistillationLoss
 from kdcache.metadata import StoreMetadata
+from kdcache.pack import PackResult, pack_store
 from kdcache.sparse import SparseLogits
 from kdcache.store import StoreReader, StoreWriter, create_store, open_store
 from kdcache.sweep import SweepConfig, SweepResult, run_sweep
 from kdcache.training import RunResult, distill, train
+from kdcache.verify import VerifyReport, verify_store
 
 __all__ = [
     "AttentionLogitsLoss",
@@ -27,6 +29,7 @@ __all__ = [
     "FocalDistillationLoss",
     "KdcacheError",
     "LogitsDistillationLoss",
+    "PackResult",
     "RunResult",
     "SparseLogits",
     "StoreMetadata",
@@ -36,12 +39,15 @@ __all__ = [
     "SweepConfig",
     "SweepResult",
     "TrainConfig",
+    "VerifyReport",
     "__version__",
     "create_store",
     "distill",
     "dump_teacher",
     "inspect_store",
     "open_store",
+    "pack_store",
     "run_sweep",
     "train",
+    "verify_store",
 ]

@@ -36,13 +36,17 @@ def seeded(*, num_classes: int, in_channels: int) -> nn.Module:
 
 class _Slow(_Wrapped):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The pause lets a test kill the dump between chunks at a chosen point.
+        # The pause and the gate let a test stop the dump at a chosen point, then kill it.
         time.sleep(float(os.environ.get("KDCACHE_TEST_BATCH_SLEEP", "0.05")))
+        gate = os.environ.get("KDCACHE_TEST_GATE")
+        while gate and os.path.exists(gate):
+            time.sleep(0.01)
         return self.inner(x)
 
 
 def slow(*, num_classes: int, in_channels: int) -> nn.Module:
-    """``seeded`` that sleeps KDCACHE_TEST_BATCH_SLEEP seconds (default 0.05) per batch."""
+    """``seeded`` that sleeps KDCACHE_TEST_BATCH_SLEEP seconds (default 0.05) per batch, and waits
+    before each batch while the file named by KDCACHE_TEST_GATE exists."""
     return _Slow(_seeded(num_classes, in_channels))
 
 

@@ -55,32 +55,30 @@ def reference_store(tmp_path_factory) -> Path:
     return out
 
 
-def kill_when(process: subprocess.Popen, condition, timeout: float = 120) -> None:
+def wait_for(process: subprocess.Popen, condition, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert process.poll() is None, f"dump ended before the kill point:\n{process.communicate()[1]}"
         assert time.monotonic() < deadline, "kill point never reached"
         time.sleep(0.002)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
 
 
 @pytest.mark.parametrize("kill_after_chunks", [0, 1, 6])
 def test_a_sigkilled_dump_reports_incomplete_and_resumes_bit_identical(tmp_path, reference_store, kill_after_chunks):
-    out = tmp_path / "t.zarr"
-    # Pauses between batches (longer when a second writer must find the first still running).
-    env = {"KDCACHE_TEST_BATCH_SLEEP": "0.5" if kill_after_chunks == 1 else "0.05"}
-    process = start_cli(*DUMP, "--teacher", "teachers:slow", "--out", str(out), env=env)
+    out, gate = tmp_path / "t.zarr", tmp_path / "gate"
     if kill_after_chunks == 0:
-        kill_when(process, lambda: (out / "zarr.json").exists())  # during or right after creation
+        gate.touch()  # the teacher waits before its first batch: kill during or right after creation
+    process = start_cli(*DUMP, "--teacher", "teachers:slow", "--out", str(out), env={"KDCACHE_TEST_GATE": str(gate)})
+    if kill_after_chunks == 0:
+        wait_for(process, lambda: (out / "zarr.json").exists())
     else:
-        deadline = time.monotonic() + 120
-        while written_flags(out) < kill_after_chunks and time.monotonic() < deadline:
-            time.sleep(0.002)
-        if kill_after_chunks == 1:
-            second = run_cli(*DUMP, "--teacher", "teachers:slow", "--out", str(out), "--resume", check=False)
-            assert_one_line_error(second, "being written by another writer", f"pid {process.pid} ")
-        kill_when(process, lambda: True)
+        wait_for(process, lambda: written_flags(out) >= kill_after_chunks)
+        gate.touch()  # hold the dump (at most a batch later) so it cannot finish before the kill
+    if kill_after_chunks == 1:
+        second = run_cli(*DUMP, "--teacher", "teachers:slow", "--out", str(out), "--resume", check=False)
+        assert_one_line_error(second, "being written by another writer", f"pid {process.pid} ")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
     assert process.returncode == -signal.SIGKILL
 
     done = written_flags(out)
