@@ -51,8 +51,15 @@ def assert_same_store(store: Path, reference: Path) -> None:
 def reference_store(tmp_path_factory) -> Path:
     """The same dump, never interrupted."""
     out = tmp_path_factory.mktemp("reference") / "t.zarr"
-    run_cli(*DUMP, "--teacher", "teachers:slow", "--out", str(out), env={"KDCACHE_TEST_BATCH_SLEEP": "0"})
+    dump_teacher(dump_config(out))
     return out
+
+
+def dump_config(out: Path, **changes) -> DumpConfig:
+    """The Python equivalent of DUMP with the seeded teacher (same logits as teachers:slow)."""
+    options = dict(teacher="teachers:slow", dataset=DATASET, chunk_rows=20, batch_size=15, encoding="float32",
+                   device="cpu", out=str(out))
+    return DumpConfig(**{**options, **changes})
 
 
 def wait_for(process: subprocess.Popen, condition, timeout: float = 120) -> None:
@@ -91,8 +98,8 @@ def test_a_sigkilled_dump_reports_incomplete_and_resumes_bit_identical(tmp_path,
         assert_one_line_error(refused, "unfinished dump", "--resume")
         assert not (tmp_path / "run" / "last.pt").exists()
 
-    resumed = run_cli(*DUMP, "--teacher", "teachers:slow", "--out", str(out), "--resume", env={"KDCACHE_TEST_BATCH_SLEEP": "0"})
-    assert f"{200 - 20 * done} rows computed" in resumed.stdout
+    resumed = dump_teacher(dump_config(out, resume=True))
+    assert resumed.rows_computed == 200 - 20 * done
     assert_same_store(out, reference_store)
 
 
@@ -126,7 +133,7 @@ def test_a_full_disk_stops_the_dump_in_one_line_and_resume_completes_it(tmp_path
             assert_one_line_error(full, "No space left on device", "--resume")
             assert 0 < written_flags(out) < NUM_CHUNKS  # it stopped midway
             subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
-            run_cli(*dump, "--resume")
+            dump_teacher(dump_config(out, teacher="teachers:seeded", resume=True))
             np.testing.assert_array_equal(store_contents(out)["logits"], store_contents(reference_store)["logits"])
         finally:
             subprocess.run(["umount", str(disk)], check=True)
@@ -138,7 +145,7 @@ def test_a_full_disk_stops_the_dump_in_one_line_and_resume_completes_it(tmp_path
     assert_one_line_error(full, "File too large", "--resume")
     with pytest.raises(StoreIncompleteError, match="0 of 2 chunks"):
         open_store(out)
-    run_cli(*dump, "--resume")
+    dump_teacher(dump_config(out, teacher="teachers:seeded", chunk_rows=100, resume=True))
     np.testing.assert_array_equal(store_contents(out)["logits"], store_contents(reference_store)["logits"])
 
 

@@ -7,7 +7,7 @@ import pytest
 from fsspec.core import url_to_fs
 
 from conftest import run_cli
-from kdcache import create_store, open_store
+from kdcache import DumpConfig, create_store, dump_teacher, open_store
 from kdcache.errors import ConfigError, StoreFormatError, StoreNotFoundError
 from kdcache.pack import pack_store
 from kdcache.storage import parse_location, partial_files
@@ -89,9 +89,8 @@ def test_s3_store_round_trip_and_zip_of_it(s3_bucket, tmp_path):
 
 def test_dump_to_s3_then_distill_from_it_in_forked_workers(s3_server, s3_bucket, tmp_path, digits_teacher):
     url = f"{s3_bucket}/teacher.zarr"
-    dumped = run_cli("dump-teacher", "--teacher", "cnn:8", "--weights", str(digits_teacher), "--out", url,
-                     "--device", "cpu", "--chunk-rows", "500", env=s3_server)
-    assert "N=1437 C=10" in dumped.stdout and "remote" in dumped.stdout
+    dumped = dump_teacher(DumpConfig(teacher="cnn:8", weights=str(digits_teacher), out=url, device="cpu", chunk_rows=500))
+    assert dumped.num_samples == 1437 and dumped.bytes_on_disk is None
     report = verify_store(url)
     assert report.ok and report.chunks_checked == 3
     fs, path = url_to_fs(url)

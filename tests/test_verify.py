@@ -84,7 +84,6 @@ def test_an_unfinished_store_fails_verification_with_its_progress(tmp_path):
 
 
 def test_verify_command_exits_non_zero_on_damage(store):
-    assert run_cli("verify", str(store)).stdout.splitlines()[-1] == "OK"
     flip_byte(store / "logits/c/0/0")
     result = run_cli("verify", str(store), check=False)
     assert "problem: array 'logits': chunks fail their checksum or do not decode for samples 0-9" in result.stdout
