@@ -123,13 +123,12 @@ BAD_INPUTS = {
     "other N": ((*DISTILL, "--cache", "{store}", "--dataset", "fake:50"), ["1437 samples", "has 50"]),
     "other C": ((*DISTILL, "--cache", "{root}/five-classes.zarr", "--dataset", "digits"), ["5 classes", "has 10"]),
     "other fingerprint": ((*DISTILL, "--cache", "{root}/fake.zarr", "--dataset", "fake:40:16:10"), ["labels differ"]),
-    # A missing store and temperature <= 0 are covered by test_user_errors_are_one_line above.
+    # A missing store and temperature <= 0 are covered by test_user_errors_are_one_line above,
+    # an unknown encoding by test_bad_encodings_are_one_line_errors_that_write_nothing.
     "alpha above 1": ((*DISTILL, "--cache", "{store}", "--alpha", "1.5"), ["alpha must lie in [0, 1], got 1.5"]),
     "unknown model": (("dump-teacher", "--teacher", "resnet-18", "--out", "{tmp}/t.zarr"), ["'resnet-18'", "Valid: mlp, cnn"]),
     "unknown dataset": (("dump-teacher", "--teacher", "cnn", "--dataset", "imagenette", "--out", "{tmp}/t.zarr"),
                         ["'imagenette'", "valid kinds: digits, fake"]),
-    "unknown encoding": (("dump-teacher", "--teacher", "cnn", "--encoding", "int3", "--out", "{tmp}/t.zarr"),
-                         ["'int3'", "valid encodings: float32, float16"]),
     "weights that do not fit": (("dump-teacher", "--teacher", "cnn:16", "--weights", "{teacher}", "--out", "{tmp}/t.zarr"),
                                 ["do not fit model 'cnn:16'"]),
     "batch size 0": ((*DISTILL, "--cache", "{store}", "--batch-size", "0"), ["batch size must be >= 1, got 0"]),

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import assert_one_line_error, run_cli, start_cli
-from kdcache import DistillConfig, DumpConfig, TrainConfig, open_store
+from kdcache import DistillConfig, DumpConfig, TrainConfig
 from kdcache.dump import dump_teacher
 from kdcache.errors import ConfigError, KdcacheError, StoreMismatchError
 from kdcache.store import open_store
