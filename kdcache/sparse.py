@@ -116,7 +116,12 @@ def tail_statistics(logits: Tensor, kept: Tensor) -> Tensor:
     top = masked.max(dim=1).values
     shifted = masked - top[:, None]
     mean = (logits.sum(dim=1) - logits.gather(1, kept).sum(dim=1)) / num_tail
-    knots = [top + t * torch.log(torch.exp(shifted / t).sum(dim=1) / num_tail) for t in KNOT_TEMPERATURES]
+    # One exp at the largest knot temperature, then squaring for each halving of T
+    # (exp(x / (T/2)) = exp(x / T)^2): an exp per element costs several times a multiply.
+    powers = {KNOT_TEMPERATURES[-1]: torch.exp(shifted / KNOT_TEMPERATURES[-1])}
+    for high, low in zip(KNOT_TEMPERATURES[:0:-1], KNOT_TEMPERATURES[-2::-1]):
+        powers[low] = powers[high] ** 2 if high == 2 * low else torch.exp(shifted / low)
+    knots = [top + t * torch.log(powers[t].sum(dim=1) / num_tail) for t in KNOT_TEMPERATURES]
     return torch.stack([top, mean, *knots], dim=1)
 
 
