@@ -11,6 +11,7 @@ writer accumulates it over every row it writes, and the dump records it in the s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from kdcache.encodings import Encoding
 from kdcache.errors import ConfigError
+from kdcache.sparse import SparseLogits
 
 #: Temperatures at which the fidelity is measured and recorded.
 FIDELITY_TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
@@ -34,6 +36,23 @@ def kl_divergence(true_logits: Tensor, approx_logits: Tensor, temperature: float
     log_p = torch.log_softmax(true_logits.double() / temperature, dim=1)  # no copy when float64
     log_q = torch.log_softmax(approx_logits.double() / temperature, dim=1)
     return torch.where(log_p > -torch.inf, log_p.exp() * (log_p - log_q), 0.0).sum(dim=1)
+
+
+def sparse_kl_divergence(true_logits: Tensor, sparse: SparseLogits, temperature: float) -> Tensor:
+    """As :func:`kl_divergence` against ``sparse.dense(temperature)``, without building it.
+
+    With p the true softmax, KL = sum_c p_c log p_c - sum_{stored} p_i log p_hat_i
+    - (1 - sum_{stored} p_i) * log(tail mass / n), every tail class having p_hat = mass / n.
+    """
+    log_p = torch.log_softmax(true_logits.double() / temperature, dim=1)
+    p = log_p.exp()
+    top_log, tail_log = sparse.to(log_p.device, torch.float64).log_probs(temperature)
+    stored = p.gather(1, sparse.indices)
+    cross = (stored * top_log).sum(dim=1)
+    if sparse.num_tail:
+        tail_mass = (1 - stored.sum(dim=1)).clamp_min(0.0)
+        cross = cross + torch.where(tail_mass > 0, tail_mass * (tail_log - math.log(sparse.num_tail)), 0.0)
+    return torch.special.xlogy(p, p).sum(dim=1) - cross
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,7 +107,13 @@ class FidelityAccumulator:
         if len(logits) == 0:
             return
         true = torch.from_numpy(np.ascontiguousarray(logits)).double()
+        sparse = self.encoding.sparse(encoded) if self.encoding.is_sparse else None
+        if sparse is not None:
+            self._agreeing += int((true.argmax(dim=1) == sparse.indices[:, 0]).sum())
         for position, temperature in enumerate(self.temperatures):
+            if sparse is not None:
+                self._kl_sums[position] += sparse_kl_divergence(true, sparse, temperature).sum().item()
+                continue
             approx = torch.from_numpy(self.encoding.decode(encoded, temperature=temperature))
             self._kl_sums[position] += kl_divergence(true, approx, temperature).sum().item()
             if position == 0:  # the arg-max of a reconstruction does not depend on T

@@ -8,7 +8,7 @@ import torch
 
 from kdcache.encodings import parse_encoding
 from kdcache.errors import ConfigError
-from kdcache.fidelity import Fidelity, FidelityAccumulator, kl_divergence, measure_fidelity
+from kdcache.fidelity import Fidelity, FidelityAccumulator, kl_divergence, measure_fidelity, sparse_kl_divergence
 
 
 def logits(rows: int = 200, classes: int = 50, seed: int = 0) -> np.ndarray:
@@ -52,3 +52,13 @@ def test_accumulator_counts_only_sampled_and_kept_rows():
 def test_measure_fidelity_refuses_an_empty_block():
     with pytest.raises(ConfigError, match=r"\(0, 4\)"):
         measure_fidelity(np.zeros((0, 4), dtype=np.float32), parse_encoding("float16"))
+
+
+def test_sparse_kl_equals_the_kl_to_the_dense_reconstruction():
+    block = logits(32, 40)
+    encoding = parse_encoding("topk:6", num_classes=40)
+    sparse = encoding.sparse(encoding.encode(block))
+    true = torch.from_numpy(block)
+    for temperature in (0.5, 1.0, 3.0, 8.0):
+        torch.testing.assert_close(sparse_kl_divergence(true, sparse, temperature),
+                                   kl_divergence(true, sparse.dense(temperature), temperature), atol=1e-6, rtol=1e-5)
