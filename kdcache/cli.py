@@ -126,6 +126,7 @@ def inspect(store: str, as_json: bool) -> None:
 @click.option("--alpha", default=0.7, show_default=True, type=float, help="Weight of the soft loss, in [0, 1].")
 @click.option("--gamma", default=2.0, show_default=True, type=float, help="Focal exponent (--loss focal).")
 @click.option("--top-k", default=5, show_default=True, type=int, help="Teacher classes kept (--loss attention).")
+@click.option("--cache-memory", help="RAM for decoded logits, e.g. 8GiB; a larger store streams chunk by chunk [default: half the available memory].")
 @loop_options
 def distill(**options: Any) -> None:
     """Distill a student from cached teacher logits (or, as a baseline, from a live teacher)."""

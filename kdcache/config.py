@@ -12,6 +12,7 @@ from typing import Any
 from kdcache.encodings import parse_encoding
 from kdcache.errors import ConfigError
 from kdcache.datasets import SPLITS
+from kdcache.feed import parse_size
 from kdcache.losses import LOSS_NAMES
 
 
@@ -73,7 +74,9 @@ class TrainConfig(LoopConfig):
 class DistillConfig(LoopConfig):
     """Distillation of ``student`` from a cached store, or from a live teacher when ``cache`` is None.
 
-    With a cache, ``dataset`` and ``split`` default to those recorded in the store.
+    With a cache, ``dataset`` and ``split`` default to those recorded in the store, and
+    ``cache_memory`` (bytes or e.g. ``"8GiB"``; default half the available memory) bounds the
+    decoded logits held in RAM (see :mod:`kdcache.feed`).
     """
 
     student: str
@@ -87,10 +90,13 @@ class DistillConfig(LoopConfig):
     alpha: float = 0.7
     gamma: float = 2.0
     top_k: int = 5
+    cache_memory: int | str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_split(self.split)
+        if self.cache_memory is not None:
+            parse_size(self.cache_memory)  # raises ConfigError for an unreadable size
         _require(self.loss in LOSS_NAMES, f"unknown loss {self.loss!r}; valid losses: {', '.join(LOSS_NAMES)}")
         _require(
             math.isfinite(self.temperature) and self.temperature > 0,
@@ -104,6 +110,7 @@ class DistillConfig(LoopConfig):
                 self.teacher is not None and self.dataset is not None,
                 "distill needs --cache STORE, or --teacher SPEC and --dataset SPEC for online distillation",
             )
+            _require(self.cache_memory is None, "--cache-memory only applies with --cache STORE; drop it for online distillation")
         else:
             _require(
                 self.teacher is None and self.weights is None,

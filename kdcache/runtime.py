@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdcache.errors import ConfigError, KdcacheError
 
@@ -47,12 +47,18 @@ def make_loader(
     device: torch.device,
     shuffle: bool,
     seed: int = 0,
+    sampler: Sampler[int] | None = None,
 ) -> DataLoader:
-    """A loader over ``(input, label, index)`` batches, seeded so runs repeat exactly."""
+    """A loader over ``(input, label, index)`` batches, seeded so runs repeat exactly.
+
+    A ``sampler`` (e.g. a chunked logit feed's order) replaces the seeded shuffle.
+    """
+    shuffle = shuffle and sampler is None
     return DataLoader(
         IndexedDataset(dataset),
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         generator=torch.Generator().manual_seed(seed) if shuffle else None,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",

@@ -34,6 +34,7 @@ from kdcache.errors import (
     StoreNotFoundError,
     StoreWriteError,
 )
+from kdcache.feed import LOAD_BLOCK_CHUNKS, LogitFeed, parse_size
 from kdcache.fidelity import SAMPLE_EVERY as FIDELITY_SAMPLE_EVERY
 from kdcache.fidelity import FidelityAccumulator
 from kdcache.locking import WriterLock, acquire_writer_lock
@@ -57,8 +58,6 @@ LABELS_ARRAY = "labels"
 #: Rows per chunk aim at about this many stored bytes: big enough that per-chunk overhead is
 #: negligible, small enough that an interrupted dump loses little and chunks decode quickly.
 TARGET_CHUNK_BYTES = 1 << 20
-#: Chunks decoded per read request when loading a whole store into memory.
-LOAD_BLOCK_CHUNKS = 64
 
 
 def _compressors() -> list[Any]:
@@ -402,17 +401,22 @@ def _check_resumable(old: StoreMetadata, new: StoreMetadata, where: str) -> None
 
 
 class StoreReader:
-    """Read-only access to a store; :meth:`read` gathers rows from an in-memory copy."""
+    """Read-only access to a store; :meth:`read` gathers rows through its :class:`LogitFeed`."""
 
-    def __init__(self, group: zarr.Group, metadata: StoreMetadata, where: str, *, location: StoreLocation | None = None) -> None:
-        self._opened = group
+    def __init__(self, group: zarr.Group, metadata: StoreMetadata, where: str, *, location: StoreLocation | None = None,
+                 memory_budget: int | str | None = None) -> None:
+        self._opened: zarr.Group | None = group
         self._location = location
-        self._pid = os.getpid()
+        self._pid: int | None = os.getpid()
         self.where = where
         self.metadata = metadata
         self.encoding = parse_encoding(metadata.encoding, num_classes=metadata.num_classes)
-        self._layout = self.encoding.layout(metadata.num_classes)
-        self._in_memory: dict[str, np.ndarray] | None = None
+        self._memory_budget = None if memory_budget is None else parse_size(memory_budget)
+        self._feed: LogitFeed | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Zarr handles are reopened where the reader lands; the feed travels without its table.
+        return {**self.__dict__, "_opened": None, "_pid": None}
 
     @property
     def num_samples(self) -> int:
@@ -433,7 +437,15 @@ class StoreReader:
         # fsspec clients and zip handles break when shared across fork: reopen per process.
         if self._location is not None and os.getpid() != self._pid:
             self._opened, self._pid = _open_group(self._location), os.getpid()
+        assert self._opened is not None, "a StoreReader without a location cannot be pickled"
         return self._opened
+
+    @property
+    def feed(self) -> LogitFeed:
+        """The in-memory or chunked logit feed behind :meth:`read`, built on first use."""
+        if self._feed is None:
+            self._feed = LogitFeed(self, memory_budget=self._memory_budget)
+        return self._feed
 
     @property
     def group(self) -> zarr.Group:
@@ -455,21 +467,20 @@ class StoreReader:
                 f"samples, {written.mean():.0%})")
 
     def load(self) -> None:
-        """Decode every array into memory (idempotent)."""
-        if self._in_memory is not None:
-            return
-        self._in_memory = {name: self._read_array(name) for name in self._layout}
+        """Decode the whole store into memory now when it fits the memory budget (idempotent)."""
+        self.feed.load()
 
-    def _read_array(self, name: str) -> np.ndarray:
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the stored array ``name``, naming the samples of a corrupted chunk."""
         array = self._group[name]
-        out = np.empty(array.shape, dtype=array.dtype)
-        block_rows = self.metadata.chunk_rows * LOAD_BLOCK_CHUNKS
-        for start in range(0, self.num_samples, block_rows):
-            stop = min(start + block_rows, self.num_samples)
-            try:
-                out[start:stop] = array[start:stop]
-            except (ValueError, RuntimeError):
-                out[start:stop] = self._read_chunkwise(array, start, stop)
+        try:
+            return array[start:stop]
+        except (ValueError, RuntimeError):
+            return self._read_chunkwise(array, start, stop)
+
+    def check_chunks_present(self, name: str) -> None:
+        """Refuse an array whose written chunks were deleted (zarr would read them as fill values)."""
+        array = self._group[name]
         missing = missing_chunks(array, np.arange(-(-self.num_samples // self.metadata.chunk_rows)))
         if missing.size:
             rows = self.metadata.chunk_rows
@@ -478,7 +489,6 @@ class StoreReader:
                 f"{self.where}: array {name!r} lacks the chunks for samples {_row_ranges(lost)} (deleted "
                 "or lost in a copy); run `kdcache verify` and dump again"
             )
-        return out
 
     def _read_chunkwise(self, array: Any, start: int, stop: int) -> np.ndarray:
         """Reread a failed block chunk by chunk to name the corrupted sample range."""
@@ -515,25 +525,20 @@ class StoreReader:
         return sparse
 
     def _gather(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
-        self.load()
-        assert self._in_memory is not None
-        if isinstance(indices, torch.Tensor):
-            indices = indices.cpu().numpy()
-        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.num_samples):
-            raise ConfigError(
-                f"sample indices must lie in [0, {self.num_samples}), got {rows.min()} to {rows.max()}"
-            )
-        return {name: values[rows] for name, values in self._in_memory.items()}
+        return self.feed.gather(indices)
 
 
-def open_store(path: StoreLike, *, allow_incomplete: bool = False) -> StoreReader:
-    """Open a store (folder, URL or .zip) read-only; refuses an incomplete one unless ``allow_incomplete``."""
+def open_store(path: StoreLike, *, allow_incomplete: bool = False, memory_budget: int | str | None = None) -> StoreReader:
+    """Open a store (folder, URL or .zip) read-only; refuses an incomplete one unless ``allow_incomplete``.
+
+    ``memory_budget`` (bytes or a size such as ``"8GiB"``; default half the available memory)
+    bounds the decoded logits :meth:`StoreReader.read` keeps in RAM, see :mod:`kdcache.feed`.
+    """
     location = parse_location(path)
     where = location.text
     group = _open_group(location)
     metadata = _read_metadata(group, where)
-    reader = StoreReader(group, metadata, where, location=location)
+    reader = StoreReader(group, metadata, where, location=location, memory_budget=memory_budget)
     if not metadata.complete and not allow_incomplete:
         raise StoreIncompleteError(
             f"{where} is an unfinished dump ({reader.progress()} written); finish it with "

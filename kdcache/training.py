@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from kdcache import __version__
@@ -87,15 +88,19 @@ def fit(
     batch_loss: BatchLoss,
     out: Path,
     device: torch.device,
+    sampler: Sampler[int] | None = None,
 ) -> RunResult:
-    """The training loop shared by :func:`train` and :func:`distill`."""
+    """The training loop shared by :func:`train` and :func:`distill`.
+
+    ``sampler`` replaces the seeded shuffle, e.g. with a chunked logit feed's order.
+    """
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     model = build_model(model_spec, num_classes=train_set.num_classes, in_channels=train_set.in_channels).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     loader = make_loader(
         train_set, batch_size=config.batch_size, num_workers=config.num_workers,
-        device=device, shuffle=True, seed=config.seed,
+        device=device, shuffle=True, seed=config.seed, sampler=sampler,
     )
     best_acc, best_epoch, val_acc = -1.0, 0, 0.0
     metrics_path = out / "metrics.jsonl"
@@ -199,18 +204,24 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
                          gamma=config.gamma, top_k=config.top_k)
     resolved: dict = {"command": "distill", "device": str(device), "kdcache_version": __version__}
     if config.cache is not None:
-        reader = reader if reader is not None else open_store(config.cache)
+        reader = reader if reader is not None else open_store(config.cache, memory_budget=config.cache_memory)
         train_set = _cached_dataset(config, reader)
-        reader.load()
-        resolved.update(dataset=train_set.spec, split=train_set.split, store=reader.metadata.to_dict())
+        feed = reader.feed
+        feed.load()
+        # In memory any order is fast, so keep the seeded shuffle (the online run's order too);
+        # a chunked feed must dictate the order for each chunk to be decoded once per epoch.
+        sampler = feed.sampler(seed=config.seed) if feed.mode == "chunked" else None
+        resolved.update(dataset=train_set.spec, split=train_set.split, store=reader.metadata.to_dict(),
+                        feed={"mode": feed.mode, "memory_budget": feed.memory_budget})
 
         def teacher_logits(inputs: torch.Tensor, indices: torch.Tensor) -> TeacherLogits:
             if reader.encoding.is_sparse:
                 # A topk:K store stays sparse: no dense (B, C) teacher tensor on the host.
                 return reader.read_sparse(indices).to(device)
-            return reader.read(indices, temperature=config.temperature).to(device, non_blocking=True)
+            return feed.to_device(indices, device, temperature=config.temperature)
     else:
         assert config.teacher is not None and config.dataset is not None
+        sampler = None
         train_set = build_dataset(config.dataset, split=config.split or "train")
         teacher = build_model(config.teacher, num_classes=train_set.num_classes, in_channels=train_set.in_channels)
         if config.weights is not None:
@@ -231,7 +242,7 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
         return total_loss(loss_fn(logits, teacher_logits(inputs, indices), labels))
 
     result = fit(model_spec=config.student, train_set=train_set, val_set=val_set, config=config,
-                 batch_loss=kd_loss, out=out, device=device)
+                 batch_loss=kd_loss, out=out, device=device, sampler=sampler)
     _plot_final_distributions(out, config=config, dataset=train_set, reader=reader, teacher_logits=teacher_logits,
                               device=device)
     return result
