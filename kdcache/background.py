@@ -79,7 +79,7 @@ class BackgroundWriter:
             self._thread.start()
             self._started = True
         if isinstance(indices, torch.Tensor):
-            indices = indices.cpu()
+            indices = indices.cpu().numpy()
         rows = np.array(indices, dtype=np.int64).reshape(-1)  # a copy: the caller may reuse its buffer
         ready = None
         if isinstance(logits, torch.Tensor):

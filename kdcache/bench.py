@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from kdcache.config import DistillConfig, DumpConfig, TrainConfig
 from kdcache.datasets import build_dataset
 from kdcache.dump import dump_teacher
-from kdcache.errors import ConfigError
+from kdcache.errors import ConfigError, KdcacheError
 from kdcache.models import build_model
 from kdcache.runtime import make_loader, resolve_device
 from kdcache.store import create_store, open_store
@@ -95,7 +95,8 @@ def _in_fresh_process(function: Callable[..., dict[str, Any]], *args: Any) -> di
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-c", code, json.dumps(args)], env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"benchmark child process failed:\n{result.stderr}")
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise KdcacheError(f"the benchmark's child process failed: {last}")
     return json.loads(result.stdout.splitlines()[-1])
 
 
@@ -104,7 +105,8 @@ def bench_feed(*, num_samples: int = 1_000_000, num_classes: int = 1000, batch_s
                path: str | None = None, seed: int = 0, threads: int | None = None) -> dict[str, Any]:
     """Write a store of random logits, then time random-order batches in both feed modes.
 
-    The chunked mode gets ``chunked_memory`` bytes (default a quarter of the store); each mode
+    The chunked mode gets ``chunked_memory`` bytes (default a quarter of the store, at least two
+    chunks); each mode
     runs in its own spawned process, reporting open time, samples/s and peak RSS. The store's
     writing time gives the synchronous writer's throughput.
     """
@@ -126,7 +128,8 @@ def bench_feed(*, num_samples: int = 1_000_000, num_classes: int = 1000, batch_s
         writer.finalize()
         write_s = time.perf_counter() - started
         store_nbytes = writer.encoding.row_nbytes(num_classes) * num_samples
-        budgets = {"memory": store_nbytes + 1, "chunked": chunked_memory or max(1, store_nbytes // 4)}
+        chunk_nbytes = writer.encoding.row_nbytes(num_classes) * writer.metadata.chunk_rows
+        budgets = {"memory": store_nbytes + 1, "chunked": chunked_memory or max(store_nbytes // 4, 2 * chunk_nbytes)}
         modes = {mode: _in_fresh_process(_feed_trial, store_path, mode, budget, batch_size, max_batches, seed, threads)
                  for mode, budget in budgets.items()}
     return {

@@ -147,3 +147,27 @@ def test_each_bad_input_ends_in_one_line_and_damages_nothing(case, tmp_path, bad
     assert result.returncode == 1
     assert tree_bytes(bad_inputs, digits_store) == before
     assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "t.zarr").exists()
+
+
+def test_distill_with_a_cache_memory_budget(tmp_path, digits_store):
+    # 15 chunks of 100 rows x 10 float32 logits (4,000 bytes each): 16KiB holds four of them.
+    writer = create_store(tmp_path / "t.zarr", num_samples=1437, num_classes=10, encoding="float32", chunk_rows=100,
+                          dataset={"spec": "digits", "split": "train"})
+    writer.write(np.arange(1437), np.random.default_rng(0).normal(size=(1437, 10)))
+    writer.finalize()
+    run_cli("distill", "--student", "mlp:8", "--cache", str(tmp_path / "t.zarr"), "--epochs", "1",
+            "--num-workers", "2", "--cache-memory", "16KiB", "--out", str(tmp_path / "kd"))
+    resolved = json.loads((tmp_path / "kd/config.json").read_text())["resolved"]
+    assert resolved["feed"] == {"mode": "chunked", "memory_budget": 16384}
+    assert_one_line_error(run_cli("distill", "--student", "mlp", "--cache", str(digits_store), "--cache-memory",
+                                  "1KB", "--out", str(tmp_path / "r"), check=False), "at least", "--cache-memory")
+    assert_one_line_error(run_cli("distill", "--student", "mlp", "--cache", str(digits_store), "--cache-memory",
+                                  "lots", "--out", str(tmp_path / "r"), check=False), "'lots'", "8GiB")
+
+
+def test_bench_json_output_parses(tmp_path):
+    feed = json.loads(run_cli("bench", "feed", "--num-samples", "3000", "--max-batches", "4",
+                              "--json").stdout)
+    assert set(feed["modes"]) == {"memory", "chunked"}
+    assert feed["modes"]["chunked"]["table_bytes"] <= feed["modes"]["chunked"]["memory_budget_bytes"]
+    assert all(mode["batches"] == 4 and mode["samples_per_s"] > 0 for mode in feed["modes"].values())
