@@ -162,6 +162,8 @@ def bench_dump(*, teacher: str = "resnet50", dataset: str = "fake:2048:32:1000",
     """``dump_teacher`` against the bare teacher forward over the same loader, interleaved.
 
     The bare loop also moves the logits to the host, as any consumer of a forward pass must.
+    ``dump_loop_s`` excludes the dump's setup (dataset labels and fingerprint, store creation);
+    ratios are medians of the per-round ratios.
     """
     threads = _set_threads(threads)
     torch_device = resolve_device(device)
@@ -169,24 +171,33 @@ def bench_dump(*, teacher: str = "resnet50", dataset: str = "fake:2048:32:1000",
     model = build_model(teacher, num_classes=data.num_classes, in_channels=data.in_channels).to(torch_device).eval()
     bare, loop, wall = [], [], []
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as scratch:
-        for _ in range(max(1, repeats)):
-            bare.append(_timed(lambda: _bare_forward(model, data, batch_size=batch_size, num_workers=num_workers,
-                                                           device=torch_device), torch_device))
-            result = dump_teacher(DumpConfig(teacher=teacher, dataset=dataset, out=str(Path(scratch) / "t.zarr"),
-                                             encoding=encoding, batch_size=batch_size, num_workers=num_workers,
-                                             device=str(torch_device), overwrite=True))
-            loop.append(result.loop_time_s)
-            wall.append(result.wall_time_s)
+        config = DumpConfig(teacher=teacher, dataset=dataset, out=str(Path(scratch) / "t.zarr"), encoding=encoding,
+                            batch_size=batch_size, num_workers=num_workers, device=str(torch_device), overwrite=True)
+        for round_index in range(max(1, repeats)):
+            # Alternate which runs first, so neither always meets the machine warmer or busier.
+            for kind in ("bare", "dump") if round_index % 2 == 0 else ("dump", "bare"):
+                if kind == "bare":
+                    bare.append(_timed(lambda: _bare_forward(model, data, batch_size=batch_size,
+                                                             num_workers=num_workers, device=torch_device), torch_device))
+                else:
+                    result = dump_teacher(config)
+                    loop.append(result.loop_time_s)
+                    wall.append(result.wall_time_s)
     bare_s, loop_s, wall_s = statistics.median(bare), statistics.median(loop), statistics.median(wall)
     return _round({
         "benchmark": "dump", "teacher": teacher, "dataset": dataset, "num_samples": len(data),
         "num_classes": data.num_classes, "batch_size": batch_size, "num_workers": num_workers,
         "device": str(torch_device), "threads": threads, "encoding": encoding, "repeats": len(bare),
         "bare_forward_s": bare_s, "dump_loop_s": loop_s, "dump_wall_s": wall_s,
-        "dump_loop_over_bare": loop_s / bare_s, "dump_wall_over_bare": wall_s / bare_s,
+        "dump_loop_over_bare": _paired_ratio(loop, bare), "dump_wall_over_bare": _paired_ratio(wall, bare),
         "bare_forward_samples_per_s": len(data) / bare_s, "dump_loop_samples_per_s": len(data) / loop_s,
         "all_bare_forward_s": bare, "all_dump_loop_s": loop,
     })
+
+
+def _paired_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """Median of the per-round ratios: runs of one round share the machine's load of the moment."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
 
 
 def _epoch_time(out: Path) -> float:
@@ -225,7 +236,8 @@ def bench_distill(*, student: str = "resnet18", teacher: str = "resnet50", datas
     """One-epoch runs of CE-only training, distillation from the cache and online KD, interleaved.
 
     Each run is the real ``train``/``distill`` (same student, data, loader and seed); the epoch
-    time is the ``train_time_s`` it records (evaluation excluded). The compute-only saving is
+    time is the ``train_time_s`` it records (evaluation excluded). Ratios are medians of the
+    per-round ratios. The compute-only saving is
     (teacher forward + student step) / student step, timed on one batch without a loader.
     """
     threads = _set_threads(threads)
@@ -260,9 +272,10 @@ def bench_distill(*, student: str = "resnet18", teacher: str = "resnet50", datas
         "num_samples": len(data), "batch_size": batch_size, "num_workers": num_workers,
         "device": str(torch_device), "threads": threads, "repeats": len(times["ce"]),
         "ce_epoch_s": ce, "cache_epoch_s": cache, "online_epoch_s": online,
-        "cache_over_ce": cache / ce, "online_over_cache": online / cache,
+        "cache_over_ce": _paired_ratio(times["cache"], times["ce"]),
+        "online_over_cache": _paired_ratio(times["online"], times["cache"]),
         "teacher_forward_batch_s": teacher_s, "student_step_batch_s": student_s,
-        "compute_only_saving": saving, "saving_fraction": (online / cache) / saving,
+        "compute_only_saving": saving, "saving_fraction": _paired_ratio(times["online"], times["cache"]) / saving,
         "ce_samples_per_s": len(data) / ce, "cache_samples_per_s": len(data) / cache,
         "online_samples_per_s": len(data) / online,
         "all_epoch_s": times,

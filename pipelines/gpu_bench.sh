@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# GPU figures for docs/benchmarks.md: `kdcache bench dump` and `kdcache bench distill` with a
+# ResNet-50 teacher and a ResNet-18 student at 224 px on synthetic data (fake:N:224:1000).
+#
+# Run from the repository root on a CUDA machine where kdcache's dependencies are installed:
+#     OUT=/path/to/results bash pipelines/gpu_bench.sh
+# Writes $OUT/device.txt, $OUT/bench_dump_gpu.json and $OUT/bench_distill_gpu.json.
+# About 3-4 minutes on one H200 with 16 cores; each step is capped so the whole stays under 6.
+# Overrides: PYTHON (interpreter), N (samples), WORKERS (DataLoader workers), DEVICE (cuda).
+set -euo pipefail
+
+OUT=${OUT:-gpu-bench-out}
+PYTHON=${PYTHON:-python3}
+N=${N:-10000}
+DEVICE=${DEVICE:-cuda}
+WORKERS=${WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+"$PYTHON" - "$DEVICE" <<'PY' | tee "$OUT/device.txt"
+import sys, torch
+device = sys.argv[1]
+if device.startswith("cuda") and not torch.cuda.is_available():
+    sys.exit("gpu_bench.sh: CUDA is not available to this python; install a CUDA build of torch")
+name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
+print(f"torch {torch.__version__}, device {name}")
+PY
+
+common=(--dataset "fake:$N:224:1000" --batch-size 256 --num-workers "$WORKERS" --device "$DEVICE" --json)
+timeout 150 "$PYTHON" -m kdcache -q bench dump --teacher resnet50 --repeats 2 "${common[@]}" \
+    > "$OUT/bench_dump_gpu.json"
+timeout 200 "$PYTHON" -m kdcache -q bench distill --student resnet18 --teacher resnet50 --repeats 3 "${common[@]}" \
+    > "$OUT/bench_distill_gpu.json"
+echo "wrote $OUT/bench_dump_gpu.json and $OUT/bench_distill_gpu.json"
