@@ -29,6 +29,12 @@ def reference() -> str:
         command = cli.get_command(root, name)
         assert command is not None
         sections.append(f"## kdcache {name}\n\n```text\n{command_help(command, name, root)}\n```\n")
+        if isinstance(command, click.Group):  # e.g. `kdcache bench feed`
+            group = click.Context(command, info_name=name, parent=root, terminal_width=100, max_content_width=100)
+            for sub_name in sorted(command.list_commands(group)):
+                sub = command.get_command(group, sub_name)
+                assert sub is not None
+                sections.append(f"## kdcache {name} {sub_name}\n\n```text\n{command_help(sub, sub_name, group)}\n```\n")
     return "\n".join(sections)
 
 
