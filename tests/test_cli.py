@@ -161,8 +161,6 @@ def test_distill_with_a_cache_memory_budget(tmp_path, digits_store):
     assert resolved["feed"] == {"mode": "chunked", "memory_budget": 16384}
     assert_one_line_error(run_cli("distill", "--student", "mlp", "--cache", str(digits_store), "--cache-memory",
                                   "1KB", "--out", str(tmp_path / "r"), check=False), "at least", "--cache-memory")
-    assert_one_line_error(run_cli("distill", "--student", "mlp", "--cache", str(digits_store), "--cache-memory",
-                                  "lots", "--out", str(tmp_path / "r"), check=False), "'lots'", "8GiB")
 
 
 def test_bench_json_output_parses(tmp_path):

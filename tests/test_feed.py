@@ -153,7 +153,7 @@ class ReaderDataset(Dataset):
 def test_a_reader_used_inside_workers_reads_the_right_rows(store, context):
     reader = open_store(store, memory_budget=4 * CHUNK_ROWS * ROW_BYTES)
     reader.read([0, 100])  # the parent has open handles and decoded chunks before workers start
-    loader = DataLoader(ReaderDataset(reader), batch_size=32, shuffle=True, num_workers=2,
+    loader = DataLoader(ReaderDataset(reader), batch_size=32, shuffle=True, num_workers=1,
                         multiprocessing_context=context, generator=torch.Generator().manual_seed(0))
     for logits, indices in loader:
         np.testing.assert_array_equal(logits.numpy(), logits_for(indices.numpy()))

@@ -98,6 +98,8 @@ def test_a_store_from_another_dataset_is_refused(tmp_path, digits_store):
         ({"batch_size": 0}, "batch size"),
         ({"loss": "mse"}, "kd, focal, attention"),
         ({"cache": None}, "--cache"),
+        ({"cache_memory": "lots"}, "'lots'.*8GiB"),
+        ({"cache": None, "teacher": "cnn", "dataset": "digits", "cache_memory": "1GB"}, "--cache-memory only applies"),
     ],
 )
 def test_invalid_distill_options(changes, message):
