@@ -5,13 +5,16 @@
 # Run from the repository root on a CUDA machine where kdcache's dependencies are installed:
 #     OUT=/path/to/results bash pipelines/gpu_bench.sh
 # Writes $OUT/device.txt, $OUT/bench_dump_gpu.json and $OUT/bench_distill_gpu.json.
-# About 3-4 minutes on one H200 with 16 cores; each step is capped so the whole stays under 6.
-# Overrides: PYTHON (interpreter), N (samples), WORKERS (DataLoader workers), DEVICE (cuda).
+# About 3-4 minutes on one H200 with 16 cores (each run also builds fake data's labels, ~1 ms
+# per 224 px image on one core); each step is capped so the whole stays under 6 minutes.
+# Overrides: PYTHON (interpreter), N (samples), BATCH (256), WORKERS (DataLoader workers),
+# DEVICE (cuda); e.g. a CPU smoke test: DEVICE=cpu N=8 BATCH=4 bash pipelines/gpu_bench.sh
 set -euo pipefail
 
 OUT=${OUT:-gpu-bench-out}
 PYTHON=${PYTHON:-python3}
-N=${N:-10000}
+N=${N:-8000}
+BATCH=${BATCH:-256}
 DEVICE=${DEVICE:-cuda}
 WORKERS=${WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
 mkdir -p "$OUT"
@@ -26,9 +29,9 @@ name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
 print(f"torch {torch.__version__}, device {name}")
 PY
 
-common=(--dataset "fake:$N:224:1000" --batch-size 256 --num-workers "$WORKERS" --device "$DEVICE" --json)
-timeout 150 "$PYTHON" -m kdcache -q bench dump --teacher resnet50 --repeats 2 "${common[@]}" \
+common=(--dataset "fake:$N:224:1000" --batch-size "$BATCH" --num-workers "$WORKERS" --device "$DEVICE" --json)
+timeout 120 "$PYTHON" -m kdcache -q bench dump --teacher resnet50 --repeats 2 "${common[@]}" \
     > "$OUT/bench_dump_gpu.json"
-timeout 200 "$PYTHON" -m kdcache -q bench distill --student resnet18 --teacher resnet50 --repeats 3 "${common[@]}" \
+timeout 220 "$PYTHON" -m kdcache -q bench distill --student resnet18 --teacher resnet50 --repeats 2 "${common[@]}" \
     > "$OUT/bench_distill_gpu.json"
 echo "wrote $OUT/bench_dump_gpu.json and $OUT/bench_distill_gpu.json"
