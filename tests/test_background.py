@@ -38,6 +38,7 @@ def test_a_background_error_surfaces_in_the_caller_and_the_dump_resumes(tmp_path
             background.write(np.arange(20), logits[:20])
             background.write(np.arange(20, 30), bad)
             background.write(np.arange(30, 40), logits[30:])
+    writer.close()  # what the dump's process exiting does: the lock is freed
     resumed = create_store(tmp_path / "s.zarr", num_samples=40, num_classes=3, encoding="float32", chunk_rows=10,
                            resume=True)
     assert resumed.pending_indices().min() >= 20  # the chunks written before the error stayed durable
@@ -54,6 +55,7 @@ def test_the_callers_own_error_wins_and_queued_chunks_are_kept(tmp_path):
         with BackgroundWriter(writer) as background:
             background.write(np.arange(10), random_logits(10, 2))
             raise KeyboardInterrupt
+    writer.close()
     reopened = create_store(tmp_path / "s.zarr", num_samples=30, num_classes=2, encoding="float32", chunk_rows=10,
                             resume=True)
     np.testing.assert_array_equal(reopened.pending_indices(), np.arange(10, 30))
