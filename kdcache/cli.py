@@ -266,6 +266,7 @@ def bench_dump(**options: Any) -> None:
 @click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available, else cpu].")
 @click.option("--repeats", default=3, show_default=True, type=int, help="Interleaved rounds; medians are reported.")
 @click.option("--cache-memory", help="Memory budget of the cached run's feed, e.g. 8GiB.")
+@click.option("--epochs", default=2, show_default=True, type=int, help="Epochs per run; the last one is timed.")
 @bench_options
 def bench_distill(**options: Any) -> None:
     """Epoch time distilling from the cache vs CE-only training vs online KD."""
