@@ -106,12 +106,18 @@ def dump_teacher(**options: Any) -> None:
 @cli.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def inspect(store: str, as_json: bool) -> None:
+@click.option("--plot", type=click.Path(dir_okay=False), help="Also draw the teacher's max-probability and entropy histograms (T=1, 4) and per-class accuracy to this .png (.pdf, .svg).")
+def inspect(store: str, as_json: bool, plot: str | None) -> None:
     """Show what STORE holds: identity, size, teacher accuracy and entropy, recorded fidelity."""
     from kdcache.inspect import format_report, inspect_store
 
     report = inspect_store(store)
     click.echo(json.dumps(report.to_dict()) if as_json else format_report(report))
+    if plot:
+        from kdcache.plots import plot_store
+        from kdcache.store import open_store
+
+        click.echo(f"figure -> {plot_store(open_store(store), plot)}", err=True)
 
 
 @cli.command()

@@ -184,10 +184,11 @@ def _store_summary(reader: StoreReader, temperatures: Sequence[float]) -> tuple[
     entropy: dict[float, list[np.ndarray]] = {t: [] for t in temperatures}
     predicted = []
     for start in range(0, reader.num_samples, STORE_BLOCK_ROWS):
-        logits = reader.read(np.arange(start, min(start + STORE_BLOCK_ROWS, reader.num_samples)))
-        predicted.append(logits.argmax(dim=1).numpy())
+        rows = np.arange(start, min(start + STORE_BLOCK_ROWS, reader.num_samples))
+        predicted.append(reader.read(rows).argmax(dim=1).numpy())
         for t in temperatures:
-            log_p = F.log_softmax(logits / t, dim=1)
+            # Read at each T: a top-k store fills its tail for the temperature it is softened at.
+            log_p = F.log_softmax(reader.read(rows, temperature=t) / t, dim=1)
             max_prob[t].append(log_p.max(dim=1).values.exp().numpy())
             entropy[t].append(-(log_p.exp() * log_p).sum(dim=1).numpy())
     return _joined(max_prob), _joined(entropy), np.concatenate(predicted)

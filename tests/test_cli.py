@@ -75,7 +75,8 @@ def test_topk_store_through_the_cli_dump_inspect_distill(tmp_path, digits_teache
                      "--device", "cpu", "--encoding", "topk:3")
     assert "C=10 topk:3" in dumped.stdout and "KL(T=1)" in dumped.stdout
 
-    report = json.loads(run_cli("inspect", store, "--json").stdout)
+    report = json.loads(run_cli("inspect", store, "--json", "--plot", str(tmp_path / "fig" / "store.png")).stdout)
+    assert (tmp_path / "fig" / "store.png").read_bytes()[:4] == b"\x89PNG"
     assert report["encoding"] == "topk:3" and report["complete"] and report["num_samples"] == 1437
     assert report["fidelity"]["top1_agreement"] == 1.0 and len(report["fidelity"]["mean_kl"]) == 4
     assert 0 <= report["teacher_accuracy"] <= 100 and report["bytes_per_sample"] > 0

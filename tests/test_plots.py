@@ -61,11 +61,12 @@ def test_sweep_figure_with_several_seeds_and_a_single_one(tmp_path):
     assert_png(plot_sweep(rows, tmp_path / "sweep.png"))
 
 
-@pytest.mark.parametrize("with_labels", [True, False])
-def test_store_figure(tmp_path, with_labels):
+@pytest.mark.parametrize("encoding, with_labels", [("float16", True), ("float16", False), ("topk:2", True)])
+def test_store_figure(tmp_path, encoding, with_labels):
     logits = np.random.default_rng(0).normal(size=(40, 5)).astype(np.float32) * 4
     labels = logits.argmax(axis=1) if with_labels else None
-    writer = create_store(tmp_path / "s.zarr", num_samples=40, num_classes=5, labels=labels, chunk_rows=16)
+    writer = create_store(tmp_path / "s.zarr", num_samples=40, num_classes=5, labels=labels, chunk_rows=16,
+                          encoding=encoding)
     writer.write(np.arange(40), logits)
     writer.finalize()
     assert_png(plot_store(open_store(tmp_path / "s.zarr"), tmp_path / "figures" / "store.png"))
