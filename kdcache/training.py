@@ -136,7 +136,7 @@ def fit(
         out=str(out), best_val_acc=best_acc, final_val_acc=val_acc, best_epoch=best_epoch,
         epochs=config.epochs, wall_time_s=time.perf_counter() - started,
     )
-    plot_curves(metrics_path, out / "curves.png", title=f"{model_spec} -> {out}")
+    plot_curves(metrics_path, out / "curves.png", title=f"{model_spec}: {out.resolve().name}")
     return result
 
 
