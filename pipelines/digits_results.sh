@@ -36,3 +36,11 @@ for name in ("teacher", "ce"):
     print(f"{name:8s} best {statistics.mean(best):.2f} ± {statistics.stdev(best):.2f}  "
           f"final {statistics.mean(final):.2f} ± {statistics.stdev(final):.2f}")
 PY
+
+# Top-k: the same teacher stored as its 3 largest logits per sample (topk:3), then kd and the
+# seed's top-k attention loss (restricted to those 3 classes) at three temperatures.
+kdcache dump-teacher --teacher cnn --weights "$OUT/teacher-seed0/best.pt" --dataset digits --device cpu \
+  --encoding topk:3 --out "$OUT/teacher-top3.zarr"
+kdcache sweep --cache "$OUT/teacher-top3.zarr" --student mlp:32 --losses kd,attention --top-k 3 \
+  --temperatures 1,4,16 --alphas 0.7 --seeds 0,1,2 --epochs 20 --lr 3e-3 --device cpu --out "$OUT/sweep-top3"
+kdcache inspect "$OUT/teacher.zarr" --plot "$OUT/teacher-store.png"
