@@ -22,7 +22,7 @@ from torchvision import transforms as T
 
 from kdcache.errors import ConfigError, DatasetNotFoundError, SpecError
 
-DATASET_KINDS = ("digits", "fake", "imagefolder", "cifar10", "cifar100", "mnist")
+DATASET_KINDS = ("digits", "fake", "synthetic", "imagefolder", "cifar10", "cifar100", "mnist")
 SPLITS = ("train", "test")
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -117,8 +117,8 @@ def build_dataset(spec: str, *, split: str = "train") -> LabeledDataset:
         return LabeledDataset(_ArrayDataset(inputs, labels), spec=spec, split=split,
                               num_classes=10, in_channels=1, labels=labels.copy(),
                               transform_description="digits: x/16 as float32 (1,8,8)")
-    if kind == "fake":
-        return _fake(spec, args, split)
+    if kind in ("fake", "synthetic"):
+        return _generated(spec, kind, args, split)
     if not args:
         form = ("imagefolder:PATH or imagefolder:PATH:SIZE" if kind == "imagefolder"
                 else f"{kind}:ROOT")
@@ -143,8 +143,9 @@ def _digits_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {"train": (x_train, y_train), "test": (x_test, y_test)}
 
 
-def _fake(spec: str, args: str, split: str) -> LabeledDataset:
-    form = "fake:N or fake:N:SIZE:CLASSES with integers, e.g. fake:1000 or fake:1000:224:1000"
+def _generated(spec: str, kind: str, args: str, split: str) -> LabeledDataset:
+    form = (f"{kind}:N or {kind}:N:SIZE:CLASSES with integers, e.g. {kind}:1000 or "
+            f"{kind}:1000:224:1000")
     parts = args.split(":")
     try:
         values = [int(p) for p in parts]
@@ -159,12 +160,42 @@ def _fake(spec: str, args: str, split: str) -> LabeledDataset:
                               f"expected {name} >= {low} in {form}")
     # Test seeds continue where train seeds stop, so no test image repeats a train image.
     size_n, offset = (n, 0) if split == "train" else (max(1, n // 5), n)
+    if kind == "synthetic":
+        images = _SyntheticImages(size_n, size=size, num_classes=classes, seed=offset)
+        return LabeledDataset(images, spec=spec, split=split, num_classes=classes, in_channels=3,
+                              labels=images.labels.copy(),
+                              transform_description=f"synthetic: bank of {_SyntheticImages.BANK} "
+                                                    f"uniform (3,{size},{size}) images, rolled per "
+                                                    f"index, seed {offset}")
     base = tv_datasets.FakeData(size=size_n, image_size=(3, size, size), num_classes=classes,
                                 transform=T.ToTensor(), random_offset=offset)
     return LabeledDataset(base, spec=spec, split=split, num_classes=classes, in_channels=3,
                           labels=functools.partial(_fake_labels, base),
                           transform_description=f"fake: ToTensor of FakeData (3,{size},{size}), "
                                                 f"seed index+{offset}")
+
+
+class _SyntheticImages(Dataset):
+    """Deterministic random images that cost one copy each, for throughput benchmarks.
+
+    FakeData builds every image through PIL (milliseconds at 224 px), which starves a GPU
+    student; here sample i is image ``i % BANK`` of a fixed random bank, rolled by
+    ``i // BANK`` pixels, so consecutive banks' worth of samples still differ.
+    """
+
+    BANK = 64
+
+    def __init__(self, num_samples: int, *, size: int, num_classes: int, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.bank = torch.rand(self.BANK, 3, size, size, generator=generator)
+        self.labels = torch.randint(0, num_classes, (num_samples,), generator=generator).numpy()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = torch.roll(self.bank[index % self.BANK], shifts=index // self.BANK, dims=-1)
+        return image, int(self.labels[index])
 
 
 def _fake_labels(fake: tv_datasets.FakeData) -> np.ndarray:

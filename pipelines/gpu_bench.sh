@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU figures for docs/benchmarks.md: `kdcache bench dump` and `kdcache bench distill` with a
-# ResNet-50 teacher and a ResNet-18 student at 224 px on synthetic data (fake:N:224:1000).
+# ResNet-50 teacher and a ResNet-18 student at 224 px on synthetic data (synthetic:N:224:1000).
 #
 # Run from the repository root on a CUDA machine where kdcache's dependencies are installed:
 #     OUT=/path/to/results bash pipelines/gpu_bench.sh
@@ -29,9 +29,9 @@ name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
 print(f"torch {torch.__version__}, device {name}")
 PY
 
-common=(--dataset "fake:$N:224:1000" --batch-size "$BATCH" --num-workers "$WORKERS" --device "$DEVICE" --json)
+common=(--dataset "synthetic:$N:224:1000" --batch-size "$BATCH" --num-workers "$WORKERS" --device "$DEVICE" --json)
 timeout 120 "$PYTHON" -m kdcache -q bench dump --teacher resnet50 --repeats 2 "${common[@]}" \
     > "$OUT/bench_dump_gpu.json"
-timeout 220 "$PYTHON" -m kdcache -q bench distill --student resnet18 --teacher resnet50 --repeats 2 "${common[@]}" \
+timeout 220 "$PYTHON" -m kdcache -q bench distill --student resnet18 --teacher resnet50 --repeats 3 "${common[@]}" \
     > "$OUT/bench_distill_gpu.json"
 echo "wrote $OUT/bench_dump_gpu.json and $OUT/bench_distill_gpu.json"

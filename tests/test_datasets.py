@@ -177,7 +177,7 @@ def test_bad_split():
 
 
 def test_kinds_listed():
-    assert DATASET_KINDS == ("digits", "fake", "imagefolder", "cifar10", "cifar100", "mnist")
+    assert DATASET_KINDS == ("digits", "fake", "synthetic", "imagefolder", "cifar10", "cifar100", "mnist")
 
 
 def test_fingerprint_equal_for_same_dataset():
@@ -240,3 +240,15 @@ def test_dataloader_spawn_worker():
     xs, ys = zip(*loader)
     assert torch.equal(torch.cat(ys), torch.from_numpy(ds.labels))
     assert torch.equal(torch.cat(xs)[17], ds[17][0])
+
+
+def test_synthetic_images_are_cheap_deterministic_and_distinct():
+    train = build_dataset("synthetic:130:16:7")
+    test = build_dataset("synthetic:130:16:7", split="test")
+    assert (len(train), len(test), train.num_classes, train.in_channels) == (130, 26, 7, 3)
+    first, label = train[65]
+    assert first.shape == (3, 16, 16) and first.dtype == torch.float32
+    assert torch.equal(first, train[65][0]) and label == int(train.labels[65])
+    assert not torch.equal(train[1][0], train[65][0])  # same bank image, rolled differently
+    assert not torch.equal(train[0][0], test[0][0])
+    assert set(train.labels) <= set(range(7))
