@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -114,8 +114,11 @@ def test_pending_batches_are_the_uninterrupted_runs_batches():
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir()
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
+    try:
+        return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True).returncode == 0
+    except FileNotFoundError:  # no mount binary
+        return False
 
 
 def _limit_file_size() -> None:
