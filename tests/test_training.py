@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_one_line_error, run_cli, start_cli
+from conftest import start_cli
 from kdcache import DistillConfig, DumpConfig, TrainConfig
 from kdcache.dump import dump_teacher
-from kdcache.errors import ConfigError, KdcacheError, StoreMismatchError
+from kdcache.errors import ConfigError, KdcacheError, StoreCorruptError, StoreMismatchError
 from kdcache.store import open_store
 from kdcache.training import distill, train
 
@@ -175,5 +175,6 @@ def test_distill_stops_at_a_corrupted_chunk_naming_its_samples(tmp_path, digits_
     data[len(data) // 2] ^= 0x01
     chunk.write_bytes(bytes(data))
     rows = open_store(store).metadata.chunk_rows
-    result = run_cli("distill", "--student", "mlp:8", "--cache", str(store), "--out", str(tmp_path / "run"), check=False)
-    assert_one_line_error(result, f"corrupted for samples 0-{min(rows, 1437) - 1}", "kdcache verify")
+    with pytest.raises(StoreCorruptError, match=f"corrupted for samples 0-{min(rows, 1437) - 1} .*kdcache verify"):
+        distill(DistillConfig(student="mlp:8", cache=str(store), epochs=1, out=str(tmp_path / "run")))
+    assert not (tmp_path / "run" / "last.pt").exists()
