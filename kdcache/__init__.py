@@ -16,7 +16,8 @@ from kdcache.losses import AttentionLogitsLoss, FocalDistillationLoss, LogitsDis
 from kdcache.metadata import StoreMetadata
 from kdcache.pack import PackResult, pack_store
 from kdcache.sparse import SparseLogits
-from kdcache.store import StoreReader, StoreWriter, create_store, open_store
+from kdcache.reader import StoreReader, open_store
+from kdcache.store import StoreWriter, create_store
 from kdcache.sweep import SweepConfig, SweepResult, run_sweep
 from kdcache.training import RunResult, distill, train
 from kdcache.verify import VerifyReport, verify_store

@@ -30,7 +30,8 @@ from kdcache.dump import dump_teacher
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.models import build_model
 from kdcache.runtime import make_loader, resolve_device
-from kdcache.store import create_store, open_store
+from kdcache.reader import open_store
+from kdcache.store import create_store
 from kdcache.training import distill, train
 
 #: Rows generated once and written repeatedly when a feed benchmark fills its store.

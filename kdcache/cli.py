@@ -115,7 +115,7 @@ def inspect(store: str, as_json: bool, plot: str | None) -> None:
     click.echo(json.dumps(report.to_dict()) if as_json else format_report(report))
     if plot:
         from kdcache.plots import plot_store
-        from kdcache.store import open_store
+        from kdcache.reader import open_store
 
         click.echo(f"figure -> {plot_store(open_store(store), plot)}", err=True)
 

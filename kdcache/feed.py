@@ -14,7 +14,7 @@ gathers a batch with one numpy fancy index:
 On CUDA, :meth:`LogitFeed.to_device` gathers into a small ring of pinned host buffers and copies
 with ``non_blocking=True``. DataLoader workers never need the feed (the training loop gathers in
 the main process), but a reader handed to workers stays correct: a forked child reopens the Zarr
-group (see :meth:`kdcache.store.StoreReader.array`) and pickling drops the table.
+group (see :meth:`kdcache.reader.StoreReader.array`) and pickling drops the table.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch.utils.data import Sampler
 from kdcache.errors import ConfigError
 
 if TYPE_CHECKING:
-    from kdcache.store import StoreReader
+    from kdcache.reader import StoreReader
 
 #: Share of the memory available when the feed is built that it may use by default.
 DEFAULT_MEMORY_FRACTION = 0.5
@@ -92,7 +92,7 @@ def default_memory_budget() -> int:
 class LogitFeed:
     """Dense float32 teacher logits by sample index, served from a bounded table of decoded chunks.
 
-    Build it with :attr:`kdcache.store.StoreReader.feed` (``open_store(path, memory_budget=...)``)
+    Build it with :attr:`kdcache.reader.StoreReader.feed` (``open_store(path, memory_budget=...)``)
     rather than directly. ``memory_budget`` bounds the bytes of decoded chunks kept in RAM
     (default: half the available memory); ``mode`` forces ``"memory"`` or ``"chunked"``.
     """

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.store import StoreReader, open_store, store_nbytes
+from kdcache.reader import StoreReader, open_store
+from kdcache.store import store_nbytes
 
 #: Temperatures at which the report gives the teacher's mean entropy.
 ENTROPY_TEMPERATURES = (1.0, 4.0)

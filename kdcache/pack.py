@@ -8,7 +8,8 @@ from pathlib import Path
 
 from kdcache.errors import ConfigError, StoreExistsError, StoreWriteError
 from kdcache.storage import parse_location, partial_files, zarr_store
-from kdcache.store import StoreLike, open_store
+from kdcache.reader import open_store
+from kdcache.store import StoreLike
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from kdcache.store import StoreReader
+    from kdcache.reader import StoreReader
 
 #: Suffixes a figure path may end with; matplotlib picks the format from it.
 FIGURE_FORMATS = ("png", "pdf", "svg")

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from kdcache.config import LOSS_NAMES, DistillConfig
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.plots import plot_sweep, read_metrics
-from kdcache.store import open_store
+from kdcache.reader import open_store
 from kdcache.training import RunResult, distill
 
 log = logging.getLogger("kdcache")

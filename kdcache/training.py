@@ -29,7 +29,7 @@ from kdcache.losses import TeacherLogits, build_loss, total_loss
 from kdcache.models import build_model, load_weights, weights_sha256
 from kdcache.plots import plot_curves, plot_distributions
 from kdcache.runtime import atomic_torch_save, make_loader, prepare_output_dir, resolve_device
-from kdcache.store import StoreReader, open_store
+from kdcache.reader import StoreReader, open_store
 
 log = logging.getLogger("kdcache")
 
@@ -194,7 +194,7 @@ def _cached_dataset(config: DistillConfig, reader: StoreReader) -> LabeledDatase
 def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunResult:
     """Train ``config.student`` on the KD loss against cached (or live) teacher logits.
 
-    ``reader`` is ``config.cache`` already opened with :func:`~kdcache.store.open_store`: pass
+    ``reader`` is ``config.cache`` already opened with :func:`~kdcache.reader.open_store`: pass
     it to share one decoded store across many runs (as :func:`kdcache.sweep.run_sweep` does).
     """
     if reader is not None and config.cache is None:

@@ -17,15 +17,9 @@ import numpy as np
 
 from kdcache.errors import StoreCorruptError
 from kdcache.storage import parse_location, partial_files
-from kdcache.store import (
-    LABELS_ARRAY,
-    LOAD_BLOCK_CHUNKS,
-    WRITTEN_ARRAY,
-    StoreReader,
-    _row_ranges,
-    missing_chunks,
-    open_store,
-)
+from kdcache.feed import LOAD_BLOCK_CHUNKS
+from kdcache.reader import StoreReader, open_store
+from kdcache.store import LABELS_ARRAY, WRITTEN_ARRAY, missing_chunks, row_ranges
 
 # Errors zarr raises for undecodable chunk bytes (checksum mismatch, zstd frame errors).
 _DECODE_ERRORS = (ValueError, RuntimeError)
@@ -76,7 +70,7 @@ def verify_store(path: str | os.PathLike[str]) -> VerifyReport:
         problems.append(f"unfinished dump: {reader.progress()} written; finish it with "
                         "`kdcache dump-teacher --resume`")
     elif not written.all():
-        problems.append(f"marked complete but chunks for samples {_row_ranges(_rows_of(reader, ~written))} "
+        problems.append(f"marked complete but chunks for samples {row_ranges(_rows_of(reader, ~written))} "
                         "were never written")
     checked = 0
     for name, (row_shape, dtype) in reader.encoding.layout(meta.num_classes).items():
@@ -165,14 +159,14 @@ def _scan(reader: StoreReader, array: Any, written: np.ndarray, problems: list[s
     name = array.basename
     if corrupt:
         problems.append(f"array {name!r}: chunks fail their checksum or do not decode for samples "
-                        f"{_row_ranges(np.concatenate(corrupt))}")
+                        f"{row_ranges(np.concatenate(corrupt))}")
     missing = missing_chunks(array, chunks)
     if missing.size:
         problems.append(f"array {name!r}: chunks marked written are missing for samples "
-                        f"{_row_ranges(_rows_of(reader, np.isin(np.arange(len(written)), missing)))}")
+                        f"{row_ranges(_rows_of(reader, np.isin(np.arange(len(written)), missing)))}")
     bad_rows = np.concatenate(non_finite) if non_finite else np.empty(0, dtype=np.int64)
     if bad_rows.size:
-        problems.append(f"array {name!r}: NaN or Inf in {bad_rows.size} row(s), samples {_row_ranges(bad_rows)}")
+        problems.append(f"array {name!r}: NaN or Inf in {bad_rows.size} row(s), samples {row_ranges(bad_rows)}")
     return len(chunks)
 
 
@@ -196,7 +190,7 @@ def _check_labels(reader: StoreReader, problems: list[str]) -> None:
         return
     out_of_range = np.flatnonzero((labels < 0) | (labels >= reader.num_classes))
     if out_of_range.size:
-        problems.append(f"labels outside [0, {reader.num_classes}) for samples {_row_ranges(out_of_range)}")
+        problems.append(f"labels outside [0, {reader.num_classes}) for samples {row_ranges(out_of_range)}")
     recorded = fingerprint.get("labels_sha256")
     actual = hashlib.sha256(np.ascontiguousarray(labels, dtype="<i8").tobytes()).hexdigest()
     if recorded and recorded != actual:

@@ -14,7 +14,7 @@ from conftest import start_cli
 from kdcache import DistillConfig, DumpConfig, TrainConfig
 from kdcache.dump import dump_teacher
 from kdcache.errors import ConfigError, KdcacheError, StoreCorruptError, StoreMismatchError
-from kdcache.store import open_store
+from kdcache.reader import open_store
 from kdcache.training import distill, train
 
 from test_plots import assert_png
