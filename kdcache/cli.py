@@ -158,6 +158,7 @@ def distill(**options: Any) -> None:
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available, else cpu].")
 @click.option("--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes.")
+@click.option("--cache-memory", help="Memory budget of the store's logit feed, e.g. 8GiB [default: half the available memory].")
 def sweep(temperatures: str, alphas: str, losses: str, seeds: str, **options: Any) -> None:
     """Distill one student per loss x alpha x temperature x seed from one store (resumable)."""
     from kdcache.sweep import SweepConfig, format_table, parse_list, run_sweep

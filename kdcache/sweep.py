@@ -72,6 +72,7 @@ class SweepConfig:
     lr: float = 1e-3
     device: str | None = None
     num_workers: int = 0
+    cache_memory: int | str | None = None
 
     def __post_init__(self) -> None:
         for name in ("temperatures", "alphas", "losses", "seeds"):
@@ -91,7 +92,7 @@ class SweepConfig:
         shared = dict(
             student=self.student, cache=self.cache, dataset=self.dataset, split=self.split, gamma=self.gamma,
             top_k=self.top_k, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, device=self.device,
-            num_workers=self.num_workers,
+            num_workers=self.num_workers, cache_memory=self.cache_memory,
         )
         return [
             DistillConfig(loss=loss, alpha=alpha, temperature=temperature, seed=seed,
@@ -182,7 +183,7 @@ def write_results_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
 def run_sweep(config: SweepConfig) -> SweepResult:
     """Run (or resume) every setting of ``config`` from one store; write the CSV and the figure."""
     runs = config.runs()
-    reader = open_store(config.cache)  # opened and decoded once, shared by every run
+    reader = open_store(config.cache, memory_budget=config.cache_memory)  # opened once, shared by every run
     out = Path(config.out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -94,3 +94,11 @@ def test_parse_list():
     assert parse_list("1, 2,4", float, option="--temperatures", example="1,2") == (1.0, 2.0, 4.0)
     with pytest.raises(ConfigError, match="--seeds must be a comma-separated list, got '0,x'"):
         parse_list("0,x", int, option="--seeds", example="0,1,2")
+
+
+def test_the_memory_budget_reaches_the_shared_reader_and_every_run(tmp_path, digits_store):
+    result = run_sweep(tiny_sweep(digits_store, tmp_path, temperatures=(2.0,), seeds=(0,), cache_memory="1MiB"))
+    assert result.runs_done == 1
+    assert json.loads((tmp_path / "kd-a0.7-T2-seed0" / "config.json").read_text())["cache_memory"] == "1MiB"
+    with pytest.raises(ConfigError, match="memory size 'lots'"):
+        tiny_sweep(digits_store, tmp_path / "bad", cache_memory="lots")
