@@ -102,7 +102,7 @@ class LogitFeed:
         metadata = reader.metadata
         self.num_samples = metadata.num_samples
         self.chunk_rows = metadata.chunk_rows
-        self.num_chunks = -(-self.num_samples // self.chunk_rows)
+        self.num_chunks = metadata.num_chunks
         self._layout = reader.encoding.layout(metadata.num_classes)
         self.chunk_nbytes = reader.encoding.row_nbytes(metadata.num_classes) * self.chunk_rows
         self.store_nbytes = reader.encoding.row_nbytes(metadata.num_classes) * self.num_samples

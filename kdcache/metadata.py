@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from kdcache.errors import StoreFormatError
 
 #: Version of the on-disk layout written by this kdcache. Readers refuse newer versions.
@@ -40,6 +42,20 @@ class StoreMetadata:
     #: None in stores written before it was recorded.
     fidelity: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_chunks(self) -> int:
+        """Row chunks in every per-sample array (the last one may be partial)."""
+        return -(-self.num_samples // self.chunk_rows)
+
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        """First and one-past-last sample index of row chunk ``chunk``."""
+        return chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.num_samples)
+
+    def rows_of_chunks(self, chunks: np.ndarray) -> np.ndarray:
+        """The sample indices the given row chunks hold, in chunk order."""
+        ranges = [np.arange(*self.chunk_bounds(int(chunk))) for chunk in np.asarray(chunks).reshape(-1)]
+        return np.concatenate(ranges) if ranges else np.empty(0, dtype=np.int64)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -84,12 +84,11 @@ class StoreReader:
 
     def progress(self) -> str:
         """How far the dump got, e.g. ``1 of 3 chunks (10 of 30 samples, 33%)``."""
-        rows = self.metadata.chunk_rows
         if WRITTEN_ARRAY in self._group:
             written = np.asarray(self._group[WRITTEN_ARRAY][:], dtype=bool)
         else:  # killed while creating the store
-            written = np.zeros(-(-self.num_samples // rows), dtype=bool)
-        samples = sum(min(rows, self.num_samples - int(c) * rows) for c in np.flatnonzero(written))
+            written = np.zeros(self.metadata.num_chunks, dtype=bool)
+        samples = self.metadata.rows_of_chunks(np.flatnonzero(written)).size
         return (f"{int(written.sum())} of {written.size} chunks ({samples} of {self.num_samples} "
                 f"samples, {written.mean():.0%})")
 
@@ -108,10 +107,9 @@ class StoreReader:
     def check_chunks_present(self, name: str) -> None:
         """Refuse an array whose written chunks were deleted (zarr would read them as fill values)."""
         array = self._group[name]
-        missing = missing_chunks(array, np.arange(-(-self.num_samples // self.metadata.chunk_rows)))
+        missing = missing_chunks(array, np.arange(self.metadata.num_chunks))
         if missing.size:
-            rows = self.metadata.chunk_rows
-            lost = np.concatenate([np.arange(c * rows, min((c + 1) * rows, self.num_samples)) for c in missing])
+            lost = self.metadata.rows_of_chunks(missing)
             raise StoreCorruptError(
                 f"{self.where}: array {name!r} lacks the chunks for samples {row_ranges(lost)} (deleted "
                 "or lost in a copy); run `kdcache verify` and dump again"

@@ -149,16 +149,9 @@ class StoreWriter:
     def num_chunks(self) -> int:
         return len(self._written)
 
-    def _chunk_bounds(self, chunk: int) -> tuple[int, int]:
-        rows = self.metadata.chunk_rows
-        return chunk * rows, min((chunk + 1) * rows, self.metadata.num_samples)
-
     def pending_indices(self) -> np.ndarray:
         """Row indices whose chunk is not yet durably written (all rows of a fresh store)."""
-        chunks = np.flatnonzero(~self._written)
-        if chunks.size == 0:
-            return np.empty(0, dtype=np.int64)
-        return np.concatenate([np.arange(*self._chunk_bounds(int(c))) for c in chunks])
+        return self.metadata.rows_of_chunks(np.flatnonzero(~self._written))
 
     def write(self, indices: Sequence[int] | np.ndarray | torch.Tensor, logits: np.ndarray | torch.Tensor) -> None:
         """Store raw logits ``(B, C)`` for the sample indices ``(B,)``."""
@@ -176,7 +169,7 @@ class StoreWriter:
             chunk = int(chunk)
             if self._written[chunk]:
                 continue  # already durable (a resumed dump may recompute a partial batch)
-            start, stop = self._chunk_bounds(chunk)
+            start, stop = self.metadata.chunk_bounds(chunk)
             buffers, filled = self._buffers.get(chunk) or self._new_buffer(stop - start)
             selected = chunk_of_row == chunk
             local = rows[selected] - start
@@ -214,7 +207,7 @@ class StoreWriter:
             )
 
     def _flush(self, chunk: int, buffers: dict[str, np.ndarray]) -> None:
-        start, stop = self._chunk_bounds(chunk)
+        start, stop = self.metadata.chunk_bounds(chunk)
         for name, values in buffers.items():
             self._arrays[name][start:stop] = values
         # The flag goes last: a crash between the two leaves the chunk marked unwritten.
@@ -365,8 +358,7 @@ def _create_locked(
         )
         labels_array[:] = label_values
     # Created last: its presence means every other array and the labels are in place.
-    num_chunks = -(-num_samples // rows)
-    group.create_array(WRITTEN_ARRAY, shape=(num_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
+    group.create_array(WRITTEN_ARRAY, shape=(metadata.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
     return StoreWriter(group, metadata, where, lock)
 
 

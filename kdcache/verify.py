@@ -70,7 +70,7 @@ def verify_store(path: str | os.PathLike[str]) -> VerifyReport:
         problems.append(f"unfinished dump: {reader.progress()} written; finish it with "
                         "`kdcache dump-teacher --resume`")
     elif not written.all():
-        problems.append(f"marked complete but chunks for samples {row_ranges(_rows_of(reader, ~written))} "
+        problems.append(f"marked complete but chunks for samples {row_ranges(reader.metadata.rows_of_chunks(np.flatnonzero(~written)))} "
                         "were never written")
     checked = 0
     for name, (row_shape, dtype) in reader.encoding.layout(meta.num_classes).items():
@@ -88,13 +88,8 @@ def verify_store(path: str | os.PathLike[str]) -> VerifyReport:
                         notes=tuple(notes))
 
 
-def _rows_of(reader: StoreReader, chunks: np.ndarray) -> np.ndarray:
-    rows, n = reader.metadata.chunk_rows, reader.num_samples
-    return np.concatenate([np.arange(c * rows, min((c + 1) * rows, n)) for c in np.flatnonzero(chunks)])
-
-
 def _written_chunks(reader: StoreReader, problems: list[str]) -> np.ndarray:
-    num_chunks = -(-reader.num_samples // reader.metadata.chunk_rows)
+    num_chunks = reader.metadata.num_chunks
     if WRITTEN_ARRAY not in reader.group:
         if not reader.metadata.complete:
             return np.zeros(num_chunks, dtype=bool)  # killed while creating the store
@@ -163,7 +158,7 @@ def _scan(reader: StoreReader, array: Any, written: np.ndarray, problems: list[s
     missing = missing_chunks(array, chunks)
     if missing.size:
         problems.append(f"array {name!r}: chunks marked written are missing for samples "
-                        f"{row_ranges(_rows_of(reader, np.isin(np.arange(len(written)), missing)))}")
+                        f"{row_ranges(reader.metadata.rows_of_chunks(np.sort(missing)))}")
     bad_rows = np.concatenate(non_finite) if non_finite else np.empty(0, dtype=np.int64)
     if bad_rows.size:
         problems.append(f"array {name!r}: NaN or Inf in {bad_rows.size} row(s), samples {row_ranges(bad_rows)}")
