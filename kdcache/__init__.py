@@ -6,21 +6,20 @@ without click.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from kdcache._version import __version__
 from kdcache.config import DistillConfig, DumpConfig, TrainConfig
 from kdcache.dump import DumpResult, dump_teacher
 from kdcache.errors import KdcacheError
-from kdcache.inspect import StoreReport, inspect_store
-from kdcache.losses import AttentionLogitsLoss, FocalDistillationLoss, LogitsDistillationLoss
-from kdcache.metadata import StoreMetadata
-from kdcache.pack import PackResult, pack_store
-from kdcache.sparse import SparseLogits
-from kdcache.reader import StoreReader, open_store
-from kdcache.store import StoreWriter, create_store
-from kdcache.sweep import SweepConfig, SweepResult, run_sweep
-from kdcache.training import RunResult, distill, train
-from kdcache.verify import VerifyReport, verify_store
+from kdcache.logits.losses import AttentionLogitsLoss, FocalDistillationLoss, LogitsDistillationLoss
+from kdcache.logits.sparse import SparseLogits
+from kdcache.store.metadata import StoreMetadata
+from kdcache.store.pack import PackResult, pack_store
+from kdcache.store.reader import StoreReader, open_store
+from kdcache.store.report import StoreReport, inspect_store
+from kdcache.store.verify import VerifyReport, verify_store
+from kdcache.store.writer import StoreWriter, create_store
+from kdcache.train.loop import RunResult, distill, train
+from kdcache.train.sweep import SweepConfig, SweepResult, run_sweep
 
 __all__ = [
     "AttentionLogitsLoss",

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdcache.encodings import parse_encoding
-from kdcache.errors import ConfigError
 from kdcache.datasets import SPLITS
-from kdcache.feed import parse_size
-from kdcache.losses import LOSS_NAMES
+from kdcache.errors import ConfigError
+from kdcache.logits.encodings import parse_encoding
+from kdcache.logits.losses import LOSS_NAMES
+from kdcache.store.feed import parse_size
 
 
 def _require(condition: bool, message: str) -> None:
@@ -22,7 +22,9 @@ def _require(condition: bool, message: str) -> None:
 
 
 def check_split(split: str | None) -> None:
-    _require(split is None or split in SPLITS, f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    _require(
+        split is None or split in SPLITS, f"split must be one of {', '.join(SPLITS)}, got {split!r}"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,7 +43,9 @@ class LoopConfig:
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
-        _require(math.isfinite(self.lr) and self.lr > 0, f"learning rate must be > 0, got {self.lr}")
+        _require(
+            math.isfinite(self.lr) and self.lr > 0, f"learning rate must be > 0, got {self.lr}"
+        )
         _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,7 +80,7 @@ class DistillConfig(LoopConfig):
 
     With a cache, ``dataset`` and ``split`` default to those recorded in the store, and
     ``cache_memory`` (bytes or e.g. ``"8GiB"``; default half the available memory) bounds the
-    decoded logits held in RAM (see :mod:`kdcache.feed`).
+    decoded logits held in RAM (see :mod:`kdcache.store.feed`).
     """
 
     student: str
@@ -97,7 +101,10 @@ class DistillConfig(LoopConfig):
         check_split(self.split)
         if self.cache_memory is not None:
             parse_size(self.cache_memory)  # raises ConfigError for an unreadable size
-        _require(self.loss in LOSS_NAMES, f"unknown loss {self.loss!r}; valid losses: {', '.join(LOSS_NAMES)}")
+        _require(
+            self.loss in LOSS_NAMES,
+            f"unknown loss {self.loss!r}; valid losses: {', '.join(LOSS_NAMES)}",
+        )
         _require(
             math.isfinite(self.temperature) and self.temperature > 0,
             f"temperature must be > 0, got {self.temperature}",
@@ -110,7 +117,10 @@ class DistillConfig(LoopConfig):
                 self.teacher is not None and self.dataset is not None,
                 "distill needs --cache STORE, or --teacher SPEC and --dataset SPEC for online distillation",
             )
-            _require(self.cache_memory is None, "--cache-memory only applies with --cache STORE; drop it for online distillation")
+            _require(
+                self.cache_memory is None,
+                "--cache-memory only applies with --cache STORE; drop it for online distillation",
+            )
         else:
             _require(
                 self.teacher is None and self.weights is None,
@@ -139,8 +149,14 @@ class DumpConfig:
         check_split(self.split)
         _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
         _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
-        _require(self.chunk_rows is None or self.chunk_rows >= 1, f"chunk_rows must be >= 1, got {self.chunk_rows}")
-        _require(not (self.overwrite and self.resume), "--overwrite and --resume exclude each other; pick one")
+        _require(
+            self.chunk_rows is None or self.chunk_rows >= 1,
+            f"chunk_rows must be >= 1, got {self.chunk_rows}",
+        )
+        _require(
+            not (self.overwrite and self.resume),
+            "--overwrite and --resume exclude each other; pick one",
+        )
         parse_encoding(self.encoding)  # a bad name fails here, listing the valid encodings
 
     def to_dict(self) -> dict[str, Any]:

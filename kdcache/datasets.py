@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import operator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -28,10 +28,24 @@ SPLITS = ("train", "test")
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # name, torchvision class, folder it expects under ROOT, channels, classes, mean, std
 _TORCHVISION_SETS = {
-    "cifar10": ("CIFAR-10", tv_datasets.CIFAR10, "cifar-10-batches-py", 3, 10,
-                (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ("CIFAR-100", tv_datasets.CIFAR100, "cifar-100-python", 3, 100,
-                 (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "cifar10": (
+        "CIFAR-10",
+        tv_datasets.CIFAR10,
+        "cifar-10-batches-py",
+        3,
+        10,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+    ),
+    "cifar100": (
+        "CIFAR-100",
+        tv_datasets.CIFAR100,
+        "cifar-100-python",
+        3,
+        100,
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
+    ),
     "mnist": ("MNIST", tv_datasets.MNIST, "MNIST/raw", 1, 10, (0.1307,), (0.3081,)),
 }
 
@@ -43,9 +57,17 @@ class LabeledDataset(Dataset):
     and ``labels`` (int64 array of all N labels, obtained without decoding images where possible).
     """
 
-    def __init__(self, base: Dataset, *, spec: str, split: str, num_classes: int, in_channels: int,
-                 transform_description: str,
-                 labels: np.ndarray | Callable[[], np.ndarray]) -> None:
+    def __init__(
+        self,
+        base: Dataset,
+        *,
+        spec: str,
+        split: str,
+        num_classes: int,
+        in_channels: int,
+        transform_description: str,
+        labels: np.ndarray | Callable[[], np.ndarray],
+    ) -> None:
         self._base = base
         self.spec = spec
         self.split = split
@@ -108,27 +130,36 @@ def build_dataset(spec: str, *, split: str = "train") -> LabeledDataset:
         raise ConfigError(f"unknown split {split!r}; expected one of: {', '.join(SPLITS)}")
     kind, _, args = spec.partition(":")
     if kind not in DATASET_KINDS:
-        raise SpecError(f"unknown dataset kind {kind!r} in spec {spec!r}; "
-                        f"valid kinds: {', '.join(DATASET_KINDS)} (e.g. 'digits' or 'fake:1000')")
+        raise SpecError(
+            f"unknown dataset kind {kind!r} in spec {spec!r}; "
+            f"valid kinds: {', '.join(DATASET_KINDS)} (e.g. 'digits' or 'fake:1000')"
+        )
     if kind == "digits":
         if args:
             raise SpecError(f"dataset spec {spec!r} takes no arguments; expected 'digits'")
         inputs, labels = _digits_split()[split]
-        return LabeledDataset(_ArrayDataset(inputs, labels), spec=spec, split=split,
-                              num_classes=10, in_channels=1, labels=labels.copy(),
-                              transform_description="digits: x/16 as float32 (1,8,8)")
+        return LabeledDataset(
+            _ArrayDataset(inputs, labels),
+            spec=spec,
+            split=split,
+            num_classes=10,
+            in_channels=1,
+            labels=labels.copy(),
+            transform_description="digits: x/16 as float32 (1,8,8)",
+        )
     if kind in ("fake", "synthetic"):
         return _generated(spec, kind, args, split)
     if not args:
-        form = ("imagefolder:PATH or imagefolder:PATH:SIZE" if kind == "imagefolder"
-                else f"{kind}:ROOT")
+        form = (
+            "imagefolder:PATH or imagefolder:PATH:SIZE" if kind == "imagefolder" else f"{kind}:ROOT"
+        )
         raise SpecError(f"dataset spec {spec!r} lacks its path; expected {form}")
     if kind == "imagefolder":
         return _imagefolder(spec, args, split)
     return _torchvision_set(spec, kind, args, split)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _digits_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -136,16 +167,18 @@ def _digits_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
     y = digits.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, random_state=0,
-                                                        stratify=y)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=0.2, random_state=0, stratify=y
+    )
     for a in (x_train, x_test, y_train, y_test):
         a.setflags(write=False)  # shared by every digits dataset in this process
     return {"train": (x_train, y_train), "test": (x_test, y_test)}
 
 
 def _generated(spec: str, kind: str, args: str, split: str) -> LabeledDataset:
-    form = (f"{kind}:N or {kind}:N:SIZE:CLASSES with integers, e.g. {kind}:1000 or "
-            f"{kind}:1000:224:1000")
+    form = (
+        f"{kind}:N or {kind}:N:SIZE:CLASSES with integers, e.g. {kind}:1000 or {kind}:1000:224:1000"
+    )
     parts = args.split(":")
     try:
         values = [int(p) for p in parts]
@@ -153,26 +186,44 @@ def _generated(spec: str, kind: str, args: str, split: str) -> LabeledDataset:
         raise SpecError(f"malformed dataset spec {spec!r}; expected {form}") from None
     if not 1 <= len(values) <= 3:
         raise SpecError(f"malformed dataset spec {spec!r}; expected {form}")
-    n, size, classes = values + [32, 10][len(values) - 1:]
+    n, size, classes = values + [32, 10][len(values) - 1 :]
     for name, value, low in (("N", n, 1), ("SIZE", size, 1), ("CLASSES", classes, 2)):
         if value < low:
-            raise ConfigError(f"{name}={value} in dataset spec {spec!r} is too small; "
-                              f"expected {name} >= {low} in {form}")
+            raise ConfigError(
+                f"{name}={value} in dataset spec {spec!r} is too small; "
+                f"expected {name} >= {low} in {form}"
+            )
     # Test seeds continue where train seeds stop, so no test image repeats a train image.
     size_n, offset = (n, 0) if split == "train" else (max(1, n // 5), n)
     if kind == "synthetic":
         images = _SyntheticImages(size_n, size=size, num_classes=classes, seed=offset)
-        return LabeledDataset(images, spec=spec, split=split, num_classes=classes, in_channels=3,
-                              labels=images.labels.copy(),
-                              transform_description=f"synthetic: bank of {_SyntheticImages.BANK} "
-                                                    f"uniform (3,{size},{size}) images, rolled per "
-                                                    f"index, seed {offset}")
-    base = tv_datasets.FakeData(size=size_n, image_size=(3, size, size), num_classes=classes,
-                                transform=T.ToTensor(), random_offset=offset)
-    return LabeledDataset(base, spec=spec, split=split, num_classes=classes, in_channels=3,
-                          labels=functools.partial(_fake_labels, base),
-                          transform_description=f"fake: ToTensor of FakeData (3,{size},{size}), "
-                                                f"seed index+{offset}")
+        return LabeledDataset(
+            images,
+            spec=spec,
+            split=split,
+            num_classes=classes,
+            in_channels=3,
+            labels=images.labels.copy(),
+            transform_description=f"synthetic: bank of {_SyntheticImages.BANK} "
+            f"uniform (3,{size},{size}) images, rolled per "
+            f"index, seed {offset}",
+        )
+    base = tv_datasets.FakeData(
+        size=size_n,
+        image_size=(3, size, size),
+        num_classes=classes,
+        transform=T.ToTensor(),
+        random_offset=offset,
+    )
+    return LabeledDataset(
+        base,
+        spec=spec,
+        split=split,
+        num_classes=classes,
+        in_channels=3,
+        labels=functools.partial(_fake_labels, base),
+        transform_description=f"fake: ToTensor of FakeData (3,{size},{size}), seed index+{offset}",
+    )
 
 
 class _SyntheticImages(Dataset):
@@ -215,8 +266,10 @@ def _imagefolder(spec: str, args: str, split: str) -> LabeledDataset:
     if sep and head and tail.lstrip("-").isdigit():
         path_str, size = head, int(tail)
         if size < 1:
-            raise ConfigError(f"SIZE={size} in dataset spec {spec!r} must be >= 1; "
-                              "expected imagefolder:PATH:SIZE, e.g. imagefolder:/data/tiny:64")
+            raise ConfigError(
+                f"SIZE={size} in dataset spec {spec!r} must be >= 1; "
+                "expected imagefolder:PATH:SIZE, e.g. imagefolder:/data/tiny:64"
+            )
     root = Path(path_str)
     train_dir = root / "train"
     folder = train_dir
@@ -224,11 +277,19 @@ def _imagefolder(spec: str, args: str, split: str) -> LabeledDataset:
         folder = next((d for d in (root / "val", root / "test") if d.is_dir()), root / "val")
     if not folder.is_dir():
         expected = f"{root / 'val'} or {root / 'test'}" if split == "test" else str(train_dir)
-        raise DatasetNotFoundError(f"imagefolder {split} split not found: expected folder "
-                                   f"{expected} with one subfolder of images per class")
+        raise DatasetNotFoundError(
+            f"imagefolder {split} split not found: expected folder "
+            f"{expected} with one subfolder of images per class"
+        )
     resize, crop = (256, 224) if size is None else (size, size)
-    tf = T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(),
-                    T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)])
+    tf = T.Compose(
+        [
+            T.Resize(resize),
+            T.CenterCrop(crop),
+            T.ToTensor(),
+            T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
+        ]
+    )
     find_classes = tv_datasets.folder.find_classes
     try:
         if split == "test" and train_dir.is_dir():
@@ -239,21 +300,32 @@ def _imagefolder(spec: str, args: str, split: str) -> LabeledDataset:
             extra = []
             base = tv_datasets.ImageFolder(str(folder), transform=tf)
     except FileNotFoundError as e:
-        raise DatasetNotFoundError(f"no usable images for the imagefolder {split} split: "
-                                   f"{str(e).splitlines()[0]}; expected one subfolder of images "
-                                   "per class") from None
+        raise DatasetNotFoundError(
+            f"no usable images for the imagefolder {split} split: "
+            f"{str(e).splitlines()[0]}; expected one subfolder of images "
+            "per class"
+        ) from None
     if extra:
-        raise DatasetNotFoundError(f"{folder} has class folders missing from {train_dir}: "
-                                   f"{', '.join(extra)}; the test split needs the train split's "
-                                   "classes")
+        raise DatasetNotFoundError(
+            f"{folder} has class folders missing from {train_dir}: "
+            f"{', '.join(extra)}; the test split needs the train split's "
+            "classes"
+        )
     if len(base) == 0:
-        raise DatasetNotFoundError(f"no images found under {folder}; "
-                                   "expected one subfolder of images per class")
-    return LabeledDataset(base, spec=spec, split=split, num_classes=len(base.classes),
-                          in_channels=3, labels=np.asarray(base.targets, dtype=np.int64),
-                          transform_description=f"imagefolder: RGB, Resize({resize}), "
-                                                f"CenterCrop({crop}), ToTensor, "
-                                                "Normalize(ImageNet mean/std)")
+        raise DatasetNotFoundError(
+            f"no images found under {folder}; expected one subfolder of images per class"
+        )
+    return LabeledDataset(
+        base,
+        spec=spec,
+        split=split,
+        num_classes=len(base.classes),
+        in_channels=3,
+        labels=np.asarray(base.targets, dtype=np.int64),
+        transform_description=f"imagefolder: RGB, Resize({resize}), "
+        f"CenterCrop({crop}), ToTensor, "
+        "Normalize(ImageNet mean/std)",
+    )
 
 
 def _torchvision_set(spec: str, kind: str, root: str, split: str) -> LabeledDataset:
@@ -263,13 +335,20 @@ def _torchvision_set(spec: str, kind: str, root: str, split: str) -> LabeledData
         # download=False always: torchvision then only checks the files and raises RuntimeError.
         base = cls(root, train=split == "train", transform=tf, download=False)
     except RuntimeError:
-        raise DatasetNotFoundError(f"{name} not found (or corrupt) under {root} (expected "
-                                   f"{Path(root) / subdir}); kdcache never downloads: put the "
-                                   "extracted dataset there") from None
-    return LabeledDataset(base, spec=spec, split=split, num_classes=classes, in_channels=channels,
-                          labels=np.asarray(base.targets, dtype=np.int64),
-                          transform_description=f"{kind}: ToTensor, "
-                                                f"Normalize(mean={mean}, std={std})")
+        raise DatasetNotFoundError(
+            f"{name} not found (or corrupt) under {root} (expected "
+            f"{Path(root) / subdir}); kdcache never downloads: put the "
+            "extracted dataset there"
+        ) from None
+    return LabeledDataset(
+        base,
+        spec=spec,
+        split=split,
+        num_classes=classes,
+        in_channels=channels,
+        labels=np.asarray(base.targets, dtype=np.int64),
+        transform_description=f"{kind}: ToTensor, Normalize(mean={mean}, std={std})",
+    )
 
 
 def dataset_fingerprint(dataset: LabeledDataset, *, num_input_samples: int = 16) -> dict:
@@ -288,9 +367,13 @@ def dataset_fingerprint(dataset: LabeledDataset, *, num_input_samples: int = 16)
         x = dataset[i][0].detach().cpu().contiguous().numpy()
         inputs.update(np.ascontiguousarray(x, dtype="<f4").tobytes())
     labels = np.ascontiguousarray(dataset.labels, dtype="<i8")
-    return {"num_samples": n, "num_classes": int(dataset.num_classes),
-            "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
-            "inputs_sha256": inputs.hexdigest(), "input_indices": indices}
+    return {
+        "num_samples": n,
+        "num_classes": int(dataset.num_classes),
+        "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
+        "inputs_sha256": inputs.hexdigest(),
+        "input_indices": indices,
+    }
 
 
 def compare_fingerprints(expected: dict, actual: dict) -> list[str]:
@@ -298,9 +381,11 @@ def compare_fingerprints(expected: dict, actual: dict) -> list[str]:
 
     Only keys present in both are compared, since older stores may lack some.
     """
-    diffs = [f"{key}: store has {expected[key]}, dataset has {actual[key]}"
-             for key in ("num_samples", "num_classes")
-             if key in expected and key in actual and expected[key] != actual[key]]
+    diffs = [
+        f"{key}: store has {expected[key]}, dataset has {actual[key]}"
+        for key in ("num_samples", "num_classes")
+        if key in expected and key in actual and expected[key] != actual[key]
+    ]
     if "labels_sha256" in expected and "labels_sha256" in actual:
         old, new = expected["labels_sha256"], actual["labels_sha256"]
         if old != new:
@@ -310,9 +395,11 @@ def compare_fingerprints(expected: dict, actual: dict) -> list[str]:
         if old_idx is not None and new_idx is not None and list(old_idx) != list(new_idx):
             # A different N already explains different indices; report only the unexplained case.
             if expected.get("num_samples") == actual.get("num_samples"):
-                diffs.append(f"inputs sampled at different indices (store hashed {len(old_idx)}, "
-                             f"dataset {len(new_idx)}); fingerprint both with the same "
-                             "num_input_samples")
+                diffs.append(
+                    f"inputs sampled at different indices (store hashed {len(old_idx)}, "
+                    f"dataset {len(new_idx)}); fingerprint both with the same "
+                    "num_input_samples"
+                )
         elif expected["inputs_sha256"] != actual["inputs_sha256"]:
             diffs.append("inputs differ at the sampled indices")
     return diffs

@@ -13,14 +13,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from kdcache.background import BackgroundWriter
 from kdcache.config import DumpConfig
 from kdcache.datasets import build_dataset, dataset_fingerprint
-from kdcache.fidelity import Fidelity
-from kdcache.models import build_model, load_weights, weights_sha256
 from kdcache.errors import KdcacheError, StoreWriteError
+from kdcache.logits.fidelity import Fidelity
+from kdcache.models import build_model, load_weights, weights_sha256
 from kdcache.runtime import IndexedDataset, resolve_device
-from kdcache.store import StoreWriter, create_store, store_nbytes
+from kdcache.store.background import BackgroundWriter
+from kdcache.store.layout import store_nbytes
+from kdcache.store.writer import StoreWriter, create_store
 
 log = logging.getLogger("kdcache")
 
@@ -38,7 +39,7 @@ class DumpResult:
     wall_time_s: float
     #: Seconds of the teacher-and-write loop alone (wall time less dataset, model and store setup).
     loop_time_s: float = 0.0
-    #: The encoding's fidelity over the rows this run computed (kdcache.fidelity), if any.
+    #: The encoding's fidelity over the rows this run computed (kdcache.logits.fidelity), if any.
     fidelity: Fidelity | None = None
 
     @property
@@ -70,15 +71,26 @@ def _resumable_on_os_error(action: str) -> Iterator[None]:
         ) from None
 
 
-def _fill(writer: StoreWriter, teacher: torch.nn.Module, loader: DataLoader, *, device: torch.device,
-          total: int, where: str) -> None:
+def _fill(
+    writer: StoreWriter,
+    teacher: torch.nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device,
+    total: int,
+    where: str,
+) -> None:
     """Run the teacher over ``loader`` into ``writer``; a write failure leaves the store resumable.
 
     Encoding, compression and writing run in a background thread while the teacher computes the
     next batch; a failure there surfaces at the next batch (or at the end) as the same one line.
     """
-    with (_resumable_on_os_error(f"writing {where}"), torch.inference_mode(), BackgroundWriter(writer) as background,
-          tqdm(total=total, unit="sample", desc="dump", disable=None) as bar):
+    with (
+        _resumable_on_os_error(f"writing {where}"),
+        torch.inference_mode(),
+        BackgroundWriter(writer) as background,
+        tqdm(total=total, unit="sample", desc="dump", disable=None) as bar,
+    ):
         for inputs, _, indices in loader:
             logits = teacher(inputs.to(device, non_blocking=True))
             background.write(indices, logits)
@@ -90,7 +102,9 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
     started = time.perf_counter()
     device = resolve_device(config.device)
     dataset = build_dataset(config.dataset, split=config.split)
-    teacher = build_model(config.teacher, num_classes=dataset.num_classes, in_channels=dataset.in_channels)
+    teacher = build_model(
+        config.teacher, num_classes=dataset.num_classes, in_channels=dataset.in_channels
+    )
     if config.weights is not None:
         load_weights(teacher, config.weights, spec=config.teacher)
     teacher.to(device).eval().requires_grad_(False)
@@ -117,10 +131,16 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
     ) as writer:
         pending = writer.pending_indices()
         batches = pending_batches(pending, num_samples=len(dataset), batch_size=config.batch_size)
-        loader = DataLoader(IndexedDataset(dataset), batch_sampler=batches, num_workers=config.num_workers,
-                            pin_memory=device.type == "cuda")
+        loader = DataLoader(
+            IndexedDataset(dataset),
+            batch_sampler=batches,
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
+        )
         loop_started = time.perf_counter()
-        _fill(writer, teacher, loader, device=device, total=sum(map(len, batches)), where=config.out)
+        _fill(
+            writer, teacher, loader, device=device, total=sum(map(len, batches)), where=config.out
+        )
         loop_time_s = time.perf_counter() - loop_started
         with _resumable_on_os_error(f"marking {config.out} complete"):
             writer.finalize()
@@ -135,4 +155,3 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
         loop_time_s=loop_time_s,
         fidelity=writer.fidelity.result(),
     )
-

@@ -22,18 +22,24 @@ from torch import nn
 from kdcache.errors import CheckpointError, ConfigError, SpecError
 
 BUILTIN_MODELS = ("mlp", "cnn")
-_VALID = ("Valid: mlp, cnn, any torchvision classification model "
-          "(torchvision.models.list_models()), or package.module:function")
+_VALID = (
+    "Valid: mlp, cnn, any torchvision classification model "
+    "(torchvision.models.list_models()), or package.module:function"
+)
 # Without these, these models return namedtuples in train mode and warn about their init.
-_TORCHVISION_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
-                       "inception_v3": {"aux_logits": False, "init_weights": True}}
+_TORCHVISION_KWARGS = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
 
 
 def build_model(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
     """Build the model a spec names, with ``num_classes`` outputs and ``in_channels`` inputs."""
     if num_classes < 1 or in_channels < 1:
-        raise ConfigError(f"model {spec!r} needs num_classes >= 1 and in_channels >= 1, "
-                          f"got num_classes={num_classes}, in_channels={in_channels}")
+        raise ConfigError(
+            f"model {spec!r} needs num_classes >= 1 and in_channels >= 1, "
+            f"got num_classes={num_classes}, in_channels={in_channels}"
+        )
     name, sep, arg = spec.partition(":")
     if name == "mlp":
         hidden = _positive_ints(spec, arg, "mlp, mlp:HIDDEN or mlp:H1,H2, e.g. mlp:256,128")
@@ -41,8 +47,9 @@ def build_model(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
     if name == "cnn":
         width = _positive_ints(spec, arg, "cnn or cnn:WIDTH, e.g. cnn:32")
         if len(width) > 1:
-            raise SpecError(f"malformed model spec {spec!r}; expected cnn or cnn:WIDTH, "
-                            "e.g. cnn:32")
+            raise SpecError(
+                f"malformed model spec {spec!r}; expected cnn or cnn:WIDTH, e.g. cnn:32"
+            )
         return _cnn(in_channels, width[0] if width else 32, num_classes)
     if sep:
         return _user_model(spec, name, arg, num_classes, in_channels)
@@ -78,10 +85,16 @@ def _mlp(in_channels: int, hidden: list[int], num_classes: int) -> nn.Module:
 
 def _cnn(in_channels: int, width: int, num_classes: int) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(in_channels, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.BatchNorm2d(2 * width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, num_classes),
     )
 
 
@@ -90,40 +103,57 @@ def _torchvision_names() -> list[str]:
 
 
 def _torchvision_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes,
-                                         **_TORCHVISION_KWARGS.get(name, {}))
+    model = torchvision.models.get_model(
+        name, weights=None, num_classes=num_classes, **_TORCHVISION_KWARGS.get(name, {})
+    )
     if in_channels != 3:
         path, conv = next((p, m) for p, m in model.named_modules() if isinstance(m, nn.Conv2d))
         if conv.groups != 1 and in_channels % conv.groups:
-            raise ConfigError(f"model {name!r} cannot take in_channels={in_channels}: its first "
-                              f"convolution has {conv.groups} groups; use in_channels=3")
-        new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                        padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                        bias=conv.bias is not None, padding_mode=conv.padding_mode)
+            raise ConfigError(
+                f"model {name!r} cannot take in_channels={in_channels}: its first "
+                f"convolution has {conv.groups} groups; use in_channels=3"
+            )
+        new = nn.Conv2d(
+            in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+        )
         parent_path, _, attr = path.rpartition(".")
         setattr(model.get_submodule(parent_path), attr, new)
     return model
 
 
-def _user_model(spec: str, module_name: str, func_name: str, num_classes: int,
-                in_channels: int) -> nn.Module:
+def _user_model(
+    spec: str, module_name: str, func_name: str, num_classes: int, in_channels: int
+) -> nn.Module:
     form = "package.module:function"
     if not module_name or not func_name:
         raise SpecError(f"malformed model spec {spec!r}; expected {form}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise SpecError(f"cannot import module {module_name!r} for model spec {spec!r} ({e}); "
-                        f"expected {form} with the module on PYTHONPATH") from None
+        raise SpecError(
+            f"cannot import module {module_name!r} for model spec {spec!r} ({e}); "
+            f"expected {form} with the module on PYTHONPATH"
+        ) from None
     func = getattr(module, func_name, None)
     if not callable(func):
-        raise SpecError(f"module {module_name!r} has no function {func_name!r} "
-                        f"(model spec {spec!r}); expected {form}")
+        raise SpecError(
+            f"module {module_name!r} has no function {func_name!r} "
+            f"(model spec {spec!r}); expected {form}"
+        )
     try:
         inspect.signature(func).bind(num_classes=num_classes, in_channels=in_channels)
     except TypeError:
-        raise SpecError(f"{spec} must accept keyword arguments num_classes and "
-                        "in_channels") from None
+        raise SpecError(
+            f"{spec} must accept keyword arguments num_classes and in_channels"
+        ) from None
     except ValueError:
         pass  # no introspectable signature (some builtins): just call it
     model = func(num_classes=num_classes, in_channels=in_channels)
@@ -145,9 +175,11 @@ def load_weights(model: nn.Module, path: str | Path, *, spec: str | None = None)
     elif isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         state, metadata = obj, {}
     else:
-        raise CheckpointError(f"{path} holds a {type(obj).__name__} that is not a state_dict; "
-                              "expected torch.save(model.state_dict()) or a checkpoint dict with "
-                              "key 'state_dict'")
+        raise CheckpointError(
+            f"{path} holds a {type(obj).__name__} that is not a state_dict; "
+            "expected torch.save(model.state_dict()) or a checkpoint dict with "
+            "key 'state_dict'"
+        )
     problems = _fit_problems(model, state)
     if problems:
         name = spec or type(model).__name__
@@ -160,19 +192,25 @@ def _load_trusted(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"weights file {path} not found; expected a file written by "
-                              "'kdcache train' or torch.save(model.state_dict(), path)") from None
+        raise CheckpointError(
+            f"weights file {path} not found; expected a file written by "
+            "'kdcache train' or torch.save(model.state_dict(), path)"
+        ) from None
     except pickle.UnpicklingError as e:
         # torch's message is many lines; its own reason follows this marker.
         reason = _first_sentence(str(e).partition("WeightsUnpickler error:")[2])
-        raise CheckpointError(f"cannot load {path}: it is corrupt or holds objects other than "
-                              f"tensors and plain containers ({reason or 'unreadable pickle'}); "
-                              "kdcache only loads weights_only files: save "
-                              "model.state_dict() instead") from None
+        raise CheckpointError(
+            f"cannot load {path}: it is corrupt or holds objects other than "
+            f"tensors and plain containers ({reason or 'unreadable pickle'}); "
+            "kdcache only loads weights_only files: save "
+            "model.state_dict() instead"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         reason = _first_sentence(str(e)) or type(e).__name__
-        raise CheckpointError(f"cannot load {path}: the file is corrupt or not a torch.save file "
-                              f"({reason}); re-create it with torch.save") from None
+        raise CheckpointError(
+            f"cannot load {path}: the file is corrupt or not a torch.save file "
+            f"({reason}); re-create it with torch.save"
+        ) from None
 
 
 def _first_sentence(text: str) -> str:
@@ -195,8 +233,9 @@ def _fit_problems(model: nn.Module, state: Mapping) -> str:
     if mismatched:
         k = mismatched[0]
         more = f" and {len(mismatched) - 1} more" if len(mismatched) > 1 else ""
-        parts.append(f"shape mismatch for {k}: checkpoint {_shape(state[k])} vs model "
-                     f"{_shape(own[k])}{more}")
+        parts.append(
+            f"shape mismatch for {k}: checkpoint {_shape(state[k])} vs model {_shape(own[k])}{more}"
+        )
     return ", ".join(parts)
 
 
@@ -213,8 +252,7 @@ def weights_sha256(path: str | Path) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     except FileNotFoundError:
-        raise CheckpointError(f"weights file {path} not found; expected an existing "
-                              "file") from None
+        raise CheckpointError(f"weights file {path} not found; expected an existing file") from None
     except OSError as e:
         raise CheckpointError(f"cannot read weights file {path}: {e.strerror}") from None
     return digest.hexdigest()

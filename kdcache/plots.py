@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from kdcache.reader import StoreReader
+    from kdcache.store.reader import StoreReader
 
 #: Suffixes a figure path may end with; matplotlib picks the format from it.
 FIGURE_FORMATS = ("png", "pdf", "svg")
@@ -60,7 +60,9 @@ def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
         figure.savefig(temporary, format=fmt, dpi=100)
         os.replace(temporary, target)
     except OSError as error:
-        raise KdcacheError(f"cannot write figure {target}: {error.strerror}; choose a writable path") from None
+        raise KdcacheError(
+            f"cannot write figure {target}: {error.strerror}; choose a writable path"
+        ) from None
     return target
 
 
@@ -75,22 +77,38 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return records
 
 
-def plot_curves(metrics: str | os.PathLike[str], path: str | os.PathLike[str], *, title: str = "") -> Path:
+def plot_curves(
+    metrics: str | os.PathLike[str], path: str | os.PathLike[str], *, title: str = ""
+) -> Path:
     """Training/validation loss and validation accuracy per epoch, from a ``metrics.jsonl``."""
     records = read_metrics(metrics)
     epochs = [r["epoch"] for r in records]
     figure = _new_figure(width=9, height=3.4)
     loss_axes, acc_axes = figure.subplots(1, 2)
-    loss_axes.plot(epochs, [r["train_loss"] for r in records], marker="o", ms=3, label="train (objective)")
-    loss_axes.plot(epochs, [r["val_loss"] for r in records], marker="o", ms=3, label="validation (cross-entropy)")
+    loss_axes.plot(
+        epochs, [r["train_loss"] for r in records], marker="o", ms=3, label="train (objective)"
+    )
+    loss_axes.plot(
+        epochs,
+        [r["val_loss"] for r in records],
+        marker="o",
+        ms=3,
+        label="validation (cross-entropy)",
+    )
     loss_axes.set(xlabel="epoch", ylabel="loss", title="loss")
     loss_axes.legend(fontsize="small")
     accuracy = [r["val_acc"] for r in records]
     acc_axes.plot(epochs, accuracy, marker="o", ms=3, color="tab:green")
     if records:
         best = int(np.argmax(accuracy))
-        acc_axes.annotate(f"best {accuracy[best]:.2f}% (epoch {epochs[best]})", (epochs[best], accuracy[best]),
-                          xytext=(0, -18), textcoords="offset points", ha="center", fontsize="small")
+        acc_axes.annotate(
+            f"best {accuracy[best]:.2f}% (epoch {epochs[best]})",
+            (epochs[best], accuracy[best]),
+            xytext=(0, -18),
+            textcoords="offset points",
+            ha="center",
+            fontsize="small",
+        )
     acc_axes.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
     for axes in (loss_axes, acc_axes):
         axes.grid(alpha=0.3)
@@ -129,13 +147,22 @@ def plot_distributions(
         x = np.arange(len(classes))
         width = 0.27
         for offset, (probs, name) in enumerate(
-            ((teacher_t, f"teacher, T={temperature:g}"), (student_t, f"student, T={temperature:g}"),
-             (student_1, "student, T=1"))
+            (
+                (teacher_t, f"teacher, T={temperature:g}"),
+                (student_t, f"student, T={temperature:g}"),
+                (student_1, "student, T=1"),
+            )
         ):
             axes.bar(x + (offset - 1) * width, probs[row, classes].numpy(), width, label=name)
         hard = classes.index(label)
-        axes.axvspan(hard - 1.5 * width, hard + 1.5 * width, color="gold", alpha=0.3, zorder=0,
-                     label="hard label")
+        axes.axvspan(
+            hard - 1.5 * width,
+            hard + 1.5 * width,
+            color="gold",
+            alpha=0.3,
+            zorder=0,
+            label="hard label",
+        )
         axes.set_xticks(x, [str(c) for c in classes])
         axes.set(ylim=(0, 1.05), ylabel="probability", title=f"sample {ids[row]} (label {label})")
         axes.grid(axis="y", alpha=0.3)
@@ -149,28 +176,44 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], *, title: str = "") -> Path:
+def plot_sweep(
+    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], *, title: str = ""
+) -> Path:
     """Best and final validation accuracy against temperature, one line per (loss, alpha).
 
     ``rows`` are per-run records with ``loss``, ``alpha``, ``temperature``, ``best_val_acc`` and
     ``final_val_acc``; points are the mean over seeds, error bars one standard deviation.
     """
-    groups: dict[tuple[str, float], dict[float, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    groups: dict[tuple[str, float], dict[float, list[Mapping[str, Any]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     for row in rows:
         groups[(row["loss"], float(row["alpha"]))][float(row["temperature"])].append(row)
     temperatures = sorted({float(row["temperature"]) for row in rows})
     figure = _new_figure(width=10, height=3.8)
-    for axes, key, name in zip(figure.subplots(1, 2), ("best_val_acc", "final_val_acc"), ("best", "final")):
+    for axes, key, name in zip(
+        figure.subplots(1, 2), ("best_val_acc", "final_val_acc"), ("best", "final"), strict=False
+    ):
         for (loss, alpha), by_temperature in sorted(groups.items()):
             xs = sorted(by_temperature)
             stats = [_mean_std([float(r[key]) for r in by_temperature[t]]) for t in xs]
-            axes.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", ms=4,
-                          capsize=3, label=f"{loss}, alpha={alpha:g}")
+            axes.errorbar(
+                xs,
+                [m for m, _ in stats],
+                yerr=[s for _, s in stats],
+                marker="o",
+                ms=4,
+                capsize=3,
+                label=f"{loss}, alpha={alpha:g}",
+            )
         if temperatures and temperatures[-1] / temperatures[0] > 4:
             axes.set_xscale("log", base=2)
         axes.set_xticks(temperatures, [f"{t:g}" for t in temperatures])
-        axes.set(xlabel="temperature T", ylabel="validation accuracy (%)",
-                 title=f"{name} validation accuracy (mean ± std over seeds)")
+        axes.set(
+            xlabel="temperature T",
+            ylabel="validation accuracy (%)",
+            title=f"{name} validation accuracy (mean ± std over seeds)",
+        )
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
     if title:
@@ -178,7 +221,9 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], 
     return _save(figure, path)
 
 
-def _store_summary(reader: StoreReader, temperatures: Sequence[float]) -> tuple[dict[float, np.ndarray], dict[float, np.ndarray], np.ndarray]:
+def _store_summary(
+    reader: StoreReader, temperatures: Sequence[float]
+) -> tuple[dict[float, np.ndarray], dict[float, np.ndarray], np.ndarray]:
     """Per-row max probability and entropy at each temperature, and the teacher's argmax."""
     max_prob: dict[float, list[np.ndarray]] = {t: [] for t in temperatures}
     entropy: dict[float, list[np.ndarray]] = {t: [] for t in temperatures}
@@ -198,10 +243,18 @@ def _joined(parts: dict[float, list[np.ndarray]]) -> dict[float, np.ndarray]:
     return {t: np.concatenate(blocks) for t, blocks in parts.items()}
 
 
-def _per_class_accuracy(axes: Axes, predicted: np.ndarray, labels: np.ndarray | None, num_classes: int,
-                        split: str) -> None:
+def _per_class_accuracy(
+    axes: Axes, predicted: np.ndarray, labels: np.ndarray | None, num_classes: int, split: str
+) -> None:
     if labels is None:
-        axes.text(0.5, 0.5, "the store holds no labels", ha="center", va="center", transform=axes.transAxes)
+        axes.text(
+            0.5,
+            0.5,
+            "the store holds no labels",
+            ha="center",
+            va="center",
+            transform=axes.transAxes,
+        )
         axes.set_axis_off()
         return
     counts = np.bincount(labels, minlength=num_classes)
@@ -217,30 +270,43 @@ def _per_class_accuracy(axes: Axes, predicted: np.ndarray, labels: np.ndarray | 
         axes.set(xlabel="classes, sorted by accuracy")
     axes.axhline(overall, color="black", lw=1, ls="--", label=f"overall {overall:.2f}%")
     low = max(0.0, math.floor(float(accuracy[counts > 0].min(initial=100.0)) - 2))
-    axes.set(ylabel="teacher accuracy (%)", title=f"per-class teacher accuracy ({split} split)", ylim=(low, 100.5))
+    axes.set(
+        ylabel="teacher accuracy (%)",
+        title=f"per-class teacher accuracy ({split} split)",
+        ylim=(low, 100.5),
+    )
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small", loc="lower right")
 
 
-def plot_store(reader: StoreReader, path: str | os.PathLike[str], *, temperatures: Sequence[float] = (1.0, 4.0)) -> Path:
+def plot_store(
+    reader: StoreReader, path: str | os.PathLike[str], *, temperatures: Sequence[float] = (1.0, 4.0)
+) -> Path:
     """Histograms of the teacher's max probability and entropy at each temperature, and its
     per-class accuracy against the labels stored with the logits."""
     max_prob, entropy, predicted = _store_summary(reader, temperatures)
-    max_entropy = max(math.log(reader.num_classes), 1e-3)  # one class: zero entropy, still a valid range
+    max_entropy = max(
+        math.log(reader.num_classes), 1e-3
+    )  # one class: zero entropy, still a valid range
     figure = _new_figure(width=13, height=3.6)
     prob_axes, entropy_axes, class_axes = figure.subplots(1, 3)
     for t in temperatures:
         prob_axes.hist(max_prob[t], bins=40, range=(0, 1), alpha=0.6, label=f"T={t:g}")
         entropy_axes.hist(entropy[t], bins=40, range=(0, max_entropy), alpha=0.6, label=f"T={t:g}")
     prob_axes.set(xlabel="max class probability", ylabel="samples", title="teacher confidence")
-    entropy_axes.set(xlabel=f"entropy (nats, max ln {reader.num_classes} = {math.log(reader.num_classes):.2f})",
-                     ylabel="samples", title="teacher entropy")
+    entropy_axes.set(
+        xlabel=f"entropy (nats, max ln {reader.num_classes} = {math.log(reader.num_classes):.2f})",
+        ylabel="samples",
+        title="teacher entropy",
+    )
     for axes in (prob_axes, entropy_axes):
         axes.legend(fontsize="small")
         axes.grid(alpha=0.3)
     split = (reader.metadata.dataset or {}).get("split", "stored")
     _per_class_accuracy(class_axes, predicted, reader.labels, reader.num_classes, split)
     teacher = (reader.metadata.teacher or {}).get("spec", "unknown teacher")
-    figure.suptitle(f"{reader.where}: {reader.num_samples} samples, {reader.num_classes} classes, "
-                    f"{reader.metadata.encoding}, teacher {teacher}")
+    figure.suptitle(
+        f"{reader.where}: {reader.num_samples} samples, {reader.num_classes} classes, "
+        f"{reader.metadata.encoding}, teacher {teacher}"
+    )
     return _save(figure, path)

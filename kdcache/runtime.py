@@ -21,7 +21,9 @@ def resolve_device(name: str | None) -> torch.device:
     except RuntimeError:
         raise ConfigError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was requested but CUDA is not available here; use --device cpu")
+        raise ConfigError(
+            f"device {name!r} was requested but CUDA is not available here; use --device cpu"
+        )
     return device
 
 
@@ -66,7 +68,9 @@ def make_loader(
     )
 
 
-def prepare_output_dir(path: str | os.PathLike[str], *, overwrite: bool, marker: str = "last.pt") -> Path:
+def prepare_output_dir(
+    path: str | os.PathLike[str], *, overwrite: bool, marker: str = "last.pt"
+) -> Path:
     """Create the run folder, refusing to clobber a finished run unless ``overwrite``."""
     out = Path(path)
     if (out / marker).exists() and not overwrite:
@@ -80,7 +84,9 @@ def prepare_output_dir(path: str | os.PathLike[str], *, overwrite: bool, marker:
         probe.write_text("")
         probe.unlink()
     except OSError as error:
-        raise KdcacheError(f"cannot write to output folder {out}: {error.strerror}; choose a writable --out") from None
+        raise KdcacheError(
+            f"cannot write to output folder {out}: {error.strerror}; choose a writable --out"
+        ) from None
     return out
 
 

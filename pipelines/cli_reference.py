@@ -18,7 +18,9 @@ MARKER = "<!-- generated below by pipelines/cli_reference.py; do not edit by han
 
 
 def command_help(command: click.Command, name: str, parent: click.Context | None) -> str:
-    context = click.Context(command, info_name=name, parent=parent, terminal_width=100, max_content_width=100)
+    context = click.Context(
+        command, info_name=name, parent=parent, terminal_width=100, max_content_width=100
+    )
     return command.get_help(context)
 
 
@@ -30,11 +32,15 @@ def reference() -> str:
         assert command is not None
         sections.append(f"## kdcache {name}\n\n```text\n{command_help(command, name, root)}\n```\n")
         if isinstance(command, click.Group):  # e.g. `kdcache bench feed`
-            group = click.Context(command, info_name=name, parent=root, terminal_width=100, max_content_width=100)
+            group = click.Context(
+                command, info_name=name, parent=root, terminal_width=100, max_content_width=100
+            )
             for sub_name in sorted(command.list_commands(group)):
                 sub = command.get_command(group, sub_name)
                 assert sub is not None
-                sections.append(f"## kdcache {name} {sub_name}\n\n```text\n{command_help(sub, sub_name, group)}\n```\n")
+                sections.append(
+                    f"## kdcache {name} {sub_name}\n\n```text\n{command_help(sub, sub_name, group)}\n```\n"
+                )
     return "\n".join(sections)
 
 

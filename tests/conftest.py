@@ -26,19 +26,36 @@ def cli_environment(env: dict[str, str] | None = None) -> dict[str, str]:
 
 def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``python -m kdcache ARGS`` without waiting for it (to kill it midway)."""
-    return subprocess.Popen([sys.executable, "-m", "kdcache", *args], env=cli_environment(env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdcache", *args],
+        env=cli_environment(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
-def run_cli(*args: str, cwd: Path | None = None, check: bool = True, env: dict[str, str] | None = None,
-            preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str,
+    cwd: Path | None = None,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> subprocess.CompletedProcess:
     """Run ``python -m kdcache ARGS`` in a fresh process, as a user would."""
     result = subprocess.run(
-        [sys.executable, "-m", "kdcache", *args], cwd=cwd, env=cli_environment(env),
-        capture_output=True, text=True, timeout=600, preexec_fn=preexec_fn,
+        [sys.executable, "-m", "kdcache", *args],
+        cwd=cwd,
+        env=cli_environment(env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=preexec_fn,
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"kdcache {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        raise AssertionError(
+            f"kdcache {' '.join(args)} failed ({result.returncode}):\n{result.stderr}"
+        )
     return result
 
 
@@ -56,7 +73,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small cnn teacher trained for two epochs on digits (checkpoint path)."""
     from kdcache import TrainConfig
-    from kdcache.training import train
+    from kdcache.train.loop import train
 
     out = tmp_path_factory.mktemp("teacher")
     train(TrainConfig(model="cnn:8", dataset="digits", out=str(out), epochs=2, batch_size=64))
@@ -70,7 +87,15 @@ def digits_store(tmp_path_factory: pytest.TempPathFactory, digits_teacher: Path)
     from kdcache.dump import dump_teacher
 
     out = tmp_path_factory.mktemp("stores") / "digits.zarr"
-    dump_teacher(DumpConfig(teacher="cnn:8", weights=str(digits_teacher), out=str(out), encoding="float32", device="cpu"))
+    dump_teacher(
+        DumpConfig(
+            teacher="cnn:8",
+            weights=str(digits_teacher),
+            out=str(out),
+            encoding="float32",
+            device="cpu",
+        )
+    )
     return out
 
 
@@ -82,8 +107,12 @@ def s3_server() -> Iterator[dict[str, str]]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    yield {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    yield {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
     server.stop()
 
 

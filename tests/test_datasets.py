@@ -11,8 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from kdcache.datasets import (DATASET_KINDS, LabeledDataset, build_dataset, compare_fingerprints,
-                              dataset_fingerprint)
+from kdcache.datasets import (
+    DATASET_KINDS,
+    LabeledDataset,
+    build_dataset,
+    compare_fingerprints,
+    dataset_fingerprint,
+)
 from kdcache.errors import ConfigError, DatasetNotFoundError, SpecError
 
 
@@ -138,9 +143,10 @@ def test_imagefolder_missing_folders(tmp_path):
         build_dataset(f"imagefolder:{tmp_path / 'empty'}", split="test")
 
 
-@pytest.mark.parametrize("kind, expected", [("cifar10", "cifar-10-batches-py"),
-                                            ("cifar100", "cifar-100-python"),
-                                            ("mnist", "MNIST/raw")])
+@pytest.mark.parametrize(
+    "kind, expected",
+    [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"), ("mnist", "MNIST/raw")],
+)
 def test_torchvision_sets_absent(tmp_path, kind, expected):
     with pytest.raises(DatasetNotFoundError) as info:
         build_dataset(f"{kind}:{tmp_path}")
@@ -150,21 +156,24 @@ def test_torchvision_sets_absent(tmp_path, kind, expected):
     assert not any(tmp_path.iterdir())  # nothing was fetched or created
 
 
-@pytest.mark.parametrize("spec, error, fragment", [
-    ("cifar11:/x", SpecError, "valid kinds: digits, fake"),
-    ("", SpecError, "valid kinds"),
-    ("fake:abc", SpecError, "fake:N or fake:N:SIZE:CLASSES"),
-    ("fake:1:2:3:4", SpecError, "fake:N or fake:N:SIZE:CLASSES"),
-    ("fake", SpecError, "fake:N"),
-    ("fake:0", ConfigError, "N >= 1"),
-    ("fake:5:0", ConfigError, "SIZE >= 1"),
-    ("fake:5:8:1", ConfigError, "CLASSES >= 2"),
-    ("cifar10", SpecError, "cifar10:ROOT"),
-    ("mnist:", SpecError, "mnist:ROOT"),
-    ("imagefolder", SpecError, "imagefolder:PATH"),
-    ("imagefolder:/x:0", ConfigError, "SIZE=0"),
-    ("digits:5", SpecError, "expected 'digits'"),
-])
+@pytest.mark.parametrize(
+    "spec, error, fragment",
+    [
+        ("cifar11:/x", SpecError, "valid kinds: digits, fake"),
+        ("", SpecError, "valid kinds"),
+        ("fake:abc", SpecError, "fake:N or fake:N:SIZE:CLASSES"),
+        ("fake:1:2:3:4", SpecError, "fake:N or fake:N:SIZE:CLASSES"),
+        ("fake", SpecError, "fake:N"),
+        ("fake:0", ConfigError, "N >= 1"),
+        ("fake:5:0", ConfigError, "SIZE >= 1"),
+        ("fake:5:8:1", ConfigError, "CLASSES >= 2"),
+        ("cifar10", SpecError, "cifar10:ROOT"),
+        ("mnist:", SpecError, "mnist:ROOT"),
+        ("imagefolder", SpecError, "imagefolder:PATH"),
+        ("imagefolder:/x:0", ConfigError, "SIZE=0"),
+        ("digits:5", SpecError, "expected 'digits'"),
+    ],
+)
 def test_bad_specs(spec, error, fragment):
     with pytest.raises(error, match=fragment) as info:
         build_dataset(spec)
@@ -177,7 +186,15 @@ def test_bad_split():
 
 
 def test_kinds_listed():
-    assert DATASET_KINDS == ("digits", "fake", "synthetic", "imagefolder", "cifar10", "cifar100", "mnist")
+    assert DATASET_KINDS == (
+        "digits",
+        "fake",
+        "synthetic",
+        "imagefolder",
+        "cifar10",
+        "cifar100",
+        "mnist",
+    )
 
 
 def test_fingerprint_equal_for_same_dataset():
@@ -201,11 +218,13 @@ def test_fingerprint_differences():
     train = build_dataset("fake:20")
     shifted = dict(dataset_fingerprint(train), inputs_sha256="0" * 64)
     assert compare_fingerprints(shifted, dataset_fingerprint(train)) == [
-        "inputs differ at the sampled indices"]
+        "inputs differ at the sampled indices"
+    ]
     relabeled = dict(dataset_fingerprint(train), labels_sha256="ab12" + "0" * 60)
     actual = dataset_fingerprint(train)
     assert compare_fingerprints(relabeled, actual) == [
-        f"labels differ (sha256 ab1200000000… vs {actual['labels_sha256'][:12]}…)"]
+        f"labels differ (sha256 ab1200000000… vs {actual['labels_sha256'][:12]}…)"
+    ]
     fewer = dataset_fingerprint(train, num_input_samples=4)
     assert "different indices" in compare_fingerprints(fewer, dataset_fingerprint(train))[0]
 
@@ -218,6 +237,7 @@ def test_fingerprint_tolerates_older_stores():
 
 def test_fingerprint_labels_hash_is_little_endian_int64():
     import hashlib
+
     ds = build_dataset("fake:10")
     expected = hashlib.sha256(ds.labels.astype("<i8").tobytes()).hexdigest()
     assert dataset_fingerprint(ds)["labels_sha256"] == expected
@@ -235,9 +255,10 @@ def test_pickle_round_trip(tmp_path):
 
 def test_dataloader_spawn_worker():
     ds = build_dataset("digits", split="test")
-    loader = torch.utils.data.DataLoader(ds, batch_size=90, num_workers=1,
-                                         multiprocessing_context="spawn")
-    xs, ys = zip(*loader)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=90, num_workers=1, multiprocessing_context="spawn"
+    )
+    xs, ys = zip(*loader, strict=False)
     assert torch.equal(torch.cat(ys), torch.from_numpy(ds.labels))
     assert torch.equal(torch.cat(xs)[17], ds[17][0])
 

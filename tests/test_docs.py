@@ -12,7 +12,9 @@ from conftest import REPO_ROOT
 def test_cli_reference_is_up_to_date():
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "pipelines" / "cli_reference.py"), "--check"],
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
 

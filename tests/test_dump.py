@@ -11,19 +11,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
 from conftest import assert_one_line_error, run_cli, start_cli
+
 from kdcache import DumpConfig, open_store
 from kdcache.datasets import build_dataset
 from kdcache.dump import dump_teacher, pending_batches
 from kdcache.errors import InvalidLogitsError, StoreIncompleteError
-from kdcache.verify import verify_store
+from kdcache.store.verify import verify_store
 
 DATASET = "fake:200:8:10"
 NUM_CHUNKS = 10
 # 15 does not divide the 20-row chunks, so resumed batches straddle written and pending chunks.
-DUMP = ("dump-teacher", "--dataset", DATASET, "--chunk-rows", "20", "--batch-size", "15",
-        "--encoding", "float32", "--device", "cpu")
+DUMP = (
+    "dump-teacher",
+    "--dataset",
+    DATASET,
+    "--chunk-rows",
+    "20",
+    "--batch-size",
+    "15",
+    "--encoding",
+    "float32",
+    "--device",
+    "cpu",
+)
 
 
 def written_flags(store: Path) -> int:
@@ -40,7 +51,9 @@ def assert_same_store(store: Path, reference: Path) -> None:
     got, expected = store_contents(store), store_contents(reference)
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
-    attributes = [dict(zarr.open_group(str(s), mode="r").attrs["kdcache"]) for s in (store, reference)]
+    attributes = [
+        dict(zarr.open_group(str(s), mode="r").attrs["kdcache"]) for s in (store, reference)
+    ]
     for record in attributes:
         record.pop("created_at")
         # The fidelity estimate samples the rows computed by the run that finished the store.
@@ -59,32 +72,47 @@ def reference_store(tmp_path_factory) -> Path:
 
 def dump_config(out: Path, **changes) -> DumpConfig:
     """The Python equivalent of DUMP with the seeded teacher (same logits as teachers:slow)."""
-    options = dict(teacher="teachers:slow", dataset=DATASET, chunk_rows=20, batch_size=15, encoding="float32",
-                   device="cpu", out=str(out))
+    options = dict(
+        teacher="teachers:slow",
+        dataset=DATASET,
+        chunk_rows=20,
+        batch_size=15,
+        encoding="float32",
+        device="cpu",
+        out=str(out),
+    )
     return DumpConfig(**{**options, **changes})
 
 
 def wait_for(process: subprocess.Popen, condition, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert process.poll() is None, f"dump ended before the kill point:\n{process.communicate()[1]}"
+        assert process.poll() is None, (
+            f"dump ended before the kill point:\n{process.communicate()[1]}"
+        )
         assert time.monotonic() < deadline, "kill point never reached"
         time.sleep(0.002)
 
 
 @pytest.mark.parametrize("kill_after_chunks", [0, 1, 6])
-def test_a_sigkilled_dump_reports_incomplete_and_resumes_bit_identical(tmp_path, reference_store, kill_after_chunks):
+def test_a_sigkilled_dump_reports_incomplete_and_resumes_bit_identical(
+    tmp_path, reference_store, kill_after_chunks
+):
     out, gate = tmp_path / "t.zarr", tmp_path / "gate"
     if kill_after_chunks == 0:
         gate.touch()  # the teacher waits before its first batch: kill during or right after creation
-    process = start_cli(*DUMP, "--teacher", "teachers:slow", "--out", str(out), env={"KDCACHE_TEST_GATE": str(gate)})
+    process = start_cli(
+        *DUMP, "--teacher", "teachers:slow", "--out", str(out), env={"KDCACHE_TEST_GATE": str(gate)}
+    )
     if kill_after_chunks == 0:
         wait_for(process, lambda: (out / "zarr.json").exists())
     else:
         wait_for(process, lambda: written_flags(out) >= kill_after_chunks)
         gate.touch()  # hold the dump (at most a batch later) so it cannot finish before the kill
     if kill_after_chunks == 1:
-        second = run_cli(*DUMP, "--teacher", "teachers:slow", "--out", str(out), "--resume", check=False)
+        second = run_cli(
+            *DUMP, "--teacher", "teachers:slow", "--out", str(out), "--resume", check=False
+        )
         assert_one_line_error(second, "being written by another writer", f"pid {process.pid} ")
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -92,11 +120,24 @@ def test_a_sigkilled_dump_reports_incomplete_and_resumes_bit_identical(tmp_path,
 
     done = written_flags(out)
     assert kill_after_chunks <= done < NUM_CHUNKS
-    with pytest.raises(StoreIncompleteError, match=f"{done} of {NUM_CHUNKS} chunks \\({20 * done} of 200 samples"):
+    with pytest.raises(
+        StoreIncompleteError, match=f"{done} of {NUM_CHUNKS} chunks \\({20 * done} of 200 samples"
+    ):
         open_store(out)
-    assert verify_store(out).problems[0].startswith(f"unfinished dump: {done} of {NUM_CHUNKS} chunks")
+    assert (
+        verify_store(out).problems[0].startswith(f"unfinished dump: {done} of {NUM_CHUNKS} chunks")
+    )
     if kill_after_chunks == 1:
-        refused = run_cli("distill", "--student", "mlp:8", "--cache", str(out), "--out", str(tmp_path / "run"), check=False)
+        refused = run_cli(
+            "distill",
+            "--student",
+            "mlp:8",
+            "--cache",
+            str(out),
+            "--out",
+            str(tmp_path / "run"),
+            check=False,
+        )
         assert_one_line_error(refused, "unfinished dump", "--resume")
         assert not (tmp_path / "run" / "last.pt").exists()
 
@@ -108,15 +149,25 @@ def test_a_sigkilled_dump_reports_incomplete_and_resumes_bit_identical(tmp_path,
 def test_pending_batches_are_the_uninterrupted_runs_batches():
     pending = np.arange(20, 60)  # chunks 1 and 2 of 20 rows
     assert pending_batches(pending, num_samples=70, batch_size=15) == [
-        list(range(15, 30)), list(range(30, 45)), list(range(45, 60))]
-    assert pending_batches(np.arange(60, 70), num_samples=70, batch_size=15) == [list(range(60, 70))]
+        list(range(15, 30)),
+        list(range(30, 45)),
+        list(range(45, 60)),
+    ]
+    assert pending_batches(np.arange(60, 70), num_samples=70, batch_size=15) == [
+        list(range(60, 70))
+    ]
 
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir()
     try:
-        return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                              capture_output=True).returncode == 0
+        return (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                capture_output=True,
+            ).returncode
+            == 0
+        )
     except FileNotFoundError:  # no mount binary
         return False
 
@@ -139,7 +190,9 @@ def test_a_full_disk_stops_the_dump_in_one_line_and_resume_completes_it(tmp_path
             assert 0 < written_flags(out) < NUM_CHUNKS  # it stopped midway
             subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
             dump_teacher(dump_config(out, teacher="teachers:seeded", resume=True))
-            np.testing.assert_array_equal(store_contents(out)["logits"], store_contents(reference_store)["logits"])
+            np.testing.assert_array_equal(
+                store_contents(out)["logits"], store_contents(reference_store)["logits"]
+            )
         finally:
             subprocess.run(["umount", str(disk)], check=True)
         return
@@ -151,7 +204,9 @@ def test_a_full_disk_stops_the_dump_in_one_line_and_resume_completes_it(tmp_path
     with pytest.raises(StoreIncompleteError, match="0 of 2 chunks"):
         open_store(out)
     dump_teacher(dump_config(out, teacher="teachers:seeded", chunk_rows=100, resume=True))
-    np.testing.assert_array_equal(store_contents(out)["logits"], store_contents(reference_store)["logits"])
+    np.testing.assert_array_equal(
+        store_contents(out)["logits"], store_contents(reference_store)["logits"]
+    )
 
 
 def test_nan_logits_stop_the_dump_naming_the_samples_and_leave_it_resumable(tmp_path):
@@ -162,8 +217,15 @@ def test_nan_logits_stop_the_dump_naming_the_samples_and_leave_it_resumable(tmp_
     first_batch = bright[0] // 15
     named = [i for i in bright if i // 15 == first_batch]
     out = tmp_path / "t.zarr"
-    result = run_cli(*DUMP, "--teacher", "teachers:nan_for_bright", "--out", str(out), check=False,
-                     env={"KDCACHE_TEST_BRIGHT": repr(threshold)})
+    result = run_cli(
+        *DUMP,
+        "--teacher",
+        "teachers:nan_for_bright",
+        "--out",
+        str(out),
+        check=False,
+        env={"KDCACHE_TEST_BRIGHT": repr(threshold)},
+    )
     assert_one_line_error(result, f"NaN or Inf for samples {', '.join(map(str, named))};")
     done = written_flags(out)
     assert done == first_batch * 15 // 20
@@ -172,7 +234,22 @@ def test_nan_logits_stop_the_dump_naming_the_samples_and_leave_it_resumable(tmp_
 
 
 def test_a_teacher_of_the_wrong_width_stops_the_dump(tmp_path):
-    with pytest.raises(InvalidLogitsError, match=r"expected logits of shape \(15, 10\) for samples 0-14, got \(15, 11\)"):
-        dump_teacher(DumpConfig(teacher="teachers:too_wide", dataset=DATASET, chunk_rows=20, batch_size=15,
-                                out=str(tmp_path / "t.zarr"), device="cpu"))
-    assert open_store(tmp_path / "t.zarr", allow_incomplete=True).progress().startswith("0 of 10 chunks")
+    with pytest.raises(
+        InvalidLogitsError,
+        match=r"expected logits of shape \(15, 10\) for samples 0-14, got \(15, 11\)",
+    ):
+        dump_teacher(
+            DumpConfig(
+                teacher="teachers:too_wide",
+                dataset=DATASET,
+                chunk_rows=20,
+                batch_size=15,
+                out=str(tmp_path / "t.zarr"),
+                device="cpu",
+            )
+        )
+    assert (
+        open_store(tmp_path / "t.zarr", allow_incomplete=True)
+        .progress()
+        .startswith("0 of 10 chunks")
+    )

@@ -16,10 +16,18 @@ class _Opaque:
     """Not an allowed global for weights_only loading."""
 
 
-@pytest.mark.parametrize("spec, in_channels, size", [
-    ("mlp", 1, 8), ("mlp:16", 1, 8), ("mlp:32,16", 3, 32), ("cnn", 1, 8), ("cnn:8", 3, 32),
-    ("resnet18", 1, 8), ("resnet18", 3, 32),
-])
+@pytest.mark.parametrize(
+    "spec, in_channels, size",
+    [
+        ("mlp", 1, 8),
+        ("mlp:16", 1, 8),
+        ("mlp:32,16", 3, 32),
+        ("cnn", 1, 8),
+        ("cnn:8", 3, 32),
+        ("resnet18", 1, 8),
+        ("resnet18", 3, 32),
+    ],
+)
 def test_forward_shapes(spec, in_channels, size):
     model = build_model(spec, num_classes=7, in_channels=in_channels)
     for train in (True, False):
@@ -48,8 +56,11 @@ def test_eval_mode_is_deterministic():
 def test_torchvision_first_conv_replaced():
     model = build_model("resnet18", num_classes=10, in_channels=1)
     assert model.conv1.in_channels == 1
-    assert (model.conv1.out_channels, model.conv1.kernel_size, model.conv1.stride) == (64, (7, 7),
-                                                                                       (2, 2))
+    assert (model.conv1.out_channels, model.conv1.kernel_size, model.conv1.stride) == (
+        64,
+        (7, 7),
+        (2, 2),
+    )
     assert model.conv1.bias is None
     assert model.fc.out_features == 10
     # Models whose stem is nested in a Sequential are handled too.
@@ -59,7 +70,8 @@ def test_torchvision_first_conv_replaced():
 
 
 def test_user_function(tmp_path, monkeypatch):
-    (tmp_path / "kd_user_models.py").write_text(textwrap.dedent("""
+    (tmp_path / "kd_user_models.py").write_text(
+        textwrap.dedent("""
         from torch import nn
 
         def tiny(num_classes, in_channels):
@@ -70,7 +82,8 @@ def test_user_function(tmp_path, monkeypatch):
 
         def wrong_args(classes):
             return nn.Identity()
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     model = build_model("kd_user_models:tiny", num_classes=5, in_channels=1)
     assert model(torch.randn(3, 1, 8, 8)).shape == (3, 5)
@@ -84,16 +97,19 @@ def test_user_function(tmp_path, monkeypatch):
         build_model("kd_no_such.module:f", num_classes=5, in_channels=1)
 
 
-@pytest.mark.parametrize("spec, error, fragment", [
-    ("resnt18", SpecError, "did you mean 'resnet18'\\? Valid: mlp, cnn, any torchvision"),
-    ("cnnn", SpecError, "did you mean 'cnn'"),
-    ("zzzzqqq", SpecError, "unknown model 'zzzzqqq'; Valid: mlp, cnn"),
-    ("mlp:abc", SpecError, "expected mlp, mlp:HIDDEN or mlp:H1,H2"),
-    ("mlp:0", SpecError, "positive integers"),
-    ("mlp:1,2,3", SpecError, "mlp:H1,H2"),
-    ("cnn:4,4", SpecError, "cnn:WIDTH"),
-    (":f", SpecError, "package.module:function"),
-])
+@pytest.mark.parametrize(
+    "spec, error, fragment",
+    [
+        ("resnt18", SpecError, "did you mean 'resnet18'\\? Valid: mlp, cnn, any torchvision"),
+        ("cnnn", SpecError, "did you mean 'cnn'"),
+        ("zzzzqqq", SpecError, "unknown model 'zzzzqqq'; Valid: mlp, cnn"),
+        ("mlp:abc", SpecError, "expected mlp, mlp:HIDDEN or mlp:H1,H2"),
+        ("mlp:0", SpecError, "positive integers"),
+        ("mlp:1,2,3", SpecError, "mlp:H1,H2"),
+        ("cnn:4,4", SpecError, "cnn:WIDTH"),
+        (":f", SpecError, "package.module:function"),
+    ],
+)
 def test_bad_model_specs(spec, error, fragment):
     with pytest.raises(error, match=fragment) as info:
         build_model(spec, num_classes=10, in_channels=1)
@@ -117,8 +133,10 @@ def test_load_weights_plain_state_dict(tmp_path):
 def test_load_weights_checkpoint(tmp_path):
     source = build_model("mlp:8", num_classes=3, in_channels=1)
     path = tmp_path / "ckpt.pt"
-    torch.save({"state_dict": source.state_dict(), "model": "mlp:8", "epoch": 4,
-                "history": [0.5, 0.25]}, path)
+    torch.save(
+        {"state_dict": source.state_dict(), "model": "mlp:8", "epoch": 4, "history": [0.5, 0.25]},
+        path,
+    )
     target = build_model("mlp:8", num_classes=3, in_channels=1)
     assert load_weights(target, str(path)) == {"model": "mlp:8", "epoch": 4, "history": [0.5, 0.25]}
     x = torch.randn(2, 1, 8, 8)
@@ -136,9 +154,11 @@ def test_load_weights_mismatch_messages(tmp_path):
     torch.save(build_model("mlp:8,8", num_classes=5, in_channels=1).state_dict(), path)
     with pytest.raises(CheckpointError) as info:
         load_weights(build_model("mlp:8", num_classes=5, in_channels=1), path)
-    assert str(info.value) == ("weights in t.pt do not fit model 'Sequential': 2 unexpected keys "
-                               "(6.weight, 6.bias), shape mismatch for 4.weight: checkpoint (8, 8) "
-                               "vs model (5, 8) and 1 more")
+    assert str(info.value) == (
+        "weights in t.pt do not fit model 'Sequential': 2 unexpected keys "
+        "(6.weight, 6.bias), shape mismatch for 4.weight: checkpoint (8, 8) "
+        "vs model (5, 8) and 1 more"
+    )
     torch.save({"state_dict": {}}, path)
     with pytest.raises(CheckpointError, match=r"4 missing keys \(2.weight, 2.bias, 4.weight, …\)"):
         load_weights(build_model("mlp:8", num_classes=5, in_channels=1), path, spec="mlp:8")
@@ -156,7 +176,7 @@ def test_load_weights_bad_files(tmp_path):
     with pytest.raises(CheckpointError, match="_Opaque") as info:
         load_weights(model, tmp_path / "untrusted.pt")
     assert "\n" not in str(info.value)
-    good = (tmp_path / "good.pt")
+    good = tmp_path / "good.pt"
     torch.save(model.state_dict(), good)
     (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt") as info:
@@ -173,6 +193,7 @@ def test_weights_sha256(tmp_path):
     digest = weights_sha256(path)
     assert len(digest) == 64 and digest == weights_sha256(str(path))
     import hashlib
+
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     with pytest.raises(CheckpointError, match="not found"):
         weights_sha256(tmp_path / "absent.pt")

@@ -1,0 +1,36 @@
+"""The few zarr-python internals kdcache relies on, in one place to update when zarr changes.
+
+Public zarr has no call for "does this chunk's object exist" (reading an absent chunk yields fill
+values) nor a synchronous way to run the store's async key listing; both are needed to tell a
+lost chunk from a written one and to copy a store object by object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+T = TypeVar("T")
+
+__all__ = ["buffer_prototype", "row_chunk_exists", "run_sync"]
+
+
+def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on zarr's own event loop (the one its stores are bound to)."""
+    return sync(coroutine)
+
+
+def buffer_prototype() -> Any:
+    """The buffer prototype that ``Store.get`` needs."""
+    return default_buffer_prototype()
+
+
+def row_chunk_exists(array: Any, chunk: int) -> bool:
+    """Whether the object of row chunk ``chunk`` of ``array`` is present in its store."""
+    store, prefix = array.store_path.store, array.store_path.path
+    extra = (0,) * (array.ndim - 1)
+    key = array.metadata.encode_chunk_key((chunk, *extra))
+    return bool(sync(store.exists(f"{prefix}/{key}")))

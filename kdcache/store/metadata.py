@@ -1,0 +1,89 @@
+"""The metadata a kdcache store keeps in its Zarr group attributes, as a typed, versioned record.
+
+The record lives under the single attribute key ``"kdcache"`` so that other tools can add their
+own attributes beside it. It is plain JSON: nothing from a store is ever executed or unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kdcache.errors import StoreFormatError
+
+#: Version of the on-disk layout written by this kdcache. Readers refuse newer versions.
+FORMAT_VERSION = 1
+ATTRIBUTE_KEY = "kdcache"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreMetadata:
+    """Everything needed to trust and use a store without the teacher.
+
+    ``teacher`` holds ``spec`` and ``weights_sha256``; ``dataset`` holds ``spec``, ``split``,
+    ``transform`` and ``fingerprint``; both are ``None`` for stores built from logits computed
+    elsewhere. ``complete`` flips to true only once every row is durably written.
+    """
+
+    num_samples: int
+    num_classes: int
+    encoding: str
+    chunk_rows: int
+    format_version: int = FORMAT_VERSION
+    teacher: dict[str, Any] | None = None
+    dataset: dict[str, Any] | None = None
+    kdcache_version: str = ""
+    created_at: str = ""
+    complete: bool = False
+    #: Fidelity of the encoding measured while writing (kdcache.logits.fidelity.Fidelity.to_dict());
+    #: None in stores written before it was recorded.
+    fidelity: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_chunks(self) -> int:
+        """Row chunks in every per-sample array (the last one may be partial)."""
+        return -(-self.num_samples // self.chunk_rows)
+
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        """First and one-past-last sample index of row chunk ``chunk``."""
+        return chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.num_samples)
+
+    def rows_of_chunks(self, chunks: np.ndarray) -> np.ndarray:
+        """The sample indices the given row chunks hold, in chunk order."""
+        ranges = [
+            np.arange(*self.chunk_bounds(int(chunk))) for chunk in np.asarray(chunks).reshape(-1)
+        ]
+        return np.concatenate(ranges) if ranges else np.empty(0, dtype=np.int64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str) -> StoreMetadata:
+        """Rebuild the record from a group's attributes, refusing what this version cannot read."""
+        version = data.get("format_version")
+        if not isinstance(version, int):
+            raise StoreFormatError(
+                f"{where} has kdcache attributes without an integer format_version; "
+                "the store is damaged: dump it again"
+            )
+        if version > FORMAT_VERSION:
+            raise StoreFormatError(
+                f"{where} uses store format version {version}, newer than the {FORMAT_VERSION} "
+                "this kdcache reads; upgrade kdcache (pip install -U kdcache)"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = {"num_samples", "num_classes", "encoding", "chunk_rows"} - data.keys()
+        if missing:
+            raise StoreFormatError(
+                f"{where} lacks the metadata fields {sorted(missing)}; the store is damaged: "
+                "dump it again"
+            )
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+    def replace(self, **changes: Any) -> StoreMetadata:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,188 @@
+"""Read-only access to a kdcache logit store: metadata, labels and logits gathered by index."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from kdcache.errors import ConfigError, StoreCorruptError, StoreIncompleteError
+from kdcache.logits.encodings import parse_encoding
+from kdcache.logits.sparse import SparseLogits
+from kdcache.store.feed import LogitFeed, parse_size
+from kdcache.store.layout import (
+    LABELS_ARRAY,
+    WRITTEN_ARRAY,
+    StoreLike,
+    missing_chunks,
+    open_group,
+    read_metadata,
+    row_ranges,
+)
+from kdcache.store.location import StoreLocation, parse_location
+from kdcache.store.metadata import StoreMetadata
+
+
+class StoreReader:
+    """Read-only access to a store; :meth:`read` gathers rows through its :class:`LogitFeed`."""
+
+    def __init__(
+        self,
+        group: zarr.Group,
+        metadata: StoreMetadata,
+        where: str,
+        *,
+        location: StoreLocation | None = None,
+        memory_budget: int | str | None = None,
+    ) -> None:
+        self._opened: zarr.Group | None = group
+        self._location = location
+        self._pid: int | None = os.getpid()
+        self.where = where
+        self.metadata = metadata
+        self.encoding = parse_encoding(metadata.encoding, num_classes=metadata.num_classes)
+        self._memory_budget = None if memory_budget is None else parse_size(memory_budget)
+        self._feed: LogitFeed | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Zarr handles are reopened where the reader lands; the feed travels without its table.
+        return {**self.__dict__, "_opened": None, "_pid": None}
+
+    @property
+    def num_samples(self) -> int:
+        return self.metadata.num_samples
+
+    @property
+    def num_classes(self) -> int:
+        return self.metadata.num_classes
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        if LABELS_ARRAY not in self._group:
+            return None
+        return np.asarray(self._group[LABELS_ARRAY][:])
+
+    @property
+    def _group(self) -> zarr.Group:
+        # fsspec clients and zip handles break when shared across fork: reopen per process.
+        if self._location is not None and os.getpid() != self._pid:
+            self._opened, self._pid = open_group(self._location), os.getpid()
+        assert self._opened is not None, "a StoreReader without a location cannot be pickled"
+        return self._opened
+
+    @property
+    def feed(self) -> LogitFeed:
+        """The in-memory or chunked logit feed behind :meth:`read`, built on first use."""
+        if self._feed is None:
+            self._feed = LogitFeed(self, memory_budget=self._memory_budget)
+        return self._feed
+
+    @property
+    def group(self) -> zarr.Group:
+        """The store's read-only Zarr group, for tools that inspect the raw arrays."""
+        return self._group
+
+    def written_fraction(self) -> float:
+        return float(np.asarray(self._group[WRITTEN_ARRAY][:]).mean())
+
+    def progress(self) -> str:
+        """How far the dump got, e.g. ``1 of 3 chunks (10 of 30 samples, 33%)``."""
+        if WRITTEN_ARRAY in self._group:
+            written = np.asarray(self._group[WRITTEN_ARRAY][:], dtype=bool)
+        else:  # killed while creating the store
+            written = np.zeros(self.metadata.num_chunks, dtype=bool)
+        samples = self.metadata.rows_of_chunks(np.flatnonzero(written)).size
+        return (
+            f"{int(written.sum())} of {written.size} chunks ({samples} of {self.num_samples} "
+            f"samples, {written.mean():.0%})"
+        )
+
+    def load(self) -> None:
+        """Decode the whole store into memory now when it fits the memory budget (idempotent)."""
+        self.feed.load()
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the stored array ``name``, naming the samples of a corrupted chunk."""
+        array = self._group[name]
+        try:
+            return array[start:stop]
+        except (ValueError, RuntimeError):
+            return self._read_chunkwise(array, start, stop)
+
+    def check_chunks_present(self, name: str) -> None:
+        """Refuse an array whose written chunks were deleted (zarr would read them as fill values)."""
+        array = self._group[name]
+        missing = missing_chunks(array, np.arange(self.metadata.num_chunks))
+        if missing.size:
+            lost = self.metadata.rows_of_chunks(missing)
+            raise StoreCorruptError(
+                f"{self.where}: array {name!r} lacks the chunks for samples {row_ranges(lost)} (deleted "
+                "or lost in a copy); run `kdcache verify` and dump again"
+            )
+
+    def _read_chunkwise(self, array: Any, start: int, stop: int) -> np.ndarray:
+        """Reread a failed block chunk by chunk to name the corrupted sample range."""
+        rows = self.metadata.chunk_rows
+        parts = []
+        for chunk_start in range(start, stop, rows):
+            chunk_stop = min(chunk_start + rows, stop)
+            try:
+                parts.append(array[chunk_start:chunk_stop])
+            except (ValueError, RuntimeError) as error:
+                raise StoreCorruptError(
+                    f"{self.where}: array {array.basename!r} is corrupted for samples "
+                    f"{chunk_start}-{chunk_stop - 1} ({error}); run `kdcache verify` and dump again"
+                ) from None
+        return np.concatenate(parts)
+
+    def read(
+        self,
+        indices: Sequence[int] | np.ndarray | torch.Tensor,
+        *,
+        temperature: float | None = None,
+    ) -> torch.Tensor:
+        """Dense float32 logits ``(B, C)`` for the given sample indices.
+
+        For a ``topk:K`` store the tail is filled so that the softmax at ``temperature`` (T = 1
+        when ``None``) gives the tail its true total mass; pass the temperature you distill at.
+        """
+        gathered = self._gather(indices)
+        return torch.from_numpy(self.encoding.decode(gathered, temperature=temperature))
+
+    def read_sparse(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> SparseLogits:
+        """The rows of a ``topk:K`` store in sparse form, never as a dense (B, C) tensor."""
+        sparse = self.encoding.sparse(self._gather(indices))
+        if sparse is None:
+            raise ConfigError(
+                f"{self.where} uses the dense encoding {self.metadata.encoding!r}; read_sparse needs "
+                "a topk:K store: use read() instead"
+            )
+        return sparse
+
+    def _gather(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        return self.feed.gather(indices)
+
+
+def open_store(
+    path: StoreLike, *, allow_incomplete: bool = False, memory_budget: int | str | None = None
+) -> StoreReader:
+    """Open a store (folder, URL or .zip) read-only; refuses an incomplete one unless ``allow_incomplete``.
+
+    ``memory_budget`` (bytes or a size such as ``"8GiB"``; default half the available memory)
+    bounds the decoded logits :meth:`StoreReader.read` keeps in RAM, see :mod:`kdcache.store.feed`.
+    """
+    location = parse_location(path)
+    where = location.text
+    group = open_group(location)
+    metadata = read_metadata(group, where)
+    reader = StoreReader(group, metadata, where, location=location, memory_budget=memory_budget)
+    if not metadata.complete and not allow_incomplete:
+        raise StoreIncompleteError(
+            f"{where} is an unfinished dump ({reader.progress()} written); finish it with "
+            "`kdcache dump-teacher --resume` (same options) before using it"
+        )
+    return reader

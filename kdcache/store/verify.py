@@ -1,0 +1,230 @@
+"""Check a whole store before trusting or sharing it: checksums, values and metadata.
+
+:func:`verify_store` decodes every written chunk (zstd + crc32c) and reports, as sample-index
+ranges, the chunks that fail to decode or are missing, the rows holding NaN or Inf, arrays
+whose shape or dtype disagrees with the metadata, labels that disagree with the recorded dataset
+fingerprint, and how far an unfinished dump got.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kdcache.errors import StoreCorruptError
+from kdcache.store.feed import LOAD_BLOCK_CHUNKS
+from kdcache.store.layout import LABELS_ARRAY, WRITTEN_ARRAY, missing_chunks, row_ranges
+from kdcache.store.location import parse_location, partial_files
+from kdcache.store.reader import StoreReader, open_store
+
+# Errors zarr raises for undecodable chunk bytes (checksum mismatch, zstd frame errors).
+_DECODE_ERRORS = (ValueError, RuntimeError)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :func:`verify_store` found; ``problems`` empty means the store can be trusted."""
+
+    where: str
+    num_samples: int
+    num_classes: int
+    encoding: str
+    chunks_checked: int
+    problems: tuple[str, ...]
+    notes: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        """The report as text, one finding per line."""
+        head = (
+            f"{self.where}: N={self.num_samples} C={self.num_classes} {self.encoding}, "
+            f"{self.chunks_checked} chunks decoded"
+        )
+        body = [f"problem: {p}" for p in self.problems] + [f"note: {n}" for n in self.notes]
+        tail = "OK" if self.ok else f"FAILED: {len(self.problems)} problem(s)"
+        return [head, *body, tail]
+
+    def raise_if_bad(self) -> None:
+        """Raise :class:`StoreCorruptError` summarising the problems in one line."""
+        if self.problems:
+            raise StoreCorruptError(
+                f"{self.where} failed verification with {len(self.problems)} problem(s), first: "
+                f"{self.problems[0]}; do not train from it: finish it with --resume if unfinished, "
+                "else dump it again with --overwrite"
+            )
+
+
+def verify_store(path: str | os.PathLike[str]) -> VerifyReport:
+    """Read everything in the store at ``path`` (folder, URL or .zip) and report what is wrong."""
+    location = parse_location(path)
+    reader = open_store(location, allow_incomplete=True)
+    meta = reader.metadata
+    problems: list[str] = []
+    written = _written_chunks(reader, problems)
+    if not meta.complete:
+        problems.append(
+            f"unfinished dump: {reader.progress()} written; finish it with "
+            "`kdcache dump-teacher --resume`"
+        )
+    elif not written.all():
+        problems.append(
+            f"marked complete but chunks for samples {row_ranges(reader.metadata.rows_of_chunks(np.flatnonzero(~written)))} "
+            "were never written"
+        )
+    checked = 0
+    for name, (row_shape, dtype) in reader.encoding.layout(meta.num_classes).items():
+        array = _checked_array(
+            reader, name, (meta.num_samples, *row_shape), np.dtype(dtype), problems
+        )
+        if array is not None:
+            checked += _scan(reader, array, written, problems)
+    _check_labels(reader, problems)
+    notes = []
+    leftovers = partial_files(location)
+    if leftovers:
+        notes.append(
+            f"{len(leftovers)} temporary file(s) of a killed writer, e.g. {leftovers[0]}; "
+            "harmless, `kdcache dump-teacher --resume` removes them"
+        )
+    return VerifyReport(
+        where=location.text,
+        num_samples=meta.num_samples,
+        num_classes=meta.num_classes,
+        encoding=meta.encoding,
+        chunks_checked=checked,
+        problems=tuple(problems),
+        notes=tuple(notes),
+    )
+
+
+def _written_chunks(reader: StoreReader, problems: list[str]) -> np.ndarray:
+    num_chunks = reader.metadata.num_chunks
+    if WRITTEN_ARRAY not in reader.group:
+        if not reader.metadata.complete:
+            return np.zeros(num_chunks, dtype=bool)  # killed while creating the store
+        problems.append(f"array {WRITTEN_ARRAY!r} is missing; which chunks were written is unknown")
+        return np.ones(num_chunks, dtype=bool)
+    flags = np.asarray(reader.group[WRITTEN_ARRAY][:], dtype=bool)
+    if flags.shape != (num_chunks,):
+        problems.append(
+            f"array {WRITTEN_ARRAY!r} has shape {flags.shape}, expected ({num_chunks},) "
+            f"for {reader.num_samples} samples in chunks of {reader.metadata.chunk_rows}"
+        )
+        return np.ones(num_chunks, dtype=bool)
+    return flags
+
+
+def _checked_array(
+    reader: StoreReader, name: str, shape: tuple[int, ...], dtype: np.dtype, problems: list[str]
+) -> Any:
+    """The array ``name`` if it matches the metadata, else ``None`` with the mismatch recorded."""
+    if name not in reader.group:
+        problems.append(
+            f"array {name!r} required by encoding {reader.metadata.encoding!r} is missing"
+        )
+        return None
+    array = reader.group[name]
+    found = []
+    if array.shape != shape:
+        found.append(f"shape {array.shape} (metadata says {shape})")
+    if array.dtype != dtype:
+        found.append(f"dtype {array.dtype} (metadata says {dtype})")
+    if array.chunks[0] != reader.metadata.chunk_rows:
+        found.append(
+            f"{array.chunks[0]} rows per chunk (metadata says {reader.metadata.chunk_rows})"
+        )
+    if found:
+        problems.append(f"array {name!r} has {', '.join(found)}")
+        return None
+    return array
+
+
+def _scan(reader: StoreReader, array: Any, written: np.ndarray, problems: list[str]) -> int:
+    """Decode every written chunk of ``array``; record undecodable, missing and non-finite rows."""
+    rows, n = reader.metadata.chunk_rows, reader.num_samples
+    corrupt: list[np.ndarray] = []
+    non_finite: list[np.ndarray] = []
+    check_values = np.issubdtype(array.dtype, np.floating)
+    chunks = np.flatnonzero(written)
+    for first in range(0, len(chunks), LOAD_BLOCK_CHUNKS):
+        block = chunks[first : first + LOAD_BLOCK_CHUNKS]
+        start, stop = int(block[0]) * rows, min((int(block[-1]) + 1) * rows, n)
+        values = None
+        if block[-1] - block[0] + 1 == len(block):  # one read for a run of contiguous chunks
+            try:
+                values = [(start, array[start:stop])]
+            except _DECODE_ERRORS:
+                pass  # reread chunk by chunk to find the bad ones
+        if values is None:
+            values = []
+            for chunk in block:
+                chunk_start, chunk_stop = int(chunk) * rows, min((int(chunk) + 1) * rows, n)
+                try:
+                    values.append((chunk_start, array[chunk_start:chunk_stop]))
+                except _DECODE_ERRORS:
+                    corrupt.append(np.arange(chunk_start, chunk_stop))
+        if check_values:
+            for offset, data in values:
+                bad = ~np.isfinite(data.reshape(len(data), -1)).all(axis=1)
+                non_finite.append(offset + np.flatnonzero(bad))
+    name = array.basename
+    if corrupt:
+        problems.append(
+            f"array {name!r}: chunks fail their checksum or do not decode for samples "
+            f"{row_ranges(np.concatenate(corrupt))}"
+        )
+    missing = missing_chunks(array, chunks)
+    if missing.size:
+        problems.append(
+            f"array {name!r}: chunks marked written are missing for samples "
+            f"{row_ranges(reader.metadata.rows_of_chunks(np.sort(missing)))}"
+        )
+    bad_rows = np.concatenate(non_finite) if non_finite else np.empty(0, dtype=np.int64)
+    if bad_rows.size:
+        problems.append(
+            f"array {name!r}: NaN or Inf in {bad_rows.size} row(s), samples {row_ranges(bad_rows)}"
+        )
+    return len(chunks)
+
+
+def _check_labels(reader: StoreReader, problems: list[str]) -> None:
+    """Labels within [0, C) and matching the recorded dataset fingerprint."""
+    fingerprint = (reader.metadata.dataset or {}).get("fingerprint") or {}
+    for key in ("num_samples", "num_classes"):
+        if key in fingerprint and fingerprint[key] != getattr(reader, key):
+            problems.append(
+                f"dataset fingerprint says {key}={fingerprint[key]} but the store has "
+                f"{getattr(reader, key)}"
+            )
+    if LABELS_ARRAY not in reader.group:
+        return
+    array = reader.group[LABELS_ARRAY]
+    if array.shape != (reader.num_samples,):
+        problems.append(
+            f"array {LABELS_ARRAY!r} has shape {array.shape}, expected ({reader.num_samples},)"
+        )
+        return
+    try:
+        labels = np.asarray(array[:], dtype=np.int64)
+    except _DECODE_ERRORS as error:
+        problems.append(f"array {LABELS_ARRAY!r} does not decode ({error})")
+        return
+    out_of_range = np.flatnonzero((labels < 0) | (labels >= reader.num_classes))
+    if out_of_range.size:
+        problems.append(
+            f"labels outside [0, {reader.num_classes}) for samples {row_ranges(out_of_range)}"
+        )
+    recorded = fingerprint.get("labels_sha256")
+    actual = hashlib.sha256(np.ascontiguousarray(labels, dtype="<i8").tobytes()).hexdigest()
+    if recorded and recorded != actual:
+        problems.append(
+            f"stored labels do not match the dataset fingerprint (sha256 {actual[:12]}… vs "
+            f"recorded {recorded[:12]}…)"
+        )

@@ -1,0 +1,297 @@
+"""One cache, many experiments: distill a student once per (loss, alpha, temperature, seed).
+
+Every run reads the same store, opened and decoded once; the teacher never runs. Each setting
+gets its own folder under ``out``; a finished one (``last.pt``, a metrics file covering every
+epoch and its ``result.json``) is skipped when the sweep is run again, a half-finished one is
+rerun from scratch. The sweep ends with ``results.csv`` (one row per run) and ``sweep.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kdcache.config import LOSS_NAMES, DistillConfig
+from kdcache.errors import ConfigError, KdcacheError
+from kdcache.plots import plot_sweep, read_metrics
+from kdcache.store.reader import open_store
+from kdcache.train.loop import RunResult, distill
+
+log = logging.getLogger("kdcache")
+
+RESULTS_CSV = "results.csv"
+SWEEP_FIGURE = "sweep.png"
+RUN_RESULT = "result.json"
+CSV_COLUMNS = (
+    "setting",
+    "loss",
+    "alpha",
+    "temperature",
+    "seed",
+    "best_val_acc",
+    "final_val_acc",
+    "best_epoch",
+    "epochs",
+    "wall_time_s",
+    "run_dir",
+)
+#: Settings of a finished run that must match the sweep's for it to be reused.
+_COMPARED_FIELDS = ("student", "epochs", "batch_size", "lr", "gamma", "top_k", "dataset", "split")
+
+T = TypeVar("T")
+
+
+def parse_list(text: str, kind: Callable[[str], T], *, option: str, example: str) -> tuple[T, ...]:
+    """Values of a comma-separated option such as ``--temperatures 1,2,4``."""
+    try:
+        values = tuple(kind(part.strip()) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"{option} must be a comma-separated list, got {text!r}; e.g. {option} {example}"
+        ) from None
+    return values
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepConfig:
+    """A grid of distillation runs from one store: every loss x alpha x temperature x seed.
+
+    The training options (``epochs``, ``batch_size``, ...) are shared by every run and mean what
+    they mean in :class:`~kdcache.config.DistillConfig`.
+    """
+
+    cache: str
+    student: str
+    out: str
+    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
+    alphas: tuple[float, ...] = (0.7,)
+    losses: tuple[str, ...] = ("kd",)
+    seeds: tuple[int, ...] = (0,)
+    dataset: str | None = None
+    split: str | None = None
+    gamma: float = 2.0
+    top_k: int = 5
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    device: str | None = None
+    num_workers: int = 0
+    cache_memory: int | str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("temperatures", "alphas", "losses", "seeds"):
+            values = tuple(getattr(self, name))
+            object.__setattr__(
+                self, name, values
+            )  # lists in, tuples kept: the config stays hashable
+            if not values:
+                raise ConfigError(
+                    f"--{name} needs at least one value; e.g. --{name} {_EXAMPLES[name]}"
+                )
+            if len(set(values)) != len(values):
+                raise ConfigError(
+                    f"--{name} lists a value twice: {','.join(map(str, values))}; list each once"
+                )
+        for loss in self.losses:
+            if loss not in LOSS_NAMES:
+                raise ConfigError(
+                    f"unknown loss {loss!r} in --losses; valid losses: {', '.join(LOSS_NAMES)}"
+                )
+        self.runs()  # every run's DistillConfig validates its own values (temperature > 0, ...)
+
+    def runs(self) -> list[DistillConfig]:
+        """One :class:`DistillConfig` per run, in loss, alpha, temperature, seed order."""
+        shared = dict(
+            student=self.student,
+            cache=self.cache,
+            dataset=self.dataset,
+            split=self.split,
+            gamma=self.gamma,
+            top_k=self.top_k,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            device=self.device,
+            num_workers=self.num_workers,
+            cache_memory=self.cache_memory,
+        )
+        return [
+            DistillConfig(
+                loss=loss,
+                alpha=alpha,
+                temperature=temperature,
+                seed=seed,
+                out=os.path.join(self.out, run_name(loss, alpha, temperature, seed)),
+                **shared,
+            )
+            for loss in self.losses
+            for alpha in self.alphas
+            for temperature in self.temperatures
+            for seed in self.seeds
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_EXAMPLES = {
+    "temperatures": "1,2,4,8,16",
+    "alphas": "0.5,0.7,1",
+    "losses": "kd,focal",
+    "seeds": "0,1,2",
+}
+
+
+def setting_name(loss: str, alpha: float, temperature: float) -> str:
+    """The name of a setting (a run without its seed), e.g. ``kd-a0.7-T4``."""
+    return f"{loss}-a{alpha:g}-T{temperature:g}"
+
+
+def run_name(loss: str, alpha: float, temperature: float, seed: int) -> str:
+    """The folder of one run under the sweep's ``out``, e.g. ``kd-a0.7-T4-seed0``."""
+    return f"{setting_name(loss, alpha, temperature)}-seed{seed}"
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """Per-run rows (as in ``results.csv``), the files written and how many runs were reused."""
+
+    rows: list[dict[str, Any]]
+    results_csv: str
+    figure: str
+    runs_done: int
+    runs_skipped: int
+
+
+def _finished_result(config: DistillConfig) -> RunResult | None:
+    """The saved result of a run that completed every epoch with these settings, else None.
+
+    A run folder left by a sweep with other settings is refused rather than rerun, so that one
+    sweep folder never mixes, or silently replaces, the runs of two different sweeps.
+    """
+    folder = Path(config.out)
+    config_path, result_path, metrics_path = (
+        folder / "config.json",
+        folder / RUN_RESULT,
+        folder / "metrics.jsonl",
+    )
+    if not config_path.is_file():
+        return None
+    saved = json.loads(config_path.read_text())
+    for name in _COMPARED_FIELDS:
+        if saved.get(name) != getattr(config, name):
+            raise KdcacheError(
+                f"{folder} was run with {name}={saved.get(name)!r} but this sweep asks for "
+                f"{getattr(config, name)!r}; use another --out for the new sweep, or delete {folder}"
+            )
+    if not all(path.is_file() for path in (folder / "last.pt", result_path, metrics_path)):
+        return None
+    epochs = [record.get("epoch") for record in read_metrics(metrics_path)]
+    if epochs != list(range(1, config.epochs + 1)):
+        return None
+    return RunResult(**json.loads(result_path.read_text()))
+
+
+def _save_result(result: RunResult, folder: Path) -> None:
+    temporary = folder / (RUN_RESULT + ".tmp")
+    temporary.write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+    os.replace(temporary, folder / RUN_RESULT)  # written last: its presence marks the run finished
+
+
+def _row(config: DistillConfig, result: RunResult) -> dict[str, Any]:
+    return {
+        "setting": setting_name(config.loss, config.alpha, config.temperature),
+        "loss": config.loss,
+        "alpha": config.alpha,
+        "temperature": config.temperature,
+        "seed": config.seed,
+        "best_val_acc": round(result.best_val_acc, 4),
+        "final_val_acc": round(result.final_val_acc, 4),
+        "best_epoch": result.best_epoch,
+        "epochs": result.epochs,
+        "wall_time_s": round(result.wall_time_s, 3),
+        "run_dir": os.path.basename(config.out),
+    }
+
+
+def write_results_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Write the per-run rows atomically, in :data:`CSV_COLUMNS` order."""
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(temporary, path)
+
+
+def run_sweep(config: SweepConfig) -> SweepResult:
+    """Run (or resume) every setting of ``config`` from one store; write the CSV and the figure."""
+    runs = config.runs()
+    reader = open_store(
+        config.cache, memory_budget=config.cache_memory
+    )  # opened once, shared by every run
+    out = Path(config.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise KdcacheError(
+            f"cannot create sweep folder {out}: {error.strerror}; choose a writable --out"
+        ) from None
+    (out / "sweep.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    rows, done, skipped = [], 0, 0
+    for number, run in enumerate(runs, start=1):
+        name = os.path.basename(run.out)
+        result = _finished_result(run)
+        if result is not None:
+            log.info("[%d/%d] %s: finished earlier, kept", number, len(runs), name)
+            skipped += 1
+        else:
+            log.info("[%d/%d] %s", number, len(runs), name)
+            # overwrite: a folder here holds at most a half-finished run, which starts over
+            result = distill(dataclasses.replace(run, overwrite=True), reader=reader)
+            _save_result(result, Path(run.out))
+            done += 1
+        rows.append(_row(run, result))
+        write_results_csv(rows, out / RESULTS_CSV)  # partial results survive an interrupted sweep
+    figure = plot_sweep(rows, out / SWEEP_FIGURE, title=f"{config.student} from {config.cache}")
+    return SweepResult(
+        rows=rows,
+        results_csv=str(out / RESULTS_CSV),
+        figure=str(figure),
+        runs_done=done,
+        runs_skipped=skipped,
+    )
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per setting: accuracies as mean ± std over its seeds, and the mean wall time."""
+    by_setting: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_setting[row["setting"]].append(row)
+    width = max([len("setting"), *map(len, by_setting)])
+    lines = [
+        f"{'setting':<{width}}  seeds  {'best val acc':>15}  {'final val acc':>15}  {'s/run':>6}"
+    ]
+    for setting, group in by_setting.items():
+        best = _mean_std([r["best_val_acc"] for r in group])
+        final = _mean_std([r["final_val_acc"] for r in group])
+        seconds = sum(r["wall_time_s"] for r in group) / len(group)
+        lines.append(
+            f"{setting:<{width}}  {len(group):>5}  {best:>15}  {final:>15}  {seconds:>6.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"

@@ -1,0 +1,276 @@
+"""train and distill on digits with real models, stores and run folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import start_cli
+from PIL import Image
+from test_plots import assert_png
+
+from kdcache import DistillConfig, DumpConfig, TrainConfig
+from kdcache.dump import dump_teacher
+from kdcache.errors import ConfigError, KdcacheError, StoreCorruptError, StoreMismatchError
+from kdcache.store.reader import open_store
+from kdcache.train.loop import distill, train
+
+
+def load_state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_train_writes_the_run_folder(tmp_path):
+    result = train(TrainConfig(model="mlp:16", out=str(tmp_path / "run"), epochs=2, seed=3))
+    run = tmp_path / "run"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert {"train_loss", "val_acc"} <= lines[0].keys()
+    assert result.final_val_acc == lines[-1]["val_acc"]
+    config = json.loads((run / "config.json").read_text())
+    assert (
+        config["model"] == "mlp:16"
+        and config["seed"] == 3
+        and config["resolved"]["device"] == "cpu"
+    )
+    checkpoint = torch.load(run / "best.pt", weights_only=True)
+    assert checkpoint["model"] == "mlp:16" and checkpoint["val_acc"] == result.best_val_acc
+    assert_png(run / "curves.png")
+    assert not (run / "distributions.png").exists()
+
+
+def test_a_finished_run_is_not_clobbered(tmp_path):
+    train(TrainConfig(model="mlp:8", out=str(tmp_path), epochs=1))
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(KdcacheError, match="--overwrite"):
+        train(TrainConfig(model="mlp:8", out=str(tmp_path), epochs=1, seed=1))
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_cached_and_online_distillation_give_bit_identical_students(
+    tmp_path, digits_teacher, digits_store
+):
+    common = dict(
+        student="mlp:16", epochs=2, batch_size=32, seed=7, device="cpu", temperature=3.0, alpha=0.6
+    )
+    distill(DistillConfig(cache=str(digits_store), out=str(tmp_path / "cached"), **common))
+    distill(
+        DistillConfig(
+            teacher="cnn:8",
+            weights=str(digits_teacher),
+            dataset="digits",
+            out=str(tmp_path / "online"),
+            **common,
+        )
+    )
+    cached, online = (
+        load_state(tmp_path / "cached/last.pt"),
+        load_state(tmp_path / "online/last.pt"),
+    )
+    assert cached.keys() == online.keys()
+    for name in cached:
+        assert torch.equal(cached[name], online[name]), name
+
+
+def test_distill_shares_an_open_store_and_draws_its_figures(tmp_path, digits_store):
+    moved = tmp_path / "moved.zarr"
+    digits_store.rename(moved)
+    try:
+        reader = open_store(moved)
+        reader.load()
+    finally:
+        moved.rename(digits_store)
+    # The store's files are gone from `moved`: the run can only use the reader's decoded copy.
+    config = DistillConfig(
+        student="mlp:8", cache=str(moved), epochs=1, out=str(tmp_path / "run"), device="cpu"
+    )
+    assert 0 <= distill(config, reader=reader).final_val_acc <= 100
+    assert_png(tmp_path / "run/curves.png")
+    assert_png(tmp_path / "run/distributions.png")
+    with pytest.raises(ConfigError, match="config.cache is None"):
+        distill(
+            DistillConfig(
+                student="mlp:8", teacher="cnn:8", dataset="digits", out=str(tmp_path / "x")
+            ),
+            reader=reader,
+        )
+
+
+@pytest.mark.parametrize("loss", ["kd", "focal", "attention"])
+def test_every_loss_distills_from_the_cache(tmp_path, digits_store, loss):
+    result = distill(
+        DistillConfig(
+            student="mlp:16",
+            cache=str(digits_store),
+            loss=loss,
+            epochs=1,
+            out=str(tmp_path),
+            top_k=3,
+        )
+    )
+    assert 0 <= result.final_val_acc <= 100
+    assert json.loads((tmp_path / "config.json").read_text())["resolved"]["dataset"] == "digits"
+
+
+def test_a_store_from_another_dataset_is_refused(tmp_path, digits_store):
+    with pytest.raises(StoreMismatchError, match="1437 samples"):
+        distill(
+            DistillConfig(
+                student="mlp:8", cache=str(digits_store), dataset="fake:50", out=str(tmp_path)
+            )
+        )
+    with pytest.raises(StoreMismatchError, match="1437 samples.*360"):
+        distill(
+            DistillConfig(student="mlp:8", cache=str(digits_store), split="test", out=str(tmp_path))
+        )
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"batch_size": 0}, "batch size"),
+        ({"loss": "mse"}, "kd, focal, attention"),
+        ({"cache": None}, "--cache"),
+        ({"cache_memory": "lots"}, "'lots'.*8GiB"),
+        (
+            {"cache": None, "teacher": "cnn", "dataset": "digits", "cache_memory": "1GB"},
+            "--cache-memory only applies",
+        ),
+    ],
+)
+def test_invalid_distill_options(changes, message):
+    options = {"student": "mlp", "cache": "s.zarr", "out": "run", **changes}
+    with pytest.raises(ConfigError, match=message):
+        DistillConfig(**options)
+
+
+@pytest.fixture(scope="module")
+def topk_store(tmp_path_factory, digits_teacher):
+    from kdcache import DumpConfig
+    from kdcache.dump import dump_teacher
+
+    store = tmp_path_factory.mktemp("topk") / "top4.zarr"
+    dump_teacher(
+        DumpConfig(
+            teacher="cnn:8",
+            weights=str(digits_teacher),
+            out=str(store),
+            encoding="topk:4",
+            device="cpu",
+        )
+    )
+    return store
+
+
+@pytest.mark.parametrize("loss", ["kd", "focal", "attention"])
+def test_every_loss_distills_from_a_topk_store(tmp_path, topk_store, loss):
+    result = distill(
+        DistillConfig(
+            student="mlp:16",
+            cache=str(topk_store),
+            loss=loss,
+            epochs=1,
+            top_k=4,
+            temperature=2.5,
+            out=str(tmp_path / "run"),
+        )
+    )
+    assert 0 <= result.final_val_acc <= 100
+    assert (
+        json.loads((tmp_path / "run/config.json").read_text())["resolved"]["store"]["encoding"]
+        == "topk:4"
+    )
+
+
+def test_concurrent_distill_runs_read_one_store(tmp_path, digits_store):
+    before = {p: p.read_bytes() for p in digits_store.rglob("*") if p.is_file()}
+    runs = [
+        start_cli(
+            "distill",
+            "--student",
+            "mlp:8",
+            "--cache",
+            str(digits_store),
+            "--epochs",
+            "1",
+            "--seed",
+            "5",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / f"run{i}"),
+        )
+        for i in range(2)
+    ]
+    for run in runs:
+        _, stderr = run.communicate(timeout=600)
+        assert run.returncode == 0, stderr
+    first, second = load_state(tmp_path / "run0/last.pt"), load_state(tmp_path / "run1/last.pt")
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert {p: p.read_bytes() for p in digits_store.rglob("*") if p.is_file()} == before
+    assert open_store(digits_store).group.store.read_only
+
+
+def _image_folder(root, seed=0):
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for label in ("ant", "bee"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(3):
+                pixels = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    return f"imagefolder:{root}:8"
+
+
+def test_fingerprint_refusals_say_which_part_differs(tmp_path):
+    spec = _image_folder(tmp_path / "images")
+    dump_teacher(
+        DumpConfig(teacher="cnn:4", dataset=spec, out=str(tmp_path / "s.zarr"), device="cpu")
+    )
+    # Same files and labels, one image's pixels changed.
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "images/train/ant/0.png")
+    config = DistillConfig(
+        student="mlp:8", cache=str(tmp_path / "s.zarr"), epochs=1, out=str(tmp_path / "run")
+    )
+    with pytest.raises(StoreMismatchError, match="inputs differ at the sampled indices") as refused:
+        distill(config)
+    assert "labels differ" not in str(refused.value)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+    dump_teacher(
+        DumpConfig(
+            teacher="cnn:4", dataset="fake:40:8:10", out=str(tmp_path / "f.zarr"), device="cpu"
+        )
+    )
+    with pytest.raises(StoreMismatchError, match=r"labels differ \(sha256 .*inputs differ"):
+        distill(
+            DistillConfig(
+                student="mlp:8",
+                cache=str(tmp_path / "f.zarr"),
+                dataset="fake:40:16:10",
+                epochs=1,
+                out=str(tmp_path / "run"),
+            )
+        )
+
+
+def test_distill_stops_at_a_corrupted_chunk_naming_its_samples(tmp_path, digits_store):
+    store = tmp_path / "s.zarr"
+    shutil.copytree(digits_store, store)
+    chunk = next(p for p in sorted((store / "logits" / "c").rglob("*")) if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    rows = open_store(store).metadata.chunk_rows
+    with pytest.raises(
+        StoreCorruptError, match=f"corrupted for samples 0-{min(rows, 1437) - 1} .*kdcache verify"
+    ):
+        distill(
+            DistillConfig(student="mlp:8", cache=str(store), epochs=1, out=str(tmp_path / "run"))
+        )
+    assert not (tmp_path / "run" / "last.pt").exists()

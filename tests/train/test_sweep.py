@@ -1,0 +1,123 @@
+"""Sweeps from one real store on disk: the CSV, the figure, resuming, and refusing bad grids."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from test_plots import assert_png
+
+from kdcache.errors import ConfigError, KdcacheError
+from kdcache.train.sweep import SweepConfig, format_table, parse_list, run_sweep
+
+
+def tiny_sweep(store, out, **changes):
+    options = dict(
+        cache=str(store),
+        student="mlp:8",
+        out=str(out),
+        temperatures=(1.0, 4.0),
+        seeds=(0, 1),
+        epochs=1,
+        batch_size=128,
+        device="cpu",
+    )
+    return SweepConfig(**{**options, **changes})
+
+
+def read_csv(path):
+    with path.open(newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory, digits_store):
+    out = tmp_path_factory.mktemp("sweep")
+    return out, run_sweep(tiny_sweep(digits_store, out))
+
+
+def test_one_run_per_setting_and_seed(finished_sweep):
+    out, result = finished_sweep
+    rows = read_csv(out / "results.csv")
+    assert [(r["setting"], r["seed"]) for r in rows] == [
+        ("kd-a0.7-T1", "0"),
+        ("kd-a0.7-T1", "1"),
+        ("kd-a0.7-T4", "0"),
+        ("kd-a0.7-T4", "1"),
+    ]
+    for row in rows:
+        run = out / row["run_dir"]
+        assert json.loads((run / "config.json").read_text())["temperature"] == float(
+            row["temperature"]
+        )
+        assert 0 <= float(row["final_val_acc"]) <= float(row["best_val_acc"]) <= 100
+        assert float(row["wall_time_s"]) > 0
+        assert_png(run / "curves.png")
+        assert_png(run / "distributions.png")
+    assert_png(out / "sweep.png")
+    assert (result.runs_done, result.runs_skipped) == (4, 0)
+    table = format_table(result.rows).splitlines()
+    assert len(table) == 3 and table[1].startswith("kd-a0.7-T1") and "±" in table[1]
+
+
+def test_resume_keeps_finished_runs_and_reruns_half_finished_ones(tmp_path, digits_store):
+    config = tiny_sweep(digits_store, tmp_path, temperatures=(2.0,), epochs=2)
+    run_sweep(config)
+    kept, killed = tmp_path / "kd-a0.7-T2-seed0", tmp_path / "kd-a0.7-T2-seed1"
+    kept_checkpoint = (kept / "last.pt").read_bytes()
+    # A run killed after its first epoch: last.pt exists, the metrics stop early, no result.json.
+    lines = (killed / "metrics.jsonl").read_text().splitlines()
+    (killed / "metrics.jsonl").write_text(lines[0] + "\n")
+    (killed / "result.json").unlink()
+    (killed / "curves.png").unlink()
+
+    result = run_sweep(config)
+    assert (result.runs_done, result.runs_skipped) == (1, 1)
+    assert (kept / "last.pt").read_bytes() == kept_checkpoint
+    assert [
+        json.loads(line)["epoch"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+    ] == [1, 2]
+    assert (killed / "result.json").exists() and (killed / "curves.png").exists()
+    assert [r["run_dir"] for r in read_csv(tmp_path / "results.csv")] == [kept.name, killed.name]
+
+
+def test_a_finished_run_with_other_settings_is_refused(finished_sweep, digits_store):
+    out, _ = finished_sweep
+    with pytest.raises(KdcacheError, match="epochs=1 but this sweep asks for 3"):
+        run_sweep(tiny_sweep(digits_store, out, epochs=3))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"temperatures": ()}, "--temperatures needs at least one value"),
+        ({"seeds": (0, 0)}, "lists a value twice"),
+        ({"losses": ("kd", "mse")}, "valid losses: kd, focal, attention"),
+        ({"temperatures": (1.0, 0.0)}, "temperature must be > 0"),
+        ({"alphas": (1.5,)}, "alpha must lie in"),
+    ],
+)
+def test_invalid_grids_are_refused_before_any_run(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_sweep("s.zarr", tmp_path / "out", **changes)
+    assert not (tmp_path / "out").exists()
+
+
+def test_parse_list():
+    assert parse_list("1, 2,4", float, option="--temperatures", example="1,2") == (1.0, 2.0, 4.0)
+    with pytest.raises(ConfigError, match="--seeds must be a comma-separated list, got '0,x'"):
+        parse_list("0,x", int, option="--seeds", example="0,1,2")
+
+
+def test_the_memory_budget_reaches_the_shared_reader_and_every_run(tmp_path, digits_store):
+    result = run_sweep(
+        tiny_sweep(digits_store, tmp_path, temperatures=(2.0,), seeds=(0,), cache_memory="1MiB")
+    )
+    assert result.runs_done == 1
+    assert (
+        json.loads((tmp_path / "kd-a0.7-T2-seed0" / "config.json").read_text())["cache_memory"]
+        == "1MiB"
+    )
+    with pytest.raises(ConfigError, match="memory size 'lots'"):
+        tiny_sweep(digits_store, tmp_path / "bad", cache_memory="lots")
