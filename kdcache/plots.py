@@ -230,10 +230,10 @@ def _store_summary(
     predicted = []
     for start in range(0, reader.num_samples, STORE_BLOCK_ROWS):
         rows = np.arange(start, min(start + STORE_BLOCK_ROWS, reader.num_samples))
-        predicted.append(reader.read(rows).argmax(dim=1).numpy())
+        predicted.append(reader.read_dense(rows, temperature=1.0).argmax(dim=1).numpy())
         for t in temperatures:
             # Read at each T: a top-k store fills its tail for the temperature it is softened at.
-            log_p = F.log_softmax(reader.read(rows, temperature=t) / t, dim=1)
+            log_p = F.log_softmax(reader.read_dense(rows, temperature=t) / t, dim=1)
             max_prob[t].append(log_p.max(dim=1).values.exp().numpy())
             entropy[t].append(-(log_p.exp() * log_p).sum(dim=1).numpy())
     return _joined(max_prob), _joined(entropy), np.concatenate(predicted)

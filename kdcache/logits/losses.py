@@ -32,10 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcache.errors import ConfigError, SpecError
-from kdcache.logits.sparse import SparseLogits
-
-#: Teacher logits as the losses accept them: dense (B, C), or sparse from a ``topk:K`` store.
-TeacherLogits = Tensor | SparseLogits
+from kdcache.logits.sparse import SparseLogits, TeacherInput
 
 LOSS_NAMES = ("kd", "focal", "attention")
 REDUCTIONS = ("mean", "sum", "none")
@@ -62,7 +59,7 @@ def _check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
-def _check_inputs(student_logits: Tensor, teacher_logits: TeacherLogits, labels: Tensor) -> None:
+def _check_inputs(student_logits: Tensor, teacher_logits: TeacherInput, labels: Tensor) -> None:
     checked = [("student_logits", student_logits)]
     if not isinstance(teacher_logits, SparseLogits):
         checked.append(("teacher_logits", teacher_logits))
@@ -168,7 +165,7 @@ class _SparseTargets:
 
 
 def _teacher_targets(
-    teacher_logits: TeacherLogits, temperature: float, dtype: torch.dtype
+    teacher_logits: TeacherInput, temperature: float, dtype: torch.dtype
 ) -> _TeacherTargets | _SparseTargets:
     """Every loss gets its teacher distribution here, the one place that reads teacher logits."""
     if isinstance(teacher_logits, SparseLogits):
@@ -180,7 +177,7 @@ def _teacher_targets(
 
 
 def _prepare(
-    student_logits: Tensor, teacher_logits: TeacherLogits, labels: Tensor, temperature: float
+    student_logits: Tensor, teacher_logits: TeacherInput, labels: Tensor, temperature: float
 ) -> tuple[Tensor, Tensor, _TeacherTargets | _SparseTargets]:
     """Validate, then return student logits and log q_T in the compute dtype, and p_T."""
     _check_inputs(student_logits, teacher_logits, labels)
@@ -218,7 +215,7 @@ class LogitsDistillationLoss(nn.Module):
         self.reduction = reduction
 
     def forward(
-        self, student_logits: Tensor, teacher_logits: TeacherLogits, labels: Tensor
+        self, student_logits: Tensor, teacher_logits: TeacherInput, labels: Tensor
     ) -> dict[str, Tensor]:
         t = self.temperature
         student, student_log_probs, teacher = _prepare(student_logits, teacher_logits, labels, t)
@@ -259,7 +256,7 @@ class FocalDistillationLoss(nn.Module):
         self.gamma = float(gamma)
 
     def forward(
-        self, student_logits: Tensor, teacher_logits: TeacherLogits, labels: Tensor
+        self, student_logits: Tensor, teacher_logits: TeacherInput, labels: Tensor
     ) -> Tensor:
         t = self.temperature
         student, student_log_probs, teacher = _prepare(student_logits, teacher_logits, labels, t)
@@ -297,7 +294,7 @@ class AttentionLogitsLoss(nn.Module):
         self.top_k = top_k
 
     def forward(
-        self, student_logits: Tensor, teacher_logits: TeacherLogits, labels: Tensor
+        self, student_logits: Tensor, teacher_logits: TeacherInput, labels: Tensor
     ) -> Tensor:
         t = self.temperature
         student, student_log_probs, teacher = _prepare(student_logits, teacher_logits, labels, t)

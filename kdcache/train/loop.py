@@ -30,7 +30,8 @@ from kdcache.datasets import (
     dataset_fingerprint,
 )
 from kdcache.errors import ConfigError, StoreMismatchError
-from kdcache.logits.losses import TeacherLogits, build_loss, total_loss
+from kdcache.logits.losses import build_loss, total_loss
+from kdcache.logits.sparse import TeacherInput
 from kdcache.models import build_model, load_weights, weights_sha256
 from kdcache.plots import plot_curves, plot_distributions
 from kdcache.runtime import atomic_torch_save, make_loader, prepare_output_dir, resolve_device
@@ -277,11 +278,9 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
             feed={"mode": feed.mode, "memory_budget": feed.memory_budget},
         )
 
-        def teacher_logits(inputs: torch.Tensor, indices: torch.Tensor) -> TeacherLogits:
-            if reader.encoding.is_sparse:
-                # A topk:K store stays sparse: no dense (B, C) teacher tensor on the host.
-                return reader.read_sparse(indices).to(device)
-            return feed.to_device(indices, device, temperature=config.temperature)
+        def teacher_logits(inputs: torch.Tensor, indices: torch.Tensor) -> TeacherInput:
+            # A topk:K store's rows stay sparse (no dense (B, C) tensor); the loss softens them.
+            return feed.to_device(indices, device)
     else:
         assert config.teacher is not None and config.dataset is not None
         sampler = None
@@ -357,7 +356,7 @@ def _plot_final_distributions(
     with torch.no_grad():
         student_logits = student(inputs).cpu()
         if reader is not None:
-            teacher = reader.read(indices, temperature=config.temperature)
+            teacher = reader.read_dense(indices, temperature=config.temperature)
         else:
             teacher = teacher_logits(inputs, indices).cpu()
     plot_distributions(
