@@ -35,6 +35,11 @@ from kdcache.errors import ConfigError, SpecError
 from kdcache.logits.sparse import SparseLogits, TeacherInput
 
 LOSS_NAMES = ("kd", "focal", "attention")
+#: The losses' default hyper-parameters, written once: DistillConfig and the CLI take them from here.
+DEFAULT_TEMPERATURE = 4.0
+DEFAULT_ALPHA = 0.7
+DEFAULT_GAMMA = 2.0
+DEFAULT_TOP_K = 5
 REDUCTIONS = ("mean", "sum", "none")
 
 # Keeps log(p) finite where the softened teacher probability underflows to zero; the value is
@@ -203,7 +208,10 @@ class LogitsDistillationLoss(nn.Module):
     """
 
     def __init__(
-        self, temperature: float = 4.0, alpha: float = 0.7, reduction: str = "mean"
+        self,
+        temperature: float = DEFAULT_TEMPERATURE,
+        alpha: float = DEFAULT_ALPHA,
+        reduction: str = "mean",
     ) -> None:
         super().__init__()
         if reduction not in REDUCTIONS:
@@ -247,7 +255,12 @@ class FocalDistillationLoss(nn.Module):
     scalar L; gamma = 0 gives the plain KD loss.
     """
 
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.7, gamma: float = 2.0) -> None:
+    def __init__(
+        self,
+        temperature: float = DEFAULT_TEMPERATURE,
+        alpha: float = DEFAULT_ALPHA,
+        gamma: float = DEFAULT_GAMMA,
+    ) -> None:
         super().__init__()
         if not (_is_real(gamma) and math.isfinite(gamma) and gamma >= 0):
             raise ConfigError(f"gamma must be a finite number >= 0, got {gamma!r}")
@@ -285,7 +298,12 @@ class AttentionLogitsLoss(nn.Module):
     since beyond K the tail classes tie and any choice among them would be arbitrary.
     """
 
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.7, top_k: int = 5) -> None:
+    def __init__(
+        self,
+        temperature: float = DEFAULT_TEMPERATURE,
+        alpha: float = DEFAULT_ALPHA,
+        top_k: int = DEFAULT_TOP_K,
+    ) -> None:
         super().__init__()
         if not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1):
             raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
@@ -311,7 +329,12 @@ class AttentionLogitsLoss(nn.Module):
 
 
 def build_loss(
-    name: str, *, temperature: float, alpha: float, gamma: float = 2.0, top_k: int = 5
+    name: str,
+    *,
+    temperature: float,
+    alpha: float,
+    gamma: float = DEFAULT_GAMMA,
+    top_k: int = DEFAULT_TOP_K,
 ) -> nn.Module:
     """Build the loss called ``name`` (one of LOSS_NAMES); ``gamma`` is read by "focal" only and
     ``top_k`` by "attention" only."""
