@@ -11,6 +11,9 @@ T), blended with the ordinary cross-entropy on the hard labels:
 
     L = alpha * L_soft + (1 - alpha) * CE(z_student, y)
 
+A label of -1 (:data:`UNLABELED`) marks a sample without one: it is left out of the CE term, and
+with alpha = 1 the loss is L_soft alone, so an unlabeled batch distils on the teacher only.
+
 Logits of shape (B, C) in float16/bfloat16 are computed in float32; float32 and float64 inputs
 keep their dtype, so float32 results equal the reference formulas to rounding. The teacher side
 is always detached: the teacher is a fixed target, never trained through the loss.
@@ -35,7 +38,10 @@ from kdcache.errors import ConfigError, SpecError
 from kdcache.logits.sparse import SparseLogits, TeacherInput
 
 LOSS_NAMES = ("kd", "focal", "attention")
-#: The losses' default hyper-parameters, written once: DistillConfig and the CLI take them from here.
+#: The label of a sample that has none (an unlabeled transfer set): it adds nothing to the hard
+#: term, and ``alpha = 1`` (soft targets only) drops that term altogether.
+UNLABELED = -1
+#: The losses' default hyper-parameters, written once: DistillConfig and the CLI read them here.
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_ALPHA = 0.7
 DEFAULT_GAMMA = 2.0
@@ -195,6 +201,20 @@ def _prepare(
     return student, student_log_probs, _teacher_targets(teacher_logits, temperature, dtype)
 
 
+def _blend(
+    alpha: float, soft: Tensor, student: Tensor, labels: Tensor, *, reduction: str = "mean"
+) -> tuple[Tensor, Tensor]:
+    """``alpha * soft + (1 - alpha) * CE(student, labels)`` and the CE term.
+
+    Labels equal to :data:`UNLABELED` add nothing to the CE term; with alpha = 1 the total is the
+    soft term alone, so a batch without any label (CE undefined, NaN) still trains.
+    """
+    hard = F.cross_entropy(student, labels, reduction=reduction, ignore_index=UNLABELED)
+    if alpha == 1.0:
+        return (soft.expand_as(hard) if hard.dim() else soft), hard
+    return alpha * soft + (1 - alpha) * hard, hard
+
+
 class LogitsDistillationLoss(nn.Module):
     """Classic knowledge-distillation loss (Hinton et al., 2015).
 
@@ -228,9 +248,9 @@ class LogitsDistillationLoss(nn.Module):
         t = self.temperature
         student, student_log_probs, teacher = _prepare(student_logits, teacher_logits, labels, t)
         soft = teacher.mean_kl(student_log_probs) * t**2
-        hard = F.cross_entropy(student, labels, reduction=self.reduction)
+        total, hard = _blend(self.alpha, soft, student, labels, reduction=self.reduction)
         output = {
-            "total": self.alpha * soft + (1 - self.alpha) * hard,
+            "total": total,
             "soft": soft,
             "hard": hard,
             "student_probs": F.softmax(student, dim=1),
@@ -276,7 +296,7 @@ class FocalDistillationLoss(nn.Module):
         weight = (1 - teacher.max_prob()) ** self.gamma
         kl = teacher.kl(student_log_probs)
         soft = (weight * kl).mean() * t**2
-        return self.alpha * soft + (1 - self.alpha) * F.cross_entropy(student, labels)
+        return _blend(self.alpha, soft, student, labels)[0]
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}, gamma={self.gamma}"
@@ -322,7 +342,7 @@ class AttentionLogitsLoss(nn.Module):
                 f"top_k must be in [1, {num_classes}] (the number of classes), got {self.top_k}"
             )
         soft = teacher.kl(student_log_probs, top_k=self.top_k).mean() * t**2
-        return self.alpha * soft + (1 - self.alpha) * F.cross_entropy(student, labels)
+        return _blend(self.alpha, soft, student, labels)[0]
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}, top_k={self.top_k}"
