@@ -197,3 +197,20 @@ def test_transfer_set_options_through_the_cli(tmp_path, digits_store, unlabeled_
     )
     assert_one_line_error(refused, "have no label", "--alpha 1")
     assert not (tmp_path / "refused").exists()
+
+
+def test_every_run_of_a_sweep_shares_the_transfer_set():
+    from kdcache.train.sweep import SweepConfig
+
+    sweep = SweepConfig(
+        cache="s.zarr",
+        student="mlp",
+        out="sweep",
+        temperatures=(2.0, 4.0),
+        indices="idx.npy",
+        exclude_classes=[3, 5],
+    )
+    assert [(run.indices, run.exclude_classes) for run in sweep.runs()] == [
+        ("idx.npy", (3, 5)),
+        ("idx.npy", (3, 5)),
+    ]
