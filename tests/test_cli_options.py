@@ -86,3 +86,25 @@ def test_a_field_without_help_is_refused():
 
     with pytest.raises(TypeError, match="Undocumented.mystery has no help text"):
         config_options(Undocumented)
+
+
+def test_only_the_cli_imports_click():
+    import ast
+    from pathlib import Path
+
+    import kdcache
+
+    package = Path(kdcache.__file__).parent
+    importers = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            if any(name == "click" or name.startswith("click.") for name in names):
+                importers.add(path.relative_to(package).as_posix())
+    assert importers == {"cli.py"}
