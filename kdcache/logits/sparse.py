@@ -125,6 +125,15 @@ class SparseLogits:
     def __len__(self) -> int:
         return self.values.shape[0]
 
+    def rows(self) -> list[SparseLogits]:
+        """Every row as a one-row batch (views, no copies)."""
+        return [
+            SparseLogits(values, indices, tail, self.num_classes)
+            for values, indices, tail in zip(
+                self.values.split(1), self.indices.split(1), self.tail.split(1), strict=True
+            )
+        ]
+
     def __getitem__(self, rows: int | slice | Tensor) -> SparseLogits:
         """Rows of the batch, always as a batch: ``sparse[3]`` has shape (1, C)."""
         if isinstance(rows, int):

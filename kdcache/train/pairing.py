@@ -104,6 +104,12 @@ def _batch_teachers(teachers: Sequence[TeacherInput]) -> TeacherInput:
     return torch.stack(teachers)  # type: ignore[arg-type]
 
 
+class _Batch(list):
+    """Items of one batch, with the batch's teacher rows as one read (``teacher``)."""
+
+    teacher: TeacherInput
+
+
 class TeacherLogits(Dataset):
     """``dataset`` paired with the teacher rows ``store`` holds for it, by sample index.
 
@@ -162,21 +168,24 @@ class TeacherLogits(Dataset):
 
     def __getitems__(self, positions: Sequence[int]) -> list[tuple[Any, Any, TeacherInput]]:
         """A batch of items with one store read for all their rows (DataLoader calls this)."""
-        rows = [self.sample_index(int(p)) for p in positions]
+        rows = list(map(int, positions)) if self.indices is None else self.indices[positions]
         teacher = self.store.read(rows)
-        items = [self.dataset[row] for row in rows]
-        return [(x, y, teacher[k]) for k, (x, y) in enumerate(items)]
+        per_row = teacher.rows() if isinstance(teacher, SparseLogits) else teacher.unbind(0)
+        batch = _Batch(
+            (*self.dataset[int(row)], row_teacher)
+            for row, row_teacher in zip(rows, per_row, strict=True)
+        )
+        batch.teacher = teacher
+        return batch
 
     @staticmethod
     def collate(items: Sequence[tuple[Any, Any, TeacherInput]]) -> tuple[Any, Any, TeacherInput]:
         """``collate_fn`` for a DataLoader over :class:`TeacherLogits`: inputs and labels as the
         default collate stacks them, teacher rows as one (B, C) tensor or ``SparseLogits``."""
         inputs, labels, teachers = zip(*items, strict=True)
-        return (
-            default_collate(list(inputs)),
-            default_collate(list(labels)),
-            _batch_teachers(teachers),
-        )
+        # a batch from __getitems__ already holds its rows as read, in order
+        teacher = items.teacher if isinstance(items, _Batch) else _batch_teachers(teachers)
+        return default_collate(list(inputs)), default_collate(list(labels)), teacher
 
     def loader(self, **options: Any) -> PairedLoader:
         """Batches ``(x, y, teacher)`` from a DataLoader built with ``options`` (batch_size,

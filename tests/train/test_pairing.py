@@ -76,6 +76,10 @@ def test_items_and_batches_carry_the_stores_rows(topk_digits_store):
     want = read(reads[0])
     torch.testing.assert_close(teacher.values, want.values)
     torch.testing.assert_close(teacher.indices, want.indices)
+    # items gathered one by one collate to the same batch as one read
+    _, _, one_by_one = pairs.collate([pairs[row] for row in reads[0]])
+    torch.testing.assert_close(one_by_one.values, want.values)
+    torch.testing.assert_close(one_by_one.tail, want.tail)
     student = torch.randn(32, 10)
     loss = LogitsDistillationLoss(temperature=3.0)
     torch.testing.assert_close(loss(student, teacher, y)["total"], loss(student, want, y)["total"])
