@@ -178,6 +178,12 @@ def train(config: TrainConfig) -> RunResult:
     """Plain cross-entropy training (the teacher, or the CE-only student baseline)."""
     device = resolve_device(config.device)
     train_set = build_dataset(config.dataset, split=config.split)
+    unlabeled = int((train_set.labels < 0).sum())
+    if unlabeled:
+        raise ConfigError(
+            f"train needs labels but {unlabeled} samples of dataset {config.dataset!r} have none "
+            "(label -1); train on a labelled dataset, or distill from a teacher with --alpha 1"
+        )
     val_set = build_dataset(config.dataset, split=held_out_split(config.split))
     out = prepare_output_dir(config.out, overwrite=config.overwrite)
     config.save(

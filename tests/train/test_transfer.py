@@ -165,6 +165,15 @@ def test_an_unlabeled_pool_distils_with_alpha_1_only(tmp_path, unlabeled_store, 
         )
 
 
+def test_plain_training_refuses_an_unlabeled_dataset(tmp_path):
+    from kdcache import TrainConfig
+    from kdcache.train.loop import train
+
+    with pytest.raises(ConfigError, match="train needs labels but 1437 samples"):
+        train(TrainConfig(model="mlp:8", dataset="unlabeled:digits", out=str(tmp_path / "t")))
+    assert not (tmp_path / "t").exists()
+
+
 def test_transfer_set_options_through_the_cli(tmp_path, digits_store, unlabeled_store):
     (tmp_path / "idx.txt").write_text(" ".join(map(str, range(0, DIGITS_TRAIN, 4))))
     result = run_cli(
