@@ -19,6 +19,7 @@ from kdcache.store.report import StoreReport, inspect_store
 from kdcache.store.verify import VerifyReport, verify_store
 from kdcache.store.writer import StoreWriter, create_store
 from kdcache.train.loop import RunResult, distill, train
+from kdcache.train.pairing import TeacherLogits
 from kdcache.train.sweep import SweepConfig, SweepResult, run_sweep
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "StoreWriter",
     "SweepConfig",
     "SweepResult",
+    "TeacherLogits",
     "TrainConfig",
     "VerifyReport",
     "__version__",

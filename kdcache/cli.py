@@ -6,18 +6,23 @@ stderr and a non-zero exit status.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
-from typing import Any
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
 from kdcache._version import __version__
-from kdcache.config import LOSS_NAMES, DistillConfig, DumpConfig, TrainConfig
+from kdcache.config import DistillConfig, DumpConfig, TrainConfig, parse_list
 from kdcache.errors import KdcacheError
+from kdcache.train.sweep import SweepConfig
 
 EXIT_USER_ERROR = 1
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class KdcacheGroup(click.Group):
@@ -44,56 +49,74 @@ def cli(quiet: bool) -> None:
     )
 
 
-def loop_options(function: Any) -> Any:
-    """Options every training command takes."""
-    options = [
-        click.option(
-            "--out",
-            required=True,
-            type=click.Path(file_okay=False),
-            help="Run folder for checkpoints, metrics and config.",
-        ),
-        click.option(
-            "--epochs",
-            default=10,
-            show_default=True,
-            type=int,
-            help="Passes over the training split.",
-        ),
-        click.option(
-            "--batch-size",
-            default=64,
-            show_default=True,
-            type=int,
-            help="Samples per optimisation step.",
-        ),
-        click.option(
-            "--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate."
-        ),
-        click.option(
-            "--seed",
-            default=0,
-            show_default=True,
-            type=int,
-            help="Seed for initialisation and shuffling.",
-        ),
-        click.option(
-            "--device",
-            default=None,
-            help="cpu, cuda or cuda:N [default: cuda when available, else cpu].",
-        ),
-        click.option(
-            "--num-workers",
-            default=0,
-            show_default=True,
-            type=int,
-            help="DataLoader worker processes.",
-        ),
-        click.option("--overwrite", is_flag=True, help="Replace a finished run already in --out."),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+def config_options(config: type) -> Callable[[F], F]:
+    """Click options for every field of the configuration dataclass ``config``.
+
+    Each option's name, type, default, choices and help come from its field (declared with
+    :func:`kdcache.config.option`): required fields first, then each class's own fields from the
+    most derived class down. A ``tuple`` field is a comma-separated list.
+    """
+    hints = typing.get_type_hints(config)
+    fields = {field.name: field for field in dataclasses.fields(config)}
+    ordered: dict[str, dataclasses.Field] = {}
+    for klass in config.__mro__:
+        for name in vars(klass).get("__annotations__", {}):
+            if name in fields:
+                ordered.setdefault(name, fields[name])
+    required_first = sorted(ordered.values(), key=lambda f: f.default is not dataclasses.MISSING)
+    options = [_click_option(field, hints[field.name], config) for field in required_first]
+
+    def decorate(function: F) -> F:
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate
+
+
+def _click_option(field: dataclasses.Field, kind: Any, config: type) -> Callable[[F], F]:
+    meta = field.metadata
+    if "help" not in meta:
+        raise TypeError(
+            f"{config.__name__}.{field.name} has no help text: declare it with "
+            "kdcache.config.option(default, help=...)"
+        )
+    name = "--" + field.name.replace("_", "-")
+    required = field.default is dataclasses.MISSING
+    default = None if required else field.default
+    if kind is bool:
+        return click.option(name, is_flag=True, help=meta["help"])
+    settings: dict[str, Any] = {"help": meta["help"], "required": required}
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        example = meta["example"]
+
+        def parse(context: click.Context, parameter: click.Parameter, text: str | None) -> Any:
+            if text is None:
+                return field.default
+            return parse_list(text, item, option=name, example=example)
+
+        settings.update(type=str, callback=parse)
+        values: tuple[Any, ...] = field.default  # type: ignore[assignment]
+        joined = ",".join(f"{value:g}" if item is float else str(value) for value in values)
+        default = joined or None
+    else:
+        types = set(typing.get_args(kind) or (kind,)) - {type(None)}
+        settings["type"] = (
+            _text_type(meta) if str in types or len(types) != 1 else next(iter(types))
+        )
+    settings.update(default=default, show_default=default is not None)
+    return click.option(name, **settings)
+
+
+def _text_type(meta: Any) -> click.ParamType:
+    if "choices" in meta:
+        return click.Choice(list(meta["choices"]))
+    if meta.get("path") == "file":
+        return click.Path(dir_okay=False)
+    if meta.get("path") == "dir":
+        return click.Path(file_okay=False)
+    return click.STRING
 
 
 def print_run(result: Any) -> None:
@@ -104,25 +127,7 @@ def print_run(result: Any) -> None:
 
 
 @cli.command()
-@click.option(
-    "--model",
-    required=True,
-    help="Model spec: mlp, cnn, a torchvision model name, or package.module:function.",
-)
-@click.option(
-    "--dataset",
-    default="digits",
-    show_default=True,
-    help="Dataset spec: digits, fake:N, imagefolder:PATH, cifar10:ROOT, ...",
-)
-@click.option(
-    "--split",
-    default="train",
-    show_default=True,
-    type=click.Choice(["train", "test"]),
-    help="Split to train on; the other one validates.",
-)
-@loop_options
+@config_options(TrainConfig)
 def train(**options: Any) -> None:
     """Train a model with plain cross-entropy (a teacher, or the CE-only baseline)."""
     from kdcache.train.loop import train as run
@@ -131,56 +136,7 @@ def train(**options: Any) -> None:
 
 
 @cli.command("dump-teacher")
-@click.option("--teacher", required=True, help="Teacher model spec (see `kdcache train --help`).")
-@click.option(
-    "--weights",
-    type=click.Path(dir_okay=False),
-    help="Teacher state_dict or checkpoint from `kdcache train`.",
-)
-@click.option(
-    "--dataset", default="digits", show_default=True, help="Dataset spec to run the teacher over."
-)
-@click.option(
-    "--split",
-    default="train",
-    show_default=True,
-    type=click.Choice(["train", "test"]),
-    help="Dataset split.",
-)
-@click.option(
-    "--out",
-    default="teacher.zarr",
-    show_default=True,
-    help="Store to create: a path or an fsspec URL (s3://...).",
-)
-@click.option(
-    "--encoding",
-    default="float16",
-    show_default=True,
-    help="How logits are stored: float32, float16, int8 (per-row scale/offset) or topk:K "
-    "(the K largest logits plus tail statistics; any --temperature at distill time).",
-)
-@click.option(
-    "--batch-size",
-    default=256,
-    show_default=True,
-    type=int,
-    help="Samples per teacher forward pass.",
-)
-@click.option(
-    "--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes."
-)
-@click.option(
-    "--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available, else cpu]."
-)
-@click.option(
-    "--chunk-rows",
-    default=None,
-    type=int,
-    help="Rows per Zarr chunk [default: about 1 MiB per chunk].",
-)
-@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted dump at --out.")
+@config_options(DumpConfig)
 def dump_teacher(**options: Any) -> None:
     """Run the teacher once over a dataset and store its raw logits in a Zarr store."""
     from kdcache.dump import dump_teacher as run
@@ -220,59 +176,7 @@ def inspect(store: str, as_json: bool, plot: str | None) -> None:
 
 
 @cli.command()
-@click.option("--student", required=True, help="Student model spec (see `kdcache train --help`).")
-@click.option(
-    "--cache", help="Teacher logit store written by `kdcache dump-teacher`: a path, URL or .zip."
-)
-@click.option(
-    "--teacher", help="Online baseline only: teacher spec run in the loop instead of --cache."
-)
-@click.option(
-    "--weights",
-    type=click.Path(dir_okay=False),
-    help="Online baseline only: the teacher's weights.",
-)
-@click.option(
-    "--dataset",
-    help="Dataset spec [default: the one recorded in the store]; checked against its fingerprint.",
-)
-@click.option(
-    "--split",
-    type=click.Choice(["train", "test"]),
-    help="Dataset split [default: the one recorded in the store].",
-)
-@click.option(
-    "--loss",
-    default="kd",
-    show_default=True,
-    type=click.Choice(LOSS_NAMES),
-    help="Distillation loss.",
-)
-@click.option(
-    "--temperature", default=4.0, show_default=True, type=float, help="Softmax temperature T (> 0)."
-)
-@click.option(
-    "--alpha",
-    default=0.7,
-    show_default=True,
-    type=float,
-    help="Weight of the soft loss, in [0, 1].",
-)
-@click.option(
-    "--gamma", default=2.0, show_default=True, type=float, help="Focal exponent (--loss focal)."
-)
-@click.option(
-    "--top-k",
-    default=5,
-    show_default=True,
-    type=int,
-    help="Teacher classes kept (--loss attention).",
-)
-@click.option(
-    "--cache-memory",
-    help="RAM for decoded logits, e.g. 8GiB; a larger store streams chunk by chunk [default: half the available memory].",
-)
-@loop_options
+@config_options(DistillConfig)
 def distill(**options: Any) -> None:
     """Distill a student from cached teacher logits (or, as a baseline, from a live teacher)."""
     from kdcache.train.loop import distill as run
@@ -281,91 +185,16 @@ def distill(**options: Any) -> None:
 
 
 @cli.command()
-@click.option(
-    "--cache", required=True, help="Teacher logit store written by `kdcache dump-teacher`."
-)
-@click.option("--student", required=True, help="Student model spec (see `kdcache train --help`).")
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Sweep folder: one run folder per setting, results.csv, sweep.png.",
-)
-@click.option(
-    "--temperatures",
-    default="1,2,4,8,16",
-    show_default=True,
-    help="Comma-separated temperatures T (> 0).",
-)
-@click.option(
-    "--alphas",
-    default="0.7",
-    show_default=True,
-    help="Comma-separated soft-loss weights in [0, 1]; 1 = soft targets only.",
-)
-@click.option(
-    "--losses",
-    default="kd",
-    show_default=True,
-    help=f"Comma-separated losses among {', '.join(LOSS_NAMES)}.",
-)
-@click.option(
-    "--seeds",
-    default="0",
-    show_default=True,
-    help="Comma-separated seeds; results are mean ± std over them.",
-)
-@click.option("--dataset", help="Dataset spec [default: the one recorded in the store].")
-@click.option(
-    "--split",
-    type=click.Choice(["train", "test"]),
-    help="Dataset split [default: the one recorded in the store].",
-)
-@click.option(
-    "--gamma", default=2.0, show_default=True, type=float, help="Focal exponent (loss focal)."
-)
-@click.option(
-    "--top-k", default=5, show_default=True, type=int, help="Teacher classes kept (loss attention)."
-)
-@click.option(
-    "--epochs",
-    default=10,
-    show_default=True,
-    type=int,
-    help="Passes over the training split, per run.",
-)
-@click.option(
-    "--batch-size", default=64, show_default=True, type=int, help="Samples per optimisation step."
-)
-@click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate.")
-@click.option(
-    "--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available, else cpu]."
-)
-@click.option(
-    "--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes."
-)
-@click.option(
-    "--cache-memory",
-    help="Memory budget of the store's logit feed, e.g. 8GiB [default: half the available memory].",
-)
-def sweep(temperatures: str, alphas: str, losses: str, seeds: str, **options: Any) -> None:
+@config_options(SweepConfig)
+def sweep(**options: Any) -> None:
     """Distill one student per loss x alpha x temperature x seed from one store (resumable)."""
-    from kdcache.train.sweep import SweepConfig, format_table, parse_list, run_sweep
+    from kdcache.train.sweep import format_table, run_sweep
 
-    result = run_sweep(
-        SweepConfig(
-            temperatures=parse_list(
-                temperatures, float, option="--temperatures", example="1,2,4,8,16"
-            ),
-            alphas=parse_list(alphas, float, option="--alphas", example="0.5,0.7,1"),
-            losses=parse_list(losses, str, option="--losses", example="kd,focal"),
-            seeds=parse_list(seeds, int, option="--seeds", example="0,1,2"),
-            **options,
-        )
-    )
+    result = run_sweep(SweepConfig(**options))
     click.echo(format_table(result.rows))
     click.echo(
-        f"{result.runs_done} runs trained, {result.runs_skipped} kept from before -> {result.results_csv}, {result.figure}"
+        f"{result.runs_done} runs trained, {result.runs_skipped} kept from before -> "
+        f"{result.results_csv}, {result.figure}"
     )
 
 

@@ -1,19 +1,68 @@
-"""Typed run configurations. Each is validated on construction and saved as JSON next to outputs."""
+"""Typed run configurations. Each is validated on construction and saved as JSON next to outputs.
+
+Every field is declared once, here, with its default and its help text (:func:`option`); the
+command line (:mod:`kdcache.cli`) builds its options from these fields, so adding an option to a
+command is one field in its dataclass. This module imports without click.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
 
 from kdcache.datasets import SPLITS
 from kdcache.errors import ConfigError
 from kdcache.logits.encodings import parse_encoding
-from kdcache.logits.losses import LOSS_NAMES
+from kdcache.logits.losses import (
+    DEFAULT_ALPHA,
+    DEFAULT_GAMMA,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    LOSS_NAMES,
+)
 from kdcache.store.feed import parse_size
+
+T = TypeVar("T")
+
+DEVICE_HELP = "cpu, cuda or cuda:N [default: cuda when available, else cpu]."
+
+
+def option(
+    default: Any = MISSING,
+    *,
+    help: str,
+    choices: Sequence[str] | None = None,
+    path: str | None = None,
+    example: str | None = None,
+) -> Any:
+    """A dataclass field that is also a command-line option ``--field-name``.
+
+    The option's type and default come from the field; ``help`` is its help text, ``choices``
+    the values it accepts, ``path`` ``"file"`` or ``"dir"`` for a path option, and ``example``
+    a value shown when a comma-separated list (a ``tuple`` field) cannot be read.
+    """
+    metadata = {"help": help, "choices": choices, "path": path, "example": example}
+    return dataclasses.field(
+        default=default, metadata={key: value for key, value in metadata.items() if value}
+    )
+
+
+def parse_list(text: str, kind: Callable[[str], T], *, option: str, example: str) -> tuple[T, ...]:
+    """Values of a comma-separated option such as ``--temperatures 1,2,4``."""
+    try:
+        values = tuple(kind(part.strip()) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"{option} must be a comma-separated list, got {text!r}; e.g. {option} {example}"
+        ) from None
+    return values
 
 
 def _require(condition: bool, message: str) -> None:
@@ -28,17 +77,30 @@ def check_split(split: str | None) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoopConfig:
-    """Options shared by every training run."""
+class Options:
+    """Base of every configuration: a validation hook each subclass extends, and a dict form."""
 
-    out: str
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    seed: int = 0
-    device: str | None = None
-    num_workers: int = 0
-    overwrite: bool = False
+    def __post_init__(self) -> None:
+        """Validate; each subclass checks its own fields, then calls ``super().__post_init__()``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingOptions(Options):
+    """How any student is optimised: shared by training, distillation and every run of a sweep."""
+
+    epochs: int = option(10, help="Passes over the training split.")
+    batch_size: int = option(64, help="Samples per optimisation step.")
+    lr: float = option(1e-3, help="Adam learning rate.")
+    device: str | None = option(None, help=DEVICE_HELP)
+    num_workers: int = option(0, help="DataLoader worker processes.")
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -47,14 +109,16 @@ class LoopConfig:
             math.isfinite(self.lr) and self.lr > 0, f"learning rate must be > 0, got {self.lr}"
         )
         _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        super().__post_init__()
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LoopConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in known})
+@dataclass(frozen=True, kw_only=True)
+class LoopConfig(TrainingOptions):
+    """Options of one training run: its folder and seed on top of :class:`TrainingOptions`."""
+
+    out: str = option(path="dir", help="Run folder for checkpoints, metrics and config.")
+    seed: int = option(0, help="Seed for initialisation and shuffling.")
+    overwrite: bool = option(False, help="Replace a finished run already in --out.")
 
     def save(self, path: Path, **resolved: Any) -> None:
         """Write the configuration plus values resolved at run time (device, dataset, ...)."""
@@ -65,42 +129,109 @@ class LoopConfig:
 class TrainConfig(LoopConfig):
     """Plain cross-entropy training of ``model`` on ``dataset``."""
 
-    model: str
-    dataset: str = "digits"
-    split: str = "train"
+    model: str = option(
+        help="Model spec: mlp, cnn, a torchvision model name, or package.module:function."
+    )
+    dataset: str = option(
+        "digits", help="Dataset spec: digits, fake:N, imagefolder:PATH, cifar10:ROOT, ..."
+    )
+    split: str = option("train", choices=SPLITS, help="Split to train on; the other one validates.")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         check_split(self.split)
+        super().__post_init__()
 
 
 @dataclass(frozen=True, kw_only=True)
-class DistillConfig(LoopConfig):
-    """Distillation of ``student`` from a cached store, or from a live teacher when ``cache`` is None.
+class DistillOptions(TrainingOptions):
+    """What a distillation run shares with every run of a sweep: the student, the transfer set
+    (which samples of the store's dataset it trains on) and the losses' own options.
+
+    The transfer set is the whole dataset by default; ``indices`` (a ``.npy`` or text file of
+    sample indices, or the indices themselves) keeps a subset, ``exclude_classes`` leaves out
+    every sample labelled with one of those classes. A dataset whose samples have no label
+    (label -1, e.g. ``unlabeled:SPEC``) trains on the soft targets only and needs ``alpha`` 1.
+    """
+
+    student: str = option(help="Student model spec (see `kdcache train --help`).")
+    dataset: str | None = option(
+        None,
+        help="Dataset spec [default: the one recorded in the store]; checked against its "
+        "fingerprint. unlabeled:SPEC drops its labels (soft targets only: alpha 1).",
+    )
+    split: str | None = option(
+        None, choices=SPLITS, help="Dataset split [default: the one recorded in the store]."
+    )
+    indices: str | tuple[int, ...] | None = option(
+        None,
+        path="file",
+        help="Transfer set: train on these sample indices only (a .npy file, or a text file of "
+        "integers separated by spaces, commas or newlines) [default: every sample].",
+    )
+    exclude_classes: tuple[int, ...] = option(
+        (),
+        example="3,5",
+        help="Transfer set: leave out the samples labelled with these comma-separated classes, "
+        "e.g. 3,5.",
+    )
+    gamma: float = option(DEFAULT_GAMMA, help="Focal exponent (--loss focal).")
+    top_k: int = option(DEFAULT_TOP_K, help="Teacher classes kept (--loss attention).")
+    cache_memory: int | str | None = option(
+        None,
+        help="RAM for decoded logits, e.g. 8GiB; a larger store streams chunk by chunk "
+        "[default: half the available memory].",
+    )
+
+    def __post_init__(self) -> None:
+        check_split(self.split)
+        if self.cache_memory is not None:
+            parse_size(self.cache_memory)  # raises ConfigError for an unreadable size
+        _require(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
+        _require(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+        excluded = _integers(self.exclude_classes, "exclude_classes")
+        _require(
+            all(c >= 0 for c in excluded),
+            f"exclude_classes must be class indices >= 0, got {list(excluded)}; e.g. 3,5",
+        )
+        object.__setattr__(self, "exclude_classes", excluded)  # lists in, tuples kept
+        if self.indices is not None and not isinstance(self.indices, str):
+            object.__setattr__(self, "indices", _integers(self.indices, "indices"))
+        super().__post_init__()
+
+
+def _integers(values: Any, name: str) -> tuple[int, ...]:
+    array = np.asarray(values)
+    _require(
+        array.ndim == 1 and (array.size == 0 or np.issubdtype(array.dtype, np.integer)),
+        f"{name} must be a sequence of integers, got {values!r}",
+    )
+    return tuple(int(value) for value in array)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig(DistillOptions, LoopConfig):
+    """Distillation of ``student`` from a cached store, or from a live teacher when ``cache`` is
+    None.
 
     With a cache, ``dataset`` and ``split`` default to those recorded in the store, and
     ``cache_memory`` (bytes or e.g. ``"8GiB"``; default half the available memory) bounds the
     decoded logits held in RAM (see :mod:`kdcache.store.feed`).
     """
 
-    student: str
-    cache: str | None = None
-    teacher: str | None = None
-    weights: str | None = None
-    dataset: str | None = None
-    split: str | None = None
-    loss: str = "kd"
-    temperature: float = 4.0
-    alpha: float = 0.7
-    gamma: float = 2.0
-    top_k: int = 5
-    cache_memory: int | str | None = None
+    cache: str | None = option(
+        None, help="Teacher logit store written by `kdcache dump-teacher`: a path, URL or .zip."
+    )
+    teacher: str | None = option(
+        None, help="Online baseline only: teacher spec run in the loop instead of --cache."
+    )
+    weights: str | None = option(
+        None, path="file", help="Online baseline only: the teacher's weights."
+    )
+    loss: str = option("kd", choices=LOSS_NAMES, help="Distillation loss.")
+    temperature: float = option(DEFAULT_TEMPERATURE, help="Softmax temperature T (> 0).")
+    alpha: float = option(DEFAULT_ALPHA, help="Weight of the soft loss, in [0, 1].")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        check_split(self.split)
-        if self.cache_memory is not None:
-            parse_size(self.cache_memory)  # raises ConfigError for an unreadable size
         _require(
             self.loss in LOSS_NAMES,
             f"unknown loss {self.loss!r}; valid losses: {', '.join(LOSS_NAMES)}",
@@ -110,12 +241,11 @@ class DistillConfig(LoopConfig):
             f"temperature must be > 0, got {self.temperature}",
         )
         _require(0.0 <= self.alpha <= 1.0, f"alpha must lie in [0, 1], got {self.alpha}")
-        _require(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
-        _require(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
         if self.cache is None:
             _require(
                 self.teacher is not None and self.dataset is not None,
-                "distill needs --cache STORE, or --teacher SPEC and --dataset SPEC for online distillation",
+                "distill needs --cache STORE, or --teacher SPEC and --dataset SPEC for online "
+                "distillation",
             )
             _require(
                 self.cache_memory is None,
@@ -124,26 +254,36 @@ class DistillConfig(LoopConfig):
         else:
             _require(
                 self.teacher is None and self.weights is None,
-                "--teacher/--weights make no sense with --cache: the cache replaces the teacher; drop one",
+                "--teacher/--weights make no sense with --cache: the cache replaces the teacher; "
+                "drop one",
             )
+        super().__post_init__()
 
 
 @dataclass(frozen=True, kw_only=True)
-class DumpConfig:
+class DumpConfig(Options):
     """Run ``teacher`` once over ``dataset``/``split`` and store its raw logits at ``out``."""
 
-    teacher: str
-    dataset: str = "digits"
-    out: str = "teacher.zarr"
-    weights: str | None = None
-    split: str = "train"
-    encoding: str = "float16"
-    batch_size: int = 256
-    num_workers: int = 0
-    device: str | None = None
-    chunk_rows: int | None = None
-    overwrite: bool = False
-    resume: bool = False
+    teacher: str = option(help="Teacher model spec (see `kdcache train --help`).")
+    weights: str | None = option(
+        None, path="file", help="Teacher state_dict or checkpoint from `kdcache train`."
+    )
+    dataset: str = option("digits", help="Dataset spec to run the teacher over.")
+    split: str = option("train", choices=SPLITS, help="Dataset split.")
+    out: str = option("teacher.zarr", help="Store to create: a path or an fsspec URL (s3://...).")
+    encoding: str = option(
+        "float16",
+        help="How logits are stored: float32, float16, int8 (per-row scale/offset) or topk:K "
+        "(the K largest logits plus tail statistics; any --temperature at distill time).",
+    )
+    batch_size: int = option(256, help="Samples per teacher forward pass.")
+    num_workers: int = option(0, help="DataLoader worker processes.")
+    device: str | None = option(None, help=DEVICE_HELP)
+    chunk_rows: int | None = option(
+        None, help="Rows per Zarr chunk [default: about 1 MiB per chunk]."
+    )
+    overwrite: bool = option(False, help="Replace an existing store at --out.")
+    resume: bool = option(False, help="Continue an interrupted dump at --out.")
 
     def __post_init__(self) -> None:
         check_split(self.split)
@@ -158,6 +298,4 @@ class DumpConfig:
             "--overwrite and --resume exclude each other; pick one",
         )
         parse_encoding(self.encoding)  # a bad name fails here, listing the valid encodings
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        super().__post_init__()

@@ -3,7 +3,8 @@
 A spec is ``KIND`` or ``KIND:ARGS`` (see :data:`DATASET_KINDS`). Every dataset yields
 ``(x, y)`` with ``x`` a float32 tensor ``(C, H, W)`` and ``y`` an int, identically on every call,
 because cached teacher logits are only valid for exactly the inputs they were computed on.
-kdcache never downloads: datasets that need files must already be on disk.
+kdcache never downloads: datasets that need files must already be on disk. ``unlabeled:SPEC`` is
+SPEC with every label -1, the label of a sample without one (an unlabeled transfer set).
 """
 
 from __future__ import annotations
@@ -21,8 +22,18 @@ from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 
 from kdcache.errors import ConfigError, DatasetNotFoundError, SpecError
+from kdcache.logits.losses import UNLABELED
 
-DATASET_KINDS = ("digits", "fake", "synthetic", "imagefolder", "cifar10", "cifar100", "mnist")
+DATASET_KINDS = (
+    "digits",
+    "fake",
+    "synthetic",
+    "imagefolder",
+    "cifar10",
+    "cifar100",
+    "mnist",
+    "unlabeled",
+)
 SPLITS = ("train", "test")
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -149,6 +160,8 @@ def build_dataset(spec: str, *, split: str = "train") -> LabeledDataset:
         )
     if kind in ("fake", "synthetic"):
         return _generated(spec, kind, args, split)
+    if kind == "unlabeled":
+        return _unlabeled(spec, args, split)
     if not args:
         form = (
             "imagefolder:PATH or imagefolder:PATH:SIZE" if kind == "imagefolder" else f"{kind}:ROOT"
@@ -157,6 +170,44 @@ def build_dataset(spec: str, *, split: str = "train") -> LabeledDataset:
     if kind == "imagefolder":
         return _imagefolder(spec, args, split)
     return _torchvision_set(spec, kind, args, split)
+
+
+def labeled_spec(spec: str) -> str:
+    """The spec of the labelled dataset behind ``unlabeled:SPEC`` (``spec`` itself otherwise):
+    where a run on an unlabeled transfer set measures its validation accuracy."""
+    while spec.startswith("unlabeled:"):
+        spec = spec[len("unlabeled:") :]
+    return spec
+
+
+class _WithoutLabels(Dataset):
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.base[index][0], UNLABELED
+
+
+def _unlabeled(spec: str, args: str, split: str) -> LabeledDataset:
+    """``unlabeled:SPEC``: SPEC's inputs and classes, every label -1 (an unlabeled pool)."""
+    if not args:
+        raise SpecError(
+            f"dataset spec {spec!r} lacks its dataset; expected unlabeled:SPEC, "
+            "e.g. unlabeled:digits"
+        )
+    inner = build_dataset(args, split=split)
+    return LabeledDataset(
+        _WithoutLabels(inner),
+        spec=spec,
+        split=split,
+        num_classes=inner.num_classes,
+        in_channels=inner.in_channels,
+        labels=np.full(len(inner), UNLABELED, dtype=np.int64),
+        transform_description=f"{inner.transform_description}; labels dropped (-1)",
+    )
 
 
 @functools.cache

@@ -114,7 +114,8 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
         num_samples=len(dataset),
         num_classes=dataset.num_classes,
         encoding=config.encoding,
-        labels=dataset.labels,
+        # an unlabeled pool (unlabeled:SPEC) stores no labels rather than a column of -1
+        labels=None if (dataset.labels < 0).all() else dataset.labels,
         chunk_rows=config.chunk_rows,
         teacher={
             "spec": config.teacher,

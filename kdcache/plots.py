@@ -143,7 +143,8 @@ def plot_distributions(
     for row, axes in enumerate(axes_list):
         label = hard_labels[row]
         order = torch.argsort(teacher_t[row], descending=True)[:MAX_CLASSES_SHOWN].tolist()
-        classes = order if label in order else [*order[:-1], label]
+        # A negative label is a sample without one (an unlabeled transfer set): nothing to mark.
+        classes = order if label in order or label < 0 else [*order[:-1], label]
         x = np.arange(len(classes))
         width = 0.27
         for offset, (probs, name) in enumerate(
@@ -154,17 +155,19 @@ def plot_distributions(
             )
         ):
             axes.bar(x + (offset - 1) * width, probs[row, classes].numpy(), width, label=name)
-        hard = classes.index(label)
-        axes.axvspan(
-            hard - 1.5 * width,
-            hard + 1.5 * width,
-            color="gold",
-            alpha=0.3,
-            zorder=0,
-            label="hard label",
-        )
+        if label >= 0:
+            hard = classes.index(label)
+            axes.axvspan(
+                hard - 1.5 * width,
+                hard + 1.5 * width,
+                color="gold",
+                alpha=0.3,
+                zorder=0,
+                label="hard label",
+            )
         axes.set_xticks(x, [str(c) for c in classes])
-        axes.set(ylim=(0, 1.05), ylabel="probability", title=f"sample {ids[row]} (label {label})")
+        title = f"sample {ids[row]} ({f'label {label}' if label >= 0 else 'unlabeled'})"
+        axes.set(ylim=(0, 1.05), ylabel="probability", title=title)
         axes.grid(axis="y", alpha=0.3)
     axes_list[0].legend(fontsize="small", ncols=4, loc="upper right")
     axes_list[-1].set_xlabel("class (teacher's most likely first)")
@@ -230,10 +233,10 @@ def _store_summary(
     predicted = []
     for start in range(0, reader.num_samples, STORE_BLOCK_ROWS):
         rows = np.arange(start, min(start + STORE_BLOCK_ROWS, reader.num_samples))
-        predicted.append(reader.read(rows).argmax(dim=1).numpy())
+        predicted.append(reader.read_dense(rows, temperature=1.0).argmax(dim=1).numpy())
         for t in temperatures:
             # Read at each T: a top-k store fills its tail for the temperature it is softened at.
-            log_p = F.log_softmax(reader.read(rows, temperature=t) / t, dim=1)
+            log_p = F.log_softmax(reader.read_dense(rows, temperature=t) / t, dim=1)
             max_prob[t].append(log_p.max(dim=1).values.exp().numpy())
             entropy[t].append(-(log_p.exp() * log_p).sum(dim=1).numpy())
     return _joined(max_prob), _joined(entropy), np.concatenate(predicted)

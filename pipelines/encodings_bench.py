@@ -77,7 +77,9 @@ def mean_kl(reader, logits: torch.Tensor, temperature: float, block: int = 4096)
     for start in range(0, len(logits), block):
         rows = np.arange(start, min(start + block, len(logits)))
         total += (
-            kl_divergence(logits[rows], reader.read(rows, temperature=temperature), temperature)
+            kl_divergence(
+                logits[rows], reader.read_dense(rows, temperature=temperature), temperature
+            )
             .sum()
             .item()
         )
@@ -131,7 +133,12 @@ def run_c1000(out: Path, num_samples: int) -> dict:
             "teacher_accuracy": report.teacher_accuracy,
             "kl": {str(t): mean_kl(reader, logits, t) for t in TEMPERATURES},
             "top1_agreement": float(
-                (reader.read(np.arange(num_samples)).argmax(1) == logits.argmax(1)).double().mean()
+                (
+                    reader.read_dense(np.arange(num_samples), temperature=1.0).argmax(1)
+                    == logits.argmax(1)
+                )
+                .double()
+                .mean()
             ),
         }
         if encoding.startswith("topk:"):
@@ -149,7 +156,9 @@ def run_c1000(out: Path, num_samples: int) -> dict:
         print(json.dumps(row), flush=True)
     sampled_rows = min(4096, num_samples)
     sampling = {
-        str(t): dict(zip(("topk", "sampled"), gradient_error(logits[:sampled_rows], 20, t), strict=False))
+        str(t): dict(
+            zip(("topk", "sampled"), gradient_error(logits[:sampled_rows], 20, t), strict=False)
+        )
         for t in (1.0, 4.0)
     }
     return {
@@ -209,7 +218,13 @@ def run_digits(out: Path, seeds: int, epochs: int) -> dict:
             "encoding": encoding,
             "bytes_per_sample": report.bytes_per_sample,
             "compression": report.compression_ratio,
-            "kl": dict(zip(map(str, report.fidelity["temperatures"]), report.fidelity["mean_kl"], strict=False)),
+            "kl": dict(
+                zip(
+                    map(str, report.fidelity["temperatures"]),
+                    report.fidelity["mean_kl"],
+                    strict=False,
+                )
+            ),
             "fidelity_rows": report.fidelity["num_samples"],
             "top1_agreement": report.fidelity["top1_agreement"],
             "student_acc": accuracies,

@@ -194,7 +194,23 @@ def test_kinds_listed():
         "cifar10",
         "cifar100",
         "mnist",
+        "unlabeled",
     )
+
+
+def test_unlabeled_keeps_the_inputs_and_drops_every_label():
+    from kdcache.datasets import labeled_spec
+
+    pool, digits = (
+        build_dataset("unlabeled:digits", split="test"),
+        build_dataset("digits", split="test"),
+    )
+    assert len(pool) == len(digits) and pool.num_classes == 10 and pool.in_channels == 1
+    assert (pool.labels == -1).all() and pool[5][1] == -1
+    assert torch.equal(pool[5][0], digits[5][0])
+    assert labeled_spec("unlabeled:digits") == "digits" and labeled_spec("fake:10") == "fake:10"
+    with pytest.raises(SpecError, match="expected unlabeled:SPEC"):
+        build_dataset("unlabeled:")
 
 
 def test_fingerprint_equal_for_same_dataset():

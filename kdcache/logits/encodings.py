@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import ConfigError, SpecError
-from kdcache.logits.sparse import TAIL_STATS, SparseLogits, tail_statistics
+from kdcache.logits.sparse import TAIL_STATS, SparseLogits, TeacherInput, tail_statistics
 
 #: Per-row shape and dtype of every array an encoding stores, keyed by array name.
 Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
@@ -41,8 +41,14 @@ class Encoding(ABC):
         """Dense float32 logits ``(B, C)`` from gathered rows of every array in the layout.
 
         ``temperature`` matters only to lossy encodings whose best dense reconstruction depends on
-        the temperature the logits will be softened with; exact encodings ignore it.
+        the temperature the logits will be softened with (those require it); the others ignore it.
         """
+
+    def teacher(self, arrays: dict[str, np.ndarray]) -> TeacherInput:
+        """The rows in the form the losses take, correct at any temperature they soften at:
+        :class:`~kdcache.logits.sparse.SparseLogits` for a sparse encoding, else dense (B, C)."""
+        sparse = self.sparse(arrays)
+        return sparse if sparse is not None else torch.from_numpy(self.decode(arrays))
 
     def sparse(self, arrays: dict[str, np.ndarray]) -> SparseLogits | None:
         """The rows in sparse form (:class:`~kdcache.logits.sparse.SparseLogits`); ``None`` for dense encodings."""
@@ -146,7 +152,7 @@ class TopKEncoding(Encoding):
     holds C) and ``tail`` (the :data:`~kdcache.logits.sparse.TAIL_STATS` minus ``row_max``, float16):
     4K + 16 bytes. Offsets from the max keep float16's relative error on the differences that
     decide the softmax rather than on the raw values. See :mod:`kdcache.logits.sparse` for the
-    reconstruction at any temperature; ``decode`` without a temperature reconstructs for T = 1.
+    reconstruction at any temperature; ``decode`` needs that temperature.
     """
 
     is_sparse = True
@@ -205,7 +211,14 @@ class TopKEncoding(Encoding):
     def decode(
         self, arrays: dict[str, np.ndarray], *, temperature: float | None = None
     ) -> np.ndarray:
-        return self.sparse(arrays).dense(1.0 if temperature is None else temperature).numpy()
+        sparse = self.sparse(arrays)
+        if temperature is None:
+            raise ConfigError(
+                f"a dense {self.name} row depends on the temperature it is softened at: pass "
+                "temperature=T (the one you distill at), or use the sparse rows, which every "
+                "loss softens at its own temperature"
+            )
+        return sparse.dense(temperature).numpy()
 
 
 ENCODING_CHOICES = ("float32", "float16", "int8", "topk:K")

@@ -11,6 +11,9 @@ T), blended with the ordinary cross-entropy on the hard labels:
 
     L = alpha * L_soft + (1 - alpha) * CE(z_student, y)
 
+A label of -1 (:data:`UNLABELED`) marks a sample without one: it is left out of the CE term, and
+with alpha = 1 the loss is L_soft alone, so an unlabeled batch distils on the teacher only.
+
 Logits of shape (B, C) in float16/bfloat16 are computed in float32; float32 and float64 inputs
 keep their dtype, so float32 results equal the reference formulas to rounding. The teacher side
 is always detached: the teacher is a fixed target, never trained through the loss.
@@ -32,12 +35,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcache.errors import ConfigError, SpecError
-from kdcache.logits.sparse import SparseLogits
-
-#: Teacher logits as the losses accept them: dense (B, C), or sparse from a ``topk:K`` store.
-TeacherLogits = Tensor | SparseLogits
+from kdcache.logits.sparse import SparseLogits, TeacherInput
 
 LOSS_NAMES = ("kd", "focal", "attention")
+#: The label of a sample that has none (an unlabeled transfer set): it adds nothing to the hard
+#: term, and ``alpha = 1`` (soft targets only) drops that term altogether.
+UNLABELED = -1
+#: The losses' default hyper-parameters, written once: DistillConfig and the CLI read them here.
+DEFAULT_TEMPERATURE = 4.0
+DEFAULT_ALPHA = 0.7
+DEFAULT_GAMMA = 2.0
+DEFAULT_TOP_K = 5
 REDUCTIONS = ("mean", "sum", "none")
 
 # Keeps log(p) finite where the softened teacher probability underflows to zero; the value is
@@ -62,7 +70,7 @@ def _check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
-def _check_inputs(student_logits: Tensor, teacher_logits: TeacherLogits, labels: Tensor) -> None:
+def _check_inputs(student_logits: Tensor, teacher_logits: TeacherInput, labels: Tensor) -> None:
     checked = [("student_logits", student_logits)]
     if not isinstance(teacher_logits, SparseLogits):
         checked.append(("teacher_logits", teacher_logits))
@@ -168,7 +176,7 @@ class _SparseTargets:
 
 
 def _teacher_targets(
-    teacher_logits: TeacherLogits, temperature: float, dtype: torch.dtype
+    teacher_logits: TeacherInput, temperature: float, dtype: torch.dtype
 ) -> _TeacherTargets | _SparseTargets:
     """Every loss gets its teacher distribution here, the one place that reads teacher logits."""
     if isinstance(teacher_logits, SparseLogits):
@@ -180,7 +188,7 @@ def _teacher_targets(
 
 
 def _prepare(
-    student_logits: Tensor, teacher_logits: TeacherLogits, labels: Tensor, temperature: float
+    student_logits: Tensor, teacher_logits: TeacherInput, labels: Tensor, temperature: float
 ) -> tuple[Tensor, Tensor, _TeacherTargets | _SparseTargets]:
     """Validate, then return student logits and log q_T in the compute dtype, and p_T."""
     _check_inputs(student_logits, teacher_logits, labels)
@@ -191,6 +199,20 @@ def _prepare(
     student = student_logits.to(dtype)
     student_log_probs = F.log_softmax(student / temperature, dim=1)
     return student, student_log_probs, _teacher_targets(teacher_logits, temperature, dtype)
+
+
+def _blend(
+    alpha: float, soft: Tensor, student: Tensor, labels: Tensor, *, reduction: str = "mean"
+) -> tuple[Tensor, Tensor]:
+    """``alpha * soft + (1 - alpha) * CE(student, labels)`` and the CE term.
+
+    Labels equal to :data:`UNLABELED` add nothing to the CE term; with alpha = 1 the total is the
+    soft term alone, so a batch without any label (CE undefined, NaN) still trains.
+    """
+    hard = F.cross_entropy(student, labels, reduction=reduction, ignore_index=UNLABELED)
+    if alpha == 1.0:
+        return (soft.expand_as(hard) if hard.dim() else soft), hard
+    return alpha * soft + (1 - alpha) * hard, hard
 
 
 class LogitsDistillationLoss(nn.Module):
@@ -206,7 +228,10 @@ class LogitsDistillationLoss(nn.Module):
     """
 
     def __init__(
-        self, temperature: float = 4.0, alpha: float = 0.7, reduction: str = "mean"
+        self,
+        temperature: float = DEFAULT_TEMPERATURE,
+        alpha: float = DEFAULT_ALPHA,
+        reduction: str = "mean",
     ) -> None:
         super().__init__()
         if reduction not in REDUCTIONS:
@@ -218,14 +243,14 @@ class LogitsDistillationLoss(nn.Module):
         self.reduction = reduction
 
     def forward(
-        self, student_logits: Tensor, teacher_logits: TeacherLogits, labels: Tensor
+        self, student_logits: Tensor, teacher_logits: TeacherInput, labels: Tensor
     ) -> dict[str, Tensor]:
         t = self.temperature
         student, student_log_probs, teacher = _prepare(student_logits, teacher_logits, labels, t)
         soft = teacher.mean_kl(student_log_probs) * t**2
-        hard = F.cross_entropy(student, labels, reduction=self.reduction)
+        total, hard = _blend(self.alpha, soft, student, labels, reduction=self.reduction)
         output = {
-            "total": self.alpha * soft + (1 - self.alpha) * hard,
+            "total": total,
             "soft": soft,
             "hard": hard,
             "student_probs": F.softmax(student, dim=1),
@@ -250,7 +275,12 @@ class FocalDistillationLoss(nn.Module):
     scalar L; gamma = 0 gives the plain KD loss.
     """
 
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.7, gamma: float = 2.0) -> None:
+    def __init__(
+        self,
+        temperature: float = DEFAULT_TEMPERATURE,
+        alpha: float = DEFAULT_ALPHA,
+        gamma: float = DEFAULT_GAMMA,
+    ) -> None:
         super().__init__()
         if not (_is_real(gamma) and math.isfinite(gamma) and gamma >= 0):
             raise ConfigError(f"gamma must be a finite number >= 0, got {gamma!r}")
@@ -259,14 +289,14 @@ class FocalDistillationLoss(nn.Module):
         self.gamma = float(gamma)
 
     def forward(
-        self, student_logits: Tensor, teacher_logits: TeacherLogits, labels: Tensor
+        self, student_logits: Tensor, teacher_logits: TeacherInput, labels: Tensor
     ) -> Tensor:
         t = self.temperature
         student, student_log_probs, teacher = _prepare(student_logits, teacher_logits, labels, t)
         weight = (1 - teacher.max_prob()) ** self.gamma
         kl = teacher.kl(student_log_probs)
         soft = (weight * kl).mean() * t**2
-        return self.alpha * soft + (1 - self.alpha) * F.cross_entropy(student, labels)
+        return _blend(self.alpha, soft, student, labels)[0]
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}, gamma={self.gamma}"
@@ -288,7 +318,12 @@ class AttentionLogitsLoss(nn.Module):
     since beyond K the tail classes tie and any choice among them would be arbitrary.
     """
 
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.7, top_k: int = 5) -> None:
+    def __init__(
+        self,
+        temperature: float = DEFAULT_TEMPERATURE,
+        alpha: float = DEFAULT_ALPHA,
+        top_k: int = DEFAULT_TOP_K,
+    ) -> None:
         super().__init__()
         if not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1):
             raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
@@ -297,7 +332,7 @@ class AttentionLogitsLoss(nn.Module):
         self.top_k = top_k
 
     def forward(
-        self, student_logits: Tensor, teacher_logits: TeacherLogits, labels: Tensor
+        self, student_logits: Tensor, teacher_logits: TeacherInput, labels: Tensor
     ) -> Tensor:
         t = self.temperature
         student, student_log_probs, teacher = _prepare(student_logits, teacher_logits, labels, t)
@@ -307,14 +342,19 @@ class AttentionLogitsLoss(nn.Module):
                 f"top_k must be in [1, {num_classes}] (the number of classes), got {self.top_k}"
             )
         soft = teacher.kl(student_log_probs, top_k=self.top_k).mean() * t**2
-        return self.alpha * soft + (1 - self.alpha) * F.cross_entropy(student, labels)
+        return _blend(self.alpha, soft, student, labels)[0]
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}, top_k={self.top_k}"
 
 
 def build_loss(
-    name: str, *, temperature: float, alpha: float, gamma: float = 2.0, top_k: int = 5
+    name: str,
+    *,
+    temperature: float,
+    alpha: float,
+    gamma: float = DEFAULT_GAMMA,
+    top_k: int = DEFAULT_TOP_K,
 ) -> nn.Module:
     """Build the loss called ``name`` (one of LOSS_NAMES); ``gamma`` is read by "focal" only and
     ``top_k`` by "attention" only."""

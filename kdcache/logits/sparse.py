@@ -25,10 +25,13 @@ training time).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from kdcache.errors import ConfigError
 
 #: Temperatures at which the effective tail logit is stored exactly.
 KNOT_TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
@@ -101,11 +104,47 @@ class SparseLogits:
             entropy = entropy - torch.where(mass > 0, mass * (tail - math.log(self.num_tail)), 0.0)
         return entropy
 
-    def dense(self, temperature: float = 1.0) -> Tensor:
+    def dense(self, temperature: float) -> Tensor:
         """Dense raw logits (B, C) whose softmax at ``temperature`` is the best reconstruction."""
         fill = self.tail_logit(temperature) if self.num_tail else self.values[:, -1]
         out = fill[:, None].expand(-1, self.num_classes).clone()
         return out.scatter_(1, self.indices, self.values)
+
+    @staticmethod
+    def cat(parts: Sequence[SparseLogits]) -> SparseLogits:
+        """The rows of ``parts`` (all of one store) stacked into one batch, in order."""
+        if not parts:
+            raise ConfigError("SparseLogits.cat needs at least one part")
+        return SparseLogits(
+            values=torch.cat([part.values for part in parts]),
+            indices=torch.cat([part.indices for part in parts]),
+            tail=torch.cat([part.tail for part in parts]),
+            num_classes=parts[0].num_classes,
+        )
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def rows(self) -> list[SparseLogits]:
+        """Every row as a one-row batch (views, no copies)."""
+        return [
+            SparseLogits(values, indices, tail, self.num_classes)
+            for values, indices, tail in zip(
+                self.values.split(1), self.indices.split(1), self.tail.split(1), strict=True
+            )
+        ]
+
+    def __getitem__(self, rows: int | slice | Tensor) -> SparseLogits:
+        """Rows of the batch, always as a batch: ``sparse[3]`` has shape (1, C)."""
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1 if rows != -1 else None)
+        return SparseLogits(
+            self.values[rows], self.indices[rows], self.tail[rows], self.num_classes
+        )
+
+
+#: Teacher logits as the losses accept them: dense (B, C), or sparse from a ``topk:K`` store.
+TeacherInput = Tensor | SparseLogits
 
 
 def tail_statistics(logits: Tensor, kept: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import Sampler
 
 from kdcache.errors import ConfigError
+from kdcache.logits.sparse import SparseLogits, TeacherInput
 
 if TYPE_CHECKING:
     from kdcache.logits.encodings import Encoding
@@ -118,7 +119,7 @@ def default_memory_budget() -> int:
 
 
 class LogitFeed:
-    """Dense float32 teacher logits by sample index, served from a bounded table of decoded chunks.
+    """Teacher logits by sample index, served from a bounded table of decoded chunks.
 
     Build it with :attr:`kdcache.store.reader.StoreReader.feed` (``open_store(path, memory_budget=...)``)
     rather than directly. ``memory_budget`` bounds the bytes of decoded chunks kept in RAM
@@ -261,26 +262,30 @@ class LogitFeed:
             self._last_used[slot] = self._tick
         self.chunks_decoded += chunks.size
 
-    def read(
+    def read(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> TeacherInput:
+        """The rows for the sample indices ``(B,)`` on the CPU, in the form the losses take:
+        dense float32 ``(B, C)``, or :class:`~kdcache.logits.sparse.SparseLogits` for a ``topk:K``
+        store (whose dense form would depend on the temperature, see :meth:`read_dense`)."""
+        return self.reader.encoding.teacher(self.gather(indices))
+
+    def read_dense(
         self,
         indices: Sequence[int] | np.ndarray | torch.Tensor,
         *,
         temperature: float | None = None,
     ) -> torch.Tensor:
-        """Dense float32 logits ``(B, C)`` on the CPU for the sample indices ``(B,)``."""
+        """Dense float32 logits ``(B, C)`` on the CPU; a ``topk:K`` store needs ``temperature``,
+        the one its tail is filled for."""
         decoded = self.reader.encoding.decode(self.gather(indices), temperature=temperature)
         return torch.from_numpy(np.ascontiguousarray(decoded, dtype=np.float32))
 
     def to_device(
-        self,
-        indices: Sequence[int] | np.ndarray | torch.Tensor,
-        device: torch.device,
-        *,
-        temperature: float | None = None,
-    ) -> torch.Tensor:
-        """:meth:`read`, then onto ``device``; on CUDA through pinned memory without blocking."""
-        logits = self.read(indices, temperature=temperature)
-        if device.type != "cuda":
+        self, indices: Sequence[int] | np.ndarray | torch.Tensor, device: torch.device
+    ) -> TeacherInput:
+        """:meth:`read`, then onto ``device``; dense rows go through pinned memory on CUDA
+        without blocking (sparse rows are a few bytes each)."""
+        logits = self.read(indices)
+        if isinstance(logits, SparseLogits) or device.type != "cuda":
             return logits.to(device)
         slot, host = self._pinned_buffer(logits.shape)
         host.copy_(logits)

@@ -12,7 +12,7 @@ import zarr
 
 from kdcache.errors import ConfigError, StoreCorruptError, StoreIncompleteError
 from kdcache.logits.encodings import parse_encoding
-from kdcache.logits.sparse import SparseLogits
+from kdcache.logits.sparse import SparseLogits, TeacherInput
 from kdcache.store.feed import LogitFeed, parse_size
 from kdcache.store.layout import (
     LABELS_ARRAY,
@@ -139,27 +139,42 @@ class StoreReader:
                 ) from None
         return np.concatenate(parts)
 
-    def read(
+    def read(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> TeacherInput:
+        """The rows of the given sample indices in the form every loss takes, right at any T.
+
+        Dense float32 logits ``(B, C)`` for the float32, float16 and int8 encodings;
+        :class:`~kdcache.logits.sparse.SparseLogits` for a ``topk:K`` store, which the losses
+        soften at their own temperature (its dense form depends on T: see :meth:`read_dense`).
+        """
+        return self.feed.read(indices)
+
+    def read_dense(
         self,
         indices: Sequence[int] | np.ndarray | torch.Tensor,
         *,
         temperature: float | None = None,
     ) -> torch.Tensor:
-        """Dense float32 logits ``(B, C)`` for the given sample indices.
+        """Dense float32 logits ``(B, C)`` for the given sample indices, for any encoding.
 
-        For a ``topk:K`` store the tail is filled so that the softmax at ``temperature`` (T = 1
-        when ``None``) gives the tail its true total mass; pass the temperature you distill at.
+        A ``topk:K`` store requires ``temperature``: its tail is filled so that the softmax at
+        that temperature gives the tail its true total mass (pass the T you soften at). The other
+        encodings ignore it.
         """
-        gathered = self._gather(indices)
-        return torch.from_numpy(self.encoding.decode(gathered, temperature=temperature))
+        if temperature is None and self.encoding.is_sparse:
+            raise ConfigError(
+                f"{self.where} is a {self.metadata.encoding} store, whose dense rows depend on the "
+                "temperature they are softened at: call read_dense(indices, temperature=T), or "
+                "read(indices), whose sparse rows every loss softens at its own temperature"
+            )
+        return self.feed.read_dense(indices, temperature=temperature)
 
     def read_sparse(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> SparseLogits:
         """The rows of a ``topk:K`` store in sparse form, never as a dense (B, C) tensor."""
         sparse = self.encoding.sparse(self._gather(indices))
         if sparse is None:
             raise ConfigError(
-                f"{self.where} uses the dense encoding {self.metadata.encoding!r}; read_sparse needs "
-                "a topk:K store: use read() instead"
+                f"{self.where} uses the dense encoding {self.metadata.encoding!r}; read_sparse "
+                "needs a topk:K store: use read() or read_dense() instead"
             )
         return sparse
 

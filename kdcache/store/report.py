@@ -72,7 +72,7 @@ def teacher_statistics(reader: StoreReader) -> tuple[float | None, dict[str, flo
             for temperature in ENTROPY_TEMPERATURES:
                 entropy_sums[temperature] += sparse.entropy(temperature).double().sum().item()
         else:
-            logits = reader.read(rows).double()
+            logits = reader.read_dense(rows).double()
             predicted = logits.argmax(dim=1)
             for temperature in ENTROPY_TEMPERATURES:
                 log_p = torch.log_softmax(logits / temperature, dim=1)
@@ -181,7 +181,8 @@ def format_report(report: StoreReport) -> str:
     fidelity = report.fidelity
     if fidelity:
         kls = ", ".join(
-            f"T={t:g}: {kl:.3g}" for t, kl in zip(fidelity["temperatures"], fidelity["mean_kl"], strict=False)
+            f"T={t:g}: {kl:.3g}"
+            for t, kl in zip(fidelity["temperatures"], fidelity["mean_kl"], strict=False)
         )
         lines += [
             ("fidelity KL", f"{kls} (mean over {fidelity['num_samples']:,} rows)"),

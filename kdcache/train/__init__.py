@@ -1,6 +1,16 @@
-"""Training students: the loop for ``train`` and ``distill`` (cached or online), and sweeps."""
+"""Training students: the loop for ``train`` and ``distill`` (cached or online), sweeps, and
+:class:`TeacherLogits` for your own loop."""
 
 from kdcache.train.loop import RunResult, distill, train
+from kdcache.train.pairing import TeacherLogits
 from kdcache.train.sweep import SweepConfig, SweepResult, run_sweep
 
-__all__ = ["RunResult", "SweepConfig", "SweepResult", "distill", "run_sweep", "train"]
+__all__ = [
+    "RunResult",
+    "SweepConfig",
+    "SweepResult",
+    "TeacherLogits",
+    "distill",
+    "run_sweep",
+    "train",
+]

@@ -23,18 +23,16 @@ from tqdm import tqdm
 
 from kdcache._version import __version__
 from kdcache.config import DistillConfig, LoopConfig, TrainConfig
-from kdcache.datasets import (
-    LabeledDataset,
-    build_dataset,
-    compare_fingerprints,
-    dataset_fingerprint,
-)
+from kdcache.datasets import LabeledDataset, build_dataset, labeled_spec
 from kdcache.errors import ConfigError, StoreMismatchError
-from kdcache.logits.losses import TeacherLogits, build_loss, total_loss
+from kdcache.logits.losses import build_loss, total_loss
+from kdcache.logits.sparse import TeacherInput
 from kdcache.models import build_model, load_weights, weights_sha256
 from kdcache.plots import plot_curves, plot_distributions
 from kdcache.runtime import atomic_torch_save, make_loader, prepare_output_dir, resolve_device
 from kdcache.store.reader import StoreReader, open_store
+from kdcache.train.pairing import check_store_matches
+from kdcache.train.transfer import TransferSampler, describe_transfer, transfer_rows
 
 log = logging.getLogger("kdcache")
 
@@ -180,6 +178,12 @@ def train(config: TrainConfig) -> RunResult:
     """Plain cross-entropy training (the teacher, or the CE-only student baseline)."""
     device = resolve_device(config.device)
     train_set = build_dataset(config.dataset, split=config.split)
+    unlabeled = int((train_set.labels < 0).sum())
+    if unlabeled:
+        raise ConfigError(
+            f"train needs labels but {unlabeled} samples of dataset {config.dataset!r} have none "
+            "(label -1); train on a labelled dataset, or distill from a teacher with --alpha 1"
+        )
     val_set = build_dataset(config.dataset, split=held_out_split(config.split))
     out = prepare_output_dir(config.out, overwrite=config.overwrite)
     config.save(
@@ -200,30 +204,6 @@ def train(config: TrainConfig) -> RunResult:
         out=out,
         device=device,
     )
-
-
-def check_store_matches(reader: StoreReader, dataset: LabeledDataset) -> None:
-    """Refuse a store that was not dumped from ``dataset`` (size, classes, fingerprint)."""
-    where = reader.where
-    if reader.num_samples != len(dataset):
-        raise StoreMismatchError(
-            f"{where} holds {reader.num_samples} samples but dataset {dataset.spec!r} ({dataset.split}) "
-            f"has {len(dataset)}; use the dataset and split the store was dumped from"
-        )
-    if reader.num_classes != dataset.num_classes:
-        raise StoreMismatchError(
-            f"{where} holds {reader.num_classes} classes but dataset {dataset.spec!r} has "
-            f"{dataset.num_classes}; use the dataset the store was dumped from"
-        )
-    recorded = (reader.metadata.dataset or {}).get("fingerprint")
-    if recorded:
-        differences = compare_fingerprints(recorded, dataset_fingerprint(dataset))
-        if differences:
-            raise StoreMismatchError(
-                f"{where} was not dumped from dataset {dataset.spec!r} ({dataset.split}): "
-                + "; ".join(differences)
-                + "; use the dataset and split the store was dumped from"
-            )
 
 
 def _cached_dataset(config: DistillConfig, reader: StoreReader) -> LabeledDataset:
@@ -265,11 +245,15 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
             else open_store(config.cache, memory_budget=config.cache_memory)
         )
         train_set = _cached_dataset(config, reader)
+        rows = transfer_rows(config, train_set)
         feed = reader.feed
         feed.load()
         # In memory any order is fast, so keep the seeded shuffle (the online run's order too);
         # a chunked feed must dictate the order for each chunk to be decoded once per epoch.
-        sampler = feed.sampler(seed=config.seed) if feed.mode == "chunked" else None
+        if rows is not None:
+            sampler: Sampler[int] | None = TransferSampler(rows, seed=config.seed, feed=feed)
+        else:
+            sampler = feed.sampler(seed=config.seed) if feed.mode == "chunked" else None
         resolved.update(
             dataset=train_set.spec,
             split=train_set.split,
@@ -277,15 +261,14 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
             feed={"mode": feed.mode, "memory_budget": feed.memory_budget},
         )
 
-        def teacher_logits(inputs: torch.Tensor, indices: torch.Tensor) -> TeacherLogits:
-            if reader.encoding.is_sparse:
-                # A topk:K store stays sparse: no dense (B, C) teacher tensor on the host.
-                return reader.read_sparse(indices).to(device)
-            return feed.to_device(indices, device, temperature=config.temperature)
+        def teacher_logits(inputs: torch.Tensor, indices: torch.Tensor) -> TeacherInput:
+            # A topk:K store's rows stay sparse (no dense (B, C) tensor); the loss softens them.
+            return feed.to_device(indices, device)
     else:
         assert config.teacher is not None and config.dataset is not None
-        sampler = None
         train_set = build_dataset(config.dataset, split=config.split or "train")
+        rows = transfer_rows(config, train_set)
+        sampler = None if rows is None else TransferSampler(rows, seed=config.seed)
         teacher = build_model(
             config.teacher, num_classes=train_set.num_classes, in_channels=train_set.in_channels
         )
@@ -296,10 +279,12 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
         resolved.update(dataset=train_set.spec, split=train_set.split)
 
         @torch.no_grad()
-        def teacher_logits(inputs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        def teacher_logits(inputs: torch.Tensor, indices: torch.Tensor) -> TeacherInput:
             return teacher(inputs).float()
 
-    val_set = build_dataset(train_set.spec, split=held_out_split(train_set.split))
+    # An unlabeled transfer set (unlabeled:SPEC) is validated on SPEC's labelled held-out split.
+    val_set = build_dataset(labeled_spec(train_set.spec), split=held_out_split(train_set.split))
+    resolved["transfer"] = describe_transfer(rows, train_set)
     out = prepare_output_dir(config.out, overwrite=config.overwrite)
     config.save(out / "config.json", **resolved)
 
@@ -335,7 +320,7 @@ def _plot_final_distributions(
     config: DistillConfig,
     dataset: LabeledDataset,
     reader: StoreReader | None,
-    teacher_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    teacher_logits: Callable[[torch.Tensor, torch.Tensor], TeacherInput],
     device: torch.device,
     num_samples: int = 4,
 ) -> None:
@@ -344,8 +329,13 @@ def _plot_final_distributions(
     The teacher's side comes from the store when there is one (dense, at the run's temperature),
     else from the live teacher.
     """
-    classes, first = np.unique(dataset.labels, return_index=True)
-    picked = np.linspace(0, len(classes) - 1, min(num_samples, len(classes))).round().astype(int)
+    labelled = np.flatnonzero(dataset.labels >= 0)
+    if labelled.size:
+        classes, first = np.unique(dataset.labels[labelled], return_index=True)
+        first = labelled[first]
+    else:  # an unlabeled dataset: samples spread over it
+        first = np.arange(len(dataset))
+    picked = np.linspace(0, len(first) - 1, min(num_samples, len(first))).round().astype(int)
     indices = torch.from_numpy(np.sort(first[picked]))
     inputs = torch.stack([dataset[int(i)][0] for i in indices]).to(device)
     labels = [dataset[int(i)][1] for i in indices]
@@ -357,9 +347,11 @@ def _plot_final_distributions(
     with torch.no_grad():
         student_logits = student(inputs).cpu()
         if reader is not None:
-            teacher = reader.read(indices, temperature=config.temperature)
+            teacher = reader.read_dense(indices, temperature=config.temperature)
         else:
-            teacher = teacher_logits(inputs, indices).cpu()
+            live = teacher_logits(inputs, indices)
+            assert isinstance(live, torch.Tensor)  # a live teacher's logits are dense
+            teacher = live.cpu()
     plot_distributions(
         teacher,
         student_logits,

@@ -15,13 +15,14 @@ import logging
 import os
 import statistics
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from kdcache.config import LOSS_NAMES, DistillConfig
+from kdcache.config import DistillConfig, DistillOptions, option
 from kdcache.errors import ConfigError, KdcacheError
+from kdcache.logits.losses import DEFAULT_ALPHA, LOSS_NAMES
 from kdcache.plots import plot_sweep, read_metrics
 from kdcache.store.reader import open_store
 from kdcache.train.loop import RunResult, distill
@@ -44,62 +45,58 @@ CSV_COLUMNS = (
     "wall_time_s",
     "run_dir",
 )
-#: Settings of a finished run that must match the sweep's for it to be reused.
-_COMPARED_FIELDS = ("student", "epochs", "batch_size", "lr", "gamma", "top_k", "dataset", "split")
-
-T = TypeVar("T")
-
-
-def parse_list(text: str, kind: Callable[[str], T], *, option: str, example: str) -> tuple[T, ...]:
-    """Values of a comma-separated option such as ``--temperatures 1,2,4``."""
-    try:
-        values = tuple(kind(part.strip()) for part in text.split(","))
-    except ValueError:
-        raise ConfigError(
-            f"{option} must be a comma-separated list, got {text!r}; e.g. {option} {example}"
-        ) from None
-    return values
+#: Options that change how fast a run goes, not what it learns: a finished run is reused whatever
+#: they were. Every other option shared with DistillConfig must match for a run to be reused.
+_RUNTIME_ONLY_FIELDS = ("device", "num_workers", "cache_memory")
 
 
 @dataclass(frozen=True, kw_only=True)
-class SweepConfig:
+class SweepConfig(DistillOptions):
     """A grid of distillation runs from one store: every loss x alpha x temperature x seed.
 
-    The training options (``epochs``, ``batch_size``, ...) are shared by every run and mean what
-    they mean in :class:`~kdcache.config.DistillConfig`.
+    Every other option (the student, the transfer set, ``epochs``, ``batch_size``, ...) is a field
+    of :class:`~kdcache.config.DistillOptions`, shared by every run and meaning what it means in
+    :class:`~kdcache.config.DistillConfig`.
     """
 
-    cache: str
-    student: str
-    out: str
-    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
-    alphas: tuple[float, ...] = (0.7,)
-    losses: tuple[str, ...] = ("kd",)
-    seeds: tuple[int, ...] = (0,)
-    dataset: str | None = None
-    split: str | None = None
-    gamma: float = 2.0
-    top_k: int = 5
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    device: str | None = None
-    num_workers: int = 0
-    cache_memory: int | str | None = None
+    cache: str = option(help="Teacher logit store written by `kdcache dump-teacher`.")
+    out: str = option(
+        path="dir", help="Sweep folder: one run folder per setting, results.csv, sweep.png."
+    )
+    temperatures: tuple[float, ...] = option(
+        (1.0, 2.0, 4.0, 8.0, 16.0),
+        example="1,2,4,8,16",
+        help="Comma-separated temperatures T (> 0).",
+    )
+    alphas: tuple[float, ...] = option(
+        (DEFAULT_ALPHA,),
+        example="0.5,0.7,1",
+        help="Comma-separated soft-loss weights in [0, 1]; 1 = soft targets only.",
+    )
+    losses: tuple[str, ...] = option(
+        ("kd",), example="kd,focal", help=f"Comma-separated losses among {', '.join(LOSS_NAMES)}."
+    )
+    seeds: tuple[int, ...] = option(
+        (0,), example="0,1,2", help="Comma-separated seeds; results are mean ± std over them."
+    )
 
     def __post_init__(self) -> None:
-        for name in ("temperatures", "alphas", "losses", "seeds"):
-            values = tuple(getattr(self, name))
-            object.__setattr__(
-                self, name, values
-            )  # lists in, tuples kept: the config stays hashable
+        super().__post_init__()
+        for field in dataclasses.fields(self):
+            if field.name not in _GRID:
+                continue
+            values = tuple(getattr(self, field.name))
+            # lists in, tuples kept: the config stays hashable
+            object.__setattr__(self, field.name, values)
             if not values:
                 raise ConfigError(
-                    f"--{name} needs at least one value; e.g. --{name} {_EXAMPLES[name]}"
+                    f"--{field.name} needs at least one value; e.g. --{field.name} "
+                    f"{field.metadata['example']}"
                 )
             if len(set(values)) != len(values):
                 raise ConfigError(
-                    f"--{name} lists a value twice: {','.join(map(str, values))}; list each once"
+                    f"--{field.name} lists a value twice: {','.join(map(str, values))}; "
+                    "list each once"
                 )
         for loss in self.losses:
             if loss not in LOSS_NAMES:
@@ -110,22 +107,10 @@ class SweepConfig:
 
     def runs(self) -> list[DistillConfig]:
         """One :class:`DistillConfig` per run, in loss, alpha, temperature, seed order."""
-        shared = dict(
-            student=self.student,
-            cache=self.cache,
-            dataset=self.dataset,
-            split=self.split,
-            gamma=self.gamma,
-            top_k=self.top_k,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            device=self.device,
-            num_workers=self.num_workers,
-            cache_memory=self.cache_memory,
-        )
+        shared = {field.name: getattr(self, field.name) for field in _SHARED_FIELDS}
         return [
             DistillConfig(
+                cache=self.cache,
                 loss=loss,
                 alpha=alpha,
                 temperature=temperature,
@@ -139,16 +124,11 @@ class SweepConfig:
             for seed in self.seeds
         ]
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-
-_EXAMPLES = {
-    "temperatures": "1,2,4,8,16",
-    "alphas": "0.5,0.7,1",
-    "losses": "kd,focal",
-    "seeds": "0,1,2",
-}
+#: The swept options, one value per run.
+_GRID = ("temperatures", "alphas", "losses", "seeds")
+#: The options every run of a sweep shares with each other and with DistillConfig.
+_SHARED_FIELDS = dataclasses.fields(DistillOptions)
 
 
 def setting_name(loss: str, alpha: float, temperature: float) -> str:
@@ -187,11 +167,18 @@ def _finished_result(config: DistillConfig) -> RunResult | None:
     if not config_path.is_file():
         return None
     saved = json.loads(config_path.read_text())
-    for name in _COMPARED_FIELDS:
-        if saved.get(name) != getattr(config, name):
+    for field in _SHARED_FIELDS:
+        if field.name in _RUNTIME_ONLY_FIELDS:
+            continue
+        # Through JSON, so that tuples compare with the lists they were saved as; an option
+        # newer than the run folder compares as its default.
+        default = None if field.default is dataclasses.MISSING else field.default
+        was = saved.get(field.name, _as_json(default))
+        wanted = _as_json(getattr(config, field.name))
+        if was != wanted:
             raise KdcacheError(
-                f"{folder} was run with {name}={saved.get(name)!r} but this sweep asks for "
-                f"{getattr(config, name)!r}; use another --out for the new sweep, or delete {folder}"
+                f"{folder} was run with {field.name}={was!r} but this sweep asks for {wanted!r}; "
+                f"use another --out for the new sweep, or delete {folder}"
             )
     if not all(path.is_file() for path in (folder / "last.pt", result_path, metrics_path)):
         return None
@@ -199,6 +186,10 @@ def _finished_result(config: DistillConfig) -> RunResult | None:
     if epochs != list(range(1, config.epochs + 1)):
         return None
     return RunResult(**json.loads(result_path.read_text()))
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value))
 
 
 def _save_result(result: RunResult, folder: Path) -> None:

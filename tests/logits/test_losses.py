@@ -351,3 +351,29 @@ def test_sparse_teacher_of_the_wrong_width_is_refused():
     student, _, labels = make_inputs(4, 4, 21)
     with pytest.raises(ConfigError, match=r"\(4, 21\) and \(4, 20\)"):
         LogitsDistillationLoss()(student, sparse, labels)
+
+
+@pytest.mark.parametrize("name", ["kd", "focal", "attention"])
+def test_unlabeled_samples_train_on_the_soft_term_alone_at_alpha_1(name):
+    student, teacher, labels = make_inputs(3, 6, 10)
+    unlabeled = torch.full_like(labels, -1)
+    soft_only = build_loss(name, temperature=3.0, alpha=1.0, top_k=4)
+    with_labels = total_loss(soft_only(student, teacher, labels))
+    without = total_loss(soft_only(student, teacher, unlabeled))
+    assert torch.isfinite(without) and without.item() == with_labels.item()
+    # alpha < 1: the hard term averages over the labelled samples only
+    blended = build_loss(name, temperature=3.0, alpha=0.5, top_k=4)
+    partly = labels.clone()
+    partly[:3] = -1
+    got = total_loss(blended(student, teacher, partly))
+    soft = total_loss(soft_only(student, teacher, labels))
+    want = 0.5 * soft + 0.5 * F.cross_entropy(student[3:], labels[3:])
+    torch.testing.assert_close(got, want)
+
+
+def test_kd_without_reduction_keeps_the_batch_shape_without_labels():
+    student, teacher, labels = make_inputs(4, 5, 7)
+    out = LogitsDistillationLoss(alpha=1.0, reduction="none")(
+        student, teacher, torch.full_like(labels, -1)
+    )
+    assert out["total"].shape == (5,) and torch.isfinite(out["total"]).all()

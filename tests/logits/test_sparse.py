@@ -118,3 +118,14 @@ def test_interpolate_rejects_nothing_it_should_not():
         torch.testing.assert_close(
             interpolate_tail_logit(stats, temperature, 10), torch.tensor([2.0])
         )
+
+
+def test_rows_slices_and_cat_keep_every_row_as_a_batch():
+    sparse = split(peaked_logits(rows=6, classes=20), 4)
+    rows = sparse.rows()
+    assert len(rows) == len(sparse) == 6 and all(row.shape == (1, 20) for row in rows)
+    assert (
+        sparse[2].shape == (1, 20) and sparse[-1].shape == (1, 20) and sparse[1:4].shape == (3, 20)
+    )
+    again = SparseLogits.cat([rows[3], rows[0], sparse[-1]])
+    torch.testing.assert_close(again.dense(4.0), sparse.dense(4.0)[[3, 0, 5]])

@@ -172,7 +172,7 @@ def test_lossy_encodings_round_trip_and_record_their_fidelity(tmp_path, encoding
     reader = open_store(tmp_path / "s.zarr")
     assert reader.metadata.fidelity == fidelity
     for temperature in (1.0, 3.0):
-        read = reader.read(np.arange(64), temperature=temperature).numpy()
+        read = reader.read_dense(np.arange(64), temperature=temperature).numpy()
         assert read.shape == (64, 12) and read.dtype == np.float32
         np.testing.assert_array_equal(read.argmax(axis=1), logits.argmax(axis=1))
     if encoding == "int8":
@@ -184,7 +184,7 @@ def test_lossy_encodings_round_trip_and_record_their_fidelity(tmp_path, encoding
         np.testing.assert_array_equal(
             sparse.indices.numpy(), np.argsort(-logits[[5, 0]], axis=1)[:, :4]
         )
-        torch.testing.assert_close(sparse.dense(3.0), reader.read([5, 0], temperature=3.0))
+        torch.testing.assert_close(sparse.dense(3.0), reader.read_dense([5, 0], temperature=3.0))
 
 
 def test_a_store_written_before_fidelity_was_recorded_still_opens(tmp_path):

@@ -8,8 +8,9 @@ import json
 import pytest
 from test_plots import assert_png
 
+from kdcache.config import parse_list
 from kdcache.errors import ConfigError, KdcacheError
-from kdcache.train.sweep import SweepConfig, format_table, parse_list, run_sweep
+from kdcache.train.sweep import SweepConfig, format_table, run_sweep
 
 
 def tiny_sweep(store, out, **changes):
