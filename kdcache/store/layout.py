@@ -61,6 +61,7 @@ def missing_chunks(array: Any, chunks: np.ndarray) -> np.ndarray:
 
 
 def read_metadata(group: zarr.Group, where: str) -> StoreMetadata:
+    """The store's metadata record, checked against the schema (kdcache.store.schema)."""
     attributes = group.attrs.asdict()
     if ATTRIBUTE_KEY not in attributes:
         raise StoreFormatError(
@@ -88,3 +89,51 @@ def open_group(location: StoreLocation) -> zarr.Group:
             f"{where} is not a kdcache store (no Zarr v3 group there: {error}); "
             "pass a store written by `kdcache dump-teacher`"
         ) from None
+    except ZARR_METADATA_ERRORS as error:
+        raise StoreFormatError(
+            f"{where} has an unreadable zarr.json ({first_line(error)}); restore it from a good "
+            "copy or dump the store again"
+        ) from None
+
+
+#: What zarr raises for a zarr.json that is not valid JSON or not valid Zarr metadata (an
+#: unknown data_type or codec, a wrong type): each becomes one StoreFormatError line.
+ZARR_METADATA_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError)
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to one short line, for one-line errors."""
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return (text or type(error).__name__)[:160]
+
+
+def open_array(group: zarr.Group, name: str, where: str) -> Any:
+    """The array ``name`` of the store, or StoreFormatError if it is missing or unreadable."""
+    try:
+        return group[name]
+    except KeyError:
+        raise StoreFormatError(
+            f"{where} lacks its array {name!r} (deleted or lost in a copy); restore it from a good "
+            "copy or dump the store again"
+        ) from None
+    except ZARR_METADATA_ERRORS as error:
+        raise StoreFormatError(
+            f"{where}: the zarr.json of array {name!r} is unreadable ({first_line(error)}); "
+            "restore it from a good copy or dump the store again"
+        ) from None
+
+
+def own_keys(group: zarr.Group, names: list[str]) -> list[str]:
+    """Every key the store itself may hold: the group's and each named array's ``zarr.json`` and
+    all of each array's chunk keys (whether written or not)."""
+    keys = ["zarr.json"]
+    for name in names:
+        if name not in group:
+            continue
+        array = group[name]
+        keys.append(f"{name}/zarr.json")
+        keys += [
+            f"{name}/{array.metadata.encode_chunk_key(coords)}"
+            for coords in np.ndindex(*array.cdata_shape)
+        ]
+    return keys
