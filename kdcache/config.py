@@ -9,11 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kdcache.datasets import SPLITS
 from kdcache.errors import ConfigError
 from kdcache.logits.encodings import parse_encoding
 from kdcache.logits.losses import LOSS_NAMES
 from kdcache.store.feed import parse_size
+
+#: The smallest distillation temperature: T^2 is still a normal float32 and logits / T stays
+#: finite in float32 for any logit below 3e19.
+MIN_TEMPERATURE = math.sqrt(float(np.finfo(np.float32).tiny))
 
 
 def _require(condition: bool, message: str) -> None:
@@ -106,8 +112,10 @@ class DistillConfig(LoopConfig):
             f"unknown loss {self.loss!r}; valid losses: {', '.join(LOSS_NAMES)}",
         )
         _require(
-            math.isfinite(self.temperature) and self.temperature > 0,
-            f"temperature must be > 0, got {self.temperature}",
+            math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE,
+            f"temperature must be > 0 and at least {MIN_TEMPERATURE:.2g} (below it softmax(logits / T) "
+            f"overflows float32 and the T^2 loss scale underflows to 0), got {self.temperature}; "
+            "typical values are 1 to 20",
         )
         _require(0.0 <= self.alpha <= 1.0, f"alpha must lie in [0, 1], got {self.alpha}")
         _require(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")

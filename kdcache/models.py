@@ -60,6 +60,19 @@ def build_model(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
     raise SpecError(f"unknown model {spec!r}; {hint}{_VALID}")
 
 
+#: The defaults a bare builtin spec stands for: ``mlp`` is ``mlp:128``, ``cnn`` is ``cnn:32``.
+_BUILTIN_DEFAULTS = {"mlp": "128", "cnn": "32"}
+
+
+def canonical_model_spec(spec: str) -> str:
+    """``spec`` with its defaults spelled out, so that equal models compare equal
+    (``mlp`` and ``mlp:128``); other specs are returned unchanged."""
+    name, _, arg = spec.partition(":")
+    if name in _BUILTIN_DEFAULTS:
+        return f"{name}:{arg.replace(' ', '') or _BUILTIN_DEFAULTS[name]}"
+    return spec
+
+
 def _positive_ints(spec: str, arg: str, form: str) -> list[int]:
     if not arg:
         return []
@@ -205,12 +218,37 @@ def _load_trusted(path: Path) -> object:
             "kdcache only loads weights_only files: save "
             "model.state_dict() instead"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        # torch.load of bytes that are not a torch.save file fails in any of these ways.
         reason = _first_sentence(str(e)) or type(e).__name__
         raise CheckpointError(
             f"cannot load {path}: the file is corrupt or not a torch.save file "
             f"({reason}); re-create it with torch.save"
         ) from None
+
+
+def check_input_fits(model: nn.Module, input_shape: tuple[int, ...], *, spec: str) -> None:
+    """Run ``model`` once on zeros of one sample's ``input_shape`` (on the model's device), so
+    that inputs it cannot take (images too small for its pooling) fail before anything is
+    written, in one line. User models (``package.module:function``) are not probed: an extra
+    call could disturb models that count, time or gate their calls."""
+    name, sep, _ = spec.partition(":")
+    if sep and name not in BUILTIN_MODELS:
+        return
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), device=device))
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise ConfigError(
+            f"model {spec!r} cannot take inputs of shape {tuple(input_shape)} "
+            f"({_first_sentence(str(e))}); use larger images or another model"
+        ) from None
+    finally:
+        model.train(training)
 
 
 def _first_sentence(text: str) -> str:

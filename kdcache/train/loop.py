@@ -31,7 +31,7 @@ from kdcache.datasets import (
 )
 from kdcache.errors import ConfigError, StoreMismatchError
 from kdcache.logits.losses import TeacherLogits, build_loss, total_loss
-from kdcache.models import build_model, load_weights, weights_sha256
+from kdcache.models import build_model, check_input_fits, load_weights, weights_sha256
 from kdcache.plots import plot_curves, plot_distributions
 from kdcache.runtime import atomic_torch_save, make_loader, prepare_output_dir, resolve_device
 from kdcache.store.reader import StoreReader, open_store
@@ -110,6 +110,7 @@ def fit(
     model = build_model(
         model_spec, num_classes=train_set.num_classes, in_channels=train_set.in_channels
     ).to(device)
+    check_input_fits(model, tuple(train_set[0][0].shape), spec=model_spec)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     loader = make_loader(
         train_set,
@@ -224,6 +225,14 @@ def check_store_matches(reader: StoreReader, dataset: LabeledDataset) -> None:
                 + "; ".join(differences)
                 + "; use the dataset and split the store was dumped from"
             )
+    stored = reader.labels  # compared whenever present, with or without a fingerprint
+    if stored is not None and not np.array_equal(stored, dataset.labels):
+        differ = np.flatnonzero(stored != dataset.labels)
+        raise StoreMismatchError(
+            f"{where} holds other labels than dataset {dataset.spec!r} ({dataset.split}) for "
+            f"{differ.size} samples, e.g. sample {differ[0]} (store {stored[differ[0]]}, dataset "
+            f"{dataset.labels[differ[0]]}); use the dataset and split the store was dumped from"
+        )
 
 
 def _cached_dataset(config: DistillConfig, reader: StoreReader) -> LabeledDataset:
