@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Callable
 from typing import Any
 
@@ -21,12 +22,19 @@ import numpy as np
 from kdcache.errors import StoreCorruptError, StoreFormatError
 from kdcache.store._zarr_compat import read_group_key
 from kdcache.store.digests import DIGEST_BYTES, DIGESTS_ARRAY, chunk_digest
-from kdcache.store.layout import LABELS_ARRAY, WRITTEN_ARRAY, first_line, open_array, row_ranges
+from kdcache.store.layout import (
+    LABELS_ARRAY,
+    WRITTEN_ARRAY,
+    first_line,
+    has_array,
+    open_array,
+    row_ranges,
+)
 from kdcache.store.metadata import ATTRIBUTE_KEY, StoreMetadata
 from kdcache.store.pinning import array_problems
 
 #: What zarr raises for chunk bytes that do not decode (checksum mismatch, zstd frame errors).
-DECODE_ERRORS = (ValueError, RuntimeError)
+DECODE_ERRORS = (ValueError, RuntimeError, zipfile.BadZipFile)
 
 
 def expected_arrays(metadata: StoreMetadata, layout: dict[str, Any]) -> dict[str, Any]:
@@ -89,12 +97,12 @@ class ChunkGuard:
         """Every array a complete store needs is present and as created."""
         for name in self._expected:
             self.array(name)
-        if LABELS_ARRAY in self._group():
+        if has_array(self._group(), LABELS_ARRAY):
             self.array(LABELS_ARRAY)
 
     def written(self) -> np.ndarray:
         """Per row chunk, whether its flag says it was written (StoreCorruptError if unreadable)."""
-        if WRITTEN_ARRAY not in self._group():  # killed while creating the store
+        if not has_array(self._group(), WRITTEN_ARRAY):  # killed while creating the store
             return np.zeros(self.metadata.num_chunks, dtype=bool)
         try:
             flags = np.asarray(self.array(WRITTEN_ARRAY)[:])
@@ -153,8 +161,8 @@ class ChunkGuard:
             if bad.size:
                 raise StoreCorruptError(
                     f"{self.where}: array {name!r} holds NaN or Inf for samples "
-                    f"{row_ranges(start + bad)} (kdcache never writes them: the store was altered); "
-                    "run `kdcache verify` and dump again"
+                    f"{row_ranges(start + bad)} (kdcache never writes them: the store was "
+                    "altered); run `kdcache verify` and dump again"
                 )
         elif name == "topk_indices" and values.size and int(values.max()) >= meta.num_classes:
             bad = np.flatnonzero((values >= meta.num_classes).any(axis=1))
@@ -169,7 +177,7 @@ class ChunkGuard:
             raw = read_group_key(self._group(), "zarr.json")
             record = json.loads(raw or b"null")["attributes"][ATTRIBUTE_KEY]
             now = (record.get("generation", ""), record.get("created_at", ""))
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, zipfile.BadZipFile):
             now = None
         if now != (self.metadata.generation, self.metadata.created_at):
             raise StoreCorruptError(

@@ -10,13 +10,14 @@ in the group attributes, whose ``complete`` flag is written last.
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any
 
 import numpy as np
 import zarr
 
 from kdcache.errors import StoreFormatError, StoreNotFoundError
-from kdcache.store._zarr_compat import row_chunk_exists
+from kdcache.store._zarr_compat import has_key, row_chunk_exists
 from kdcache.store.location import (
     StoreLocation,
     location_exists,
@@ -98,13 +99,26 @@ def open_group(location: StoreLocation) -> zarr.Group:
 
 #: What zarr raises for a zarr.json that is not valid JSON or not valid Zarr metadata (an
 #: unknown data_type or codec, a wrong type): each becomes one StoreFormatError line.
-ZARR_METADATA_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError)
+ZARR_METADATA_ERRORS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    IndexError,
+    zipfile.BadZipFile,
+)
 
 
 def first_line(error: BaseException) -> str:
     """An exception's message cut to one short line, for one-line errors."""
     text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
     return (text or type(error).__name__)[:160]
+
+
+def has_array(group: zarr.Group, name: str) -> bool:
+    """Whether the store holds an array ``name``, decided without parsing its (maybe damaged)
+    metadata; :func:`open_array` then reports damage in one line."""
+    return has_key(group, f"{name}/zarr.json")
 
 
 def open_array(group: zarr.Group, name: str, where: str) -> Any:
@@ -128,9 +142,9 @@ def own_keys(group: zarr.Group, names: list[str]) -> list[str]:
     all of each array's chunk keys (whether written or not)."""
     keys = ["zarr.json"]
     for name in names:
-        if name not in group:
+        if not has_array(group, name):
             continue
-        array = group[name]
+        array = open_array(group, name, "the store")
         keys.append(f"{name}/zarr.json")
         keys += [
             f"{name}/{array.metadata.encode_chunk_key(coords)}"

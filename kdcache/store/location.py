@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kdcache.errors import ConfigError, StoreFormatError, StoreNotFoundError
-from kdcache.store._zarr_compat import run_sync
+from kdcache.store._zarr_compat import open_zip_now, run_sync
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store
@@ -108,7 +108,14 @@ def zarr_store(location: StoreLocation, *, read_only: bool) -> Store:
             raise StoreFormatError(
                 f"{location} is not a zip file kdcache can read; pass a zip written by `kdcache pack`"
             )
-        return ZipStore(location.target, mode="r")
+        try:
+            store = ZipStore(location.target, mode="r")
+            open_zip_now(store)  # a damaged central directory fails here, not at the first read
+        except (zipfile.BadZipFile, OSError, ValueError) as error:
+            raise StoreFormatError(
+                f"{location} is a damaged zip file ({error}); pack the store again"
+            ) from None
+        return store
     if location.kind == "local":
         return LocalStore(location.target, read_only=read_only)
     scheme = location.target.partition("://")[0].lower()

@@ -19,6 +19,7 @@ from kdcache.store.layout import (
     LABELS_ARRAY,
     StoreLike,
     first_line,
+    has_array,
     missing_chunks,
     open_group,
     read_metadata,
@@ -72,7 +73,7 @@ class StoreReader:
     @property
     def labels(self) -> np.ndarray | None:
         """The stored labels (``None`` when the store has none), checked to lie in [0, C)."""
-        if LABELS_ARRAY not in self._group:
+        if not has_array(self._group, LABELS_ARRAY):
             return None
         try:
             labels = np.asarray(self.guard.array(LABELS_ARRAY)[:], dtype=np.int64)
@@ -180,7 +181,9 @@ class StoreReader:
 def open_store(
     path: StoreLike, *, allow_incomplete: bool = False, memory_budget: int | str | None = None
 ) -> StoreReader:
-    """Open a store (folder, URL or .zip) read-only; refuses an incomplete one unless ``allow_incomplete``.
+    """Open a store (folder, URL or .zip) read-only; refuses an incomplete one unless
+    ``allow_incomplete``, and (unless ``allow_incomplete``) one whose arrays depart from what it
+    created (kdcache.store.guard).
 
     ``memory_budget`` (bytes or a size such as ``"8GiB"``; default half the available memory)
     bounds the decoded logits :meth:`StoreReader.read` keeps in RAM, see :mod:`kdcache.store.feed`.

@@ -26,6 +26,7 @@ from kdcache.store.layout import (
     WRITTEN_ARRAY,
     ZARR_METADATA_ERRORS,
     first_line,
+    has_array,
     missing_chunks,
     row_ranges,
 )
@@ -84,8 +85,8 @@ def verify_store(path: str | os.PathLike[str]) -> VerifyReport:
         )
     elif not written.all():
         problems.append(
-            f"marked complete but chunks for samples {row_ranges(reader.metadata.rows_of_chunks(np.flatnonzero(~written)))} "
-            "were never written"
+            "marked complete but chunks for samples "
+            f"{row_ranges(meta.rows_of_chunks(np.flatnonzero(~written)))} were never written"
         )
     checked = 0
     digests = _digest_table(reader, problems)
@@ -121,7 +122,7 @@ def verify_store(path: str | os.PathLike[str]) -> VerifyReport:
 
 def _written_chunks(reader: StoreReader, problems: list[str]) -> np.ndarray:
     num_chunks = reader.metadata.num_chunks
-    if WRITTEN_ARRAY not in reader.group:
+    if not has_array(reader.group, WRITTEN_ARRAY):
         if not reader.metadata.complete:
             return np.zeros(num_chunks, dtype=bool)  # killed while creating the store
         problems.append(f"array {WRITTEN_ARRAY!r} is missing; which chunks were written is unknown")
@@ -150,7 +151,7 @@ def _checked_array(
     reader: StoreReader, name: str, shape: tuple[int, ...], dtype: np.dtype, problems: list[str]
 ) -> Any:
     """The array ``name`` if it matches the metadata, else ``None`` with the mismatch recorded."""
-    if name not in reader.group:
+    if not has_array(reader.group, name):
         problems.append(
             f"array {name!r} required by encoding {reader.metadata.encoding!r} is missing"
         )
@@ -261,7 +262,7 @@ def _check_labels(reader: StoreReader, problems: list[str]) -> None:
                 f"dataset fingerprint says {key}={fingerprint[key]} but the store has "
                 f"{getattr(reader, key)}"
             )
-    if LABELS_ARRAY not in reader.group:
+    if not has_array(reader.group, LABELS_ARRAY):
         return
     try:
         array = reader.group[LABELS_ARRAY]

@@ -36,7 +36,14 @@ from kdcache.store.creation import (
     known_keys,
 )
 from kdcache.store.digests import ALGORITHM, DIGEST_BYTES, DIGESTS_ARRAY, chunk_digests
-from kdcache.store.layout import LABELS_ARRAY, WRITTEN_ARRAY, StoreLike, row_ranges
+from kdcache.store.layout import (
+    LABELS_ARRAY,
+    WRITTEN_ARRAY,
+    StoreLike,
+    has_array,
+    open_array,
+    row_ranges,
+)
 from kdcache.store.location import (
     StoreLocation,
     location_is_empty,
@@ -83,12 +90,15 @@ class StoreWriter:
         self._layout = self.encoding.layout(metadata.num_classes)
         # Store every chunk, even one equal to the fill value, so a missing chunk file is damage.
         self._arrays = {
-            name: group[name].with_config({"write_empty_chunks": True}) for name in self._layout
+            name: open_array(group, name, where).with_config({"write_empty_chunks": True})
+            for name in self._layout
         }
-        self._written_array = group[WRITTEN_ARRAY]
+        self._written_array = open_array(group, WRITTEN_ARRAY, where)
         self._written = np.asarray(self._written_array[:], dtype=bool)
         self._digest_names = list(metadata.digests["arrays"]) if metadata.digests else []
-        self._digests_array = group[DIGESTS_ARRAY] if self._digest_names else None
+        self._digests_array = (
+            open_array(group, DIGESTS_ARRAY, where) if self._digest_names else None
+        )
         self._buffers: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
         #: Fidelity of the encoding over the rows this writer stored (kdcache.logits.fidelity).
         self.fidelity = FidelityAccumulator(self.encoding, sample_every=FIDELITY_SAMPLE_EVERY)
@@ -292,7 +302,7 @@ def _create_locked(
         if not old.complete:
             check_resumable(old, metadata, where)
             remove_partial_files(location)  # temporary files of a killed writer; we hold the lock
-            if WRITTEN_ARRAY in group:
+            if has_array(group, WRITTEN_ARRAY):
                 return StoreWriter(group, old, where, lock)
             # Killed while creating the arrays: nothing was computed yet, so start afresh.
             return _new_store(store, lock, metadata, codec, label_values, where)
@@ -336,7 +346,7 @@ def _resume_replacement(
     if location_is_empty(staging):
         return None
     existing = existing_store(staging, zarr_store(staging, read_only=False))
-    if existing is None or existing[1].complete or WRITTEN_ARRAY not in existing[0]:
+    if existing is None or existing[1].complete or not has_array(existing[0], WRITTEN_ARRAY):
         return None
     group, old = existing
     check_resumable(old, metadata, where)
