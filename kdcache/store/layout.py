@@ -69,7 +69,8 @@ def read_metadata(group: zarr.Group, where: str) -> StoreMetadata:
             f"{where} is a Zarr group but not a kdcache store (no {ATTRIBUTE_KEY!r} attributes); "
             "pass a store written by `kdcache dump-teacher` or kdcache.create_store"
         )
-    return StoreMetadata.from_dict(attributes[ATTRIBUTE_KEY], where=where)
+    record: Any = attributes[ATTRIBUTE_KEY]  # any JSON: the schema check comes first
+    return StoreMetadata.from_dict(record, where=where)
 
 
 def open_group(location: StoreLocation) -> zarr.Group:

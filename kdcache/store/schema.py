@@ -54,12 +54,8 @@ class _Checker:
 
     def integer(self, record: dict[str, Any], field: str, low: int, high: int) -> int:
         value = record.get(field)
-        self.require(
-            _is_int(value) and low <= value <= high,
-            field,
-            value,
-            f"an integer from {low} to {high:,}",
-        )
+        if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+            raise self.fail(field, value, f"an integer from {low} to {high:,}")
         return value
 
     def mapping(

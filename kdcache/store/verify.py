@@ -188,7 +188,9 @@ def _scan(
     corrupt: list[np.ndarray] = []
     non_finite: list[np.ndarray] = []
     misplaced: list[np.ndarray] = []
-    column = meta.digests["arrays"].index(array.basename) if digests is not None else None
+    column = None
+    if digests is not None and meta.digests is not None:
+        column = meta.digests["arrays"].index(array.basename)
     check_values = np.issubdtype(array.dtype, np.floating)
     chunks = np.flatnonzero(written)
     for first in range(0, len(chunks), LOAD_BLOCK_CHUNKS):
@@ -265,7 +267,7 @@ def _check_labels(reader: StoreReader, problems: list[str]) -> None:
     if not has_array(reader.group, LABELS_ARRAY):
         return
     try:
-        array = reader.group[LABELS_ARRAY]
+        array: Any = reader.group[LABELS_ARRAY]
     except ZARR_METADATA_ERRORS as error:
         problems.append(f"array {LABELS_ARRAY!r} has an unreadable zarr.json ({first_line(error)})")
         return
