@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -77,3 +78,19 @@ def test_stores_without_digests_still_load_and_verify_notes_it(store, tmp_path):
     np.testing.assert_array_equal(open_store(store).read([39]).numpy()[0], [156, 157, 158, 159])
     report = verify_store(store)
     assert report.ok and "not bound to their index" in report.notes[0]
+
+
+def test_two_chunks_swapped_inside_a_packed_zip_are_refused(store, tmp_path):
+    from kdcache.store.pack import pack_store
+
+    pack_store(store, tmp_path / "s.zip")
+    with zipfile.ZipFile(tmp_path / "s.zip") as packed:
+        entries = {name: packed.read(name) for name in packed.namelist()}
+    first, second = "logits/c/1/0", "logits/c/3/0"
+    entries[first], entries[second] = entries[second], entries[first]
+    with zipfile.ZipFile(tmp_path / "swapped.zip", "w", zipfile.ZIP_STORED) as swapped:
+        for name, data in entries.items():
+            swapped.writestr(name, data)
+    assert "samples 10-19, 30-39" in "\n".join(verify_store(tmp_path / "swapped.zip").problems)
+    with pytest.raises(StoreCorruptError, match="chunk 1"):
+        open_store(tmp_path / "swapped.zip").load()
