@@ -35,6 +35,18 @@ _TORCHVISION_KWARGS = {
 
 def build_model(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
     """Build the model a spec names, with ``num_classes`` outputs and ``in_channels`` inputs."""
+    try:
+        return _build(spec, num_classes=num_classes, in_channels=in_channels)
+    except (RuntimeError, MemoryError) as e:
+        if not isinstance(e, MemoryError) and "allocate" not in str(e):
+            raise
+        raise ConfigError(
+            f"model {spec!r} with {num_classes} classes does not fit in memory "
+            f"({_first_sentence(str(e)) or 'out of memory'}); choose a smaller model"
+        ) from None
+
+
+def _build(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
     if num_classes < 1 or in_channels < 1:
         raise ConfigError(
             f"model {spec!r} needs num_classes >= 1 and in_channels >= 1, "
@@ -60,6 +72,8 @@ def build_model(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
     raise SpecError(f"unknown model {spec!r}; {hint}{_VALID}")
 
 
+#: Widest hidden layer or channel count the builtin models accept.
+MAX_BUILTIN_WIDTH = 1 << 16
 #: The defaults a bare builtin spec stands for: ``mlp`` is ``mlp:128``, ``cnn`` is ``cnn:32``.
 _BUILTIN_DEFAULTS = {"mlp": "128", "cnn": "32"}
 
@@ -82,6 +96,11 @@ def _positive_ints(spec: str, arg: str, form: str) -> list[int]:
         raise SpecError(f"malformed model spec {spec!r}; expected {form}") from None
     if any(v < 1 for v in values) or len(values) > 2:
         raise SpecError(f"malformed model spec {spec!r}; expected {form} (positive integers)")
+    if any(v > MAX_BUILTIN_WIDTH for v in values):
+        raise SpecError(
+            f"model spec {spec!r} asks for a layer wider than {MAX_BUILTIN_WIDTH:,}; "
+            f"expected {form}"
+        )
     return values
 
 

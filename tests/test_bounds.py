@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdcache import DistillConfig
+from kdcache import DistillConfig, TrainConfig
 from kdcache.datasets import build_dataset, canonical_dataset_spec
-from kdcache.errors import CheckpointError, ConfigError
+from kdcache.errors import CheckpointError, ConfigError, SpecError
 from kdcache.models import build_model, canonical_model_spec, check_input_fits, load_weights
 from kdcache.runtime import prepare_output_dir, resolve_device
+from kdcache.train.loop import train
 
 
 @pytest.mark.parametrize("device", ["meta", "cuda:99" if torch.cuda.is_available() else "cuda"])
@@ -60,3 +61,14 @@ def test_specs_are_compared_with_their_defaults_spelled_out():
     assert canonical_dataset_spec("fake:50:8") == canonical_dataset_spec("fake:50:8:10")
     assert canonical_dataset_spec("synthetic:5") == "synthetic:5:32:10"
     assert canonical_dataset_spec("digits") == "digits"
+
+
+def test_builtin_models_too_wide_to_allocate_are_refused():
+    with pytest.raises(SpecError, match="wider than 65,536"):
+        build_model("mlp:99999999999", num_classes=2, in_channels=3)
+
+
+def test_a_diverging_run_stops_instead_of_exiting_0(tmp_path):
+    with pytest.raises(ConfigError, match="training diverged in epoch 1"):
+        train(TrainConfig(model="mlp:8", dataset="fake:10:8", out=str(tmp_path), lr=1e30, epochs=2))
+    assert not (tmp_path / "last.pt").exists()

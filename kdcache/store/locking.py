@@ -126,9 +126,12 @@ def _open_lock_file(path: Path, where: str) -> int:
         except FileExistsError:
             continue  # left by an earlier writer: open it without creating, checked below
         except FileNotFoundError:
-            if flags & os.O_CREAT:
-                raise
-            return _open_lock_file(path, where)  # removed between the two opens: create it
+            if not flags & os.O_CREAT:
+                return _open_lock_file(path, where)  # removed between the two opens: create it
+            raise StoreWriteError(
+                f"cannot write a store at {where}: cannot create its lock file {path}; "
+                "choose a writable path"
+            ) from None
         except OSError as error:
             if error.errno == errno.ELOOP:
                 raise StoreWriteError(

@@ -11,7 +11,7 @@ from kdcache.errors import ConfigError, StoreExistsError, StoreFormatError, Stor
 from kdcache.store._zarr_compat import buffer_prototype, run_sync
 from kdcache.store.digests import DIGESTS_ARRAY
 from kdcache.store.layout import LABELS_ARRAY, WRITTEN_ARRAY, StoreLike, own_keys
-from kdcache.store.location import parse_location, zarr_store
+from kdcache.store.location import parse_location, refuse_inside_store, zarr_store
 from kdcache.store.reader import open_store
 
 
@@ -45,6 +45,7 @@ def pack_store(
         raise StoreExistsError(
             f"{target} already exists; pass --overwrite to replace it or choose another name"
         )
+    refuse_inside_store(target, "the pack output")
     location = parse_location(source)
     reader = open_store(location)  # refuses missing, foreign, newer-format, damaged, unfinished
     names = [

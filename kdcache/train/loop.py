@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,6 +142,12 @@ def fit(
             seen += labels.size(0)
         train_time = time.perf_counter() - epoch_started
         val_acc, val_loss = evaluate(model, val_set, batch_size=config.batch_size, device=device)
+        if not (math.isfinite(loss_sum) and math.isfinite(val_loss)):
+            # NaN weights would otherwise train on silently and exit 0 with a useless model.
+            raise ConfigError(
+                f"training diverged in epoch {epoch} (train loss {loss_sum / seen:.4g}, validation "
+                f"loss {val_loss:.4g}); lower --lr, or check --temperature and --gamma"
+            )
         record = {
             "epoch": epoch,
             "train_loss": loss_sum / seen,

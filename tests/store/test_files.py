@@ -10,6 +10,7 @@ import pytest
 
 from kdcache import create_store, open_store
 from kdcache.errors import (
+    ConfigError,
     InvalidLogitsError,
     StoreExistsError,
     StoreFormatError,
@@ -75,6 +76,8 @@ def test_pack_copies_only_the_stores_own_files_and_refuses_links(tmp_path):
     with pytest.raises(StoreFormatError, match="symbolic link"):
         pack_store(store, tmp_path / "leak.zip")
     assert not list(tmp_path.glob("leak.zip*"))
+    with pytest.raises(ConfigError, match="inside the Zarr store"):
+        pack_store(store, store / "logits" / "s.zip")
 
 
 def test_overwrite_keeps_the_old_store_until_the_new_one_is_complete(tmp_path):
