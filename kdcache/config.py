@@ -65,6 +65,11 @@ def parse_list(text: str, kind: Callable[[str], T], *, option: str, example: str
     return values
 
 
+#: The smallest distillation temperature: T^2 is still a normal float32 and logits / T stays
+#: finite in float32 for any logit below 3e19.
+MIN_TEMPERATURE = math.sqrt(float(np.finfo(np.float32).tiny))
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -237,8 +242,10 @@ class DistillConfig(DistillOptions, LoopConfig):
             f"unknown loss {self.loss!r}; valid losses: {', '.join(LOSS_NAMES)}",
         )
         _require(
-            math.isfinite(self.temperature) and self.temperature > 0,
-            f"temperature must be > 0, got {self.temperature}",
+            math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE,
+            f"temperature must be > 0 and at least {MIN_TEMPERATURE:.2g} (below it "
+            f"softmax(logits / T) overflows float32 and the T^2 loss scale underflows to 0), got {self.temperature}; "
+            "typical values are 1 to 20",
         )
         _require(0.0 <= self.alpha <= 1.0, f"alpha must lie in [0, 1], got {self.alpha}")
         if self.cache is None:

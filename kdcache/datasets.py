@@ -226,6 +226,27 @@ def _digits_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {"train": (x_train, y_train), "test": (x_test, y_test)}
 
 
+#: SIZE and CLASSES of ``fake:N`` / ``synthetic:N`` when the spec leaves them out.
+_GENERATED_DEFAULTS = (32, 10)
+#: Bounds of generated datasets: larger ones cannot be labelled or allocated in reasonable time.
+_GENERATED_LIMITS = {"N": 100_000_000, "SIZE": 4096, "CLASSES": 1_000_000}
+
+
+def canonical_dataset_spec(spec: str) -> str:
+    """``spec`` with its defaults spelled out, so that equal datasets compare equal
+    (``fake:100:8`` and ``fake:100:8:10``); other specs are returned unchanged."""
+    kind, _, args = spec.partition(":")
+    parts = args.split(":")
+    if kind not in ("fake", "synthetic") or not 1 <= len(parts) <= 3:
+        return spec
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        return spec
+    values += list(_GENERATED_DEFAULTS[len(values) - 1 :])
+    return f"{kind}:" + ":".join(map(str, values))
+
+
 def _generated(spec: str, kind: str, args: str, split: str) -> LabeledDataset:
     form = (
         f"{kind}:N or {kind}:N:SIZE:CLASSES with integers, e.g. {kind}:1000 or {kind}:1000:224:1000"
@@ -237,12 +258,17 @@ def _generated(spec: str, kind: str, args: str, split: str) -> LabeledDataset:
         raise SpecError(f"malformed dataset spec {spec!r}; expected {form}") from None
     if not 1 <= len(values) <= 3:
         raise SpecError(f"malformed dataset spec {spec!r}; expected {form}")
-    n, size, classes = values + [32, 10][len(values) - 1 :]
+    n, size, classes = values + list(_GENERATED_DEFAULTS[len(values) - 1 :])
     for name, value, low in (("N", n, 1), ("SIZE", size, 1), ("CLASSES", classes, 2)):
         if value < low:
             raise ConfigError(
                 f"{name}={value} in dataset spec {spec!r} is too small; "
                 f"expected {name} >= {low} in {form}"
+            )
+        if value > _GENERATED_LIMITS[name]:
+            raise ConfigError(
+                f"{name}={value:,} in dataset spec {spec!r} is too large; expected {name} <= "
+                f"{_GENERATED_LIMITS[name]:,} in {form}"
             )
     # Test seeds continue where train seeds stop, so no test image repeats a train image.
     size_n, offset = (n, 0) if split == "train" else (max(1, n // 5), n)

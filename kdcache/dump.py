@@ -14,10 +14,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from kdcache.config import DumpConfig
-from kdcache.datasets import build_dataset, dataset_fingerprint
+from kdcache.datasets import build_dataset, canonical_dataset_spec, dataset_fingerprint
 from kdcache.errors import KdcacheError, StoreWriteError
 from kdcache.logits.fidelity import Fidelity
-from kdcache.models import build_model, load_weights, weights_sha256
+from kdcache.models import (
+    build_model,
+    canonical_model_spec,
+    check_input_fits,
+    load_weights,
+    weights_sha256,
+)
 from kdcache.runtime import IndexedDataset, resolve_device
 from kdcache.store.background import BackgroundWriter
 from kdcache.store.layout import store_nbytes
@@ -108,6 +114,7 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
     if config.weights is not None:
         load_weights(teacher, config.weights, spec=config.teacher)
     teacher.to(device).eval().requires_grad_(False)
+    check_input_fits(teacher, tuple(dataset[0][0].shape), spec=config.teacher)
 
     with create_store(
         config.out,
@@ -118,11 +125,11 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
         labels=None if (dataset.labels < 0).all() else dataset.labels,
         chunk_rows=config.chunk_rows,
         teacher={
-            "spec": config.teacher,
+            "spec": canonical_model_spec(config.teacher),
             "weights_sha256": weights_sha256(config.weights) if config.weights else None,
         },
         dataset={
-            "spec": dataset.spec,
+            "spec": canonical_dataset_spec(dataset.spec),
             "split": dataset.split,
             "transform": dataset.transform_description,
             "fingerprint": dataset_fingerprint(dataset),

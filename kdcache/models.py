@@ -35,6 +35,18 @@ _TORCHVISION_KWARGS = {
 
 def build_model(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
     """Build the model a spec names, with ``num_classes`` outputs and ``in_channels`` inputs."""
+    try:
+        return _build(spec, num_classes=num_classes, in_channels=in_channels)
+    except (RuntimeError, MemoryError) as e:
+        if not isinstance(e, MemoryError) and "allocate" not in str(e):
+            raise
+        raise ConfigError(
+            f"model {spec!r} with {num_classes} classes does not fit in memory "
+            f"({_first_sentence(str(e)) or 'out of memory'}); choose a smaller model"
+        ) from None
+
+
+def _build(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
     if num_classes < 1 or in_channels < 1:
         raise ConfigError(
             f"model {spec!r} needs num_classes >= 1 and in_channels >= 1, "
@@ -60,6 +72,21 @@ def build_model(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
     raise SpecError(f"unknown model {spec!r}; {hint}{_VALID}")
 
 
+#: Widest hidden layer or channel count the builtin models accept.
+MAX_BUILTIN_WIDTH = 1 << 16
+#: The defaults a bare builtin spec stands for: ``mlp`` is ``mlp:128``, ``cnn`` is ``cnn:32``.
+_BUILTIN_DEFAULTS = {"mlp": "128", "cnn": "32"}
+
+
+def canonical_model_spec(spec: str) -> str:
+    """``spec`` with its defaults spelled out, so that equal models compare equal
+    (``mlp`` and ``mlp:128``); other specs are returned unchanged."""
+    name, _, arg = spec.partition(":")
+    if name in _BUILTIN_DEFAULTS:
+        return f"{name}:{arg.replace(' ', '') or _BUILTIN_DEFAULTS[name]}"
+    return spec
+
+
 def _positive_ints(spec: str, arg: str, form: str) -> list[int]:
     if not arg:
         return []
@@ -69,6 +96,11 @@ def _positive_ints(spec: str, arg: str, form: str) -> list[int]:
         raise SpecError(f"malformed model spec {spec!r}; expected {form}") from None
     if any(v < 1 for v in values) or len(values) > 2:
         raise SpecError(f"malformed model spec {spec!r}; expected {form} (positive integers)")
+    if any(v > MAX_BUILTIN_WIDTH for v in values):
+        raise SpecError(
+            f"model spec {spec!r} asks for a layer wider than {MAX_BUILTIN_WIDTH:,}; "
+            f"expected {form}"
+        )
     return values
 
 
@@ -205,12 +237,37 @@ def _load_trusted(path: Path) -> object:
             "kdcache only loads weights_only files: save "
             "model.state_dict() instead"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        # torch.load of bytes that are not a torch.save file fails in any of these ways.
         reason = _first_sentence(str(e)) or type(e).__name__
         raise CheckpointError(
             f"cannot load {path}: the file is corrupt or not a torch.save file "
             f"({reason}); re-create it with torch.save"
         ) from None
+
+
+def check_input_fits(model: nn.Module, input_shape: tuple[int, ...], *, spec: str) -> None:
+    """Run ``model`` once on zeros of one sample's ``input_shape`` (on the model's device), so
+    that inputs it cannot take (images too small for its pooling) fail before anything is
+    written, in one line. User models (``package.module:function``) are not probed: an extra
+    call could disturb models that count, time or gate their calls."""
+    name, sep, _ = spec.partition(":")
+    if sep and name not in BUILTIN_MODELS:
+        return
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), device=device))
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise ConfigError(
+            f"model {spec!r} cannot take inputs of shape {tuple(input_shape)} "
+            f"({_first_sentence(str(e))}); use larger images or another model"
+        ) from None
+    finally:
+        model.train(training)
 
 
 def _first_sentence(text: str) -> str:

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdcache.errors import ConfigError, KdcacheError
+from kdcache.store.location import refuse_inside_store
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -20,9 +21,17 @@ def resolve_device(name: str | None) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        # meta, mps, xla...: tensors there cannot be copied to the store or trained here.
+        raise ConfigError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"device {name!r} was requested but CUDA is not available here; use --device cpu"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+            f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
         )
     return device
 
@@ -71,7 +80,11 @@ def make_loader(
 def prepare_output_dir(
     path: str | os.PathLike[str], *, overwrite: bool, marker: str = "last.pt"
 ) -> Path:
-    """Create the run folder, refusing to clobber a finished run unless ``overwrite``."""
+    """Create the run folder, refusing to clobber a finished run unless ``overwrite`` and
+    refusing an empty path or one inside a Zarr store."""
+    if not os.fspath(path).strip():
+        raise ConfigError("the output folder is empty; pass --out FOLDER, e.g. --out runs/student")
+    refuse_inside_store(path, "the output folder")
     out = Path(path)
     if (out / marker).exists() and not overwrite:
         raise KdcacheError(

@@ -56,6 +56,7 @@ def assert_same_store(store: Path, reference: Path) -> None:
     ]
     for record in attributes:
         record.pop("created_at")
+        assert len(record.pop("generation")) == 32  # each store's own identity, like created_at
         # The fidelity estimate samples the rows computed by the run that finished the store.
         assert record.pop("fidelity")["top1_agreement"] == 1.0
     assert attributes[0] == attributes[1]

@@ -15,7 +15,14 @@ from zarr.core.sync import sync
 
 T = TypeVar("T")
 
-__all__ = ["buffer_prototype", "row_chunk_exists", "run_sync"]
+__all__ = [
+    "buffer_prototype",
+    "has_key",
+    "open_zip_now",
+    "read_group_key",
+    "row_chunk_exists",
+    "run_sync",
+]
 
 
 def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -34,3 +41,21 @@ def row_chunk_exists(array: Any, chunk: int) -> bool:
     extra = (0,) * (array.ndim - 1)
     key = array.metadata.encode_chunk_key((chunk, *extra))
     return bool(sync(store.exists(f"{prefix}/{key}")))
+
+
+def open_zip_now(store: Any) -> None:
+    """Open a ZipStore's file at once (zarr opens it lazily, at the first read)."""
+    store._sync_open()
+
+
+def has_key(group: Any, key: str) -> bool:
+    """Whether ``key`` (relative to ``group``) exists in the group's store, without parsing it."""
+    store, prefix = group.store_path.store, group.store_path.path
+    return bool(sync(store.exists(f"{prefix}/{key}" if prefix else key)))
+
+
+def read_group_key(group: Any, key: str) -> bytes | None:
+    """The raw bytes stored under ``key`` relative to ``group`` (``None`` when absent)."""
+    store, prefix = group.store_path.store, group.store_path.path
+    value = sync(store.get(f"{prefix}/{key}" if prefix else key, prototype=buffer_prototype()))
+    return None if value is None else value.to_bytes()

@@ -48,6 +48,8 @@ class RowSource(Protocol):
 
     def check_chunks_present(self, name: str) -> None: ...
 
+    def check_unchanged(self) -> None: ...
+
 
 #: Share of the memory available when the feed is built that it may use by default.
 DEFAULT_MEMORY_FRACTION = 0.5
@@ -191,6 +193,11 @@ class LogitFeed:
             for start in range(0, self.num_samples, block_rows):
                 stop = min(start + block_rows, self.num_samples)
                 table[start:stop] = self.reader.read_rows(name, start, stop)
+        try:
+            self.reader.check_unchanged()  # every row above came from the store that was opened
+        except Exception:
+            self._tables = None
+            raise
         self._slot_of_chunk[:] = np.arange(self.num_chunks)
         self._chunk_of_slot[:] = np.arange(self.num_chunks)
         self.chunks_decoded += self.num_chunks
@@ -260,6 +267,11 @@ class LogitFeed:
             self._slot_of_chunk[chunk] = slot
             self._chunk_of_slot[slot] = chunk
             self._last_used[slot] = self._tick
+        try:
+            self.reader.check_unchanged()  # the chunks above came from the store that was opened
+        except Exception:
+            self._slot_of_chunk[chunks] = -1  # never serve rows that may come from another store
+            raise
         self.chunks_decoded += chunks.size
 
     def read(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> TeacherInput:

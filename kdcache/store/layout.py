@@ -10,13 +10,14 @@ in the group attributes, whose ``complete`` flag is written last.
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any
 
 import numpy as np
 import zarr
 
 from kdcache.errors import StoreFormatError, StoreNotFoundError
-from kdcache.store._zarr_compat import row_chunk_exists
+from kdcache.store._zarr_compat import has_key, row_chunk_exists
 from kdcache.store.location import (
     StoreLocation,
     location_exists,
@@ -61,13 +62,15 @@ def missing_chunks(array: Any, chunks: np.ndarray) -> np.ndarray:
 
 
 def read_metadata(group: zarr.Group, where: str) -> StoreMetadata:
+    """The store's metadata record, checked against the schema (kdcache.store.schema)."""
     attributes = group.attrs.asdict()
     if ATTRIBUTE_KEY not in attributes:
         raise StoreFormatError(
             f"{where} is a Zarr group but not a kdcache store (no {ATTRIBUTE_KEY!r} attributes); "
             "pass a store written by `kdcache dump-teacher` or kdcache.create_store"
         )
-    return StoreMetadata.from_dict(attributes[ATTRIBUTE_KEY], where=where)
+    record: Any = attributes[ATTRIBUTE_KEY]  # any JSON: the schema check comes first
+    return StoreMetadata.from_dict(record, where=where)
 
 
 def open_group(location: StoreLocation) -> zarr.Group:
@@ -88,3 +91,64 @@ def open_group(location: StoreLocation) -> zarr.Group:
             f"{where} is not a kdcache store (no Zarr v3 group there: {error}); "
             "pass a store written by `kdcache dump-teacher`"
         ) from None
+    except ZARR_METADATA_ERRORS as error:
+        raise StoreFormatError(
+            f"{where} has an unreadable zarr.json ({first_line(error)}); restore it from a good "
+            "copy or dump the store again"
+        ) from None
+
+
+#: What zarr raises for a zarr.json that is not valid JSON or not valid Zarr metadata (an
+#: unknown data_type or codec, a wrong type): each becomes one StoreFormatError line.
+ZARR_METADATA_ERRORS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    IndexError,
+    zipfile.BadZipFile,
+)
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to one short line, for one-line errors."""
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return (text or type(error).__name__)[:160]
+
+
+def has_array(group: zarr.Group, name: str) -> bool:
+    """Whether the store holds an array ``name``, decided without parsing its (maybe damaged)
+    metadata; :func:`open_array` then reports damage in one line."""
+    return has_key(group, f"{name}/zarr.json")
+
+
+def open_array(group: zarr.Group, name: str, where: str) -> Any:
+    """The array ``name`` of the store, or StoreFormatError if it is missing or unreadable."""
+    try:
+        return group[name]
+    except KeyError:
+        raise StoreFormatError(
+            f"{where} lacks its array {name!r} (deleted or lost in a copy); restore it from a good "
+            "copy or dump the store again"
+        ) from None
+    except ZARR_METADATA_ERRORS as error:
+        raise StoreFormatError(
+            f"{where}: the zarr.json of array {name!r} is unreadable ({first_line(error)}); "
+            "restore it from a good copy or dump the store again"
+        ) from None
+
+
+def own_keys(group: zarr.Group, names: list[str]) -> list[str]:
+    """Every key the store itself may hold: the group's and each named array's ``zarr.json`` and
+    all of each array's chunk keys (whether written or not)."""
+    keys = ["zarr.json"]
+    for name in names:
+        if not has_array(group, name):
+            continue
+        array = open_array(group, name, "the store")
+        keys.append(f"{name}/zarr.json")
+        keys += [
+            f"{name}/{array.metadata.encode_chunk_key(coords)}"
+            for coords in np.ndindex(*array.cdata_shape)
+        ]
+    return keys

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kdcache.errors import ConfigError, StoreFormatError, StoreNotFoundError
-from kdcache.store._zarr_compat import run_sync
+from kdcache.store._zarr_compat import open_zip_now, run_sync
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store
@@ -36,6 +36,8 @@ _BACKEND_PACKAGES = {
     "az": "adlfs",
     "abfs": "adlfs",
 }
+#: Protocols fsspec can read but never write.
+_READ_ONLY_SCHEMES = ("http", "https", "zip", "tar", "github", "ftp")
 #: zarr's LocalStore writes ``KEY.<uuid4 hex>.partial`` and renames it; a leftover is a crashed write.
 _PARTIAL_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
@@ -58,6 +60,10 @@ def parse_location(location: str | os.PathLike[str] | StoreLocation) -> StoreLoc
     if isinstance(location, StoreLocation):
         return location
     text = os.fspath(location)
+    if not text.strip():
+        raise ConfigError(
+            "the store path is empty; pass a folder such as teacher.zarr, a URL or a .zip"
+        )
     scheme, sep, rest = text.partition("://")
     if not sep:
         path = text
@@ -76,6 +82,8 @@ def parse_location(location: str | os.PathLike[str] | StoreLocation) -> StoreLoc
                 "download it, or share the unpacked store at a URL instead"
             )
         return StoreLocation(text, "remote", text)
+    if not path.strip():
+        raise ConfigError(f"{text!r} names no path; pass e.g. file:///data/teacher.zarr")
     path = path.rstrip("/") or "/"
     kind = "zip" if path.lower().endswith(".zip") else "local"
     return StoreLocation(text, kind, path)
@@ -100,9 +108,22 @@ def zarr_store(location: StoreLocation, *, read_only: bool) -> Store:
             raise StoreFormatError(
                 f"{location} is not a zip file kdcache can read; pass a zip written by `kdcache pack`"
             )
-        return ZipStore(location.target, mode="r")
+        try:
+            store = ZipStore(location.target, mode="r")
+            open_zip_now(store)  # a damaged central directory fails here, not at the first read
+        except (zipfile.BadZipFile, OSError, ValueError) as error:
+            raise StoreFormatError(
+                f"{location} is a damaged zip file ({error}); pack the store again"
+            ) from None
+        return store
     if location.kind == "local":
         return LocalStore(location.target, read_only=read_only)
+    scheme = location.target.partition("://")[0].lower()
+    if not read_only and scheme in _READ_ONLY_SCHEMES:
+        raise ConfigError(
+            f"{location} is a read-only {scheme}:// URL; write the store to a folder or an object "
+            "store (s3://, gs://, ...) and share that URL for reading"
+        )
     try:
         return FsspecStore.from_url(location.target, read_only=read_only)
     except ImportError as error:
@@ -152,3 +173,32 @@ def location_nbytes(location: StoreLocation) -> int | None:
     if root.is_file():
         return root.stat().st_size
     return sum(item.stat().st_size for item in root.rglob("*") if item.is_file())
+
+
+def resolved_local(location: StoreLocation) -> StoreLocation:
+    """``location`` with its local path made absolute and free of links and ``.`` parts.
+
+    Writers key their lock and staging folder by this path, so ``alias.zarr`` (a link to the
+    store) or ``store.zarr/.`` name the same store as ``store.zarr``.
+    """
+    if location.kind == "remote":
+        return location
+    return StoreLocation(location.text, location.kind, str(Path(location.target).resolve()))
+
+
+def enclosing_store(path: str | os.PathLike[str]) -> Path | None:
+    """The nearest folder above ``path`` that is a Zarr node (holds ``zarr.json``), if any."""
+    for parent in Path(path).resolve().parents:
+        if (parent / "zarr.json").is_file():
+            return parent
+    return None
+
+
+def refuse_inside_store(path: str | os.PathLike[str], what: str) -> None:
+    """Refuse to create ``what`` at a local ``path`` inside a Zarr store (it would damage it)."""
+    store = enclosing_store(path)
+    if store is not None:
+        raise ConfigError(
+            f"{what} {os.fspath(path)!r} lies inside the Zarr store {store}; choose a path "
+            "outside any store (kdcache never writes into another store's folders)"
+        )

@@ -13,10 +13,12 @@ others until it expires (:data:`LEASE_SECONDS`); delete the lease object to take
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import time
 import uuid
 import weakref
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.errors import StoreLockedError, StoreWriteError
-from kdcache.store.location import StoreLocation
+from kdcache.store.location import StoreLocation, resolved_local
 
 LOCK_SUFFIX = ".lock"
 #: How long a remote writer's lease lasts without renewal.
@@ -81,13 +83,7 @@ class FileLock(WriterLock):
                 "choose a writable path"
             ) from None
         while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as error:
-                raise StoreWriteError(
-                    f"cannot write a store at {where}: {error.strerror} creating its lock file {path}; "
-                    "choose a writable path"
-                ) from None
+            fd = _open_lock_file(path, where)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -100,10 +96,11 @@ class FileLock(WriterLock):
             # A finishing writer unlinks the file before unlocking it: if we locked an unlinked
             # file, another writer may hold the new one, so start over on the path's current file.
             try:
-                current = os.stat(path).st_ino == os.fstat(fd).st_ino
+                current = os.lstat(path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 current = False
             if current:
+                _refuse_foreign(fd, path, where)
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, json.dumps(_holder()).encode(), 0)
                 return cls(path, fd)
@@ -113,6 +110,61 @@ class FileLock(WriterLock):
         if self._closer.alive:
             self.path.unlink(missing_ok=True)
             self._closer()
+
+
+#: Never follow a link planted at the lock's path, never block on a FIFO planted there.
+_OPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+#: The keys of the record a kdcache writer leaves in its lock file.
+_HOLDER_KEYS = {"host", "pid", "since"}
+
+
+def _open_lock_file(path: Path, where: str) -> int:
+    """A descriptor of the lock file at ``path``: created afresh, or an existing regular file."""
+    for flags in (_OPEN_FLAGS | os.O_CREAT | os.O_EXCL, _OPEN_FLAGS):
+        try:
+            return os.open(path, flags, 0o644)
+        except FileExistsError:
+            continue  # left by an earlier writer: open it without creating, checked below
+        except FileNotFoundError:
+            if not flags & os.O_CREAT:
+                return _open_lock_file(path, where)  # removed between the two opens: create it
+            raise StoreWriteError(
+                f"cannot write a store at {where}: cannot create its lock file {path}; "
+                "choose a writable path"
+            ) from None
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise StoreWriteError(
+                    f"the lock file {path} of {where} is a symbolic link; kdcache never writes "
+                    "through links: remove the link (it is not kdcache's) and run again"
+                ) from None
+            raise StoreWriteError(
+                f"cannot write a store at {where}: {error.strerror} opening its lock file {path}; "
+                "choose a writable path"
+            ) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _refuse_foreign(fd: int, path: Path, where: str) -> None:
+    """Refuse a lock path that holds anything but a lock file a kdcache writer left there."""
+    status = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(status.st_mode):
+        problem = "is not a regular file"
+    elif status.st_nlink != 1:
+        problem = f"has {status.st_nlink} hard links (a lock file has one)"
+    elif status.st_uid != os.geteuid():
+        problem = f"belongs to user id {status.st_uid}, not to you"
+    elif status.st_size:
+        record = _read_json(fd)
+        if not isinstance(record, dict) or not _HOLDER_KEYS <= record.keys():
+            problem = "holds something other than a kdcache lock record"
+    if problem is not None:
+        os.close(fd)
+        raise StoreWriteError(
+            f"{path}, where {where} keeps its writer lock, {problem}; kdcache leaves it untouched: "
+            "move it away (or choose another store path) and run again"
+        )
 
 
 def _read_json(fd: int) -> dict[str, Any] | None:
@@ -211,4 +263,5 @@ def acquire_writer_lock(
         return LeaseLock.acquire(
             location.target.rstrip("/") + LOCK_SUFFIX, location.text, lease_seconds=lease_seconds
         )
-    return FileLock.acquire(Path(location.target + LOCK_SUFFIX), location.text)
+    # Keyed by the resolved path: an alias link or ``store.zarr/.`` shares the store's one lock.
+    return FileLock.acquire(Path(resolved_local(location).target + LOCK_SUFFIX), location.text)

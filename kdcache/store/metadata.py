@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from kdcache.errors import StoreFormatError
+from kdcache.store.schema import validate_record
 
 #: Version of the on-disk layout written by this kdcache. Readers refuse newer versions.
 FORMAT_VERSION = 1
@@ -42,6 +42,15 @@ class StoreMetadata:
     #: None in stores written before it was recorded.
     fidelity: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Random id written when the store is created; a reader stops if it changes under it
+    #: (the store was overwritten). Empty in stores written before it was recorded.
+    generation: str = ""
+    #: Each array's zarr metadata (shape, chunks, dtype, codecs, ...) as created, so that an
+    #: edited zarr.json is refused; None in older stores.
+    arrays: dict[str, Any] | None = None
+    #: ``{"algorithm", "arrays"}`` of the per-chunk digest table (kdcache.store.digests) that
+    #: binds every chunk to its index; None in older stores, which are unverified by index.
+    digests: dict[str, Any] | None = None
 
     @property
     def num_chunks(self) -> int:
@@ -64,25 +73,10 @@ class StoreMetadata:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, where: str) -> StoreMetadata:
-        """Rebuild the record from a group's attributes, refusing what this version cannot read."""
-        version = data.get("format_version")
-        if not isinstance(version, int):
-            raise StoreFormatError(
-                f"{where} has kdcache attributes without an integer format_version; "
-                "the store is damaged: dump it again"
-            )
-        if version > FORMAT_VERSION:
-            raise StoreFormatError(
-                f"{where} uses store format version {version}, newer than the {FORMAT_VERSION} "
-                "this kdcache reads; upgrade kdcache (pip install -U kdcache)"
-            )
+        """Rebuild the record from a group's attributes, refusing what this version cannot read or
+        what fails the schema (kdcache.store.schema)."""
+        validate_record(data, where=where, format_version=FORMAT_VERSION)
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = {"num_samples", "num_classes", "encoding", "chunk_rows"} - data.keys()
-        if missing:
-            raise StoreFormatError(
-                f"{where} lacks the metadata fields {sorted(missing)}; the store is damaged: "
-                "dump it again"
-            )
         return cls(**{key: value for key, value in data.items() if key in known})
 
     def replace(self, **changes: Any) -> StoreMetadata:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdcache.errors import ConfigError, StoreExistsError, StoreWriteError
+from kdcache.errors import ConfigError, StoreExistsError, StoreFormatError, StoreWriteError
 from kdcache.store._zarr_compat import buffer_prototype, run_sync
-from kdcache.store.layout import StoreLike
-from kdcache.store.location import parse_location, partial_files, zarr_store
+from kdcache.store.digests import DIGESTS_ARRAY
+from kdcache.store.layout import LABELS_ARRAY, WRITTEN_ARRAY, StoreLike, own_keys
+from kdcache.store.location import parse_location, refuse_inside_store, zarr_store
 from kdcache.store.reader import open_store
 
 
@@ -27,8 +29,12 @@ def pack_store(
 ) -> PackResult:
     """Copy the complete store at ``source`` (folder or URL) into the zip file ``out``.
 
-    Chunks are stored uncompressed in the zip (they are already zstd-compressed), so readers can
-    seek straight to them. The zip is written to a temporary name and renamed when complete.
+    Only the store's own objects are copied: its metadata and the chunks of the arrays it
+    knows. Anything else in the folder (run folders, checkpoints, notes) is left out, and a
+    symbolic link anywhere on a key's path is refused, so that a link to a private file never
+    ends up in the zip. Chunks are stored uncompressed in the zip (they are already
+    zstd-compressed), so readers can seek straight to them. The zip is written to a temporary
+    name and renamed when complete.
     """
     from zarr.storage import ZipStore
 
@@ -39,9 +45,18 @@ def pack_store(
         raise StoreExistsError(
             f"{target} already exists; pass --overwrite to replace it or choose another name"
         )
+    refuse_inside_store(target, "the pack output")
     location = parse_location(source)
-    open_store(location)  # refuses missing, foreign, newer-format and unfinished stores
-    skipped = {path.relative_to(location.target).as_posix() for path in partial_files(location)}
+    reader = open_store(location)  # refuses missing, foreign, newer-format, damaged, unfinished
+    names = [
+        *reader.encoding.layout(reader.num_classes),
+        LABELS_ARRAY,
+        WRITTEN_ARRAY,
+        DIGESTS_ARRAY,
+    ]
+    keys = own_keys(reader.group, names)
+    if location.kind == "local":
+        keys = [key for key in keys if _regular_file(Path(location.target), key, location.text)]
     temporary = target.with_name(target.name + ".partial")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -50,11 +65,9 @@ def pack_store(
 
         async def copy() -> int:
             count = 0
-            async for key in source_store.list():
-                if key in skipped:
-                    continue
+            for key in keys:
                 value = await source_store.get(key, prototype=buffer_prototype())
-                if value is not None:
+                if value is not None:  # chunks never written (fill values) are absent
                     await packed.set(key, value)
                     count += 1
             return count
@@ -70,3 +83,24 @@ def pack_store(
         ) from None
     open_store(target)  # the zip must open as a store before we call it done
     return PackResult(out=os.fspath(target), num_objects=count, nbytes=target.stat().st_size)
+
+
+def _regular_file(root: Path, key: str, where: str) -> bool:
+    """Whether ``key`` is a regular file of the store at ``root``; refuses links on its path."""
+    path = root
+    for part in key.split("/"):
+        path = path / part
+        try:
+            status = path.lstat()
+        except FileNotFoundError:
+            return False
+        if stat.S_ISLNK(status.st_mode):
+            raise StoreFormatError(
+                f"{where} holds a symbolic link at {path}; pack copies only the store's own "
+                "files: replace the link by the file it points to (or dump again) and pack again"
+            )
+    if not stat.S_ISREG(status.st_mode):
+        raise StoreFormatError(
+            f"{where}: {path} is not a regular file; pack copies only the store's own files"
+        )
+    return True

@@ -14,10 +14,12 @@ from kdcache.errors import ConfigError, StoreCorruptError, StoreIncompleteError
 from kdcache.logits.encodings import parse_encoding
 from kdcache.logits.sparse import SparseLogits, TeacherInput
 from kdcache.store.feed import LogitFeed, parse_size
+from kdcache.store.guard import DECODE_ERRORS, ChunkGuard, decode_rows
 from kdcache.store.layout import (
     LABELS_ARRAY,
-    WRITTEN_ARRAY,
     StoreLike,
+    first_line,
+    has_array,
     missing_chunks,
     open_group,
     read_metadata,
@@ -47,10 +49,18 @@ class StoreReader:
         self.encoding = parse_encoding(metadata.encoding, num_classes=metadata.num_classes)
         self._memory_budget = None if memory_budget is None else parse_size(memory_budget)
         self._feed: LogitFeed | None = None
+        layout = self.encoding.layout(metadata.num_classes)
+        #: The checks every decoded chunk passes (kdcache.store.guard).
+        self.guard = ChunkGuard(metadata, layout, where, lambda: self._group)
 
     def __getstate__(self) -> dict[str, Any]:
         # Zarr handles are reopened where the reader lands; the feed travels without its table.
-        return {**self.__dict__, "_opened": None, "_pid": None}
+        return {**self.__dict__, "_opened": None, "_pid": None, "guard": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        layout = self.encoding.layout(self.metadata.num_classes)
+        self.guard = ChunkGuard(self.metadata, layout, self.where, lambda: self._group)
 
     @property
     def num_samples(self) -> int:
@@ -62,9 +72,23 @@ class StoreReader:
 
     @property
     def labels(self) -> np.ndarray | None:
-        if LABELS_ARRAY not in self._group:
+        """The stored labels (``None`` when the store has none), checked to lie in [0, C)."""
+        if not has_array(self._group, LABELS_ARRAY):
             return None
-        return np.asarray(self._group[LABELS_ARRAY][:])
+        try:
+            labels = np.asarray(self.guard.array(LABELS_ARRAY)[:], dtype=np.int64)
+        except DECODE_ERRORS as error:
+            raise StoreCorruptError(
+                f"{self.where}: array {LABELS_ARRAY!r} does not decode ({first_line(error)}); "
+                "run `kdcache verify` and dump again"
+            ) from None
+        bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
+        if bad.size:
+            raise StoreCorruptError(
+                f"{self.where}: stored labels lie outside [0, {self.num_classes}) for samples "
+                f"{row_ranges(bad)}; run `kdcache verify` and dump again"
+            )
+        return labels
 
     @property
     def _group(self) -> zarr.Group:
@@ -87,14 +111,11 @@ class StoreReader:
         return self._group
 
     def written_fraction(self) -> float:
-        return float(np.asarray(self._group[WRITTEN_ARRAY][:]).mean())
+        return float(self.guard.written().mean())
 
     def progress(self) -> str:
         """How far the dump got, e.g. ``1 of 3 chunks (10 of 30 samples, 33%)``."""
-        if WRITTEN_ARRAY in self._group:
-            written = np.asarray(self._group[WRITTEN_ARRAY][:], dtype=bool)
-        else:  # killed while creating the store
-            written = np.zeros(self.metadata.num_chunks, dtype=bool)
+        written = self.guard.written()
         samples = self.metadata.rows_of_chunks(np.flatnonzero(written)).size
         return (
             f"{int(written.sum())} of {written.size} chunks ({samples} of {self.num_samples} "
@@ -106,38 +127,28 @@ class StoreReader:
         self.feed.load()
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of the stored array ``name``, naming the samples of a corrupted chunk."""
-        array = self._group[name]
-        try:
-            return array[start:stop]
-        except (ValueError, RuntimeError):
-            return self._read_chunkwise(array, start, stop)
+        """Rows ``start:stop`` (whole chunks) of the stored array ``name``, checked by the guard:
+        a corrupted, misplaced or non-finite chunk stops the read, naming its samples."""
+        array = self.guard.array(name)
+        values = decode_rows(array, start, stop, self.where, self.metadata.chunk_rows)
+        self.guard.check_rows(name, start, values)
+        return values
 
     def check_chunks_present(self, name: str) -> None:
-        """Refuse an array whose written chunks were deleted (zarr would read them as fill values)."""
-        array = self._group[name]
+        """Refuse an array whose written chunks were deleted (zarr would read them as fill
+        values), or whose metadata departs from what the store created."""
+        array = self.guard.array(name)
         missing = missing_chunks(array, np.arange(self.metadata.num_chunks))
         if missing.size:
             lost = self.metadata.rows_of_chunks(missing)
             raise StoreCorruptError(
-                f"{self.where}: array {name!r} lacks the chunks for samples {row_ranges(lost)} (deleted "
-                "or lost in a copy); run `kdcache verify` and dump again"
+                f"{self.where}: array {name!r} lacks the chunks for samples {row_ranges(lost)} "
+                "(deleted or lost in a copy); run `kdcache verify` and dump again"
             )
 
-    def _read_chunkwise(self, array: Any, start: int, stop: int) -> np.ndarray:
-        """Reread a failed block chunk by chunk to name the corrupted sample range."""
-        rows = self.metadata.chunk_rows
-        parts = []
-        for chunk_start in range(start, stop, rows):
-            chunk_stop = min(chunk_start + rows, stop)
-            try:
-                parts.append(array[chunk_start:chunk_stop])
-            except (ValueError, RuntimeError) as error:
-                raise StoreCorruptError(
-                    f"{self.where}: array {array.basename!r} is corrupted for samples "
-                    f"{chunk_start}-{chunk_stop - 1} ({error}); run `kdcache verify` and dump again"
-                ) from None
-        return np.concatenate(parts)
+    def check_unchanged(self) -> None:
+        """Stop if the store was overwritten since it was opened (see kdcache.store.guard)."""
+        self.guard.check_unchanged()
 
     def read(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> TeacherInput:
         """The rows of the given sample indices in the form every loss takes, right at any T.
@@ -185,7 +196,9 @@ class StoreReader:
 def open_store(
     path: StoreLike, *, allow_incomplete: bool = False, memory_budget: int | str | None = None
 ) -> StoreReader:
-    """Open a store (folder, URL or .zip) read-only; refuses an incomplete one unless ``allow_incomplete``.
+    """Open a store (folder, URL or .zip) read-only; refuses an incomplete one unless
+    ``allow_incomplete``, and (unless ``allow_incomplete``) one whose arrays depart from what it
+    created (kdcache.store.guard).
 
     ``memory_budget`` (bytes or a size such as ``"8GiB"``; default half the available memory)
     bounds the decoded logits :meth:`StoreReader.read` keeps in RAM, see :mod:`kdcache.store.feed`.
@@ -200,4 +213,6 @@ def open_store(
             f"{where} is an unfinished dump ({reader.progress()} written); finish it with "
             "`kdcache dump-teacher --resume` (same options) before using it"
         )
+    if not allow_incomplete:
+        reader.guard.check_all_arrays()
     return reader

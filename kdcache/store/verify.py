@@ -1,9 +1,11 @@
 """Check a whole store before trusting or sharing it: checksums, values and metadata.
 
 :func:`verify_store` decodes every written chunk (zstd + crc32c) and reports, as sample-index
-ranges, the chunks that fail to decode or are missing, the rows holding NaN or Inf, arrays
-whose shape or dtype disagrees with the metadata, labels that disagree with the recorded dataset
-fingerprint, and how far an unfinished dump got.
+ranges, the chunks that fail to decode, are missing or do not match the digest recorded for
+their index (moved, swapped or replaced), the rows holding NaN or Inf, arrays whose shape,
+dtype, chunking or codecs disagree with the metadata, labels that disagree with the recorded
+dataset fingerprint, and how far an unfinished dump got. Stores written before the digest
+table existed are reported as unverified by index (a note, not a problem).
 """
 
 from __future__ import annotations
@@ -15,14 +17,22 @@ from typing import Any
 
 import numpy as np
 
-from kdcache.errors import StoreCorruptError
+from kdcache.errors import StoreCorruptError, StoreError
+from kdcache.store.digests import DIGESTS_ARRAY, chunk_digest
 from kdcache.store.feed import LOAD_BLOCK_CHUNKS
-from kdcache.store.layout import LABELS_ARRAY, WRITTEN_ARRAY, missing_chunks, row_ranges
+from kdcache.store.guard import DECODE_ERRORS as _DECODE_ERRORS
+from kdcache.store.layout import (
+    LABELS_ARRAY,
+    WRITTEN_ARRAY,
+    ZARR_METADATA_ERRORS,
+    first_line,
+    has_array,
+    missing_chunks,
+    row_ranges,
+)
 from kdcache.store.location import parse_location, partial_files
+from kdcache.store.pinning import array_problems
 from kdcache.store.reader import StoreReader, open_store
-
-# Errors zarr raises for undecodable chunk bytes (checksum mismatch, zstd frame errors).
-_DECODE_ERRORS = (ValueError, RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -75,18 +85,24 @@ def verify_store(path: str | os.PathLike[str]) -> VerifyReport:
         )
     elif not written.all():
         problems.append(
-            f"marked complete but chunks for samples {row_ranges(reader.metadata.rows_of_chunks(np.flatnonzero(~written)))} "
-            "were never written"
+            "marked complete but chunks for samples "
+            f"{row_ranges(meta.rows_of_chunks(np.flatnonzero(~written)))} were never written"
         )
     checked = 0
+    digests = _digest_table(reader, problems)
     for name, (row_shape, dtype) in reader.encoding.layout(meta.num_classes).items():
         array = _checked_array(
             reader, name, (meta.num_samples, *row_shape), np.dtype(dtype), problems
         )
         if array is not None:
-            checked += _scan(reader, array, written, problems)
+            checked += _scan(reader, array, written, digests, problems)
     _check_labels(reader, problems)
     notes = []
+    if not meta.digests:
+        notes.append(
+            "written before kdcache recorded chunk digests: chunks are checksummed but not bound "
+            "to their index (a chunk moved or swapped within an array would go unnoticed)"
+        )
     leftovers = partial_files(location)
     if leftovers:
         notes.append(
@@ -106,51 +122,75 @@ def verify_store(path: str | os.PathLike[str]) -> VerifyReport:
 
 def _written_chunks(reader: StoreReader, problems: list[str]) -> np.ndarray:
     num_chunks = reader.metadata.num_chunks
-    if WRITTEN_ARRAY not in reader.group:
+    if not has_array(reader.group, WRITTEN_ARRAY):
         if not reader.metadata.complete:
             return np.zeros(num_chunks, dtype=bool)  # killed while creating the store
         problems.append(f"array {WRITTEN_ARRAY!r} is missing; which chunks were written is unknown")
         return np.ones(num_chunks, dtype=bool)
-    flags = np.asarray(reader.group[WRITTEN_ARRAY][:], dtype=bool)
-    if flags.shape != (num_chunks,):
-        problems.append(
-            f"array {WRITTEN_ARRAY!r} has shape {flags.shape}, expected ({num_chunks},) "
-            f"for {reader.num_samples} samples in chunks of {reader.metadata.chunk_rows}"
-        )
+    try:
+        return reader.guard.written()
+    except StoreError as error:
+        problems.append(str(error).partition(": ")[2].partition("; ")[0] or str(error))
         return np.ones(num_chunks, dtype=bool)
-    return flags
+
+
+def _digest_table(reader: StoreReader, problems: list[str]) -> np.ndarray | None:
+    """The per-chunk digest table, or ``None`` (old store, or unreadable: a problem)."""
+    if not reader.metadata.digests:
+        return None
+    try:
+        return np.asarray(reader.guard.array(DIGESTS_ARRAY)[:])
+    except StoreError as error:
+        problems.append(str(error).partition(": ")[2].partition("; ")[0] or str(error))
+    except _DECODE_ERRORS as error:
+        problems.append(f"the digest table {DIGESTS_ARRAY!r} does not decode ({first_line(error)})")
+    return None
 
 
 def _checked_array(
     reader: StoreReader, name: str, shape: tuple[int, ...], dtype: np.dtype, problems: list[str]
 ) -> Any:
     """The array ``name`` if it matches the metadata, else ``None`` with the mismatch recorded."""
-    if name not in reader.group:
+    if not has_array(reader.group, name):
         problems.append(
             f"array {name!r} required by encoding {reader.metadata.encoding!r} is missing"
         )
         return None
-    array = reader.group[name]
-    found = []
-    if array.shape != shape:
-        found.append(f"shape {array.shape} (metadata says {shape})")
-    if array.dtype != dtype:
-        found.append(f"dtype {array.dtype} (metadata says {dtype})")
-    if array.chunks[0] != reader.metadata.chunk_rows:
-        found.append(
-            f"{array.chunks[0]} rows per chunk (metadata says {reader.metadata.chunk_rows})"
-        )
+    try:
+        array = reader.group[name]
+    except ZARR_METADATA_ERRORS as error:
+        problems.append(f"array {name!r} has an unreadable zarr.json ({first_line(error)})")
+        return None
+    found = array_problems(
+        array,
+        pinned=(reader.metadata.arrays or {}).get(name),
+        shape=shape,
+        dtype=dtype,
+        chunks=(reader.metadata.chunk_rows, *shape[1:]),
+    )
     if found:
         problems.append(f"array {name!r} has {', '.join(found)}")
         return None
     return array
 
 
-def _scan(reader: StoreReader, array: Any, written: np.ndarray, problems: list[str]) -> int:
-    """Decode every written chunk of ``array``; record undecodable, missing and non-finite rows."""
-    rows, n = reader.metadata.chunk_rows, reader.num_samples
+def _scan(
+    reader: StoreReader,
+    array: Any,
+    written: np.ndarray,
+    digests: np.ndarray | None,
+    problems: list[str],
+) -> int:
+    """Decode every written chunk of ``array``; record undecodable, missing, misplaced and
+    non-finite rows."""
+    meta = reader.metadata
+    rows, n = meta.chunk_rows, reader.num_samples
     corrupt: list[np.ndarray] = []
     non_finite: list[np.ndarray] = []
+    misplaced: list[np.ndarray] = []
+    column = None
+    if digests is not None and meta.digests is not None:
+        column = meta.digests["arrays"].index(array.basename)
     check_values = np.issubdtype(array.dtype, np.floating)
     chunks = np.flatnonzero(written)
     for first in range(0, len(chunks), LOAD_BLOCK_CHUNKS):
@@ -170,11 +210,18 @@ def _scan(reader: StoreReader, array: Any, written: np.ndarray, problems: list[s
                     values.append((chunk_start, array[chunk_start:chunk_stop]))
                 except _DECODE_ERRORS:
                     corrupt.append(np.arange(chunk_start, chunk_stop))
-        if check_values:
-            for offset, data in values:
+        for offset, data in values:
+            if check_values:
                 bad = ~np.isfinite(data.reshape(len(data), -1)).all(axis=1)
                 non_finite.append(offset + np.flatnonzero(bad))
+            if column is not None:
+                misplaced += _misplaced(meta, array.basename, offset, data, digests, column)
     name = array.basename
+    if misplaced:
+        problems.append(
+            f"array {name!r}: chunks do not match the digest recorded for their index (moved, "
+            f"swapped, replaced or edited) for samples {row_ranges(np.concatenate(misplaced))}"
+        )
     if corrupt:
         problems.append(
             f"array {name!r}: chunks fail their checksum or do not decode for samples "
@@ -194,6 +241,20 @@ def _scan(reader: StoreReader, array: Any, written: np.ndarray, problems: list[s
     return len(chunks)
 
 
+def _misplaced(
+    meta: Any, name: str, offset: int, data: np.ndarray, digests: Any, column: int
+) -> list[np.ndarray]:
+    """The rows of the written chunks in ``data`` whose digest differs from the recorded one."""
+    found = []
+    first = offset // meta.chunk_rows
+    for chunk in range(first, first + -(-len(data) // meta.chunk_rows)):
+        low, high = meta.chunk_bounds(chunk)
+        digest = chunk_digest(meta.generation, name, chunk, data[low - offset : high - offset])
+        if not np.array_equal(digest, digests[chunk, column]):
+            found.append(np.arange(low, high))
+    return found
+
+
 def _check_labels(reader: StoreReader, problems: list[str]) -> None:
     """Labels within [0, C) and matching the recorded dataset fingerprint."""
     fingerprint = (reader.metadata.dataset or {}).get("fingerprint") or {}
@@ -203,13 +264,27 @@ def _check_labels(reader: StoreReader, problems: list[str]) -> None:
                 f"dataset fingerprint says {key}={fingerprint[key]} but the store has "
                 f"{getattr(reader, key)}"
             )
-    if LABELS_ARRAY not in reader.group:
+    if not has_array(reader.group, LABELS_ARRAY):
         return
-    array = reader.group[LABELS_ARRAY]
+    try:
+        array: Any = reader.group[LABELS_ARRAY]
+    except ZARR_METADATA_ERRORS as error:
+        problems.append(f"array {LABELS_ARRAY!r} has an unreadable zarr.json ({first_line(error)})")
+        return
     if array.shape != (reader.num_samples,):
         problems.append(
             f"array {LABELS_ARRAY!r} has shape {array.shape}, expected ({reader.num_samples},)"
         )
+        return
+    found = array_problems(
+        array,
+        pinned=(reader.metadata.arrays or {}).get(LABELS_ARRAY),
+        shape=(reader.num_samples,),
+        dtype=np.dtype("int64"),
+        chunks=tuple(array.chunks),
+    )
+    if found:
+        problems.append(f"array {LABELS_ARRAY!r} has {', '.join(found)}")
         return
     try:
         labels = np.asarray(array[:], dtype=np.int64)

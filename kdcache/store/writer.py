@@ -6,7 +6,9 @@ The layout is described in :mod:`kdcache.store.layout`; reading is :mod:`kdcache
 from __future__ import annotations
 
 import datetime as _dt
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,42 +23,45 @@ from kdcache.errors import (
     KdcacheError,
     StoreExistsError,
     StoreIncompleteError,
-    StoreMismatchError,
     StoreWriteError,
 )
 from kdcache.logits.encodings import Encoding, parse_encoding
 from kdcache.logits.fidelity import SAMPLE_EVERY as FIDELITY_SAMPLE_EVERY
 from kdcache.logits.fidelity import FidelityAccumulator
+from kdcache.store.creation import (
+    check_resumable,
+    checked_sizes,
+    clear_staging,
+    existing_store,
+    known_keys,
+)
+from kdcache.store.digests import ALGORITHM, DIGEST_BYTES, DIGESTS_ARRAY, chunk_digests
 from kdcache.store.layout import (
     LABELS_ARRAY,
     WRITTEN_ARRAY,
     StoreLike,
-    read_metadata,
+    has_array,
+    open_array,
     row_ranges,
 )
 from kdcache.store.location import (
     StoreLocation,
     location_is_empty,
     parse_location,
+    refuse_inside_store,
     remove_partial_files,
+    resolved_local,
     zarr_store,
 )
 from kdcache.store.locking import WriterLock, acquire_writer_lock
 from kdcache.store.metadata import ATTRIBUTE_KEY, StoreMetadata
-
-#: Rows per chunk aim at about this many stored bytes: big enough that per-chunk overhead is
-#: negligible, small enough that an interrupted dump loses little and chunks decode quickly.
-TARGET_CHUNK_BYTES = 1 << 20
+from kdcache.store.pinning import array_spec
+from kdcache.store.swap import refuse_foreign_entries, staging_location, swap_in
 
 
 def _compressors() -> list[Any]:
     # zstd level 1: logits barely compress beyond their dtype, so spend little CPU on it.
     return [ZstdCodec(level=1), Crc32cCodec()]
-
-
-def default_chunk_rows(encoding: Encoding, num_samples: int, num_classes: int) -> int:
-    """Rows per chunk so that a chunk holds about :data:`TARGET_CHUNK_BYTES`."""
-    return max(1, min(num_samples, TARGET_CHUNK_BYTES // encoding.row_nbytes(num_classes)))
 
 
 class StoreWriter:
@@ -67,22 +72,35 @@ class StoreWriter:
     """
 
     def __init__(
-        self, group: zarr.Group, metadata: StoreMetadata, where: str, lock: WriterLock | None = None
+        self,
+        group: zarr.Group,
+        metadata: StoreMetadata,
+        where: str,
+        lock: WriterLock | None = None,
+        *,
+        replaces: tuple[Path, Path] | None = None,
     ) -> None:
         self._group = group
         self._where = where
         self._lock = lock
+        #: (staging folder, store folder) when this writer builds a replacement (--overwrite).
+        self._replaces = replaces
         self.metadata = metadata
         self.encoding = parse_encoding(metadata.encoding, num_classes=metadata.num_classes)
         self._layout = self.encoding.layout(metadata.num_classes)
         # Store every chunk, even one equal to the fill value, so a missing chunk file is damage.
         self._arrays = {
-            name: group[name].with_config({"write_empty_chunks": True}) for name in self._layout
+            name: open_array(group, name, where).with_config({"write_empty_chunks": True})
+            for name in self._layout
         }
-        self._written_array = group[WRITTEN_ARRAY]
+        self._written_array = open_array(group, WRITTEN_ARRAY, where)
         self._written = np.asarray(self._written_array[:], dtype=bool)
+        self._digest_names = list(metadata.digests["arrays"]) if metadata.digests else []
+        self._digests_array = (
+            open_array(group, DIGESTS_ARRAY, where) if self._digest_names else None
+        )
         self._buffers: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
-        #: Fidelity of the encoding over the rows this writer has stored (see kdcache.logits.fidelity).
+        #: Fidelity of the encoding over the rows this writer stored (kdcache.logits.fidelity).
         self.fidelity = FidelityAccumulator(self.encoding, sample_every=FIDELITY_SAMPLE_EVERY)
 
     @property
@@ -155,14 +173,19 @@ class StoreWriter:
         start, stop = self.metadata.chunk_bounds(chunk)
         for name, values in buffers.items():
             self._arrays[name][start:stop] = values
-        # The flag goes last: a crash between the two leaves the chunk marked unwritten.
+        if self._digests_array is not None:
+            self._digests_array[chunk] = chunk_digests(
+                self.metadata.generation, self._digest_names, chunk, buffers
+            )
+        # The flag goes last: a crash before it leaves the chunk marked unwritten.
         self._written_array[chunk] = 1
         self._written[chunk] = True
         if self._lock is not None:
             self._lock.refresh()
 
     def finalize(self) -> StoreMetadata:
-        """Mark the store complete; refuses while any row is missing."""
+        """Mark the store complete (and swap a replacement into place); refuses while any row
+        is missing."""
         missing = self.pending_indices()
         if missing.size:
             raise StoreIncompleteError(
@@ -174,6 +197,10 @@ class StoreWriter:
             complete=True, fidelity=None if fidelity is None else fidelity.to_dict()
         )
         self._group.attrs[ATTRIBUTE_KEY] = self.metadata.to_dict()
+        if self._replaces is not None:
+            staging, target = self._replaces
+            swap_in(staging, target, self._where)  # still under the lock: no writer meets a gap
+            self._replaces = None
         self.close()
         return self.metadata
 
@@ -205,25 +232,23 @@ def create_store(
 ) -> StoreWriter:
     """Create an empty store at ``path`` (or reopen an interrupted one) and return its writer.
 
-    ``resume=True`` continues an incomplete store made with the same parameters; ``overwrite=True``
-    replaces an existing kdcache store. Anything else already at ``path`` is never touched. The
-    writer holds the store's single-writer lock (kdcache.store.locking) until ``finalize`` or ``close``.
+    ``resume=True`` continues an incomplete store made with the same parameters (or an
+    interrupted replacement); ``overwrite=True`` replaces an existing kdcache store: a local one
+    only once the new one is complete (kdcache.store.swap). Anything else already at ``path`` is
+    never touched. The writer holds the store's single-writer lock (kdcache.store.locking) until
+    ``finalize`` or ``close``.
     """
-    location = parse_location(path)
+    location = resolved_local(parse_location(path))
     where = location.text
-    if num_samples < 1 or num_classes < 1:
-        raise ConfigError(
-            f"num_samples and num_classes must be >= 1, got {num_samples} and {num_classes}"
-        )
     codec = parse_encoding(encoding)
-    rows = chunk_rows or default_chunk_rows(codec, num_samples, num_classes)
-    if rows < 1:
-        raise ConfigError(f"chunk_rows must be >= 1, got {rows}")
+    rows = checked_sizes(codec, num_samples, num_classes, chunk_rows)
     label_values = None
     if labels is not None:
         label_values = np.asarray(labels, dtype=np.int64).reshape(-1)
         if label_values.size != num_samples:
             raise ConfigError(f"expected {num_samples} labels, got {label_values.size}")
+    if location.kind == "local":
+        refuse_inside_store(location.target, "the store path")
 
     metadata = StoreMetadata(
         num_samples=num_samples,
@@ -234,6 +259,7 @@ def create_store(
         dataset=dataset,
         kdcache_version=__version__,
         created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        generation=uuid.uuid4().hex,
     )
     store = zarr_store(location, read_only=False)
     lock = acquire_writer_lock(location)
@@ -263,38 +289,95 @@ def _create_locked(
     overwrite: bool,
 ) -> StoreWriter:
     where = location.text
-    existing = _existing_store(location, store)
-    if existing is not None:
-        group, old = existing
-        if resume and not old.complete and not overwrite:
-            _check_resumable(old, metadata, where)
-            remove_partial_files(location)  # temporary files of a killed writer; we hold the lock
-            if WRITTEN_ARRAY in group:
-                return StoreWriter(group, old, where, lock)
-            # Killed while creating the arrays: nothing was computed yet, so start afresh below.
-        elif not overwrite:
-            if old.complete:
-                raise StoreExistsError(
-                    f"{where} already holds a complete store; pass --overwrite (overwrite=True) "
-                    "to replace it, or choose another path"
-                )
+    existing = existing_store(location, store)
+    if existing is None:
+        if not location_is_empty(location):
             raise StoreExistsError(
-                f"{where} holds an interrupted dump; pass --resume (resume=True) to continue it "
-                "or --overwrite (overwrite=True) to start over"
+                f"{where} exists and is not a kdcache store; choose another path (kdcache never "
+                "deletes it)"
             )
-    elif not location_is_empty(location):
+        return _new_store(store, lock, metadata, codec, label_values, where)
+    group, old = existing
+    if resume and not overwrite:
+        if not old.complete:
+            check_resumable(old, metadata, where)
+            remove_partial_files(location)  # temporary files of a killed writer; we hold the lock
+            if has_array(group, WRITTEN_ARRAY):
+                return StoreWriter(group, old, where, lock)
+            # Killed while creating the arrays: nothing was computed yet, so start afresh.
+            return _new_store(store, lock, metadata, codec, label_values, where)
+        if location.kind == "local":
+            resumed = _resume_replacement(location, lock, metadata, where)
+            if resumed is not None:
+                return resumed
+    if not overwrite:
+        if old.complete:
+            raise StoreExistsError(
+                f"{where} already holds a complete store; pass --overwrite (overwrite=True) "
+                "to replace it, or choose another path"
+            )
         raise StoreExistsError(
-            f"{where} exists and is not a kdcache store; choose another path (kdcache never deletes it)"
+            f"{where} holds an interrupted dump; pass --resume (resume=True) to continue it "
+            "or --overwrite (overwrite=True) to start over"
         )
+    if location.kind != "local":
+        # Object stores cannot swap a prefix atomically: the old store goes first (docs/sharing.md).
+        return _new_store(store, lock, metadata, codec, label_values, where)
+    root = Path(location.target)
+    refuse_foreign_entries(root, known_keys(group, old), where)
+    staging = staging_location(location)
+    clear_staging(staging, where)
+    return _new_store(
+        zarr_store(staging, read_only=False),
+        lock,
+        metadata,
+        codec,
+        label_values,
+        where,
+        replaces=(Path(staging.target), root),
+    )
 
+
+def _resume_replacement(
+    location: StoreLocation, lock: WriterLock, metadata: StoreMetadata, where: str
+) -> StoreWriter | None:
+    """The writer of an interrupted ``--overwrite`` of ``location``, if one waits to finish."""
+    staging = staging_location(location)
+    if location_is_empty(staging):
+        return None
+    existing = existing_store(staging, zarr_store(staging, read_only=False))
+    if existing is None or existing[1].complete or not has_array(existing[0], WRITTEN_ARRAY):
+        return None
+    group, old = existing
+    check_resumable(old, metadata, where)
+    remove_partial_files(staging)
+    return StoreWriter(
+        group, old, where, lock, replaces=(Path(staging.target), Path(location.target))
+    )
+
+
+def _new_store(
+    store: Any,
+    lock: WriterLock,
+    metadata: StoreMetadata,
+    codec: Encoding,
+    label_values: np.ndarray | None,
+    where: str,
+    *,
+    replaces: tuple[Path, Path] | None = None,
+) -> StoreWriter:
+    """Create every array of a fresh store in ``store``, emptying it first."""
     num_samples, num_classes, rows = metadata.num_samples, metadata.num_classes, metadata.chunk_rows
+    layout = codec.layout(num_classes)
+    metadata = metadata.replace(digests={"algorithm": ALGORITHM, "arrays": list(layout)})
     # The kdcache record goes into the group's first zarr.json write: a kill right after creation
     # must leave a store that --resume recognises as its own.
     group = zarr.open_group(
         store, mode="w", zarr_format=3, attributes={ATTRIBUTE_KEY: metadata.to_dict()}
     )
-    for name, (shape, dtype) in codec.layout(num_classes).items():
-        group.create_array(
+    arrays = {}
+    for name, (shape, dtype) in layout.items():
+        arrays[name] = group.create_array(
             name,
             shape=(num_samples, *shape),
             chunks=(rows, *shape),
@@ -303,7 +386,7 @@ def _create_locked(
             compressors=_compressors(),
         )
     if label_values is not None:
-        labels_array = group.create_array(
+        arrays[LABELS_ARRAY] = group.create_array(
             LABELS_ARRAY,
             shape=(num_samples,),
             chunks=(max(rows, 1 << 16),),
@@ -311,42 +394,24 @@ def _create_locked(
             fill_value=-1,
             compressors=_compressors(),
         )
-        labels_array[:] = label_values
-    # Created last: its presence means every other array and the labels are in place.
-    group.create_array(
-        WRITTEN_ARRAY, shape=(metadata.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0
+        arrays[LABELS_ARRAY][:] = label_values
+    arrays[DIGESTS_ARRAY] = group.create_array(
+        DIGESTS_ARRAY,
+        shape=(metadata.num_chunks, len(layout), DIGEST_BYTES),
+        chunks=(1, len(layout), DIGEST_BYTES),
+        dtype="uint8",
+        fill_value=0,
+        compressors=[Crc32cCodec()],
     )
-    return StoreWriter(group, metadata, where, lock)
-
-
-def _existing_store(location: StoreLocation, store: Any) -> tuple[zarr.Group, StoreMetadata] | None:
-    where = location.text
-    if location_is_empty(location):
-        return None
-    try:
-        group = zarr.open_group(store, mode="r+")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-        return None
-    if ATTRIBUTE_KEY not in group.attrs:
-        raise StoreExistsError(
-            f"{where} is a Zarr group but not a kdcache store; choose another path "
-            "(kdcache never deletes it)"
-        )
-    return group, read_metadata(group, where)
-
-
-def _check_resumable(old: StoreMetadata, new: StoreMetadata, where: str) -> None:
-    for field_name in (
-        "num_samples",
-        "num_classes",
-        "encoding",
-        "chunk_rows",
-        "teacher",
-        "dataset",
-    ):
-        before, now = getattr(old, field_name), getattr(new, field_name)
-        if before != now:
-            raise StoreMismatchError(
-                f"cannot resume {where}: its {field_name} is {before!r} but this dump has {now!r}; "
-                "resume with the original settings or pass --overwrite to start over"
-            )
+    metadata = metadata.replace(arrays={name: array_spec(a) for name, a in arrays.items()})
+    group.attrs[ATTRIBUTE_KEY] = metadata.to_dict()
+    # Created last: its presence means every other array, the labels and the record are in place.
+    group.create_array(
+        WRITTEN_ARRAY,
+        shape=(metadata.num_chunks,),
+        chunks=(1,),
+        dtype="uint8",
+        fill_value=0,
+        compressors=[Crc32cCodec()],
+    )
+    return StoreWriter(group, metadata, where, lock, replaces=replaces)

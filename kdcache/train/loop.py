@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from kdcache.datasets import LabeledDataset, build_dataset, labeled_spec
 from kdcache.errors import ConfigError, StoreMismatchError
 from kdcache.logits.losses import build_loss, total_loss
 from kdcache.logits.sparse import TeacherInput
-from kdcache.models import build_model, load_weights, weights_sha256
+from kdcache.models import build_model, check_input_fits, load_weights, weights_sha256
 from kdcache.plots import plot_curves, plot_distributions
 from kdcache.runtime import atomic_torch_save, make_loader, prepare_output_dir, resolve_device
 from kdcache.store.reader import StoreReader, open_store
@@ -108,6 +109,7 @@ def fit(
     model = build_model(
         model_spec, num_classes=train_set.num_classes, in_channels=train_set.in_channels
     ).to(device)
+    check_input_fits(model, tuple(train_set[0][0].shape), spec=model_spec)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     loader = make_loader(
         train_set,
@@ -138,6 +140,12 @@ def fit(
             seen += labels.size(0)
         train_time = time.perf_counter() - epoch_started
         val_acc, val_loss = evaluate(model, val_set, batch_size=config.batch_size, device=device)
+        if not (math.isfinite(loss_sum) and math.isfinite(val_loss)):
+            # NaN weights would otherwise train on silently and exit 0 with a useless model.
+            raise ConfigError(
+                f"training diverged in epoch {epoch} (train loss {loss_sum / seen:.4g}, validation "
+                f"loss {val_loss:.4g}); lower --lr, or check --temperature and --gamma"
+            )
         record = {
             "epoch": epoch,
             "train_loss": loss_sum / seen,
@@ -212,7 +220,8 @@ def _cached_dataset(config: DistillConfig, reader: StoreReader) -> LabeledDatase
     split = config.split or recorded.get("split") or "train"
     if spec is None:
         raise StoreMismatchError(
-            f"{reader.where} records no dataset; pass --dataset SPEC (and --split) to say which one it belongs to"
+            f"{reader.where} records no dataset; pass --dataset SPEC (and --split) to say which "
+            "one it belongs to"
         )
     dataset = build_dataset(spec, split=split)
     check_store_matches(reader, dataset)
@@ -222,8 +231,8 @@ def _cached_dataset(config: DistillConfig, reader: StoreReader) -> LabeledDatase
 def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunResult:
     """Train ``config.student`` on the KD loss against cached (or live) teacher logits.
 
-    ``reader`` is ``config.cache`` already opened with :func:`~kdcache.store.reader.open_store`: pass
-    it to share one decoded store across many runs (as :func:`kdcache.train.sweep.run_sweep` does).
+    ``reader`` is ``config.cache`` already opened with :func:`~kdcache.store.reader.open_store`:
+    pass it to share one decoded store across many runs (as :func:`kdcache.train.sweep.run_sweep` does).
     """
     if reader is not None and config.cache is None:
         raise ConfigError(

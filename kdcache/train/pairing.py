@@ -96,6 +96,17 @@ def check_store_matches(reader: StoreReader, dataset: Any, *, check_inputs: bool
                 f"{where} was not dumped from {described}: {'; '.join(differences)}; use the "
                 f"dataset and split the store was dumped from{hint}"
             )
+    stored, labels = reader.labels, _known_labels(dataset)
+    if stored is not None and labels is not None:  # compared whenever present, fingerprint or not
+        labelled = labels >= 0  # an unlabeled transfer pool (label -1) has nothing to compare
+        differ = np.flatnonzero(labelled & (stored != labels))
+        if differ.size:
+            first = differ[0]
+            raise StoreMismatchError(
+                f"{where} holds other labels than {described} for {differ.size} samples, e.g. "
+                f"sample {first} (store {stored[first]}, dataset {labels[first]}); use the dataset "
+                "and split the store was dumped from"
+            )
 
 
 def _batch_teachers(teachers: Sequence[TeacherInput]) -> TeacherInput:

@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.config import DistillConfig, DistillOptions, option
+from kdcache.datasets import canonical_dataset_spec
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.logits.losses import DEFAULT_ALPHA, LOSS_NAMES
+from kdcache.models import canonical_model_spec
 from kdcache.plots import plot_sweep, read_metrics
-from kdcache.store.reader import open_store
+from kdcache.store.location import refuse_inside_store
+from kdcache.store.reader import StoreReader, open_store
 from kdcache.train.loop import RunResult, distill
 
 log = logging.getLogger("kdcache")
@@ -175,7 +178,7 @@ def _finished_result(config: DistillConfig) -> RunResult | None:
         default = None if field.default is dataclasses.MISSING else field.default
         was = saved.get(field.name, _as_json(default))
         wanted = _as_json(getattr(config, field.name))
-        if was != wanted:
+        if _canonical(field.name, was) != _canonical(field.name, wanted):
             raise KdcacheError(
                 f"{folder} was run with {field.name}={was!r} but this sweep asks for {wanted!r}; "
                 f"use another --out for the new sweep, or delete {folder}"
@@ -190,6 +193,55 @@ def _finished_result(config: DistillConfig) -> RunResult | None:
 
 def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value))
+
+
+def _canonical(name: str, value: Any) -> Any:
+    """A spec with its defaults spelled out (``mlp`` is ``mlp:128``), other values as they are."""
+    if isinstance(value, str) and name == "student":
+        return canonical_model_spec(value)
+    if isinstance(value, str) and name == "dataset":
+        return canonical_dataset_spec(value)
+    return value
+
+
+def _store_identity(reader: StoreReader, config: SweepConfig) -> dict[str, Any]:
+    """What ties a sweep folder to one store and one dataset: every run in it must share them."""
+    meta = reader.metadata
+    recorded = meta.dataset or {}
+    dataset = config.dataset or recorded.get("spec")
+    return {
+        "generation": meta.generation or meta.created_at,
+        "teacher": meta.teacher,
+        "dataset": None if dataset is None else canonical_dataset_spec(dataset),
+        "split": config.split or recorded.get("split"),
+        "labels_sha256": (recorded.get("fingerprint") or {}).get("labels_sha256"),
+    }
+
+
+def _claim_folder(out: Path, identity: dict[str, Any], cache: str) -> None:
+    """Refuse a sweep folder that holds runs from another store or dataset."""
+    saved_path = out / "sweep.json"
+    if not saved_path.is_file():
+        return
+    try:
+        saved = json.loads(saved_path.read_text())
+    except ValueError:
+        saved = {}
+    before = saved.get("store_identity") if isinstance(saved, dict) else None
+    if before is None:  # written before identities were recorded: the store path must match
+        if isinstance(saved, dict) and saved.get("cache") not in (None, cache):
+            before = {"cache": saved.get("cache")}
+            identity = {"cache": cache}
+        else:
+            return
+    changed = [key for key in identity if before.get(key) != identity[key]]
+    if changed:
+        key = changed[0]
+        raise KdcacheError(
+            f"{out} holds a sweep over another store or dataset ({key}: {before.get(key)!r}, "
+            f"now {identity[key]!r}); one sweep folder never mixes two teachers or datasets: "
+            "use another --out"
+        )
 
 
 def _save_result(result: RunResult, folder: Path) -> None:
@@ -230,6 +282,9 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     reader = open_store(
         config.cache, memory_budget=config.cache_memory
     )  # opened once, shared by every run
+    if not config.out.strip():
+        raise ConfigError("the sweep folder is empty; pass --out FOLDER, e.g. --out runs/sweep")
+    refuse_inside_store(config.out, "the sweep folder")
     out = Path(config.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -237,7 +292,10 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         raise KdcacheError(
             f"cannot create sweep folder {out}: {error.strerror}; choose a writable --out"
         ) from None
-    (out / "sweep.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    identity = _store_identity(reader, config)
+    _claim_folder(out, identity, config.cache)
+    record = {**config.to_dict(), "store_identity": identity}
+    (out / "sweep.json").write_text(json.dumps(record, indent=2) + "\n")
     rows, done, skipped = [], 0, 0
     for number, run in enumerate(runs, start=1):
         name = os.path.basename(run.out)
