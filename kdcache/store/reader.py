@@ -1,4 +1,8 @@
-"""Read-only access to a kdcache logit store: metadata, labels and logits gathered by index."""
+"""Read-only access to a kdcache logit store: metadata, labels and logits gathered by index.
+
+Every read is by row: the sample index, or ``sample * views + view`` in a store with views
+(:meth:`StoreReader.read_views` gathers all views of some samples with their parameters).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from kdcache.logits.sparse import SparseLogits
 from kdcache.store.feed import LogitFeed, parse_size
 from kdcache.store.layout import (
     LABELS_ARRAY,
+    VIEW_PARAMS_ARRAY,
     WRITTEN_ARRAY,
     StoreLike,
     missing_chunks,
@@ -47,6 +52,7 @@ class StoreReader:
         self.encoding = parse_encoding(metadata.encoding, num_classes=metadata.num_classes)
         self._memory_budget = None if memory_budget is None else parse_size(memory_budget)
         self._feed: LogitFeed | None = None
+        self._view_params: np.ndarray | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Zarr handles are reopened where the reader lands; the feed travels without its table.
@@ -59,6 +65,22 @@ class StoreReader:
     @property
     def num_classes(self) -> int:
         return self.metadata.num_classes
+
+    @property
+    def views(self) -> int:
+        """V, the views stored per sample (1 for a store of clean inputs)."""
+        return self.metadata.views
+
+    @property
+    def num_rows(self) -> int:
+        return self.metadata.num_rows
+
+    @property
+    def view_params(self) -> np.ndarray | None:
+        """``(N, V, P)`` float32 parameters of every view (``None`` without them), read once."""
+        if self._view_params is None and VIEW_PARAMS_ARRAY in self._group:
+            self._view_params = np.asarray(self._group[VIEW_PARAMS_ARRAY][:], dtype=np.float32)
+        return self._view_params
 
     @property
     def labels(self) -> np.ndarray | None:
@@ -95,10 +117,11 @@ class StoreReader:
             written = np.asarray(self._group[WRITTEN_ARRAY][:], dtype=bool)
         else:  # killed while creating the store
             written = np.zeros(self.metadata.num_chunks, dtype=bool)
-        samples = self.metadata.rows_of_chunks(np.flatnonzero(written)).size
+        rows = self.metadata.rows_of_chunks(np.flatnonzero(written)).size
+        unit = "samples" if self.views == 1 else "rows"
         return (
-            f"{int(written.sum())} of {written.size} chunks ({samples} of {self.num_samples} "
-            f"samples, {written.mean():.0%})"
+            f"{int(written.sum())} of {written.size} chunks ({rows} of {self.num_rows} "
+            f"{unit}, {written.mean():.0%})"
         )
 
     def load(self) -> None:
@@ -145,13 +168,34 @@ class StoreReader:
         *,
         temperature: float | None = None,
     ) -> torch.Tensor:
-        """Dense float32 logits ``(B, C)`` for the given sample indices.
+        """Dense float32 logits ``(B, C)`` for the given rows (sample indices when V = 1).
 
         For a ``topk:K`` store the tail is filled so that the softmax at ``temperature`` (T = 1
         when ``None``) gives the tail its true total mass; pass the temperature you distill at.
         """
         gathered = self._gather(indices)
         return torch.from_numpy(self.encoding.decode(gathered, temperature=temperature))
+
+    def read_views(
+        self,
+        samples: Sequence[int] | np.ndarray | torch.Tensor,
+        *,
+        temperature: float | None = None,
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Every view of the given samples: dense float32 logits ``(B, V, C)`` and the views'
+        parameters ``(B, V, P)`` (``None`` for a store without them)."""
+        if isinstance(samples, torch.Tensor):
+            samples = samples.cpu().numpy()
+        chosen = np.asarray(samples, dtype=np.int64).reshape(-1)
+        if chosen.size and (chosen.min() < 0 or chosen.max() >= self.num_samples):
+            raise ConfigError(
+                f"sample indices must lie in [0, {self.num_samples}), got {chosen.min()} to "
+                f"{chosen.max()}; {self.where} holds {self.num_samples} samples"
+            )
+        rows = (chosen[:, None] * self.views + np.arange(self.views)).reshape(-1)
+        logits = self.read(rows, temperature=temperature).reshape(chosen.size, self.views, -1)
+        params = self.view_params
+        return logits, None if params is None else params[chosen]
 
     def read_sparse(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> SparseLogits:
         """The rows of a ``topk:K`` store in sparse form, never as a dense (B, C) tensor."""

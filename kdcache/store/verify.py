@@ -17,7 +17,13 @@ import numpy as np
 
 from kdcache.errors import StoreCorruptError
 from kdcache.store.feed import LOAD_BLOCK_CHUNKS
-from kdcache.store.layout import LABELS_ARRAY, WRITTEN_ARRAY, missing_chunks, row_ranges
+from kdcache.store.layout import (
+    LABELS_ARRAY,
+    VIEW_PARAMS_ARRAY,
+    WRITTEN_ARRAY,
+    missing_chunks,
+    row_ranges,
+)
 from kdcache.store.location import parse_location, partial_files
 from kdcache.store.reader import StoreReader, open_store
 
@@ -75,17 +81,18 @@ def verify_store(path: str | os.PathLike[str]) -> VerifyReport:
         )
     elif not written.all():
         problems.append(
-            f"marked complete but chunks for samples {row_ranges(reader.metadata.rows_of_chunks(np.flatnonzero(~written)))} "
+            f"marked complete but chunks for {_unit(reader)} {row_ranges(reader.metadata.rows_of_chunks(np.flatnonzero(~written)))} "
             "were never written"
         )
     checked = 0
     for name, (row_shape, dtype) in reader.encoding.layout(meta.num_classes).items():
         array = _checked_array(
-            reader, name, (meta.num_samples, *row_shape), np.dtype(dtype), problems
+            reader, name, (meta.num_rows, *row_shape), np.dtype(dtype), problems
         )
         if array is not None:
             checked += _scan(reader, array, written, problems)
     _check_labels(reader, problems)
+    _check_view_params(reader, problems)
     notes = []
     leftovers = partial_files(location)
     if leftovers:
@@ -104,6 +111,11 @@ def verify_store(path: str | os.PathLike[str]) -> VerifyReport:
     )
 
 
+def _unit(reader: StoreReader) -> str:
+    """What row indices are: samples, or ``sample * V + view`` rows in a store with views."""
+    return "samples" if reader.metadata.views == 1 else "rows"
+
+
 def _written_chunks(reader: StoreReader, problems: list[str]) -> np.ndarray:
     num_chunks = reader.metadata.num_chunks
     if WRITTEN_ARRAY not in reader.group:
@@ -115,7 +127,7 @@ def _written_chunks(reader: StoreReader, problems: list[str]) -> np.ndarray:
     if flags.shape != (num_chunks,):
         problems.append(
             f"array {WRITTEN_ARRAY!r} has shape {flags.shape}, expected ({num_chunks},) "
-            f"for {reader.num_samples} samples in chunks of {reader.metadata.chunk_rows}"
+            f"for {reader.num_rows} rows in chunks of {reader.metadata.chunk_rows}"
         )
         return np.ones(num_chunks, dtype=bool)
     return flags
@@ -148,7 +160,7 @@ def _checked_array(
 
 def _scan(reader: StoreReader, array: Any, written: np.ndarray, problems: list[str]) -> int:
     """Decode every written chunk of ``array``; record undecodable, missing and non-finite rows."""
-    rows, n = reader.metadata.chunk_rows, reader.num_samples
+    rows, n = reader.metadata.chunk_rows, reader.num_rows
     corrupt: list[np.ndarray] = []
     non_finite: list[np.ndarray] = []
     check_values = np.issubdtype(array.dtype, np.floating)
@@ -177,19 +189,20 @@ def _scan(reader: StoreReader, array: Any, written: np.ndarray, problems: list[s
     name = array.basename
     if corrupt:
         problems.append(
-            f"array {name!r}: chunks fail their checksum or do not decode for samples "
+            f"array {name!r}: chunks fail their checksum or do not decode for {_unit(reader)} "
             f"{row_ranges(np.concatenate(corrupt))}"
         )
     missing = missing_chunks(array, chunks)
     if missing.size:
         problems.append(
-            f"array {name!r}: chunks marked written are missing for samples "
+            f"array {name!r}: chunks marked written are missing for {_unit(reader)} "
             f"{row_ranges(reader.metadata.rows_of_chunks(np.sort(missing)))}"
         )
     bad_rows = np.concatenate(non_finite) if non_finite else np.empty(0, dtype=np.int64)
     if bad_rows.size:
         problems.append(
-            f"array {name!r}: NaN or Inf in {bad_rows.size} row(s), samples {row_ranges(bad_rows)}"
+            f"array {name!r}: NaN or Inf in {bad_rows.size} row(s), {_unit(reader)} "
+            f"{row_ranges(bad_rows)}"
         )
     return len(chunks)
 
@@ -228,3 +241,33 @@ def _check_labels(reader: StoreReader, problems: list[str]) -> None:
             f"stored labels do not match the dataset fingerprint (sha256 {actual[:12]}… vs "
             f"recorded {recorded[:12]}…)"
         )
+
+
+def _check_view_params(reader: StoreReader, problems: list[str]) -> None:
+    """``view_params`` of shape (N, V, len(fields)), decodable and finite, when the store has views."""
+    meta = reader.metadata
+    fields = (meta.augment or {}).get("fields")
+    if VIEW_PARAMS_ARRAY not in reader.group:
+        if fields is not None:
+            problems.append(
+                f"array {VIEW_PARAMS_ARRAY!r} is missing but the metadata records the recipe "
+                f"{meta.augment.get('recipe')!r}; the views cannot be recreated"
+            )
+        return
+    array = reader.group[VIEW_PARAMS_ARRAY]
+    width = len(fields) if fields is not None else array.shape[-1]
+    if array.shape != (meta.num_samples, meta.views, width):
+        problems.append(
+            f"array {VIEW_PARAMS_ARRAY!r} has shape {array.shape}, expected "
+            f"({meta.num_samples}, {meta.views}, {width}) for N={meta.num_samples}, "
+            f"V={meta.views} and {width} parameter fields"
+        )
+        return
+    try:
+        params = np.asarray(array[:])
+    except _DECODE_ERRORS as error:
+        problems.append(f"array {VIEW_PARAMS_ARRAY!r} does not decode ({error})")
+        return
+    bad = np.flatnonzero(~np.isfinite(params.reshape(meta.num_samples, -1)).all(axis=1))
+    if bad.size:
+        problems.append(f"array {VIEW_PARAMS_ARRAY!r}: NaN or Inf for samples {row_ranges(bad)}")

@@ -1,4 +1,4 @@
-"""Create and fill kdcache logit stores, Zarr v3 groups keyed by sample index.
+"""Create and fill kdcache logit stores, Zarr v3 groups keyed by sample index (and view).
 
 The layout is described in :mod:`kdcache.store.layout`; reading is :mod:`kdcache.store.reader`.
 """
@@ -29,6 +29,7 @@ from kdcache.logits.fidelity import SAMPLE_EVERY as FIDELITY_SAMPLE_EVERY
 from kdcache.logits.fidelity import FidelityAccumulator
 from kdcache.store.layout import (
     LABELS_ARRAY,
+    VIEW_PARAMS_ARRAY,
     WRITTEN_ARRAY,
     StoreLike,
     read_metadata,
@@ -42,7 +43,12 @@ from kdcache.store.location import (
     zarr_store,
 )
 from kdcache.store.locking import WriterLock, acquire_writer_lock
-from kdcache.store.metadata import ATTRIBUTE_KEY, StoreMetadata
+from kdcache.store.metadata import (
+    ATTRIBUTE_KEY,
+    FORMAT_VERSION,
+    PLAIN_FORMAT_VERSION,
+    StoreMetadata,
+)
 
 #: Rows per chunk aim at about this many stored bytes: big enough that per-chunk overhead is
 #: negligible, small enough that an interrupted dump loses little and chunks decode quickly.
@@ -54,9 +60,13 @@ def _compressors() -> list[Any]:
     return [ZstdCodec(level=1), Crc32cCodec()]
 
 
-def default_chunk_rows(encoding: Encoding, num_samples: int, num_classes: int) -> int:
-    """Rows per chunk so that a chunk holds about :data:`TARGET_CHUNK_BYTES`."""
-    return max(1, min(num_samples, TARGET_CHUNK_BYTES // encoding.row_nbytes(num_classes)))
+def default_chunk_rows(
+    encoding: Encoding, num_samples: int, num_classes: int, *, views: int = 1
+) -> int:
+    """Rows per chunk so that a chunk holds about :data:`TARGET_CHUNK_BYTES`; with views, a
+    multiple of V, so that a chunk holds every view of its samples."""
+    rows = max(1, min(num_samples * views, TARGET_CHUNK_BYTES // encoding.row_nbytes(num_classes)))
+    return max(views, rows - rows % views)
 
 
 class StoreWriter:
@@ -90,13 +100,15 @@ class StoreWriter:
         return len(self._written)
 
     def pending_indices(self) -> np.ndarray:
-        """Row indices whose chunk is not yet durably written (all rows of a fresh store)."""
+        """Rows whose chunk is not yet durably written (all rows of a fresh store); row
+        ``sample * views + view`` in a store with views."""
         return self.metadata.rows_of_chunks(np.flatnonzero(~self._written))
 
     def write(
         self, indices: Sequence[int] | np.ndarray | torch.Tensor, logits: np.ndarray | torch.Tensor
     ) -> None:
-        """Store raw logits ``(B, C)`` for the sample indices ``(B,)``."""
+        """Store raw logits ``(B, C)`` for the rows ``(B,)``: sample indices, or
+        ``sample * views + view`` in a store with views."""
         if isinstance(logits, torch.Tensor):
             logits = logits.detach().to("cpu", torch.float32).numpy()
         if isinstance(indices, torch.Tensor):
@@ -139,9 +151,9 @@ class StoreWriter:
                 f"{row_ranges(np.unique(rows))}, got {tuple(block.shape)}; the teacher's output "
                 f"width must equal the store's {num_classes} classes"
             )
-        if rows.size and (rows.min() < 0 or rows.max() >= self.metadata.num_samples):
+        if rows.size and (rows.min() < 0 or rows.max() >= self.metadata.num_rows):
             raise InvalidLogitsError(
-                f"sample indices must lie in [0, {self.metadata.num_samples}), "
+                f"row indices must lie in [0, {self.metadata.num_rows}), "
                 f"got values from {rows.min()} to {rows.max()}"
             )
         bad = ~np.isfinite(block).all(axis=1)
@@ -202,8 +214,16 @@ def create_store(
     dataset: dict[str, Any] | None = None,
     overwrite: bool = False,
     resume: bool = False,
+    views: int = 1,
+    augment: dict[str, Any] | None = None,
+    view_params: np.ndarray | None = None,
 ) -> StoreWriter:
     """Create an empty store at ``path`` (or reopen an interrupted one) and return its writer.
+
+    ``views=V`` stores V rows per sample (row ``sample * V + view``); ``view_params``
+    ``(num_samples, V, P)`` float32 are the parameters that recreate each view's input and
+    ``augment`` records how they were drawn (``recipe``, ``seed``, ``fields``: see
+    kdcache.augment). Both are part of what a resume must match.
 
     ``resume=True`` continues an incomplete store made with the same parameters; ``overwrite=True``
     replaces an existing kdcache store. Anything else already at ``path`` is never touched. The
@@ -215,8 +235,11 @@ def create_store(
         raise ConfigError(
             f"num_samples and num_classes must be >= 1, got {num_samples} and {num_classes}"
         )
+    if not (isinstance(views, int) and views >= 1):
+        raise ConfigError(f"views must be an integer >= 1, got {views!r}")
+    params = _checked_view_params(view_params, num_samples, views, augment)
     codec = parse_encoding(encoding)
-    rows = chunk_rows or default_chunk_rows(codec, num_samples, num_classes)
+    rows = chunk_rows or default_chunk_rows(codec, num_samples, num_classes, views=views)
     if rows < 1:
         raise ConfigError(f"chunk_rows must be >= 1, got {rows}")
     label_values = None
@@ -234,12 +257,24 @@ def create_store(
         dataset=dataset,
         kdcache_version=__version__,
         created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        views=views,
+        augment=augment,
+        # Older kdcache releases read stores without views; only views need the newer format.
+        format_version=PLAIN_FORMAT_VERSION if views == 1 and params is None else FORMAT_VERSION,
     )
     store = zarr_store(location, read_only=False)
     lock = acquire_writer_lock(location)
     try:
         return _create_locked(
-            location, store, lock, metadata, codec, label_values, resume=resume, overwrite=overwrite
+            location,
+            store,
+            lock,
+            metadata,
+            codec,
+            label_values,
+            params,
+            resume=resume,
+            overwrite=overwrite,
         )
     except BaseException as error:
         lock.release()
@@ -258,6 +293,7 @@ def _create_locked(
     metadata: StoreMetadata,
     codec: Encoding,
     label_values: np.ndarray | None,
+    view_params: np.ndarray | None,
     *,
     resume: bool,
     overwrite: bool,
@@ -288,6 +324,7 @@ def _create_locked(
         )
 
     num_samples, num_classes, rows = metadata.num_samples, metadata.num_classes, metadata.chunk_rows
+    num_rows = metadata.num_rows
     # The kdcache record goes into the group's first zarr.json write: a kill right after creation
     # must leave a store that --resume recognises as its own.
     group = zarr.open_group(
@@ -296,7 +333,7 @@ def _create_locked(
     for name, (shape, dtype) in codec.layout(num_classes).items():
         group.create_array(
             name,
-            shape=(num_samples, *shape),
+            shape=(num_rows, *shape),
             chunks=(rows, *shape),
             dtype=dtype,
             fill_value=0,
@@ -312,11 +349,44 @@ def _create_locked(
             compressors=_compressors(),
         )
         labels_array[:] = label_values
+    if view_params is not None:
+        _, views, width = view_params.shape
+        params_array = group.create_array(
+            VIEW_PARAMS_ARRAY,
+            shape=view_params.shape,
+            chunks=(max(1, TARGET_CHUNK_BYTES // (4 * views * width)), views, width),
+            dtype="float32",
+            fill_value=0,
+            compressors=_compressors(),
+        )
+        params_array[:] = view_params
     # Created last: its presence means every other array and the labels are in place.
     group.create_array(
         WRITTEN_ARRAY, shape=(metadata.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0
     )
     return StoreWriter(group, metadata, where, lock)
+
+
+def _checked_view_params(
+    view_params: np.ndarray | None, num_samples: int, views: int, augment: dict[str, Any] | None
+) -> np.ndarray | None:
+    if view_params is None:
+        return None
+    params = np.asarray(view_params, dtype=np.float32)
+    if params.ndim != 3 or params.shape[:2] != (num_samples, views):
+        raise ConfigError(
+            f"view_params must have shape ({num_samples}, {views}, P) for {num_samples} samples "
+            f"with {views} views, got {params.shape}"
+        )
+    fields = (augment or {}).get("fields")
+    if fields is not None and len(fields) != params.shape[2]:
+        raise ConfigError(
+            f"augment names {len(fields)} parameter fields but view_params holds "
+            f"{params.shape[2]} per view; they must agree"
+        )
+    if not np.isfinite(params).all():
+        raise ConfigError("view_params hold NaN or Inf; every view's parameters must be finite")
+    return params
 
 
 def _existing_store(location: StoreLocation, store: Any) -> tuple[zarr.Group, StoreMetadata] | None:
@@ -343,6 +413,8 @@ def _check_resumable(old: StoreMetadata, new: StoreMetadata, where: str) -> None
         "chunk_rows",
         "teacher",
         "dataset",
+        "views",
+        "augment",
     ):
         before, now = getattr(old, field_name), getattr(new, field_name)
         if before != now:
