@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 _ORDER_TAG = 0x5649_4557
 
 
-def view_of(samples: np.ndarray, epoch: int, *, views: int, seed: int, num_samples: int) -> np.ndarray:
+def view_of(
+    samples: np.ndarray, epoch: int, *, views: int, seed: int, num_samples: int
+) -> np.ndarray:
     """The view of each of ``samples`` used in ``epoch`` (0-based)."""
     samples = np.asarray(samples, dtype=np.int64)
     if views == 1:

@@ -35,7 +35,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from kdcache.errors import SpecError
 
-#: Stream tags in the generator key: the stored views and student-only augmentation never share draws.
+#: Stream tags in the generator key: stored views and student-only augmentation never share draws.
 VIEW_STREAM, STUDENT_STREAM = 0, 1
 _SIZE = tuple[int, int]
 
@@ -188,7 +188,7 @@ class Mix:
         partner = partner + (partner >= index) if n > 1 else index
         lam = float(rng.beta(self.alpha, self.alpha))
         if self.kind == "mixup":
-            return [partner, np.float32(lam)]
+            return [partner, float(np.float32(lam))]
         height, width = size
         cut = math.sqrt(1.0 - lam)
         cut_h, cut_w = int(height * cut), int(width * cut)
@@ -197,7 +197,7 @@ class Mix:
         left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
         box_h, box_w = bottom - top, right - left
         lam = 1.0 - box_h * box_w / (height * width)
-        return [partner, np.float32(lam), top, left, box_h, box_w]
+        return [partner, float(np.float32(lam)), top, left, box_h, box_w]
 
     def mix(self, image: torch.Tensor, partner: torch.Tensor, values: np.ndarray) -> torch.Tensor:
         if partner.shape != image.shape:

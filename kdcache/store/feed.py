@@ -210,7 +210,8 @@ class LogitFeed:
         rows = np.asarray(indices, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_samples):
             raise ConfigError(
-                f"row indices must lie in [0, {self.num_samples}), got {rows.min()} to {rows.max()}; "
+                f"row indices must lie in [0, {self.num_samples}), got {rows.min()} to "
+                f"{rows.max()}; "
                 f"{self.reader.where} holds {self.num_samples} rows"
             )
         return rows

@@ -1,7 +1,8 @@
 """What readers and writers share: array names, opening the group, its metadata, chunk presence.
 
 Layout (see docs/store-format.md): one array per name in the encoding's layout, each of shape
-``(N * V, ...)`` (V views per sample, 1 by default) chunked by ``chunk_rows`` rows and compressed with zstd plus a crc32c checksum;
+``(N * V, ...)`` (V views per sample, 1 by default) chunked by ``chunk_rows`` rows and
+compressed with zstd plus a crc32c checksum;
 ``labels`` ``(N,)`` when labels are known; ``chunk_written`` ``(num_chunks,)``, one flag per row
 chunk set only after that chunk's data is durably stored; and the :class:`StoreMetadata` record
 in the group attributes, whose ``complete`` flag is written last; ``view_params`` ``(N, V, P)``

@@ -81,14 +81,12 @@ def verify_store(path: str | os.PathLike[str]) -> VerifyReport:
         )
     elif not written.all():
         problems.append(
-            f"marked complete but chunks for {_unit(reader)} {row_ranges(reader.metadata.rows_of_chunks(np.flatnonzero(~written)))} "
-            "were never written"
+            f"marked complete but chunks for {_unit(reader)} "
+            f"{row_ranges(reader.metadata.rows_of_chunks(np.flatnonzero(~written)))} were never written"
         )
     checked = 0
     for name, (row_shape, dtype) in reader.encoding.layout(meta.num_classes).items():
-        array = _checked_array(
-            reader, name, (meta.num_rows, *row_shape), np.dtype(dtype), problems
-        )
+        array = _checked_array(reader, name, (meta.num_rows, *row_shape), np.dtype(dtype), problems)
         if array is not None:
             checked += _scan(reader, array, written, problems)
     _check_labels(reader, problems)
@@ -244,7 +242,7 @@ def _check_labels(reader: StoreReader, problems: list[str]) -> None:
 
 
 def _check_view_params(reader: StoreReader, problems: list[str]) -> None:
-    """``view_params`` of shape (N, V, len(fields)), decodable and finite, when the store has views."""
+    """``view_params`` of shape (N, V, len(fields)), decodable and finite, in a store with views."""
     meta = reader.metadata
     fields = (meta.augment or {}).get("fields")
     if VIEW_PARAMS_ARRAY not in reader.group:
