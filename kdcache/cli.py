@@ -181,6 +181,26 @@ def train(**options: Any) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted dump at --out.")
+@click.option(
+    "--views",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Augmented views V per sample, each stored with its parameters (needs --augment); "
+    "--batch-size then counts views.",
+)
+@click.option(
+    "--augment",
+    help="Augmentation recipe of the views, e.g. 'rrc:scale=0.35-1+flip', 'pad-crop:4+flip', "
+    "'rrc+flip+mixup:0.2' (see docs/augmentation.md).",
+)
+@click.option(
+    "--augment-seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Seed the views' parameters are drawn from.",
+)
 def dump_teacher(**options: Any) -> None:
     """Run the teacher once over a dataset and store its raw logits in a Zarr store."""
     from kdcache.dump import dump_teacher as run
@@ -192,9 +212,13 @@ def dump_teacher(**options: Any) -> None:
         else f"{result.bytes_on_disk:,} bytes on disk ({result.bytes_per_sample:,.1f} B/sample)"
     )
     fidelity = "" if result.fidelity is None else f", KL(T=1) {result.fidelity.kl_at(1.0):.3g}"
+    views = f" V={result.views}" if result.views > 1 else ""
+    if result.views > 1 and result.bytes_per_view is not None:
+        size += f", {result.bytes_per_view:,.1f} B/view"
     click.echo(
-        f"wrote {result.out}: N={result.num_samples} C={result.num_classes} {result.encoding}, "
-        f"{result.rows_computed} rows computed, {size}{fidelity}, {result.wall_time_s:.1f}s"
+        f"wrote {result.out}: N={result.num_samples}{views} C={result.num_classes} "
+        f"{result.encoding}, {result.rows_computed} rows computed, {size}{fidelity}, "
+        f"{result.wall_time_s:.1f}s"
     )
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdcache.augment.recipe import parse_recipe
 from kdcache.datasets import SPLITS
 from kdcache.errors import ConfigError
 from kdcache.logits.encodings import parse_encoding
@@ -19,6 +20,21 @@ from kdcache.store.feed import parse_size
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def check_views(augment: str | None, views: int | None, *, default: str) -> None:
+    """A recipe parses; V >= 1, and V > 1 only with a recipe (identical views would be waste)."""
+    if augment is not None:
+        parse_recipe(augment)  # a malformed recipe fails here, naming what is wrong
+    if views is not None:
+        _require(
+            isinstance(views, int) and views >= 1, f"views must be an integer >= 1, got {views!r}"
+        )
+        _require(
+            views == 1 or augment is not None,
+            f"--views {views} needs --augment RECIPE (e.g. 'rrc:scale=0.35-1+flip'): without "
+            f"augmentation every view would be the same input; {default}",
+        )
 
 
 def check_split(split: str | None) -> None:
@@ -68,10 +84,16 @@ class TrainConfig(LoopConfig):
     model: str
     dataset: str = "digits"
     split: str = "train"
+    #: Augmentation recipe (kdcache.augment.recipe) and the seed its views are drawn from;
+    #: ``views`` distinct views per sample are cycled through (default: one per epoch).
+    augment: str | None = None
+    augment_seed: int = 0
+    views: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_split(self.split)
+        check_views(self.augment, self.views, default="drop --views")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,10 +117,29 @@ class DistillConfig(LoopConfig):
     gamma: float = 2.0
     top_k: int = 5
     cache_memory: int | str | None = None
+    #: Online: the recipe whose views the teacher and student both see, drawn from
+    #: ``augment_seed``, ``views`` per sample (default one per epoch). Cached: taken from the
+    #: store; when given, they must equal the store's.
+    augment: str | None = None
+    augment_seed: int | None = None
+    views: int | None = None
+    #: Extra augmentation of the student's input only (no mixing), drawn per sample and epoch
+    #: from ``seed``: the teacher never saw it, so it breaks teacher-student consistency.
+    student_augment: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_split(self.split)
+        if self.cache is None:
+            check_views(self.augment, self.views, default="drop --views")
+        elif self.augment is not None:
+            parse_recipe(self.augment)
+        if self.student_augment is not None:
+            _require(
+                not parse_recipe(self.student_augment).mixes,
+                f"--student-augment {self.student_augment!r} cannot mix samples (mixup, cutmix): "
+                "the teacher's logits cover only the student's own sample; drop the mixing",
+            )
         if self.cache_memory is not None:
             parse_size(self.cache_memory)  # raises ConfigError for an unreadable size
         _require(
@@ -144,9 +185,14 @@ class DumpConfig:
     chunk_rows: int | None = None
     overwrite: bool = False
     resume: bool = False
+    #: V views per sample, each an input drawn by the ``augment`` recipe from ``augment_seed``.
+    views: int = 1
+    augment: str | None = None
+    augment_seed: int = 0
 
     def __post_init__(self) -> None:
         check_split(self.split)
+        check_views(self.augment, self.views, default="or dump with --views 1")
         _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
         _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         _require(

@@ -296,7 +296,7 @@ class Recipe:
         names = [f + (f"_{k + 1}" if k else "") for k, op in self._numbered() for f in op.fields]
         if self.mix is not None:
             names += list(self.mix.fields)
-            names += [f"partner_{n}" for n in names[: self._geometric_width]]
+            names += [f"partner_{n}" for n in names[: self.mix_offset]]
         #: Names of the float32 parameters each view stores, in record order.
         self.fields: tuple[str, ...] = tuple(names)
 
@@ -310,7 +310,8 @@ class Recipe:
         return numbered
 
     @property
-    def _geometric_width(self) -> int:
+    def mix_offset(self) -> int:
+        """Position of ``partner`` (then ``lam``) in a record: after the geometric fields."""
         return sum(len(op.fields) for op in self.geometric)
 
     @property
@@ -377,11 +378,11 @@ class Recipe:
 
     def partner(self, values: np.ndarray) -> int | None:
         """The partner sample index a record mixes in, ``None`` for a recipe without mixing."""
-        return None if self.mix is None else int(values[self._geometric_width])
+        return None if self.mix is None else int(values[self.mix_offset])
 
     def lam(self, values: np.ndarray) -> float:
         """The share of the sample's own pixels in the view (1 without mixing)."""
-        return 1.0 if self.mix is None else float(values[self._geometric_width + 1])
+        return 1.0 if self.mix is None else float(values[self.mix_offset + 1])
 
     def apply(
         self, image: torch.Tensor, values: np.ndarray, partner: torch.Tensor | None = None
@@ -398,7 +399,7 @@ class Recipe:
             return view
         if partner is None:
             raise SpecError(f"recipe {self.spec!r} mixes two samples: pass the partner's input")
-        start = self._geometric_width
+        start = self.mix_offset
         mix_values = values[start : start + len(self.mix.fields)]
         other = self._apply_geometric(partner, values[start + len(self.mix.fields) :])
         return self.mix.mix(view, other, mix_values)
