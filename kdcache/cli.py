@@ -96,6 +96,32 @@ def loop_options(function: Any) -> Any:
     return function
 
 
+def augment_options(function: Any) -> Any:
+    """Options of runs that draw augmented views themselves (train, online distill)."""
+    options = [
+        click.option(
+            "--augment",
+            help="Augmentation recipe, e.g. 'rrc:scale=0.35-1+flip', 'pad-crop:4+flip', "
+            "'rrc+flip+mixup:0.2' (see docs/augmentation.md). With --cache: must equal the "
+            "store's [default: the store's].",
+        ),
+        click.option(
+            "--augment-seed",
+            type=int,
+            help="Seed the views' parameters are drawn from [default: 0; with --cache the store's].",
+        ),
+        click.option(
+            "--views",
+            type=int,
+            help="Distinct views per sample, cycled through evenly over the epochs [default: one "
+            "per epoch; with --cache the store's V].",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
 def print_run(result: Any) -> None:
     click.echo(
         f"best val_acc {result.best_val_acc:.2f}% (epoch {result.best_epoch}), final {result.final_val_acc:.2f}%, "
@@ -122,6 +148,7 @@ def print_run(result: Any) -> None:
     type=click.Choice(["train", "test"]),
     help="Split to train on; the other one validates.",
 )
+@augment_options
 @loop_options
 def train(**options: Any) -> None:
     """Train a model with plain cross-entropy (a teacher, or the CE-only baseline)."""
@@ -295,6 +322,12 @@ def inspect(store: str, as_json: bool, plot: str | None) -> None:
 @click.option(
     "--cache-memory",
     help="RAM for decoded logits, e.g. 8GiB; a larger store streams chunk by chunk [default: half the available memory].",
+)
+@augment_options
+@click.option(
+    "--student-augment",
+    help="Extra augmentation of the student's input only (no mixing), e.g. 'flip'; breaks "
+    "teacher-student consistency (a warning says so).",
 )
 @loop_options
 def distill(**options: Any) -> None:

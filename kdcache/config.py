@@ -87,7 +87,7 @@ class TrainConfig(LoopConfig):
     #: Augmentation recipe (kdcache.augment.recipe) and the seed its views are drawn from;
     #: ``views`` distinct views per sample are cycled through (default: one per epoch).
     augment: str | None = None
-    augment_seed: int = 0
+    augment_seed: int | None = None
     views: int | None = None
 
     def __post_init__(self) -> None:

@@ -58,8 +58,10 @@ class ViewSource:
 
     def __init__(self, dataset: BaseDataset, recipe: Recipe, params: np.ndarray) -> None:
         params = np.asarray(params, dtype=np.float32)
-        if params.ndim != 3 or params.shape[0] != len(dataset) or params.shape[2] != len(
-            recipe.fields
+        if (
+            params.ndim != 3
+            or params.shape[0] != len(dataset)
+            or params.shape[2] != len(recipe.fields)
         ):
             raise ConfigError(
                 f"view parameters of shape {params.shape} do not fit {len(dataset)} samples of "
