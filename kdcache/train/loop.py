@@ -296,7 +296,9 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
         feed.load()
         # In memory any order is fast, so keep the seeded shuffle (the online run's order too);
         # a chunked feed must dictate the order for each chunk to be decoded once per epoch.
-        sampler = feed.sampler(seed=config.seed) if feed.mode == "chunked" else None
+        sampler: Sampler[int] | None = (
+            feed.sampler(seed=config.seed) if feed.mode == "chunked" else None
+        )
         views = cached_views(
             reader,
             train_set,
@@ -359,7 +361,7 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
         loss = total_loss(loss_fn(logits, teacher_logits(inputs, rows), labels))
         mixed = None if views is None else views.mixed_hard_loss(logits, labels, rows)
         # Every loss is alpha * soft + (1 - alpha) * CE: mix the CE term's labels like the input.
-        return loss if mixed is None else loss + (1 - loss_fn.alpha) * mixed
+        return loss if mixed is None else loss + (1 - config.alpha) * mixed
 
     result = fit(
         model_spec=config.student,

@@ -27,7 +27,7 @@ log = logging.getLogger("kdcache")
 
 @dataclass(frozen=True)
 class Views:
-    """A run's training set of views, the sampler that picks each epoch's views, and their source."""
+    """A run's training set of views, the sampler choosing each epoch's views, and their source."""
 
     dataset: ViewDataset
     sampler: ViewSampler
