@@ -255,7 +255,7 @@ def dump_teacher(**options: Any) -> None:
 @click.option(
     "--plot",
     type=click.Path(dir_okay=False),
-    help="Also draw the teacher's max-probability and entropy histograms (T=1, 4) and per-class accuracy to this .png (.pdf, .svg).",
+    help="Also draw the teacher's max-probability and entropy histograms (T=1, 4) and per-class accuracy to this .png (.pdf, .svg); for a store with views, a few samples' views with the teacher's top classes to NAME-views.png beside it.",
 )
 def inspect(store: str, as_json: bool, plot: str | None) -> None:
     """Show what STORE holds: identity, size, teacher accuracy and entropy, recorded fidelity."""
@@ -267,7 +267,23 @@ def inspect(store: str, as_json: bool, plot: str | None) -> None:
         from kdcache.plots import plot_store
         from kdcache.store.reader import open_store
 
-        click.echo(f"figure -> {plot_store(open_store(store), plot)}", err=True)
+        reader = open_store(store)
+        click.echo(f"figure -> {plot_store(reader, plot)}", err=True)
+        if reader.metadata.augment is not None:
+            from pathlib import Path
+
+            from kdcache.augment.figure import plot_views
+            from kdcache.datasets import build_dataset
+
+            recorded = reader.metadata.dataset or {}
+            target = Path(plot)
+            views_path = target.with_name(f"{target.stem}-views{target.suffix}")
+            try:
+                dataset = build_dataset(recorded["spec"], split=recorded.get("split", "train"))
+            except (KeyError, KdcacheError) as error:
+                click.echo(f"views figure skipped: cannot rebuild the dataset ({error})", err=True)
+            else:
+                click.echo(f"figure -> {plot_views(reader, dataset, views_path)}", err=True)
 
 
 @cli.command()

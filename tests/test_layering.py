@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "kdcache.runtime": 3,
     "kdcache.plots": 3,
     "kdcache.augment": 3,
+    "kdcache.augment.figure": 4,  # draws with kdcache.plots
     "kdcache.config": 4,
     "kdcache.dump": 5,
     "kdcache.train": 5,

@@ -12,6 +12,7 @@ import torch
 import zarr
 from conftest import run_cli
 from teachers import seeded
+from test_plots import assert_png
 
 from kdcache import DistillConfig, DumpConfig, TrainConfig
 from kdcache.augment.recipe import parse_recipe
@@ -209,5 +210,7 @@ def test_cli_dumps_views_and_inspect_shows_them(tmp_path):
         "cpu",
     )
     assert "V=2" in result.stdout and "B/view" in result.stdout
-    shown = run_cli("inspect", str(out)).stdout
+    shown = run_cli("inspect", str(out), "--plot", str(tmp_path / "store.png")).stdout
     assert "views (V):" in shown and "rrc:scale=0.5-1" in shown
+    assert_png(tmp_path / "store.png")
+    assert_png(tmp_path / "store-views.png")  # a few samples' views with the teacher's classes
