@@ -76,6 +76,11 @@ class StoreReader:
         return self.metadata.num_rows
 
     @property
+    def _unit(self) -> str:
+        # Row indices name samples, or ``sample * V + view`` rows in a store with views.
+        return "samples" if self.views == 1 else "rows"
+
+    @property
     def view_params(self) -> np.ndarray | None:
         """``(N, V, P)`` float32 parameters of every view (``None`` without them), read once."""
         if self._view_params is None and VIEW_PARAMS_ARRAY in self._group:
@@ -118,10 +123,9 @@ class StoreReader:
         else:  # killed while creating the store
             written = np.zeros(self.metadata.num_chunks, dtype=bool)
         rows = self.metadata.rows_of_chunks(np.flatnonzero(written)).size
-        unit = "samples" if self.views == 1 else "rows"
         return (
             f"{int(written.sum())} of {written.size} chunks ({rows} of {self.num_rows} "
-            f"{unit}, {written.mean():.0%})"
+            f"{self._unit}, {written.mean():.0%})"
         )
 
     def load(self) -> None:
@@ -143,7 +147,7 @@ class StoreReader:
         if missing.size:
             lost = self.metadata.rows_of_chunks(missing)
             raise StoreCorruptError(
-                f"{self.where}: array {name!r} lacks the chunks for samples {row_ranges(lost)} (deleted "
+                f"{self.where}: array {name!r} lacks the chunks for {self._unit} {row_ranges(lost)} (deleted "
                 "or lost in a copy); run `kdcache verify` and dump again"
             )
 
@@ -157,7 +161,7 @@ class StoreReader:
                 parts.append(array[chunk_start:chunk_stop])
             except (ValueError, RuntimeError) as error:
                 raise StoreCorruptError(
-                    f"{self.where}: array {array.basename!r} is corrupted for samples "
+                    f"{self.where}: array {array.basename!r} is corrupted for {self._unit} "
                     f"{chunk_start}-{chunk_stop - 1} ({error}); run `kdcache verify` and dump again"
                 ) from None
         return np.concatenate(parts)
