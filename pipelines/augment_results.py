@@ -63,12 +63,12 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dump(
-    out: Path, views: int, encoding: str, weights: Path, device: str, teacher: str
+    out: Path, views: int, encoding: str, weights: Path, device: str, teacher: str, recipe: str
 ) -> dict[str, Any]:
     from kdcache import DumpConfig
     from kdcache.dump import dump_teacher
 
-    augment = {} if views == 0 else {"views": views, "augment": RECIPE, "augment_seed": 0}
+    augment = {} if views == 0 else {"views": views, "augment": recipe, "augment_seed": 0}
     result = dump_teacher(
         DumpConfig(
             teacher=teacher,
@@ -94,7 +94,9 @@ def _dump(
     }
 
 
-def _bare_forward(weights: Path, views: int, device: str, spec: str) -> dict[str, float]:
+def _bare_forward(
+    weights: Path, views: int, device: str, spec: str, recipe_spec: str
+) -> dict[str, float]:
     """Rows/s of the teacher alone on the same views, built in advance (no augmentation, no
     store), and of building the views alone."""
     import torch
@@ -105,7 +107,7 @@ def _bare_forward(weights: Path, views: int, device: str, spec: str) -> dict[str
     from kdcache.models import build_model, load_weights
 
     dataset = build_dataset(DATASET)
-    recipe = parse_recipe(RECIPE)
+    recipe = parse_recipe(recipe_spec)
     params = recipe.sample_table(
         seed=0, num_samples=len(dataset), views=views, size=input_size(dataset)
     )
@@ -150,8 +152,10 @@ def main() -> None:
     parser.add_argument("--view-counts", default="1,4,16", help="V of the caches, plus --epochs")
     parser.add_argument("--teacher-device", default="cpu")
     parser.add_argument("--teacher", default=TEACHER, help="teacher spec (cnn:8 for a smoke test)")
+    parser.add_argument("--student", default=STUDENT)
+    parser.add_argument("--recipe", default=RECIPE)
     args = parser.parse_args()
-    teacher_spec = args.teacher
+    teacher_spec, student, recipe = args.teacher, args.student, args.recipe
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -159,9 +163,9 @@ def main() -> None:
     view_counts = sorted({*(int(v) for v in args.view_counts.split(",")), epochs})
     report: dict[str, Any] = {
         "dataset": DATASET,
-        "recipe": RECIPE,
+        "recipe": recipe,
         "teacher": teacher_spec,
-        "student": STUDENT,
+        "student": student,
         "epochs": epochs,
         "seeds": seeds,
     }
@@ -180,7 +184,7 @@ def main() -> None:
             dataset=DATASET,
             out=str(teacher_dir),
             epochs=args.teacher_epochs,
-            augment=RECIPE,
+            augment=recipe,
             seed=0,
             overwrite=True,
             **{**COMMON, "device": args.teacher_device},
@@ -198,9 +202,9 @@ def main() -> None:
     for views in view_counts:
         for encoding in ("float16", "topk:5"):
             path = out / f"v{views}-{encoding[:4]}.zarr"
-            stores.append(_dump(path, views, encoding, weights, device, teacher_spec))
+            stores.append(_dump(path, views, encoding, weights, device, teacher_spec, recipe))
     report["stores"] = stores
-    report["bare"] = _bare_forward(weights, 16, device, teacher_spec)
+    report["bare"] = _bare_forward(weights, 16, device, teacher_spec, recipe)
     print(json.dumps(stores, indent=1), json.dumps(report["bare"]), flush=True)
 
     online = {"teacher": teacher_spec, "weights": str(weights), "dataset": DATASET}
@@ -208,28 +212,28 @@ def main() -> None:
     for seed in seeds:
         base = {"seed": seed, "epochs": epochs, "overwrite": True, **COMMON}
         runs = {
-            "CE": ("train", {"model": STUDENT, "dataset": DATASET}),
+            "CE": ("train", {"model": student, "dataset": DATASET}),
             "CE + augmentation": (
                 "train",
-                {"model": STUDENT, "dataset": DATASET, "augment": RECIPE},
+                {"model": student, "dataset": DATASET, "augment": recipe},
             ),
             "online consistent KD": (
                 "distill",
-                {"student": STUDENT, "augment": RECIPE, **online, "device": device},
+                {"student": student, "augment": recipe, **online, "device": device},
             ),
             "clean cache, no augmentation": (
                 "distill",
-                {"student": STUDENT, "cache": str(out / "clean.zarr")},
+                {"student": student, "cache": str(out / "clean.zarr")},
             ),
             "clean cache + student augmentation (fixed teacher)": (
                 "distill",
-                {"student": STUDENT, "cache": str(out / "clean.zarr"), "student_augment": RECIPE},
+                {"student": student, "cache": str(out / "clean.zarr"), "student_augment": recipe},
             ),
         }
         for views in view_counts:
             runs[f"cache V={views}"] = (
                 "distill",
-                {"student": STUDENT, "cache": str(out / f"v{views}-floa.zarr")},
+                {"student": student, "cache": str(out / f"v{views}-floa.zarr")},
             )
         for name, (kind, options) in runs.items():
             folder = out / "runs" / f"{name.split(' (')[0].replace(' ', '_')}-seed{seed}"
@@ -246,10 +250,10 @@ def main() -> None:
     (out / "augment_results.json").write_text(json.dumps(report, indent=1) + "\n")
 
     lines = [
-        f"teacher {teacher_spec} (CE on {RECIPE}, {args.teacher_epochs} epochs): "
+        f"teacher {teacher_spec} (CE on {recipe}, {args.teacher_epochs} epochs): "
         f"{teacher.best_val_acc:.2f}% best val",
         "",
-        f"| student {STUDENT}, {epochs} epochs | best val acc % | final val acc % | s per run |",
+        f"| student {student}, {epochs} epochs | best val acc % | final val acc % | s per run |",
         "|---|---|---|---|",
     ]
     for name in dict.fromkeys(r["name"] for r in results):
