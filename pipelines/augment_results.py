@@ -197,7 +197,7 @@ def main() -> None:
 
     device = args.teacher_device
     stores: list[dict[str, Any]] = [
-        _dump(out / "clean.zarr", 0, "float16", weights, device, teacher_spec)
+        _dump(out / "clean.zarr", 0, "float16", weights, device, teacher_spec, recipe)
     ]
     for views in view_counts:
         for encoding in ("float16", "topk:5"):
