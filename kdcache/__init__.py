@@ -7,6 +7,7 @@ without click.
 from __future__ import annotations
 
 from kdcache._version import __version__
+from kdcache.augment.recipe import Recipe, parse_recipe
 from kdcache.config import DistillConfig, DumpConfig, TrainConfig
 from kdcache.dump import DumpResult, dump_teacher
 from kdcache.errors import KdcacheError
@@ -31,6 +32,7 @@ __all__ = [
     "KdcacheError",
     "LogitsDistillationLoss",
     "PackResult",
+    "Recipe",
     "RunResult",
     "SparseLogits",
     "StoreMetadata",
@@ -49,6 +51,7 @@ __all__ = [
     "inspect_store",
     "open_store",
     "pack_store",
+    "parse_recipe",
     "run_sweep",
     "train",
     "verify_store",

@@ -148,9 +148,13 @@ def dump_teacher(**options: Any) -> None:
         else f"{result.bytes_on_disk:,} bytes on disk ({result.bytes_per_sample:,.1f} B/sample)"
     )
     fidelity = "" if result.fidelity is None else f", KL(T=1) {result.fidelity.kl_at(1.0):.3g}"
+    views = f" V={result.views}" if result.views > 1 else ""
+    if result.views > 1 and result.bytes_per_view is not None:
+        size += f", {result.bytes_per_view:,.1f} B/view"
     click.echo(
-        f"wrote {result.out}: N={result.num_samples} C={result.num_classes} {result.encoding}, "
-        f"{result.rows_computed} rows computed, {size}{fidelity}, {result.wall_time_s:.1f}s"
+        f"wrote {result.out}: N={result.num_samples}{views} C={result.num_classes} "
+        f"{result.encoding}, {result.rows_computed} rows computed, {size}{fidelity}, "
+        f"{result.wall_time_s:.1f}s"
     )
 
 
@@ -160,7 +164,7 @@ def dump_teacher(**options: Any) -> None:
 @click.option(
     "--plot",
     type=click.Path(dir_okay=False),
-    help="Also draw the teacher's max-probability and entropy histograms (T=1, 4) and per-class accuracy to this .png (.pdf, .svg).",
+    help="Also draw the teacher's max-probability and entropy histograms (T=1, 4) and per-class accuracy to this .png (.pdf, .svg); for a store with views, a few samples' views with the teacher's top classes to NAME-views.png beside it.",
 )
 def inspect(store: str, as_json: bool, plot: str | None) -> None:
     """Show what STORE holds: identity, size, teacher accuracy and entropy, recorded fidelity."""
@@ -172,7 +176,23 @@ def inspect(store: str, as_json: bool, plot: str | None) -> None:
         from kdcache.plots import plot_store
         from kdcache.store.reader import open_store
 
-        click.echo(f"figure -> {plot_store(open_store(store), plot)}", err=True)
+        reader = open_store(store)
+        click.echo(f"figure -> {plot_store(reader, plot)}", err=True)
+        if reader.metadata.augment is not None:
+            from pathlib import Path
+
+            from kdcache.augment.figure import plot_views
+            from kdcache.datasets import build_dataset
+
+            recorded = reader.metadata.dataset or {}
+            target = Path(plot)
+            views_path = target.with_name(f"{target.stem}-views{target.suffix}")
+            try:
+                dataset = build_dataset(recorded["spec"], split=recorded.get("split", "train"))
+            except (KeyError, KdcacheError) as error:
+                click.echo(f"views figure skipped: cannot rebuild the dataset ({error})", err=True)
+            else:
+                click.echo(f"figure -> {plot_views(reader, dataset, views_path)}", err=True)
 
 
 @cli.command()

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from kdcache.augment.recipe import parse_recipe
 from kdcache.datasets import SPLITS
 from kdcache.errors import ConfigError
 from kdcache.logits.encodings import parse_encoding
@@ -73,6 +74,21 @@ MIN_TEMPERATURE = math.sqrt(float(np.finfo(np.float32).tiny))
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def check_views(augment: str | None, views: int | None, *, default: str) -> None:
+    """A recipe parses; V >= 1, and V > 1 only with a recipe (identical views would be waste)."""
+    if augment is not None:
+        parse_recipe(augment)  # a malformed recipe fails here, naming what is wrong
+    if views is not None:
+        _require(
+            isinstance(views, int) and views >= 1, f"views must be an integer >= 1, got {views!r}"
+        )
+        _require(
+            views == 1 or augment is not None,
+            f"--views {views} needs --augment RECIPE (e.g. 'rrc:scale=0.35-1+flip'): without "
+            f"augmentation every view would be the same input; {default}",
+        )
 
 
 def check_split(split: str | None) -> None:
@@ -141,9 +157,23 @@ class TrainConfig(LoopConfig):
         "digits", help="Dataset spec: digits, fake:N, imagefolder:PATH, cifar10:ROOT, ..."
     )
     split: str = option("train", choices=SPLITS, help="Split to train on; the other one validates.")
+    augment: str | None = option(
+        None,
+        help="Augmentation recipe, e.g. 'rrc:scale=0.35-1+flip', 'pad-crop:4+flip', "
+        "'rrc+flip+mixup:0.2' (see docs/augmentation.md).",
+    )
+    augment_seed: int | None = option(
+        None, help="Seed the views' parameters are drawn from [default: 0]."
+    )
+    views: int | None = option(
+        None,
+        help="Distinct views per sample, cycled through evenly over the epochs [default: one "
+        "per epoch].",
+    )
 
     def __post_init__(self) -> None:
         check_split(self.split)
+        check_views(self.augment, self.views, default="drop --views")
         super().__post_init__()
 
 
@@ -236,7 +266,36 @@ class DistillConfig(DistillOptions, LoopConfig):
     temperature: float = option(DEFAULT_TEMPERATURE, help="Softmax temperature T (> 0).")
     alpha: float = option(DEFAULT_ALPHA, help="Weight of the soft loss, in [0, 1].")
 
+    augment: str | None = option(
+        None,
+        help="Augmentation recipe, e.g. 'rrc:scale=0.35-1+flip', 'pad-crop:4+flip', "
+        "'rrc+flip+mixup:0.2' (see docs/augmentation.md). With --cache: must equal the store's [default: the store's].",
+    )
+    augment_seed: int | None = option(
+        None, help="Seed the views' parameters are drawn from [default: 0; with --cache the store's]."
+    )
+    views: int | None = option(
+        None,
+        help="Distinct views per sample, cycled through evenly over the epochs [default: one "
+        "per epoch; with --cache the store's V].",
+    )
+    student_augment: str | None = option(
+        None,
+        help="Extra augmentation of the student's input only (no mixing), e.g. 'flip'; breaks "
+        "teacher-student consistency (a warning says so).",
+    )
+
     def __post_init__(self) -> None:
+        if self.cache is None:
+            check_views(self.augment, self.views, default="drop --views")
+        elif self.augment is not None:
+            parse_recipe(self.augment)
+        if self.student_augment is not None:
+            _require(
+                not parse_recipe(self.student_augment).mixes,
+                f"--student-augment {self.student_augment!r} cannot mix samples (mixup, cutmix): "
+                "the teacher's logits cover only the student's own sample; drop the mixing",
+            )
         _require(
             self.loss in LOSS_NAMES,
             f"unknown loss {self.loss!r}; valid losses: {', '.join(LOSS_NAMES)}",
@@ -291,9 +350,21 @@ class DumpConfig(Options):
     )
     overwrite: bool = option(False, help="Replace an existing store at --out.")
     resume: bool = option(False, help="Continue an interrupted dump at --out.")
+    views: int = option(
+        1,
+        help="Augmented views V per sample, each stored with its parameters (needs --augment); "
+        "--batch-size then counts views.",
+    )
+    augment: str | None = option(
+        None,
+        help="Augmentation recipe of the views, e.g. 'rrc:scale=0.35-1+flip', 'pad-crop:4+flip', "
+        "'rrc+flip+mixup:0.2' (see docs/augmentation.md).",
+    )
+    augment_seed: int = option(0, help="Seed the views' parameters are drawn from.")
 
     def __post_init__(self) -> None:
         check_split(self.split)
+        check_views(self.augment, self.views, default="or dump with --views 1")
         _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
         _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         _require(

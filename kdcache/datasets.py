@@ -146,9 +146,16 @@ def build_dataset(spec: str, *, split: str = "train") -> LabeledDataset:
             f"valid kinds: {', '.join(DATASET_KINDS)} (e.g. 'digits' or 'fake:1000')"
         )
     if kind == "digits":
+        size = 8
         if args:
-            raise SpecError(f"dataset spec {spec!r} takes no arguments; expected 'digits'")
-        inputs, labels = _digits_split()[split]
+            if not (args.isdigit() and int(args) >= 8):
+                raise SpecError(
+                    f"malformed dataset spec {spec!r}; expected 'digits' or 'digits:SIZE' with an "
+                    "integer SIZE >= 8, e.g. digits:32"
+                )
+            size = int(args)
+        inputs, labels = _digits_split(size)[split]
+        upscaled = "" if size == 8 else f", bilinear upscale to ({size},{size})"
         return LabeledDataset(
             _ArrayDataset(inputs, labels),
             spec=spec,
@@ -156,7 +163,7 @@ def build_dataset(spec: str, *, split: str = "train") -> LabeledDataset:
             num_classes=10,
             in_channels=1,
             labels=labels.copy(),
-            transform_description="digits: x/16 as float32 (1,8,8)",
+            transform_description=f"digits: x/16 as float32 (1,8,8){upscaled}",
         )
     if kind in ("fake", "synthetic"):
         return _generated(spec, kind, args, split)
@@ -211,12 +218,18 @@ def _unlabeled(spec: str, args: str, split: str) -> LabeledDataset:
 
 
 @functools.cache
-def _digits_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _digits_split(size: int = 8) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The 8x8 digits, or upscaled to ``size`` pixels: room for crops that keep the digit."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    if size != 8:
+        upscaled = torch.nn.functional.interpolate(
+            torch.from_numpy(x), size=(size, size), mode="bilinear", align_corners=False
+        )
+        x = upscaled.numpy()
     y = digits.target.astype(np.int64)
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=0.2, random_state=0, stratify=y

@@ -1,4 +1,9 @@
-"""Stage one: run the teacher once over a dataset and store its raw logits."""
+"""Stage one: run the teacher once over a dataset and store its raw logits.
+
+With ``views`` and an ``augment`` recipe the teacher runs on V augmented views of every sample
+(each sample decoded once, all its views cut from it) and the store keeps every view's logits
+and parameters (kdcache.augment).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from kdcache.augment.recipe import parse_recipe
+from kdcache.augment.views import AllViews, ViewSource, augment_record, input_size
 from kdcache.config import DumpConfig
 from kdcache.datasets import build_dataset, canonical_dataset_spec, dataset_fingerprint
 from kdcache.errors import KdcacheError, StoreWriteError
@@ -47,10 +54,17 @@ class DumpResult:
     loop_time_s: float = 0.0
     #: The encoding's fidelity over the rows this run computed (kdcache.logits.fidelity), if any.
     fidelity: Fidelity | None = None
+    #: Views per sample; ``rows_computed`` counts views.
+    views: int = 1
 
     @property
     def bytes_per_sample(self) -> float | None:
         return None if self.bytes_on_disk is None else self.bytes_on_disk / self.num_samples
+
+    @property
+    def bytes_per_view(self) -> float | None:
+        rows = self.num_samples * self.views
+        return None if self.bytes_on_disk is None else self.bytes_on_disk / rows
 
 
 def pending_batches(pending: np.ndarray, *, num_samples: int, batch_size: int) -> list[list[int]]:
@@ -85,6 +99,7 @@ def _fill(
     device: torch.device,
     total: int,
     where: str,
+    views: int | None,
 ) -> None:
     """Run the teacher over ``loader`` into ``writer``; a write failure leaves the store resumable.
 
@@ -98,9 +113,14 @@ def _fill(
         tqdm(total=total, unit="sample", desc="dump", disable=None) as bar,
     ):
         for inputs, _, indices in loader:
+            if views is not None:  # inputs (B, V, C, H, W): all views of B samples
+                rows = (indices[:, None] * views + torch.arange(views)).reshape(-1)
+                inputs = inputs.flatten(0, 1)
+            else:
+                rows = indices
             logits = teacher(inputs.to(device, non_blocking=True))
-            background.write(indices, logits)
-            bar.update(len(indices))
+            background.write(rows, logits)
+            bar.update(len(rows))
 
 
 def dump_teacher(config: DumpConfig) -> DumpResult:
@@ -115,6 +135,16 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
         load_weights(teacher, config.weights, spec=config.teacher)
     teacher.to(device).eval().requires_grad_(False)
     check_input_fits(teacher, tuple(dataset[0][0].shape), spec=config.teacher)
+    views = config.views
+    source, augment, params = None, None, None
+    if config.augment is not None:
+        recipe = parse_recipe(config.augment)
+        size = input_size(dataset)
+        params = recipe.sample_table(
+            seed=config.augment_seed, num_samples=len(dataset), views=views, size=size
+        )
+        source = ViewSource(dataset, recipe, params)
+        augment = augment_record(recipe, seed=config.augment_seed, size=size)
 
     with create_store(
         config.out,
@@ -136,18 +166,32 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
         },
         overwrite=config.overwrite,
         resume=config.resume,
+        views=views,
+        augment=augment,
+        view_params=params,
     ) as writer:
         pending = writer.pending_indices()
-        batches = pending_batches(pending, num_samples=len(dataset), batch_size=config.batch_size)
+        # --batch-size counts teacher inputs: with V views, batch_size // V samples per batch.
+        batches = pending_batches(
+            np.unique(pending // views),
+            num_samples=len(dataset),
+            batch_size=max(1, config.batch_size // views),
+        )
         loader = DataLoader(
-            IndexedDataset(dataset),
+            IndexedDataset(dataset) if source is None else AllViews(source),
             batch_sampler=batches,
             num_workers=config.num_workers,
             pin_memory=device.type == "cuda",
         )
         loop_started = time.perf_counter()
         _fill(
-            writer, teacher, loader, device=device, total=sum(map(len, batches)), where=config.out
+            writer,
+            teacher,
+            loader,
+            device=device,
+            total=sum(map(len, batches)) * views,
+            where=config.out,
+            views=None if source is None else views,
         )
         loop_time_s = time.perf_counter() - loop_started
         with _resumable_on_os_error(f"marking {config.out} complete"):
@@ -162,4 +206,5 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
         wall_time_s=time.perf_counter() - started,
         loop_time_s=loop_time_s,
         fidelity=writer.fidelity.result(),
+        views=views,
     )

@@ -37,7 +37,8 @@ STORE_BLOCK_ROWS = 1 << 16
 MAX_CLASSES_SHOWN = 10
 
 
-def _new_figure(*, width: float, height: float) -> Figure:
+def new_figure(*, width: float, height: float) -> Figure:
+    """A constrained-layout figure on the Agg canvas (no pyplot, no window)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -46,7 +47,8 @@ def _new_figure(*, width: float, height: float) -> Figure:
     return figure
 
 
-def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
+def save_figure(figure: Figure, path: str | os.PathLike[str]) -> Path:
+    """Write ``figure`` atomically to ``path``; the suffix picks the format."""
     target = Path(path)
     fmt = target.suffix.lower().lstrip(".")
     if fmt not in FIGURE_FORMATS:
@@ -83,7 +85,7 @@ def plot_curves(
     """Training/validation loss and validation accuracy per epoch, from a ``metrics.jsonl``."""
     records = read_metrics(metrics)
     epochs = [r["epoch"] for r in records]
-    figure = _new_figure(width=9, height=3.4)
+    figure = new_figure(width=9, height=3.4)
     loss_axes, acc_axes = figure.subplots(1, 2)
     loss_axes.plot(
         epochs, [r["train_loss"] for r in records], marker="o", ms=3, label="train (objective)"
@@ -115,7 +117,7 @@ def plot_curves(
         axes.xaxis.get_major_locator().set_params(integer=True)
     if title:
         figure.suptitle(title)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_distributions(
@@ -138,7 +140,7 @@ def plot_distributions(
     student_1 = F.softmax(student_logits.float(), dim=1)
     hard_labels = [int(y) for y in labels]
     ids = list(sample_ids) if sample_ids is not None else list(range(len(hard_labels)))
-    figure = _new_figure(width=9, height=2.3 * len(hard_labels))
+    figure = new_figure(width=9, height=2.3 * len(hard_labels))
     axes_list = figure.subplots(len(hard_labels), 1, squeeze=False).ravel()
     for row, axes in enumerate(axes_list):
         label = hard_labels[row]
@@ -171,7 +173,7 @@ def plot_distributions(
         axes.grid(axis="y", alpha=0.3)
     axes_list[0].legend(fontsize="small", ncols=4, loc="upper right")
     axes_list[-1].set_xlabel("class (teacher's most likely first)")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -193,7 +195,7 @@ def plot_sweep(
     for row in rows:
         groups[(row["loss"], float(row["alpha"]))][float(row["temperature"])].append(row)
     temperatures = sorted({float(row["temperature"]) for row in rows})
-    figure = _new_figure(width=10, height=3.8)
+    figure = new_figure(width=10, height=3.8)
     for axes, key, name in zip(
         figure.subplots(1, 2), ("best_val_acc", "final_val_acc"), ("best", "final"), strict=False
     ):
@@ -221,18 +223,20 @@ def plot_sweep(
         axes.legend(fontsize="small")
     if title:
         figure.suptitle(title)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _store_summary(
     reader: StoreReader, temperatures: Sequence[float]
 ) -> tuple[dict[float, np.ndarray], dict[float, np.ndarray], np.ndarray]:
-    """Per-row max probability and entropy at each temperature, and the teacher's argmax."""
+    """Per-row max probability and entropy at each temperature, and the teacher's argmax (every
+    view of every sample in a store with views)."""
     max_prob: dict[float, list[np.ndarray]] = {t: [] for t in temperatures}
     entropy: dict[float, list[np.ndarray]] = {t: [] for t in temperatures}
     predicted = []
-    for start in range(0, reader.num_samples, STORE_BLOCK_ROWS):
-        rows = np.arange(start, min(start + STORE_BLOCK_ROWS, reader.num_samples))
+    num_rows = reader.metadata.num_rows
+    for start in range(0, num_rows, STORE_BLOCK_ROWS):
+        rows = np.arange(start, min(start + STORE_BLOCK_ROWS, num_rows))
         predicted.append(reader.read_dense(rows, temperature=1.0).argmax(dim=1).numpy())
         for t in temperatures:
             # Read at each T: a top-k store fills its tail for the temperature it is softened at.
@@ -291,7 +295,7 @@ def plot_store(
     max_entropy = max(
         math.log(reader.num_classes), 1e-3
     )  # one class: zero entropy, still a valid range
-    figure = _new_figure(width=13, height=3.6)
+    figure = new_figure(width=13, height=3.6)
     prob_axes, entropy_axes, class_axes = figure.subplots(1, 3)
     for t in temperatures:
         prob_axes.hist(max_prob[t], bins=40, range=(0, 1), alpha=0.6, label=f"T={t:g}")
@@ -306,10 +310,14 @@ def plot_store(
         axes.legend(fontsize="small")
         axes.grid(alpha=0.3)
     split = (reader.metadata.dataset or {}).get("split", "stored")
-    _per_class_accuracy(class_axes, predicted, reader.labels, reader.num_classes, split)
+    labels = reader.labels
+    if labels is not None:
+        labels = np.repeat(labels, reader.metadata.views)  # one per row: each view of a sample
+    _per_class_accuracy(class_axes, predicted, labels, reader.num_classes, split)
     teacher = (reader.metadata.teacher or {}).get("spec", "unknown teacher")
     figure.suptitle(
-        f"{reader.where}: {reader.num_samples} samples, {reader.num_classes} classes, "
-        f"{reader.metadata.encoding}, teacher {teacher}"
+        f"{reader.where}: {reader.num_samples} samples"
+        + (f" x {reader.metadata.views} views" if reader.metadata.views > 1 else "")
+        + f", {reader.num_classes} classes, {reader.metadata.encoding}, teacher {teacher}"
     )
-    return _save(figure, path)
+    return save_figure(figure, path)

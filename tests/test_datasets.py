@@ -289,3 +289,13 @@ def test_synthetic_images_are_cheap_deterministic_and_distinct():
     assert not torch.equal(train[1][0], train[65][0])  # same bank image, rolled differently
     assert not torch.equal(train[0][0], test[0][0])
     assert set(train.labels) <= set(range(7))
+
+
+def test_digits_upscaled_keeps_samples_and_labels():
+    small, large = build_dataset("digits"), build_dataset("digits:32", split="train")
+    assert large[3][0].shape == (1, 32, 32) and len(large) == len(small)
+    assert np.array_equal(large.labels, small.labels)
+    # Bilinear upscaling keeps each digit's mean brightness.
+    assert abs(float(large[3][0].mean()) - float(small[3][0].mean())) < 0.02
+    with pytest.raises(SpecError, match="digits:SIZE"):
+        build_dataset("digits:4")

@@ -24,6 +24,8 @@ LAYERS: dict[str, int] = {
     "kdcache.models": 3,
     "kdcache.runtime": 3,
     "kdcache.plots": 3,
+    "kdcache.augment": 3,
+    "kdcache.augment.figure": 4,  # draws with kdcache.plots
     "kdcache.config": 4,
     "kdcache.dump": 5,
     "kdcache.train": 5,

@@ -12,7 +12,13 @@ import zarr
 from kdcache.errors import ConfigError, StoreExistsError, StoreMismatchError
 from kdcache.logits.encodings import Encoding, parse_encoding
 from kdcache.store.digests import DIGESTS_ARRAY
-from kdcache.store.layout import LABELS_ARRAY, WRITTEN_ARRAY, own_keys, read_metadata
+from kdcache.store.layout import (
+    LABELS_ARRAY,
+    VIEW_PARAMS_ARRAY,
+    WRITTEN_ARRAY,
+    own_keys,
+    read_metadata,
+)
 from kdcache.store.location import StoreLocation, location_is_empty, zarr_store
 from kdcache.store.metadata import ATTRIBUTE_KEY, StoreMetadata
 from kdcache.store.schema import MAX_CLASSES, MAX_SAMPLES
@@ -25,13 +31,17 @@ TARGET_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 1 << 30
 
 
-def default_chunk_rows(encoding: Encoding, num_samples: int, num_classes: int) -> int:
-    """Rows per chunk so that a chunk holds about :data:`TARGET_CHUNK_BYTES`."""
-    return max(1, min(num_samples, TARGET_CHUNK_BYTES // encoding.row_nbytes(num_classes)))
+def default_chunk_rows(
+    encoding: Encoding, num_samples: int, num_classes: int, *, views: int = 1
+) -> int:
+    """Rows per chunk so that a chunk holds about :data:`TARGET_CHUNK_BYTES`; with views, a
+    multiple of V, so that a chunk holds every view of its samples."""
+    rows = max(1, min(num_samples * views, TARGET_CHUNK_BYTES // encoding.row_nbytes(num_classes)))
+    return max(views, rows - rows % views)
 
 
 def checked_sizes(
-    codec: Encoding, num_samples: int, num_classes: int, chunk_rows: int | None
+    codec: Encoding, num_samples: int, num_classes: int, chunk_rows: int | None, *, views: int = 1
 ) -> int:
     """Rows per chunk for a store of this size, refusing sizes no store could hold."""
     for name, value, high in (
@@ -48,7 +58,9 @@ def checked_sizes(
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not 1 <= chunk_rows):
         raise ConfigError(f"chunk_rows must be >= 1, got {chunk_rows!r}")
     # More rows than samples is one chunk holding every sample: the same store.
-    rows = min(int(chunk_rows or default_chunk_rows(codec, num_samples, num_classes)), num_samples)
+    num_rows = num_samples * views
+    rows = chunk_rows or default_chunk_rows(codec, num_samples, num_classes, views=views)
+    rows = min(int(rows), num_rows)
     if rows * row_nbytes > MAX_CHUNK_BYTES:
         raise ConfigError(
             f"chunks of {rows:,} rows would hold {rows * row_nbytes:,} bytes each, more than the "
@@ -64,7 +76,7 @@ def known_keys(group: zarr.Group, metadata: StoreMetadata) -> set[str]:
             metadata.num_classes
         )
     ]
-    return set(own_keys(group, [*names, LABELS_ARRAY, WRITTEN_ARRAY, DIGESTS_ARRAY]))
+    return set(own_keys(group, [*names, LABELS_ARRAY, VIEW_PARAMS_ARRAY, WRITTEN_ARRAY, DIGESTS_ARRAY]))
 
 
 def clear_staging(staging: StoreLocation, where: str) -> None:
@@ -105,6 +117,8 @@ def check_resumable(old: StoreMetadata, new: StoreMetadata, where: str) -> None:
         "chunk_rows",
         "teacher",
         "dataset",
+        "views",
+        "augment",
     ):
         before, now = getattr(old, field_name), getattr(new, field_name)
         if before != now:

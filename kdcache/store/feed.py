@@ -133,7 +133,8 @@ class LogitFeed:
     ) -> None:
         self.reader = reader
         metadata = reader.metadata
-        self.num_samples = metadata.num_samples
+        #: Rows the feed serves: samples, or every view of every sample (``sample * V + view``).
+        self.num_samples = metadata.num_rows
         self.chunk_rows = metadata.chunk_rows
         self.num_chunks = metadata.num_chunks
         self._layout = reader.encoding.layout(metadata.num_classes)
@@ -217,8 +218,9 @@ class LogitFeed:
         rows = np.asarray(indices, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_samples):
             raise ConfigError(
-                f"sample indices must lie in [0, {self.num_samples}), got {rows.min()} to {rows.max()}; "
-                f"{self.reader.where} holds {self.num_samples} samples"
+                f"row indices must lie in [0, {self.num_samples}), got {rows.min()} to "
+                f"{rows.max()}; "
+                f"{self.reader.where} holds {self.num_samples} rows"
             )
         return rows
 

@@ -39,7 +39,7 @@ DECODE_ERRORS = (ValueError, RuntimeError, zipfile.BadZipFile)
 
 def expected_arrays(metadata: StoreMetadata, layout: dict[str, Any]) -> dict[str, Any]:
     """Shape, dtype and chunks every array of the store must have, keyed by name."""
-    n, rows, chunks = metadata.num_samples, metadata.chunk_rows, metadata.num_chunks
+    n, rows, chunks = metadata.num_rows, metadata.chunk_rows, metadata.num_chunks
     expected = {
         name: ((n, *shape), np.dtype(dtype), (rows, *shape))
         for name, (shape, dtype) in layout.items()

@@ -1,10 +1,12 @@
 """What readers and writers share: array names, opening the group, its metadata, chunk presence.
 
 Layout (see docs/store-format.md): one array per name in the encoding's layout, each of shape
-``(N, ...)`` chunked by ``chunk_rows`` rows and compressed with zstd plus a crc32c checksum;
+``(N * V, ...)`` (V views per sample, 1 by default) chunked by ``chunk_rows`` rows and
+compressed with zstd plus a crc32c checksum;
 ``labels`` ``(N,)`` when labels are known; ``chunk_written`` ``(num_chunks,)``, one flag per row
 chunk set only after that chunk's data is durably stored; and the :class:`StoreMetadata` record
-in the group attributes, whose ``complete`` flag is written last.
+in the group attributes, whose ``complete`` flag is written last; ``view_params`` ``(N, V, P)``
+in stores with augmented views.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ StoreLike = str | os.PathLike[str] | StoreLocation
 
 WRITTEN_ARRAY = "chunk_written"
 LABELS_ARRAY = "labels"
+#: (N, V, P) float32: the parameters that recreate each view's input (stores with views only).
+VIEW_PARAMS_ARRAY = "view_params"
 
 
 def store_nbytes(path: StoreLike) -> int | None:

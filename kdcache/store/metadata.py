@@ -14,8 +14,11 @@ import numpy as np
 
 from kdcache.store.schema import validate_record
 
-#: Version of the on-disk layout written by this kdcache. Readers refuse newer versions.
-FORMAT_VERSION = 1
+#: Newest on-disk layout this kdcache reads and writes; readers refuse newer versions. Version 2
+#: adds views (rows keyed by sample and view, ``view_params``); a store without views is still
+#: written as version 1, so older kdcache releases keep reading it.
+FORMAT_VERSION = 2
+PLAIN_FORMAT_VERSION = 1
 ATTRIBUTE_KEY = "kdcache"
 
 
@@ -26,6 +29,11 @@ class StoreMetadata:
     ``teacher`` holds ``spec`` and ``weights_sha256``; ``dataset`` holds ``spec``, ``split``,
     ``transform`` and ``fingerprint``; both are ``None`` for stores built from logits computed
     elsewhere. ``complete`` flips to true only once every row is durably written.
+
+    ``views`` is V, the augmented views stored per sample: every per-sample array has
+    ``num_rows = num_samples * views`` rows, row ``sample * views + view``. ``augment`` holds the
+    ``recipe`` spec, its ``seed``, the parameter ``fields`` of ``view_params`` and the
+    ``input_size`` the views were drawn for; ``None`` for a store of clean inputs.
     """
 
     num_samples: int
@@ -51,18 +59,25 @@ class StoreMetadata:
     #: ``{"algorithm", "arrays"}`` of the per-chunk digest table (kdcache.store.digests) that
     #: binds every chunk to its index; None in older stores, which are unverified by index.
     digests: dict[str, Any] | None = None
+    views: int = 1
+    augment: dict[str, Any] | None = None
+
+    @property
+    def num_rows(self) -> int:
+        """Rows in every per-sample array: one per view of every sample."""
+        return self.num_samples * self.views
 
     @property
     def num_chunks(self) -> int:
         """Row chunks in every per-sample array (the last one may be partial)."""
-        return -(-self.num_samples // self.chunk_rows)
+        return -(-self.num_rows // self.chunk_rows)
 
     def chunk_bounds(self, chunk: int) -> tuple[int, int]:
-        """First and one-past-last sample index of row chunk ``chunk``."""
-        return chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.num_samples)
+        """First and one-past-last row of row chunk ``chunk`` (rows are samples when V = 1)."""
+        return chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.num_rows)
 
     def rows_of_chunks(self, chunks: np.ndarray) -> np.ndarray:
-        """The sample indices the given row chunks hold, in chunk order."""
+        """The rows the given row chunks hold, in chunk order."""
         ranges = [
             np.arange(*self.chunk_bounds(int(chunk))) for chunk in np.asarray(chunks).reshape(-1)
         ]

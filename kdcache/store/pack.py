@@ -10,7 +10,13 @@ from pathlib import Path
 from kdcache.errors import ConfigError, StoreExistsError, StoreFormatError, StoreWriteError
 from kdcache.store._zarr_compat import buffer_prototype, run_sync
 from kdcache.store.digests import DIGESTS_ARRAY
-from kdcache.store.layout import LABELS_ARRAY, WRITTEN_ARRAY, StoreLike, own_keys
+from kdcache.store.layout import (
+    LABELS_ARRAY,
+    VIEW_PARAMS_ARRAY,
+    WRITTEN_ARRAY,
+    StoreLike,
+    own_keys,
+)
 from kdcache.store.location import parse_location, refuse_inside_store, zarr_store
 from kdcache.store.reader import open_store
 
@@ -51,6 +57,7 @@ def pack_store(
     names = [
         *reader.encoding.layout(reader.num_classes),
         LABELS_ARRAY,
+        VIEW_PARAMS_ARRAY,
         WRITTEN_ARRAY,
         DIGESTS_ARRAY,
     ]

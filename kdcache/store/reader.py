@@ -1,4 +1,8 @@
-"""Read-only access to a kdcache logit store: metadata, labels and logits gathered by index."""
+"""Read-only access to a kdcache logit store: metadata, labels and logits gathered by index.
+
+Every read is by row: the sample index, or ``sample * views + view`` in a store with views
+(:meth:`StoreReader.read_views` gathers all views of some samples with their parameters).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from kdcache.store.feed import LogitFeed, parse_size
 from kdcache.store.guard import DECODE_ERRORS, ChunkGuard, decode_rows
 from kdcache.store.layout import (
     LABELS_ARRAY,
+    VIEW_PARAMS_ARRAY,
     StoreLike,
     first_line,
     has_array,
@@ -52,6 +57,7 @@ class StoreReader:
         layout = self.encoding.layout(metadata.num_classes)
         #: The checks every decoded chunk passes (kdcache.store.guard).
         self.guard = ChunkGuard(metadata, layout, where, lambda: self._group)
+        self._view_params: np.ndarray | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Zarr handles are reopened where the reader lands; the feed travels without its table.
@@ -69,6 +75,28 @@ class StoreReader:
     @property
     def num_classes(self) -> int:
         return self.metadata.num_classes
+
+    @property
+    def views(self) -> int:
+        """V, the views stored per sample (1 for a store of clean inputs)."""
+        return self.metadata.views
+
+    @property
+    def num_rows(self) -> int:
+        return self.metadata.num_rows
+
+    @property
+    def _unit(self) -> str:
+        # Row indices name samples, or ``sample * V + view`` rows in a store with views.
+        return "samples" if self.views == 1 else "rows"
+
+    @property
+    def view_params(self) -> np.ndarray | None:
+        """``(N, V, P)`` float32 parameters of every view (``None`` without them), read once."""
+        if self._view_params is None and has_array(self._group, VIEW_PARAMS_ARRAY):
+            params = self.guard.array(VIEW_PARAMS_ARRAY)[:]
+            self._view_params = np.asarray(params, dtype=np.float32)
+        return self._view_params
 
     @property
     def labels(self) -> np.ndarray | None:
@@ -116,10 +144,10 @@ class StoreReader:
     def progress(self) -> str:
         """How far the dump got, e.g. ``1 of 3 chunks (10 of 30 samples, 33%)``."""
         written = self.guard.written()
-        samples = self.metadata.rows_of_chunks(np.flatnonzero(written)).size
+        rows = self.metadata.rows_of_chunks(np.flatnonzero(written)).size
         return (
-            f"{int(written.sum())} of {written.size} chunks ({samples} of {self.num_samples} "
-            f"samples, {written.mean():.0%})"
+            f"{int(written.sum())} of {written.size} chunks ({rows} of {self.num_rows} "
+            f"{self._unit}, {written.mean():.0%})"
         )
 
     def load(self) -> None:
@@ -142,7 +170,7 @@ class StoreReader:
         if missing.size:
             lost = self.metadata.rows_of_chunks(missing)
             raise StoreCorruptError(
-                f"{self.where}: array {name!r} lacks the chunks for samples {row_ranges(lost)} "
+                f"{self.where}: array {name!r} lacks the chunks for {self._unit} {row_ranges(lost)} "
                 "(deleted or lost in a copy); run `kdcache verify` and dump again"
             )
 
@@ -165,7 +193,7 @@ class StoreReader:
         *,
         temperature: float | None = None,
     ) -> torch.Tensor:
-        """Dense float32 logits ``(B, C)`` for the given sample indices, for any encoding.
+        """Dense float32 logits ``(B, C)`` for the given rows (sample indices when V = 1).
 
         A ``topk:K`` store requires ``temperature``: its tail is filled so that the softmax at
         that temperature gives the tail its true total mass (pass the T you soften at). The other
@@ -178,6 +206,28 @@ class StoreReader:
                 "read(indices), whose sparse rows every loss softens at its own temperature"
             )
         return self.feed.read_dense(indices, temperature=temperature)
+
+    def read_views(
+        self,
+        samples: Sequence[int] | np.ndarray | torch.Tensor,
+        *,
+        temperature: float | None = None,
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Every view of the given samples: dense float32 logits ``(B, V, C)`` and the views'
+        parameters ``(B, V, P)`` (``None`` for a store without them)."""
+        if isinstance(samples, torch.Tensor):
+            samples = samples.cpu().numpy()
+        chosen = np.asarray(samples, dtype=np.int64).reshape(-1)
+        if chosen.size and (chosen.min() < 0 or chosen.max() >= self.num_samples):
+            raise ConfigError(
+                f"sample indices must lie in [0, {self.num_samples}), got {chosen.min()} to "
+                f"{chosen.max()}; {self.where} holds {self.num_samples} samples"
+            )
+        rows = (chosen[:, None] * self.views + np.arange(self.views)).reshape(-1)
+        logits = self.read_dense(rows, temperature=temperature)
+        logits = logits.reshape(chosen.size, self.views, -1)
+        params = self.view_params
+        return logits, None if params is None else params[chosen]
 
     def read_sparse(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> SparseLogits:
         """The rows of a ``topk:K`` store in sparse form, never as a dense (B, C) tensor."""

@@ -53,6 +53,10 @@ class StoreReport:
     teacher_accuracy: float | None
     mean_entropy: dict[str, float] | None
     fidelity: dict[str, Any] | None
+    #: V, views stored per sample; ``augment`` records their recipe, seed and parameter fields.
+    views: int = 1
+    augment: dict[str, Any] | None = None
+    bytes_per_view: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -60,12 +64,14 @@ class StoreReport:
 
 def teacher_statistics(reader: StoreReader) -> tuple[float | None, dict[str, float]]:
     """Accuracy (percent, ``None`` without labels) and mean entropy at each of
-    :data:`ENTROPY_TEMPERATURES` of the teacher a complete store holds."""
+    :data:`ENTROPY_TEMPERATURES` of the teacher a complete store holds, over every row (every
+    view; a mixed view counts against its own sample's label)."""
     labels = reader.labels
     correct = 0
     entropy_sums = dict.fromkeys(ENTROPY_TEMPERATURES, 0.0)
-    for start in range(0, reader.num_samples, BLOCK_ROWS):
-        rows = np.arange(start, min(start + BLOCK_ROWS, reader.num_samples))
+    num_rows = reader.metadata.num_rows
+    for start in range(0, num_rows, BLOCK_ROWS):
+        rows = np.arange(start, min(start + BLOCK_ROWS, num_rows))
         if reader.encoding.is_sparse:
             sparse = reader.read_sparse(rows)
             predicted = sparse.indices[:, 0]
@@ -80,9 +86,9 @@ def teacher_statistics(reader: StoreReader) -> tuple[float | None, dict[str, flo
                     torch.special.xlogy(log_p.exp(), log_p.exp()).sum().item()
                 )
         if labels is not None:
-            correct += int((predicted.numpy() == labels[rows]).sum())
-    accuracy = None if labels is None else 100.0 * correct / reader.num_samples
-    return accuracy, {str(t): total / reader.num_samples for t, total in entropy_sums.items()}
+            correct += int((predicted.numpy() == labels[rows // reader.views]).sum())
+    accuracy = None if labels is None else 100.0 * correct / num_rows
+    return accuracy, {str(t): total / num_rows for t, total in entropy_sums.items()}
 
 
 def inspect_store(path: str | os.PathLike[str]) -> StoreReport:
@@ -91,7 +97,7 @@ def inspect_store(path: str | os.PathLike[str]) -> StoreReport:
     meta = reader.metadata
     nbytes = store_nbytes(path)
     accuracy, entropy = teacher_statistics(reader) if meta.complete else (None, None)
-    raw_float32 = meta.num_samples * meta.num_classes * 4
+    raw_float32 = meta.num_rows * meta.num_classes * 4
     return StoreReport(
         path=reader.where,
         format_version=meta.format_version,
@@ -111,6 +117,9 @@ def inspect_store(path: str | os.PathLike[str]) -> StoreReport:
         teacher_accuracy=accuracy,
         mean_entropy=entropy,
         fidelity=meta.fidelity,
+        views=meta.views,
+        augment=meta.augment,
+        bytes_per_view=None if nbytes is None else nbytes / meta.num_rows,
     )
 
 
@@ -127,6 +136,16 @@ def _identity(record: dict[str, Any] | None, *keys: str) -> str:
     return ", ".join(parts) or "not recorded"
 
 
+def _views(report: StoreReport) -> str:
+    if not report.augment:
+        return f"{report.views} (clean inputs)" if report.views == 1 else str(report.views)
+    augment = report.augment
+    return (
+        f"{report.views}, recipe {augment.get('recipe')!r} seed {augment.get('seed')} "
+        f"({len(augment.get('fields') or ())} parameters per view)"
+    )
+
+
 def _number(value: float | None, unit: str = "", digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -141,6 +160,7 @@ def format_report(report: StoreReport) -> str:
         ("format version", str(report.format_version)),
         ("written by", f"kdcache {report.kdcache_version or '?'} at {report.created_at or '?'}"),
         ("samples (N)", f"{report.num_samples:,}"),
+        ("views (V)", _views(report)),
         ("classes (C)", f"{report.num_classes:,}"),
         ("encoding", f"{report.encoding} ({report.chunk_rows:,} rows per chunk)"),
         ("teacher", _identity(report.teacher, "spec", "weights_sha256")),
@@ -164,7 +184,8 @@ def format_report(report: StoreReport) -> str:
         lines += [
             (
                 "bytes on disk",
-                f"{report.bytes_on_disk:,} ({report.bytes_per_sample:,.1f} B/sample)",
+                f"{report.bytes_on_disk:,} ({report.bytes_per_sample:,.1f} B/sample"
+                + (f", {report.bytes_per_view:,.1f} B/view)" if report.views > 1 else ")"),
             ),
             ("compression", f"{_number(report.compression_ratio, 'x', 3)} vs raw float32"),
         ]

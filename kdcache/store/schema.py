@@ -151,6 +151,10 @@ def _check_integrity(check: _Checker, record: dict[str, Any], layout: dict[str, 
         )
 
 
+#: Views per sample a store may hold (FKD keeps a few hundred crops per image).
+MAX_VIEWS = 1 << 16
+
+
 def validate_record(record: Any, *, where: str, format_version: int) -> dict[str, Any]:
     """``record`` checked against the schema; returns it unchanged, or raises StoreFormatError."""
     check = _Checker(where)
@@ -166,6 +170,23 @@ def validate_record(record: Any, *, where: str, format_version: int) -> dict[str
     check.integer(record, "num_samples", 1, MAX_SAMPLES)
     num_classes = check.integer(record, "num_classes", 1, MAX_CLASSES)
     check.integer(record, "chunk_rows", 1, MAX_CHUNK_ROWS)
+    views = record.get("views", 1)
+    check.require(
+        _is_int(views) and 1 <= views <= MAX_VIEWS,
+        "views",
+        views,
+        f"an integer from 1 to {MAX_VIEWS:,}",
+    )
+    check.mapping(
+        record,
+        "augment",
+        {
+            "recipe": _optional_str,
+            "seed": lambda value: value is None or _is_int(value),
+            "fields": lambda value: isinstance(value, list)
+            and all(isinstance(item, str) for item in value),
+        },
+    )
     encoding = record.get("encoding")
     check.require(isinstance(encoding, str), "encoding", encoding, "an encoding name string")
     try:

@@ -23,6 +23,7 @@ from kdcache.store.feed import LOAD_BLOCK_CHUNKS
 from kdcache.store.guard import DECODE_ERRORS as _DECODE_ERRORS
 from kdcache.store.layout import (
     LABELS_ARRAY,
+    VIEW_PARAMS_ARRAY,
     WRITTEN_ARRAY,
     ZARR_METADATA_ERRORS,
     first_line,
@@ -85,18 +86,17 @@ def verify_store(path: str | os.PathLike[str]) -> VerifyReport:
         )
     elif not written.all():
         problems.append(
-            "marked complete but chunks for samples "
+            f"marked complete but chunks for {_unit(reader)} "
             f"{row_ranges(meta.rows_of_chunks(np.flatnonzero(~written)))} were never written"
         )
     checked = 0
     digests = _digest_table(reader, problems)
     for name, (row_shape, dtype) in reader.encoding.layout(meta.num_classes).items():
-        array = _checked_array(
-            reader, name, (meta.num_samples, *row_shape), np.dtype(dtype), problems
-        )
+        array = _checked_array(reader, name, (meta.num_rows, *row_shape), np.dtype(dtype), problems)
         if array is not None:
             checked += _scan(reader, array, written, digests, problems)
     _check_labels(reader, problems)
+    _check_view_params(reader, problems)
     notes = []
     if not meta.digests:
         notes.append(
@@ -118,6 +118,11 @@ def verify_store(path: str | os.PathLike[str]) -> VerifyReport:
         problems=tuple(problems),
         notes=tuple(notes),
     )
+
+
+def _unit(reader: StoreReader) -> str:
+    """What row indices are: samples, or ``sample * V + view`` rows in a store with views."""
+    return "samples" if reader.metadata.views == 1 else "rows"
 
 
 def _written_chunks(reader: StoreReader, problems: list[str]) -> np.ndarray:
@@ -184,7 +189,7 @@ def _scan(
     """Decode every written chunk of ``array``; record undecodable, missing, misplaced and
     non-finite rows."""
     meta = reader.metadata
-    rows, n = meta.chunk_rows, reader.num_samples
+    rows, n = meta.chunk_rows, reader.num_rows
     corrupt: list[np.ndarray] = []
     non_finite: list[np.ndarray] = []
     misplaced: list[np.ndarray] = []
@@ -220,23 +225,24 @@ def _scan(
     if misplaced:
         problems.append(
             f"array {name!r}: chunks do not match the digest recorded for their index (moved, "
-            f"swapped, replaced or edited) for samples {row_ranges(np.concatenate(misplaced))}"
+            f"swapped, replaced or edited) for {_unit(reader)} {row_ranges(np.concatenate(misplaced))}"
         )
     if corrupt:
         problems.append(
-            f"array {name!r}: chunks fail their checksum or do not decode for samples "
+            f"array {name!r}: chunks fail their checksum or do not decode for {_unit(reader)} "
             f"{row_ranges(np.concatenate(corrupt))}"
         )
     missing = missing_chunks(array, chunks)
     if missing.size:
         problems.append(
-            f"array {name!r}: chunks marked written are missing for samples "
+            f"array {name!r}: chunks marked written are missing for {_unit(reader)} "
             f"{row_ranges(reader.metadata.rows_of_chunks(np.sort(missing)))}"
         )
     bad_rows = np.concatenate(non_finite) if non_finite else np.empty(0, dtype=np.int64)
     if bad_rows.size:
         problems.append(
-            f"array {name!r}: NaN or Inf in {bad_rows.size} row(s), samples {row_ranges(bad_rows)}"
+            f"array {name!r}: NaN or Inf in {bad_rows.size} row(s), {_unit(reader)} "
+            f"{row_ranges(bad_rows)}"
         )
     return len(chunks)
 
@@ -303,3 +309,37 @@ def _check_labels(reader: StoreReader, problems: list[str]) -> None:
             f"stored labels do not match the dataset fingerprint (sha256 {actual[:12]}… vs "
             f"recorded {recorded[:12]}…)"
         )
+
+
+def _check_view_params(reader: StoreReader, problems: list[str]) -> None:
+    """``view_params`` of shape (N, V, len(fields)), decodable and finite, in a store with views."""
+    meta = reader.metadata
+    fields = (meta.augment or {}).get("fields")
+    if not has_array(reader.group, VIEW_PARAMS_ARRAY):
+        if fields is not None:
+            problems.append(
+                f"array {VIEW_PARAMS_ARRAY!r} is missing but the metadata records the recipe "
+                f"{meta.augment.get('recipe')!r}; the views cannot be recreated"
+            )
+        return
+    try:
+        array = reader.guard.array(VIEW_PARAMS_ARRAY)
+    except StoreError as error:
+        problems.append(str(error).partition(": ")[2].partition("; ")[0] or str(error))
+        return
+    width = len(fields) if fields is not None else array.shape[-1]
+    if array.shape != (meta.num_samples, meta.views, width):
+        problems.append(
+            f"array {VIEW_PARAMS_ARRAY!r} has shape {array.shape}, expected "
+            f"({meta.num_samples}, {meta.views}, {width}) for N={meta.num_samples}, "
+            f"V={meta.views} and {width} parameter fields"
+        )
+        return
+    try:
+        params = np.asarray(array[:])
+    except _DECODE_ERRORS as error:
+        problems.append(f"array {VIEW_PARAMS_ARRAY!r} does not decode ({error})")
+        return
+    bad = np.flatnonzero(~np.isfinite(params.reshape(meta.num_samples, -1)).all(axis=1))
+    if bad.size:
+        problems.append(f"array {VIEW_PARAMS_ARRAY!r}: NaN or Inf for samples {row_ranges(bad)}")

@@ -1,4 +1,4 @@
-"""Create and fill kdcache logit stores, Zarr v3 groups keyed by sample index.
+"""Create and fill kdcache logit stores, Zarr v3 groups keyed by sample index (and view).
 
 The layout is described in :mod:`kdcache.store.layout`; reading is :mod:`kdcache.store.reader`.
 """
@@ -29,6 +29,7 @@ from kdcache.logits.encodings import Encoding, parse_encoding
 from kdcache.logits.fidelity import SAMPLE_EVERY as FIDELITY_SAMPLE_EVERY
 from kdcache.logits.fidelity import FidelityAccumulator
 from kdcache.store.creation import (
+    TARGET_CHUNK_BYTES,
     check_resumable,
     checked_sizes,
     clear_staging,
@@ -38,6 +39,7 @@ from kdcache.store.creation import (
 from kdcache.store.digests import ALGORITHM, DIGEST_BYTES, DIGESTS_ARRAY, chunk_digests
 from kdcache.store.layout import (
     LABELS_ARRAY,
+    VIEW_PARAMS_ARRAY,
     WRITTEN_ARRAY,
     StoreLike,
     has_array,
@@ -54,7 +56,12 @@ from kdcache.store.location import (
     zarr_store,
 )
 from kdcache.store.locking import WriterLock, acquire_writer_lock
-from kdcache.store.metadata import ATTRIBUTE_KEY, StoreMetadata
+from kdcache.store.metadata import (
+    ATTRIBUTE_KEY,
+    FORMAT_VERSION,
+    PLAIN_FORMAT_VERSION,
+    StoreMetadata,
+)
 from kdcache.store.pinning import array_spec
 from kdcache.store.swap import refuse_foreign_entries, staging_location, swap_in
 
@@ -108,13 +115,15 @@ class StoreWriter:
         return len(self._written)
 
     def pending_indices(self) -> np.ndarray:
-        """Row indices whose chunk is not yet durably written (all rows of a fresh store)."""
+        """Rows whose chunk is not yet durably written (all rows of a fresh store); row
+        ``sample * views + view`` in a store with views."""
         return self.metadata.rows_of_chunks(np.flatnonzero(~self._written))
 
     def write(
         self, indices: Sequence[int] | np.ndarray | torch.Tensor, logits: np.ndarray | torch.Tensor
     ) -> None:
-        """Store raw logits ``(B, C)`` for the sample indices ``(B,)``."""
+        """Store raw logits ``(B, C)`` for the rows ``(B,)``: sample indices, or
+        ``sample * views + view`` in a store with views."""
         if isinstance(logits, torch.Tensor):
             logits = logits.detach().to("cpu", torch.float32).numpy()
         if isinstance(indices, torch.Tensor):
@@ -157,9 +166,9 @@ class StoreWriter:
                 f"{row_ranges(np.unique(rows))}, got {tuple(block.shape)}; the teacher's output "
                 f"width must equal the store's {num_classes} classes"
             )
-        if rows.size and (rows.min() < 0 or rows.max() >= self.metadata.num_samples):
+        if rows.size and (rows.min() < 0 or rows.max() >= self.metadata.num_rows):
             raise InvalidLogitsError(
-                f"sample indices must lie in [0, {self.metadata.num_samples}), "
+                f"row indices must lie in [0, {self.metadata.num_rows}), "
                 f"got values from {rows.min()} to {rows.max()}"
             )
         bad = ~np.isfinite(block).all(axis=1)
@@ -229,8 +238,16 @@ def create_store(
     dataset: dict[str, Any] | None = None,
     overwrite: bool = False,
     resume: bool = False,
+    views: int = 1,
+    augment: dict[str, Any] | None = None,
+    view_params: np.ndarray | None = None,
 ) -> StoreWriter:
     """Create an empty store at ``path`` (or reopen an interrupted one) and return its writer.
+
+    ``views=V`` stores V rows per sample (row ``sample * V + view``); ``view_params``
+    ``(num_samples, V, P)`` float32 are the parameters that recreate each view's input and
+    ``augment`` records how they were drawn (``recipe``, ``seed``, ``fields``: see
+    kdcache.augment). Both are part of what a resume must match.
 
     ``resume=True`` continues an incomplete store made with the same parameters (or an
     interrupted replacement); ``overwrite=True`` replaces an existing kdcache store: a local one
@@ -240,8 +257,11 @@ def create_store(
     """
     location = resolved_local(parse_location(path))
     where = location.text
+    if not (isinstance(views, int) and views >= 1):
+        raise ConfigError(f"views must be an integer >= 1, got {views!r}")
+    params = _checked_view_params(view_params, num_samples, views, augment)
     codec = parse_encoding(encoding)
-    rows = checked_sizes(codec, num_samples, num_classes, chunk_rows)
+    rows = checked_sizes(codec, num_samples, num_classes, chunk_rows, views=views)
     label_values = None
     if labels is not None:
         label_values = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -260,12 +280,24 @@ def create_store(
         kdcache_version=__version__,
         created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         generation=uuid.uuid4().hex,
+        views=views,
+        augment=augment,
+        # Older kdcache releases read stores without views; only views need the newer format.
+        format_version=PLAIN_FORMAT_VERSION if views == 1 and params is None else FORMAT_VERSION,
     )
     store = zarr_store(location, read_only=False)
     lock = acquire_writer_lock(location)
     try:
         return _create_locked(
-            location, store, lock, metadata, codec, label_values, resume=resume, overwrite=overwrite
+            location,
+            store,
+            lock,
+            metadata,
+            codec,
+            label_values,
+            params,
+            resume=resume,
+            overwrite=overwrite,
         )
     except BaseException as error:
         lock.release()
@@ -284,6 +316,7 @@ def _create_locked(
     metadata: StoreMetadata,
     codec: Encoding,
     label_values: np.ndarray | None,
+    view_params: np.ndarray | None,
     *,
     resume: bool,
     overwrite: bool,
@@ -296,7 +329,7 @@ def _create_locked(
                 f"{where} exists and is not a kdcache store; choose another path (kdcache never "
                 "deletes it)"
             )
-        return _new_store(store, lock, metadata, codec, label_values, where)
+        return _new_store(store, lock, metadata, codec, label_values, view_params, where)
     group, old = existing
     if resume and not overwrite:
         if not old.complete:
@@ -305,7 +338,7 @@ def _create_locked(
             if has_array(group, WRITTEN_ARRAY):
                 return StoreWriter(group, old, where, lock)
             # Killed while creating the arrays: nothing was computed yet, so start afresh.
-            return _new_store(store, lock, metadata, codec, label_values, where)
+            return _new_store(store, lock, metadata, codec, label_values, view_params, where)
         if location.kind == "local":
             resumed = _resume_replacement(location, lock, metadata, where)
             if resumed is not None:
@@ -322,7 +355,7 @@ def _create_locked(
         )
     if location.kind != "local":
         # Object stores cannot swap a prefix atomically: the old store goes first (docs/sharing.md).
-        return _new_store(store, lock, metadata, codec, label_values, where)
+        return _new_store(store, lock, metadata, codec, label_values, view_params, where)
     root = Path(location.target)
     refuse_foreign_entries(root, known_keys(group, old), where)
     staging = staging_location(location)
@@ -333,6 +366,7 @@ def _create_locked(
         metadata,
         codec,
         label_values,
+        view_params,
         where,
         replaces=(Path(staging.target), root),
     )
@@ -362,6 +396,7 @@ def _new_store(
     metadata: StoreMetadata,
     codec: Encoding,
     label_values: np.ndarray | None,
+    view_params: np.ndarray | None,
     where: str,
     *,
     replaces: tuple[Path, Path] | None = None,
@@ -370,6 +405,7 @@ def _new_store(
     num_samples, num_classes, rows = metadata.num_samples, metadata.num_classes, metadata.chunk_rows
     layout = codec.layout(num_classes)
     metadata = metadata.replace(digests={"algorithm": ALGORITHM, "arrays": list(layout)})
+    num_rows = metadata.num_rows
     # The kdcache record goes into the group's first zarr.json write: a kill right after creation
     # must leave a store that --resume recognises as its own.
     group = zarr.open_group(
@@ -379,7 +415,7 @@ def _new_store(
     for name, (shape, dtype) in layout.items():
         arrays[name] = group.create_array(
             name,
-            shape=(num_samples, *shape),
+            shape=(num_rows, *shape),
             chunks=(rows, *shape),
             dtype=dtype,
             fill_value=0,
@@ -395,6 +431,17 @@ def _new_store(
             compressors=_compressors(),
         )
         arrays[LABELS_ARRAY][:] = label_values
+    if view_params is not None:
+        _, views, width = view_params.shape
+        arrays[VIEW_PARAMS_ARRAY] = group.create_array(
+            VIEW_PARAMS_ARRAY,
+            shape=view_params.shape,
+            chunks=(max(1, TARGET_CHUNK_BYTES // (4 * views * width)), views, width),
+            dtype="float32",
+            fill_value=0,
+            compressors=_compressors(),
+        )
+        arrays[VIEW_PARAMS_ARRAY][:] = view_params
     arrays[DIGESTS_ARRAY] = group.create_array(
         DIGESTS_ARRAY,
         shape=(metadata.num_chunks, len(layout), DIGEST_BYTES),
@@ -415,3 +462,25 @@ def _new_store(
         compressors=[Crc32cCodec()],
     )
     return StoreWriter(group, metadata, where, lock, replaces=replaces)
+
+
+def _checked_view_params(
+    view_params: np.ndarray | None, num_samples: int, views: int, augment: dict[str, Any] | None
+) -> np.ndarray | None:
+    if view_params is None:
+        return None
+    params = np.asarray(view_params, dtype=np.float32)
+    if params.ndim != 3 or params.shape[:2] != (num_samples, views):
+        raise ConfigError(
+            f"view_params must have shape ({num_samples}, {views}, P) for {num_samples} samples "
+            f"with {views} views, got {params.shape}"
+        )
+    fields = (augment or {}).get("fields")
+    if fields is not None and len(fields) != params.shape[2]:
+        raise ConfigError(
+            f"augment names {len(fields)} parameter fields but view_params holds "
+            f"{params.shape[2]} per view; they must agree"
+        )
+    if not np.isfinite(params).all():
+        raise ConfigError("view_params hold NaN or Inf; every view's parameters must be finite")
+    return params

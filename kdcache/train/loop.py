@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +35,10 @@ from kdcache.runtime import atomic_torch_save, make_loader, prepare_output_dir, 
 from kdcache.store.reader import StoreReader, open_store
 from kdcache.train.pairing import check_store_matches
 from kdcache.train.transfer import TransferSampler, describe_transfer, transfer_rows
+from kdcache.train.views import cached_views, drawn_views, first_rows
+
+if TYPE_CHECKING:
+    from kdcache.augment.views import ViewDataset
 
 log = logging.getLogger("kdcache")
 
@@ -76,7 +81,12 @@ def evaluate(
 
 
 def _checkpoint(
-    model: nn.Module, *, spec: str, dataset: LabeledDataset, epoch: int, val_acc: float
+    model: nn.Module,
+    *,
+    spec: str,
+    dataset: LabeledDataset | ViewDataset,
+    epoch: int,
+    val_acc: float,
 ) -> dict:
     return {
         "state_dict": model.state_dict(),
@@ -92,7 +102,7 @@ def _checkpoint(
 def fit(
     *,
     model_spec: str,
-    train_set: LabeledDataset,
+    train_set: LabeledDataset | ViewDataset,
     val_set: LabeledDataset,
     config: LoopConfig,
     batch_loss: BatchLoss,
@@ -194,23 +204,40 @@ def train(config: TrainConfig) -> RunResult:
         )
     val_set = build_dataset(config.dataset, split=held_out_split(config.split))
     out = prepare_output_dir(config.out, overwrite=config.overwrite)
+    views = drawn_views(
+        train_set,
+        augment=config.augment,
+        augment_seed=config.augment_seed,
+        views=config.views,
+        epochs=config.epochs,
+        seed=config.seed,
+    )
     config.save(
-        out / "config.json", command="train", device=str(device), kdcache_version=__version__
+        out / "config.json",
+        command="train",
+        device=str(device),
+        kdcache_version=__version__,
+        views=None if views is None else views.dataset.views,
     )
 
     def cross_entropy(
         logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
     ) -> torch.Tensor:
-        return F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(logits, labels)
+        mixed = (
+            None if views is None else views.mixed_hard_loss(logits, labels, views.rows(indices))
+        )
+        return loss if mixed is None else loss + mixed
 
     return fit(
         model_spec=config.model,
-        train_set=train_set,
+        train_set=train_set if views is None else views.dataset,
         val_set=val_set,
         config=config,
         batch_loss=cross_entropy,
         out=out,
         device=device,
+        sampler=None if views is None else views.sampler,
     )
 
 
@@ -263,6 +290,16 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
             sampler: Sampler[int] | None = TransferSampler(rows, seed=config.seed, feed=feed)
         else:
             sampler = feed.sampler(seed=config.seed) if feed.mode == "chunked" else None
+        views = cached_views(
+            reader,
+            train_set,
+            augment=config.augment,
+            augment_seed=config.augment_seed,
+            views=config.views,
+            student_augment=config.student_augment,
+            seed=config.seed,
+            feed=feed,
+        )
         resolved.update(
             dataset=train_set.spec,
             split=train_set.split,
@@ -278,6 +315,15 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
         train_set = build_dataset(config.dataset, split=config.split or "train")
         rows = transfer_rows(config, train_set)
         sampler = None if rows is None else TransferSampler(rows, seed=config.seed)
+        views = drawn_views(
+            train_set,
+            augment=config.augment,
+            augment_seed=config.augment_seed,
+            views=config.views,
+            epochs=config.epochs,
+            seed=config.seed,
+            student_augment=config.student_augment,
+        )
         teacher = build_model(
             config.teacher, num_classes=train_set.num_classes, in_channels=train_set.in_channels
         )
@@ -295,16 +341,29 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
     val_set = build_dataset(labeled_spec(train_set.spec), split=held_out_split(train_set.split))
     resolved["transfer"] = describe_transfer(rows, train_set)
     out = prepare_output_dir(config.out, overwrite=config.overwrite)
+    if views is not None:
+        if rows is not None:
+            raise ConfigError(
+                "a transfer set (--indices, --exclude-classes) cannot be combined with views "
+                "(--augment or a store with views) yet; distill on every sample, or dump a store "
+                "of the transfer set"
+            )
+        sampler = views.sampler
+        resolved["views"] = views.dataset.views
     config.save(out / "config.json", **resolved)
 
     def kd_loss(
         logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
     ) -> torch.Tensor:
-        return total_loss(loss_fn(logits, teacher_logits(inputs, indices), labels))
+        rows = indices if views is None else views.rows(indices)
+        loss = total_loss(loss_fn(logits, teacher_logits(inputs, rows), labels))
+        mixed = None if views is None else views.mixed_hard_loss(logits, labels, rows)
+        # Every loss is alpha * soft + (1 - alpha) * CE: mix the CE term's labels like the input.
+        return loss if mixed is None else loss + (1 - config.alpha) * mixed
 
     result = fit(
         model_spec=config.student,
-        train_set=train_set,
+        train_set=train_set if views is None else views.dataset,
         val_set=val_set,
         config=config,
         batch_loss=kd_loss,
@@ -315,7 +374,7 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
     _plot_final_distributions(
         out,
         config=config,
-        dataset=train_set,
+        dataset=train_set if views is None else views.dataset,
         reader=reader,
         teacher_logits=teacher_logits,
         device=device,
@@ -327,13 +386,14 @@ def _plot_final_distributions(
     out: Path,
     *,
     config: DistillConfig,
-    dataset: LabeledDataset,
+    dataset: LabeledDataset | ViewDataset,
     reader: StoreReader | None,
     teacher_logits: Callable[[torch.Tensor, torch.Tensor], TeacherInput],
     device: torch.device,
     num_samples: int = 4,
 ) -> None:
-    """Write ``distributions.png``: teacher vs final student on the first sample of a few classes.
+    """Write ``distributions.png``: teacher vs final student on the first sample of a few classes
+    (its first view in a run with views).
 
     The teacher's side comes from the store when there is one (dense, at the run's temperature),
     else from the live teacher.
@@ -345,7 +405,8 @@ def _plot_final_distributions(
     else:  # an unlabeled dataset: samples spread over it
         first = np.arange(len(dataset))
     picked = np.linspace(0, len(first) - 1, min(num_samples, len(first))).round().astype(int)
-    indices = torch.from_numpy(np.sort(first[picked]))
+    samples = np.sort(first[picked])
+    indices = torch.from_numpy(first_rows(dataset, samples))
     inputs = torch.stack([dataset[int(i)][0] for i in indices]).to(device)
     labels = [dataset[int(i)][1] for i in indices]
     student = build_model(
@@ -367,5 +428,5 @@ def _plot_final_distributions(
         labels,
         out / "distributions.png",
         temperature=config.temperature,
-        sample_ids=indices.tolist(),
+        sample_ids=samples.tolist(),
     )

@@ -1,0 +1,179 @@
+"""The inputs of stored views, recreated from their parameters on the dataset's clean inputs.
+
+:class:`ViewSource` is the one place that turns a record of :class:`~kdcache.augment.recipe.Recipe`
+parameters into an input tensor: the dump (:class:`AllViews`, every view of a sample from one
+decode), the cached run and the online run (:class:`ViewDataset`, one view per store row) all
+call it, so a stored view's logits always belong to exactly the pixels the student sees.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from kdcache.augment.recipe import STUDENT_STREAM, Recipe
+from kdcache.errors import ConfigError, SpecError
+
+log = logging.getLogger("kdcache")
+
+
+class BaseDataset(Protocol):
+    """What views need of a dataset (a :class:`kdcache.datasets.LabeledDataset`)."""
+
+    num_classes: int
+    in_channels: int
+    spec: str
+    split: str
+
+    @property
+    def labels(self) -> np.ndarray: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
+
+
+def input_size(dataset: BaseDataset) -> tuple[int, int]:
+    """(H, W) of the dataset's inputs, read from sample 0."""
+    image = dataset[0][0]
+    return int(image.shape[-2]), int(image.shape[-1])
+
+
+def augment_record(recipe: Recipe, *, seed: int, size: tuple[int, int]) -> dict[str, Any]:
+    """What a store records about its views (``StoreMetadata.augment``)."""
+    return {
+        "recipe": recipe.spec,
+        "seed": seed,
+        "fields": list(recipe.fields),
+        "input_size": list(size),
+    }
+
+
+class ViewSource:
+    """A dataset's views: ``recipe`` replayed from ``params`` ``(N, V, P)`` on its clean inputs."""
+
+    def __init__(self, dataset: BaseDataset, recipe: Recipe, params: np.ndarray) -> None:
+        params = np.asarray(params, dtype=np.float32)
+        if (
+            params.ndim != 3
+            or params.shape[0] != len(dataset)
+            or params.shape[2] != len(recipe.fields)
+        ):
+            raise ConfigError(
+                f"view parameters of shape {params.shape} do not fit {len(dataset)} samples of "
+                f"recipe {recipe.spec!r} ({len(recipe.fields)} parameters per view)"
+            )
+        self.dataset = dataset
+        self.recipe = recipe
+        self.params = params
+        self.views = params.shape[1]
+        self.size = input_size(dataset)
+
+    def _clean(self, index: int) -> torch.Tensor:
+        image = self.dataset[index][0]
+        if tuple(image.shape[-2:]) != self.size:
+            raise SpecError(
+                f"sample {index} of {self.dataset.spec!r} is {tuple(image.shape[-2:])} pixels but "
+                f"the views were drawn for {self.size}; augmented views need inputs of one size"
+            )
+        return image
+
+    def view(self, index: int, view: int, clean: torch.Tensor | None = None) -> torch.Tensor:
+        """View ``view`` of sample ``index`` (pass ``clean``, its input, to skip a decode)."""
+        record = self.params[index, view]
+        image = self._clean(index) if clean is None else clean
+        partner = self.recipe.partner(record)
+        other = None if partner is None else self._clean(partner)
+        return self.recipe.apply(image, record, other)
+
+    def mix_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Partner sample and own-pixel share ``lam`` of each row; ``None`` without mixing."""
+        if not self.recipe.mixes:
+            return None
+        records = self.params.reshape(-1, self.params.shape[2])[rows]
+        start = self.recipe.mix_offset
+        return records[:, start].astype(np.int64), records[:, start + 1]
+
+
+class AllViews(Dataset):
+    """Item i: every view of sample i ``(V, C, H, W)`` from one decode, its label and i."""
+
+    def __init__(self, source: ViewSource) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        clean, label = self.source.dataset[index]
+        views = [self.source.view(index, v, clean) for v in range(self.source.views)]
+        return torch.stack(views), label, index
+
+
+class ViewDataset(Dataset):
+    """A training set of store rows: item ``sample * V + view`` is that view's input and label.
+
+    ``source`` may be ``None`` for a store of clean inputs (one row per sample). ``student``, a
+    recipe without mixing, adds student-only augmentation drawn per ``(student_seed, sample,
+    epoch)``: the teacher never saw it, so it breaks teacher-student consistency; items are then
+    indexed ``epoch * N * V + row`` (see :class:`~kdcache.augment.order.ViewSampler`).
+    """
+
+    def __init__(
+        self,
+        dataset: BaseDataset,
+        source: ViewSource | None,
+        *,
+        student: Recipe | None = None,
+        student_seed: int = 0,
+    ) -> None:
+        if student is not None and student.mixes:
+            raise ConfigError(
+                f"student-only augmentation {student.spec!r} cannot mix samples: the teacher's "
+                "logits would not cover the partner; drop mixup/cutmix from it"
+            )
+        self.dataset = dataset
+        self.source = source
+        self.views = 1 if source is None else source.views
+        self.student = student
+        self.student_seed = student_seed
+        self.num_classes = dataset.num_classes
+        self.in_channels = dataset.in_channels
+        self.spec = dataset.spec
+        self.split = dataset.split
+        self.num_rows = len(dataset) * self.views
+        self.size = input_size(dataset) if source is None else source.size
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.dataset.labels
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def rows(self, indices: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Store rows of the items ``indices`` (which carry the epoch with student augmentation)."""
+        if isinstance(indices, torch.Tensor):
+            indices = indices.cpu().numpy()
+        return np.asarray(indices, dtype=np.int64) % self.num_rows
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        epoch, row = divmod(int(index), self.num_rows)
+        sample, view = divmod(row, self.views)
+        clean, label = self.dataset[sample]
+        image = clean if self.source is None else self.source.view(sample, view, clean)
+        if self.student is not None:
+            record = self.student.sample(
+                seed=self.student_seed,
+                index=sample,
+                view=epoch,
+                num_samples=len(self.dataset),
+                size=(int(image.shape[-2]), int(image.shape[-1])),
+                stream=STUDENT_STREAM,
+            )
+            image = self.student.apply(image, record)
+        return image, label

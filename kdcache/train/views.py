@@ -1,0 +1,179 @@
+"""Training sets of augmented views for :mod:`kdcache.train.loop`: cached, online and CE runs.
+
+A store with views dictates the recipe, the parameters and V; an online run draws the same
+parameters from ``--augment``/``--augment-seed``, so for equal settings both runs feed the
+student the same pixels in the same order and the teacher's logits on exactly those pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdcache.augment.order import ViewSampler
+from kdcache.augment.recipe import Recipe, parse_recipe
+from kdcache.augment.views import ViewDataset, ViewSource, input_size
+from kdcache.datasets import LabeledDataset
+from kdcache.errors import StoreMismatchError
+from kdcache.store.feed import LogitFeed
+from kdcache.store.reader import StoreReader
+
+log = logging.getLogger("kdcache")
+
+
+@dataclass(frozen=True)
+class Views:
+    """A run's training set of views, the sampler choosing each epoch's views, and their source."""
+
+    dataset: ViewDataset
+    sampler: ViewSampler
+    source: ViewSource | None
+
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """Store rows (``sample * V + view``) of a batch's item indices."""
+        return torch.from_numpy(self.dataset.rows(indices))
+
+    def mixed_hard_loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor | None:
+        """``mean((1 - lam) * (CE(partner label) - CE(own label)))``: what turns a loss's hard
+        term on the own labels into the mixed term ``lam * CE(own) + (1 - lam) * CE(partner)``;
+        ``None`` when the recipe does not mix."""
+        mix = None if self.source is None else self.source.mix_of(rows.numpy())
+        if mix is None:
+            return None
+        partner, lam = mix
+        partner_labels = torch.from_numpy(self.dataset.labels[partner]).to(labels.device)
+        weight = torch.from_numpy(1.0 - lam).to(logits.device, logits.dtype)
+        own = F.cross_entropy(logits, labels, reduction="none")
+        other = F.cross_entropy(logits, partner_labels, reduction="none")
+        return (weight * (other - own)).mean()
+
+
+def _student_recipe(spec: str | None) -> Recipe | None:
+    if spec is None:
+        return None
+    log.warning(
+        "--student-augment %s changes the student's input after the teacher's logits were "
+        "computed: teacher and student no longer see the same view (Beyer et al. 2022 found "
+        "such inconsistency hurts); prefer a store dumped with --views V --augment RECIPE",
+        spec,
+    )
+    return parse_recipe(spec)
+
+
+def cached_views(
+    reader: StoreReader,
+    dataset: LabeledDataset,
+    *,
+    augment: str | None,
+    augment_seed: int | None,
+    views: int | None,
+    student_augment: str | None,
+    seed: int,
+    feed: LogitFeed,
+) -> Views | None:
+    """The views a store holds (``None`` for a plain store without student augmentation);
+    refuses options that disagree with what the store was dumped with."""
+    meta = reader.metadata
+    recorded = meta.augment
+    where = reader.where
+    if views is not None and views != meta.views:
+        raise StoreMismatchError(
+            f"{where} holds {meta.views} view(s) per sample but --views {views} was given; drop "
+            "--views (the store decides) or dump again"
+        )
+    if augment is not None:
+        wanted = parse_recipe(augment).spec
+        have = None if recorded is None else recorded.get("recipe")
+        if wanted != have:
+            raise StoreMismatchError(
+                f"{where} was dumped with recipe {have!r} but --augment {wanted!r} was given; "
+                "drop --augment (the store's recipe is used) or dump with that recipe"
+            )
+    if augment_seed is not None and recorded is not None and augment_seed != recorded.get("seed"):
+        raise StoreMismatchError(
+            f"{where} was dumped with --augment-seed {recorded.get('seed')} but {augment_seed} "
+            "was given; drop --augment-seed or dump again with that seed"
+        )
+    if recorded is None and meta.views > 1:
+        raise StoreMismatchError(
+            f"{where} holds {meta.views} views per sample but records no recipe, so their inputs "
+            "cannot be recreated; dump it with kdcache dump-teacher --augment"
+        )
+    if recorded is None and student_augment is None:
+        return None
+    source = None
+    if recorded is not None:
+        params = reader.view_params
+        if params is None:
+            raise StoreMismatchError(
+                f"{where} records the recipe {recorded.get('recipe')!r} but lacks its "
+                "view_params array; run kdcache verify and dump again"
+            )
+        source = ViewSource(dataset, parse_recipe(recorded["recipe"]), params)
+        drawn_for = tuple(recorded.get("input_size") or source.size)
+        if drawn_for != source.size:
+            raise StoreMismatchError(
+                f"{where}'s views were drawn for {drawn_for} inputs but dataset "
+                f"{dataset.spec!r} yields {source.size}; use the dataset the store was dumped from"
+            )
+    student = _student_recipe(student_augment)
+    return Views(
+        dataset=ViewDataset(dataset, source, student=student, student_seed=seed),
+        sampler=ViewSampler(
+            num_samples=len(dataset),
+            views=meta.views,
+            seed=seed,
+            feed=feed,
+            with_epoch=student is not None,
+        ),
+        source=source,
+    )
+
+
+def drawn_views(
+    dataset: LabeledDataset,
+    *,
+    augment: str | None,
+    augment_seed: int | None,
+    views: int | None,
+    epochs: int,
+    seed: int,
+    student_augment: str | None = None,
+) -> Views | None:
+    """Views drawn like a dump's (online KD and CE training); ``None`` without augmentation.
+
+    ``views`` defaults to ``epochs``: every epoch then sees a fresh view of every sample.
+    """
+    if augment is None and student_augment is None:
+        return None
+    source = None
+    count = 1
+    if augment is not None:
+        count = views or epochs
+        recipe = parse_recipe(augment)
+        params = recipe.sample_table(
+            seed=augment_seed or 0,
+            num_samples=len(dataset),
+            views=count,
+            size=input_size(dataset),
+        )
+        source = ViewSource(dataset, recipe, params)
+    student = _student_recipe(student_augment)
+    return Views(
+        dataset=ViewDataset(dataset, source, student=student, student_seed=seed),
+        sampler=ViewSampler(
+            num_samples=len(dataset), views=count, seed=seed, with_epoch=student is not None
+        ),
+        source=source,
+    )
+
+
+def first_rows(dataset: LabeledDataset | ViewDataset, samples: np.ndarray) -> np.ndarray:
+    """Row of each sample's first view (the sample index itself without views)."""
+    return samples * getattr(dataset, "views", 1)

@@ -1,0 +1,216 @@
+"""Distillation from stores with augmented views: consistency, cached == online, refusals."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import run_cli
+from teachers import seeded
+from test_plots import assert_png
+
+from kdcache import DistillConfig, DumpConfig, TrainConfig
+from kdcache.augment.recipe import parse_recipe
+from kdcache.datasets import build_dataset
+from kdcache.dump import dump_teacher
+from kdcache.errors import ConfigError, SpecError, StoreMismatchError
+from kdcache.store.reader import open_store
+from kdcache.store.verify import verify_store
+from kdcache.train.loop import distill, train
+
+RECIPE = "pad-crop:1+flip+mixup:0.4"
+DATASET = "fake:48:8:4"  # 48 train, 9 test images of (3, 8, 8): a tiny but real image set
+TEACHER = "teachers:seeded"  # cnn:8 from a fixed seed, identical in every process
+
+
+def load_state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def dump_views(out, **changes):
+    options = dict(
+        teacher=TEACHER,
+        dataset=DATASET,
+        out=str(out),
+        encoding="float32",
+        views=3,
+        augment=RECIPE,
+        augment_seed=2,
+        batch_size=30,
+        chunk_rows=12,
+        device="cpu",
+    )
+    return dump_teacher(DumpConfig(**{**options, **changes}))
+
+
+@pytest.fixture(scope="module")
+def view_store(tmp_path_factory):
+    out = tmp_path_factory.mktemp("views") / "views.zarr"
+    dump_views(out)
+    return out
+
+
+def test_the_dump_stores_the_teachers_logits_on_each_recreated_view(view_store):
+    reader = open_store(view_store)
+    assert reader.views == 3 and reader.metadata.augment["recipe"] == RECIPE
+    assert reader.metadata.augment["seed"] == 2 and reader.metadata.augment["input_size"] == [8, 8]
+    dataset = build_dataset(DATASET)
+    recipe = parse_recipe(RECIPE)
+    logits, params = reader.read_views([5, 40])
+    # The stored parameters are the recipe's draw; replaying them gives the teacher's logits.
+    teacher = seeded(num_classes=4, in_channels=3).eval()
+    for row, sample in enumerate([5, 40]):
+        for view in range(3):
+            record = recipe.sample(seed=2, index=sample, view=view, num_samples=48, size=(8, 8))
+            np.testing.assert_array_equal(params[row, view], record)
+            partner = dataset[recipe.partner(record)][0]
+            image = recipe.apply(dataset[sample][0], record, partner)
+            with torch.no_grad():
+                expected = teacher(image[None])[0]
+            torch.testing.assert_close(logits[row, view], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_interrupted_dump_with_views_resumes_bit_identical(tmp_path, view_store):
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(view_store, copy)
+    group = zarr.open_group(str(copy), mode="r+")
+    group["chunk_written"][5:] = 0  # as if killed after the first five chunks
+    group.attrs["kdcache"] = {**group.attrs["kdcache"], "complete": False}
+    group["logits"][60:] = 0
+    assert dump_views(copy, resume=True).rows_computed == 144 - 60
+    assert verify_store(copy).ok
+    before = zarr.open_group(str(view_store), mode="r")["logits"][:]
+    assert np.array_equal(zarr.open_group(str(copy), mode="r")["logits"][:], before)
+
+
+def test_cached_and_online_distillation_with_views_give_bit_identical_students(
+    tmp_path, view_store
+):
+    common = dict(
+        student="mlp:16", epochs=2, batch_size=8, seed=7, device="cpu", temperature=3.0, alpha=0.6
+    )
+    distill(DistillConfig(cache=str(view_store), out=str(tmp_path / "cached"), **common))
+    online = dict(teacher=TEACHER, dataset=DATASET, **common)
+    distill(
+        DistillConfig(
+            augment=RECIPE, augment_seed=2, views=3, out=str(tmp_path / "online"), **online
+        )
+    )
+    cached, same = load_state(tmp_path / "cached/last.pt"), load_state(tmp_path / "online/last.pt")
+    assert cached.keys() == same.keys()
+    for name in cached:
+        assert torch.equal(cached[name], same[name]), name
+    # Other views (another seed) give another student: the test can fail.
+    distill(
+        DistillConfig(
+            augment=RECIPE, augment_seed=3, views=3, out=str(tmp_path / "other"), **online
+        )
+    )
+    other = load_state(tmp_path / "other/last.pt")
+    assert not all(torch.equal(cached[name], other[name]) for name in cached)
+    resolved = json.loads((tmp_path / "cached/config.json").read_text())["resolved"]
+    assert resolved["views"] == 3 and resolved["store"]["augment"]["recipe"] == RECIPE
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"augment": "pad-crop:2+flip"}, "dumped with recipe 'pad-crop:1\\+flip\\+mixup:0.4'"),
+        ({"augment_seed": 5}, "--augment-seed 2 but 5"),
+        ({"views": 4}, "holds 3 view\\(s\\) per sample but --views 4"),
+    ],
+)
+def test_a_store_dumped_with_other_views_is_refused(tmp_path, view_store, changes, message):
+    with pytest.raises(StoreMismatchError, match=message):
+        distill(
+            DistillConfig(
+                student="mlp:8", cache=str(view_store), out=str(tmp_path), epochs=1, **changes
+            )
+        )
+
+
+def test_student_only_augmentation_warns_that_it_breaks_consistency(tmp_path, caplog):
+    dump_teacher(DumpConfig(teacher=TEACHER, dataset=DATASET, out=str(tmp_path / "clean.zarr")))
+    with caplog.at_level(logging.WARNING, logger="kdcache"):
+        result = distill(
+            DistillConfig(
+                student="mlp:8",
+                cache=str(tmp_path / "clean.zarr"),
+                student_augment="pad-crop:1+flip",
+                out=str(tmp_path / "run"),
+                epochs=1,
+                device="cpu",
+            )
+        )
+    assert 0 <= result.final_val_acc <= 100
+    assert "no longer see the same view" in caplog.text
+
+
+def test_train_with_augmentation_draws_a_fresh_view_each_epoch(tmp_path):
+    result = train(
+        TrainConfig(
+            model="mlp:8",
+            dataset=DATASET,
+            out=str(tmp_path),
+            epochs=2,
+            augment="pad-crop:1+cutmix:1",
+            seed=1,
+        )
+    )
+    assert 0 <= result.final_val_acc <= 100
+    assert json.loads((tmp_path / "config.json").read_text())["resolved"]["views"] == 2
+
+
+@pytest.mark.parametrize(
+    "config, error, message",
+    [
+        (lambda: DumpConfig(teacher="cnn", views=4), ConfigError, "--views 4 needs --augment"),
+        (lambda: DumpConfig(teacher="cnn", augment="blur"), SpecError, "unknown operation"),
+        (
+            lambda: DistillConfig(
+                student="mlp", cache="s.zarr", out="r", student_augment="mixup:1"
+            ),
+            ConfigError,
+            "cannot mix samples",
+        ),
+        (
+            lambda: DistillConfig(student="mlp", teacher="cnn", dataset="digits", out="r", views=2),
+            ConfigError,
+            "needs --augment",
+        ),
+    ],
+)
+def test_invalid_view_options(config, error, message):
+    with pytest.raises(error, match=message):
+        config()
+
+
+def test_cli_dumps_views_and_inspect_shows_them(tmp_path):
+    out = tmp_path / "v.zarr"
+    result = run_cli(
+        "dump-teacher",
+        "--teacher",
+        TEACHER,
+        "--dataset",
+        DATASET,
+        "--out",
+        str(out),
+        "--encoding",
+        "topk:3",
+        "--views",
+        "2",
+        "--augment",
+        "rrc:scale=0.5-1+flip",
+        "--device",
+        "cpu",
+    )
+    assert "V=2" in result.stdout and "B/view" in result.stdout
+    shown = run_cli("inspect", str(out), "--plot", str(tmp_path / "store.png")).stdout
+    assert "views (V):" in shown and "rrc:scale=0.5-1" in shown
+    assert_png(tmp_path / "store.png")
+    assert_png(tmp_path / "store-views.png")  # a few samples' views with the teacher's classes
