@@ -319,7 +319,7 @@ def _check_view_params(reader: StoreReader, problems: list[str]) -> None:
         if fields is not None:
             problems.append(
                 f"array {VIEW_PARAMS_ARRAY!r} is missing but the metadata records the recipe "
-                f"{meta.augment.get('recipe')!r}; the views cannot be recreated"
+                f"{(meta.augment or {}).get('recipe')!r}; the views cannot be recreated"
             )
         return
     try:
