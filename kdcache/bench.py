@@ -24,12 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdcache.bench_inputs import input_pass_s, sync
 from kdcache.config import DistillConfig, DumpConfig, TrainConfig
-from kdcache.datasets import build_dataset
+from kdcache.datasets import LabeledDataset, build_dataset
+from kdcache.device_input import InputPipeline, resolve_inputs
 from kdcache.dump import dump_teacher
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.models import build_model
-from kdcache.runtime import make_loader, resolve_device
+from kdcache.runtime import autocast, prepare_model, resolve_device
 from kdcache.store.reader import open_store
 from kdcache.store.writer import create_store
 from kdcache.train.loop import distill, train
@@ -48,11 +50,6 @@ def _set_threads(threads: int | None) -> int:
 
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _round(values: dict[str, Any]) -> dict[str, Any]:
@@ -208,27 +205,30 @@ def bench_feed(
 
 
 def _timed(function: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
+    sync(device)
     started = time.perf_counter()
     function()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - started
 
 
 def _bare_forward(
     teacher: torch.nn.Module,
-    dataset: Any,
+    dataset: LabeledDataset,
     *,
     batch_size: int,
     num_workers: int,
     device: torch.device,
+    amp: str | None,
+    channels_last: bool,
 ) -> None:
-    loader = make_loader(
-        dataset, batch_size=batch_size, num_workers=num_workers, device=device, shuffle=False
-    )
+    pipeline = InputPipeline(dataset, device=device, channels_last=channels_last)
+    loader = pipeline.loader(batch_size=batch_size, num_workers=num_workers, shuffle=False)
     with torch.inference_mode():
-        for inputs, _, _ in loader:
-            teacher(inputs.to(device, non_blocking=True)).float().cpu()
+        for batch in pipeline.batches(loader):
+            with autocast(device, amp):
+                logits = teacher(batch.inputs)
+            logits.float().cpu()
 
 
 def bench_dump(
@@ -241,20 +241,27 @@ def bench_dump(
     repeats: int = 3,
     encoding: str = "float16",
     threads: int | None = None,
+    inputs: str = "auto",
+    amp: str | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """``dump_teacher`` against the bare teacher forward over the same loader, interleaved.
 
-    The bare loop also moves the logits to the host, as any consumer of a forward pass must.
-    ``dump_loop_s`` excludes the dump's setup (dataset labels and fingerprint, store creation);
-    ratios are medians of the per-round ratios.
+    Both take the same input path (``inputs``), autocast (``amp``), memory format and
+    compilation. The bare loop also moves the logits to the host, as any consumer of a forward
+    pass must. ``dump_loop_s`` excludes the dump's setup (dataset labels and fingerprint, store
+    creation); ratios are medians of the per-round ratios.
     """
     threads = _set_threads(threads)
     torch_device = resolve_device(device)
     data = build_dataset(dataset)
-    model = (
-        build_model(teacher, num_classes=data.num_classes, in_channels=data.in_channels)
-        .to(torch_device)
-        .eval()
+    form = resolve_inputs(inputs, data, torch_device)
+    _, model = prepare_model(
+        build_model(teacher, num_classes=data.num_classes, in_channels=data.in_channels).eval(),
+        device=torch_device,
+        channels_last=channels_last,
+        compile=compile,
     )
     bare, loop, wall = [], [], []
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as scratch:
@@ -267,6 +274,10 @@ def bench_dump(
             num_workers=num_workers,
             device=str(torch_device),
             overwrite=True,
+            inputs=form,
+            amp=amp,
+            channels_last=channels_last,
+            compile=compile,
         )
         for round_index in range(max(1, repeats)):
             # Alternate which runs first, so neither always meets the machine warmer or busier.
@@ -276,10 +287,12 @@ def bench_dump(
                         _timed(
                             lambda: _bare_forward(
                                 model,
-                                data,
+                                data.with_inputs(form),
                                 batch_size=batch_size,
                                 num_workers=num_workers,
                                 device=torch_device,
+                                amp=amp,
+                                channels_last=channels_last,
                             ),
                             torch_device,
                         )
@@ -305,6 +318,10 @@ def bench_dump(
             "device": str(torch_device),
             "threads": threads,
             "encoding": encoding,
+            "inputs": form,
+            "amp": amp,
+            "channels_last": channels_last,
+            "compile": compile,
             "repeats": len(bare),
             "bare_forward_s": bare_s,
             "dump_loop_s": loop_s,
@@ -329,50 +346,52 @@ def _epoch_time(out: Path) -> float:
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["train_time_s"]
 
 
-def _loader_only_time(
-    dataset: Any, *, batch_size: int, num_workers: int, device: torch.device
-) -> float:
-    """Seconds for one pass of the same loader with no model: the input pipeline's own limit."""
-    loader = make_loader(
-        dataset, batch_size=batch_size, num_workers=num_workers, device=device, shuffle=True
-    )
-    for _ in loader:  # start-up pass: workers, page cache
-        pass
-    started = time.perf_counter()
-    for inputs, _, _ in loader:
-        inputs.to(device, non_blocking=True)
-    _sync(device)
-    return time.perf_counter() - started
-
-
 def _compute_only_saving(
     teacher: str,
     student: str,
-    dataset: Any,
+    dataset: LabeledDataset,
     *,
     batch_size: int,
     device: torch.device,
+    amp: str | None,
+    channels_last: bool,
+    compile: bool,
     steps: int = 5,
 ) -> tuple[float, float]:
     """Median seconds of one teacher forward and of one CE student step on the same batch."""
-    inputs = torch.stack([dataset[i % len(dataset)][0] for i in range(batch_size)]).to(device)
+    inputs = torch.stack([dataset.float_input(i % len(dataset)) for i in range(batch_size)]).to(
+        device
+    )
+    if channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, dataset.num_classes, (batch_size,), device=device)
     shape = dict(num_classes=dataset.num_classes, in_channels=dataset.in_channels)
-    teacher_model = build_model(teacher, **shape).to(device).eval()
-    student_model = build_model(student, **shape).to(device).train()
-    optimizer = torch.optim.Adam(student_model.parameters())
+    _, teacher_model = prepare_model(
+        build_model(teacher, **shape).eval(),
+        device=device,
+        channels_last=channels_last,
+        compile=compile,
+    )
+    student_module, student_model = prepare_model(
+        build_model(student, **shape), device=device, channels_last=channels_last, compile=compile
+    )
+    optimizer = torch.optim.Adam(student_module.parameters())
 
     def forward() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(device, amp):
             teacher_model(inputs)
 
     def step() -> None:
-        loss = F.cross_entropy(student_model(inputs), labels)
+        with autocast(device, amp):
+            logits = student_model(inputs)
+        loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    forward(), step()  # warm-up: allocator, cudnn autotuning
+    for _ in range(2):  # warm-up: allocator, cuDNN autotuning, compilation
+        forward()
+        step()
     teacher_s = statistics.median(_timed(forward, device) for _ in range(steps))
     student_s = statistics.median(_timed(step, device) for _ in range(steps))
     return teacher_s, student_s
@@ -390,6 +409,10 @@ def bench_distill(
     cache_memory: int | str | None = None,
     threads: int | None = None,
     epochs: int = 2,
+    inputs: str = "auto",
+    amp: str | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Runs of CE-only training, distillation from the cache and online KD, interleaved.
 
@@ -398,23 +421,34 @@ def bench_distill(
     start-up excluded). Ratios are medians of the
     per-round ratios. The compute-only saving is
     (teacher forward + student step) / student step, timed on one batch without a loader.
+    Every run, the dump and the compute-only timing take the same ``inputs``, ``amp``,
+    ``channels_last`` and ``compile``; the loader-only figure is the input path alone
+    (:func:`kdcache.bench_inputs.input_pass_s`).
     """
     threads = _set_threads(threads)
     torch_device = resolve_device(device)
     data = build_dataset(dataset)
+    form = resolve_inputs(inputs, data, torch_device)
+    speed: dict[str, Any] = dict(amp=amp, channels_last=channels_last, compile=compile)
     teacher_s, student_s = _compute_only_saving(
-        teacher, student, data, batch_size=batch_size, device=torch_device
+        teacher, student, data, batch_size=batch_size, device=torch_device, **speed
     )
     times: dict[str, list[float]] = {"ce": [], "cache": [], "online": []}
-    loader_s = _loader_only_time(
-        data, batch_size=batch_size, num_workers=num_workers, device=torch_device
+    loader_s = input_pass_s(
+        data.with_inputs(form),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=torch_device,
+        channels_last=channels_last,
     )
-    common = dict(
+    common: dict[str, Any] = dict(
         epochs=epochs,
         batch_size=batch_size,
         num_workers=num_workers,
         device=str(torch_device),
         overwrite=True,
+        inputs=form,
+        **speed,
     )
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as scratch:
         root = Path(scratch)
@@ -428,6 +462,8 @@ def bench_distill(
                 num_workers=num_workers,
                 device=str(torch_device),
                 overwrite=True,
+                inputs=form,
+                **speed,
             )
         )
         runs: dict[str, Callable[[Path], Any]] = {
@@ -465,6 +501,10 @@ def bench_distill(
             "num_workers": num_workers,
             "device": str(torch_device),
             "threads": threads,
+            "inputs": form,
+            "amp": amp,
+            "channels_last": channels_last,
+            "compile": compile,
             "repeats": len(times["ce"]),
             "ce_epoch_s": ce,
             "cache_epoch_s": cache,

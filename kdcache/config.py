@@ -13,6 +13,8 @@ from kdcache.datasets import SPLITS
 from kdcache.errors import ConfigError
 from kdcache.logits.encodings import parse_encoding
 from kdcache.logits.losses import LOSS_NAMES
+from kdcache.pixels import INPUT_CHOICES
+from kdcache.runtime import AMP_DTYPES
 from kdcache.store.feed import parse_size
 
 
@@ -24,6 +26,17 @@ def _require(condition: bool, message: str) -> None:
 def check_split(split: str | None) -> None:
     _require(
         split is None or split in SPLITS, f"split must be one of {', '.join(SPLITS)}, got {split!r}"
+    )
+
+
+def check_speed_options(inputs: str, amp: str | None) -> None:
+    _require(
+        inputs in INPUT_CHOICES,
+        f"unknown input form {inputs!r}; valid choices: {', '.join(INPUT_CHOICES)}",
+    )
+    _require(
+        amp is None or amp in AMP_DTYPES,
+        f"unknown amp dtype {amp!r}; valid choices: {', '.join(AMP_DTYPES)} (or leave it out)",
     )
 
 
@@ -39,8 +52,15 @@ class LoopConfig:
     device: str | None = None
     num_workers: int = 0
     overwrite: bool = False
+    #: How images reach the device: auto, float32, uint8 or jpeg (kdcache.device_input).
+    inputs: str = "auto"
+    #: Autocast dtype for the forward passes (bf16 or fp16); the losses stay in float32.
+    amp: str | None = None
+    channels_last: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
+        check_speed_options(self.inputs, self.amp)
         _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
         _require(
@@ -144,8 +164,14 @@ class DumpConfig:
     chunk_rows: int | None = None
     overwrite: bool = False
     resume: bool = False
+    inputs: str = "auto"
+    #: Autocast dtype of the teacher's forward (bf16 or fp16), recorded in the store's metadata.
+    amp: str | None = None
+    channels_last: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
+        check_speed_options(self.inputs, self.amp)
         check_split(self.split)
         _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
         _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")

@@ -15,10 +15,12 @@ from tqdm import tqdm
 
 from kdcache.config import DumpConfig
 from kdcache.datasets import build_dataset, dataset_fingerprint
+from kdcache.device_input import InputPipeline, resolve_inputs
 from kdcache.errors import KdcacheError, StoreWriteError
 from kdcache.logits.fidelity import Fidelity
 from kdcache.models import build_model, load_weights, weights_sha256
-from kdcache.runtime import IndexedDataset, resolve_device
+from kdcache.pixels import collate_files
+from kdcache.runtime import IndexedDataset, autocast, prepare_model, resolve_device
 from kdcache.store.background import BackgroundWriter
 from kdcache.store.layout import store_nbytes
 from kdcache.store.writer import StoreWriter, create_store
@@ -76,7 +78,8 @@ def _fill(
     teacher: torch.nn.Module,
     loader: DataLoader,
     *,
-    device: torch.device,
+    pipeline: InputPipeline,
+    amp: str | None,
     total: int,
     where: str,
 ) -> None:
@@ -91,10 +94,11 @@ def _fill(
         BackgroundWriter(writer) as background,
         tqdm(total=total, unit="sample", desc="dump", disable=None) as bar,
     ):
-        for inputs, _, indices in loader:
-            logits = teacher(inputs.to(device, non_blocking=True))
-            background.write(indices, logits)
-            bar.update(len(indices))
+        for batch in pipeline.batches(loader):
+            with autocast(pipeline.device, amp):
+                logits = teacher(batch.inputs)
+            background.write(batch.indices, logits.float())
+            bar.update(len(batch.indices))
 
 
 def dump_teacher(config: DumpConfig) -> DumpResult:
@@ -102,12 +106,16 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
     started = time.perf_counter()
     device = resolve_device(config.device)
     dataset = build_dataset(config.dataset, split=config.split)
+    inputs = resolve_inputs(config.inputs, dataset, device)
     teacher = build_model(
         config.teacher, num_classes=dataset.num_classes, in_channels=dataset.in_channels
     )
     if config.weights is not None:
         load_weights(teacher, config.weights, spec=config.teacher)
-    teacher.to(device).eval().requires_grad_(False)
+    teacher.eval().requires_grad_(False)
+    teacher, forward = prepare_model(
+        teacher, device=device, channels_last=config.channels_last, compile=config.compile
+    )
 
     with create_store(
         config.out,
@@ -119,27 +127,42 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
         teacher={
             "spec": config.teacher,
             "weights_sha256": weights_sha256(config.weights) if config.weights else None,
+            # Autocast logits differ from float32 ones by about the dtype's rounding; absent
+            # means float32 (as in stores written before --amp existed).
+            **({"amp": config.amp} if config.amp else {}),
         },
         dataset={
             "spec": dataset.spec,
             "split": dataset.split,
             "transform": dataset.transform_description,
             "fingerprint": dataset_fingerprint(dataset),
+            # Files decoded by torchvision (nvJPEG on CUDA) match PIL's pixels only within rounding.
+            **({"inputs": inputs} if inputs == "jpeg" else {}),
         },
         overwrite=config.overwrite,
         resume=config.resume,
     ) as writer:
         pending = writer.pending_indices()
         batches = pending_batches(pending, num_samples=len(dataset), batch_size=config.batch_size)
+        pipeline = InputPipeline(
+            dataset.with_inputs(inputs), device=device, channels_last=config.channels_last
+        )
         loader = DataLoader(
-            IndexedDataset(dataset),
+            IndexedDataset(pipeline.dataset),
             batch_sampler=batches,
             num_workers=config.num_workers,
+            collate_fn=collate_files if inputs == "jpeg" else None,
             pin_memory=device.type == "cuda",
         )
         loop_started = time.perf_counter()
         _fill(
-            writer, teacher, loader, device=device, total=sum(map(len, batches)), where=config.out
+            writer,
+            forward,
+            loader,
+            pipeline=pipeline,
+            amp=config.amp,
+            total=sum(map(len, batches)),
+            where=config.out,
         )
         loop_time_s = time.perf_counter() - loop_started
         with _resumable_on_os_error(f"marking {config.out} complete"):

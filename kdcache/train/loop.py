@@ -29,17 +29,24 @@ from kdcache.datasets import (
     compare_fingerprints,
     dataset_fingerprint,
 )
+from kdcache.device_input import Attach, DeviceBatch, InputPipeline, resolve_inputs
 from kdcache.errors import ConfigError, StoreMismatchError
 from kdcache.logits.losses import TeacherLogits, build_loss, total_loss
 from kdcache.models import build_model, load_weights, weights_sha256
 from kdcache.plots import plot_curves, plot_distributions
-from kdcache.runtime import atomic_torch_save, make_loader, prepare_output_dir, resolve_device
+from kdcache.runtime import (
+    atomic_torch_save,
+    autocast,
+    prepare_model,
+    prepare_output_dir,
+    resolve_device,
+)
 from kdcache.store.reader import StoreReader, open_store
 
 log = logging.getLogger("kdcache")
 
-#: Computes the loss of one batch from (student logits, inputs, labels, sample indices).
-BatchLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: Computes the loss of one batch from the student's float32 logits and the batch.
+BatchLoss = Callable[[torch.Tensor, DeviceBatch], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -60,20 +67,30 @@ def held_out_split(split: str) -> str:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, dataset: LabeledDataset, *, batch_size: int, device: torch.device
+    model: nn.Module,
+    dataset: LabeledDataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    amp: str | None = None,
+    channels_last: bool = False,
 ) -> tuple[float, float]:
-    """Accuracy in percent and mean cross-entropy of ``model`` on ``dataset``."""
+    """Accuracy in percent and mean cross-entropy of ``model`` on ``dataset``.
+
+    ``dataset`` comes in the form the run loads (:meth:`LabeledDataset.with_inputs`).
+    """
     model.eval()
-    loader = make_loader(
-        dataset, batch_size=batch_size, num_workers=0, device=device, shuffle=False
-    )
-    correct, loss_sum = 0, 0.0
-    for inputs, labels, _ in loader:
-        inputs, labels = inputs.to(device), labels.to(device)
-        logits = model(inputs)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(dim=1) == labels).sum().item()
-    return 100.0 * correct / len(dataset), loss_sum / len(dataset)
+    pipeline = InputPipeline(dataset, device=device, channels_last=channels_last)
+    loader = pipeline.loader(batch_size=batch_size, num_workers=0, shuffle=False)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in pipeline.batches(loader):
+        with autocast(device, amp):
+            logits = model(batch.inputs)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum")
+        correct += (logits.argmax(dim=1) == batch.labels).sum()
+    return 100.0 * correct.item() / len(dataset), loss_sum.item() / len(dataset)
 
 
 def _checkpoint(
@@ -100,22 +117,32 @@ def fit(
     out: Path,
     device: torch.device,
     sampler: Sampler[int] | None = None,
+    attach: Attach | None = None,
 ) -> RunResult:
     """The training loop shared by :func:`train` and :func:`distill`.
 
-    ``sampler`` replaces the seeded shuffle, e.g. with a chunked logit feed's order.
+    ``train_set`` and ``val_set`` come in the form the run loads; ``sampler`` replaces the
+    seeded shuffle, e.g. with a chunked logit feed's order; ``attach`` looks up what rides along
+    with each batch to the device (cached teacher logits). The forward pass runs under
+    ``config.amp`` autocast; the loss is computed in float32 outside it.
     """
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    model = build_model(
-        model_spec, num_classes=train_set.num_classes, in_channels=train_set.in_channels
-    ).to(device)
+    model, step_model = prepare_model(
+        build_model(
+            model_spec, num_classes=train_set.num_classes, in_channels=train_set.in_channels
+        ),
+        device=device,
+        channels_last=config.channels_last,
+        compile=config.compile,
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    loader = make_loader(
-        train_set,
+    # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none.
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    pipeline = InputPipeline(train_set, device=device, channels_last=config.channels_last)
+    loader = pipeline.loader(
         batch_size=config.batch_size,
         num_workers=config.num_workers,
-        device=device,
         shuffle=True,
         seed=config.seed,
         sampler=sampler,
@@ -126,23 +153,38 @@ def fit(
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
         model.train()
-        loss_sum, seen = 0.0, 0
-        for inputs, labels, indices in tqdm(
-            loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None
+        # Summed on the device: reading the loss every step would stall the GPU's queue.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        seen = 0
+        for batch in tqdm(
+            pipeline.batches(loader, attach=attach),
+            total=len(loader),
+            desc=f"epoch {epoch}/{config.epochs}",
+            leave=False,
+            disable=None,
         ):
-            inputs = inputs.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            loss = batch_loss(model(inputs), inputs, labels, indices)
+            with autocast(device, config.amp):
+                logits = step_model(batch.inputs)
+            loss = batch_loss(logits.float(), batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * labels.size(0)
-            seen += labels.size(0)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach() * batch.labels.size(0)
+            seen += batch.labels.size(0)
+        train_loss = loss_sum.item() / seen  # waits for the epoch's last step
         train_time = time.perf_counter() - epoch_started
-        val_acc, val_loss = evaluate(model, val_set, batch_size=config.batch_size, device=device)
+        val_acc, val_loss = evaluate(
+            model,
+            val_set,
+            batch_size=config.batch_size,
+            device=device,
+            amp=config.amp,
+            channels_last=config.channels_last,
+        )
         record = {
             "epoch": epoch,
-            "train_loss": loss_sum / seen,
+            "train_loss": train_loss,
             "val_acc": val_acc,
             "val_loss": val_loss,
             "train_time_s": round(train_time, 4),
@@ -180,16 +222,20 @@ def train(config: TrainConfig) -> RunResult:
     """Plain cross-entropy training (the teacher, or the CE-only student baseline)."""
     device = resolve_device(config.device)
     train_set = build_dataset(config.dataset, split=config.split)
-    val_set = build_dataset(config.dataset, split=held_out_split(config.split))
+    inputs = resolve_inputs(config.inputs, train_set, device)
+    train_set = train_set.with_inputs(inputs)
+    val_set = build_dataset(config.dataset, split=held_out_split(config.split)).with_inputs(inputs)
     out = prepare_output_dir(config.out, overwrite=config.overwrite)
     config.save(
-        out / "config.json", command="train", device=str(device), kdcache_version=__version__
+        out / "config.json",
+        command="train",
+        device=str(device),
+        inputs=inputs,
+        kdcache_version=__version__,
     )
 
-    def cross_entropy(
-        logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
-    ) -> torch.Tensor:
-        return F.cross_entropy(logits, labels)
+    def cross_entropy(logits: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
+        return F.cross_entropy(logits, batch.labels)
 
     return fit(
         model_spec=config.model,
@@ -258,6 +304,8 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
         top_k=config.top_k,
     )
     resolved: dict = {"command": "distill", "device": str(device), "kdcache_version": __version__}
+    attach: Attach | None = None
+    teacher_step: Callable[[DeviceBatch], TeacherLogits]
     if config.cache is not None:
         reader = (
             reader
@@ -276,37 +324,55 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
             store=reader.metadata.to_dict(),
             feed={"mode": feed.mode, "memory_budget": feed.memory_budget},
         )
+        store = reader
 
-        def teacher_logits(inputs: torch.Tensor, indices: torch.Tensor) -> TeacherLogits:
-            if reader.encoding.is_sparse:
+        def attach(indices: torch.Tensor) -> TeacherLogits:
+            # Gathered on the host and copied with the batch's images, one batch ahead.
+            if store.encoding.is_sparse:
                 # A topk:K store stays sparse: no dense (B, C) teacher tensor on the host.
-                return reader.read_sparse(indices).to(device)
-            return feed.to_device(indices, device, temperature=config.temperature)
+                return store.read_sparse(indices)
+            return feed.read(indices, temperature=config.temperature)
+
+        def teacher_step(batch: DeviceBatch) -> TeacherLogits:
+            assert batch.teacher is not None
+            return batch.teacher
     else:
         assert config.teacher is not None and config.dataset is not None
         sampler = None
         train_set = build_dataset(config.dataset, split=config.split or "train")
-        teacher = build_model(
-            config.teacher, num_classes=train_set.num_classes, in_channels=train_set.in_channels
+        teacher, teacher_forward = prepare_model(
+            build_model(
+                config.teacher,
+                num_classes=train_set.num_classes,
+                in_channels=train_set.in_channels,
+            ),
+            device=device,
+            channels_last=config.channels_last,
+            compile=False,  # compiled below, after eval mode and frozen weights
         )
         if config.weights is not None:
             load_weights(teacher, config.weights, spec=config.teacher)
             resolved["teacher_weights_sha256"] = weights_sha256(config.weights)
-        teacher.to(device).eval().requires_grad_(False)
+        teacher.eval().requires_grad_(False)
+        if config.compile:
+            teacher_forward = torch.compile(teacher)  # type: ignore[assignment]
         resolved.update(dataset=train_set.spec, split=train_set.split)
 
         @torch.no_grad()
-        def teacher_logits(inputs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-            return teacher(inputs).float()
+        def teacher_step(batch: DeviceBatch) -> TeacherLogits:
+            with autocast(device, config.amp):
+                return teacher_forward(batch.inputs).float()
 
+    inputs = resolve_inputs(config.inputs, train_set, device)
+    resolved["inputs"] = inputs
+    train_set = train_set.with_inputs(inputs)
     val_set = build_dataset(train_set.spec, split=held_out_split(train_set.split))
+    val_set = val_set.with_inputs(inputs)
     out = prepare_output_dir(config.out, overwrite=config.overwrite)
     config.save(out / "config.json", **resolved)
 
-    def kd_loss(
-        logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
-    ) -> torch.Tensor:
-        return total_loss(loss_fn(logits, teacher_logits(inputs, indices), labels))
+    def kd_loss(logits: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
+        return total_loss(loss_fn(logits, teacher_step(batch), batch.labels))
 
     result = fit(
         model_spec=config.student,
@@ -317,13 +383,14 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
         out=out,
         device=device,
         sampler=sampler,
+        attach=attach,
     )
     _plot_final_distributions(
         out,
         config=config,
         dataset=train_set,
         reader=reader,
-        teacher_logits=teacher_logits,
+        teacher_step=teacher_step,
         device=device,
     )
     return result
@@ -335,7 +402,7 @@ def _plot_final_distributions(
     config: DistillConfig,
     dataset: LabeledDataset,
     reader: StoreReader | None,
-    teacher_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    teacher_step: Callable[[DeviceBatch], TeacherLogits],
     device: torch.device,
     num_samples: int = 4,
 ) -> None:
@@ -347,7 +414,7 @@ def _plot_final_distributions(
     classes, first = np.unique(dataset.labels, return_index=True)
     picked = np.linspace(0, len(classes) - 1, min(num_samples, len(classes))).round().astype(int)
     indices = torch.from_numpy(np.sort(first[picked]))
-    inputs = torch.stack([dataset[int(i)][0] for i in indices]).to(device)
+    inputs = torch.stack([dataset.float_input(int(i)) for i in indices]).to(device)
     labels = [dataset[int(i)][1] for i in indices]
     student = build_model(
         config.student, num_classes=dataset.num_classes, in_channels=dataset.in_channels
@@ -359,7 +426,10 @@ def _plot_final_distributions(
         if reader is not None:
             teacher = reader.read(indices, temperature=config.temperature)
         else:
-            teacher = teacher_logits(inputs, indices).cpu()
+            batch = DeviceBatch(inputs, torch.tensor(labels, device=device), indices)
+            online = teacher_step(batch)
+            assert isinstance(online, torch.Tensor)
+            teacher = online.cpu()
     plot_distributions(
         teacher,
         student_logits,

@@ -1,0 +1,195 @@
+"""The input path to the device: small batches across the bus, float images made where they land.
+
+A dataset hands out uint8 images (or, for ``imagefolder`` on CUDA, the JPEG files themselves);
+the DataLoader collates them in pinned memory; :class:`InputPipeline` copies each batch to the
+device without blocking, on a side CUDA stream one batch ahead of the step that uses it, together
+with whatever rides along (a cached store's teacher logits). The step's first operation turns
+the pixels into the float32 (optionally channels-last) images the model expects, for the student
+and the teacher alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from kdcache.datasets import LabeledDataset
+from kdcache.errors import ConfigError
+from kdcache.logits.losses import TeacherLogits
+from kdcache.logits.sparse import SparseLogits
+from kdcache.pixels import INPUT_CHOICES, collate_files, decode_files
+from kdcache.runtime import make_loader
+
+#: Looks up what rides along with a batch (on the host) from its sample indices.
+Attach = Callable[[torch.Tensor], TeacherLogits]
+
+
+def resolve_inputs(requested: str, dataset: LabeledDataset, device: torch.device) -> str:
+    """The input form a run uses: ``requested``, or for ``auto`` the fastest the dataset offers.
+
+    ``auto`` picks ``jpeg`` (decoding on the GPU) for an image folder on CUDA, else ``uint8``
+    where the dataset has it, else ``float32``.
+    """
+    if requested not in INPUT_CHOICES:
+        raise ConfigError(
+            f"unknown input form {requested!r}; valid choices: {', '.join(INPUT_CHOICES)}"
+        )
+    if requested != "auto":
+        dataset.with_inputs(requested)  # raises, naming the forms this dataset has
+        return requested
+    if "jpeg" in dataset.input_forms and device.type == "cuda":
+        return "jpeg"
+    return "uint8" if "uint8" in dataset.input_forms else "float32"
+
+
+@dataclass(frozen=True)
+class DeviceBatch:
+    """One batch ready for a step: float ``inputs`` and ``labels`` on the device.
+
+    ``indices`` (the sample indices) stay on the host, where stores are read and written;
+    ``teacher`` is what :class:`InputPipeline`'s ``attach`` looked up, on the device.
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    teacher: TeacherLogits | None = None
+
+
+@dataclass
+class _Staged:
+    pixels: Any
+    labels: torch.Tensor
+    indices: torch.Tensor
+    teacher: TeacherLogits | None
+    ready: torch.cuda.Event | None = None
+
+
+class InputPipeline:
+    """Loads ``dataset`` (in the form it was given, see :meth:`LabeledDataset.with_inputs`) onto
+    ``device`` as float32 batches; ``channels_last`` lays 4-D images out for channels-last models.
+    """
+
+    def __init__(
+        self, dataset: LabeledDataset, *, device: torch.device, channels_last: bool = False
+    ) -> None:
+        self.dataset = dataset
+        self.form = dataset.input_form
+        self.device = device
+        self.channels_last = channels_last
+
+    @property
+    def host_bytes_per_sample(self) -> int | None:
+        """Bytes one sample's input takes across the bus (``None`` for files: they vary)."""
+        if self.form == "jpeg":
+            return None
+        x = self.dataset[0][0]
+        return x.numel() * x.element_size()
+
+    def loader(
+        self,
+        *,
+        batch_size: int,
+        num_workers: int,
+        shuffle: bool,
+        seed: int = 0,
+        sampler: Sampler[int] | None = None,
+    ) -> DataLoader:
+        """:func:`kdcache.runtime.make_loader` over this pipeline's dataset."""
+        return make_loader(
+            self.dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=self.device,
+            shuffle=shuffle,
+            seed=seed,
+            sampler=sampler,
+            collate_fn=collate_files if self.form == "jpeg" else None,
+        )
+
+    def batches(
+        self,
+        loader: Iterable[tuple[Any, torch.Tensor, torch.Tensor]],
+        *,
+        attach: Attach | None = None,
+    ) -> Iterator[DeviceBatch]:
+        """The loader's ``(inputs, labels, indices)`` batches as :class:`DeviceBatch` es.
+
+        On CUDA the next batch (and what ``attach`` looks up for it) is copied on a side stream
+        while the current one is in use, so a step waits for a copy only when the loader is slower
+        than the step.
+        """
+        if self.device.type != "cuda":
+            for inputs, labels, indices in loader:
+                yield self.finish(self._stage(inputs, labels, indices, attach))
+            return
+        stream = torch.cuda.Stream(self.device)
+        pending: _Staged | None = None
+        for inputs, labels, indices in loader:
+            with torch.cuda.stream(stream):
+                staged = self._stage(inputs, labels, indices, attach)
+                staged.ready = torch.cuda.Event()
+                staged.ready.record(stream)
+            if pending is not None:
+                yield self.finish(pending)
+            pending = staged
+        if pending is not None:
+            yield self.finish(pending)
+
+    def _stage(
+        self, inputs: Any, labels: torch.Tensor, indices: torch.Tensor, attach: Attach | None
+    ) -> _Staged:
+        """Start the batch's copies to the device (and a JPEG batch's decoding there)."""
+        teacher = None if attach is None else _to_device(attach(indices), self.device)
+        if self.form == "jpeg":
+            assert self.dataset.jpeg_geometry is not None
+            pixels = decode_files(inputs, self.dataset.jpeg_geometry, device=self.device)
+        else:
+            pixels = _to_device(inputs, self.device)
+        return _Staged(pixels, _to_device(labels, self.device), indices, teacher)
+
+    def finish(self, staged: _Staged) -> DeviceBatch:
+        """The step's first operation: float32 (channels-last) images from the staged pixels."""
+        if staged.ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(staged.ready)
+            # Made on the side stream, used on this one: keep the allocator from reusing them early.
+            for tensor in _tensors(staged.pixels, staged.labels, staged.teacher):
+                tensor.record_stream(current)
+        pixels = staged.pixels
+        if self.channels_last and pixels.dim() == 4:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        if self.form != "float32":
+            assert self.dataset.normalization is not None
+            pixels = self.dataset.normalization(pixels)
+        return DeviceBatch(pixels, staged.labels, staged.indices, staged.teacher)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """``value`` (a tensor or SparseLogits) on ``device``; from pinned memory without blocking."""
+    if isinstance(value, SparseLogits):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return dataclasses.replace(
+            value,
+            **{
+                name: _to_device(tensor, device)
+                for name, tensor in fields.items()
+                if isinstance(tensor, torch.Tensor)
+            },
+        )
+    if device.type == "cuda" and value.device.type == "cpu" and not value.is_pinned():
+        value = value.pin_memory()
+    return value.to(device, non_blocking=True)
+
+
+def _tensors(*values: Any) -> Iterator[torch.Tensor]:
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, SparseLogits):
+            yield from (value.values, value.indices, value.tail)
