@@ -2,15 +2,18 @@
 
 A dataset hands out uint8 images (or, for ``imagefolder`` on CUDA, the JPEG files themselves);
 the DataLoader collates them in pinned memory; :class:`InputPipeline` copies each batch to the
-device without blocking, on a side CUDA stream one batch ahead of the step that uses it, together
-with whatever rides along (a cached store's teacher logits). The step's first operation turns
-the pixels into the float32 (optionally channels-last) images the model expects, for the student
-and the teacher alike.
+device without blocking, from a background thread on a side CUDA stream, ahead of the step that
+uses it, together with whatever rides along (a cached store's teacher logits). The step's first
+operation turns the pixels into the float32 (optionally channels-last) images the model expects,
+for the student and the teacher alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +30,9 @@ from kdcache.runtime import make_loader
 
 #: Looks up what rides along with a batch (on the host) from its sample indices.
 Attach = Callable[[torch.Tensor], TeacherLogits]
+#: Batches staged on the device ahead of the step that uses them.
+PREFETCH_BATCHES = 2
+_END = object()
 
 
 def resolve_inputs(requested: str, dataset: LabeledDataset, device: torch.device) -> str:
@@ -120,26 +126,53 @@ class InputPipeline:
     ) -> Iterator[DeviceBatch]:
         """The loader's ``(inputs, labels, indices)`` batches as :class:`DeviceBatch` es.
 
-        On CUDA the next batch (and what ``attach`` looks up for it) is copied on a side stream
-        while the current one is in use, so a step waits for a copy only when the loader is slower
-        than the step.
+        A background thread takes batches from the loader, looks up what ``attach`` adds, and
+        (on CUDA) starts their copies and a JPEG batch's decoding on a side stream, up to
+        :data:`PREFETCH_BATCHES` ahead: the step only waits when the loader is slower than it.
+        An error in the thread is raised here, unchanged.
         """
-        if self.device.type != "cuda":
-            for inputs, labels, indices in loader:
-                yield self.finish(self._stage(inputs, labels, indices, attach))
-            return
-        stream = torch.cuda.Stream(self.device)
-        pending: _Staged | None = None
-        for inputs, labels, indices in loader:
-            with torch.cuda.stream(stream):
-                staged = self._stage(inputs, labels, indices, attach)
-                staged.ready = torch.cuda.Event()
-                staged.ready.record(stream)
-            if pending is not None:
-                yield self.finish(pending)
-            pending = staged
-        if pending is not None:
-            yield self.finish(pending)
+        staged: queue.Queue[Any] = queue.Queue(maxsize=PREFETCH_BATCHES)
+        stop = threading.Event()
+
+        def offer(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    staged.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False  # the consumer left early
+
+        def produce() -> None:
+            try:
+                with contextlib.ExitStack() as context:
+                    stream = None
+                    if self.device.type == "cuda":
+                        stream = torch.cuda.Stream(self.device)
+                        context.enter_context(torch.cuda.device(self.device))
+                        context.enter_context(torch.cuda.stream(stream))
+                    for inputs, labels, indices in loader:
+                        batch = self._stage(inputs, labels, indices, attach)
+                        if stream is not None:
+                            batch.ready = torch.cuda.Event()
+                            batch.ready.record(stream)
+                        if not offer(batch):
+                            return
+            except BaseException as error:  # noqa: BLE001 - raised again by the consumer
+                offer(error)
+                return
+            offer(_END)
+
+        thread = threading.Thread(target=produce, name="kdcache-prefetch", daemon=True)
+        thread.start()
+        try:
+            while (item := staged.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield self.finish(item)
+        finally:
+            stop.set()
+            thread.join()
 
     def _stage(
         self, inputs: Any, labels: torch.Tensor, indices: torch.Tensor, attach: Attach | None
