@@ -25,7 +25,7 @@ from kdcache.datasets import LabeledDataset
 from kdcache.errors import ConfigError
 from kdcache.logits.losses import TeacherLogits
 from kdcache.logits.sparse import SparseLogits
-from kdcache.pixels import INPUT_CHOICES, collate_files, decode_files
+from kdcache.pixels import INPUT_CHOICES, collate_files, decode_files, split_files
 from kdcache.runtime import make_loader
 
 #: Looks up what rides along with a batch (on the host) from its sample indices.
@@ -181,7 +181,8 @@ class InputPipeline:
         teacher = None if attach is None else _to_device(attach(indices), self.device)
         if self.form == "jpeg":
             assert self.dataset.jpeg_geometry is not None
-            pixels = decode_files(inputs, self.dataset.jpeg_geometry, device=self.device)
+            files = split_files(inputs)
+            pixels = decode_files(files, self.dataset.jpeg_geometry, device=self.device)
         else:
             pixels = _to_device(inputs, self.device)
         return _Staged(pixels, _to_device(labels, self.device), indices, teacher)

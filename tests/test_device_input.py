@@ -23,8 +23,8 @@ from kdcache.train.loop import distill, train
 CPU = torch.device("cpu")
 
 
-def all_inputs(pipeline: InputPipeline, **loader_options) -> tuple[torch.Tensor, torch.Tensor]:
-    loader = pipeline.loader(batch_size=5, num_workers=0, shuffle=False, **loader_options)
+def all_inputs(pipeline: InputPipeline, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    loader = pipeline.loader(batch_size=5, num_workers=num_workers, shuffle=False)
     batches = list(pipeline.batches(loader))
     return torch.cat([b.inputs for b in batches]), torch.cat([b.indices for b in batches])
 
@@ -195,8 +195,10 @@ def test_jpeg_dump_matches_the_pil_dump_and_is_recorded(tmp_path):
     assert (logits["jpeg"] - logits["uint8"]).abs().max() < 0.05 * scale
     # The inputs themselves, through the same pipeline as the run: within decoding rounding.
     data = build_dataset(spec)
-    jpeg, order = all_inputs(InputPipeline(data.with_inputs("jpeg"), device=CPU))
-    floats, _ = all_inputs(InputPipeline(data, device=CPU))
+    # A worker process hands whole batches of files over, as one buffer plus lengths.
+    jpeg, order = all_inputs(InputPipeline(data.with_inputs("jpeg"), device=CPU), num_workers=1)
+    floats, float_order = all_inputs(InputPipeline(data, device=CPU))
+    assert torch.equal(order, float_order)
     assert ((jpeg - floats).abs() / GREY_LEVEL).mean() < 0.5
 
 

@@ -10,7 +10,13 @@ import torch
 from PIL import Image
 
 from kdcache.datasets import build_dataset
-from kdcache.pixels import JpegGeometry, PixelNormalization, collate_files, decode_files
+from kdcache.pixels import (
+    JpegGeometry,
+    PixelNormalization,
+    collate_files,
+    decode_files,
+    split_files,
+)
 
 #: One grey level of a uint8 image, after ImageNet normalisation (the smallest std is 0.224).
 GREY_LEVEL = 1 / (255 * 0.224)
@@ -59,8 +65,9 @@ def test_the_jpeg_path_decodes_like_pil_within_a_few_grey_levels(tmp_path):
     data = build_dataset(f"imagefolder:{tmp_path}:20")
     files = data.with_inputs("jpeg")
     batch = [(*files[i], i) for i in range(len(files))]
-    encoded, labels, indices = collate_files(batch)
-    assert [f.dtype for f in encoded] == [torch.uint8] * len(data)
+    collated, labels, indices = collate_files(batch)
+    encoded = split_files(collated)
+    assert [torch.equal(f, files[i][0]) for i, f in enumerate(encoded)] == [True] * len(data)
     assert labels.tolist() == data.labels.tolist() and indices.tolist() == list(range(len(data)))
     pixels = decode_files(encoded, data.jpeg_geometry, device=torch.device("cpu"))
     assert pixels.shape == (len(data), 3, 20, 20) and pixels.dtype == torch.uint8
