@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "kdcache.dump": 5,
     "kdcache.train": 5,
     "kdcache.bench_inputs": 5,
+    "kdcache.bench_feed": 5,
     "kdcache.bench": 6,
     "kdcache.cli": 7,
     "kdcache.__main__": 8,
