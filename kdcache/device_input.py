@@ -89,14 +89,6 @@ class InputPipeline:
         self.device = device
         self.channels_last = channels_last
 
-    @property
-    def host_bytes_per_sample(self) -> int | None:
-        """Bytes one sample's input takes across the bus (``None`` for files: they vary)."""
-        if self.form == "jpeg":
-            return None
-        x = self.dataset[0][0]
-        return x.numel() * x.element_size()
-
     def loader(
         self,
         *,

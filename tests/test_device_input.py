@@ -11,7 +11,7 @@ import torch
 from test_pixels import GREY_LEVEL, write_images
 from torch.utils.data import Dataset
 
-from kdcache.bench_inputs import bench_inputs
+from kdcache.bench_inputs import bench_inputs, bytes_per_sample
 from kdcache.config import DistillConfig, DumpConfig, TrainConfig
 from kdcache.datasets import LabeledDataset, build_dataset
 from kdcache.device_input import InputPipeline, resolve_inputs
@@ -58,7 +58,7 @@ def test_uint8_batches_equal_float_batches_in_order_and_channels_last():
     assert torch.equal(torch.cat([b.inputs for b in batches]), floats)
     assert torch.equal(torch.cat([b.indices for b in batches]), float_order)
     assert torch.equal(torch.cat([b.labels for b in batches]), torch.from_numpy(data.labels))
-    assert pixels.host_bytes_per_sample * 4 == InputPipeline(data, device=CPU).host_bytes_per_sample
+    assert bytes_per_sample(pixels.dataset) * 4 == bytes_per_sample(data) == 3 * 10 * 10 * 4
 
 
 def test_attached_values_ride_along_with_their_batch():

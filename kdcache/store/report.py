@@ -181,8 +181,7 @@ def format_report(report: StoreReport) -> str:
     fidelity = report.fidelity
     if fidelity:
         kls = ", ".join(
-            f"T={t:g}: {kl:.3g}"
-            for t, kl in zip(fidelity["temperatures"], fidelity["mean_kl"], strict=False)
+            f"T={t:g}: {kl:.3g}" for t, kl in zip(fidelity["temperatures"], fidelity["mean_kl"], strict=False)
         )
         lines += [
             ("fidelity KL", f"{kls} (mean over {fidelity['num_samples']:,} rows)"),
