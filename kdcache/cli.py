@@ -19,6 +19,8 @@ import click
 from kdcache._version import __version__
 from kdcache.config import DistillConfig, DumpConfig, TrainConfig, parse_list
 from kdcache.errors import KdcacheError
+from kdcache.pixels import INPUT_CHOICES, INPUT_FORMS
+from kdcache.runtime import AMP_DTYPES
 from kdcache.train.sweep import SweepConfig
 
 EXIT_USER_ERROR = 1
@@ -117,6 +119,38 @@ def _text_type(meta: Any) -> click.ParamType:
     if meta.get("path") == "dir":
         return click.Path(file_okay=False)
     return click.STRING
+
+
+def speed_options(function: Any) -> Any:
+    """How inputs reach the device and how the models compute (docs/benchmarks.md#gpu)."""
+    options = [
+        click.option(
+            "--inputs",
+            default="auto",
+            show_default=True,
+            type=click.Choice(INPUT_CHOICES),
+            help="What crosses to the device: float32 images, uint8 images normalised there, or "
+            "(imagefolder) JPEG files decoded there; auto = jpeg on CUDA for imagefolder, else "
+            "uint8.",
+        ),
+        click.option(
+            "--amp",
+            type=click.Choice(list(AMP_DTYPES)),
+            help="Autocast the forward passes to bf16 or fp16 (losses stay float32) "
+            "[default: off].",
+        ),
+        click.option(
+            "--channels-last",
+            is_flag=True,
+            help="Channels-last memory format for models and images.",
+        ),
+        click.option(
+            "--compile", is_flag=True, help="torch.compile the models (slow start, faster steps)."
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
 
 
 def print_run(result: Any) -> None:
@@ -338,6 +372,7 @@ def bench_feed(chunked_memory: str | None, **options: Any) -> None:
     type=int,
     help="Interleaved rounds; medians are reported.",
 )
+@speed_options
 @bench_options
 def bench_dump(**options: Any) -> None:
     """Dump time against the bare teacher forward over the same loader."""
@@ -375,6 +410,7 @@ def bench_dump(**options: Any) -> None:
     type=int,
     help="Epochs per run; the last one is timed.",
 )
+@speed_options
 @bench_options
 def bench_distill(**options: Any) -> None:
     """Epoch time distilling from the cache vs CE-only training vs online KD."""
@@ -382,6 +418,43 @@ def bench_distill(**options: Any) -> None:
 
     as_json = options.pop("as_json")
     print_bench(run(**options), as_json)
+
+
+@bench.command("inputs")
+@click.option(
+    "--dataset", default="synthetic:4096:224:1000", show_default=True, help="Dataset spec."
+)
+@click.option(
+    "--forms",
+    default=None,
+    help=f"Comma-separated input forms among {', '.join(INPUT_FORMS)} [default: all the "
+    "dataset has].",
+)
+@click.option("--batch-size", default=256, show_default=True, type=int, help="Samples per batch.")
+@click.option(
+    "--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes."
+)
+@click.option(
+    "--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available, else cpu]."
+)
+@click.option(
+    "--repeats",
+    default=3,
+    show_default=True,
+    type=int,
+    help="Interleaved rounds; medians are reported.",
+)
+@click.option(
+    "--channels-last", is_flag=True, help="Lay the images out channels-last on the device."
+)
+@bench_options
+def bench_inputs(forms: str | None, **options: Any) -> None:
+    """Samples/s and bytes per batch of each input form, loader to float images on the device."""
+    from kdcache.bench_inputs import bench_inputs as run
+
+    as_json = options.pop("as_json")
+    chosen = None if forms is None else tuple(f.strip() for f in forms.split(",") if f.strip())
+    print_bench(run(forms=chosen, **options), as_json)
 
 
 def main() -> None:

@@ -28,6 +28,8 @@ from kdcache.logits.losses import (
     DEFAULT_TOP_K,
     LOSS_NAMES,
 )
+from kdcache.pixels import INPUT_CHOICES
+from kdcache.runtime import AMP_DTYPES
 from kdcache.store.feed import parse_size
 
 T = TypeVar("T")
@@ -113,8 +115,45 @@ class Options:
         return cls(**{key: value for key, value in data.items() if key in known})
 
 
+def check_speed_options(inputs: str, amp: str | None) -> None:
+    _require(
+        inputs in INPUT_CHOICES,
+        f"unknown input form {inputs!r}; valid choices: {', '.join(INPUT_CHOICES)}",
+    )
+    _require(
+        amp is None or amp in AMP_DTYPES,
+        f"unknown amp dtype {amp!r}; valid choices: {', '.join(AMP_DTYPES)} (or leave it out)",
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
-class TrainingOptions(Options):
+class SpeedOptions(Options):
+    """How inputs reach the device and how the models compute (docs/benchmarks.md); shared by
+    training, distillation, sweeps and dumps."""
+
+    inputs: str = option(
+        "auto",
+        choices=INPUT_CHOICES,
+        help="What crosses to the device: float32 images, uint8 images normalised there, or "
+        "(imagefolder) JPEG files decoded there; auto = jpeg on CUDA for imagefolder, else uint8.",
+    )
+    amp: str | None = option(
+        None,
+        choices=tuple(AMP_DTYPES),
+        help="Autocast the forward passes to bf16 or fp16 (losses stay float32) [default: off].",
+    )
+    channels_last: bool = option(
+        False, help="Channels-last memory format for models and images."
+    )
+    compile: bool = option(False, help="torch.compile the models (slow start, faster steps).")
+
+    def __post_init__(self) -> None:
+        check_speed_options(self.inputs, self.amp)
+        super().__post_init__()
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingOptions(SpeedOptions):
     """How any student is optimised: shared by training, distillation and every run of a sweep."""
 
     epochs: int = option(10, help="Passes over the training split.")
@@ -327,7 +366,7 @@ class DistillConfig(DistillOptions, LoopConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class DumpConfig(Options):
+class DumpConfig(SpeedOptions):
     """Run ``teacher`` once over ``dataset``/``split`` and store its raw logits at ``out``."""
 
     teacher: str = option(help="Teacher model spec (see `kdcache train --help`).")

@@ -5,24 +5,33 @@ A spec is ``KIND`` or ``KIND:ARGS`` (see :data:`DATASET_KINDS`). Every dataset y
 because cached teacher logits are only valid for exactly the inputs they were computed on.
 kdcache never downloads: datasets that need files must already be on disk. ``unlabeled:SPEC`` is
 SPEC with every label -1, the label of a sample without one (an unlabeled transfer set).
+
+Every kind can also yield its images as uint8 ``(C, H, W)`` (:meth:`LabeledDataset.with_inputs`),
+a quarter of the bytes to move; :class:`PixelNormalization` then turns them into exactly the
+float32 tensors above (the same operations in the same order), wherever it runs. ``imagefolder``
+can yield the undecoded files too (``"jpeg"``), for decoding on the GPU.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import operator
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
+from torchvision.io import read_file
 
 from kdcache.errors import ConfigError, DatasetNotFoundError, SpecError
 from kdcache.logits.losses import UNLABELED
+from kdcache.pixels import INPUT_FORMS, JpegGeometry, PixelNormalization
 
 DATASET_KINDS = (
     "digits",
@@ -66,6 +75,9 @@ class LabeledDataset(Dataset):
 
     Attributes: ``spec``, ``split``, ``num_classes``, ``in_channels``, ``transform_description``
     and ``labels`` (int64 array of all N labels, obtained without decoding images where possible).
+    ``input_form`` says what the items hold (:data:`INPUT_FORMS`; float32 unless chosen with
+    :meth:`with_inputs`); ``normalization`` turns uint8 items into the float32 ones and
+    ``jpeg_geometry`` (imagefolder) says how a decoded file is resized and cropped.
     """
 
     def __init__(
@@ -78,16 +90,49 @@ class LabeledDataset(Dataset):
         in_channels: int,
         transform_description: str,
         labels: np.ndarray | Callable[[], np.ndarray],
+        uint8_base: Dataset | None = None,
+        normalization: PixelNormalization | None = None,
+        jpeg_base: Dataset | None = None,
+        jpeg_geometry: JpegGeometry | None = None,
     ) -> None:
         self._base = base
+        self._forms: dict[str, Dataset] = {"float32": base}
+        if uint8_base is not None and normalization is not None:
+            self._forms["uint8"] = uint8_base
+            if jpeg_base is not None and jpeg_geometry is not None:
+                self._forms["jpeg"] = jpeg_base
+        self.input_form = "float32"
+        self._items = base
         self.spec = spec
         self.split = split
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.transform_description = transform_description
+        self.normalization = normalization
+        self.jpeg_geometry = jpeg_geometry
         # Some labels (FakeData) cost a pass over the data, so they may arrive as a function.
         self._labels = labels if isinstance(labels, np.ndarray) else None
         self._label_fn = None if isinstance(labels, np.ndarray) else labels
+
+    @property
+    def input_forms(self) -> tuple[str, ...]:
+        """The :data:`INPUT_FORMS` this dataset can yield."""
+        return tuple(form for form in INPUT_FORMS if form in self._forms)
+
+    def with_inputs(self, form: str) -> LabeledDataset:
+        """The same samples with items of ``form``: ``float32``, ``uint8`` or ``jpeg`` (files)."""
+        if form not in self._forms:
+            raise ConfigError(
+                f"dataset {self.spec!r} cannot yield {form!r} inputs; it yields "
+                f"{', '.join(self.input_forms)} (jpeg is for imagefolder datasets)"
+            )
+        view = copy.copy(self)
+        view.input_form, view._items = form, self._forms[form]
+        return view
+
+    def float_input(self, index: int) -> torch.Tensor:
+        """Item ``index``'s float32 input, whatever :attr:`input_form` is (for fingerprints)."""
+        return self._base[operator.index(index)][0]
 
     @property
     def labels(self) -> np.ndarray:
@@ -104,11 +149,12 @@ class LabeledDataset(Dataset):
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for a dataset of {n} samples")
-        x, y = self._base[i % n]
+        x, y = self._items[i % n]
         return x, int(y)
 
     def __repr__(self) -> str:
-        return f"LabeledDataset({self.spec!r}, split={self.split!r}, n={len(self)})"
+        form = "" if self.input_form == "float32" else f", inputs={self.input_form!r}"
+        return f"LabeledDataset({self.spec!r}, split={self.split!r}, n={len(self)}{form})"
 
 
 class _ArrayDataset(Dataset):
@@ -164,6 +210,12 @@ def build_dataset(spec: str, *, split: str = "train") -> LabeledDataset:
             in_channels=1,
             labels=labels.copy(),
             transform_description=f"digits: x/16 as float32 (1,8,8){upscaled}",
+            # x holds the integers 0..16 over 16, so uint8 x*16 holds them exactly; an upscaled
+            # image holds other values, so it has the float32 form only.
+            uint8_base=None
+            if size != 8
+            else _ArrayDataset((inputs * 16).round().astype(np.uint8), labels),
+            normalization=None if size != 8 else PixelNormalization(16.0),
         )
     if kind in ("fake", "synthetic"):
         return _generated(spec, kind, args, split)
@@ -295,8 +347,10 @@ def _generated(spec: str, kind: str, args: str, split: str) -> LabeledDataset:
             in_channels=3,
             labels=images.labels.copy(),
             transform_description=f"synthetic: bank of {_SyntheticImages.BANK} "
-            f"uniform (3,{size},{size}) images, rolled per "
+            f"uniform uint8 (3,{size},{size}) images / 255, rolled per "
             f"index, seed {offset}",
+            uint8_base=images.as_uint8(),
+            normalization=PixelNormalization(255.0),
         )
     base = tv_datasets.FakeData(
         size=size_n,
@@ -313,6 +367,14 @@ def _generated(spec: str, kind: str, args: str, split: str) -> LabeledDataset:
         in_channels=3,
         labels=functools.partial(_fake_labels, base),
         transform_description=f"fake: ToTensor of FakeData (3,{size},{size}), seed index+{offset}",
+        uint8_base=tv_datasets.FakeData(
+            size=size_n,
+            image_size=(3, size, size),
+            num_classes=classes,
+            transform=T.PILToTensor(),
+            random_offset=offset,
+        ),
+        normalization=PixelNormalization(255.0),
     )
 
 
@@ -320,23 +382,34 @@ class _SyntheticImages(Dataset):
     """Deterministic random images that cost one copy each, for throughput benchmarks.
 
     FakeData builds every image through PIL (milliseconds at 224 px), which starves a GPU
-    student; here sample i is image ``i % BANK`` of a fixed random bank, rolled by
-    ``i // BANK`` pixels, so consecutive banks' worth of samples still differ.
+    student; here sample i is image ``i % BANK`` of a fixed random uint8 bank, rolled by
+    ``i // BANK`` pixels, so consecutive banks' worth of samples still differ. Items are the
+    pixels / 255 as float32, or the uint8 pixels themselves (:meth:`as_uint8`).
     """
 
     BANK = 64
 
-    def __init__(self, num_samples: int, *, size: int, num_classes: int, seed: int) -> None:
+    def __init__(
+        self, num_samples: int, *, size: int, num_classes: int, seed: int, uint8: bool = False
+    ) -> None:
         generator = torch.Generator().manual_seed(seed)
-        self.bank = torch.rand(self.BANK, 3, size, size, generator=generator)
+        self.bank = torch.randint(
+            0, 256, (self.BANK, 3, size, size), generator=generator, dtype=torch.uint8
+        )
         self.labels = torch.randint(0, num_classes, (num_samples,), generator=generator).numpy()
+        self.uint8 = uint8
+
+    def as_uint8(self) -> _SyntheticImages:
+        view = copy.copy(self)
+        view.uint8 = True
+        return view
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = torch.roll(self.bank[index % self.BANK], shifts=index // self.BANK, dims=-1)
-        return image, int(self.labels[index])
+        return (image if self.uint8 else image.float().div_(255.0)), int(self.labels[index])
 
 
 def _fake_labels(fake: tv_datasets.FakeData) -> np.ndarray:
@@ -372,14 +445,8 @@ def _imagefolder(spec: str, args: str, split: str) -> LabeledDataset:
             f"{expected} with one subfolder of images per class"
         )
     resize, crop = (256, 224) if size is None else (size, size)
-    tf = T.Compose(
-        [
-            T.Resize(resize),
-            T.CenterCrop(crop),
-            T.ToTensor(),
-            T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
-        ]
-    )
+    geometry = [T.Resize(resize), T.CenterCrop(crop)]
+    tf = T.Compose([*geometry, T.ToTensor(), T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)])
     find_classes = tv_datasets.folder.find_classes
     try:
         if split == "test" and train_dir.is_dir():
@@ -415,6 +482,11 @@ def _imagefolder(spec: str, args: str, split: str) -> LabeledDataset:
         transform_description=f"imagefolder: RGB, Resize({resize}), "
         f"CenterCrop({crop}), ToTensor, "
         "Normalize(ImageNet mean/std)",
+        # Copies share the one scan of the folder; only what an item holds differs.
+        uint8_base=_with(base, transform=T.Compose([*geometry, T.PILToTensor()])),
+        normalization=PixelNormalization(255.0, _IMAGENET_MEAN, _IMAGENET_STD),
+        jpeg_base=_with(base, transform=None, loader=read_file),
+        jpeg_geometry=JpegGeometry(resize, crop),
     )
 
 
@@ -438,7 +510,17 @@ def _torchvision_set(spec: str, kind: str, root: str, split: str) -> LabeledData
         in_channels=channels,
         labels=np.asarray(base.targets, dtype=np.int64),
         transform_description=f"{kind}: ToTensor, Normalize(mean={mean}, std={std})",
+        uint8_base=_with(base, transform=T.PILToTensor()),
+        normalization=PixelNormalization(255.0, mean, std),
     )
+
+
+def _with(base: Dataset, **attributes: Any) -> Dataset:
+    """A shallow copy of a torchvision dataset with some attributes (transform, loader) replaced."""
+    twin = copy.copy(base)
+    for name, value in attributes.items():
+        setattr(twin, name, value)
+    return twin
 
 
 def dataset_fingerprint(dataset: LabeledDataset, *, num_input_samples: int = 16) -> dict:
@@ -454,7 +536,7 @@ def dataset_fingerprint(dataset: LabeledDataset, *, num_input_samples: int = 16)
     indices = [0] if k == 1 else [i * (n - 1) // (k - 1) for i in range(k)]
     inputs = hashlib.sha256()
     for i in indices:
-        x = dataset[i][0].detach().cpu().contiguous().numpy()
+        x = dataset.float_input(i).detach().cpu().contiguous().numpy()
         inputs.update(np.ascontiguousarray(x, dtype="<f4").tobytes())
     labels = np.ascontiguousarray(dataset.labels, dtype="<i8")
     return {

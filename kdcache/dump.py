@@ -22,7 +22,8 @@ from kdcache.augment.recipe import parse_recipe
 from kdcache.augment.views import AllViews, ViewSource, augment_record, input_size
 from kdcache.config import DumpConfig
 from kdcache.datasets import build_dataset, canonical_dataset_spec, dataset_fingerprint
-from kdcache.errors import KdcacheError, StoreWriteError
+from kdcache.device_input import InputPipeline, resolve_inputs
+from kdcache.errors import ConfigError, KdcacheError, StoreWriteError
 from kdcache.logits.fidelity import Fidelity
 from kdcache.models import (
     build_model,
@@ -31,7 +32,8 @@ from kdcache.models import (
     load_weights,
     weights_sha256,
 )
-from kdcache.runtime import IndexedDataset, resolve_device
+from kdcache.pixels import collate_files
+from kdcache.runtime import IndexedDataset, autocast, prepare_model, resolve_device
 from kdcache.store.background import BackgroundWriter
 from kdcache.store.layout import store_nbytes
 from kdcache.store.writer import StoreWriter, create_store
@@ -96,7 +98,8 @@ def _fill(
     teacher: torch.nn.Module,
     loader: DataLoader,
     *,
-    device: torch.device,
+    pipeline: InputPipeline,
+    amp: str | None,
     total: int,
     where: str,
     views: int | None,
@@ -112,14 +115,16 @@ def _fill(
         BackgroundWriter(writer) as background,
         tqdm(total=total, unit="sample", desc="dump", disable=None) as bar,
     ):
-        for inputs, _, indices in loader:
+        for batch in pipeline.batches(loader):
+            inputs, rows = batch.inputs, batch.indices
             if views is not None:  # inputs (B, V, C, H, W): all views of B samples
-                rows = (indices[:, None] * views + torch.arange(views)).reshape(-1)
+                rows = (rows[:, None] * views + torch.arange(views)).reshape(-1)
                 inputs = inputs.flatten(0, 1)
-            else:
-                rows = indices
-            logits = teacher(inputs.to(device, non_blocking=True))
-            background.write(rows, logits)
+                if pipeline.channels_last:
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with autocast(pipeline.device, amp):
+                logits = teacher(inputs)
+            background.write(rows, logits.float())
             bar.update(len(rows))
 
 
@@ -128,12 +133,23 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
     started = time.perf_counter()
     device = resolve_device(config.device)
     dataset = build_dataset(config.dataset, split=config.split)
+    if config.augment is not None and config.inputs not in ("auto", "float32"):
+        raise ConfigError(
+            f"--inputs {config.inputs} cannot be combined with --augment: views are cut from "
+            "float32 images; drop --inputs (or pass --inputs float32)"
+        )
+    inputs = resolve_inputs(
+        "float32" if config.augment is not None else config.inputs, dataset, device
+    )
     teacher = build_model(
         config.teacher, num_classes=dataset.num_classes, in_channels=dataset.in_channels
     )
     if config.weights is not None:
         load_weights(teacher, config.weights, spec=config.teacher)
-    teacher.to(device).eval().requires_grad_(False)
+    teacher.eval().requires_grad_(False)
+    teacher, forward = prepare_model(
+        teacher, device=device, channels_last=config.channels_last, compile=config.compile
+    )
     check_input_fits(teacher, tuple(dataset[0][0].shape), spec=config.teacher)
     views = config.views
     source, augment, params = None, None, None
@@ -157,12 +173,17 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
         teacher={
             "spec": canonical_model_spec(config.teacher),
             "weights_sha256": weights_sha256(config.weights) if config.weights else None,
+            # Autocast logits differ from float32 ones by about the dtype's rounding; absent
+            # means float32 (as in stores written before --amp existed).
+            **({"amp": config.amp} if config.amp else {}),
         },
         dataset={
             "spec": canonical_dataset_spec(dataset.spec),
             "split": dataset.split,
             "transform": dataset.transform_description,
             "fingerprint": dataset_fingerprint(dataset),
+            # Files decoded by torchvision (nvJPEG on CUDA) match PIL's pixels only within rounding.
+            **({"inputs": inputs} if inputs == "jpeg" else {}),
         },
         overwrite=config.overwrite,
         resume=config.resume,
@@ -177,18 +198,23 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
             num_samples=len(dataset),
             batch_size=max(1, config.batch_size // views),
         )
+        pipeline = InputPipeline(
+            dataset.with_inputs(inputs), device=device, channels_last=config.channels_last
+        )
         loader = DataLoader(
-            IndexedDataset(dataset) if source is None else AllViews(source),
+            IndexedDataset(pipeline.dataset) if source is None else AllViews(source),
             batch_sampler=batches,
             num_workers=config.num_workers,
+            collate_fn=collate_files if inputs == "jpeg" else None,
             pin_memory=device.type == "cuda",
         )
         loop_started = time.perf_counter()
         _fill(
             writer,
-            teacher,
+            forward,
             loader,
-            device=device,
+            pipeline=pipeline,
+            amp=config.amp,
             total=sum(map(len, batches)) * views,
             where=config.out,
             views=None if source is None else views,

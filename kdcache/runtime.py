@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdcache.errors import ConfigError, KdcacheError
@@ -36,6 +39,35 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+#: ``--amp`` choices: the dtype autocast computes in.
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward passes (``amp`` in :data:`AMP_DTYPES`), or nothing."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def prepare_model(
+    model: nn.Module, *, device: torch.device, channels_last: bool, compile: bool
+) -> tuple[nn.Module, nn.Module]:
+    """``model`` on ``device`` (channels-last if asked), and the module to call in the hot loop.
+
+    The second is ``torch.compile(model)`` when ``compile``, else ``model`` itself; save and load
+    weights through the first, whose parameter names carry no compile prefix.
+    """
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        # Fixed batch shapes: let cuDNN time its algorithms once and keep the fastest.
+        torch.backends.cudnn.benchmark = True
+    step: Callable[..., Any] = torch.compile(model) if compile else model
+    return model, step  # type: ignore[return-value]
+
+
 class IndexedDataset(Dataset):
     """Yields ``(input, label, index)`` so teacher logits can be paired by sample index."""
 
@@ -59,10 +91,12 @@ def make_loader(
     shuffle: bool,
     seed: int = 0,
     sampler: Sampler[int] | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
     """A loader over ``(input, label, index)`` batches, seeded so runs repeat exactly.
 
-    A ``sampler`` (e.g. a chunked logit feed's order) replaces the seeded shuffle.
+    A ``sampler`` (e.g. a chunked logit feed's order) replaces the seeded shuffle; ``collate_fn``
+    replaces the default stacking (e.g. for encoded files of different lengths).
     """
     shuffle = shuffle and sampler is None
     return DataLoader(
@@ -72,6 +106,7 @@ def make_loader(
         sampler=sampler,
         generator=torch.Generator().manual_seed(seed) if shuffle else None,
         num_workers=num_workers,
+        collate_fn=collate_fn,
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
     )

@@ -123,6 +123,11 @@ class ViewDataset(Dataset):
     indexed ``epoch * N * V + row`` (see :class:`~kdcache.augment.order.ViewSampler`).
     """
 
+    #: What :class:`kdcache.device_input.InputPipeline` needs: views are float32 images.
+    input_form = "float32"
+    normalization = None
+    jpeg_geometry = None
+
     def __init__(
         self,
         dataset: BaseDataset,

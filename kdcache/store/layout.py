@@ -106,6 +106,7 @@ def open_group(location: StoreLocation) -> zarr.Group:
 #: unknown data_type or codec, a wrong type): each becomes one StoreFormatError line.
 ZARR_METADATA_ERRORS = (
     ValueError,
+    OverflowError,
     TypeError,
     KeyError,
     AttributeError,

@@ -26,12 +26,19 @@ from tqdm import tqdm
 from kdcache._version import __version__
 from kdcache.config import DistillConfig, LoopConfig, TrainConfig
 from kdcache.datasets import LabeledDataset, build_dataset, labeled_spec
+from kdcache.device_input import Attach, DeviceBatch, InputPipeline, resolve_inputs
 from kdcache.errors import ConfigError, StoreMismatchError
 from kdcache.logits.losses import build_loss, total_loss
 from kdcache.logits.sparse import TeacherInput
 from kdcache.models import build_model, check_input_fits, load_weights, weights_sha256
 from kdcache.plots import plot_curves, plot_distributions
-from kdcache.runtime import atomic_torch_save, make_loader, prepare_output_dir, resolve_device
+from kdcache.runtime import (
+    atomic_torch_save,
+    autocast,
+    prepare_model,
+    prepare_output_dir,
+    resolve_device,
+)
 from kdcache.store.reader import StoreReader, open_store
 from kdcache.train.pairing import check_store_matches
 from kdcache.train.transfer import TransferSampler, describe_transfer, transfer_rows
@@ -42,8 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kdcache")
 
-#: Computes the loss of one batch from (student logits, inputs, labels, sample indices).
-BatchLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: Computes the loss of one batch from the student's float32 logits and the batch.
+BatchLoss = Callable[[torch.Tensor, DeviceBatch], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -64,20 +71,30 @@ def held_out_split(split: str) -> str:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, dataset: LabeledDataset, *, batch_size: int, device: torch.device
+    model: nn.Module,
+    dataset: LabeledDataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    amp: str | None = None,
+    channels_last: bool = False,
 ) -> tuple[float, float]:
-    """Accuracy in percent and mean cross-entropy of ``model`` on ``dataset``."""
+    """Accuracy in percent and mean cross-entropy of ``model`` on ``dataset``.
+
+    ``dataset`` comes in the form the run loads (:meth:`LabeledDataset.with_inputs`).
+    """
     model.eval()
-    loader = make_loader(
-        dataset, batch_size=batch_size, num_workers=0, device=device, shuffle=False
-    )
-    correct, loss_sum = 0, 0.0
-    for inputs, labels, _ in loader:
-        inputs, labels = inputs.to(device), labels.to(device)
-        logits = model(inputs)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(dim=1) == labels).sum().item()
-    return 100.0 * correct / len(dataset), loss_sum / len(dataset)
+    pipeline = InputPipeline(dataset, device=device, channels_last=channels_last)
+    loader = pipeline.loader(batch_size=batch_size, num_workers=0, shuffle=False)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in pipeline.batches(loader):
+        with autocast(device, amp):
+            logits = model(batch.inputs)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum")
+        correct += (logits.argmax(dim=1) == batch.labels).sum()
+    return 100.0 * correct.item() / len(dataset), loss_sum.item() / len(dataset)
 
 
 def _checkpoint(
@@ -109,23 +126,33 @@ def fit(
     out: Path,
     device: torch.device,
     sampler: Sampler[int] | None = None,
+    attach: Attach | None = None,
 ) -> RunResult:
     """The training loop shared by :func:`train` and :func:`distill`.
 
-    ``sampler`` replaces the seeded shuffle, e.g. with a chunked logit feed's order.
+    ``train_set`` and ``val_set`` come in the form the run loads; ``sampler`` replaces the
+    seeded shuffle, e.g. with a chunked logit feed's order; ``attach`` looks up what rides along
+    with each batch to the device (cached teacher logits). The forward pass runs under
+    ``config.amp`` autocast; the loss is computed in float32 outside it.
     """
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    model = build_model(
-        model_spec, num_classes=train_set.num_classes, in_channels=train_set.in_channels
-    ).to(device)
-    check_input_fits(model, tuple(train_set[0][0].shape), spec=model_spec)
+    model, step_model = prepare_model(
+        build_model(
+            model_spec, num_classes=train_set.num_classes, in_channels=train_set.in_channels
+        ),
+        device=device,
+        channels_last=config.channels_last,
+        compile=config.compile,
+    )
+    check_input_fits(model, tuple(val_set.float_input(0).shape), spec=model_spec)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    loader = make_loader(
-        train_set,
+    # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none.
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    pipeline = InputPipeline(train_set, device=device, channels_last=config.channels_last)
+    loader = pipeline.loader(
         batch_size=config.batch_size,
         num_workers=config.num_workers,
-        device=device,
         shuffle=True,
         seed=config.seed,
         sampler=sampler,
@@ -136,29 +163,44 @@ def fit(
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
         model.train()
-        loss_sum, seen = 0.0, 0
-        for inputs, labels, indices in tqdm(
-            loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None
+        # Summed on the device: reading the loss every step would stall the GPU's queue.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        seen = 0
+        for batch in tqdm(
+            pipeline.batches(loader, attach=attach),
+            total=len(loader),
+            desc=f"epoch {epoch}/{config.epochs}",
+            leave=False,
+            disable=None,
         ):
-            inputs = inputs.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            loss = batch_loss(model(inputs), inputs, labels, indices)
+            with autocast(device, config.amp):
+                logits = step_model(batch.inputs)
+            loss = batch_loss(logits.float(), batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * labels.size(0)
-            seen += labels.size(0)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach() * batch.labels.size(0)
+            seen += batch.labels.size(0)
+        train_loss = loss_sum.item() / seen  # waits for the epoch's last step
         train_time = time.perf_counter() - epoch_started
-        val_acc, val_loss = evaluate(model, val_set, batch_size=config.batch_size, device=device)
-        if not (math.isfinite(loss_sum) and math.isfinite(val_loss)):
+        val_acc, val_loss = evaluate(
+            model,
+            val_set,
+            batch_size=config.batch_size,
+            device=device,
+            amp=config.amp,
+            channels_last=config.channels_last,
+        )
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             # NaN weights would otherwise train on silently and exit 0 with a useless model.
             raise ConfigError(
-                f"training diverged in epoch {epoch} (train loss {loss_sum / seen:.4g}, validation "
+                f"training diverged in epoch {epoch} (train loss {train_loss:.4g}, validation "
                 f"loss {val_loss:.4g}); lower --lr, or check --temperature and --gamma"
             )
         record = {
             "epoch": epoch,
-            "train_loss": loss_sum / seen,
+            "train_loss": train_loss,
             "val_acc": val_acc,
             "val_loss": val_loss,
             "train_time_s": round(train_time, 4),
@@ -192,6 +234,21 @@ def fit(
     return result
 
 
+def _input_form(
+    requested: str, views: bool, dataset: LabeledDataset, device: torch.device
+) -> str:
+    """The form images reach the device in (kdcache.device_input): float32 whenever views are
+    drawn, since augmentation works on float32 images."""
+    if not views:
+        return resolve_inputs(requested, dataset, device)
+    if requested not in ("auto", "float32"):
+        raise ConfigError(
+            f"--inputs {requested} cannot be combined with augmentation: views are cut from "
+            "float32 images; drop --inputs (or pass --inputs float32)"
+        )
+    return resolve_inputs("float32", dataset, device)
+
+
 def train(config: TrainConfig) -> RunResult:
     """Plain cross-entropy training (the teacher, or the CE-only student baseline)."""
     device = resolve_device(config.device)
@@ -202,7 +259,9 @@ def train(config: TrainConfig) -> RunResult:
             f"train needs labels but {unlabeled} samples of dataset {config.dataset!r} have none "
             "(label -1); train on a labelled dataset, or distill from a teacher with --alpha 1"
         )
-    val_set = build_dataset(config.dataset, split=held_out_split(config.split))
+    inputs = _input_form(config.inputs, config.augment is not None, train_set, device)
+    train_set = train_set.with_inputs(inputs)
+    val_set = build_dataset(config.dataset, split=held_out_split(config.split)).with_inputs(inputs)
     out = prepare_output_dir(config.out, overwrite=config.overwrite)
     views = drawn_views(
         train_set,
@@ -216,16 +275,17 @@ def train(config: TrainConfig) -> RunResult:
         out / "config.json",
         command="train",
         device=str(device),
+        inputs=inputs,
         kdcache_version=__version__,
         views=None if views is None else views.dataset.views,
     )
 
-    def cross_entropy(
-        logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
-    ) -> torch.Tensor:
-        loss = F.cross_entropy(logits, labels)
+    def cross_entropy(logits: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
+        loss = F.cross_entropy(logits, batch.labels)
         mixed = (
-            None if views is None else views.mixed_hard_loss(logits, labels, views.rows(indices))
+            None
+            if views is None
+            else views.mixed_hard_loss(logits, batch.labels, views.rows(batch.indices))
         )
         return loss if mixed is None else loss + mixed
 
@@ -274,6 +334,8 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
         top_k=config.top_k,
     )
     resolved: dict = {"command": "distill", "device": str(device), "kdcache_version": __version__}
+    attach: Attach | None = None
+    teacher_step: Callable[[DeviceBatch], TeacherInput]
     if config.cache is not None:
         reader = (
             reader
@@ -307,9 +369,14 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
             feed={"mode": feed.mode, "memory_budget": feed.memory_budget},
         )
 
-        def teacher_logits(inputs: torch.Tensor, indices: torch.Tensor) -> TeacherInput:
-            # A topk:K store's rows stay sparse (no dense (B, C) tensor); the loss softens them.
-            return feed.to_device(indices, device)
+        def attach(indices: torch.Tensor) -> TeacherInput:
+            # Gathered on the host and copied with the batch's images, one batch ahead; a
+            # topk:K store's rows stay sparse (no dense (B, C) tensor): the loss softens them.
+            return feed.read(indices if views is None else views.rows(indices))
+
+        def teacher_step(batch: DeviceBatch) -> TeacherInput:
+            assert batch.teacher is not None
+            return batch.teacher
     else:
         assert config.teacher is not None and config.dataset is not None
         train_set = build_dataset(config.dataset, split=config.split or "train")
@@ -324,21 +391,35 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
             seed=config.seed,
             student_augment=config.student_augment,
         )
-        teacher = build_model(
-            config.teacher, num_classes=train_set.num_classes, in_channels=train_set.in_channels
+        teacher, teacher_forward = prepare_model(
+            build_model(
+                config.teacher,
+                num_classes=train_set.num_classes,
+                in_channels=train_set.in_channels,
+            ),
+            device=device,
+            channels_last=config.channels_last,
+            compile=False,  # compiled below, after eval mode and frozen weights
         )
         if config.weights is not None:
             load_weights(teacher, config.weights, spec=config.teacher)
             resolved["teacher_weights_sha256"] = weights_sha256(config.weights)
-        teacher.to(device).eval().requires_grad_(False)
+        teacher.eval().requires_grad_(False)
+        if config.compile:
+            teacher_forward = torch.compile(teacher)  # type: ignore[assignment]
         resolved.update(dataset=train_set.spec, split=train_set.split)
 
         @torch.no_grad()
-        def teacher_logits(inputs: torch.Tensor, indices: torch.Tensor) -> TeacherInput:
-            return teacher(inputs).float()
+        def teacher_step(batch: DeviceBatch) -> TeacherInput:
+            with autocast(device, config.amp):
+                return teacher_forward(batch.inputs).float()
 
+    inputs = _input_form(config.inputs, views is not None, train_set, device)
+    resolved["inputs"] = inputs
+    train_set = train_set.with_inputs(inputs)
     # An unlabeled transfer set (unlabeled:SPEC) is validated on SPEC's labelled held-out split.
     val_set = build_dataset(labeled_spec(train_set.spec), split=held_out_split(train_set.split))
+    val_set = val_set.with_inputs(inputs)
     resolved["transfer"] = describe_transfer(rows, train_set)
     out = prepare_output_dir(config.out, overwrite=config.overwrite)
     if views is not None:
@@ -352,12 +433,10 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
         resolved["views"] = views.dataset.views
     config.save(out / "config.json", **resolved)
 
-    def kd_loss(
-        logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
-    ) -> torch.Tensor:
-        rows = indices if views is None else views.rows(indices)
-        loss = total_loss(loss_fn(logits, teacher_logits(inputs, rows), labels))
-        mixed = None if views is None else views.mixed_hard_loss(logits, labels, rows)
+    def kd_loss(logits: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
+        rows = batch.indices if views is None else views.rows(batch.indices)
+        loss = total_loss(loss_fn(logits, teacher_step(batch), batch.labels))
+        mixed = None if views is None else views.mixed_hard_loss(logits, batch.labels, rows)
         # Every loss is alpha * soft + (1 - alpha) * CE: mix the CE term's labels like the input.
         return loss if mixed is None else loss + (1 - config.alpha) * mixed
 
@@ -370,13 +449,14 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
         out=out,
         device=device,
         sampler=sampler,
+        attach=attach,
     )
     _plot_final_distributions(
         out,
         config=config,
         dataset=train_set if views is None else views.dataset,
         reader=reader,
-        teacher_logits=teacher_logits,
+        teacher_step=teacher_step,
         device=device,
     )
     return result
@@ -388,7 +468,7 @@ def _plot_final_distributions(
     config: DistillConfig,
     dataset: LabeledDataset | ViewDataset,
     reader: StoreReader | None,
-    teacher_logits: Callable[[torch.Tensor, torch.Tensor], TeacherInput],
+    teacher_step: Callable[[DeviceBatch], TeacherInput],
     device: torch.device,
     num_samples: int = 4,
 ) -> None:
@@ -407,7 +487,8 @@ def _plot_final_distributions(
     picked = np.linspace(0, len(first) - 1, min(num_samples, len(first))).round().astype(int)
     samples = np.sort(first[picked])
     indices = torch.from_numpy(first_rows(dataset, samples))
-    inputs = torch.stack([dataset[int(i)][0] for i in indices]).to(device)
+    float_input = getattr(dataset, "float_input", lambda i: dataset[i][0])
+    inputs = torch.stack([float_input(int(i)) for i in indices]).to(device)
     labels = [dataset[int(i)][1] for i in indices]
     student = build_model(
         config.student, num_classes=dataset.num_classes, in_channels=dataset.in_channels
@@ -419,9 +500,10 @@ def _plot_final_distributions(
         if reader is not None:
             teacher = reader.read_dense(indices, temperature=config.temperature)
         else:
-            live = teacher_logits(inputs, indices)
-            assert isinstance(live, torch.Tensor)  # a live teacher's logits are dense
-            teacher = live.cpu()
+            batch = DeviceBatch(inputs, torch.tensor(labels, device=device), indices)
+            online = teacher_step(batch)
+            assert isinstance(online, torch.Tensor)
+            teacher = online.cpu()
     plot_distributions(
         teacher,
         student_logits,
