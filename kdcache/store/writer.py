@@ -200,13 +200,15 @@ def create_store(
     chunk_rows: int | None = None,
     teacher: dict[str, Any] | None = None,
     dataset: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
     overwrite: bool = False,
     resume: bool = False,
 ) -> StoreWriter:
     """Create an empty store at ``path`` (or reopen an interrupted one) and return its writer.
 
     ``resume=True`` continues an incomplete store made with the same parameters; ``overwrite=True``
-    replaces an existing kdcache store. Anything else already at ``path`` is never touched. The
+    replaces an existing kdcache store. Anything else already at ``path`` is never touched.
+    ``extra`` is recorded as the metadata's ``extra`` (a sequence store keeps its layout there). The
     writer holds the store's single-writer lock (kdcache.store.locking) until ``finalize`` or ``close``.
     """
     location = parse_location(path)
@@ -232,6 +234,7 @@ def create_store(
         chunk_rows=rows,
         teacher=teacher,
         dataset=dataset,
+        extra=extra or {},
         kdcache_version=__version__,
         created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     )
