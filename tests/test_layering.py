@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "kdcache.dump": 5,
     "kdcache.train": 5,
     "kdcache.bench": 6,
+    "kdcache.lm": 6,
     "kdcache.cli": 7,
     "kdcache.__main__": 8,
     "kdcache": 9,
