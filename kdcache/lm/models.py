@@ -138,11 +138,12 @@ def save_causal_lm(lm: CausalLM, folder: Path) -> None:
     """
     temporary = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    if not hasattr(lm.model, "save_pretrained"):
+    save = getattr(lm.model, "save_pretrained", None)
+    if not callable(save):
         raise CheckpointError(
             f"{lm.spec} has no save_pretrained(); language-model runs need a transformers model"
         )
-    lm.model.save_pretrained(temporary)
+    save(temporary)
     lm.tokenizer.save_pretrained(temporary)
     shutil.rmtree(folder, ignore_errors=True)
     temporary.rename(folder)

@@ -163,13 +163,20 @@ def create_sequence_store(
     return SequenceWriter(writer, offsets)
 
 
+def _read_all(group: zarr.Group, name: str) -> np.ndarray:
+    array = group[name]
+    if not isinstance(array, zarr.Array):
+        raise StoreFormatError(f"{name!r} in {group.store} is a group, not an array; dump again")
+    return np.asarray(array[:], dtype=np.int64)
+
+
 def _write_layout(path: StoreLike, offsets: np.ndarray, first: np.ndarray) -> None:
     """Create ``offsets`` and ``first_token``, or check them on resume (we hold the lock)."""
     location = parse_location(path)
     group = zarr.open_group(zarr_store(location, read_only=False), mode="r+")
     for name, values in ((OFFSETS_ARRAY, offsets), (FIRST_TOKEN_ARRAY, first)):
         if name in group:
-            if not np.array_equal(np.asarray(group[name][:]), values):
+            if not np.array_equal(_read_all(group, name), values):
                 raise StoreMismatchError(
                     f"cannot resume {location.text}: its {name} differ from this dataset's "
                     "sequences; resume with the original data or pass --overwrite to start over"
@@ -198,8 +205,8 @@ class SequenceReader:
             )
         self.store = reader
         self.layout = layout
-        self.offsets = np.asarray(reader.group[OFFSETS_ARRAY][:], dtype=np.int64)
-        self.first_token = np.asarray(reader.group[FIRST_TOKEN_ARRAY][:], dtype=np.int64)
+        self.offsets = _read_all(reader.group, OFFSETS_ARRAY)
+        self.first_token = _read_all(reader.group, FIRST_TOKEN_ARRAY)
         if self.offsets[-1] != reader.num_samples or len(self.first_token) + 1 != len(self.offsets):
             raise StoreFormatError(
                 f"{reader.where}: offsets end at {self.offsets[-1]} for {len(self.first_token)} "

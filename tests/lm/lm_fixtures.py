@@ -1,4 +1,8 @@
-"""Tiny language models for the tests: a BPE tokenizer trained here, random 1-layer GPT-2s."""
+"""Tiny language models for the tests: a BPE tokenizer trained here, random GPT-2s.
+
+Each test module imports `lm_files_fixture` from here; this is not a conftest.py, so that
+`from conftest import run_cli` keeps meaning tests/conftest.py.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import pytest
 
 pytest.importorskip("transformers", reason="the [llm] extra is not installed")
 
+_BUILT: dict = {}
 WORDS = "the cat dog sat ran on a mat log big small red blue and then away home".split()
 
 
@@ -22,7 +27,7 @@ def write_corpus(path: Path, *, documents: int = 30, seed: int = 0) -> Path:
     return path
 
 
-def train_tokenizer(texts: list[str], *, vocab_size: int = 120):
+def train_tokenizer(texts: list[str], *, vocab_size: int = 300):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -67,19 +72,25 @@ def write_model(folder: Path, tokenizer, *, layers: int, width: int, weights: bo
     return folder
 
 
-@pytest.fixture(scope="session")
-def lm_files(tmp_path_factory):
+@pytest.fixture(scope="session", name="lm_files")
+def lm_files_fixture(tmp_path_factory):
     """corpus.jsonl, teacher/ (random weights), student/ (config only) and other_tok/ (a student
-    with a different tokenizer)."""
+    with a different tokenizer). Built once per session: every module that imports the fixture
+    gets its own copy of it, hence the cache."""
+    if _BUILT:
+        return _BUILT
     root = tmp_path_factory.mktemp("lm")
     corpus = write_corpus(root / "corpus.jsonl")
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
     tokenizer = train_tokenizer(texts)
-    other = train_tokenizer(texts[:10], vocab_size=110)
-    return {
-        "root": root,
-        "corpus": corpus,
-        "teacher": write_model(root / "teacher", tokenizer, layers=2, width=32, weights=True),
-        "student": write_model(root / "student", tokenizer, layers=1, width=16, weights=False),
-        "other_tok": write_model(root / "other_tok", other, layers=1, width=16, weights=False),
-    }
+    other = train_tokenizer(texts[:10], vocab_size=280)
+    _BUILT.update(
+        {
+            "root": root,
+            "corpus": corpus,
+            "teacher": write_model(root / "teacher", tokenizer, layers=2, width=32, weights=True),
+            "student": write_model(root / "student", tokenizer, layers=1, width=16, weights=False),
+            "other_tok": write_model(root / "other_tok", other, layers=1, width=16, weights=False),
+        }
+    )
+    return _BUILT
