@@ -118,13 +118,16 @@ def print_run(result: Any) -> None:
 @click.option(
     "--model",
     required=True,
-    help="Model spec: mlp, cnn, a torchvision model name, or package.module:function.",
+    help="Model spec: mlp, cnn, a torchvision model name, package.module:function, or hf:PATH "
+    "(a causal language model, see docs/lm.md).",
 )
 @click.option(
     "--dataset",
     default="digits",
     show_default=True,
-    help="Dataset spec: digits, fake:N, imagefolder:PATH, cifar10:ROOT, ...",
+    help="Dataset spec: digits, fake:N, imagefolder:PATH, cifar10:ROOT, ..., or "
+    "text:FILE[:MAX_LEN] "
+    "for a language model.",
 )
 @click.option(
     "--split",
@@ -176,7 +179,8 @@ def train(**options: Any) -> None:
     default="float16",
     show_default=True,
     help="How logits are stored: float32, float16, int8 (per-row scale/offset) or topk:K "
-    "(the K largest logits plus tail statistics; any --temperature at distill time).",
+    "(the K largest logits plus tail statistics; any --temperature at distill time); "
+    "sampled:S (S draws per token, language models, T = 1).",
 )
 @click.option(
     "--batch-size",
