@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -90,6 +89,11 @@ def feed_throughput(path: Path, *, batch: int = 64, repeats: int = 20) -> float:
     return tokens / (time.perf_counter() - started)
 
 
+def save(out: Path, results: dict) -> None:
+    """Results so far: a run cut short still leaves what it measured."""
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
@@ -99,7 +103,7 @@ def main() -> None:
     parser.add_argument("--student", default="2x64")
     parser.add_argument("--teacher-epochs", type=int, default=20)
     parser.add_argument("--student-epochs", type=int, default=8)
-    parser.add_argument("--synthetic-tokens", type=int, default=65536)
+    parser.add_argument("--synthetic-tokens", type=int, default=32768)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 epoch, 1 seed")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -124,6 +128,7 @@ def main() -> None:
         )
     )
     results["teacher"] = {"val_ppl": teacher.final_val_ppl, "wall_s": time.perf_counter() - started}
+    save(out, results)
     print(f"teacher ppl {teacher.final_val_ppl:.3f}", flush=True)
 
     stores = {}
@@ -147,6 +152,7 @@ def main() -> None:
             "fidelity_kl_t1": None if dumped.fidelity is None else dumped.fidelity.kl_at(1.0),
         }
         print(f"dump {encoding}: {dumped.bytes_per_token:.1f} B/token", flush=True)
+        save(out, results)
 
     common = dict(epochs=args.student_epochs, batch_size=32, lr=3e-3, device=args.device)
     runs: dict[str, list[float]] = {}
@@ -177,7 +183,8 @@ def main() -> None:
             )
             runs.setdefault(encoding, []).append(run.final_val_ppl)
         print(f"seed {seed}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in runs.items()), flush=True)
-    results["students"] = runs
+        results["students"] = runs
+        save(out, results)
 
     results["synthetic_32k_bytes_per_token"] = synthetic_bytes_per_token(
         out, vocab=32000, tokens=args.synthetic_tokens
@@ -187,10 +194,10 @@ def main() -> None:
         "float16 V=1024": feed_throughput(stores["float16"]),
         "topk:32 V=1024": feed_throughput(stores["topk:32"]),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    save(out, results)
 
     print(f"\nteacher: held-out perplexity {results['teacher']['val_ppl']:.2f}")
-    print("\n| student | held-out perplexity (mean ± std) | store B/token (V=1024) | B/token at V=32k |")
+    print("\n| student | held-out perplexity (mean ± std) | B/token (V=1024) | B/token (V=32k) |")
     print("|---|---|---|---|")
     for name, values in runs.items():
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
