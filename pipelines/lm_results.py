@@ -40,9 +40,9 @@ from kdcache.store.sequence import create_sequence_store, open_sequence_store  #
 ENCODINGS = ("float16", "topk:8", "topk:32", "topk:128", "sampled:16", "sampled:48")
 
 
-def build(out: Path, *, vocab: int, teacher: str, student: str) -> str:
+def build(out: Path, *, vocab: int, teacher: str, student: str, every: int) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    texts = documents(1500)
+    texts = documents(1500)[::every]
     with (out / "topics.jsonl").open("w") as stream:
         for text in texts:
             stream.write(json.dumps({"text": text}) + "\n")
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=20)
     parser.add_argument("--student-epochs", type=int, default=8)
     parser.add_argument("--synthetic-tokens", type=int, default=32768)
+    parser.add_argument("--every", type=int, default=1, help="keep every EVERY-th document")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 epoch, 1 seed")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -111,7 +112,7 @@ def main() -> None:
         args.teacher_epochs, args.student_epochs, seeds = 1, 1, seeds[:1]
         args.synthetic_tokens = 1024
     out = args.out
-    data = build(out, vocab=1024, teacher=args.teacher, student=args.student)
+    data = build(out, vocab=1024, teacher=args.teacher, student=args.student, every=args.every)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": seeds}
 
     started = time.perf_counter()

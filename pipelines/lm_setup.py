@@ -9,7 +9,7 @@ Writes into OUT:
 - ``teacher-init/`` and ``student-init/``: GPT-2 configs (no weights, so each run draws its own
   under its seed) with the tokenizer beside them, usable as ``hf:OUT/teacher-init``.
 
-    python pipelines/lm_setup.py OUT [--vocab 2048] [--teacher 4x128] [--student 2x64]
+    python pipelines/lm_setup.py OUT [--vocab 2048] [--teacher 4x128] [--student 2x64] [--every 1]
 """
 
 from __future__ import annotations
@@ -81,9 +81,12 @@ def main() -> None:
     parser.add_argument("--student", default="2x64", help="student LAYERSxWIDTH")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--doc-chars", type=int, default=1500, help="characters per document")
+    parser.add_argument(
+        "--every", type=int, default=1, help="keep every EVERY-th document (a smaller corpus)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    texts = documents(args.doc_chars)
+    texts = documents(args.doc_chars)[:: args.every]
     with (args.out / "topics.jsonl").open("w") as stream:
         for text in texts:
             stream.write(json.dumps({"text": text}) + "\n")
