@@ -99,11 +99,13 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--device", default=None)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--teacher", default="4x256")
+    parser.add_argument("--teacher", default="2x128")
     parser.add_argument("--student", default="2x64")
-    parser.add_argument("--teacher-epochs", type=int, default=20)
-    parser.add_argument("--student-epochs", type=int, default=8)
-    parser.add_argument("--synthetic-tokens", type=int, default=32768)
+    parser.add_argument("--teacher-epochs", type=int, default=5)
+    parser.add_argument("--student-epochs", type=int, default=2)
+    parser.add_argument("--synthetic-tokens", type=int, default=16384)
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     parser.add_argument("--every", type=int, default=1, help="keep every EVERY-th document")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 epoch, 1 seed")
     args = parser.parse_args()
@@ -121,8 +123,8 @@ def main() -> None:
             model=f"hf:{out / 'teacher-init'}",
             dataset=data,
             epochs=args.teacher_epochs,
-            batch_size=32,
-            lr=3e-3,
+            batch_size=args.batch_size,
+            lr=args.lr,
             device=args.device,
             out=str(out / "teacher"),
             overwrite=True,
@@ -155,7 +157,9 @@ def main() -> None:
         print(f"dump {encoding}: {dumped.bytes_per_token:.1f} B/token", flush=True)
         save(out, results)
 
-    common = dict(epochs=args.student_epochs, batch_size=32, lr=3e-3, device=args.device)
+    common = dict(
+        epochs=args.student_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device
+    )
     runs: dict[str, list[float]] = {}
     for seed in seeds:
         ce = train_lm(
