@@ -12,11 +12,13 @@ from kdcache.config import DistillConfig, DumpConfig, TrainConfig
 from kdcache.dump import DumpResult, dump_teacher
 from kdcache.errors import KdcacheError
 from kdcache.logits.losses import AttentionLogitsLoss, FocalDistillationLoss, LogitsDistillationLoss
+from kdcache.logits.sequence_losses import TokenDistillationLoss
 from kdcache.logits.sparse import SparseLogits
 from kdcache.store.metadata import StoreMetadata
 from kdcache.store.pack import PackResult, pack_store
 from kdcache.store.reader import StoreReader, open_store
 from kdcache.store.report import StoreReport, inspect_store
+from kdcache.store.sequence import create_sequence_store, open_sequence_store
 from kdcache.store.verify import VerifyReport, verify_store
 from kdcache.store.writer import StoreWriter, create_store
 from kdcache.train.loop import RunResult, distill, train
@@ -42,13 +44,16 @@ __all__ = [
     "SweepConfig",
     "SweepResult",
     "TeacherLogits",
+    "TokenDistillationLoss",
     "TrainConfig",
     "VerifyReport",
     "__version__",
+    "create_sequence_store",
     "create_store",
     "distill",
     "dump_teacher",
     "inspect_store",
+    "open_sequence_store",
     "open_store",
     "pack_store",
     "parse_recipe",

@@ -153,6 +153,14 @@ def speed_options(function: Any) -> Any:
     return function
 
 
+def print_lm_run(result: Any) -> None:
+    click.echo(
+        f"best val_ppl {result.best_val_ppl:.3f} (epoch {result.best_epoch}), final "
+        f"{result.final_val_ppl:.3f}, {result.epochs} epochs in {result.wall_time_s:.1f}s "
+        f"-> {result.out}"
+    )
+
+
 def print_run(result: Any) -> None:
     click.echo(
         f"best val_acc {result.best_val_acc:.2f}% (epoch {result.best_epoch}), final {result.final_val_acc:.2f}%, "
@@ -164,6 +172,13 @@ def print_run(result: Any) -> None:
 @config_options(TrainConfig)
 def train(**options: Any) -> None:
     """Train a model with plain cross-entropy (a teacher, or the CE-only baseline)."""
+    from kdcache.lm.dispatch import is_lm_run
+
+    if is_lm_run(models=(options["model"],), dataset=options["dataset"]):
+        from kdcache.lm.loop import train_lm
+
+        print_lm_run(train_lm(TrainConfig(**options)))
+        return
     from kdcache.train.loop import train as run
 
     print_run(run(TrainConfig(**options)))
@@ -173,6 +188,20 @@ def train(**options: Any) -> None:
 @config_options(DumpConfig)
 def dump_teacher(**options: Any) -> None:
     """Run the teacher once over a dataset and store its raw logits in a Zarr store."""
+    from kdcache.lm.dispatch import is_lm_run
+
+    if is_lm_run(models=(options["teacher"],), dataset=options["dataset"]):
+        from kdcache.lm.dump import dump_lm
+
+        lm = dump_lm(DumpConfig(**options))
+        size = "remote" if lm.bytes_per_token is None else f"{lm.bytes_per_token:,.1f} B/token"
+        click.echo(
+            f"wrote {lm.out}: {lm.num_samples} sequences, {lm.num_tokens} tokens, "
+            f"V={lm.num_classes} {lm.encoding}, {lm.rows_computed} tokens computed "
+            f"({lm.tokens_per_s:,.0f} tokens/s), "
+            f"{size}, {lm.wall_time_s:.1f}s"
+        )
+        return
     from kdcache.dump import dump_teacher as run
 
     result = run(DumpConfig(**options))
@@ -233,6 +262,15 @@ def inspect(store: str, as_json: bool, plot: str | None) -> None:
 @config_options(DistillConfig)
 def distill(**options: Any) -> None:
     """Distill a student from cached teacher logits (or, as a baseline, from a live teacher)."""
+    from kdcache.lm.dispatch import is_lm_run
+
+    specs = (options["student"], options["teacher"])
+    if is_lm_run(models=specs, dataset=options["dataset"], cache=options["cache"]):
+        from kdcache.lm.config import LMDistillConfig
+        from kdcache.lm.loop import distill_lm
+
+        print_lm_run(distill_lm(LMDistillConfig.from_options(options)))
+        return
     from kdcache.train.loop import distill as run
 
     print_run(run(DistillConfig(**options)))

@@ -28,11 +28,15 @@ from kdcache.logits.losses import (
     DEFAULT_TOP_K,
     LOSS_NAMES,
 )
+from kdcache.logits.sequence_losses import DIVERGENCES
 from kdcache.pixels import INPUT_CHOICES
 from kdcache.runtime import AMP_DTYPES
 from kdcache.store.feed import parse_size
 
 T = TypeVar("T")
+
+#: Token-level losses beyond the shared ``kd`` (see kdcache.logits.sequence_losses).
+LM_LOSS_NAMES = tuple(name for name in DIVERGENCES if name not in LOSS_NAMES)
 
 DEVICE_HELP = "cpu, cuda or cuda:N [default: cuda when available, else cpu]."
 
@@ -190,10 +194,13 @@ class TrainConfig(LoopConfig):
     """Plain cross-entropy training of ``model`` on ``dataset``."""
 
     model: str = option(
-        help="Model spec: mlp, cnn, a torchvision model name, or package.module:function."
+        help="Model spec: mlp, cnn, a torchvision model name, package.module:function, or "
+        "hf:PATH (a causal language model, see docs/lm.md)."
     )
     dataset: str = option(
-        "digits", help="Dataset spec: digits, fake:N, imagefolder:PATH, cifar10:ROOT, ..."
+        "digits",
+        help="Dataset spec: digits, fake:N, imagefolder:PATH, cifar10:ROOT, ..., or "
+        "text:FILE[:MAX_LEN] for a language model."
     )
     split: str = option("train", choices=SPLITS, help="Split to train on; the other one validates.")
     augment: str | None = option(
@@ -301,7 +308,11 @@ class DistillConfig(DistillOptions, LoopConfig):
     weights: str | None = option(
         None, path="file", help="Online baseline only: the teacher's weights."
     )
-    loss: str = option("kd", choices=LOSS_NAMES, help="Distillation loss.")
+    loss: str = option(
+        "kd",
+        choices=LOSS_NAMES + LM_LOSS_NAMES,
+        help="Distillation loss; reverse (KL(q||p)), skew and js are for language models.",
+    )
     temperature: float = option(DEFAULT_TEMPERATURE, help="Softmax temperature T (> 0).")
     alpha: float = option(DEFAULT_ALPHA, help="Weight of the soft loss, in [0, 1].")
 
@@ -379,7 +390,8 @@ class DumpConfig(SpeedOptions):
     encoding: str = option(
         "float16",
         help="How logits are stored: float32, float16, int8 (per-row scale/offset) or topk:K "
-        "(the K largest logits plus tail statistics; any --temperature at distill time).",
+        "(the K largest logits plus tail statistics; any --temperature at distill time); "
+        "sampled:S (S draws per token, language models, T = 1).",
     )
     batch_size: int = option(256, help="Samples per teacher forward pass.")
     num_workers: int = option(0, help="DataLoader worker processes.")

@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     "kdcache.bench_inputs": 5,
     "kdcache.bench_feed": 5,
     "kdcache.bench": 6,
+    "kdcache.lm": 6,
     "kdcache.cli": 7,
     "kdcache.__main__": 8,
     "kdcache": 9,

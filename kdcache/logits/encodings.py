@@ -7,12 +7,14 @@ The store never looks inside: it creates one Zarr array per name in :meth:`Encod
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
 
 from kdcache.errors import ConfigError, SpecError
+from kdcache.logits.sampled import SampledLogits, draw_samples
 from kdcache.logits.sparse import TAIL_STATS, SparseLogits, TeacherInput, tail_statistics
 
 #: Per-row shape and dtype of every array an encoding stores, keyed by array name.
@@ -221,11 +223,70 @@ class TopKEncoding(Encoding):
         return sparse.dense(temperature).numpy()
 
 
-ENCODING_CHOICES = ("float32", "float16", "int8", "topk:K")
+class SampledEncoding(Encoding):
+    """S draws from the teacher's softmax at T = 1, kept as distinct classes and counts.
+
+    Per row: ``sample_indices`` (S, the smallest unsigned type that holds C) and ``sample_counts``
+    (S uint8): 3S bytes for C <= 65536. An unbiased estimate of the teacher's distribution (see
+    :mod:`kdcache.logits.sampled`) rather than its best approximation row by row: ``decode`` gives
+    log(count / S) to the drawn classes and a floor 30 nats lower to the others.
+    """
+
+    def __init__(self, num_draws: int, *, num_classes: int | None = None) -> None:
+        self.num_draws = num_draws
+        self.name = f"sampled:{num_draws}"
+        self.num_classes = num_classes
+
+    def layout(self, num_classes: int) -> Layout:
+        return {
+            "sample_indices": ((self.num_draws,), index_dtype(num_classes)),
+            "sample_counts": ((self.num_draws,), np.dtype("uint8")),
+        }
+
+    def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        classes, counts = draw_samples(logits, self.num_draws)
+        dtype = self.layout(logits.shape[1])["sample_indices"][1]
+        return {"sample_indices": classes.astype(dtype), "sample_counts": counts}
+
+    def sampled(self, arrays: dict[str, np.ndarray]) -> SampledLogits:
+        """The rows as class shares (B, S), never as a dense (B, C) tensor."""
+        if self.num_classes is None:
+            raise ConfigError(
+                f"encoding {self.name} needs the number of classes to reconstruct rows; "
+                f"get it with parse_encoding({self.name!r}, num_classes=C)"
+            )
+        counts = torch.from_numpy(arrays["sample_counts"].astype(np.float32))
+        return SampledLogits(
+            indices=torch.from_numpy(arrays["sample_indices"].astype(np.int64)),
+            probs=counts / self.num_draws,
+            num_classes=self.num_classes,
+        )
+
+    def decode(
+        self, arrays: dict[str, np.ndarray], *, temperature: float | None = None
+    ) -> np.ndarray:
+        rows = self.sampled(arrays)
+        log_probs = torch.log(rows.probs.clamp_min(1e-30))
+        floor = math.log(1.0 / self.num_draws) - 30.0
+        out = torch.full((rows.indices.shape[0], rows.num_classes), floor)
+        drawn = rows.probs > 0
+        # Padding slots (count 0) point at class 0; scattering them last would hide a real draw.
+        out.scatter_(
+            1,
+            torch.where(drawn, rows.indices, rows.indices[:, :1]),
+            log_probs.where(drawn, log_probs[:, :1]),
+        )
+        return out.numpy()
+
+
+#: Draws per row are counted in uint8.
+MAX_DRAWS = 255
+ENCODING_CHOICES = ("float32", "float16", "int8", "topk:K", "sampled:S")
 
 
 def parse_encoding(spec: str, *, num_classes: int | None = None) -> Encoding:
-    """The encoding named by ``spec`` (one of :data:`ENCODING_CHOICES`, K an integer >= 1).
+    """The encoding named by ``spec`` (one of :data:`ENCODING_CHOICES`, K an integer >= 1,
+    S an integer in [1, 255]).
 
     ``num_classes`` binds a sparse encoding to its store's class count, which ``decode`` needs.
     """
@@ -240,6 +301,13 @@ def parse_encoding(spec: str, *, num_classes: int | None = None) -> Encoding:
                 f"malformed encoding {spec!r}; expected topk:K with an integer K >= 1, e.g. topk:20"
             )
         return TopKEncoding(int(arg), num_classes=num_classes)
+    if name == "sampled":
+        if not (arg.isdigit() and 1 <= int(arg) <= MAX_DRAWS):
+            raise SpecError(
+                f"malformed encoding {spec!r}; expected sampled:S with an integer S in "
+                f"[1, {MAX_DRAWS}], e.g. sampled:12"
+            )
+        return SampledEncoding(int(arg), num_classes=num_classes)
     raise SpecError(
         f"unknown encoding {spec!r}; valid encodings: {', '.join(ENCODING_CHOICES)} (e.g. topk:20)"
     )

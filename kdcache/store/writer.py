@@ -236,6 +236,7 @@ def create_store(
     chunk_rows: int | None = None,
     teacher: dict[str, Any] | None = None,
     dataset: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
     overwrite: bool = False,
     resume: bool = False,
     views: int = 1,
@@ -252,7 +253,8 @@ def create_store(
     ``resume=True`` continues an incomplete store made with the same parameters (or an
     interrupted replacement); ``overwrite=True`` replaces an existing kdcache store: a local one
     only once the new one is complete (kdcache.store.swap). Anything else already at ``path`` is
-    never touched. The writer holds the store's single-writer lock (kdcache.store.locking) until
+    never touched. ``extra`` is recorded as the metadata's ``extra`` (a sequence store keeps its
+    layout there). The writer holds the store's single-writer lock (kdcache.store.locking) until
     ``finalize`` or ``close``.
     """
     location = resolved_local(parse_location(path))
@@ -277,6 +279,7 @@ def create_store(
         chunk_rows=rows,
         teacher=teacher,
         dataset=dataset,
+        extra=extra or {},
         kdcache_version=__version__,
         created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         generation=uuid.uuid4().hex,

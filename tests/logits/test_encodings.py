@@ -39,7 +39,7 @@ def fkd_best_kl(logits: np.ndarray, k: int, temperature: float) -> np.ndarray:
 
 
 def test_parse_names_every_choice_and_rejects_the_rest():
-    assert ENCODING_CHOICES == ("float32", "float16", "int8", "topk:K")
+    assert ENCODING_CHOICES == ("float32", "float16", "int8", "topk:K", "sampled:S")
     assert [parse_encoding(name).name for name in ("float32", "float16", "int8", "topk:20")] == [
         "float32",
         "float16",

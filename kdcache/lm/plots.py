@@ -1,0 +1,47 @@
+"""The language-model run figure: losses and held-out perplexity per epoch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from kdcache.plots import _new_figure, _save, read_metrics
+
+
+def plot_lm_curves(
+    metrics: str | os.PathLike[str], path: str | os.PathLike[str], *, title: str = ""
+) -> Path:
+    """Training objective and held-out cross-entropy, and held-out perplexity, per epoch."""
+    records = read_metrics(metrics)
+    epochs = [r["epoch"] for r in records]
+    figure = _new_figure(width=9, height=3.4)
+    loss_axes, ppl_axes = figure.subplots(1, 2)
+    loss_axes.plot(
+        epochs, [r["train_loss"] for r in records], marker="o", ms=3, label="train (objective)"
+    )
+    loss_axes.plot(
+        epochs, [r["val_loss"] for r in records], marker="o", ms=3, label="held out (CE)"
+    )
+    loss_axes.set(xlabel="epoch", ylabel="nats per token", title="loss")
+    loss_axes.legend(fontsize="small")
+    perplexity = [r["val_ppl"] for r in records]
+    ppl_axes.plot(epochs, perplexity, marker="o", ms=3, color="tab:green")
+    if records:
+        best = int(np.argmin(perplexity))
+        ppl_axes.annotate(
+            f"best {perplexity[best]:.2f} (epoch {epochs[best]})",
+            (epochs[best], perplexity[best]),
+            xytext=(0, 12),
+            textcoords="offset points",
+            ha="center",
+            fontsize="small",
+        )
+    ppl_axes.set(xlabel="epoch", ylabel="perplexity", title="held-out perplexity")
+    for axes in (loss_axes, ppl_axes):
+        axes.grid(alpha=0.3)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)

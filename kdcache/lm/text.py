@@ -1,0 +1,150 @@
+"""Local text as token sequences: the ``text:FILE[:MAX_LENGTH]`` dataset spec.
+
+FILE is JSON Lines (``.jsonl``: one document per line, an object with a ``"text"`` field or a
+string) or plain text (any other suffix: documents separated by blank lines). Each document is
+tokenized with the model's own tokenizer (its special tokens, e.g. a BOS, included), ends with the
+EOS token when the tokenizer has one, and is cut into consecutive pieces of at most MAX_LENGTH
+tokens (default 128); pieces shorter than 2 tokens are dropped. Every tenth document (index 9, 19,
+...) forms the ``test`` split, the others ``train``: a document's pieces never straddle splits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdcache.errors import DatasetNotFoundError, SpecError
+
+DEFAULT_MAX_LENGTH = 128
+#: Every HELD_OUT_EVERY-th document is held out for validation.
+HELD_OUT_EVERY = 10
+SPLITS = ("train", "test")
+
+
+def is_text_spec(spec: str | None) -> bool:
+    return spec is not None and spec.startswith("text:")
+
+
+def parse_text_spec(spec: str) -> tuple[Path, int]:
+    """FILE and MAX_LENGTH of ``text:FILE[:MAX_LENGTH]``."""
+    kind, _, rest = spec.partition(":")
+    head, sep, tail = rest.rpartition(":")
+    path, max_length = (head, tail) if sep and tail.isdigit() else (rest, str(DEFAULT_MAX_LENGTH))
+    if kind != "text" or not path:
+        raise SpecError(f"malformed dataset {spec!r}; expected text:FILE[:MAX_LENGTH]")
+    if int(max_length) < 2:
+        raise SpecError(f"{spec}: MAX_LENGTH must be >= 2 tokens, got {max_length}")
+    return Path(path), int(max_length)
+
+
+def read_documents(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DatasetNotFoundError(
+            f"no text file at {path}; pass text:FILE with a local .jsonl or plain-text file"
+        )
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".jsonl":
+        return [part.strip() for part in text.split("\n\n") if part.strip()]
+    documents = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SpecError(f"{path}:{number} is not valid JSON ({error.msg})") from None
+        value = record.get("text") if isinstance(record, dict) else record
+        if not isinstance(value, str):
+            raise SpecError(
+                f"{path}:{number} has no text; each line must be a string or an object with a "
+                '"text" string field'
+            )
+        documents.append(value)
+    return documents
+
+
+@dataclass
+class TokenDataset:
+    """Token id sequences of one split, with the spec and limits they were made with."""
+
+    spec: str
+    split: str
+    sequences: list[np.ndarray]
+    max_length: int
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def num_tokens(self) -> int:
+        """Rows a sequence store of this dataset holds: tokens that have a next token."""
+        return sum(len(tokens) - 1 for tokens in self.sequences)
+
+
+def build_text_dataset(spec: str, *, split: str, tokenizer: Any) -> TokenDataset:
+    """Tokenize ``text:FILE[:MAX_LENGTH]`` with ``tokenizer`` (see the module docstring)."""
+    if split not in SPLITS:
+        raise SpecError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    path, max_length = parse_text_spec(spec)
+    documents = read_documents(path)
+    held_out = split == "test"
+    chosen = [
+        doc
+        for i, doc in enumerate(documents)
+        if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == held_out
+    ]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    sequences = []
+    for document in chosen:
+        ids = list(tokenizer(document)["input_ids"])
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        for start in range(0, len(ids), max_length):
+            piece = ids[start : start + max_length]
+            if len(piece) >= 2:
+                sequences.append(np.asarray(piece, dtype=np.int64))
+    if not sequences:
+        raise SpecError(
+            f"{spec} ({split}) yields no sequence of 2 or more tokens from {len(documents)} "
+            f"documents; the test split is every {HELD_OUT_EVERY}th document, so give at least "
+            f"{HELD_OUT_EVERY}"
+        )
+    return TokenDataset(spec=spec, split=split, sequences=sequences, max_length=max_length)
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Sequences padded on the right to the dataset's max length.
+
+    ``mask`` marks the positions that have a next token; ``targets`` holds that next token there
+    (and -100 elsewhere). Padding to one fixed length makes each sequence's logits independent of
+    the batch it lands in (bit for bit on CPU), so a store and a live teacher agree exactly.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+
+    def to(self, device: torch.device) -> TokenBatch:
+        return TokenBatch(*(t.to(device, non_blocking=True) for t in self.__dict__.values()))
+
+
+def collate(
+    dataset: TokenDataset, samples: list[int] | np.ndarray, *, pad_id: int = 0
+) -> TokenBatch:
+    length = dataset.max_length
+    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(samples), length), dtype=torch.long)
+    targets = torch.full((len(samples), length), -100, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        tokens = torch.from_numpy(dataset.sequences[int(sample)])
+        ids[row, : len(tokens)] = tokens
+        attention[row, : len(tokens)] = 1
+        targets[row, : len(tokens) - 1] = tokens[1:]
+    return TokenBatch(ids, attention, targets, targets != -100)

@@ -1,0 +1,216 @@
+"""Token-level distillation losses for language models, from dense, top-k or sampled teacher rows.
+
+A causal LM predicts a distribution over the vocabulary at every position. The student's logits
+come as (B, L, V) with a boolean ``mask`` (B, L) of the positions that count (real tokens with a
+next token; padding never counts); the teacher comes as one row per counted position, in
+row-major order of the mask: a dense (n, V) tensor, a :class:`~kdcache.logits.sparse.SparseLogits`
+(``topk:K`` store) or a :class:`~kdcache.logits.sampled.SampledLogits` (``sampled:S`` store). A
+sparse teacher never becomes a dense (n, V) tensor, let alone (B, L, V): the vocabulary sums
+split into the stored classes plus the tail classes, which all share one probability e (the
+tail's exact mass at T spread uniformly, or 0 for sampled rows).
+
+With p = p_T(teacher), q = p_T(student) at each counted position and n positions,
+
+    L = alpha * T^2 * (1/n) sum_positions D(p, q) + (1 - alpha) * (1/n) sum_positions CE(s, y)
+
+where y is the next token and D is one of :data:`DIVERGENCES`:
+
+- ``kd``: forward KL(p || q), Hinton et al. (2015) applied per token (Kim & Rush 2016, "word-level
+  KD"); mode-covering.
+- ``reverse``: KL(q || p), mode-seeking (Gu et al. 2024, MiniLLM). Needs p > 0 wherever q is, so
+  sampled rows are refused.
+- ``skew``: KL(p || lam p + (1 - lam) q), the skew KL of Ko et al. (2024, DistiLLM), bounded
+  where q vanishes; ``lam`` = 0.1 there.
+- ``js``: Jensen-Shannon, (KL(p || m) + KL(q || m)) / 2 with m = (p + q) / 2 (Agarwal et al. 2024,
+  GKD, at beta = 0.5).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdcache.errors import ConfigError
+from kdcache.logits.sampled import SampledLogits
+from kdcache.logits.sparse import SparseLogits
+
+#: Teacher rows as the token-level losses accept them.
+TokenTeacher = Tensor | SparseLogits | SampledLogits
+
+DIVERGENCES = ("kd", "reverse", "skew", "js")
+#: Target of the ignored positions in ``targets``, as in torch's cross_entropy.
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """p at the explicit classes (n, K) and one probability e (n,) for every other class.
+
+    For a dense teacher K = V, ``indices`` is None and there is no other class.
+    """
+
+    probs: Tensor
+    log_probs: Tensor
+    indices: Tensor | None
+    other: Tensor
+    other_log: Tensor
+    num_other: int
+    #: Rows of draws (sampled:S): p is zero outside the drawn classes.
+    draws: bool = False
+
+
+def _teacher_rows(teacher: TokenTeacher, temperature: float, dtype: torch.dtype) -> _Rows:
+    if isinstance(teacher, SparseLogits):
+        sparse = teacher.detach().to(teacher.values.device, dtype)
+        top, tail = sparse.log_probs(temperature)
+        each = tail - math.log(sparse.num_tail) if sparse.num_tail else tail
+        return _Rows(top.exp(), top, sparse.indices, each.exp(), each, sparse.num_tail)
+    if isinstance(teacher, SampledLogits):
+        if temperature != 1.0:
+            raise ConfigError(
+                f"a sampled:S store holds draws from the teacher at T = 1, got temperature "
+                f"{temperature}; distill it at --temperature 1, or dump with topk:K for other T"
+            )
+        probs = teacher.probs.detach().to(dtype)
+        zero = torch.zeros_like(probs[:, 0])
+        num_other = teacher.num_classes - probs.shape[1]
+        return _Rows(probs, torch.log(probs), teacher.indices, zero, zero.log(), num_other, True)
+    log_probs = F.log_softmax(teacher.detach().to(dtype) / temperature, dim=-1)
+    empty = torch.zeros_like(log_probs[:, 0])
+    return _Rows(log_probs.exp(), log_probs, None, empty, empty, 0)
+
+
+def _xlogy_diff(p: Tensor, log_p: Tensor, log_r: Tensor) -> Tensor:
+    """p * (log p - log r) with 0 where p = 0 (the limit), elementwise."""
+    return torch.where(p > 0, p * (log_p - log_r), 0.0)
+
+
+def _skew_terms(lam: float, p: Tensor, log_p: Tensor, q: Tensor, log_q: Tensor) -> Tensor:
+    mix = torch.log(lam * p + (1 - lam) * q)
+    return _xlogy_diff(p, log_p, mix)
+
+
+def _js_terms(p: Tensor, log_p: Tensor, q: Tensor, log_q: Tensor) -> Tensor:
+    mix = torch.log(0.5 * (p + q))
+    return 0.5 * (_xlogy_diff(p, log_p, mix) + _xlogy_diff(q, log_q, mix))
+
+
+def divergence(name: str, teacher: _Rows, log_q: Tensor, *, skew: float = 0.1) -> Tensor:
+    """D(p, q) per position (n,), summed over the whole vocabulary of ``log_q`` (n, V)."""
+    q = log_q.exp()
+    if teacher.indices is None:
+        p, log_p = teacher.probs, teacher.log_probs
+        if name == "kd":
+            return _xlogy_diff(p, log_p, log_q).sum(dim=-1)
+        if name == "reverse":
+            return _xlogy_diff(q, log_q, log_p).sum(dim=-1)
+        if name == "skew":
+            return _skew_terms(skew, p, log_p, q, log_q).sum(dim=-1)
+        return _js_terms(p, log_p, q, log_q).sum(dim=-1)
+    p, log_p, indices = teacher.probs, teacher.log_probs, teacher.indices
+    e, log_e = teacher.other[:, None], teacher.other_log[:, None]
+    log_q_top = log_q.gather(1, indices)
+    q_top = log_q_top.exp()
+    if name == "kd":
+        # The other classes in closed form: sum_other e (log e - log q) = n e log e - e sum log q.
+        top = _xlogy_diff(p, log_p, log_q_top).sum(dim=-1)
+        rest = log_q.sum(dim=-1) - log_q_top.sum(dim=-1)
+        other = torch.where(e[:, 0] > 0, e[:, 0] * (teacher.num_other * log_e[:, 0] - rest), 0.0)
+        return top + other
+    if name == "reverse":
+        if teacher.draws:
+            raise ConfigError(
+                "reverse KL needs the teacher's probability of every token the student may "
+                "predict; a sampled:S store keeps only draws: use --loss kd, skew or js with it, "
+                "or dump with topk:K"
+            )
+        entropy_part = (q * log_q).sum(dim=-1)
+        cross = (q_top * log_p).sum(dim=-1)
+        if teacher.num_other:
+            cross = cross + (1 - q_top.sum(dim=-1)).clamp_min(0.0) * log_e[:, 0]
+        return entropy_part - cross
+
+    def terms(pp: Tensor, log_pp: Tensor, qq: Tensor, log_qq: Tensor) -> Tensor:
+        if name == "skew":
+            return _skew_terms(skew, pp, log_pp, qq, log_qq)
+        return _js_terms(pp, log_pp, qq, log_qq)
+
+    # Every class as if it were an "other" one (a function of q and one number per row, as big
+    # as the student's own softmax), then the stored classes swapped in.
+    every = terms(e.expand_as(q), log_e.expand_as(q), q, log_q).sum(dim=-1)
+    as_other = terms(e.expand_as(q_top), log_e.expand_as(q_top), q_top, log_q_top).sum(dim=-1)
+    return every - as_other + terms(p, log_p, q_top, log_q_top).sum(dim=-1)
+
+
+class TokenDistillationLoss(nn.Module):
+    """Token-level distillation of a causal LM: ``alpha`` * T^2 * D(p, q) + (1 - alpha) * CE.
+
+    ``forward(student_logits (B, L, V), teacher rows (n, ...), targets (B, L), mask (B, L))``
+    returns a dict with ``total``, ``soft`` (T^2 * mean D over the n positions), ``hard`` (mean
+    next-token CE at the same positions) and ``tokens`` (n). Positions outside ``mask`` (padding,
+    the last token of each sequence) contribute nothing.
+    """
+
+    def __init__(
+        self,
+        *,
+        divergence: str = "kd",
+        temperature: float = 1.0,
+        alpha: float = 0.5,
+        skew: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if divergence not in DIVERGENCES:
+            raise ConfigError(
+                f"unknown token-level loss {divergence!r}; valid choices: {', '.join(DIVERGENCES)}"
+            )
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"alpha must be a number in [0, 1], got {alpha!r}")
+        if not 0.0 < skew < 1.0:
+            raise ConfigError(f"skew must lie in (0, 1), got {skew!r}")
+        self.divergence = divergence
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self.skew = float(skew)
+
+    def forward(
+        self, student_logits: Tensor, teacher: TokenTeacher, targets: Tensor, mask: Tensor
+    ) -> dict[str, Tensor]:
+        if student_logits.dim() != 3 or mask.shape != student_logits.shape[:2]:
+            raise ConfigError(
+                "student_logits must be (batch, length, vocab) with mask (batch, length), got "
+                f"{tuple(student_logits.shape)} and {tuple(mask.shape)}"
+            )
+        rows = student_logits[mask]
+        num_rows, width = teacher.shape[0], teacher.shape[1]
+        if num_rows != rows.shape[0] or width != rows.shape[1]:
+            raise ConfigError(
+                f"expected {rows.shape[0]} teacher rows of {rows.shape[1]} classes (one per "
+                f"masked position), got ({num_rows}, {width}); the store or teacher does not "
+                "match these sequences"
+            )
+        dtype = torch.float32 if torch.finfo(rows.dtype).bits < 32 else rows.dtype
+        rows = rows.to(dtype)
+        t = self.temperature
+        log_q = F.log_softmax(rows / t, dim=-1)
+        teacher_rows = _teacher_rows(teacher, t, dtype)
+        soft = divergence(self.divergence, teacher_rows, log_q, skew=self.skew).mean() * t**2
+        hard = F.cross_entropy(rows, targets[mask])
+        return {
+            "total": self.alpha * soft + (1 - self.alpha) * hard,
+            "soft": soft,
+            "hard": hard,
+            "tokens": torch.tensor(rows.shape[0]),
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"divergence={self.divergence!r}, temperature={self.temperature}, "
+            f"alpha={self.alpha}, skew={self.skew}"
+        )

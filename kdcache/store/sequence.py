@@ -1,0 +1,283 @@
+"""Sequence stores: a language model's next-token distributions, one row per token, keyed by sample.
+
+A sequence store is an ordinary kdcache store (:mod:`kdcache.store.writer`) whose rows are tokens
+rather than samples, plus two arrays that make sample i's tokens one slice:
+
+- ``offsets`` (N + 1,) int64: sample i owns token rows ``offsets[i]:offsets[i + 1]``;
+- ``first_token`` (N,) int64: the first token id of each sample.
+
+Sample i of L_i tokens t_0 .. t_{L_i - 1} has L_i - 1 rows: row ``offsets[i] + j`` holds the
+teacher's logits at position j (the distribution of t_{j+1} given t_0 .. t_j), in any encoding, and
+``labels`` at that row is t_{j+1}. So the store holds every token id too: sample i is
+``[first_token[i], *labels[offsets[i]:offsets[i + 1]]]``. The token rows are chunked like any
+store's rows (``chunk_rows`` tokens per chunk), so resume, verify, pack and inspect work unchanged;
+the metadata's ``num_samples`` counts token rows and ``extra["sequence"]`` records the layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from kdcache.errors import ConfigError, StoreFormatError, StoreMismatchError
+from kdcache.logits.encodings import SampledEncoding
+from kdcache.logits.sampled import SampledLogits
+from kdcache.logits.sparse import SparseLogits
+from kdcache.store.layout import StoreLike
+from kdcache.store.location import parse_location, zarr_store
+from kdcache.store.reader import StoreReader, open_store
+from kdcache.store.writer import StoreWriter, create_store
+
+OFFSETS_ARRAY = "offsets"
+FIRST_TOKEN_ARRAY = "first_token"
+#: Key of the sequence layout in the metadata's ``extra``.
+SEQUENCE_KEY = "sequence"
+
+#: Teacher rows as read back: dense (n, V), top-k (:class:`SparseLogits`) or draws.
+TokenRows = torch.Tensor | SparseLogits | SampledLogits
+
+
+def sequence_offsets(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``offsets`` (N + 1,) for samples of ``lengths`` tokens: each has max(L - 1, 0) rows."""
+    rows = np.maximum(np.asarray(lengths, dtype=np.int64) - 1, 0)
+    return np.concatenate(([0], np.cumsum(rows))).astype(np.int64)
+
+
+def rows_of(offsets: np.ndarray, samples: np.ndarray) -> np.ndarray:
+    """The token rows of ``samples``, concatenated in the order given (each sample's in order)."""
+    starts, stops = offsets[samples], offsets[samples + 1]
+    counts = stops - starts
+    total = int(counts.sum())
+    if total == 0:
+        return np.empty(0, dtype=np.int64)
+    # Each row's index is its sample's start plus its rank within the sample, without a loop.
+    ends = np.cumsum(counts)
+    rank = np.arange(total, dtype=np.int64) - np.repeat(ends - counts, counts)
+    return np.repeat(starts, counts) + rank
+
+
+def _as_samples(samples: Sequence[int] | np.ndarray | torch.Tensor, count: int) -> np.ndarray:
+    if isinstance(samples, torch.Tensor):
+        samples = samples.cpu().numpy()
+    values = np.asarray(samples, dtype=np.int64).reshape(-1)
+    if values.size and (values.min() < 0 or values.max() >= count):
+        raise ConfigError(
+            f"sample indices must lie in [0, {count}), got values from {values.min()} to "
+            f"{values.max()}"
+        )
+    return values
+
+
+class SequenceWriter:
+    """Writes the teacher's rows sample by sample; wraps the token-row :class:`StoreWriter`."""
+
+    def __init__(self, writer: StoreWriter, offsets: np.ndarray) -> None:
+        self.writer = writer
+        self.offsets = offsets
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.offsets) - 1
+
+    def pending_samples(self) -> np.ndarray:
+        """Samples with a token row whose chunk is not yet durably written, ascending."""
+        rows = self.writer.pending_indices()
+        owners = np.searchsorted(self.offsets, rows, side="right") - 1
+        return np.unique(owners)
+
+    def token_rows(self, samples: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+        return rows_of(self.offsets, _as_samples(samples, self.num_sequences))
+
+    def write(
+        self, samples: Sequence[int] | np.ndarray | torch.Tensor, logits: np.ndarray | torch.Tensor
+    ) -> None:
+        """Store the rows (n, V) of ``samples``: each sample's L - 1 rows in order, concatenated."""
+        self.writer.write(self.token_rows(samples), logits)
+
+    def finalize(self) -> Any:
+        return self.writer.finalize()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def __enter__(self) -> SequenceWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def create_sequence_store(
+    path: StoreLike,
+    *,
+    sequences: Sequence[np.ndarray],
+    vocab_size: int,
+    encoding: str = "float16",
+    chunk_rows: int | None = None,
+    teacher: dict[str, Any] | None = None,
+    dataset: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> SequenceWriter:
+    """Create (or resume) a sequence store for the token id arrays ``sequences``.
+
+    Every sample needs at least 2 tokens (one row); ``chunk_rows`` counts tokens per chunk.
+    """
+    lengths = np.array([len(tokens) for tokens in sequences], dtype=np.int64)
+    if lengths.size == 0 or (lengths < 2).any():
+        short = np.flatnonzero(lengths < 2)[:5].tolist()
+        raise ConfigError(
+            f"a sequence store needs at least one sample and 2 tokens per sample (one next-token "
+            f"row), got {lengths.size} samples, too short: {short}; drop or join short texts"
+        )
+    offsets = sequence_offsets(lengths)
+    labels = np.concatenate([np.asarray(tokens, dtype=np.int64)[1:] for tokens in sequences])
+    first = np.array([int(tokens[0]) for tokens in sequences], dtype=np.int64)
+    layout = {
+        "num_sequences": int(lengths.size),
+        "num_tokens": int(offsets[-1]),
+        "max_length": int(lengths.max()),
+    }
+    writer = create_store(
+        path,
+        num_samples=int(offsets[-1]),
+        num_classes=vocab_size,
+        encoding=encoding,
+        labels=labels,
+        chunk_rows=chunk_rows,
+        teacher=teacher,
+        dataset=dataset,
+        extra={SEQUENCE_KEY: layout},
+        overwrite=overwrite,
+        resume=resume,
+    )
+    try:
+        _write_layout(path, offsets, first)
+    except BaseException:
+        writer.close()
+        raise
+    return SequenceWriter(writer, offsets)
+
+
+def _read_all(group: zarr.Group, name: str) -> np.ndarray:
+    array = group[name]
+    if not isinstance(array, zarr.Array):
+        raise StoreFormatError(f"{name!r} in {group.store} is a group, not an array; dump again")
+    return np.asarray(array[:], dtype=np.int64)
+
+
+def _write_layout(path: StoreLike, offsets: np.ndarray, first: np.ndarray) -> None:
+    """Create ``offsets`` and ``first_token``, or check them on resume (we hold the lock)."""
+    location = parse_location(path)
+    group = zarr.open_group(zarr_store(location, read_only=False), mode="r+")
+    for name, values in ((OFFSETS_ARRAY, offsets), (FIRST_TOKEN_ARRAY, first)):
+        if name in group:
+            if not np.array_equal(_read_all(group, name), values):
+                raise StoreMismatchError(
+                    f"cannot resume {location.text}: its {name} differ from this dataset's "
+                    "sequences; resume with the original data or pass --overwrite to start over"
+                )
+            continue
+        # Written before any token row could be flagged, in one chunk: small next to the rows.
+        array = group.create_array(
+            name,
+            shape=values.shape,
+            chunks=(max(1, values.size),),
+            dtype="int64",
+            fill_value=0,
+        )
+        array[:] = values
+
+
+class SequenceReader:
+    """Read-only access to a sequence store: sample i's rows as one slice, ragged batches."""
+
+    def __init__(self, reader: StoreReader) -> None:
+        layout = reader.metadata.extra.get(SEQUENCE_KEY)
+        if not isinstance(layout, dict) or OFFSETS_ARRAY not in reader.group:
+            raise StoreFormatError(
+                f"{reader.where} holds one row per sample, not a sequence store; open it with "
+                "kdcache.open_store, or dump a language model with --dataset text:FILE"
+            )
+        self.store = reader
+        self.layout = layout
+        self.offsets = _read_all(reader.group, OFFSETS_ARRAY)
+        self.first_token = _read_all(reader.group, FIRST_TOKEN_ARRAY)
+        if self.offsets[-1] != reader.num_samples or len(self.first_token) + 1 != len(self.offsets):
+            raise StoreFormatError(
+                f"{reader.where}: offsets end at {self.offsets[-1]} for {len(self.first_token)} "
+                f"samples but the store has {reader.num_samples} token rows; the store is "
+                "damaged: dump it again"
+            )
+
+    @property
+    def where(self) -> str:
+        return self.store.where
+
+    @property
+    def metadata(self) -> Any:
+        return self.store.metadata
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.first_token)
+
+    @property
+    def num_tokens(self) -> int:
+        """Token rows in the store (every token that has a next token)."""
+        return int(self.offsets[-1])
+
+    @property
+    def vocab_size(self) -> int:
+        return self.store.num_classes
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per sample (rows + 1)."""
+        return np.diff(self.offsets) + 1
+
+    def token_rows(self, samples: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+        return rows_of(self.offsets, _as_samples(samples, self.num_sequences))
+
+    def tokens(self, sample: int) -> np.ndarray:
+        """The token ids of ``sample``, read back from the store alone."""
+        start, stop = self.offsets[sample], self.offsets[sample + 1]
+        labels = self.store.read_rows("labels", int(start), int(stop))
+        return np.concatenate(([self.first_token[sample]], labels)).astype(np.int64)
+
+    def read(
+        self, samples: Sequence[int] | np.ndarray | torch.Tensor, *, temperature: float = 1.0
+    ) -> TokenRows:
+        """The rows of ``samples`` concatenated, (n, V) or its sparse form, n = sum (L_i - 1).
+
+        Dense encodings give a float32 tensor; ``topk:K`` a :class:`SparseLogits` (``temperature``
+        unused); ``sampled:S`` a :class:`SampledLogits`. ``torch.split(range(n), lengths - 1)``
+        of the samples recovers each one's slice.
+        """
+        gathered = self.store.feed.gather(self.token_rows(samples))
+        encoding = self.store.encoding
+        if isinstance(encoding, SampledEncoding):
+            return encoding.sampled(gathered)
+        sparse = encoding.sparse(gathered)
+        if sparse is not None:
+            return sparse
+        return torch.from_numpy(encoding.decode(gathered, temperature=temperature))
+
+
+def open_sequence_store(
+    path: StoreLike, *, allow_incomplete: bool = False, memory_budget: int | str | None = None
+) -> SequenceReader:
+    """Open a sequence store read-only (see :func:`kdcache.store.reader.open_store`)."""
+    return SequenceReader(
+        open_store(path, allow_incomplete=allow_incomplete, memory_budget=memory_budget)
+    )
+
+
+def is_sequence_store(path: StoreLike) -> bool:
+    """Whether ``path`` holds a complete or partial sequence store (False for any other store)."""
+    reader = open_store(path, allow_incomplete=True)
+    return isinstance(reader.metadata.extra.get(SEQUENCE_KEY), dict)

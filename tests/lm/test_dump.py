@@ -1,0 +1,97 @@
+"""Dumping a causal LM into a sequence store: exact float32 rows, top-k, resume after a crash."""
+
+from __future__ import annotations
+
+import lm_teachers
+import numpy as np
+import pytest
+import torch
+from lm_fixtures import lm_files_fixture  # noqa: F401  (provides the lm_files fixture)
+
+from kdcache.config import DumpConfig
+from kdcache.lm.dump import dump_lm
+from kdcache.lm.models import load_causal_lm
+from kdcache.lm.text import build_text_dataset, collate
+from kdcache.logits.encodings import parse_encoding
+from kdcache.store.sequence import open_sequence_store
+
+
+def teacher_rows(lm, dataset, sample):
+    batch = collate(dataset, [sample], pad_id=lm.tokenizer.eos_token_id)
+    with torch.no_grad():
+        return lm.logits(batch.input_ids, batch.attention_mask)[batch.mask]
+
+
+def test_float32_rows_are_the_teachers_logits_and_the_store_records_its_fingerprint(
+    tmp_path, lm_files
+):
+    spec = f"text:{lm_files['corpus']}:16"
+    result = dump_lm(
+        DumpConfig(
+            teacher=f"hf:{lm_files['teacher']}",
+            dataset=spec,
+            out=str(tmp_path / "t.zarr"),
+            encoding="float32",
+            batch_size=8,
+        )
+    )
+    teacher = load_causal_lm(f"hf:{lm_files['teacher']}")
+    dataset = build_text_dataset(spec, split="train", tokenizer=teacher.tokenizer)
+    store = open_sequence_store(tmp_path / "t.zarr")
+    assert result.num_tokens == store.num_tokens == dataset.num_tokens == result.rows_computed
+    assert result.bytes_per_token and result.tokens_per_s > 0
+    for sample in (0, 5, len(dataset) - 1):
+        assert torch.equal(store.read([sample]), teacher_rows(teacher, dataset, sample))
+        assert store.tokens(sample).tolist() == dataset.sequences[sample].tolist()
+    record = store.metadata.dataset["fingerprint"]
+    assert record["tokenizer"]["special_tokens"]["eos_token"] == "<|endoftext|>"
+    assert record["max_length"] == 16 and record["tokens"]["num_samples"] == len(dataset)
+    assert store.metadata.teacher["weights_sha256"]
+
+
+def test_topk_store_keeps_the_full_vocabulary_tail(tmp_path, lm_files):
+    spec = f"text:{lm_files['corpus']}:16"
+    dump_lm(
+        DumpConfig(
+            teacher=f"hf:{lm_files['teacher']}",
+            dataset=spec,
+            out=str(tmp_path / "k.zarr"),
+            encoding="topk:8",
+            batch_size=16,
+        )
+    )
+    teacher = load_causal_lm(f"hf:{lm_files['teacher']}")
+    dataset = build_text_dataset(spec, split="train", tokenizer=teacher.tokenizer)
+    store = open_sequence_store(tmp_path / "k.zarr")
+    rows = store.read([3, 1])
+    full = torch.cat([teacher_rows(teacher, dataset, 3), teacher_rows(teacher, dataset, 1)])
+    encoding = parse_encoding("topk:8", num_classes=teacher.vocab_size)
+    want = encoding.sparse(encoding.encode(full.numpy()))
+    assert torch.equal(rows.indices, want.indices) and torch.equal(rows.tail, want.tail)
+    assert store.metadata.fidelity["top1_agreement"] == 1.0
+
+
+def test_resume_after_a_crash_computes_only_the_rest_and_equals_a_full_dump(tmp_path, lm_files):
+    spec = f"text:{lm_files['corpus']}:16"
+    lm_teachers.FOLDER = str(lm_files["teacher"])
+    options = dict(
+        teacher="lm_teachers:flaky",
+        dataset=spec,
+        out=str(tmp_path / "r.zarr"),
+        encoding="float32",
+        batch_size=8,
+        chunk_rows=40,
+    )
+    lm_teachers.FAIL_AFTER = 5
+    try:
+        with pytest.raises(lm_teachers.Interrupted):
+            dump_lm(DumpConfig(**options))
+    finally:
+        lm_teachers.FAIL_AFTER = None
+    resumed = dump_lm(DumpConfig(**options, resume=True))
+    assert 0 < resumed.rows_computed < resumed.num_tokens
+    full = dump_lm(DumpConfig(**{**options, "out": str(tmp_path / "full.zarr")}))
+    assert full.rows_computed == full.num_tokens
+    a, b = open_sequence_store(tmp_path / "r.zarr"), open_sequence_store(tmp_path / "full.zarr")
+    everything = np.arange(a.num_sequences)
+    assert torch.equal(a.read(everything), b.read(everything))
