@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.plots import _new_figure, _save, read_metrics
+from kdcache.plots import new_figure, read_metrics, save_figure
 
 
 def plot_lm_curves(
@@ -16,7 +16,7 @@ def plot_lm_curves(
     """Training objective and held-out cross-entropy, and held-out perplexity, per epoch."""
     records = read_metrics(metrics)
     epochs = [r["epoch"] for r in records]
-    figure = _new_figure(width=9, height=3.4)
+    figure = new_figure(width=9, height=3.4)
     loss_axes, ppl_axes = figure.subplots(1, 2)
     loss_axes.plot(
         epochs, [r["train_loss"] for r in records], marker="o", ms=3, label="train (objective)"
@@ -44,4 +44,4 @@ def plot_lm_curves(
         axes.xaxis.get_major_locator().set_params(integer=True)
     if title:
         figure.suptitle(title)
-    return _save(figure, path)
+    return save_figure(figure, path)
