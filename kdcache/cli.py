@@ -181,11 +181,21 @@ def train(**options: Any) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted dump at --out.")
+@click.option(
+    "--fsync/--no-fsync",
+    default=True,
+    show_default=True,
+    help="Flush each chunk of a local store to disk before marking it written (survives a "
+    "power loss); --no-fsync is faster.",
+)
 def dump_teacher(**options: Any) -> None:
     """Run the teacher once over a dataset and store its raw logits in a Zarr store."""
+    from kdcache.distributed import rank_info
     from kdcache.dump import dump_teacher as run
 
     result = run(DumpConfig(**options))
+    if not rank_info().is_main:
+        return  # under torchrun rank 0 reports for the whole job
     size = (
         "remote"
         if result.bytes_on_disk is None

@@ -144,6 +144,8 @@ class DumpConfig:
     chunk_rows: int | None = None
     overwrite: bool = False
     resume: bool = False
+    #: fsync each chunk of a local store before marking it written (kdcache.store.durability).
+    fsync: bool = True
 
     def __post_init__(self) -> None:
         check_split(self.split)

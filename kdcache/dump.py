@@ -8,17 +8,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from kdcache.config import DumpConfig
 from kdcache.datasets import build_dataset, dataset_fingerprint
+from kdcache.distributed import RankSession, finalize_ranks, open_rank_writer, rank_session
 from kdcache.errors import KdcacheError, StoreWriteError
 from kdcache.logits.fidelity import Fidelity
 from kdcache.models import build_model, load_weights, weights_sha256
-from kdcache.runtime import IndexedDataset, resolve_device
+from kdcache.runtime import IndexedDataset
 from kdcache.store.background import BackgroundWriter
 from kdcache.store.layout import store_nbytes
 from kdcache.store.writer import StoreWriter, create_store
@@ -45,16 +45,6 @@ class DumpResult:
     @property
     def bytes_per_sample(self) -> float | None:
         return None if self.bytes_on_disk is None else self.bytes_on_disk / self.num_samples
-
-
-def pending_batches(pending: np.ndarray, *, num_samples: int, batch_size: int) -> list[list[int]]:
-    """The batches of an uninterrupted dump (``[0, B)``, ``[B, 2B)``, ...) that hold a pending row.
-
-    A resumed dump recomputes exactly the batches an uninterrupted one would have run, so every
-    row comes from the same batch composition and the result is bit-identical on CPU.
-    """
-    starts = np.unique(pending // batch_size) * batch_size
-    return [list(range(int(start), min(int(start) + batch_size, num_samples))) for start in starts]
 
 
 @contextmanager
@@ -98,9 +88,18 @@ def _fill(
 
 
 def dump_teacher(config: DumpConfig) -> DumpResult:
-    """Run ``config.teacher`` in eval mode without gradients and write its logits to ``config.out``."""
+    """Run ``config.teacher`` in eval mode without gradients and write its logits to ``config.out``.
+
+    Under torchrun every rank runs this with the same config and writes its own chunks
+    (kdcache.distributed); rank 0 creates and finalizes the store.
+    """
+    with rank_session(config.device) as session:
+        return _dump_teacher(config, session)
+
+
+def _dump_teacher(config: DumpConfig, session: RankSession) -> DumpResult:
     started = time.perf_counter()
-    device = resolve_device(config.device)
+    device = session.device
     dataset = build_dataset(config.dataset, split=config.split)
     teacher = build_model(
         config.teacher, num_classes=dataset.num_classes, in_channels=dataset.in_channels
@@ -109,7 +108,9 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
         load_weights(teacher, config.weights, spec=config.teacher)
     teacher.to(device).eval().requires_grad_(False)
 
-    with create_store(
+    with open_rank_writer(
+        session,
+        create_store,
         config.out,
         num_samples=len(dataset),
         num_classes=dataset.num_classes,
@@ -128,9 +129,15 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
         },
         overwrite=config.overwrite,
         resume=config.resume,
+        fsync=config.fsync,
     ) as writer:
         pending = writer.pending_indices()
-        batches = pending_batches(pending, num_samples=len(dataset), batch_size=config.batch_size)
+        batches = session.dump_batches(
+            pending,
+            num_samples=len(dataset),
+            chunk_rows=writer.metadata.chunk_rows,
+            batch_size=config.batch_size,
+        )
         loader = DataLoader(
             IndexedDataset(dataset),
             batch_sampler=batches,
@@ -143,7 +150,7 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
         )
         loop_time_s = time.perf_counter() - loop_started
         with _resumable_on_os_error(f"marking {config.out} complete"):
-            writer.finalize()
+            finalize_ranks(session, writer)
     return DumpResult(
         out=config.out,
         num_samples=len(dataset),

@@ -15,7 +15,7 @@ from conftest import assert_one_line_error, run_cli, start_cli
 
 from kdcache import DumpConfig, open_store
 from kdcache.datasets import build_dataset
-from kdcache.dump import dump_teacher, pending_batches
+from kdcache.dump import dump_teacher
 from kdcache.errors import InvalidLogitsError, StoreIncompleteError
 from kdcache.store.verify import verify_store
 
@@ -144,18 +144,6 @@ def test_a_sigkilled_dump_reports_incomplete_and_resumes_bit_identical(
     resumed = dump_teacher(dump_config(out, resume=True))
     assert resumed.rows_computed == 200 - 20 * done
     assert_same_store(out, reference_store)
-
-
-def test_pending_batches_are_the_uninterrupted_runs_batches():
-    pending = np.arange(20, 60)  # chunks 1 and 2 of 20 rows
-    assert pending_batches(pending, num_samples=70, batch_size=15) == [
-        list(range(15, 30)),
-        list(range(30, 45)),
-        list(range(45, 60)),
-    ]
-    assert pending_batches(np.arange(60, 70), num_samples=70, batch_size=15) == [
-        list(range(60, 70))
-    ]
 
 
 def _mount_tmpfs(path: Path, size: str) -> bool:

@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "kdcache.datasets": 3,
     "kdcache.models": 3,
     "kdcache.runtime": 3,
+    "kdcache.distributed": 4,
     "kdcache.plots": 3,
     "kdcache.config": 4,
     "kdcache.dump": 5,

@@ -15,7 +15,7 @@ from zarr.core.sync import sync
 
 T = TypeVar("T")
 
-__all__ = ["buffer_prototype", "row_chunk_exists", "run_sync"]
+__all__ = ["buffer_prototype", "row_chunk_exists", "row_chunk_key", "run_sync"]
 
 
 def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -28,9 +28,12 @@ def buffer_prototype() -> Any:
     return default_buffer_prototype()
 
 
+def row_chunk_key(array: Any, chunk: int) -> str:
+    """The store key (relative to the store's root) of row chunk ``chunk`` of ``array``."""
+    extra = (0,) * (array.ndim - 1)
+    return f"{array.store_path.path}/{array.metadata.encode_chunk_key((chunk, *extra))}"
+
+
 def row_chunk_exists(array: Any, chunk: int) -> bool:
     """Whether the object of row chunk ``chunk`` of ``array`` is present in its store."""
-    store, prefix = array.store_path.store, array.store_path.path
-    extra = (0,) * (array.ndim - 1)
-    key = array.metadata.encode_chunk_key((chunk, *extra))
-    return bool(sync(store.exists(f"{prefix}/{key}")))
+    return bool(sync(array.store_path.store.exists(row_chunk_key(array, chunk))))

@@ -304,18 +304,23 @@ class LogitFeed:
             self._pinned[slot] = (buffer, None)
         return slot, buffer[:numel].view(shape)
 
-    def epoch_order(self, epoch: int, *, seed: int = 0) -> np.ndarray:
+    def epoch_order(
+        self, epoch: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> np.ndarray:
         """Every sample index exactly once, in an order that differs per ``(seed, epoch)``.
 
         Chunked mode: chunks in random order, rows shuffled within windows of
-        :attr:`window_chunks` chunks. In-memory mode: a plain random permutation.
+        :attr:`window_chunks` chunks. In-memory mode: a plain random permutation. With
+        ``world_size`` K > 1, rank ``rank``'s share: in chunked mode every K-th chunk of the
+        epoch's chunk order (so each rank decodes only its own chunks), in memory the r-th of K
+        slices; the K shares of an epoch hold every index once.
         """
         rng = np.random.default_rng([seed, epoch])
         if self.mode == "memory":
-            return rng.permutation(self.num_samples)
-        chunks = rng.permutation(self.num_chunks)
-        parts = []
-        for first in range(0, self.num_chunks, self.window_chunks):
+            return np.array_split(rng.permutation(self.num_samples), world_size)[rank]
+        chunks = rng.permutation(self.num_chunks)[rank::world_size]
+        parts = [np.empty(0, dtype=np.int64)]  # a rank may own no chunk when there are few
+        for first in range(0, len(chunks), self.window_chunks):
             window = chunks[first : first + self.window_chunks]
             rows = np.concatenate(
                 [
@@ -326,9 +331,9 @@ class LogitFeed:
             parts.append(rng.permutation(rows))
         return np.concatenate(parts)
 
-    def sampler(self, *, seed: int = 0) -> FeedSampler:
+    def sampler(self, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> FeedSampler:
         """A DataLoader sampler that follows :meth:`epoch_order`, one epoch per iteration."""
-        return FeedSampler(self, seed=seed)
+        return FeedSampler(self, seed=seed, rank=rank, world_size=world_size)
 
 
 class FeedSampler(Sampler[int]):
@@ -338,15 +343,23 @@ class FeedSampler(Sampler[int]):
     feed decodes chunks; pairing with logits is by the sample index each batch carries.
     """
 
-    def __init__(self, feed: LogitFeed, *, seed: int = 0) -> None:
+    def __init__(
+        self, feed: LogitFeed, *, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.feed = feed
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
+    def _order(self) -> np.ndarray:
+        return self.feed.epoch_order(
+            self.epoch, seed=self.seed, rank=self.rank, world_size=self.world_size
+        )
+
     def __len__(self) -> int:
-        return self.feed.num_samples
+        return self.feed.num_samples if self.world_size == 1 else len(self._order())
 
     def __iter__(self) -> Iterator[int]:
-        order = self.feed.epoch_order(self.epoch, seed=self.seed)
+        order = self._order()
         self.epoch += 1
         return iter(order.tolist())

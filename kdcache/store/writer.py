@@ -27,6 +27,7 @@ from kdcache.errors import (
 from kdcache.logits.encodings import Encoding, parse_encoding
 from kdcache.logits.fidelity import SAMPLE_EVERY as FIDELITY_SAMPLE_EVERY
 from kdcache.logits.fidelity import FidelityAccumulator
+from kdcache.store.durability import ChunkSync
 from kdcache.store.layout import (
     LABELS_ARRAY,
     WRITTEN_ARRAY,
@@ -67,11 +68,18 @@ class StoreWriter:
     """
 
     def __init__(
-        self, group: zarr.Group, metadata: StoreMetadata, where: str, lock: WriterLock | None = None
+        self,
+        group: zarr.Group,
+        metadata: StoreMetadata,
+        where: str,
+        lock: WriterLock | None = None,
+        *,
+        sync: ChunkSync | None = None,
     ) -> None:
         self._group = group
         self._where = where
         self._lock = lock
+        self._sync = sync
         self.metadata = metadata
         self.encoding = parse_encoding(metadata.encoding, num_classes=metadata.num_classes)
         self._layout = self.encoding.layout(metadata.num_classes)
@@ -155,14 +163,25 @@ class StoreWriter:
         start, stop = self.metadata.chunk_bounds(chunk)
         for name, values in buffers.items():
             self._arrays[name][start:stop] = values
+        if self._sync is not None:  # the data must be on disk before the flag can be
+            self._sync.chunk(self._arrays.values(), chunk)
         # The flag goes last: a crash between the two leaves the chunk marked unwritten.
         self._written_array[chunk] = 1
         self._written[chunk] = True
+        if self._sync is not None:
+            self._sync.chunk([self._written_array], chunk)
+        if self._lock is not None:
+            self._lock.refresh()
+
+    def keep_lock(self) -> None:
+        """Renew the writer lock (a remote lease) while the writer waits between writes."""
         if self._lock is not None:
             self._lock.refresh()
 
     def finalize(self) -> StoreMetadata:
         """Mark the store complete; refuses while any row is missing."""
+        # The flags in the store are the truth: other ranks of a torchrun job wrote chunks too.
+        self._written = np.asarray(self._written_array[:], dtype=bool)
         missing = self.pending_indices()
         if missing.size:
             raise StoreIncompleteError(
@@ -174,6 +193,8 @@ class StoreWriter:
             complete=True, fidelity=None if fidelity is None else fidelity.to_dict()
         )
         self._group.attrs[ATTRIBUTE_KEY] = self.metadata.to_dict()
+        if self._sync is not None:
+            self._sync.metadata()
         self.close()
         return self.metadata
 
@@ -202,12 +223,14 @@ def create_store(
     dataset: dict[str, Any] | None = None,
     overwrite: bool = False,
     resume: bool = False,
+    fsync: bool = True,
 ) -> StoreWriter:
     """Create an empty store at ``path`` (or reopen an interrupted one) and return its writer.
 
     ``resume=True`` continues an incomplete store made with the same parameters; ``overwrite=True``
     replaces an existing kdcache store. Anything else already at ``path`` is never touched. The
     writer holds the store's single-writer lock (kdcache.store.locking) until ``finalize`` or ``close``.
+    ``fsync=False`` skips making each chunk durable before its flag (kdcache.store.durability).
     """
     location = parse_location(path)
     where = location.text
@@ -238,9 +261,11 @@ def create_store(
     store = zarr_store(location, read_only=False)
     lock = acquire_writer_lock(location)
     try:
-        return _create_locked(
+        writer = _create_locked(
             location, store, lock, metadata, codec, label_values, resume=resume, overwrite=overwrite
         )
+        writer._sync = ChunkSync.for_location(location, enabled=fsync)
+        return writer
     except BaseException as error:
         lock.release()
         if isinstance(error, OSError) and not isinstance(error, KdcacheError):

@@ -29,11 +29,12 @@ from kdcache.datasets import (
     compare_fingerprints,
     dataset_fingerprint,
 )
+from kdcache.distributed import RankSession, rank_session
 from kdcache.errors import ConfigError, StoreMismatchError
 from kdcache.logits.losses import TeacherLogits, build_loss, total_loss
 from kdcache.models import build_model, load_weights, weights_sha256
 from kdcache.plots import plot_curves, plot_distributions
-from kdcache.runtime import atomic_torch_save, make_loader, prepare_output_dir, resolve_device
+from kdcache.runtime import atomic_torch_save, make_loader, prepare_output_dir
 from kdcache.store.reader import StoreReader, open_store
 
 log = logging.getLogger("kdcache")
@@ -60,19 +61,34 @@ def held_out_split(split: str) -> str:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, dataset: LabeledDataset, *, batch_size: int, device: torch.device
+    model: nn.Module,
+    dataset: LabeledDataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    session: RankSession | None = None,
 ) -> tuple[float, float]:
-    """Accuracy in percent and mean cross-entropy of ``model`` on ``dataset``."""
+    """Accuracy in percent and mean cross-entropy of ``model`` on ``dataset``.
+
+    Under torchrun each rank scores its own slice of ``dataset`` and the sums are added up.
+    """
     model.eval()
     loader = make_loader(
-        dataset, batch_size=batch_size, num_workers=0, device=device, shuffle=False
+        dataset,
+        batch_size=batch_size,
+        num_workers=0,
+        device=device,
+        shuffle=False,
+        sampler=None if session is None else session.shard_sampler(len(dataset)),
     )
-    correct, loss_sum = 0, 0.0
+    correct, loss_sum = 0.0, 0.0
     for inputs, labels, _ in loader:
         inputs, labels = inputs.to(device), labels.to(device)
         logits = model(inputs)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(dim=1) == labels).sum().item()
+    if session is not None:
+        correct, loss_sum = session.all_sum(correct, loss_sum)
     return 100.0 * correct / len(dataset), loss_sum / len(dataset)
 
 
@@ -100,16 +116,23 @@ def fit(
     out: Path,
     device: torch.device,
     sampler: Sampler[int] | None = None,
+    session: RankSession | None = None,
 ) -> RunResult:
     """The training loop shared by :func:`train` and :func:`distill`.
 
-    ``sampler`` replaces the seeded shuffle, e.g. with a chunked logit feed's order.
+    ``sampler`` replaces the seeded shuffle, e.g. with a chunked logit feed's order. Under
+    torchrun (``session``) the model trains in DistributedDataParallel on this rank's share of
+    each epoch, and only rank 0 writes the run folder.
     """
     started = time.perf_counter()
+    session = session or RankSession.single(device)
     torch.manual_seed(config.seed)
     model = build_model(
         model_spec, num_classes=train_set.num_classes, in_channels=train_set.in_channels
     ).to(device)
+    trained = session.wrap_model(model)
+    if sampler is None:
+        sampler = session.epoch_sampler(len(train_set), seed=config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     loader = make_loader(
         train_set,
@@ -122,24 +145,29 @@ def fit(
     )
     best_acc, best_epoch, val_acc = -1.0, 0, 0.0
     metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
+    if session.is_main:
+        metrics_path.write_text("")
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
         model.train()
-        loss_sum, seen = 0.0, 0
-        for inputs, labels, indices in tqdm(
-            loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None
+        loss_sum, seen = 0.0, 0.0
+        for inputs, labels, indices in session.joined(
+            trained, tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None)
         ):
             inputs = inputs.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            loss = batch_loss(model(inputs), inputs, labels, indices)
+            loss = batch_loss(trained(inputs), inputs, labels, indices)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss_sum += loss.item() * labels.size(0)
             seen += labels.size(0)
+        loss_sum, seen = session.all_sum(loss_sum, seen)
+        session.sync_buffers(model)  # every rank scores, and rank 0 saves, the same model
         train_time = time.perf_counter() - epoch_started
-        val_acc, val_loss = evaluate(model, val_set, batch_size=config.batch_size, device=device)
+        val_acc, val_loss = evaluate(
+            model, val_set, batch_size=config.batch_size, device=device, session=session
+        )
         record = {
             "epoch": epoch,
             "train_loss": loss_sum / seen,
@@ -147,6 +175,11 @@ def fit(
             "val_loss": val_loss,
             "train_time_s": round(train_time, 4),
         }
+        improved = val_acc > best_acc
+        if improved:
+            best_acc, best_epoch = val_acc, epoch
+        if not session.is_main:
+            continue  # val_acc is the same on every rank, so every rank returns the same result
         with metrics_path.open("a") as stream:
             stream.write(json.dumps(record) + "\n")
         log.info(
@@ -160,8 +193,7 @@ def fit(
         checkpoint = _checkpoint(
             model, spec=model_spec, dataset=train_set, epoch=epoch, val_acc=val_acc
         )
-        if val_acc > best_acc:
-            best_acc, best_epoch = val_acc, epoch
+        if improved:
             atomic_torch_save(checkpoint, out / "best.pt")
         atomic_torch_save(checkpoint, out / "last.pt")
     result = RunResult(
@@ -172,18 +204,29 @@ def fit(
         epochs=config.epochs,
         wall_time_s=time.perf_counter() - started,
     )
-    plot_curves(metrics_path, out / "curves.png", title=f"{model_spec}: {out.resolve().name}")
+    if session.is_main:
+        plot_curves(metrics_path, out / "curves.png", title=f"{model_spec}: {out.resolve().name}")
     return result
 
 
 def train(config: TrainConfig) -> RunResult:
     """Plain cross-entropy training (the teacher, or the CE-only student baseline)."""
-    device = resolve_device(config.device)
+    with rank_session(config.device) as session:
+        return _train(config, session)
+
+
+def _train(config: TrainConfig, session: RankSession) -> RunResult:
+    device = session.device
     train_set = build_dataset(config.dataset, split=config.split)
     val_set = build_dataset(config.dataset, split=held_out_split(config.split))
-    out = prepare_output_dir(config.out, overwrite=config.overwrite)
-    config.save(
-        out / "config.json", command="train", device=str(device), kdcache_version=__version__
+    out = Path(config.out)
+    session.on_main(
+        lambda: config.save(
+            prepare_output_dir(out, overwrite=config.overwrite) / "config.json",
+            command="train",
+            device=str(device),
+            kdcache_version=__version__,
+        )
     )
 
     def cross_entropy(
@@ -199,6 +242,7 @@ def train(config: TrainConfig) -> RunResult:
         batch_loss=cross_entropy,
         out=out,
         device=device,
+        session=session,
     )
 
 
@@ -244,12 +288,20 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
 
     ``reader`` is ``config.cache`` already opened with :func:`~kdcache.store.reader.open_store`: pass
     it to share one decoded store across many runs (as :func:`kdcache.train.sweep.run_sweep` does).
+    Under torchrun every rank runs this with the same config (DistributedDataParallel).
     """
+    with rank_session(config.device) as session:
+        return _distill(config, session, reader=reader)
+
+
+def _distill(
+    config: DistillConfig, session: RankSession, *, reader: StoreReader | None
+) -> RunResult:
     if reader is not None and config.cache is None:
         raise ConfigError(
             "an open store was passed to distill() but config.cache is None; set cache to its path"
         )
-    device = resolve_device(config.device)
+    device = session.device
     loss_fn = build_loss(
         config.loss,
         temperature=config.temperature,
@@ -269,7 +321,13 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
         feed.load()
         # In memory any order is fast, so keep the seeded shuffle (the online run's order too);
         # a chunked feed must dictate the order for each chunk to be decoded once per epoch.
-        sampler = feed.sampler(seed=config.seed) if feed.mode == "chunked" else None
+        sampler = (
+            feed.sampler(
+                seed=config.seed, rank=session.info.rank, world_size=session.info.world_size
+            )
+            if feed.mode == "chunked"
+            else None
+        )
         resolved.update(
             dataset=train_set.spec,
             split=train_set.split,
@@ -300,8 +358,12 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
             return teacher(inputs).float()
 
     val_set = build_dataset(train_set.spec, split=held_out_split(train_set.split))
-    out = prepare_output_dir(config.out, overwrite=config.overwrite)
-    config.save(out / "config.json", **resolved)
+    out = Path(config.out)
+    session.on_main(
+        lambda: config.save(
+            prepare_output_dir(out, overwrite=config.overwrite) / "config.json", **resolved
+        )
+    )
 
     def kd_loss(
         logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
@@ -317,7 +379,10 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
         out=out,
         device=device,
         sampler=sampler,
+        session=session,
     )
+    if not session.is_main:
+        return result
     _plot_final_distributions(
         out,
         config=config,
