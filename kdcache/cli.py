@@ -97,6 +97,10 @@ def loop_options(function: Any) -> Any:
 
 
 def print_run(result: Any) -> None:
+    from kdcache.distributed import rank_info
+
+    if not rank_info().is_main:
+        return  # under torchrun rank 0 reports for the whole job
     click.echo(
         f"best val_acc {result.best_val_acc:.2f}% (epoch {result.best_epoch}), final {result.final_val_acc:.2f}%, "
         f"{result.epochs} epochs in {result.wall_time_s:.1f}s -> {result.out}"
