@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import Sampler
 
 from kdcache.errors import ConfigError
+from kdcache.store.shared_table import SharedTable, table_name
 
 if TYPE_CHECKING:
     from kdcache.logits.encodings import Encoding
@@ -156,6 +157,7 @@ class LogitFeed:
         #: one fit together and no chunk is evicted before its window is done.
         self.window_chunks = max(1, self.capacity // 2)
         self._tables: dict[str, np.ndarray] | None = None
+        self._shared: SharedTable | None = None
         self._slot_of_chunk = np.full(self.num_chunks, -1, dtype=np.int64)
         self._chunk_of_slot = np.full(self.capacity, -1, dtype=np.int64)
         self._last_used = np.full(self.capacity, -1, dtype=np.int64)
@@ -173,25 +175,46 @@ class LogitFeed:
     def __getstate__(self) -> dict:
         # A pickled feed (spawned DataLoader workers) starts empty instead of copying the table.
         state = self.__dict__.copy()
-        state.update(_tables=None, _pinned=[], _next_pinned=0)
+        state.update(_tables=None, _shared=None, _pinned=[], _next_pinned=0)
         state["_slot_of_chunk"] = np.full(self.num_chunks, -1, dtype=np.int64)
         state["_chunk_of_slot"] = np.full(self.capacity, -1, dtype=np.int64)
         state["_last_used"] = np.full(self.capacity, -1, dtype=np.int64)
         return state
 
-    def load(self) -> None:
-        """In-memory mode: decode the whole store now (idempotent). Chunked mode: nothing to do."""
+    def load(self, *, shared: bool = False) -> None:
+        """In-memory mode: decode the whole store now (idempotent). Chunked mode: nothing to do.
+
+        ``shared=True`` maps the one decoded table of this store that all processes on this
+        machine share (the first one decodes it, see kdcache.store.shared_table).
+        """
         if self.mode != "memory" or self._tables is not None:
             return
-        self._allocate()
+        if shared:
+            self._shared = SharedTable.open(
+                table_name(self.reader.where, self.reader.metadata),
+                self._layout,
+                self.num_samples,
+                self._check_and_decode_all,
+            )
+            self._tables = self._shared.arrays
+        else:
+            self._allocate()
+            assert self._tables is not None
+            self._decode_all(self._tables)
+        self._slot_of_chunk[:] = np.arange(self.num_chunks)
+        self._chunk_of_slot[:] = np.arange(self.num_chunks)
+
+    def _check_and_decode_all(self, tables: dict[str, np.ndarray]) -> None:
+        for name in self._layout:
+            self.reader.check_chunks_present(name)
+        self._decode_all(tables)
+
+    def _decode_all(self, tables: dict[str, np.ndarray]) -> None:
         block_rows = self.chunk_rows * LOAD_BLOCK_CHUNKS
-        assert self._tables is not None
-        for name, table in self._tables.items():
+        for name, table in tables.items():
             for start in range(0, self.num_samples, block_rows):
                 stop = min(start + block_rows, self.num_samples)
                 table[start:stop] = self.reader.read_rows(name, start, stop)
-        self._slot_of_chunk[:] = np.arange(self.num_chunks)
-        self._chunk_of_slot[:] = np.arange(self.num_chunks)
         self.chunks_decoded += self.num_chunks
 
     def _allocate(self) -> None:

@@ -318,7 +318,8 @@ def _distill(
         )
         train_set = _cached_dataset(config, reader)
         feed = reader.feed
-        feed.load()
+        # Ranks on one machine share one decoded table instead of one copy each.
+        feed.load(shared=session.info.local_world_size > 1)
         # In memory any order is fast, so keep the seeded shuffle (the online run's order too);
         # a chunked feed must dictate the order for each chunk to be decoded once per epoch.
         sampler = (
