@@ -362,6 +362,13 @@ def distill(**options: Any) -> None:
     "--cache-memory",
     help="Memory budget of the store's logit feed, e.g. 8GiB [default: half the available memory].",
 )
+@click.option(
+    "--jobs",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Runs trained at once, in separate processes that share one decoded store.",
+)
 def sweep(temperatures: str, alphas: str, losses: str, seeds: str, **options: Any) -> None:
     """Distill one student per loss x alpha x temperature x seed from one store (resumable)."""
     from kdcache.train.sweep import SweepConfig, format_table, parse_list, run_sweep
