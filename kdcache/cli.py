@@ -193,7 +193,11 @@ def train(**options: Any) -> None:
     "power loss); --no-fsync is faster.",
 )
 def dump_teacher(**options: Any) -> None:
-    """Run the teacher once over a dataset and store its raw logits in a Zarr store."""
+    """Run the teacher once over a dataset and store its raw logits in a Zarr store.
+
+    Prefix with `torchrun --nproc-per-node K` to split the dump by whole chunks between K
+    processes writing one store (see docs/distributed.md).
+    """
     from kdcache.distributed import rank_info
     from kdcache.dump import dump_teacher as run
 
@@ -288,7 +292,11 @@ def inspect(store: str, as_json: bool, plot: str | None) -> None:
 )
 @loop_options
 def distill(**options: Any) -> None:
-    """Distill a student from cached teacher logits (or, as a baseline, from a live teacher)."""
+    """Distill a student from cached teacher logits (or, as a baseline, from a live teacher).
+
+    Prefix with `torchrun --nproc-per-node K` to train with DistributedDataParallel on K
+    processes; --batch-size is then per process (see docs/distributed.md).
+    """
     from kdcache.train.loop import distill as run
 
     print_run(run(DistillConfig(**options)))
@@ -509,6 +517,12 @@ def bench_feed(chunked_memory: str | None, **options: Any) -> None:
     show_default=True,
     type=int,
     help="Interleaved rounds; medians are reported.",
+)
+@click.option(
+    "--path",
+    type=click.Path(file_okay=False),
+    help="Folder to dump into, on the disk whose fsync cost to measure [default: a temporary "
+    "folder].",
 )
 @bench_options
 def bench_dump(**options: Any) -> None:
