@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kdcache.config import LOSS_NAMES, DistillConfig
+from kdcache.distributed import rank_info
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.plots import plot_sweep, read_metrics
 from kdcache.store.reader import StoreReader, open_store
@@ -87,7 +88,7 @@ class SweepConfig:
     device: str | None = None
     num_workers: int = 0
     cache_memory: int | str | None = None
-    #: Runs trained at once, in separate processes sharing one decoded store (kdcache.train.parallel).
+    #: Runs trained at once, in processes that share one decoded store (kdcache.train.parallel).
     jobs: int = 1
 
     def __post_init__(self) -> None:
@@ -265,6 +266,11 @@ def _worker_reader(cache: str | None, memory: int | str | None) -> StoreReader:
 
 def run_sweep(config: SweepConfig) -> SweepResult:
     """Run (or resume) every setting of ``config`` from one store; write the CSV and the figure."""
+    if rank_info().is_distributed:
+        raise ConfigError(
+            "kdcache sweep runs in one process, not under torchrun; use --jobs J to train J "
+            "settings side by side (torchrun is for dump-teacher, train and distill)"
+        )
     runs = config.runs()
     reader = open_store(
         config.cache, memory_budget=config.cache_memory

@@ -150,3 +150,11 @@ def test_jobs_run_settings_side_by_side_from_one_shared_table(
     assert not list((tmp_path / "shm").glob("*/*.npy"))  # ...and the last one removed it
     with pytest.raises(ConfigError, match="--jobs must be >= 1, got 0"):
         tiny_sweep(digits_store, tmp_path / "x", jobs=0)
+
+
+def test_a_sweep_under_torchrun_is_refused(digits_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="not under torchrun; use --jobs"):
+        run_sweep(tiny_sweep(digits_store, tmp_path / "s"))
+    assert not (tmp_path / "s").exists()
