@@ -14,11 +14,8 @@ process, exactly as before, and no process group is created.
 * :class:`EpochShardSampler` gives each rank its share of a seeded epoch order: every index
   exactly once per epoch across ranks, never padded with duplicates (unlike
   ``torch.utils.data.DistributedSampler``); ranks may get one sample more than others;
-* the dump plan (:func:`unit_chunks`, :func:`dump_batches`): the store's row chunks are grouped
-  into units of whole consecutive chunks, rank r owns units r, r+K, r+2K, ..., and the teacher's
-  batches never cross a unit boundary. The batches depend on N, the chunk size and the batch
-  size only, never on K, so every row is computed in the same batch whatever the number of
-  ranks or resumes: on CPU the store is bit-identical however it was written.
+* :func:`open_rank_writer` and :func:`finalize_ranks` let K ranks fill one store, each the
+  whole chunks that kdcache.store.partition gives it, under rank 0's writer lock.
 """
 
 from __future__ import annotations
@@ -40,16 +37,11 @@ from torch.utils.data import Sampler
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.runtime import resolve_device
 from kdcache.store.attach import attach_writer
+from kdcache.store.partition import dump_batches
 from kdcache.store.writer import StoreWriter
 
 T = TypeVar("T")
 
-#: A unit of the dump plan holds whole chunks worth at least this many teacher batches, so the
-#: short batch at a unit's end costs little...
-UNIT_BATCHES = 8
-#: ...unless the store has fewer than this many units of that size: then smaller units (down to
-#: one chunk) keep up to this many ranks busy.
-MIN_UNITS = 64
 #: How often a waiting rank 0 looks at the barrier (and offers to renew its writer lock).
 BARRIER_POLL_S = 0.05
 #: How long a collective waits for a slow rank (a rank 0 creating a big store, say).
@@ -327,49 +319,6 @@ class EpochShardSampler(Sampler[int]):
         order = self._epoch_order(self.epoch)
         self.epoch += 1
         return iter(np.array_split(order, self.world_size)[self.rank].tolist())
-
-
-def unit_chunks(*, num_chunks: int, chunk_rows: int, batch_size: int) -> int:
-    """Chunks per unit of the dump plan (see the module docstring); independent of rank count."""
-    enough = -(-UNIT_BATCHES * batch_size // chunk_rows)
-    return max(1, min(enough, num_chunks // MIN_UNITS))
-
-
-def owned_chunks(num_chunks: int, *, per_unit: int, rank: int, world_size: int) -> np.ndarray:
-    """The chunks rank ``rank`` writes: those of units ``rank``, ``rank + K``, ..."""
-    chunks = np.arange(num_chunks)
-    return chunks[(chunks // per_unit) % world_size == rank]
-
-
-def dump_batches(
-    pending: np.ndarray,
-    *,
-    num_samples: int,
-    chunk_rows: int,
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-) -> list[list[int]]:
-    """The teacher batches rank ``rank`` runs to fill its still pending chunks.
-
-    Batches are the grid ``[0, B)``, ``[B, 2B)``, ... cut at unit boundaries; those holding a
-    pending row of one of this rank's chunks are kept. An uninterrupted one-process dump runs
-    the same batches (all ranks' together), so each row always comes from the same batch.
-    """
-    num_chunks = -(-num_samples // chunk_rows)
-    per_unit = unit_chunks(num_chunks=num_chunks, chunk_rows=chunk_rows, batch_size=batch_size)
-    unit_rows = per_unit * chunk_rows
-    mine = np.zeros(num_chunks, dtype=bool)
-    mine[owned_chunks(num_chunks, per_unit=per_unit, rank=rank, world_size=world_size)] = True
-    rows = np.asarray(pending, dtype=np.int64)
-    rows = rows[mine[rows // chunk_rows]]
-    # A batch is identified by (its unit, its grid cell); both start points are multiples.
-    starts = np.unique(np.maximum(rows // batch_size * batch_size, rows // unit_rows * unit_rows))
-    batches = []
-    for start in starts.tolist():
-        stop = min((start // batch_size + 1) * batch_size, (start // unit_rows + 1) * unit_rows)
-        batches.append(list(range(start, min(stop, num_samples))))
-    return batches
 
 
 def open_rank_writer(

@@ -5,17 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kdcache.distributed import (
-    MIN_UNITS,
-    EpochShardSampler,
-    dump_batches,
-    owned_chunks,
-    rank_info,
-    unit_chunks,
-)
+from kdcache.distributed import EpochShardSampler, rank_info
 from kdcache.errors import ConfigError
 from kdcache.store import durability
 from kdcache.store.feed import LogitFeed
+from kdcache.store.partition import MIN_UNITS, dump_batches, owned_chunks, unit_chunks
 from kdcache.store.reader import open_store
 from kdcache.store.writer import create_store
 
