@@ -17,6 +17,7 @@ from kdcache import DumpConfig, open_store
 from kdcache.datasets import build_dataset
 from kdcache.dump import dump_teacher
 from kdcache.errors import InvalidLogitsError, StoreIncompleteError
+from kdcache.store.partition import dump_batches
 from kdcache.store.verify import verify_store
 
 DATASET = "fake:200:8:10"
@@ -202,8 +203,9 @@ def test_nan_logits_stop_the_dump_naming_the_samples_and_leave_it_resumable(tmp_
     brightness = np.array([dataset[i][0].mean().item() for i in range(len(dataset))])
     threshold = float(np.sort(brightness)[-4])  # three samples are brighter
     bright = np.flatnonzero(brightness > threshold)
-    first_batch = bright[0] // 15
-    named = [i for i in bright if i // 15 == first_batch]
+    batches = dump_batches(np.arange(200), num_samples=200, chunk_rows=20, batch_size=15)
+    failing = next(batch for batch in batches if bright[0] in batch)
+    named = [i for i in bright if i in failing]
     out = tmp_path / "t.zarr"
     result = run_cli(
         *DUMP,
@@ -216,7 +218,7 @@ def test_nan_logits_stop_the_dump_naming_the_samples_and_leave_it_resumable(tmp_
     )
     assert_one_line_error(result, f"NaN or Inf for samples {', '.join(map(str, named))};")
     done = written_flags(out)
-    assert done == first_batch * 15 // 20
+    assert done == failing[0] // 20  # the chunks before the failing batch
     with pytest.raises(StoreIncompleteError, match=f"{done} of {NUM_CHUNKS} chunks"):
         open_store(out)
 

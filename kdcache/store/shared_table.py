@@ -13,8 +13,8 @@ Coordination uses ``flock`` only, which the kernel drops when a process dies:
 * ``users`` is held shared by every process that maps the table. When a process lets go and
   can take it exclusively, nobody else maps the table, and it deletes the table's files.
 
-A job killed with SIGKILL leaves its table behind: the next job on the same store reuses it
-(the folder is named by the store's location and creation time) and removes it when done; or
+A job killed with SIGKILL leaves its table behind: the next job on the same store reuses it (the
+folder is named by the store's location, metadata and last write) and removes it when done; or
 delete ``kdcache-*`` folders in the shared folder by hand.
 """
 
@@ -50,11 +50,12 @@ def shared_dir() -> Path:
 
 
 def table_name(where: str, metadata: StoreMetadata) -> str:
-    """A folder name that only the same store (location and creation) maps to."""
+    """A folder name that only the same store maps to: its location, metadata and, for a local
+    store, when its ``zarr.json`` was last written (a store replaced in place gets a new table)."""
     location = where if "://" in where else os.path.abspath(where)
-    identity = json.dumps(
-        [location, metadata.created_at, metadata.num_samples, metadata.encoding], sort_keys=True
-    )
+    record = Path(location) / "zarr.json"
+    written = record.stat().st_mtime_ns if record.is_file() else None
+    identity = json.dumps([location, written, metadata.to_dict()], sort_keys=True, default=str)
     return "kdcache-" + hashlib.sha256(identity.encode()).hexdigest()[:20]
 
 
