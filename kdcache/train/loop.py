@@ -226,6 +226,7 @@ def _train(config: TrainConfig, session: RankSession) -> RunResult:
             command="train",
             device=str(device),
             kdcache_version=__version__,
+            ranks=session.info.world_size,
         )
     )
 
@@ -309,7 +310,12 @@ def _distill(
         gamma=config.gamma,
         top_k=config.top_k,
     )
-    resolved: dict = {"command": "distill", "device": str(device), "kdcache_version": __version__}
+    resolved: dict = {
+        "command": "distill",
+        "device": str(device),
+        "kdcache_version": __version__,
+        "ranks": session.info.world_size,  # --batch-size is per rank
+    }
     if config.cache is not None:
         reader = (
             reader
