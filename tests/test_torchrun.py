@@ -6,6 +6,7 @@ Each torchrun launch costs many seconds on a small machine, so each test checks 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -209,6 +210,7 @@ def test_ddp_distillation_from_a_cache_and_online_sees_every_sample_once_and_agr
         } <= {p.name for p in run.iterdir()}
         metrics = [line for line in (run / "metrics.jsonl").read_text().splitlines() if line]
         assert len(metrics) == epochs  # written once, by rank 0
+        assert json.loads((run / "config.json").read_text())["resolved"]["ranks"] == 2
         assert outputs[name].count("best val_acc") == 1
         student = build_model("teachers:recording", num_classes=4, in_channels=3)
         load_weights(student, run / "last.pt", spec="teachers:recording")
