@@ -1,5 +1,5 @@
-"""Real torchrun jobs (2 ranks, gloo on CPU): a killed multi-rank dump resumed locally and on S3,
-and DDP distillation from a cache and from a live teacher.
+"""Real torchrun jobs (2 ranks, gloo on CPU): a killed multi-rank dump resumed by one process and
+by 2 ranks locally and on S3, and DDP distillation from a cache and from a live teacher.
 
 Each torchrun launch costs many seconds on a small machine, so each test checks much in few runs.
 """
@@ -134,14 +134,21 @@ def test_a_rank_killed_mid_dump_leaves_a_store_that_resumes_bit_identically_with
     assert resumed.rows_computed == 200 - 20 * done
     assert_same_store(str(single), reference)
 
-    # ...and by two ranks, after the killed store moved to S3 (as a copy would).
-    for partial in out.rglob("*.partial"):
-        partial.unlink()  # a killed local writer's temporary files never reach a bucket
+    # ...and by two ranks, in place and after the killed store moved to S3 (as a copy would),
+    # both jobs at once.
     import s3fs
 
     url = f"{s3_bucket}/t.zarr"
-    s3fs.S3FileSystem(skip_instance_cache=True).put(str(out), url, recursive=True)
-    finish(torchrun(*dump_args(url), "--resume", env=s3_server))
+    bucket_copy = tmp_path / "for-s3.zarr"
+    shutil.copytree(out, bucket_copy)
+    for partial in bucket_copy.rglob("*.partial"):
+        partial.unlink()  # a killed local writer's temporary files never reach a bucket
+    s3fs.S3FileSystem(skip_instance_cache=True).put(str(bucket_copy), url, recursive=True)
+    jobs = [torchrun(*dump_args(target), "--resume", env=s3_server) for target in (str(out), url)]
+    for job in jobs:
+        finish(job)
+    assert_same_store(str(out), reference)
+    assert not Path(str(out) + ".lock").exists() and not list(out.rglob("*.partial"))
     assert_same_store(url, reference)
     assert not s3fs.S3FileSystem(skip_instance_cache=True).exists(url + ".lock")
 
