@@ -16,6 +16,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -84,13 +85,17 @@ def bench_dump(
     amp: str | None = None,
     channels_last: bool = False,
     compile: bool = False,
+    path: str | None = None,
 ) -> dict[str, Any]:
     """``dump_teacher`` against the bare teacher forward over the same loader, interleaved.
 
     Both take the same input path (``inputs``), autocast (``amp``), memory format and
     compilation. The bare loop also moves the logits to the host, as any consumer of a forward
     pass must. ``dump_loop_s`` excludes the dump's setup (dataset labels and fingerprint, store
-    creation); ratios are medians of the per-round ratios.
+    creation); ratios are medians of the per-round ratios. Each round also dumps with
+    ``fsync=False``: ``fsync_cost`` is the dump loop's time with fsync over its time without.
+    ``path`` is the folder to dump into (the disk whose fsync is measured; default a temporary
+    folder).
     """
     threads = set_threads(threads)
     torch_device = resolve_device(device)
@@ -102,8 +107,8 @@ def bench_dump(
         channels_last=channels_last,
         compile=compile,
     )
-    bare, loop, wall = [], [], []
-    with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as scratch:
+    bare, loop, wall, unsynced = [], [], [], []
+    with tempfile.TemporaryDirectory(prefix="kdcache-bench-", dir=path) as scratch:
         config = DumpConfig(
             teacher=teacher,
             dataset=dataset,
@@ -120,7 +125,8 @@ def bench_dump(
         )
         for round_index in range(max(1, repeats)):
             # Alternate which runs first, so neither always meets the machine warmer or busier.
-            for kind in ("bare", "dump") if round_index % 2 == 0 else ("dump", "bare"):
+            kinds = ("bare", "dump", "no-fsync")
+            for kind in kinds if round_index % 2 == 0 else kinds[::-1]:
                 if kind == "bare":
                     bare.append(
                         _timed(
@@ -136,6 +142,8 @@ def bench_dump(
                             torch_device,
                         )
                     )
+                elif kind == "no-fsync":
+                    unsynced.append(dump_teacher(replace(config, fsync=False)).loop_time_s)
                 else:
                     result = dump_teacher(config)
                     loop.append(result.loop_time_s)
@@ -169,8 +177,11 @@ def bench_dump(
             "dump_wall_over_bare": _paired_ratio(wall, bare),
             "bare_forward_samples_per_s": len(data) / bare_s,
             "dump_loop_samples_per_s": len(data) / loop_s,
+            "dump_no_fsync_loop_s": statistics.median(unsynced),
+            "fsync_cost": _paired_ratio(loop, unsynced),
             "all_bare_forward_s": bare,
             "all_dump_loop_s": loop,
+            "all_dump_no_fsync_loop_s": unsynced,
         }
     )
 

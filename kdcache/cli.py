@@ -87,6 +87,9 @@ def _click_option(field: dataclasses.Field, kind: Any, config: type) -> Callable
     required = field.default is dataclasses.MISSING
     default = None if required else field.default
     if kind is bool:
+        if default:  # a switch that is on unless turned off: --fsync/--no-fsync
+            flag = field.name.replace("_", "-")
+            return click.option(f"--{flag}/--no-{flag}", default=True, help=meta["help"])
         return click.option(name, is_flag=True, help=meta["help"])
     settings: dict[str, Any] = {"help": meta["help"], "required": required}
     if typing.get_origin(kind) is tuple:
@@ -162,6 +165,10 @@ def print_lm_run(result: Any) -> None:
 
 
 def print_run(result: Any) -> None:
+    from kdcache.distributed import rank_info
+
+    if not rank_info().is_main:
+        return  # under torchrun rank 0 reports for the whole job
     click.echo(
         f"best val_acc {result.best_val_acc:.2f}% (epoch {result.best_epoch}), final {result.final_val_acc:.2f}%, "
         f"{result.epochs} epochs in {result.wall_time_s:.1f}s -> {result.out}"
@@ -187,7 +194,11 @@ def train(**options: Any) -> None:
 @cli.command("dump-teacher")
 @config_options(DumpConfig)
 def dump_teacher(**options: Any) -> None:
-    """Run the teacher once over a dataset and store its raw logits in a Zarr store."""
+    """Run the teacher once over a dataset and store its raw logits in a Zarr store.
+
+    Prefix with `torchrun --nproc-per-node K` to split the dump by whole chunks between K
+    processes writing one store (see docs/distributed.md).
+    """
     from kdcache.lm.dispatch import is_lm_run
 
     if is_lm_run(models=(options["teacher"],), dataset=options["dataset"]):
@@ -202,9 +213,12 @@ def dump_teacher(**options: Any) -> None:
             f"{size}, {lm.wall_time_s:.1f}s"
         )
         return
+    from kdcache.distributed import rank_info
     from kdcache.dump import dump_teacher as run
 
     result = run(DumpConfig(**options))
+    if not rank_info().is_main:
+        return  # under torchrun rank 0 reports for the whole job
     size = (
         "remote"
         if result.bytes_on_disk is None
@@ -261,7 +275,11 @@ def inspect(store: str, as_json: bool, plot: str | None) -> None:
 @cli.command()
 @config_options(DistillConfig)
 def distill(**options: Any) -> None:
-    """Distill a student from cached teacher logits (or, as a baseline, from a live teacher)."""
+    """Distill a student from cached teacher logits (or, as a baseline, from a live teacher).
+
+    Prefix with `torchrun --nproc-per-node K` to train with DistributedDataParallel on K
+    processes; --batch-size is then per process (see docs/distributed.md).
+    """
     from kdcache.lm.dispatch import is_lm_run
 
     specs = (options["student"], options["teacher"])
@@ -411,6 +429,12 @@ def bench_feed(chunked_memory: str | None, **options: Any) -> None:
     help="Interleaved rounds; medians are reported.",
 )
 @speed_options
+@click.option(
+    "--path",
+    type=click.Path(file_okay=False),
+    help="Folder to dump into, on the disk whose fsync cost to measure [default: a temporary "
+    "folder].",
+)
 @bench_options
 def bench_dump(**options: Any) -> None:
     """Dump time against the bare teacher forward over the same loader."""

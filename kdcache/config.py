@@ -412,6 +412,12 @@ class DumpConfig(SpeedOptions):
         "'rrc+flip+mixup:0.2' (see docs/augmentation.md).",
     )
     augment_seed: int = option(0, help="Seed the views' parameters are drawn from.")
+    fsync: bool = option(
+        True,
+        help="fsync each chunk of a local store before marking it written "
+        "(--no-fsync: faster, but a power loss can leave chunks marked written that never "
+        "reached the disk).",
+    )
 
     def __post_init__(self) -> None:
         check_split(self.split)

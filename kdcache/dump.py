@@ -23,6 +23,7 @@ from kdcache.augment.views import AllViews, ViewSource, augment_record, input_si
 from kdcache.config import DumpConfig
 from kdcache.datasets import build_dataset, canonical_dataset_spec, dataset_fingerprint
 from kdcache.device_input import InputPipeline, resolve_inputs
+from kdcache.distributed import RankSession, finalize_ranks, open_rank_writer, rank_session
 from kdcache.errors import ConfigError, KdcacheError, StoreWriteError
 from kdcache.logits.fidelity import Fidelity
 from kdcache.models import (
@@ -33,7 +34,7 @@ from kdcache.models import (
     weights_sha256,
 )
 from kdcache.pixels import collate_files
-from kdcache.runtime import IndexedDataset, autocast, prepare_model, resolve_device
+from kdcache.runtime import IndexedDataset, autocast, prepare_model
 from kdcache.store.background import BackgroundWriter
 from kdcache.store.layout import store_nbytes
 from kdcache.store.writer import StoreWriter, create_store
@@ -67,16 +68,6 @@ class DumpResult:
     def bytes_per_view(self) -> float | None:
         rows = self.num_samples * self.views
         return None if self.bytes_on_disk is None else self.bytes_on_disk / rows
-
-
-def pending_batches(pending: np.ndarray, *, num_samples: int, batch_size: int) -> list[list[int]]:
-    """The batches of an uninterrupted dump (``[0, B)``, ``[B, 2B)``, ...) that hold a pending row.
-
-    A resumed dump recomputes exactly the batches an uninterrupted one would have run, so every
-    row comes from the same batch composition and the result is bit-identical on CPU.
-    """
-    starts = np.unique(pending // batch_size) * batch_size
-    return [list(range(int(start), min(int(start) + batch_size, num_samples))) for start in starts]
 
 
 @contextmanager
@@ -129,9 +120,18 @@ def _fill(
 
 
 def dump_teacher(config: DumpConfig) -> DumpResult:
-    """Run ``config.teacher`` in eval mode without gradients and write its logits to ``config.out``."""
+    """Run ``config.teacher`` in eval mode without gradients and write its logits to ``config.out``.
+
+    Under torchrun every rank runs this with the same config and writes its own chunks
+    (kdcache.distributed); rank 0 creates and finalizes the store.
+    """
+    with rank_session(config.device) as session:
+        return _dump_teacher(config, session)
+
+
+def _dump_teacher(config: DumpConfig, session: RankSession) -> DumpResult:
     started = time.perf_counter()
-    device = resolve_device(config.device)
+    device = session.device
     dataset = build_dataset(config.dataset, split=config.split)
     if config.augment is not None and config.inputs not in ("auto", "float32"):
         raise ConfigError(
@@ -162,7 +162,9 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
         source = ViewSource(dataset, recipe, params)
         augment = augment_record(recipe, seed=config.augment_seed, size=size)
 
-    with create_store(
+    with open_rank_writer(
+        session,
+        create_store,
         config.out,
         num_samples=len(dataset),
         num_classes=dataset.num_classes,
@@ -190,12 +192,20 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
         views=views,
         augment=augment,
         view_params=params,
+        fsync=config.fsync,
     ) as writer:
         pending = writer.pending_indices()
-        # --batch-size counts teacher inputs: with V views, batch_size // V samples per batch.
-        batches = pending_batches(
+        chunk_rows = writer.metadata.chunk_rows
+        if views > 1 and chunk_rows % views and session.is_distributed:
+            raise ConfigError(
+                f"--chunk-rows {chunk_rows} is not a multiple of --views {views}: ranks would "
+                "share chunks; pass a multiple of V (or leave --chunk-rows unset)"
+            )
+        # The plan counts samples; with V views, --batch-size counts teacher inputs (views).
+        batches = session.dump_batches(
             np.unique(pending // views),
             num_samples=len(dataset),
+            chunk_rows=max(1, chunk_rows // views),
             batch_size=max(1, config.batch_size // views),
         )
         pipeline = InputPipeline(
@@ -221,7 +231,7 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
         )
         loop_time_s = time.perf_counter() - loop_started
         with _resumable_on_os_error(f"marking {config.out} complete"):
-            writer.finalize()
+            finalize_ranks(session, writer)
     return DumpResult(
         out=config.out,
         num_samples=len(dataset),

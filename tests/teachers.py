@@ -65,3 +65,33 @@ def nan_for_bright(*, num_classes: int, in_channels: int) -> nn.Module:
 def too_wide(*, num_classes: int, in_channels: int) -> nn.Module:
     """A teacher with one output more than the dataset has classes."""
     return _seeded(num_classes + 1, in_channels)
+
+
+def fingerprint(image: torch.Tensor) -> str:
+    """Names a fake-dataset image by its first pixels (exact values, no arithmetic)."""
+    return image.flatten()[:16].numpy().tobytes().hex()
+
+
+class _Recording(_Wrapped):
+    """Appends ``EPOCH FINGERPRINT`` for every training sample to $KDCACHE_TEST_RECORD/rankR."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__(inner)
+        self.epoch = 0
+        self._was_training = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.epoch += not self._was_training  # fit() switches to eval between epochs
+            path = os.path.join(
+                os.environ["KDCACHE_TEST_RECORD"], f"rank{os.environ.get('RANK', 0)}"
+            )
+            with open(path, "a") as stream:
+                stream.writelines(f"{self.epoch} {fingerprint(image)}\n" for image in x.cpu())
+        self._was_training = self.training
+        return self.inner(x)
+
+
+def recording(*, num_classes: int, in_channels: int) -> nn.Module:
+    """An ``mlp:16`` student that records which samples it trains on (see _Recording)."""
+    return _Recording(build_model("mlp:16", num_classes=num_classes, in_channels=in_channels))

@@ -16,6 +16,10 @@ def test_bench_dump_reports_dump_and_bare_forward_side_by_side():
     json.dumps(result)
     assert result["num_samples"] == 64 and result["repeats"] == 2
     assert len(result["all_bare_forward_s"]) == len(result["all_dump_loop_s"]) == 2
+    unsynced = result["all_dump_no_fsync_loop_s"]
+    assert len(unsynced) == 2
+    fsync_ratios = [a / b for a, b in zip(result["all_dump_loop_s"], unsynced, strict=True)]
+    assert result["fsync_cost"] == pytest.approx(sum(fsync_ratios) / 2, rel=1e-3)
     loop, bare = result["all_dump_loop_s"], result["all_bare_forward_s"]
     ratios = [a / b for a, b in zip(loop, bare, strict=False)]
     assert result["dump_loop_over_bare"] == pytest.approx(

@@ -15,8 +15,9 @@ from conftest import assert_one_line_error, run_cli, start_cli
 
 from kdcache import DumpConfig, open_store
 from kdcache.datasets import build_dataset
-from kdcache.dump import dump_teacher, pending_batches
+from kdcache.dump import dump_teacher
 from kdcache.errors import InvalidLogitsError, StoreIncompleteError
+from kdcache.store.partition import dump_batches
 from kdcache.store.verify import verify_store
 
 DATASET = "fake:200:8:10"
@@ -147,18 +148,6 @@ def test_a_sigkilled_dump_reports_incomplete_and_resumes_bit_identical(
     assert_same_store(out, reference_store)
 
 
-def test_pending_batches_are_the_uninterrupted_runs_batches():
-    pending = np.arange(20, 60)  # chunks 1 and 2 of 20 rows
-    assert pending_batches(pending, num_samples=70, batch_size=15) == [
-        list(range(15, 30)),
-        list(range(30, 45)),
-        list(range(45, 60)),
-    ]
-    assert pending_batches(np.arange(60, 70), num_samples=70, batch_size=15) == [
-        list(range(60, 70))
-    ]
-
-
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir()
     try:
@@ -215,8 +204,9 @@ def test_nan_logits_stop_the_dump_naming_the_samples_and_leave_it_resumable(tmp_
     brightness = np.array([dataset[i][0].mean().item() for i in range(len(dataset))])
     threshold = float(np.sort(brightness)[-4])  # three samples are brighter
     bright = np.flatnonzero(brightness > threshold)
-    first_batch = bright[0] // 15
-    named = [i for i in bright if i // 15 == first_batch]
+    batches = dump_batches(np.arange(200), num_samples=200, chunk_rows=20, batch_size=15)
+    failing = next(batch for batch in batches if bright[0] in batch)
+    named = [i for i in bright if i in failing]
     out = tmp_path / "t.zarr"
     result = run_cli(
         *DUMP,
@@ -229,7 +219,7 @@ def test_nan_logits_stop_the_dump_naming_the_samples_and_leave_it_resumable(tmp_
     )
     assert_one_line_error(result, f"NaN or Inf for samples {', '.join(map(str, named))};")
     done = written_flags(out)
-    assert done == first_batch * 15 // 20
+    assert done == failing[0] // 20  # the chunks before the failing batch
     with pytest.raises(StoreIncompleteError, match=f"{done} of {NUM_CHUNKS} chunks"):
         open_store(out)
 

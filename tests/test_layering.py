@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "kdcache.datasets": 3,
     "kdcache.models": 3,
     "kdcache.runtime": 3,
+    "kdcache.distributed": 4,
     "kdcache.plots": 3,
     "kdcache.augment": 3,
     "kdcache.augment.figure": 4,  # draws with kdcache.plots

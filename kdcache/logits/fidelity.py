@@ -144,6 +144,17 @@ class FidelityAccumulator:
                 self._agreeing += int((true.argmax(dim=1) == approx.argmax(dim=1)).sum())
         self._rows += len(logits)
 
+    def totals(self) -> tuple[list[float], int, int]:
+        """The running sums (KL per temperature, agreeing rows, rows), to add up across processes."""
+        return self._kl_sums.tolist(), self._agreeing, self._rows
+
+    def add_totals(self, totals: tuple[list[float], int, int]) -> None:
+        """Add another accumulator's :meth:`totals` (the rows another rank of a dump encoded)."""
+        kl_sums, agreeing, rows = totals
+        self._kl_sums += np.asarray(kl_sums, dtype=np.float64)
+        self._agreeing += agreeing
+        self._rows += rows
+
     def result(self) -> Fidelity | None:
         """The fidelity so far; ``None`` before any row was added."""
         if self._rows == 0:

@@ -21,6 +21,7 @@ __all__ = [
     "open_zip_now",
     "read_group_key",
     "row_chunk_exists",
+    "row_chunk_key",
     "run_sync",
 ]
 
@@ -35,12 +36,15 @@ def buffer_prototype() -> Any:
     return default_buffer_prototype()
 
 
+def row_chunk_key(array: Any, chunk: int) -> str:
+    """The store key (relative to the store's root) of row chunk ``chunk`` of ``array``."""
+    extra = (0,) * (array.ndim - 1)
+    return f"{array.store_path.path}/{array.metadata.encode_chunk_key((chunk, *extra))}"
+
+
 def row_chunk_exists(array: Any, chunk: int) -> bool:
     """Whether the object of row chunk ``chunk`` of ``array`` is present in its store."""
-    store, prefix = array.store_path.store, array.store_path.path
-    extra = (0,) * (array.ndim - 1)
-    key = array.metadata.encode_chunk_key((chunk, *extra))
-    return bool(sync(store.exists(f"{prefix}/{key}")))
+    return bool(sync(array.store_path.store.exists(row_chunk_key(array, chunk))))
 
 
 def open_zip_now(store: Any) -> None:

@@ -31,6 +31,7 @@ from torch.utils.data import Sampler
 
 from kdcache.errors import ConfigError
 from kdcache.logits.sparse import SparseLogits, TeacherInput
+from kdcache.store.shared_table import SharedTable, table_name
 
 if TYPE_CHECKING:
     from kdcache.logits.encodings import Encoding
@@ -160,6 +161,7 @@ class LogitFeed:
         #: one fit together and no chunk is evicted before its window is done.
         self.window_chunks = max(1, self.capacity // 2)
         self._tables: dict[str, np.ndarray] | None = None
+        self._shared: SharedTable | None = None
         self._slot_of_chunk = np.full(self.num_chunks, -1, dtype=np.int64)
         self._chunk_of_slot = np.full(self.capacity, -1, dtype=np.int64)
         self._last_used = np.full(self.capacity, -1, dtype=np.int64)
@@ -177,20 +179,43 @@ class LogitFeed:
     def __getstate__(self) -> dict:
         # A pickled feed (spawned DataLoader workers) starts empty instead of copying the table.
         state = self.__dict__.copy()
-        state.update(_tables=None, _pinned=[], _next_pinned=0)
+        state.update(_tables=None, _shared=None, _pinned=[], _next_pinned=0)
         state["_slot_of_chunk"] = np.full(self.num_chunks, -1, dtype=np.int64)
         state["_chunk_of_slot"] = np.full(self.capacity, -1, dtype=np.int64)
         state["_last_used"] = np.full(self.capacity, -1, dtype=np.int64)
         return state
 
-    def load(self) -> None:
-        """In-memory mode: decode the whole store now (idempotent). Chunked mode: nothing to do."""
+    def load(self, *, shared: bool = False) -> None:
+        """In-memory mode: decode the whole store now (idempotent). Chunked mode: nothing to do.
+
+        ``shared=True`` maps the one decoded table of this store that all processes on this
+        machine share (the first one decodes it, see kdcache.store.shared_table).
+        """
         if self.mode != "memory" or self._tables is not None:
             return
-        self._allocate()
+        if shared:
+            self._shared = SharedTable.open(
+                table_name(self.reader.where, self.reader.metadata),
+                self._layout,
+                self.num_samples,
+                self._check_and_decode_all,
+            )
+            self._tables = self._shared.arrays
+        else:
+            self._allocate()
+            assert self._tables is not None
+            self._decode_all(self._tables)
+        self._slot_of_chunk[:] = np.arange(self.num_chunks)
+        self._chunk_of_slot[:] = np.arange(self.num_chunks)
+
+    def _check_and_decode_all(self, tables: dict[str, np.ndarray]) -> None:
+        for name in self._layout:
+            self.reader.check_chunks_present(name)
+        self._decode_all(tables)
+
+    def _decode_all(self, tables: dict[str, np.ndarray]) -> None:
         block_rows = self.chunk_rows * LOAD_BLOCK_CHUNKS
-        assert self._tables is not None
-        for name, table in self._tables.items():
+        for name, table in tables.items():
             for start in range(0, self.num_samples, block_rows):
                 stop = min(start + block_rows, self.num_samples)
                 table[start:stop] = self.reader.read_rows(name, start, stop)
@@ -323,18 +348,23 @@ class LogitFeed:
             self._pinned[slot] = (buffer, None)
         return slot, buffer[:numel].view(shape)
 
-    def epoch_order(self, epoch: int, *, seed: int = 0) -> np.ndarray:
+    def epoch_order(
+        self, epoch: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> np.ndarray:
         """Every sample index exactly once, in an order that differs per ``(seed, epoch)``.
 
         Chunked mode: chunks in random order, rows shuffled within windows of
-        :attr:`window_chunks` chunks. In-memory mode: a plain random permutation.
+        :attr:`window_chunks` chunks. In-memory mode: a plain random permutation. With
+        ``world_size`` K > 1, rank ``rank``'s share: in chunked mode every K-th chunk of the
+        epoch's chunk order (so each rank decodes only its own chunks), in memory the r-th of K
+        slices; the K shares of an epoch hold every index once.
         """
         rng = np.random.default_rng([seed, epoch])
         if self.mode == "memory":
-            return rng.permutation(self.num_samples)
-        chunks = rng.permutation(self.num_chunks)
-        parts = []
-        for first in range(0, self.num_chunks, self.window_chunks):
+            return np.array_split(rng.permutation(self.num_samples), world_size)[rank]
+        chunks = rng.permutation(self.num_chunks)[rank::world_size]
+        parts = [np.empty(0, dtype=np.int64)]  # a rank may own no chunk when there are few
+        for first in range(0, len(chunks), self.window_chunks):
             window = chunks[first : first + self.window_chunks]
             rows = np.concatenate(
                 [
@@ -345,9 +375,9 @@ class LogitFeed:
             parts.append(rng.permutation(rows))
         return np.concatenate(parts)
 
-    def sampler(self, *, seed: int = 0) -> FeedSampler:
+    def sampler(self, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> FeedSampler:
         """A DataLoader sampler that follows :meth:`epoch_order`, one epoch per iteration."""
-        return FeedSampler(self, seed=seed)
+        return FeedSampler(self, seed=seed, rank=rank, world_size=world_size)
 
 
 class FeedSampler(Sampler[int]):
@@ -357,15 +387,23 @@ class FeedSampler(Sampler[int]):
     feed decodes chunks; pairing with logits is by the sample index each batch carries.
     """
 
-    def __init__(self, feed: LogitFeed, *, seed: int = 0) -> None:
+    def __init__(
+        self, feed: LogitFeed, *, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.feed = feed
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
+    def _order(self) -> np.ndarray:
+        return self.feed.epoch_order(
+            self.epoch, seed=self.seed, rank=self.rank, world_size=self.world_size
+        )
+
     def __len__(self) -> int:
-        return self.feed.num_samples
+        return self.feed.num_samples if self.world_size == 1 else len(self._order())
 
     def __iter__(self) -> Iterator[int]:
-        order = self.feed.epoch_order(self.epoch, seed=self.seed)
+        order = self._order()
         self.epoch += 1
         return iter(order.tolist())

@@ -37,6 +37,7 @@ from kdcache.store.creation import (
     known_keys,
 )
 from kdcache.store.digests import ALGORITHM, DIGEST_BYTES, DIGESTS_ARRAY, chunk_digests
+from kdcache.store.durability import ChunkSync
 from kdcache.store.layout import (
     LABELS_ARRAY,
     VIEW_PARAMS_ARRAY,
@@ -86,12 +87,14 @@ class StoreWriter:
         lock: WriterLock | None = None,
         *,
         replaces: tuple[Path, Path] | None = None,
+        sync: ChunkSync | None = None,
     ) -> None:
         self._group = group
         self._where = where
         self._lock = lock
         #: (staging folder, store folder) when this writer builds a replacement (--overwrite).
         self._replaces = replaces
+        self._sync = sync
         self.metadata = metadata
         self.encoding = parse_encoding(metadata.encoding, num_classes=metadata.num_classes)
         self._layout = self.encoding.layout(metadata.num_classes)
@@ -186,15 +189,29 @@ class StoreWriter:
             self._digests_array[chunk] = chunk_digests(
                 self.metadata.generation, self._digest_names, chunk, buffers
             )
+        if self._sync is not None:  # data and digests must be on disk before the flag can be
+            arrays = [*self._arrays.values()]
+            if self._digests_array is not None:
+                arrays.append(self._digests_array)
+            self._sync.chunk(arrays, chunk)
         # The flag goes last: a crash before it leaves the chunk marked unwritten.
         self._written_array[chunk] = 1
         self._written[chunk] = True
+        if self._sync is not None:
+            self._sync.chunk([self._written_array], chunk)
+        if self._lock is not None:
+            self._lock.refresh()
+
+    def keep_lock(self) -> None:
+        """Renew the writer lock (a remote lease) while the writer waits between writes."""
         if self._lock is not None:
             self._lock.refresh()
 
     def finalize(self) -> StoreMetadata:
         """Mark the store complete (and swap a replacement into place); refuses while any row
         is missing."""
+        # The flags in the store are the truth: other ranks of a torchrun job wrote chunks too.
+        self._written = np.asarray(self._written_array[:], dtype=bool)
         missing = self.pending_indices()
         if missing.size:
             raise StoreIncompleteError(
@@ -206,6 +223,8 @@ class StoreWriter:
             complete=True, fidelity=None if fidelity is None else fidelity.to_dict()
         )
         self._group.attrs[ATTRIBUTE_KEY] = self.metadata.to_dict()
+        if self._sync is not None:
+            self._sync.metadata()
         if self._replaces is not None:
             staging, target = self._replaces
             swap_in(staging, target, self._where)  # still under the lock: no writer meets a gap
@@ -242,6 +261,7 @@ def create_store(
     views: int = 1,
     augment: dict[str, Any] | None = None,
     view_params: np.ndarray | None = None,
+    fsync: bool = True,
 ) -> StoreWriter:
     """Create an empty store at ``path`` (or reopen an interrupted one) and return its writer.
 
@@ -255,7 +275,8 @@ def create_store(
     only once the new one is complete (kdcache.store.swap). Anything else already at ``path`` is
     never touched. ``extra`` is recorded as the metadata's ``extra`` (a sequence store keeps its
     layout there). The writer holds the store's single-writer lock (kdcache.store.locking) until
-    ``finalize`` or ``close``.
+    ``finalize`` or ``close``. ``fsync=False`` skips making each chunk durable before its flag
+    (kdcache.store.durability).
     """
     location = resolved_local(parse_location(path))
     where = location.text
@@ -291,7 +312,7 @@ def create_store(
     store = zarr_store(location, read_only=False)
     lock = acquire_writer_lock(location)
     try:
-        return _create_locked(
+        writer = _create_locked(
             location,
             store,
             lock,
@@ -302,6 +323,10 @@ def create_store(
             resume=resume,
             overwrite=overwrite,
         )
+        writer._sync = ChunkSync.for_location(location, enabled=fsync)
+        if writer._sync is not None and writer._replaces is not None:
+            writer._sync = ChunkSync(writer._replaces[0])  # a replacement is built in staging
+        return writer
     except BaseException as error:
         lock.release()
         if isinstance(error, OSError) and not isinstance(error, KdcacheError):

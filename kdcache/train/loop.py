@@ -27,6 +27,7 @@ from kdcache._version import __version__
 from kdcache.config import DistillConfig, LoopConfig, TrainConfig
 from kdcache.datasets import LabeledDataset, build_dataset, labeled_spec
 from kdcache.device_input import Attach, DeviceBatch, InputPipeline, resolve_inputs
+from kdcache.distributed import RankSession, rank_session
 from kdcache.errors import ConfigError, StoreMismatchError
 from kdcache.logits.losses import build_loss, total_loss
 from kdcache.logits.sparse import TeacherInput
@@ -37,7 +38,6 @@ from kdcache.runtime import (
     autocast,
     prepare_model,
     prepare_output_dir,
-    resolve_device,
 )
 from kdcache.store.reader import StoreReader, open_store
 from kdcache.train.pairing import check_store_matches
@@ -78,14 +78,21 @@ def evaluate(
     device: torch.device,
     amp: str | None = None,
     channels_last: bool = False,
+    session: RankSession | None = None,
 ) -> tuple[float, float]:
     """Accuracy in percent and mean cross-entropy of ``model`` on ``dataset``.
 
-    ``dataset`` comes in the form the run loads (:meth:`LabeledDataset.with_inputs`).
+    ``dataset`` comes in the form the run loads (:meth:`LabeledDataset.with_inputs`). Under
+    torchrun each rank scores its own slice of ``dataset`` and the sums are added up.
     """
     model.eval()
     pipeline = InputPipeline(dataset, device=device, channels_last=channels_last)
-    loader = pipeline.loader(batch_size=batch_size, num_workers=0, shuffle=False)
+    loader = pipeline.loader(
+        batch_size=batch_size,
+        num_workers=0,
+        shuffle=False,
+        sampler=None if session is None else session.shard_sampler(len(dataset)),
+    )
     correct = torch.zeros((), dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for batch in pipeline.batches(loader):
@@ -94,7 +101,10 @@ def evaluate(
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum")
         correct += (logits.argmax(dim=1) == batch.labels).sum()
-    return 100.0 * correct.item() / len(dataset), loss_sum.item() / len(dataset)
+    right, total = float(correct.item()), float(loss_sum.item())
+    if session is not None:
+        right, total = session.all_sum(right, total)
+    return 100.0 * right / len(dataset), total / len(dataset)
 
 
 def _checkpoint(
@@ -127,6 +137,7 @@ def fit(
     device: torch.device,
     sampler: Sampler[int] | None = None,
     attach: Attach | None = None,
+    session: RankSession | None = None,
 ) -> RunResult:
     """The training loop shared by :func:`train` and :func:`distill`.
 
@@ -134,8 +145,11 @@ def fit(
     seeded shuffle, e.g. with a chunked logit feed's order; ``attach`` looks up what rides along
     with each batch to the device (cached teacher logits). The forward pass runs under
     ``config.amp`` autocast; the loss is computed in float32 outside it.
+    Under torchrun (``session``) the model trains in DistributedDataParallel on this rank's
+    share of each epoch, and only rank 0 writes the run folder.
     """
     started = time.perf_counter()
+    session = session or RankSession.single(device)
     torch.manual_seed(config.seed)
     model, step_model = prepare_model(
         build_model(
@@ -143,9 +157,14 @@ def fit(
         ),
         device=device,
         channels_last=config.channels_last,
-        compile=config.compile,
+        compile=config.compile and not session.is_distributed,
     )
     check_input_fits(model, tuple(val_set.float_input(0).shape), spec=model_spec)
+    trained = session.wrap_model(model)
+    if session.is_distributed:
+        step_model = torch.compile(trained) if config.compile else trained
+    if sampler is None:
+        sampler = session.epoch_sampler(len(train_set), seed=config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
@@ -159,20 +178,22 @@ def fit(
     )
     best_acc, best_epoch, val_acc = -1.0, 0, 0.0
     metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
+    if session.is_main:
+        metrics_path.write_text("")
     for epoch in range(1, config.epochs + 1):
         epoch_started = time.perf_counter()
         model.train()
         # Summed on the device: reading the loss every step would stall the GPU's queue.
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         seen = 0
-        for batch in tqdm(
+        batches = tqdm(
             pipeline.batches(loader, attach=attach),
             total=len(loader),
             desc=f"epoch {epoch}/{config.epochs}",
             leave=False,
             disable=None,
-        ):
+        )
+        for batch in session.joined(trained, batches):
             with autocast(device, config.amp):
                 logits = step_model(batch.inputs)
             loss = batch_loss(logits.float(), batch)
@@ -182,7 +203,10 @@ def fit(
             scaler.update()
             loss_sum += loss.detach() * batch.labels.size(0)
             seen += batch.labels.size(0)
-        train_loss = loss_sum.item() / seen  # waits for the epoch's last step
+        # .item() waits for the epoch's last step
+        summed, counted = session.all_sum(loss_sum.item(), seen)
+        train_loss = summed / counted
+        session.sync_buffers(model)  # every rank scores, and rank 0 saves, the same model
         train_time = time.perf_counter() - epoch_started
         val_acc, val_loss = evaluate(
             model,
@@ -191,6 +215,7 @@ def fit(
             device=device,
             amp=config.amp,
             channels_last=config.channels_last,
+            session=session,
         )
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             # NaN weights would otherwise train on silently and exit 0 with a useless model.
@@ -205,6 +230,11 @@ def fit(
             "val_loss": val_loss,
             "train_time_s": round(train_time, 4),
         }
+        improved = val_acc > best_acc
+        if improved:
+            best_acc, best_epoch = val_acc, epoch
+        if not session.is_main:
+            continue  # val_acc is the same on every rank, so every rank returns the same result
         with metrics_path.open("a") as stream:
             stream.write(json.dumps(record) + "\n")
         log.info(
@@ -218,8 +248,7 @@ def fit(
         checkpoint = _checkpoint(
             model, spec=model_spec, dataset=train_set, epoch=epoch, val_acc=val_acc
         )
-        if val_acc > best_acc:
-            best_acc, best_epoch = val_acc, epoch
+        if improved:
             atomic_torch_save(checkpoint, out / "best.pt")
         atomic_torch_save(checkpoint, out / "last.pt")
     result = RunResult(
@@ -230,7 +259,8 @@ def fit(
         epochs=config.epochs,
         wall_time_s=time.perf_counter() - started,
     )
-    plot_curves(metrics_path, out / "curves.png", title=f"{model_spec}: {out.resolve().name}")
+    if session.is_main:
+        plot_curves(metrics_path, out / "curves.png", title=f"{model_spec}: {out.resolve().name}")
     return result
 
 
@@ -251,7 +281,12 @@ def _input_form(
 
 def train(config: TrainConfig) -> RunResult:
     """Plain cross-entropy training (the teacher, or the CE-only student baseline)."""
-    device = resolve_device(config.device)
+    with rank_session(config.device) as session:
+        return _train(config, session)
+
+
+def _train(config: TrainConfig, session: RankSession) -> RunResult:
+    device = session.device
     train_set = build_dataset(config.dataset, split=config.split)
     unlabeled = int((train_set.labels < 0).sum())
     if unlabeled:
@@ -262,7 +297,7 @@ def train(config: TrainConfig) -> RunResult:
     inputs = _input_form(config.inputs, config.augment is not None, train_set, device)
     train_set = train_set.with_inputs(inputs)
     val_set = build_dataset(config.dataset, split=held_out_split(config.split)).with_inputs(inputs)
-    out = prepare_output_dir(config.out, overwrite=config.overwrite)
+    out = Path(config.out)
     views = drawn_views(
         train_set,
         augment=config.augment,
@@ -271,13 +306,17 @@ def train(config: TrainConfig) -> RunResult:
         epochs=config.epochs,
         seed=config.seed,
     )
-    config.save(
-        out / "config.json",
-        command="train",
-        device=str(device),
-        inputs=inputs,
-        kdcache_version=__version__,
-        views=None if views is None else views.dataset.views,
+    session.refuse_unsharded(views is not None, "augmentation (--augment)")
+    session.on_main(
+        lambda: config.save(
+            prepare_output_dir(out, overwrite=config.overwrite) / "config.json",
+            command="train",
+            device=str(device),
+            inputs=inputs,
+            kdcache_version=__version__,
+            views=None if views is None else views.dataset.views,
+            ranks=session.info.world_size,
+        )
     )
 
     def cross_entropy(logits: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
@@ -298,6 +337,7 @@ def train(config: TrainConfig) -> RunResult:
         out=out,
         device=device,
         sampler=None if views is None else views.sampler,
+        session=session,
     )
 
 
@@ -320,12 +360,20 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
 
     ``reader`` is ``config.cache`` already opened with :func:`~kdcache.store.reader.open_store`:
     pass it to share one decoded store across many runs (as :func:`kdcache.train.sweep.run_sweep` does).
+    Under torchrun every rank runs this with the same config (DistributedDataParallel).
     """
+    with rank_session(config.device) as session:
+        return _distill(config, session, reader=reader)
+
+
+def _distill(
+    config: DistillConfig, session: RankSession, *, reader: StoreReader | None
+) -> RunResult:
     if reader is not None and config.cache is None:
         raise ConfigError(
             "an open store was passed to distill() but config.cache is None; set cache to its path"
         )
-    device = resolve_device(config.device)
+    device = session.device
     loss_fn = build_loss(
         config.loss,
         temperature=config.temperature,
@@ -333,7 +381,12 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
         gamma=config.gamma,
         top_k=config.top_k,
     )
-    resolved: dict = {"command": "distill", "device": str(device), "kdcache_version": __version__}
+    resolved: dict = {
+        "command": "distill",
+        "device": str(device),
+        "kdcache_version": __version__,
+        "ranks": session.info.world_size,  # --batch-size is per rank
+    }
     attach: Attach | None = None
     teacher_step: Callable[[DeviceBatch], TeacherInput]
     if config.cache is not None:
@@ -345,13 +398,20 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
         train_set = _cached_dataset(config, reader)
         rows = transfer_rows(config, train_set)
         feed = reader.feed
-        feed.load()
+        # Ranks on one machine share one decoded table instead of one copy each.
+        feed.load(shared=session.info.local_world_size > 1)
         # In memory any order is fast, so keep the seeded shuffle (the online run's order too);
         # a chunked feed must dictate the order for each chunk to be decoded once per epoch.
         if rows is not None:
             sampler: Sampler[int] | None = TransferSampler(rows, seed=config.seed, feed=feed)
         else:
-            sampler = feed.sampler(seed=config.seed) if feed.mode == "chunked" else None
+            sampler = (
+                feed.sampler(
+                    seed=config.seed, rank=session.info.rank, world_size=session.info.world_size
+                )
+                if feed.mode == "chunked"
+                else None
+            )
         views = cached_views(
             reader,
             train_set,
@@ -421,7 +481,9 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
     val_set = build_dataset(labeled_spec(train_set.spec), split=held_out_split(train_set.split))
     val_set = val_set.with_inputs(inputs)
     resolved["transfer"] = describe_transfer(rows, train_set)
-    out = prepare_output_dir(config.out, overwrite=config.overwrite)
+    out = Path(config.out)
+    session.refuse_unsharded(rows is not None, "a transfer set (--indices, --exclude-classes)")
+    session.refuse_unsharded(views is not None, "views (--augment or a store with views)")
     if views is not None:
         if rows is not None:
             raise ConfigError(
@@ -431,7 +493,11 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
             )
         sampler = views.sampler
         resolved["views"] = views.dataset.views
-    config.save(out / "config.json", **resolved)
+    session.on_main(
+        lambda: config.save(
+            prepare_output_dir(out, overwrite=config.overwrite) / "config.json", **resolved
+        )
+    )
 
     def kd_loss(logits: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
         rows = batch.indices if views is None else views.rows(batch.indices)
@@ -450,7 +516,10 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
         device=device,
         sampler=sampler,
         attach=attach,
+        session=session,
     )
+    if not session.is_main:
+        return result
     _plot_final_distributions(
         out,
         config=config,

@@ -22,6 +22,7 @@ from typing import Any
 
 from kdcache.config import DistillConfig, DistillOptions, option
 from kdcache.datasets import canonical_dataset_spec
+from kdcache.distributed import rank_info
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.logits.losses import DEFAULT_ALPHA, LOSS_NAMES
 from kdcache.models import canonical_model_spec
@@ -29,6 +30,7 @@ from kdcache.plots import plot_sweep, read_metrics
 from kdcache.store.location import refuse_inside_store
 from kdcache.store.reader import StoreReader, open_store
 from kdcache.train.loop import RunResult, distill
+from kdcache.train.parallel import run_concurrently
 
 log = logging.getLogger("kdcache")
 
@@ -82,8 +84,13 @@ class SweepConfig(DistillOptions):
     seeds: tuple[int, ...] = option(
         (0,), example="0,1,2", help="Comma-separated seeds; results are mean ± std over them."
     )
+    jobs: int = option(
+        1, help="Runs trained at once, in separate processes that share one decoded store."
+    )
 
     def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise ConfigError(f"--jobs must be >= 1, got {self.jobs}; e.g. --jobs 4")
         super().__post_init__()
         for field in dataclasses.fields(self):
             if field.name not in _GRID:
@@ -276,8 +283,38 @@ def write_results_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     os.replace(temporary, path)
 
 
+def _run_and_save(run: DistillConfig, reader: StoreReader | None = None) -> RunResult:
+    """Train one run and mark it finished; in a ``--jobs`` worker, on the node's shared table."""
+    log.info("%s: started", os.path.basename(run.out))
+    if reader is None:
+        reader = _worker_reader(run.cache, run.cache_memory)
+    # overwrite: a folder here holds at most a half-finished run, which starts over
+    result = distill(dataclasses.replace(run, overwrite=True), reader=reader)
+    _save_result(result, Path(run.out))
+    return result
+
+
+_WORKER_READERS: dict[tuple[Any, Any], StoreReader] = {}
+
+
+def _worker_reader(cache: str | None, memory: int | str | None) -> StoreReader:
+    """The store of a ``--jobs`` worker, opened once per process and kept for its next runs."""
+    key = (cache, memory)
+    if key not in _WORKER_READERS:
+        assert cache is not None
+        reader = open_store(cache, memory_budget=memory)
+        reader.feed.load(shared=True)  # one table for all the workers on this machine
+        _WORKER_READERS[key] = reader
+    return _WORKER_READERS[key]
+
+
 def run_sweep(config: SweepConfig) -> SweepResult:
     """Run (or resume) every setting of ``config`` from one store; write the CSV and the figure."""
+    if rank_info().is_distributed:
+        raise ConfigError(
+            "kdcache sweep runs in one process, not under torchrun; use --jobs J to train J "
+            "settings side by side (torchrun is for dump-teacher, train and distill)"
+        )
     runs = config.runs()
     reader = open_store(
         config.cache, memory_budget=config.cache_memory
@@ -296,21 +333,27 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     _claim_folder(out, identity, config.cache)
     record = {**config.to_dict(), "store_identity": identity}
     (out / "sweep.json").write_text(json.dumps(record, indent=2) + "\n")
-    rows, done, skipped = [], 0, 0
-    for number, run in enumerate(runs, start=1):
-        name = os.path.basename(run.out)
-        result = _finished_result(run)
-        if result is not None:
-            log.info("[%d/%d] %s: finished earlier, kept", number, len(runs), name)
-            skipped += 1
-        else:
-            log.info("[%d/%d] %s", number, len(runs), name)
-            # overwrite: a folder here holds at most a half-finished run, which starts over
-            result = distill(dataclasses.replace(run, overwrite=True), reader=reader)
-            _save_result(result, Path(run.out))
-            done += 1
-        rows.append(_row(run, result))
+    results: dict[str, RunResult] = {}
+    for run in runs:
+        kept = _finished_result(run)
+        if kept is not None:
+            log.info("%s: finished earlier, kept", os.path.basename(run.out))
+            results[run.out] = kept
+    skipped = len(results)
+    todo = [run for run in runs if run.out not in results]
+    finished = (
+        ((run, _run_and_save(run, reader)) for run in todo)
+        if config.jobs == 1
+        else run_concurrently(todo, jobs=config.jobs, task=_run_and_save)
+    )
+    for number, (run, result) in enumerate(finished, start=1):
+        log.info("[%d/%d] %s: finished", number, len(todo), os.path.basename(run.out))
+        results[run.out] = result
+        rows = [_row(r, results[r.out]) for r in runs if r.out in results]
         write_results_csv(rows, out / RESULTS_CSV)  # partial results survive an interrupted sweep
+    done = len(todo)
+    rows = [_row(run, results[run.out]) for run in runs]
+    write_results_csv(rows, out / RESULTS_CSV)
     figure = plot_sweep(rows, out / SWEEP_FIGURE, title=f"{config.student} from {config.cache}")
     return SweepResult(
         rows=rows,

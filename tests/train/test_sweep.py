@@ -122,3 +122,40 @@ def test_the_memory_budget_reaches_the_shared_reader_and_every_run(tmp_path, dig
     )
     with pytest.raises(ConfigError, match="memory size 'lots'"):
         tiny_sweep(digits_store, tmp_path / "bad", cache_memory="lots")
+
+
+def test_jobs_run_settings_side_by_side_from_one_shared_table(
+    finished_sweep, digits_store, tmp_path, monkeypatch
+):
+    import torch
+
+    from kdcache.store.shared_table import SHARED_DIR_ENV
+
+    monkeypatch.setenv(SHARED_DIR_ENV, str(tmp_path / "shm"))  # inherited by the workers
+    sequential, _ = finished_sweep
+    result = run_sweep(tiny_sweep(digits_store, tmp_path / "parallel", jobs=2))
+    assert (result.runs_done, result.runs_skipped) == (4, 0)
+    rows = read_csv(tmp_path / "parallel" / "results.csv")
+    assert [row["run_dir"] for row in rows] == [
+        row["run_dir"] for row in read_csv(sequential / "results.csv")
+    ]
+    for row in rows:
+        # The same students as one run at a time (torch threads differ: float tolerance).
+        trained, reference = (
+            torch.load(folder / row["run_dir"] / "last.pt", weights_only=True)["state_dict"]
+            for folder in (tmp_path / "parallel", sequential)
+        )
+        for name, tensor in reference.items():
+            torch.testing.assert_close(trained[name], tensor, rtol=1e-4, atol=1e-5)
+    assert list((tmp_path / "shm").iterdir())  # the workers used a shared table...
+    assert not list((tmp_path / "shm").glob("*/*.npy"))  # ...and the last one removed it
+    with pytest.raises(ConfigError, match="--jobs must be >= 1, got 0"):
+        tiny_sweep(digits_store, tmp_path / "x", jobs=0)
+
+
+def test_a_sweep_under_torchrun_is_refused(digits_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="not under torchrun; use --jobs"):
+        run_sweep(tiny_sweep(digits_store, tmp_path / "s"))
+    assert not (tmp_path / "s").exists()

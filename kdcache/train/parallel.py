@@ -1,0 +1,58 @@
+"""Several distillation runs at once on one machine (``kdcache sweep --jobs J``).
+
+A sweep's runs are independent, and one small student rarely fills a machine: J worker
+processes (spawned, so no zarr or fsspec state crosses a fork) each run one setting at a time.
+Every worker maps the one decoded table of the store that all of them share
+(kdcache.store.shared_table), so J runs cost one table plus J interpreters, not J tables. Each
+worker gets an equal share of the CPU cores for its torch threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+
+import torch
+
+from kdcache.config import DistillConfig
+from kdcache.train.loop import RunResult
+
+log = logging.getLogger("kdcache")
+
+
+def _start_worker(threads: int, level: int) -> None:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format="%(message)s")
+
+
+def run_concurrently(
+    runs: Sequence[DistillConfig], *, jobs: int, task: Callable[[DistillConfig], RunResult]
+) -> Iterator[tuple[DistillConfig, RunResult]]:
+    """Yield ``(run, task(run))`` as runs finish, ``jobs`` at a time in worker processes.
+
+    ``task`` must be a module-level function (it is sent to the workers by name). The first
+    failure is raised as is once the runs already under way have ended; queued runs are dropped.
+    """
+    if not runs:
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pool = ProcessPoolExecutor(
+        max_workers=min(jobs, len(runs)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(threads, logging.getLogger("kdcache").getEffectiveLevel()),
+    )
+    try:
+        pending: dict[Future[RunResult], DistillConfig] = {
+            pool.submit(task, run): run for run in runs
+        }
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run = pending.pop(future)
+                yield run, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

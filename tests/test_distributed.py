@@ -1,0 +1,165 @@
+"""kdcache.distributed in one process: epoch shards, the dump plan, fsync."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kdcache.distributed import EpochShardSampler, rank_info
+from kdcache.errors import ConfigError
+from kdcache.store import durability
+from kdcache.store.feed import LogitFeed
+from kdcache.store.partition import MIN_UNITS, dump_batches, owned_chunks, unit_chunks
+from kdcache.store.reader import open_store
+from kdcache.store.writer import create_store
+
+
+def assert_partition(shares: list[list[int]], num_samples: int) -> None:
+    """Every index in exactly one share: no duplicate (padding) and none missing."""
+    joined = np.concatenate([np.asarray(share, dtype=np.int64) for share in shares])
+    assert joined.size == num_samples
+    np.testing.assert_array_equal(np.sort(joined), np.arange(num_samples))
+
+
+@pytest.mark.parametrize("num_samples, world_size", [(101, 2), (101, 3), (7, 3), (2, 3)])
+def test_epoch_shards_hold_every_index_once_per_epoch(num_samples, world_size):
+    samplers = [
+        EpochShardSampler(num_samples, rank=rank, world_size=world_size, seed=5)
+        for rank in range(world_size)
+    ]
+    epochs = []
+    for _ in range(3):
+        lengths = [len(sampler) for sampler in samplers]
+        shares = [list(sampler) for sampler in samplers]
+        assert [len(share) for share in shares] == lengths
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+        assert_partition(shares, num_samples)
+        epochs.append(np.concatenate(shares))
+    assert not np.array_equal(epochs[0], epochs[1]) or num_samples < 3  # a new order each epoch
+
+
+def test_chunked_feed_shares_give_each_rank_whole_chunks(tmp_path):
+    writer = create_store(tmp_path / "s.zarr", num_samples=103, num_classes=3, chunk_rows=10)
+    writer.write(np.arange(103), np.zeros((103, 3), dtype=np.float32))
+    writer.finalize()
+    reader = open_store(tmp_path / "s.zarr")
+    for mode in ("chunked", "memory"):
+        feed = LogitFeed(reader, memory_budget=4 * feed_chunk_bytes(reader), mode=mode)
+        for epoch in range(2):
+            samplers = [feed.sampler(seed=1, rank=r, world_size=3) for r in range(3)]
+            for sampler in samplers:
+                sampler.epoch = epoch
+            lengths = [len(sampler) for sampler in samplers]  # before iterating: for this epoch
+            shares = [list(sampler) for sampler in samplers]
+            assert [len(share) for share in shares] == lengths
+            assert_partition(shares, 103)
+            if mode == "chunked":
+                owners = [{i // 10 for i in share} for share in shares]
+                assert not (owners[0] & owners[1] or owners[0] & owners[2] or owners[1] & owners[2])
+    # One process is unchanged by the new arguments: rank 0 of 1 gets the whole epoch order.
+    feed = LogitFeed(reader, memory_budget=4 * feed_chunk_bytes(reader), mode="chunked")
+    np.testing.assert_array_equal(
+        feed.epoch_order(3, seed=1), feed.epoch_order(3, seed=1, rank=0, world_size=1)
+    )
+
+
+def feed_chunk_bytes(reader) -> int:
+    return reader.encoding.row_nbytes(reader.num_classes) * reader.metadata.chunk_rows
+
+
+@pytest.mark.parametrize(
+    "num_samples, chunk_rows, batch_size",
+    [(200, 20, 15), (70, 20, 15), (5000, 7, 16), (100_000, 100, 256), (3000, 64, 64)],
+)
+def test_the_dump_plan_writes_every_row_once_in_the_same_batches_for_any_rank_count(
+    num_samples, chunk_rows, batch_size
+):
+    num_chunks = -(-num_samples // chunk_rows)
+    rng = np.random.default_rng(0)
+    pending_chunks = np.flatnonzero(rng.random(num_chunks) < 0.6)  # a resumed dump
+    pending = np.concatenate(
+        [np.arange(c * chunk_rows, min((c + 1) * chunk_rows, num_samples)) for c in pending_chunks]
+    )
+    options = dict(num_samples=num_samples, chunk_rows=chunk_rows, batch_size=batch_size)
+    alone = dump_batches(pending, **options)
+    per_unit = unit_chunks(num_chunks=num_chunks, chunk_rows=chunk_rows, batch_size=batch_size)
+    for batch in alone:
+        assert len(batch) <= batch_size
+        assert len({row // (per_unit * chunk_rows) for row in batch}) == 1  # never across units
+    for world_size in (2, 3, 8):
+        plans = [
+            dump_batches(pending, **options, rank=rank, world_size=world_size)
+            for rank in range(world_size)
+        ]
+        # The same batches as one process, split between the ranks without overlap...
+        assert sorted(map(tuple, sum(plans, []))) == sorted(map(tuple, alone))
+        for rank, plan in enumerate(plans):
+            mine = set(
+                owned_chunks(num_chunks, per_unit=per_unit, rank=rank, world_size=world_size)
+            )
+            # ...each rank computing only batches of its own (whole) chunks.
+            assert {row // chunk_rows for batch in plan for row in batch} <= mine
+    covered = np.unique(np.concatenate([np.asarray(batch) for batch in alone]))
+    assert set(pending) <= set(covered)
+    pending_set = set(pending.tolist())
+    assert all(pending_set.intersection(batch) for batch in alone)  # no batch recomputed in vain
+
+
+def test_units_hold_several_batches_unless_that_leaves_too_few_units():
+    assert unit_chunks(num_chunks=10_000, chunk_rows=100, batch_size=256) == 21  # 8 batches
+    assert unit_chunks(num_chunks=10 * MIN_UNITS, chunk_rows=100, batch_size=256) == 10
+    assert unit_chunks(num_chunks=10, chunk_rows=20, batch_size=15) == 1
+
+
+def test_rank_info_reads_torchrun_variables(monkeypatch):
+    assert rank_info().world_size == 1
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    info = rank_info()
+    assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (2, 4, 0, 2)
+    assert info.is_distributed and not info.is_main
+    monkeypatch.setenv("RANK", "two")
+    with pytest.raises(ConfigError, match="RANK='two' is not an integer"):
+        rank_info()
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_each_local_chunk_and_its_flag_are_flushed_before_the_next_step(
+    tmp_path, monkeypatch, fsync
+):
+    flushed: list[str] = []
+    real_fsync_path = durability.fsync_path
+
+    def recording_fsync_path(path):
+        flushed.append(
+            str(path.relative_to(tmp_path / "s.zarr")) if path != tmp_path / "s.zarr" else "."
+        )
+        real_fsync_path(path)
+
+    monkeypatch.setattr(durability, "fsync_path", recording_fsync_path)
+    writer = create_store(
+        tmp_path / "s.zarr",
+        num_samples=20,
+        num_classes=12,
+        chunk_rows=10,
+        encoding="topk:3",
+        fsync=fsync,
+    )
+    writer.write(np.arange(10), np.random.default_rng(0).normal(size=(10, 12)))
+    if not fsync:
+        writer.write(np.arange(10, 20), np.zeros((10, 12)))
+        writer.finalize()
+        assert flushed == []
+        return
+    layout = writer.encoding.layout(12)
+    # Chunk 0 of every array, the folders up to the store's root, then its flag: in that order.
+    data = {f"{name}/c/0" + "/0" * len(shape) for name, (shape, _) in layout.items()}
+    assert set(flushed[: len(layout)]) == data
+    folders = {path.rpartition("/")[0] for path in data} | set(layout)
+    assert folders <= set(flushed[: flushed.index("chunk_written/c/0")])
+    assert flushed.index("chunk_written/c/0") > flushed.index(".")
+    writer.write(np.arange(10, 20), np.zeros((10, 12)))
+    writer.finalize()
+    assert flushed[-2:] == ["zarr.json", "."]

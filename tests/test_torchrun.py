@@ -1,0 +1,233 @@
+"""Real torchrun jobs (2 ranks, gloo on CPU): a killed multi-rank dump resumed by one process and
+by 2 ranks locally and on S3, and DDP distillation from a cache and from a live teacher.
+
+Each torchrun launch costs many seconds on a small machine, so each test checks much in few runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import cli_environment
+from teachers import fingerprint
+
+from kdcache import DumpConfig, dump_teacher
+from kdcache.datasets import build_dataset
+from kdcache.errors import StoreLockedError
+from kdcache.models import build_model, load_weights
+from kdcache.store.location import parse_location, zarr_store
+from kdcache.store.locking import acquire_writer_lock
+from kdcache.train.loop import evaluate
+
+DUMP = dict(dataset="fake:200:8:10", chunk_rows=20, batch_size=15, encoding="float32")
+NUM_CHUNKS = 10
+
+
+def torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``torchrun --nproc-per-node 2 -m kdcache ARGS`` as a user would."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        + ["-m", "kdcache", *args],
+        env=cli_environment(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> str:
+    stdout, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, f"torchrun failed ({process.returncode}):\n{stderr}"
+    return stdout
+
+
+def dump_args(out: str) -> list[str]:
+    options = [f"--{key.replace('_', '-')}={value}" for key, value in DUMP.items()]
+    return ["dump-teacher", "--teacher", "teachers:slow", "--device", "cpu", "--out", out, *options]
+
+
+def workers(launcher: int) -> dict[int, int]:
+    """The pids of a torchrun launcher's workers, by rank (read from /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != launcher:
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+        for item in environ:
+            if item.startswith(b"RANK="):
+                found[int(item[5:])] = int(stat.parent.name)
+    return found
+
+
+def written_flags(store: Path) -> int:
+    flags = store / "chunk_written" / "c"
+    return sum(1 for p in flags.iterdir() if p.name.isdigit()) if flags.is_dir() else 0
+
+
+def contents(url: str) -> tuple[dict[str, np.ndarray], dict]:
+    group = zarr.open_group(zarr_store(parse_location(url), read_only=True), mode="r")
+    record = dict(group.attrs["kdcache"])
+    record.pop("created_at")
+    return {name: group[name][:] for name in ("logits", "labels", "chunk_written")}, record
+
+
+def assert_same_store(url: str, reference: Path) -> None:
+    (got, got_record), (expected, expected_record) = contents(url), contents(str(reference))
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    # Fidelity is measured over the rows of the run that finished the store.
+    assert got_record.pop("fidelity")["top1_agreement"] == 1.0
+    expected_record.pop("fidelity")
+    assert got_record == expected_record
+
+
+def test_a_rank_killed_mid_dump_leaves_a_store_that_resumes_bit_identically_with_1_or_2_ranks(
+    tmp_path, s3_bucket, s3_server, monkeypatch
+):
+    monkeypatch.setenv("KDCACHE_TEST_BATCH_SLEEP", "0")
+    reference = tmp_path / "reference.zarr"
+    dump_teacher(DumpConfig(teacher="teachers:slow", device="cpu", out=str(reference), **DUMP))
+
+    out, gate = tmp_path / "t.zarr", tmp_path / "gate"
+    job = torchrun(*dump_args(str(out)), env={"KDCACHE_TEST_GATE": str(gate)})
+    deadline = time.monotonic() + 240
+    while written_flags(out) < 2:
+        assert job.poll() is None, job.communicate()[1]
+        assert time.monotonic() < deadline, "the dump never wrote two chunks"
+        time.sleep(0.002)
+    gate.touch()  # both ranks wait before their next batch
+    ranks = workers(job.pid)
+    assert sorted(ranks) == [0, 1]
+    # One writer lock for the whole job, held by rank 0.
+    with pytest.raises(StoreLockedError, match=f"pid {ranks[0]} "):
+        acquire_writer_lock(parse_location(str(out)))
+    os.kill(ranks[1], signal.SIGKILL)
+    job.communicate(timeout=120)
+    assert job.returncode != 0  # torchrun stops the surviving rank and fails
+    done = written_flags(out)
+    assert 2 <= done < NUM_CHUNKS
+    # Rank 1 wrote some of those chunks: its own, never rank 0's (units of one chunk here).
+    flags = zarr.open_group(str(out), mode="r")["chunk_written"][:]
+    assert flags[1::2].any() and flags[0::2].any()
+
+    # Resumed by one process...
+    single = tmp_path / "single.zarr"
+    shutil.copytree(out, single)
+    resumed = dump_teacher(
+        DumpConfig(teacher="teachers:slow", device="cpu", out=str(single), resume=True, **DUMP)
+    )
+    assert resumed.rows_computed == 200 - 20 * done
+    assert_same_store(str(single), reference)
+
+    # ...and by two ranks, in place and after the killed store moved to S3 (as a copy would),
+    # both jobs at once.
+    import s3fs
+
+    url = f"{s3_bucket}/t.zarr"
+    bucket_copy = tmp_path / "for-s3.zarr"
+    shutil.copytree(out, bucket_copy)
+    for partial in bucket_copy.rglob("*.partial"):
+        partial.unlink()  # a killed local writer's temporary files never reach a bucket
+    s3fs.S3FileSystem(skip_instance_cache=True).put(str(bucket_copy), url, recursive=True)
+    jobs = [torchrun(*dump_args(target), "--resume", env=s3_server) for target in (str(out), url)]
+    for job in jobs:
+        finish(job)
+    assert_same_store(str(out), reference)
+    assert not Path(str(out) + ".lock").exists() and not list(out.rglob("*.partial"))
+    assert_same_store(url, reference)
+    assert not s3fs.S3FileSystem(skip_instance_cache=True).exists(url + ".lock")
+
+
+def records(folder: Path) -> dict[int, Counter]:
+    """Fingerprints of the samples trained on, per epoch, over every rank's record."""
+    seen: dict[int, Counter] = {}
+    files = sorted(folder.iterdir())
+    assert [f.name for f in files] == ["rank0", "rank1"]  # both ranks trained
+    for path in files:
+        for line in path.read_text().splitlines():
+            epoch, name = line.split()
+            seen.setdefault(int(epoch), Counter())[name] += 1
+    return seen
+
+
+def test_ddp_distillation_from_a_cache_and_online_sees_every_sample_once_and_agrees(tmp_path):
+    # 101 samples on 2 ranks in batches of 10: 51 and 50 samples, 6 and 5 steps per epoch.
+    dataset, epochs = "fake:101:8:4", 2
+    store = tmp_path / "t.zarr"
+    dump_teacher(
+        DumpConfig(
+            teacher="teachers:seeded",
+            dataset=dataset,
+            encoding="float32",
+            device="cpu",
+            out=str(store),
+        )
+    )
+    common = ["distill", "--student", "teachers:recording", "--epochs", str(epochs)]
+    common += ["--batch-size", "10", "--device", "cpu"]
+    runs = {
+        "cached": ["--cache", str(store)],
+        "online": ["--teacher", "teachers:seeded", "--dataset", dataset],
+    }
+    jobs = {}
+    for name, source in runs.items():
+        (tmp_path / f"record-{name}").mkdir()
+        jobs[name] = torchrun(
+            *common,
+            *source,
+            "--out",
+            str(tmp_path / name),
+            env={"KDCACHE_TEST_RECORD": str(tmp_path / f"record-{name}")},
+        )
+    outputs = {name: finish(job) for name, job in jobs.items()}
+
+    train_set = build_dataset(dataset, split="train")
+    expected = Counter(fingerprint(train_set[i][0]) for i in range(len(train_set)))
+    assert len(expected) == 101
+    val_set = build_dataset(dataset, split="test")
+    students = {}
+    for name in runs:
+        seen = records(tmp_path / f"record-{name}")
+        assert sorted(seen) == list(range(1, epochs + 1))
+        for epoch, counts in seen.items():
+            assert counts == expected, f"{name}, epoch {epoch}: not every sample exactly once"
+        run = tmp_path / name
+        assert {
+            "config.json",
+            "metrics.jsonl",
+            "last.pt",
+            "best.pt",
+            "curves.png",
+            "distributions.png",
+        } <= {p.name for p in run.iterdir()}
+        metrics = [line for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+        assert len(metrics) == epochs  # written once, by rank 0
+        assert json.loads((run / "config.json").read_text())["resolved"]["ranks"] == 2
+        assert outputs[name].count("best val_acc") == 1
+        student = build_model("teachers:recording", num_classes=4, in_channels=3)
+        load_weights(student, run / "last.pt", spec="teachers:recording")
+        students[name] = student
+        # The logged accuracy covers the whole held-out split, summed over both ranks.
+        accuracy, _ = evaluate(student, val_set, batch_size=7, device=torch.device("cpu"))
+        assert f'"val_acc": {accuracy}' in metrics[-1]
+    for (key, cached), online in zip(
+        students["cached"].state_dict().items(),
+        students["online"].state_dict().values(),
+        strict=True,
+    ):
+        torch.testing.assert_close(cached, online, rtol=1e-4, atol=1e-5, msg=key)
