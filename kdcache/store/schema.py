@@ -77,6 +77,18 @@ _EXPECTED: dict[Callable[[Any], bool], str] = {
 }
 
 
+def _optional_int(value: Any) -> bool:
+    return value is None or _is_int(value)
+
+
+def _string_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+_EXPECTED[_optional_int] = "an integer or null"
+_EXPECTED[_string_list] = "a list of strings"
+
+
 def _fingerprint(value: Any) -> bool:
     if value is None:
         return True
@@ -182,9 +194,8 @@ def validate_record(record: Any, *, where: str, format_version: int) -> dict[str
         "augment",
         {
             "recipe": _optional_str,
-            "seed": lambda value: value is None or _is_int(value),
-            "fields": lambda value: isinstance(value, list)
-            and all(isinstance(item, str) for item in value),
+            "seed": _optional_int,
+            "fields": _string_list,
         },
     )
     encoding = record.get("encoding")
