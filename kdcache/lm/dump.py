@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from kdcache.config import DumpConfig
-from kdcache.dump import DumpResult, _resumable_on_os_error, pending_batches
+from kdcache.dump import DumpResult, _resumable_on_os_error
 from kdcache.errors import ConfigError
 from kdcache.lm.fingerprint import lm_fingerprint
 from kdcache.lm.loop import pad_id
@@ -36,6 +37,13 @@ class LMDumpResult(DumpResult):
         """Teacher tokens computed per second of the dump loop."""
         return self.rows_computed / self.loop_time_s if self.loop_time_s > 0 else 0.0
 
+
+
+def _pending_batches(pending: np.ndarray, *, num_samples: int, batch_size: int) -> list[list[int]]:
+    """The batches of the grid ``[0, B)``, ``[B, 2B)``, ... that hold a pending sample: a resumed
+    dump recomputes exactly the batches an uninterrupted one ran (bit-identical on CPU)."""
+    starts = np.unique(np.asarray(pending) // batch_size) * batch_size
+    return [list(range(int(start), min(int(start) + batch_size, num_samples))) for start in starts]
 
 def _fill(
     writer: SequenceWriter,
@@ -99,7 +107,7 @@ def dump_lm(config: DumpConfig) -> LMDumpResult:
         resume=config.resume,
     ) as writer:
         pending = writer.pending_samples()
-        batches = pending_batches(pending, num_samples=len(dataset), batch_size=config.batch_size)
+        batches = _pending_batches(pending, num_samples=len(dataset), batch_size=config.batch_size)
         computed = int(sum(len(dataset.sequences[i]) - 1 for batch in batches for i in batch))
         loop_started = time.perf_counter()
         _fill(writer, teacher, dataset, batches, device=device, where=config.out)
