@@ -170,7 +170,8 @@ def print_run(result: Any) -> None:
     if not rank_info().is_main:
         return  # under torchrun rank 0 reports for the whole job
     click.echo(
-        f"best val_acc {result.best_val_acc:.2f}% (epoch {result.best_epoch}), final {result.final_val_acc:.2f}%, "
+        f"best val_acc {result.best_val_acc:.2f}% (epoch {result.best_epoch}), final "
+        f"{result.final_val_acc:.2f}%, "
         f"{result.epochs} epochs in {result.wall_time_s:.1f}s -> {result.out}"
     )
 
@@ -241,7 +242,9 @@ def dump_teacher(**options: Any) -> None:
 @click.option(
     "--plot",
     type=click.Path(dir_okay=False),
-    help="Also draw the teacher's max-probability and entropy histograms (T=1, 4) and per-class accuracy to this .png (.pdf, .svg); for a store with views, a few samples' views with the teacher's top classes to NAME-views.png beside it.",
+    help="Also draw the teacher's max-probability and entropy histograms (T=1, 4) and "
+    "per-class accuracy to this .png (.pdf, .svg); for a store with views, a few samples' views "
+    "with the teacher's top classes to NAME-views.png beside it.",
 )
 def inspect(store: str, as_json: bool, plot: str | None) -> None:
     """Show what STORE holds: identity, size, teacher accuracy and entropy, recorded fidelity."""

@@ -146,9 +146,7 @@ class SpeedOptions(Options):
         choices=tuple(AMP_DTYPES),
         help="Autocast the forward passes to bf16 or fp16 (losses stay float32) [default: off].",
     )
-    channels_last: bool = option(
-        False, help="Channels-last memory format for models and images."
-    )
+    channels_last: bool = option(False, help="Channels-last memory format for models and images.")
     compile: bool = option(False, help="torch.compile the models (slow start, faster steps).")
 
     def __post_init__(self) -> None:
@@ -200,7 +198,7 @@ class TrainConfig(LoopConfig):
     dataset: str = option(
         "digits",
         help="Dataset spec: digits, fake:N, imagefolder:PATH, cifar10:ROOT, ..., or "
-        "text:FILE[:MAX_LEN] for a language model."
+        "text:FILE[:MAX_LEN] for a language model.",
     )
     split: str = option("train", choices=SPLITS, help="Split to train on; the other one validates.")
     augment: str | None = option(
@@ -319,10 +317,12 @@ class DistillConfig(DistillOptions, LoopConfig):
     augment: str | None = option(
         None,
         help="Augmentation recipe, e.g. 'rrc:scale=0.35-1+flip', 'pad-crop:4+flip', "
-        "'rrc+flip+mixup:0.2' (see docs/augmentation.md). With --cache: must equal the store's [default: the store's].",
+        "'rrc+flip+mixup:0.2' (see docs/augmentation.md). With --cache: must equal the store's "
+        "[default: the store's].",
     )
     augment_seed: int | None = option(
-        None, help="Seed the views' parameters are drawn from [default: 0; with --cache the store's]."
+        None,
+        help="Seed the views' parameters are drawn from [default: 0; with --cache the store's].",
     )
     views: int | None = option(
         None,
@@ -353,7 +353,8 @@ class DistillConfig(DistillOptions, LoopConfig):
         _require(
             math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE,
             f"temperature must be > 0 and at least {MIN_TEMPERATURE:.2g} (below it "
-            f"softmax(logits / T) overflows float32 and the T^2 loss scale underflows to 0), got {self.temperature}; "
+            "softmax(logits / T) overflows float32 and the T^2 loss scale underflows to 0), got "
+            f"{self.temperature}; "
             "typical values are 1 to 20",
         )
         _require(0.0 <= self.alpha <= 1.0, f"alpha must lie in [0, 1], got {self.alpha}")

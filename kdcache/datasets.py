@@ -18,9 +18,9 @@ import copy
 import functools
 import hashlib
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -138,11 +138,12 @@ class LabeledDataset(Dataset):
     def labels(self) -> np.ndarray:
         """All labels as an int64 array of length ``len(self)``, computed once."""
         if self._labels is None:
+            assert self._label_fn is not None  # set whenever labels were not given as an array
             self._labels = np.asarray(self._label_fn(), dtype=np.int64)
         return self._labels
 
     def __len__(self) -> int:
-        return len(self._base)
+        return len(cast(Sized, self._base))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         i = operator.index(index)

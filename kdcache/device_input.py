@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from kdcache.augment.views import ViewDataset
 from kdcache.datasets import LabeledDataset
 from kdcache.errors import ConfigError
 from kdcache.logits.sparse import SparseLogits, TeacherInput
@@ -81,7 +82,11 @@ class InputPipeline:
     """
 
     def __init__(
-        self, dataset: LabeledDataset, *, device: torch.device, channels_last: bool = False
+        self,
+        dataset: LabeledDataset | ViewDataset,
+        *,
+        device: torch.device,
+        channels_last: bool = False,
     ) -> None:
         self.dataset = dataset
         self.form = dataset.input_form

@@ -14,6 +14,7 @@ import inspect
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 import torch
 import torchvision
@@ -148,10 +149,10 @@ def _torchvision_model(name: str, num_classes: int, in_channels: int) -> nn.Modu
         new = nn.Conv2d(
             in_channels,
             conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
+            cast(tuple[int, int], conv.kernel_size),
+            stride=cast(tuple[int, int], conv.stride),
+            padding=cast("str | tuple[int, int]", conv.padding),
+            dilation=cast(tuple[int, int], conv.dilation),
             groups=conv.groups,
             bias=conv.bias is not None,
             padding_mode=conv.padding_mode,

@@ -39,7 +39,8 @@ def reference() -> str:
                 sub = command.get_command(group, sub_name)
                 assert sub is not None
                 sections.append(
-                    f"## kdcache {name} {sub_name}\n\n```text\n{command_help(sub, sub_name, group)}\n```\n"
+                    f"## kdcache {name} "
+                    f"{sub_name}\n\n```text\n{command_help(sub, sub_name, group)}\n```\n"
                 )
     return "\n".join(sections)
 

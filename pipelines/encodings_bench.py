@@ -252,16 +252,21 @@ def tables(results: dict) -> str:
     if "digits" in results:
         d = results["digits"]
         parts += [
-            f"### C = 10 (digits, N = 1,437; teacher cnn:16 {d['teacher_val_acc']:.2f}% val; student mlp:16, "
-            f"{d['epochs']} epochs, KD T = 4, alpha = 0.7; CE-only student {_acc(d['ce_student_acc'])}%)",
+            f"### C = 10 (digits, N = 1,437; teacher cnn:16 {d['teacher_val_acc']:.2f}% val; "
+            "student mlp:16, "
+            f"{d['epochs']} epochs, KD T = 4, alpha = 0.7; CE-only student "
+            f"{_acc(d['ce_student_acc'])}%)",
             "",
-            f"| encoding | B/sample on disk | vs float32 raw | KL T=1 | KL T=4 | top-1 agreement | student acc % ({len(d['ce_student_acc'])} seeds) |",
+            "| encoding | B/sample on disk | vs float32 raw | KL T=1 | KL T=4 | top-1 agreement "
+            f"| student acc % ({len(d['ce_student_acc'])} seeds) |",
             "|---|---|---|---|---|---|---|",
         ]
         for r in d["rows"]:
             parts.append(
-                f"| {r['encoding']} | {r['bytes_per_sample']:.1f} | {r['compression']:.2f}x | {r['kl']['1.0']:.2e} | "
-                f"{r['kl']['4.0']:.2e} | {100 * r['top1_agreement']:.1f}% | {_acc(r['student_acc'])} |"
+                f"| {r['encoding']} | {r['bytes_per_sample']:.1f} | {r['compression']:.2f}x | "
+                f"{r['kl']['1.0']:.2e} | "
+                f"{r['kl']['4.0']:.2e} | {100 * r['top1_agreement']:.1f}% | "
+                f"{_acc(r['student_acc'])} |"
             )
         parts.append("")
     if "c1000" in results:
@@ -269,13 +274,15 @@ def tables(results: dict) -> str:
         parts += [
             f"### C = 1000 (imagenet_like_logits, N = {c['num_samples']:,})",
             "",
-            "| encoding | B/sample on disk | raw payload B | vs float32 raw | KL T=1 | KL T=2 | KL T=4 | KL T=8 | top-1 agreement |",
+            "| encoding | B/sample on disk | raw payload B | vs float32 raw | KL T=1 | KL T=2 | "
+            "KL T=4 | KL T=8 | top-1 agreement |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in c["rows"]:
             kl = " | ".join(f"{r['kl'][str(t)]:.3g}" for t in TEMPERATURES)
             parts.append(
-                f"| {r['encoding']} | {r['bytes_per_sample']:.1f} | {r['payload_bytes']} | {r['compression']:.1f}x | {kl} | "
+                f"| {r['encoding']} | {r['bytes_per_sample']:.1f} | {r['payload_bytes']} | "
+                f"{r['compression']:.1f}x | {kl} | "
                 f"{100 * r['top1_agreement']:.2f}% |"
             )
         parts += [
@@ -308,7 +315,8 @@ def tables(results: dict) -> str:
         g = c["gradient_error_k20"]
         parts += [
             "",
-            f"KD gradient error E||p_hat - p||^2 at 20 classes per row ({c['gradient_rows']:,} rows):",
+            f"KD gradient error E||p_hat - p||^2 at 20 classes per row ({c['gradient_rows']:,} "
+            "rows):",
             "",
             "| T | topk:20 + exact tail mass | 20 classes sampled from p_T |",
             "|---|---|---|",

@@ -1,4 +1,5 @@
-"""The benchmarks' reports, on tiny models and data (their figures are not checked: speed is noise here)."""
+"""The benchmarks' reports, on tiny models and data (their figures are not checked: speed is noise
+here)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""dump-teacher under SIGKILL, a full disk, a second writer and a misbehaving teacher (real subprocesses)."""
+"""dump-teacher under SIGKILL, a full disk, a second writer and a misbehaving teacher (real
+subprocesses)."""
 
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ def test_a_sigkilled_dump_reports_incomplete_and_resumes_bit_identical(
 ):
     out, gate = tmp_path / "t.zarr", tmp_path / "gate"
     if kill_after_chunks == 0:
-        gate.touch()  # the teacher waits before its first batch: kill during or right after creation
+        # the teacher waits before its first batch: kill during or right after creation
+        gate.touch()
     process = start_cli(
         *DUMP, "--teacher", "teachers:slow", "--out", str(out), env={"KDCACHE_TEST_GATE": str(gate)}
     )

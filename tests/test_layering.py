@@ -94,11 +94,13 @@ def test_imports_point_down(name: str) -> None:
                 f"{name} imports the package root; import the module that defines the name"
             )
         if name.startswith(target + ".") and target != "kdcache":
-            continue  # a module may import its own subpackage's __init__ only if it re-exports; forbid below
+            # a module may import its own subpackage's __init__ only if it re-exports; forbid below
+            continue
         theirs = layer_key(target)
         same_subpackage = theirs == own
         assert same_subpackage or LAYERS[theirs] < LAYERS[own], (
-            f"{name} (layer {LAYERS[own]}, {own}) imports {target} (layer {LAYERS[theirs]}, {theirs}): "
+            f"{name} (layer {LAYERS[own]}, {own}) imports {target} (layer {LAYERS[theirs]}, "
+            f"{theirs}): "
             "imports must point to lower layers"
         )
 

@@ -40,7 +40,7 @@ def test_builtin_layout():
     assert BUILTIN_MODELS == ("mlp", "cnn")
     mlp = build_model("mlp", num_classes=10, in_channels=1)
     linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(64, 128), (128, 10)]
+    assert [(layer.in_features, layer.out_features) for layer in linears] == [(64, 128), (128, 10)]
     cnn = build_model("cnn", num_classes=10, in_channels=1)
     convs = [m.out_channels for m in cnn.modules() if isinstance(m, nn.Conv2d)]
     assert convs == [32, 64]

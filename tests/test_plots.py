@@ -114,7 +114,10 @@ def test_unusable_figure_paths_are_refused(tmp_path):
 
 
 def test_importing_kdcache_does_not_import_matplotlib():
-    code = "import sys, kdcache, kdcache.train.loop, kdcache.train.sweep; print('matplotlib' in sys.modules)"
+    code = (
+        "import sys, kdcache, kdcache.train.loop, kdcache.train.sweep; "
+        "print('matplotlib' in sys.modules)"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
     )

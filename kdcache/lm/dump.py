@@ -38,12 +38,12 @@ class LMDumpResult(DumpResult):
         return self.rows_computed / self.loop_time_s if self.loop_time_s > 0 else 0.0
 
 
-
 def _pending_batches(pending: np.ndarray, *, num_samples: int, batch_size: int) -> list[list[int]]:
     """The batches of the grid ``[0, B)``, ``[B, 2B)``, ... that hold a pending sample: a resumed
     dump recomputes exactly the batches an uninterrupted one ran (bit-identical on CPU)."""
     starts = np.unique(np.asarray(pending) // batch_size) * batch_size
     return [list(range(int(start), min(int(start) + batch_size, num_samples))) for start in starts]
+
 
 def _fill(
     writer: SequenceWriter,

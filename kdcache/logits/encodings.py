@@ -53,7 +53,8 @@ class Encoding(ABC):
         return sparse if sparse is not None else torch.from_numpy(self.decode(arrays))
 
     def sparse(self, arrays: dict[str, np.ndarray]) -> SparseLogits | None:
-        """The rows in sparse form (:class:`~kdcache.logits.sparse.SparseLogits`); ``None`` for dense encodings."""
+        """The rows in sparse form (:class:`~kdcache.logits.sparse.SparseLogits`); ``None`` for
+        dense encodings."""
         return None
 
     def row_nbytes(self, num_classes: int) -> int:
@@ -65,7 +66,8 @@ class Encoding(ABC):
 
 
 class DenseEncoding(Encoding):
-    """All C logits in a floating dtype: ``logits[i]`` is sample i's row, readable by any Zarr tool."""
+    """All C logits in a floating dtype: ``logits[i]`` is sample i's row, readable by any Zarr
+    tool."""
 
     def __init__(self, dtype: str) -> None:
         self.name = dtype
@@ -151,7 +153,8 @@ class TopKEncoding(Encoding):
 
     Per row: ``row_max`` (float32, the largest logit), ``topk_offsets`` (K float16: the K largest
     logits minus ``row_max``, descending), ``topk_indices`` (K, the smallest unsigned type that
-    holds C) and ``tail`` (the :data:`~kdcache.logits.sparse.TAIL_STATS` minus ``row_max``, float16):
+    holds C) and ``tail`` (the :data:`~kdcache.logits.sparse.TAIL_STATS` minus ``row_max``,
+    float16):
     4K + 16 bytes. Offsets from the max keep float16's relative error on the differences that
     decide the softmax rather than on the raw values. See :mod:`kdcache.logits.sparse` for the
     reconstruction at any temperature; ``decode`` needs that temperature.
@@ -167,7 +170,8 @@ class TopKEncoding(Encoding):
     def layout(self, num_classes: int) -> Layout:
         if self.k >= num_classes:
             raise ConfigError(
-                f"encoding {self.name} keeps {self.k} classes but the store has only {num_classes}; "
+                f"encoding {self.name} keeps {self.k} classes but the store has only "
+                f"{num_classes}; "
                 f"use topk:K with K < {num_classes}, or float16 to keep every class"
             )
         return {

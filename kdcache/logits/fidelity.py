@@ -145,7 +145,8 @@ class FidelityAccumulator:
         self._rows += len(logits)
 
     def totals(self) -> tuple[list[float], int, int]:
-        """The running sums (KL per temperature, agreeing rows, rows), to add up across processes."""
+        """The running sums (KL per temperature, agreeing rows, rows), to add up across
+        processes."""
         return self._kl_sums.tolist(), self._agreeing, self._rows
 
     def add_totals(self, totals: tuple[list[float], int, int]) -> None:

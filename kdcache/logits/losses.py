@@ -18,7 +18,8 @@ Logits of shape (B, C) in float16/bfloat16 are computed in float32; float32 and 
 keep their dtype, so float32 results equal the reference formulas to rounding. The teacher side
 is always detached: the teacher is a fixed target, never trained through the loss.
 
-The teacher may also be a :class:`~kdcache.logits.sparse.SparseLogits` read from a ``topk:K`` store: its
+The teacher may also be a :class:`~kdcache.logits.sparse.SparseLogits` read from a ``topk:K``
+store: its
 K stored classes plus the tail's total mass at T, spread uniformly over the other C - K classes.
 The losses then never build a dense (B, C) teacher tensor, and equal the dense losses on
 ``teacher.dense(T)`` (the store's reconstruction at T) to rounding.
@@ -122,7 +123,8 @@ class _TeacherTargets:
         return F.kl_div(student_log_probs, self.probs, reduction="batchmean")
 
     def kl(self, student_log_probs: Tensor, *, top_k: int | None = None) -> Tensor:
-        """Per-sample sum_c p_c (log(p_c + 1e-10) - log q_c), over the top_k classes of p when given."""
+        """Per-sample sum_c p_c (log(p_c + 1e-10) - log q_c), over the top_k classes of p when
+        given."""
         terms = self.probs * (self.log_probs - student_log_probs)
         if top_k is not None:
             top = self.probs.topk(top_k, dim=1).indices
@@ -222,9 +224,10 @@ class LogitsDistillationLoss(nn.Module):
     L      = alpha * L_soft + (1 - alpha) * L_hard
 
     ``forward`` returns a dict: ``total``, ``soft``, ``hard``, ``teacher_probs`` (p_T of the
-    teacher, (B, C); absent for a sparse teacher, which never becomes dense) and ``student_probs`` (the student's softmax at T = 1, (B, C)). The KL term
-    is always averaged over the batch; ``reduction`` ("mean", "sum" or "none") applies to the
-    cross-entropy only, so with "none" ``hard`` and ``total`` have shape (B,).
+    teacher, (B, C); absent for a sparse teacher, which never becomes dense) and
+    ``student_probs`` (the student's softmax at T = 1, (B, C)). The KL term is always averaged
+    over the batch; ``reduction`` ("mean", "sum" or "none") applies to the cross-entropy only,
+    so with "none" ``hard`` and ``total`` have shape (B,).
     """
 
     def __init__(

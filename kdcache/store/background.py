@@ -73,7 +73,8 @@ class BackgroundWriter:
     def write(
         self, indices: Sequence[int] | np.ndarray | torch.Tensor, logits: np.ndarray | torch.Tensor
     ) -> None:
-        """Queue raw logits ``(B, C)`` for the sample indices ``(B,)``; blocks only when the queue is full."""
+        """Queue raw logits ``(B, C)`` for the sample indices ``(B,)``; blocks only when the queue
+        is full."""
         self._raise_pending_error()
         if self._closed:
             raise RuntimeError("BackgroundWriter.write called after close()")

@@ -76,7 +76,8 @@ def known_keys(group: zarr.Group, metadata: StoreMetadata) -> set[str]:
             metadata.num_classes
         )
     ]
-    return set(own_keys(group, [*names, LABELS_ARRAY, VIEW_PARAMS_ARRAY, WRITTEN_ARRAY, DIGESTS_ARRAY]))
+    own = [*names, LABELS_ARRAY, VIEW_PARAMS_ARRAY, WRITTEN_ARRAY, DIGESTS_ARRAY]
+    return set(own_keys(group, own))
 
 
 def clear_staging(staging: StoreLocation, where: str) -> None:

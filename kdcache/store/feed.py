@@ -124,7 +124,8 @@ def default_memory_budget() -> int:
 class LogitFeed:
     """Teacher logits by sample index, served from a bounded table of decoded chunks.
 
-    Build it with :attr:`kdcache.store.reader.StoreReader.feed` (``open_store(path, memory_budget=...)``)
+    Build it with :attr:`kdcache.store.reader.StoreReader.feed`
+    (``open_store(path, memory_budget=...)``)
     rather than directly. ``memory_budget`` bounds the bytes of decoded chunks kept in RAM
     (default: half the available memory); ``mode`` forces ``"memory"`` or ``"chunked"``.
     """
@@ -153,8 +154,10 @@ class LogitFeed:
             self.capacity = min(self.num_chunks, self.memory_budget // self.chunk_nbytes)
             if self.capacity < 2:
                 raise ConfigError(
-                    f"cache memory {self.memory_budget:,} bytes holds fewer than two of {reader.where}'s "
-                    f"{self.chunk_nbytes:,}-byte chunks; raise --cache-memory (memory_budget) to at "
+                    f"cache memory {self.memory_budget:,} bytes holds fewer than two of "
+                    f"{reader.where}'s "
+                    f"{self.chunk_nbytes:,}-byte chunks; raise --cache-memory (memory_budget) to "
+                    "at "
                     f"least {2 * self.chunk_nbytes:,} bytes"
                 )
         #: Chunks per shuffling window: half the slots, so the window being finished and the next
@@ -173,7 +176,8 @@ class LogitFeed:
 
     @property
     def resident_nbytes(self) -> int:
-        """Bytes of the slot table (allocated on first use); never more than the budget in chunked mode."""
+        """Bytes of the slot table (allocated on first use); never more than the budget in chunked
+        mode."""
         return 0 if self._tables is None else sum(table.nbytes for table in self._tables.values())
 
     def __getstate__(self) -> dict:

@@ -38,7 +38,8 @@ _BACKEND_PACKAGES = {
 }
 #: Protocols fsspec can read but never write.
 _READ_ONLY_SCHEMES = ("http", "https", "zip", "tar", "github", "ftp")
-#: zarr's LocalStore writes ``KEY.<uuid4 hex>.partial`` and renames it; a leftover is a crashed write.
+# : zarr's LocalStore writes ``KEY.<uuid4 hex>.partial`` and renames it; a leftover is a crashed
+# write.
 _PARTIAL_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
@@ -74,7 +75,8 @@ def parse_location(location: str | os.PathLike[str] | StoreLocation) -> StoreLoc
 
         if scheme not in known_implementations and scheme not in registry:
             raise ConfigError(
-                f"unsupported store URL scheme {scheme!r} in {text!r}; a store can be {SUPPORTED_LOCATIONS}"
+                f"unsupported store URL scheme {scheme!r} in {text!r}; a store can be "
+                f"{SUPPORTED_LOCATIONS}"
             )
         if text.lower().endswith(".zip"):
             raise ConfigError(
@@ -106,7 +108,8 @@ def zarr_store(location: StoreLocation, *, read_only: bool) -> Store:
             )
         if not zipfile.is_zipfile(location.target):
             raise StoreFormatError(
-                f"{location} is not a zip file kdcache can read; pass a zip written by `kdcache pack`"
+                f"{location} is not a zip file kdcache can read; pass a zip written by `kdcache "
+                "pack`"
             )
         try:
             store = ZipStore(location.target, mode="r")

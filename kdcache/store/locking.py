@@ -56,7 +56,7 @@ def _describe_holder(holder: dict[str, Any] | None) -> str:
 class WriterLock(ABC):
     """The right to write one store; :meth:`release` gives it up (idempotent)."""
 
-    def refresh(self) -> None:
+    def refresh(self) -> None:  # noqa: B027 - most locks need no renewal: a no-op by default
         """Keep the lock alive during a long write (renews remote leases)."""
 
     @abstractmethod
@@ -91,7 +91,8 @@ class FileLock(WriterLock):
                 os.close(fd)
                 raise StoreLockedError(
                     f"{where} is being written by another writer ({_describe_holder(holder)}, lock "
-                    f"{path}); wait for it to finish or stop it: the lock is freed the moment it exits"
+                    f"{path}); wait for it to finish or stop it: the lock is freed the moment it "
+                    "exits"
                 ) from None
             # A finishing writer unlinks the file before unlocking it: if we locked an unlinked
             # file, another writer may hold the new one, so start over on the path's current file.
@@ -242,7 +243,8 @@ class LeaseLock(WriterLock):
         if current is None or current.get("owner") != self._owner:
             self._held = False
             raise StoreLockedError(
-                f"lost the write lease on {self._where} to another writer ({_describe_holder(current)}); "
+                f"lost the write lease on {self._where} to another writer "
+                f"({_describe_holder(current)}); "
                 "stop the other writer, then rerun with --resume"
             )
         self._write(exclusive=False)
@@ -258,7 +260,8 @@ class LeaseLock(WriterLock):
 def acquire_writer_lock(
     location: StoreLocation, *, lease_seconds: float = LEASE_SECONDS
 ) -> WriterLock:
-    """Take the single-writer lock of the store at ``location`` or raise :class:`StoreLockedError`."""
+    """Take the single-writer lock of the store at ``location`` or raise
+    :class:`StoreLockedError`."""
     if location.kind == "remote":
         return LeaseLock.acquire(
             location.target.rstrip("/") + LOCK_SUFFIX, location.text, lease_seconds=lease_seconds

@@ -170,7 +170,8 @@ class StoreReader:
         if missing.size:
             lost = self.metadata.rows_of_chunks(missing)
             raise StoreCorruptError(
-                f"{self.where}: array {name!r} lacks the chunks for {self._unit} {row_ranges(lost)} "
+                f"{self.where}: array {name!r} lacks the chunks for {self._unit} "
+                f"{row_ranges(lost)} "
                 "(deleted or lost in a copy); run `kdcache verify` and dump again"
             )
 

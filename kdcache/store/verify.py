@@ -225,7 +225,8 @@ def _scan(
     if misplaced:
         problems.append(
             f"array {name!r}: chunks do not match the digest recorded for their index (moved, "
-            f"swapped, replaced or edited) for {_unit(reader)} {row_ranges(np.concatenate(misplaced))}"
+            f"swapped, replaced or edited) for {_unit(reader)} "
+            f"{row_ranges(np.concatenate(misplaced))}"
         )
     if corrupt:
         problems.append(

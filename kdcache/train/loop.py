@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -162,7 +162,7 @@ def fit(
     check_input_fits(model, tuple(val_set.float_input(0).shape), spec=model_spec)
     trained = session.wrap_model(model)
     if session.is_distributed:
-        step_model = torch.compile(trained) if config.compile else trained
+        step_model = cast(nn.Module, torch.compile(trained)) if config.compile else trained
     if sampler is None:
         sampler = session.epoch_sampler(len(train_set), seed=config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -264,9 +264,7 @@ def fit(
     return result
 
 
-def _input_form(
-    requested: str, views: bool, dataset: LabeledDataset, device: torch.device
-) -> str:
+def _input_form(requested: str, views: bool, dataset: LabeledDataset, device: torch.device) -> str:
     """The form images reach the device in (kdcache.device_input): float32 whenever views are
     drawn, since augmentation works on float32 images."""
     if not views:
@@ -359,7 +357,8 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
     """Train ``config.student`` on the KD loss against cached (or live) teacher logits.
 
     ``reader`` is ``config.cache`` already opened with :func:`~kdcache.store.reader.open_store`:
-    pass it to share one decoded store across many runs (as :func:`kdcache.train.sweep.run_sweep` does).
+    pass it to share one decoded store across many runs (as :func:`kdcache.train.sweep.run_sweep`
+    does).
     Under torchrun every rank runs this with the same config (DistributedDataParallel).
     """
     with rank_session(config.device) as session:

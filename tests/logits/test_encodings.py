@@ -29,7 +29,8 @@ def peaked_logits(rows: int = 128, classes: int = 300, seed: int = 0) -> np.ndar
 
 
 def fkd_best_kl(logits: np.ndarray, k: int, temperature: float) -> np.ndarray:
-    """FKD's best case: the exact top-k probabilities at T, the rest of the mass spread uniformly."""
+    """FKD's best case: the exact top-k probabilities at T, the rest of the mass spread
+    uniformly."""
     log_p = torch.log_softmax(torch.from_numpy(logits).double() / temperature, dim=1)
     p = log_p.exp()
     top = p.topk(k, dim=1)

@@ -1,4 +1,5 @@
-"""The background dump writer on real stores: same bytes as a direct write, errors surface, resumable."""
+"""The background dump writer on real stores: same bytes as a direct write, errors surface,
+resumable."""
 
 from __future__ import annotations
 

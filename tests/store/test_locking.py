@@ -1,4 +1,5 @@
-"""One writer per store: real flock'ed lock files, a SIGKILLed holder, and S3 leases on a real server."""
+"""One writer per store: real flock'ed lock files, a SIGKILLed holder, and S3 leases on a real
+server."""
 
 from __future__ import annotations
 
