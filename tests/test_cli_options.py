@@ -43,7 +43,8 @@ def test_every_field_is_an_option_with_the_fields_default_and_help(name, config)
                 field.default
             )
         elif isinstance(field.default, bool):
-            assert param.is_flag and field.default is False
+            # off by default: --flag; on by default: a --flag/--no-flag switch
+            assert param.is_flag and (field.default is False or bool(param.secondary_opts))
         else:
             assert param.default == field.default
 

@@ -83,6 +83,7 @@ def contents(url: str) -> tuple[dict[str, np.ndarray], dict]:
     group = zarr.open_group(zarr_store(parse_location(url), read_only=True), mode="r")
     record = dict(group.attrs["kdcache"])
     record.pop("created_at")
+    assert len(record.pop("generation")) == 32  # each store's own identity, like created_at
     return {name: group[name][:] for name in ("logits", "labels", "chunk_written")}, record
 
 

@@ -49,7 +49,7 @@ def plot_views(
     source = ViewSource(dataset, parse_recipe(record["recipe"]), reader.view_params)
     chosen = np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).round().astype(int)
     shown = min(max_views, reader.views)
-    logits, _ = reader.read_views(chosen)
+    logits, _ = reader.read_views(chosen, temperature=1.0)  # probabilities at T = 1
     probs = torch.softmax(logits, dim=-1)
     figure = new_figure(width=1.9 * (shown + 1), height=2.1 * len(chosen))
     grid = figure.subplots(len(chosen), shown + 1, squeeze=False)
