@@ -36,6 +36,8 @@ _BACKEND_PACKAGES = {
     "az": "adlfs",
     "abfs": "adlfs",
 }
+#: What Python's zipfile raises for a damaged zip (a bad header, an unknown "version" field).
+ZIP_ERRORS = (zipfile.BadZipFile, NotImplementedError)
 #: Protocols fsspec can read but never write.
 _READ_ONLY_SCHEMES = ("http", "https", "zip", "tar", "github", "ftp")
 #: zarr's LocalStore writes ``KEY.<uuid4 hex>.partial`` and renames it; a leftover is a crashed write.
@@ -111,7 +113,7 @@ def zarr_store(location: StoreLocation, *, read_only: bool) -> Store:
         try:
             store = ZipStore(location.target, mode="r")
             open_zip_now(store)  # a damaged central directory fails here, not at the first read
-        except (zipfile.BadZipFile, OSError, ValueError) as error:
+        except (*ZIP_ERRORS, OSError, ValueError) as error:
             raise StoreFormatError(
                 f"{location} is a damaged zip file ({error}); pack the store again"
             ) from None
