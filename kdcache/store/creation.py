@@ -1,5 +1,5 @@
-"""What creating a store decides before any array exists: sizes, what is already there, whether
-an interrupted dump may be resumed, and what a replacing dump may delete."""
+"""Creating a store: its sizes, what is already at the path, whether an interrupted dump may be
+resumed, what a replacing dump may delete, and the arrays of a fresh store."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache.errors import ConfigError, StoreExistsError, StoreMismatchError
 from kdcache.logits.encodings import Encoding, parse_encoding
-from kdcache.store.digests import DIGESTS_ARRAY
+from kdcache.store.digests import ALGORITHM, DIGEST_BYTES, DIGESTS_ARRAY
 from kdcache.store.layout import (
     LABELS_ARRAY,
     VIEW_PARAMS_ARRAY,
@@ -21,6 +22,7 @@ from kdcache.store.layout import (
 )
 from kdcache.store.location import StoreLocation, location_is_empty, zarr_store
 from kdcache.store.metadata import ATTRIBUTE_KEY, StoreMetadata
+from kdcache.store.pinning import array_spec
 from kdcache.store.schema import MAX_CLASSES, MAX_SAMPLES
 from kdcache.store.swap import refuse_foreign_entries, remove_store_folder
 
@@ -38,6 +40,11 @@ def default_chunk_rows(
     multiple of V, so that a chunk holds every view of its samples."""
     rows = max(1, min(num_samples * views, TARGET_CHUNK_BYTES // encoding.row_nbytes(num_classes)))
     return max(views, rows - rows % views)
+
+
+def _compressors() -> list[Any]:
+    # zstd level 1: logits barely compress beyond their dtype, so spend little CPU on it.
+    return [ZstdCodec(level=1), Crc32cCodec()]
 
 
 def checked_sizes(
@@ -141,3 +148,74 @@ def _difference(name: str, before: Any, now: Any, *, depth: int = 0) -> str:
 def _shorten(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def create_arrays(
+    store: Any,
+    metadata: StoreMetadata,
+    codec: Encoding,
+    label_values: np.ndarray | None,
+    view_params: np.ndarray | None = None,
+) -> tuple[zarr.Group, StoreMetadata]:
+    """Create every array of a fresh store in ``store`` (emptied first); returns its group and
+    its metadata with the digest layout and the pinned array metadata filled in. Per-row arrays
+    hold ``num_samples * views`` rows; ``view_params`` ``(N, V, P)`` is stored when given."""
+    num_samples, num_classes, rows = metadata.num_samples, metadata.num_classes, metadata.chunk_rows
+    layout = codec.layout(num_classes)
+    metadata = metadata.replace(digests={"algorithm": ALGORITHM, "arrays": list(layout)})
+    # The kdcache record goes into the group's first zarr.json write: a kill right after creation
+    # must leave a store that --resume recognises as its own.
+    group = zarr.open_group(
+        store, mode="w", zarr_format=3, attributes={ATTRIBUTE_KEY: metadata.to_dict()}
+    )
+    arrays = {}
+    for name, (shape, dtype) in layout.items():
+        arrays[name] = group.create_array(
+            name,
+            shape=(metadata.num_rows, *shape),
+            chunks=(rows, *shape),
+            dtype=dtype,
+            fill_value=0,
+            compressors=_compressors(),
+        )
+    if label_values is not None:
+        arrays[LABELS_ARRAY] = group.create_array(
+            LABELS_ARRAY,
+            shape=(num_samples,),
+            chunks=(max(rows, 1 << 16),),
+            dtype="int64",
+            fill_value=-1,
+            compressors=_compressors(),
+        )
+        arrays[LABELS_ARRAY][:] = label_values
+    if view_params is not None:
+        _, views, width = view_params.shape
+        arrays[VIEW_PARAMS_ARRAY] = group.create_array(
+            VIEW_PARAMS_ARRAY,
+            shape=view_params.shape,
+            chunks=(max(1, TARGET_CHUNK_BYTES // (4 * views * width)), views, width),
+            dtype="float32",
+            fill_value=0,
+            compressors=_compressors(),
+        )
+        arrays[VIEW_PARAMS_ARRAY][:] = view_params
+    arrays[DIGESTS_ARRAY] = group.create_array(
+        DIGESTS_ARRAY,
+        shape=(metadata.num_chunks, len(layout), DIGEST_BYTES),
+        chunks=(1, len(layout), DIGEST_BYTES),
+        dtype="uint8",
+        fill_value=0,
+        compressors=[Crc32cCodec()],
+    )
+    metadata = metadata.replace(arrays={name: array_spec(a) for name, a in arrays.items()})
+    group.attrs[ATTRIBUTE_KEY] = metadata.to_dict()
+    # Created last: its presence means every other array, the labels and the record are in place.
+    group.create_array(
+        WRITTEN_ARRAY,
+        shape=(metadata.num_chunks,),
+        chunks=(1,),
+        dtype="uint8",
+        fill_value=0,
+        compressors=[Crc32cCodec()],
+    )
+    return group, metadata

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import zipfile
 from collections.abc import Callable
 from typing import Any
 
@@ -30,11 +29,12 @@ from kdcache.store.layout import (
     open_array,
     row_ranges,
 )
+from kdcache.store.location import ZIP_ERRORS
 from kdcache.store.metadata import ATTRIBUTE_KEY, StoreMetadata
 from kdcache.store.pinning import array_problems
 
 #: What zarr raises for chunk bytes that do not decode (checksum mismatch, zstd frame errors).
-DECODE_ERRORS = (ValueError, RuntimeError, zipfile.BadZipFile)
+DECODE_ERRORS = (ValueError, RuntimeError, *ZIP_ERRORS)
 
 
 def expected_arrays(metadata: StoreMetadata, layout: dict[str, Any]) -> dict[str, Any]:
@@ -177,7 +177,7 @@ class ChunkGuard:
             raw = read_group_key(self._group(), "zarr.json")
             record = json.loads(raw or b"null")["attributes"][ATTRIBUTE_KEY]
             now = (record.get("generation", ""), record.get("created_at", ""))
-        except (OSError, ValueError, TypeError, KeyError, AttributeError, zipfile.BadZipFile):
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, *ZIP_ERRORS):
             now = None
         if now != (self.metadata.generation, self.metadata.created_at):
             raise StoreCorruptError(

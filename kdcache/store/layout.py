@@ -12,7 +12,6 @@ in stores with augmented views.
 from __future__ import annotations
 
 import os
-import zipfile
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ import zarr
 from kdcache.errors import StoreFormatError, StoreNotFoundError
 from kdcache.store._zarr_compat import has_key, row_chunk_exists
 from kdcache.store.location import (
+    ZIP_ERRORS,
     StoreLocation,
     location_exists,
     location_nbytes,
@@ -111,7 +111,8 @@ ZARR_METADATA_ERRORS = (
     KeyError,
     AttributeError,
     IndexError,
-    zipfile.BadZipFile,
+    ArithmeticError,  # a fill value that overflows the dtype
+    *ZIP_ERRORS,
 )
 
 

@@ -8,9 +8,11 @@ folder and pack it with :func:`kdcache.store.pack.pack_store`.
 
 from __future__ import annotations
 
+import lzma
 import os
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +38,9 @@ _BACKEND_PACKAGES = {
     "az": "adlfs",
     "abfs": "adlfs",
 }
+#: What Python's zipfile raises for a damaged zip: a bad header, an unknown "version" field, a
+#: member cut short, or a compression method flipped to one whose stream then fails.
+ZIP_ERRORS = (zipfile.BadZipFile, NotImplementedError, EOFError, zlib.error, lzma.LZMAError)
 #: Protocols fsspec can read but never write.
 _READ_ONLY_SCHEMES = ("http", "https", "zip", "tar", "github", "ftp")
 # : zarr's LocalStore writes ``KEY.<uuid4 hex>.partial`` and renames it; a leftover is a crashed
@@ -114,7 +119,7 @@ def zarr_store(location: StoreLocation, *, read_only: bool) -> Store:
         try:
             store = ZipStore(location.target, mode="r")
             open_zip_now(store)  # a damaged central directory fails here, not at the first read
-        except (zipfile.BadZipFile, OSError, ValueError) as error:
+        except (*ZIP_ERRORS, OSError, ValueError) as error:
             raise StoreFormatError(
                 f"{location} is a damaged zip file ({error}); pack the store again"
             ) from None

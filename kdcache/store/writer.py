@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache._version import __version__
 from kdcache.errors import (
@@ -29,18 +28,16 @@ from kdcache.logits.encodings import Encoding, parse_encoding
 from kdcache.logits.fidelity import SAMPLE_EVERY as FIDELITY_SAMPLE_EVERY
 from kdcache.logits.fidelity import FidelityAccumulator
 from kdcache.store.creation import (
-    TARGET_CHUNK_BYTES,
     check_resumable,
     checked_sizes,
     clear_staging,
+    create_arrays,
     existing_store,
     known_keys,
 )
-from kdcache.store.digests import ALGORITHM, DIGEST_BYTES, DIGESTS_ARRAY, chunk_digests
+from kdcache.store.digests import DIGESTS_ARRAY, chunk_digests
 from kdcache.store.durability import ChunkSync
 from kdcache.store.layout import (
-    LABELS_ARRAY,
-    VIEW_PARAMS_ARRAY,
     WRITTEN_ARRAY,
     StoreLike,
     has_array,
@@ -63,13 +60,7 @@ from kdcache.store.metadata import (
     PLAIN_FORMAT_VERSION,
     StoreMetadata,
 )
-from kdcache.store.pinning import array_spec
 from kdcache.store.swap import refuse_foreign_entries, staging_location, swap_in
-
-
-def _compressors() -> list[Any]:
-    # zstd level 1: logits barely compress beyond their dtype, so spend little CPU on it.
-    return [ZstdCodec(level=1), Crc32cCodec()]
 
 
 class StoreWriter:
@@ -429,66 +420,8 @@ def _new_store(
     *,
     replaces: tuple[Path, Path] | None = None,
 ) -> StoreWriter:
-    """Create every array of a fresh store in ``store``, emptying it first."""
-    num_samples, num_classes, rows = metadata.num_samples, metadata.num_classes, metadata.chunk_rows
-    layout = codec.layout(num_classes)
-    metadata = metadata.replace(digests={"algorithm": ALGORITHM, "arrays": list(layout)})
-    num_rows = metadata.num_rows
-    # The kdcache record goes into the group's first zarr.json write: a kill right after creation
-    # must leave a store that --resume recognises as its own.
-    group = zarr.open_group(
-        store, mode="w", zarr_format=3, attributes={ATTRIBUTE_KEY: metadata.to_dict()}
-    )
-    arrays = {}
-    for name, (shape, dtype) in layout.items():
-        arrays[name] = group.create_array(
-            name,
-            shape=(num_rows, *shape),
-            chunks=(rows, *shape),
-            dtype=dtype,
-            fill_value=0,
-            compressors=_compressors(),
-        )
-    if label_values is not None:
-        arrays[LABELS_ARRAY] = group.create_array(
-            LABELS_ARRAY,
-            shape=(num_samples,),
-            chunks=(max(rows, 1 << 16),),
-            dtype="int64",
-            fill_value=-1,
-            compressors=_compressors(),
-        )
-        arrays[LABELS_ARRAY][:] = label_values
-    if view_params is not None:
-        _, views, width = view_params.shape
-        arrays[VIEW_PARAMS_ARRAY] = group.create_array(
-            VIEW_PARAMS_ARRAY,
-            shape=view_params.shape,
-            chunks=(max(1, TARGET_CHUNK_BYTES // (4 * views * width)), views, width),
-            dtype="float32",
-            fill_value=0,
-            compressors=_compressors(),
-        )
-        arrays[VIEW_PARAMS_ARRAY][:] = view_params
-    arrays[DIGESTS_ARRAY] = group.create_array(
-        DIGESTS_ARRAY,
-        shape=(metadata.num_chunks, len(layout), DIGEST_BYTES),
-        chunks=(1, len(layout), DIGEST_BYTES),
-        dtype="uint8",
-        fill_value=0,
-        compressors=[Crc32cCodec()],
-    )
-    metadata = metadata.replace(arrays={name: array_spec(a) for name, a in arrays.items()})
-    group.attrs[ATTRIBUTE_KEY] = metadata.to_dict()
-    # Created last: its presence means every other array, the labels and the record are in place.
-    group.create_array(
-        WRITTEN_ARRAY,
-        shape=(metadata.num_chunks,),
-        chunks=(1,),
-        dtype="uint8",
-        fill_value=0,
-        compressors=[Crc32cCodec()],
-    )
+    """The writer of a fresh store created in ``store`` (emptied first)."""
+    group, metadata = create_arrays(store, metadata, codec, label_values, view_params)
     return StoreWriter(group, metadata, where, lock, replaces=replaces)
 
 

@@ -1,5 +1,4 @@
-"""A store, a dataset and a sweep folder stay bound: stored labels and store identity are
-checked."""
+"""A store, a dataset and a sweep folder stay bound: stored labels and store identity checked."""
 
 from __future__ import annotations
 
