@@ -301,6 +301,13 @@ def distill(**options: Any) -> None:
 @config_options(SweepConfig)
 def sweep(**options: Any) -> None:
     """Distill one student per loss x alpha x temperature x seed from one store (resumable)."""
+    from kdcache.lm.dispatch import is_lm_run
+
+    if is_lm_run(models=(options["student"],), dataset=options["dataset"], cache=options["cache"]):
+        raise KdcacheError(
+            "sweep does not handle language-model stores yet; run `kdcache distill --cache STORE "
+            "--student hf:PATH` once per setting (docs/lm.md)"
+        )
     from kdcache.train.sweep import format_table, run_sweep
 
     result = run_sweep(SweepConfig(**options))

@@ -105,9 +105,8 @@ def _load_hf(path: Path, spec: str) -> tuple[nn.Module, Any, str | None]:
     files = _weight_files(path)
     try:
         if files:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, dtype=torch.float32
-            )
+            # In the checkpoint's own dtype; load_causal_lm casts to float32 (exact from bf16/fp16).
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
         else:
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
             model = transformers.AutoModelForCausalLM.from_config(config)
