@@ -137,6 +137,8 @@ class SparseLogits:
     def __getitem__(self, rows: int | slice | Tensor) -> SparseLogits:
         """Rows of the batch, always as a batch: ``sparse[3]`` has shape (1, C)."""
         if isinstance(rows, int):
+            if not -len(self) <= rows < len(self):  # ends iteration, as for a tensor
+                raise IndexError(f"row {rows} out of range for a batch of {len(self)} rows")
             rows = slice(rows, rows + 1 if rows != -1 else None)
         return SparseLogits(
             self.values[rows], self.indices[rows], self.tail[rows], self.num_classes
