@@ -6,25 +6,23 @@ stderr and a non-zero exit status.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
-import typing
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from kdcache._version import __version__
-from kdcache.config import DistillConfig, DumpConfig, TrainConfig, parse_list
+from kdcache.cli_bench import bench
+from kdcache.cli_options import config_options
+from kdcache.config import DistillConfig, DumpConfig, TrainConfig
 from kdcache.errors import KdcacheError
-from kdcache.pixels import INPUT_CHOICES, INPUT_FORMS
-from kdcache.runtime import AMP_DTYPES
 from kdcache.train.sweep import SweepConfig
 
+__all__ = ["EXIT_USER_ERROR", "cli", "config_options", "main"]
+
 EXIT_USER_ERROR = 1
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class KdcacheGroup(click.Group):
@@ -49,111 +47,6 @@ def cli(quiet: bool) -> None:
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr
     )
-
-
-def config_options(config: type) -> Callable[[F], F]:
-    """Click options for every field of the configuration dataclass ``config``.
-
-    Each option's name, type, default, choices and help come from its field (declared with
-    :func:`kdcache.config.option`): required fields first, then each class's own fields from the
-    most derived class down. A ``tuple`` field is a comma-separated list.
-    """
-    hints = typing.get_type_hints(config)
-    fields = {field.name: field for field in dataclasses.fields(config)}
-    ordered: dict[str, dataclasses.Field] = {}
-    for klass in config.__mro__:
-        for name in vars(klass).get("__annotations__", {}):
-            if name in fields:
-                ordered.setdefault(name, fields[name])
-    required_first = sorted(ordered.values(), key=lambda f: f.default is not dataclasses.MISSING)
-    options = [_click_option(field, hints[field.name], config) for field in required_first]
-
-    def decorate(function: F) -> F:
-        for option in reversed(options):
-            function = option(function)
-        return function
-
-    return decorate
-
-
-def _click_option(field: dataclasses.Field, kind: Any, config: type) -> Callable[[F], F]:
-    meta = field.metadata
-    if "help" not in meta:
-        raise TypeError(
-            f"{config.__name__}.{field.name} has no help text: declare it with "
-            "kdcache.config.option(default, help=...)"
-        )
-    name = "--" + field.name.replace("_", "-")
-    required = field.default is dataclasses.MISSING
-    default = None if required else field.default
-    if kind is bool:
-        if default:  # a switch that is on unless turned off: --fsync/--no-fsync
-            flag = field.name.replace("_", "-")
-            return click.option(f"--{flag}/--no-{flag}", default=True, help=meta["help"])
-        return click.option(name, is_flag=True, help=meta["help"])
-    settings: dict[str, Any] = {"help": meta["help"], "required": required}
-    if typing.get_origin(kind) is tuple:
-        item = typing.get_args(kind)[0]
-        example = meta["example"]
-
-        def parse(context: click.Context, parameter: click.Parameter, text: str | None) -> Any:
-            if text is None:
-                return field.default
-            return parse_list(text, item, option=name, example=example)
-
-        settings.update(type=str, callback=parse)
-        values: tuple[Any, ...] = field.default  # type: ignore[assignment]
-        joined = ",".join(f"{value:g}" if item is float else str(value) for value in values)
-        default = joined or None
-    else:
-        types = set(typing.get_args(kind) or (kind,)) - {type(None)}
-        settings["type"] = (
-            _text_type(meta) if str in types or len(types) != 1 else next(iter(types))
-        )
-    settings.update(default=default, show_default=default is not None)
-    return click.option(name, **settings)
-
-
-def _text_type(meta: Any) -> click.ParamType:
-    if "choices" in meta:
-        return click.Choice(list(meta["choices"]))
-    if meta.get("path") == "file":
-        return click.Path(dir_okay=False)
-    if meta.get("path") == "dir":
-        return click.Path(file_okay=False)
-    return click.STRING
-
-
-def speed_options(function: Any) -> Any:
-    """How inputs reach the device and how the models compute (docs/benchmarks.md#gpu)."""
-    options = [
-        click.option(
-            "--inputs",
-            default="auto",
-            show_default=True,
-            type=click.Choice(INPUT_CHOICES),
-            help="What crosses to the device: float32 images, uint8 images normalised there, or "
-            "(imagefolder) JPEG files decoded there; auto = jpeg on CUDA for imagefolder, else "
-            "uint8.",
-        ),
-        click.option(
-            "--amp",
-            type=click.Choice(list(AMP_DTYPES)),
-            help="Autocast the forward passes to bf16 or fp16 (losses stay float32) "
-            "[default: off].",
-        ),
-        click.option(
-            "--channels-last",
-            is_flag=True,
-            help="Channels-last memory format for models and images.",
-        ),
-        click.option(
-            "--compile", is_flag=True, help="torch.compile the models (slow start, faster steps)."
-        ),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
 
 
 def print_lm_run(result: Any) -> None:
@@ -352,181 +245,7 @@ def pack(store: str, out: str, overwrite: bool) -> None:
     )
 
 
-@cli.group()
-def bench() -> None:
-    """Measure the logit feed, the dump and distillation from the cache (see docs/benchmarks.md)."""
-
-
-def bench_options(function: Any) -> Any:
-    """Options every benchmark takes."""
-    options = [
-        click.option("--threads", type=int, help="Torch intra-op threads [default: all cores]."),
-        click.option(
-            "--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary."
-        ),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
-
-
-def print_bench(result: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(result))
-        return
-    for key, value in result.items():
-        click.echo(f"{key}: {json.dumps(value)}")
-
-
-@bench.command("feed")
-@click.option(
-    "--num-samples",
-    default=1_000_000,
-    show_default=True,
-    type=int,
-    help="Rows N of the benchmark store.",
-)
-@click.option("--num-classes", default=1000, show_default=True, type=int, help="Classes C per row.")
-@click.option(
-    "--batch-size", default=256, show_default=True, type=int, help="Rows per random-order batch."
-)
-@click.option("--encoding", default="float16", show_default=True, help="Store encoding.")
-@click.option(
-    "--chunked-memory",
-    help="Budget of the larger-than-RAM mode, e.g. 512MiB [default: a quarter of the store].",
-)
-@click.option(
-    "--max-batches", type=int, help="Stop each mode after this many batches [default: one epoch]."
-)
-@click.option(
-    "--path",
-    help="Where to write the benchmark store [default: a temporary folder, deleted after].",
-)
-@bench_options
-def bench_feed(chunked_memory: str | None, **options: Any) -> None:
-    """Random-order batches/s, open time and peak RSS of the in-memory and larger-than-RAM feeds."""
-    from kdcache.bench import bench_feed as run
-    from kdcache.store.feed import parse_size
-
-    as_json = options.pop("as_json")
-    print_bench(
-        run(
-            chunked_memory=None if chunked_memory is None else parse_size(chunked_memory), **options
-        ),
-        as_json,
-    )
-
-
-@bench.command("dump")
-@click.option(
-    "--teacher", default="resnet50", show_default=True, help="Teacher model spec (random weights)."
-)
-@click.option("--dataset", default="fake:2048:32:1000", show_default=True, help="Dataset spec.")
-@click.option(
-    "--batch-size", default=256, show_default=True, type=int, help="Samples per forward pass."
-)
-@click.option(
-    "--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes."
-)
-@click.option(
-    "--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available, else cpu]."
-)
-@click.option(
-    "--repeats",
-    default=3,
-    show_default=True,
-    type=int,
-    help="Interleaved rounds; medians are reported.",
-)
-@speed_options
-@click.option(
-    "--path",
-    type=click.Path(file_okay=False),
-    help="Folder to dump into, on the disk whose fsync cost to measure [default: a temporary "
-    "folder].",
-)
-@bench_options
-def bench_dump(**options: Any) -> None:
-    """Dump time against the bare teacher forward over the same loader."""
-    from kdcache.bench import bench_dump as run
-
-    as_json = options.pop("as_json")
-    print_bench(run(**options), as_json)
-
-
-@bench.command("distill")
-@click.option("--student", default="resnet18", show_default=True, help="Student model spec.")
-@click.option(
-    "--teacher", default="resnet50", show_default=True, help="Teacher model spec (random weights)."
-)
-@click.option("--dataset", default="fake:2048:32:100", show_default=True, help="Dataset spec.")
-@click.option("--batch-size", default=128, show_default=True, type=int, help="Samples per step.")
-@click.option(
-    "--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes."
-)
-@click.option(
-    "--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available, else cpu]."
-)
-@click.option(
-    "--repeats",
-    default=3,
-    show_default=True,
-    type=int,
-    help="Interleaved rounds; medians are reported.",
-)
-@click.option("--cache-memory", help="Memory budget of the cached run's feed, e.g. 8GiB.")
-@click.option(
-    "--epochs",
-    default=2,
-    show_default=True,
-    type=int,
-    help="Epochs per run; the last one is timed.",
-)
-@speed_options
-@bench_options
-def bench_distill(**options: Any) -> None:
-    """Epoch time distilling from the cache vs CE-only training vs online KD."""
-    from kdcache.bench import bench_distill as run
-
-    as_json = options.pop("as_json")
-    print_bench(run(**options), as_json)
-
-
-@bench.command("inputs")
-@click.option(
-    "--dataset", default="synthetic:4096:224:1000", show_default=True, help="Dataset spec."
-)
-@click.option(
-    "--forms",
-    default=None,
-    help=f"Comma-separated input forms among {', '.join(INPUT_FORMS)} [default: all the "
-    "dataset has].",
-)
-@click.option("--batch-size", default=256, show_default=True, type=int, help="Samples per batch.")
-@click.option(
-    "--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes."
-)
-@click.option(
-    "--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available, else cpu]."
-)
-@click.option(
-    "--repeats",
-    default=3,
-    show_default=True,
-    type=int,
-    help="Interleaved rounds; medians are reported.",
-)
-@click.option(
-    "--channels-last", is_flag=True, help="Lay the images out channels-last on the device."
-)
-@bench_options
-def bench_inputs(forms: str | None, **options: Any) -> None:
-    """Samples/s and bytes per batch of each input form, loader to float images on the device."""
-    from kdcache.bench_inputs import bench_inputs as run
-
-    as_json = options.pop("as_json")
-    chosen = None if forms is None else tuple(f.strip() for f in forms.split(",") if f.strip())
-    print_bench(run(forms=chosen, **options), as_json)
+cli.add_command(bench)
 
 
 def main() -> None:

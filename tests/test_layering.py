@@ -36,9 +36,11 @@ LAYERS: dict[str, int] = {
     "kdcache.bench_feed": 5,
     "kdcache.bench": 6,
     "kdcache.lm": 6,
-    "kdcache.cli": 7,
-    "kdcache.__main__": 8,
-    "kdcache": 9,
+    "kdcache.cli_options": 6,  # the CLI's machinery: imported by cli and cli_bench alone
+    "kdcache.cli_bench": 7,
+    "kdcache.cli": 8,
+    "kdcache.__main__": 9,
+    "kdcache": 10,
 }
 
 

@@ -18,7 +18,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 import torch
 
 from kdcache.config import DistillConfig
-from kdcache.train.loop import RunResult
+from kdcache.train.fit import RunResult
 
 log = logging.getLogger("kdcache")
 

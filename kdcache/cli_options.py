@@ -1,0 +1,126 @@
+"""Click options built from the configuration dataclasses, and the shared speed options.
+
+One declaration per option: :func:`config_options` reads each field's type, default, choices
+and help (declared with :func:`kdcache.config.option`), so the command line, ``config.json`` and
+``docs/cli.md`` cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from kdcache.config import parse_list
+from kdcache.pixels import INPUT_CHOICES
+from kdcache.runtime import AMP_DTYPES
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def config_options(config: type) -> Callable[[F], F]:
+    """Click options for every field of the configuration dataclass ``config``.
+
+    Each option's name, type, default, choices and help come from its field (declared with
+    :func:`kdcache.config.option`): required fields first, then each class's own fields from the
+    most derived class down. A ``tuple`` field is a comma-separated list.
+    """
+    hints = typing.get_type_hints(config)
+    fields = {field.name: field for field in dataclasses.fields(config)}
+    ordered: dict[str, dataclasses.Field] = {}
+    for klass in config.__mro__:
+        for name in vars(klass).get("__annotations__", {}):
+            if name in fields:
+                ordered.setdefault(name, fields[name])
+    required_first = sorted(ordered.values(), key=lambda f: f.default is not dataclasses.MISSING)
+    options = [_click_option(field, hints[field.name], config) for field in required_first]
+
+    def decorate(function: F) -> F:
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate
+
+
+def _click_option(field: dataclasses.Field, kind: Any, config: type) -> Callable[[F], F]:
+    meta = field.metadata
+    if "help" not in meta:
+        raise TypeError(
+            f"{config.__name__}.{field.name} has no help text: declare it with "
+            "kdcache.config.option(default, help=...)"
+        )
+    name = "--" + field.name.replace("_", "-")
+    required = field.default is dataclasses.MISSING
+    default = None if required else field.default
+    if kind is bool:
+        if default:  # a switch that is on unless turned off: --fsync/--no-fsync
+            flag = field.name.replace("_", "-")
+            return click.option(f"--{flag}/--no-{flag}", default=True, help=meta["help"])
+        return click.option(name, is_flag=True, help=meta["help"])
+    settings: dict[str, Any] = {"help": meta["help"], "required": required}
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        example = meta["example"]
+
+        def parse(context: click.Context, parameter: click.Parameter, text: str | None) -> Any:
+            if text is None:
+                return field.default
+            return parse_list(text, item, option=name, example=example)
+
+        settings.update(type=str, callback=parse)
+        values: tuple[Any, ...] = field.default  # type: ignore[assignment]
+        joined = ",".join(f"{value:g}" if item is float else str(value) for value in values)
+        default = joined or None
+    else:
+        types = set(typing.get_args(kind) or (kind,)) - {type(None)}
+        settings["type"] = (
+            _text_type(meta) if str in types or len(types) != 1 else next(iter(types))
+        )
+    settings.update(default=default, show_default=default is not None)
+    return click.option(name, **settings)
+
+
+def _text_type(meta: Any) -> click.ParamType:
+    if "choices" in meta:
+        return click.Choice(list(meta["choices"]))
+    if meta.get("path") == "file":
+        return click.Path(dir_okay=False)
+    if meta.get("path") == "dir":
+        return click.Path(file_okay=False)
+    return click.STRING
+
+
+def speed_options(function: Any) -> Any:
+    """How inputs reach the device and how the models compute (docs/benchmarks.md#gpu)."""
+    options = [
+        click.option(
+            "--inputs",
+            default="auto",
+            show_default=True,
+            type=click.Choice(INPUT_CHOICES),
+            help="What crosses to the device: float32 images, uint8 images normalised there, or "
+            "(imagefolder) JPEG files decoded there; auto = jpeg on CUDA for imagefolder, else "
+            "uint8.",
+        ),
+        click.option(
+            "--amp",
+            type=click.Choice(list(AMP_DTYPES)),
+            help="Autocast the forward passes to bf16 or fp16 (losses stay float32) "
+            "[default: off].",
+        ),
+        click.option(
+            "--channels-last",
+            is_flag=True,
+            help="Channels-last memory format for models and images.",
+        ),
+        click.option(
+            "--compile", is_flag=True, help="torch.compile the models (slow start, faster steps)."
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
