@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 import click
 
 from kdcache._version import __version__
-from kdcache.config import DistillConfig, DumpConfig, TrainConfig, parse_list
+from kdcache.config import DistillConfig, DumpConfig, TrainConfig
 from kdcache.errors import KdcacheError
+from kdcache.options import parse_list
 from kdcache.pixels import INPUT_CHOICES, INPUT_FORMS
 from kdcache.runtime import AMP_DTYPES
 from kdcache.train.sweep import SweepConfig
