@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from kdcache.config import parse_list
+from kdcache.options import parse_list
 from kdcache.pixels import INPUT_CHOICES
 from kdcache.runtime import AMP_DTYPES
 

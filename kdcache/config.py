@@ -7,11 +7,9 @@ command is one field in its dataclass. This module imports without click.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import MISSING, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,7 +17,6 @@ import numpy as np
 
 from kdcache.augment.recipe import parse_recipe
 from kdcache.datasets import SPLITS
-from kdcache.errors import ConfigError
 from kdcache.logits.encodings import parse_encoding
 from kdcache.logits.losses import (
     DEFAULT_ALPHA,
@@ -29,6 +26,7 @@ from kdcache.logits.losses import (
     LOSS_NAMES,
 )
 from kdcache.logits.sequence_losses import DIVERGENCES
+from kdcache.options import Options, option, require
 from kdcache.pixels import INPUT_CHOICES
 from kdcache.runtime import AMP_DTYPES
 from kdcache.store.feed import parse_size
@@ -41,45 +39,9 @@ LM_LOSS_NAMES = tuple(name for name in DIVERGENCES if name not in LOSS_NAMES)
 DEVICE_HELP = "cpu, cuda or cuda:N [default: cuda when available, else cpu]."
 
 
-def option(
-    default: Any = MISSING,
-    *,
-    help: str,
-    choices: Sequence[str] | None = None,
-    path: str | None = None,
-    example: str | None = None,
-) -> Any:
-    """A dataclass field that is also a command-line option ``--field-name``.
-
-    The option's type and default come from the field; ``help`` is its help text, ``choices``
-    the values it accepts, ``path`` ``"file"`` or ``"dir"`` for a path option, and ``example``
-    a value shown when a comma-separated list (a ``tuple`` field) cannot be read.
-    """
-    metadata = {"help": help, "choices": choices, "path": path, "example": example}
-    return dataclasses.field(
-        default=default, metadata={key: value for key, value in metadata.items() if value}
-    )
-
-
-def parse_list(text: str, kind: Callable[[str], T], *, option: str, example: str) -> tuple[T, ...]:
-    """Values of a comma-separated option such as ``--temperatures 1,2,4``."""
-    try:
-        values = tuple(kind(part.strip()) for part in text.split(","))
-    except ValueError:
-        raise ConfigError(
-            f"{option} must be a comma-separated list, got {text!r}; e.g. {option} {example}"
-        ) from None
-    return values
-
-
 #: The smallest distillation temperature: T^2 is still a normal float32 and logits / T stays
 #: finite in float32 for any logit below 3e19.
 MIN_TEMPERATURE = math.sqrt(float(np.finfo(np.float32).tiny))
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 def check_views(augment: str | None, views: int | None, *, default: str) -> None:
@@ -87,10 +49,10 @@ def check_views(augment: str | None, views: int | None, *, default: str) -> None
     if augment is not None:
         parse_recipe(augment)  # a malformed recipe fails here, naming what is wrong
     if views is not None:
-        _require(
+        require(
             isinstance(views, int) and views >= 1, f"views must be an integer >= 1, got {views!r}"
         )
-        _require(
+        require(
             views == 1 or augment is not None,
             f"--views {views} needs --augment RECIPE (e.g. 'rrc:scale=0.35-1+flip'): without "
             f"augmentation every view would be the same input; {default}",
@@ -98,33 +60,17 @@ def check_views(augment: str | None, views: int | None, *, default: str) -> None
 
 
 def check_split(split: str | None) -> None:
-    _require(
+    require(
         split is None or split in SPLITS, f"split must be one of {', '.join(SPLITS)}, got {split!r}"
     )
 
 
-@dataclass(frozen=True, kw_only=True)
-class Options:
-    """Base of every configuration: a validation hook each subclass extends, and a dict form."""
-
-    def __post_init__(self) -> None:
-        """Validate; each subclass checks its own fields, then calls ``super().__post_init__()``."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        return cls(**{key: value for key, value in data.items() if key in known})
-
-
 def check_speed_options(inputs: str, amp: str | None) -> None:
-    _require(
+    require(
         inputs in INPUT_CHOICES,
         f"unknown input form {inputs!r}; valid choices: {', '.join(INPUT_CHOICES)}",
     )
-    _require(
+    require(
         amp is None or amp in AMP_DTYPES,
         f"unknown amp dtype {amp!r}; valid choices: {', '.join(AMP_DTYPES)} (or leave it out)",
     )
@@ -165,12 +111,10 @@ class TrainingOptions(SpeedOptions):
     num_workers: int = option(0, help="DataLoader worker processes.")
 
     def __post_init__(self) -> None:
-        _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
-        _require(
-            math.isfinite(self.lr) and self.lr > 0, f"learning rate must be > 0, got {self.lr}"
-        )
-        _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
+        require(math.isfinite(self.lr) and self.lr > 0, f"learning rate must be > 0, got {self.lr}")
+        require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         super().__post_init__()
 
 
@@ -265,10 +209,10 @@ class DistillOptions(TrainingOptions):
         check_split(self.split)
         if self.cache_memory is not None:
             parse_size(self.cache_memory)  # raises ConfigError for an unreadable size
-        _require(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
-        _require(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+        require(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
+        require(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
         excluded = _integers(self.exclude_classes, "exclude_classes")
-        _require(
+        require(
             all(c >= 0 for c in excluded),
             f"exclude_classes must be class indices >= 0, got {list(excluded)}; e.g. 3,5",
         )
@@ -280,7 +224,7 @@ class DistillOptions(TrainingOptions):
 
 def _integers(values: Any, name: str) -> tuple[int, ...]:
     array = np.asarray(values)
-    _require(
+    require(
         array.ndim == 1 and (array.size == 0 or np.issubdtype(array.dtype, np.integer)),
         f"{name} must be a sequence of integers, got {values!r}",
     )
@@ -341,35 +285,35 @@ class DistillConfig(DistillOptions, LoopConfig):
         elif self.augment is not None:
             parse_recipe(self.augment)
         if self.student_augment is not None:
-            _require(
+            require(
                 not parse_recipe(self.student_augment).mixes,
                 f"--student-augment {self.student_augment!r} cannot mix samples (mixup, cutmix): "
                 "the teacher's logits cover only the student's own sample; drop the mixing",
             )
-        _require(
+        require(
             self.loss in LOSS_NAMES,
             f"unknown loss {self.loss!r}; valid losses: {', '.join(LOSS_NAMES)}",
         )
-        _require(
+        require(
             math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE,
             f"temperature must be > 0 and at least {MIN_TEMPERATURE:.2g} (below it "
             "softmax(logits / T) overflows float32 and the T^2 loss scale underflows to 0), got "
             f"{self.temperature}; "
             "typical values are 1 to 20",
         )
-        _require(0.0 <= self.alpha <= 1.0, f"alpha must lie in [0, 1], got {self.alpha}")
+        require(0.0 <= self.alpha <= 1.0, f"alpha must lie in [0, 1], got {self.alpha}")
         if self.cache is None:
-            _require(
+            require(
                 self.teacher is not None and self.dataset is not None,
                 "distill needs --cache STORE, or --teacher SPEC and --dataset SPEC for online "
                 "distillation",
             )
-            _require(
+            require(
                 self.cache_memory is None,
                 "--cache-memory only applies with --cache STORE; drop it for online distillation",
             )
         else:
-            _require(
+            require(
                 self.teacher is None and self.weights is None,
                 "--teacher/--weights make no sense with --cache: the cache replaces the teacher; "
                 "drop one",
@@ -423,13 +367,13 @@ class DumpConfig(SpeedOptions):
     def __post_init__(self) -> None:
         check_split(self.split)
         check_views(self.augment, self.views, default="or dump with --views 1")
-        _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
-        _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
-        _require(
+        require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
+        require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        require(
             self.chunk_rows is None or self.chunk_rows >= 1,
             f"chunk_rows must be >= 1, got {self.chunk_rows}",
         )
-        _require(
+        require(
             not (self.overwrite and self.resume),
             "--overwrite and --resume exclude each other; pick one",
         )

@@ -9,8 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from kdcache.cli import cli, config_options
-from kdcache.config import DistillConfig, DumpConfig, TrainConfig, TrainingOptions, option
+from kdcache.config import DistillConfig, DumpConfig, TrainConfig, TrainingOptions
 from kdcache.logits.losses import DEFAULT_TEMPERATURE, LogitsDistillationLoss
+from kdcache.options import option
 from kdcache.train.sweep import SweepConfig
 
 COMMANDS = {

@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "kdcache.runtime": 3,
     "kdcache.distributed": 4,
     "kdcache.plots": 3,
+    "kdcache.options": 3,  # the field helpers of kdcache.config
     "kdcache.augment": 3,
     "kdcache.augment.figure": 4,  # draws with kdcache.plots
     "kdcache.config": 4,

@@ -219,3 +219,26 @@ def create_arrays(
         compressors=[Crc32cCodec()],
     )
     return group, metadata
+
+
+def checked_view_params(
+    view_params: np.ndarray | None, num_samples: int, views: int, augment: dict[str, Any] | None
+) -> np.ndarray | None:
+    """``view_params`` as float32 ``(num_samples, views, P)``, checked against ``augment``."""
+    if view_params is None:
+        return None
+    params = np.asarray(view_params, dtype=np.float32)
+    if params.ndim != 3 or params.shape[:2] != (num_samples, views):
+        raise ConfigError(
+            f"view_params must have shape ({num_samples}, {views}, P) for {num_samples} samples "
+            f"with {views} views, got {params.shape}"
+        )
+    fields = (augment or {}).get("fields")
+    if fields is not None and len(fields) != params.shape[2]:
+        raise ConfigError(
+            f"augment names {len(fields)} parameter fields but view_params holds "
+            f"{params.shape[2]} per view; they must agree"
+        )
+    if not np.isfinite(params).all():
+        raise ConfigError("view_params hold NaN or Inf; every view's parameters must be finite")
+    return params

@@ -20,36 +20,27 @@ from kdcache.errors import (
     ConfigError,
     InvalidLogitsError,
     KdcacheError,
-    StoreExistsError,
     StoreIncompleteError,
     StoreWriteError,
 )
-from kdcache.logits.encodings import Encoding, parse_encoding
+from kdcache.logits.encodings import parse_encoding
 from kdcache.logits.fidelity import SAMPLE_EVERY as FIDELITY_SAMPLE_EVERY
 from kdcache.logits.fidelity import FidelityAccumulator
 from kdcache.store.creation import (
-    check_resumable,
     checked_sizes,
-    clear_staging,
-    create_arrays,
-    existing_store,
-    known_keys,
+    checked_view_params,
 )
 from kdcache.store.digests import DIGESTS_ARRAY, chunk_digests
 from kdcache.store.durability import ChunkSync
 from kdcache.store.layout import (
     WRITTEN_ARRAY,
     StoreLike,
-    has_array,
     open_array,
     row_ranges,
 )
 from kdcache.store.location import (
-    StoreLocation,
-    location_is_empty,
     parse_location,
     refuse_inside_store,
-    remove_partial_files,
     resolved_local,
     zarr_store,
 )
@@ -60,7 +51,8 @@ from kdcache.store.metadata import (
     PLAIN_FORMAT_VERSION,
     StoreMetadata,
 )
-from kdcache.store.swap import refuse_foreign_entries, staging_location, swap_in
+from kdcache.store.opening import open_for_writing
+from kdcache.store.swap import swap_in
 
 
 class StoreWriter:
@@ -273,7 +265,7 @@ def create_store(
     where = location.text
     if not (isinstance(views, int) and views >= 1):
         raise ConfigError(f"views must be an integer >= 1, got {views!r}")
-    params = _checked_view_params(view_params, num_samples, views, augment)
+    params = checked_view_params(view_params, num_samples, views, augment)
     codec = parse_encoding(encoding)
     rows = checked_sizes(codec, num_samples, num_classes, chunk_rows, views=views)
     label_values = None
@@ -303,10 +295,9 @@ def create_store(
     store = zarr_store(location, read_only=False)
     lock = acquire_writer_lock(location)
     try:
-        writer = _create_locked(
+        target = open_for_writing(
             location,
             store,
-            lock,
             metadata,
             codec,
             label_values,
@@ -314,6 +305,7 @@ def create_store(
             resume=resume,
             overwrite=overwrite,
         )
+        writer = StoreWriter(target.group, target.metadata, where, lock, replaces=target.replaces)
         writer._sync = ChunkSync.for_location(location, enabled=fsync)
         if writer._sync is not None and writer._replaces is not None:
             writer._sync = ChunkSync(writer._replaces[0])  # a replacement is built in staging
@@ -326,122 +318,3 @@ def create_store(
                 "path with free space"
             ) from None
         raise
-
-
-def _create_locked(
-    location: StoreLocation,
-    store: Any,
-    lock: WriterLock,
-    metadata: StoreMetadata,
-    codec: Encoding,
-    label_values: np.ndarray | None,
-    view_params: np.ndarray | None,
-    *,
-    resume: bool,
-    overwrite: bool,
-) -> StoreWriter:
-    where = location.text
-    existing = existing_store(location, store)
-    if existing is None:
-        if not location_is_empty(location):
-            raise StoreExistsError(
-                f"{where} exists and is not a kdcache store; choose another path (kdcache never "
-                "deletes it)"
-            )
-        return _new_store(store, lock, metadata, codec, label_values, view_params, where)
-    group, old = existing
-    if resume and not overwrite:
-        if not old.complete:
-            check_resumable(old, metadata, where)
-            remove_partial_files(location)  # temporary files of a killed writer; we hold the lock
-            if has_array(group, WRITTEN_ARRAY):
-                return StoreWriter(group, old, where, lock)
-            # Killed while creating the arrays: nothing was computed yet, so start afresh.
-            return _new_store(store, lock, metadata, codec, label_values, view_params, where)
-        if location.kind == "local":
-            resumed = _resume_replacement(location, lock, metadata, where)
-            if resumed is not None:
-                return resumed
-    if not overwrite:
-        if old.complete:
-            raise StoreExistsError(
-                f"{where} already holds a complete store; pass --overwrite (overwrite=True) "
-                "to replace it, or choose another path"
-            )
-        raise StoreExistsError(
-            f"{where} holds an interrupted dump; pass --resume (resume=True) to continue it "
-            "or --overwrite (overwrite=True) to start over"
-        )
-    if location.kind != "local":
-        # Object stores cannot swap a prefix atomically: the old store goes first (docs/sharing.md).
-        return _new_store(store, lock, metadata, codec, label_values, view_params, where)
-    root = Path(location.target)
-    refuse_foreign_entries(root, known_keys(group, old), where)
-    staging = staging_location(location)
-    clear_staging(staging, where)
-    return _new_store(
-        zarr_store(staging, read_only=False),
-        lock,
-        metadata,
-        codec,
-        label_values,
-        view_params,
-        where,
-        replaces=(Path(staging.target), root),
-    )
-
-
-def _resume_replacement(
-    location: StoreLocation, lock: WriterLock, metadata: StoreMetadata, where: str
-) -> StoreWriter | None:
-    """The writer of an interrupted ``--overwrite`` of ``location``, if one waits to finish."""
-    staging = staging_location(location)
-    if location_is_empty(staging):
-        return None
-    existing = existing_store(staging, zarr_store(staging, read_only=False))
-    if existing is None or existing[1].complete or not has_array(existing[0], WRITTEN_ARRAY):
-        return None
-    group, old = existing
-    check_resumable(old, metadata, where)
-    remove_partial_files(staging)
-    return StoreWriter(
-        group, old, where, lock, replaces=(Path(staging.target), Path(location.target))
-    )
-
-
-def _new_store(
-    store: Any,
-    lock: WriterLock,
-    metadata: StoreMetadata,
-    codec: Encoding,
-    label_values: np.ndarray | None,
-    view_params: np.ndarray | None,
-    where: str,
-    *,
-    replaces: tuple[Path, Path] | None = None,
-) -> StoreWriter:
-    """The writer of a fresh store created in ``store`` (emptied first)."""
-    group, metadata = create_arrays(store, metadata, codec, label_values, view_params)
-    return StoreWriter(group, metadata, where, lock, replaces=replaces)
-
-
-def _checked_view_params(
-    view_params: np.ndarray | None, num_samples: int, views: int, augment: dict[str, Any] | None
-) -> np.ndarray | None:
-    if view_params is None:
-        return None
-    params = np.asarray(view_params, dtype=np.float32)
-    if params.ndim != 3 or params.shape[:2] != (num_samples, views):
-        raise ConfigError(
-            f"view_params must have shape ({num_samples}, {views}, P) for {num_samples} samples "
-            f"with {views} views, got {params.shape}"
-        )
-    fields = (augment or {}).get("fields")
-    if fields is not None and len(fields) != params.shape[2]:
-        raise ConfigError(
-            f"augment names {len(fields)} parameter fields but view_params holds "
-            f"{params.shape[2]} per view; they must agree"
-        )
-    if not np.isfinite(params).all():
-        raise ConfigError("view_params hold NaN or Inf; every view's parameters must be finite")
-    return params

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdcache.config import DistillConfig, DistillOptions, option
+from kdcache.config import DistillConfig, DistillOptions
 from kdcache.datasets import canonical_dataset_spec
 from kdcache.distributed import rank_info
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.logits.losses import DEFAULT_ALPHA, LOSS_NAMES
 from kdcache.models import canonical_model_spec
+from kdcache.options import option
 from kdcache.plots import plot_sweep, read_metrics
 from kdcache.store.location import refuse_inside_store
 from kdcache.store.reader import StoreReader, open_store

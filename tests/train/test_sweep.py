@@ -8,8 +8,8 @@ import json
 import pytest
 from test_plots import assert_png
 
-from kdcache.config import parse_list
 from kdcache.errors import ConfigError, KdcacheError
+from kdcache.options import parse_list
 from kdcache.train.sweep import SweepConfig, format_table, run_sweep
 
 

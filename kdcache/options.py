@@ -1,0 +1,69 @@
+"""How a configuration field is declared and checked: :func:`option`, :class:`Options`.
+
+The building blocks of :mod:`kdcache.config`'s dataclasses; like it, this imports without click
+(the command line reads the field metadata that :func:`option` records).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, dataclass
+from typing import Any, TypeVar
+
+from kdcache.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def option(
+    default: Any = MISSING,
+    *,
+    help: str,
+    choices: Sequence[str] | None = None,
+    path: str | None = None,
+    example: str | None = None,
+) -> Any:
+    """A dataclass field that is also a command-line option ``--field-name``.
+
+    The option's type and default come from the field; ``help`` is its help text, ``choices``
+    the values it accepts, ``path`` ``"file"`` or ``"dir"`` for a path option, and ``example``
+    a value shown when a comma-separated list (a ``tuple`` field) cannot be read.
+    """
+    metadata = {"help": help, "choices": choices, "path": path, "example": example}
+    return dataclasses.field(
+        default=default, metadata={key: value for key, value in metadata.items() if value}
+    )
+
+
+def parse_list(text: str, kind: Callable[[str], T], *, option: str, example: str) -> tuple[T, ...]:
+    """Values of a comma-separated option such as ``--temperatures 1,2,4``."""
+    try:
+        values = tuple(kind(part.strip()) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"{option} must be a comma-separated list, got {text!r}; e.g. {option} {example}"
+        ) from None
+    return values
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """Base of every configuration: a validation hook each subclass extends, and a dict form."""
+
+    def __post_init__(self) -> None:
+        """Validate; each subclass checks its own fields, then calls ``super().__post_init__()``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{key: value for key, value in data.items() if key in known})
