@@ -74,9 +74,13 @@ def workers(launcher: int) -> dict[int, int]:
     return found
 
 
-def written_flags(store: Path) -> int:
+def written_chunks(store: Path) -> set[int]:
     flags = store / "chunk_written" / "c"
-    return sum(1 for p in flags.iterdir() if p.name.isdigit()) if flags.is_dir() else 0
+    return {int(p.name) for p in flags.iterdir() if p.name.isdigit()} if flags.is_dir() else set()
+
+
+def written_flags(store: Path) -> int:
+    return len(written_chunks(store))
 
 
 def contents(url: str) -> tuple[dict[str, np.ndarray], dict]:
@@ -107,9 +111,11 @@ def test_a_rank_killed_mid_dump_leaves_a_store_that_resumes_bit_identically_with
     out, gate = tmp_path / "t.zarr", tmp_path / "gate"
     job = torchrun(*dump_args(str(out)), env={"KDCACHE_TEST_GATE": str(gate)})
     deadline = time.monotonic() + 240
-    while written_flags(out) < 2:
+    # Units of one chunk here: rank 0 writes the even chunks, rank 1 the odd ones. Wait until each
+    # rank has written one, however the two share the (busy) cores.
+    while not {0, 1} <= {chunk % 2 for chunk in written_chunks(out)}:
         assert job.poll() is None, job.communicate()[1]
-        assert time.monotonic() < deadline, "the dump never wrote two chunks"
+        assert time.monotonic() < deadline, "the ranks never wrote a chunk each"
         time.sleep(0.002)
     gate.touch()  # both ranks wait before their next batch
     ranks = workers(job.pid)
