@@ -35,16 +35,26 @@ PREFETCH_BATCHES = 2
 _END = object()
 
 
-def resolve_inputs(requested: str, dataset: LabeledDataset, device: torch.device) -> str:
+def resolve_inputs(
+    requested: str, dataset: LabeledDataset, device: torch.device, *, views: bool = False
+) -> str:
     """The input form a run uses: ``requested``, or for ``auto`` the fastest the dataset offers.
 
     ``auto`` picks ``jpeg`` (decoding on the GPU) for an image folder on CUDA, else ``uint8``
-    where the dataset has it, else ``float32``.
+    where the dataset has it, else ``float32``. A run that draws augmented ``views`` always
+    uses ``float32``: views are cut from float32 images.
     """
     if requested not in INPUT_CHOICES:
         raise ConfigError(
             f"unknown input form {requested!r}; valid choices: {', '.join(INPUT_CHOICES)}"
         )
+    if views:
+        if requested not in ("auto", "float32"):
+            raise ConfigError(
+                f"--inputs {requested} cannot be combined with augmentation: views are cut from "
+                "float32 images; drop --inputs (or pass --inputs float32)"
+            )
+        requested = "float32"
     if requested != "auto":
         dataset.with_inputs(requested)  # raises, naming the forms this dataset has
         return requested

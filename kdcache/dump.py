@@ -133,14 +133,7 @@ def _dump_teacher(config: DumpConfig, session: RankSession) -> DumpResult:
     started = time.perf_counter()
     device = session.device
     dataset = build_dataset(config.dataset, split=config.split)
-    if config.augment is not None and config.inputs not in ("auto", "float32"):
-        raise ConfigError(
-            f"--inputs {config.inputs} cannot be combined with --augment: views are cut from "
-            "float32 images; drop --inputs (or pass --inputs float32)"
-        )
-    inputs = resolve_inputs(
-        "float32" if config.augment is not None else config.inputs, dataset, device
-    )
+    inputs = resolve_inputs(config.inputs, dataset, device, views=config.augment is not None)
     teacher = build_model(
         config.teacher, num_classes=dataset.num_classes, in_channels=dataset.in_channels
     )

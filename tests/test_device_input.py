@@ -41,6 +41,10 @@ def test_auto_picks_uint8_on_the_cpu_and_explicit_forms_are_checked(tmp_path):
     folder = build_dataset(f"imagefolder:{tmp_path}:8")
     assert resolve_inputs("auto", folder, CPU) == "uint8"  # jpeg is auto only on CUDA
     assert resolve_inputs("jpeg", folder, CPU) == "jpeg"
+    # Augmented views are cut from float32 images, whatever auto would pick.
+    assert resolve_inputs("auto", digits, CPU, views=True) == "float32"
+    with pytest.raises(ConfigError, match=r"--inputs uint8 cannot be combined with augmentation"):
+        resolve_inputs("uint8", digits, CPU, views=True)
     with pytest.raises(ConfigError, match="unknown input form 'jpg'"):
         TrainConfig(model="mlp", out=str(tmp_path / "r"), inputs="jpg")
     with pytest.raises(ConfigError, match=r"unknown amp dtype 'fp8'; valid choices: bf16, fp16"):

@@ -47,19 +47,6 @@ __all__ = [
 ]
 
 
-def _input_form(requested: str, views: bool, dataset: LabeledDataset, device: torch.device) -> str:
-    """The form images reach the device in (kdcache.device_input): float32 whenever views are
-    drawn, since augmentation works on float32 images."""
-    if not views:
-        return resolve_inputs(requested, dataset, device)
-    if requested not in ("auto", "float32"):
-        raise ConfigError(
-            f"--inputs {requested} cannot be combined with augmentation: views are cut from "
-            "float32 images; drop --inputs (or pass --inputs float32)"
-        )
-    return resolve_inputs("float32", dataset, device)
-
-
 def train(config: TrainConfig) -> RunResult:
     """Plain cross-entropy training (the teacher, or the CE-only student baseline)."""
     with rank_session(config.device) as session:
@@ -75,7 +62,7 @@ def _train(config: TrainConfig, session: RankSession) -> RunResult:
             f"train needs labels but {unlabeled} samples of dataset {config.dataset!r} have none "
             "(label -1); train on a labelled dataset, or distill from a teacher with --alpha 1"
         )
-    inputs = _input_form(config.inputs, config.augment is not None, train_set, device)
+    inputs = resolve_inputs(config.inputs, train_set, device, views=config.augment is not None)
     train_set = train_set.with_inputs(inputs)
     val_set = build_dataset(config.dataset, split=held_out_split(config.split)).with_inputs(inputs)
     out = Path(config.out)
@@ -256,7 +243,7 @@ def _distill(
             with autocast(device, config.amp):
                 return teacher_forward(batch.inputs).float()
 
-    inputs = _input_form(config.inputs, views is not None, train_set, device)
+    inputs = resolve_inputs(config.inputs, train_set, device, views=views is not None)
     resolved["inputs"] = inputs
     train_set = train_set.with_inputs(inputs)
     # An unlabeled transfer set (unlabeled:SPEC) is validated on SPEC's labelled held-out split.
