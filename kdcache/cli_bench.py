@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from kdcache.cli_options import speed_options
+from kdcache.config import DEVICE_HELP
 from kdcache.pixels import INPUT_FORMS
 
 
@@ -25,6 +26,30 @@ def bench_options(function: Any) -> Any:
         click.option("--threads", type=int, help="Torch intra-op threads [default: all cores]."),
         click.option(
             "--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary."
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def round_options(function: Any) -> Any:
+    """Options of the benchmarks that time interleaved rounds over a DataLoader."""
+    options = [
+        click.option(
+            "--num-workers",
+            default=0,
+            show_default=True,
+            type=int,
+            help="DataLoader worker processes.",
+        ),
+        click.option("--device", default=None, help=DEVICE_HELP),
+        click.option(
+            "--repeats",
+            default=3,
+            show_default=True,
+            type=int,
+            help="Interleaved rounds; medians are reported.",
         ),
     ]
     for option in reversed(options):
@@ -87,19 +112,7 @@ def bench_feed(chunked_memory: str | None, **options: Any) -> None:
 @click.option(
     "--batch-size", default=256, show_default=True, type=int, help="Samples per forward pass."
 )
-@click.option(
-    "--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes."
-)
-@click.option(
-    "--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available, else cpu]."
-)
-@click.option(
-    "--repeats",
-    default=3,
-    show_default=True,
-    type=int,
-    help="Interleaved rounds; medians are reported.",
-)
+@round_options
 @speed_options
 @click.option(
     "--path",
@@ -123,19 +136,7 @@ def bench_dump(**options: Any) -> None:
 )
 @click.option("--dataset", default="fake:2048:32:100", show_default=True, help="Dataset spec.")
 @click.option("--batch-size", default=128, show_default=True, type=int, help="Samples per step.")
-@click.option(
-    "--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes."
-)
-@click.option(
-    "--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available, else cpu]."
-)
-@click.option(
-    "--repeats",
-    default=3,
-    show_default=True,
-    type=int,
-    help="Interleaved rounds; medians are reported.",
-)
+@round_options
 @click.option("--cache-memory", help="Memory budget of the cached run's feed, e.g. 8GiB.")
 @click.option(
     "--epochs",
@@ -165,19 +166,7 @@ def bench_distill(**options: Any) -> None:
     "dataset has].",
 )
 @click.option("--batch-size", default=256, show_default=True, type=int, help="Samples per batch.")
-@click.option(
-    "--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes."
-)
-@click.option(
-    "--device", default=None, help="cpu, cuda or cuda:N [default: cuda when available, else cpu]."
-)
-@click.option(
-    "--repeats",
-    default=3,
-    show_default=True,
-    type=int,
-    help="Interleaved rounds; medians are reported.",
-)
+@round_options
 @click.option(
     "--channels-last", is_flag=True, help="Lay the images out channels-last on the device."
 )
