@@ -16,8 +16,12 @@ back to the input's size), ``flip[:P]`` (horizontal, probability P = 0.5), and a
 operation at most one of ``mixup:ALPHA`` or ``cutmix:ALPHA`` (lambda ~ Beta(ALPHA, ALPHA)).
 
 Every view of every sample has a fixed-width float32 parameter record (:attr:`Recipe.fields`)
-drawn by :meth:`Recipe.sample` from a counter-based generator keyed by ``(seed, sample, view)``:
-a pure function of those (and of N and the input size), so any process draws the same views.
+drawn by :meth:`Recipe.sample_table` (or :meth:`Recipe.sample`, one row of it, through the same
+code) from the counter-based generator :data:`SAMPLER` (:mod:`kdcache.augment.counter`): a pure
+function of ``(seed, stream, sample, view)`` (and of N and the input size), drawn in bulk, so any
+process and any chunking draws the same views. The draw numbers of a record are laid out in
+recipe order: each geometric operation's block (``num_draws``: rrc 22, pad-crop 2, flip 1),
+then the mixing operation's (mixup 18, cutmix 20), then the partner's geometric blocks.
 :meth:`Recipe.apply` replays a record with ``torchvision.transforms.v2.functional``; the dump,
 the cached run and the online run all go through it, so the same record gives the same pixels,
 bit for bit on the CPU.
@@ -26,24 +30,21 @@ bit for bit on the CPU.
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
 
+from kdcache.augment.counter import NAME as SAMPLER
+from kdcache.augment.counter import Draws
+from kdcache.augment.ops import Flip, Mix, Op, PadCrop, RandomResizedCrop, Size
 from kdcache.errors import SpecError
+
+__all__ = ["SAMPLER", "STUDENT_STREAM", "VIEW_STREAM", "Recipe", "parse_recipe"]
 
 #: Stream tags in the generator key: stored views and student-only augmentation never share draws.
 VIEW_STREAM, STUDENT_STREAM = 0, 1
-_SIZE = tuple[int, int]
-
-
-def _text(value: float) -> str:
-    """Shortest text that reads back as exactly ``value`` (canonical specs must re-parse equal)."""
-    short = f"{value:g}"
-    return short if float(short) == value else repr(value)
+#: Records drawn per batch by :meth:`Recipe.sample_table`: bounds its temporaries (~100 MB).
+CHUNK_ROWS = 1 << 16
 
 
 def _numbers(text: str, spec: str, what: str) -> tuple[float, float]:
@@ -58,163 +59,6 @@ def _numbers(text: str, spec: str, what: str) -> tuple[float, float]:
     if not all(math.isfinite(v) for v in values) or values[0] > values[1]:
         raise SpecError(f"{what}={text!r} in recipe {spec!r} must be finite with LOW <= HIGH")
     return values
-
-
-class Op(ABC):
-    """One operation: its parameter fields, how to draw them, and how to apply them."""
-
-    name: str
-    fields: tuple[str, ...] = ()
-
-    @abstractmethod
-    def sample(self, rng: np.random.Generator, size: _SIZE) -> list[float]:
-        """Parameters for an input of ``size`` (H, W)."""
-
-    @abstractmethod
-    def apply(self, image: torch.Tensor, values: np.ndarray) -> torch.Tensor: ...
-
-    def out_size(self, size: _SIZE) -> _SIZE:
-        return size
-
-    def describe(self) -> str:
-        return self.name
-
-
-@dataclass(frozen=True)
-class RandomResizedCrop(Op):
-    """A box of random area share and aspect ratio, resized (bilinear, antialiased) to ``size``."""
-
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (0.75, 4 / 3)
-    size: int | None = None
-    name = "rrc"
-    fields = ("crop_top", "crop_left", "crop_height", "crop_width")
-
-    def sample(self, rng: np.random.Generator, size: _SIZE) -> list[float]:
-        height, width = size
-        area = height * width
-        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
-        # torchvision's RandomResizedCrop.get_params, drawn from our generator.
-        for _ in range(10):
-            target = area * rng.uniform(*self.scale)
-            aspect = math.exp(rng.uniform(*log_ratio))
-            w = round(math.sqrt(target * aspect))
-            h = round(math.sqrt(target / aspect))
-            if 0 < w <= width and 0 < h <= height:
-                top = int(rng.integers(0, height - h + 1))
-                left = int(rng.integers(0, width - w + 1))
-                return [top, left, h, w]
-        in_ratio = width / height
-        if in_ratio < self.ratio[0]:
-            w, h = width, round(width / self.ratio[0])
-        elif in_ratio > self.ratio[1]:
-            h, w = height, round(height * self.ratio[1])
-        else:
-            w, h = width, height
-        return [(height - h) // 2, (width - w) // 2, h, w]
-
-    def out_size(self, size: _SIZE) -> _SIZE:
-        return size if self.size is None else (self.size, self.size)
-
-    def apply(self, image: torch.Tensor, values: np.ndarray) -> torch.Tensor:
-        top, left, h, w = (int(v) for v in values)
-        out = list(self.out_size((image.shape[-2], image.shape[-1])))
-        return TF.resized_crop(image, top, left, h, w, out, antialias=True)
-
-    def describe(self) -> str:
-        size = "" if self.size is None else f",size={self.size}"
-        scale, ratio = (f"{_text(a)}-{_text(b)}" for a, b in (self.scale, self.ratio))
-        return f"rrc:scale={scale},ratio={ratio}{size}"
-
-
-@dataclass(frozen=True)
-class PadCrop(Op):
-    """Zero-pad ``padding`` pixels on every side, then crop the input's size at a random offset."""
-
-    padding: int = 4
-    name = "pad-crop"
-    fields = ("pad_top", "pad_left")
-
-    def sample(self, rng: np.random.Generator, size: _SIZE) -> list[float]:
-        span = 2 * self.padding + 1
-        return [int(rng.integers(0, span)), int(rng.integers(0, span))]
-
-    def apply(self, image: torch.Tensor, values: np.ndarray) -> torch.Tensor:
-        top, left = (int(v) for v in values)
-        height, width = image.shape[-2], image.shape[-1]
-        padded = TF.pad(image, [self.padding], fill=0.0)
-        return TF.crop(padded, top, left, height, width)
-
-    def describe(self) -> str:
-        return f"pad-crop:{self.padding}"
-
-
-@dataclass(frozen=True)
-class Flip(Op):
-    """Mirror left-right with probability ``p``."""
-
-    p: float = 0.5
-    name = "flip"
-    fields = ("flip",)
-
-    def sample(self, rng: np.random.Generator, size: _SIZE) -> list[float]:
-        return [float(rng.random() < self.p)]
-
-    def apply(self, image: torch.Tensor, values: np.ndarray) -> torch.Tensor:
-        return TF.horizontal_flip(image) if values[0] else image
-
-    def describe(self) -> str:
-        return "flip" if self.p == 0.5 else f"flip:{_text(self.p)}"
-
-
-@dataclass(frozen=True)
-class Mix:
-    """Mixup (``lam * x + (1 - lam) * x_partner``) or CutMix (a box of the partner pasted in).
-
-    The partner is another sample, drawn uniformly; ``lam`` is the share of the sample's own
-    pixels (CutMix: one minus the box's area share, after clipping the box to the image).
-    """
-
-    kind: str = "mixup"
-    alpha: float = 1.0
-
-    @property
-    def fields(self) -> tuple[str, ...]:
-        box = ("box_top", "box_left", "box_height", "box_width") if self.kind == "cutmix" else ()
-        return ("partner", "lam", *box)
-
-    def sample(self, rng: np.random.Generator, size: _SIZE, index: int, n: int) -> list[float]:
-        partner = int(rng.integers(0, max(n - 1, 1)))
-        partner = partner + (partner >= index) if n > 1 else index
-        lam = float(rng.beta(self.alpha, self.alpha))
-        if self.kind == "mixup":
-            return [partner, float(np.float32(lam))]
-        height, width = size
-        cut = math.sqrt(1.0 - lam)
-        cut_h, cut_w = int(height * cut), int(width * cut)
-        cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
-        top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
-        left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
-        box_h, box_w = bottom - top, right - left
-        lam = 1.0 - box_h * box_w / (height * width)
-        return [partner, float(np.float32(lam)), top, left, box_h, box_w]
-
-    def mix(self, image: torch.Tensor, partner: torch.Tensor, values: np.ndarray) -> torch.Tensor:
-        if partner.shape != image.shape:
-            raise SpecError(
-                f"{self.kind} needs inputs of one size, got {tuple(image.shape)} and "
-                f"{tuple(partner.shape)}; use a dataset whose inputs share their size"
-            )
-        if self.kind == "mixup":
-            lam = torch.tensor(float(values[1]), dtype=image.dtype)
-            return lam * image + (1 - lam) * partner
-        top, left, h, w = (int(v) for v in values[2:6])
-        mixed = image.clone()
-        mixed[..., top : top + h, left : left + w] = partner[..., top : top + h, left : left + w]
-        return mixed
-
-    def describe(self) -> str:
-        return f"{self.kind}:{_text(self.alpha)}"
 
 
 def _parse_op(text: str, spec: str) -> Op | Mix:
@@ -318,7 +162,7 @@ class Recipe:
     def mixes(self) -> bool:
         return self.mix is not None
 
-    def out_size(self, size: _SIZE) -> _SIZE:
+    def out_size(self, size: Size) -> Size:
         for op in self.geometric:
             size = op.out_size(size)
         return size
@@ -332,40 +176,70 @@ class Recipe:
     def __repr__(self) -> str:
         return f"Recipe({self.spec!r})"
 
-    def _sample_geometric(self, rng: np.random.Generator, size: _SIZE) -> list[float]:
-        values: list[float] = []
+    def _draw_geometric(self, draws: Draws, size: Size) -> list[np.ndarray]:
+        columns = []
         for op in self.geometric:
-            values += op.sample(rng, size)
+            columns.append(op.draw(draws, size))
+            draws = draws.at(op.num_draws)
             size = op.out_size(size)
-        return values
+        return columns
+
+    def _records(
+        self,
+        *,
+        seed: int,
+        stream: int,
+        index: np.ndarray,
+        view: np.ndarray,
+        num_samples: int,
+        size: Size,
+    ) -> np.ndarray:
+        """Records ``(len(index), len(fields))`` of views ``(index[i], view[i])``: the one
+        implementation behind :meth:`sample` and :meth:`sample_table`."""
+        draws = Draws.of(seed=seed, stream=stream, index=index, view=view)
+        columns = self._draw_geometric(draws, size)
+        if self.mix is not None:
+            geometric_draws = sum(op.num_draws for op in self.geometric)
+            draws = draws.at(geometric_draws)
+            columns.append(self.mix.draw(draws, self.out_size(size), index, num_samples))
+            columns += self._draw_geometric(draws.at(self.mix.num_draws), size)
+        return np.concatenate(columns, axis=1).astype(np.float32)
 
     def sample(
-        self, *, seed: int, index: int, view: int, num_samples: int, size: _SIZE, stream: int = 0
+        self, *, seed: int, index: int, view: int, num_samples: int, size: Size, stream: int = 0
     ) -> np.ndarray:
         """The float32 record of view ``view`` of sample ``index`` of ``num_samples``, for inputs of
-        ``size`` (H, W): a pure function of its arguments."""
-        rng = np.random.default_rng([seed, index, view, stream])
-        values = self._sample_geometric(rng, size)
-        if self.mix is not None:
-            values += self.mix.sample(rng, self.out_size(size), index, num_samples)
-            values += self._sample_geometric(rng, size)
-        return np.asarray(values, dtype=np.float32)
+        ``size`` (H, W): a pure function of its arguments, equal to that row of
+        :meth:`sample_table`."""
+        return self._records(
+            seed=seed,
+            stream=stream,
+            index=np.array([index]),
+            view=np.array([view]),
+            num_samples=num_samples,
+            size=size,
+        )[0]
 
     def sample_table(
-        self, *, seed: int, num_samples: int, views: int, size: _SIZE, stream: int = 0
+        self, *, seed: int, num_samples: int, views: int, size: Size, stream: int = 0
     ) -> np.ndarray:
-        """Records of every view of every sample, shape ``(num_samples, views, len(fields))``."""
+        """Records of every view of every sample, shape ``(num_samples, views, len(fields))``,
+        drawn :data:`CHUNK_ROWS` views at a time."""
         table = np.empty((num_samples, views, len(self.fields)), dtype=np.float32)
-        for index in range(num_samples):
-            for view in range(views):
-                table[index, view] = self.sample(
-                    seed=seed,
-                    index=index,
-                    view=view,
-                    num_samples=num_samples,
-                    size=size,
-                    stream=stream,
-                )
+        per_chunk = max(1, CHUNK_ROWS // max(views, 1))
+        for start in range(0, num_samples, per_chunk):
+            stop = min(start + per_chunk, num_samples)
+            index = np.repeat(np.arange(start, stop), views)
+            view = np.tile(np.arange(views), stop - start)
+            records = self._records(
+                seed=seed,
+                stream=stream,
+                index=index,
+                view=view,
+                num_samples=num_samples,
+                size=size,
+            )
+            table[start:stop] = records.reshape(stop - start, views, len(self.fields))
         return table
 
     def _apply_geometric(self, image: torch.Tensor, values: np.ndarray) -> torch.Tensor:

@@ -1,0 +1,211 @@
+"""The operations of a recipe: their parameter fields, how to draw them in bulk, how to apply them.
+
+Each operation draws the parameters of a whole batch of views at once from
+:class:`~kdcache.augment.counter.Draws` (its own block of ``num_draws`` draw numbers) and replays
+one view's parameters with ``torchvision.transforms.v2.functional``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from kdcache.augment.counter import BETA_DRAWS, Draws
+from kdcache.errors import SpecError
+
+Size = tuple[int, int]
+#: torchvision's RandomResizedCrop tries this many boxes before it falls back to a centre crop.
+RRC_ATTEMPTS = 10
+
+
+def text(value: float) -> str:
+    """Shortest text that reads back as exactly ``value`` (canonical specs must re-parse equal)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+class Op(ABC):
+    """One geometric operation: its parameter fields, how to draw them, and how to apply them."""
+
+    name: str
+    fields: tuple[str, ...] = ()
+    #: Draw numbers the operation owns in every record (a fixed block, used or not).
+    num_draws: int = 0
+
+    @abstractmethod
+    def draw(self, draws: Draws, size: Size) -> np.ndarray:
+        """Parameters ``(len(draws), len(fields))`` (float64) for inputs of ``size`` (H, W)."""
+
+    @abstractmethod
+    def apply(self, image: torch.Tensor, values: np.ndarray) -> torch.Tensor: ...
+
+    def out_size(self, size: Size) -> Size:
+        return size
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class RandomResizedCrop(Op):
+    """A box of random area share and aspect ratio, resized (bilinear, antialiased) to ``size``."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (0.75, 4 / 3)
+    size: int | None = None
+    name = "rrc"
+    fields = ("crop_top", "crop_left", "crop_height", "crop_width")
+    # Attempt a uses draws 2a (area share) and 2a + 1 (log-ratio); then top and left.
+    num_draws = 2 * RRC_ATTEMPTS + 2
+
+    def draw(self, draws: Draws, size: Size) -> np.ndarray:
+        # torchvision's RandomResizedCrop.get_params, for every view at once: attempt a is drawn
+        # only for the views whose earlier attempts gave a box that does not fit.
+        height, width = size
+        low, high = self.scale
+        log_low, log_high = math.log(self.ratio[0]), math.log(self.ratio[1])
+        box = np.empty((len(draws), 4))
+        pending = np.arange(len(draws))
+        for attempt in range(RRC_ATTEMPTS):
+            target = height * width * (low + (high - low) * draws.uniform(2 * attempt, pending))
+            log_ratio = log_low + (log_high - log_low) * draws.uniform(2 * attempt + 1, pending)
+            aspect = np.exp(log_ratio)
+            w = np.round(np.sqrt(target * aspect))  # round half to even, as Python's round
+            h = np.round(np.sqrt(target / aspect))
+            fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+            done, h, w = pending[fits], h[fits], w[fits]
+            box[done, 0] = draws.integers(2 * RRC_ATTEMPTS, height - h + 1, done)
+            box[done, 1] = draws.integers(2 * RRC_ATTEMPTS + 1, width - w + 1, done)
+            box[done, 2], box[done, 3] = h, w
+            pending = pending[~fits]
+            if not pending.size:
+                return box
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            fw, fh = width, round(width / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            fh, fw = height, round(height * self.ratio[1])
+        else:
+            fw, fh = width, height
+        box[pending] = ((height - fh) // 2, (width - fw) // 2, fh, fw)
+        return box
+
+    def out_size(self, size: Size) -> Size:
+        return size if self.size is None else (self.size, self.size)
+
+    def apply(self, image: torch.Tensor, values: np.ndarray) -> torch.Tensor:
+        top, left, h, w = (int(v) for v in values)
+        out = list(self.out_size((image.shape[-2], image.shape[-1])))
+        return TF.resized_crop(image, top, left, h, w, out, antialias=True)
+
+    def describe(self) -> str:
+        size = "" if self.size is None else f",size={self.size}"
+        scale, ratio = (f"{text(a)}-{text(b)}" for a, b in (self.scale, self.ratio))
+        return f"rrc:scale={scale},ratio={ratio}{size}"
+
+
+@dataclass(frozen=True)
+class PadCrop(Op):
+    """Zero-pad ``padding`` pixels on every side, then crop the input's size at a random offset."""
+
+    padding: int = 4
+    name = "pad-crop"
+    fields = ("pad_top", "pad_left")
+    num_draws = 2
+
+    def draw(self, draws: Draws, size: Size) -> np.ndarray:
+        span = 2 * self.padding + 1
+        return np.stack([draws.integers(0, span), draws.integers(1, span)], axis=1)
+
+    def apply(self, image: torch.Tensor, values: np.ndarray) -> torch.Tensor:
+        top, left = (int(v) for v in values)
+        height, width = image.shape[-2], image.shape[-1]
+        padded = TF.pad(image, [self.padding], fill=0.0)
+        return TF.crop(padded, top, left, height, width)
+
+    def describe(self) -> str:
+        return f"pad-crop:{self.padding}"
+
+
+@dataclass(frozen=True)
+class Flip(Op):
+    """Mirror left-right with probability ``p``."""
+
+    p: float = 0.5
+    name = "flip"
+    fields = ("flip",)
+    num_draws = 1
+
+    def draw(self, draws: Draws, size: Size) -> np.ndarray:
+        return (draws.uniform(0) < self.p).astype(np.float64)[:, None]
+
+    def apply(self, image: torch.Tensor, values: np.ndarray) -> torch.Tensor:
+        return TF.horizontal_flip(image) if values[0] else image
+
+    def describe(self) -> str:
+        return "flip" if self.p == 0.5 else f"flip:{text(self.p)}"
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Mixup (``lam * x + (1 - lam) * x_partner``) or CutMix (a box of the partner pasted in).
+
+    The partner is another sample, drawn uniformly; ``lam`` is the share of the sample's own
+    pixels (CutMix: one minus the box's area share, after clipping the box to the image).
+    """
+
+    kind: str = "mixup"
+    alpha: float = 1.0
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        box = ("box_top", "box_left", "box_height", "box_width") if self.kind == "cutmix" else ()
+        return ("partner", "lam", *box)
+
+    @property
+    def num_draws(self) -> int:
+        """Draw 0: the partner; 1 .. BETA_DRAWS: lam; CutMix then the box centre (y, x)."""
+        return 1 + BETA_DRAWS + (2 if self.kind == "cutmix" else 0)
+
+    def draw(self, draws: Draws, size: Size, index: np.ndarray, n: int) -> np.ndarray:
+        """Parameters of the views of samples ``index`` (of ``n``) for inputs of ``size``."""
+        if n > 1:
+            partner = draws.integers(0, n - 1)
+            partner += partner >= index  # uniform over the other samples
+        else:
+            partner = index.astype(np.float64)
+        lam = draws.beta(1, self.alpha)
+        if self.kind == "mixup":
+            return np.stack([partner, lam], axis=1)
+        height, width = size
+        cut = np.sqrt(1.0 - lam)
+        cut_h, cut_w = np.floor(height * cut), np.floor(width * cut)
+        cy = draws.integers(1 + BETA_DRAWS, height)
+        cx = draws.integers(2 + BETA_DRAWS, width)
+        top, bottom = np.maximum(cy - cut_h // 2, 0), np.minimum(cy + cut_h // 2, height)
+        left, right = np.maximum(cx - cut_w // 2, 0), np.minimum(cx + cut_w // 2, width)
+        box_h, box_w = bottom - top, right - left
+        lam = 1.0 - box_h * box_w / (height * width)
+        return np.stack([partner, lam, top, left, box_h, box_w], axis=1)
+
+    def mix(self, image: torch.Tensor, partner: torch.Tensor, values: np.ndarray) -> torch.Tensor:
+        if partner.shape != image.shape:
+            raise SpecError(
+                f"{self.kind} needs inputs of one size, got {tuple(image.shape)} and "
+                f"{tuple(partner.shape)}; use a dataset whose inputs share their size"
+            )
+        if self.kind == "mixup":
+            lam = torch.tensor(float(values[1]), dtype=image.dtype)
+            return lam * image + (1 - lam) * partner
+        top, left, h, w = (int(v) for v in values[2:6])
+        mixed = image.clone()
+        mixed[..., top : top + h, left : left + w] = partner[..., top : top + h, left : left + w]
+        return mixed
+
+    def describe(self) -> str:
+        return f"{self.kind}:{text(self.alpha)}"
