@@ -15,10 +15,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from kdcache.augment.recipe import STUDENT_STREAM, Recipe
+from kdcache.augment.recipe import SAMPLER, STUDENT_STREAM, Recipe
 from kdcache.errors import ConfigError, SpecError
 
 log = logging.getLogger("kdcache")
+
+#: The generator of stores whose ``augment`` record names none (kdcache before counter-v1 drew
+#: each view from ``numpy.random.default_rng([seed, sample, view, stream])``).
+LEGACY_SAMPLER = "numpy-default_rng"
 
 
 class BaseDataset(Protocol):
@@ -44,13 +48,20 @@ def input_size(dataset: BaseDataset) -> tuple[int, int]:
 
 
 def augment_record(recipe: Recipe, *, seed: int, size: tuple[int, int]) -> dict[str, Any]:
-    """What a store records about its views (``StoreMetadata.augment``)."""
+    """What a store records about its views (``StoreMetadata.augment``), including the generator
+    that drew their parameters (``sampler``): another generator draws other views."""
     return {
         "recipe": recipe.spec,
         "seed": seed,
+        "sampler": SAMPLER,
         "fields": list(recipe.fields),
         "input_size": list(size),
     }
+
+
+def sampler_of(record: dict[str, Any]) -> str:
+    """The generator that drew the views of a store's ``augment`` record."""
+    return str(record.get("sampler") or LEGACY_SAMPLER)
 
 
 class ViewSource:

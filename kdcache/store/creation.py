@@ -129,11 +129,31 @@ def check_resumable(old: StoreMetadata, new: StoreMetadata, where: str) -> None:
         "augment",
     ):
         before, now = getattr(old, field_name), getattr(new, field_name)
+        if field_name == "augment" and _only_sampler_differs(before, now):
+            drawn_by = before.get("sampler")
+            raise StoreMismatchError(
+                f"cannot resume {where}: its views were drawn by "
+                + (f"the generator {drawn_by!r}" if drawn_by else "an older kdcache's generator")
+                + f" but this dump draws with {now.get('sampler')!r}, so its missing views would "
+                "not match the stored ones; pass --overwrite to dump it again (or finish it with "
+                "the kdcache release that started it)"
+            )
         if before != now:
             raise StoreMismatchError(
                 f"cannot resume {where}: its {_difference(field_name, before, now)}; "
                 "resume with the original settings or pass --overwrite to start over"
             )
+
+
+def _only_sampler_differs(before: Any, now: Any) -> bool:
+    """Two ``augment`` records that differ only in the generator that drew the views."""
+    if not (isinstance(before, dict) and isinstance(now, dict)):
+        return False
+    if before.get("sampler") == now.get("sampler"):
+        return False
+    return {k: v for k, v in before.items() if k != "sampler"} == {
+        k: v for k, v in now.items() if k != "sampler"
+    }
 
 
 def _difference(name: str, before: Any, now: Any, *, depth: int = 0) -> str:

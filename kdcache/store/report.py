@@ -142,7 +142,8 @@ def _views(report: StoreReport) -> str:
     augment = report.augment
     return (
         f"{report.views}, recipe {augment.get('recipe')!r} seed {augment.get('seed')} "
-        f"({len(augment.get('fields') or ())} parameters per view)"
+        f"({len(augment.get('fields') or ())} parameters per view, drawn by "
+        f"{augment.get('sampler') or 'an older generator (numpy-default_rng)'})"
     )
 
 

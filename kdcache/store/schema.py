@@ -195,6 +195,7 @@ def validate_record(record: Any, *, where: str, format_version: int) -> dict[str
         {
             "recipe": _optional_str,
             "seed": _optional_int,
+            "sampler": _optional_str,
             "fields": _string_list,
         },
     )

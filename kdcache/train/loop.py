@@ -262,6 +262,7 @@ def _distill(
             )
         sampler = views.sampler
         resolved["views"] = views.dataset.views
+        resolved["view_sampler"] = views.drawn_by
     session.on_main(
         lambda: config.save(
             prepare_output_dir(out, overwrite=config.overwrite) / "config.json", **resolved

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.augment.order import ViewSampler
-from kdcache.augment.recipe import Recipe, parse_recipe
-from kdcache.augment.views import ViewDataset, ViewSource, input_size
+from kdcache.augment.recipe import SAMPLER, Recipe, parse_recipe
+from kdcache.augment.views import ViewDataset, ViewSource, input_size, sampler_of
 from kdcache.datasets import LabeledDataset
 from kdcache.errors import StoreMismatchError
 from kdcache.store.feed import LogitFeed
@@ -32,6 +32,8 @@ class Views:
     dataset: ViewDataset
     sampler: ViewSampler
     source: ViewSource | None
+    #: The generator that drew the views' parameters (a store's may predate the current one).
+    drawn_by: str = SAMPLER
 
     def rows(self, indices: torch.Tensor) -> torch.Tensor:
         """Store rows (``sample * V + view``) of a batch's item indices."""
@@ -100,6 +102,16 @@ def cached_views(
             f"{where} was dumped with --augment-seed {recorded.get('seed')} but {augment_seed} "
             "was given; drop --augment-seed or dump again with that seed"
         )
+    # --augment/--augment-seed claim the views an online run would draw: another generator's
+    # views are other views.
+    given = augment is not None or augment_seed is not None
+    if recorded is not None and given and sampler_of(recorded) != SAMPLER:
+        raise StoreMismatchError(
+            f"{where}'s views were drawn by the generator {sampler_of(recorded)!r} but "
+            f"--augment/--augment-seed draw them with {SAMPLER!r}, so an online run with these "
+            "options sees other views; drop --augment and --augment-seed to distill on the "
+            "store's own views, or dump the store again"
+        )
     if recorded is None and meta.views > 1:
         raise StoreMismatchError(
             f"{where} holds {meta.views} views per sample but records no recipe, so their inputs "
@@ -133,6 +145,7 @@ def cached_views(
             with_epoch=student is not None,
         ),
         source=source,
+        drawn_by=SAMPLER if recorded is None else sampler_of(recorded),
     )
 
 

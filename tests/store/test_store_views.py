@@ -82,6 +82,24 @@ def test_a_resumed_store_with_views_must_keep_its_recipe(tmp_path):
         )
     with pytest.raises(StoreMismatchError, match="views"):
         make(tmp_path / "s.zarr", views=2, resume=True)
+    # AUGMENT names no sampler, as stores drawn before counter-v1: this kdcache would draw the
+    # missing views differently, so the resume is refused in one line.
+    with pytest.raises(
+        StoreMismatchError,
+        match="its views were drawn by an older kdcache's generator but this dump draws with "
+        "'counter-v1'.*pass --overwrite",
+    ):
+        create_store(
+            tmp_path / "s.zarr",
+            num_samples=11,
+            num_classes=5,
+            encoding="float32",
+            views=3,
+            augment={**AUGMENT, "sampler": "counter-v1"},
+            view_params=params(11, 3),
+            chunk_rows=6,
+            resume=True,
+        )
     resumed = make(tmp_path / "s.zarr", resume=True)
     np.testing.assert_array_equal(resumed.pending_indices(), np.arange(12, 33))
     resumed.write(np.arange(12, 33), logits_of(np.arange(12, 33)))
@@ -149,6 +167,9 @@ def test_inspect_shows_views_recipe_and_bytes_per_view(tmp_path):
     assert report.views == 3 and report.augment == AUGMENT
     assert report.bytes_per_view == pytest.approx(report.bytes_per_sample / 3)
     text = format_report(report)
-    assert "views (V):" in text and "recipe 'flip' seed 3 (1 parameters per view)" in text
+    assert (
+        "views (V):" in text
+        and "recipe 'flip' seed 3 (1 parameters per view, drawn by an older" in text
+    )
     assert "B/view" in text
     assert report.teacher_accuracy is not None  # every view against its sample's label

@@ -59,6 +59,7 @@ def test_the_dump_stores_the_teachers_logits_on_each_recreated_view(view_store):
     reader = open_store(view_store)
     assert reader.views == 3 and reader.metadata.augment["recipe"] == RECIPE
     assert reader.metadata.augment["seed"] == 2 and reader.metadata.augment["input_size"] == [8, 8]
+    assert reader.metadata.augment["sampler"] == "counter-v1"
     dataset = build_dataset(DATASET)
     recipe = parse_recipe(RECIPE)
     logits, params = reader.read_views([5, 40])
@@ -115,6 +116,41 @@ def test_cached_and_online_distillation_with_views_give_bit_identical_students(
     assert not all(torch.equal(cached[name], other[name]) for name in cached)
     resolved = json.loads((tmp_path / "cached/config.json").read_text())["resolved"]
     assert resolved["views"] == 3 and resolved["store"]["augment"]["recipe"] == RECIPE
+    online_resolved = json.loads((tmp_path / "online/config.json").read_text())["resolved"]
+    assert resolved["view_sampler"] == online_resolved["view_sampler"] == "counter-v1"
+
+
+def test_a_store_drawn_by_the_older_generator_distills_from_its_stored_views(tmp_path):
+    # A store as kdcache wrote it before counter-v1: no augment.sampler. Its stored views are
+    # what counts. Here they are counter-v1's views of seed 5 while the record says seed 2: a
+    # cached run that redrew the views from the record would not match the online run on seed 5.
+    legacy = tmp_path / "legacy.zarr"
+    dump_views(legacy, augment_seed=5)
+    group = zarr.open_group(str(legacy), mode="r+")
+    record = group.attrs["kdcache"]
+    augment = {k: v for k, v in record["augment"].items() if k != "sampler"}
+    group.attrs["kdcache"] = {**record, "augment": {**augment, "seed": 2}}
+    common = dict(student="mlp:16", epochs=1, batch_size=8, seed=7, device="cpu")
+    distill(DistillConfig(cache=str(legacy), out=str(tmp_path / "cached"), **common))
+    online = dict(teacher=TEACHER, dataset=DATASET, augment=RECIPE, augment_seed=5, views=3)
+    distill(DistillConfig(out=str(tmp_path / "online"), **online, **common))
+    cached, same = load_state(tmp_path / "cached/last.pt"), load_state(tmp_path / "online/last.pt")
+    for name in cached:
+        assert torch.equal(cached[name], same[name]), name
+    resolved = json.loads((tmp_path / "cached/config.json").read_text())["resolved"]
+    assert resolved["view_sampler"] == "numpy-default_rng"
+    # Claiming the online run's views is refused: another generator drew these.
+    with pytest.raises(
+        StoreMismatchError,
+        match="drawn by the generator 'numpy-default_rng' but --augment/--augment-seed draw "
+        "them with 'counter-v1'",
+    ):
+        distill(DistillConfig(cache=str(legacy), augment=RECIPE, out=str(tmp_path / "x"), **common))
+    # Its missing views would be drawn differently: a resume is refused in one line.
+    group["chunk_written"][5:] = 0
+    group.attrs["kdcache"] = {**group.attrs["kdcache"], "complete": False}
+    with pytest.raises(StoreMismatchError, match="drawn by an older kdcache's generator"):
+        dump_views(legacy, resume=True)
 
 
 @pytest.mark.parametrize(
