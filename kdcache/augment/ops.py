@@ -184,11 +184,15 @@ class Mix:
             return np.stack([partner, lam], axis=1)
         height, width = size
         cut = np.sqrt(1.0 - lam)
-        cut_h, cut_w = np.floor(height * cut), np.floor(width * cut)
+        # Half the cut's height and width, rounded down (floor of an exact half: cheaper than //).
+        half_h, half_w = (
+            np.floor(np.floor(height * cut) * 0.5),
+            np.floor(np.floor(width * cut) * 0.5),
+        )
         cy = draws.integers(1 + BETA_DRAWS, height)
         cx = draws.integers(2 + BETA_DRAWS, width)
-        top, bottom = np.maximum(cy - cut_h // 2, 0), np.minimum(cy + cut_h // 2, height)
-        left, right = np.maximum(cx - cut_w // 2, 0), np.minimum(cx + cut_w // 2, width)
+        top, bottom = np.maximum(cy - half_h, 0), np.minimum(cy + half_h, height)
+        left, right = np.maximum(cx - half_w, 0), np.minimum(cx + half_w, width)
         box_h, box_w = bottom - top, right - left
         lam = 1.0 - box_h * box_w / (height * width)
         return np.stack([partner, lam, top, left, box_h, box_w], axis=1)

@@ -193,9 +193,10 @@ class Recipe:
         view: np.ndarray,
         num_samples: int,
         size: Size,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Records ``(len(index), len(fields))`` of views ``(index[i], view[i])``: the one
-        implementation behind :meth:`sample` and :meth:`sample_table`."""
+        """Float32 records ``(len(index), len(fields))`` of views ``(index[i], view[i])``, into
+        ``out`` if given: the one implementation behind :meth:`sample` and :meth:`sample_table`."""
         draws = Draws.of(seed=seed, stream=stream, index=index, view=view)
         columns = self._draw_geometric(draws, size)
         if self.mix is not None:
@@ -203,7 +204,9 @@ class Recipe:
             draws = draws.at(geometric_draws)
             columns.append(self.mix.draw(draws, self.out_size(size), index, num_samples))
             columns += self._draw_geometric(draws.at(self.mix.num_draws), size)
-        return np.concatenate(columns, axis=1).astype(np.float32)
+        if out is None:
+            out = np.empty((len(index), len(self.fields)), dtype=np.float32)
+        return np.concatenate(columns, axis=1, out=out)
 
     def sample(
         self, *, seed: int, index: int, view: int, num_samples: int, size: Size, stream: int = 0
@@ -231,15 +234,15 @@ class Recipe:
             stop = min(start + per_chunk, num_samples)
             index = np.repeat(np.arange(start, stop), views)
             view = np.tile(np.arange(views), stop - start)
-            records = self._records(
+            self._records(
                 seed=seed,
                 stream=stream,
                 index=index,
                 view=view,
                 num_samples=num_samples,
                 size=size,
+                out=table[start:stop].reshape(len(index), len(self.fields)),
             )
-            table[start:stop] = records.reshape(stop - start, views, len(self.fields))
         return table
 
     def _apply_geometric(self, image: torch.Tensor, values: np.ndarray) -> torch.Tensor:
