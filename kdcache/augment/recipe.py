@@ -245,6 +245,25 @@ class Recipe:
             )
         return table
 
+    def sample_view(
+        self, *, seed: int, view: int, num_samples: int, size: Size, stream: int = 0
+    ) -> np.ndarray:
+        """Records of view ``view`` of every sample, shape ``(num_samples, len(fields))``: what
+        ``sample_table(...)[:, view]`` holds, without drawing the other views."""
+        records = np.empty((num_samples, len(self.fields)), dtype=np.float32)
+        for start in range(0, num_samples, CHUNK_ROWS):
+            index = np.arange(start, min(start + CHUNK_ROWS, num_samples))
+            self._records(
+                seed=seed,
+                stream=stream,
+                index=index,
+                view=np.full(len(index), view),
+                num_samples=num_samples,
+                size=size,
+                out=records[start : start + len(index)],
+            )
+        return records
+
     def _apply_geometric(self, image: torch.Tensor, values: np.ndarray) -> torch.Tensor:
         position = 0
         for op in self.geometric:

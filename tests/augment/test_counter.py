@@ -86,6 +86,10 @@ def test_any_chunking_and_any_single_record_give_the_same_bits(spec, monkeypatch
                 seed=11, index=index, view=view, num_samples=37, size=(9, 13), stream=STUDENT_STREAM
             )
             assert record.tobytes() == table[index, view].tobytes()
+    sample_view = recipe.sample_view(
+        seed=11, view=3, num_samples=37, size=(9, 13), stream=STUDENT_STREAM
+    )
+    assert sample_view.tobytes() == table[:, 3].tobytes()
     # The stream, the seed and the view all matter.
     assert not np.array_equal(recipe.sample_table(**{**options, "stream": 0}), table)
     assert not np.array_equal(recipe.sample_table(**{**options, "seed": 12}), table)
