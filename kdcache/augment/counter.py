@@ -106,26 +106,25 @@ class Draws:
         """Integers uniform in ``[0, high)`` (``high`` >= 1, per row or one), as float64."""
         return np.minimum(np.floor(self.uniform(draw, rows) * high), np.subtract(high, 1))
 
-    def beta(self, draw: int, alpha: float, rows: np.ndarray | None = None) -> np.ndarray:
+    def beta(self, draw: int, alpha: float) -> np.ndarray:
         """Beta(alpha, alpha) variates from draws ``draw .. draw + BETA_DRAWS - 1``."""
-        positions = np.arange(len(self)) if rows is None else np.asarray(rows)
-        out = np.empty(len(positions))
-        pending = np.arange(len(positions))
+        out = np.empty(len(self))
+        pending: np.ndarray | None = None  # rows still without a variate; None: every row
         if alpha < 1:
             # Jöhnk (1964): X = U^(1/a), Y = V^(1/a); given X + Y <= 1, X / (X + Y) ~ Beta(a, a).
             # In logs, so that small a does not underflow; 1 - u lies in (0, 1].
             for attempt in range(BETA_ATTEMPTS):
-                at = positions[pending]
-                x = np.log1p(-self.uniform(draw + 2 * attempt, at)) / alpha
-                y = np.log1p(-self.uniform(draw + 2 * attempt + 1, at)) / alpha
+                x = np.log1p(-self.uniform(draw + 2 * attempt, pending)) / alpha
+                y = np.log1p(-self.uniform(draw + 2 * attempt + 1, pending)) / alpha
                 total = np.logaddexp(x, y)
-                accepted = total <= 0
-                out[pending[accepted]] = np.exp(x[accepted] - total[accepted])
-                pending = pending[~accepted]
+                # Every pending row takes this attempt's value; the rejected ones try again.
+                out[slice(None) if pending is None else pending] = np.exp(x - total)
+                rejected = total > 0
+                pending = np.flatnonzero(rejected) if pending is None else pending[rejected]
                 if not pending.size:
                     return out
         from scipy.special import betaincinv  # only for a >= 1 or the rare rejected views
 
-        u = self.uniform(draw + 2 * BETA_ATTEMPTS, positions[pending])
-        out[pending] = betaincinv(alpha, alpha, u)
+        u = self.uniform(draw + 2 * BETA_ATTEMPTS, pending)
+        out[slice(None) if pending is None else pending] = betaincinv(alpha, alpha, u)
         return out

@@ -69,31 +69,37 @@ class RandomResizedCrop(Op):
         height, width = size
         low, high = self.scale
         log_low, log_high = math.log(self.ratio[0]), math.log(self.ratio[1])
-        box = np.empty((len(draws), 4))
-        pending = np.arange(len(draws))
+        h, w = np.empty(len(draws)), np.empty(len(draws))
+        pending: np.ndarray | None = None  # rows still without a box; None: every row
         for attempt in range(RRC_ATTEMPTS):
-            target = height * width * (low + (high - low) * draws.uniform(2 * attempt, pending))
-            log_ratio = log_low + (log_high - log_low) * draws.uniform(2 * attempt + 1, pending)
-            aspect = np.exp(log_ratio)
-            w = np.round(np.sqrt(target * aspect))  # round half to even, as Python's round
-            h = np.round(np.sqrt(target / aspect))
-            fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-            done, h, w = pending[fits], h[fits], w[fits]
-            box[done, 0] = draws.integers(2 * RRC_ATTEMPTS, height - h + 1, done)
-            box[done, 1] = draws.integers(2 * RRC_ATTEMPTS + 1, width - w + 1, done)
-            box[done, 2], box[done, 3] = h, w
-            pending = pending[~fits]
+            share = low + (high - low) * draws.uniform(2 * attempt, pending)
+            aspect = np.exp(
+                log_low + (log_high - log_low) * draws.uniform(2 * attempt + 1, pending)
+            )
+            target = height * width * share
+            try_w = np.round(np.sqrt(target * aspect))  # round half to even, as Python's round
+            try_h = np.round(np.sqrt(target / aspect))
+            fits = (try_w > 0) & (try_w <= width) & (try_h > 0) & (try_h <= height)
+            # Every pending row takes this attempt's box; those that do not fit try again.
+            rows = slice(None) if pending is None else pending
+            h[rows], w[rows] = try_h, try_w
+            pending = np.flatnonzero(~fits) if pending is None else pending[~fits]
             if not pending.size:
-                return box
-        in_ratio = width / height
-        if in_ratio < self.ratio[0]:
-            fw, fh = width, round(width / self.ratio[0])
-        elif in_ratio > self.ratio[1]:
-            fh, fw = height, round(height * self.ratio[1])
-        else:
-            fw, fh = width, height
-        box[pending] = ((height - fh) // 2, (width - fw) // 2, fh, fw)
-        return box
+                break
+        top = draws.integers(2 * RRC_ATTEMPTS, height - h + 1)
+        left = draws.integers(2 * RRC_ATTEMPTS + 1, width - w + 1)
+        assert pending is not None
+        if pending.size:  # no attempt fitted: torchvision's centre crop
+            in_ratio = width / height
+            if in_ratio < self.ratio[0]:
+                fw, fh = width, round(width / self.ratio[0])
+            elif in_ratio > self.ratio[1]:
+                fh, fw = height, round(height * self.ratio[1])
+            else:
+                fw, fh = width, height
+            top[pending], left[pending] = (height - fh) // 2, (width - fw) // 2
+            h[pending], w[pending] = fh, fw
+        return np.stack([top, left, h, w], axis=1)
 
     def out_size(self, size: Size) -> Size:
         return size if self.size is None else (self.size, self.size)
