@@ -22,7 +22,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
+from kdcache.augment.recipe import parse_recipe
+from kdcache.augment.views import AllViews, ViewSource, input_size
 from kdcache.bench_feed import bench_feed, round_floats, set_threads
 from kdcache.bench_inputs import input_pass_s, sync
 from kdcache.config import DistillConfig, DumpConfig, TrainConfig
@@ -31,6 +34,7 @@ from kdcache.device_input import InputPipeline, resolve_inputs
 from kdcache.dump import dump_teacher
 from kdcache.models import build_model
 from kdcache.runtime import autocast, prepare_model, resolve_device
+from kdcache.store.background import default_writer_workers
 from kdcache.train.loop import distill, train
 
 __all__ = ["bench_distill", "bench_dump", "bench_feed"]
@@ -53,18 +57,34 @@ def _bare_forward(
     device: torch.device,
     amp: str | None,
     channels_last: bool,
+    source: ViewSource | None = None,
 ) -> None:
     """The teacher over ``dataset`` with its logits copied to the host, as fast as that goes.
 
-    The copies go to pinned memory without blocking (as the dump's do), so the host keeps
-    queueing forward passes; the caller waits for the device at the end.
+    With ``source`` the teacher runs on every view of every sample, cut as the dump cuts them
+    (one decode per sample, ``batch_size`` counting views). The copies go to pinned memory
+    without blocking (as the dump's do), so the host keeps queueing forward passes; the caller
+    waits for the device at the end.
     """
     pipeline = InputPipeline(dataset, device=device, channels_last=channels_last)
-    loader = pipeline.loader(batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    if source is None:
+        loader = pipeline.loader(batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    else:
+        loader = DataLoader(
+            AllViews(source),
+            batch_size=max(1, batch_size // source.views),
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+        )
     with torch.inference_mode():
         for batch in pipeline.batches(loader):
+            inputs = batch.inputs
+            if source is not None:  # (B, V, C, H, W): every view of B samples
+                inputs = inputs.flatten(0, 1)
+                if channels_last:
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp):
-                logits = teacher(batch.inputs).float()
+                logits = teacher(inputs).float()
             # Pinned blocks are not reused before their copy lands (torch records it), so the
             # host buffer may be dropped at once.
             host = torch.empty(logits.shape, pin_memory=device.type == "cuda")
@@ -86,8 +106,16 @@ def bench_dump(
     channels_last: bool = False,
     compile: bool = False,
     path: str | None = None,
+    writer_workers: int | None = None,
+    views: int = 1,
+    augment: str | None = None,
+    augment_seed: int = 0,
 ) -> dict[str, Any]:
     """``dump_teacher`` against the bare teacher forward over the same loader, interleaved.
+
+    With ``views`` and ``augment`` both run the teacher on V augmented views of every sample
+    (the dump storing each view's logits); the rates are then per view. ``writer_workers``
+    is the dump's writer threads (default: the dump's default).
 
     Both take the same input path (``inputs``), autocast (``amp``), memory format and
     compilation. The bare loop also moves the logits to the host, as any consumer of a forward
@@ -100,7 +128,14 @@ def bench_dump(
     threads = set_threads(threads)
     torch_device = resolve_device(device)
     data = build_dataset(dataset)
-    form = resolve_inputs(inputs, data, torch_device)
+    form = resolve_inputs(inputs, data, torch_device, views=augment is not None)
+    source = None
+    if augment is not None:
+        recipe = parse_recipe(augment)
+        params = recipe.sample_table(
+            seed=augment_seed, num_samples=len(data), views=views, size=input_size(data)
+        )
+        source = ViewSource(data.with_inputs(form), recipe, params)
     _, model = prepare_model(
         build_model(teacher, num_classes=data.num_classes, in_channels=data.in_channels).eval(),
         device=torch_device,
@@ -122,6 +157,10 @@ def bench_dump(
             amp=amp,
             channels_last=channels_last,
             compile=compile,
+            writer_workers=writer_workers,
+            views=views,
+            augment=augment,
+            augment_seed=augment_seed,
         )
         for round_index in range(max(1, repeats)):
             # Alternate which runs first, so neither always meets the machine warmer or busier.
@@ -138,6 +177,7 @@ def bench_dump(
                                 device=torch_device,
                                 amp=amp,
                                 channels_last=channels_last,
+                                source=source,
                             ),
                             torch_device,
                         )
@@ -169,6 +209,9 @@ def bench_dump(
             "amp": amp,
             "channels_last": channels_last,
             "compile": compile,
+            "writer_workers": writer_workers or default_writer_workers(),
+            "views": views,
+            "augment": augment,
             "repeats": len(bare),
             "bare_forward_s": bare_s,
             "dump_loop_s": loop_s,
@@ -177,6 +220,8 @@ def bench_dump(
             "dump_wall_over_bare": _paired_ratio(wall, bare),
             "bare_forward_samples_per_s": len(data) / bare_s,
             "dump_loop_samples_per_s": len(data) / loop_s,
+            "bare_forward_views_per_s": len(data) * views / bare_s,
+            "dump_loop_views_per_s": len(data) * views / loop_s,
             "dump_no_fsync_loop_s": statistics.median(unsynced),
             "fsync_cost": _paired_ratio(loop, unsynced),
             "all_bare_forward_s": bare,
