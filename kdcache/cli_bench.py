@@ -186,9 +186,8 @@ def bench_dump(
         )
     from kdcache.bench import bench_dump as run
 
-    print_bench(
-        run(encoding=encodings[0], writer_workers=workers[0] if workers else None, **options), as_json
-    )
+    writer_threads = workers[0] if workers else None
+    print_bench(run(encoding=encodings[0], writer_workers=writer_threads, **options), as_json)
 
 
 @bench.command("distill")
