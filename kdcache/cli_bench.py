@@ -184,7 +184,7 @@ def bench_dump(
             f"--encoding {encoding!r} / --writer-workers {writer_workers!r}: lists need "
             "--writer-only; a dump is timed with one encoding and one number of writer threads"
         )
-    from kdcache.bench import bench_dump as run
+    from kdcache.bench_dump import bench_dump as run
 
     writer_threads = workers[0] if workers else None
     print_bench(run(encoding=encodings[0], writer_workers=writer_threads, **options), as_json)

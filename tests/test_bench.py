@@ -8,7 +8,8 @@ import json
 import pytest
 from conftest import assert_one_line_error, run_cli
 
-from kdcache.bench import bench_distill, bench_dump
+from kdcache.bench import bench_distill
+from kdcache.bench_dump import bench_dump
 from kdcache.bench_writer import bench_writer
 
 TINY = dict(dataset="fake:64:8:10", batch_size=32, repeats=2, device="cpu", threads=1)
