@@ -1,7 +1,8 @@
 """Benchmarks behind ``kdcache bench``: the dump and distillation from the cache.
 
 The logit feed's benchmark lives in :mod:`kdcache.bench_feed` (re-exported here), the input
-path's in :mod:`kdcache.bench_inputs`.
+path's in :mod:`kdcache.bench_inputs`, the dump's in :mod:`kdcache.bench_dump` and the store
+writer's in :mod:`kdcache.bench_writer`.
 
 Each function returns one JSON-ready dict. Timings that are compared are measured side by side
 in one run, interleaved over ``repeats`` rounds, and reported as medians, because a shared
@@ -14,181 +15,24 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from kdcache.bench_feed import bench_feed, round_floats, set_threads
-from kdcache.bench_inputs import input_pass_s, sync
+from kdcache.bench_feed import bench_feed, paired_ratio, round_floats, set_threads
+from kdcache.bench_inputs import input_pass_s, timed
 from kdcache.config import DistillConfig, DumpConfig, TrainConfig
 from kdcache.datasets import LabeledDataset, build_dataset
-from kdcache.device_input import InputPipeline, resolve_inputs
+from kdcache.device_input import resolve_inputs
 from kdcache.dump import dump_teacher
 from kdcache.models import build_model
 from kdcache.runtime import autocast, prepare_model, resolve_device
 from kdcache.train.loop import distill, train
 
-__all__ = ["bench_distill", "bench_dump", "bench_feed"]
-
-
-def _timed(function: Callable[[], Any], device: torch.device) -> float:
-    sync(device)
-    started = time.perf_counter()
-    function()
-    sync(device)
-    return time.perf_counter() - started
-
-
-def _bare_forward(
-    teacher: torch.nn.Module,
-    dataset: LabeledDataset,
-    *,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-    amp: str | None,
-    channels_last: bool,
-) -> None:
-    """The teacher over ``dataset`` with its logits copied to the host, as fast as that goes.
-
-    The copies go to pinned memory without blocking (as the dump's do), so the host keeps
-    queueing forward passes; the caller waits for the device at the end.
-    """
-    pipeline = InputPipeline(dataset, device=device, channels_last=channels_last)
-    loader = pipeline.loader(batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    with torch.inference_mode():
-        for batch in pipeline.batches(loader):
-            with autocast(device, amp):
-                logits = teacher(batch.inputs).float()
-            # Pinned blocks are not reused before their copy lands (torch records it), so the
-            # host buffer may be dropped at once.
-            host = torch.empty(logits.shape, pin_memory=device.type == "cuda")
-            host.copy_(logits, non_blocking=True)
-
-
-def bench_dump(
-    *,
-    teacher: str = "resnet50",
-    dataset: str = "fake:2048:32:1000",
-    batch_size: int = 256,
-    num_workers: int = 0,
-    device: str | None = None,
-    repeats: int = 3,
-    encoding: str = "float16",
-    threads: int | None = None,
-    inputs: str = "auto",
-    amp: str | None = None,
-    channels_last: bool = False,
-    compile: bool = False,
-    path: str | None = None,
-) -> dict[str, Any]:
-    """``dump_teacher`` against the bare teacher forward over the same loader, interleaved.
-
-    Both take the same input path (``inputs``), autocast (``amp``), memory format and
-    compilation. The bare loop also moves the logits to the host, as any consumer of a forward
-    pass must. ``dump_loop_s`` excludes the dump's setup (dataset labels and fingerprint, store
-    creation); ratios are medians of the per-round ratios. Each round also dumps with
-    ``fsync=False``: ``fsync_cost`` is the dump loop's time with fsync over its time without.
-    ``path`` is the folder to dump into (the disk whose fsync is measured; default a temporary
-    folder).
-    """
-    threads = set_threads(threads)
-    torch_device = resolve_device(device)
-    data = build_dataset(dataset)
-    form = resolve_inputs(inputs, data, torch_device)
-    _, model = prepare_model(
-        build_model(teacher, num_classes=data.num_classes, in_channels=data.in_channels).eval(),
-        device=torch_device,
-        channels_last=channels_last,
-        compile=compile,
-    )
-    bare, loop, wall, unsynced = [], [], [], []
-    with tempfile.TemporaryDirectory(prefix="kdcache-bench-", dir=path) as scratch:
-        config = DumpConfig(
-            teacher=teacher,
-            dataset=dataset,
-            out=str(Path(scratch) / "t.zarr"),
-            encoding=encoding,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            device=str(torch_device),
-            overwrite=True,
-            inputs=form,
-            amp=amp,
-            channels_last=channels_last,
-            compile=compile,
-        )
-        for round_index in range(max(1, repeats)):
-            # Alternate which runs first, so neither always meets the machine warmer or busier.
-            kinds = ("bare", "dump", "no-fsync")
-            for kind in kinds if round_index % 2 == 0 else kinds[::-1]:
-                if kind == "bare":
-                    bare.append(
-                        _timed(
-                            lambda: _bare_forward(
-                                model,
-                                data.with_inputs(form),
-                                batch_size=batch_size,
-                                num_workers=num_workers,
-                                device=torch_device,
-                                amp=amp,
-                                channels_last=channels_last,
-                            ),
-                            torch_device,
-                        )
-                    )
-                elif kind == "no-fsync":
-                    unsynced.append(dump_teacher(replace(config, fsync=False)).loop_time_s)
-                else:
-                    result = dump_teacher(config)
-                    loop.append(result.loop_time_s)
-                    wall.append(result.wall_time_s)
-    bare_s, loop_s, wall_s = (
-        statistics.median(bare),
-        statistics.median(loop),
-        statistics.median(wall),
-    )
-    return round_floats(
-        {
-            "benchmark": "dump",
-            "teacher": teacher,
-            "dataset": dataset,
-            "num_samples": len(data),
-            "num_classes": data.num_classes,
-            "batch_size": batch_size,
-            "num_workers": num_workers,
-            "device": str(torch_device),
-            "threads": threads,
-            "encoding": encoding,
-            "inputs": form,
-            "amp": amp,
-            "channels_last": channels_last,
-            "compile": compile,
-            "repeats": len(bare),
-            "bare_forward_s": bare_s,
-            "dump_loop_s": loop_s,
-            "dump_wall_s": wall_s,
-            "dump_loop_over_bare": _paired_ratio(loop, bare),
-            "dump_wall_over_bare": _paired_ratio(wall, bare),
-            "bare_forward_samples_per_s": len(data) / bare_s,
-            "dump_loop_samples_per_s": len(data) / loop_s,
-            "dump_no_fsync_loop_s": statistics.median(unsynced),
-            "fsync_cost": _paired_ratio(loop, unsynced),
-            "all_bare_forward_s": bare,
-            "all_dump_loop_s": loop,
-            "all_dump_no_fsync_loop_s": unsynced,
-        }
-    )
-
-
-def _paired_ratio(numerators: list[float], denominators: list[float]) -> float:
-    """Median of the per-round ratios: runs of one round share the machine's load of the moment."""
-    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=False))
+__all__ = ["bench_distill", "bench_feed"]
 
 
 def _epoch_time(out: Path) -> float:
@@ -242,8 +86,8 @@ def _compute_only_saving(
     for _ in range(2):  # warm-up: allocator, cuDNN autotuning, compilation
         forward()
         step()
-    teacher_s = statistics.median(_timed(forward, device) for _ in range(steps))
-    student_s = statistics.median(_timed(step, device) for _ in range(steps))
+    teacher_s = statistics.median(timed(forward, device) for _ in range(steps))
+    student_s = statistics.median(timed(step, device) for _ in range(steps))
     return teacher_s, student_s
 
 
@@ -359,14 +203,14 @@ def bench_distill(
             "ce_epoch_s": ce,
             "cache_epoch_s": cache,
             "online_epoch_s": online,
-            "cache_over_ce": _paired_ratio(times["cache"], times["ce"]),
-            "online_over_cache": _paired_ratio(times["online"], times["cache"]),
+            "cache_over_ce": paired_ratio(times["cache"], times["ce"]),
+            "online_over_cache": paired_ratio(times["online"], times["cache"]),
             "teacher_forward_batch_s": teacher_s,
             "student_step_batch_s": student_s,
             "compute_only_saving": saving,
-            "saving_fraction": _paired_ratio(times["online"], times["cache"]) / saving,
+            "saving_fraction": paired_ratio(times["online"], times["cache"]) / saving,
             # The stricter reading: the share of the teacher's time that the cache removes.
-            "saved_time_fraction": (_paired_ratio(times["online"], times["cache"]) - 1)
+            "saved_time_fraction": (paired_ratio(times["online"], times["cache"]) - 1)
             / (saving - 1),
             "ce_samples_per_s": len(data) / ce,
             "cache_samples_per_s": len(data) / cache,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,11 @@ def round_floats(values: dict[str, Any]) -> dict[str, Any]:
     return {
         key: round(value, 4) if isinstance(value, float) else value for key, value in values.items()
     }
+
+
+def paired_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """Median of the per-round ratios: runs of one round share the machine's load of the moment."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=False))
 
 
 def _feed_trial(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,6 +25,15 @@ from kdcache.runtime import resolve_device
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(function: Callable[[], Any], device: torch.device) -> float:
+    """Seconds ``function`` takes, the device's queued work included."""
+    sync(device)
+    started = time.perf_counter()
+    function()
+    sync(device)
+    return time.perf_counter() - started
 
 
 def input_pass_s(

@@ -112,6 +112,32 @@ def bench_feed(chunked_memory: str | None, **options: Any) -> None:
 @click.option(
     "--batch-size", default=256, show_default=True, type=int, help="Samples per forward pass."
 )
+@click.option(
+    "--encoding",
+    default="float16",
+    show_default=True,
+    help="Store encoding; with --writer-only a comma-separated list, e.g. float16,int8,topk:5.",
+)
+@click.option(
+    "--writer-workers",
+    help="Writer threads of the dump [default: the dump's default]; with --writer-only a "
+    "comma-separated list, e.g. 1,2,4.",
+)
+@click.option("--views", default=1, show_default=True, type=int, help="Augmented views per sample.")
+@click.option("--augment", help="Augmentation recipe of the views (see docs/augmentation.md).")
+@click.option(
+    "--writer-only",
+    is_flag=True,
+    help="Time the store writer alone (no teacher): rows/s per encoding and writer threads, "
+    "on teacher-like logits with the dataset's number of classes.",
+)
+@click.option(
+    "--rows",
+    default=65_536,
+    show_default=True,
+    type=int,
+    help="Rows each --writer-only run writes.",
+)
 @round_options
 @speed_options
 @click.option(
@@ -121,12 +147,47 @@ def bench_feed(chunked_memory: str | None, **options: Any) -> None:
     "folder].",
 )
 @bench_options
-def bench_dump(**options: Any) -> None:
-    """Dump time against the bare teacher forward over the same loader."""
-    from kdcache.bench import bench_dump as run
+def bench_dump(
+    encoding: str, writer_workers: str | None, writer_only: bool, rows: int, **options: Any
+) -> None:
+    """Dump time against the bare teacher forward over the same loader (per view with --views),
+    or with --writer-only the writer's rows/s against its number of threads."""
+    from kdcache.errors import ConfigError
+    from kdcache.options import parse_list
 
     as_json = options.pop("as_json")
-    print_bench(run(**options), as_json)
+    encodings = parse_list(encoding, str, option="--encoding", example="float16,int8,topk:5")
+    workers = (
+        parse_list(writer_workers, int, option="--writer-workers", example="1,2,4")
+        if writer_workers
+        else None
+    )
+    if writer_only:
+        from kdcache.bench_writer import bench_writer
+        from kdcache.datasets import build_dataset
+
+        print_bench(
+            bench_writer(
+                encodings=encodings,
+                workers=workers,
+                num_rows=rows,
+                num_classes=build_dataset(options["dataset"]).num_classes,
+                batch_size=options["batch_size"],
+                repeats=options["repeats"],
+                path=options["path"],
+            ),
+            as_json,
+        )
+        return
+    if len(encodings) > 1 or (workers is not None and len(workers) > 1):
+        raise ConfigError(
+            f"--encoding {encoding!r} / --writer-workers {writer_workers!r}: lists need "
+            "--writer-only; a dump is timed with one encoding and one number of writer threads"
+        )
+    from kdcache.bench_dump import bench_dump as run
+
+    writer_threads = workers[0] if workers else None
+    print_bench(run(encoding=encodings[0], writer_workers=writer_threads, **options), as_json)
 
 
 @bench.command("distill")

@@ -357,6 +357,11 @@ class DumpConfig(SpeedOptions):
         "'rrc+flip+mixup:0.2' (see docs/augmentation.md).",
     )
     augment_seed: int = option(0, help="Seed the views' parameters are drawn from.")
+    writer_workers: int | None = option(
+        None,
+        help="Threads that encode, compress and write the logits beside the teacher "
+        "[default: a quarter of the cores, 1 to 8; see `kdcache bench dump --writer-only`].",
+    )
     fsync: bool = option(
         True,
         help="fsync each chunk of a local store before marking it written "
@@ -369,6 +374,10 @@ class DumpConfig(SpeedOptions):
         check_views(self.augment, self.views, default="or dump with --views 1")
         require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
         require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        require(
+            self.writer_workers is None or self.writer_workers >= 1,
+            f"writer_workers must be >= 1, got {self.writer_workers}",
+        )
         require(
             self.chunk_rows is None or self.chunk_rows >= 1,
             f"chunk_rows must be >= 1, got {self.chunk_rows}",

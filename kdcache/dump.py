@@ -94,16 +94,18 @@ def _fill(
     total: int,
     where: str,
     views: int | None,
+    writer_workers: int | None,
 ) -> None:
     """Run the teacher over ``loader`` into ``writer``; a write failure leaves the store resumable.
 
-    Encoding, compression and writing run in a background thread while the teacher computes the
-    next batch; a failure there surfaces at the next batch (or at the end) as the same one line.
+    Encoding, compression and writing run in ``writer_workers`` background threads while the
+    teacher computes the next batch; a failure there surfaces at the next batch (or at the end)
+    as the same one line.
     """
     with (
         _resumable_on_os_error(f"writing {where}"),
         torch.inference_mode(),
-        BackgroundWriter(writer) as background,
+        BackgroundWriter(writer, workers=writer_workers) as background,
         tqdm(total=total, unit="sample", desc="dump", disable=None) as bar,
     ):
         for batch in pipeline.batches(loader):
@@ -221,6 +223,7 @@ def _dump_teacher(config: DumpConfig, session: RankSession) -> DumpResult:
             total=sum(map(len, batches)) * views,
             where=config.out,
             views=None if source is None else views,
+            writer_workers=config.writer_workers,
         )
         loop_time_s = time.perf_counter() - loop_started
         with _resumable_on_os_error(f"marking {config.out} complete"):

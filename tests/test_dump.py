@@ -17,7 +17,7 @@ from conftest import assert_one_line_error, run_cli, start_cli
 from kdcache import DumpConfig, open_store
 from kdcache.datasets import build_dataset
 from kdcache.dump import dump_teacher
-from kdcache.errors import InvalidLogitsError, StoreIncompleteError
+from kdcache.errors import ConfigError, InvalidLogitsError, StoreIncompleteError
 from kdcache.store.partition import dump_batches
 from kdcache.store.verify import verify_store
 
@@ -246,3 +246,14 @@ def test_a_teacher_of_the_wrong_width_stops_the_dump(tmp_path):
         .progress()
         .startswith("0 of 10 chunks")
     )
+
+
+def test_a_dump_with_several_writer_threads_equals_one_with_one(tmp_path, reference_store):
+    result = dump_teacher(dump_config(tmp_path / "t.zarr", writer_workers=3))
+    assert_same_store(tmp_path / "t.zarr", reference_store)
+    assert (
+        result.fidelity
+        == dump_teacher(dump_config(tmp_path / "one.zarr", writer_workers=1)).fidelity
+    )
+    with pytest.raises(ConfigError, match="writer_workers must be >= 1, got 0"):
+        dump_config(tmp_path / "x.zarr", writer_workers=0)

@@ -35,6 +35,8 @@ LAYERS: dict[str, int] = {
     "kdcache.train": 5,
     "kdcache.bench_inputs": 5,
     "kdcache.bench_feed": 5,
+    "kdcache.bench_writer": 6,
+    "kdcache.bench_dump": 6,
     "kdcache.bench": 6,
     "kdcache.lm": 6,
     "kdcache.cli_options": 6,  # the CLI's machinery: imported by cli and cli_bench alone

@@ -191,7 +191,7 @@ class TopKEncoding(Encoding):
             np.take_along_axis(top, order, axis=1),
             np.take_along_axis(values, order, axis=1),
         )
-        tail = tail_statistics(torch.from_numpy(logits), torch.from_numpy(top)).numpy()
+        tail = tail_statistics(logits, top).numpy()
         row_max = values[:, :1]
         return {
             "row_max": row_max[:, 0].astype(np.float32),

@@ -28,6 +28,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -149,25 +150,38 @@ class SparseLogits:
 TeacherInput = Tensor | SparseLogits
 
 
-def tail_statistics(logits: Tensor, kept: Tensor) -> Tensor:
+def tail_statistics(logits: Tensor | np.ndarray, kept: Tensor | np.ndarray) -> Tensor:
     """The :data:`TAIL_STATS` of the classes of ``logits`` (B, C) not in ``kept`` (B, K), (B, 6).
 
-    Computed in the input's dtype (at least float32); exponents are of ``d - max <= 0``, so
-    nothing overflows. Needs K < C.
+    Exponents are of ``d - max <= 0`` (nothing overflows) in the input's dtype (at least
+    float32), sums in float64. Computed with numpy, which runs one core per call and releases
+    the GIL: the store writer's encoder threads then scale, where torch's shared intra-op pool
+    made parallel callers wait on each other. Needs K < C.
     """
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    num_tail = logits.shape[1] - kept.shape[1]
-    masked = logits.scatter(1, kept, -math.inf)
-    top = masked.max(dim=1).values
-    shifted = masked - top[:, None]
-    mean = (logits.sum(dim=1) - logits.gather(1, kept).sum(dim=1)) / num_tail
-    # One exp at the largest knot temperature, then squaring for each halving of T
+    values = logits.detach().cpu().numpy() if isinstance(logits, Tensor) else np.asarray(logits)
+    values = values.astype(np.promote_types(values.dtype, np.float32), copy=False)
+    columns = kept.cpu().numpy() if isinstance(kept, Tensor) else np.asarray(kept)
+    num_tail = values.shape[1] - columns.shape[1]
+    shifted = values.copy()
+    np.put_along_axis(shifted, columns, -np.inf, axis=1)
+    top = shifted.max(axis=1)
+    total = values.sum(axis=1, dtype=np.float64)
+    mean = total - np.take_along_axis(values, columns, axis=1).sum(axis=1, dtype=np.float64)
+    shifted -= top[:, None]
+    # One exp at the largest knot temperature, then a squaring for each halving of T
     # (exp(x / (T/2)) = exp(x / T)^2): an exp per element costs several times a multiply.
-    powers = {KNOT_TEMPERATURES[-1]: torch.exp(shifted / KNOT_TEMPERATURES[-1])}
-    for high, low in zip(KNOT_TEMPERATURES[:0:-1], KNOT_TEMPERATURES[-2::-1], strict=False):
-        powers[low] = powers[high] ** 2 if high == 2 * low else torch.exp(shifted / low)
-    knots = [top + t * torch.log(powers[t].sum(dim=1) / num_tail) for t in KNOT_TEMPERATURES]
-    return torch.stack([top, mean, *knots], dim=1)
+    sums: dict[float, np.ndarray] = {}
+    power, power_t = None, None
+    for t in sorted(KNOT_TEMPERATURES, reverse=True):
+        if power is not None and power_t == 2 * t:
+            np.square(power, out=power)
+        else:
+            power = np.exp(shifted / t)
+        power_t = t
+        sums[t] = power.sum(axis=1, dtype=np.float64)
+    knots = [top + t * np.log(sums[t] / num_tail) for t in KNOT_TEMPERATURES]
+    stats = np.stack([top, mean / num_tail, *knots], axis=1).astype(values.dtype)
+    return torch.from_numpy(stats)
 
 
 # The knots in t = 1/T, ascending: t = 0 holds the mean, then T = 8, 4, 2, 1.

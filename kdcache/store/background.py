@@ -1,16 +1,20 @@
-"""A store writer that encodes, compresses and writes in a background thread.
+"""A store writer that encodes, compresses and writes in background threads.
 
-During a dump the teacher's next forward pass runs while the previous batch's logits are being
-compressed and written: :meth:`BackgroundWriter.write` only queues the batch (after starting its
-device-to-host copy) and returns. The queue is bounded, so at most ``max_pending`` batches wait
-in memory and a slow disk slows the dump instead of filling RAM. An error in the background
-thread (non-finite logits, a full disk) is raised again, unchanged, by the next ``write`` or by
-``close``, so the CLI still prints its one line. Chunks written before the error stay durable and
-the dump stays resumable: the background thread only ever calls :meth:`StoreWriter.write`.
+During a dump the teacher's next forward pass runs while earlier batches' logits are being
+encoded, compressed and written: :meth:`BackgroundWriter.write` only queues the batch (after
+starting its device-to-host copy) and returns. ``workers`` threads take batches from the queue
+and call :meth:`StoreWriter.write`, which is safe to call concurrently; numpy, zstd and file
+writes release the GIL, so the threads use as many cores (see docs/benchmarks.md, "Writer
+workers"). The queue is bounded, so at most ``max_pending`` batches wait in memory and a slow
+disk slows the dump instead of filling RAM. An error in a background thread (non-finite logits,
+a full disk) is raised again, unchanged, by the next ``write`` or by ``close``, so the CLI still
+prints its one line. Chunks written before the error stay durable and the dump stays resumable:
+the threads only ever call :meth:`StoreWriter.write`.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Sequence
@@ -20,25 +24,53 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdcache.errors import ConfigError
 from kdcache.store.writer import StoreWriter
 
-#: Batches that may wait for the background thread before ``write`` blocks.
-DEFAULT_MAX_PENDING = 4
+#: Batches that may wait for each background thread before ``write`` blocks.
+PENDING_PER_WORKER = 2
+#: At most this many writer threads by default: beyond it a dump's writer outruns any teacher
+#: measured (docs/benchmarks.md) and more threads only take cores from the DataLoader.
+MAX_DEFAULT_WORKERS = 8
 _STOP = object()
+
+
+def default_writer_workers() -> int:
+    """Writer threads for this process: a quarter of its cores (shared among the processes of a
+    torchrun node), between 1 and :data:`MAX_DEFAULT_WORKERS`.
+
+    One thread encodes, compresses and writes 35-45k float16 rows/s of 1,000 classes on one
+    core of the 2-core CI machine (docs/benchmarks.md); a ResNet-50 on an H200 with 16 views
+    per image needs ~120k rows/s, which 4 threads (a 16-core machine) cover.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, min(MAX_DEFAULT_WORKERS, (cores or 1) // (4 * max(1, local_processes))))
 
 
 class BackgroundWriter:
     """Wraps a :class:`StoreWriter`; use as a context manager, or call :meth:`close` when done.
 
-    ``close`` waits for every queued batch and re-raises a background error; the caller then
-    calls ``writer.finalize()`` as usual.
+    ``workers`` threads write (default :func:`default_writer_workers`); ``max_pending`` batches
+    may wait (default two per worker). ``close`` waits for every queued batch and re-raises the
+    first background error; the caller then calls ``writer.finalize()`` as usual.
     """
 
-    def __init__(self, writer: StoreWriter, *, max_pending: int = DEFAULT_MAX_PENDING) -> None:
+    def __init__(
+        self, writer: StoreWriter, *, workers: int | None = None, max_pending: int | None = None
+    ) -> None:
+        if workers is not None and not (isinstance(workers, int) and workers >= 1):
+            raise ConfigError(f"writer workers must be an integer >= 1, got {workers!r}")
         self.writer = writer
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, max_pending))
+        self.workers = workers or default_writer_workers()
+        pending = max_pending if max_pending is not None else PENDING_PER_WORKER * self.workers
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, pending))
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="kdcache-writer", daemon=True)
+        self._error_lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"kdcache-writer-{n}", daemon=True)
+            for n in range(self.workers)
+        ]
         self._started = False
         self._closed = False
 
@@ -55,14 +87,19 @@ class BackgroundWriter:
                     ready.synchronize()  # the non-blocking device-to-host copy has landed
                 self.writer.write(indices, logits)
             except BaseException as error:  # noqa: BLE001 - handed to the main thread as is
-                self._error = error
+                with self._error_lock:
+                    if self._error is None:
+                        self._error = error
 
     def _stop(self) -> None:
         if not self._closed:
             self._closed = True
             if self._started:
-                self._queue.put(_STOP)  # the thread drains the queue, so this cannot block forever
-                self._thread.join()
+                # Each thread takes one stop mark after draining what is queued before it.
+                for _ in self._threads:
+                    self._queue.put(_STOP)
+                for thread in self._threads:
+                    thread.join()
 
     def _raise_pending_error(self) -> None:
         if self._error is not None:
@@ -79,7 +116,8 @@ class BackgroundWriter:
         if self._closed:
             raise RuntimeError("BackgroundWriter.write called after close()")
         if not self._started:
-            self._thread.start()
+            for thread in self._threads:
+                thread.start()
             self._started = True
         if isinstance(indices, torch.Tensor):
             indices = indices.cpu().numpy()

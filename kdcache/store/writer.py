@@ -6,6 +6,7 @@ The layout is described in :mod:`kdcache.store.layout`; reading is :mod:`kdcache
 from __future__ import annotations
 
 import datetime as _dt
+import threading
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,8 +25,7 @@ from kdcache.errors import (
     StoreWriteError,
 )
 from kdcache.logits.encodings import parse_encoding
-from kdcache.logits.fidelity import SAMPLE_EVERY as FIDELITY_SAMPLE_EVERY
-from kdcache.logits.fidelity import FidelityAccumulator
+from kdcache.logits.fidelity import FidelityAccumulator, sample_stride
 from kdcache.store.creation import (
     checked_sizes,
     checked_view_params,
@@ -60,6 +60,10 @@ class StoreWriter:
 
     Whole contiguous chunks are the fast path: they go to disk without waiting for other rows.
     Call :meth:`finalize` once every row is written; the store is complete only after it.
+    :meth:`write` may be called from several threads at once (kdcache.store.background): the
+    checks, the encoding, the fidelity and the compression of distinct chunks run in parallel
+    (numpy, zstd and file writes release the GIL); only placing rows into chunk buffers is
+    serialised. Each chunk is written whole by one thread, so no two threads share a Zarr chunk.
     """
 
     def __init__(
@@ -93,8 +97,14 @@ class StoreWriter:
             open_array(group, DIGESTS_ARRAY, where) if self._digest_names else None
         )
         self._buffers: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
+        #: Guards the buffers, the written flags in memory and the lock's refresh.
+        self._mutex = threading.Lock()
+        #: Chunks a thread is writing now: their rows arriving again are not buffered twice.
+        self._flushing: set[int] = set()
         #: Fidelity of the encoding over the rows this writer stored (kdcache.logits.fidelity).
-        self.fidelity = FidelityAccumulator(self.encoding, sample_every=FIDELITY_SAMPLE_EVERY)
+        self.fidelity = FidelityAccumulator(
+            self.encoding, sample_every=sample_stride(metadata.num_rows)
+        )
 
     @property
     def num_chunks(self) -> int:
@@ -119,23 +129,41 @@ class StoreWriter:
         self._check_block(rows, block)
         encoded = self.encoding.encode(block)
         chunk_of_row = rows // self.metadata.chunk_rows
-        self.fidelity.update(block, encoded, indices=rows, keep=~self._written[chunk_of_row])
-        for chunk in np.unique(chunk_of_row):
-            chunk = int(chunk)
-            if self._written[chunk]:
-                continue  # already durable (a resumed dump may recompute a partial batch)
-            start, stop = self.metadata.chunk_bounds(chunk)
-            buffers, filled = self._buffers.get(chunk) or self._new_buffer(stop - start)
-            selected = chunk_of_row == chunk
-            local = rows[selected] - start
-            for name, values in encoded.items():
-                buffers[name][local] = values[selected]
-            filled[local] = True
-            if filled.all():
-                self._buffers.pop(chunk, None)
+        with self._mutex:
+            new_rows = ~self._written[chunk_of_row]
+        self.fidelity.update(block, encoded, indices=rows, keep=new_rows)
+        full = self._buffer_rows(rows, chunk_of_row, encoded)
+        try:
+            for chunk, buffers in full:
                 self._flush(chunk, buffers)
-            else:
-                self._buffers[chunk] = (buffers, filled)
+        finally:
+            with self._mutex:
+                self._flushing.difference_update(chunk for chunk, _ in full)
+
+    def _buffer_rows(
+        self, rows: np.ndarray, chunk_of_row: np.ndarray, encoded: dict[str, np.ndarray]
+    ) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """Place encoded rows into their chunks' buffers; return the chunks now full."""
+        full = []
+        with self._mutex:
+            for chunk in np.unique(chunk_of_row):
+                chunk = int(chunk)
+                if self._written[chunk] or chunk in self._flushing:
+                    continue  # already stored (a resumed dump may recompute a partial batch)
+                start, stop = self.metadata.chunk_bounds(chunk)
+                buffers, filled = self._buffers.get(chunk) or self._new_buffer(stop - start)
+                selected = chunk_of_row == chunk
+                local = rows[selected] - start
+                for name, values in encoded.items():
+                    buffers[name][local] = values[selected]
+                filled[local] = True
+                if filled.all():
+                    self._buffers.pop(chunk, None)
+                    self._flushing.add(chunk)
+                    full.append((chunk, buffers))
+                else:
+                    self._buffers[chunk] = (buffers, filled)
+        return full
 
     def _new_buffer(self, num_rows: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         buffers = {
@@ -179,16 +207,18 @@ class StoreWriter:
             self._sync.chunk(arrays, chunk)
         # The flag goes last: a crash before it leaves the chunk marked unwritten.
         self._written_array[chunk] = 1
-        self._written[chunk] = True
         if self._sync is not None:
             self._sync.chunk([self._written_array], chunk)
-        if self._lock is not None:
-            self._lock.refresh()
+        with self._mutex:
+            self._written[chunk] = True
+            if self._lock is not None:
+                self._lock.refresh()
 
     def keep_lock(self) -> None:
         """Renew the writer lock (a remote lease) while the writer waits between writes."""
-        if self._lock is not None:
-            self._lock.refresh()
+        with self._mutex:
+            if self._lock is not None:
+                self._lock.refresh()
 
     def finalize(self) -> StoreMetadata:
         """Mark the store complete (and swap a replacement into place); refuses while any row

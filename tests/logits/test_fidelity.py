@@ -9,10 +9,12 @@ import torch
 from kdcache.errors import ConfigError
 from kdcache.logits.encodings import parse_encoding
 from kdcache.logits.fidelity import (
+    MAX_MEASURED_ROWS,
     Fidelity,
     FidelityAccumulator,
     kl_divergence,
     measure_fidelity,
+    sample_stride,
     sparse_kl_divergence,
 )
 
@@ -79,3 +81,22 @@ def test_sparse_kl_equals_the_kl_to_the_dense_reconstruction():
             atol=1e-6,
             rtol=1e-5,
         )
+
+
+def test_the_writer_measures_every_8th_row_and_at_most_about_65k_rows():
+    assert sample_stride(1_000) == 8 and sample_stride(MAX_MEASURED_ROWS * 8) == 8
+    big = 1_281_167 * 16  # ImageNet with 16 views
+    assert sample_stride(big) > 8 and big / sample_stride(big) <= MAX_MEASURED_ROWS
+
+
+def test_accumulated_fidelity_does_not_depend_on_the_order_of_blocks():
+    block = logits(96, 30)
+    encoding = parse_encoding("topk:4", num_classes=30)
+    results = []
+    for order in (range(12), reversed(range(12))):
+        accumulator = FidelityAccumulator(encoding)
+        for part in order:
+            rows = block[part * 8 : part * 8 + 8]
+            accumulator.update(rows, encoding.encode(rows))
+        results.append(accumulator.result())
+    assert results[0] == results[1]
