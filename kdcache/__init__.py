@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from kdcache._version import __version__
 from kdcache.augment.recipe import Recipe, parse_recipe
+from kdcache.augment.views import augment_record
 from kdcache.config import DistillConfig, DumpConfig, TrainConfig
 from kdcache.dump import DumpResult, dump_teacher
 from kdcache.errors import KdcacheError
@@ -15,6 +16,7 @@ from kdcache.logits.losses import AttentionLogitsLoss, FocalDistillationLoss, Lo
 from kdcache.logits.sequence_losses import TokenDistillationLoss
 from kdcache.logits.sparse import SparseLogits
 from kdcache.store.metadata import StoreMetadata
+from kdcache.store.background import BackgroundWriter
 from kdcache.store.pack import PackResult, pack_store
 from kdcache.store.reader import StoreReader, open_store
 from kdcache.store.report import StoreReport, inspect_store
@@ -27,6 +29,7 @@ from kdcache.train.sweep import SweepConfig, SweepResult, run_sweep
 
 __all__ = [
     "AttentionLogitsLoss",
+    "BackgroundWriter",
     "DistillConfig",
     "DumpConfig",
     "DumpResult",
@@ -48,6 +51,7 @@ __all__ = [
     "TrainConfig",
     "VerifyReport",
     "__version__",
+    "augment_record",
     "create_sequence_store",
     "create_store",
     "distill",
