@@ -55,7 +55,7 @@ def _view_params_codecs() -> dict[str, Any]:
     interleaved; one field after another (``transpose`` to (P, N, V)) with each byte plane
     together (Blosc ``shuffle``) takes an ``rrc+flip`` view at 224 x 224 from 6.6 to 4.8 bytes
     and an ``rrc+flip+mixup`` view from 21.4 to 15.3 (docs/results.md). Blosc level 3: higher
-    levels save under 1 B per view at a tenth of the speed. Both are Zarr v3 spec codecs; stores
+    levels save under 1 B per view at a twentieth of the speed. Both are Zarr v3 spec codecs; stores
     made with the older ``zstd`` codecs read the same (zarr follows each array's zarr.json).
     """
     return {
