@@ -16,7 +16,7 @@ import pytest
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from kdcache import create_store, open_store, parse_recipe, verify_store
+from kdcache import create_store, open_store, pack_store, parse_recipe, verify_store
 from kdcache.errors import StoreFormatError
 
 OLD_STORE = Path(__file__).parent / "data" / "views-zstd-view-params.zip"
@@ -58,6 +58,8 @@ def test_view_params_round_trip_exactly_and_compress_better_than_plain_zstd(tmp_
     plain = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["view_params"][:]
     np.testing.assert_array_equal(plain, table)  # plain zarr reads it too
     assert verify_store(tmp_path / "s.zarr").ok
+    pack_store(tmp_path / "s.zarr", tmp_path / "s.zip")
+    np.testing.assert_array_equal(open_store(tmp_path / "s.zip").view_params, table)
     # The same table with the codecs kdcache used before.
     old = zarr.create_array(
         str(tmp_path / "old"),
