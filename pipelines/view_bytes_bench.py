@@ -1,7 +1,6 @@
 """Bytes per view of multi-view stores at C = 1000, and their fidelity against FKD's top-5.
 
     PYTHONPATH=. python pipelines/view_bytes_bench.py --out /tmp/kdcache-view-bytes
-    PYTHONPATH=. python pipelines/view_bytes_bench.py --out /tmp/kdcache-view-bytes --part digits
 
 Builds real stores through kdcache's public API (``create_store(..., views=V, augment=...,
 view_params=...)``, ``write``, ``finalize``) for every recipe, V and encoding, and reports the
@@ -22,9 +21,8 @@ and the rest (labels, chunk flags and digests, metadata). Prints Markdown tables
   ``read_dense`` / ``read_sparse``, as KL(p_T || p_hat_T) in nats at T = 1, 2, 4, 8 and top-1
   agreement. The same rows are compared with three readings of FKD's top-5 soft labels
   (:func:`fkd_kl`).
-* ``--part digits`` (C = 10): trains an ``mlp:256,128`` teacher on ``digits:16`` with the
-  recipe of docs/results.md (``rrc:scale=0.35-1,ratio=0.75-1.33``, no flip) and dumps it with
-  ``dump_teacher`` for every V and encoding: real dumps, the same byte split.
+
+The same split for real digits dumps (C = 10) is pipelines/view_bytes_digits.py.
 """
 
 from __future__ import annotations
@@ -39,16 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 from encodings_bench import imagenet_like_features
+from fkd_soft_labels import FKD_BYTES_PER_CROP, fkd_kl
 
-from kdcache import (
-    DumpConfig,
-    TrainConfig,
-    create_store,
-    dump_teacher,
-    open_store,
-    parse_recipe,
-    train,
-)
+from kdcache import create_store, open_store, parse_recipe
 from kdcache.logits.fidelity import kl_divergence, sparse_kl_divergence
 
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
@@ -57,11 +48,6 @@ ENCODINGS = ("float16", "int8", "topk:3", "topk:5", "topk:10")
 INPUT_SIZE = (224, 224)
 #: Samples generated and written per step: bounds memory at V = 16 (512 * 16 rows of 4 KB).
 BLOCK = 512
-DIGITS_DATASET, DIGITS_RECIPE = "digits:16", "rrc:scale=0.35-1,ratio=0.75-1.33"
-DIGITS_ENCODINGS = ("float16", "int8", "topk:5")
-#: FKD's bytes per crop: 4 float32 box coordinates, a 1-byte flip flag and a (2, 5) float32
-#: tensor of top-5 class indices and probabilities (github.com/szq0214/FKD, FKD_SLG).
-FKD_BYTES_PER_CROP = 4 * 4 + 1 + 2 * 5 * 4
 
 
 class ViewTeacher:
@@ -84,41 +70,6 @@ class ViewTeacher:
         logits = 32.0 * moved @ self.prototypes.T
         logits += 0.5 * rng.normal(size=logits.shape)
         return logits.astype(np.float32)
-
-
-def fkd_kl(logits: torch.Tensor, temperature: float, k: int = 5) -> dict[str, float]:
-    """Mean KL(p_T || q) of FKD's top-k soft labels, per row of float32 ``logits`` (B, C).
-
-    FKD stores the teacher's top-k softmax probabilities at T = 1 as float32, and rebuilds a
-    target with the remaining mass spread uniformly over the other C - k classes
-    (``marginal_smoothing_k5``). Its training loss divides only the student's logits by
-    ``--temp``; the target stays the T = 1 distribution at every T (``shipped``). Two other
-    readings: ``tempered`` treats the rebuilt q as logits, q_T proportional to q^(1/T) (exact
-    ratios among the k stored classes, but the tail's share is wrong away from T = 1); ``best``
-    takes the top-k of p_T itself with the rest uniform, the least KL any top-k-plus-uniform
-    target can have at that T, which FKD has only at the T it dumped at.
-    """
-    log_p = torch.log_softmax(logits.double() / temperature, dim=1)
-    p = log_p.exp()
-    classes = logits.shape[1]
-
-    def spread(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        rest = ((1 - values.sum(dim=1, keepdim=True)) / (classes - k)).clamp_min(1e-300)
-        return rest.expand(-1, classes).clone().scatter_(1, indices, values)
-
-    def kl(q: torch.Tensor) -> float:
-        return torch.where(p > 0, p * (log_p - q.log()), 0.0).sum(dim=1).mean().item()
-
-    top1 = torch.softmax(logits.double(), dim=1).topk(k, dim=1)
-    # FKD saves float32 probabilities: round them as its files do.
-    shipped = spread(top1.values.float().double(), top1.indices)
-    tempered = torch.softmax(shipped.log() / temperature, dim=1)
-    top_t = p.topk(k, dim=1)
-    return {
-        "shipped": kl(shipped),
-        "tempered": kl(tempered),
-        "best": kl(spread(top_t.values, top_t.indices)),
-    }
 
 
 def store_split(path: Path, logit_arrays: set[str]) -> dict[str, int]:
@@ -214,62 +165,6 @@ def build_stores(
     return results, rrc, np.concatenate(kept_rows), np.concatenate(kept_logits)
 
 
-def run_digits(out: Path, views_list: list[int]) -> list[dict[str, Any]]:
-    """Bytes per view of real digits dumps (C = 10) at every V and encoding."""
-    folder = out / "digits"
-    teacher = train(
-        TrainConfig(
-            model="mlp:256,128",
-            dataset=DIGITS_DATASET,
-            out=str(folder / "teacher"),
-            epochs=10,
-            augment=DIGITS_RECIPE,
-            lr=3e-3,
-            batch_size=64,
-            device="cpu",
-            overwrite=True,
-        )
-    )
-    rows = []
-    for views in views_list:
-        for encoding in DIGITS_ENCODINGS:
-            path = folder / f"v{views}-{encoding.replace(':', '')}.zarr"
-            dumped = dump_teacher(
-                DumpConfig(
-                    teacher="mlp:256,128",
-                    weights=str(folder / "teacher" / "best.pt"),
-                    dataset=DIGITS_DATASET,
-                    out=str(path),
-                    encoding=encoding,
-                    device="cpu",
-                    views=views,
-                    augment=DIGITS_RECIPE,
-                    augment_seed=0,
-                    overwrite=True,
-                )
-            )
-            reader = open_store(path)
-            split = store_split(path, set(reader.encoding.layout(reader.num_classes)))
-            total, num_rows = sum(split.values()), dumped.num_samples * views
-            rows.append(
-                {
-                    "recipe": DIGITS_RECIPE,
-                    "views": views,
-                    "encoding": encoding,
-                    "params_per_view": len(parse_recipe(DIGITS_RECIPE).fields),
-                    "num_samples": dumped.num_samples,
-                    "bytes": total,
-                    "bytes_per_view": total / num_rows,
-                    "bytes_per_image": total / dumped.num_samples,
-                    "split_per_view": {part: n / num_rows for part, n in split.items()},
-                    "teacher_val_acc": teacher.best_val_acc,
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
-            shutil.rmtree(path)
-    return rows
-
-
 def fidelity(paths: dict[str, Path], rows: np.ndarray, logits_np: np.ndarray) -> dict[str, Any]:
     """KL and top-1 agreement of every encoding and of FKD's top-5 on the same ``rows``."""
     logits = torch.from_numpy(logits_np)
@@ -293,7 +188,7 @@ def fidelity(paths: dict[str, Path], rows: np.ndarray, logits_np: np.ndarray) ->
             "top1_agreement": agreeing / len(rows),
         }
         print(encoding, json.dumps(rows_out[encoding]), flush=True)
-    fkd: dict[str, dict[str, float]] = {"shipped": {}, "tempered": {}, "best": {}}
+    fkd: dict[str, dict[str, float]] = {"as_trained": {}, "tempered": {}, "best": {}}
     for t in TEMPERATURES:
         weighted = {name: 0.0 for name in fkd}
         for start in range(0, len(rows), 4096):
@@ -351,7 +246,7 @@ def tables(results: dict[str, Any]) -> str:
         kl = " | ".join(f"{r['kl'][str(t)]:.4g}" for t in TEMPERATURES)
         parts.append(f"| kdcache {encoding} | {kl} | {100 * r['top1_agreement']:.2f}% |")
     labels = {
-        "shipped": "FKD top-5 as trained (T = 1 target at every T)",
+        "as_trained": "FKD top-5 as trained (T = 1 target at every T)",
         "tempered": "FKD top-5, target tempered (q^(1/T))",
         "best": "FKD top-5 best case (top-5 of p_T, rest uniform)",
     }
@@ -367,36 +262,10 @@ def tables(results: dict[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def digits_table(rows: list[dict[str, Any]]) -> str:
-    first = rows[0]
-    parts = [
-        f"### Bytes per view at C = 10 (digits:16, N = {first['num_samples']:,}, recipe "
-        f"`{first['recipe']}`, {first['params_per_view']} floats per view; teacher mlp:256,128 "
-        f"{first['teacher_val_acc']:.1f}% val)",
-        "",
-        "| encoding | V | B/view | logits | view_params | rest | B/image |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in sorted(rows, key=lambda r: (DIGITS_ENCODINGS.index(r["encoding"]), r["views"])):
-        s = r["split_per_view"]
-        parts.append(
-            f"| {r['encoding']} | {r['views']} | **{r['bytes_per_view']:.1f}** | "
-            f"{s['logits']:.1f} | {s['view_params']:.1f} | {s['rest']:.1f} | "
-            f"{r['bytes_per_image']:,.0f} |"
-        )
-    return "\n".join(parts) + "\n"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--out", default="/tmp/kdcache-view-bytes", help="Folder for stores and results."
-    )
-    parser.add_argument(
-        "--part",
-        choices=("c1000", "digits"),
-        default="c1000",
-        help="c1000: synthetic 1,000-class stores; digits: real digits:16 dumps (C = 10).",
     )
     parser.add_argument("--samples", type=int, default=20_000, help="Samples (images) per store.")
     parser.add_argument(
@@ -416,13 +285,6 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     views_list = sorted(int(v) for v in args.views.split(","))
-    if args.part == "digits":
-        rows = run_digits(out, views_list)
-        (out / "results-digits.json").write_text(json.dumps(rows, indent=2) + "\n")
-        text = digits_table(rows)
-        (out / "tables-digits.md").write_text(text)
-        print(text)
-        return
     encodings = tuple(args.encodings.split(","))
     teacher = ViewTeacher(args.samples, spread=args.spread)
     results: dict[str, Any] = {
