@@ -36,6 +36,23 @@ TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 BETWEEN_KNOTS = (0.5, 1.5, 3.0, 6.0, 16.0)
 
 
+def imagenet_like_features(
+    rng: np.random.Generator, num_samples: int, num_classes: int = 1000
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit class prototypes ``(C, 64)``, unit sample features ``(N, 64)`` and labels ``(N,)``
+    of :func:`imagenet_like_logits` (which adds the logit noise), drawn from ``rng``."""
+    dim, groups = 64, num_classes // 10
+    centres = rng.normal(size=(groups, dim))
+    prototypes = centres[np.arange(num_classes) % groups] + 0.7 * rng.normal(
+        size=(num_classes, dim)
+    )
+    prototypes /= np.linalg.norm(prototypes, axis=1, keepdims=True)
+    labels = rng.integers(num_classes, size=num_samples)
+    features = prototypes[labels] + 1.6 * rng.normal(size=(num_samples, dim)) / np.sqrt(dim)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    return prototypes, features, labels
+
+
 def imagenet_like_logits(
     num_samples: int, num_classes: int = 1000, *, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -49,15 +66,7 @@ def imagenet_like_logits(
     its siblings), then a long Gaussian-like tail, as a ResNet-50 on ImageNet.
     """
     rng = np.random.default_rng(seed)
-    dim, groups = 64, num_classes // 10
-    centres = rng.normal(size=(groups, dim))
-    prototypes = centres[np.arange(num_classes) % groups] + 0.7 * rng.normal(
-        size=(num_classes, dim)
-    )
-    prototypes /= np.linalg.norm(prototypes, axis=1, keepdims=True)
-    labels = rng.integers(num_classes, size=num_samples)
-    features = prototypes[labels] + 1.6 * rng.normal(size=(num_samples, dim)) / np.sqrt(dim)
-    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    prototypes, features, labels = imagenet_like_features(rng, num_samples, num_classes)
     logits = 32.0 * features @ prototypes.T + 0.5 * rng.normal(size=(num_samples, num_classes))
     return logits.astype(np.float32), labels
 

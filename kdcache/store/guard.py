@@ -23,6 +23,7 @@ from kdcache.store._zarr_compat import read_group_key
 from kdcache.store.digests import DIGEST_BYTES, DIGESTS_ARRAY, chunk_digest
 from kdcache.store.layout import (
     LABELS_ARRAY,
+    VIEW_PARAMS_ARRAY,
     WRITTEN_ARRAY,
     first_line,
     has_array,
@@ -81,6 +82,17 @@ class ChunkGuard:
                 pinned=pinned,
                 shape=(self.metadata.num_samples,),
                 dtype=np.dtype("int64"),
+                chunks=tuple(array.chunks),
+            )
+        elif name == VIEW_PARAMS_ARRAY:
+            # Its codecs include a transpose: an edited zarr.json would scramble the views.
+            fields = (self.metadata.augment or {}).get("fields")
+            width = len(fields) if fields is not None else (array.shape or (0,))[-1]
+            found = array_problems(
+                array,
+                pinned=pinned,
+                shape=(self.metadata.num_samples, self.metadata.views, width),
+                dtype=np.dtype("float32"),
                 chunks=tuple(array.chunks),
             )
         else:
