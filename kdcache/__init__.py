@@ -15,8 +15,8 @@ from kdcache.errors import KdcacheError
 from kdcache.logits.losses import AttentionLogitsLoss, FocalDistillationLoss, LogitsDistillationLoss
 from kdcache.logits.sequence_losses import TokenDistillationLoss
 from kdcache.logits.sparse import SparseLogits
-from kdcache.store.metadata import StoreMetadata
 from kdcache.store.background import BackgroundWriter
+from kdcache.store.metadata import StoreMetadata
 from kdcache.store.pack import PackResult, pack_store
 from kdcache.store.reader import StoreReader, open_store
 from kdcache.store.report import StoreReport, inspect_store
