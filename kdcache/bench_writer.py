@@ -47,12 +47,12 @@ def _write_once(
     num_rows: int,
     batch_size: int,
     fsync: bool,
-) -> tuple[float, float]:
-    """Seconds of wall and process CPU time to write ``num_rows`` rows and finalize."""
+) -> float:
+    """Seconds to write ``num_rows`` rows and finalize."""
     writer = create_store(
         path, num_samples=num_rows, num_classes=pool.shape[1], encoding=encoding, fsync=fsync
     )
-    wall, cpu = time.perf_counter(), time.process_time()
+    started = time.perf_counter()
     with BackgroundWriter(writer, workers=workers) as background:
         for start in range(0, num_rows, batch_size):
             stop = min(start + batch_size, num_rows)
@@ -62,7 +62,7 @@ def _write_once(
                 block = np.concatenate([block, pool[: stop - start - len(block)]])
             background.write(np.arange(start, stop), block)
     writer.finalize()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    return time.perf_counter() - started
 
 
 def bench_writer(
@@ -79,9 +79,8 @@ def bench_writer(
     """Rows/s of the writer for each encoding and each number of writer threads.
 
     Runs are interleaved over ``repeats`` rounds (the order of the workers reversed every other
-    round) and medians reported. ``rows_per_s`` is wall-clock throughput, ``rows_per_cpu_s``
-    rows per second of process CPU time (all threads), and ``speedup`` the median over rounds
-    of the ratio to the first worker count's time in the same round.
+    round) and medians reported. ``rows_per_s`` is wall-clock throughput and ``speedup`` the
+    median over rounds of the ratio to the first worker count's time in the same round.
     """
     counts = list(workers) if workers else [default_writer_workers()]
     if not encodings or any(n < 1 for n in counts) or num_rows < 1 or batch_size < 1:
@@ -91,7 +90,6 @@ def bench_writer(
         )
     pool = teacher_like_logits(min(_POOL_ROWS, num_rows), num_classes)
     wall: dict[tuple[str, int], list[float]] = {}
-    cpu: dict[tuple[str, int], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-writer-", dir=path) as scratch:
         # Untimed: the first store of a process pays imports and zarr's event-loop start.
         _write_once(
@@ -107,7 +105,7 @@ def bench_writer(
             order = counts if round_index % 2 == 0 else counts[::-1]
             for encoding in encodings:
                 for count in order:
-                    seconds, cpu_seconds = _write_once(
+                    seconds = _write_once(
                         Path(scratch) / f"r{round_index}-{encoding.replace(':', '')}-{count}.zarr",
                         pool,
                         encoding=encoding,
@@ -117,7 +115,6 @@ def bench_writer(
                         fsync=fsync,
                     )
                     wall.setdefault((encoding, count), []).append(seconds)
-                    cpu.setdefault((encoding, count), []).append(cpu_seconds)
     rows = []
     for encoding in encodings:
         base = wall[(encoding, counts[0])]
@@ -129,7 +126,6 @@ def bench_writer(
                         "encoding": encoding,
                         "workers": count,
                         "rows_per_s": num_rows / statistics.median(times),
-                        "rows_per_cpu_s": num_rows / statistics.median(cpu[(encoding, count)]),
                         "speedup": statistics.median(
                             b / t for b, t in zip(base, times, strict=True)
                         ),

@@ -34,6 +34,10 @@ SAMPLE_EVERY = 8
 MAX_MEASURED_ROWS = 1 << 16
 
 
+#: Selected rows wait until they hold this many logits, then are measured in one go.
+MEASURE_BLOCK_ELEMENTS = 1 << 20
+
+
 def sample_stride(num_rows: int) -> int:
     """Measure every ``sample_stride(num_rows)``-th row of a store of ``num_rows`` rows."""
     return max(SAMPLE_EVERY, -(-num_rows // MAX_MEASURED_ROWS))
@@ -121,9 +125,10 @@ class Fidelity:
 class FidelityAccumulator:
     """Sums the fidelity of ``encoding`` over blocks of rows as they are encoded.
 
-    Safe to update from several threads (the writer's encoder threads). The sums are exact
-    (``math.fsum`` over per-block partial sums), so the result does not depend on the order in
-    which blocks arrive, nor on how many threads wrote them.
+    Safe to update from several threads. It keeps every measured row's KL and sums them
+    exactly (``math.fsum``; at most ~65k rows in a store, see :func:`sample_stride`), so the
+    result depends neither on the order in which blocks arrive nor on how the rows were split
+    between threads or processes (:meth:`parts`, :meth:`add_parts`).
     """
 
     def __init__(
@@ -137,7 +142,10 @@ class FidelityAccumulator:
         self.sample_every = sample_every
         self.temperatures = tuple(float(t) for t in temperatures)
         self._lock = threading.Lock()
-        self._kl_parts: list[list[float]] = [[] for _ in self.temperatures]
+        self._kl_rows: list[list[np.ndarray]] = [[] for _ in self.temperatures]
+        #: Rows selected but not measured yet (true logits, encoded arrays).
+        self._pending: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        self._pending_elements = 0
         self._agreeing = 0
         self._rows = 0
 
@@ -164,40 +172,68 @@ class FidelityAccumulator:
             encoded = {name: values[selected] for name, values in encoded.items()}
         if len(logits) == 0:
             return
-        true = np.asarray(logits)
+        with self._lock:
+            self._pending.append((np.array(logits), encoded))
+            self._pending_elements += logits.size
+            if self._pending_elements < MEASURE_BLOCK_ELEMENTS:
+                return
+            blocks, self._pending, self._pending_elements = self._pending, [], 0
+        self._measure(blocks)
+
+    def _measure(self, blocks: list[tuple[np.ndarray, dict[str, np.ndarray]]]) -> None:
+        """KL and agreement of the rows of ``blocks``, measured together: the per-call cost of
+        the small sparse-tail operations is then paid once per ~1M logits, not once per batch
+        (each row's KL does not depend on the rows measured with it)."""
+        if not blocks:
+            return
+        true = np.concatenate([logits for logits, _ in blocks])
+        encoded = {
+            name: np.concatenate([arrays[name] for _, arrays in blocks]) for name in blocks[0][1]
+        }
         sparse = self.encoding.sparse(encoded) if self.encoding.is_sparse else None
         agreeing = 0
-        kl_sums = []
+        kls = []
         if sparse is not None:
             agreeing = int((true.argmax(axis=1) == _numpy(sparse.indices[:, 0])).sum())
         for position, temperature in enumerate(self.temperatures):
             if sparse is not None:
-                kl_sums.append(float(sparse_kl_divergence(true, sparse, temperature).sum()))
+                kls.append(sparse_kl_divergence(true, sparse, temperature).numpy())
                 continue
             approx = self.encoding.decode(encoded, temperature=temperature)
-            kl_sums.append(float(kl_divergence(true, approx, temperature).sum()))
+            kls.append(kl_divergence(true, approx, temperature).numpy())
             if position == 0:  # the arg-max of a reconstruction does not depend on T
                 agreeing = int((true.argmax(axis=1) == approx.argmax(axis=1)).sum())
+        self.add_parts((kls, agreeing, len(true)))
+
+    def parts(self) -> tuple[list[np.ndarray], int, int]:
+        """Every measured row's KL (one array per temperature), agreeing rows, rows: what
+        :meth:`add_parts` of another accumulator takes."""
         with self._lock:
-            for parts, value in zip(self._kl_parts, kl_sums, strict=True):
-                parts.append(value)
+            blocks, self._pending, self._pending_elements = self._pending, [], 0
+        self._measure(blocks)
+        with self._lock:
+            kls = [np.concatenate(rows) if rows else np.zeros(0) for rows in self._kl_rows]
+            return kls, self._agreeing, self._rows
+
+    def add_parts(self, parts: tuple[list[np.ndarray], int, int]) -> None:
+        """Add rows measured elsewhere (:meth:`parts`)."""
+        kls, agreeing, rows = parts
+        with self._lock:
+            for kept, values in zip(self._kl_rows, kls, strict=True):
+                kept.append(np.asarray(values, dtype=np.float64).reshape(-1))
             self._agreeing += agreeing
-            self._rows += len(logits)
+            self._rows += rows
 
     def totals(self) -> tuple[list[float], int, int]:
         """The running sums (KL per temperature, agreeing rows, rows), to add up across
         processes."""
-        with self._lock:
-            return [math.fsum(parts) for parts in self._kl_parts], self._agreeing, self._rows
+        kls, agreeing, rows = self.parts()
+        return [math.fsum(values.tolist()) for values in kls], agreeing, rows
 
     def add_totals(self, totals: tuple[list[float], int, int]) -> None:
         """Add another accumulator's :meth:`totals` (the rows another rank of a dump encoded)."""
         kl_sums, agreeing, rows = totals
-        with self._lock:
-            for parts, value in zip(self._kl_parts, kl_sums, strict=True):
-                parts.append(float(value))
-            self._agreeing += agreeing
-            self._rows += rows
+        self.add_parts(([np.array([value], dtype=np.float64) for value in kl_sums], agreeing, rows))
 
     def result(self) -> Fidelity | None:
         """The fidelity so far; ``None`` before any row was added."""
