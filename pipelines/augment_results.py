@@ -4,7 +4,7 @@ Usage: python pipelines/augment_results.py OUT [--epochs E] [--seeds 0,1,2] [--j
                                               [--teacher-device cuda] [--dataset SPEC]
                                               [--teacher-dataset SPEC] [--teacher SPEC]
                                               [--student SPEC] [--recipe R] [--lr LR]
-                                              [--batch-size B]
+                                              [--batch-size B] [--threads N]
 
 Trains an mlp:256,128 teacher with cross-entropy on random-resized crops (by default; --teacher,
 --student, --recipe and --dataset choose others), dumps it as float16 stores
@@ -212,6 +212,14 @@ def main() -> None:
     )
     parser.add_argument("--lr", type=float, default=COMMON["lr"], help="every run's Adam lr")
     parser.add_argument("--batch-size", type=int, default=COMMON["batch_size"])
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="torch threads for the teacher's training and dumps on the CPU (the student runs "
+        "use one each); 1 on a machine shared with other jobs, where several threads wait on "
+        "each other",
+    )
     args = parser.parse_args()
     dataset = args.dataset
     common = {**COMMON, "lr": args.lr, "batch_size": args.batch_size}
@@ -235,7 +243,7 @@ def main() -> None:
 
     import torch
 
-    torch.set_num_threads(min(8, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     from kdcache import TrainConfig
     from kdcache.train.loop import train
 
