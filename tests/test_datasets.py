@@ -299,3 +299,43 @@ def test_digits_upscaled_keeps_samples_and_labels():
     assert abs(float(large[3][0].mean()) - float(small[3][0].mean())) < 0.02
     with pytest.raises(SpecError, match="digits:SIZE"):
         build_dataset("digits:4")
+
+
+def test_digits_subset_keeps_a_stratified_training_subset_and_the_whole_test_split():
+    full, few = build_dataset("digits:16"), build_dataset("digits:16:200")
+    assert len(few) == 200 and np.array_equal(np.bincount(few.labels), [20] * 10)
+    assert len(build_dataset("digits:16:200", split="test")) == 360
+    # Every kept sample is one of the full split's, unchanged.
+    full_images = {full[i][0].numpy().tobytes(): full.labels[i] for i in range(len(full))}
+    assert all(full_images[few[i][0].numpy().tobytes()] == few.labels[i] for i in range(0, 200, 7))
+
+
+def test_digits_shift_moves_each_image_by_a_fixed_offset_within_the_bound():
+    centred, moved = build_dataset("digits:16:1437"), build_dataset("digits:16:1437:2")
+    assert np.array_equal(centred.labels, moved.labels)
+    offsets = set()
+    for i in range(0, len(centred), 97):
+        x, y = centred[i][0], moved[i][0]
+        padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+        found = [
+            (dy, dx)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if torch.equal(padded[:, 2 - dy : 18 - dy, 2 - dx : 18 - dx], y)
+        ]
+        assert found, f"sample {i} is not the centred image moved by at most 2 px"
+        offsets.add(found[0])
+    assert len(offsets) > 5  # offsets differ between samples
+    # The test split is moved too (same distribution), and the same on every build.
+    test, centred_test = (
+        build_dataset("digits:16:1437:2", split="test"),
+        build_dataset("digits:16", split="test"),
+    )
+    assert sum(not torch.equal(test[i][0], centred_test[i][0]) for i in range(20)) > 10
+    assert torch.equal(test[7][0], build_dataset("digits:16:1437:2", split="test")[7][0])
+
+
+@pytest.mark.parametrize("spec", ["digits::300", "digits:16:5", "digits:16:x", "digits:16:300:8"])
+def test_malformed_digits_variants_name_the_valid_forms(spec):
+    with pytest.raises(SpecError, match="digits:SIZE:N:SHIFT"):
+        build_dataset(spec)
