@@ -4,12 +4,13 @@ During a dump the teacher's next forward pass runs while earlier batches' logits
 encoded, compressed and written: :meth:`BackgroundWriter.write` only queues the batch (after
 starting its device-to-host copy) and returns. ``workers`` threads take batches from the queue
 and call :meth:`StoreWriter.write`, which is safe to call concurrently; numpy, zstd and file
-writes release the GIL, so the threads use as many cores (see docs/benchmarks.md, "Writer
-workers"). The queue is bounded, so at most ``max_pending`` batches wait in memory and a slow
-disk slows the dump instead of filling RAM. An error in a background thread (non-finite logits,
-a full disk) is raised again, unchanged, by the next ``write`` or by ``close``, so the CLI still
-prints its one line. Chunks written before the error stay durable and the dump stays resumable:
-the threads only ever call :meth:`StoreWriter.write`.
+writes release the GIL, so the threads share the cores (zarr's single event-loop thread and the
+GIL-held part of each chunk write limit them: docs/benchmarks.md, "Writer threads"). The queue
+is bounded, so at most ``max_pending`` batches wait in memory and a slow disk slows the dump
+instead of filling RAM. An error in a background thread (non-finite logits, a full disk) is
+raised again, unchanged, by the next ``write`` or by ``close``, so the CLI still prints its one
+line. Chunks written before the error stay durable and the dump stays resumable: the threads
+only ever call :meth:`StoreWriter.write`.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from kdcache.store.writer import StoreWriter
 
 #: Batches that may wait for each background thread before ``write`` blocks.
 PENDING_PER_WORKER = 2
-#: At most this many writer threads by default: beyond it a dump's writer outruns any teacher
-#: measured (docs/benchmarks.md) and more threads only take cores from the DataLoader.
+#: At most this many writer threads by default: the speed-up per added thread shrinks (zarr's
+#: one event-loop thread, the GIL), and more threads only take cores from the DataLoader.
 MAX_DEFAULT_WORKERS = 8
 _STOP = object()
 
@@ -39,9 +40,10 @@ def default_writer_workers() -> int:
     """Writer threads for this process: a quarter of its cores (shared among the processes of a
     torchrun node), between 1 and :data:`MAX_DEFAULT_WORKERS`.
 
-    One thread encodes, compresses and writes 35-45k float16 rows/s of 1,000 classes on one
-    core of the 2-core CI machine (docs/benchmarks.md); a ResNet-50 on an H200 with 16 views
-    per image needs ~120k rows/s, which 4 threads (a 16-core machine) cover.
+    On the 2-core CI machine one thread writes 36k float16 or 65k ``topk:5`` rows/s of 1,000
+    classes, two threads 48k and 105k (docs/benchmarks.md, "Writer threads"); a ResNet-50 on an
+    H200 with 16 views per image produces ~120k rows/s, which the 4 threads of a 16-core
+    machine cover for ``topk:K`` (float16 at C = 1,000 stays writer-bound in one process).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
