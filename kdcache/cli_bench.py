@@ -180,9 +180,12 @@ def bench_dump(
         )
         return
     if len(encodings) > 1 or (workers is not None and len(workers) > 1):
+        given = (
+            f"--encoding {encoding}" if len(encodings) > 1 else f"--writer-workers {writer_workers}"
+        )
         raise ConfigError(
-            f"--encoding {encoding!r} / --writer-workers {writer_workers!r}: lists need "
-            "--writer-only; a dump is timed with one encoding and one number of writer threads"
+            f"{given}: lists need --writer-only; a dump is timed with one encoding and one "
+            "number of writer threads"
         )
     from kdcache.bench_dump import bench_dump as run
 

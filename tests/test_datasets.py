@@ -335,7 +335,9 @@ def test_digits_shift_moves_each_image_by_a_fixed_offset_within_the_bound():
     assert torch.equal(test[7][0], build_dataset("digits:16:1437:2", split="test")[7][0])
 
 
-@pytest.mark.parametrize("spec", ["digits::300", "digits:16:5", "digits:16:x", "digits:16:300:8"])
+@pytest.mark.parametrize(
+    "spec", ["digits::300", "digits:16:5", "digits:16:1430", "digits:16:x", "digits:16:300:8"]
+)
 def test_malformed_digits_variants_name_the_valid_forms(spec):
     with pytest.raises(SpecError, match="digits:SIZE:N:SHIFT"):
         build_dataset(spec)

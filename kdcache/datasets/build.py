@@ -119,7 +119,8 @@ def _digits_args(spec: str, args: str) -> tuple[int, int | None, int]:
     parts = args.split(":") if args else []
     form = (
         "expected 'digits', 'digits:SIZE' (integer SIZE >= 8, e.g. digits:32), 'digits:SIZE:N' "
-        f"(N training samples, 10 <= N <= {DIGITS_TRAIN_SIZE}, e.g. digits:16:300) or "
+        f"(N training samples, 10 <= N <= {DIGITS_TRAIN_SIZE - 10} or N = {DIGITS_TRAIN_SIZE}, "
+        "e.g. digits:16:300) or "
         "'digits:SIZE:N:SHIFT' (every image moved by up to SHIFT < SIZE/2 pixels, e.g. "
         "digits:16:300:3)"
     )
@@ -128,7 +129,9 @@ def _digits_args(spec: str, args: str) -> tuple[int, int | None, int]:
     size, train_size, shift = [int(part) for part in parts] + [8, DIGITS_TRAIN_SIZE, 0][
         len(parts) :
     ]
-    if size < 8 or not 10 <= train_size <= DIGITS_TRAIN_SIZE or 2 * shift >= size:
+    # A stratified subset leaves at least one sample of each of the 10 classes out.
+    subset_ok = 10 <= train_size <= DIGITS_TRAIN_SIZE - 10 or train_size == DIGITS_TRAIN_SIZE
+    if size < 8 or not subset_ok or 2 * shift >= size:
         raise SpecError(f"malformed dataset spec {spec!r}; {form}")
     return size, None if train_size == DIGITS_TRAIN_SIZE else train_size, shift
 

@@ -87,7 +87,8 @@ def sparse_kl_divergence(
         with np.errstate(divide="ignore", invalid="ignore"):  # no tail mass: no term
             tail_term = tail_mass * (tail_log - math.log(sparse.num_tail))
         cross = cross + np.where(tail_mass > 0, tail_term, 0.0)
-    entropy = np.where(p > 0, p * log_p, 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore"):  # 0 * -inf for a class without mass: dropped
+        entropy = np.where(p > 0, p * log_p, 0.0).sum(axis=1)
     return torch.from_numpy(entropy - cross)
 
 
@@ -207,7 +208,7 @@ class FidelityAccumulator:
 
     def parts(self) -> tuple[list[np.ndarray], int, int]:
         """Every measured row's KL (one array per temperature), agreeing rows, rows: what
-        :meth:`add_parts` of another accumulator takes."""
+        :meth:`add_parts` of another accumulator takes (another rank's rows)."""
         with self._lock:
             blocks, self._pending, self._pending_elements = self._pending, [], 0
         self._measure(blocks)
@@ -224,25 +225,14 @@ class FidelityAccumulator:
             self._agreeing += agreeing
             self._rows += rows
 
-    def totals(self) -> tuple[list[float], int, int]:
-        """The running sums (KL per temperature, agreeing rows, rows), to add up across
-        processes."""
-        kls, agreeing, rows = self.parts()
-        return [math.fsum(values.tolist()) for values in kls], agreeing, rows
-
-    def add_totals(self, totals: tuple[list[float], int, int]) -> None:
-        """Add another accumulator's :meth:`totals` (the rows another rank of a dump encoded)."""
-        kl_sums, agreeing, rows = totals
-        self.add_parts(([np.array([value], dtype=np.float64) for value in kl_sums], agreeing, rows))
-
     def result(self) -> Fidelity | None:
         """The fidelity so far; ``None`` before any row was added."""
-        kl_sums, agreeing, rows = self.totals()
+        kls, agreeing, rows = self.parts()
         if rows == 0:
             return None
         return Fidelity(
             temperatures=self.temperatures,
-            mean_kl=tuple(value / rows for value in kl_sums),
+            mean_kl=tuple(math.fsum(values.tolist()) / rows for values in kls),
             top1_agreement=agreeing / rows,
             num_samples=rows,
         )

@@ -61,7 +61,9 @@ class BackgroundWriter:
     def __init__(
         self, writer: StoreWriter, *, workers: int | None = None, max_pending: int | None = None
     ) -> None:
-        if workers is not None and not (isinstance(workers, int) and workers >= 1):
+        if workers is not None and (
+            isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+        ):
             raise ConfigError(f"writer workers must be an integer >= 1, got {workers!r}")
         self.writer = writer
         self.workers = workers or default_writer_workers()

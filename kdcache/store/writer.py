@@ -143,7 +143,8 @@ class StoreWriter:
     def _buffer_rows(
         self, rows: np.ndarray, chunk_of_row: np.ndarray, encoded: dict[str, np.ndarray]
     ) -> list[tuple[int, dict[str, np.ndarray]]]:
-        """Place encoded rows into their chunks' buffers; return the chunks now full."""
+        """Place encoded rows into their chunks' buffers; return the chunks now full (marked as
+        being written only once all are placed, so a failure here leaves none marked)."""
         full = []
         with self._mutex:
             for chunk in np.unique(chunk_of_row):
@@ -159,10 +160,10 @@ class StoreWriter:
                 filled[local] = True
                 if filled.all():
                     self._buffers.pop(chunk, None)
-                    self._flushing.add(chunk)
                     full.append((chunk, buffers))
                 else:
                     self._buffers[chunk] = (buffers, filled)
+            self._flushing.update(chunk for chunk, _ in full)
         return full
 
     def _new_buffer(self, num_rows: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
