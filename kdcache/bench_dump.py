@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdcache.augment.recipe import parse_recipe
-from kdcache.augment.views import AllViews, ViewSource, input_size
+from kdcache.augment.views import AllViews, ViewSource
 from kdcache.bench_feed import paired_ratio, round_floats, set_threads
 from kdcache.bench_inputs import timed
 from kdcache.config import DumpConfig
@@ -112,11 +112,9 @@ def bench_dump(
     form = resolve_inputs(inputs, data, torch_device, views=augment is not None)
     source = None
     if augment is not None:
-        recipe = parse_recipe(augment)
-        params = recipe.sample_table(
-            seed=augment_seed, num_samples=len(data), views=views, size=input_size(data)
+        source = ViewSource.drawn(
+            data.with_inputs(form), parse_recipe(augment), seed=augment_seed, views=views
         )
-        source = ViewSource(data.with_inputs(form), recipe, params)
     _, model = prepare_model(
         build_model(teacher, num_classes=data.num_classes, in_channels=data.in_channels).eval(),
         device=torch_device,

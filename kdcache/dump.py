@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from kdcache.augment.recipe import parse_recipe
-from kdcache.augment.views import AllViews, ViewSource, augment_record, input_size
+from kdcache.augment.views import AllViews, ViewSource, augment_record
 from kdcache.config import DumpConfig
 from kdcache.datasets import build_dataset, canonical_dataset_spec, dataset_fingerprint
 from kdcache.device_input import InputPipeline, resolve_inputs
@@ -150,12 +150,9 @@ def _dump_teacher(config: DumpConfig, session: RankSession) -> DumpResult:
     source, augment, params = None, None, None
     if config.augment is not None:
         recipe = parse_recipe(config.augment)
-        size = input_size(dataset)
-        params = recipe.sample_table(
-            seed=config.augment_seed, num_samples=len(dataset), views=views, size=size
-        )
-        source = ViewSource(dataset, recipe, params)
-        augment = augment_record(recipe, seed=config.augment_seed, size=size)
+        source = ViewSource.drawn(dataset, recipe, seed=config.augment_seed, views=views)
+        params = source.params
+        augment = augment_record(recipe, seed=config.augment_seed, size=source.size)
 
     with open_rank_writer(
         session,

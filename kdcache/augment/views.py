@@ -84,6 +84,14 @@ class ViewSource:
         self.views = params.shape[1]
         self.size = input_size(dataset)
 
+    @classmethod
+    def drawn(cls, dataset: BaseDataset, recipe: Recipe, *, seed: int, views: int) -> ViewSource:
+        """``views`` views of every sample, their parameters drawn by ``recipe`` from ``seed``
+        for the dataset's input size: the views a dump, an online run and a benchmark share."""
+        size = input_size(dataset)
+        params = recipe.sample_table(seed=seed, num_samples=len(dataset), views=views, size=size)
+        return cls(dataset, recipe, params)
+
     def _clean(self, index: int) -> torch.Tensor:
         image = self.dataset[index][0]
         if tuple(image.shape[-2:]) != self.size:

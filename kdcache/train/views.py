@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kdcache.augment.order import ViewSampler
 from kdcache.augment.recipe import SAMPLER, Recipe, parse_recipe
-from kdcache.augment.views import ViewDataset, ViewSource, input_size, sampler_of
+from kdcache.augment.views import ViewDataset, ViewSource, sampler_of
 from kdcache.datasets import LabeledDataset
 from kdcache.errors import StoreMismatchError
 from kdcache.store.feed import LogitFeed
@@ -169,14 +169,9 @@ def drawn_views(
     count = 1
     if augment is not None:
         count = views or epochs
-        recipe = parse_recipe(augment)
-        params = recipe.sample_table(
-            seed=augment_seed or 0,
-            num_samples=len(dataset),
-            views=count,
-            size=input_size(dataset),
+        source = ViewSource.drawn(
+            dataset, parse_recipe(augment), seed=augment_seed or 0, views=count
         )
-        source = ViewSource(dataset, recipe, params)
     student = _student_recipe(student_augment)
     return Views(
         dataset=ViewDataset(dataset, source, student=student, student_seed=seed),
