@@ -22,7 +22,7 @@ from torch import Tensor
 
 from kdcache.errors import ConfigError
 from kdcache.logits.encodings import Encoding
-from kdcache.logits.sparse import SparseLogits
+from kdcache.logits.sparse import SparseLogits, as_numpy
 
 #: Temperatures at which the fidelity is measured and recorded.
 FIDELITY_TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
@@ -43,14 +43,10 @@ def sample_stride(num_rows: int) -> int:
     return max(SAMPLE_EVERY, -(-num_rows // MAX_MEASURED_ROWS))
 
 
-def _numpy(values: Tensor | np.ndarray) -> np.ndarray:
-    return values.detach().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
-
-
 def _log_softmax(logits: Tensor | np.ndarray, temperature: float) -> np.ndarray:
     """log p_T per row in float64. numpy, like the whole fidelity: one core per call with the GIL
     released, so the writer's threads measure in parallel instead of queueing on torch's pool."""
-    scaled = _numpy(logits).astype(np.float64) / temperature
+    scaled = as_numpy(logits).astype(np.float64) / temperature
     scaled -= scaled.max(axis=1, keepdims=True)
     scaled -= np.log(np.exp(scaled).sum(axis=1, keepdims=True))
     return scaled
@@ -78,9 +74,9 @@ def sparse_kl_divergence(
     log_p = _log_softmax(true_logits, temperature)
     p = np.exp(log_p)
     top_log, tail_log = (
-        _numpy(part) for part in sparse.to("cpu", torch.float64).log_probs(temperature)
+        as_numpy(part) for part in sparse.to("cpu", torch.float64).log_probs(temperature)
     )
-    stored = np.take_along_axis(p, _numpy(sparse.indices), axis=1)
+    stored = np.take_along_axis(p, as_numpy(sparse.indices), axis=1)
     cross = (stored * top_log).sum(axis=1)
     if sparse.num_tail:
         tail_mass = np.clip(1 - stored.sum(axis=1), 0.0, None)
@@ -195,7 +191,7 @@ class FidelityAccumulator:
         agreeing = 0
         kls = []
         if sparse is not None:
-            agreeing = int((true.argmax(axis=1) == _numpy(sparse.indices[:, 0])).sum())
+            agreeing = int((true.argmax(axis=1) == as_numpy(sparse.indices[:, 0])).sum())
         for position, temperature in enumerate(self.temperatures):
             if sparse is not None:
                 kls.append(sparse_kl_divergence(true, sparse, temperature).numpy())

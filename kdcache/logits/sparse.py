@@ -150,6 +150,11 @@ class SparseLogits:
 TeacherInput = Tensor | SparseLogits
 
 
+def as_numpy(values: Tensor | np.ndarray) -> np.ndarray:
+    """``values`` as a numpy array (a tensor is detached and brought to the host first)."""
+    return values.detach().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
+
+
 def tail_statistics(logits: Tensor | np.ndarray, kept: Tensor | np.ndarray) -> Tensor:
     """The :data:`TAIL_STATS` of the classes of ``logits`` (B, C) not in ``kept`` (B, K), (B, 6).
 
@@ -158,9 +163,9 @@ def tail_statistics(logits: Tensor | np.ndarray, kept: Tensor | np.ndarray) -> T
     the GIL: the store writer's encoder threads then scale, where torch's shared intra-op pool
     made parallel callers wait on each other. Needs K < C.
     """
-    values = logits.detach().cpu().numpy() if isinstance(logits, Tensor) else np.asarray(logits)
+    values = as_numpy(logits)
     values = values.astype(np.promote_types(values.dtype, np.float32), copy=False)
-    columns = kept.cpu().numpy() if isinstance(kept, Tensor) else np.asarray(kept)
+    columns = as_numpy(kept)
     num_tail = values.shape[1] - columns.shape[1]
     shifted = values.copy()
     np.put_along_axis(shifted, columns, -np.inf, axis=1)
