@@ -82,7 +82,7 @@ def test_user_errors_are_one_line(tmp_path, digits_store):
     )
     assert_one_line_error(
         run_cli("dump-teacher", "--teacher", "cnn", "--out", str(digits_store), check=False),
-        "--overwrite",
+        "already holds a complete store; pass --overwrite to replace it",
     )
     assert zarr.open_group(str(digits_store), mode="r").attrs["kdcache"]["complete"]
 

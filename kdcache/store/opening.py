@@ -83,12 +83,12 @@ def open_for_writing(
     if not overwrite:
         if old.complete:
             raise StoreExistsError(
-                f"{where} already holds a complete store; pass --overwrite (overwrite=True) "
-                "to replace it, or choose another path"
+                f"{where} already holds a complete store; pass --overwrite to replace it, or "
+                "choose another path"
             )
         raise StoreExistsError(
-            f"{where} holds an interrupted dump; pass --resume (resume=True) to continue it "
-            "or --overwrite (overwrite=True) to start over"
+            f"{where} holds an interrupted dump; pass --resume to continue it or --overwrite to "
+            "start over"
         )
     if location.kind != "local":
         # Object stores cannot swap a prefix atomically: the old store goes first (docs/sharing.md).

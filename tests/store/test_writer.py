@@ -121,6 +121,15 @@ def test_existing_stores_are_never_clobbered_without_overwrite(tmp_path):
     assert (tmp_path / "photos" / "cat.jpg").read_text() == "not a store"
 
 
+def test_an_interrupted_dump_is_refused_naming_the_options_that_continue_or_replace_it(tmp_path):
+    create_store(tmp_path / "s.zarr", num_samples=4, num_classes=2).close()
+    with pytest.raises(StoreExistsError) as refused:
+        create_store(tmp_path / "s.zarr", num_samples=4, num_classes=2)
+    assert str(refused.value).endswith(
+        "holds an interrupted dump; pass --resume to continue it or --overwrite to start over"
+    )
+
+
 def test_bad_logits_are_refused_with_the_offending_indices(tmp_path):
     writer = create_store(tmp_path / "s.zarr", num_samples=10, num_classes=3)
     bad = random_logits(4, 3)

@@ -12,7 +12,7 @@ from kdcache.train.loop import distill
 from kdcache.train.sweep import SweepConfig, run_sweep
 
 
-def api_store(path, labels, value=0.0):
+def api_store(path, labels, value=0.0, overwrite=False):
     """A digits store built through the Python API: labels, but no dataset fingerprint."""
     writer = create_store(
         path,
@@ -21,6 +21,7 @@ def api_store(path, labels, value=0.0):
         encoding="float32",
         labels=labels,
         dataset={"spec": "digits", "split": "train"},
+        overwrite=overwrite,
     )
     writer.write(np.arange(len(labels)), np.full((len(labels), 10), value))
     writer.finalize()
@@ -41,6 +42,11 @@ def test_a_sweep_folder_belongs_to_one_store(tmp_path):
     second = api_store(tmp_path / "b.zarr", labels, value=1.0)
     options = dict(student="mlp:8", out=str(tmp_path / "sw"), temperatures=(4.0,), epochs=1)
     run_sweep(SweepConfig(cache=str(first), device="cpu", **options))
-    with pytest.raises(KdcacheError, match="holds a sweep over another store or dataset"):
+    with pytest.raises(KdcacheError) as refused:
         run_sweep(SweepConfig(cache=str(second), device="cpu", **options))
+    assert f"its runs were distilled from {first}, not {second}; " in str(refused.value)
     assert run_sweep(SweepConfig(cache=str(first), device="cpu", **options)).runs_skipped == 1
+    api_store(first, labels, value=2.0, overwrite=True)
+    with pytest.raises(KdcacheError) as refused:
+        run_sweep(SweepConfig(cache=str(first), device="cpu", **options))
+    assert f"{first} was dumped again since its runs were trained; " in str(refused.value)
