@@ -19,6 +19,7 @@ import torch
 
 from kdcache.store.layout import store_nbytes
 from kdcache.store.reader import StoreReader, open_store
+from kdcache.store.sequence import SEQUENCE_KEY
 
 #: Temperatures at which the report gives the teacher's mean entropy.
 ENTROPY_TEMPERATURES = (1.0, 4.0)
@@ -32,7 +33,10 @@ class StoreReport:
 
     ``bytes_on_disk`` is ``None`` for a remote store; ``teacher_accuracy`` (percent) needs stored
     labels; accuracy and entropies (nats, keyed by the temperature as text) need a complete store;
-    ``fidelity`` is absent from stores written before kdcache recorded it.
+    ``fidelity`` is absent from stores written before kdcache recorded it. A token-level store of
+    a language model (``sequence`` set: ``num_sequences``, ``num_tokens``, ``max_length``) holds
+    one row per next-token position: its samples are tokens, its classes the vocabulary, and its
+    accuracy is the teacher's next-token accuracy.
     """
 
     path: str
@@ -57,6 +61,7 @@ class StoreReport:
     views: int = 1
     augment: dict[str, Any] | None = None
     bytes_per_view: float | None = None
+    sequence: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,6 +125,7 @@ def inspect_store(path: str | os.PathLike[str]) -> StoreReport:
         views=meta.views,
         augment=meta.augment,
         bytes_per_view=None if nbytes is None else nbytes / meta.num_rows,
+        sequence=meta.extra.get(SEQUENCE_KEY),
     )
 
 
@@ -153,17 +159,42 @@ def _number(value: float | None, unit: str = "", digits: int = 4) -> str:
     return f"{value:.{digits}g}{unit}"
 
 
+def _accuracy(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.2f}%"
+
+
 def format_report(report: StoreReport) -> str:
     """The report as aligned ``name: value`` lines for a terminal."""
     fingerprint = (report.dataset or {}).get("fingerprint") or {}
+    sequence = report.sequence
     lines = [
         ("store", report.path),
         ("format version", str(report.format_version)),
         ("written by", f"kdcache {report.kdcache_version or '?'} at {report.created_at or '?'}"),
-        ("samples (N)", f"{report.num_samples:,}"),
-        ("views (V)", _views(report)),
-        ("classes (C)", f"{report.num_classes:,}"),
-        ("encoding", f"{report.encoding} ({report.chunk_rows:,} rows per chunk)"),
+    ]
+    if sequence is None:
+        row = "sample"
+        lines += [
+            ("samples (N)", f"{report.num_samples:,}"),
+            ("views (V)", _views(report)),
+            ("classes (C)", f"{report.num_classes:,}"),
+        ]
+    else:
+        row = "token"
+        lines += [
+            (
+                "sequences",
+                f"{sequence['num_sequences']:,} (up to {sequence['max_length']:,} tokens each)",
+            ),
+            ("tokens (N)", f"{report.num_samples:,} (next-token rows)"),
+            ("vocabulary (C)", f"{report.num_classes:,}"),
+        ]
+    lines += [
+        (
+            "encoding",
+            f"{report.encoding} ({report.chunk_rows:,} {'rows' if sequence is None else 'tokens'} "
+            "per chunk)",
+        ),
         ("teacher", _identity(report.teacher, "spec", "weights_sha256")),
         (
             "dataset",
@@ -185,14 +216,20 @@ def format_report(report: StoreReport) -> str:
         lines += [
             (
                 "bytes on disk",
-                f"{report.bytes_on_disk:,} ({report.bytes_per_sample:,.1f} B/sample"
+                f"{report.bytes_on_disk:,} ({report.bytes_per_sample:,.1f} B/{row}"
                 + (f", {report.bytes_per_view:,.1f} B/view)" if report.views > 1 else ")"),
             ),
             ("compression", f"{_number(report.compression_ratio, 'x', 3)} vs raw float32"),
         ]
-    lines.append(
-        ("teacher accuracy", _number(report.teacher_accuracy, "%", 4) + " vs stored labels")
-    )
+    if sequence is None:
+        lines.append(("teacher accuracy", f"{_accuracy(report.teacher_accuracy)} vs stored labels"))
+    else:
+        lines.append(
+            (
+                "teacher accuracy",
+                f"{_accuracy(report.teacher_accuracy)} of next tokens predicted (top-1)",
+            )
+        )
     entropy = report.mean_entropy or {}
     lines.append(
         (

@@ -9,6 +9,7 @@ import torch
 from kdcache import create_store
 from kdcache.store.layout import store_nbytes
 from kdcache.store.report import format_report, inspect_store
+from kdcache.store.sequence import create_sequence_store
 
 
 def write_store(path, encoding, *, finalize=True):
@@ -58,7 +59,8 @@ def test_report_of_a_complete_store(tmp_path, encoding):
     text = format_report(report)
     for fragment in (
         "samples (N):      40",
-        "80% vs stored labels",
+        "teacher accuracy: 80.00% vs stored labels",
+        "classes (C):      8",
         "spec=cnn:8, weights_sha256=abababababab…",
         "complete:         yes",
     ):
@@ -73,3 +75,30 @@ def test_report_of_an_interrupted_store(tmp_path):
         report.teacher_accuracy is None and report.mean_entropy is None and report.fidelity is None
     )
     assert "no (50% of chunks written)" in format_report(report)
+
+
+def test_report_of_a_token_store_speaks_of_sequences_tokens_and_vocabulary(tmp_path):
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(0, 16, size=n) for n in (5, 9, 4)]  # 4 + 8 + 3 = 15 token rows
+    targets = np.concatenate([tokens[1:] for tokens in sequences])
+    logits = rng.normal(size=(15, 16)).astype(np.float32)
+    logits[np.arange(15), targets] += 10.0
+    logits[:7, 0] += 30.0  # predicts token 0 at rows 0-6: right only where the next token is 0
+    writer = create_sequence_store(tmp_path / "lm.zarr", sequences=sequences, vocab_size=16)
+    writer.write([0, 1, 2], logits)
+    writer.finalize()
+    report = inspect_store(tmp_path / "lm.zarr")
+    assert report.sequence == {"num_sequences": 3, "num_tokens": 15, "max_length": 9}
+    correct = 8 + int((targets[:7] == 0).sum())
+    assert report.teacher_accuracy == pytest.approx(100 * correct / 15)
+    text = format_report(report)
+    for fragment in (
+        "sequences:        3 (up to 9 tokens each)",
+        "tokens (N):       15 (next-token rows)",
+        "vocabulary (C):   16",
+        " B/token)",
+        f"teacher accuracy: {100 * correct / 15:.2f}% of next tokens predicted (top-1)",
+    ):
+        assert fragment in text, text
+    for image_word in ("samples", "classes", "views", "B/sample"):
+        assert image_word not in text, text
