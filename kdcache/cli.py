@@ -19,6 +19,7 @@ from kdcache.cli_options import config_options
 from kdcache.config import DistillConfig, DumpConfig, TrainConfig
 from kdcache.errors import KdcacheError
 from kdcache.train.sweep import SweepConfig
+from kdcache.wording import counted
 
 __all__ = ["EXIT_USER_ERROR", "cli", "config_options", "main"]
 
@@ -52,8 +53,8 @@ def cli(quiet: bool) -> None:
 def print_lm_run(result: Any) -> None:
     click.echo(
         f"best val_ppl {result.best_val_ppl:.3f} (epoch {result.best_epoch}), final "
-        f"{result.final_val_ppl:.3f}, {result.epochs} epochs in {result.wall_time_s:.1f}s "
-        f"-> {result.out}"
+        f"{result.final_val_ppl:.3f}, {counted(result.epochs, 'epoch')} in "
+        f"{result.wall_time_s:.1f}s -> {result.out}"
     )
 
 
@@ -65,7 +66,7 @@ def print_run(result: Any) -> None:
     click.echo(
         f"best val_acc {result.best_val_acc:.2f}% (epoch {result.best_epoch}), final "
         f"{result.final_val_acc:.2f}%, "
-        f"{result.epochs} epochs in {result.wall_time_s:.1f}s -> {result.out}"
+        f"{counted(result.epochs, 'epoch')} in {result.wall_time_s:.1f}s -> {result.out}"
     )
 
 
@@ -101,8 +102,9 @@ def dump_teacher(**options: Any) -> None:
         lm = dump_lm(DumpConfig(**options))
         size = "remote" if lm.bytes_per_token is None else f"{lm.bytes_per_token:,.1f} B/token"
         click.echo(
-            f"wrote {lm.out}: {lm.num_samples} sequences, {lm.num_tokens} tokens, "
-            f"V={lm.num_classes} {lm.encoding}, {lm.rows_computed} tokens computed "
+            f"wrote {lm.out}: {counted(lm.num_samples, 'sequence')}, "
+            f"{counted(lm.num_tokens, 'token')}, V={lm.num_classes} {lm.encoding}, "
+            f"{counted(lm.rows_computed, 'token')} computed "
             f"({lm.tokens_per_s:,.0f} tokens/s), "
             f"{size}, {lm.wall_time_s:.1f}s"
         )
@@ -124,7 +126,7 @@ def dump_teacher(**options: Any) -> None:
         size += f", {result.bytes_per_view:,.1f} B/view"
     click.echo(
         f"wrote {result.out}: N={result.num_samples}{views} C={result.num_classes} "
-        f"{result.encoding}, {result.rows_computed} rows computed, {size}{fidelity}, "
+        f"{result.encoding}, {counted(result.rows_computed, 'row')} computed, {size}{fidelity}, "
         f"{result.wall_time_s:.1f}s"
     )
 
@@ -206,7 +208,7 @@ def sweep(**options: Any) -> None:
     result = run_sweep(SweepConfig(**options))
     click.echo(format_table(result.rows))
     click.echo(
-        f"{result.runs_done} runs trained, {result.runs_skipped} kept from before -> "
+        f"{counted(result.runs_done, 'run')} trained, {result.runs_skipped} kept from before -> "
         f"{result.results_csv}, {result.figure}"
     )
 
@@ -241,7 +243,8 @@ def pack(store: str, out: str, overwrite: bool) -> None:
 
     result = pack_store(store, out, overwrite=overwrite)
     click.echo(
-        f"packed {store} into {result.out}: {result.num_objects} objects, {result.nbytes:,} bytes"
+        f"packed {store} into {result.out}: {counted(result.num_objects, 'object')}, "
+        f"{result.nbytes:,} bytes"
     )
 
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.store.location import refuse_inside_store
+from kdcache.wording import counted
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -33,8 +34,9 @@ def resolve_device(name: str | None) -> torch.device:
         )
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ConfigError(
-            f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
-            f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            f"device {name!r} does not exist: this machine has "
+            f"{counted(torch.cuda.device_count(), 'CUDA device')}, cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}"
         )
     return device
 

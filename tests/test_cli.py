@@ -47,7 +47,7 @@ def test_dump_then_distill_end_to_end(tmp_path, digits_teacher):
         "--out",
         str(tmp_path / "kd"),
     )
-    assert "best val_acc" in distilled.stdout
+    assert "best val_acc" in distilled.stdout and ", 1 epoch in " in distilled.stdout
     assert json.loads((tmp_path / "kd/config.json").read_text())["temperature"] == 4.0
 
 

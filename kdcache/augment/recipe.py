@@ -38,6 +38,7 @@ from kdcache.augment.counter import NAME as SAMPLER
 from kdcache.augment.counter import Draws
 from kdcache.augment.ops import Flip, Mix, Op, PadCrop, RandomResizedCrop, Size
 from kdcache.errors import SpecError
+from kdcache.wording import counted
 
 __all__ = ["SAMPLER", "STUDENT_STREAM", "VIEW_STREAM", "Recipe", "parse_recipe"]
 
@@ -73,7 +74,7 @@ def _parse_op(text: str, spec: str) -> Op | Mix:
             raise SpecError(
                 f"operation {text!r} in recipe {spec!r} takes "
                 + (f"the arguments {', '.join(allowed)}" if allowed else "")
-                + (f" or {max_positional} value(s)" if max_positional else "")
+                + (f" or {counted(max_positional, 'value')}" if max_positional else "")
                 + f", got {arg_text!r}; see docs/augmentation.md"
             )
 

@@ -32,6 +32,7 @@ from kdcache.store.layout import (
 )
 from kdcache.store.location import StoreLocation, parse_location
 from kdcache.store.metadata import StoreMetadata
+from kdcache.wording import counted
 
 
 class StoreReader:
@@ -146,7 +147,7 @@ class StoreReader:
         written = self.guard.written()
         rows = self.metadata.rows_of_chunks(np.flatnonzero(written)).size
         return (
-            f"{int(written.sum())} of {written.size} chunks ({rows} of {self.num_rows} "
+            f"{int(written.sum())} of {counted(written.size, 'chunk')} ({rows} of {self.num_rows} "
             f"{self._unit}, {written.mean():.0%})"
         )
 

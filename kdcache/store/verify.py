@@ -34,6 +34,7 @@ from kdcache.store.layout import (
 from kdcache.store.location import parse_location, partial_files
 from kdcache.store.pinning import array_problems
 from kdcache.store.reader import StoreReader, open_store
+from kdcache.wording import counted
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class VerifyReport:
     chunks_checked: int
     problems: tuple[str, ...]
     notes: tuple[str, ...]
+    #: V, the augmented views stored per sample (N x V rows).
+    views: int = 1
 
     @property
     def ok(self) -> bool:
@@ -55,20 +58,21 @@ class VerifyReport:
     def lines(self) -> list[str]:
         """The report as text, one finding per line."""
         head = (
-            f"{self.where}: N={self.num_samples} C={self.num_classes} {self.encoding}, "
-            f"{self.chunks_checked} chunks decoded"
+            f"{self.where}: N={self.num_samples}{f' V={self.views}' if self.views > 1 else ''} "
+            f"C={self.num_classes} {self.encoding}, "
+            f"{counted(self.chunks_checked, 'chunk')} decoded"
         )
         body = [f"problem: {p}" for p in self.problems] + [f"note: {n}" for n in self.notes]
-        tail = "OK" if self.ok else f"FAILED: {len(self.problems)} problem(s)"
+        tail = "OK" if self.ok else f"FAILED: {counted(len(self.problems), 'problem')}"
         return [head, *body, tail]
 
     def raise_if_bad(self) -> None:
         """Raise :class:`StoreCorruptError` summarising the problems in one line."""
         if self.problems:
             raise StoreCorruptError(
-                f"{self.where} failed verification with {len(self.problems)} problem(s), first: "
-                f"{self.problems[0]}; do not train from it: finish it with --resume if unfinished, "
-                "else dump it again with --overwrite"
+                f"{self.where} failed verification with {counted(len(self.problems), 'problem')}, "
+                f"first: {self.problems[0]}; do not train from it: finish it with --resume if "
+                "unfinished, else dump it again with --overwrite"
             )
 
 
@@ -106,7 +110,7 @@ def verify_store(path: str | os.PathLike[str]) -> VerifyReport:
     leftovers = partial_files(location)
     if leftovers:
         notes.append(
-            f"{len(leftovers)} temporary file(s) of a killed writer, e.g. {leftovers[0]}; "
+            f"{counted(len(leftovers), 'temporary file')} of a killed writer, e.g. {leftovers[0]}; "
             "harmless, `kdcache dump-teacher --resume` removes them"
         )
     return VerifyReport(
@@ -117,6 +121,7 @@ def verify_store(path: str | os.PathLike[str]) -> VerifyReport:
         chunks_checked=checked,
         problems=tuple(problems),
         notes=tuple(notes),
+        views=meta.views,
     )
 
 
@@ -242,7 +247,7 @@ def _scan(
     bad_rows = np.concatenate(non_finite) if non_finite else np.empty(0, dtype=np.int64)
     if bad_rows.size:
         problems.append(
-            f"array {name!r}: NaN or Inf in {bad_rows.size} row(s), {_unit(reader)} "
+            f"array {name!r}: NaN or Inf in {counted(bad_rows.size, 'row')}, {_unit(reader)} "
             f"{row_ranges(bad_rows)}"
         )
     return len(chunks)

@@ -21,6 +21,7 @@ from kdcache.datasets import LabeledDataset
 from kdcache.errors import StoreMismatchError
 from kdcache.store.feed import LogitFeed
 from kdcache.store.reader import StoreReader
+from kdcache.wording import counted
 
 log = logging.getLogger("kdcache")
 
@@ -86,8 +87,8 @@ def cached_views(
     where = reader.where
     if views is not None and views != meta.views:
         raise StoreMismatchError(
-            f"{where} holds {meta.views} view(s) per sample but --views {views} was given; drop "
-            "--views (the store decides) or dump again"
+            f"{where} holds {counted(meta.views, 'view')} per sample but --views {views} was "
+            "given; drop --views (the store decides) or dump again"
         )
     if augment is not None:
         wanted = parse_recipe(augment).spec

@@ -61,7 +61,8 @@ def test_views_round_trip_in_any_encoding(tmp_path, encoding):
     group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
     assert group.attrs["kdcache"]["views"] == 3
     np.testing.assert_array_equal(group["view_params"][:], params(11, 3))
-    assert verify_store(tmp_path / "s.zarr").ok
+    verified = verify_store(tmp_path / "s.zarr")
+    assert verified.ok and f": N=11 V=3 C=5 {encoding}, " in verified.lines()[0]
 
 
 def test_a_resumed_store_with_views_must_keep_its_recipe(tmp_path):

@@ -39,6 +39,7 @@ def flip_byte(path, offset_fraction=0.5):
 def test_a_sound_store_passes(store):
     report = verify_store(store)
     assert report.ok and report.chunks_checked == 10
+    assert report.lines()[0].endswith(": N=95 C=5 float32, 10 chunks decoded")
     assert report.lines()[-1] == "OK"
 
 
@@ -52,7 +53,8 @@ def test_flipped_bytes_are_reported_as_sample_ranges_by_verify_and_distill_reads
     )
     with pytest.raises(StoreCorruptError, match="samples 30-39"):
         open_store(store).load()
-    with pytest.raises(StoreCorruptError, match="1 problem.*30-39"):
+    assert report.lines()[-1] == "FAILED: 1 problem"
+    with pytest.raises(StoreCorruptError, match="with 1 problem, first: .*30-39"):
         report.raise_if_bad()
 
 
@@ -65,7 +67,7 @@ def test_lost_chunks_nan_rows_and_metadata_mismatches_are_reported(store):
     group.create_array("labels", shape=(94,), dtype="int64", fill_value=-1)
     problems = "\n".join(verify_store(store).problems)
     assert "chunks marked written are missing for samples 20-29" in problems
-    assert "NaN or Inf in 2 row(s), samples 41, 77" in problems
+    assert "NaN or Inf in 2 rows, samples 41, 77" in problems
     assert "array 'labels' has shape (94,), expected (95,)" in problems
 
 
