@@ -37,6 +37,14 @@ class KdcacheGroup(click.Group):
             sys.exit(EXIT_USER_ERROR)
 
 
+class CliLogFormatter(logging.Formatter):
+    """Plain messages; a warning starts with ``Warning:`` as an error starts with ``Error:``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return f"Warning: {message}" if record.levelno == logging.WARNING else message
+
+
 @click.group(
     cls=KdcacheGroup,
     context_settings={"auto_envvar_prefix": "KDCACHE", "help_option_names": ["-h", "--help"]},
@@ -45,9 +53,9 @@ class KdcacheGroup(click.Group):
 @click.option("-q", "--quiet", is_flag=True, help="Only print results and errors.")
 def cli(quiet: bool) -> None:
     """Run the teacher once, cache its logits in Zarr, distill students from the cache."""
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(CliLogFormatter("%(message)s"))
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=[handler])
 
 
 def print_lm_run(result: Any) -> None:
@@ -165,7 +173,9 @@ def inspect(store: str, as_json: bool, plot: str | None) -> None:
             try:
                 dataset = build_dataset(recorded["spec"], split=recorded.get("split", "train"))
             except (KeyError, KdcacheError) as error:
-                click.echo(f"views figure skipped: cannot rebuild the dataset ({error})", err=True)
+                click.echo(
+                    f"Warning: views figure skipped: cannot rebuild the dataset ({error})", err=True
+                )
             else:
                 click.echo(f"figure -> {plot_views(reader, dataset, views_path)}", err=True)
 

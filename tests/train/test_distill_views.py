@@ -187,6 +187,26 @@ def test_student_only_augmentation_warns_that_it_breaks_consistency(tmp_path, ca
     assert "no longer see the same view" in caplog.text
 
 
+def test_the_command_line_prefixes_the_warning(tmp_path, digits_store):
+    result = run_cli(
+        "-q",
+        "distill",
+        "--student",
+        "mlp:8",
+        "--cache",
+        str(digits_store),
+        "--student-augment",
+        "pad-crop:1+flip",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+    )
+    assert result.stderr.startswith("Warning: --student-augment pad-crop:1+flip changes the ")
+
+
 def test_train_with_augmentation_draws_a_fresh_view_each_epoch(tmp_path):
     result = train(
         TrainConfig(
