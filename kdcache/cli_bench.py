@@ -58,11 +58,71 @@ def round_options(function: Any) -> Any:
 
 
 def print_bench(result: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(result))
-        return
-    for key, value in result.items():
-        click.echo(f"{key}: {json.dumps(value)}")
+    click.echo(json.dumps(result) if as_json else "\n".join(summary_lines(result)))
+
+
+def summary_lines(record: dict[str, Any], indent: str = "") -> list[str]:
+    """A benchmark's result as aligned ``name: value`` lines, nested records indented."""
+    named = [(_summary_name(key), key, value) for key, value in record.items()]
+    width = max((len(name) for name, _, value in named if not _is_block(value)), default=0)
+    lines = []
+    for name, key, value in named:
+        if isinstance(value, dict):
+            lines += [f"{indent}{name}:", *summary_lines(value, indent + "  ")]
+        elif _is_block(value):
+            lines.append(f"{indent}{name}:")
+            for item in value:
+                item_lines = summary_lines(item, indent + "    ")
+                lines += [f"{indent}  - {item_lines[0].lstrip()}", *item_lines[1:]]
+        else:
+            lines.append(f"{indent}{name + ':':<{width + 1}} {_summary_value(key, value)}")
+    return lines
+
+
+def _is_block(value: Any) -> bool:
+    return isinstance(value, dict) or (
+        isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+    )
+
+
+def _summary_name(key: str) -> str:
+    """``samples_per_cpu_s`` -> ``samples/cpu-s``; ``open_s`` -> ``open`` and ``table_bytes`` ->
+    ``table``, whose values carry the unit."""
+    if "_per_" in key:
+        quantity, per = key.split("_per_", 1)
+        return f"{quantity.replace('_', ' ')}/{per.replace('_', '-')}"
+    for suffix in ("_bytes", "_s"):
+        if key.endswith(suffix):
+            return key.removesuffix(suffix).replace("_", " ")
+    return key.replace("_", " ")
+
+
+def _summary_value(key: str, value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(_summary_value(key, item) for item in value) or "none"
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key.endswith("_bytes") and "_per_" not in key and isinstance(value, int | float):
+        return _size(value)
+    if isinstance(value, int | float):
+        unit = " s" if key.endswith("_s") and "_per_" not in key else ""
+        return _number(value) + unit
+    return str(value)
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int) or abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes:,.0f} B"
 
 
 @bench.command("feed")

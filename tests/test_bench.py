@@ -99,3 +99,28 @@ def test_bench_dump_writer_only_from_the_command_line(tmp_path):
     ]
     refused = run_cli("bench", "dump", "--encoding", "float16,int8", check=False)
     assert_one_line_error(refused, "need --writer-only")
+
+
+def test_the_summary_is_aligned_lines_with_units_and_json_only_on_request():
+    args = ("bench", "dump", "--writer-only", "--dataset", "fake:8:4:5", "--rows", "64")
+    summary = run_cli(*args, "--encoding", "float16,int8", "--repeats", "1").stdout
+    assert "{" not in summary and '"' not in summary
+    lines = summary.splitlines()
+    assert lines[0].split() == ["benchmark:", "writer"] and "fsync:" in summary
+    runs = lines.index("runs:")
+    assert lines[runs + 1].split() == ["-", "encoding:", "float16"]
+    assert lines[runs + 3].lstrip().startswith("rows/s:")
+    assert lines[runs + 5].lstrip().startswith("all wall:") and lines[runs + 5].endswith(" s")
+
+
+def test_summary_values_carry_their_units():
+    from kdcache.cli_bench import summary_lines
+
+    assert summary_lines(
+        {"open_s": 0.13612, "table_bytes": 4_000_000, "samples_per_cpu_s": 181975.2, "ok": True}
+    ) == [
+        "open:          0.136 s",
+        "table:         3.8 MiB",
+        "samples/cpu-s: 181,975",
+        "ok:            yes",
+    ]

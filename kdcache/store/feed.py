@@ -156,9 +156,8 @@ class LogitFeed:
                 raise ConfigError(
                     f"cache memory {self.memory_budget:,} bytes holds fewer than two of "
                     f"{reader.where}'s "
-                    f"{self.chunk_nbytes:,}-byte chunks; raise --cache-memory (memory_budget) to "
-                    "at "
-                    f"least {2 * self.chunk_nbytes:,} bytes"
+                    f"{self.chunk_nbytes:,}-byte chunks; raise --cache-memory to at least "
+                    f"{2 * self.chunk_nbytes:,} bytes"
                 )
         #: Chunks per shuffling window: half the slots, so the window being finished and the next
         #: one fit together and no chunk is evicted before its window is done.

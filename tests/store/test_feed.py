@@ -99,7 +99,10 @@ def test_chunked_feed_serves_any_indices_even_more_chunks_than_fit(store):
 
 
 def test_budget_below_two_chunks_and_bad_indices_are_refused(store):
-    with pytest.raises(ConfigError, match=f"at least {2 * CHUNK_ROWS * ROW_BYTES:,} bytes"):
+    with pytest.raises(
+        ConfigError,
+        match=f"; raise --cache-memory to at least {2 * CHUNK_ROWS * ROW_BYTES:,} bytes",
+    ):
         open_store(store, memory_budget=CHUNK_ROWS * ROW_BYTES).read([0])
     with pytest.raises(ConfigError, match=r"\[0, 203\)"):
         open_store(store).read([0, 203])
