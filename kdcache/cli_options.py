@@ -80,7 +80,9 @@ def _click_option(field: dataclasses.Field, kind: Any, config: type) -> Callable
         settings["type"] = (
             _text_type(meta) if str in types or len(types) != 1 else next(iter(types))
         )
-    settings.update(default=default, show_default=default is not None)
+    if not required:
+        # click >= 8.3 counts an explicit default=None as a value and skips the required check.
+        settings.update(default=default, show_default=default is not None)
     return click.option(name, **settings)
 
 
