@@ -30,6 +30,7 @@ from kdcache.runtime import autocast, prepare_model, prepare_output_dir
 from kdcache.store.reader import StoreReader, open_store
 from kdcache.train.fit import BatchLoss, RunResult, evaluate, fit, held_out_split
 from kdcache.train.pairing import check_store_matches
+from kdcache.train.preflight import check_model
 from kdcache.train.transfer import TransferSampler, describe_transfer, transfer_rows
 from kdcache.train.views import cached_views, drawn_views, first_rows
 
@@ -75,6 +76,7 @@ def _train(config: TrainConfig, session: RankSession) -> RunResult:
         seed=config.seed,
     )
     session.refuse_unsharded(views is not None, "augmentation (--augment)")
+    check_model(config.model, val_set)
     session.on_main(
         lambda: config.save(
             prepare_output_dir(out, overwrite=config.overwrite) / "config.json",
@@ -263,6 +265,7 @@ def _distill(
         sampler = views.sampler
         resolved["views"] = views.dataset.views
         resolved["view_sampler"] = views.drawn_by
+    check_model(config.student, val_set)
     session.on_main(
         lambda: config.save(
             prepare_output_dir(out, overwrite=config.overwrite) / "config.json", **resolved
