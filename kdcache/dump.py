@@ -7,6 +7,7 @@ and parameters (kdcache.augment).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from kdcache.augment.recipe import parse_recipe
 from kdcache.augment.views import AllViews, ViewSource, augment_record
+from kdcache.checkpoints import load_checkpoint, resolve_specs
 from kdcache.config import DumpConfig
 from kdcache.datasets import build_dataset, canonical_dataset_spec, dataset_fingerprint
 from kdcache.device_input import InputPipeline, resolve_inputs
@@ -30,7 +32,6 @@ from kdcache.models import (
     build_model,
     canonical_model_spec,
     check_input_fits,
-    load_weights,
     weights_sha256,
 )
 from kdcache.pixels import collate_files
@@ -127,12 +128,21 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
     Under torchrun every rank runs this with the same config and writes its own chunks
     (kdcache.distributed); rank 0 creates and finalizes the store.
     """
+    teacher, dataset = resolve_specs(
+        config.weights,
+        model=config.teacher,
+        dataset=config.dataset,
+        model_option="--teacher",
+        default_dataset="digits",
+    )
+    config = dataclasses.replace(config, teacher=teacher, dataset=dataset)
     with rank_session(config.device) as session:
         return _dump_teacher(config, session)
 
 
 def _dump_teacher(config: DumpConfig, session: RankSession) -> DumpResult:
     started = time.perf_counter()
+    assert config.teacher is not None and config.dataset is not None  # resolved by dump_teacher
     device = session.device
     dataset = build_dataset(config.dataset, split=config.split)
     inputs = resolve_inputs(config.inputs, dataset, device, views=config.augment is not None)
@@ -140,7 +150,7 @@ def _dump_teacher(config: DumpConfig, session: RankSession) -> DumpResult:
         config.teacher, num_classes=dataset.num_classes, in_channels=dataset.in_channels
     )
     if config.weights is not None:
-        load_weights(teacher, config.weights, spec=config.teacher)
+        load_checkpoint(teacher, config.weights, spec=config.teacher, dataset=dataset)
     teacher.eval().requires_grad_(False)
     teacher, forward = prepare_model(
         teacher, device=device, channels_last=config.channels_last, compile=config.compile

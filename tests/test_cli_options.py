@@ -131,7 +131,7 @@ def required_options() -> list[tuple[tuple[str, ...], click.Command, click.Optio
 
 def test_the_commands_with_required_options_are_found():
     commands = {path[0] for path, _, _ in required_options()}
-    assert {"train", "dump-teacher", "distill", "sweep"} <= commands
+    assert {"train", "distill", "sweep"} <= commands
 
 
 @pytest.mark.parametrize(

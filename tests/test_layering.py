@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "kdcache.augment": 3,
     "kdcache.augment.figure": 4,  # draws with kdcache.plots
     "kdcache.config": 4,
+    "kdcache.checkpoints": 4,
     "kdcache.device_input": 4,
     "kdcache.dump": 5,
     "kdcache.train": 5,

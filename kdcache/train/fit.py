@@ -109,6 +109,7 @@ def _checkpoint(
         "model": spec,
         "num_classes": dataset.num_classes,
         "in_channels": dataset.in_channels,
+        "dataset": {"spec": dataset.spec, "split": dataset.split},
         "epoch": epoch,
         "val_acc": val_acc,
         "kdcache_version": __version__,

@@ -7,6 +7,7 @@ builds each run's datasets, loss and ``config.json``. ``RunResult``, ``fit``, ``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import Sampler
 
 from kdcache._version import __version__
+from kdcache.checkpoints import load_checkpoint, resolve_specs
 from kdcache.config import DistillConfig, TrainConfig
 from kdcache.datasets import LabeledDataset, build_dataset, labeled_spec
 from kdcache.device_input import Attach, DeviceBatch, resolve_inputs
@@ -133,6 +135,15 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
     does).
     Under torchrun every rank runs this with the same config (DistributedDataParallel).
     """
+    if config.cache is None:
+        teacher, dataset = resolve_specs(
+            config.weights,
+            model=config.teacher,
+            dataset=config.dataset,
+            model_option="--teacher",
+            default_dataset=None,
+        )
+        config = dataclasses.replace(config, teacher=teacher, dataset=dataset)
     with rank_session(config.device) as session:
         return _distill(config, session, reader=reader)
 
@@ -233,7 +244,7 @@ def _distill(
             compile=False,  # compiled below, after eval mode and frozen weights
         )
         if config.weights is not None:
-            load_weights(teacher, config.weights, spec=config.teacher)
+            load_checkpoint(teacher, config.weights, spec=config.teacher, dataset=train_set)
             resolved["teacher_weights_sha256"] = weights_sha256(config.weights)
         teacher.eval().requires_grad_(False)
         if config.compile:
