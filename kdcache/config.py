@@ -191,11 +191,11 @@ class DistillOptions(TrainingOptions):
         help="Transfer set: train on these sample indices only (a .npy file, or a text file of "
         "integers separated by spaces, commas or newlines) [default: every sample].",
     )
-    exclude_classes: tuple[int, ...] = option(
+    exclude_classes: tuple[int | str, ...] = option(
         (),
         example="3,5",
         help="Transfer set: leave out the samples labelled with these comma-separated classes, "
-        "e.g. 3,5.",
+        "by index or (image folders) by name, e.g. 3,5 or cat,dog.",
     )
     gamma: float = option(DEFAULT_GAMMA, help="Focal exponent (--loss focal).")
     top_k: int = option(DEFAULT_TOP_K, help="Teacher classes kept (--loss attention).")
@@ -211,11 +211,17 @@ class DistillOptions(TrainingOptions):
             parse_size(self.cache_memory)  # raises ConfigError for an unreadable size
         require(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
         require(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
-        excluded = _integers(self.exclude_classes, "exclude_classes")
+        excluded = tuple(self.exclude_classes)
         require(
-            all(c >= 0 for c in excluded),
-            f"exclude_classes must be class indices >= 0, got {list(excluded)}; e.g. 3,5",
+            all(
+                (isinstance(c, int | np.integer) and not isinstance(c, bool) and c >= 0)
+                or (isinstance(c, str) and c.strip() != "")
+                for c in excluded
+            ),
+            f"exclude_classes must be class indices >= 0 or class names, got {list(excluded)}; "
+            "e.g. 3,5",
         )
+        excluded = tuple(c if isinstance(c, str) else int(c) for c in excluded)
         object.__setattr__(self, "exclude_classes", excluded)  # lists in, tuples kept
         if self.indices is not None and not isinstance(self.indices, str):
             object.__setattr__(self, "indices", _integers(self.indices, "indices"))

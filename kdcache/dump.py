@@ -186,6 +186,7 @@ def _dump_teacher(config: DumpConfig, session: RankSession) -> DumpResult:
             "split": dataset.split,
             "transform": dataset.transform_description,
             "fingerprint": dataset_fingerprint(dataset),
+            **({"class_names": list(dataset.class_names)} if dataset.class_names else {}),
             # Files decoded by torchvision (nvJPEG on CUDA) match PIL's pixels only within rounding.
             **({"inputs": inputs} if inputs == "jpeg" else {}),
         },

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from kdcache.store.layout import store_nbytes
-from kdcache.store.reader import StoreReader, open_store
+from kdcache.store.reader import StoreReader, open_store, recorded_class_names
 
 #: Temperatures at which the report gives the teacher's mean entropy.
 ENTROPY_TEMPERATURES = (1.0, 4.0)
@@ -153,6 +153,14 @@ def _number(value: float | None, unit: str = "", digits: int = 4) -> str:
     return f"{value:.{digits}g}{unit}"
 
 
+def _class_names(report: StoreReport, shown: int = 10) -> str:
+    names = recorded_class_names(report.dataset, report.num_classes)
+    if names is None:
+        return ""
+    more = f", … ({len(names) - shown} more)" if len(names) > shown else ""
+    return f" ({', '.join(f'{i}={name}' for i, name in enumerate(names[:shown]))}{more})"
+
+
 def format_report(report: StoreReport) -> str:
     """The report as aligned ``name: value`` lines for a terminal."""
     fingerprint = (report.dataset or {}).get("fingerprint") or {}
@@ -162,7 +170,7 @@ def format_report(report: StoreReport) -> str:
         ("written by", f"kdcache {report.kdcache_version or '?'} at {report.created_at or '?'}"),
         ("samples (N)", f"{report.num_samples:,}"),
         ("views (V)", _views(report)),
-        ("classes (C)", f"{report.num_classes:,}"),
+        ("classes (C)", f"{report.num_classes:,}" + _class_names(report)),
         ("encoding", f"{report.encoding} ({report.chunk_rows:,} rows per chunk)"),
         ("teacher", _identity(report.teacher, "spec", "weights_sha256")),
         (
