@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from kdcache.augment.recipe import parse_recipe
 from kdcache.augment.views import AllViews, ViewSource, augment_record
@@ -35,6 +34,7 @@ from kdcache.models import (
     weights_sha256,
 )
 from kdcache.pixels import collate_files
+from kdcache.progress import progress
 from kdcache.runtime import IndexedDataset, autocast, prepare_model
 from kdcache.store.background import BackgroundWriter
 from kdcache.store.layout import store_nbytes
@@ -107,7 +107,7 @@ def _fill(
         _resumable_on_os_error(f"writing {where}"),
         torch.inference_mode(),
         BackgroundWriter(writer, workers=writer_workers) as background,
-        tqdm(total=total, unit="sample", desc="dump", disable=None) as bar,
+        progress(total=total, unit="sample" if views is None else "view", desc="dump") as bar,
     ):
         for batch in pipeline.batches(loader):
             inputs, rows = batch.inputs, batch.indices
