@@ -18,12 +18,15 @@ from kdcache.cli_bench import bench
 from kdcache.cli_options import config_options
 from kdcache.config import DistillConfig, DumpConfig, TrainConfig
 from kdcache.errors import KdcacheError
+from kdcache.progress import announce
 from kdcache.train.sweep import SweepConfig
 from kdcache.wording import counted
 
 __all__ = ["EXIT_USER_ERROR", "cli", "config_options", "main"]
 
 EXIT_USER_ERROR = 1
+#: The shell's status for a command stopped by Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED = 130
 
 
 class KdcacheGroup(click.Group):
@@ -82,6 +85,7 @@ def print_run(result: Any) -> None:
 @config_options(TrainConfig)
 def train(**options: Any) -> None:
     """Train a model with plain cross-entropy (a teacher, or the CE-only baseline)."""
+    announce("train: starting (loading the dataset and building the model)")
     from kdcache.lm.dispatch import is_lm_run
 
     if is_lm_run(models=(options["model"],), dataset=options["dataset"]):
@@ -102,6 +106,19 @@ def dump_teacher(**options: Any) -> None:
     Prefix with `torchrun --nproc-per-node K` to split the dump by whole chunks between K
     processes writing one store (see docs/distributed.md).
     """
+    announce("dump-teacher: starting (loading the dataset and the teacher)")
+    try:
+        _dump(options)
+    except KeyboardInterrupt:
+        click.echo(
+            f"Interrupted: {options['out']} keeps the chunks written so far; run the same command "
+            "with --resume to continue the dump",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _dump(options: dict[str, Any]) -> None:
     from kdcache.lm.dispatch import is_lm_run
 
     if is_lm_run(models=(options["teacher"],), dataset=options["dataset"]):
@@ -188,6 +205,7 @@ def distill(**options: Any) -> None:
     Prefix with `torchrun --nproc-per-node K` to train with DistributedDataParallel on K
     processes; --batch-size is then per process (see docs/distributed.md).
     """
+    announce("distill: starting (opening the store, loading the dataset, building the models)")
     from kdcache.lm.dispatch import is_lm_run
 
     specs = (options["student"], options["teacher"])
@@ -206,6 +224,7 @@ def distill(**options: Any) -> None:
 @config_options(SweepConfig)
 def sweep(**options: Any) -> None:
     """Distill one student per loss x alpha x temperature x seed from one store (resumable)."""
+    announce("sweep: starting (opening the store and loading the dataset)")
     from kdcache.lm.dispatch import is_lm_run
 
     if is_lm_run(models=(options["student"],), dataset=options["dataset"], cache=options["cache"]):

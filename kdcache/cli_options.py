@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from collections.abc import Callable
+from types import UnionType
 from typing import Any, TypeVar
 
 import click
@@ -64,6 +65,8 @@ def _click_option(field: dataclasses.Field, kind: Any, config: type) -> Callable
     settings: dict[str, Any] = {"help": meta["help"], "required": required}
     if typing.get_origin(kind) is tuple:
         item = typing.get_args(kind)[0]
+        if isinstance(item, UnionType):  # int | str: a number where it reads as one
+            item = _number_or_text
         example = meta["example"]
 
         def parse(context: click.Context, parameter: click.Parameter, text: str | None) -> Any:
@@ -80,8 +83,14 @@ def _click_option(field: dataclasses.Field, kind: Any, config: type) -> Callable
         settings["type"] = (
             _text_type(meta) if str in types or len(types) != 1 else next(iter(types))
         )
-    settings.update(default=default, show_default=default is not None)
+    if not required:
+        # click >= 8.3 counts an explicit default=None as a value and skips the required check.
+        settings.update(default=default, show_default=default is not None)
     return click.option(name, **settings)
+
+
+def _number_or_text(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
 
 
 def _text_type(meta: Any) -> click.ParamType:

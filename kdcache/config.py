@@ -191,11 +191,11 @@ class DistillOptions(TrainingOptions):
         help="Transfer set: train on these sample indices only (a .npy file, or a text file of "
         "integers separated by spaces, commas or newlines) [default: every sample].",
     )
-    exclude_classes: tuple[int, ...] = option(
+    exclude_classes: tuple[int | str, ...] = option(
         (),
         example="3,5",
         help="Transfer set: leave out the samples labelled with these comma-separated classes, "
-        "e.g. 3,5.",
+        "by index or (image folders) by name, e.g. 3,5 or cat,dog.",
     )
     gamma: float = option(DEFAULT_GAMMA, help="Focal exponent (--loss focal).")
     top_k: int = option(DEFAULT_TOP_K, help="Teacher classes kept (--loss attention).")
@@ -211,11 +211,17 @@ class DistillOptions(TrainingOptions):
             parse_size(self.cache_memory)  # raises ConfigError for an unreadable size
         require(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
         require(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
-        excluded = _integers(self.exclude_classes, "exclude_classes")
+        excluded = tuple(self.exclude_classes)
         require(
-            all(c >= 0 for c in excluded),
-            f"exclude_classes must be class indices >= 0, got {list(excluded)}; e.g. 3,5",
+            all(
+                (isinstance(c, int | np.integer) and not isinstance(c, bool) and c >= 0)
+                or (isinstance(c, str) and c.strip() != "")
+                for c in excluded
+            ),
+            f"exclude_classes must be class indices >= 0 or class names, got {list(excluded)}; "
+            "e.g. 3,5",
         )
+        excluded = tuple(c if isinstance(c, str) else int(c) for c in excluded)
         object.__setattr__(self, "exclude_classes", excluded)  # lists in, tuples kept
         if self.indices is not None and not isinstance(self.indices, str):
             object.__setattr__(self, "indices", _integers(self.indices, "indices"))
@@ -245,7 +251,9 @@ class DistillConfig(DistillOptions, LoopConfig):
         None, help="Teacher logit store written by `kdcache dump-teacher`: a path, URL or .zip."
     )
     teacher: str | None = option(
-        None, help="Online baseline only: teacher spec run in the loop instead of --cache."
+        None,
+        help="Online baseline only: teacher spec run in the loop instead of --cache [default: "
+        "the one --weights records].",
     )
     weights: str | None = option(
         None, path="file", help="Online baseline only: the teacher's weights."
@@ -304,9 +312,9 @@ class DistillConfig(DistillOptions, LoopConfig):
         require(0.0 <= self.alpha <= 1.0, f"alpha must lie in [0, 1], got {self.alpha}")
         if self.cache is None:
             require(
-                self.teacher is not None and self.dataset is not None,
-                "distill needs --cache STORE, or --teacher SPEC and --dataset SPEC for online "
-                "distillation",
+                self.teacher is not None or self.weights is not None,
+                "distill needs --cache STORE, or --teacher SPEC (and --dataset SPEC) or --weights "
+                "CKPT of `kdcache train` for online distillation",
             )
             require(
                 self.cache_memory is None,
@@ -325,11 +333,19 @@ class DistillConfig(DistillOptions, LoopConfig):
 class DumpConfig(SpeedOptions):
     """Run ``teacher`` once over ``dataset``/``split`` and store its raw logits at ``out``."""
 
-    teacher: str = option(help="Teacher model spec (see `kdcache train --help`).")
+    teacher: str | None = option(
+        None,
+        help="Teacher model spec (see `kdcache train --help`) [default: the one --weights "
+        "records].",
+    )
     weights: str | None = option(
         None, path="file", help="Teacher state_dict or checkpoint from `kdcache train`."
     )
-    dataset: str = option("digits", help="Dataset spec to run the teacher over.")
+    dataset: str | None = option(
+        None,
+        help="Dataset spec to run the teacher over [default: the one --weights records, else "
+        "digits].",
+    )
     split: str = option("train", choices=SPLITS, help="Dataset split.")
     out: str = option("teacher.zarr", help="Store to create: a path or an fsspec URL (s3://...).")
     encoding: str = option(
@@ -371,6 +387,11 @@ class DumpConfig(SpeedOptions):
 
     def __post_init__(self) -> None:
         check_split(self.split)
+        require(
+            self.teacher is not None or self.weights is not None,
+            "dump-teacher needs --teacher SPEC (e.g. --teacher resnet18), or --weights CKPT "
+            "written by `kdcache train` (which records its model)",
+        )
         check_views(self.augment, self.views, default="or dump with --views 1")
         require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
         require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")

@@ -7,6 +7,7 @@ and parameters (kdcache.augment).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -16,10 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from kdcache.augment.recipe import parse_recipe
 from kdcache.augment.views import AllViews, ViewSource, augment_record
+from kdcache.checkpoints import load_checkpoint, resolve_specs
 from kdcache.config import DumpConfig
 from kdcache.datasets import build_dataset, canonical_dataset_spec, dataset_fingerprint
 from kdcache.device_input import InputPipeline, resolve_inputs
@@ -30,10 +31,10 @@ from kdcache.models import (
     build_model,
     canonical_model_spec,
     check_input_fits,
-    load_weights,
     weights_sha256,
 )
 from kdcache.pixels import collate_files
+from kdcache.progress import progress
 from kdcache.runtime import IndexedDataset, autocast, prepare_model
 from kdcache.store.background import BackgroundWriter
 from kdcache.store.layout import store_nbytes
@@ -106,7 +107,7 @@ def _fill(
         _resumable_on_os_error(f"writing {where}"),
         torch.inference_mode(),
         BackgroundWriter(writer, workers=writer_workers) as background,
-        tqdm(total=total, unit="sample", desc="dump", disable=None) as bar,
+        progress(total=total, unit="sample" if views is None else "view", desc="dump") as bar,
     ):
         for batch in pipeline.batches(loader):
             inputs, rows = batch.inputs, batch.indices
@@ -127,12 +128,21 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
     Under torchrun every rank runs this with the same config and writes its own chunks
     (kdcache.distributed); rank 0 creates and finalizes the store.
     """
+    teacher, dataset = resolve_specs(
+        config.weights,
+        model=config.teacher,
+        dataset=config.dataset,
+        model_option="--teacher",
+        default_dataset="digits",
+    )
+    config = dataclasses.replace(config, teacher=teacher, dataset=dataset)
     with rank_session(config.device) as session:
         return _dump_teacher(config, session)
 
 
 def _dump_teacher(config: DumpConfig, session: RankSession) -> DumpResult:
     started = time.perf_counter()
+    assert config.teacher is not None and config.dataset is not None  # resolved by dump_teacher
     device = session.device
     dataset = build_dataset(config.dataset, split=config.split)
     inputs = resolve_inputs(config.inputs, dataset, device, views=config.augment is not None)
@@ -140,7 +150,7 @@ def _dump_teacher(config: DumpConfig, session: RankSession) -> DumpResult:
         config.teacher, num_classes=dataset.num_classes, in_channels=dataset.in_channels
     )
     if config.weights is not None:
-        load_weights(teacher, config.weights, spec=config.teacher)
+        load_checkpoint(teacher, config.weights, spec=config.teacher, dataset=dataset)
     teacher.eval().requires_grad_(False)
     teacher, forward = prepare_model(
         teacher, device=device, channels_last=config.channels_last, compile=config.compile
@@ -176,6 +186,7 @@ def _dump_teacher(config: DumpConfig, session: RankSession) -> DumpResult:
             "split": dataset.split,
             "transform": dataset.transform_description,
             "fingerprint": dataset_fingerprint(dataset),
+            **({"class_names": list(dataset.class_names)} if dataset.class_names else {}),
             # Files decoded by torchvision (nvJPEG on CUDA) match PIL's pixels only within rounding.
             **({"inputs": inputs} if inputs == "jpeg" else {}),
         },

@@ -251,7 +251,12 @@ def _joined(parts: dict[float, list[np.ndarray]]) -> dict[float, np.ndarray]:
 
 
 def _per_class_accuracy(
-    axes: Axes, predicted: np.ndarray, labels: np.ndarray | None, num_classes: int, split: str
+    axes: Axes,
+    predicted: np.ndarray,
+    labels: np.ndarray | None,
+    num_classes: int,
+    split: str,
+    names: Sequence[str] | None = None,
 ) -> None:
     if labels is None:
         axes.text(
@@ -272,6 +277,8 @@ def _per_class_accuracy(
     if num_classes <= 50:
         axes.plot(np.arange(num_classes), accuracy, "o", color="tab:purple")
         axes.set(xlabel="class", xticks=np.arange(num_classes) if num_classes <= 20 else [])
+        if names is not None and num_classes <= 20:
+            axes.set_xticklabels(names, rotation=45, ha="right", fontsize="small")
     else:  # too many classes to tell apart: the sorted per-class curve reads better
         axes.plot(np.sort(accuracy), color="tab:purple")
         axes.set(xlabel="classes, sorted by accuracy")
@@ -313,7 +320,9 @@ def plot_store(
     labels = reader.labels
     if labels is not None:
         labels = np.repeat(labels, reader.metadata.views)  # one per row: each view of a sample
-    _per_class_accuracy(class_axes, predicted, labels, reader.num_classes, split)
+    _per_class_accuracy(
+        class_axes, predicted, labels, reader.num_classes, split, reader.class_names
+    )
     teacher = (reader.metadata.teacher or {}).get("spec", "unknown teacher")
     figure.suptitle(
         f"{reader.where}: {reader.num_samples} samples"

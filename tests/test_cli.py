@@ -87,6 +87,13 @@ def test_user_errors_are_one_line(tmp_path, digits_store):
     assert zarr.open_group(str(digits_store), mode="r").attrs["kdcache"]["complete"]
 
 
+def test_a_missing_required_option_is_a_usage_error_that_writes_nothing(tmp_path):
+    result = run_cli("train", "--out", str(tmp_path / "run"), check=False)
+    assert result.returncode == 2
+    assert "Missing option '--model'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_help_lists_the_commands():
     result = run_cli("--help")
     for command in ("train", "dump-teacher", "distill", "sweep", "inspect"):

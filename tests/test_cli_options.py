@@ -110,3 +110,45 @@ def test_only_the_cli_imports_click():
             if any(name == "click" or name.startswith("click.") for name in names):
                 importers.add(path.relative_to(package).as_posix())
     assert importers == {"cli.py", "cli_bench.py", "cli_options.py"}
+
+
+def required_options() -> list[tuple[tuple[str, ...], click.Command, click.Option]]:
+    """Every required option of every command, subcommands of groups (bench ...) included."""
+    found = []
+
+    def walk(command: click.Command, path: tuple[str, ...]) -> None:
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                walk(sub, (*path, name))
+            return
+        for param in command.params:
+            if isinstance(param, click.Option) and param.required:
+                found.append((path, command, param))
+
+    walk(cli, ())
+    return found
+
+
+def test_the_commands_with_required_options_are_found():
+    commands = {path[0] for path, _, _ in required_options()}
+    assert {"train", "distill", "sweep"} <= commands
+
+
+@pytest.mark.parametrize(
+    "path, command, missing",
+    [
+        pytest.param(path, command, missing, id=" ".join((*path, missing.opts[0])))
+        for path, command, missing in required_options()
+    ],
+)
+def test_each_missing_required_option_is_a_usage_error(path, command, missing):
+    given = [
+        argument
+        for param in command.params
+        if isinstance(param, click.Option) and param.required and param is not missing
+        for argument in (param.opts[0], "x")
+    ]
+    result = CliRunner().invoke(cli, [*path, *given])
+    assert result.exit_code == 2, result.output
+    assert f"Missing option '{missing.opts[0]}'" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

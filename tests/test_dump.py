@@ -257,3 +257,29 @@ def test_a_dump_with_several_writer_threads_equals_one_with_one(tmp_path, refere
     )
     with pytest.raises(ConfigError, match="writer_workers must be >= 1, got 0"):
         dump_config(tmp_path / "x.zarr", writer_workers=0)
+
+
+def test_ctrl_c_says_how_to_resume_and_leaves_the_store_resumable(tmp_path, reference_store):
+    out = tmp_path / "t.zarr"
+    process = start_cli(
+        *DUMP,
+        "--teacher",
+        "teachers:slow",
+        "--out",
+        str(out),
+        env={"KDCACHE_PROGRESS_SECONDS": "0.01"},  # progress lines, as in a log, from the start
+    )
+    wait_for(process, lambda: written_flags(out) >= 2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr and "Aborted!" not in stderr
+    assert lines[-1].startswith(f"Interrupted: {out} keeps the chunks written so far")
+    assert "--resume" in lines[-1]
+    assert any(line.startswith("dump: ") and "sample/s" in line for line in lines), stderr
+    done = written_flags(out)
+    assert 2 <= done < NUM_CHUNKS
+    resumed = dump_teacher(dump_config(out, resume=True))
+    assert resumed.rows_computed == 200 - 20 * done
+    assert_same_store(out, reference_store)

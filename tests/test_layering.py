@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "kdcache._version": 0,
     "kdcache.errors": 0,
     "kdcache.wording": 0,
+    "kdcache.progress": 0,
     "kdcache.logits": 1,
     "kdcache.store": 2,
     "kdcache.pixels": 2,
@@ -31,6 +32,7 @@ LAYERS: dict[str, int] = {
     "kdcache.augment": 3,
     "kdcache.augment.figure": 4,  # draws with kdcache.plots
     "kdcache.config": 4,
+    "kdcache.checkpoints": 4,
     "kdcache.device_input": 4,
     "kdcache.dump": 5,
     "kdcache.train": 5,

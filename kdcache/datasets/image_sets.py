@@ -106,6 +106,7 @@ def build_imagefolder(spec: str, args: str, split: str) -> LabeledDataset:
         spec=spec,
         split=split,
         num_classes=len(base.classes),
+        class_names=base.classes,
         in_channels=3,
         labels=np.asarray(base.targets, dtype=np.int64),
         transform_description=f"imagefolder: RGB, Resize({resize}), "
@@ -136,6 +137,7 @@ def build_torchvision_set(spec: str, kind: str, root: str, split: str) -> Labele
         spec=spec,
         split=split,
         num_classes=classes,
+        class_names=getattr(base, "classes", None),
         in_channels=channels,
         labels=np.asarray(base.targets, dtype=np.int64),
         transform_description=f"{kind}: ToTensor, Normalize(mean={mean}, std={std})",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Sequence, Sized
 from typing import cast
 
 import numpy as np
@@ -18,7 +18,8 @@ from kdcache.pixels import INPUT_FORMS, JpegGeometry, PixelNormalization
 class LabeledDataset(Dataset):
     """A dataset built from a spec: deterministic ``(x, y)`` items plus metadata.
 
-    Attributes: ``spec``, ``split``, ``num_classes``, ``in_channels``, ``transform_description``
+    Attributes: ``spec``, ``split``, ``num_classes``, ``in_channels``, ``transform_description``,
+    ``class_names`` (the class folders of an image set, ``None`` where classes have no names)
     and ``labels`` (int64 array of all N labels, obtained without decoding images where possible).
     ``input_form`` says what the items hold (:data:`INPUT_FORMS`; float32 unless chosen with
     :meth:`with_inputs`); ``normalization`` turns uint8 items into the float32 ones and
@@ -39,6 +40,7 @@ class LabeledDataset(Dataset):
         normalization: PixelNormalization | None = None,
         jpeg_base: Dataset | None = None,
         jpeg_geometry: JpegGeometry | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         self._base = base
         self._forms: dict[str, Dataset] = {"float32": base}
@@ -53,6 +55,7 @@ class LabeledDataset(Dataset):
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.transform_description = transform_description
+        self.class_names = None if class_names is None else tuple(class_names)
         self.normalization = normalization
         self.jpeg_geometry = jpeg_geometry
         # Some labels (FakeData) cost a pass over the data, so they may arrive as a function.

@@ -85,6 +85,9 @@ def dump_lm(config: DumpConfig) -> LMDumpResult:
         raise ConfigError(
             "--weights applies to image teachers; an hf:PATH teacher loads the weights in PATH"
         )
+    if config.dataset is None:
+        raise ConfigError("a language-model dump needs --dataset text:FILE[:MAX_LEN]")
+    assert config.teacher is not None  # DumpConfig needs --teacher when --weights is not given
     started = time.perf_counter()
     device = resolve_device(config.device)
     teacher = load_causal_lm(config.teacher, device=device)

@@ -100,6 +100,11 @@ class StoreReader:
         return self._view_params
 
     @property
+    def class_names(self) -> list[str] | None:
+        """The name of each class the dataset records (image-folder classes), else ``None``."""
+        return recorded_class_names(self.metadata.dataset, self.num_classes)
+
+    @property
     def labels(self) -> np.ndarray | None:
         """The stored labels (``None`` when the store has none), checked to lie in [0, C)."""
         if not has_array(self._group, LABELS_ARRAY):
@@ -243,6 +248,16 @@ class StoreReader:
 
     def _gather(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
         return self.feed.gather(indices)
+
+
+def recorded_class_names(dataset: dict[str, Any] | None, num_classes: int) -> list[str] | None:
+    """The class names a store's ``dataset`` record holds (stores written before kdcache
+    recorded them, and datasets without names, have none)."""
+    names = (dataset or {}).get("class_names")
+    if isinstance(names, list) and len(names) == num_classes:
+        if all(isinstance(name, str) for name in names):
+            return names
+    return None
 
 
 def open_store(

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from kdcache.store.layout import store_nbytes
-from kdcache.store.reader import StoreReader, open_store
+from kdcache.store.reader import StoreReader, open_store, recorded_class_names
 from kdcache.store.sequence import SEQUENCE_KEY
 
 #: Temperatures at which the report gives the teacher's mean entropy.
@@ -163,6 +163,14 @@ def _accuracy(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.2f}%"
 
 
+def _class_names(report: StoreReport, shown: int = 10) -> str:
+    names = recorded_class_names(report.dataset, report.num_classes)
+    if names is None:
+        return ""
+    more = f", … ({len(names) - shown} more)" if len(names) > shown else ""
+    return f" ({', '.join(f'{i}={name}' for i, name in enumerate(names[:shown]))}{more})"
+
+
 def format_report(report: StoreReport) -> str:
     """The report as aligned ``name: value`` lines for a terminal."""
     fingerprint = (report.dataset or {}).get("fingerprint") or {}
@@ -177,7 +185,7 @@ def format_report(report: StoreReport) -> str:
         lines += [
             ("samples (N)", f"{report.num_samples:,}"),
             ("views (V)", _views(report)),
-            ("classes (C)", f"{report.num_classes:,}"),
+            ("classes (C)", f"{report.num_classes:,}" + _class_names(report)),
         ]
     else:
         row = "token"

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from kdcache.errors import StoreCorruptError, StoreError
+from kdcache.progress import progress
 from kdcache.store.digests import DIGESTS_ARRAY, chunk_digest
 from kdcache.store.feed import LOAD_BLOCK_CHUNKS
 from kdcache.store.guard import DECODE_ERRORS as _DECODE_ERRORS
@@ -203,6 +204,7 @@ def _scan(
         column = meta.digests["arrays"].index(array.basename)
     check_values = np.issubdtype(array.dtype, np.floating)
     chunks = np.flatnonzero(written)
+    bar = progress(total=len(chunks), desc=f"verify {array.basename}", unit="chunk", leave=False)
     for first in range(0, len(chunks), LOAD_BLOCK_CHUNKS):
         block = chunks[first : first + LOAD_BLOCK_CHUNKS]
         start, stop = int(block[0]) * rows, min((int(block[-1]) + 1) * rows, n)
@@ -226,6 +228,8 @@ def _scan(
                 non_finite.append(offset + np.flatnonzero(bad))
             if column is not None:
                 misplaced += _misplaced(meta, array.basename, offset, data, digests, column)
+        bar.update(len(block))
+    bar.close()
     name = array.basename
     if misplaced:
         problems.append(

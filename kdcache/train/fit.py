@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Sampler
-from tqdm import tqdm
 
 from kdcache._version import __version__
 from kdcache.config import LoopConfig
@@ -31,6 +30,7 @@ from kdcache.distributed import RankSession
 from kdcache.errors import ConfigError
 from kdcache.models import build_model, check_input_fits
 from kdcache.plots import plot_curves
+from kdcache.progress import progress
 from kdcache.runtime import atomic_torch_save, autocast, prepare_model
 
 if TYPE_CHECKING:
@@ -109,6 +109,7 @@ def _checkpoint(
         "model": spec,
         "num_classes": dataset.num_classes,
         "in_channels": dataset.in_channels,
+        "dataset": {"spec": dataset.spec, "split": dataset.split},
         "epoch": epoch,
         "val_acc": val_acc,
         "kdcache_version": __version__,
@@ -176,12 +177,12 @@ def fit(
         # Summed on the device: reading the loss every step would stall the GPU's queue.
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         seen = 0
-        batches = tqdm(
+        batches = progress(
             pipeline.batches(loader, attach=attach),
             total=len(loader),
             desc=f"epoch {epoch}/{config.epochs}",
+            unit="batch",
             leave=False,
-            disable=None,
         )
         for batch in session.joined(trained, batches):
             with autocast(device, config.amp):

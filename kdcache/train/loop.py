@@ -7,6 +7,7 @@ builds each run's datasets, loss and ``config.json``. ``RunResult``, ``fit``, ``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import Sampler
 
 from kdcache._version import __version__
+from kdcache.checkpoints import load_checkpoint, resolve_specs
 from kdcache.config import DistillConfig, TrainConfig
 from kdcache.datasets import LabeledDataset, build_dataset, labeled_spec
 from kdcache.device_input import Attach, DeviceBatch, resolve_inputs
@@ -30,6 +32,7 @@ from kdcache.runtime import autocast, prepare_model, prepare_output_dir
 from kdcache.store.reader import StoreReader, open_store
 from kdcache.train.fit import BatchLoss, RunResult, evaluate, fit, held_out_split
 from kdcache.train.pairing import check_store_matches
+from kdcache.train.preflight import check_model
 from kdcache.train.transfer import TransferSampler, describe_transfer, transfer_rows
 from kdcache.train.views import cached_views, drawn_views, first_rows
 
@@ -75,6 +78,7 @@ def _train(config: TrainConfig, session: RankSession) -> RunResult:
         seed=config.seed,
     )
     session.refuse_unsharded(views is not None, "augmentation (--augment)")
+    check_model(config.model, val_set)
     session.on_main(
         lambda: config.save(
             prepare_output_dir(out, overwrite=config.overwrite) / "config.json",
@@ -131,6 +135,15 @@ def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunR
     does).
     Under torchrun every rank runs this with the same config (DistributedDataParallel).
     """
+    if config.cache is None:
+        teacher, dataset = resolve_specs(
+            config.weights,
+            model=config.teacher,
+            dataset=config.dataset,
+            model_option="--teacher",
+            default_dataset=None,
+        )
+        config = dataclasses.replace(config, teacher=teacher, dataset=dataset)
     with rank_session(config.device) as session:
         return _distill(config, session, reader=reader)
 
@@ -231,7 +244,7 @@ def _distill(
             compile=False,  # compiled below, after eval mode and frozen weights
         )
         if config.weights is not None:
-            load_weights(teacher, config.weights, spec=config.teacher)
+            load_checkpoint(teacher, config.weights, spec=config.teacher, dataset=train_set)
             resolved["teacher_weights_sha256"] = weights_sha256(config.weights)
         teacher.eval().requires_grad_(False)
         if config.compile:
@@ -263,6 +276,7 @@ def _distill(
         sampler = views.sampler
         resolved["views"] = views.dataset.views
         resolved["view_sampler"] = views.drawn_by
+    check_model(config.student, val_set)
     session.on_main(
         lambda: config.save(
             prepare_output_dir(out, overwrite=config.overwrite) / "config.json", **resolved

@@ -18,11 +18,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from kdcache.augment.views import ViewSource
 from kdcache.datasets import LabeledDataset, compare_fingerprints, dataset_fingerprint
 from kdcache.errors import ConfigError, StoreMismatchError
 from kdcache.logits.sparse import SparseLogits, TeacherInput
 from kdcache.store.layout import StoreLike
 from kdcache.store.reader import StoreReader, open_store
+from kdcache.train.views import stored_view_source
 
 
 def _describe(dataset: Any) -> str:
@@ -130,6 +132,12 @@ class TeacherLogits(Dataset):
     your DataLoader: a batch's teacher rows are then read from the store in one gather
     (``(B, C)`` tensor or ``SparseLogits``), ready for any kdcache loss at any temperature.
 
+    A store dumped with ``--augment`` (and ``--views V``) holds the teacher's logits on augmented
+    views: each item is then one view, item ``i * V + v`` being view ``v`` of the ``i``-th
+    sample, its input recreated from the stored view parameters as ``kdcache distill`` does, and
+    ``y`` the sample's own label (for a mixing recipe, :attr:`views` ``.mix_of(rows)`` gives each
+    row's partner and own-pixel share).
+
     ``store`` is a path, URL, ``.zip`` or an open :class:`~kdcache.store.reader.StoreReader`
     (``memory_budget`` as in :func:`~kdcache.store.reader.open_store`). The store must have been
     dumped from ``dataset``: its size, classes and recorded fingerprint are checked as
@@ -154,6 +162,9 @@ class TeacherLogits(Dataset):
         )
         check_store_matches(self.store, dataset, check_inputs=check_inputs)
         self.indices = None if indices is None else self._checked(indices)
+        #: The stored views' inputs (``None`` for a store of clean inputs).
+        self.views = stored_view_source(self.store, dataset, described=_describe(dataset))  # type: ignore[arg-type]
+        self.inputs = _Inputs(dataset, self.indices, self.views, self.store.views)
 
     def _checked(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         rows = np.asarray(indices)
@@ -168,23 +179,22 @@ class TeacherLogits(Dataset):
         return rows.astype(np.int64)
 
     def __len__(self) -> int:
-        return len(self.dataset) if self.indices is None else len(self.indices)  # type: ignore[arg-type]
+        return len(self.inputs)
 
     def sample_index(self, position: int) -> int:
-        """The dataset (and store) index of item ``position``."""
-        return position if self.indices is None else int(self.indices[position])
+        """The dataset index of item ``position``."""
+        return self.inputs.row(position) // self.inputs.views_per_sample
 
     def __getitem__(self, position: int) -> tuple[Any, Any, TeacherInput]:
         return self.__getitems__([position])[0]
 
     def __getitems__(self, positions: Sequence[int]) -> list[tuple[Any, Any, TeacherInput]]:
         """A batch of items with one store read for all their rows (DataLoader calls this)."""
-        rows = list(map(int, positions)) if self.indices is None else self.indices[positions]
-        teacher = self.store.read(rows)
+        items = [self.inputs[int(position)] for position in positions]
+        teacher = self.store.read([row for _, _, row in items])
         per_row = teacher.rows() if isinstance(teacher, SparseLogits) else teacher.unbind(0)
         batch = _Batch(
-            (*self.dataset[int(row)], row_teacher)
-            for row, row_teacher in zip(rows, per_row, strict=True)
+            (x, y, row_teacher) for (x, y, _), row_teacher in zip(items, per_row, strict=True)
         )
         batch.teacher = teacher
         return batch
@@ -206,17 +216,35 @@ class TeacherLogits(Dataset):
 
 
 class _Inputs(Dataset):
-    """``(x, y, sample index)`` of a :class:`TeacherLogits`, without its store (for workers)."""
+    """``(x, y, store row)`` of each item of a :class:`TeacherLogits`, without its store (for
+    workers): the sample's input, or the stored view's, recreated."""
 
-    def __init__(self, pairs: TeacherLogits) -> None:
-        self.dataset, self.indices = pairs.dataset, pairs.indices
+    def __init__(
+        self,
+        dataset: Any,
+        indices: np.ndarray | None,
+        views: ViewSource | None,
+        views_per_sample: int,
+    ) -> None:
+        self.dataset, self.indices, self.views = dataset, indices, views
+        self.views_per_sample = views_per_sample
 
     def __len__(self) -> int:
-        return len(self.dataset) if self.indices is None else len(self.indices)  # type: ignore[arg-type]
+        samples = len(self.dataset) if self.indices is None else len(self.indices)
+        return samples * self.views_per_sample
+
+    def row(self, position: int) -> int:
+        """The store row of item ``position``: ``sample * V + view``."""
+        item, view = divmod(int(position), self.views_per_sample)
+        sample = item if self.indices is None else int(self.indices[item])
+        return sample * self.views_per_sample + view
 
     def __getitem__(self, position: int) -> tuple[Any, Any, int]:
-        row = position if self.indices is None else int(self.indices[position])
-        x, y = self.dataset[row]
+        row = self.row(position)
+        sample, view = divmod(row, self.views_per_sample)
+        x, y = self.dataset[sample]
+        if self.views is not None:
+            x = self.views.view(sample, view, x)
         return x, y, row
 
 
@@ -225,7 +253,7 @@ class PairedLoader:
 
     def __init__(self, pairs: TeacherLogits, **options: Any) -> None:
         self.store = pairs.store
-        self.loader = DataLoader(_Inputs(pairs), **options)
+        self.loader = DataLoader(pairs.inputs, **options)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -32,6 +32,7 @@ from kdcache.store.location import refuse_inside_store
 from kdcache.store.reader import StoreReader, open_store
 from kdcache.train.loop import RunResult, distill
 from kdcache.train.parallel import run_concurrently
+from kdcache.train.preflight import check_model, store_dataset
 
 log = logging.getLogger("kdcache")
 
@@ -341,6 +342,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     reader = open_store(
         config.cache, memory_budget=config.cache_memory
     )  # opened once, shared by every run
+    check_model(config.student, store_dataset(reader, config.dataset, config.split))
     if not config.out.strip():
         raise ConfigError("the sweep folder is empty; pass --out FOLDER, e.g. --out runs/sweep")
     refuse_inside_store(config.out, "the sweep folder")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,18 +79,13 @@ def transfer_rows(config: DistillConfig, dataset: LabeledDataset) -> np.ndarray 
                 f"({int((counts > 1).sum())} repeated); list each sample once"
             )
     if config.exclude_classes:
-        unknown = [c for c in config.exclude_classes if c >= dataset.num_classes]
-        if unknown:
-            raise ConfigError(
-                f"--exclude-classes names class {unknown[0]} but dataset {dataset.spec!r} has "
-                f"classes 0 to {dataset.num_classes - 1}"
-            )
+        excluded = class_indices(config.exclude_classes, dataset)
         if (labels < 0).all():
             raise ConfigError(
                 f"--exclude-classes needs labels but dataset {dataset.spec!r} has none; drop it, "
                 "or select samples with --indices"
             )
-        keep = ~np.isin(labels, config.exclude_classes)
+        keep = ~np.isin(labels, excluded)
         rows = np.flatnonzero(keep) if rows is None else rows[keep[rows]]
     if rows is not None and rows.size == 0:
         raise ConfigError(
@@ -148,3 +143,20 @@ class TransferSampler(Sampler[int]):
             ]
         self.epoch += 1
         return iter(order.tolist())
+
+
+def class_indices(classes: Sequence[int | str], dataset: LabeledDataset) -> list[int]:
+    """The indices of ``classes``, given by index or by the name the dataset gives the class."""
+    names = list(dataset.class_names or ())
+    choices = f"classes 0 to {dataset.num_classes - 1}" + (
+        f" or {', '.join(names)}" if names else " (its classes have no names)"
+    )
+    indices = []
+    for name in classes:
+        index = names.index(name) if isinstance(name, str) and name in names else name
+        if not isinstance(index, int) or not 0 <= index < dataset.num_classes:
+            raise ConfigError(
+                f"--exclude-classes names class {name!r} but dataset {dataset.spec!r} has {choices}"
+            )
+        indices.append(index)
+    return indices

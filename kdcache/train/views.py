@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kdcache.augment.order import ViewSampler
 from kdcache.augment.recipe import SAMPLER, Recipe, parse_recipe
-from kdcache.augment.views import ViewDataset, ViewSource, sampler_of
+from kdcache.augment.views import BaseDataset, ViewDataset, ViewSource, sampler_of
 from kdcache.datasets import LabeledDataset
 from kdcache.errors import StoreMismatchError
 from kdcache.store.feed import LogitFeed
@@ -113,28 +113,9 @@ def cached_views(
             "options sees other views; drop --augment and --augment-seed to distill on the "
             "store's own views, or dump the store again"
         )
-    if recorded is None and meta.views > 1:
-        raise StoreMismatchError(
-            f"{where} holds {meta.views} views per sample but records no recipe, so their inputs "
-            "cannot be recreated; dump it with kdcache dump-teacher --augment"
-        )
-    if recorded is None and student_augment is None:
+    source = stored_view_source(reader, dataset, described=f"dataset {dataset.spec!r}")
+    if source is None and student_augment is None:
         return None
-    source = None
-    if recorded is not None:
-        params = reader.view_params
-        if params is None:
-            raise StoreMismatchError(
-                f"{where} records the recipe {recorded.get('recipe')!r} but lacks its "
-                "view_params array; run kdcache verify and dump again"
-            )
-        source = ViewSource(dataset, parse_recipe(recorded["recipe"]), params)
-        drawn_for = tuple(recorded.get("input_size") or source.size)
-        if drawn_for != source.size:
-            raise StoreMismatchError(
-                f"{where}'s views were drawn for {drawn_for} inputs but dataset "
-                f"{dataset.spec!r} yields {source.size}; use the dataset the store was dumped from"
-            )
     student = _student_recipe(student_augment)
     return Views(
         dataset=ViewDataset(dataset, source, student=student, student_seed=seed),
@@ -148,6 +129,36 @@ def cached_views(
         source=source,
         drawn_by=SAMPLER if recorded is None else sampler_of(recorded),
     )
+
+
+def stored_view_source(
+    reader: StoreReader, dataset: BaseDataset, *, described: str
+) -> ViewSource | None:
+    """The views a store's rows hold, recreated from its recorded recipe and parameters on
+    ``dataset`` (``described`` in messages); ``None`` for a store of clean inputs."""
+    meta, where = reader.metadata, reader.where
+    recorded = meta.augment
+    if recorded is None:
+        if meta.views > 1:
+            raise StoreMismatchError(
+                f"{where} holds {meta.views} views per sample but records no recipe, so their "
+                "inputs cannot be recreated; dump it with kdcache dump-teacher --augment"
+            )
+        return None
+    params = reader.view_params
+    if params is None:
+        raise StoreMismatchError(
+            f"{where} records the recipe {recorded.get('recipe')!r} but lacks its "
+            "view_params array; run kdcache verify and dump again"
+        )
+    source = ViewSource(dataset, parse_recipe(recorded["recipe"]), params)
+    drawn_for = tuple(recorded.get("input_size") or source.size)
+    if drawn_for != source.size:
+        raise StoreMismatchError(
+            f"{where}'s views were drawn for {drawn_for} inputs but {described} yields "
+            f"{source.size}; use the dataset the store was dumped from"
+        )
+    return source
 
 
 def drawn_views(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
 from conftest import REPO_ROOT
+from teachers import seeded
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdcache import DumpConfig, LogitsDistillationLoss, SparseLogits, TeacherLogits, open_store
@@ -14,6 +16,7 @@ from kdcache.datasets import build_dataset
 from kdcache.dump import dump_teacher
 from kdcache.errors import ConfigError, StoreMismatchError
 from kdcache.train.loop import evaluate
+from kdcache.train.views import cached_views
 
 
 def readme_loop() -> str:
@@ -123,3 +126,64 @@ def test_a_store_of_other_data_is_refused_for_any_dataset(digits_store):
     shuffled.labels = labels.roll(1).numpy()  # a dataset exposing its labels: they are compared
     with pytest.raises(StoreMismatchError, match="labels differ"):
         TeacherLogits(shuffled, digits_store, check_inputs=False)
+
+
+@pytest.fixture(scope="module")
+def views_store(tmp_path_factory):
+    """A float32 store of 3 mixed views per sample of a tiny image set, from a seeded teacher."""
+    out = tmp_path_factory.mktemp("pairing-views") / "views.zarr"
+    dump_teacher(
+        DumpConfig(
+            teacher="teachers:seeded",
+            dataset="fake:24:8:4",
+            out=str(out),
+            encoding="float32",
+            views=3,
+            augment="pad-crop:1+flip+mixup:0.4",
+            augment_seed=2,
+            device="cpu",
+        )
+    )
+    return out
+
+
+def test_a_store_with_views_pairs_each_recreated_view_with_its_own_row(views_store):
+    train_set = build_dataset("fake:24:8:4")
+    reader = open_store(views_store)
+    pairs = TeacherLogits(train_set, reader, indices=[20, 3])
+    assert len(pairs) == 6  # every view of each chosen sample
+    distilled = cached_views(
+        reader,
+        train_set,
+        augment=None,
+        augment_seed=None,
+        views=None,
+        student_augment=None,
+        seed=0,
+        feed=reader.feed,
+    )
+    teacher = seeded(num_classes=4, in_channels=3).eval()
+    x, y, logits = next(iter(DataLoader(pairs, batch_size=6, collate_fn=pairs.collate)))
+    rows = [20 * 3, 20 * 3 + 1, 20 * 3 + 2, 9, 10, 11]
+    for item, row in enumerate(rows):
+        assert pairs.sample_index(item) == row // 3
+        view, label = distilled.dataset[row]  # the pixels and label distill trains on
+        assert torch.equal(x[item], view) and y[item] == label
+    torch.testing.assert_close(logits, reader.read(rows))
+    with torch.no_grad():  # the teacher's logits on exactly these pixels
+        torch.testing.assert_close(logits, teacher(x), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(x[0], x[1])  # distinct views, not the clean sample repeated
+    for (x1, y1, t1), (x2, y2, t2) in zip(
+        DataLoader(pairs, batch_size=4, collate_fn=pairs.collate),
+        pairs.loader(batch_size=4, num_workers=1),
+        strict=True,
+    ):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(t1, t2)
+
+
+def test_a_store_whose_views_cannot_be_recreated_is_refused(tmp_path, views_store):
+    copy = tmp_path / "views.zarr"
+    shutil.copytree(views_store, copy)
+    shutil.rmtree(copy / "view_params")
+    with pytest.raises(StoreMismatchError, match="lacks its view_params array"):
+        TeacherLogits(build_dataset("fake:24:8:4"), copy)

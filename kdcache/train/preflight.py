@@ -1,0 +1,38 @@
+"""Checks of a run's inputs that must pass before its folder or store is created, so that a
+refused command leaves nothing behind (a misspelt model would otherwise fail only once the run
+folder and its ``config.json`` exist)."""
+
+from __future__ import annotations
+
+import torch
+
+from kdcache.datasets import LabeledDataset, build_dataset
+from kdcache.errors import StoreMismatchError
+from kdcache.models import build_model, check_input_fits
+from kdcache.store.reader import StoreReader
+from kdcache.train.pairing import check_store_matches
+
+
+def check_model(spec: str, dataset: LabeledDataset) -> None:
+    """Build the model ``spec`` names for ``dataset`` and run it on one input's shape, on the meta
+    device: no memory is allocated, and the global random state is left as it was (the run's
+    model is built again from its seed)."""
+    shape = tuple(dataset.float_input(0).shape)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = build_model(spec, num_classes=dataset.num_classes, in_channels=dataset.in_channels)
+        check_input_fits(model, shape, spec=spec)
+
+
+def store_dataset(reader: StoreReader, spec: str | None, split: str | None) -> LabeledDataset:
+    """The dataset a store's rows belong to: ``spec``/``split``, else those the store records,
+    checked against the store."""
+    recorded = reader.metadata.dataset or {}
+    spec = spec or recorded.get("spec")
+    if spec is None:
+        raise StoreMismatchError(
+            f"{reader.where} records no dataset; pass --dataset SPEC (and --split) to say which "
+            "one it belongs to"
+        )
+    dataset = build_dataset(spec, split=split or recorded.get("split") or "train")
+    check_store_matches(reader, dataset)
+    return dataset
