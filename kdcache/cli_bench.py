@@ -5,13 +5,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import click
 
-from kdcache.cli_options import speed_options
-from kdcache.config import DEVICE_HELP
+from kdcache.cli_options import config_options
+from kdcache.config import DEVICE_HELP, SpeedOptions
+from kdcache.errors import ConfigError
+from kdcache.options import Options, option
 from kdcache.pixels import INPUT_FORMS
 
 
@@ -20,41 +24,115 @@ def bench() -> None:
     """Measure the logit feed, the dump and distillation from the cache (see docs/benchmarks.md)."""
 
 
-def bench_options(function: Any) -> Any:
-    """Options every benchmark takes."""
-    options = [
-        click.option("--threads", type=int, help="Torch intra-op threads [default: all cores]."),
-        click.option(
-            "--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary."
-        ),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+@dataclass(frozen=True, kw_only=True)
+class BenchOptions(Options):
+    """Options every benchmark takes. The benchmarks time image models and datasets: a
+    language-model spec (``hf:...``, ``text:...``) is refused, naming its option."""
+
+    threads: int | None = option(None, help="Torch intra-op threads [default: all cores].")
+    json: bool = option(False, help="Print one JSON object instead of a summary.")
+
+    def __post_init__(self) -> None:
+        from kdcache.lm.models import is_lm_model_spec
+        from kdcache.lm.text import is_text_spec
+
+        for name in ("teacher", "student", "dataset"):
+            value = getattr(self, name, None)
+            if is_lm_model_spec(value) or is_text_spec(value):
+                default = next(f.default for f in dataclasses.fields(self) if f.name == name)
+                raise ConfigError(
+                    f"--{name} {value}: the bench commands time image models and datasets only; "
+                    f"pass an image spec such as {default}"
+                )
+        super().__post_init__()
+
+    def arguments(self) -> dict[str, Any]:
+        """The benchmark function's keyword arguments: every field but the output format."""
+        return {key: value for key, value in self.to_dict().items() if key != "json"}
 
 
-def round_options(function: Any) -> Any:
+@dataclass(frozen=True, kw_only=True)
+class RoundOptions(Options):
     """Options of the benchmarks that time interleaved rounds over a DataLoader."""
-    options = [
-        click.option(
-            "--num-workers",
-            default=0,
-            show_default=True,
-            type=int,
-            help="DataLoader worker processes.",
-        ),
-        click.option("--device", default=None, help=DEVICE_HELP),
-        click.option(
-            "--repeats",
-            default=3,
-            show_default=True,
-            type=int,
-            help="Interleaved rounds; medians are reported.",
-        ),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+
+    num_workers: int = option(0, help="DataLoader worker processes.")
+    device: str | None = option(None, help=DEVICE_HELP)
+    repeats: int = option(3, help="Interleaved rounds; medians are reported.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchFeedOptions(BenchOptions):
+    num_samples: int = option(1_000_000, help="Rows N of the benchmark store.")
+    num_classes: int = option(1000, help="Classes C per row.")
+    batch_size: int = option(256, help="Rows per random-order batch.")
+    encoding: str = option("float16", help="Store encoding.")
+    chunked_memory: str | None = option(
+        None,
+        help="Budget of the larger-than-RAM mode, e.g. 512MiB [default: a quarter of the store].",
+    )
+    max_batches: int | None = option(
+        None, help="Stop each mode after this many batches [default: one epoch]."
+    )
+    path: str | None = option(
+        None,
+        help="Where to write the benchmark store [default: a temporary folder, deleted after].",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchDumpOptions(SpeedOptions, RoundOptions, BenchOptions):
+    teacher: str = option("resnet50", help="Teacher model spec (random weights).")
+    dataset: str = option("fake:2048:32:1000", help="Dataset spec.")
+    batch_size: int = option(256, help="Samples per forward pass.")
+    encoding: str = option(
+        "float16",
+        help="Store encoding; with --writer-only a comma-separated list, e.g. float16,int8,topk:5.",
+    )
+    writer_workers: str | None = option(
+        None,
+        help="Writer threads of the dump [default: the dump's default]; with --writer-only a "
+        "comma-separated list, e.g. 1,2,4.",
+    )
+    views: int = option(1, help="Augmented views per sample.")
+    augment: str | None = option(
+        None, help="Augmentation recipe of the views (see docs/augmentation.md)."
+    )
+    writer_only: bool = option(
+        False,
+        help="Time the store writer alone (no teacher): rows/s per encoding and writer threads, "
+        "on teacher-like logits with the dataset's number of classes.",
+    )
+    rows: int = option(65_536, help="Rows each --writer-only run writes.")
+    path: str | None = option(
+        None,
+        path="dir",
+        help="Folder to dump into, on the disk whose fsync cost to measure [default: a temporary "
+        "folder].",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchDistillOptions(SpeedOptions, RoundOptions, BenchOptions):
+    student: str = option("resnet18", help="Student model spec.")
+    teacher: str = option("resnet50", help="Teacher model spec (random weights).")
+    dataset: str = option("fake:2048:32:100", help="Dataset spec.")
+    batch_size: int = option(128, help="Samples per step.")
+    cache_memory: str | None = option(
+        None, help="Memory budget of the cached run's feed, e.g. 8GiB."
+    )
+    epochs: int = option(2, help="Epochs per run; the last one is timed.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchInputsOptions(RoundOptions, BenchOptions):
+    dataset: str = option("synthetic:4096:224:1000", help="Dataset spec.")
+    forms: str | None = option(
+        None,
+        help=f"Comma-separated input forms among {', '.join(INPUT_FORMS)} [default: all the "
+        "dataset has].",
+    )
+    batch_size: int = option(256, help="Samples per batch.")
+    channels_last: bool = option(False, help="Lay the images out channels-last on the device.")
 
 
 def print_bench(result: dict[str, Any], as_json: bool) -> None:
@@ -126,103 +204,37 @@ def _size(nbytes: float) -> str:
 
 
 @bench.command("feed")
-@click.option(
-    "--num-samples",
-    default=1_000_000,
-    show_default=True,
-    type=int,
-    help="Rows N of the benchmark store.",
-)
-@click.option("--num-classes", default=1000, show_default=True, type=int, help="Classes C per row.")
-@click.option(
-    "--batch-size", default=256, show_default=True, type=int, help="Rows per random-order batch."
-)
-@click.option("--encoding", default="float16", show_default=True, help="Store encoding.")
-@click.option(
-    "--chunked-memory",
-    help="Budget of the larger-than-RAM mode, e.g. 512MiB [default: a quarter of the store].",
-)
-@click.option(
-    "--max-batches", type=int, help="Stop each mode after this many batches [default: one epoch]."
-)
-@click.option(
-    "--path",
-    help="Where to write the benchmark store [default: a temporary folder, deleted after].",
-)
-@bench_options
-def bench_feed(chunked_memory: str | None, **options: Any) -> None:
+@config_options(BenchFeedOptions)
+def bench_feed(**fields: Any) -> None:
     """Random-order batches/s, open time and peak RSS of the in-memory and larger-than-RAM feeds."""
     from kdcache.bench import bench_feed as run
     from kdcache.store.feed import parse_size
 
-    as_json = options.pop("as_json")
-    print_bench(
-        run(
-            chunked_memory=None if chunked_memory is None else parse_size(chunked_memory), **options
-        ),
-        as_json,
-    )
+    options = BenchFeedOptions(**fields)
+    memory = options.chunked_memory
+    arguments = options.arguments() | {
+        "chunked_memory": None if memory is None else parse_size(memory)
+    }
+    print_bench(run(**arguments), options.json)
 
 
 @bench.command("dump")
-@click.option(
-    "--teacher", default="resnet50", show_default=True, help="Teacher model spec (random weights)."
-)
-@click.option("--dataset", default="fake:2048:32:1000", show_default=True, help="Dataset spec.")
-@click.option(
-    "--batch-size", default=256, show_default=True, type=int, help="Samples per forward pass."
-)
-@click.option(
-    "--encoding",
-    default="float16",
-    show_default=True,
-    help="Store encoding; with --writer-only a comma-separated list, e.g. float16,int8,topk:5.",
-)
-@click.option(
-    "--writer-workers",
-    help="Writer threads of the dump [default: the dump's default]; with --writer-only a "
-    "comma-separated list, e.g. 1,2,4.",
-)
-@click.option("--views", default=1, show_default=True, type=int, help="Augmented views per sample.")
-@click.option("--augment", help="Augmentation recipe of the views (see docs/augmentation.md).")
-@click.option(
-    "--writer-only",
-    is_flag=True,
-    help="Time the store writer alone (no teacher): rows/s per encoding and writer threads, "
-    "on teacher-like logits with the dataset's number of classes.",
-)
-@click.option(
-    "--rows",
-    default=65_536,
-    show_default=True,
-    type=int,
-    help="Rows each --writer-only run writes.",
-)
-@round_options
-@speed_options
-@click.option(
-    "--path",
-    type=click.Path(file_okay=False),
-    help="Folder to dump into, on the disk whose fsync cost to measure [default: a temporary "
-    "folder].",
-)
-@bench_options
-def bench_dump(
-    encoding: str, writer_workers: str | None, writer_only: bool, rows: int, **options: Any
-) -> None:
+@config_options(BenchDumpOptions)
+def bench_dump(**fields: Any) -> None:
     """Dump time against the bare teacher forward over the same loader (per view with --views),
     or with --writer-only the writer's rows/s against its number of threads."""
-    from kdcache.errors import ConfigError
     from kdcache.options import parse_list
 
-    as_json = options.pop("as_json")
-    encodings = parse_list(encoding, str, option="--encoding", example="float16,int8,topk:5")
+    options = BenchDumpOptions(**fields)
+    encodings = parse_list(
+        options.encoding, str, option="--encoding", example="float16,int8,topk:5"
+    )
     workers = (
-        parse_list(writer_workers, int, option="--writer-workers", example="1,2,4")
-        if writer_workers
+        parse_list(options.writer_workers, int, option="--writer-workers", example="1,2,4")
+        if options.writer_workers
         else None
     )
-    if writer_only:
+    if options.writer_only:
         from kdcache.bench_writer import bench_writer
         from kdcache.datasets import build_dataset
 
@@ -230,18 +242,20 @@ def bench_dump(
             bench_writer(
                 encodings=encodings,
                 workers=workers,
-                num_rows=rows,
-                num_classes=build_dataset(options["dataset"]).num_classes,
-                batch_size=options["batch_size"],
-                repeats=options["repeats"],
-                path=options["path"],
+                num_rows=options.rows,
+                num_classes=build_dataset(options.dataset).num_classes,
+                batch_size=options.batch_size,
+                repeats=options.repeats,
+                path=options.path,
             ),
-            as_json,
+            options.json,
         )
         return
     if len(encodings) > 1 or (workers is not None and len(workers) > 1):
         given = (
-            f"--encoding {encoding}" if len(encodings) > 1 else f"--writer-workers {writer_workers}"
+            f"--encoding {options.encoding}"
+            if len(encodings) > 1
+            else f"--writer-workers {options.writer_workers}"
         )
         raise ConfigError(
             f"{given}: lists need --writer-only; a dump is timed with one encoding and one "
@@ -249,56 +263,32 @@ def bench_dump(
         )
     from kdcache.bench_dump import bench_dump as run
 
-    writer_threads = workers[0] if workers else None
-    print_bench(run(encoding=encodings[0], writer_workers=writer_threads, **options), as_json)
+    arguments = {
+        key: value
+        for key, value in options.arguments().items()
+        if key not in ("writer_only", "rows")
+    }
+    arguments |= {"encoding": encodings[0], "writer_workers": workers[0] if workers else None}
+    print_bench(run(**arguments), options.json)
 
 
 @bench.command("distill")
-@click.option("--student", default="resnet18", show_default=True, help="Student model spec.")
-@click.option(
-    "--teacher", default="resnet50", show_default=True, help="Teacher model spec (random weights)."
-)
-@click.option("--dataset", default="fake:2048:32:100", show_default=True, help="Dataset spec.")
-@click.option("--batch-size", default=128, show_default=True, type=int, help="Samples per step.")
-@round_options
-@click.option("--cache-memory", help="Memory budget of the cached run's feed, e.g. 8GiB.")
-@click.option(
-    "--epochs",
-    default=2,
-    show_default=True,
-    type=int,
-    help="Epochs per run; the last one is timed.",
-)
-@speed_options
-@bench_options
-def bench_distill(**options: Any) -> None:
+@config_options(BenchDistillOptions)
+def bench_distill(**fields: Any) -> None:
     """Epoch time distilling from the cache vs CE-only training vs online KD."""
     from kdcache.bench import bench_distill as run
 
-    as_json = options.pop("as_json")
-    print_bench(run(**options), as_json)
+    options = BenchDistillOptions(**fields)
+    print_bench(run(**options.arguments()), options.json)
 
 
 @bench.command("inputs")
-@click.option(
-    "--dataset", default="synthetic:4096:224:1000", show_default=True, help="Dataset spec."
-)
-@click.option(
-    "--forms",
-    default=None,
-    help=f"Comma-separated input forms among {', '.join(INPUT_FORMS)} [default: all the "
-    "dataset has].",
-)
-@click.option("--batch-size", default=256, show_default=True, type=int, help="Samples per batch.")
-@round_options
-@click.option(
-    "--channels-last", is_flag=True, help="Lay the images out channels-last on the device."
-)
-@bench_options
-def bench_inputs(forms: str | None, **options: Any) -> None:
+@config_options(BenchInputsOptions)
+def bench_inputs(**fields: Any) -> None:
     """Samples/s and bytes per batch of each input form, loader to float images on the device."""
     from kdcache.bench_inputs import bench_inputs as run
 
-    as_json = options.pop("as_json")
+    options = BenchInputsOptions(**fields)
+    forms = options.forms
     chosen = None if forms is None else tuple(f.strip() for f in forms.split(",") if f.strip())
-    print_bench(run(forms=chosen, **options), as_json)
+    print_bench(run(**options.arguments() | {"forms": chosen}), options.json)

@@ -12,7 +12,8 @@ import hashlib
 import importlib
 import inspect
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -22,11 +23,6 @@ from torch import nn
 
 from kdcache.errors import CheckpointError, ConfigError, SpecError
 
-BUILTIN_MODELS = ("mlp", "cnn")
-_VALID = (
-    "Valid: mlp, cnn, any torchvision classification model "
-    "(torchvision.models.list_models()), or package.module:function"
-)
 # Without these, these models return namedtuples in train mode and warn about their init.
 _TORCHVISION_KWARGS = {
     "googlenet": {"aux_logits": False, "init_weights": True},
@@ -54,37 +50,32 @@ def _build(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
             f"got num_classes={num_classes}, in_channels={in_channels}"
         )
     name, sep, arg = spec.partition(":")
-    if name == "mlp":
-        hidden = _positive_ints(spec, arg, "mlp, mlp:HIDDEN or mlp:H1,H2, e.g. mlp:256,128")
-        return _mlp(in_channels, hidden or [128], num_classes)
-    if name == "cnn":
-        width = _positive_ints(spec, arg, "cnn or cnn:WIDTH, e.g. cnn:32")
-        if len(width) > 1:
-            raise SpecError(
-                f"malformed model spec {spec!r}; expected cnn or cnn:WIDTH, e.g. cnn:32"
-            )
-        return _cnn(in_channels, width[0] if width else 32, num_classes)
+    builtin = MODELS.get(name)
+    if builtin is not None:
+        return builtin.build(spec, arg or builtin.default_argument, num_classes, in_channels)
     if sep:
         return _user_model(spec, name, arg, num_classes, in_channels)
     if spec in _torchvision_names():
         return _torchvision_model(spec, num_classes, in_channels)
-    close = difflib.get_close_matches(spec, [*BUILTIN_MODELS, *_torchvision_names()], n=1)
+    close = difflib.get_close_matches(spec, [*MODELS, *_torchvision_names()], n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    raise SpecError(f"unknown model {spec!r}; {hint}{_VALID}")
+    raise SpecError(
+        f"unknown model {spec!r}; {hint}Valid: {', '.join(MODELS)}, any torchvision "
+        "classification model (torchvision.models.list_models()), or package.module:function"
+    )
 
 
 #: Widest hidden layer or channel count the builtin models accept.
 MAX_BUILTIN_WIDTH = 1 << 16
-#: The defaults a bare builtin spec stands for: ``mlp`` is ``mlp:128``, ``cnn`` is ``cnn:32``.
-_BUILTIN_DEFAULTS = {"mlp": "128", "cnn": "32"}
 
 
 def canonical_model_spec(spec: str) -> str:
     """``spec`` with its defaults spelled out, so that equal models compare equal
     (``mlp`` and ``mlp:128``); other specs are returned unchanged."""
     name, _, arg = spec.partition(":")
-    if name in _BUILTIN_DEFAULTS:
-        return f"{name}:{arg.replace(' ', '') or _BUILTIN_DEFAULTS[name]}"
+    builtin = MODELS.get(name)
+    if builtin is not None:
+        return f"{name}:{arg.replace(' ', '') or builtin.default_argument}"
     return spec
 
 
@@ -105,7 +96,8 @@ def _positive_ints(spec: str, arg: str, form: str) -> list[int]:
     return values
 
 
-def _mlp(in_channels: int, hidden: list[int], num_classes: int) -> nn.Module:
+def _mlp(spec: str, argument: str, num_classes: int, in_channels: int) -> nn.Module:
+    hidden = _positive_ints(spec, argument, "mlp, mlp:HIDDEN or mlp:H1,H2, e.g. mlp:256,128")
     # Pooling to 8x8 is the identity on digits and lets the same MLP take any image size.
     layers: list[nn.Module] = [nn.AdaptiveAvgPool2d((8, 8)), nn.Flatten()]
     width = in_channels * 64
@@ -116,7 +108,11 @@ def _mlp(in_channels: int, hidden: list[int], num_classes: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def _cnn(in_channels: int, width: int, num_classes: int) -> nn.Module:
+def _cnn(spec: str, argument: str, num_classes: int, in_channels: int) -> nn.Module:
+    widths = _positive_ints(spec, argument, "cnn or cnn:WIDTH, e.g. cnn:32")
+    if len(widths) > 1:
+        raise SpecError(f"malformed model spec {spec!r}; expected cnn or cnn:WIDTH, e.g. cnn:32")
+    width = widths[0]
     return nn.Sequential(
         nn.Conv2d(in_channels, width, 3, padding=1),
         nn.BatchNorm2d(width),
@@ -129,6 +125,24 @@ def _cnn(in_channels: int, width: int, num_classes: int) -> nn.Module:
         nn.Flatten(),
         nn.Linear(2 * width, num_classes),
     )
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """One entry of :data:`MODELS`: an example spec, the argument a bare name stands for, and how
+    it is built from ``(spec, argument, num_classes, in_channels)``."""
+
+    example: str
+    default_argument: str
+    build: Callable[[str, str, int, int], nn.Module]
+
+
+#: The models kdcache defines, by the name before any ``:``. Any other name is a torchvision
+#: classification model, and ``package.module:function`` a user's.
+MODELS: dict[str, BuiltinModel] = {
+    "mlp": BuiltinModel("mlp:16,8", "128", _mlp),
+    "cnn": BuiltinModel("cnn:4", "32", _cnn),
+}
 
 
 def _torchvision_names() -> list[str]:
@@ -253,7 +267,7 @@ def check_input_fits(model: nn.Module, input_shape: tuple[int, ...], *, spec: st
     written, in one line. User models (``package.module:function``) are not probed: an extra
     call could disturb models that count, time or gate their calls."""
     name, sep, _ = spec.partition(":")
-    if sep and name not in BUILTIN_MODELS:
+    if sep and name not in MODELS:
         return
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")

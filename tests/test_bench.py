@@ -3,6 +3,7 @@ here)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,14 @@ from conftest import assert_one_line_error, run_cli
 from kdcache.bench import bench_distill
 from kdcache.bench_dump import bench_dump
 from kdcache.bench_writer import bench_writer
+from kdcache.cli_bench import (
+    BenchDistillOptions,
+    BenchDumpOptions,
+    BenchFeedOptions,
+    BenchInputsOptions,
+    bench,
+)
+from kdcache.errors import ConfigError
 
 TINY = dict(dataset="fake:64:8:10", batch_size=32, repeats=2, device="cpu", threads=1)
 
@@ -124,3 +133,31 @@ def test_summary_values_carry_their_units():
         "samples/cpu-s: 181,975",
         "ok:            yes",
     ]
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("feed", BenchFeedOptions),
+        ("dump", BenchDumpOptions),
+        ("distill", BenchDistillOptions),
+        ("inputs", BenchInputsOptions),
+    ],
+)
+def test_every_bench_option_is_a_declared_field_with_its_default(name, options):
+    params = {param.name: param for param in bench.commands[name].params if param.name != "help"}
+    fields = {field.name: field for field in dataclasses.fields(options)}
+    assert set(params) == set(fields)
+    for field_name, field in fields.items():
+        assert params[field_name].help == field.metadata["help"]
+        if field.default is False:
+            assert params[field_name].is_flag
+        else:
+            assert params[field_name].default == field.default
+
+
+def test_a_language_model_spec_is_refused_naming_its_option():
+    refused = run_cli("bench", "distill", "--teacher", "hf:gpt2", check=False)
+    assert_one_line_error(refused, "--teacher hf:gpt2", "image models", "resnet50")
+    with pytest.raises(ConfigError, match="--dataset text:corpus.txt"):
+        BenchInputsOptions(dataset="text:corpus.txt")

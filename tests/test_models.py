@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kdcache.errors import CheckpointError, ConfigError, SpecError
-from kdcache.models import BUILTIN_MODELS, build_model, load_weights, weights_sha256
+from kdcache.models import MODELS, build_model, canonical_model_spec, load_weights, weights_sha256
 
 
 class _Opaque:
@@ -36,8 +36,21 @@ def test_forward_shapes(spec, in_channels, size):
         assert isinstance(out, torch.Tensor) and out.shape == (2, 7)
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_every_registered_model_builds_and_runs_a_tiny_batch(name):
+    example = MODELS[name].example
+    for spec in (name, example, canonical_model_spec(name)):
+        model = build_model(spec, num_classes=3, in_channels=2)
+        assert model(torch.randn(2, 2, 8, 8)).shape == (2, 3)
+    assert canonical_model_spec(canonical_model_spec(name)) == canonical_model_spec(name)
+
+
+def test_an_unknown_model_names_what_was_given_and_every_registered_name():
+    with pytest.raises(SpecError, match="'zzzzqqq'; Valid: " + ", ".join(MODELS)):
+        build_model("zzzzqqq", num_classes=3, in_channels=1)
+
+
 def test_builtin_layout():
-    assert BUILTIN_MODELS == ("mlp", "cnn")
     mlp = build_model("mlp", num_classes=10, in_channels=1)
     linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
     assert [(layer.in_features, layer.out_features) for layer in linears] == [(64, 128), (128, 10)]

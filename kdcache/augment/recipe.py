@@ -30,6 +30,8 @@ bit for bit on the CPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,7 +42,7 @@ from kdcache.augment.ops import Flip, Mix, Op, PadCrop, RandomResizedCrop, Size
 from kdcache.errors import SpecError
 from kdcache.wording import counted
 
-__all__ = ["SAMPLER", "STUDENT_STREAM", "VIEW_STREAM", "Recipe", "parse_recipe"]
+__all__ = ["OPERATIONS", "SAMPLER", "STUDENT_STREAM", "VIEW_STREAM", "Recipe", "parse_recipe"]
 
 #: Stream tags in the generator key: stored views and student-only augmentation never share draws.
 VIEW_STREAM, STUDENT_STREAM = 0, 1
@@ -62,54 +64,86 @@ def _numbers(text: str, spec: str, what: str) -> tuple[float, float]:
     return values
 
 
+def _rrc(named: dict[str, str], positional: list[str], spec: str) -> Op:
+    scale = _numbers(named.get("scale", "0.08-1"), spec, "scale")
+    ratio = _numbers(named.get("ratio", "0.75-1.3333333"), spec, "ratio")
+    if not (0 < scale[0] and scale[1] <= 1 and ratio[0] > 0):
+        raise SpecError(f"rrc in {spec!r} needs 0 < scale <= 1 and ratio > 0")
+    size = named.get("size")
+    if size is not None and not (size.isdigit() and int(size) >= 1):
+        raise SpecError(f"rrc size={size!r} in {spec!r} must be an integer >= 1")
+    return RandomResizedCrop(scale=scale, ratio=ratio, size=None if size is None else int(size))
+
+
+def _pad_crop(named: dict[str, str], positional: list[str], spec: str) -> Op:
+    value = named.get("padding", positional[0] if positional else "4")
+    if not (value.isdigit() and int(value) >= 1):
+        raise SpecError(f"pad-crop:{value} in {spec!r}: padding must be an integer >= 1")
+    return PadCrop(padding=int(value))
+
+
+def _flip(named: dict[str, str], positional: list[str], spec: str) -> Op:
+    p = _numbers(named.get("p", positional[0] if positional else "0.5"), spec, "p")[0]
+    if not 0 <= p <= 1:
+        raise SpecError(f"flip probability {p} in {spec!r} must lie in [0, 1]")
+    return Flip(p=p)
+
+
+def _mix(kind: str) -> Callable[[dict[str, str], list[str], str], Mix]:
+    def build(named: dict[str, str], positional: list[str], spec: str) -> Mix:
+        alpha = _numbers(named.get("alpha", positional[0] if positional else "1"), spec, "alpha")
+        if alpha[0] <= 0:
+            raise SpecError(f"{kind} alpha {alpha[0]} in {spec!r} must be > 0")
+        return Mix(kind=kind, alpha=alpha[0])
+
+    return build
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One entry of :data:`OPERATIONS`: the arguments it takes (by name, and how many of them
+    may be given positionally), an example, and how it is built from them and the recipe."""
+
+    arguments: tuple[str, ...]
+    max_positional: int
+    example: str
+    build: Callable[[dict[str, str], list[str], str], Op | Mix]
+
+
+#: Every recipe operation, by name; the mixing ones (:class:`Mix`) may only come last.
+OPERATIONS: dict[str, Operation] = {
+    "rrc": Operation(("scale", "ratio", "size"), 0, "rrc:scale=0.35-1", _rrc),
+    "pad-crop": Operation(("padding",), 1, "pad-crop:4", _pad_crop),
+    "flip": Operation(("p",), 1, "flip", _flip),
+    "mixup": Operation(("alpha",), 1, "mixup:0.2", _mix("mixup")),
+    "cutmix": Operation(("alpha",), 1, "cutmix:1.0", _mix("cutmix")),
+}
+
+
 def _parse_op(text: str, spec: str) -> Op | Mix:
     name, _, arg_text = text.strip().partition(":")
+    operation = OPERATIONS.get(name)
+    if operation is None:
+        raise SpecError(
+            f"unknown operation {name!r} in recipe {spec!r}; valid operations: "
+            f"{', '.join(OPERATIONS)} (e.g. 'rrc:scale=0.35-1+flip')"
+        )
     args = [a.strip() for a in arg_text.split(",")] if arg_text else []
     positional = [a for a in args if "=" not in a]
     named = dict(a.split("=", 1) for a in args if "=" in a)
-
-    def only(allowed: tuple[str, ...], max_positional: int) -> None:
-        unknown = sorted(set(named) - set(allowed))
-        if unknown or len(positional) > max_positional:
-            raise SpecError(
-                f"operation {text!r} in recipe {spec!r} takes "
-                + (f"the arguments {', '.join(allowed)}" if allowed else "")
-                + (f" or {counted(max_positional, 'value')}" if max_positional else "")
-                + f", got {arg_text!r}; see docs/augmentation.md"
+    unknown = sorted(set(named) - set(operation.arguments))
+    if unknown or len(positional) > operation.max_positional:
+        raise SpecError(
+            f"operation {text!r} in recipe {spec!r} takes "
+            + f"the arguments {', '.join(operation.arguments)}"
+            + (
+                f" or {counted(operation.max_positional, 'value')}"
+                if operation.max_positional
+                else ""
             )
-
-    if name == "rrc":
-        only(("scale", "ratio", "size"), 0)
-        scale = _numbers(named.get("scale", "0.08-1"), spec, "scale")
-        ratio = _numbers(named.get("ratio", "0.75-1.3333333"), spec, "ratio")
-        if not (0 < scale[0] and scale[1] <= 1 and ratio[0] > 0):
-            raise SpecError(f"rrc in {spec!r} needs 0 < scale <= 1 and ratio > 0")
-        size = named.get("size")
-        if size is not None and not (size.isdigit() and int(size) >= 1):
-            raise SpecError(f"rrc size={size!r} in {spec!r} must be an integer >= 1")
-        return RandomResizedCrop(scale=scale, ratio=ratio, size=None if size is None else int(size))
-    if name == "pad-crop":
-        only(("padding",), 1)
-        value = named.get("padding", positional[0] if positional else "4")
-        if not (value.isdigit() and int(value) >= 1):
-            raise SpecError(f"pad-crop:{value} in {spec!r}: padding must be an integer >= 1")
-        return PadCrop(padding=int(value))
-    if name == "flip":
-        only(("p",), 1)
-        p = _numbers(named.get("p", positional[0] if positional else "0.5"), spec, "p")[0]
-        if not 0 <= p <= 1:
-            raise SpecError(f"flip probability {p} in {spec!r} must lie in [0, 1]")
-        return Flip(p=p)
-    if name in ("mixup", "cutmix"):
-        only(("alpha",), 1)
-        alpha = _numbers(named.get("alpha", positional[0] if positional else "1"), spec, "alpha")[0]
-        if alpha <= 0:
-            raise SpecError(f"{name} alpha {alpha} in {spec!r} must be > 0")
-        return Mix(kind=name, alpha=alpha)
-    raise SpecError(
-        f"unknown operation {name!r} in recipe {spec!r}; valid operations: rrc, pad-crop, flip, "
-        "mixup, cutmix (e.g. 'rrc:scale=0.35-1+flip')"
-    )
+            + f", got {arg_text!r}; see docs/augmentation.md"
+        )
+    return operation.build(named, positional, spec)
 
 
 class Recipe:

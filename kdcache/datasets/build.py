@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -15,64 +16,71 @@ from kdcache.errors import ConfigError, SpecError
 from kdcache.logits.losses import UNLABELED
 from kdcache.pixels import PixelNormalization
 
-DATASET_KINDS = (
-    "digits",
-    "fake",
-    "synthetic",
-    "imagefolder",
-    "cifar10",
-    "cifar100",
-    "mnist",
-    "unlabeled",
-)
 SPLITS = ("train", "test")
+
+#: Builds the dataset of one kind from the whole spec (for messages), the text after ``KIND:``
+#: (empty when there is none) and the split.
+Builder = Callable[[str, str, str], LabeledDataset]
 
 
 def build_dataset(spec: str, *, split: str = "train") -> LabeledDataset:
     """Build the dataset a spec names: ``digits``, ``fake:1000:224:1000``, ``cifar10:/data``..."""
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; expected one of: {', '.join(SPLITS)}")
-    kind, _, args = spec.partition(":")
-    if kind not in DATASET_KINDS:
+    name, _, args = spec.partition(":")
+    build = DATASET_KINDS.get(name)
+    if build is None:
         raise SpecError(
-            f"unknown dataset kind {kind!r} in spec {spec!r}; "
+            f"unknown dataset kind {name!r} in spec {spec!r}; "
             f"valid kinds: {', '.join(DATASET_KINDS)} (e.g. 'digits' or 'fake:1000')"
         )
-    if kind == "digits":
-        size, train_size, shift = _digits_args(spec, args)
-        inputs, labels = _digits_split(size, train_size, shift)[split]
-        upscaled = "" if size == 8 else f", bilinear upscale to ({size},{size})"
-        if shift:
-            upscaled += f", moved by up to {shift} px (fixed per sample, zero fill)"
-        if train_size is not None and split == "train":
-            upscaled += f", stratified subset of {train_size} samples"
-        return LabeledDataset(
-            ArrayDataset(inputs, labels),
-            spec=spec,
-            split=split,
-            num_classes=10,
-            in_channels=1,
-            labels=labels.copy(),
-            transform_description=f"digits: x/16 as float32 (1,8,8){upscaled}",
-            # x holds the integers 0..16 over 16, so uint8 x*16 holds them exactly; an upscaled
-            # image holds other values, so it has the float32 form only.
-            uint8_base=None
-            if size != 8
-            else ArrayDataset((inputs * 16).round().astype(np.uint8), labels),
-            normalization=None if size != 8 else PixelNormalization(16.0),
-        )
-    if kind in ("fake", "synthetic"):
-        return build_generated(spec, kind, args, split)
-    if kind == "unlabeled":
-        return _unlabeled(spec, args, split)
-    if not args:
-        form = (
-            "imagefolder:PATH or imagefolder:PATH:SIZE" if kind == "imagefolder" else f"{kind}:ROOT"
-        )
-        raise SpecError(f"dataset spec {spec!r} lacks its path; expected {form}")
-    if kind == "imagefolder":
-        return build_imagefolder(spec, args, split)
-    return build_torchvision_set(spec, kind, args, split)
+    return build(spec, args, split)
+
+
+def _digits(spec: str, args: str, split: str) -> LabeledDataset:
+    size, train_size, shift = _digits_args(spec, args)
+    inputs, labels = _digits_split(size, train_size, shift)[split]
+    upscaled = "" if size == 8 else f", bilinear upscale to ({size},{size})"
+    if shift:
+        upscaled += f", moved by up to {shift} px (fixed per sample, zero fill)"
+    if train_size is not None and split == "train":
+        upscaled += f", stratified subset of {train_size} samples"
+    return LabeledDataset(
+        ArrayDataset(inputs, labels),
+        spec=spec,
+        split=split,
+        num_classes=10,
+        in_channels=1,
+        labels=labels.copy(),
+        transform_description=f"digits: x/16 as float32 (1,8,8){upscaled}",
+        # x holds the integers 0..16 over 16, so uint8 x*16 holds them exactly; an upscaled
+        # image holds other values, so it has the float32 form only.
+        uint8_base=None
+        if size != 8
+        else ArrayDataset((inputs * 16).round().astype(np.uint8), labels),
+        normalization=None if size != 8 else PixelNormalization(16.0),
+    )
+
+
+def _generated(kind: str) -> Builder:
+    return lambda spec, args, split: build_generated(spec, kind, args, split)
+
+
+def _on_disk(form: str, build: Builder) -> Builder:
+    """``build``, after refusing a spec without the path ``form`` asks for."""
+
+    def checked(spec: str, args: str, split: str) -> LabeledDataset:
+        if not args:
+            raise SpecError(f"dataset spec {spec!r} lacks its path; expected {form}")
+        return build(spec, args, split)
+
+    return checked
+
+
+def _torchvision_set(kind: str) -> Builder:
+    return _on_disk(
+        f"{kind}:ROOT", lambda spec, args, split: build_torchvision_set(spec, kind, args, split)
+    )
 
 
 def labeled_spec(spec: str) -> str:
@@ -185,3 +193,16 @@ def _jittered(x: np.ndarray, shift: int) -> np.ndarray:
     for i, (dy, dx) in enumerate(offsets):
         out[i] = padded[i, :, shift - dy : shift - dy + size, shift - dx : shift - dx + size]
     return out
+
+
+#: Every dataset kind, by the name before the first ``:`` of a spec.
+DATASET_KINDS: dict[str, Builder] = {
+    "digits": _digits,
+    "fake": _generated("fake"),
+    "synthetic": _generated("synthetic"),
+    "imagefolder": _on_disk("imagefolder:PATH or imagefolder:PATH:SIZE", build_imagefolder),
+    "cifar10": _torchvision_set("cifar10"),
+    "cifar100": _torchvision_set("cifar100"),
+    "mnist": _torchvision_set("mnist"),
+    "unlabeled": _unlabeled,
+}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -285,33 +287,68 @@ class SampledEncoding(Encoding):
 
 #: Draws per row are counted in uint8.
 MAX_DRAWS = 255
-ENCODING_CHOICES = ("float32", "float16", "int8", "topk:K", "sampled:S")
+
+
+def _dense(dtype: str) -> Callable[[str, str, int | None], Encoding]:
+    return lambda spec, argument, num_classes: DenseEncoding(dtype)
+
+
+def _int8(spec: str, argument: str, num_classes: int | None) -> Encoding:
+    return Int8Encoding()
+
+
+def _topk(spec: str, argument: str, num_classes: int | None) -> Encoding:
+    if not (argument.isdigit() and int(argument) >= 1):
+        raise SpecError(
+            f"malformed encoding {spec!r}; expected topk:K with an integer K >= 1, e.g. topk:20"
+        )
+    return TopKEncoding(int(argument), num_classes=num_classes)
+
+
+def _sampled(spec: str, argument: str, num_classes: int | None) -> Encoding:
+    if not (argument.isdigit() and 1 <= int(argument) <= MAX_DRAWS):
+        raise SpecError(
+            f"malformed encoding {spec!r}; expected sampled:S with an integer S in "
+            f"[1, {MAX_DRAWS}], e.g. sampled:12"
+        )
+    return SampledEncoding(int(argument), num_classes=num_classes)
+
+
+@dataclass(frozen=True)
+class EncodingKind:
+    """One entry of :data:`ENCODINGS`: how its spec is written, an example, how it is built.
+
+    ``build(spec, argument, num_classes)`` gets the whole spec (for messages) and the text after
+    ``NAME:`` (empty for a ``form`` without an argument).
+    """
+
+    form: str
+    example: str
+    build: Callable[[str, str, int | None], Encoding]
+
+
+#: Every encoding a store can use, by the name before any ``:``.
+ENCODINGS: dict[str, EncodingKind] = {
+    "float32": EncodingKind("float32", "float32", _dense("float32")),
+    "float16": EncodingKind("float16", "float16", _dense("float16")),
+    "int8": EncodingKind("int8", "int8", _int8),
+    "topk": EncodingKind("topk:K", "topk:20", _topk),
+    "sampled": EncodingKind("sampled:S", "sampled:12", _sampled),
+}
+#: The forms :func:`parse_encoding` accepts, for messages.
+ENCODING_CHOICES = tuple(kind.form for kind in ENCODINGS.values())
 
 
 def parse_encoding(spec: str, *, num_classes: int | None = None) -> Encoding:
-    """The encoding named by ``spec`` (one of :data:`ENCODING_CHOICES`, K an integer >= 1,
-    S an integer in [1, 255]).
+    """The encoding named by ``spec``, one of :data:`ENCODINGS` (see :data:`ENCODING_CHOICES`).
 
     ``num_classes`` binds a sparse encoding to its store's class count, which ``decode`` needs.
     """
-    if spec in ("float32", "float16"):
-        return DenseEncoding(spec)
-    if spec == "int8":
-        return Int8Encoding()
-    name, _, arg = str(spec).partition(":")
-    if name == "topk":
-        if not (arg.isdigit() and int(arg) >= 1):
-            raise SpecError(
-                f"malformed encoding {spec!r}; expected topk:K with an integer K >= 1, e.g. topk:20"
-            )
-        return TopKEncoding(int(arg), num_classes=num_classes)
-    if name == "sampled":
-        if not (arg.isdigit() and 1 <= int(arg) <= MAX_DRAWS):
-            raise SpecError(
-                f"malformed encoding {spec!r}; expected sampled:S with an integer S in "
-                f"[1, {MAX_DRAWS}], e.g. sampled:12"
-            )
-        return SampledEncoding(int(arg), num_classes=num_classes)
-    raise SpecError(
-        f"unknown encoding {spec!r}; valid encodings: {', '.join(ENCODING_CHOICES)} (e.g. topk:20)"
-    )
+    name, sep, argument = str(spec).partition(":")
+    kind = ENCODINGS.get(name)
+    if kind is None or (sep and ":" not in kind.form):
+        raise SpecError(
+            f"unknown encoding {spec!r}; valid encodings: {', '.join(ENCODING_CHOICES)} "
+            "(e.g. topk:20)"
+        )
+    return kind.build(str(spec), argument, num_classes)

@@ -20,7 +20,7 @@ from kdcache.store.layout import (
     own_keys,
     read_metadata,
 )
-from kdcache.store.location import StoreLocation, location_is_empty, zarr_store
+from kdcache.store.location import StoreLocation, zarr_store
 from kdcache.store.metadata import ATTRIBUTE_KEY, StoreMetadata
 from kdcache.store.pinning import array_spec
 from kdcache.store.schema import MAX_CLASSES, MAX_SAMPLES
@@ -109,7 +109,7 @@ def known_keys(group: zarr.Group, metadata: StoreMetadata) -> set[str]:
 
 def clear_staging(staging: StoreLocation, where: str) -> None:
     """Remove what an earlier, interrupted replacement left (only if it is a kdcache store)."""
-    if location_is_empty(staging):
+    if staging.is_empty():
         return
     existing = existing_store(staging, zarr_store(staging, read_only=True))
     if existing is None:
@@ -123,7 +123,7 @@ def clear_staging(staging: StoreLocation, where: str) -> None:
 
 def existing_store(location: StoreLocation, store: Any) -> tuple[zarr.Group, StoreMetadata] | None:
     where = location.text
-    if location_is_empty(location):
+    if location.is_empty():
         return None
     try:
         group = zarr.open_group(store, mode="r+")

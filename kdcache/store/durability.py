@@ -39,7 +39,8 @@ class ChunkSync:
     @classmethod
     def for_location(cls, location: StoreLocation, *, enabled: bool) -> ChunkSync | None:
         """A syncer for a local store when ``enabled``; ``None`` where nothing needs syncing."""
-        return cls(Path(location.target)) if enabled and location.kind == "local" else None
+        folder = location.folder
+        return cls(folder) if enabled and folder is not None else None
 
     def chunk(self, arrays: Iterable[Any], chunk: int) -> None:
         """fsync row chunk ``chunk`` of every array in ``arrays``, then the folders above it.

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import os
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -60,7 +61,6 @@ LOAD_BLOCK_CHUNKS = 64
 #: Pinned host buffers cycled by :meth:`LogitFeed.to_device`; a buffer is reused only after its
 #: copy finished, so this many batches may be in flight.
 PINNED_BUFFERS = 4
-MODES = ("memory", "chunked")
 
 _UNITS = {
     "": 1,
@@ -145,20 +145,14 @@ class LogitFeed:
         self.memory_budget = (
             default_memory_budget() if memory_budget is None else parse_size(memory_budget)
         )
-        if mode is not None and mode not in MODES:
-            raise ConfigError(f"unknown feed mode {mode!r}; valid modes: {', '.join(MODES)}")
-        self.mode = mode or ("memory" if self.store_nbytes <= self.memory_budget else "chunked")
-        if self.mode == "memory":
-            self.capacity = self.num_chunks
-        else:
-            self.capacity = min(self.num_chunks, self.memory_budget // self.chunk_nbytes)
-            if self.capacity < 2:
-                raise ConfigError(
-                    f"cache memory {self.memory_budget:,} bytes holds fewer than two of "
-                    f"{reader.where}'s "
-                    f"{self.chunk_nbytes:,}-byte chunks; raise --cache-memory to at least "
-                    f"{2 * self.chunk_nbytes:,} bytes"
-                )
+        if mode is None:
+            mode = "memory" if self.store_nbytes <= self.memory_budget else "chunked"
+        residency = FEED_MODES.get(mode)
+        if residency is None:
+            raise ConfigError(f"unknown feed mode {mode!r}; valid modes: {', '.join(FEED_MODES)}")
+        self._residency = residency
+        #: Chunk slots of the table.
+        self.capacity = residency.capacity(self)
         #: Chunks per shuffling window: half the slots, so the window being finished and the next
         #: one fit together and no chunk is evicted before its window is done.
         self.window_chunks = max(1, self.capacity // 2)
@@ -172,6 +166,12 @@ class LogitFeed:
         self.chunks_decoded = 0
         self._pinned: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
         self._next_pinned = 0
+
+    @property
+    def mode(self) -> str:
+        """``"memory"`` (the whole store decoded once) or ``"chunked"`` (a bounded set of
+        chunks)."""
+        return self._residency.name
 
     @property
     def resident_nbytes(self) -> int:
@@ -194,22 +194,7 @@ class LogitFeed:
         ``shared=True`` maps the one decoded table of this store that all processes on this
         machine share (the first one decodes it, see kdcache.store.shared_table).
         """
-        if self.mode != "memory" or self._tables is not None:
-            return
-        if shared:
-            self._shared = SharedTable.open(
-                table_name(self.reader.where, self.reader.metadata),
-                self._layout,
-                self.num_samples,
-                self._check_and_decode_all,
-            )
-            self._tables = self._shared.arrays
-        else:
-            self._allocate()
-            assert self._tables is not None
-            self._decode_all(self._tables)
-        self._slot_of_chunk[:] = np.arange(self.num_chunks)
-        self._chunk_of_slot[:] = np.arange(self.num_chunks)
+        self._residency.load(self, shared=shared)
 
     def _check_and_decode_all(self, tables: dict[str, np.ndarray]) -> None:
         for name in self._layout:
@@ -231,10 +216,9 @@ class LogitFeed:
         self._chunk_of_slot[:] = np.arange(self.num_chunks)
         self.chunks_decoded += self.num_chunks
 
-    def _allocate(self) -> None:
+    def _allocate(self, rows: int) -> None:
         for name in self._layout:
             self.reader.check_chunks_present(name)  # one listing per array, not one per chunk read
-        rows = self.capacity * self.chunk_rows if self.mode == "chunked" else self.num_samples
         self._tables = {
             name: np.empty((rows, *shape), dtype=dtype)
             for name, (shape, dtype) in self._layout.items()
@@ -254,21 +238,7 @@ class LogitFeed:
 
     def gather(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
         """The stored (still encoded) rows for ``indices``, one array per name in the layout."""
-        rows = self._rows(indices)
-        if self.mode == "memory":
-            self.load()
-            assert self._tables is not None
-            return {name: table[rows] for name, table in self._tables.items()}
-        if self._tables is None:
-            self._allocate()
-        # Pieces of at most `capacity` rows touch at most `capacity` chunks, so they always fit.
-        pieces = [
-            self._gather_chunked(rows[i : i + self.capacity])
-            for i in range(0, max(rows.size, 1), self.capacity)
-        ]
-        if len(pieces) == 1:
-            return pieces[0]
-        return {name: np.concatenate([piece[name] for piece in pieces]) for name in self._layout}
+        return self._residency.gather(self, self._rows(indices))
 
     def _gather_chunked(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         assert self._tables is not None
@@ -363,24 +333,123 @@ class LogitFeed:
         slices; the K shares of an epoch hold every index once.
         """
         rng = np.random.default_rng([seed, epoch])
-        if self.mode == "memory":
-            return np.array_split(rng.permutation(self.num_samples), world_size)[rank]
-        chunks = rng.permutation(self.num_chunks)[rank::world_size]
+        return self._residency.epoch_order(self, rng, rank=rank, world_size=world_size)
+
+    def sampler(self, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> FeedSampler:
+        """A DataLoader sampler that follows :meth:`epoch_order`, one epoch per iteration."""
+        return FeedSampler(self, seed=seed, rank=rank, world_size=world_size)
+
+
+class _Residency(ABC):
+    """Which decoded chunks the feed keeps: the strategy behind :attr:`LogitFeed.mode`."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def capacity(self, feed: LogitFeed) -> int:
+        """Chunk slots of the feed's table."""
+
+    @abstractmethod
+    def load(self, feed: LogitFeed, *, shared: bool) -> None:
+        """Decode up front what the feed keeps for the whole run."""
+
+    @abstractmethod
+    def gather(self, feed: LogitFeed, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The stored rows ``rows``, one array per name in the layout."""
+
+    @abstractmethod
+    def epoch_order(
+        self, feed: LogitFeed, rng: np.random.Generator, *, rank: int, world_size: int
+    ) -> np.ndarray:
+        """Rank ``rank``'s share of one epoch's order of every row, drawn from ``rng``."""
+
+
+class _InMemory(_Residency):
+    """Every chunk decoded once, up front; any order of indices is served at memory speed."""
+
+    name = "memory"
+
+    def capacity(self, feed: LogitFeed) -> int:
+        return feed.num_chunks
+
+    def load(self, feed: LogitFeed, *, shared: bool) -> None:
+        if feed._tables is not None:
+            return
+        if shared:
+            feed._shared = SharedTable.open(
+                table_name(feed.reader.where, feed.reader.metadata),
+                feed._layout,
+                feed.num_samples,
+                feed._check_and_decode_all,
+            )
+            feed._tables = feed._shared.arrays
+        else:
+            feed._allocate(feed.num_samples)
+            assert feed._tables is not None
+            feed._decode_all(feed._tables)
+        feed._slot_of_chunk[:] = np.arange(feed.num_chunks)
+        feed._chunk_of_slot[:] = np.arange(feed.num_chunks)
+
+    def gather(self, feed: LogitFeed, rows: np.ndarray) -> dict[str, np.ndarray]:
+        feed.load()
+        assert feed._tables is not None
+        return {name: table[rows] for name, table in feed._tables.items()}
+
+    def epoch_order(
+        self, feed: LogitFeed, rng: np.random.Generator, *, rank: int, world_size: int
+    ) -> np.ndarray:
+        return np.array_split(rng.permutation(feed.num_samples), world_size)[rank]
+
+
+class _Chunked(_Residency):
+    """A bounded least-recently-used set of chunks, read best in :meth:`LogitFeed.epoch_order`."""
+
+    name = "chunked"
+
+    def capacity(self, feed: LogitFeed) -> int:
+        capacity = min(feed.num_chunks, feed.memory_budget // feed.chunk_nbytes)
+        if capacity < 2:
+            raise ConfigError(
+                f"cache memory {feed.memory_budget:,} bytes holds fewer than two of "
+                f"{feed.reader.where}'s {feed.chunk_nbytes:,}-byte chunks; raise --cache-memory "
+                f"to at least {2 * feed.chunk_nbytes:,} bytes"
+            )
+        return capacity
+
+    def load(self, feed: LogitFeed, *, shared: bool) -> None:
+        """Nothing up front: a chunk is decoded when a batch first needs it."""
+
+    def gather(self, feed: LogitFeed, rows: np.ndarray) -> dict[str, np.ndarray]:
+        if feed._tables is None:
+            feed._allocate(feed.capacity * feed.chunk_rows)
+        # Pieces of at most `capacity` rows touch at most `capacity` chunks, so they always fit.
+        pieces = [
+            feed._gather_chunked(rows[i : i + feed.capacity])
+            for i in range(0, max(rows.size, 1), feed.capacity)
+        ]
+        if len(pieces) == 1:
+            return pieces[0]
+        return {name: np.concatenate([piece[name] for piece in pieces]) for name in feed._layout}
+
+    def epoch_order(
+        self, feed: LogitFeed, rng: np.random.Generator, *, rank: int, world_size: int
+    ) -> np.ndarray:
+        chunks = rng.permutation(feed.num_chunks)[rank::world_size]
         parts = [np.empty(0, dtype=np.int64)]  # a rank may own no chunk when there are few
-        for first in range(0, len(chunks), self.window_chunks):
-            window = chunks[first : first + self.window_chunks]
+        for first in range(0, len(chunks), feed.window_chunks):
+            window = chunks[first : first + feed.window_chunks]
             rows = np.concatenate(
                 [
-                    np.arange(c * self.chunk_rows, min((c + 1) * self.chunk_rows, self.num_samples))
+                    np.arange(c * feed.chunk_rows, min((c + 1) * feed.chunk_rows, feed.num_samples))
                     for c in window
                 ]
             )
             parts.append(rng.permutation(rows))
         return np.concatenate(parts)
 
-    def sampler(self, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> FeedSampler:
-        """A DataLoader sampler that follows :meth:`epoch_order`, one epoch per iteration."""
-        return FeedSampler(self, seed=seed, rank=rank, world_size=world_size)
+
+#: The feed's modes, by the name ``LogitFeed(mode=...)`` takes.
+FEED_MODES: dict[str, _Residency] = {"memory": _InMemory(), "chunked": _Chunked()}
 
 
 class FeedSampler(Sampler[int]):

@@ -22,8 +22,6 @@ from kdcache.store._zarr_compat import has_key, row_chunk_exists
 from kdcache.store.location import (
     ZIP_ERRORS,
     StoreLocation,
-    location_exists,
-    location_nbytes,
     parse_location,
     zarr_store,
 )
@@ -40,7 +38,7 @@ VIEW_PARAMS_ARRAY = "view_params"
 
 def store_nbytes(path: StoreLike) -> int | None:
     """Bytes a local store (or packed zip) occupies on disk; ``None`` for a remote store."""
-    return location_nbytes(parse_location(path))
+    return parse_location(path).nbytes()
 
 
 def row_ranges(rows: np.ndarray) -> str:
@@ -80,7 +78,7 @@ def read_metadata(group: zarr.Group, where: str) -> StoreMetadata:
 def open_group(location: StoreLocation) -> zarr.Group:
     """The store's Zarr group, opened read-only."""
     where = location.text
-    if not location_exists(location):
+    if not location.exists():
         raise StoreNotFoundError(
             f"no store at {where}; check the path or run `kdcache dump-teacher`"
         )

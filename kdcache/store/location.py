@@ -13,9 +13,10 @@ import os
 import re
 import zipfile
 import zlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from kdcache.errors import ConfigError, StoreFormatError, StoreNotFoundError
 from kdcache.store._zarr_compat import open_zip_now, run_sync
@@ -49,16 +50,162 @@ _PARTIAL_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
 @dataclass(frozen=True)
-class StoreLocation:
-    """Where a store lives. ``kind`` is ``local``, ``zip`` or ``remote``; ``target`` is a
-    filesystem path (local, zip) or a URL (remote); ``text`` is what the user wrote."""
+class StoreLocation(ABC):
+    """Where a store lives: one subclass per kind of place (:attr:`kind`: ``local``, ``zip`` or
+    ``remote``), each knowing how to open and inspect it. ``target`` is a filesystem path (local,
+    zip) or a URL (remote); ``text`` is what the user wrote."""
+
+    kind: ClassVar[str]
 
     text: str
-    kind: str
     target: str
 
     def __str__(self) -> str:
         return self.text
+
+    @property
+    def folder(self) -> Path | None:
+        """The folder on local disk that holds the store's files, which a writer can replace
+        atomically; ``None`` for a zip or a remote store."""
+        return None
+
+    @abstractmethod
+    def zarr_store(self, *, read_only: bool) -> Store:
+        """A zarr store object for this location; see :func:`zarr_store`."""
+
+    @abstractmethod
+    def exists(self) -> bool:
+        """Whether anything at all is stored here."""
+
+    def is_empty(self) -> bool:
+        """Whether nothing is stored here (missing, or an empty folder or prefix)."""
+        return not self.exists()
+
+    def partial_files(self) -> list[Path]:
+        """Temporary files a killed writer left behind; only local folders can hold them."""
+        return []
+
+    @abstractmethod
+    def nbytes(self) -> int | None:
+        """Bytes the store occupies on disk; ``None`` for a remote store."""
+
+    def resolved(self) -> StoreLocation:
+        """This location with its local path made absolute and free of links and ``.`` parts.
+
+        Writers key their lock and staging folder by this path, so ``alias.zarr`` (a link to the
+        store) or ``store.zarr/.`` name the same store as ``store.zarr``.
+        """
+        return type(self)(self.text, str(Path(self.target).resolve()))
+
+    def with_suffix(self, suffix: str) -> StoreLocation:
+        """The location of the same kind whose text and target end in ``suffix``."""
+        return type(self)(self.text + suffix, self.target + suffix)
+
+
+class LocalLocation(StoreLocation):
+    """A folder on local disk, read and written in place."""
+
+    kind = "local"
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.target)
+
+    def zarr_store(self, *, read_only: bool) -> Store:
+        from zarr.storage import LocalStore
+
+        return LocalStore(self.target, read_only=read_only)
+
+    def exists(self) -> bool:
+        return Path(self.target).exists()
+
+    def is_empty(self) -> bool:
+        root = Path(self.target)
+        return not root.exists() or (root.is_dir() and not any(root.iterdir()))
+
+    def partial_files(self) -> list[Path]:
+        root = Path(self.target)
+        if not root.is_dir():
+            return []
+        return sorted(path for path in root.rglob("*.partial") if _PARTIAL_FILE.search(path.name))
+
+    def nbytes(self) -> int | None:
+        return _disk_nbytes(Path(self.target))
+
+
+class ZipLocation(StoreLocation):
+    """A ``.zip`` file on local disk written by ``kdcache pack``: read-only."""
+
+    kind = "zip"
+
+    def zarr_store(self, *, read_only: bool) -> Store:
+        from zarr.storage import ZipStore
+
+        if not read_only:
+            raise ConfigError(
+                f"{self} is a zip file, and zip stores are read-only; write the store into a "
+                "folder, then pack it with `kdcache pack STORE OUT.zip`"
+            )
+        if not Path(self.target).is_file():
+            raise StoreNotFoundError(f"no store at {self}; check the path or run `kdcache pack`")
+        if not zipfile.is_zipfile(self.target):
+            raise StoreFormatError(
+                f"{self} is not a zip file kdcache can read; pass a zip written by `kdcache pack`"
+            )
+        try:
+            store = ZipStore(self.target, mode="r")
+            open_zip_now(store)  # a damaged central directory fails here, not at the first read
+        except (*ZIP_ERRORS, OSError, ValueError) as error:
+            raise StoreFormatError(
+                f"{self} is a damaged zip file ({error}); pack the store again"
+            ) from None
+        return store
+
+    def exists(self) -> bool:
+        return Path(self.target).exists()
+
+    def nbytes(self) -> int | None:
+        return _disk_nbytes(Path(self.target))
+
+
+class RemoteLocation(StoreLocation):
+    """An fsspec URL (``s3://``, ``gs://``, ``memory://``...)."""
+
+    kind = "remote"
+
+    def zarr_store(self, *, read_only: bool) -> Store:
+        from zarr.storage import FsspecStore
+
+        scheme = self.target.partition("://")[0]
+        if not read_only and scheme.lower() in _READ_ONLY_SCHEMES:
+            raise ConfigError(
+                f"{self} is a read-only {scheme.lower()}:// URL; write the store to a folder or an "
+                "object store (s3://, gs://, ...) and share that URL for reading"
+            )
+        try:
+            return FsspecStore.from_url(self.target, read_only=read_only)
+        except ImportError as error:
+            package = _BACKEND_PACKAGES.get(scheme, "the fsspec backend for it")
+            raise ConfigError(
+                f"{self} needs {package}, which is not installed ({error}); install it"
+            ) from None
+
+    def exists(self) -> bool:
+        return not run_sync(self.zarr_store(read_only=True).is_empty(""))
+
+    def nbytes(self) -> int | None:
+        return None
+
+    def resolved(self) -> StoreLocation:
+        return self
+
+
+def _disk_nbytes(root: Path) -> int | None:
+    if not root.exists():
+        return None
+    if root.is_file():
+        return root.stat().st_size
+    return sum(item.stat().st_size for item in root.rglob("*") if item.is_file())
 
 
 def parse_location(location: str | os.PathLike[str] | StoreLocation) -> StoreLocation:
@@ -88,110 +235,32 @@ def parse_location(location: str | os.PathLike[str] | StoreLocation) -> StoreLoc
                 f"{text} is a remote zip file; kdcache reads zip stores from local disk only: "
                 "download it, or share the unpacked store at a URL instead"
             )
-        return StoreLocation(text, "remote", text)
+        return RemoteLocation(text, text)
     if not path.strip():
         raise ConfigError(f"{text!r} names no path; pass e.g. file:///data/teacher.zarr")
     path = path.rstrip("/") or "/"
-    kind = "zip" if path.lower().endswith(".zip") else "local"
-    return StoreLocation(text, kind, path)
+    if path.lower().endswith(".zip"):
+        return ZipLocation(text, path)
+    return LocalLocation(text, path)
 
 
 def zarr_store(location: StoreLocation, *, read_only: bool) -> Store:
     """A zarr store object for ``location``; open a new one in every process (fsspec clients and
     zip handles are not fork-safe)."""
-    from zarr.storage import FsspecStore, LocalStore, ZipStore
-
-    if location.kind == "zip":
-        if not read_only:
-            raise ConfigError(
-                f"{location} is a zip file, and zip stores are read-only; write the store into a "
-                "folder, then pack it with `kdcache pack STORE OUT.zip`"
-            )
-        if not Path(location.target).is_file():
-            raise StoreNotFoundError(
-                f"no store at {location}; check the path or run `kdcache pack`"
-            )
-        if not zipfile.is_zipfile(location.target):
-            raise StoreFormatError(
-                f"{location} is not a zip file kdcache can read; pass a zip written by `kdcache "
-                "pack`"
-            )
-        try:
-            store = ZipStore(location.target, mode="r")
-            open_zip_now(store)  # a damaged central directory fails here, not at the first read
-        except (*ZIP_ERRORS, OSError, ValueError) as error:
-            raise StoreFormatError(
-                f"{location} is a damaged zip file ({error}); pack the store again"
-            ) from None
-        return store
-    if location.kind == "local":
-        return LocalStore(location.target, read_only=read_only)
-    scheme = location.target.partition("://")[0].lower()
-    if not read_only and scheme in _READ_ONLY_SCHEMES:
-        raise ConfigError(
-            f"{location} is a read-only {scheme}:// URL; write the store to a folder or an object "
-            "store (s3://, gs://, ...) and share that URL for reading"
-        )
-    try:
-        return FsspecStore.from_url(location.target, read_only=read_only)
-    except ImportError as error:
-        scheme = location.target.partition("://")[0]
-        package = _BACKEND_PACKAGES.get(scheme, "the fsspec backend for it")
-        raise ConfigError(
-            f"{location} needs {package}, which is not installed ({error}); install it"
-        ) from None
-
-
-def location_exists(location: StoreLocation) -> bool:
-    """Whether anything at all is stored at ``location``."""
-    if location.kind != "remote":
-        return Path(location.target).exists()
-    return not run_sync(zarr_store(location, read_only=True).is_empty(""))
-
-
-def location_is_empty(location: StoreLocation) -> bool:
-    """Whether nothing is stored at ``location`` (missing, or an empty folder or prefix)."""
-    if location.kind == "local":
-        root = Path(location.target)
-        return not root.exists() or (root.is_dir() and not any(root.iterdir()))
-    return not location_exists(location)
+    return location.zarr_store(read_only=read_only)
 
 
 def partial_files(location: StoreLocation) -> list[Path]:
     """Temporary files a killed local writer left behind (always none for other locations)."""
-    root = Path(location.target)
-    if location.kind != "local" or not root.is_dir():
-        return []
-    return sorted(path for path in root.rglob("*.partial") if _PARTIAL_FILE.search(path.name))
+    return location.partial_files()
 
 
 def remove_partial_files(location: StoreLocation) -> int:
     """Delete what :func:`partial_files` finds; only call it while holding the writer lock."""
-    leftovers = partial_files(location)
+    leftovers = location.partial_files()
     for path in leftovers:
         path.unlink(missing_ok=True)
     return len(leftovers)
-
-
-def location_nbytes(location: StoreLocation) -> int | None:
-    """Bytes a local store or zip occupies on disk; ``None`` for a remote store."""
-    root = Path(location.target)
-    if location.kind == "remote" or not root.exists():
-        return None
-    if root.is_file():
-        return root.stat().st_size
-    return sum(item.stat().st_size for item in root.rglob("*") if item.is_file())
-
-
-def resolved_local(location: StoreLocation) -> StoreLocation:
-    """``location`` with its local path made absolute and free of links and ``.`` parts.
-
-    Writers key their lock and staging folder by this path, so ``alias.zarr`` (a link to the
-    store) or ``store.zarr/.`` name the same store as ``store.zarr``.
-    """
-    if location.kind == "remote":
-        return location
-    return StoreLocation(location.text, location.kind, str(Path(location.target).resolve()))
 
 
 def enclosing_store(path: str | os.PathLike[str]) -> Path | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.errors import StoreLockedError, StoreWriteError
-from kdcache.store.location import StoreLocation, resolved_local
+from kdcache.store.location import RemoteLocation, StoreLocation
 
 LOCK_SUFFIX = ".lock"
 #: How long a remote writer's lease lasts without renewal.
@@ -262,9 +262,9 @@ def acquire_writer_lock(
 ) -> WriterLock:
     """Take the single-writer lock of the store at ``location`` or raise
     :class:`StoreLockedError`."""
-    if location.kind == "remote":
+    if isinstance(location, RemoteLocation):
         return LeaseLock.acquire(
             location.target.rstrip("/") + LOCK_SUFFIX, location.text, lease_seconds=lease_seconds
         )
     # Keyed by the resolved path: an alias link or ``store.zarr/.`` shares the store's one lock.
-    return FileLock.acquire(Path(resolved_local(location).target + LOCK_SUFFIX), location.text)
+    return FileLock.acquire(Path(location.resolved().target + LOCK_SUFFIX), location.text)

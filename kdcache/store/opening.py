@@ -26,7 +26,6 @@ from kdcache.store.creation import (
 from kdcache.store.layout import WRITTEN_ARRAY, has_array
 from kdcache.store.location import (
     StoreLocation,
-    location_is_empty,
     remove_partial_files,
     zarr_store,
 )
@@ -61,7 +60,7 @@ def open_for_writing(
     where = location.text
     existing = existing_store(location, store)
     if existing is None:
-        if not location_is_empty(location):
+        if not location.is_empty():
             raise StoreExistsError(
                 f"{where} exists and is not a kdcache store; choose another path (kdcache never "
                 "deletes it)"
@@ -76,7 +75,7 @@ def open_for_writing(
                 return WriteTarget(group, old)
             # Killed while creating the arrays: nothing was computed yet, so start afresh.
             return _new_store(store, metadata, codec, label_values, view_params)
-        if location.kind == "local":
+        if location.folder is not None:
             resumed = _resume_replacement(location, metadata, where)
             if resumed is not None:
                 return resumed
@@ -90,10 +89,10 @@ def open_for_writing(
             f"{where} holds an interrupted dump; pass --resume to continue it or --overwrite to "
             "start over"
         )
-    if location.kind != "local":
+    root = location.folder
+    if root is None:
         # Object stores cannot swap a prefix atomically: the old store goes first (docs/sharing.md).
         return _new_store(store, metadata, codec, label_values, view_params)
-    root = Path(location.target)
     refuse_foreign_entries(root, known_keys(group, old), where)
     staging = staging_location(location)
     clear_staging(staging, where)
@@ -112,7 +111,7 @@ def _resume_replacement(
 ) -> WriteTarget | None:
     """The staging store of an interrupted ``--overwrite`` of ``location``, if one waits."""
     staging = staging_location(location)
-    if location_is_empty(staging):
+    if staging.is_empty():
         return None
     existing = existing_store(staging, zarr_store(staging, read_only=False))
     if existing is None or existing[1].complete or not has_array(existing[0], WRITTEN_ARRAY):

@@ -62,8 +62,8 @@ def pack_store(
         DIGESTS_ARRAY,
     ]
     keys = own_keys(reader.group, names)
-    if location.kind == "local":
-        keys = [key for key in keys if _regular_file(Path(location.target), key, location.text)]
+    if location.folder is not None:
+        keys = [key for key in keys if _regular_file(location.folder, key, location.text)]
     temporary = target.with_name(target.name + ".partial")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

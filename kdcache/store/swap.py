@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from kdcache.errors import StoreExistsError, StoreWriteError
-from kdcache.store.location import StoreLocation, partial_files
+from kdcache.store.location import LocalLocation, StoreLocation, partial_files
 
 STAGING_SUFFIX = ".incoming"
 _AT_FDCWD = -100
@@ -27,9 +27,7 @@ _RENAME_EXCHANGE = 2
 
 def staging_location(location: StoreLocation) -> StoreLocation:
     """Where a replacement of the (resolved, local) store at ``location`` is built."""
-    return StoreLocation(
-        location.text + STAGING_SUFFIX, location.kind, location.target + STAGING_SUFFIX
-    )
+    return location.with_suffix(STAGING_SUFFIX)
 
 
 def foreign_entries(root: Path, own_keys: set[str]) -> list[str]:
@@ -48,7 +46,7 @@ def foreign_entries(root: Path, own_keys: set[str]) -> list[str]:
 
 
 def partial_files_in(root: Path) -> list[Path]:
-    return partial_files(StoreLocation(str(root), "local", str(root)))
+    return partial_files(LocalLocation(str(root), str(root)))
 
 
 def refuse_foreign_entries(root: Path, own_keys: set[str], where: str) -> None:

@@ -41,7 +41,6 @@ from kdcache.store.layout import (
 from kdcache.store.location import (
     parse_location,
     refuse_inside_store,
-    resolved_local,
     zarr_store,
 )
 from kdcache.store.locking import WriterLock, acquire_writer_lock
@@ -292,7 +291,7 @@ def create_store(
     ``finalize`` or ``close``. ``fsync=False`` skips making each chunk durable before its flag
     (kdcache.store.durability).
     """
-    location = resolved_local(parse_location(path))
+    location = parse_location(path).resolved()
     where = location.text
     if not (isinstance(views, int) and views >= 1):
         raise ConfigError(f"views must be an integer >= 1, got {views!r}")
@@ -304,7 +303,7 @@ def create_store(
         label_values = np.asarray(labels, dtype=np.int64).reshape(-1)
         if label_values.size != num_samples:
             raise ConfigError(f"expected {num_samples} labels, got {label_values.size}")
-    if location.kind == "local":
+    if location.folder is not None:
         refuse_inside_store(location.target, "the store path")
 
     metadata = StoreMetadata(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.augment.recipe import parse_recipe
+from kdcache.augment.recipe import OPERATIONS, parse_recipe
 from kdcache.errors import SpecError
 
 SIZE = (12, 10)
@@ -147,3 +147,16 @@ def test_canonical_spec_reparses_equal():
 def test_malformed_recipes_say_what_is_wrong(spec, message):
     with pytest.raises(SpecError, match=message):
         parse_recipe(spec)
+
+
+@pytest.mark.parametrize("name", OPERATIONS)
+def test_every_registered_operation_parses_draws_and_applies(name):
+    # A mixing operation comes last, after a geometric one.
+    example = OPERATIONS[name].example
+    recipe = parse_recipe(f"flip+{example}" if parse_recipe(example).mixes else example)
+    assert parse_recipe(recipe.spec) == recipe
+    clean = images()
+    record = recipe.sample(seed=0, index=1, view=0, num_samples=6, size=SIZE)
+    partner = recipe.partner(record)
+    view = recipe.apply(clean[1], record, None if partner is None else clean[partner])
+    assert view.shape == (3, *recipe.out_size(SIZE)) and view.dtype == torch.float32

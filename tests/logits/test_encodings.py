@@ -9,6 +9,7 @@ import torch
 from kdcache.errors import ConfigError, SpecError
 from kdcache.logits.encodings import (
     ENCODING_CHOICES,
+    ENCODINGS,
     Int8Encoding,
     TopKEncoding,
     index_dtype,
@@ -39,17 +40,31 @@ def fkd_best_kl(logits: np.ndarray, k: int, temperature: float) -> np.ndarray:
     return (p * (log_p - q.log())).sum(dim=1).numpy()
 
 
-def test_parse_names_every_choice_and_rejects_the_rest():
-    assert ENCODING_CHOICES == ("float32", "float16", "int8", "topk:K", "sampled:S")
-    assert [parse_encoding(name).name for name in ("float32", "float16", "int8", "topk:20")] == [
-        "float32",
-        "float16",
-        "int8",
-        "topk:20",
-    ]
-    with pytest.raises(SpecError, match="'bf16'.*float32, float16, int8, topk:K"):
+@pytest.mark.parametrize("name", ENCODINGS)
+def test_every_registered_encoding_builds_from_its_example_and_round_trips(name):
+    kind = ENCODINGS[name]
+    logits = peaked_logits(rows=16, classes=50)
+    encoding = parse_encoding(kind.example, num_classes=50)
+    assert encoding.name == kind.example
+    arrays = encoding.encode(logits)
+    layout = encoding.layout(50)
+    assert set(arrays) == set(layout)
+    for array_name, (shape, dtype) in layout.items():
+        assert arrays[array_name].shape == (16, *shape) and arrays[array_name].dtype == dtype
+    dense = encoding.decode(arrays, temperature=1.0)
+    assert dense.shape == logits.shape and dense.dtype == np.float32
+    # Every encoding keeps a confident teacher's top class.
+    assert np.array_equal(dense.argmax(axis=1), logits.argmax(axis=1))
+    assert encoding.row_nbytes(50) == sum(a.nbytes for a in arrays.values()) // 16
+
+
+def test_an_unknown_encoding_names_what_was_given_and_every_registered_form():
+    with pytest.raises(SpecError, match="'bf16'.*" + ".*".join(ENCODING_CHOICES)):
         parse_encoding("bf16")
-    for bad in ("topk:0", "topk:", "topk:-3", "topk:2.5"):
+    # A form without an argument takes none.
+    with pytest.raises(SpecError, match="unknown encoding 'int8:4'"):
+        parse_encoding("int8:4")
+    for bad in ("topk", "topk:0", "topk:", "topk:-3", "topk:2.5"):
         with pytest.raises(SpecError, match="topk:K with an integer K >= 1"):
             parse_encoding(bad)
 
