@@ -93,12 +93,15 @@ def dump_teacher(**options: Any) -> None:
     Prefix with `torchrun --nproc-per-node K` to split the dump by whole chunks between K
     processes writing one store (see docs/distributed.md).
     """
+    from kdcache.distributed import rank_info
     from kdcache.lm.dispatch import is_lm_run
 
     if is_lm_run(models=(options["teacher"],), dataset=options["dataset"]):
         from kdcache.lm.dump import dump_lm
 
         lm = dump_lm(DumpConfig(**options))
+        if not rank_info().is_main:
+            return  # under torchrun rank 0 reports for the whole job
         size = "remote" if lm.bytes_per_token is None else f"{lm.bytes_per_token:,.1f} B/token"
         click.echo(
             f"wrote {lm.out}: {lm.num_samples} sequences, {lm.num_tokens} tokens, "
@@ -107,7 +110,6 @@ def dump_teacher(**options: Any) -> None:
             f"{size}, {lm.wall_time_s:.1f}s"
         )
         return
-    from kdcache.distributed import rank_info
     from kdcache.dump import dump_teacher as run
 
     result = run(DumpConfig(**options))
