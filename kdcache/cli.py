@@ -119,12 +119,15 @@ def dump_teacher(**options: Any) -> None:
 
 
 def _dump(options: dict[str, Any]) -> None:
+    from kdcache.distributed import rank_info
     from kdcache.lm.dispatch import is_lm_run
 
     if is_lm_run(models=(options["teacher"],), dataset=options["dataset"]):
         from kdcache.lm.dump import dump_lm
 
         lm = dump_lm(DumpConfig(**options))
+        if not rank_info().is_main:
+            return  # under torchrun rank 0 reports for the whole job
         size = "remote" if lm.bytes_per_token is None else f"{lm.bytes_per_token:,.1f} B/token"
         click.echo(
             f"wrote {lm.out}: {counted(lm.num_samples, 'sequence')}, "
@@ -134,7 +137,6 @@ def _dump(options: dict[str, Any]) -> None:
             f"{size}, {lm.wall_time_s:.1f}s"
         )
         return
-    from kdcache.distributed import rank_info
     from kdcache.dump import dump_teacher as run
 
     result = run(DumpConfig(**options))

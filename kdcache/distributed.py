@@ -15,7 +15,8 @@ process, exactly as before, and no process group is created.
   exactly once per epoch across ranks, never padded with duplicates (unlike
   ``torch.utils.data.DistributedSampler``); ranks may get one sample more than others;
 * :func:`open_rank_writer` and :func:`finalize_ranks` let K ranks fill one store, each the
-  whole chunks that kdcache.store.partition gives it, under rank 0's writer lock.
+  whole chunks that kdcache.store.partition gives it (a sequence store's too), under rank 0's
+  writer lock.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch.utils.data import Sampler
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.runtime import resolve_device
 from kdcache.store.attach import attach_writer
-from kdcache.store.partition import dump_batches
+from kdcache.store.partition import SequencePlan, dump_batches, sequence_plan
 from kdcache.store.writer import StoreWriter
 
 T = TypeVar("T")
@@ -200,6 +201,19 @@ class RankSession:
         return dump_batches(
             pending,
             num_samples=num_samples,
+            chunk_rows=chunk_rows,
+            batch_size=batch_size,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+        )
+
+    def sequence_plan(
+        self, pending: np.ndarray, *, offsets: np.ndarray, chunk_rows: int, batch_size: int
+    ) -> SequencePlan:
+        """:func:`sequence_plan` for this rank (a sequence store's dump)."""
+        return sequence_plan(
+            pending,
+            offsets=offsets,
             chunk_rows=chunk_rows,
             batch_size=batch_size,
             rank=self.info.rank,

@@ -9,8 +9,15 @@ from kdcache.distributed import EpochShardSampler, rank_info
 from kdcache.errors import ConfigError
 from kdcache.store import durability
 from kdcache.store.feed import LogitFeed
-from kdcache.store.partition import MIN_UNITS, dump_batches, owned_chunks, unit_chunks
+from kdcache.store.partition import (
+    MIN_UNITS,
+    dump_batches,
+    owned_chunks,
+    sequence_plan,
+    unit_chunks,
+)
 from kdcache.store.reader import open_store
+from kdcache.store.sequence import rows_of, sequence_offsets
 from kdcache.store.writer import create_store
 
 
@@ -103,6 +110,45 @@ def test_the_dump_plan_writes_every_row_once_in_the_same_batches_for_any_rank_co
     assert set(pending) <= set(covered)
     pending_set = set(pending.tolist())
     assert all(pending_set.intersection(batch) for batch in alone)  # no batch recomputed in vain
+
+
+@pytest.mark.parametrize(
+    "num_sequences, chunk_rows, batch_size", [(27, 8, 2), (300, 16, 7), (2000, 300, 32)]
+)
+def test_a_sequence_plan_writes_every_pending_token_row_once_in_the_same_blocks_for_any_rank_count(
+    num_sequences, chunk_rows, batch_size
+):
+    rng = np.random.default_rng(0)
+    offsets = sequence_offsets(rng.integers(2, 40, size=num_sequences))
+    num_chunks = -(-int(offsets[-1]) // chunk_rows)
+    pending_chunks = np.flatnonzero(rng.random(num_chunks) < 0.6)  # a resumed dump
+    pending = np.concatenate(
+        [np.arange(c * chunk_rows, min((c + 1) * chunk_rows, offsets[-1])) for c in pending_chunks]
+    )
+    options = dict(offsets=offsets, chunk_rows=chunk_rows, batch_size=batch_size)
+
+    def writes(world_size: int) -> list[tuple[int, tuple[int, ...]]]:
+        """Each (first sample of the batch, token rows of one write), over every rank."""
+        found = []
+        for rank in range(world_size):
+            plan = sequence_plan(pending, **options, rank=rank, world_size=world_size)
+            for batch in plan.batches:
+                assert batch == list(range(batch[0], min(batch[0] + batch_size, num_sequences)))
+                assert batch[0] % batch_size == 0  # the grid, whatever the rank count
+                rows = rows_of(offsets, np.asarray(batch))
+                found += [
+                    (batch[0], tuple(rows[block].tolist()))
+                    for block in plan.blocks(rows)
+                    if np.isin(rows[block], pending).any()  # the writer skips written chunks
+                ]
+        return sorted(found)
+
+    alone = writes(1)
+    written = np.concatenate([np.asarray(rows) for _, rows in alone])
+    assert set(pending.tolist()) <= set(written.tolist())
+    assert len(np.unique(written)) == len(written)  # no row written twice
+    for world_size in (2, 3, 8):
+        assert writes(world_size) == alone  # the same rows, in the same blocks and batches
 
 
 def test_units_hold_several_batches_unless_that_leaves_too_few_units():

@@ -1,25 +1,36 @@
-"""Run a causal LM once over local text and store its next-token logits in a sequence store."""
+"""Run a causal LM once over local text and store its next-token logits in a sequence store.
+
+Under ``torchrun`` every rank runs :func:`dump_lm` with the same config: rank 0 creates (or
+resumes) the store and holds its lock, each rank fills the whole chunks kdcache.store.partition
+gives it (:func:`kdcache.store.partition.sequence_plan`), and rank 0 finalizes the store.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from kdcache.config import DumpConfig
+from kdcache.distributed import RankSession, finalize_ranks, open_rank_writer, rank_session
 from kdcache.dump import DumpResult, _resumable_on_os_error
 from kdcache.errors import ConfigError
 from kdcache.lm.fingerprint import lm_fingerprint
 from kdcache.lm.loop import pad_id
 from kdcache.lm.models import CausalLM, load_causal_lm
-from kdcache.lm.text import TokenDataset, build_text_dataset, collate
-from kdcache.runtime import resolve_device
+from kdcache.lm.text import TokenBatch, TokenDataset, build_text_dataset, collate
+from kdcache.runtime import autocast, prepare_model
 from kdcache.store.background import BackgroundWriter
 from kdcache.store.layout import store_nbytes
-from kdcache.store.sequence import SequenceWriter, create_sequence_store
+from kdcache.store.partition import SequencePlan
+from kdcache.store.sequence import SequenceWriter, create_sequence_store, sequence_offsets
+from kdcache.store.writer import StoreWriter
 
 
 @dataclass(frozen=True)
@@ -38,37 +49,72 @@ class LMDumpResult(DumpResult):
         return self.rows_computed / self.loop_time_s if self.loop_time_s > 0 else 0.0
 
 
-def _pending_batches(pending: np.ndarray, *, num_samples: int, batch_size: int) -> list[list[int]]:
-    """The batches of the grid ``[0, B)``, ``[B, 2B)``, ... that hold a pending sample: a resumed
-    dump recomputes exactly the batches an uninterrupted one ran (bit-identical on CPU)."""
-    starts = np.unique(np.asarray(pending) // batch_size) * batch_size
-    return [list(range(int(start), min(int(start) + batch_size, num_samples))) for start in starts]
+def refuse_image_options(config: DumpConfig) -> None:
+    """Refuse, in one line naming it, each dump option that means nothing for a language model."""
+    refused = (
+        ("--weights", config.weights is not None, "an hf:PATH teacher loads the weights in PATH"),
+        ("--views", config.views != 1, "augmented views are for image datasets"),
+        ("--augment", config.augment is not None, "augmentation recipes are for images"),
+        ("--augment-seed", config.augment_seed != 0, "it seeds image augmentation"),
+        ("--channels-last", config.channels_last, "a language model's inputs are token ids"),
+        ("--inputs", config.inputs != "auto", "token ids always reach the device as int64"),
+    )
+    for name, given, why in refused:
+        if given:
+            raise ConfigError(
+                f"{name} does not apply to a language-model dump ({why}); drop {name}"
+            )
+
+
+class _SampleIds(Dataset[int]):
+    """Sample i is its index: the loader's workers look the tokens up when padding a batch."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+def _collate_samples(
+    dataset: TokenDataset, pad: int, samples: list[int]
+) -> tuple[list[int], TokenBatch]:
+    return samples, collate(dataset, samples, pad_id=pad)
 
 
 def _fill(
     writer: SequenceWriter,
     teacher: CausalLM,
-    dataset: TokenDataset,
-    batches: list[list[int]],
+    loader: DataLoader,
+    plan: SequencePlan,
     *,
     device: torch.device,
+    amp: str | None,
+    total: int,
     where: str,
+    writer_workers: int | None,
 ) -> None:
-    """The teacher over ``batches`` into ``writer``, encoding and writing in a background thread.
+    """The teacher over the plan's batches into ``writer``, encoding and writing in background
+    threads; only this rank's units of each batch are written (see :class:`SequencePlan`).
 
     Only the rows of real positions with a next token leave the device: (n, V), never (B, L, V).
     """
-    total = sum(len(dataset.sequences[i]) - 1 for batch in batches for i in batch)
     with (
         _resumable_on_os_error(f"writing {where}"),
         torch.inference_mode(),
-        BackgroundWriter(writer.writer) as background,
+        BackgroundWriter(writer.writer, workers=writer_workers) as background,
         tqdm(total=total, unit="tok", unit_scale=True, desc="dump", disable=None) as bar,
     ):
-        for samples in batches:
-            batch = collate(dataset, samples, pad_id=pad_id(teacher)).to(device)
-            rows = teacher.logits(batch.input_ids, batch.attention_mask)[batch.mask]
-            background.write(writer.token_rows(samples), rows)
+        for samples, batch in loader:
+            batch = batch.to(device)
+            with autocast(device, amp):
+                rows = teacher.logits(batch.input_ids, batch.attention_mask)[batch.mask]
+            token_rows = writer.token_rows(samples)
+            for block in plan.blocks(token_rows):
+                background.write(token_rows[block], rows[torch.from_numpy(block).to(device)])
             bar.update(rows.shape[0])
 
 
@@ -77,29 +123,47 @@ def dump_lm(config: DumpConfig) -> LMDumpResult:
     (``text:FILE``) and write its logits, one row per token, to ``config.out``.
 
     Batches are padded on the right to the dataset's max length; logits are taken in float32
-    from the model's output over the full vocabulary, and any encoding (top-k, sampling) works
-    from those, so its tail statistics and draws see every token. ``--resume`` recomputes only
-    the batches that hold an unwritten chunk.
+    from the model's output over the full vocabulary (under ``--amp`` the forward autocasts and
+    the logits are upcast), and any encoding (top-k, sampling) works from those, so its tail
+    statistics and draws see every token. ``--resume`` recomputes only the batches that hold an
+    unwritten chunk, with any number of ranks.
     """
-    if config.weights is not None:
-        raise ConfigError(
-            "--weights applies to image teachers; an hf:PATH teacher loads the weights in PATH"
-        )
+    refuse_image_options(config)
     if config.dataset is None:
         raise ConfigError("a language-model dump needs --dataset text:FILE[:MAX_LEN]")
     assert config.teacher is not None  # DumpConfig needs --teacher when --weights is not given
+    with rank_session(config.device) as session:
+        return _dump_lm(config, session)
+
+
+def _dump_lm(config: DumpConfig, session: RankSession) -> LMDumpResult:
     started = time.perf_counter()
-    device = resolve_device(config.device)
+    device = session.device
     teacher = load_causal_lm(config.teacher, device=device)
     teacher.model.eval().requires_grad_(False)
+    _, forward = prepare_model(
+        teacher.model, device=device, channels_last=False, compile=config.compile
+    )
     dataset = build_text_dataset(config.dataset, split=config.split, tokenizer=teacher.tokenizer)
-    with create_sequence_store(
+    offsets = sequence_offsets([len(tokens) for tokens in dataset.sequences])
+
+    def create(path: str, **options: Any) -> StoreWriter:
+        return create_sequence_store(path, **options).writer
+
+    with open_rank_writer(
+        session,
+        create,
         config.out,
         sequences=dataset.sequences,
         vocab_size=teacher.vocab_size,
         encoding=config.encoding,
         chunk_rows=config.chunk_rows,
-        teacher={"spec": config.teacher, "weights_sha256": teacher.weights_sha256},
+        teacher={
+            "spec": config.teacher,
+            "weights_sha256": teacher.weights_sha256,
+            # As for images: autocast logits differ from float32 ones by about bf16/fp16 rounding.
+            **({"amp": config.amp} if config.amp else {}),
+        },
         dataset={
             "spec": dataset.spec,
             "split": dataset.split,
@@ -108,24 +172,48 @@ def dump_lm(config: DumpConfig) -> LMDumpResult:
         },
         overwrite=config.overwrite,
         resume=config.resume,
-    ) as writer:
-        pending = writer.pending_samples()
-        batches = _pending_batches(pending, num_samples=len(dataset), batch_size=config.batch_size)
-        computed = int(sum(len(dataset.sequences[i]) - 1 for batch in batches for i in batch))
+        fsync=config.fsync,
+    ) as store_writer:
+        writer = SequenceWriter(store_writer, offsets)
+        plan = session.sequence_plan(
+            store_writer.pending_indices(),
+            offsets=offsets,
+            chunk_rows=store_writer.metadata.chunk_rows,
+            batch_size=config.batch_size,
+        )
+        # The token ids are in memory: workers only pad batches, beside the teacher's forward.
+        loader: DataLoader[int] = DataLoader(
+            _SampleIds(len(dataset)),
+            batch_sampler=plan.batches,
+            num_workers=config.num_workers,
+            collate_fn=functools.partial(_collate_samples, dataset, pad_id(teacher)),
+        )
+        total = int(sum(offsets[batch[-1] + 1] - offsets[batch[0]] for batch in plan.batches))
         loop_started = time.perf_counter()
-        _fill(writer, teacher, dataset, batches, device=device, where=config.out)
+        _fill(
+            writer,
+            dataclasses.replace(teacher, model=forward),
+            loader,
+            plan,
+            device=device,
+            amp=config.amp,
+            total=total,
+            where=config.out,
+            writer_workers=config.writer_workers,
+        )
         loop_time_s = time.perf_counter() - loop_started
+        (computed,) = session.all_sum(total)
         with _resumable_on_os_error(f"marking {config.out} complete"):
-            writer.finalize()
+            finalize_ranks(session, store_writer)
     return LMDumpResult(
         out=config.out,
         num_samples=len(dataset),
         num_classes=teacher.vocab_size,
         encoding=config.encoding,
-        rows_computed=computed,
+        rows_computed=int(computed),
         bytes_on_disk=store_nbytes(config.out),
         wall_time_s=time.perf_counter() - started,
         loop_time_s=loop_time_s,
-        fidelity=writer.writer.fidelity.result(),
+        fidelity=store_writer.fidelity.result(),
         num_tokens=dataset.num_tokens,
     )

@@ -14,7 +14,9 @@ from kdcache.errors import ConfigError, StoreExistsError, StoreMismatchError
 from kdcache.logits.encodings import Encoding, parse_encoding
 from kdcache.store.digests import ALGORITHM, DIGEST_BYTES, DIGESTS_ARRAY
 from kdcache.store.layout import (
+    FIRST_TOKEN_ARRAY,
     LABELS_ARRAY,
+    OFFSETS_ARRAY,
     VIEW_PARAMS_ARRAY,
     WRITTEN_ARRAY,
     own_keys,
@@ -104,7 +106,8 @@ def known_keys(group: zarr.Group, metadata: StoreMetadata) -> set[str]:
         )
     ]
     own = [*names, LABELS_ARRAY, VIEW_PARAMS_ARRAY, WRITTEN_ARRAY, DIGESTS_ARRAY]
-    return set(own_keys(group, own))
+    # A sequence store's layout arrays are its own too (own_keys skips those a store lacks).
+    return set(own_keys(group, [*own, OFFSETS_ARRAY, FIRST_TOKEN_ARRAY]))
 
 
 def clear_staging(staging: StoreLocation, where: str) -> None:

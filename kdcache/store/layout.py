@@ -34,6 +34,9 @@ WRITTEN_ARRAY = "chunk_written"
 LABELS_ARRAY = "labels"
 #: (N, V, P) float32: the parameters that recreate each view's input (stores with views only).
 VIEW_PARAMS_ARRAY = "view_params"
+#: A sequence store's (N + 1,) token-row offsets and (N,) first token ids (kdcache.store.sequence).
+OFFSETS_ARRAY = "offsets"
+FIRST_TOKEN_ARRAY = "first_token"
 
 
 def store_nbytes(path: StoreLike) -> int | None:

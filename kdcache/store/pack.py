@@ -11,7 +11,9 @@ from kdcache.errors import ConfigError, StoreExistsError, StoreFormatError, Stor
 from kdcache.store._zarr_compat import buffer_prototype, run_sync
 from kdcache.store.digests import DIGESTS_ARRAY
 from kdcache.store.layout import (
+    FIRST_TOKEN_ARRAY,
     LABELS_ARRAY,
+    OFFSETS_ARRAY,
     VIEW_PARAMS_ARRAY,
     WRITTEN_ARRAY,
     StoreLike,
@@ -60,6 +62,8 @@ def pack_store(
         VIEW_PARAMS_ARRAY,
         WRITTEN_ARRAY,
         DIGESTS_ARRAY,
+        OFFSETS_ARRAY,  # a sequence store's layout (own_keys skips arrays a store lacks)
+        FIRST_TOKEN_ARRAY,
     ]
     keys = own_keys(reader.group, names)
     if location.folder is not None:

@@ -27,13 +27,11 @@ from kdcache.errors import ConfigError, StoreFormatError, StoreMismatchError
 from kdcache.logits.encodings import SampledEncoding
 from kdcache.logits.sampled import SampledLogits
 from kdcache.logits.sparse import SparseLogits
-from kdcache.store.layout import StoreLike
-from kdcache.store.location import parse_location, zarr_store
+from kdcache.store.layout import FIRST_TOKEN_ARRAY, OFFSETS_ARRAY, StoreLike
+from kdcache.store.location import parse_location
 from kdcache.store.reader import StoreReader, open_store
 from kdcache.store.writer import StoreWriter, create_store
 
-OFFSETS_ARRAY = "offsets"
-FIRST_TOKEN_ARRAY = "first_token"
 #: Key of the sequence layout in the metadata's ``extra``.
 SEQUENCE_KEY = "sequence"
 
@@ -122,10 +120,12 @@ def create_sequence_store(
     dataset: dict[str, Any] | None = None,
     overwrite: bool = False,
     resume: bool = False,
+    fsync: bool = True,
 ) -> SequenceWriter:
     """Create (or resume) a sequence store for the token id arrays ``sequences``.
 
-    Every sample needs at least 2 tokens (one row); ``chunk_rows`` counts tokens per chunk.
+    Every sample needs at least 2 tokens (one row); ``chunk_rows`` counts tokens per chunk. The
+    other options are :func:`kdcache.store.writer.create_store`'s.
     """
     lengths = np.array([len(tokens) for tokens in sequences], dtype=np.int64)
     if lengths.size == 0 or (lengths < 2).any():
@@ -154,9 +154,10 @@ def create_sequence_store(
         extra={SEQUENCE_KEY: layout},
         overwrite=overwrite,
         resume=resume,
+        fsync=fsync,
     )
     try:
-        _write_layout(path, offsets, first)
+        _write_layout(writer.group, offsets, first, where=parse_location(path).text)
     except BaseException:
         writer.close()
         raise
@@ -170,15 +171,14 @@ def _read_all(group: zarr.Group, name: str) -> np.ndarray:
     return np.asarray(array[:], dtype=np.int64)
 
 
-def _write_layout(path: StoreLike, offsets: np.ndarray, first: np.ndarray) -> None:
-    """Create ``offsets`` and ``first_token``, or check them on resume (we hold the lock)."""
-    location = parse_location(path)
-    group = zarr.open_group(zarr_store(location, read_only=False), mode="r+")
+def _write_layout(group: zarr.Group, offsets: np.ndarray, first: np.ndarray, *, where: str) -> None:
+    """Create ``offsets`` and ``first_token`` in the writer's group (a replacement's under
+    --overwrite), or check them on resume (we hold the lock)."""
     for name, values in ((OFFSETS_ARRAY, offsets), (FIRST_TOKEN_ARRAY, first)):
         if name in group:
             if not np.array_equal(_read_all(group, name), values):
                 raise StoreMismatchError(
-                    f"cannot resume {location.text}: its {name} differ from this dataset's "
+                    f"cannot resume {where}: its {name} differ from this dataset's "
                     "sequences; resume with the original data or pass --overwrite to start over"
                 )
             continue

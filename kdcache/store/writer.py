@@ -109,6 +109,11 @@ class StoreWriter:
     def num_chunks(self) -> int:
         return len(self._written)
 
+    @property
+    def group(self) -> zarr.Group:
+        """The group this writer fills: under --overwrite, the replacement's staging group."""
+        return self._group
+
     def pending_indices(self) -> np.ndarray:
         """Rows whose chunk is not yet durably written (all rows of a fresh store); row
         ``sample * views + view`` in a store with views."""

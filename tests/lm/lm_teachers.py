@@ -1,34 +1,71 @@
-"""A module:function teacher for the tests: the tiny GPT-2 in FOLDER, failing on demand."""
+"""A module:function teacher for the tests: the tiny GPT-2 in FOLDER, failing on demand, noting
+what each of its forward passes saw.
+
+A test process sets FOLDER and FAIL_AFTER; a subprocess (a torchrun rank) reads them from the
+environment variables KDCACHE_TEST_LM_FOLDER and KDCACHE_TEST_FAIL_AFTER.
+"""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import threading
+
+import torch
 from torch import nn
 
 #: Set by the tests: the save_pretrained folder to wrap, and after how many batches to fail.
 FOLDER = ""
 FAIL_AFTER: int | None = None
+#: One entry per teacher batch (the loader's probe excluded): what the forward pass saw.
+SEEN: list[dict] = []
 
 
 class Interrupted(RuntimeError):
     """Stands for a crash or a kill in the middle of a dump."""
 
 
+@torch.compiler.disable
+def note(input_ids: torch.Tensor, compiled: bool) -> None:
+    """Record the batch and its surroundings (run eagerly even inside a compiled forward)."""
+    SEEN.append(
+        {
+            "batch_size": input_ids.shape[0],
+            "device": input_ids.device.type,
+            "autocast": torch.is_autocast_enabled(input_ids.device.type),
+            "compiled": compiled,
+            "loader_workers": len(multiprocessing.active_children()),
+            "writer_threads": sum(
+                t.name.startswith("kdcache-writer-") for t in threading.enumerate()
+            ),
+        }
+    )
+
+
 class FlakyTeacher(nn.Module):
-    def __init__(self, inner: nn.Module) -> None:
+    def __init__(self, inner: nn.Module, fail_after: int | None) -> None:
         super().__init__()
         self.inner = inner
+        self.fail_after = fail_after
         self.batches = 0
 
     def forward(self, input_ids, attention_mask):
         if input_ids.shape[1] > 2:  # not the loader's probe
+            note(input_ids, torch.compiler.is_compiling())
             self.batches += 1
-            if FAIL_AFTER is not None and self.batches > FAIL_AFTER:
-                raise Interrupted(f"interrupted after {FAIL_AFTER} batches")
+            if self.fail_after is not None and self.batches > self.fail_after:
+                raise Interrupted(f"interrupted after {self.fail_after} batches")
         return self.inner(input_ids=input_ids, attention_mask=attention_mask)
 
 
 def flaky():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(FOLDER, local_files_only=True)
-    return FlakyTeacher(model), AutoTokenizer.from_pretrained(FOLDER, local_files_only=True)
+    folder = FOLDER or os.environ["KDCACHE_TEST_LM_FOLDER"]
+    fail_after = FAIL_AFTER
+    if fail_after is None and "KDCACHE_TEST_FAIL_AFTER" in os.environ:
+        fail_after = int(os.environ["KDCACHE_TEST_FAIL_AFTER"])
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    return FlakyTeacher(model, fail_after), AutoTokenizer.from_pretrained(
+        folder, local_files_only=True
+    )

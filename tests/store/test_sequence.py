@@ -10,6 +10,7 @@ import zarr
 from kdcache.errors import ConfigError, StoreFormatError, StoreIncompleteError
 from kdcache.logits.sampled import SampledLogits
 from kdcache.logits.sparse import SparseLogits
+from kdcache.store.pack import pack_store
 from kdcache.store.sequence import (
     create_sequence_store,
     open_sequence_store,
@@ -111,6 +112,25 @@ def test_resume_writes_only_the_missing_samples(tmp_path):
     again.finalize()
     store = open_sequence_store(path)
     assert np.array_equal(store.read(range(5)).numpy(), np.concatenate(logits))
+
+
+def test_overwrite_and_pack_keep_the_sequence_layout(tmp_path):
+    def dump(seed: int, **options) -> None:
+        sequences, logits = make_data(seed)
+        with create_sequence_store(
+            path, sequences=sequences, vocab_size=VOCAB, encoding="float32", **options
+        ) as writer:
+            writer.write(range(len(sequences)), np.concatenate(logits))
+            writer.finalize()
+
+    path = tmp_path / "lm.zarr"
+    dump(0)
+    dump(3, overwrite=True)  # built beside the old store, then swapped in: offsets included
+    sequences, logits = make_data(3)
+    pack_store(path, tmp_path / "lm.zip")
+    for store in (open_sequence_store(path), open_sequence_store(tmp_path / "lm.zip")):
+        assert store.tokens(4).tolist() == sequences[4].tolist()
+        assert np.array_equal(store.read(range(5)).numpy(), np.concatenate(logits))
 
 
 def test_refusals_are_one_line(tmp_path):
