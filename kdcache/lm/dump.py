@@ -131,12 +131,13 @@ def dump_lm(config: DumpConfig) -> LMDumpResult:
     refuse_image_options(config)
     if config.dataset is None:
         raise ConfigError("a language-model dump needs --dataset text:FILE[:MAX_LEN]")
-    assert config.teacher is not None  # DumpConfig needs --teacher when --weights is not given
     with rank_session(config.device) as session:
         return _dump_lm(config, session)
 
 
 def _dump_lm(config: DumpConfig, session: RankSession) -> LMDumpResult:
+    # DumpConfig needs --teacher when --weights is not given, and dump_lm refused a missing dataset
+    assert config.teacher is not None and config.dataset is not None
     started = time.perf_counter()
     device = session.device
     teacher = load_causal_lm(config.teacher, device=device)
