@@ -49,7 +49,7 @@ class LMDumpResult(DumpResult):
         return self.rows_computed / self.loop_time_s if self.loop_time_s > 0 else 0.0
 
 
-def refuse_image_options(config: DumpConfig) -> None:
+def _refuse_image_options(config: DumpConfig) -> None:
     """Refuse, in one line naming it, each dump option that means nothing for a language model."""
     refused = (
         ("--weights", config.weights is not None, "an hf:PATH teacher loads the weights in PATH"),
@@ -128,7 +128,7 @@ def dump_lm(config: DumpConfig) -> LMDumpResult:
     statistics and draws see every token. ``--resume`` recomputes only the batches that hold an
     unwritten chunk, with any number of ranks.
     """
-    refuse_image_options(config)
+    _refuse_image_options(config)
     if config.dataset is None:
         raise ConfigError("a language-model dump needs --dataset text:FILE[:MAX_LEN]")
     with rank_session(config.device) as session:

@@ -47,7 +47,12 @@ def test_a_dump_stopped_midway_resumes_bit_identically_with_another_number_of_ra
     tmp_path, lm_files
 ):
     lm_teachers.FOLDER = str(lm_files["teacher"])
-    options = dict(teacher="lm_teachers:flaky", dataset=f"text:{lm_files['corpus']}:16", **DUMP)
+    options = dict(
+        teacher="lm_teachers:flaky",
+        dataset=f"text:{lm_files['corpus']}:16",
+        device="cpu",  # bit-identity is a CPU property
+        **DUMP,
+    )
     reference = tmp_path / "reference.zarr"
     dump_lm(DumpConfig(out=str(reference), **options))
 
