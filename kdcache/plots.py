@@ -128,13 +128,18 @@ def plot_distributions(
     *,
     temperature: float,
     sample_ids: Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> Path:
     """Per sample: the teacher's probabilities at T, the student's at T and at T=1, the hard label.
 
     One panel per row of the ``(K, C)`` logits (the seed's ``visualize_distillation_distributions``
     as a figure). With many classes only the teacher's :data:`MAX_CLASSES_SHOWN` most likely
-    ones, plus the label, are drawn.
+    ones, plus the label, are drawn. ``class_names`` (an image folder's) name the classes.
     """
+
+    def named(c: int) -> str:
+        return str(c) if class_names is None else class_names[c]
+
     teacher_t = F.softmax(teacher_logits.float() / temperature, dim=1)
     student_t = F.softmax(student_logits.float() / temperature, dim=1)
     student_1 = F.softmax(student_logits.float(), dim=1)
@@ -167,8 +172,8 @@ def plot_distributions(
                 zorder=0,
                 label="hard label",
             )
-        axes.set_xticks(x, [str(c) for c in classes])
-        title = f"sample {ids[row]} ({f'label {label}' if label >= 0 else 'unlabeled'})"
+        axes.set_xticks(x, [named(c) for c in classes])
+        title = f"sample {ids[row]} ({f'label {named(label)}' if label >= 0 else 'unlabeled'})"
         axes.set(ylim=(0, 1.05), ylabel="probability", title=title)
         axes.grid(axis="y", alpha=0.3)
     axes_list[0].legend(fontsize="small", ncols=4, loc="upper right")

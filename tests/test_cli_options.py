@@ -141,13 +141,16 @@ def test_the_commands_with_required_options_are_found():
         for path, command, missing in required_options()
     ],
 )
-def test_each_missing_required_option_is_a_usage_error(path, command, missing):
+def test_each_missing_required_option_is_a_usage_error(
+    path, command, missing, monkeypatch, tmp_path
+):
     given = [
         argument
         for param in command.params
         if isinstance(param, click.Option) and param.required and param is not missing
         for argument in (param.opts[0], "x")
     ]
+    monkeypatch.chdir(tmp_path)  # a run that started would write here
     result = CliRunner().invoke(cli, [*path, *given])
     assert result.exit_code == 2, result.output
     assert f"Missing option '{missing.opts[0]}'" in result.output

@@ -364,4 +364,5 @@ def _plot_final_distributions(
         out / "distributions.png",
         temperature=config.temperature,
         sample_ids=samples.tolist(),
+        class_names=getattr(getattr(dataset, "dataset", dataset), "class_names", None),
     )

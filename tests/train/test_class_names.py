@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 import numpy as np
 import pytest
+import torch
 from test_datasets import _png_tree
 
 from kdcache import DistillConfig, DumpConfig
@@ -13,7 +14,7 @@ from kdcache.cli import cli
 from kdcache.datasets import build_dataset
 from kdcache.dump import dump_teacher
 from kdcache.errors import ConfigError
-from kdcache.plots import _per_class_accuracy, new_figure, plot_store
+from kdcache.plots import _per_class_accuracy, new_figure, plot_distributions, plot_store
 from kdcache.store.reader import open_store
 from kdcache.store.report import format_report, inspect_store
 from kdcache.train.transfer import transfer_rows
@@ -39,6 +40,16 @@ def test_the_store_records_the_folders_class_names(folder_store, tmp_path):
     _per_class_accuracy(axes, np.array([0, 1, 1]), np.array([0, 1, 0]), 2, "train", ["a", "b"])
     assert [label.get_text() for label in axes.get_xticklabels()] == ["a", "b"]
     assert plot_store(reader, tmp_path / "store.png").stat().st_size > 0
+    logits = torch.tensor([[2.0, -1.0], [0.0, 1.0]])
+    names = reader.class_names
+    assert (
+        plot_distributions(
+            logits, logits, [0, 1], tmp_path / "d.png", temperature=2.0, class_names=names
+        )
+        .stat()
+        .st_size
+        > 0
+    )
 
 
 def test_exclude_classes_takes_names_or_indices(folder_store):
