@@ -75,9 +75,11 @@ def plot_views(
             if recipe.mixes:
                 values = reader.view_params[sample, view]
                 partner = int(values[recipe.mix_offset])
-                partner_label = "" if labels is None else f", label {int(labels[partner])}"
+                lines[0] += f", λ={values[recipe.mix_offset + 1]:.2f}"
                 lines.insert(
-                    1, f"λ={values[recipe.mix_offset + 1]:.2f}, partner {partner}{partner_label}"
+                    1,
+                    f"partner {partner}"
+                    + ("" if labels is None else f" (label {int(labels[partner])})"),
                 )
             axes.set_title("\n".join(lines), fontsize="small")
     for axes in grid.flat:
