@@ -114,7 +114,7 @@ class TrainingOptions(SpeedOptions):
         require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
         require(math.isfinite(self.lr) and self.lr > 0, f"learning rate must be > 0, got {self.lr}")
-        require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        require(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
         super().__post_init__()
 
 
@@ -210,7 +210,7 @@ class DistillOptions(TrainingOptions):
         if self.cache_memory is not None:
             parse_size(self.cache_memory)  # raises ConfigError for an unreadable size
         require(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
-        require(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+        require(self.top_k >= 1, f"--top-k must be >= 1, got {self.top_k}")
         excluded = tuple(self.exclude_classes)
         require(
             all(
@@ -394,14 +394,14 @@ class DumpConfig(SpeedOptions):
         )
         check_views(self.augment, self.views, default="or dump with --views 1")
         require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
-        require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        require(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
         require(
             self.writer_workers is None or self.writer_workers >= 1,
-            f"writer_workers must be >= 1, got {self.writer_workers}",
+            f"--writer-workers must be >= 1, got {self.writer_workers}",
         )
         require(
             self.chunk_rows is None or self.chunk_rows >= 1,
-            f"chunk_rows must be >= 1, got {self.chunk_rows}",
+            f"--chunk-rows must be >= 1, got {self.chunk_rows}",
         )
         require(
             not (self.overwrite and self.resume),

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import statistics
+import textwrap
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.errors import ConfigError, KdcacheError
+from kdcache.wording import counted
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -35,6 +37,9 @@ FIGURE_FORMATS = ("png", "pdf", "svg")
 STORE_BLOCK_ROWS = 1 << 16
 #: Classes drawn per sample in the distributions figure: the teacher's most likely ones.
 MAX_CLASSES_SHOWN = 10
+#: Characters of a figure title per inch of figure width, so that a long store path wraps
+#: instead of running off the canvas.
+TITLE_CHARS_PER_INCH = 11
 
 
 def new_figure(*, width: float, height: float) -> Figure:
@@ -68,6 +73,29 @@ def save_figure(figure: Figure, path: str | os.PathLike[str]) -> Path:
     return target
 
 
+def set_title(figure: Figure, *lines: str) -> None:
+    """The figure's title, each line wrapped to the figure's width (a path breaks at slashes)."""
+    width = max(20, int(figure.get_figwidth() * TITLE_CHARS_PER_INCH))
+    wrapped = [
+        textwrap.fill(line.replace("/", "/\u200b"), width).replace("\u200b", "") for line in lines
+    ]
+    figure.suptitle("\n".join(wrapped), fontsize="medium")
+
+
+def mark_best(axes: Axes, x: float, y: float, label: str) -> None:
+    """A star on the best point, named in the legend (which matplotlib keeps off the data)."""
+    axes.plot([x], [y], "*", ms=13, color="gold", markeredgecolor="black", zorder=5, label=label)
+
+
+def draw_references(axes: Axes, references: Mapping[str, float] | None) -> None:
+    """A dashed horizontal line per reference accuracy (a teacher, a CE-only student), named in
+    the legend with its value."""
+    for (name, value), color in zip(
+        (references or {}).items(), ("black", "tab:red", "tab:gray"), strict=False
+    ):
+        axes.axhline(value, color=color, lw=1, ls="--", label=f"{name}: {value:.2f}%")
+
+
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The per-epoch records of a run's ``metrics.jsonl`` (an unfinished last line is dropped)."""
     records = []
@@ -80,9 +108,17 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def plot_curves(
-    metrics: str | os.PathLike[str], path: str | os.PathLike[str], *, title: str = ""
+    metrics: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "",
+    references: Mapping[str, float] | None = None,
 ) -> Path:
-    """Training/validation loss and validation accuracy per epoch, from a ``metrics.jsonl``."""
+    """Training/validation loss and validation accuracy per epoch, from a ``metrics.jsonl``.
+
+    The best epoch is starred; ``references`` (name -> accuracy in percent, e.g. the teacher's
+    or a CE-only student's) are drawn as dashed lines on the accuracy panel.
+    """
     records = read_metrics(metrics)
     epochs = [r["epoch"] for r in records]
     figure = new_figure(width=9, height=3.4)
@@ -103,20 +139,21 @@ def plot_curves(
     acc_axes.plot(epochs, accuracy, marker="o", ms=3, color="tab:green")
     if records:
         best = int(np.argmax(accuracy))
-        acc_axes.annotate(
+        mark_best(
+            acc_axes,
+            epochs[best],
+            accuracy[best],
             f"best {accuracy[best]:.2f}% (epoch {epochs[best]})",
-            (epochs[best], accuracy[best]),
-            xytext=(0, -18),
-            textcoords="offset points",
-            ha="center",
-            fontsize="small",
         )
+    draw_references(acc_axes, references)
+    acc_axes.margins(y=0.12)  # room for the star at the top of the curve
     acc_axes.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
+    acc_axes.legend(fontsize="small", loc="best")
     for axes in (loss_axes, acc_axes):
         axes.grid(alpha=0.3)
         axes.xaxis.get_major_locator().set_params(integer=True)
     if title:
-        figure.suptitle(title)
+        set_title(figure, title)
     return save_figure(figure, path)
 
 
@@ -132,9 +169,9 @@ def plot_distributions(
 ) -> Path:
     """Per sample: the teacher's probabilities at T, the student's at T and at T=1, the hard label.
 
-    One panel per row of the ``(K, C)`` logits (the seed's ``visualize_distillation_distributions``
-    as a figure). With many classes only the teacher's :data:`MAX_CLASSES_SHOWN` most likely
-    ones, plus the label, are drawn. ``class_names`` (an image folder's) name the classes.
+    One panel per row of the ``(K, C)`` logits. With many classes only the teacher's
+    :data:`MAX_CLASSES_SHOWN` most likely ones, plus the label, are drawn. ``class_names`` (an
+    image folder's) name the classes.
     """
 
     def named(c: int) -> str:
@@ -187,12 +224,17 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def plot_sweep(
-    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], *, title: str = ""
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "",
+    references: Mapping[str, float] | None = None,
 ) -> Path:
     """Best and final validation accuracy against temperature, one line per (loss, alpha).
 
     ``rows`` are per-run records with ``loss``, ``alpha``, ``temperature``, ``best_val_acc`` and
-    ``final_val_acc``; points are the mean over seeds, error bars one standard deviation.
+    ``final_val_acc``; points are the mean over seeds, error bars one standard deviation. Each
+    panel stars its best setting; ``references`` (name -> accuracy in percent) are dashed lines.
     """
     groups: dict[tuple[str, float], dict[float, list[Mapping[str, Any]]]] = defaultdict(
         lambda: defaultdict(list)
@@ -204,9 +246,13 @@ def plot_sweep(
     for axes, key, name in zip(
         figure.subplots(1, 2), ("best_val_acc", "final_val_acc"), ("best", "final"), strict=False
     ):
+        best: tuple[float, float, str] | None = None
         for (loss, alpha), by_temperature in sorted(groups.items()):
             xs = sorted(by_temperature)
             stats = [_mean_std([float(r[key]) for r in by_temperature[t]]) for t in xs]
+            for t, (mean, _) in zip(xs, stats, strict=True):
+                if best is None or mean > best[1]:
+                    best = (t, mean, f"best: {loss}, alpha={alpha:g}, T={t:g}: {mean:.2f}%")
             axes.errorbar(
                 xs,
                 [m for m, _ in stats],
@@ -224,10 +270,14 @@ def plot_sweep(
             ylabel="validation accuracy (%)",
             title=f"{name} validation accuracy (mean ± std over seeds)",
         )
+        if best is not None:
+            mark_best(axes, *best)
+        draw_references(axes, references)
+        axes.margins(y=0.12)
         axes.grid(alpha=0.3)
-        axes.legend(fontsize="small")
+        axes.legend(fontsize="small", loc="best")
     if title:
-        figure.suptitle(title)
+        set_title(figure, title)
     return save_figure(figure, path)
 
 
@@ -258,22 +308,11 @@ def _joined(parts: dict[float, list[np.ndarray]]) -> dict[float, np.ndarray]:
 def _per_class_accuracy(
     axes: Axes,
     predicted: np.ndarray,
-    labels: np.ndarray | None,
+    labels: np.ndarray,
     num_classes: int,
     split: str,
     names: Sequence[str] | None = None,
 ) -> None:
-    if labels is None:
-        axes.text(
-            0.5,
-            0.5,
-            "the store holds no labels",
-            ha="center",
-            va="center",
-            transform=axes.transAxes,
-        )
-        axes.set_axis_off()
-        return
     counts = np.bincount(labels, minlength=num_classes)
     hits = np.bincount(labels[predicted == labels], minlength=num_classes)
     accuracy = 100.0 * hits / np.maximum(counts, 1)
@@ -287,28 +326,30 @@ def _per_class_accuracy(
     else:  # too many classes to tell apart: the sorted per-class curve reads better
         axes.plot(np.sort(accuracy), color="tab:purple")
         axes.set(xlabel="classes, sorted by accuracy")
-    axes.axhline(overall, color="black", lw=1, ls="--", label=f"overall {overall:.2f}%")
+    # Named in the title rather than a legend, which would hide dots near 100%.
+    axes.axhline(overall, color="black", lw=1, ls="--")
     low = max(0.0, math.floor(float(accuracy[counts > 0].min(initial=100.0)) - 2))
     axes.set(
         ylabel="teacher accuracy (%)",
-        title=f"per-class teacher accuracy ({split} split)",
+        title=f"per-class teacher accuracy ({split} split)\ndashed: overall {overall:.2f}%",
         ylim=(low, 100.5),
     )
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small", loc="lower right")
 
 
 def plot_store(
     reader: StoreReader, path: str | os.PathLike[str], *, temperatures: Sequence[float] = (1.0, 4.0)
 ) -> Path:
     """Histograms of the teacher's max probability and entropy at each temperature, and its
-    per-class accuracy against the labels stored with the logits."""
+    per-class accuracy against the labels stored with the logits (a store without labels has
+    no such panel)."""
     max_prob, entropy, predicted = _store_summary(reader, temperatures)
     max_entropy = max(
         math.log(reader.num_classes), 1e-3
     )  # one class: zero entropy, still a valid range
-    figure = new_figure(width=13, height=3.6)
-    prob_axes, entropy_axes, class_axes = figure.subplots(1, 3)
+    labels = reader.labels
+    figure = new_figure(width=13 if labels is not None else 9, height=3.6)
+    prob_axes, entropy_axes, *class_axes = figure.subplots(1, 3 if labels is not None else 2)
     for t in temperatures:
         prob_axes.hist(max_prob[t], bins=40, range=(0, 1), alpha=0.6, label=f"T={t:g}")
         entropy_axes.hist(entropy[t], bins=40, range=(0, max_entropy), alpha=0.6, label=f"T={t:g}")
@@ -322,16 +363,18 @@ def plot_store(
         axes.legend(fontsize="small")
         axes.grid(alpha=0.3)
     split = (reader.metadata.dataset or {}).get("split", "stored")
-    labels = reader.labels
     if labels is not None:
         labels = np.repeat(labels, reader.metadata.views)  # one per row: each view of a sample
-    _per_class_accuracy(
-        class_axes, predicted, labels, reader.num_classes, split, reader.class_names
-    )
+        _per_class_accuracy(
+            class_axes[0], predicted, labels, reader.num_classes, split, reader.class_names
+        )
     teacher = (reader.metadata.teacher or {}).get("spec", "unknown teacher")
-    figure.suptitle(
-        f"{reader.where}: {reader.num_samples} samples"
-        + (f" x {reader.metadata.views} views" if reader.metadata.views > 1 else "")
-        + f", {reader.num_classes} classes, {reader.metadata.encoding}, teacher {teacher}"
+    set_title(
+        figure,
+        reader.where,
+        f"{counted(reader.num_samples, 'sample')}"
+        + (f" x {counted(reader.metadata.views, 'view')}" if reader.metadata.views > 1 else "")
+        + f", {counted(reader.num_classes, 'class', 'classes')}, {reader.metadata.encoding}, "
+        f"teacher {teacher}" + ("" if labels is not None else "; no labels stored"),
     )
     return save_figure(figure, path)

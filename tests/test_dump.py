@@ -255,7 +255,7 @@ def test_a_dump_with_several_writer_threads_equals_one_with_one(tmp_path, refere
         result.fidelity
         == dump_teacher(dump_config(tmp_path / "one.zarr", writer_workers=1)).fidelity
     )
-    with pytest.raises(ConfigError, match="writer_workers must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="--writer-workers must be >= 1, got 0"):
         dump_config(tmp_path / "x.zarr", writer_workers=0)
 
 
@@ -283,3 +283,10 @@ def test_ctrl_c_says_how_to_resume_and_leaves_the_store_resumable(tmp_path, refe
     resumed = dump_teacher(dump_config(out, resume=True))
     assert resumed.rows_computed == 200 - 20 * done
     assert_same_store(out, reference_store)
+
+
+def test_out_of_range_options_are_named_as_on_the_command_line(tmp_path):
+    with pytest.raises(ConfigError, match="^--num-workers must be >= 0, got -1$"):
+        dump_config(tmp_path / "x.zarr", num_workers=-1)
+    with pytest.raises(ConfigError, match="^--chunk-rows must be >= 1, got 0$"):
+        dump_config(tmp_path / "x.zarr", chunk_rows=0)

@@ -101,7 +101,10 @@ def test_store_figure(tmp_path, encoding, with_labels):
     )
     writer.write(np.arange(40), logits)
     writer.finalize()
-    assert_png(plot_store(open_store(tmp_path / "s.zarr"), tmp_path / "figures" / "store.png"))
+    path = plot_store(open_store(tmp_path / "s.zarr"), tmp_path / "figures" / "store.png")
+    assert_png(path)
+    with Image.open(path) as image:  # no per-class panel, left blank, without labels
+        assert image.size[0] == (1300 if with_labels else 900)
 
 
 def test_unusable_figure_paths_are_refused(tmp_path):

@@ -1,5 +1,6 @@
 """The figure of a store's views: a few samples' recreated views, each with the teacher's top
-classes on it (``kdcache inspect STORE --plot``)."""
+classes on it and, for a mixing recipe, the share of the sample's own pixels and its partner
+(``kdcache inspect STORE --plot``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from kdcache.augment.recipe import parse_recipe
 from kdcache.augment.views import BaseDataset, ViewSource
 from kdcache.errors import StoreMismatchError
-from kdcache.plots import new_figure, save_figure
+from kdcache.plots import new_figure, save_figure, set_title
 
 if TYPE_CHECKING:
     from kdcache.store.reader import StoreReader
@@ -39,19 +40,24 @@ def plot_views(
     max_views: int = 6,
 ) -> Path:
     """Draw up to ``max_views`` views of ``samples`` evenly spaced samples of ``dataset`` (the
-    one the store was dumped from), each titled with the teacher's top classes (T = 1)."""
+    one the store was dumped from), each titled with the teacher's top classes (T = 1) and, when
+    the recipe mixes, lambda (the share of the sample's own pixels) and the partner sample."""
 
     record = reader.metadata.augment
     if record is None or reader.view_params is None:
         raise StoreMismatchError(
             f"{reader.where} holds no augmented views to draw; it was dumped without --augment"
         )
-    source = ViewSource(dataset, parse_recipe(record["recipe"]), reader.view_params)
+    recipe = parse_recipe(record["recipe"])
+    source = ViewSource(dataset, recipe, reader.view_params)
+    labels = getattr(dataset, "labels", None)
     chosen = np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).round().astype(int)
     shown = min(max_views, reader.views)
     logits, _ = reader.read_views(chosen, temperature=1.0)  # probabilities at T = 1
     probs = torch.softmax(logits, dim=-1)
-    figure = new_figure(width=1.9 * (shown + 1), height=2.1 * len(chosen))
+    figure = new_figure(
+        width=1.9 * (shown + 1), height=(2.5 if recipe.mixes else 2.1) * len(chosen)
+    )
     grid = figure.subplots(len(chosen), shown + 1, squeeze=False)
     for row, sample in enumerate(chosen.tolist()):
         clean, label = dataset[sample]
@@ -65,9 +71,24 @@ def plot_views(
                 f"{c}: {p:.2f}"
                 for p, c in zip(top.values.tolist(), top.indices.tolist(), strict=True)
             )
-            axes.set_title(f"view {view}\n{text}", fontsize="small")
+            lines = [f"view {view}", text]
+            if recipe.mixes:
+                values = reader.view_params[sample, view]
+                partner = int(values[recipe.mix_offset])
+                lines[0] += f", λ={values[recipe.mix_offset + 1]:.2f}"
+                lines.insert(
+                    1,
+                    f"partner {partner}"
+                    + ("" if labels is None else f" (label {int(labels[partner])})"),
+                )
+            axes.set_title("\n".join(lines), fontsize="small")
     for axes in grid.flat:
         axes.set_xticks([])
         axes.set_yticks([])
-    figure.suptitle(f"{reader.where}: views of {record['recipe']} (teacher's top classes, T=1)")
+    set_title(
+        figure,
+        reader.where,
+        f"views of {record['recipe']}, titled with the teacher's top classes at T=1"
+        + ("; λ: the share of the sample's own pixels" if recipe.mixes else ""),
+    )
     return save_figure(figure, path)

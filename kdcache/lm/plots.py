@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.plots import new_figure, read_metrics, save_figure
+from kdcache.plots import mark_best, new_figure, read_metrics, save_figure, set_title
 
 
 def plot_lm_curves(
@@ -30,18 +30,18 @@ def plot_lm_curves(
     ppl_axes.plot(epochs, perplexity, marker="o", ms=3, color="tab:green")
     if records:
         best = int(np.argmin(perplexity))
-        ppl_axes.annotate(
+        mark_best(
+            ppl_axes,
+            epochs[best],
+            perplexity[best],
             f"best {perplexity[best]:.2f} (epoch {epochs[best]})",
-            (epochs[best], perplexity[best]),
-            xytext=(0, 12),
-            textcoords="offset points",
-            ha="center",
-            fontsize="small",
         )
+        ppl_axes.legend(fontsize="small", loc="best")
+    ppl_axes.margins(y=0.12)  # room for the star at either end of the curve
     ppl_axes.set(xlabel="epoch", ylabel="perplexity", title="held-out perplexity")
     for axes in (loss_axes, ppl_axes):
         axes.grid(alpha=0.3)
         axes.xaxis.get_major_locator().set_params(integer=True)
     if title:
-        figure.suptitle(title)
+        set_title(figure, title)
     return save_figure(figure, path)

@@ -30,6 +30,7 @@ from kdcache.options import option
 from kdcache.plots import plot_sweep, read_metrics
 from kdcache.store.location import refuse_inside_store
 from kdcache.store.reader import StoreReader, open_store
+from kdcache.store.report import teacher_statistics
 from kdcache.train.loop import RunResult, distill
 from kdcache.train.parallel import run_concurrently
 from kdcache.train.preflight import check_model, store_dataset
@@ -378,7 +379,12 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     done = len(todo)
     rows = [_row(run, results[run.out]) for run in runs]
     write_results_csv(rows, out / RESULTS_CSV)
-    figure = plot_sweep(rows, out / SWEEP_FIGURE, title=f"{config.student} from {config.cache}")
+    figure = plot_sweep(
+        rows,
+        out / SWEEP_FIGURE,
+        title=f"{config.student} from {config.cache}",
+        references=_teacher_reference(reader),
+    )
     return SweepResult(
         rows=rows,
         results_csv=str(out / RESULTS_CSV),
@@ -386,6 +392,13 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         runs_done=done,
         runs_skipped=skipped,
     )
+
+
+def _teacher_reference(reader: StoreReader) -> dict[str, float]:
+    """The cached teacher's accuracy against the labels stored with its logits, for the figure."""
+    accuracy, _ = teacher_statistics(reader)
+    split = (reader.metadata.dataset or {}).get("split", "stored")
+    return {} if accuracy is None else {f"teacher on the {split} split": accuracy}
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
