@@ -26,11 +26,11 @@ from kdcache.distributed import rank_info
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.logits.losses import DEFAULT_ALPHA, LOSS_NAMES
 from kdcache.models import canonical_model_spec
-from kdcache.options import option
+from kdcache.options import LM, option
 from kdcache.plots import plot_sweep, read_metrics
 from kdcache.store.location import refuse_inside_store
 from kdcache.store.reader import StoreReader, open_store
-from kdcache.train.loop import RunResult, distill
+from kdcache.train.loop import RunResult, distill, modality
 from kdcache.train.parallel import run_concurrently
 
 log = logging.getLogger("kdcache")
@@ -196,7 +196,19 @@ def _finished_result(config: DistillConfig) -> RunResult | None:
     epochs = [record.get("epoch") for record in read_metrics(metrics_path)]
     if epochs != list(range(1, config.epochs + 1)):
         return None
-    return RunResult(**json.loads(result_path.read_text()))
+    return _load_result(result_path)
+
+
+def _load_result(path: Path) -> RunResult:
+    saved = json.loads(path.read_text())
+    if "metric" not in saved:  # a result.json written when only image runs reported accuracy
+        saved = {
+            "metric": "val_acc",
+            "best": saved.pop("best_val_acc"),
+            "final": saved.pop("final_val_acc"),
+            **saved,
+        }
+    return RunResult(**saved)
 
 
 def _as_json(value: Any) -> Any:
@@ -265,8 +277,8 @@ def _row(config: DistillConfig, result: RunResult) -> dict[str, Any]:
         "alpha": config.alpha,
         "temperature": config.temperature,
         "seed": config.seed,
-        "best_val_acc": round(result.best_val_acc, 4),
-        "final_val_acc": round(result.final_val_acc, 4),
+        "best_val_acc": round(result.best, 4),
+        "final_val_acc": round(result.final, 4),
         "best_epoch": result.best_epoch,
         "epochs": result.epochs,
         "wall_time_s": round(result.wall_time_s, 3),
@@ -315,6 +327,11 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         raise ConfigError(
             "kdcache sweep runs in one process, not under torchrun; use --jobs J to train J "
             "settings side by side (torchrun is for dump-teacher, train and distill)"
+        )
+    if modality(config.student, dataset=config.dataset, cache=config.cache) == LM:
+        raise ConfigError(
+            "sweep does not handle language models yet; run `kdcache distill --cache STORE "
+            "--student hf:PATH` once per setting (docs/lm.md)"
         )
     runs = config.runs()
     reader = open_store(
