@@ -26,7 +26,7 @@ from kdcache.distributed import rank_info
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.logits.losses import DEFAULT_ALPHA, LOSS_NAMES
 from kdcache.models import canonical_model_spec
-from kdcache.options import LM, option
+from kdcache.options import IMAGE, LM, option, refuse_foreign_options
 from kdcache.plots import plot_sweep, read_metrics
 from kdcache.store.location import refuse_inside_store
 from kdcache.store.reader import StoreReader, open_store
@@ -333,6 +333,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             "sweep does not handle language models yet; run `kdcache distill --cache STORE "
             "--student hf:PATH` once per setting (docs/lm.md)"
         )
+    refuse_foreign_options(config, IMAGE)
     runs = config.runs()
     reader = open_store(
         config.cache, memory_budget=config.cache_memory
