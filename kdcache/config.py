@@ -370,7 +370,7 @@ class DumpConfig(SpeedOptions):
         help="Augmented views V per sample, each stored with its parameters (needs --augment); "
         "--batch-size then counts views.",
     )
-    augment: str | None = option(None, help=f"Of the views: {AUGMENT_HELP}")
+    augment: str | None = option(None, help=f"{AUGMENT_HELP} Drawn once per stored view.")
     augment_seed: int = option(0, help=f"{AUGMENT_SEED_HELP}.")
     writer_workers: int | None = option(
         None,
