@@ -61,24 +61,11 @@ def cli(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=[handler])
 
 
-def print_lm_run(result: Any) -> None:
-    click.echo(
-        f"best val_ppl {result.best_val_ppl:.3f} (epoch {result.best_epoch}), final "
-        f"{result.final_val_ppl:.3f}, {counted(result.epochs, 'epoch')} in "
-        f"{result.wall_time_s:.1f}s -> {result.out}"
-    )
-
-
 def print_run(result: Any) -> None:
     from kdcache.distributed import rank_info
 
-    if not rank_info().is_main:
-        return  # under torchrun rank 0 reports for the whole job
-    click.echo(
-        f"best val_acc {result.best_val_acc:.2f}% (epoch {result.best_epoch}), final "
-        f"{result.final_val_acc:.2f}%, "
-        f"{counted(result.epochs, 'epoch')} in {result.wall_time_s:.1f}s -> {result.out}"
-    )
+    if rank_info().is_main:  # under torchrun rank 0 reports for the whole job
+        click.echo(result.summary())
 
 
 @cli.command()
@@ -86,13 +73,6 @@ def print_run(result: Any) -> None:
 def train(**options: Any) -> None:
     """Train a model with plain cross-entropy (a teacher, or the CE-only baseline)."""
     announce("train: starting (loading the dataset and building the model)")
-    from kdcache.lm.dispatch import is_lm_run
-
-    if is_lm_run(models=(options["model"],), dataset=options["dataset"]):
-        from kdcache.lm.loop import train_lm
-
-        print_lm_run(train_lm(TrainConfig(**options)))
-        return
     from kdcache.train.loop import train as run
 
     print_run(run(TrainConfig(**options)))
@@ -208,15 +188,6 @@ def distill(**options: Any) -> None:
     processes; --batch-size is then per process (see docs/distributed.md).
     """
     announce("distill: starting (opening the store, loading the dataset, building the models)")
-    from kdcache.lm.dispatch import is_lm_run
-
-    specs = (options["student"], options["teacher"])
-    if is_lm_run(models=specs, dataset=options["dataset"], cache=options["cache"]):
-        from kdcache.lm.config import LMDistillConfig
-        from kdcache.lm.loop import distill_lm
-
-        print_lm_run(distill_lm(LMDistillConfig.from_options(options)))
-        return
     from kdcache.train.loop import distill as run
 
     print_run(run(DistillConfig(**options)))
@@ -227,13 +198,6 @@ def distill(**options: Any) -> None:
 def sweep(**options: Any) -> None:
     """Distill one student per loss x alpha x temperature x seed from one store (resumable)."""
     announce("sweep: starting (opening the store and loading the dataset)")
-    from kdcache.lm.dispatch import is_lm_run
-
-    if is_lm_run(models=(options["student"],), dataset=options["dataset"], cache=options["cache"]):
-        raise KdcacheError(
-            "sweep does not handle language-model stores yet; run `kdcache distill --cache STORE "
-            "--student hf:PATH` once per setting (docs/lm.md)"
-        )
     from kdcache.train.sweep import format_table, run_sweep
 
     result = run_sweep(SweepConfig(**options))

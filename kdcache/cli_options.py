@@ -1,4 +1,4 @@
-"""Click options built from the configuration dataclasses, and the shared speed options.
+"""Click options built from the configuration dataclasses.
 
 One declaration per option: :func:`config_options` reads each field's type, default, choices
 and help (declared with :func:`kdcache.config.option`), so the command line, ``config.json`` and
@@ -15,9 +15,8 @@ from typing import Any, TypeVar
 
 import click
 
+from kdcache.config import SpeedOptions
 from kdcache.options import parse_list
-from kdcache.pixels import INPUT_CHOICES
-from kdcache.runtime import AMP_DTYPES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -103,33 +102,7 @@ def _text_type(meta: Any) -> click.ParamType:
     return click.STRING
 
 
-def speed_options(function: Any) -> Any:
-    """How inputs reach the device and how the models compute (docs/benchmarks.md#gpu)."""
-    options = [
-        click.option(
-            "--inputs",
-            default="auto",
-            show_default=True,
-            type=click.Choice(INPUT_CHOICES),
-            help="What crosses to the device: float32 images, uint8 images normalised there, or "
-            "(imagefolder) JPEG files decoded there; auto = jpeg on CUDA for imagefolder, else "
-            "uint8.",
-        ),
-        click.option(
-            "--amp",
-            type=click.Choice(list(AMP_DTYPES)),
-            help="Autocast the forward passes to bf16 or fp16 (losses stay float32) "
-            "[default: off].",
-        ),
-        click.option(
-            "--channels-last",
-            is_flag=True,
-            help="Channels-last memory format for models and images.",
-        ),
-        click.option(
-            "--compile", is_flag=True, help="torch.compile the models (slow start, faster steps)."
-        ),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+def speed_options(function: F) -> F:
+    """How inputs reach the device and how the models compute (docs/benchmarks.md#gpu): the
+    fields of :class:`~kdcache.config.SpeedOptions`."""
+    return config_options(SpeedOptions)(function)

@@ -23,25 +23,30 @@ from kdcache.logits.losses import (
     DEFAULT_GAMMA,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
-    LOSS_NAMES,
+    LOSSES,
+    check_alpha,
+    check_temperature,
 )
-from kdcache.logits.sequence_losses import DIVERGENCES
-from kdcache.options import Options, option, require
+from kdcache.logits.sequence_losses import DEFAULT_SKEW, TOKEN_LOSSES
+from kdcache.options import IMAGE, LM, MODALITY_NAMES, Options, option, require
 from kdcache.pixels import INPUT_CHOICES
 from kdcache.runtime import AMP_DTYPES
 from kdcache.store.feed import parse_size
 
 T = TypeVar("T")
 
-#: Token-level losses beyond the shared ``kd`` (see kdcache.logits.sequence_losses).
-LM_LOSS_NAMES = tuple(name for name in DIVERGENCES if name not in LOSS_NAMES)
+#: The distillation losses each kind of run accepts, from the losses' registries.
+LOSS_CHOICES = {IMAGE: tuple(LOSSES), LM: tuple(TOKEN_LOSSES)}
 
 DEVICE_HELP = "cpu, cuda or cuda:N [default: cuda when available, else cpu]."
-
-
-#: The smallest distillation temperature: T^2 is still a normal float32 and logits / T stays
-#: finite in float32 for any logit below 3e19.
-MIN_TEMPERATURE = math.sqrt(float(np.finfo(np.float32).tiny))
+AUGMENT_HELP = (
+    "Augmentation recipe, e.g. 'rrc:scale=0.35-1+flip', 'pad-crop:4+flip', 'rrc+flip+mixup:0.2' "
+    "(see docs/augmentation.md)."
+)
+AUGMENT_SEED_HELP = "Seed the views' parameters are drawn from"
+VIEWS_HELP = (
+    "Distinct views per sample, cycled through evenly over the epochs [default: one per epoch"
+)
 
 
 def check_views(augment: str | None, views: int | None, *, default: str) -> None:
@@ -84,6 +89,7 @@ class SpeedOptions(Options):
     inputs: str = option(
         "auto",
         choices=INPUT_CHOICES,
+        only=IMAGE,
         help="What crosses to the device: float32 images, uint8 images normalised there, or "
         "(imagefolder) JPEG files decoded there; auto = jpeg on CUDA for imagefolder, else uint8.",
     )
@@ -92,7 +98,9 @@ class SpeedOptions(Options):
         choices=tuple(AMP_DTYPES),
         help="Autocast the forward passes to bf16 or fp16 (losses stay float32) [default: off].",
     )
-    channels_last: bool = option(False, help="Channels-last memory format for models and images.")
+    channels_last: bool = option(
+        False, only=IMAGE, help="Channels-last memory format for models and images."
+    )
     compile: bool = option(False, help="torch.compile the models (slow start, faster steps).")
 
     def __post_init__(self) -> None:
@@ -145,19 +153,9 @@ class TrainConfig(LoopConfig):
         "text:FILE[:MAX_LEN] for a language model.",
     )
     split: str = option("train", choices=SPLITS, help="Split to train on; the other one validates.")
-    augment: str | None = option(
-        None,
-        help="Augmentation recipe, e.g. 'rrc:scale=0.35-1+flip', 'pad-crop:4+flip', "
-        "'rrc+flip+mixup:0.2' (see docs/augmentation.md).",
-    )
-    augment_seed: int | None = option(
-        None, help="Seed the views' parameters are drawn from [default: 0]."
-    )
-    views: int | None = option(
-        None,
-        help="Distinct views per sample, cycled through evenly over the epochs [default: one "
-        "per epoch].",
-    )
+    augment: str | None = option(None, only=IMAGE, help=AUGMENT_HELP)
+    augment_seed: int | None = option(None, only=IMAGE, help=f"{AUGMENT_SEED_HELP} [default: 0].")
+    views: int | None = option(None, only=IMAGE, help=f"{VIEWS_HELP}].")
 
     def __post_init__(self) -> None:
         check_split(self.split)
@@ -188,17 +186,22 @@ class DistillOptions(TrainingOptions):
     indices: str | tuple[int, ...] | None = option(
         None,
         path="file",
+        only=IMAGE,
         help="Transfer set: train on these sample indices only (a .npy file, or a text file of "
         "integers separated by spaces, commas or newlines) [default: every sample].",
     )
     exclude_classes: tuple[int | str, ...] = option(
         (),
         example="3,5",
+        only=IMAGE,
         help="Transfer set: leave out the samples labelled with these comma-separated classes, "
         "by index or (image folders) by name, e.g. 3,5 or cat,dog.",
     )
-    gamma: float = option(DEFAULT_GAMMA, help="Focal exponent (--loss focal).")
-    top_k: int = option(DEFAULT_TOP_K, help="Teacher classes kept (--loss attention).")
+    gamma: float = option(DEFAULT_GAMMA, only=IMAGE, help="Focal exponent (--loss focal).")
+    top_k: int = option(DEFAULT_TOP_K, only=IMAGE, help="Teacher classes kept (--loss attention).")
+    skew: float = option(
+        DEFAULT_SKEW, only=LM, help="Mixing weight of the skew KL (--loss skew), in (0, 1)."
+    )
     cache_memory: int | str | None = option(
         None,
         help="RAM for decoded logits, e.g. 8GiB; a larger store streams chunk by chunk "
@@ -211,6 +214,7 @@ class DistillOptions(TrainingOptions):
             parse_size(self.cache_memory)  # raises ConfigError for an unreadable size
         require(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
         require(self.top_k >= 1, f"--top-k must be >= 1, got {self.top_k}")
+        require(0.0 < self.skew < 1.0, f"--skew must lie in (0, 1), got {self.skew}")
         excluded = tuple(self.exclude_classes)
         require(
             all(
@@ -256,33 +260,30 @@ class DistillConfig(DistillOptions, LoopConfig):
         "the one --weights records].",
     )
     weights: str | None = option(
-        None, path="file", help="Online baseline only: the teacher's weights."
+        None, path="file", only=IMAGE, help="Online baseline only: the teacher's weights."
     )
     loss: str = option(
         "kd",
-        choices=LOSS_NAMES + LM_LOSS_NAMES,
-        help="Distillation loss; reverse (KL(q||p)), skew and js are for language models.",
+        choices=tuple(dict.fromkeys(LOSS_CHOICES[IMAGE] + LOSS_CHOICES[LM])),
+        help="Distillation loss: "
+        + "; ".join(f"{', '.join(LOSS_CHOICES[m])} for {MODALITY_NAMES[m]}" for m in LOSS_CHOICES)
+        + ".",
     )
     temperature: float = option(DEFAULT_TEMPERATURE, help="Softmax temperature T (> 0).")
     alpha: float = option(DEFAULT_ALPHA, help="Weight of the soft loss, in [0, 1].")
 
     augment: str | None = option(
         None,
-        help="Augmentation recipe, e.g. 'rrc:scale=0.35-1+flip', 'pad-crop:4+flip', "
-        "'rrc+flip+mixup:0.2' (see docs/augmentation.md). With --cache: must equal the store's "
-        "[default: the store's].",
+        only=IMAGE,
+        help=f"{AUGMENT_HELP} With --cache: must equal the store's [default: the store's].",
     )
     augment_seed: int | None = option(
-        None,
-        help="Seed the views' parameters are drawn from [default: 0; with --cache the store's].",
+        None, only=IMAGE, help=f"{AUGMENT_SEED_HELP} [default: 0; with --cache the store's]."
     )
-    views: int | None = option(
-        None,
-        help="Distinct views per sample, cycled through evenly over the epochs [default: one "
-        "per epoch; with --cache the store's V].",
-    )
+    views: int | None = option(None, only=IMAGE, help=f"{VIEWS_HELP}; with --cache the store's V].")
     student_augment: str | None = option(
         None,
+        only=IMAGE,
         help="Extra augmentation of the student's input only (no mixing), e.g. 'flip'; breaks "
         "teacher-student consistency (a warning says so).",
     )
@@ -299,22 +300,20 @@ class DistillConfig(DistillOptions, LoopConfig):
                 "the teacher's logits cover only the student's own sample; drop the mixing",
             )
         require(
-            self.loss in LOSS_NAMES,
-            f"unknown loss {self.loss!r}; valid losses: {', '.join(LOSS_NAMES)}",
+            any(self.loss in choices for choices in LOSS_CHOICES.values()),
+            f"unknown loss {self.loss!r}; valid losses: "
+            + "; ".join(
+                f"{', '.join(choices)} for {MODALITY_NAMES[kind]}"
+                for kind, choices in LOSS_CHOICES.items()
+            ),
         )
-        require(
-            math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE,
-            f"temperature must be > 0 and at least {MIN_TEMPERATURE:.2g} (below it "
-            "softmax(logits / T) overflows float32 and the T^2 loss scale underflows to 0), got "
-            f"{self.temperature}; "
-            "typical values are 1 to 20",
-        )
-        require(0.0 <= self.alpha <= 1.0, f"alpha must lie in [0, 1], got {self.alpha}")
+        check_temperature(self.temperature)
+        check_alpha(self.alpha)
         if self.cache is None:
             require(
                 self.teacher is not None or self.weights is not None,
-                "distill needs --cache STORE, or --teacher SPEC (and --dataset SPEC) or --weights "
-                "CKPT of `kdcache train` for online distillation",
+                "distill needs --cache STORE, or --teacher SPEC and --dataset SPEC (text:FILE for "
+                "a language model), or --weights CKPT of `kdcache train`, for online distillation",
             )
             require(
                 self.cache_memory is None,
@@ -327,6 +326,26 @@ class DistillConfig(DistillOptions, LoopConfig):
                 "drop one",
             )
         super().__post_init__()
+
+    def loss_options(self) -> dict[str, float]:
+        """Every loss hyper-parameter of this run; each loss takes those it declares
+        (:func:`kdcache.logits.losses.construct`)."""
+        return {
+            "temperature": self.temperature,
+            "alpha": self.alpha,
+            "gamma": self.gamma,
+            "top_k": self.top_k,
+            "skew": self.skew,
+        }
+
+    def check_loss(self, modality: str) -> None:
+        """Refuse a loss that the ``modality`` run has no form of, naming the valid ones."""
+        choices = LOSS_CHOICES[modality]
+        require(
+            self.loss in choices,
+            f"unknown loss {self.loss!r} for {MODALITY_NAMES[modality]}; valid losses: "
+            f"{', '.join(choices)}",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -367,12 +386,8 @@ class DumpConfig(SpeedOptions):
         help="Augmented views V per sample, each stored with its parameters (needs --augment); "
         "--batch-size then counts views.",
     )
-    augment: str | None = option(
-        None,
-        help="Augmentation recipe of the views, e.g. 'rrc:scale=0.35-1+flip', 'pad-crop:4+flip', "
-        "'rrc+flip+mixup:0.2' (see docs/augmentation.md).",
-    )
-    augment_seed: int = option(0, help="Seed the views' parameters are drawn from.")
+    augment: str | None = option(None, help=f"{AUGMENT_HELP} Drawn once per stored view.")
+    augment_seed: int = option(0, help=f"{AUGMENT_SEED_HELP}.")
     writer_workers: int | None = option(
         None,
         help="Threads that encode, compress and write the logits beside the teacher "

@@ -15,6 +15,10 @@ from kdcache.errors import ConfigError
 
 T = TypeVar("T")
 
+#: The kinds of run: image classifiers, and causal language models over text.
+IMAGE, LM = "image", "lm"
+MODALITY_NAMES = {IMAGE: "image models", LM: "language models"}
+
 
 def option(
     default: Any = MISSING,
@@ -23,14 +27,17 @@ def option(
     choices: Sequence[str] | None = None,
     path: str | None = None,
     example: str | None = None,
+    only: str | None = None,
 ) -> Any:
     """A dataclass field that is also a command-line option ``--field-name``.
 
     The option's type and default come from the field; ``help`` is its help text, ``choices``
     the values it accepts, ``path`` ``"file"`` or ``"dir"`` for a path option, and ``example``
-    a value shown when a comma-separated list (a ``tuple`` field) cannot be read.
+    a value shown when a comma-separated list (a ``tuple`` field) cannot be read. ``only``
+    (:data:`IMAGE` or :data:`LM`) marks an option that means something for that kind of run alone:
+    :func:`refuse_foreign_options` refuses it, when set, for the other kind.
     """
-    metadata = {"help": help, "choices": choices, "path": path, "example": example}
+    metadata = {"help": help, "choices": choices, "path": path, "example": example, "only": only}
     return dataclasses.field(
         default=default, metadata={key: value for key, value in metadata.items() if value}
     )
@@ -67,3 +74,16 @@ class Options:
     def from_dict(cls: type[T], data: dict[str, Any]) -> T:
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def refuse_foreign_options(config: Options, modality: str) -> None:
+    """Refuse, in one line naming it, the first option of ``config`` set away from its default
+    that means nothing for a ``modality`` run (declared with ``option(only=...)``)."""
+    for field in dataclasses.fields(config):
+        only = field.metadata.get("only")
+        if only is None or only == modality or getattr(config, field.name) == field.default:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        raise ConfigError(
+            f"{flag} applies to {MODALITY_NAMES[only]} only; drop it for {MODALITY_NAMES[modality]}"
+        )

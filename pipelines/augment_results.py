@@ -69,8 +69,8 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": name,
         "seed": job["seed"],
-        "best": result.best_val_acc,
-        "final": result.final_val_acc,
+        "best": result.best,
+        "final": result.final,
         "seconds": time.perf_counter() - started,
     }
 
@@ -261,10 +261,10 @@ def main() -> None:
             **{**common, "device": args.teacher_device},
         )
     )
-    report["teacher_val_acc"] = teacher.best_val_acc
+    report["teacher_val_acc"] = teacher.best
     report["teacher_s"] = time.perf_counter() - started
     weights = teacher_dir / "best.pt"
-    print(f"teacher {teacher.best_val_acc:.2f}% in {report['teacher_s']:.0f}s", flush=True)
+    print(f"teacher {teacher.best:.2f}% in {report['teacher_s']:.0f}s", flush=True)
 
     device = args.teacher_device
     where = {
@@ -332,7 +332,7 @@ def main() -> None:
         f"dataset {dataset}; Adam lr {args.lr}, batch {args.batch_size}",
         f"teacher {teacher_spec} (CE on {args.teacher_dataset or dataset} with {recipe}, "
         f"{args.teacher_epochs} epochs): "
-        f"{teacher.best_val_acc:.2f}% best val",
+        f"{teacher.best:.2f}% best val",
         "",
         f"| student {student}, {epochs} epochs | best val acc % | final val acc % | s per run |",
         "|---|---|---|---|",

@@ -195,7 +195,7 @@ def run_digits(out: Path, seeds: int, epochs: int) -> dict:
                 device="cpu",
                 overwrite=True,
             )
-        ).final_val_acc
+        ).final
         for seed in range(seeds)
     ]
     rows = []
@@ -220,7 +220,7 @@ def run_digits(out: Path, seeds: int, epochs: int) -> dict:
                     out=str(out / "digits" / f"kd-{encoding}-{seed}"),
                     **common,
                 )
-            ).final_val_acc
+            ).final
             for seed in range(seeds)
         ]
         row = {
@@ -241,7 +241,7 @@ def run_digits(out: Path, seeds: int, epochs: int) -> dict:
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {
-        "teacher_val_acc": teacher.best_val_acc,
+        "teacher_val_acc": teacher.best,
         "ce_student_acc": baseline,
         "rows": rows,
         "epochs": epochs,

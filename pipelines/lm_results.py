@@ -30,12 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lm_setup import documents, train_tokenizer, write_config  # noqa: E402
 
-from kdcache.config import DumpConfig, TrainConfig  # noqa: E402
-from kdcache.lm.config import LMDistillConfig  # noqa: E402
+from kdcache.config import DistillConfig, DumpConfig, TrainConfig  # noqa: E402
 from kdcache.lm.dump import dump_lm  # noqa: E402
-from kdcache.lm.loop import distill_lm, train_lm  # noqa: E402
 from kdcache.store.layout import store_nbytes  # noqa: E402
 from kdcache.store.sequence import create_sequence_store, open_sequence_store  # noqa: E402
+from kdcache.train.loop import distill, train  # noqa: E402
 
 ENCODINGS = ("float16", "topk:8", "topk:32", "topk:128", "sampled:16", "sampled:48")
 
@@ -118,7 +117,7 @@ def main() -> None:
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": seeds}
 
     started = time.perf_counter()
-    teacher = train_lm(
+    teacher = train(
         TrainConfig(
             model=f"hf:{out / 'teacher-init'}",
             dataset=data,
@@ -130,9 +129,9 @@ def main() -> None:
             overwrite=True,
         )
     )
-    results["teacher"] = {"val_ppl": teacher.final_val_ppl, "wall_s": time.perf_counter() - started}
+    results["teacher"] = {"val_ppl": teacher.final, "wall_s": time.perf_counter() - started}
     save(out, results)
-    print(f"teacher ppl {teacher.final_val_ppl:.3f}", flush=True)
+    print(f"teacher ppl {teacher.final:.3f}", flush=True)
 
     stores = {}
     for encoding in ENCODINGS:
@@ -162,7 +161,7 @@ def main() -> None:
     )
     runs: dict[str, list[float]] = {}
     for seed in seeds:
-        ce = train_lm(
+        ce = train(
             TrainConfig(
                 model=f"hf:{out / 'student-init'}",
                 dataset=data,
@@ -172,10 +171,10 @@ def main() -> None:
                 **common,
             )
         )
-        runs.setdefault("CE only", []).append(ce.final_val_ppl)
+        runs.setdefault("CE only", []).append(ce.final)
         for encoding in ENCODINGS:
-            run = distill_lm(
-                LMDistillConfig(
+            run = distill(
+                DistillConfig(
                     student=f"hf:{out / 'student-init'}",
                     cache=str(stores[encoding]),
                     temperature=1.0,
@@ -186,7 +185,7 @@ def main() -> None:
                     **common,
                 )
             )
-            runs.setdefault(encoding, []).append(run.final_val_ppl)
+            runs.setdefault(encoding, []).append(run.final)
         print(f"seed {seed}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in runs.items()), flush=True)
         results["students"] = runs
         save(out, results)

@@ -72,7 +72,7 @@ def run_digits(out: Path, views_list: list[int]) -> list[dict[str, Any]]:
                     "bytes_per_view": total / num_rows,
                     "bytes_per_image": total / dumped.num_samples,
                     "split_per_view": {part: n / num_rows for part, n in split.items()},
-                    "teacher_val_acc": teacher.best_val_acc,
+                    "teacher_val_acc": teacher.best,
                 }
             )
             print(json.dumps(rows[-1]), flush=True)

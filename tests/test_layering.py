@@ -41,7 +41,8 @@ LAYERS: dict[str, int] = {
     "kdcache.bench_writer": 6,
     "kdcache.bench_dump": 6,
     "kdcache.bench": 6,
-    "kdcache.lm": 6,
+    "kdcache.lm": 4,  # hf models and text data; trained by kdcache.train
+    "kdcache.lm.dump": 6,
     "kdcache.cli_options": 6,  # the CLI's machinery: imported by cli and cli_bench alone
     "kdcache.cli_bench": 7,
     "kdcache.cli": 8,

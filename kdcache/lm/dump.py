@@ -22,8 +22,7 @@ from kdcache.distributed import RankSession, finalize_ranks, open_rank_writer, r
 from kdcache.dump import DumpResult, _resumable_on_os_error
 from kdcache.errors import ConfigError
 from kdcache.lm.fingerprint import lm_fingerprint
-from kdcache.lm.loop import pad_id
-from kdcache.lm.models import CausalLM, load_causal_lm
+from kdcache.lm.models import CausalLM, load_causal_lm, pad_id
 from kdcache.lm.text import TokenBatch, TokenDataset, build_text_dataset, collate
 from kdcache.runtime import autocast, prepare_model
 from kdcache.store.background import BackgroundWriter

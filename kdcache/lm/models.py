@@ -40,9 +40,25 @@ class CausalLM:
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Float32 logits (B, L, V) taken from the model's output, whatever its dtype."""
-        output = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        logits = output if isinstance(output, torch.Tensor) else output.logits
-        return logits.float()
+        return lm_logits(self.model, input_ids, attention_mask)
+
+
+def lm_logits(
+    module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Float32 logits (B, L, V) of a causal LM ``module`` (or its compiled or DDP wrapper)."""
+    output = module(input_ids=input_ids, attention_mask=attention_mask)
+    logits = output if isinstance(output, torch.Tensor) else output.logits
+    return logits.float()
+
+
+def pad_id(lm: CausalLM) -> int:
+    """Any id works (padding is masked); the tokenizer's own keeps saved batches readable."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(lm.tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
 
 
 def is_lm_model_spec(spec: str | None) -> bool:

@@ -124,15 +124,22 @@ class TokenBatch:
     ``mask`` marks the positions that have a next token; ``targets`` holds that next token there
     (and -100 elsewhere). Padding to one fixed length makes each sequence's logits independent of
     the batch it lands in (bit for bit on CPU), so a store and a live teacher agree exactly.
+    ``indices`` (the sample indices, where a store's rows are looked up) stay on the host.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     targets: torch.Tensor
     mask: torch.Tensor
+    indices: torch.Tensor
 
     def to(self, device: torch.device) -> TokenBatch:
-        return TokenBatch(*(t.to(device, non_blocking=True) for t in self.__dict__.values()))
+        moved = (
+            t.to(device, non_blocking=True)
+            for t in (self.input_ids, self.attention_mask, self.targets, self.mask)
+        )
+        input_ids, attention_mask, targets, mask = moved
+        return TokenBatch(input_ids, attention_mask, targets, mask, self.indices)
 
 
 def collate(
@@ -147,4 +154,5 @@ def collate(
         ids[row, : len(tokens)] = tokens
         attention[row, : len(tokens)] = 1
         targets[row, : len(tokens) - 1] = tokens[1:]
-    return TokenBatch(ids, attention, targets, targets != -100)
+    indices = torch.as_tensor(np.asarray(samples, dtype=np.int64))
+    return TokenBatch(ids, attention, targets, targets != -100, indices)

@@ -27,9 +27,11 @@ The losses then never build a dense (B, C) teacher tensor, and equal the dense l
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +40,11 @@ from torch import Tensor, nn
 from kdcache.errors import ConfigError, SpecError
 from kdcache.logits.sparse import SparseLogits, TeacherInput
 
-LOSS_NAMES = ("kd", "focal", "attention")
 #: The label of a sample that has none (an unlabeled transfer set): it adds nothing to the hard
 #: term, and ``alpha = 1`` (soft targets only) drops that term altogether.
 UNLABELED = -1
-#: The losses' default hyper-parameters, written once: DistillConfig and the CLI read them here.
+#: The losses' default hyper-parameters, written once for images and tokens alike: the loss
+#: classes, DistillConfig and the CLI read them here.
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_ALPHA = 0.7
 DEFAULT_GAMMA = 2.0
@@ -58,16 +60,32 @@ def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_temperature(temperature: float) -> float:
-    if not (_is_real(temperature) and math.isfinite(temperature) and temperature > 0):
-        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
+#: The smallest distillation temperature: T^2 is still a normal float32 and logits / T stays
+#: finite in float32 for any logit below 3e19.
+MIN_TEMPERATURE = math.sqrt(float(torch.finfo(torch.float32).tiny))
+
+
+def check_temperature(temperature: float) -> float:
+    """``temperature`` as a float, or a ConfigError naming it and the valid range."""
+    if not (
+        _is_real(temperature) and math.isfinite(temperature) and temperature >= MIN_TEMPERATURE
+    ):
+        raise ConfigError(
+            f"temperature must be > 0 and at least {MIN_TEMPERATURE:.2g} (below it "
+            "softmax(logits / T) overflows float32 and the T^2 loss scale underflows to 0), got "
+            f"{temperature!r}; typical values are 1 to 20"
+        )
     return float(temperature)
 
 
-def _check_alpha(alpha: float) -> float:
+def check_alpha(alpha: float) -> float:
+    """``alpha`` as a float, or a ConfigError naming it and the valid range."""
     # Written so that NaN fails the range test too.
     if not (_is_real(alpha) and 0.0 <= alpha <= 1.0):
-        raise ConfigError(f"alpha must be a number in [0, 1], got {alpha!r}")
+        raise ConfigError(
+            f"alpha must lie in [0, 1], got {alpha!r}; it must be a number such as 0.7 (the "
+            "weight of the soft loss)"
+        )
     return float(alpha)
 
 
@@ -241,8 +259,8 @@ class LogitsDistillationLoss(nn.Module):
             raise ConfigError(
                 f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}"
             )
-        self.temperature = _check_temperature(temperature)
-        self.alpha = _check_alpha(alpha)
+        self.temperature = check_temperature(temperature)
+        self.alpha = check_alpha(alpha)
         self.reduction = reduction
 
     def forward(
@@ -287,8 +305,8 @@ class FocalDistillationLoss(nn.Module):
         super().__init__()
         if not (_is_real(gamma) and math.isfinite(gamma) and gamma >= 0):
             raise ConfigError(f"gamma must be a finite number >= 0, got {gamma!r}")
-        self.temperature = _check_temperature(temperature)
-        self.alpha = _check_alpha(alpha)
+        self.temperature = check_temperature(temperature)
+        self.alpha = check_alpha(alpha)
         self.gamma = float(gamma)
 
     def forward(
@@ -330,8 +348,8 @@ class AttentionLogitsLoss(nn.Module):
         super().__init__()
         if not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1):
             raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
-        self.temperature = _check_temperature(temperature)
-        self.alpha = _check_alpha(alpha)
+        self.temperature = check_temperature(temperature)
+        self.alpha = check_alpha(alpha)
         self.top_k = top_k
 
     def forward(
@@ -351,23 +369,29 @@ class AttentionLogitsLoss(nn.Module):
         return f"temperature={self.temperature}, alpha={self.alpha}, top_k={self.top_k}"
 
 
-def build_loss(
-    name: str,
-    *,
-    temperature: float,
-    alpha: float,
-    gamma: float = DEFAULT_GAMMA,
-    top_k: int = DEFAULT_TOP_K,
-) -> nn.Module:
-    """Build the loss called ``name`` (one of LOSS_NAMES); ``gamma`` is read by "focal" only and
-    ``top_k`` by "attention" only."""
-    if name == "kd":
-        return LogitsDistillationLoss(temperature=temperature, alpha=alpha)
-    if name == "focal":
-        return FocalDistillationLoss(temperature=temperature, alpha=alpha, gamma=gamma)
-    if name == "attention":
-        return AttentionLogitsLoss(temperature=temperature, alpha=alpha, top_k=top_k)
-    raise SpecError(f"unknown loss {name!r}; valid choices: {', '.join(LOSS_NAMES)}")
+#: The image losses by name, filled here and nowhere else: the CLI's choices and the errors'
+#: lists come from it.
+LOSSES: dict[str, type[nn.Module]] = {
+    "kd": LogitsDistillationLoss,
+    "focal": FocalDistillationLoss,
+    "attention": AttentionLogitsLoss,
+}
+LOSS_NAMES = tuple(LOSSES)
+
+
+def build_loss(name: str, **hyper_parameters: float) -> nn.Module:
+    """The image loss called ``name`` (a key of :data:`LOSSES`) from those of
+    ``hyper_parameters`` its constructor takes (``gamma`` is focal's, ``top_k`` attention's)."""
+    if name not in LOSSES:
+        raise SpecError(f"unknown loss {name!r}; valid choices: {', '.join(LOSSES)}")
+    return construct(LOSSES[name], hyper_parameters)
+
+
+def construct(loss: Callable[..., nn.Module], hyper_parameters: Mapping[str, Any]) -> nn.Module:
+    """``loss(**hyper_parameters)`` keeping only the keyword arguments it accepts: each loss owns
+    its hyper-parameters, the callers pass every one they have."""
+    accepted = inspect.signature(loss).parameters
+    return loss(**{key: value for key, value in hyper_parameters.items() if key in accepted})
 
 
 def total_loss(output: Tensor | Mapping[str, Tensor]) -> Tensor:

@@ -28,13 +28,16 @@ where y is the next token and D is one of :data:`DIVERGENCES`:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcache.errors import ConfigError
+from kdcache.logits.losses import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, check_alpha, check_temperature
 from kdcache.logits.sampled import SampledLogits
 from kdcache.logits.sparse import SparseLogits
 
@@ -42,6 +45,8 @@ from kdcache.logits.sparse import SparseLogits
 TokenTeacher = Tensor | SparseLogits | SampledLogits
 
 DIVERGENCES = ("kd", "reverse", "skew", "js")
+#: The mixing weight lam of ``skew``.
+DEFAULT_SKEW = 0.1
 #: Target of the ignored positions in ``targets``, as in torch's cross_entropy.
 IGNORE_INDEX = -100
 
@@ -159,24 +164,20 @@ class TokenDistillationLoss(nn.Module):
         self,
         *,
         divergence: str = "kd",
-        temperature: float = 1.0,
-        alpha: float = 0.5,
-        skew: float = 0.1,
+        temperature: float = DEFAULT_TEMPERATURE,
+        alpha: float = DEFAULT_ALPHA,
+        skew: float = DEFAULT_SKEW,
     ) -> None:
         super().__init__()
         if divergence not in DIVERGENCES:
             raise ConfigError(
                 f"unknown token-level loss {divergence!r}; valid choices: {', '.join(DIVERGENCES)}"
             )
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"alpha must be a number in [0, 1], got {alpha!r}")
         if not 0.0 < skew < 1.0:
             raise ConfigError(f"skew must lie in (0, 1), got {skew!r}")
         self.divergence = divergence
-        self.temperature = float(temperature)
-        self.alpha = float(alpha)
+        self.temperature = check_temperature(temperature)
+        self.alpha = check_alpha(alpha)
         self.skew = float(skew)
 
     def forward(
@@ -214,3 +215,10 @@ class TokenDistillationLoss(nn.Module):
             f"divergence={self.divergence!r}, temperature={self.temperature}, "
             f"alpha={self.alpha}, skew={self.skew}"
         )
+
+
+#: The token-level losses by name, filled here and nowhere else: the CLI's choices and the
+#: errors' lists for language models come from it.
+TOKEN_LOSSES: dict[str, Callable[..., nn.Module]] = {
+    name: partial(TokenDistillationLoss, divergence=name) for name in DIVERGENCES
+}

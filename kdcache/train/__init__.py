@@ -1,5 +1,6 @@
-"""Training students: the loop for ``train`` and ``distill`` (cached or online), sweeps, and
-:class:`TeacherLogits` for your own loop."""
+"""Training students, image classifiers and language models alike: ``train`` and ``distill``
+(from a store or a live teacher) over one loop, sweeps, and :class:`TeacherLogits` for your own
+loop."""
 
 from kdcache.train.loop import RunResult, distill, train
 from kdcache.train.pairing import TeacherLogits

@@ -1,59 +1,75 @@
-"""Train a model with cross-entropy, or distill a student from a cached store or a live teacher.
+"""Train a model with cross-entropy, or distill a student from a store or a live teacher: each
+run composes a :class:`~kdcache.train.tasks.Task`, a
+:class:`~kdcache.train.teachers.TeacherSource` and the one loop :func:`~kdcache.train.fit.fit`.
 
-Both run the shared loop :func:`kdcache.train.fit.fit`, which writes the run folder; this module
-builds each run's datasets, loss and ``config.json``. ``RunResult``, ``fit``, ``evaluate`` and
-``held_out_split`` are re-exported here, where callers have always imported them from.
+Images and language models take the same configurations and the same entry points: a run is a
+language-model run when a model is ``hf:PATH``, the dataset ``text:FILE`` or the cache a sequence
+store (:mod:`kdcache.train.tokens` builds those). This module builds the image runs' datasets,
+loss and ``config.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Sampler
 
 from kdcache._version import __version__
 from kdcache.checkpoints import load_checkpoint, resolve_specs
 from kdcache.config import DistillConfig, TrainConfig
 from kdcache.datasets import LabeledDataset, build_dataset, labeled_spec
-from kdcache.device_input import Attach, DeviceBatch, resolve_inputs
+from kdcache.device_input import DeviceBatch, resolve_inputs
 from kdcache.distributed import RankSession, rank_session
 from kdcache.errors import ConfigError, StoreMismatchError
-from kdcache.logits.losses import build_loss, total_loss
-from kdcache.logits.sparse import TeacherInput
-from kdcache.models import build_model, load_weights, weights_sha256
+from kdcache.lm.dispatch import is_lm_run
+from kdcache.logits.losses import build_loss
+from kdcache.models import build_model, check_input_fits, load_weights, weights_sha256
+from kdcache.options import IMAGE, LM, refuse_foreign_options
 from kdcache.plots import plot_distributions
-from kdcache.runtime import autocast, prepare_model, prepare_output_dir
+from kdcache.runtime import prepare_model, prepare_output_dir
 from kdcache.store.reader import StoreReader, open_store
-from kdcache.train.fit import BatchLoss, RunResult, evaluate, fit, held_out_split
+from kdcache.store.sequence import SequenceReader
+from kdcache.train.fit import RunResult, fit, held_out_split
 from kdcache.train.pairing import check_store_matches
-from kdcache.train.preflight import check_model
+from kdcache.train.tasks import Classification, LogitDistillation, evaluate
+from kdcache.train.teachers import LiveLogits, StoreLogits, TeacherSource
+from kdcache.train.tokens import distill_tokens, train_tokens
 from kdcache.train.transfer import TransferSampler, describe_transfer, transfer_rows
-from kdcache.train.views import cached_views, drawn_views, first_rows
+from kdcache.train.views import Views, cached_views, drawn_views, first_rows
 
 if TYPE_CHECKING:
     from kdcache.augment.views import ViewDataset
 
-__all__ = [
-    "BatchLoss",
-    "RunResult",
-    "distill",
-    "evaluate",
-    "fit",
-    "held_out_split",
-    "train",
-]
+__all__ = ["RunResult", "distill", "evaluate", "fit", "held_out_split", "modality", "train"]
+
+
+def modality(*models: str | None, dataset: str | None = None, cache: str | None = None) -> str:
+    """:data:`~kdcache.options.LM` for a language-model run, else :data:`~kdcache.options.IMAGE`."""
+    return LM if is_lm_run(models=models, dataset=dataset, cache=cache) else IMAGE
 
 
 def train(config: TrainConfig) -> RunResult:
-    """Plain cross-entropy training (the teacher, or the CE-only student baseline)."""
+    """Plain cross-entropy training (a teacher, or the CE-only student baseline), of an image
+    model or a language model."""
+    kind = modality(config.model, dataset=config.dataset)
+    refuse_foreign_options(config, kind)
     with rank_session(config.device) as session:
+        if kind == LM:
+            return train_tokens(config, session)
         return _train(config, session)
+
+
+def _seeded_model(spec: str, dataset: LabeledDataset, seed: int) -> torch.nn.Module:
+    """The student built under the run's seed, checked against the dataset's input shape."""
+    torch.manual_seed(seed)
+    model = build_model(spec, num_classes=dataset.num_classes, in_channels=dataset.in_channels)
+    check_input_fits(model, tuple(dataset.float_input(0).shape), spec=spec)
+    return model
 
 
 def _train(config: TrainConfig, session: RankSession) -> RunResult:
@@ -78,7 +94,8 @@ def _train(config: TrainConfig, session: RankSession) -> RunResult:
         seed=config.seed,
     )
     session.refuse_unsharded(views is not None, "augmentation (--augment)")
-    check_model(config.model, val_set)
+    # Built before the run folder exists, so that a model that cannot be built leaves nothing.
+    model = _seeded_model(config.model, val_set, config.seed)
     session.on_main(
         lambda: config.save(
             prepare_output_dir(out, overwrite=config.overwrite) / "config.json",
@@ -90,27 +107,65 @@ def _train(config: TrainConfig, session: RankSession) -> RunResult:
             ranks=session.info.world_size,
         )
     )
-
-    def cross_entropy(logits: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
-        loss = F.cross_entropy(logits, batch.labels)
-        mixed = (
-            None
-            if views is None
-            else views.mixed_hard_loss(logits, batch.labels, views.rows(batch.indices))
-        )
-        return loss if mixed is None else loss + mixed
-
     return fit(
-        model_spec=config.model,
+        task=Classification(model, config.model, views=views),
         train_set=train_set if views is None else views.dataset,
         val_set=val_set,
         config=config,
-        batch_loss=cross_entropy,
         out=out,
-        device=device,
-        sampler=None if views is None else views.sampler,
         session=session,
+        sampler=None if views is None else views.sampler,
     )
+
+
+def distill(
+    config: DistillConfig, *, reader: StoreReader | SequenceReader | None = None
+) -> RunResult:
+    """Train ``config.student`` on the distillation loss against a store's (or a live teacher's)
+    logits: an image classifier, or a causal language model (``hf:PATH``).
+
+    ``reader`` is ``config.cache`` already opened (:func:`~kdcache.store.reader.open_store`, or
+    :func:`~kdcache.store.sequence.open_sequence_store` for a language model): pass it to share
+    one decoded store across many runs (as :func:`kdcache.train.sweep.run_sweep` does).
+    Under torchrun every rank runs this with the same config (DistributedDataParallel).
+    """
+    if reader is not None and config.cache is None:
+        raise ConfigError(
+            "an open store was passed to distill() but config.cache is None; set cache to its path"
+        )
+    if config.cache is None:
+        teacher, dataset = resolve_specs(
+            config.weights,
+            model=config.teacher,
+            dataset=config.dataset,
+            model_option="--teacher",
+            default_dataset=None,
+        )
+        config = dataclasses.replace(config, teacher=teacher, dataset=dataset)
+    if reader is None:
+        kind = modality(config.student, config.teacher, dataset=config.dataset, cache=config.cache)
+    else:
+        kind = LM if isinstance(reader, SequenceReader) else IMAGE
+    config.check_loss(kind)
+    refuse_foreign_options(config, kind)
+    with rank_session(config.device) as session:
+        if kind == LM:
+            assert not isinstance(reader, StoreReader)
+            return distill_tokens(config, session, store=reader)
+        assert not isinstance(reader, SequenceReader)
+        return _distill(config, session, reader=reader)
+
+
+@dataclass
+class _Teaching:
+    """A distillation's teacher source with the training set and order it comes with."""
+
+    teacher: TeacherSource
+    train_set: LabeledDataset
+    rows: np.ndarray | None
+    sampler: Sampler[int] | None
+    views: Views | None
+    resolved: dict[str, Any] = field(default_factory=dict)
 
 
 def _cached_dataset(config: DistillConfig, reader: StoreReader) -> LabeledDataset:
@@ -127,145 +182,98 @@ def _cached_dataset(config: DistillConfig, reader: StoreReader) -> LabeledDatase
     return dataset
 
 
-def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunResult:
-    """Train ``config.student`` on the KD loss against cached (or live) teacher logits.
-
-    ``reader`` is ``config.cache`` already opened with :func:`~kdcache.store.reader.open_store`:
-    pass it to share one decoded store across many runs (as :func:`kdcache.train.sweep.run_sweep`
-    does).
-    Under torchrun every rank runs this with the same config (DistributedDataParallel).
-    """
-    if config.cache is None:
-        teacher, dataset = resolve_specs(
-            config.weights,
-            model=config.teacher,
-            dataset=config.dataset,
-            model_option="--teacher",
-            default_dataset=None,
+def _from_store(config: DistillConfig, session: RankSession, reader: StoreReader) -> _Teaching:
+    train_set = _cached_dataset(config, reader)
+    rows = transfer_rows(config, train_set)
+    feed = reader.feed
+    # Ranks on one machine share one decoded table instead of one copy each.
+    feed.load(shared=session.info.local_world_size > 1)
+    # In memory any order is fast, so keep the seeded shuffle (the online run's order too);
+    # a chunked feed must dictate the order for each chunk to be decoded once per epoch.
+    sampler: Sampler[int] | None = None
+    if rows is not None:
+        sampler = TransferSampler(rows, seed=config.seed, feed=feed)
+    elif feed.mode == "chunked":
+        sampler = feed.sampler(
+            seed=config.seed, rank=session.info.rank, world_size=session.info.world_size
         )
-        config = dataclasses.replace(config, teacher=teacher, dataset=dataset)
-    with rank_session(config.device) as session:
-        return _distill(config, session, reader=reader)
+    views = cached_views(
+        reader,
+        train_set,
+        augment=config.augment,
+        augment_seed=config.augment_seed,
+        views=config.views,
+        student_augment=config.student_augment,
+        seed=config.seed,
+        feed=feed,
+    )
+    resolved = {
+        "store": reader.metadata.to_dict(),
+        "feed": {"mode": feed.mode, "memory_budget": feed.memory_budget},
+    }
+    return _Teaching(StoreLogits(feed, views), train_set, rows, sampler, views, resolved)
+
+
+def _from_live_teacher(config: DistillConfig, session: RankSession) -> _Teaching:
+    assert config.teacher is not None and config.dataset is not None
+    train_set = build_dataset(config.dataset, split=config.split or "train")
+    rows = transfer_rows(config, train_set)
+    views = drawn_views(
+        train_set,
+        augment=config.augment,
+        augment_seed=config.augment_seed,
+        views=config.views,
+        epochs=config.epochs,
+        seed=config.seed,
+        student_augment=config.student_augment,
+    )
+    model = build_model(
+        config.teacher, num_classes=train_set.num_classes, in_channels=train_set.in_channels
+    )
+    resolved = {}
+    if config.weights is not None:
+        load_checkpoint(model, config.weights, spec=config.teacher, dataset=train_set)
+        resolved["teacher_weights_sha256"] = weights_sha256(config.weights)
+    teacher, forward = prepare_model(
+        model.eval().requires_grad_(False),
+        device=session.device,
+        channels_last=config.channels_last,
+        compile=config.compile,
+    )
+    sampler = None if rows is None else TransferSampler(rows, seed=config.seed)
+    source = LiveLogits(forward, device=session.device, amp=config.amp)
+    return _Teaching(source, train_set, rows, sampler, views, resolved)
 
 
 def _distill(
     config: DistillConfig, session: RankSession, *, reader: StoreReader | None
 ) -> RunResult:
-    if reader is not None and config.cache is None:
-        raise ConfigError(
-            "an open store was passed to distill() but config.cache is None; set cache to its path"
-        )
     device = session.device
-    loss_fn = build_loss(
-        config.loss,
-        temperature=config.temperature,
-        alpha=config.alpha,
-        gamma=config.gamma,
-        top_k=config.top_k,
-    )
-    resolved: dict = {
+    if config.cache is not None:
+        reader = reader or open_store(config.cache, memory_budget=config.cache_memory)
+        teaching = _from_store(config, session, reader)
+    else:
+        teaching = _from_live_teacher(config, session)
+    views, rows = teaching.views, teaching.rows
+    inputs = resolve_inputs(config.inputs, teaching.train_set, device, views=views is not None)
+    train_set = teaching.train_set.with_inputs(inputs)
+    # An unlabeled transfer set (unlabeled:SPEC) is validated on SPEC's labelled held-out split.
+    val_set = build_dataset(labeled_spec(train_set.spec), split=held_out_split(train_set.split))
+    val_set = val_set.with_inputs(inputs)
+    session.refuse_unsharded(rows is not None, "a transfer set (--indices, --exclude-classes)")
+    session.refuse_unsharded(views is not None, "views (--augment or a store with views)")
+    sampler = teaching.sampler
+    resolved: dict[str, Any] = {
         "command": "distill",
         "device": str(device),
         "kdcache_version": __version__,
         "ranks": session.info.world_size,  # --batch-size is per rank
+        **teaching.resolved,
+        "dataset": train_set.spec,
+        "split": train_set.split,
+        "inputs": inputs,
+        "transfer": describe_transfer(rows, train_set),
     }
-    attach: Attach | None = None
-    teacher_step: Callable[[DeviceBatch], TeacherInput]
-    if config.cache is not None:
-        reader = (
-            reader
-            if reader is not None
-            else open_store(config.cache, memory_budget=config.cache_memory)
-        )
-        train_set = _cached_dataset(config, reader)
-        rows = transfer_rows(config, train_set)
-        feed = reader.feed
-        # Ranks on one machine share one decoded table instead of one copy each.
-        feed.load(shared=session.info.local_world_size > 1)
-        # In memory any order is fast, so keep the seeded shuffle (the online run's order too);
-        # a chunked feed must dictate the order for each chunk to be decoded once per epoch.
-        if rows is not None:
-            sampler: Sampler[int] | None = TransferSampler(rows, seed=config.seed, feed=feed)
-        else:
-            sampler = (
-                feed.sampler(
-                    seed=config.seed, rank=session.info.rank, world_size=session.info.world_size
-                )
-                if feed.mode == "chunked"
-                else None
-            )
-        views = cached_views(
-            reader,
-            train_set,
-            augment=config.augment,
-            augment_seed=config.augment_seed,
-            views=config.views,
-            student_augment=config.student_augment,
-            seed=config.seed,
-            feed=feed,
-        )
-        resolved.update(
-            dataset=train_set.spec,
-            split=train_set.split,
-            store=reader.metadata.to_dict(),
-            feed={"mode": feed.mode, "memory_budget": feed.memory_budget},
-        )
-
-        def attach(indices: torch.Tensor) -> TeacherInput:
-            # Gathered on the host and copied with the batch's images, one batch ahead; a
-            # topk:K store's rows stay sparse (no dense (B, C) tensor): the loss softens them.
-            return feed.read(indices if views is None else views.rows(indices))
-
-        def teacher_step(batch: DeviceBatch) -> TeacherInput:
-            assert batch.teacher is not None
-            return batch.teacher
-    else:
-        assert config.teacher is not None and config.dataset is not None
-        train_set = build_dataset(config.dataset, split=config.split or "train")
-        rows = transfer_rows(config, train_set)
-        sampler = None if rows is None else TransferSampler(rows, seed=config.seed)
-        views = drawn_views(
-            train_set,
-            augment=config.augment,
-            augment_seed=config.augment_seed,
-            views=config.views,
-            epochs=config.epochs,
-            seed=config.seed,
-            student_augment=config.student_augment,
-        )
-        teacher, teacher_forward = prepare_model(
-            build_model(
-                config.teacher,
-                num_classes=train_set.num_classes,
-                in_channels=train_set.in_channels,
-            ),
-            device=device,
-            channels_last=config.channels_last,
-            compile=False,  # compiled below, after eval mode and frozen weights
-        )
-        if config.weights is not None:
-            load_checkpoint(teacher, config.weights, spec=config.teacher, dataset=train_set)
-            resolved["teacher_weights_sha256"] = weights_sha256(config.weights)
-        teacher.eval().requires_grad_(False)
-        if config.compile:
-            teacher_forward = torch.compile(teacher)  # type: ignore[assignment]
-        resolved.update(dataset=train_set.spec, split=train_set.split)
-
-        @torch.no_grad()
-        def teacher_step(batch: DeviceBatch) -> TeacherInput:
-            with autocast(device, config.amp):
-                return teacher_forward(batch.inputs).float()
-
-    inputs = resolve_inputs(config.inputs, train_set, device, views=views is not None)
-    resolved["inputs"] = inputs
-    train_set = train_set.with_inputs(inputs)
-    # An unlabeled transfer set (unlabeled:SPEC) is validated on SPEC's labelled held-out split.
-    val_set = build_dataset(labeled_spec(train_set.spec), split=held_out_split(train_set.split))
-    val_set = val_set.with_inputs(inputs)
-    resolved["transfer"] = describe_transfer(rows, train_set)
-    out = Path(config.out)
-    session.refuse_unsharded(rows is not None, "a transfer set (--indices, --exclude-classes)")
-    session.refuse_unsharded(views is not None, "views (--augment or a store with views)")
     if views is not None:
         if rows is not None:
             raise ConfigError(
@@ -276,42 +284,36 @@ def _distill(
         sampler = views.sampler
         resolved["views"] = views.dataset.views
         resolved["view_sampler"] = views.drawn_by
-    check_model(config.student, val_set)
+    out = Path(config.out)
+    # Built before the run folder exists, so that a model that cannot be built leaves nothing.
+    student = _seeded_model(config.student, val_set, config.seed)
+    criterion = build_loss(config.loss, **config.loss_options())
     session.on_main(
         lambda: config.save(
             prepare_output_dir(out, overwrite=config.overwrite) / "config.json", **resolved
         )
     )
-
-    def kd_loss(logits: torch.Tensor, batch: DeviceBatch) -> torch.Tensor:
-        rows = batch.indices if views is None else views.rows(batch.indices)
-        loss = total_loss(loss_fn(logits, teacher_step(batch), batch.labels))
-        mixed = None if views is None else views.mixed_hard_loss(logits, batch.labels, rows)
-        # Every loss is alpha * soft + (1 - alpha) * CE: mix the CE term's labels like the input.
-        return loss if mixed is None else loss + (1 - config.alpha) * mixed
-
     result = fit(
-        model_spec=config.student,
+        task=LogitDistillation(
+            student, config.student, criterion=criterion, alpha=config.alpha, views=views
+        ),
         train_set=train_set if views is None else views.dataset,
         val_set=val_set,
         config=config,
-        batch_loss=kd_loss,
         out=out,
-        device=device,
-        sampler=sampler,
-        attach=attach,
         session=session,
+        teacher=teaching.teacher,
+        sampler=sampler,
     )
-    if not session.is_main:
-        return result
-    _plot_final_distributions(
-        out,
-        config=config,
-        dataset=train_set if views is None else views.dataset,
-        reader=reader,
-        teacher_step=teacher_step,
-        device=device,
-    )
+    if session.is_main:
+        _plot_final_distributions(
+            out,
+            config=config,
+            dataset=train_set if views is None else views.dataset,
+            reader=reader,
+            teacher=teaching.teacher,
+            device=device,
+        )
     return result
 
 
@@ -321,7 +323,7 @@ def _plot_final_distributions(
     config: DistillConfig,
     dataset: LabeledDataset | ViewDataset,
     reader: StoreReader | None,
-    teacher_step: Callable[[DeviceBatch], TeacherInput],
+    teacher: TeacherSource,
     device: torch.device,
     num_samples: int = 4,
 ) -> None:
@@ -351,14 +353,12 @@ def _plot_final_distributions(
     with torch.no_grad():
         student_logits = student(inputs).cpu()
         if reader is not None:
-            teacher = reader.read_dense(indices, temperature=config.temperature)
+            teacher_logits = reader.read_dense(indices, temperature=config.temperature)
         else:
             batch = DeviceBatch(inputs, torch.tensor(labels, device=device), indices)
-            online = teacher_step(batch)
-            assert isinstance(online, torch.Tensor)
-            teacher = online.cpu()
+            teacher_logits = teacher.targets(batch).cpu()
     plot_distributions(
-        teacher,
+        teacher_logits,
         student_logits,
         labels,
         out / "distributions.png",

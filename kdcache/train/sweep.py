@@ -26,12 +26,11 @@ from kdcache.distributed import rank_info
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.logits.losses import DEFAULT_ALPHA, LOSS_NAMES
 from kdcache.models import canonical_model_spec
-from kdcache.options import option
+from kdcache.options import IMAGE, LM, option, refuse_foreign_options
 from kdcache.plots import plot_sweep, read_metrics
 from kdcache.store.location import refuse_inside_store
 from kdcache.store.reader import StoreReader, open_store
-from kdcache.store.report import teacher_statistics
-from kdcache.train.loop import RunResult, distill
+from kdcache.train.loop import RunResult, distill, modality
 from kdcache.train.parallel import run_concurrently
 from kdcache.train.preflight import check_model, store_dataset
 
@@ -198,7 +197,19 @@ def _finished_result(config: DistillConfig) -> RunResult | None:
     epochs = [record.get("epoch") for record in read_metrics(metrics_path)]
     if epochs != list(range(1, config.epochs + 1)):
         return None
-    return RunResult(**json.loads(result_path.read_text()))
+    return _load_result(result_path)
+
+
+def _load_result(path: Path) -> RunResult:
+    saved = json.loads(path.read_text())
+    if "metric" not in saved:  # a result.json written when only image runs reported accuracy
+        saved = {
+            "metric": "val_acc",
+            "best": saved.pop("best_val_acc"),
+            "final": saved.pop("final_val_acc"),
+            **saved,
+        }
+    return RunResult(**saved)
 
 
 def _as_json(value: Any) -> Any:
@@ -237,42 +248,21 @@ def _claim_folder(out: Path, identity: dict[str, Any], cache: str) -> None:
         saved = json.loads(saved_path.read_text())
     except ValueError:
         saved = {}
-    if not isinstance(saved, dict):
-        saved = {}
-    before = saved.get("store_identity")
+    before = saved.get("store_identity") if isinstance(saved, dict) else None
     if before is None:  # written before identities were recorded: the store path must match
-        if saved.get("cache") not in (None, cache):
+        if isinstance(saved, dict) and saved.get("cache") not in (None, cache):
             before = {"cache": saved.get("cache")}
             identity = {"cache": cache}
         else:
             return
     changed = [key for key in identity if before.get(key) != identity[key]]
     if changed:
-        difference = _difference(changed[0], before, identity, saved.get("cache"), cache)
+        key = changed[0]
         raise KdcacheError(
-            f"{out} holds a sweep over another store or dataset: {difference}; one sweep folder "
-            "never mixes two teachers or datasets: use another --out"
+            f"{out} holds a sweep over another store or dataset ({key}: {before.get(key)!r}, "
+            f"now {identity[key]!r}); one sweep folder never mixes two teachers or datasets: "
+            "use another --out"
         )
-
-
-def _difference(
-    key: str, before: dict[str, Any], now: dict[str, Any], before_cache: str | None, cache: str
-) -> str:
-    """How a sweep folder's store identity differs from this sweep's, in a user's terms."""
-    if key == "generation":
-        if before_cache in (None, cache):
-            return f"{cache} was dumped again since its runs were trained"
-        return f"its runs were distilled from {before_cache}, not {cache}"
-    if key == "teacher":
-        return (
-            f"its runs were distilled from teacher {(before['teacher'] or {}).get('spec')!r}, "
-            f"{cache} holds teacher {(now['teacher'] or {}).get('spec')!r}"
-        )
-    if key == "labels_sha256":
-        return f"its runs were trained on other labels than {cache} holds"
-    if key == "cache":
-        return f"its runs were distilled from {before_cache}, not {cache}"
-    return f"its runs used {key} {before.get(key)!r}, this sweep {now[key]!r}"
 
 
 def _save_result(result: RunResult, folder: Path) -> None:
@@ -288,8 +278,8 @@ def _row(config: DistillConfig, result: RunResult) -> dict[str, Any]:
         "alpha": config.alpha,
         "temperature": config.temperature,
         "seed": config.seed,
-        "best_val_acc": round(result.best_val_acc, 4),
-        "final_val_acc": round(result.final_val_acc, 4),
+        "best_val_acc": round(result.best, 4),
+        "final_val_acc": round(result.final, 4),
         "best_epoch": result.best_epoch,
         "epochs": result.epochs,
         "wall_time_s": round(result.wall_time_s, 3),
@@ -339,6 +329,12 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             "kdcache sweep runs in one process, not under torchrun; use --jobs J to train J "
             "settings side by side (torchrun is for dump-teacher, train and distill)"
         )
+    if modality(config.student, dataset=config.dataset, cache=config.cache) == LM:
+        raise ConfigError(
+            "sweep does not handle language models yet; run `kdcache distill --cache STORE "
+            "--student hf:PATH` once per setting (docs/lm.md)"
+        )
+    refuse_foreign_options(config, IMAGE)
     runs = config.runs()
     reader = open_store(
         config.cache, memory_budget=config.cache_memory
@@ -379,12 +375,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     done = len(todo)
     rows = [_row(run, results[run.out]) for run in runs]
     write_results_csv(rows, out / RESULTS_CSV)
-    figure = plot_sweep(
-        rows,
-        out / SWEEP_FIGURE,
-        title=f"{config.student} from {config.cache}",
-        references=_teacher_reference(reader),
-    )
+    figure = plot_sweep(rows, out / SWEEP_FIGURE, title=f"{config.student} from {config.cache}")
     return SweepResult(
         rows=rows,
         results_csv=str(out / RESULTS_CSV),
@@ -392,13 +383,6 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         runs_done=done,
         runs_skipped=skipped,
     )
-
-
-def _teacher_reference(reader: StoreReader) -> dict[str, float]:
-    """The cached teacher's accuracy against the labels stored with its logits, for the figure."""
-    accuracy, _ = teacher_statistics(reader)
-    split = (reader.metadata.dataset or {}).get("split", "stored")
-    return {} if accuracy is None else {f"teacher on the {split} split": accuracy}
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:

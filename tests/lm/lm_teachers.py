@@ -69,3 +69,37 @@ def flaky():
     return FlakyTeacher(model, fail_after), AutoTokenizer.from_pretrained(
         folder, local_files_only=True
     )
+
+
+class _RecordingLM(nn.Module):
+    """Appends ``EPOCH SEQUENCE`` for every training sequence to $KDCACHE_TEST_RECORD/rankR."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.epoch = 0
+        self._was_training = False
+
+    def forward(self, input_ids, attention_mask):
+        if self.training:
+            self.epoch += not self._was_training  # fit() switches to eval between epochs
+            path = os.path.join(
+                os.environ["KDCACHE_TEST_RECORD"], f"rank{os.environ.get('RANK', 0)}"
+            )
+            with open(path, "a") as stream:
+                for ids, mask in zip(input_ids.cpu(), attention_mask.cpu(), strict=True):
+                    stream.write(f"{self.epoch} {' '.join(map(str, ids[mask > 0].tolist()))}\n")
+        self._was_training = self.training
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    def save_pretrained(self, folder) -> None:
+        self.inner.save_pretrained(folder)
+
+
+def recording():
+    """A random causal LM from $KDCACHE_TEST_LM_FOLDER's config that records what it trains on."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = os.environ["KDCACHE_TEST_LM_FOLDER"]
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    return _RecordingLM(model), AutoTokenizer.from_pretrained(folder)

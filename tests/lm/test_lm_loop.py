@@ -9,11 +9,10 @@ import torch
 from lm_fixtures import lm_files_fixture  # noqa: F401  (provides the lm_files fixture)
 from safetensors.torch import load_file
 
+from kdcache import DistillConfig, distill, train
 from kdcache.config import DumpConfig, TrainConfig
 from kdcache.errors import ConfigError, StoreMismatchError
-from kdcache.lm.config import LMDistillConfig
 from kdcache.lm.dump import dump_lm
-from kdcache.lm.loop import distill_lm, train_lm
 from kdcache.lm.models import load_causal_lm
 from kdcache.store.sequence import open_sequence_store
 
@@ -39,18 +38,16 @@ def stores(lm_files, tmp_path_factory):
 
 def test_cached_float32_and_online_give_bit_identical_students(tmp_path, lm_files, stores):
     common = dict(student=f"hf:{lm_files['student']}", epochs=1, batch_size=8, temperature=2.0)
-    cached = distill_lm(
-        LMDistillConfig(**common, cache=stores["float32"], out=str(tmp_path / "cached"))
-    )
-    online = distill_lm(
-        LMDistillConfig(
+    cached = distill(DistillConfig(**common, cache=stores["float32"], out=str(tmp_path / "cached")))
+    online = distill(
+        DistillConfig(
             **common,
             teacher=f"hf:{lm_files['teacher']}",
             dataset=f"text:{lm_files['corpus']}:16",
             out=str(tmp_path / "online"),
         )
     )
-    assert cached.final_val_ppl == online.final_val_ppl
+    assert cached.final == online.final
     a = load_file(tmp_path / "cached" / "last" / "model.safetensors")
     b = load_file(tmp_path / "online" / "last" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -59,8 +56,8 @@ def test_cached_float32_and_online_give_bit_identical_students(tmp_path, lm_file
 
 
 def test_topk_store_run_folder_and_the_student_reloads(tmp_path, lm_files, stores):
-    result = distill_lm(
-        LMDistillConfig(
+    result = distill(
+        DistillConfig(
             student=f"hf:{lm_files['student']}",
             cache=stores["topk:8"],
             loss="reverse",
@@ -73,7 +70,7 @@ def test_topk_store_run_folder_and_the_student_reloads(tmp_path, lm_files, store
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
-    assert result.best_val_ppl == min(r["val_ppl"] for r in records)
+    assert result.best == min(r["val_ppl"] for r in records)
     assert (run / "curves.png").stat().st_size > 0
     assert json.loads((run / "config.json").read_text())["loss"] == "reverse"
     assert (
@@ -84,30 +81,30 @@ def test_topk_store_run_folder_and_the_student_reloads(tmp_path, lm_files, store
 
 def test_store_refuses_a_student_or_dataset_that_differs(tmp_path, lm_files, stores):
     with pytest.raises(StoreMismatchError, match="another tokenizer.*vocabulary"):
-        distill_lm(
-            LMDistillConfig(
+        distill(
+            DistillConfig(
                 student=f"hf:{lm_files['other_tok']}",
                 cache=stores["float32"],
                 out=str(tmp_path / "a"),
             )
         )
     with pytest.raises(StoreMismatchError, match="max length 16 vs 12"):
-        distill_lm(
-            LMDistillConfig(
+        distill(
+            DistillConfig(
                 student=f"hf:{lm_files['student']}",
                 cache=stores["float32"],
                 dataset=f"text:{lm_files['corpus']}:12",
                 out=str(tmp_path / "b"),
             )
         )
-    with pytest.raises(ConfigError, match="valid losses: kd, reverse, skew, js"):
-        LMDistillConfig(student="hf:x", cache="s.zarr", loss="focal", out="x")
+    with pytest.raises(ConfigError, match="'focal'.*valid losses: kd, reverse, skew, js"):
+        distill(DistillConfig(student="hf:x", cache="s.zarr", loss="focal", out="x"))
     with pytest.raises(ConfigError, match="--gamma applies to image models only"):
-        LMDistillConfig.from_options({"student": "hf:x", "cache": "s", "out": "o", "gamma": 3.0})
+        distill(DistillConfig(student="hf:x", cache="s", out="o", gamma=3.0))
 
 
 def test_ce_training_writes_a_reloadable_teacher(tmp_path, lm_files):
-    result = train_lm(
+    result = train(
         TrainConfig(
             model=f"hf:{lm_files['student']}",
             dataset=f"text:{lm_files['corpus']}:16",
@@ -118,4 +115,4 @@ def test_ce_training_writes_a_reloadable_teacher(tmp_path, lm_files):
     )
     trained = load_causal_lm(f"hf:{tmp_path / 'ce' / 'best'}")
     assert trained.weights_sha256
-    assert result.final_val_ppl < trained.vocab_size  # better than a uniform guess
+    assert result.final < trained.vocab_size  # better than a uniform guess

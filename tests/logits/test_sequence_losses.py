@@ -109,15 +109,17 @@ def test_sampled_rows_are_unbiased_and_refuse_what_they_cannot_give():
     # KD at T = 1 over the draws is the cross-entropy to p_hat minus its entropy.
     student, _, targets, mask = batch(4, lengths=(3,))
     teacher = encoding.sampled(encoding.encode(np.repeat(logits, 2, axis=0)))
-    out = TokenDistillationLoss(divergence="kd", alpha=1.0)(student, teacher, targets, mask)
+    at_1 = {"temperature": 1.0}  # draws are at T = 1
+    out = TokenDistillationLoss(divergence="kd", alpha=1.0, **at_1)(student, teacher, targets, mask)
     want = reference_kl_to(teacher.dense_probs(), student[mask])
     assert out["soft"].item() == pytest.approx(want, rel=1e-5)
     with pytest.raises(ConfigError, match="temperature 1"):
         TokenDistillationLoss(temperature=2.0)(student, teacher, targets, mask)
     with pytest.raises(ConfigError, match="reverse KL"):
-        TokenDistillationLoss(divergence="reverse")(student, teacher, targets, mask)
+        TokenDistillationLoss(divergence="reverse", **at_1)(student, teacher, targets, mask)
     for name in ("skew", "js"):
-        value = TokenDistillationLoss(divergence=name, alpha=1.0)(student, teacher, targets, mask)
+        loss = TokenDistillationLoss(divergence=name, alpha=1.0, **at_1)
+        value = loss(student, teacher, targets, mask)
         assert math.isfinite(value["soft"].item())
 
 

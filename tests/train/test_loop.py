@@ -29,7 +29,7 @@ def test_train_writes_the_run_folder(tmp_path):
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]
     assert {"train_loss", "val_acc"} <= lines[0].keys()
-    assert result.final_val_acc == lines[-1]["val_acc"]
+    assert result.final == lines[-1]["val_acc"]
     config = json.loads((run / "config.json").read_text())
     assert (
         config["model"] == "mlp:16"
@@ -37,7 +37,7 @@ def test_train_writes_the_run_folder(tmp_path):
         and config["resolved"]["device"] == "cpu"
     )
     checkpoint = torch.load(run / "best.pt", weights_only=True)
-    assert checkpoint["model"] == "mlp:16" and checkpoint["val_acc"] == result.best_val_acc
+    assert checkpoint["model"] == "mlp:16" and checkpoint["val_acc"] == result.best
     assert_png(run / "curves.png")
     assert not (run / "distributions.png").exists()
 
@@ -87,7 +87,7 @@ def test_distill_shares_an_open_store_and_draws_its_figures(tmp_path, digits_sto
     config = DistillConfig(
         student="mlp:8", cache=str(moved), epochs=1, out=str(tmp_path / "run"), device="cpu"
     )
-    assert 0 <= distill(config, reader=reader).final_val_acc <= 100
+    assert 0 <= distill(config, reader=reader).final <= 100
     assert_png(tmp_path / "run/curves.png")
     assert_png(tmp_path / "run/distributions.png")
     with pytest.raises(ConfigError, match="config.cache is None"):
@@ -111,7 +111,7 @@ def test_every_loss_distills_from_the_cache(tmp_path, digits_store, loss):
             top_k=3,
         )
     )
-    assert 0 <= result.final_val_acc <= 100
+    assert 0 <= result.final <= 100
     assert json.loads((tmp_path / "config.json").read_text())["resolved"]["dataset"] == "digits"
 
 
@@ -180,7 +180,7 @@ def test_every_loss_distills_from_a_topk_store(tmp_path, topk_store, loss):
             out=str(tmp_path / "run"),
         )
     )
-    assert 0 <= result.final_val_acc <= 100
+    assert 0 <= result.final <= 100
     assert (
         json.loads((tmp_path / "run/config.json").read_text())["resolved"]["store"]["encoding"]
         == "topk:4"

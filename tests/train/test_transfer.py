@@ -111,7 +111,7 @@ def test_distill_on_a_transfer_set_records_it_and_validates_on_the_whole_split(
     # most 360 - (their test samples) can be right
     test_labels = build_dataset("digits", split="test").labels
     seen_classes = ((test_labels != 3) & (test_labels != 5)).sum()
-    assert 0 < result.best_val_acc <= 100.0 * seen_classes / len(test_labels) + 1e-9
+    assert 0 < result.best <= 100.0 * seen_classes / len(test_labels) + 1e-9
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_an_unlabeled_pool_distils_with_alpha_1_only(tmp_path, unlabeled_store, 
     assert saved["resolved"]["transfer"]["unlabeled_samples"] == DIGITS_TRAIN
     # alpha 1 never reads a label: the same teacher rows train the same student, validated on
     # digits' labelled test split
-    assert unlabeled.best_val_acc == labeled.best_val_acc
+    assert unlabeled.best == labeled.best
     state = torch.load(tmp_path / "u" / "last.pt", weights_only=True)["state_dict"]
     reference = torch.load(tmp_path / "l" / "last.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(state[name], reference[name]) for name in state)

@@ -1,0 +1,96 @@
+"""Where a distillation's teacher targets come from: a store (cached) or a live model (online).
+
+A :class:`TeacherSource` gives, for each batch, the teacher's targets in the one form the task's
+loss takes: image logits (B, C) (dense, or sparse from a ``topk:K`` store), or one row per
+counted token position for a language model. The cached/online difference lives here and
+nowhere else: the loop and the tasks never ask which one they have.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdcache.device_input import Attach, DeviceBatch
+from kdcache.lm.models import CausalLM
+from kdcache.lm.text import TokenBatch
+from kdcache.logits.sequence_losses import TokenTeacher
+from kdcache.logits.sparse import TeacherInput
+from kdcache.runtime import autocast
+from kdcache.store.feed import LogitFeed
+from kdcache.store.sequence import SequenceReader
+from kdcache.train.views import Views
+
+
+class TeacherSource(ABC):
+    """The teacher's targets of each batch."""
+
+    #: Looks up, beside the loader, what rides along with each batch to the device; None when
+    #: the targets are computed in the step.
+    attach: Attach | None = None
+
+    @abstractmethod
+    def targets(self, batch: Any) -> Any:
+        """The teacher's targets for ``batch``, on its device."""
+
+
+class StoreLogits(TeacherSource):
+    """Image logits read from a store's feed (a view's row in a store of views)."""
+
+    def __init__(self, feed: LogitFeed, views: Views | None) -> None:
+        self.feed = feed
+        self.views = views
+
+        def attach(indices: torch.Tensor) -> TeacherInput:
+            # Gathered on the host and copied with the batch's images, one batch ahead; a
+            # topk:K store's rows stay sparse (no dense (B, C) tensor): the loss softens them.
+            return feed.read(indices if views is None else views.rows(indices))
+
+        self.attach = attach
+
+    def targets(self, batch: DeviceBatch) -> TeacherInput:
+        assert batch.teacher is not None
+        return batch.teacher
+
+
+class LiveLogits(TeacherSource):
+    """Image logits of a live teacher (frozen, in eval mode), under the run's autocast."""
+
+    def __init__(self, forward: nn.Module, *, device: torch.device, amp: str | None) -> None:
+        self.forward = forward
+        self.device = device
+        self.amp = amp
+
+    @torch.no_grad()
+    def targets(self, batch: DeviceBatch) -> torch.Tensor:
+        with autocast(self.device, self.amp):
+            return self.forward(batch.inputs).float()
+
+
+class StoreTokens(TeacherSource):
+    """A sequence store's rows of the batch's tokens, softened at the run's temperature."""
+
+    def __init__(self, store: SequenceReader, *, temperature: float) -> None:
+        self.store = store
+        self.temperature = temperature
+
+    def targets(self, batch: TokenBatch) -> TokenTeacher:
+        rows = self.store.read(batch.indices.numpy(), temperature=self.temperature)
+        return rows.to(batch.input_ids.device)
+
+
+class LiveTokens(TeacherSource):
+    """A live causal LM's logits at the batch's counted positions."""
+
+    def __init__(self, teacher: CausalLM, *, amp: str | None) -> None:
+        self.teacher = teacher
+        self.amp = amp
+
+    @torch.no_grad()
+    def targets(self, batch: TokenBatch) -> torch.Tensor:
+        with autocast(batch.input_ids.device, self.amp):
+            logits = self.teacher.logits(batch.input_ids, batch.attention_mask)
+        return logits[batch.mask]

@@ -1,0 +1,162 @@
+"""Language-model runs: next-token training and token-level distillation of a causal LM.
+
+The same loop as the image runs (:func:`~kdcache.train.fit.fit`) with a
+:class:`~kdcache.train.tasks.TokenTask`; this module resolves the text datasets (from a store's
+record or the options), checks a store against the student, and writes ``config.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdcache._version import __version__
+from kdcache.config import DistillConfig, TrainConfig
+from kdcache.distributed import RankSession
+from kdcache.errors import StoreMismatchError
+from kdcache.lm.fingerprint import (
+    compare_lm_fingerprints,
+    compare_tokenizers,
+    lm_fingerprint,
+    tokenizer_fingerprint,
+)
+from kdcache.lm.models import CausalLM, load_causal_lm
+from kdcache.lm.text import TokenDataset, build_text_dataset
+from kdcache.logits.losses import construct
+from kdcache.logits.sequence_losses import TOKEN_LOSSES
+from kdcache.runtime import prepare_output_dir
+from kdcache.store.sequence import SequenceReader, open_sequence_store
+from kdcache.train.fit import RunResult, fit, held_out_split
+from kdcache.train.tasks import NextToken, TokenDistillation
+from kdcache.train.teachers import LiveTokens, StoreTokens, TeacherSource
+
+
+def _resolved(config: TrainConfig | DistillConfig, session: RankSession, command: str) -> dict:
+    return {
+        "command": command,
+        "device": str(session.device),
+        "kdcache_version": __version__,
+        "ranks": session.info.world_size,  # --batch-size is per rank
+    }
+
+
+def _prepare_out(config: TrainConfig | DistillConfig, session: RankSession, resolved: dict) -> Path:
+    out = Path(config.out)
+    session.on_main(
+        lambda: config.save(
+            prepare_output_dir(out, overwrite=config.overwrite, marker="last") / "config.json",
+            **resolved,
+        )
+    )
+    return out
+
+
+def train_tokens(config: TrainConfig, session: RankSession) -> RunResult:
+    """Next-token cross-entropy training of causal LM ``config.model`` on ``config.dataset``."""
+    student = load_causal_lm(config.model, seed=config.seed)
+    train_set = build_text_dataset(config.dataset, split=config.split, tokenizer=student.tokenizer)
+    val_set = build_text_dataset(
+        config.dataset, split=held_out_split(config.split), tokenizer=student.tokenizer
+    )
+    out = _prepare_out(config, session, _resolved(config, session, "train"))
+    return fit(
+        task=NextToken(student),
+        train_set=train_set,
+        val_set=val_set,
+        config=config,
+        out=out,
+        session=session,
+    )
+
+
+def check_lm_store(store: SequenceReader, student: CausalLM, dataset: TokenDataset) -> None:
+    """Refuse a store whose tokenizer, text or vocabulary differ from the student's and dataset's,
+    naming the part that differs."""
+    recorded = (store.metadata.dataset or {}).get("fingerprint") or {}
+    actual = lm_fingerprint(student.tokenizer, dataset)
+    tokenizer = compare_tokenizers(recorded.get("tokenizer", {}), actual["tokenizer"])
+    if tokenizer:
+        raise StoreMismatchError(
+            f"{store.where} was dumped with another tokenizer than student {student.spec}'s: "
+            + "; ".join(tokenizer)
+            + "; give the student the teacher's tokenizer"
+        )
+    if student.vocab_size != store.vocab_size:
+        raise StoreMismatchError(
+            f"student {student.spec} predicts {student.vocab_size} tokens but {store.where} holds "
+            f"{store.vocab_size}; size the student's output (vocab_size) to the teacher's"
+        )
+    differences = compare_lm_fingerprints(recorded, actual)
+    if differences:
+        raise StoreMismatchError(
+            f"{store.where} was not dumped from dataset {dataset.spec!r} ({dataset.split}): "
+            + "; ".join(differences)
+            + "; use the text, max length and split the store was dumped from"
+        )
+
+
+def _from_store(
+    config: DistillConfig, store: SequenceReader, student: CausalLM, resolved: dict
+) -> tuple[TeacherSource, TokenDataset]:
+    recorded = store.metadata.dataset or {}
+    spec = config.dataset or recorded.get("spec")
+    split = config.split or recorded.get("split") or "train"
+    if spec is None:
+        raise StoreMismatchError(
+            f"{store.where} records no dataset; pass --dataset text:FILE (and --split)"
+        )
+    train_set = build_text_dataset(spec, split=split, tokenizer=student.tokenizer)
+    check_lm_store(store, student, train_set)
+    store.store.load()
+    resolved["store"] = store.metadata.to_dict()
+    return StoreTokens(store, temperature=config.temperature), train_set
+
+
+def _from_live_teacher(
+    config: DistillConfig, session: RankSession, student: CausalLM, resolved: dict
+) -> tuple[TeacherSource, TokenDataset]:
+    assert config.teacher is not None and config.dataset is not None
+    teacher = load_causal_lm(config.teacher, device=session.device)
+    teacher.model.eval().requires_grad_(False)
+    differences = compare_tokenizers(
+        tokenizer_fingerprint(teacher.tokenizer), tokenizer_fingerprint(student.tokenizer)
+    )
+    if differences:
+        raise StoreMismatchError(
+            f"teacher {teacher.spec} and student {student.spec} tokenize differently: "
+            + "; ".join(differences)
+            + "; give the student the teacher's tokenizer"
+        )
+    train_set = build_text_dataset(
+        config.dataset, split=config.split or "train", tokenizer=teacher.tokenizer
+    )
+    resolved["teacher_weights_sha256"] = teacher.weights_sha256
+    return LiveTokens(teacher, amp=config.amp), train_set
+
+
+def distill_tokens(
+    config: DistillConfig, session: RankSession, *, store: SequenceReader | None
+) -> RunResult:
+    """Token-level distillation of causal LM ``config.student`` from a sequence store (``store``
+    is ``config.cache`` already opened, or None) or a live teacher."""
+    student = load_causal_lm(config.student, seed=config.seed)
+    criterion = construct(TOKEN_LOSSES[config.loss], config.loss_options())
+    resolved = _resolved(config, session, "distill")
+    if config.cache is not None:
+        store = store or open_sequence_store(config.cache, memory_budget=config.cache_memory)
+        teacher, train_set = _from_store(config, store, student, resolved)
+    else:
+        teacher, train_set = _from_live_teacher(config, session, student, resolved)
+    resolved.update(dataset=train_set.spec, split=train_set.split)
+    val_set = build_text_dataset(
+        train_set.spec, split=held_out_split(train_set.split), tokenizer=student.tokenizer
+    )
+    out = _prepare_out(config, session, resolved)
+    return fit(
+        task=TokenDistillation(student, criterion=criterion),
+        train_set=train_set,
+        val_set=val_set,
+        config=config,
+        out=out,
+        session=session,
+        teacher=teacher,
+    )

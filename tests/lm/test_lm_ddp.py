@@ -1,0 +1,57 @@
+"""A language-model distillation from a sequence store under torchrun (2 ranks, gloo on CPU):
+DistributedDataParallel through the one training loop, every sequence once per epoch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from conftest import cli_environment
+from lm_fixtures import lm_files_fixture  # noqa: F401  (provides the lm_files fixture)
+
+from kdcache.config import DumpConfig
+from kdcache.lm.dump import dump_lm
+from kdcache.lm.models import load_causal_lm
+from kdcache.lm.text import build_text_dataset
+
+
+def test_lm_distillation_under_torchrun_sees_every_sequence_once_per_epoch(tmp_path, lm_files):
+    dataset, epochs = f"text:{lm_files['corpus']}:16", 2
+    store = tmp_path / "t.zarr"
+    dump_lm(DumpConfig(teacher=f"hf:{lm_files['teacher']}", dataset=dataset, out=str(store)))
+    record, out = tmp_path / "record", tmp_path / "run"
+    record.mkdir()
+    environment = cli_environment(
+        {
+            "PYTHONPATH": str(Path(__file__).parent),
+            "KDCACHE_TEST_RECORD": str(record),
+            "KDCACHE_TEST_LM_FOLDER": str(lm_files["student"]),
+        }
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", "-m", "kdcache", "distill", "--cache", str(store)]
+    command += ["--student", "lm_teachers:recording", "--epochs", str(epochs), "--batch-size", "5"]
+    command += ["--device", "cpu", "--out", str(out)]
+    job = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stderr
+    assert job.stdout.count("best val_ppl") == 1  # rank 0 reports for the job
+
+    tokenizer = load_causal_lm(f"hf:{lm_files['teacher']}").tokenizer
+    train_set = build_text_dataset(dataset, split="train", tokenizer=tokenizer)
+    expected = Counter(" ".join(map(str, tokens.tolist())) for tokens in train_set.sequences)
+    seen: dict[int, Counter] = {}
+    assert sorted(p.name for p in record.iterdir()) == ["rank0", "rank1"]  # both ranks trained
+    for path in record.iterdir():
+        for line in path.read_text().splitlines():
+            epoch, _, tokens = line.partition(" ")
+            seen.setdefault(int(epoch), Counter())[tokens] += 1
+    assert sorted(seen) == list(range(1, epochs + 1))
+    for epoch, counts in seen.items():
+        assert counts == expected, f"epoch {epoch}: not every sequence exactly once"
+    metrics = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == epochs  # written once, by rank 0
+    assert json.loads((out / "config.json").read_text())["resolved"]["ranks"] == 2
+    assert {"best", "last", "curves.png"} <= {p.name for p in out.iterdir()}
