@@ -158,7 +158,7 @@ def test_a_store_drawn_by_the_older_generator_distills_from_its_stored_views(tmp
     [
         ({"augment": "pad-crop:2+flip"}, "dumped with recipe 'pad-crop:1\\+flip\\+mixup:0.4'"),
         ({"augment_seed": 5}, "--augment-seed 2 but 5"),
-        ({"views": 4}, "holds 3 view\\(s\\) per sample but --views 4"),
+        ({"views": 4}, "holds 3 views per sample but --views 4"),
     ],
 )
 def test_a_store_dumped_with_other_views_is_refused(tmp_path, view_store, changes, message):
