@@ -289,9 +289,13 @@ BAD_INPUTS = {
         ("dump-teacher", "--teacher", "cnn", "--dataset", "imagenette", "--out", "{tmp}/t.zarr"),
         ["'imagenette'", "valid kinds: digits, fake"],
     ),
-    "weights that do not fit": (
+    "weights of another model": (
         ("dump-teacher", "--teacher", "cnn:16", "--weights", "{teacher}", "--out", "{tmp}/t.zarr"),
-        ["do not fit model 'cnn:16'"],
+        ["--teacher 'cnn:16' contradicts", "a checkpoint of model 'cnn:8'"],
+    ),
+    "weights that do not fit the dataset": (
+        ("dump-teacher", "--weights", "{teacher}", "--dataset", "fake:20", "--out", "{tmp}/t.zarr"),
+        ["dataset 'fake:20' (10 classes, 3 channels) is in use", "pass --dataset digits"],
     ),
     "batch size 0": (
         (*DISTILL, "--cache", "{store}", "--batch-size", "0"),
