@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
+from kdcache.choices import INPUT_FORMS
 from kdcache.datasets import LabeledDataset, build_dataset
 from kdcache.device_input import InputPipeline
 from kdcache.errors import ConfigError
-from kdcache.pixels import INPUT_FORMS
 from kdcache.runtime import resolve_device
 
 

@@ -16,9 +16,8 @@ import click
 from kdcache._version import __version__
 from kdcache.cli_bench import bench
 from kdcache.cli_options import config_options
-from kdcache.config import DistillConfig, DumpConfig, TrainConfig
+from kdcache.config import DistillConfig, DumpConfig, SweepConfig, TrainConfig
 from kdcache.errors import KdcacheError
-from kdcache.train.sweep import SweepConfig
 
 __all__ = ["EXIT_USER_ERROR", "cli", "config_options", "main"]
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import click
 
+from kdcache.choices import INPUT_FORMS
 from kdcache.cli_options import speed_options
 from kdcache.config import DEVICE_HELP
-from kdcache.pixels import INPUT_FORMS
 
 
 @click.group()

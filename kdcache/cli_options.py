@@ -14,9 +14,8 @@ from typing import Any, TypeVar
 
 import click
 
+from kdcache.choices import AMP_DTYPES, INPUT_CHOICES
 from kdcache.options import parse_list
-from kdcache.pixels import INPUT_CHOICES
-from kdcache.runtime import AMP_DTYPES
 
 F = TypeVar("F", bound=Callable[..., Any])
 

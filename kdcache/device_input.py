@@ -22,10 +22,11 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from kdcache.augment.views import ViewDataset
+from kdcache.choices import INPUT_CHOICES
 from kdcache.datasets import LabeledDataset
 from kdcache.errors import ConfigError
 from kdcache.logits.sparse import SparseLogits, TeacherInput
-from kdcache.pixels import INPUT_CHOICES, collate_files, decode_files, split_files
+from kdcache.pixels import collate_files, decode_files, split_files
 from kdcache.runtime import make_loader
 
 #: Looks up what rides along with a batch (on the host) from its sample indices.

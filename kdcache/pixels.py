@@ -17,11 +17,6 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-#: What a dataset's items can hold: float32 images (the reference), uint8 images, or the encoded
-#: image files (imagefolder only).
-INPUT_FORMS = ("float32", "uint8", "jpeg")
-#: The ``--inputs`` choices: a form, or ``auto`` (see :func:`kdcache.device_input.resolve_inputs`).
-INPUT_CHOICES = ("auto", *INPUT_FORMS)
 _JPEG_MAGIC = b"\xff\xd8"
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from kdcache.choices import AMP_DTYPES
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.store.location import refuse_inside_store
 
@@ -39,15 +40,11 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-#: ``--amp`` choices: the dtype autocast computes in.
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager:
     """Mixed precision for the forward passes (``amp`` in :data:`AMP_DTYPES`), or nothing."""
     if amp is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+    return torch.autocast(device.type, dtype=getattr(torch, AMP_DTYPES[amp]))
 
 
 def prepare_model(

@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 from kdcache.cli import cli, config_options
-from kdcache.config import DistillConfig, DumpConfig, TrainConfig, TrainingOptions
-from kdcache.logits.losses import DEFAULT_TEMPERATURE, LogitsDistillationLoss
+from kdcache.config import DistillConfig, DumpConfig, SweepConfig, TrainConfig, TrainingOptions
+from kdcache.logits.loss_options import DEFAULT_TEMPERATURE
+from kdcache.logits.losses import LogitsDistillationLoss
 from kdcache.options import option
-from kdcache.train.sweep import SweepConfig
 
 COMMANDS = {
     "train": TrainConfig,

@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kdcache"
 LAYERS: dict[str, int] = {
     "kdcache._version": 0,
     "kdcache.errors": 0,
+    "kdcache.choices": 0,
     "kdcache.logits": 1,
     "kdcache.store": 2,
     "kdcache.pixels": 2,

@@ -17,14 +17,13 @@ Modules: :mod:`~kdcache.datasets.labeled` (:class:`LabeledDataset`), :mod:`~kdca
 :mod:`~kdcache.datasets.fingerprints`. This package re-exports their public names.
 """
 
-from kdcache.datasets.build import DATASET_KINDS, SPLITS, build_dataset, labeled_spec
+from kdcache.datasets.build import DATASET_KINDS, build_dataset, labeled_spec
 from kdcache.datasets.fingerprints import compare_fingerprints, dataset_fingerprint
 from kdcache.datasets.generated import canonical_dataset_spec
 from kdcache.datasets.labeled import LabeledDataset
 
 __all__ = [
     "DATASET_KINDS",
-    "SPLITS",
     "LabeledDataset",
     "build_dataset",
     "canonical_dataset_spec",

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kdcache.choices import SPLITS
 from kdcache.datasets.generated import build_generated
 from kdcache.datasets.image_sets import build_imagefolder, build_torchvision_set
 from kdcache.datasets.labeled import ArrayDataset, LabeledDataset
@@ -25,7 +26,6 @@ DATASET_KINDS = (
     "mnist",
     "unlabeled",
 )
-SPLITS = ("train", "test")
 
 
 def build_dataset(spec: str, *, split: str = "train") -> LabeledDataset:

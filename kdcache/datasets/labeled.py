@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kdcache.choices import INPUT_FORMS
 from kdcache.errors import ConfigError
-from kdcache.pixels import INPUT_FORMS, JpegGeometry, PixelNormalization
+from kdcache.pixels import JpegGeometry, PixelNormalization
 
 
 class LabeledDataset(Dataset):

@@ -36,17 +36,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcache.errors import ConfigError, SpecError
+from kdcache.logits.loss_options import (
+    DEFAULT_ALPHA,
+    DEFAULT_GAMMA,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    LOSS_NAMES,
+)
 from kdcache.logits.sparse import SparseLogits, TeacherInput
 
-LOSS_NAMES = ("kd", "focal", "attention")
 #: The label of a sample that has none (an unlabeled transfer set): it adds nothing to the hard
 #: term, and ``alpha = 1`` (soft targets only) drops that term altogether.
 UNLABELED = -1
-#: The losses' default hyper-parameters, written once: DistillConfig and the CLI read them here.
-DEFAULT_TEMPERATURE = 4.0
-DEFAULT_ALPHA = 0.7
-DEFAULT_GAMMA = 2.0
-DEFAULT_TOP_K = 5
 REDUCTIONS = ("mean", "sum", "none")
 
 # Keeps log(p) finite where the softened teacher probability underflows to zero; the value is

@@ -35,13 +35,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcache.errors import ConfigError
+from kdcache.logits.loss_options import DIVERGENCES
 from kdcache.logits.sampled import SampledLogits
 from kdcache.logits.sparse import SparseLogits
 
 #: Teacher rows as the token-level losses accept them.
 TokenTeacher = Tensor | SparseLogits | SampledLogits
 
-DIVERGENCES = ("kd", "reverse", "skew", "js")
 #: Target of the ignored positions in ``targets``, as in torch's cross_entropy.
 IGNORE_INDEX = -100
 

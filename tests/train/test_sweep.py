@@ -8,9 +8,10 @@ import json
 import pytest
 from test_plots import assert_png
 
+from kdcache.config import SweepConfig
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.options import parse_list
-from kdcache.train.sweep import SweepConfig, format_table, run_sweep
+from kdcache.train.sweep import format_table, run_sweep
 
 
 def tiny_sweep(store, out, **changes):

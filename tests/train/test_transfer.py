@@ -209,7 +209,7 @@ def test_transfer_set_options_through_the_cli(tmp_path, digits_store, unlabeled_
 
 
 def test_every_run_of_a_sweep_shares_the_transfer_set():
-    from kdcache.train.sweep import SweepConfig
+    from kdcache.config import SweepConfig
 
     sweep = SweepConfig(
         cache="s.zarr",
