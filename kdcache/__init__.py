@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from kdcache.augment.recipe import Recipe, parse_recipe
     from kdcache.augment.views import augment_record
     from kdcache.config import DistillConfig, DumpConfig, SweepConfig, TrainConfig
-    from kdcache.dump import DumpResult, dump_teacher
+    from kdcache.dump.teacher import DumpResult, dump_teacher
     from kdcache.errors import KdcacheError
     from kdcache.logits.losses import (
         AttentionLogitsLoss,
@@ -25,14 +25,14 @@ if TYPE_CHECKING:
     )
     from kdcache.logits.sequence_losses import TokenDistillationLoss
     from kdcache.logits.sparse import SparseLogits
-    from kdcache.store.background import BackgroundWriter
-    from kdcache.store.metadata import StoreMetadata
-    from kdcache.store.pack import PackResult, pack_store
-    from kdcache.store.reader import StoreReader, open_store
-    from kdcache.store.report import StoreReport, inspect_store
+    from kdcache.store.format.metadata import StoreMetadata
+    from kdcache.store.read.reader import StoreReader, open_store
     from kdcache.store.sequence import create_sequence_store, open_sequence_store
-    from kdcache.store.verify import VerifyReport, verify_store
-    from kdcache.store.writer import StoreWriter, create_store
+    from kdcache.store.tools.pack import PackResult, pack_store
+    from kdcache.store.tools.report import StoreReport, inspect_store
+    from kdcache.store.tools.verify import VerifyReport, verify_store
+    from kdcache.store.write.background import BackgroundWriter
+    from kdcache.store.write.writer import StoreWriter, create_store
     from kdcache.train.loop import RunResult, distill, train
     from kdcache.train.pairing import TeacherLogits
     from kdcache.train.sweep import SweepResult, run_sweep
@@ -40,40 +40,40 @@ if TYPE_CHECKING:
 #: The module that defines each public name.
 _DEFINED_IN = {
     "AttentionLogitsLoss": "kdcache.logits.losses",
-    "BackgroundWriter": "kdcache.store.background",
+    "BackgroundWriter": "kdcache.store.write.background",
     "DistillConfig": "kdcache.config",
     "DumpConfig": "kdcache.config",
-    "DumpResult": "kdcache.dump",
+    "DumpResult": "kdcache.dump.teacher",
     "FocalDistillationLoss": "kdcache.logits.losses",
     "KdcacheError": "kdcache.errors",
     "LogitsDistillationLoss": "kdcache.logits.losses",
-    "PackResult": "kdcache.store.pack",
+    "PackResult": "kdcache.store.tools.pack",
     "Recipe": "kdcache.augment.recipe",
     "RunResult": "kdcache.train.loop",
     "SparseLogits": "kdcache.logits.sparse",
-    "StoreMetadata": "kdcache.store.metadata",
-    "StoreReader": "kdcache.store.reader",
-    "StoreReport": "kdcache.store.report",
-    "StoreWriter": "kdcache.store.writer",
+    "StoreMetadata": "kdcache.store.format.metadata",
+    "StoreReader": "kdcache.store.read.reader",
+    "StoreReport": "kdcache.store.tools.report",
+    "StoreWriter": "kdcache.store.write.writer",
     "SweepConfig": "kdcache.config",
     "SweepResult": "kdcache.train.sweep",
     "TeacherLogits": "kdcache.train.pairing",
     "TokenDistillationLoss": "kdcache.logits.sequence_losses",
     "TrainConfig": "kdcache.config",
-    "VerifyReport": "kdcache.store.verify",
+    "VerifyReport": "kdcache.store.tools.verify",
     "augment_record": "kdcache.augment.views",
     "create_sequence_store": "kdcache.store.sequence",
-    "create_store": "kdcache.store.writer",
+    "create_store": "kdcache.store.write.writer",
     "distill": "kdcache.train.loop",
-    "dump_teacher": "kdcache.dump",
-    "inspect_store": "kdcache.store.report",
+    "dump_teacher": "kdcache.dump.teacher",
+    "inspect_store": "kdcache.store.tools.report",
     "open_sequence_store": "kdcache.store.sequence",
-    "open_store": "kdcache.store.reader",
-    "pack_store": "kdcache.store.pack",
+    "open_store": "kdcache.store.read.reader",
+    "pack_store": "kdcache.store.tools.pack",
     "parse_recipe": "kdcache.augment.recipe",
     "run_sweep": "kdcache.train.sweep",
     "train": "kdcache.train.loop",
-    "verify_store": "kdcache.store.verify",
+    "verify_store": "kdcache.store.tools.verify",
 }
 
 

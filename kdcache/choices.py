@@ -9,7 +9,8 @@ SPLITS = ("train", "test")
 #: What a dataset's items can hold: float32 images (the reference), uint8 images, or the encoded
 #: image files (imagefolder only).
 INPUT_FORMS = ("float32", "uint8", "jpeg")
-#: The ``--inputs`` choices: a form, or ``auto`` (see :func:`kdcache.device_input.resolve_inputs`).
+#: The ``--inputs`` choices: a form, or ``auto`` (see
+#: :func:`kdcache.data.device_input.resolve_inputs`).
 INPUT_CHOICES = ("auto", *INPUT_FORMS)
 #: ``--amp`` choices: the name of the torch dtype autocast computes in.
 AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}

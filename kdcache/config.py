@@ -210,7 +210,7 @@ class DistillOptions(TrainingOptions):
     def __post_init__(self) -> None:
         check_split(self.split)
         if self.cache_memory is not None:
-            from kdcache.store.feed import parse_size
+            from kdcache.store.read.feed import parse_size
 
             parse_size(self.cache_memory)  # raises ConfigError for an unreadable size
         require(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
@@ -242,7 +242,7 @@ class DistillConfig(DistillOptions, LoopConfig):
 
     With a cache, ``dataset`` and ``split`` default to those recorded in the store, and
     ``cache_memory`` (bytes or e.g. ``"8GiB"``; default half the available memory) bounds the
-    decoded logits held in RAM (see :mod:`kdcache.store.feed`).
+    decoded logits held in RAM (see :mod:`kdcache.store.read.feed`).
     """
 
     cache: str | None = option(

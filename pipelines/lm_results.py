@@ -34,7 +34,7 @@ from kdcache.config import DumpConfig, TrainConfig  # noqa: E402
 from kdcache.lm.config import LMDistillConfig  # noqa: E402
 from kdcache.lm.dump import dump_lm  # noqa: E402
 from kdcache.lm.loop import distill_lm, train_lm  # noqa: E402
-from kdcache.store.layout import store_nbytes  # noqa: E402
+from kdcache.store.format.layout import store_nbytes  # noqa: E402
 from kdcache.store.sequence import create_sequence_store, open_sequence_store  # noqa: E402
 
 ENCODINGS = ("float16", "topk:8", "topk:32", "topk:128", "sampled:16", "sampled:48")

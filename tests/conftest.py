@@ -91,7 +91,7 @@ def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def digits_store(tmp_path_factory: pytest.TempPathFactory, digits_teacher: Path) -> Path:
     """A complete float32 store of the digits teacher's logits on the train split."""
     from kdcache import DumpConfig
-    from kdcache.dump import dump_teacher
+    from kdcache.dump.teacher import dump_teacher
 
     out = tmp_path_factory.mktemp("stores") / "digits.zarr"
     dump_teacher(

@@ -1,4 +1,4 @@
-"""The package's imports point one way: logits <- store <- {dump, train} <- cli.
+"""The package's imports point one way: logits <- store <- data <- {dump, train} <- bench <- cli.
 
 Every ``import`` and ``from ... import`` in kdcache (at module level, inside functions and under
 TYPE_CHECKING alike) is parsed and checked against the layer of its target.
@@ -20,31 +20,29 @@ LAYERS: dict[str, int] = {
     "kdcache.errors": 0,
     "kdcache.choices": 0,
     "kdcache.logits": 1,
-    "kdcache.store": 2,
-    "kdcache.pixels": 2,
-    "kdcache.datasets": 3,
-    "kdcache.models": 3,
-    "kdcache.runtime": 3,
-    "kdcache.distributed": 4,
-    "kdcache.plots": 3,
-    "kdcache.options": 3,  # the field helpers of kdcache.config
-    "kdcache.augment": 3,
-    "kdcache.augment.figure": 4,  # draws with kdcache.plots
-    "kdcache.config": 4,
-    "kdcache.device_input": 4,
-    "kdcache.dump": 5,
-    "kdcache.train": 5,
-    "kdcache.bench_inputs": 5,
-    "kdcache.bench_feed": 5,
-    "kdcache.bench_writer": 6,
-    "kdcache.bench_dump": 6,
-    "kdcache.bench": 6,
-    "kdcache.lm": 6,
-    "kdcache.cli_options": 6,  # the CLI's machinery: imported by cli and cli_bench alone
-    "kdcache.cli_bench": 7,
-    "kdcache.cli": 8,
-    "kdcache.__main__": 9,
-    "kdcache": 10,
+    "kdcache.store.format": 2,
+    "kdcache.store.read": 3,
+    "kdcache.store.write": 3,
+    "kdcache.store.ranks": 4,
+    "kdcache.store.tools": 4,
+    "kdcache.store.sequence": 4,
+    "kdcache.store": 5,  # the package's exports
+    "kdcache.models": 6,
+    "kdcache.runtime": 6,
+    "kdcache.run_folder": 6,
+    "kdcache.options": 6,
+    "kdcache.augment": 6,
+    "kdcache.data": 7,
+    "kdcache.plots": 7,
+    "kdcache.config": 7,
+    "kdcache.distributed": 8,
+    "kdcache.dump": 9,
+    "kdcache.train": 9,
+    "kdcache.bench": 10,
+    "kdcache.lm": 10,
+    "kdcache.cli": 11,
+    "kdcache.__main__": 12,
+    "kdcache": 13,
 }
 
 
@@ -69,7 +67,7 @@ def imported_modules(path: Path) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
-            # "from kdcache.store import reader" imports the submodule kdcache.store.reader
+            # "from kdcache.store import reader" imports the submodule kdcache.store.read.reader
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return {name for name in names if name == "kdcache" or name.startswith("kdcache.")}
 

@@ -10,7 +10,7 @@ from typing import Any
 from kdcache.config import DistillConfig, LoopConfig, check_split
 from kdcache.errors import ConfigError
 from kdcache.logits.loss_options import DIVERGENCES
-from kdcache.store.feed import parse_size
+from kdcache.store.read.feed import parse_size
 
 #: Options of the image distillation that mean nothing here; refused unless at their defaults.
 _IMAGE_ONLY = (

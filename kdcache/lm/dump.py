@@ -10,16 +10,16 @@ import torch
 from tqdm import tqdm
 
 from kdcache.config import DumpConfig
-from kdcache.dump import DumpResult, _resumable_on_os_error
+from kdcache.dump.teacher import DumpResult, _resumable_on_os_error
 from kdcache.errors import ConfigError
 from kdcache.lm.fingerprint import lm_fingerprint
 from kdcache.lm.loop import pad_id
 from kdcache.lm.models import CausalLM, load_causal_lm
 from kdcache.lm.text import TokenDataset, build_text_dataset, collate
 from kdcache.runtime import resolve_device
-from kdcache.store.background import BackgroundWriter
-from kdcache.store.layout import store_nbytes
+from kdcache.store.format.layout import store_nbytes
 from kdcache.store.sequence import SequenceWriter, create_sequence_store
+from kdcache.store.write.background import BackgroundWriter
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ from kdcache.lm.models import CausalLM, load_causal_lm, save_causal_lm
 from kdcache.lm.plots import plot_lm_curves
 from kdcache.lm.text import TokenBatch, TokenDataset, build_text_dataset, collate
 from kdcache.logits.sequence_losses import TokenDistillationLoss, TokenTeacher
-from kdcache.runtime import prepare_output_dir, resolve_device
+from kdcache.run_folder import prepare_output_dir
+from kdcache.runtime import resolve_device
 from kdcache.store.sequence import SequenceReader, open_sequence_store
 
 log = logging.getLogger("kdcache")

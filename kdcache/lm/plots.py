@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.plots import new_figure, read_metrics, save_figure
+from kdcache.plots.figures import new_figure, read_metrics, save_figure
 
 
 def plot_lm_curves(

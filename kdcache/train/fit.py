@@ -25,13 +25,14 @@ from tqdm import tqdm
 
 from kdcache._version import __version__
 from kdcache.config import LoopConfig
-from kdcache.datasets import LabeledDataset
-from kdcache.device_input import Attach, DeviceBatch, InputPipeline
+from kdcache.data.datasets import LabeledDataset
+from kdcache.data.device_input import Attach, DeviceBatch, InputPipeline
 from kdcache.distributed import RankSession
 from kdcache.errors import ConfigError
 from kdcache.models import build_model, check_input_fits
-from kdcache.plots import plot_curves
-from kdcache.runtime import atomic_torch_save, autocast, prepare_model
+from kdcache.plots.figures import plot_curves
+from kdcache.run_folder import atomic_torch_save
+from kdcache.runtime import autocast, prepare_model
 
 if TYPE_CHECKING:
     from kdcache.augment.views import ViewDataset

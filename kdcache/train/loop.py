@@ -18,16 +18,17 @@ from torch.utils.data import Sampler
 
 from kdcache._version import __version__
 from kdcache.config import DistillConfig, TrainConfig
-from kdcache.datasets import LabeledDataset, build_dataset, labeled_spec
-from kdcache.device_input import Attach, DeviceBatch, resolve_inputs
+from kdcache.data.datasets import LabeledDataset, build_dataset, labeled_spec
+from kdcache.data.device_input import Attach, DeviceBatch, resolve_inputs
 from kdcache.distributed import RankSession, rank_session
 from kdcache.errors import ConfigError, StoreMismatchError
 from kdcache.logits.losses import build_loss, total_loss
 from kdcache.logits.sparse import TeacherInput
 from kdcache.models import build_model, load_weights, weights_sha256
-from kdcache.plots import plot_distributions
-from kdcache.runtime import autocast, prepare_model, prepare_output_dir
-from kdcache.store.reader import StoreReader, open_store
+from kdcache.plots.figures import plot_distributions
+from kdcache.run_folder import prepare_output_dir
+from kdcache.runtime import autocast, prepare_model
+from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.train.fit import BatchLoss, RunResult, evaluate, fit, held_out_split
 from kdcache.train.pairing import check_store_matches
 from kdcache.train.transfer import TransferSampler, describe_transfer, transfer_rows
@@ -126,7 +127,8 @@ def _cached_dataset(config: DistillConfig, reader: StoreReader) -> LabeledDatase
 def distill(config: DistillConfig, *, reader: StoreReader | None = None) -> RunResult:
     """Train ``config.student`` on the KD loss against cached (or live) teacher logits.
 
-    ``reader`` is ``config.cache`` already opened with :func:`~kdcache.store.reader.open_store`:
+    ``reader`` is ``config.cache`` already opened with
+    :func:`~kdcache.store.read.reader.open_store`:
     pass it to share one decoded store across many runs (as :func:`kdcache.train.sweep.run_sweep`
     does).
     Under torchrun every rank runs this with the same config (DistributedDataParallel).

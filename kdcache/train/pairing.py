@@ -18,11 +18,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from kdcache.datasets import LabeledDataset, compare_fingerprints, dataset_fingerprint
+from kdcache.data.datasets import LabeledDataset, compare_fingerprints, dataset_fingerprint
 from kdcache.errors import ConfigError, StoreMismatchError
 from kdcache.logits.sparse import SparseLogits, TeacherInput
-from kdcache.store.layout import StoreLike
-from kdcache.store.reader import StoreReader, open_store
+from kdcache.store.format.layout import StoreLike
+from kdcache.store.read.reader import StoreReader, open_store
 
 
 def _describe(dataset: Any) -> str:
@@ -130,8 +130,9 @@ class TeacherLogits(Dataset):
     your DataLoader: a batch's teacher rows are then read from the store in one gather
     (``(B, C)`` tensor or ``SparseLogits``), ready for any kdcache loss at any temperature.
 
-    ``store`` is a path, URL, ``.zip`` or an open :class:`~kdcache.store.reader.StoreReader`
-    (``memory_budget`` as in :func:`~kdcache.store.reader.open_store`). The store must have been
+    ``store`` is a path, URL, ``.zip`` or an open :class:`~kdcache.store.read.reader.StoreReader`
+    (``memory_budget`` as in :func:`~kdcache.store.read.reader.open_store`). The store must have
+    been
     dumped from ``dataset``: its size, classes and recorded fingerprint are checked as
     ``kdcache distill`` checks them (``check_inputs=False`` skips hashing inputs, for random
     transforms).

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.config import SHARED_FIELDS, DistillConfig, SweepConfig, setting_name
-from kdcache.datasets import canonical_dataset_spec
+from kdcache.data.datasets import canonical_dataset_spec
 from kdcache.distributed import rank_info
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.models import canonical_model_spec
-from kdcache.plots import plot_sweep, read_metrics
-from kdcache.store.location import refuse_inside_store
-from kdcache.store.reader import StoreReader, open_store
+from kdcache.plots.figures import plot_sweep, read_metrics
+from kdcache.store.format.location import refuse_inside_store
+from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.train.loop import RunResult, distill
 from kdcache.train.parallel import run_concurrently
 

@@ -16,8 +16,8 @@ from kdcache.store.sequence import (
     rows_of,
     sequence_offsets,
 )
-from kdcache.store.verify import verify_store
-from kdcache.store.writer import create_store
+from kdcache.store.tools.verify import verify_store
+from kdcache.store.write.writer import create_store
 
 VOCAB = 50
 LENGTHS = (4, 9, 2, 6, 13)

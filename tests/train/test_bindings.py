@@ -7,7 +7,7 @@ import pytest
 
 from kdcache import DistillConfig, create_store
 from kdcache.config import SweepConfig
-from kdcache.datasets import build_dataset
+from kdcache.data.datasets import build_dataset
 from kdcache.errors import KdcacheError, StoreMismatchError
 from kdcache.train.loop import distill
 from kdcache.train.sweep import run_sweep

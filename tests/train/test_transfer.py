@@ -10,10 +10,10 @@ import torch
 from conftest import assert_one_line_error, run_cli
 
 from kdcache import DistillConfig, DumpConfig, create_store, open_store
-from kdcache.datasets import build_dataset
-from kdcache.dump import dump_teacher
+from kdcache.data.datasets import build_dataset
+from kdcache.dump.teacher import dump_teacher
 from kdcache.errors import ConfigError
-from kdcache.store.feed import LogitFeed
+from kdcache.store.read.feed import LogitFeed
 from kdcache.train.loop import distill
 from kdcache.train.transfer import TransferSampler, read_indices, transfer_rows
 
