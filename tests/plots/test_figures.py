@@ -9,8 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
-from PIL import Image
+from conftest import REPO_ROOT, assert_png
 
 from kdcache import create_store, open_store
 from kdcache.errors import ConfigError, KdcacheError
@@ -21,16 +20,6 @@ from kdcache.plots.figures import (
     plot_sweep,
     read_metrics,
 )
-
-
-def assert_png(path, min_size=(200, 150)):
-    """A complete PNG of at least ``min_size`` pixels, with no temporary file left beside it."""
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with Image.open(path) as image:
-        image.verify()
-    with Image.open(path) as image:
-        assert image.size[0] >= min_size[0] and image.size[1] >= min_size[1]
-    assert not path.with_name(path.name + ".tmp").exists()
 
 
 def write_metrics(path, epochs, torn=False):

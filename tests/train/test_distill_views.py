@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import run_cli
+from conftest import assert_png, run_cli
 from teachers import seeded
-from test_plots import assert_png
 
 from kdcache import DistillConfig, DumpConfig, TrainConfig
 from kdcache.augment.recipe import parse_recipe

@@ -8,9 +8,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import start_cli
+from conftest import assert_png, start_cli
 from PIL import Image
-from test_plots import assert_png
 
 from kdcache import DistillConfig, DumpConfig, TrainConfig
 from kdcache.dump.teacher import dump_teacher

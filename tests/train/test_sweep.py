@@ -6,7 +6,7 @@ import csv
 import json
 
 import pytest
-from test_plots import assert_png
+from conftest import assert_png
 
 from kdcache.config import SweepConfig
 from kdcache.errors import ConfigError, KdcacheError
