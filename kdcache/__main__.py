@@ -1,3 +1,3 @@
-from kdcache.cli import main
+from kdcache.cli.commands import main
 
 main()

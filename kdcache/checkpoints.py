@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdcache.datasets import LabeledDataset
+from kdcache.data.datasets import LabeledDataset
 from kdcache.errors import CheckpointError, ConfigError
 from kdcache.models import canonical_model_spec, load_weights
 

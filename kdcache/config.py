@@ -2,41 +2,42 @@
 
 Every field is declared once, here, with its default and its help text (:func:`option`); the
 command line (:mod:`kdcache.cli`) builds its options from these fields, so adding an option to a
-command is one field in its dataclass. This module imports without click.
+command is one field in its dataclass. This module imports neither click nor torch (the CLI
+builds its options from it before any command runs): the parsers its checks call are imported
+where they run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
-from kdcache.augment.recipe import parse_recipe
-from kdcache.datasets import SPLITS
-from kdcache.logits.encodings import parse_encoding
-from kdcache.logits.losses import (
+from kdcache.choices import AMP_DTYPES, INPUT_CHOICES, SPLITS
+from kdcache.errors import ConfigError
+from kdcache.logits.loss_options import (
     DEFAULT_ALPHA,
     DEFAULT_GAMMA,
+    DEFAULT_SKEW,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
-    LOSSES,
+    DIVERGENCES,
+    LOSS_NAMES,
     check_alpha,
     check_temperature,
 )
-from kdcache.logits.sequence_losses import DEFAULT_SKEW, TOKEN_LOSSES
 from kdcache.options import IMAGE, LM, MODALITY_NAMES, Options, option, require
-from kdcache.pixels import INPUT_CHOICES
-from kdcache.runtime import AMP_DTYPES
-from kdcache.store.feed import parse_size
 
 T = TypeVar("T")
 
-#: The distillation losses each kind of run accepts, from the losses' registries.
-LOSS_CHOICES = {IMAGE: tuple(LOSSES), LM: tuple(TOKEN_LOSSES)}
+#: The distillation losses each kind of run accepts (the keys of the losses' registries).
+LOSS_CHOICES = {IMAGE: LOSS_NAMES, LM: DIVERGENCES}
 
 DEVICE_HELP = "cpu, cuda or cuda:N [default: cuda when available, else cpu]."
 AUGMENT_HELP = (
@@ -52,6 +53,8 @@ VIEWS_HELP = (
 def check_views(augment: str | None, views: int | None, *, default: str) -> None:
     """A recipe parses; V >= 1, and V > 1 only with a recipe (identical views would be waste)."""
     if augment is not None:
+        from kdcache.augment.recipe import parse_recipe
+
         parse_recipe(augment)  # a malformed recipe fails here, naming what is wrong
     if views is not None:
         require(
@@ -211,6 +214,8 @@ class DistillOptions(TrainingOptions):
     def __post_init__(self) -> None:
         check_split(self.split)
         if self.cache_memory is not None:
+            from kdcache.store.read.feed import parse_size
+
             parse_size(self.cache_memory)  # raises ConfigError for an unreadable size
         require(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
         require(self.top_k >= 1, f"--top-k must be >= 1, got {self.top_k}")
@@ -248,7 +253,7 @@ class DistillConfig(DistillOptions, LoopConfig):
 
     With a cache, ``dataset`` and ``split`` default to those recorded in the store, and
     ``cache_memory`` (bytes or e.g. ``"8GiB"``; default half the available memory) bounds the
-    decoded logits held in RAM (see :mod:`kdcache.store.feed`).
+    decoded logits held in RAM (see :mod:`kdcache.store.read.feed`).
     """
 
     cache: str | None = option(
@@ -289,6 +294,8 @@ class DistillConfig(DistillOptions, LoopConfig):
     )
 
     def __post_init__(self) -> None:
+        from kdcache.augment.recipe import parse_recipe
+
         if self.cache is None:
             check_views(self.augment, self.views, default="drop --views")
         elif self.augment is not None:
@@ -422,5 +429,103 @@ class DumpConfig(SpeedOptions):
             not (self.overwrite and self.resume),
             "--overwrite and --resume exclude each other; pick one",
         )
+        from kdcache.logits.encodings import parse_encoding
+
         parse_encoding(self.encoding)  # a bad name fails here, listing the valid encodings
         super().__post_init__()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepConfig(DistillOptions):
+    """A grid of distillation runs from one store: every loss x alpha x temperature x seed.
+
+    Every other option (the student, the transfer set, ``epochs``, ``batch_size``, ...) is a field
+    of :class:`DistillOptions`, shared by every run and meaning what it means in
+    :class:`~kdcache.config.DistillConfig`.
+    """
+
+    cache: str = option(help="Teacher logit store written by `kdcache dump-teacher`.")
+    out: str = option(
+        path="dir", help="Sweep folder: one run folder per setting, results.csv, sweep.png."
+    )
+    temperatures: tuple[float, ...] = option(
+        (1.0, 2.0, 4.0, 8.0, 16.0),
+        example="1,2,4,8,16",
+        help="Comma-separated temperatures T (> 0).",
+    )
+    alphas: tuple[float, ...] = option(
+        (DEFAULT_ALPHA,),
+        example="0.5,0.7,1",
+        help="Comma-separated soft-loss weights in [0, 1]; 1 = soft targets only.",
+    )
+    losses: tuple[str, ...] = option(
+        ("kd",), example="kd,focal", help=f"Comma-separated losses among {', '.join(LOSS_NAMES)}."
+    )
+    seeds: tuple[int, ...] = option(
+        (0,), example="0,1,2", help="Comma-separated seeds; results are mean ± std over them."
+    )
+    jobs: int = option(
+        1, help="Runs trained at once, in separate processes that share one decoded store."
+    )
+
+    def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise ConfigError(f"--jobs must be >= 1, got {self.jobs}; e.g. --jobs 4")
+        super().__post_init__()
+        for field in dataclasses.fields(self):
+            if field.name not in _GRID:
+                continue
+            values = tuple(getattr(self, field.name))
+            # lists in, tuples kept: the config stays hashable
+            object.__setattr__(self, field.name, values)
+            if not values:
+                raise ConfigError(
+                    f"--{field.name} needs at least one value; e.g. --{field.name} "
+                    f"{field.metadata['example']}"
+                )
+            if len(set(values)) != len(values):
+                raise ConfigError(
+                    f"--{field.name} lists a value twice: {','.join(map(str, values))}; "
+                    "list each once"
+                )
+        for loss in self.losses:
+            if loss not in LOSS_NAMES:
+                raise ConfigError(
+                    f"unknown loss {loss!r} in --losses; valid losses: {', '.join(LOSS_NAMES)}"
+                )
+        self.runs()  # every run's DistillConfig validates its own values (temperature > 0, ...)
+
+    def runs(self) -> list[DistillConfig]:
+        """One :class:`DistillConfig` per run, in loss, alpha, temperature, seed order."""
+        shared = {field.name: getattr(self, field.name) for field in SHARED_FIELDS}
+        return [
+            DistillConfig(
+                cache=self.cache,
+                loss=loss,
+                alpha=alpha,
+                temperature=temperature,
+                seed=seed,
+                out=os.path.join(self.out, run_name(loss, alpha, temperature, seed)),
+                **shared,
+            )
+            for loss in self.losses
+            for alpha in self.alphas
+            for temperature in self.temperatures
+            for seed in self.seeds
+        ]
+
+
+#: The swept options, one value per run.
+_GRID = ("temperatures", "alphas", "losses", "seeds")
+#: The options every run of a sweep shares with each other and with DistillConfig.
+SHARED_FIELDS = dataclasses.fields(DistillOptions)
+
+
+def setting_name(loss: str, alpha: float, temperature: float) -> str:
+    """The name of a setting (a run without its seed), e.g. ``kd-a0.7-T4``."""
+    return f"{loss}-a{alpha:g}-T{temperature:g}"
+
+
+def run_name(loss: str, alpha: float, temperature: float, seed: int) -> str:
+    """The folder of one run under the sweep's ``out``, e.g. ``kd-a0.7-T4-seed0``."""
+    return f"{setting_name(loss, alpha, temperature)}-seed{seed}"

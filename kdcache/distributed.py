@@ -11,12 +11,8 @@ process, exactly as before, and no process group is created.
 * :meth:`RankSession.on_main` runs a step on rank 0 alone (create the store, prepare the run
   folder) and hands its error, if any, to every rank, so no rank waits forever on a rank 0
   that gave up;
-* :class:`EpochShardSampler` gives each rank its share of a seeded epoch order: every index
-  exactly once per epoch across ranks, never padded with duplicates (unlike
-  ``torch.utils.data.DistributedSampler``); ranks may get one sample more than others;
-* :func:`open_rank_writer` and :func:`finalize_ranks` let K ranks fill one store, each the
-  whole chunks that kdcache.store.partition gives it (a sequence store's too), under rank 0's
-  writer lock.
+* each rank's share of an epoch comes from :class:`kdcache.data.loaders.EpochShardSampler`, and
+  a dump's writer (a sequence store's too) from :mod:`kdcache.dump.ranks`.
 """
 
 from __future__ import annotations
@@ -27,19 +23,17 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Sampler
 
+from kdcache.data.loaders import EpochShardSampler
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.runtime import resolve_device
-from kdcache.store.attach import attach_writer
-from kdcache.store.partition import SequencePlan, dump_batches, sequence_plan
-from kdcache.store.writer import StoreWriter
+from kdcache.store.ranks.partition import SequencePlan, dump_batches, sequence_plan
 
 T = TypeVar("T")
 
@@ -305,75 +299,3 @@ def rank_session(device: str | None) -> Iterator[RankSession]:
         yield session
     finally:
         dist.destroy_process_group()
-
-
-class EpochShardSampler(Sampler[int]):
-    """This rank's share of epoch orders 0, 1, 2, ... (one per iteration), each index once.
-
-    ``order(epoch)`` gives every index once (default: a permutation seeded by ``(seed,
-    epoch)``); rank r of K takes the r-th of K consecutive, near-equal slices of it, so the
-    shares of one epoch never overlap and together hold every index.
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        order: Callable[[int], np.ndarray] | None = None,
-    ) -> None:
-        self.num_samples = num_samples
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self._order = order
-        self.epoch = 0
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        if self._order is not None:
-            return self._order(epoch)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-
-    def __len__(self) -> int:
-        share, extra = divmod(self.num_samples, self.world_size)
-        return share + (self.rank < extra)
-
-    def __iter__(self) -> Iterator[int]:
-        order = self._epoch_order(self.epoch)
-        self.epoch += 1
-        return iter(np.array_split(order, self.world_size)[self.rank].tolist())
-
-
-def open_rank_writer(
-    session: RankSession, create: Callable[..., StoreWriter], path: str, **options: Any
-) -> StoreWriter:
-    """``create(path, **options)`` on rank 0 (it takes the lock); the other ranks then attach.
-
-    With one process this is just ``create(path, **options)``.
-    """
-    writer = session.on_main(lambda: create(path, **options))
-    if writer is not None:
-        return writer
-    return attach_writer(path, fsync=options.get("fsync", True))
-
-
-def finalize_ranks(session: RankSession, writer: StoreWriter) -> None:
-    """Once every rank has written its chunks, rank 0 finalizes the store; others let go.
-
-    Rank 0 keeps its writer lock alive while it waits, and records the fidelity measured over
-    all ranks' rows.
-    """
-    if not session.is_distributed:
-        writer.finalize()
-        return
-    session.barrier(while_waiting=writer.keep_lock if session.is_main else None)
-    # Every measured row's KL (at most ~65k rows in all): the recorded fidelity is then the
-    # same whatever the number of ranks.
-    parts = session.all_gather(writer.fidelity.parts())
-    if session.is_main:
-        for rank, other in enumerate(parts):
-            if rank != session.info.rank:
-                writer.fidelity.add_parts(other)
-    else:
-        writer.close()
-    session.on_main(writer.finalize)

@@ -87,7 +87,7 @@ def _dump(
     dataset: str,
 ) -> dict[str, Any]:
     from kdcache import DumpConfig
-    from kdcache.dump import dump_teacher
+    from kdcache.dump.teacher import dump_teacher
 
     augment: dict[str, Any] = (
         {} if views == 0 else {"views": views, "augment": recipe, "augment_seed": 0}
@@ -128,7 +128,7 @@ def _bare_forward(
 
     from kdcache.augment.recipe import parse_recipe
     from kdcache.augment.views import AllViews, ViewSource, input_size
-    from kdcache.datasets import build_dataset
+    from kdcache.data.datasets import build_dataset
     from kdcache.models import build_model, load_weights
 
     dataset = build_dataset(dataset_spec)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from kdcache.cli import cli
+from kdcache.cli.commands import cli
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 MARKER = "<!-- generated below by pipelines/cli_reference.py; do not edit by hand -->"

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from kdcache import DistillConfig, DumpConfig, TrainConfig, create_store, open_store
-from kdcache.dump import dump_teacher
+from kdcache.dump.teacher import dump_teacher
 from kdcache.logits.fidelity import kl_divergence
-from kdcache.store.report import inspect_store
+from kdcache.store.tools.report import inspect_store
 from kdcache.train.loop import distill, train
 
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.store.writer import create_store
+from kdcache.store.write.writer import create_store
 
 
 def write_once(path: Path, logits: np.ndarray, *, fsync: bool) -> tuple[float, int]:

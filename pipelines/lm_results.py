@@ -32,7 +32,7 @@ from lm_setup import documents, train_tokenizer, write_config  # noqa: E402
 
 from kdcache.config import DistillConfig, DumpConfig, TrainConfig  # noqa: E402
 from kdcache.lm.dump import dump_lm  # noqa: E402
-from kdcache.store.layout import store_nbytes  # noqa: E402
+from kdcache.store.format.layout import store_nbytes  # noqa: E402
 from kdcache.store.sequence import create_sequence_store, open_sequence_store  # noqa: E402
 from kdcache.train.loop import distill, train  # noqa: E402
 

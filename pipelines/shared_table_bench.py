@@ -4,7 +4,7 @@ Usage: python pipelines/shared_table_bench.py [--num-samples N] [--num-classes C
 
 Writes a float16 store of N x C random logits, then for each K starts K reader processes that
 open it and load it into memory, privately (each decodes its own copy, as one process does) or
-shared (kdcache.store.shared_table: one copy per machine). Once all K hold their table, each
+shared (kdcache.store.read.shared_table: one copy per machine). Once all K hold their table, each
 reports its peak RSS (ru_maxrss) and its proportional set size (PSS: shared pages divided
 between the processes that map them). The sum of PSS is what the K readers cost the machine;
 per-process RSS counts a shared table once in every process that maps it. Prints one JSON line
@@ -27,7 +27,7 @@ import numpy as np
 
 
 def worker(store: str, shared: bool, gate: Path, count: int) -> None:
-    from kdcache.store.reader import open_store
+    from kdcache.store.read.reader import open_store
 
     reader = open_store(store)
     reader.feed.load(shared=shared)
@@ -92,7 +92,7 @@ def main() -> None:
         worker(store, shared == "1", Path(gate), int(count))
         return
 
-    from kdcache.store.writer import create_store
+    from kdcache.store.write.writer import create_store
 
     with tempfile.TemporaryDirectory(prefix="kdcache-shared-bench-") as scratch:
         store = str(Path(scratch) / "t.zarr")

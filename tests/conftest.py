@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from PIL import Image
 
 # CI replays the same examples every run (a red CI must be reproducible); elsewhere the fuzzers
 # explore new ones.
@@ -91,7 +92,7 @@ def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def digits_store(tmp_path_factory: pytest.TempPathFactory, digits_teacher: Path) -> Path:
     """A complete float32 store of the digits teacher's logits on the train split."""
     from kdcache import DumpConfig
-    from kdcache.dump import dump_teacher
+    from kdcache.dump.teacher import dump_teacher
 
     out = tmp_path_factory.mktemp("stores") / "digits.zarr"
     dump_teacher(
@@ -133,3 +134,13 @@ def s3_bucket(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str
     name = f"kdcache-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
     return f"s3://{name}"
+
+
+def assert_png(path: Path, min_size: tuple[int, int] = (200, 150)) -> None:
+    """A complete PNG of at least ``min_size`` pixels, with no temporary file left beside it."""
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.size[0] >= min_size[0] and image.size[1] >= min_size[1]
+    assert not path.with_name(path.name + ".tmp").exists()

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from kdcache import DistillConfig, TrainConfig
-from kdcache.datasets import build_dataset, canonical_dataset_spec
+from kdcache.data.datasets import build_dataset, canonical_dataset_spec
 from kdcache.errors import CheckpointError, ConfigError, SpecError
 from kdcache.models import build_model, canonical_model_spec, check_input_fits, load_weights
-from kdcache.runtime import prepare_output_dir, resolve_device
+from kdcache.run_folder import prepare_output_dir
+from kdcache.runtime import resolve_device
 from kdcache.train.loop import train
 
 

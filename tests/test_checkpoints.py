@@ -10,10 +10,10 @@ from click.testing import CliRunner
 
 from kdcache import DistillConfig, DumpConfig
 from kdcache.checkpoints import read_record
-from kdcache.cli import cli
-from kdcache.dump import dump_teacher
+from kdcache.cli.commands import cli
+from kdcache.dump.teacher import dump_teacher
 from kdcache.errors import CheckpointError, ConfigError
-from kdcache.store.reader import open_store
+from kdcache.store.read.reader import open_store
 from kdcache.train.loop import distill
 
 

@@ -5,20 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kdcache.distributed import EpochShardSampler, rank_info
+from kdcache.data.loaders import EpochShardSampler
+from kdcache.distributed import rank_info
 from kdcache.errors import ConfigError
-from kdcache.store import durability
-from kdcache.store.feed import LogitFeed
-from kdcache.store.partition import (
+from kdcache.store.ranks.partition import (
     MIN_UNITS,
     dump_batches,
     owned_chunks,
     sequence_plan,
     unit_chunks,
 )
-from kdcache.store.reader import open_store
+from kdcache.store.read.feed import LogitFeed
+from kdcache.store.read.reader import open_store
 from kdcache.store.sequence import rows_of, sequence_offsets
-from kdcache.store.writer import create_store
+from kdcache.store.write import durability
+from kdcache.store.write.writer import create_store
 
 
 def assert_partition(shares: list[list[int]], num_samples: int) -> None:

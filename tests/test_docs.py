@@ -138,7 +138,7 @@ def test_the_docs_check_catches_a_missing_file(tmp_path):
         "# Page\n\nSee [there](other.md), [here](#nowhere), `pipelines/gone.py`,\n"
         "`gone_module.py`, `kdcache.no_such_module` and `kdcache.open_store_gone`;\n"
         "[up](#page) is fine.\n"
-        "- **store/**: `writer.py` exists, `gone.py` does not.\n"
+        "- **store/**: `sequence.py` exists, `gone.py` does not.\n"
     )
     assert missing_names(doc) == [
         "link other.md",

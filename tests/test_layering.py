@@ -1,4 +1,4 @@
-"""The package's imports point one way: logits <- store <- {dump, train} <- cli.
+"""The package's imports point one way: logits <- store <- data <- {dump, train} <- bench <- cli.
 
 Every ``import`` and ``from ... import`` in kdcache (at module level, inside functions and under
 TYPE_CHECKING alike) is parsed and checked against the layer of its target.
@@ -18,36 +18,35 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kdcache"
 LAYERS: dict[str, int] = {
     "kdcache._version": 0,
     "kdcache.errors": 0,
+    "kdcache.choices": 0,
     "kdcache.wording": 0,
     "kdcache.progress": 0,
     "kdcache.logits": 1,
-    "kdcache.store": 2,
-    "kdcache.pixels": 2,
-    "kdcache.datasets": 3,
-    "kdcache.models": 3,
-    "kdcache.runtime": 3,
-    "kdcache.distributed": 4,
-    "kdcache.plots": 3,
-    "kdcache.options": 3,  # the field helpers of kdcache.config
-    "kdcache.augment": 3,
-    "kdcache.augment.figure": 4,  # draws with kdcache.plots
-    "kdcache.config": 4,
-    "kdcache.checkpoints": 4,
-    "kdcache.device_input": 4,
-    "kdcache.dump": 5,
-    "kdcache.train": 5,
-    "kdcache.bench_inputs": 5,
-    "kdcache.bench_feed": 5,
-    "kdcache.bench_writer": 6,
-    "kdcache.bench_dump": 6,
-    "kdcache.bench": 6,
-    "kdcache.lm": 4,  # hf models and text data; trained by kdcache.train
-    "kdcache.lm.dump": 6,
-    "kdcache.cli_options": 6,  # the CLI's machinery: imported by cli and cli_bench alone
-    "kdcache.cli_bench": 7,
-    "kdcache.cli": 8,
-    "kdcache.__main__": 9,
-    "kdcache": 10,
+    "kdcache.store.format": 2,
+    "kdcache.store.read": 3,
+    "kdcache.store.write": 3,
+    "kdcache.store.ranks": 4,
+    "kdcache.store.tools": 5,
+    "kdcache.store.sequence": 4,
+    "kdcache.store": 6,  # the package's exports
+    "kdcache.models": 7,
+    "kdcache.runtime": 7,
+    "kdcache.run_folder": 7,
+    "kdcache.options": 7,
+    "kdcache.augment": 7,
+    "kdcache.data": 8,
+    "kdcache.plots": 8,
+    "kdcache.config": 8,
+    "kdcache.distributed": 9,
+    "kdcache.checkpoints": 9,
+    "kdcache.lm": 9,  # hf models and text data; trained by kdcache.train
+    "kdcache.dump": 10,
+    "kdcache.train": 10,
+    "kdcache.bench": 11,
+    "kdcache.lm.dump": 11,
+    "kdcache.cli": 12,
+    "kdcache.__main__": 13,
+    "kdcache": 14,
 }
 
 
@@ -72,7 +71,7 @@ def imported_modules(path: Path) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
-            # "from kdcache.store import reader" imports the submodule kdcache.store.reader
+            # "from kdcache.store import reader" imports the submodule kdcache.store.read.reader
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return {name for name in names if name == "kdcache" or name.startswith("kdcache.")}
 

@@ -14,7 +14,7 @@ import pytest
 from lm.lm_fixtures import lm_files_fixture  # noqa: F401  (provides the lm_files fixture)
 
 from kdcache import DistillConfig, DumpConfig, SweepConfig, TrainConfig, distill, dump_teacher
-from kdcache.cli import cli
+from kdcache.cli.commands import cli
 from kdcache.errors import ConfigError
 from kdcache.options import IMAGE, LM
 from kdcache.train.loop import train

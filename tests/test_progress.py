@@ -13,7 +13,7 @@ import pytest
 from conftest import cli_environment
 
 from kdcache import DumpConfig
-from kdcache.dump import dump_teacher
+from kdcache.dump.teacher import dump_teacher
 from kdcache.progress import progress
 
 

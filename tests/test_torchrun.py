@@ -24,11 +24,11 @@ from conftest import cli_environment
 from teachers import fingerprint
 
 from kdcache import DumpConfig, dump_teacher
-from kdcache.datasets import build_dataset
+from kdcache.data.datasets import build_dataset
 from kdcache.errors import StoreLockedError
 from kdcache.models import build_model, load_weights
-from kdcache.store.location import parse_location, zarr_store
-from kdcache.store.locking import acquire_writer_lock
+from kdcache.store.format.location import parse_location, zarr_store
+from kdcache.store.write.locking import acquire_writer_lock
 from kdcache.train.loop import evaluate
 
 DUMP = dict(dataset="fake:200:8:10", chunk_rows=20, batch_size=15, encoding="float32")

@@ -26,7 +26,7 @@ LEGACY_SAMPLER = "numpy-default_rng"
 
 
 class BaseDataset(Protocol):
-    """What views need of a dataset (a :class:`kdcache.datasets.LabeledDataset`)."""
+    """What views need of a dataset (a :class:`kdcache.data.datasets.LabeledDataset`)."""
 
     num_classes: int
     in_channels: int
@@ -142,7 +142,7 @@ class ViewDataset(Dataset):
     indexed ``epoch * N * V + row`` (see :class:`~kdcache.augment.order.ViewSampler`).
     """
 
-    #: What :class:`kdcache.device_input.InputPipeline` needs: views are float32 images.
+    #: What :class:`kdcache.data.device_input.InputPipeline` needs: views are float32 images.
     input_form = "float32"
     normalization = None
     jpeg_geometry = None

@@ -1,8 +1,8 @@
 """Run a causal LM once over local text and store its next-token logits in a sequence store.
 
 Under ``torchrun`` every rank runs :func:`dump_lm` with the same config: rank 0 creates (or
-resumes) the store and holds its lock, each rank fills the whole chunks kdcache.store.partition
-gives it (:func:`kdcache.store.partition.sequence_plan`), and rank 0 finalizes the store.
+resumes) the store and holds its lock, each rank fills the whole chunks that
+:func:`kdcache.store.ranks.partition.sequence_plan` gives it, and rank 0 finalizes the store.
 """
 
 from __future__ import annotations
@@ -18,18 +18,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from kdcache.config import DumpConfig
-from kdcache.distributed import RankSession, finalize_ranks, open_rank_writer, rank_session
-from kdcache.dump import DumpResult, _resumable_on_os_error
+from kdcache.distributed import RankSession, rank_session
+from kdcache.dump.ranks import finalize_ranks, open_rank_writer
+from kdcache.dump.teacher import DumpResult, _resumable_on_os_error
 from kdcache.errors import ConfigError
 from kdcache.lm.fingerprint import lm_fingerprint
 from kdcache.lm.models import CausalLM, load_causal_lm, pad_id
 from kdcache.lm.text import TokenBatch, TokenDataset, build_text_dataset, collate
 from kdcache.runtime import autocast, prepare_model
-from kdcache.store.background import BackgroundWriter
-from kdcache.store.layout import store_nbytes
-from kdcache.store.partition import SequencePlan
+from kdcache.store.format.layout import store_nbytes
+from kdcache.store.ranks.partition import SequencePlan
 from kdcache.store.sequence import SequenceWriter, create_sequence_store, sequence_offsets
-from kdcache.store.writer import StoreWriter
+from kdcache.store.write.background import BackgroundWriter
+from kdcache.store.write.writer import StoreWriter
 
 
 @dataclass(frozen=True)

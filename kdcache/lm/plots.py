@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.plots import mark_best, new_figure, read_metrics, save_figure, set_title
+from kdcache.plots.figures import mark_best, new_figure, read_metrics, save_figure, set_title
 
 
 def plot_lm_curves(

@@ -38,55 +38,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcache.errors import ConfigError, SpecError
+from kdcache.logits.loss_options import (
+    DEFAULT_ALPHA,
+    DEFAULT_GAMMA,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    check_alpha,
+    check_temperature,
+    is_real,
+)
 from kdcache.logits.sparse import SparseLogits, TeacherInput
 
 #: The label of a sample that has none (an unlabeled transfer set): it adds nothing to the hard
 #: term, and ``alpha = 1`` (soft targets only) drops that term altogether.
 UNLABELED = -1
-#: The losses' default hyper-parameters, written once for images and tokens alike: the loss
-#: classes, DistillConfig and the CLI read them here.
-DEFAULT_TEMPERATURE = 4.0
-DEFAULT_ALPHA = 0.7
-DEFAULT_GAMMA = 2.0
-DEFAULT_TOP_K = 5
 REDUCTIONS = ("mean", "sum", "none")
 
 # Keeps log(p) finite where the softened teacher probability underflows to zero; the value is
 # the reference formulation's, so per-sample KL terms match it exactly.
 _LOG_EPS = 1e-10
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-#: The smallest distillation temperature: T^2 is still a normal float32 and logits / T stays
-#: finite in float32 for any logit below 3e19.
-MIN_TEMPERATURE = math.sqrt(float(torch.finfo(torch.float32).tiny))
-
-
-def check_temperature(temperature: float) -> float:
-    """``temperature`` as a float, or a ConfigError naming it and the valid range."""
-    if not (
-        _is_real(temperature) and math.isfinite(temperature) and temperature >= MIN_TEMPERATURE
-    ):
-        raise ConfigError(
-            f"temperature must be > 0 and at least {MIN_TEMPERATURE:.2g} (below it "
-            "softmax(logits / T) overflows float32 and the T^2 loss scale underflows to 0), got "
-            f"{temperature!r}; typical values are 1 to 20"
-        )
-    return float(temperature)
-
-
-def check_alpha(alpha: float) -> float:
-    """``alpha`` as a float, or a ConfigError naming it and the valid range."""
-    # Written so that NaN fails the range test too.
-    if not (_is_real(alpha) and 0.0 <= alpha <= 1.0):
-        raise ConfigError(
-            f"alpha must lie in [0, 1], got {alpha!r}; it must be a number such as 0.7 (the "
-            "weight of the soft loss)"
-        )
-    return float(alpha)
 
 
 def _check_inputs(student_logits: Tensor, teacher_logits: TeacherInput, labels: Tensor) -> None:
@@ -303,7 +273,7 @@ class FocalDistillationLoss(nn.Module):
         gamma: float = DEFAULT_GAMMA,
     ) -> None:
         super().__init__()
-        if not (_is_real(gamma) and math.isfinite(gamma) and gamma >= 0):
+        if not (is_real(gamma) and math.isfinite(gamma) and gamma >= 0):
             raise ConfigError(f"gamma must be a finite number >= 0, got {gamma!r}")
         self.temperature = check_temperature(temperature)
         self.alpha = check_alpha(alpha)
@@ -376,7 +346,6 @@ LOSSES: dict[str, type[nn.Module]] = {
     "focal": FocalDistillationLoss,
     "attention": AttentionLogitsLoss,
 }
-LOSS_NAMES = tuple(LOSSES)
 
 
 def build_loss(name: str, **hyper_parameters: float) -> nn.Module:

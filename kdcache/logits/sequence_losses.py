@@ -37,16 +37,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcache.errors import ConfigError
-from kdcache.logits.losses import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, check_alpha, check_temperature
+from kdcache.logits.loss_options import (
+    DEFAULT_ALPHA,
+    DEFAULT_SKEW,
+    DEFAULT_TEMPERATURE,
+    DIVERGENCES,
+    check_alpha,
+    check_temperature,
+)
 from kdcache.logits.sampled import SampledLogits
 from kdcache.logits.sparse import SparseLogits
 
 #: Teacher rows as the token-level losses accept them.
 TokenTeacher = Tensor | SparseLogits | SampledLogits
 
-DIVERGENCES = ("kd", "reverse", "skew", "js")
 #: The mixing weight lam of ``skew``.
-DEFAULT_SKEW = 0.1
 #: Target of the ignored positions in ``targets``, as in torch's cross_entropy.
 IGNORE_INDEX = -100
 

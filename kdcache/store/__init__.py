@@ -1,16 +1,23 @@
-"""The on-disk store and everything that touches it: location, layout, writer, reader, feed, tools.
+"""The on-disk store and everything that touches it, one subpackage per concern:
 
-Imports only :mod:`kdcache.logits` and :mod:`kdcache.errors`; zarr internals stay in
-:mod:`kdcache.store._zarr_compat`.
+* :mod:`~kdcache.store.format`: where a store lives, its arrays, metadata record and checks;
+* :mod:`~kdcache.store.write`: creating, resuming, filling and replacing a store;
+* :mod:`~kdcache.store.read`: opening a store, checked decoding, the logit feed;
+* :mod:`~kdcache.store.ranks`: a store written by the K ranks of a torchrun job;
+* :mod:`~kdcache.store.tools`: verify, inspect (the report) and pack;
+* :mod:`~kdcache.store.sequence`: language-model stores, one row per token.
+
+This package exports the names a user of stores needs. Imports only :mod:`kdcache.logits` and
+:mod:`kdcache.errors`; zarr internals stay in :mod:`kdcache.store.format._zarr_compat`.
 """
 
-from kdcache.store.layout import StoreLike
-from kdcache.store.metadata import StoreMetadata
-from kdcache.store.pack import PackResult, pack_store
-from kdcache.store.reader import StoreReader, open_store
-from kdcache.store.report import StoreReport, inspect_store
-from kdcache.store.verify import VerifyReport, verify_store
-from kdcache.store.writer import StoreWriter, create_store
+from kdcache.store.format.layout import StoreLike
+from kdcache.store.format.metadata import StoreMetadata
+from kdcache.store.read.reader import StoreReader, open_store
+from kdcache.store.tools.pack import PackResult, pack_store
+from kdcache.store.tools.report import StoreReport, inspect_store
+from kdcache.store.tools.verify import VerifyReport, verify_store
+from kdcache.store.write.writer import StoreWriter, create_store
 
 __all__ = [
     "PackResult",

@@ -1,6 +1,7 @@
 """Sequence stores: a language model's next-token distributions, one row per token, keyed by sample.
 
-A sequence store is an ordinary kdcache store (:mod:`kdcache.store.writer`) whose rows are tokens
+A sequence store is an ordinary kdcache store (:mod:`kdcache.store.write.writer`) whose rows are
+tokens
 rather than samples, plus two arrays that make sample i's tokens one slice:
 
 - ``offsets`` (N + 1,) int64: sample i owns token rows ``offsets[i]:offsets[i + 1]``;
@@ -27,10 +28,10 @@ from kdcache.errors import ConfigError, StoreFormatError, StoreMismatchError
 from kdcache.logits.encodings import SampledEncoding
 from kdcache.logits.sampled import SampledLogits
 from kdcache.logits.sparse import SparseLogits
-from kdcache.store.layout import FIRST_TOKEN_ARRAY, OFFSETS_ARRAY, StoreLike
-from kdcache.store.location import parse_location
-from kdcache.store.reader import StoreReader, open_store
-from kdcache.store.writer import StoreWriter, create_store
+from kdcache.store.format.layout import FIRST_TOKEN_ARRAY, OFFSETS_ARRAY, StoreLike
+from kdcache.store.format.location import parse_location
+from kdcache.store.read.reader import StoreReader, open_store
+from kdcache.store.write.writer import StoreWriter, create_store
 
 #: Key of the sequence layout in the metadata's ``extra``.
 SEQUENCE_KEY = "sequence"
@@ -125,7 +126,7 @@ def create_sequence_store(
     """Create (or resume) a sequence store for the token id arrays ``sequences``.
 
     Every sample needs at least 2 tokens (one row); ``chunk_rows`` counts tokens per chunk. The
-    other options are :func:`kdcache.store.writer.create_store`'s.
+    other options are :func:`kdcache.store.write.writer.create_store`'s.
     """
     lengths = np.array([len(tokens) for tokens in sequences], dtype=np.int64)
     if lengths.size == 0 or (lengths < 2).any():
@@ -271,7 +272,7 @@ class SequenceReader:
 def open_sequence_store(
     path: StoreLike, *, allow_incomplete: bool = False, memory_budget: int | str | None = None
 ) -> SequenceReader:
-    """Open a sequence store read-only (see :func:`kdcache.store.reader.open_store`)."""
+    """Open a sequence store read-only (see :func:`kdcache.store.read.reader.open_store`)."""
     return SequenceReader(
         open_store(path, allow_incomplete=allow_incomplete, memory_budget=memory_budget)
     )

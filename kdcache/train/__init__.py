@@ -4,11 +4,10 @@ loop."""
 
 from kdcache.train.loop import RunResult, distill, train
 from kdcache.train.pairing import TeacherLogits
-from kdcache.train.sweep import SweepConfig, SweepResult, run_sweep
+from kdcache.train.sweep import SweepResult, run_sweep
 
 __all__ = [
     "RunResult",
-    "SweepConfig",
     "SweepResult",
     "TeacherLogits",
     "distill",

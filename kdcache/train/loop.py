@@ -22,17 +22,18 @@ from torch.utils.data import Sampler
 from kdcache._version import __version__
 from kdcache.checkpoints import load_checkpoint, resolve_specs
 from kdcache.config import DistillConfig, TrainConfig
-from kdcache.datasets import LabeledDataset, build_dataset, labeled_spec
-from kdcache.device_input import DeviceBatch, resolve_inputs
+from kdcache.data.datasets import LabeledDataset, build_dataset, labeled_spec
+from kdcache.data.device_input import DeviceBatch, resolve_inputs
 from kdcache.distributed import RankSession, rank_session
 from kdcache.errors import ConfigError, StoreMismatchError
 from kdcache.lm.dispatch import is_lm_run
 from kdcache.logits.losses import build_loss
 from kdcache.models import build_model, check_input_fits, load_weights, weights_sha256
 from kdcache.options import IMAGE, LM, refuse_foreign_options
-from kdcache.plots import plot_distributions
-from kdcache.runtime import prepare_model, prepare_output_dir
-from kdcache.store.reader import StoreReader, open_store
+from kdcache.plots.figures import plot_distributions
+from kdcache.run_folder import prepare_output_dir
+from kdcache.runtime import prepare_model
+from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.store.sequence import SequenceReader
 from kdcache.train.fit import RunResult, fit, held_out_split
 from kdcache.train.pairing import check_store_matches
@@ -124,7 +125,7 @@ def distill(
     """Train ``config.student`` on the distillation loss against a store's (or a live teacher's)
     logits: an image classifier, or a causal language model (``hf:PATH``).
 
-    ``reader`` is ``config.cache`` already opened (:func:`~kdcache.store.reader.open_store`, or
+    ``reader`` is ``config.cache`` already opened (:func:`~kdcache.store.read.reader.open_store`, or
     :func:`~kdcache.store.sequence.open_sequence_store` for a language model): pass it to share
     one decoded store across many runs (as :func:`kdcache.train.sweep.run_sweep` does).
     Under torchrun every rank runs this with the same config (DistributedDataParallel).

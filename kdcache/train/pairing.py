@@ -19,11 +19,11 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from kdcache.augment.views import ViewSource
-from kdcache.datasets import LabeledDataset, compare_fingerprints, dataset_fingerprint
+from kdcache.data.datasets import LabeledDataset, compare_fingerprints, dataset_fingerprint
 from kdcache.errors import ConfigError, StoreMismatchError
 from kdcache.logits.sparse import SparseLogits, TeacherInput
-from kdcache.store.layout import StoreLike
-from kdcache.store.reader import StoreReader, open_store
+from kdcache.store.format.layout import StoreLike
+from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.train.views import stored_view_source
 
 
@@ -138,9 +138,9 @@ class TeacherLogits(Dataset):
     ``y`` the sample's own label (for a mixing recipe, :attr:`views` ``.mix_of(rows)`` gives each
     row's partner and own-pixel share).
 
-    ``store`` is a path, URL, ``.zip`` or an open :class:`~kdcache.store.reader.StoreReader`
-    (``memory_budget`` as in :func:`~kdcache.store.reader.open_store`). The store must have been
-    dumped from ``dataset``: its size, classes and recorded fingerprint are checked as
+    ``store`` is a path, URL, ``.zip`` or an open :class:`~kdcache.store.read.reader.StoreReader`
+    (``memory_budget`` as in :func:`~kdcache.store.read.reader.open_store`). The store must have
+    been dumped from ``dataset``: its size, classes and recorded fingerprint are checked as
     ``kdcache distill`` checks them (``check_inputs=False`` skips hashing inputs, for random
     transforms).
     """

@@ -3,7 +3,7 @@
 A sweep's runs are independent, and one small student rarely fills a machine: J worker
 processes (spawned, so no zarr or fsspec state crosses a fork) each run one setting at a time.
 Every worker maps the one decoded table of the store that all of them share
-(kdcache.store.shared_table), so J runs cost one table plus J interpreters, not J tables. Each
+(kdcache.store.read.shared_table), so J runs cost one table plus J interpreters, not J tables. Each
 worker gets an equal share of the CPU cores for its torch threads.
 """
 

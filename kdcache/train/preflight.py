@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from kdcache.datasets import LabeledDataset, build_dataset
+from kdcache.data.datasets import LabeledDataset, build_dataset
 from kdcache.errors import StoreMismatchError
 from kdcache.models import build_model, check_input_fits
-from kdcache.store.reader import StoreReader
+from kdcache.store.read.reader import StoreReader
 from kdcache.train.pairing import check_store_matches
 
 

@@ -20,16 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdcache.config import DistillConfig, DistillOptions
-from kdcache.datasets import canonical_dataset_spec
+from kdcache.config import SHARED_FIELDS, DistillConfig, SweepConfig, setting_name
+from kdcache.data.datasets import canonical_dataset_spec
 from kdcache.distributed import rank_info
 from kdcache.errors import ConfigError, KdcacheError
-from kdcache.logits.losses import DEFAULT_ALPHA, LOSS_NAMES
 from kdcache.models import canonical_model_spec
-from kdcache.options import IMAGE, LM, option, refuse_foreign_options
-from kdcache.plots import plot_sweep, read_metrics
-from kdcache.store.location import refuse_inside_store
-from kdcache.store.reader import StoreReader, open_store
+from kdcache.options import IMAGE, LM, refuse_foreign_options
+from kdcache.plots.figures import plot_sweep, read_metrics
+from kdcache.store.format.location import refuse_inside_store
+from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.train.loop import RunResult, distill, modality
 from kdcache.train.parallel import run_concurrently
 from kdcache.train.preflight import check_model, store_dataset
@@ -55,102 +54,6 @@ CSV_COLUMNS = (
 #: Options that change how fast a run goes, not what it learns: a finished run is reused whatever
 #: they were. Every other option shared with DistillConfig must match for a run to be reused.
 _RUNTIME_ONLY_FIELDS = ("device", "num_workers", "cache_memory")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SweepConfig(DistillOptions):
-    """A grid of distillation runs from one store: every loss x alpha x temperature x seed.
-
-    Every other option (the student, the transfer set, ``epochs``, ``batch_size``, ...) is a field
-    of :class:`~kdcache.config.DistillOptions`, shared by every run and meaning what it means in
-    :class:`~kdcache.config.DistillConfig`.
-    """
-
-    cache: str = option(help="Teacher logit store written by `kdcache dump-teacher`.")
-    out: str = option(
-        path="dir", help="Sweep folder: one run folder per setting, results.csv, sweep.png."
-    )
-    temperatures: tuple[float, ...] = option(
-        (1.0, 2.0, 4.0, 8.0, 16.0),
-        example="1,2,4,8,16",
-        help="Comma-separated temperatures T (> 0).",
-    )
-    alphas: tuple[float, ...] = option(
-        (DEFAULT_ALPHA,),
-        example="0.5,0.7,1",
-        help="Comma-separated soft-loss weights in [0, 1]; 1 = soft targets only.",
-    )
-    losses: tuple[str, ...] = option(
-        ("kd",), example="kd,focal", help=f"Comma-separated losses among {', '.join(LOSS_NAMES)}."
-    )
-    seeds: tuple[int, ...] = option(
-        (0,), example="0,1,2", help="Comma-separated seeds; results are mean ± std over them."
-    )
-    jobs: int = option(
-        1, help="Runs trained at once, in separate processes that share one decoded store."
-    )
-
-    def __post_init__(self) -> None:
-        if self.jobs < 1:
-            raise ConfigError(f"--jobs must be >= 1, got {self.jobs}; e.g. --jobs 4")
-        super().__post_init__()
-        for field in dataclasses.fields(self):
-            if field.name not in _GRID:
-                continue
-            values = tuple(getattr(self, field.name))
-            # lists in, tuples kept: the config stays hashable
-            object.__setattr__(self, field.name, values)
-            if not values:
-                raise ConfigError(
-                    f"--{field.name} needs at least one value; e.g. --{field.name} "
-                    f"{field.metadata['example']}"
-                )
-            if len(set(values)) != len(values):
-                raise ConfigError(
-                    f"--{field.name} lists a value twice: {','.join(map(str, values))}; "
-                    "list each once"
-                )
-        for loss in self.losses:
-            if loss not in LOSS_NAMES:
-                raise ConfigError(
-                    f"unknown loss {loss!r} in --losses; valid losses: {', '.join(LOSS_NAMES)}"
-                )
-        self.runs()  # every run's DistillConfig validates its own values (temperature > 0, ...)
-
-    def runs(self) -> list[DistillConfig]:
-        """One :class:`DistillConfig` per run, in loss, alpha, temperature, seed order."""
-        shared = {field.name: getattr(self, field.name) for field in _SHARED_FIELDS}
-        return [
-            DistillConfig(
-                cache=self.cache,
-                loss=loss,
-                alpha=alpha,
-                temperature=temperature,
-                seed=seed,
-                out=os.path.join(self.out, run_name(loss, alpha, temperature, seed)),
-                **shared,
-            )
-            for loss in self.losses
-            for alpha in self.alphas
-            for temperature in self.temperatures
-            for seed in self.seeds
-        ]
-
-
-#: The swept options, one value per run.
-_GRID = ("temperatures", "alphas", "losses", "seeds")
-#: The options every run of a sweep shares with each other and with DistillConfig.
-_SHARED_FIELDS = dataclasses.fields(DistillOptions)
-
-
-def setting_name(loss: str, alpha: float, temperature: float) -> str:
-    """The name of a setting (a run without its seed), e.g. ``kd-a0.7-T4``."""
-    return f"{loss}-a{alpha:g}-T{temperature:g}"
-
-
-def run_name(loss: str, alpha: float, temperature: float, seed: int) -> str:
-    """The folder of one run under the sweep's ``out``, e.g. ``kd-a0.7-T4-seed0``."""
-    return f"{setting_name(loss, alpha, temperature)}-seed{seed}"
 
 
 @dataclass(frozen=True)
@@ -179,7 +82,7 @@ def _finished_result(config: DistillConfig) -> RunResult | None:
     if not config_path.is_file():
         return None
     saved = json.loads(config_path.read_text())
-    for field in _SHARED_FIELDS:
+    for field in SHARED_FIELDS:
         if field.name in _RUNTIME_ONLY_FIELDS:
             continue
         # Through JSON, so that tuples compare with the lists they were saved as; an option

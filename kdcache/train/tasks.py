@@ -23,15 +23,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from kdcache._version import __version__
-from kdcache.datasets import LabeledDataset
-from kdcache.device_input import Attach, DeviceBatch, InputPipeline
+from kdcache.data.datasets import LabeledDataset
+from kdcache.data.device_input import Attach, DeviceBatch, InputPipeline
 from kdcache.distributed import RankSession
 from kdcache.lm.models import CausalLM, lm_logits, pad_id, save_causal_lm
 from kdcache.lm.plots import plot_lm_curves
 from kdcache.lm.text import TokenBatch, TokenDataset, collate
 from kdcache.logits.losses import total_loss
-from kdcache.plots import plot_curves
-from kdcache.runtime import atomic_torch_save, autocast
+from kdcache.plots.figures import plot_curves
+from kdcache.run_folder import atomic_torch_save
+from kdcache.runtime import autocast
 
 if TYPE_CHECKING:
     from kdcache.augment.views import ViewDataset

@@ -14,13 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdcache.device_input import Attach, DeviceBatch
+from kdcache.data.device_input import Attach, DeviceBatch
 from kdcache.lm.models import CausalLM
 from kdcache.lm.text import TokenBatch
 from kdcache.logits.sequence_losses import TokenTeacher
 from kdcache.logits.sparse import TeacherInput
 from kdcache.runtime import autocast
-from kdcache.store.feed import LogitFeed
+from kdcache.store.read.feed import LogitFeed
 from kdcache.store.sequence import SequenceReader
 from kdcache.train.views import Views
 

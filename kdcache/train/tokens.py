@@ -23,7 +23,7 @@ from kdcache.lm.models import CausalLM, load_causal_lm
 from kdcache.lm.text import TokenDataset, build_text_dataset
 from kdcache.logits.losses import construct
 from kdcache.logits.sequence_losses import TOKEN_LOSSES
-from kdcache.runtime import prepare_output_dir
+from kdcache.run_folder import prepare_output_dir
 from kdcache.store.sequence import SequenceReader, open_sequence_store
 from kdcache.train.fit import RunResult, fit, held_out_split
 from kdcache.train.tasks import NextToken, TokenDistillation

@@ -17,9 +17,9 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from kdcache.config import DistillConfig
-from kdcache.datasets import LabeledDataset
+from kdcache.data.datasets import LabeledDataset
 from kdcache.errors import ConfigError
-from kdcache.store.feed import LogitFeed
+from kdcache.store.read.feed import LogitFeed
 
 
 def read_indices(path: str) -> np.ndarray:

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from kdcache.augment.order import ViewSampler
 from kdcache.augment.recipe import SAMPLER, Recipe, parse_recipe
 from kdcache.augment.views import BaseDataset, ViewDataset, ViewSource, sampler_of
-from kdcache.datasets import LabeledDataset
+from kdcache.data.datasets import LabeledDataset
 from kdcache.errors import StoreMismatchError
-from kdcache.store.feed import LogitFeed
-from kdcache.store.reader import StoreReader
+from kdcache.store.read.feed import LogitFeed
+from kdcache.store.read.reader import StoreReader
 from kdcache.wording import counted
 
 log = logging.getLogger("kdcache")

@@ -8,8 +8,8 @@ from PIL import Image
 from test_plots import assert_png
 
 from kdcache import augment_record, create_store, open_store, parse_recipe
-from kdcache.augment.figure import plot_views
-from kdcache.datasets import build_dataset
+from kdcache.data.datasets import build_dataset
+from kdcache.plots.views import plot_views
 
 
 @pytest.mark.parametrize("spec", ["flip", "flip+mixup:1", "cutmix:1"])

@@ -6,7 +6,7 @@ import torch
 
 from kdcache.augment.recipe import STUDENT_STREAM, parse_recipe
 from kdcache.augment.views import ViewDataset, ViewSource
-from kdcache.datasets import build_dataset
+from kdcache.data.datasets import build_dataset
 
 DATASET = "fake:40:8:4"  # 40 images of (3, 8, 8)
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 from lm_fixtures import lm_files_fixture  # noqa: F401  (provides the lm_files fixture)
 
-from kdcache.cli import cli
+from kdcache.cli.commands import cli
 from kdcache.config import DumpConfig
 from kdcache.errors import KdcacheError, StoreExistsError
 from kdcache.lm.dump import LMDumpResult, dump_lm

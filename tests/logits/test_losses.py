@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.errors import ConfigError, SpecError
+from kdcache.logits.loss_options import LOSS_NAMES
 from kdcache.logits.losses import (
-    LOSS_NAMES,
+    LOSSES,
     AttentionLogitsLoss,
     FocalDistillationLoss,
     LogitsDistillationLoss,
@@ -289,6 +290,7 @@ def test_top_k_above_class_count_raises_config_error():
 
 def test_build_loss_names_and_unknown_name():
     assert LOSS_NAMES == ("kd", "focal", "attention")
+    assert tuple(LOSSES) == LOSS_NAMES  # the CLI's torch-free names are the registry's keys
     kinds = {
         "kd": LogitsDistillationLoss,
         "focal": FocalDistillationLoss,

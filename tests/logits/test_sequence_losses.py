@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from kdcache.errors import ConfigError, SpecError
 from kdcache.logits.encodings import parse_encoding
+from kdcache.logits.loss_options import DIVERGENCES
 from kdcache.logits.sampled import draw_samples
-from kdcache.logits.sequence_losses import DIVERGENCES, TokenDistillationLoss
+from kdcache.logits.sequence_losses import TokenDistillationLoss
 
 VOCAB = 40
 

@@ -17,7 +17,7 @@ from kdcache.errors import (
     StoreLockedError,
     StoreWriteError,
 )
-from kdcache.store.pack import pack_store
+from kdcache.store.tools.pack import pack_store
 
 
 def small_store(path, value: float = 1.0, **options):

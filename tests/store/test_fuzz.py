@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 
 from kdcache import create_store, open_store
 from kdcache.errors import KdcacheError
-from kdcache.store.pack import pack_store
-from kdcache.store.report import inspect_store
-from kdcache.store.verify import verify_store
+from kdcache.store.tools.pack import pack_store
+from kdcache.store.tools.report import inspect_store
+from kdcache.store.tools.verify import verify_store
 
 LOGITS = np.arange(36, dtype=np.float32).reshape(12, 3) / 7
 FUZZ = settings(

@@ -12,7 +12,7 @@ import zarr
 
 from kdcache import create_store, open_store
 from kdcache.errors import StoreCorruptError, StoreFormatError
-from kdcache.store.verify import verify_store
+from kdcache.store.tools.verify import verify_store
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_stores_without_digests_still_load_and_verify_notes_it(store, tmp_path):
 
 
 def test_two_chunks_swapped_inside_a_packed_zip_are_refused(store, tmp_path):
-    from kdcache.store.pack import pack_store
+    from kdcache.store.tools.pack import pack_store
 
     pack_store(store, tmp_path / "s.zip")
     with zipfile.ZipFile(tmp_path / "s.zip") as packed:

@@ -10,15 +10,15 @@ import zarr
 from kdcache.errors import ConfigError, StoreFormatError, StoreIncompleteError
 from kdcache.logits.sampled import SampledLogits
 from kdcache.logits.sparse import SparseLogits
-from kdcache.store.pack import pack_store
 from kdcache.store.sequence import (
     create_sequence_store,
     open_sequence_store,
     rows_of,
     sequence_offsets,
 )
-from kdcache.store.verify import verify_store
-from kdcache.store.writer import create_store
+from kdcache.store.tools.pack import pack_store
+from kdcache.store.tools.verify import verify_store
+from kdcache.store.write.writer import create_store
 
 VOCAB = 50
 LENGTHS = (4, 9, 2, 6, 13)

@@ -9,8 +9,8 @@ import zarr
 
 from kdcache import create_store, open_store, verify_store
 from kdcache.errors import ConfigError, StoreFormatError, StoreMismatchError
-from kdcache.store.metadata import FORMAT_VERSION
-from kdcache.store.report import format_report, inspect_store
+from kdcache.store.format.metadata import FORMAT_VERSION
+from kdcache.store.tools.report import format_report, inspect_store
 
 AUGMENT = {"recipe": "flip", "seed": 3, "fields": ["flip"], "input_size": [8, 8]}
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from kdcache import DistillConfig, create_store
-from kdcache.datasets import build_dataset
+from kdcache.config import SweepConfig
+from kdcache.data.datasets import build_dataset
 from kdcache.errors import KdcacheError, StoreMismatchError
 from kdcache.train.loop import distill
-from kdcache.train.sweep import SweepConfig, run_sweep
+from kdcache.train.sweep import run_sweep
 
 
 def api_store(path, labels, value=0.0, overwrite=False):

@@ -10,13 +10,13 @@ import torch
 from test_datasets import _png_tree
 
 from kdcache import DistillConfig, DumpConfig
-from kdcache.cli import cli
-from kdcache.datasets import build_dataset
-from kdcache.dump import dump_teacher
+from kdcache.cli.commands import cli
+from kdcache.data.datasets import build_dataset
+from kdcache.dump.teacher import dump_teacher
 from kdcache.errors import ConfigError
-from kdcache.plots import _per_class_accuracy, new_figure, plot_distributions, plot_store
-from kdcache.store.reader import open_store
-from kdcache.store.report import format_report, inspect_store
+from kdcache.plots.figures import _per_class_accuracy, new_figure, plot_distributions, plot_store
+from kdcache.store.read.reader import open_store
+from kdcache.store.tools.report import format_report, inspect_store
 from kdcache.train.transfer import transfer_rows
 
 

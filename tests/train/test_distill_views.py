@@ -10,17 +10,16 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import run_cli
+from conftest import assert_png, run_cli
 from teachers import seeded
-from test_plots import assert_png
 
 from kdcache import DistillConfig, DumpConfig, TrainConfig
 from kdcache.augment.recipe import parse_recipe
-from kdcache.datasets import build_dataset
-from kdcache.dump import dump_teacher
+from kdcache.data.datasets import build_dataset
+from kdcache.dump.teacher import dump_teacher
 from kdcache.errors import ConfigError, SpecError, StoreMismatchError
-from kdcache.store.reader import open_store
-from kdcache.store.verify import verify_store
+from kdcache.store.read.reader import open_store
+from kdcache.store.tools.verify import verify_store
 from kdcache.train.loop import distill, train
 
 RECIPE = "pad-crop:1+flip+mixup:0.4"

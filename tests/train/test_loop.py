@@ -8,14 +8,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import start_cli
+from conftest import assert_png, start_cli
 from PIL import Image
-from test_plots import assert_png
 
 from kdcache import DistillConfig, DumpConfig, TrainConfig
-from kdcache.dump import dump_teacher
+from kdcache.dump.teacher import dump_teacher
 from kdcache.errors import ConfigError, KdcacheError, StoreCorruptError, StoreMismatchError
-from kdcache.store.reader import open_store
+from kdcache.store.read.reader import open_store
 from kdcache.train.loop import distill, train
 
 
@@ -152,7 +151,7 @@ def test_invalid_distill_options(changes, message):
 @pytest.fixture(scope="module")
 def topk_store(tmp_path_factory, digits_teacher):
     from kdcache import DumpConfig
-    from kdcache.dump import dump_teacher
+    from kdcache.dump.teacher import dump_teacher
 
     store = tmp_path_factory.mktemp("topk") / "top4.zarr"
     dump_teacher(

@@ -12,8 +12,8 @@ from teachers import seeded
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdcache import DumpConfig, LogitsDistillationLoss, SparseLogits, TeacherLogits, open_store
-from kdcache.datasets import build_dataset
-from kdcache.dump import dump_teacher
+from kdcache.data.datasets import build_dataset
+from kdcache.dump.teacher import dump_teacher
 from kdcache.errors import ConfigError, StoreMismatchError
 from kdcache.train.loop import evaluate
 from kdcache.train.views import cached_views

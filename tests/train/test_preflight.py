@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from kdcache import DistillConfig, DumpConfig, TrainConfig
-from kdcache.datasets import build_dataset
-from kdcache.dump import dump_teacher
+from kdcache.config import SweepConfig
+from kdcache.data.datasets import build_dataset
+from kdcache.dump.teacher import dump_teacher
 from kdcache.errors import CheckpointError, ConfigError, SpecError, StoreMismatchError
 from kdcache.train.loop import distill, train
 from kdcache.train.preflight import check_model
-from kdcache.train.sweep import SweepConfig, run_sweep
+from kdcache.train.sweep import run_sweep
 
 
 def test_checking_a_model_allocates_nothing_and_leaves_the_random_state():

@@ -6,11 +6,12 @@ import csv
 import json
 
 import pytest
-from test_plots import assert_png
+from conftest import assert_png
 
+from kdcache.config import SweepConfig
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.options import parse_list
-from kdcache.train.sweep import SweepConfig, format_table, run_sweep
+from kdcache.train.sweep import format_table, run_sweep
 
 
 def tiny_sweep(store, out, **changes):
@@ -129,7 +130,7 @@ def test_jobs_run_settings_side_by_side_from_one_shared_table(
 ):
     import torch
 
-    from kdcache.store.shared_table import SHARED_DIR_ENV
+    from kdcache.store.read.shared_table import SHARED_DIR_ENV
 
     monkeypatch.setenv(SHARED_DIR_ENV, str(tmp_path / "shm"))  # inherited by the workers
     sequential, _ = finished_sweep

@@ -10,10 +10,10 @@ import torch
 from conftest import assert_one_line_error, run_cli
 
 from kdcache import DistillConfig, DumpConfig, create_store, open_store
-from kdcache.datasets import build_dataset
-from kdcache.dump import dump_teacher
+from kdcache.data.datasets import build_dataset
+from kdcache.dump.teacher import dump_teacher
 from kdcache.errors import ConfigError
-from kdcache.store.feed import LogitFeed
+from kdcache.store.read.feed import LogitFeed
 from kdcache.train.loop import distill
 from kdcache.train.transfer import TransferSampler, read_indices, transfer_rows
 
@@ -209,7 +209,7 @@ def test_transfer_set_options_through_the_cli(tmp_path, digits_store, unlabeled_
 
 
 def test_every_run_of_a_sweep_shares_the_transfer_set():
-    from kdcache.train.sweep import SweepConfig
+    from kdcache.config import SweepConfig
 
     sweep = SweepConfig(
         cache="s.zarr",

@@ -1,0 +1,16 @@
+"""The values the command line's options choose from, importable without torch.
+
+The option declarations (:mod:`kdcache.config`) read these when the CLI loads; keeping them here
+means ``kdcache --help`` does not pay the seconds torch takes to import.
+"""
+
+#: The splits every dataset kind has; the other one validates.
+SPLITS = ("train", "test")
+#: What a dataset's items can hold: float32 images (the reference), uint8 images, or the encoded
+#: image files (imagefolder only).
+INPUT_FORMS = ("float32", "uint8", "jpeg")
+#: The ``--inputs`` choices: a form, or ``auto`` (see
+#: :func:`kdcache.data.device_input.resolve_inputs`).
+INPUT_CHOICES = ("auto", *INPUT_FORMS)
+#: ``--amp`` choices: the name of the torch dtype autocast computes in.
+AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}

@@ -1,0 +1,249 @@
+"""The ``kdcache`` command line: a thin layer over the public Python API.
+
+Results go to stdout, progress and logs to stderr. Every user-facing error is one line on
+stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from kdcache._version import __version__
+from kdcache.cli.bench import bench
+from kdcache.cli.options import config_options
+from kdcache.config import DistillConfig, DumpConfig, SweepConfig, TrainConfig
+from kdcache.errors import KdcacheError
+from kdcache.progress import announce
+from kdcache.wording import counted
+
+__all__ = ["EXIT_USER_ERROR", "cli", "main"]
+
+EXIT_USER_ERROR = 1
+#: The shell's status for a command stopped by Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED = 130
+
+
+class KdcacheGroup(click.Group):
+    """Turns every :class:`KdcacheError` into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KdcacheError as error:
+            click.echo(f"Error: {error}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+
+
+class CliLogFormatter(logging.Formatter):
+    """Plain messages; a warning starts with ``Warning:`` as an error starts with ``Error:``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return f"Warning: {message}" if record.levelno == logging.WARNING else message
+
+
+@click.group(
+    cls=KdcacheGroup,
+    context_settings={"auto_envvar_prefix": "KDCACHE", "help_option_names": ["-h", "--help"]},
+)
+@click.version_option(version=__version__, prog_name="kdcache")
+@click.option("-q", "--quiet", is_flag=True, help="Only print results and errors.")
+def cli(quiet: bool) -> None:
+    """Run the teacher once, cache its logits in Zarr, distill students from the cache."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(CliLogFormatter("%(message)s"))
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=[handler])
+
+
+def print_run(result: Any) -> None:
+    from kdcache.distributed import rank_info
+
+    if rank_info().is_main:  # under torchrun rank 0 reports for the whole job
+        click.echo(result.summary())
+
+
+@cli.command()
+@config_options(TrainConfig)
+def train(**options: Any) -> None:
+    """Train a model with plain cross-entropy (a teacher, or the CE-only baseline)."""
+    announce("train: starting (loading the dataset and building the model)")
+    from kdcache.train.loop import train as run
+
+    print_run(run(TrainConfig(**options)))
+
+
+@cli.command("dump-teacher")
+@config_options(DumpConfig)
+def dump_teacher(**options: Any) -> None:
+    """Run the teacher once over a dataset and store its raw logits in a Zarr store.
+
+    Prefix with `torchrun --nproc-per-node K` to split the dump by whole chunks between K
+    processes writing one store (see docs/distributed.md).
+    """
+    announce("dump-teacher: starting (loading the dataset and the teacher)")
+    try:
+        _dump(options)
+    except KeyboardInterrupt:
+        click.echo(
+            f"Interrupted: {options['out']} keeps the chunks written so far; run the same command "
+            "with --resume to continue the dump",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _dump(options: dict[str, Any]) -> None:
+    from kdcache.distributed import rank_info
+    from kdcache.lm.dispatch import is_lm_run
+
+    if is_lm_run(models=(options["teacher"],), dataset=options["dataset"]):
+        from kdcache.lm.dump import dump_lm
+
+        lm = dump_lm(DumpConfig(**options))
+        if not rank_info().is_main:
+            return  # under torchrun rank 0 reports for the whole job
+        size = "remote" if lm.bytes_per_token is None else f"{lm.bytes_per_token:,.1f} B/token"
+        click.echo(
+            f"wrote {lm.out}: {counted(lm.num_samples, 'sequence')}, "
+            f"{counted(lm.num_tokens, 'token')}, V={lm.num_classes} {lm.encoding}, "
+            f"{counted(lm.rows_computed, 'token')} computed "
+            f"({lm.tokens_per_s:,.0f} tokens/s), "
+            f"{size}, {lm.wall_time_s:.1f}s"
+        )
+        return
+    from kdcache.dump.teacher import dump_teacher as run
+
+    result = run(DumpConfig(**options))
+    if not rank_info().is_main:
+        return  # under torchrun rank 0 reports for the whole job
+    size = (
+        "remote"
+        if result.bytes_on_disk is None
+        else f"{result.bytes_on_disk:,} bytes on disk ({result.bytes_per_sample:,.1f} B/sample)"
+    )
+    fidelity = "" if result.fidelity is None else f", KL(T=1) {result.fidelity.kl_at(1.0):.3g}"
+    views = f" V={result.views}" if result.views > 1 else ""
+    if result.views > 1 and result.bytes_per_view is not None:
+        size += f", {result.bytes_per_view:,.1f} B/view"
+    click.echo(
+        f"wrote {result.out}: N={result.num_samples}{views} C={result.num_classes} "
+        f"{result.encoding}, {counted(result.rows_computed, 'row')} computed, {size}{fidelity}, "
+        f"{result.wall_time_s:.1f}s"
+    )
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    help="Also draw the teacher's max-probability and entropy histograms (T=1, 4) and "
+    "per-class accuracy to this .png (.pdf, .svg); for a store with views, a few samples' views "
+    "with the teacher's top classes to NAME-views.png beside it.",
+)
+def inspect(store: str, as_json: bool, plot: str | None) -> None:
+    """Show what STORE holds: identity, size, teacher accuracy and entropy, recorded fidelity."""
+    from kdcache.store.tools.report import format_report, inspect_store
+
+    report = inspect_store(store)
+    click.echo(json.dumps(report.to_dict()) if as_json else format_report(report))
+    if plot:
+        from kdcache.plots.figures import plot_store
+        from kdcache.store.read.reader import open_store
+
+        reader = open_store(store)
+        click.echo(f"figure -> {plot_store(reader, plot)}", err=True)
+        if reader.metadata.augment is not None:
+            from pathlib import Path
+
+            from kdcache.data.datasets import build_dataset
+            from kdcache.plots.views import plot_views
+
+            recorded = reader.metadata.dataset or {}
+            target = Path(plot)
+            views_path = target.with_name(f"{target.stem}-views{target.suffix}")
+            try:
+                dataset = build_dataset(recorded["spec"], split=recorded.get("split", "train"))
+            except (KeyError, KdcacheError) as error:
+                click.echo(
+                    f"Warning: views figure skipped: cannot rebuild the dataset ({error})", err=True
+                )
+            else:
+                click.echo(f"figure -> {plot_views(reader, dataset, views_path)}", err=True)
+
+
+@cli.command()
+@config_options(DistillConfig)
+def distill(**options: Any) -> None:
+    """Distill a student from cached teacher logits (or, as a baseline, from a live teacher).
+
+    Prefix with `torchrun --nproc-per-node K` to train with DistributedDataParallel on K
+    processes; --batch-size is then per process (see docs/distributed.md).
+    """
+    announce("distill: starting (opening the store, loading the dataset, building the models)")
+    from kdcache.train.loop import distill as run
+
+    print_run(run(DistillConfig(**options)))
+
+
+@cli.command()
+@config_options(SweepConfig)
+def sweep(**options: Any) -> None:
+    """Distill one student per loss x alpha x temperature x seed from one store (resumable)."""
+    announce("sweep: starting (opening the store and loading the dataset)")
+    from kdcache.train.sweep import format_table, run_sweep
+
+    result = run_sweep(SweepConfig(**options))
+    click.echo(format_table(result.rows))
+    click.echo(
+        f"{counted(result.runs_done, 'run')} trained, {result.runs_skipped} kept from before -> "
+        f"{result.results_csv}, {result.figure}"
+    )
+
+
+@cli.command()
+@click.argument("store")
+def verify(store: str) -> None:
+    """Check every chunk and the metadata of STORE; exit 1 if anything is wrong.
+
+    STORE is a path, URL or .zip. Corrupted or missing chunks and NaN/Inf rows are reported as
+    sample-index ranges, with any metadata/array mismatch and how far an unfinished dump got.
+    """
+    from kdcache.store.tools.verify import verify_store
+
+    report = verify_store(store)
+    for line in report.lines():
+        click.echo(line)
+    report.raise_if_bad()
+
+
+@cli.command()
+@click.argument("store")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+def pack(store: str, out: str, overwrite: bool) -> None:
+    """Pack a complete STORE (path or URL) into one zip file OUT.
+
+    distill, verify and the Python API read the zip in place; it is written under a temporary name
+    and renamed only once complete.
+    """
+    from kdcache.store.tools.pack import pack_store
+
+    result = pack_store(store, out, overwrite=overwrite)
+    click.echo(
+        f"packed {store} into {result.out}: {counted(result.num_objects, 'object')}, "
+        f"{result.nbytes:,} bytes"
+    )
+
+
+cli.add_command(bench)
+
+
+def main() -> None:
+    cli(prog_name="kdcache")

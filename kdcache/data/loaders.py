@@ -1,0 +1,97 @@
+"""Batches of ``(input, label, index)``: the indexed dataset, the seeded loader, and each rank's
+share of an epoch.
+
+:class:`EpochShardSampler` gives each rank its share of a seeded epoch order: every index exactly
+once per epoch across ranks, never padded with duplicates (unlike
+``torch.utils.data.DistributedSampler``); ranks may get one sample more than others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class IndexedDataset(Dataset):
+    """Yields ``(input, label, index)`` so teacher logits can be paired by sample index."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+        inputs, label = self.dataset[index]
+        return inputs, label, index
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    shuffle: bool,
+    seed: int = 0,
+    sampler: Sampler[int] | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> DataLoader:
+    """A loader over ``(input, label, index)`` batches, seeded so runs repeat exactly.
+
+    A ``sampler`` (e.g. a chunked logit feed's order) replaces the seeded shuffle; ``collate_fn``
+    replaces the default stacking (e.g. for encoded files of different lengths).
+    """
+    shuffle = shuffle and sampler is None
+    return DataLoader(
+        IndexedDataset(dataset),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
+
+
+class EpochShardSampler(Sampler[int]):
+    """This rank's share of epoch orders 0, 1, 2, ... (one per iteration), each index once.
+
+    ``order(epoch)`` gives every index once (default: a permutation seeded by ``(seed,
+    epoch)``); rank r of K takes the r-th of K consecutive, near-equal slices of it, so the
+    shares of one epoch never overlap and together hold every index.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        order: Callable[[int], np.ndarray] | None = None,
+    ) -> None:
+        self.num_samples = num_samples
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self._order = order
+        self.epoch = 0
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._order is not None:
+            return self._order(epoch)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+
+    def __len__(self) -> int:
+        share, extra = divmod(self.num_samples, self.world_size)
+        return share + (self.rank < extra)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._epoch_order(self.epoch)
+        self.epoch += 1
+        return iter(np.array_split(order, self.world_size)[self.rank].tolist())

@@ -1,0 +1,481 @@
+"""The logit feed: teacher logits for any batch of sample indices, gathered from memory.
+
+Zarr cannot serve random rows fast (each row costs a whole chunk's decompression, see
+docs/benchmarks.md), so the feed keeps decoded chunks in a table of fixed-size slots in RAM and
+gathers a batch with one numpy fancy index:
+
+* **in-memory mode** when the whole store fits ``memory_budget``: every chunk is decoded once,
+  up front, and any order of indices is served at memory speed;
+* **chunked mode** for larger stores: a bounded least-recently-used set of chunks. Read in the
+  order of :meth:`LogitFeed.epoch_order` (chunks shuffled, rows shuffled within a window of
+  chunks, a new order each epoch, every index exactly once), each chunk is decompressed once per
+  epoch and the table never exceeds the budget, whatever N is.
+
+On CUDA, :meth:`LogitFeed.to_device` gathers into a small ring of pinned host buffers and copies
+with ``non_blocking=True``. DataLoader workers never need the feed (the training loop gathers in
+the main process), but a reader handed to workers stays correct: a forked child reopens the Zarr
+group (see :meth:`kdcache.store.read.reader.StoreReader.array`) and pickling drops the table.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from kdcache.errors import ConfigError
+from kdcache.logits.sparse import SparseLogits, TeacherInput
+from kdcache.store.read.shared_table import SharedTable, table_name
+
+if TYPE_CHECKING:
+    from kdcache.logits.encodings import Encoding
+    from kdcache.store.format.metadata import StoreMetadata
+
+
+class RowSource(Protocol):
+    """What the feed needs of a store: its metadata and contiguous row reads (a StoreReader)."""
+
+    metadata: StoreMetadata
+    encoding: Encoding
+    where: str
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray: ...
+
+    def check_chunks_present(self, name: str) -> None: ...
+
+    def check_unchanged(self) -> None: ...
+
+
+#: Share of the memory available when the feed is built that it may use by default.
+DEFAULT_MEMORY_FRACTION = 0.5
+#: Chunks decoded per read request when the whole store is loaded (big contiguous reads are
+#: zarr's fast path); kdcache.store.tools.verify reads in blocks of the same size.
+LOAD_BLOCK_CHUNKS = 64
+#: Pinned host buffers cycled by :meth:`LogitFeed.to_device`; a buffer is reused only after its
+#: copy finished, so this many batches may be in flight.
+PINNED_BUFFERS = 4
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a size such as ``"512MiB"``, ``"8GB"`` or ``"1500000000"``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if match is None or match.group(2).lower() not in _UNITS:
+            raise ConfigError(
+                f"cannot read the memory size {value!r}; expected bytes or a number with a unit "
+                "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 8GiB"
+            )
+        number, unit = float(match.group(1)), match.group(2).lower()
+    size = int(number * _UNITS[unit])
+    if size < 1:
+        raise ConfigError(f"memory size must be at least 1 byte, got {value!r}; e.g. 8GiB")
+    return size
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate: MemAvailable, capped by a cgroup v2 limit."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            used = int((cgroup / "memory.current").read_text())
+            available = min(available, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 memory controller: the machine's figure stands
+    return available
+
+
+def default_memory_budget() -> int:
+    return int(available_memory() * DEFAULT_MEMORY_FRACTION)
+
+
+class LogitFeed:
+    """Teacher logits by sample index, served from a bounded table of decoded chunks.
+
+    Build it with :attr:`kdcache.store.read.reader.StoreReader.feed`
+    (``open_store(path, memory_budget=...)``)
+    rather than directly. ``memory_budget`` bounds the bytes of decoded chunks kept in RAM
+    (default: half the available memory); ``mode`` forces ``"memory"`` or ``"chunked"``.
+    """
+
+    def __init__(
+        self, reader: RowSource, *, memory_budget: int | str | None = None, mode: str | None = None
+    ) -> None:
+        self.reader = reader
+        metadata = reader.metadata
+        #: Rows the feed serves: samples, or every view of every sample (``sample * V + view``).
+        self.num_samples = metadata.num_rows
+        self.chunk_rows = metadata.chunk_rows
+        self.num_chunks = metadata.num_chunks
+        self._layout = reader.encoding.layout(metadata.num_classes)
+        self.chunk_nbytes = reader.encoding.row_nbytes(metadata.num_classes) * self.chunk_rows
+        self.store_nbytes = reader.encoding.row_nbytes(metadata.num_classes) * self.num_samples
+        self.memory_budget = (
+            default_memory_budget() if memory_budget is None else parse_size(memory_budget)
+        )
+        if mode is None:
+            mode = "memory" if self.store_nbytes <= self.memory_budget else "chunked"
+        residency = FEED_MODES.get(mode)
+        if residency is None:
+            raise ConfigError(f"unknown feed mode {mode!r}; valid modes: {', '.join(FEED_MODES)}")
+        self._residency = residency
+        #: Chunk slots of the table.
+        self.capacity = residency.capacity(self)
+        #: Chunks per shuffling window: half the slots, so the window being finished and the next
+        #: one fit together and no chunk is evicted before its window is done.
+        self.window_chunks = max(1, self.capacity // 2)
+        self._tables: dict[str, np.ndarray] | None = None
+        self._shared: SharedTable | None = None
+        self._slot_of_chunk = np.full(self.num_chunks, -1, dtype=np.int64)
+        self._chunk_of_slot = np.full(self.capacity, -1, dtype=np.int64)
+        self._last_used = np.full(self.capacity, -1, dtype=np.int64)
+        self._tick = 0
+        #: Chunks decompressed since the feed was built (each once per epoch in feed order).
+        self.chunks_decoded = 0
+        self._pinned: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        self._next_pinned = 0
+
+    @property
+    def mode(self) -> str:
+        """``"memory"`` (the whole store decoded once) or ``"chunked"`` (a bounded set of
+        chunks)."""
+        return self._residency.name
+
+    @property
+    def resident_nbytes(self) -> int:
+        """Bytes of the slot table (allocated on first use); never more than the budget in chunked
+        mode."""
+        return 0 if self._tables is None else sum(table.nbytes for table in self._tables.values())
+
+    def __getstate__(self) -> dict:
+        # A pickled feed (spawned DataLoader workers) starts empty instead of copying the table.
+        state = self.__dict__.copy()
+        state.update(_tables=None, _shared=None, _pinned=[], _next_pinned=0)
+        state["_slot_of_chunk"] = np.full(self.num_chunks, -1, dtype=np.int64)
+        state["_chunk_of_slot"] = np.full(self.capacity, -1, dtype=np.int64)
+        state["_last_used"] = np.full(self.capacity, -1, dtype=np.int64)
+        return state
+
+    def load(self, *, shared: bool = False) -> None:
+        """In-memory mode: decode the whole store now (idempotent). Chunked mode: nothing to do.
+
+        ``shared=True`` maps the one decoded table of this store that all processes on this
+        machine share (the first one decodes it, see kdcache.store.read.shared_table).
+        """
+        self._residency.load(self, shared=shared)
+
+    def _check_and_decode_all(self, tables: dict[str, np.ndarray]) -> None:
+        for name in self._layout:
+            self.reader.check_chunks_present(name)
+        self._decode_all(tables)
+
+    def _decode_all(self, tables: dict[str, np.ndarray]) -> None:
+        block_rows = self.chunk_rows * LOAD_BLOCK_CHUNKS
+        for name, table in tables.items():
+            for start in range(0, self.num_samples, block_rows):
+                stop = min(start + block_rows, self.num_samples)
+                table[start:stop] = self.reader.read_rows(name, start, stop)
+        try:
+            self.reader.check_unchanged()  # every row above came from the store that was opened
+        except Exception:
+            self._tables = None
+            raise
+        self._slot_of_chunk[:] = np.arange(self.num_chunks)
+        self._chunk_of_slot[:] = np.arange(self.num_chunks)
+        self.chunks_decoded += self.num_chunks
+
+    def _allocate(self, rows: int) -> None:
+        for name in self._layout:
+            self.reader.check_chunks_present(name)  # one listing per array, not one per chunk read
+        self._tables = {
+            name: np.empty((rows, *shape), dtype=dtype)
+            for name, (shape, dtype) in self._layout.items()
+        }
+
+    def _rows(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+        if isinstance(indices, torch.Tensor):
+            indices = indices.cpu().numpy()
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_samples):
+            raise ConfigError(
+                f"row indices must lie in [0, {self.num_samples}), got {rows.min()} to "
+                f"{rows.max()}; "
+                f"{self.reader.where} holds {self.num_samples} rows"
+            )
+        return rows
+
+    def gather(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        """The stored (still encoded) rows for ``indices``, one array per name in the layout."""
+        return self._residency.gather(self, self._rows(indices))
+
+    def _gather_chunked(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        assert self._tables is not None
+        chunks = rows // self.chunk_rows
+        self._tick += 1
+        slots = self._slot_of_chunk[chunks]
+        self._last_used[slots[slots >= 0]] = self._tick  # protect this batch's chunks from eviction
+        missing = np.unique(chunks[slots < 0])
+        if missing.size:
+            self._decode_chunks(missing)
+            slots = self._slot_of_chunk[chunks]
+        positions = slots * self.chunk_rows + rows % self.chunk_rows
+        return {name: table[positions] for name, table in self._tables.items()}
+
+    def _decode_chunks(self, chunks: np.ndarray) -> None:
+        assert self._tables is not None
+        victims = np.argsort(self._last_used, kind="stable")[: chunks.size]
+        evicted = self._chunk_of_slot[victims]
+        self._slot_of_chunk[evicted[evicted >= 0]] = -1
+        for chunk, slot in zip(chunks.tolist(), victims.tolist(), strict=False):
+            start = chunk * self.chunk_rows
+            stop = min(start + self.chunk_rows, self.num_samples)
+            offset = slot * self.chunk_rows
+            for name, table in self._tables.items():
+                table[offset : offset + stop - start] = self.reader.read_rows(name, start, stop)
+            self._slot_of_chunk[chunk] = slot
+            self._chunk_of_slot[slot] = chunk
+            self._last_used[slot] = self._tick
+        try:
+            self.reader.check_unchanged()  # the chunks above came from the store that was opened
+        except Exception:
+            self._slot_of_chunk[chunks] = -1  # never serve rows that may come from another store
+            raise
+        self.chunks_decoded += chunks.size
+
+    def read(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> TeacherInput:
+        """The rows for the sample indices ``(B,)`` on the CPU, in the form the losses take:
+        dense float32 ``(B, C)``, or :class:`~kdcache.logits.sparse.SparseLogits` for a ``topk:K``
+        store (whose dense form would depend on the temperature, see :meth:`read_dense`)."""
+        return self.reader.encoding.teacher(self.gather(indices))
+
+    def read_dense(
+        self,
+        indices: Sequence[int] | np.ndarray | torch.Tensor,
+        *,
+        temperature: float | None = None,
+    ) -> torch.Tensor:
+        """Dense float32 logits ``(B, C)`` on the CPU; a ``topk:K`` store needs ``temperature``,
+        the one its tail is filled for."""
+        decoded = self.reader.encoding.decode(self.gather(indices), temperature=temperature)
+        return torch.from_numpy(np.ascontiguousarray(decoded, dtype=np.float32))
+
+    def to_device(
+        self, indices: Sequence[int] | np.ndarray | torch.Tensor, device: torch.device
+    ) -> TeacherInput:
+        """:meth:`read`, then onto ``device``; dense rows go through pinned memory on CUDA
+        without blocking (sparse rows are a few bytes each)."""
+        logits = self.read(indices)
+        if isinstance(logits, SparseLogits) or device.type != "cuda":
+            return logits.to(device)
+        slot, host = self._pinned_buffer(logits.shape)
+        host.copy_(logits)
+        result = host.to(device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        self._pinned[slot] = (self._pinned[slot][0], event)
+        return result
+
+    def _pinned_buffer(self, shape: torch.Size) -> tuple[int, torch.Tensor]:
+        numel = int(np.prod(shape))
+        if len(self._pinned) < PINNED_BUFFERS:
+            self._pinned.append((torch.empty(0, dtype=torch.float32).pin_memory(), None))
+        slot = self._next_pinned % len(self._pinned)
+        self._next_pinned = slot + 1
+        buffer, event = self._pinned[slot]
+        if event is not None:
+            event.synchronize()  # the copy that last used this buffer must have left it
+        if buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=torch.float32).pin_memory()
+            self._pinned[slot] = (buffer, None)
+        return slot, buffer[:numel].view(shape)
+
+    def epoch_order(
+        self, epoch: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> np.ndarray:
+        """Every sample index exactly once, in an order that differs per ``(seed, epoch)``.
+
+        Chunked mode: chunks in random order, rows shuffled within windows of
+        :attr:`window_chunks` chunks. In-memory mode: a plain random permutation. With
+        ``world_size`` K > 1, rank ``rank``'s share: in chunked mode every K-th chunk of the
+        epoch's chunk order (so each rank decodes only its own chunks), in memory the r-th of K
+        slices; the K shares of an epoch hold every index once.
+        """
+        rng = np.random.default_rng([seed, epoch])
+        return self._residency.epoch_order(self, rng, rank=rank, world_size=world_size)
+
+    def sampler(self, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> FeedSampler:
+        """A DataLoader sampler that follows :meth:`epoch_order`, one epoch per iteration."""
+        return FeedSampler(self, seed=seed, rank=rank, world_size=world_size)
+
+
+class _Residency(ABC):
+    """Which decoded chunks the feed keeps: the strategy behind :attr:`LogitFeed.mode`."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def capacity(self, feed: LogitFeed) -> int:
+        """Chunk slots of the feed's table."""
+
+    @abstractmethod
+    def load(self, feed: LogitFeed, *, shared: bool) -> None:
+        """Decode up front what the feed keeps for the whole run."""
+
+    @abstractmethod
+    def gather(self, feed: LogitFeed, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The stored rows ``rows``, one array per name in the layout."""
+
+    @abstractmethod
+    def epoch_order(
+        self, feed: LogitFeed, rng: np.random.Generator, *, rank: int, world_size: int
+    ) -> np.ndarray:
+        """Rank ``rank``'s share of one epoch's order of every row, drawn from ``rng``."""
+
+
+class _InMemory(_Residency):
+    """Every chunk decoded once, up front; any order of indices is served at memory speed."""
+
+    name = "memory"
+
+    def capacity(self, feed: LogitFeed) -> int:
+        return feed.num_chunks
+
+    def load(self, feed: LogitFeed, *, shared: bool) -> None:
+        if feed._tables is not None:
+            return
+        if shared:
+            feed._shared = SharedTable.open(
+                table_name(feed.reader.where, feed.reader.metadata),
+                feed._layout,
+                feed.num_samples,
+                feed._check_and_decode_all,
+            )
+            feed._tables = feed._shared.arrays
+        else:
+            feed._allocate(feed.num_samples)
+            assert feed._tables is not None
+            feed._decode_all(feed._tables)
+        feed._slot_of_chunk[:] = np.arange(feed.num_chunks)
+        feed._chunk_of_slot[:] = np.arange(feed.num_chunks)
+
+    def gather(self, feed: LogitFeed, rows: np.ndarray) -> dict[str, np.ndarray]:
+        feed.load()
+        assert feed._tables is not None
+        return {name: table[rows] for name, table in feed._tables.items()}
+
+    def epoch_order(
+        self, feed: LogitFeed, rng: np.random.Generator, *, rank: int, world_size: int
+    ) -> np.ndarray:
+        return np.array_split(rng.permutation(feed.num_samples), world_size)[rank]
+
+
+class _Chunked(_Residency):
+    """A bounded least-recently-used set of chunks, read best in :meth:`LogitFeed.epoch_order`."""
+
+    name = "chunked"
+
+    def capacity(self, feed: LogitFeed) -> int:
+        capacity = min(feed.num_chunks, feed.memory_budget // feed.chunk_nbytes)
+        if capacity < 2:
+            raise ConfigError(
+                f"cache memory {feed.memory_budget:,} bytes holds fewer than two of "
+                f"{feed.reader.where}'s {feed.chunk_nbytes:,}-byte chunks; raise --cache-memory "
+                f"to at least {2 * feed.chunk_nbytes:,} bytes"
+            )
+        return capacity
+
+    def load(self, feed: LogitFeed, *, shared: bool) -> None:
+        """Nothing up front: a chunk is decoded when a batch first needs it."""
+
+    def gather(self, feed: LogitFeed, rows: np.ndarray) -> dict[str, np.ndarray]:
+        if feed._tables is None:
+            feed._allocate(feed.capacity * feed.chunk_rows)
+        # Pieces of at most `capacity` rows touch at most `capacity` chunks, so they always fit.
+        pieces = [
+            feed._gather_chunked(rows[i : i + feed.capacity])
+            for i in range(0, max(rows.size, 1), feed.capacity)
+        ]
+        if len(pieces) == 1:
+            return pieces[0]
+        return {name: np.concatenate([piece[name] for piece in pieces]) for name in feed._layout}
+
+    def epoch_order(
+        self, feed: LogitFeed, rng: np.random.Generator, *, rank: int, world_size: int
+    ) -> np.ndarray:
+        chunks = rng.permutation(feed.num_chunks)[rank::world_size]
+        parts = [np.empty(0, dtype=np.int64)]  # a rank may own no chunk when there are few
+        for first in range(0, len(chunks), feed.window_chunks):
+            window = chunks[first : first + feed.window_chunks]
+            rows = np.concatenate(
+                [
+                    np.arange(c * feed.chunk_rows, min((c + 1) * feed.chunk_rows, feed.num_samples))
+                    for c in window
+                ]
+            )
+            parts.append(rng.permutation(rows))
+        return np.concatenate(parts)
+
+
+#: The feed's modes, by the name ``LogitFeed(mode=...)`` takes.
+FEED_MODES: dict[str, _Residency] = {"memory": _InMemory(), "chunked": _Chunked()}
+
+
+class FeedSampler(Sampler[int]):
+    """Yields :meth:`LogitFeed.epoch_order` for epoch 0, 1, 2, ... on successive iterations.
+
+    Give it to the DataLoader that loads the inputs so inputs arrive in the order in which the
+    feed decodes chunks; pairing with logits is by the sample index each batch carries.
+    """
+
+    def __init__(
+        self, feed: LogitFeed, *, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.feed = feed
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def _order(self) -> np.ndarray:
+        return self.feed.epoch_order(
+            self.epoch, seed=self.seed, rank=self.rank, world_size=self.world_size
+        )
+
+    def __len__(self) -> int:
+        return self.feed.num_samples if self.world_size == 1 else len(self._order())
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._order()
+        self.epoch += 1
+        return iter(order.tolist())

@@ -1,0 +1,220 @@
+"""What every reader checks before it hands out a decoded row, so nothing wrong is used silently.
+
+* **The arrays are the ones the store created**: shapes, dtypes, chunking and codecs match the
+  pinned record (kdcache.store.format.pinning), checked once per array before its first decode.
+* **Each chunk sits at its index**: its decoded values hash to the digest recorded for that
+  chunk index (kdcache.store.format.digests). Stores written before the digest table existed are
+  read unverified by index (``kdcache verify`` says so).
+* **The values are finite** and, for ``topk:K``, class indices lie in [0, C).
+* **The store is still the one opened**: its generation id is re-read after decoding; an
+  overwritten store stops the reader instead of mixing two teachers' rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from kdcache.errors import StoreCorruptError, StoreFormatError
+from kdcache.store.format._zarr_compat import read_group_key
+from kdcache.store.format.digests import DIGEST_BYTES, DIGESTS_ARRAY, chunk_digest
+from kdcache.store.format.layout import (
+    LABELS_ARRAY,
+    VIEW_PARAMS_ARRAY,
+    WRITTEN_ARRAY,
+    first_line,
+    has_array,
+    open_array,
+    row_ranges,
+)
+from kdcache.store.format.location import ZIP_ERRORS
+from kdcache.store.format.metadata import ATTRIBUTE_KEY, StoreMetadata
+from kdcache.store.format.pinning import array_problems
+
+#: What zarr raises for chunk bytes that do not decode (checksum mismatch, zstd frame errors).
+DECODE_ERRORS = (ValueError, RuntimeError, *ZIP_ERRORS)
+
+
+def expected_arrays(metadata: StoreMetadata, layout: dict[str, Any]) -> dict[str, Any]:
+    """Shape, dtype and chunks every array of the store must have, keyed by name."""
+    n, rows, chunks = metadata.num_rows, metadata.chunk_rows, metadata.num_chunks
+    expected = {
+        name: ((n, *shape), np.dtype(dtype), (rows, *shape))
+        for name, (shape, dtype) in layout.items()
+    }
+    expected[WRITTEN_ARRAY] = ((chunks,), np.dtype("uint8"), (1,))
+    if metadata.digests:
+        width = len(metadata.digests["arrays"])
+        shape = (width, DIGEST_BYTES)
+        expected[DIGESTS_ARRAY] = ((chunks, *shape), np.dtype("uint8"), (1, *shape))
+    return expected
+
+
+class ChunkGuard:
+    """The checks of one open store; ``group`` returns its (per-process) Zarr group."""
+
+    def __init__(
+        self, metadata: StoreMetadata, layout: dict[str, Any], where: str, group: Callable[[], Any]
+    ) -> None:
+        self.metadata = metadata
+        self.where = where
+        self._group = group
+        self._expected = expected_arrays(metadata, layout)
+        self._checked: set[str] = set()
+        self._digests: np.ndarray | None = None
+        self._must_match: np.ndarray | None = None
+
+    def array(self, name: str) -> Any:
+        """The array ``name``, refused if it departs from what the store created."""
+        array = open_array(self._group(), name, self.where)
+        if name in self._checked:
+            return array
+        pinned = (self.metadata.arrays or {}).get(name)
+        if name in self._expected:
+            shape, dtype, chunks = self._expected[name]
+            found = array_problems(array, pinned=pinned, shape=shape, dtype=dtype, chunks=chunks)
+        elif name == LABELS_ARRAY:
+            found = array_problems(
+                array,
+                pinned=pinned,
+                shape=(self.metadata.num_samples,),
+                dtype=np.dtype("int64"),
+                chunks=tuple(array.chunks),
+            )
+        elif name == VIEW_PARAMS_ARRAY:
+            # Its codecs include a transpose: an edited zarr.json would scramble the views.
+            fields = (self.metadata.augment or {}).get("fields")
+            width = len(fields) if fields is not None else (array.shape or (0,))[-1]
+            found = array_problems(
+                array,
+                pinned=pinned,
+                shape=(self.metadata.num_samples, self.metadata.views, width),
+                dtype=np.dtype("float32"),
+                chunks=tuple(array.chunks),
+            )
+        else:
+            found = []
+        if found:
+            raise StoreFormatError(
+                f"{self.where}: array {name!r} has {'; '.join(found)}; its zarr.json was edited or "
+                "replaced: restore it from a good copy or dump the store again"
+            )
+        self._checked.add(name)
+        return array
+
+    def check_all_arrays(self) -> None:
+        """Every array a complete store needs is present and as created."""
+        for name in self._expected:
+            self.array(name)
+        if has_array(self._group(), LABELS_ARRAY):
+            self.array(LABELS_ARRAY)
+
+    def written(self) -> np.ndarray:
+        """Per row chunk, whether its flag says it was written (StoreCorruptError if unreadable)."""
+        if not has_array(self._group(), WRITTEN_ARRAY):  # killed while creating the store
+            return np.zeros(self.metadata.num_chunks, dtype=bool)
+        try:
+            flags = np.asarray(self.array(WRITTEN_ARRAY)[:])
+        except DECODE_ERRORS as error:
+            raise StoreCorruptError(
+                f"{self.where}: array {WRITTEN_ARRAY!r} does not decode ({first_line(error)}); "
+                "run `kdcache verify` and dump again"
+            ) from None
+        if not np.isin(flags, (0, 1)).all():
+            raise StoreCorruptError(
+                f"{self.where}: array {WRITTEN_ARRAY!r} holds values other than 0 and 1 (damaged); "
+                "run `kdcache verify` and dump again"
+            )
+        return flags.astype(bool)
+
+    def _digest_table(self) -> np.ndarray:
+        if self._digests is None:
+            try:
+                self._digests = np.asarray(self.array(DIGESTS_ARRAY)[:])
+            except DECODE_ERRORS as error:
+                raise StoreCorruptError(
+                    f"{self.where}: the digest table {DIGESTS_ARRAY!r} does not decode "
+                    f"({first_line(error)}); run `kdcache verify` and dump again"
+                ) from None
+            complete = self.metadata.complete
+            self._must_match = (
+                np.ones(self.metadata.num_chunks, dtype=bool) if complete else self.written()
+            )
+        return self._digests
+
+    def check_rows(self, name: str, start: int, values: np.ndarray) -> None:
+        """Check rows ``start:start+len(values)`` (whole chunks) of ``name`` just decoded."""
+        meta = self.metadata
+        if meta.digests and name in meta.digests["arrays"]:
+            table = self._digest_table()
+            column = meta.digests["arrays"].index(name)
+            assert self._must_match is not None
+            first = start // meta.chunk_rows
+            for chunk in range(first, first + -(-len(values) // meta.chunk_rows)):
+                if not self._must_match[chunk]:
+                    continue
+                low, high = meta.chunk_bounds(chunk)
+                piece = values[low - start : high - start]
+                if not np.array_equal(
+                    chunk_digest(meta.generation, name, chunk, piece), table[chunk, column]
+                ):
+                    self.check_unchanged()
+                    raise StoreCorruptError(
+                        f"{self.where}: array {name!r} holds, for samples {low}-{high - 1}, a "
+                        f"chunk that does not match the digest recorded for chunk {chunk} (moved, "
+                        "swapped, replaced or edited); run `kdcache verify`, then restore the "
+                        "store or dump it again"
+                    )
+        if np.issubdtype(values.dtype, np.floating):
+            bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
+            if bad.size:
+                raise StoreCorruptError(
+                    f"{self.where}: array {name!r} holds NaN or Inf for samples "
+                    f"{row_ranges(start + bad)} (kdcache never writes them: the store was "
+                    "altered); run `kdcache verify` and dump again"
+                )
+        elif name == "topk_indices" and values.size and int(values.max()) >= meta.num_classes:
+            bad = np.flatnonzero((values >= meta.num_classes).any(axis=1))
+            raise StoreCorruptError(
+                f"{self.where}: array {name!r} names classes beyond the store's {meta.num_classes} "
+                f"for samples {row_ranges(start + bad)}; run `kdcache verify` and dump again"
+            )
+
+    def check_unchanged(self) -> None:
+        """Stop if the store's metadata now names another generation (it was overwritten)."""
+        try:
+            raw = read_group_key(self._group(), "zarr.json")
+            record = json.loads(raw or b"null")["attributes"][ATTRIBUTE_KEY]
+            now = (record.get("generation", ""), record.get("created_at", ""))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, *ZIP_ERRORS):
+            now = None
+        if now != (self.metadata.generation, self.metadata.created_at):
+            raise StoreCorruptError(
+                f"{self.where} changed while it was being read (overwritten by another dump, or "
+                "its metadata replaced); rows read so far may mix two stores: reopen it and start "
+                "the run again"
+            )
+
+
+def decode_rows(array: Any, start: int, stop: int, where: str, chunk_rows: int) -> np.ndarray:
+    """Rows ``start:stop`` of ``array``; a block that fails is reread chunk by chunk so that the
+    error names the corrupted samples."""
+    try:
+        return array[start:stop]
+    except DECODE_ERRORS:
+        pass
+    parts = []
+    for chunk_start in range(start, stop, chunk_rows):
+        chunk_stop = min(chunk_start + chunk_rows, stop)
+        try:
+            parts.append(array[chunk_start:chunk_stop])
+        except DECODE_ERRORS as error:
+            raise StoreCorruptError(
+                f"{where}: array {array.basename!r} is corrupted for samples "
+                f"{chunk_start}-{chunk_stop - 1} ({first_line(error)}); run `kdcache verify` and "
+                "dump again"
+            ) from None
+    return np.concatenate(parts)

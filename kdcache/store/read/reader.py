@@ -1,0 +1,286 @@
+"""Read-only access to a kdcache logit store: metadata, labels and logits gathered by index.
+
+Every read is by row: the sample index, or ``sample * views + view`` in a store with views
+(:meth:`StoreReader.read_views` gathers all views of some samples with their parameters).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from kdcache.errors import ConfigError, StoreCorruptError, StoreIncompleteError
+from kdcache.logits.encodings import parse_encoding
+from kdcache.logits.sparse import SparseLogits, TeacherInput
+from kdcache.store.format.layout import (
+    LABELS_ARRAY,
+    VIEW_PARAMS_ARRAY,
+    StoreLike,
+    first_line,
+    has_array,
+    missing_chunks,
+    open_group,
+    read_metadata,
+    row_ranges,
+)
+from kdcache.store.format.location import StoreLocation, parse_location
+from kdcache.store.format.metadata import StoreMetadata
+from kdcache.store.read.feed import LogitFeed, parse_size
+from kdcache.store.read.guard import DECODE_ERRORS, ChunkGuard, decode_rows
+from kdcache.wording import counted
+
+
+class StoreReader:
+    """Read-only access to a store; :meth:`read` gathers rows through its :class:`LogitFeed`."""
+
+    def __init__(
+        self,
+        group: zarr.Group,
+        metadata: StoreMetadata,
+        where: str,
+        *,
+        location: StoreLocation | None = None,
+        memory_budget: int | str | None = None,
+    ) -> None:
+        self._opened: zarr.Group | None = group
+        self._location = location
+        self._pid: int | None = os.getpid()
+        self.where = where
+        self.metadata = metadata
+        self.encoding = parse_encoding(metadata.encoding, num_classes=metadata.num_classes)
+        self._memory_budget = None if memory_budget is None else parse_size(memory_budget)
+        self._feed: LogitFeed | None = None
+        layout = self.encoding.layout(metadata.num_classes)
+        #: The checks every decoded chunk passes (kdcache.store.read.guard).
+        self.guard = ChunkGuard(metadata, layout, where, lambda: self._group)
+        self._view_params: np.ndarray | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Zarr handles are reopened where the reader lands; the feed travels without its table.
+        return {**self.__dict__, "_opened": None, "_pid": None, "guard": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        layout = self.encoding.layout(self.metadata.num_classes)
+        self.guard = ChunkGuard(self.metadata, layout, self.where, lambda: self._group)
+
+    @property
+    def num_samples(self) -> int:
+        return self.metadata.num_samples
+
+    @property
+    def num_classes(self) -> int:
+        return self.metadata.num_classes
+
+    @property
+    def views(self) -> int:
+        """V, the views stored per sample (1 for a store of clean inputs)."""
+        return self.metadata.views
+
+    @property
+    def num_rows(self) -> int:
+        return self.metadata.num_rows
+
+    @property
+    def _unit(self) -> str:
+        # Row indices name samples, or ``sample * V + view`` rows in a store with views.
+        return "samples" if self.views == 1 else "rows"
+
+    @property
+    def view_params(self) -> np.ndarray | None:
+        """``(N, V, P)`` float32 parameters of every view (``None`` without them), read once."""
+        if self._view_params is None and has_array(self._group, VIEW_PARAMS_ARRAY):
+            params = self.guard.array(VIEW_PARAMS_ARRAY)[:]
+            self._view_params = np.asarray(params, dtype=np.float32)
+        return self._view_params
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The name of each class the dataset records (image-folder classes), else ``None``."""
+        return recorded_class_names(self.metadata.dataset, self.num_classes)
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """The stored labels (``None`` when the store has none), checked to lie in [0, C)."""
+        if not has_array(self._group, LABELS_ARRAY):
+            return None
+        try:
+            labels = np.asarray(self.guard.array(LABELS_ARRAY)[:], dtype=np.int64)
+        except DECODE_ERRORS as error:
+            raise StoreCorruptError(
+                f"{self.where}: array {LABELS_ARRAY!r} does not decode ({first_line(error)}); "
+                "run `kdcache verify` and dump again"
+            ) from None
+        bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
+        if bad.size:
+            raise StoreCorruptError(
+                f"{self.where}: stored labels lie outside [0, {self.num_classes}) for samples "
+                f"{row_ranges(bad)}; run `kdcache verify` and dump again"
+            )
+        return labels
+
+    @property
+    def _group(self) -> zarr.Group:
+        # fsspec clients and zip handles break when shared across fork: reopen per process.
+        if self._location is not None and os.getpid() != self._pid:
+            self._opened, self._pid = open_group(self._location), os.getpid()
+        assert self._opened is not None, "a StoreReader without a location cannot be pickled"
+        return self._opened
+
+    @property
+    def feed(self) -> LogitFeed:
+        """The in-memory or chunked logit feed behind :meth:`read`, built on first use."""
+        if self._feed is None:
+            self._feed = LogitFeed(self, memory_budget=self._memory_budget)
+        return self._feed
+
+    @property
+    def group(self) -> zarr.Group:
+        """The store's read-only Zarr group, for tools that inspect the raw arrays."""
+        return self._group
+
+    def written_fraction(self) -> float:
+        return float(self.guard.written().mean())
+
+    def progress(self) -> str:
+        """How far the dump got, e.g. ``1 of 3 chunks (10 of 30 samples, 33%)``."""
+        written = self.guard.written()
+        rows = self.metadata.rows_of_chunks(np.flatnonzero(written)).size
+        return (
+            f"{int(written.sum())} of {counted(written.size, 'chunk')} ({rows} of {self.num_rows} "
+            f"{self._unit}, {written.mean():.0%})"
+        )
+
+    def load(self) -> None:
+        """Decode the whole store into memory now when it fits the memory budget (idempotent)."""
+        self.feed.load()
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (whole chunks) of the stored array ``name``, checked by the guard:
+        a corrupted, misplaced or non-finite chunk stops the read, naming its samples."""
+        array = self.guard.array(name)
+        values = decode_rows(array, start, stop, self.where, self.metadata.chunk_rows)
+        self.guard.check_rows(name, start, values)
+        return values
+
+    def check_chunks_present(self, name: str) -> None:
+        """Refuse an array whose written chunks were deleted (zarr would read them as fill
+        values), or whose metadata departs from what the store created."""
+        array = self.guard.array(name)
+        missing = missing_chunks(array, np.arange(self.metadata.num_chunks))
+        if missing.size:
+            lost = self.metadata.rows_of_chunks(missing)
+            raise StoreCorruptError(
+                f"{self.where}: array {name!r} lacks the chunks for {self._unit} "
+                f"{row_ranges(lost)} "
+                "(deleted or lost in a copy); run `kdcache verify` and dump again"
+            )
+
+    def check_unchanged(self) -> None:
+        """Stop if the store was overwritten since it was opened (see kdcache.store.read.guard)."""
+        self.guard.check_unchanged()
+
+    def read(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> TeacherInput:
+        """The rows of the given sample indices in the form every loss takes, right at any T.
+
+        Dense float32 logits ``(B, C)`` for the float32, float16 and int8 encodings;
+        :class:`~kdcache.logits.sparse.SparseLogits` for a ``topk:K`` store, which the losses
+        soften at their own temperature (its dense form depends on T: see :meth:`read_dense`).
+        """
+        return self.feed.read(indices)
+
+    def read_dense(
+        self,
+        indices: Sequence[int] | np.ndarray | torch.Tensor,
+        *,
+        temperature: float | None = None,
+    ) -> torch.Tensor:
+        """Dense float32 logits ``(B, C)`` for the given rows (sample indices when V = 1).
+
+        A ``topk:K`` store requires ``temperature``: its tail is filled so that the softmax at
+        that temperature gives the tail its true total mass (pass the T you soften at). The other
+        encodings ignore it.
+        """
+        if temperature is None and self.encoding.is_sparse:
+            raise ConfigError(
+                f"{self.where} is a {self.metadata.encoding} store, whose dense rows depend on the "
+                "temperature they are softened at: call read_dense(indices, temperature=T), or "
+                "read(indices), whose sparse rows every loss softens at its own temperature"
+            )
+        return self.feed.read_dense(indices, temperature=temperature)
+
+    def read_views(
+        self,
+        samples: Sequence[int] | np.ndarray | torch.Tensor,
+        *,
+        temperature: float | None = None,
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Every view of the given samples: dense float32 logits ``(B, V, C)`` and the views'
+        parameters ``(B, V, P)`` (``None`` for a store without them)."""
+        if isinstance(samples, torch.Tensor):
+            samples = samples.cpu().numpy()
+        chosen = np.asarray(samples, dtype=np.int64).reshape(-1)
+        if chosen.size and (chosen.min() < 0 or chosen.max() >= self.num_samples):
+            raise ConfigError(
+                f"sample indices must lie in [0, {self.num_samples}), got {chosen.min()} to "
+                f"{chosen.max()}; {self.where} holds {self.num_samples} samples"
+            )
+        rows = (chosen[:, None] * self.views + np.arange(self.views)).reshape(-1)
+        logits = self.read_dense(rows, temperature=temperature)
+        logits = logits.reshape(chosen.size, self.views, -1)
+        params = self.view_params
+        return logits, None if params is None else params[chosen]
+
+    def read_sparse(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> SparseLogits:
+        """The rows of a ``topk:K`` store in sparse form, never as a dense (B, C) tensor."""
+        sparse = self.encoding.sparse(self._gather(indices))
+        if sparse is None:
+            raise ConfigError(
+                f"{self.where} uses the dense encoding {self.metadata.encoding!r}; read_sparse "
+                "needs a topk:K store: use read() or read_dense() instead"
+            )
+        return sparse
+
+    def _gather(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        return self.feed.gather(indices)
+
+
+def recorded_class_names(dataset: dict[str, Any] | None, num_classes: int) -> list[str] | None:
+    """The class names a store's ``dataset`` record holds (stores written before kdcache
+    recorded them, and datasets without names, have none)."""
+    names = (dataset or {}).get("class_names")
+    if isinstance(names, list) and len(names) == num_classes:
+        if all(isinstance(name, str) for name in names):
+            return names
+    return None
+
+
+def open_store(
+    path: StoreLike, *, allow_incomplete: bool = False, memory_budget: int | str | None = None
+) -> StoreReader:
+    """Open a store (folder, URL or .zip) read-only; refuses an incomplete one unless
+    ``allow_incomplete``, and (unless ``allow_incomplete``) one whose arrays depart from what it
+    created (kdcache.store.read.guard).
+
+    ``memory_budget`` (bytes or a size such as ``"8GiB"``; default half the available memory)
+    bounds the decoded logits :meth:`StoreReader.read` keeps in RAM, see
+    :mod:`kdcache.store.read.feed`.
+    """
+    location = parse_location(path)
+    where = location.text
+    group = open_group(location)
+    metadata = read_metadata(group, where)
+    reader = StoreReader(group, metadata, where, location=location, memory_budget=memory_budget)
+    if not metadata.complete and not allow_incomplete:
+        raise StoreIncompleteError(
+            f"{where} is an unfinished dump ({reader.progress()} written); finish it with "
+            "`kdcache dump-teacher --resume` (same options) before using it"
+        )
+    if not allow_incomplete:
+        reader.guard.check_all_arrays()
+    return reader

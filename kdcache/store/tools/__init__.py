@@ -1,0 +1,1 @@
+"""Tools over a finished store: ``verify``, ``inspect`` (the report) and ``pack`` (one zip)."""

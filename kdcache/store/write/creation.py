@@ -1,0 +1,287 @@
+"""Creating a store: its sizes, what is already at the path, whether an interrupted dump may be
+resumed, what a replacing dump may delete, and the arrays of a fresh store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec, ZstdCodec
+
+from kdcache.errors import ConfigError, StoreExistsError, StoreMismatchError
+from kdcache.logits.encodings import Encoding, parse_encoding
+from kdcache.store.format.digests import ALGORITHM, DIGEST_BYTES, DIGESTS_ARRAY
+from kdcache.store.format.layout import (
+    FIRST_TOKEN_ARRAY,
+    LABELS_ARRAY,
+    OFFSETS_ARRAY,
+    VIEW_PARAMS_ARRAY,
+    WRITTEN_ARRAY,
+    own_keys,
+    read_metadata,
+)
+from kdcache.store.format.location import StoreLocation, zarr_store
+from kdcache.store.format.metadata import ATTRIBUTE_KEY, StoreMetadata
+from kdcache.store.format.pinning import array_spec
+from kdcache.store.format.schema import MAX_CLASSES, MAX_SAMPLES
+from kdcache.store.write.swap import refuse_foreign_entries, remove_store_folder
+
+#: Rows per chunk aim at about this many stored bytes: big enough that per-chunk overhead is
+#: negligible, small enough that an interrupted dump loses little and chunks decode quickly.
+TARGET_CHUNK_BYTES = 1 << 20
+#: A chunk is decoded whole into memory: refuse chunk sizes no reader could hold comfortably.
+MAX_CHUNK_BYTES = 1 << 30
+
+
+def default_chunk_rows(
+    encoding: Encoding, num_samples: int, num_classes: int, *, views: int = 1
+) -> int:
+    """Rows per chunk so that a chunk holds about :data:`TARGET_CHUNK_BYTES`; with views, a
+    multiple of V, so that a chunk holds every view of its samples."""
+    rows = max(1, min(num_samples * views, TARGET_CHUNK_BYTES // encoding.row_nbytes(num_classes)))
+    return max(views, rows - rows % views)
+
+
+def _compressors() -> list[Any]:
+    # zstd level 1: logits barely compress beyond their dtype, so spend little CPU on it.
+    return [ZstdCodec(level=1), Crc32cCodec()]
+
+
+def _view_params_codecs() -> dict[str, Any]:
+    """Codecs of ``view_params`` (N, V, P) float32: field-major order, then byte shuffle + zstd.
+
+    The parameters are mostly small integers (pixel boxes, flags, partner indices) held as
+    float32, whose low bytes are zero and whose fields differ in range. Plain zstd sees them
+    interleaved; one field after another (``transpose`` to (P, N, V)) with each byte plane
+    together (Blosc ``shuffle``) takes an ``rrc+flip`` view at 224 x 224 from 6.6 to 4.8 bytes
+    and an ``rrc+flip+mixup`` view from 21.4 to 15.3 (docs/results.md). Blosc level 3: higher
+    levels save under 1 B per view at a twentieth of the speed. Both are Zarr v3 spec codecs; stores
+    made with the older ``zstd`` codecs read the same (zarr follows each array's zarr.json).
+    """
+    return {
+        "filters": [TransposeCodec(order=(2, 0, 1))],
+        "compressors": [
+            BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=4),
+            Crc32cCodec(),
+        ],
+    }
+
+
+def checked_sizes(
+    codec: Encoding, num_samples: int, num_classes: int, chunk_rows: int | None, *, views: int = 1
+) -> int:
+    """Rows per chunk for a store of this size, refusing sizes no store could hold."""
+    for name, value, high in (
+        ("num_samples", num_samples, MAX_SAMPLES),
+        ("num_classes", num_classes, MAX_CLASSES),
+    ):
+        if (
+            not isinstance(value, (int, np.integer))
+            or isinstance(value, bool)
+            or not 1 <= value <= high
+        ):
+            raise ConfigError(f"{name} must be an integer from 1 to {high:,}, got {value!r}")
+    row_nbytes = codec.row_nbytes(num_classes)  # also refuses topk:K with K >= C
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not 1 <= chunk_rows):
+        raise ConfigError(f"chunk_rows must be >= 1, got {chunk_rows!r}")
+    # More rows than samples is one chunk holding every sample: the same store.
+    num_rows = num_samples * views
+    rows = chunk_rows or default_chunk_rows(codec, num_samples, num_classes, views=views)
+    rows = min(int(rows), num_rows)
+    if rows * row_nbytes > MAX_CHUNK_BYTES:
+        raise ConfigError(
+            f"chunks of {rows:,} rows would hold {rows * row_nbytes:,} bytes each, more than the "
+            f"{MAX_CHUNK_BYTES:,} a reader decodes at once; use chunk_rows <= "
+            f"{max(1, MAX_CHUNK_BYTES // row_nbytes):,} (or leave it unset for about 1 MiB)"
+        )
+    return rows
+
+
+def known_keys(group: zarr.Group, metadata: StoreMetadata) -> set[str]:
+    names = [
+        *parse_encoding(metadata.encoding, num_classes=metadata.num_classes).layout(
+            metadata.num_classes
+        )
+    ]
+    own = [*names, LABELS_ARRAY, VIEW_PARAMS_ARRAY, WRITTEN_ARRAY, DIGESTS_ARRAY]
+    # A sequence store's layout arrays are its own too (own_keys skips those a store lacks).
+    return set(own_keys(group, [*own, OFFSETS_ARRAY, FIRST_TOKEN_ARRAY]))
+
+
+def clear_staging(staging: StoreLocation, where: str) -> None:
+    """Remove what an earlier, interrupted replacement left (only if it is a kdcache store)."""
+    if staging.is_empty():
+        return
+    existing = existing_store(staging, zarr_store(staging, read_only=True))
+    if existing is None:
+        raise StoreExistsError(
+            f"{staging.target} exists and is not a kdcache store, so --overwrite of {where} cannot "
+            "build its replacement there; move it away and run again"
+        )
+    refuse_foreign_entries(Path(staging.target), known_keys(*existing), staging.text)
+    remove_store_folder(Path(staging.target))
+
+
+def existing_store(location: StoreLocation, store: Any) -> tuple[zarr.Group, StoreMetadata] | None:
+    where = location.text
+    if location.is_empty():
+        return None
+    try:
+        group = zarr.open_group(store, mode="r+")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        return None
+    if ATTRIBUTE_KEY not in group.attrs:
+        raise StoreExistsError(
+            f"{where} is a Zarr group but not a kdcache store; choose another path "
+            "(kdcache never deletes it)"
+        )
+    return group, read_metadata(group, where)
+
+
+def check_resumable(old: StoreMetadata, new: StoreMetadata, where: str) -> None:
+    for field_name in (
+        "num_samples",
+        "num_classes",
+        "encoding",
+        "chunk_rows",
+        "teacher",
+        "dataset",
+        "views",
+        "augment",
+    ):
+        before, now = getattr(old, field_name), getattr(new, field_name)
+        if field_name == "augment" and _only_sampler_differs(before, now):
+            drawn_by = before.get("sampler")
+            raise StoreMismatchError(
+                f"cannot resume {where}: its views were drawn by "
+                + (f"the generator {drawn_by!r}" if drawn_by else "an older kdcache's generator")
+                + f" but this dump draws with {now.get('sampler')!r}, so its missing views would "
+                "not match the stored ones; pass --overwrite to dump it again (or finish it with "
+                "the kdcache release that started it)"
+            )
+        if before != now:
+            raise StoreMismatchError(
+                f"cannot resume {where}: its {_difference(field_name, before, now)}; "
+                "resume with the original settings or pass --overwrite to start over"
+            )
+
+
+def _only_sampler_differs(before: Any, now: Any) -> bool:
+    """Two ``augment`` records that differ only in the generator that drew the views."""
+    if not (isinstance(before, dict) and isinstance(now, dict)):
+        return False
+    if before.get("sampler") == now.get("sampler"):
+        return False
+    return {k: v for k, v in before.items() if k != "sampler"} == {
+        k: v for k, v in now.items() if k != "sampler"
+    }
+
+
+def _difference(name: str, before: Any, now: Any, *, depth: int = 0) -> str:
+    """Only the part of two records that differs, e.g. ``dataset.fingerprint.labels_sha256``."""
+    if isinstance(before, dict) and isinstance(now, dict) and depth < 3:
+        for key in sorted(before.keys() | now.keys()):
+            if before.get(key) != now.get(key):
+                return _difference(f"{name}.{key}", before.get(key), now.get(key), depth=depth + 1)
+    return f"{name} is {_shorten(before)} but this dump has {_shorten(now)}"
+
+
+def _shorten(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def create_arrays(
+    store: Any,
+    metadata: StoreMetadata,
+    codec: Encoding,
+    label_values: np.ndarray | None,
+    view_params: np.ndarray | None = None,
+) -> tuple[zarr.Group, StoreMetadata]:
+    """Create every array of a fresh store in ``store`` (emptied first); returns its group and
+    its metadata with the digest layout and the pinned array metadata filled in. Per-row arrays
+    hold ``num_samples * views`` rows; ``view_params`` ``(N, V, P)`` is stored when given."""
+    num_samples, num_classes, rows = metadata.num_samples, metadata.num_classes, metadata.chunk_rows
+    layout = codec.layout(num_classes)
+    metadata = metadata.replace(digests={"algorithm": ALGORITHM, "arrays": list(layout)})
+    # The kdcache record goes into the group's first zarr.json write: a kill right after creation
+    # must leave a store that --resume recognises as its own.
+    group = zarr.open_group(
+        store, mode="w", zarr_format=3, attributes={ATTRIBUTE_KEY: metadata.to_dict()}
+    )
+    arrays = {}
+    for name, (shape, dtype) in layout.items():
+        arrays[name] = group.create_array(
+            name,
+            shape=(metadata.num_rows, *shape),
+            chunks=(rows, *shape),
+            dtype=dtype,
+            fill_value=0,
+            compressors=_compressors(),
+        )
+    if label_values is not None:
+        arrays[LABELS_ARRAY] = group.create_array(
+            LABELS_ARRAY,
+            shape=(num_samples,),
+            chunks=(max(rows, 1 << 16),),
+            dtype="int64",
+            fill_value=-1,
+            compressors=_compressors(),
+        )
+        arrays[LABELS_ARRAY][:] = label_values
+    if view_params is not None:
+        _, views, width = view_params.shape
+        arrays[VIEW_PARAMS_ARRAY] = group.create_array(
+            VIEW_PARAMS_ARRAY,
+            shape=view_params.shape,
+            chunks=(max(1, TARGET_CHUNK_BYTES // (4 * views * width)), views, width),
+            dtype="float32",
+            fill_value=0,
+            **_view_params_codecs(),
+        )
+        arrays[VIEW_PARAMS_ARRAY][:] = view_params
+    arrays[DIGESTS_ARRAY] = group.create_array(
+        DIGESTS_ARRAY,
+        shape=(metadata.num_chunks, len(layout), DIGEST_BYTES),
+        chunks=(1, len(layout), DIGEST_BYTES),
+        dtype="uint8",
+        fill_value=0,
+        compressors=[Crc32cCodec()],
+    )
+    metadata = metadata.replace(arrays={name: array_spec(a) for name, a in arrays.items()})
+    group.attrs[ATTRIBUTE_KEY] = metadata.to_dict()
+    # Created last: its presence means every other array, the labels and the record are in place.
+    group.create_array(
+        WRITTEN_ARRAY,
+        shape=(metadata.num_chunks,),
+        chunks=(1,),
+        dtype="uint8",
+        fill_value=0,
+        compressors=[Crc32cCodec()],
+    )
+    return group, metadata
+
+
+def checked_view_params(
+    view_params: np.ndarray | None, num_samples: int, views: int, augment: dict[str, Any] | None
+) -> np.ndarray | None:
+    """``view_params`` as float32 ``(num_samples, views, P)``, checked against ``augment``."""
+    if view_params is None:
+        return None
+    params = np.asarray(view_params, dtype=np.float32)
+    if params.ndim != 3 or params.shape[:2] != (num_samples, views):
+        raise ConfigError(
+            f"view_params must have shape ({num_samples}, {views}, P) for {num_samples} samples "
+            f"with {views} views, got {params.shape}"
+        )
+    fields = (augment or {}).get("fields")
+    if fields is not None and len(fields) != params.shape[2]:
+        raise ConfigError(
+            f"augment names {len(fields)} parameter fields but view_params holds "
+            f"{params.shape[2]} per view; they must agree"
+        )
+    if not np.isfinite(params).all():
+        raise ConfigError("view_params hold NaN or Inf; every view's parameters must be finite")
+    return params

@@ -1,0 +1,136 @@
+"""Whether ``create_store`` starts a store, resumes one or builds a replacement, and where.
+
+:func:`open_for_writing` makes the create/resume/overwrite decision for
+:func:`kdcache.store.write.writer.create_store`; the arrays themselves are made by
+:mod:`kdcache.store.write.creation`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from kdcache.errors import StoreExistsError
+from kdcache.logits.encodings import Encoding
+from kdcache.store.format.layout import WRITTEN_ARRAY, has_array
+from kdcache.store.format.location import (
+    StoreLocation,
+    remove_partial_files,
+    zarr_store,
+)
+from kdcache.store.format.metadata import StoreMetadata
+from kdcache.store.write.creation import (
+    check_resumable,
+    clear_staging,
+    create_arrays,
+    existing_store,
+    known_keys,
+)
+from kdcache.store.write.swap import refuse_foreign_entries, staging_location
+
+
+@dataclass(frozen=True)
+class WriteTarget:
+    """The group a writer fills, its metadata, and (staging folder, store folder) when it builds
+    a replacement that ``finalize`` swaps in."""
+
+    group: zarr.Group
+    metadata: StoreMetadata
+    replaces: tuple[Path, Path] | None = None
+
+
+def open_for_writing(
+    location: StoreLocation,
+    store: Any,
+    metadata: StoreMetadata,
+    codec: Encoding,
+    label_values: np.ndarray | None,
+    view_params: np.ndarray | None,
+    *,
+    resume: bool,
+    overwrite: bool,
+) -> WriteTarget:
+    """Where a writer of ``metadata`` at ``location`` writes: a fresh store, the interrupted one
+    it resumes, or a staging replacement; refuses anything it must not touch. The caller holds
+    the store's writer lock."""
+    where = location.text
+    existing = existing_store(location, store)
+    if existing is None:
+        if not location.is_empty():
+            raise StoreExistsError(
+                f"{where} exists and is not a kdcache store; choose another path (kdcache never "
+                "deletes it)"
+            )
+        return _new_store(store, metadata, codec, label_values, view_params)
+    group, old = existing
+    if resume and not overwrite:
+        if not old.complete:
+            check_resumable(old, metadata, where)
+            remove_partial_files(location)  # temporary files of a killed writer; we hold the lock
+            if has_array(group, WRITTEN_ARRAY):
+                return WriteTarget(group, old)
+            # Killed while creating the arrays: nothing was computed yet, so start afresh.
+            return _new_store(store, metadata, codec, label_values, view_params)
+        if location.folder is not None:
+            resumed = _resume_replacement(location, metadata, where)
+            if resumed is not None:
+                return resumed
+    if not overwrite:
+        if old.complete:
+            raise StoreExistsError(
+                f"{where} already holds a complete store; pass --overwrite to replace it, or "
+                "choose another path"
+            )
+        raise StoreExistsError(
+            f"{where} holds an interrupted dump; pass --resume to continue it or --overwrite to "
+            "start over"
+        )
+    root = location.folder
+    if root is None:
+        # Object stores cannot swap a prefix atomically: the old store goes first (docs/sharing.md).
+        return _new_store(store, metadata, codec, label_values, view_params)
+    refuse_foreign_entries(root, known_keys(group, old), where)
+    staging = staging_location(location)
+    clear_staging(staging, where)
+    return _new_store(
+        zarr_store(staging, read_only=False),
+        metadata,
+        codec,
+        label_values,
+        view_params,
+        replaces=(Path(staging.target), root),
+    )
+
+
+def _resume_replacement(
+    location: StoreLocation, metadata: StoreMetadata, where: str
+) -> WriteTarget | None:
+    """The staging store of an interrupted ``--overwrite`` of ``location``, if one waits."""
+    staging = staging_location(location)
+    if staging.is_empty():
+        return None
+    existing = existing_store(staging, zarr_store(staging, read_only=False))
+    if existing is None or existing[1].complete or not has_array(existing[0], WRITTEN_ARRAY):
+        return None
+    group, old = existing
+    check_resumable(old, metadata, where)
+    remove_partial_files(staging)
+    return WriteTarget(group, old, replaces=(Path(staging.target), Path(location.target)))
+
+
+def _new_store(
+    store: Any,
+    metadata: StoreMetadata,
+    codec: Encoding,
+    label_values: np.ndarray | None,
+    view_params: np.ndarray | None,
+    *,
+    replaces: tuple[Path, Path] | None = None,
+) -> WriteTarget:
+    """A fresh store created in ``store`` (emptied first)."""
+    group, metadata = create_arrays(store, metadata, codec, label_values, view_params)
+    return WriteTarget(group, metadata, replaces=replaces)

@@ -1,0 +1,359 @@
+"""Create and fill kdcache logit stores, Zarr v3 groups keyed by sample index (and view).
+
+The layout is described in :mod:`kdcache.store.format.layout`; reading is
+:mod:`kdcache.store.read.reader`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from kdcache._version import __version__
+from kdcache.errors import (
+    ConfigError,
+    InvalidLogitsError,
+    KdcacheError,
+    StoreIncompleteError,
+    StoreWriteError,
+)
+from kdcache.logits.encodings import parse_encoding
+from kdcache.logits.fidelity import FidelityAccumulator, sample_stride
+from kdcache.store.format.digests import DIGESTS_ARRAY, chunk_digests
+from kdcache.store.format.layout import (
+    WRITTEN_ARRAY,
+    StoreLike,
+    open_array,
+    row_ranges,
+)
+from kdcache.store.format.location import (
+    parse_location,
+    refuse_inside_store,
+    zarr_store,
+)
+from kdcache.store.format.metadata import (
+    ATTRIBUTE_KEY,
+    FORMAT_VERSION,
+    PLAIN_FORMAT_VERSION,
+    StoreMetadata,
+)
+from kdcache.store.write.creation import (
+    checked_sizes,
+    checked_view_params,
+)
+from kdcache.store.write.durability import ChunkSync
+from kdcache.store.write.locking import WriterLock, acquire_writer_lock
+from kdcache.store.write.swap import swap_in
+from kdcache.store.write.target import open_for_writing
+
+
+class StoreWriter:
+    """Accepts logits for any rows in any order and stores every chunk as soon as it is full.
+
+    Whole contiguous chunks are the fast path: they go to disk without waiting for other rows.
+    Call :meth:`finalize` once every row is written; the store is complete only after it.
+    :meth:`write` may be called from several threads at once (kdcache.store.write.background): the
+    checks, the encoding, the fidelity and the compression of distinct chunks run in parallel
+    (numpy, zstd and file writes release the GIL); only placing rows into chunk buffers is
+    serialised. Each chunk is written whole by one thread, so no two threads share a Zarr chunk.
+    """
+
+    def __init__(
+        self,
+        group: zarr.Group,
+        metadata: StoreMetadata,
+        where: str,
+        lock: WriterLock | None = None,
+        *,
+        replaces: tuple[Path, Path] | None = None,
+        sync: ChunkSync | None = None,
+    ) -> None:
+        self._group = group
+        self._where = where
+        self._lock = lock
+        #: (staging folder, store folder) when this writer builds a replacement (--overwrite).
+        self._replaces = replaces
+        self._sync = sync
+        self.metadata = metadata
+        self.encoding = parse_encoding(metadata.encoding, num_classes=metadata.num_classes)
+        self._layout = self.encoding.layout(metadata.num_classes)
+        # Store every chunk, even one equal to the fill value, so a missing chunk file is damage.
+        self._arrays = {
+            name: open_array(group, name, where).with_config({"write_empty_chunks": True})
+            for name in self._layout
+        }
+        self._written_array = open_array(group, WRITTEN_ARRAY, where)
+        self._written = np.asarray(self._written_array[:], dtype=bool)
+        self._digest_names = list(metadata.digests["arrays"]) if metadata.digests else []
+        self._digests_array = (
+            open_array(group, DIGESTS_ARRAY, where) if self._digest_names else None
+        )
+        self._buffers: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
+        #: Guards the buffers, the written flags in memory and the lock's refresh.
+        self._mutex = threading.Lock()
+        #: Chunks a thread is writing now: their rows arriving again are not buffered twice.
+        self._flushing: set[int] = set()
+        #: Fidelity of the encoding over the rows this writer stored (kdcache.logits.fidelity).
+        self.fidelity = FidelityAccumulator(
+            self.encoding, sample_every=sample_stride(metadata.num_rows)
+        )
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self._written)
+
+    @property
+    def group(self) -> zarr.Group:
+        """The group this writer fills: under --overwrite, the replacement's staging group."""
+        return self._group
+
+    def pending_indices(self) -> np.ndarray:
+        """Rows whose chunk is not yet durably written (all rows of a fresh store); row
+        ``sample * views + view`` in a store with views."""
+        return self.metadata.rows_of_chunks(np.flatnonzero(~self._written))
+
+    def write(
+        self, indices: Sequence[int] | np.ndarray | torch.Tensor, logits: np.ndarray | torch.Tensor
+    ) -> None:
+        """Store raw logits ``(B, C)`` for the rows ``(B,)``: sample indices, or
+        ``sample * views + view`` in a store with views."""
+        if isinstance(logits, torch.Tensor):
+            logits = logits.detach().to("cpu", torch.float32).numpy()
+        if isinstance(indices, torch.Tensor):
+            indices = indices.cpu().numpy()
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        block = np.asarray(logits, dtype=np.float32)
+        self._check_block(rows, block)
+        encoded = self.encoding.encode(block)
+        chunk_of_row = rows // self.metadata.chunk_rows
+        with self._mutex:
+            new_rows = ~self._written[chunk_of_row]
+        self.fidelity.update(block, encoded, indices=rows, keep=new_rows)
+        full = self._buffer_rows(rows, chunk_of_row, encoded)
+        try:
+            for chunk, buffers in full:
+                self._flush(chunk, buffers)
+        finally:
+            with self._mutex:
+                self._flushing.difference_update(chunk for chunk, _ in full)
+
+    def _buffer_rows(
+        self, rows: np.ndarray, chunk_of_row: np.ndarray, encoded: dict[str, np.ndarray]
+    ) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """Place encoded rows into their chunks' buffers; return the chunks now full (marked as
+        being written only once all are placed, so a failure here leaves none marked)."""
+        full = []
+        with self._mutex:
+            for chunk in np.unique(chunk_of_row):
+                chunk = int(chunk)
+                if self._written[chunk] or chunk in self._flushing:
+                    continue  # already stored (a resumed dump may recompute a partial batch)
+                start, stop = self.metadata.chunk_bounds(chunk)
+                buffers, filled = self._buffers.get(chunk) or self._new_buffer(stop - start)
+                selected = chunk_of_row == chunk
+                local = rows[selected] - start
+                for name, values in encoded.items():
+                    buffers[name][local] = values[selected]
+                filled[local] = True
+                if filled.all():
+                    self._buffers.pop(chunk, None)
+                    full.append((chunk, buffers))
+                else:
+                    self._buffers[chunk] = (buffers, filled)
+            self._flushing.update(chunk for chunk, _ in full)
+        return full
+
+    def _new_buffer(self, num_rows: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        buffers = {
+            name: np.empty((num_rows, *shape), dtype=dtype)
+            for name, (shape, dtype) in self._layout.items()
+        }
+        return buffers, np.zeros(num_rows, dtype=bool)
+
+    def _check_block(self, rows: np.ndarray, block: np.ndarray) -> None:
+        num_classes = self.metadata.num_classes
+        if block.ndim != 2 or block.shape[1] != num_classes or block.shape[0] != rows.size:
+            raise InvalidLogitsError(
+                f"expected logits of shape ({rows.size}, {num_classes}) for samples "
+                f"{row_ranges(np.unique(rows))}, got {tuple(block.shape)}; the teacher's output "
+                f"width must equal the store's {num_classes} classes"
+            )
+        if rows.size and (rows.min() < 0 or rows.max() >= self.metadata.num_rows):
+            raise InvalidLogitsError(
+                f"row indices must lie in [0, {self.metadata.num_rows}), "
+                f"got values from {rows.min()} to {rows.max()}"
+            )
+        bad = ~np.isfinite(block).all(axis=1)
+        if bad.any():
+            raise InvalidLogitsError(
+                f"teacher logits are NaN or Inf for samples {row_ranges(np.sort(rows[bad]))}; "
+                "check the teacher's weights and inputs"
+            )
+
+    def _flush(self, chunk: int, buffers: dict[str, np.ndarray]) -> None:
+        start, stop = self.metadata.chunk_bounds(chunk)
+        for name, values in buffers.items():
+            self._arrays[name][start:stop] = values
+        if self._digests_array is not None:
+            self._digests_array[chunk] = chunk_digests(
+                self.metadata.generation, self._digest_names, chunk, buffers
+            )
+        if self._sync is not None:  # data and digests must be on disk before the flag can be
+            arrays = [*self._arrays.values()]
+            if self._digests_array is not None:
+                arrays.append(self._digests_array)
+            self._sync.chunk(arrays, chunk)
+        # The flag goes last: a crash before it leaves the chunk marked unwritten.
+        self._written_array[chunk] = 1
+        if self._sync is not None:
+            self._sync.chunk([self._written_array], chunk)
+        with self._mutex:
+            self._written[chunk] = True
+            if self._lock is not None:
+                self._lock.refresh()
+
+    def keep_lock(self) -> None:
+        """Renew the writer lock (a remote lease) while the writer waits between writes."""
+        with self._mutex:
+            if self._lock is not None:
+                self._lock.refresh()
+
+    def finalize(self) -> StoreMetadata:
+        """Mark the store complete (and swap a replacement into place); refuses while any row
+        is missing."""
+        # The flags in the store are the truth: other ranks of a torchrun job wrote chunks too.
+        self._written = np.asarray(self._written_array[:], dtype=bool)
+        missing = self.pending_indices()
+        if missing.size:
+            raise StoreIncompleteError(
+                f"cannot finalize {self._where}: no logits were written for samples "
+                f"{row_ranges(missing)}; write every row before finalize()"
+            )
+        fidelity = self.fidelity.result()
+        self.metadata = self.metadata.replace(
+            complete=True, fidelity=None if fidelity is None else fidelity.to_dict()
+        )
+        self._group.attrs[ATTRIBUTE_KEY] = self.metadata.to_dict()
+        if self._sync is not None:
+            self._sync.metadata()
+        if self._replaces is not None:
+            staging, target = self._replaces
+            swap_in(staging, target, self._where)  # still under the lock: no writer meets a gap
+            self._replaces = None
+        self.close()
+        return self.metadata
+
+    def close(self) -> None:
+        """Release the writer lock; an unfinished store stays resumable (idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def create_store(
+    path: StoreLike,
+    *,
+    num_samples: int,
+    num_classes: int,
+    encoding: str = "float16",
+    labels: np.ndarray | Sequence[int] | None = None,
+    chunk_rows: int | None = None,
+    teacher: dict[str, Any] | None = None,
+    dataset: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    views: int = 1,
+    augment: dict[str, Any] | None = None,
+    view_params: np.ndarray | None = None,
+    fsync: bool = True,
+) -> StoreWriter:
+    """Create an empty store at ``path`` (or reopen an interrupted one) and return its writer.
+
+    ``views=V`` stores V rows per sample (row ``sample * V + view``); ``view_params``
+    ``(num_samples, V, P)`` float32 are the parameters that recreate each view's input and
+    ``augment`` records how they were drawn (``recipe``, ``seed``, ``fields``: see
+    kdcache.augment). Both are part of what a resume must match.
+
+    ``resume=True`` continues an incomplete store made with the same parameters (or an
+    interrupted replacement); ``overwrite=True`` replaces an existing kdcache store: a local
+    one
+    only once the new one is complete (kdcache.store.write.swap). Anything else already at ``path``
+    is
+    never touched. ``extra`` is recorded as the metadata's ``extra`` (a sequence store keeps its
+    layout there). The writer holds the store's single-writer lock (kdcache.store.write.locking)
+    until
+    ``finalize`` or ``close``. ``fsync=False`` skips making each chunk durable before its flag
+    (kdcache.store.write.durability).
+    """
+    location = parse_location(path).resolved()
+    where = location.text
+    if not (isinstance(views, int) and views >= 1):
+        raise ConfigError(f"views must be an integer >= 1, got {views!r}")
+    params = checked_view_params(view_params, num_samples, views, augment)
+    codec = parse_encoding(encoding)
+    rows = checked_sizes(codec, num_samples, num_classes, chunk_rows, views=views)
+    label_values = None
+    if labels is not None:
+        label_values = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if label_values.size != num_samples:
+            raise ConfigError(f"expected {num_samples} labels, got {label_values.size}")
+    if location.folder is not None:
+        refuse_inside_store(location.target, "the store path")
+
+    metadata = StoreMetadata(
+        num_samples=num_samples,
+        num_classes=num_classes,
+        encoding=encoding,
+        chunk_rows=rows,
+        teacher=teacher,
+        dataset=dataset,
+        extra=extra or {},
+        kdcache_version=__version__,
+        created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        generation=uuid.uuid4().hex,
+        views=views,
+        augment=augment,
+        # Older kdcache releases read stores without views; only views need the newer format.
+        format_version=PLAIN_FORMAT_VERSION if views == 1 and params is None else FORMAT_VERSION,
+    )
+    store = zarr_store(location, read_only=False)
+    lock = acquire_writer_lock(location)
+    try:
+        target = open_for_writing(
+            location,
+            store,
+            metadata,
+            codec,
+            label_values,
+            params,
+            resume=resume,
+            overwrite=overwrite,
+        )
+        writer = StoreWriter(target.group, target.metadata, where, lock, replaces=target.replaces)
+        writer._sync = ChunkSync.for_location(location, enabled=fsync)
+        if writer._sync is not None and writer._replaces is not None:
+            writer._sync = ChunkSync(writer._replaces[0])  # a replacement is built in staging
+        return writer
+    except BaseException as error:
+        lock.release()
+        if isinstance(error, OSError) and not isinstance(error, KdcacheError):
+            raise StoreWriteError(
+                f"cannot write the store at {where}: {error.strerror or error}; choose a writable "
+                "path with free space"
+            ) from None
+        raise

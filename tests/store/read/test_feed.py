@@ -1,0 +1,203 @@
+"""The logit feed on real stores: order, pairing, memory bound and worker safety (not speed)."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kdcache import create_store, open_store
+from kdcache.data.loaders import make_loader
+from kdcache.errors import ConfigError
+from kdcache.store.read.feed import LogitFeed, parse_size
+
+NUM_SAMPLES, NUM_CLASSES, CHUNK_ROWS = 203, 6, 10
+ROW_BYTES = NUM_CLASSES * 4  # float32
+
+
+def logits_for(indices: np.ndarray) -> np.ndarray:
+    """Logits that name their own row: row i is i, i+0.5, i+1, ... so a mix-up is visible."""
+    indices = np.asarray(indices, dtype=np.float32).reshape(-1, 1)
+    return indices + 0.5 * np.arange(NUM_CLASSES, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("feed") / "s.zarr"
+    writer = create_store(
+        path,
+        num_samples=NUM_SAMPLES,
+        num_classes=NUM_CLASSES,
+        encoding="float32",
+        chunk_rows=CHUNK_ROWS,
+    )
+    for batch in np.array_split(np.arange(NUM_SAMPLES), 7):
+        writer.write(batch, logits_for(batch))
+    writer.finalize()
+    return path
+
+
+def chunked_feed(store, chunks: int = 4) -> LogitFeed:
+    feed = open_store(store, memory_budget=chunks * CHUNK_ROWS * ROW_BYTES).feed
+    assert feed.mode == "chunked" and feed.capacity == chunks
+    return feed
+
+
+def test_a_store_that_fits_is_served_from_memory(store):
+    feed = open_store(store).feed
+    assert feed.mode == "memory"
+    indices = np.random.default_rng(0).integers(0, NUM_SAMPLES, size=50)
+    np.testing.assert_array_equal(feed.read(indices).numpy(), logits_for(indices))
+    assert feed.chunks_decoded == feed.num_chunks == 21
+
+
+@pytest.mark.parametrize("mode", ["memory", "chunked"])
+def test_every_index_exactly_once_per_epoch_in_a_new_order(store, mode):
+    feed = open_store(
+        store, memory_budget=None if mode == "memory" else 4 * CHUNK_ROWS * ROW_BYTES
+    ).feed
+    assert feed.mode == mode
+    orders = [feed.epoch_order(epoch, seed=3) for epoch in range(3)]
+    for order in orders:
+        np.testing.assert_array_equal(np.sort(order), np.arange(NUM_SAMPLES))
+    assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
+    np.testing.assert_array_equal(orders[0], feed.epoch_order(0, seed=3))
+    assert not np.array_equal(orders[0], feed.epoch_order(0, seed=4))
+
+
+def test_chunked_order_shuffles_rows_within_windows_of_chunks(store):
+    feed = chunked_feed(store, chunks=6)
+    order = feed.epoch_order(0)
+    window_rows = feed.window_chunks * CHUNK_ROWS
+    first = order[:window_rows]
+    assert len(np.unique(first // CHUNK_ROWS)) == feed.window_chunks == 3
+    assert not np.array_equal(first, np.sort(first))  # rows are shuffled, not in chunk order
+
+
+def test_chunked_feed_decodes_each_chunk_once_per_epoch_within_its_budget(store):
+    feed = chunked_feed(store, chunks=4)
+    for epoch in range(2):
+        order = feed.epoch_order(epoch)
+        for start in range(0, NUM_SAMPLES, 16):
+            batch = order[start : start + 16]
+            np.testing.assert_array_equal(feed.read(batch).numpy(), logits_for(batch))
+            assert feed.resident_nbytes <= feed.memory_budget
+        assert feed.chunks_decoded == (epoch + 1) * feed.num_chunks
+
+
+def test_chunked_feed_serves_any_indices_even_more_chunks_than_fit(store):
+    feed = chunked_feed(store, chunks=2)
+    indices = np.random.default_rng(1).permutation(NUM_SAMPLES)[
+        :120
+    ]  # touches far more than 2 chunks
+    np.testing.assert_array_equal(feed.read(torch.from_numpy(indices)).numpy(), logits_for(indices))
+    assert feed.resident_nbytes <= feed.memory_budget
+    assert feed.read([]).shape == (0, NUM_CLASSES)
+
+
+def test_budget_below_two_chunks_and_bad_indices_are_refused(store):
+    with pytest.raises(
+        ConfigError,
+        match=f"; raise --cache-memory to at least {2 * CHUNK_ROWS * ROW_BYTES:,} bytes",
+    ):
+        open_store(store, memory_budget=CHUNK_ROWS * ROW_BYTES).read([0])
+    with pytest.raises(ConfigError, match=r"\[0, 203\)"):
+        open_store(store).read([0, 203])
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        (1024, 1024),
+        ("2048", 2048),
+        ("1.5GB", 1_500_000_000),
+        ("512MiB", 512 * 2**20),
+        ("3 kib", 3072),
+    ],
+)
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "12 parsecs", "0", "-5MB"])
+def test_parse_size_refuses_what_it_cannot_read(text):
+    with pytest.raises(ConfigError, match="8GiB"):
+        parse_size(text)
+
+
+class RowIdentity(Dataset):
+    """Inputs that are the logits the store holds for the same row, so pairing can be checked."""
+
+    def __len__(self) -> int:
+        return NUM_SAMPLES
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(logits_for([index])[0]), 0
+
+
+@pytest.mark.parametrize("mode", ["memory", "chunked"])
+def test_logits_stay_paired_with_inputs_under_shuffling_and_workers(store, mode):
+    feed = open_store(
+        store, memory_budget=None if mode == "memory" else 4 * CHUNK_ROWS * ROW_BYTES
+    ).feed
+    feed.load()  # a loaded table inherited by forked workers must not disturb anything
+    sampler = feed.sampler(seed=5) if mode == "chunked" else None
+    loader = make_loader(
+        RowIdentity(),
+        batch_size=16,
+        num_workers=2,
+        device=torch.device("cpu"),
+        shuffle=True,
+        seed=5,
+        sampler=sampler,
+    )
+    for _ in range(2):
+        seen = []
+        for inputs, _, indices in loader:
+            torch.testing.assert_close(
+                feed.to_device(indices, torch.device("cpu")), inputs, rtol=0, atol=0
+            )
+            seen.append(indices)
+        assert sorted(torch.cat(seen).tolist()) == list(range(NUM_SAMPLES))
+    if sampler is not None:
+        assert sampler.epoch == 2
+
+
+class ReaderDataset(Dataset):
+    """Reads teacher logits inside DataLoader workers, as an API user might."""
+
+    def __init__(self, reader) -> None:
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return NUM_SAMPLES
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.reader.read([index])[0], index
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_a_reader_used_inside_workers_reads_the_right_rows(store, context):
+    reader = open_store(store, memory_budget=4 * CHUNK_ROWS * ROW_BYTES)
+    reader.read([0, 100])  # the parent has open handles and decoded chunks before workers start
+    loader = DataLoader(
+        ReaderDataset(reader),
+        batch_size=32,
+        shuffle=True,
+        num_workers=1,
+        multiprocessing_context=context,
+        generator=torch.Generator().manual_seed(0),
+    )
+    for logits, indices in loader:
+        np.testing.assert_array_equal(logits.numpy(), logits_for(indices.numpy()))
+
+
+def test_a_pickled_reader_travels_without_its_table(store):
+    reader = open_store(store)
+    reader.load()
+    copy = pickle.loads(pickle.dumps(reader))
+    assert copy.feed.resident_nbytes == 0
+    np.testing.assert_array_equal(copy.read([7, 3]).numpy(), logits_for([7, 3]))
