@@ -25,7 +25,7 @@ from kdcache.config import DistillConfig, TrainConfig
 from kdcache.data.datasets import LabeledDataset, build_dataset, labeled_spec
 from kdcache.data.device_input import DeviceBatch, resolve_inputs
 from kdcache.distributed import RankSession, rank_session
-from kdcache.errors import ConfigError, StoreMismatchError
+from kdcache.errors import ConfigError
 from kdcache.lm.dispatch import is_lm_run
 from kdcache.logits.losses import build_loss
 from kdcache.models import build_model, check_input_fits, load_weights, weights_sha256
@@ -36,7 +36,7 @@ from kdcache.runtime import prepare_model
 from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.store.sequence import SequenceReader
 from kdcache.train.fit import RunResult, fit, held_out_split
-from kdcache.train.pairing import check_store_matches
+from kdcache.train.preflight import store_dataset
 from kdcache.train.tasks import Classification, LogitDistillation, evaluate
 from kdcache.train.teachers import LiveLogits, StoreLogits, TeacherSource
 from kdcache.train.tokens import distill_tokens, train_tokens
@@ -169,22 +169,8 @@ class _Teaching:
     resolved: dict[str, Any] = field(default_factory=dict)
 
 
-def _cached_dataset(config: DistillConfig, reader: StoreReader) -> LabeledDataset:
-    recorded = reader.metadata.dataset or {}
-    spec = config.dataset or recorded.get("spec")
-    split = config.split or recorded.get("split") or "train"
-    if spec is None:
-        raise StoreMismatchError(
-            f"{reader.where} records no dataset; pass --dataset SPEC (and --split) to say which "
-            "one it belongs to"
-        )
-    dataset = build_dataset(spec, split=split)
-    check_store_matches(reader, dataset)
-    return dataset
-
-
 def _from_store(config: DistillConfig, session: RankSession, reader: StoreReader) -> _Teaching:
-    train_set = _cached_dataset(config, reader)
+    train_set = store_dataset(reader, config.dataset, config.split)
     rows = transfer_rows(config, train_set)
     feed = reader.feed
     # Ranks on one machine share one decoded table instead of one copy each.
