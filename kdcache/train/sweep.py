@@ -29,6 +29,7 @@ from kdcache.options import IMAGE, LM, refuse_foreign_options
 from kdcache.plots.figures import plot_sweep, read_metrics
 from kdcache.store.format.location import refuse_inside_store
 from kdcache.store.read.reader import StoreReader, open_store
+from kdcache.store.tools.report import teacher_statistics
 from kdcache.train.loop import RunResult, distill, modality
 from kdcache.train.parallel import run_concurrently
 from kdcache.train.preflight import check_model, store_dataset
@@ -151,21 +152,42 @@ def _claim_folder(out: Path, identity: dict[str, Any], cache: str) -> None:
         saved = json.loads(saved_path.read_text())
     except ValueError:
         saved = {}
-    before = saved.get("store_identity") if isinstance(saved, dict) else None
+    if not isinstance(saved, dict):
+        saved = {}
+    before = saved.get("store_identity")
     if before is None:  # written before identities were recorded: the store path must match
-        if isinstance(saved, dict) and saved.get("cache") not in (None, cache):
+        if saved.get("cache") not in (None, cache):
             before = {"cache": saved.get("cache")}
             identity = {"cache": cache}
         else:
             return
     changed = [key for key in identity if before.get(key) != identity[key]]
     if changed:
-        key = changed[0]
+        difference = _difference(changed[0], before, identity, saved.get("cache"), cache)
         raise KdcacheError(
-            f"{out} holds a sweep over another store or dataset ({key}: {before.get(key)!r}, "
-            f"now {identity[key]!r}); one sweep folder never mixes two teachers or datasets: "
-            "use another --out"
+            f"{out} holds a sweep over another store or dataset: {difference}; one sweep folder "
+            "never mixes two teachers or datasets: use another --out"
         )
+
+
+def _difference(
+    key: str, before: dict[str, Any], now: dict[str, Any], before_cache: str | None, cache: str
+) -> str:
+    """How a sweep folder's store identity differs from this sweep's, in a user's terms."""
+    if key == "generation":
+        if before_cache in (None, cache):
+            return f"{cache} was dumped again since its runs were trained"
+        return f"its runs were distilled from {before_cache}, not {cache}"
+    if key == "teacher":
+        return (
+            f"its runs were distilled from teacher {(before['teacher'] or {}).get('spec')!r}, "
+            f"{cache} holds teacher {(now['teacher'] or {}).get('spec')!r}"
+        )
+    if key == "labels_sha256":
+        return f"its runs were trained on other labels than {cache} holds"
+    if key == "cache":
+        return f"its runs were distilled from {before_cache}, not {cache}"
+    return f"its runs used {key} {before.get(key)!r}, this sweep {now[key]!r}"
 
 
 def _save_result(result: RunResult, folder: Path) -> None:
@@ -278,7 +300,12 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     done = len(todo)
     rows = [_row(run, results[run.out]) for run in runs]
     write_results_csv(rows, out / RESULTS_CSV)
-    figure = plot_sweep(rows, out / SWEEP_FIGURE, title=f"{config.student} from {config.cache}")
+    figure = plot_sweep(
+        rows,
+        out / SWEEP_FIGURE,
+        title=f"{config.student} from {config.cache}",
+        references=_teacher_reference(reader),
+    )
     return SweepResult(
         rows=rows,
         results_csv=str(out / RESULTS_CSV),
@@ -286,6 +313,13 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         runs_done=done,
         runs_skipped=skipped,
     )
+
+
+def _teacher_reference(reader: StoreReader) -> dict[str, float]:
+    """The cached teacher's accuracy against the labels stored with its logits, for the figure."""
+    accuracy, _ = teacher_statistics(reader)
+    split = (reader.metadata.dataset or {}).get("split", "stored")
+    return {} if accuracy is None else {f"teacher on the {split} split": accuracy}
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
