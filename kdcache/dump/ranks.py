@@ -7,21 +7,21 @@ from collections.abc import Callable
 from typing import Any
 
 from kdcache.distributed import RankSession
-from kdcache.store.ranks.attach import attach_writer
+from kdcache.store.ranks.joining import join_writer
 from kdcache.store.write.writer import StoreWriter
 
 
 def open_rank_writer(
     session: RankSession, create: Callable[..., StoreWriter], path: str, **options: Any
 ) -> StoreWriter:
-    """``create(path, **options)`` on rank 0 (it takes the lock); the other ranks then attach.
+    """``create(path, **options)`` on rank 0 (it takes the lock); the other ranks then join it.
 
     With one process this is just ``create(path, **options)``.
     """
     writer = session.on_main(lambda: create(path, **options))
     if writer is not None:
         return writer
-    return attach_writer(path, fsync=options.get("fsync", True))
+    return join_writer(path, fsync=options.get("fsync", True))
 
 
 def finalize_ranks(session: RankSession, writer: StoreWriter) -> None:

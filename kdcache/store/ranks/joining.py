@@ -2,7 +2,7 @@
 
 Rank 0 of a torchrun job creates (or resumes) the store with
 :func:`kdcache.store.write.writer.create_store` and keeps the single-writer lock for the whole job;
-the other ranks attach to that store with :func:`attach_writer` once rank 0 says it is ready.
+the other ranks join that store with :func:`join_writer` once rank 0 says it is ready.
 Every rank writes only whole chunks it owns (see kdcache.distributed), so no chunk object is
 ever written by two processes, and only rank 0 finalizes (the group's ``zarr.json`` is
 read-modify-write).
@@ -19,7 +19,7 @@ from kdcache.store.write.durability import ChunkSync
 from kdcache.store.write.writer import StoreWriter
 
 
-def attach_writer(path: StoreLike, *, fsync: bool = True) -> StoreWriter:
+def join_writer(path: StoreLike, *, fsync: bool = True) -> StoreWriter:
     """A lock-less writer for the unfinished store at ``path`` that a cooperating process locked.
 
     Only for a process whose writes the lock holder coordinates (the ranks of one dump job):
