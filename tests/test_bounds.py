@@ -31,7 +31,7 @@ def test_empty_or_in_store_output_folders_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "spec, message",
+    ("spec", "message"),
     [("fake:99999999999", "N=99,999,999,999"), ("fake:10:100000", "SIZE=100,000")],
 )
 def test_generated_datasets_too_large_to_build_are_refused(spec, message):
@@ -56,9 +56,8 @@ def test_a_text_file_as_weights_and_images_too_small_for_a_cnn(tmp_path):
 
 def test_specs_are_compared_with_their_defaults_spelled_out():
     assert canonical_model_spec("mlp") == canonical_model_spec("mlp:128") == "mlp:128"
-    assert (
-        canonical_model_spec("cnn") == "cnn:32" and canonical_model_spec("resnet18") == "resnet18"
-    )
+    assert canonical_model_spec("cnn") == "cnn:32"
+    assert canonical_model_spec("resnet18") == "resnet18"
     assert canonical_dataset_spec("fake:50:8") == canonical_dataset_spec("fake:50:8:10")
     assert canonical_dataset_spec("synthetic:5") == "synthetic:5:32:10"
     assert canonical_dataset_spec("digits") == "digits"

@@ -29,7 +29,8 @@ def test_dump_and_online_distill_take_the_teacher_and_dataset_from_the_weights(
     out = tmp_path / "teacher.zarr"
     dump_teacher(DumpConfig(weights=str(digits_teacher), out=str(out), device="cpu"))
     metadata = open_store(out).metadata
-    assert metadata.teacher["spec"] == "cnn:8" and metadata.dataset["spec"] == "digits"
+    assert metadata.teacher["spec"] == "cnn:8"
+    assert metadata.dataset["spec"] == "digits"
 
     run = tmp_path / "online"
     distill(
@@ -38,7 +39,8 @@ def test_dump_and_online_distill_take_the_teacher_and_dataset_from_the_weights(
         )
     )
     saved = json.loads((run / "config.json").read_text())
-    assert saved["teacher"] == "cnn:8" and saved["dataset"] == "digits"
+    assert saved["teacher"] == "cnn:8"
+    assert saved["dataset"] == "digits"
 
 
 def test_a_teacher_that_contradicts_the_weights_is_refused(tmp_path, digits_teacher):
@@ -65,7 +67,8 @@ def test_weights_of_another_dataset_name_the_dataset_in_use_and_the_fix(tmp_path
         )
     message = str(caught.value)
     assert "dataset 'fake:20:8:4' (4 classes, 3 channels) is in use" in message
-    assert "trained on dataset 'digits'" in message and "pass --dataset digits" in message
+    assert "trained on dataset 'digits'" in message
+    assert "pass --dataset digits" in message
     # A checkpoint from before the dataset was recorded, and a plain state_dict, still load and
     # still name the dataset in use when they do not fit it.
     checkpoint = torch.load(digits_teacher, weights_only=True)

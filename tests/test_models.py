@@ -17,7 +17,7 @@ class _Opaque:
 
 
 @pytest.mark.parametrize(
-    "spec, in_channels, size",
+    ("spec", "in_channels", "size"),
     [
         ("mlp", 1, 8),
         ("mlp:16", 1, 8),
@@ -33,7 +33,8 @@ def test_forward_shapes(spec, in_channels, size):
     for train in (True, False):
         model.train(train)
         out = model(torch.randn(2, in_channels, size, size))
-        assert isinstance(out, torch.Tensor) and out.shape == (2, 7)
+        assert isinstance(out, torch.Tensor)
+        assert out.shape == (2, 7)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -111,7 +112,7 @@ def test_user_function(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "spec, error, fragment",
+    ("spec", "error", "fragment"),
     [
         ("resnt18", SpecError, "did you mean 'resnet18'\\? Valid: mlp, cnn, any torchvision"),
         ("cnnn", SpecError, "did you mean 'cnn'"),
@@ -163,7 +164,8 @@ def test_load_weights_mismatch_messages(tmp_path):
         load_weights(build_model("cnn", num_classes=10, in_channels=1), path, spec="cnn")
     message = str(info.value)
     assert message.startswith("weights in t.pt do not fit model 'cnn': shape mismatch for ")
-    assert "checkpoint (5, 64) vs model (10, 64) and 1 more" in message and "\n" not in message
+    assert "checkpoint (5, 64) vs model (10, 64) and 1 more" in message
+    assert "\n" not in message
     torch.save(build_model("mlp:8,8", num_classes=5, in_channels=1).state_dict(), path)
     with pytest.raises(CheckpointError) as info:
         load_weights(build_model("mlp:8", num_classes=5, in_channels=1), path)
@@ -204,7 +206,8 @@ def test_weights_sha256(tmp_path):
     path = tmp_path / "w.pt"
     torch.save(build_model("mlp:4", num_classes=2, in_channels=1).state_dict(), path)
     digest = weights_sha256(path)
-    assert len(digest) == 64 and digest == weights_sha256(str(path))
+    assert len(digest) == 64
+    assert digest == weights_sha256(str(path))
     import hashlib
 
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()

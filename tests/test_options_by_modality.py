@@ -135,7 +135,8 @@ def test_each_option_is_recorded_or_refused_in_one_line(runs, command, name, kin
     if only is not None and only != kind:
         with pytest.raises(ConfigError) as info:  # by the config, or by the run before it starts
             RUNNERS[command](CONFIGS[command](**{**base, name: FOREIGN_VALUES[name]}))
-        assert flag in str(info.value) and "\n" not in str(info.value)
+        assert flag in str(info.value)
+        assert "\n" not in str(info.value)
         assert not (runs["root"] / "x").exists()  # refused before anything is written
         return
     recorded = runs["configs"][(command, kind)]

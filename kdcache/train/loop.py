@@ -202,7 +202,8 @@ def _from_store(config: DistillConfig, session: RankSession, reader: StoreReader
 
 
 def _from_live_teacher(config: DistillConfig, session: RankSession) -> _Teaching:
-    assert config.teacher is not None and config.dataset is not None
+    assert config.teacher is not None
+    assert config.dataset is not None
     train_set = build_dataset(config.dataset, split=config.split or "train")
     rows = transfer_rows(config, train_set)
     views = drawn_views(

@@ -211,7 +211,8 @@ def test_compiled_training_saves_plain_weights(tmp_path):
     # 1437 = 3 x 479: equal batches, so one compiled graph (no recompile for a short last batch).
     train(TrainConfig(model="mlp:8", out=str(out), epochs=1, batch_size=479, compile=True))
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["state_dict"]
-    assert state and not any(key.startswith("_orig_mod") for key in state)
+    assert state
+    assert not any(key.startswith("_orig_mod") for key in state)
     assert json.loads((out / "config.json").read_text())["compile"] is True
 
 
@@ -222,6 +223,7 @@ def test_bench_inputs_reports_each_form_and_the_bytes_it_moves():
     assert set(forms) == {"float32", "uint8"}
     assert forms["float32"]["bytes_per_batch"] == 8 * 3 * 16 * 16 * 4
     assert forms["uint8"]["bytes_per_batch"] == 8 * 3 * 16 * 16
-    assert len(forms["uint8"]["all_pass_s"]) == 2 and forms["uint8"]["speed_over_float32"] > 0
+    assert len(forms["uint8"]["all_pass_s"]) == 2
+    assert forms["uint8"]["speed_over_float32"] > 0
     with pytest.raises(ConfigError, match="cannot yield 'jpeg'"):
         bench_inputs(dataset="fake:40:16:3", forms=("jpeg",), device="cpu", repeats=1)

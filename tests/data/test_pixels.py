@@ -43,7 +43,8 @@ def write_images(root: Path, sizes: list[tuple[int, int]], *, seed: int = 0) -> 
 def test_uint8_items_normalise_to_the_float_items_bit_for_bit(spec):
     data = build_dataset(spec)
     pixels = data.with_inputs("uint8")
-    assert pixels.input_form == "uint8" and data.input_form == "float32"
+    assert pixels.input_form == "uint8"
+    assert data.input_form == "float32"
     for i in (0, 5, len(data) - 1):
         x = pixels[i][0]
         assert x.dtype == torch.uint8
@@ -68,16 +69,20 @@ def test_the_jpeg_path_decodes_like_pil_within_a_few_grey_levels(tmp_path):
     collated, labels, indices = collate_files(batch)
     encoded = split_files(collated)
     assert [torch.equal(f, files[i][0]) for i, f in enumerate(encoded)] == [True] * len(data)
-    assert labels.tolist() == data.labels.tolist() and indices.tolist() == list(range(len(data)))
+    assert labels.tolist() == data.labels.tolist()
+    assert indices.tolist() == list(range(len(data)))
     pixels = decode_files(encoded, data.jpeg_geometry, device=torch.device("cpu"))
-    assert pixels.shape == (len(data), 3, 20, 20) and pixels.dtype == torch.uint8
+    assert pixels.shape == (len(data), 3, 20, 20)
+    assert pixels.dtype == torch.uint8
     inputs = files.normalization(pixels)
     reference = torch.stack([data[i][0] for i in range(len(data))])
     levels = (inputs - reference).abs() / GREY_LEVEL
     # libjpeg-turbo and PIL's libjpeg round the IDCT and upsampling differently, by a level or two.
-    assert levels.mean() < 0.5 and levels.max() < 4, (levels.mean(), levels.max())
+    assert levels.mean() < 0.5, (levels.mean(), levels.max())
+    assert levels.max() < 4, (levels.mean(), levels.max())
     png = [i for i, (path, _) in enumerate(files._items.samples) if path.endswith(".png")]
-    assert png and (levels[png].max() < 1.5)  # decoded on the CPU by torchvision: same pixels
+    assert png
+    assert levels[png].max() < 1.5
 
 
 def test_jpeg_geometry_resizes_the_shorter_side_then_crops(tmp_path):

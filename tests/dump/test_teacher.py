@@ -274,7 +274,8 @@ def test_ctrl_c_says_how_to_resume_and_leaves_the_store_resumable(tmp_path, refe
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     lines = stderr.strip().splitlines()
-    assert "Traceback" not in stderr and "Aborted!" not in stderr
+    assert "Traceback" not in stderr
+    assert "Aborted!" not in stderr
     assert lines[-1].startswith(f"Interrupted: {out} keeps the chunks written so far")
     assert "--resume" in lines[-1]
     assert any(line.startswith("dump: ") and "sample/s" in line for line in lines), stderr

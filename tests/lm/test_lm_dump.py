@@ -39,13 +39,15 @@ def test_float32_rows_are_the_teachers_logits_and_the_store_records_its_fingerpr
     dataset = build_text_dataset(spec, split="train", tokenizer=teacher.tokenizer)
     store = open_sequence_store(tmp_path / "t.zarr")
     assert result.num_tokens == store.num_tokens == dataset.num_tokens == result.rows_computed
-    assert result.bytes_per_token and result.tokens_per_s > 0
+    assert result.bytes_per_token
+    assert result.tokens_per_s > 0
     for sample in (0, 5, len(dataset) - 1):
         assert torch.equal(store.read([sample]), teacher_rows(teacher, dataset, sample))
         assert store.tokens(sample).tolist() == dataset.sequences[sample].tolist()
     record = store.metadata.dataset["fingerprint"]
     assert record["tokenizer"]["special_tokens"]["eos_token"] == "<|endoftext|>"
-    assert record["max_length"] == 16 and record["tokens"]["num_samples"] == len(dataset)
+    assert record["max_length"] == 16
+    assert record["tokens"]["num_samples"] == len(dataset)
     assert store.metadata.teacher["weights_sha256"]
 
 
@@ -67,7 +69,8 @@ def test_topk_store_keeps_the_full_vocabulary_tail(tmp_path, lm_files):
     full = torch.cat([teacher_rows(teacher, dataset, 3), teacher_rows(teacher, dataset, 1)])
     encoding = parse_encoding("topk:8", num_classes=teacher.vocab_size)
     want = encoding.sparse(encoding.encode(full.numpy()))
-    assert torch.equal(rows.indices, want.indices) and torch.equal(rows.tail, want.tail)
+    assert torch.equal(rows.indices, want.indices)
+    assert torch.equal(rows.tail, want.tail)
     assert store.metadata.fidelity["top1_agreement"] == 1.0
 
 

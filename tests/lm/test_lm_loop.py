@@ -50,7 +50,8 @@ def test_cached_float32_and_online_give_bit_identical_students(tmp_path, lm_file
     assert cached.final == online.final
     a = load_file(tmp_path / "cached" / "last" / "model.safetensors")
     b = load_file(tmp_path / "online" / "last" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
     initial = load_causal_lm(f"hf:{lm_files['student']}", seed=0).model.state_dict()
     assert not all(torch.equal(initial[k], a[k]) for k in a if k in initial)  # it did train
 

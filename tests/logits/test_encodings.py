@@ -50,9 +50,11 @@ def test_every_registered_encoding_builds_from_its_example_and_round_trips(name)
     layout = encoding.layout(50)
     assert set(arrays) == set(layout)
     for array_name, (shape, dtype) in layout.items():
-        assert arrays[array_name].shape == (16, *shape) and arrays[array_name].dtype == dtype
+        assert arrays[array_name].shape == (16, *shape)
+        assert arrays[array_name].dtype == dtype
     dense = encoding.decode(arrays, temperature=1.0)
-    assert dense.shape == logits.shape and dense.dtype == np.float32
+    assert dense.shape == logits.shape
+    assert dense.dtype == np.float32
     # Every encoding keeps a confident teacher's top class.
     assert np.array_equal(dense.argmax(axis=1), logits.argmax(axis=1))
     assert encoding.row_nbytes(50) == sum(a.nbytes for a in arrays.values()) // 16
@@ -96,7 +98,8 @@ def test_float16_and_int8_error_bounds():
     encoded = int8.encode(logits)
     error = np.abs(int8.decode(encoded) - logits)
     assert (error <= encoded["scale"][:, None] / 2 * (1 + 1e-4)).all()
-    assert encoded["codes"].min() == 0 and encoded["codes"].max() == 255
+    assert encoded["codes"].min() == 0
+    assert encoded["codes"].max() == 255
 
 
 def test_int8_encodes_a_constant_row_exactly():

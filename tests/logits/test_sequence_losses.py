@@ -49,7 +49,7 @@ def reference(name, student_rows, teacher_rows, temperature, skew=0.1):
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)
-@pytest.mark.parametrize("temperature", (1.0, 2.0, 4.0))
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
 def test_dense_teacher_matches_reference(name, temperature):
     student, teacher, targets, mask = batch()
     alpha = 0.3
@@ -68,7 +68,7 @@ def test_dense_teacher_matches_reference(name, temperature):
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)
-@pytest.mark.parametrize("temperature", (1.0, 4.0))
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
 def test_topk_rows_equal_the_dense_loss_on_their_reconstruction(name, temperature):
     student, teacher, targets, mask = batch(1)
     encoding = parse_encoding("topk:6", num_classes=VOCAB)

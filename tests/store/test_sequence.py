@@ -60,15 +60,18 @@ def test_write_in_any_order_and_read_ragged_batches(tmp_path, encoding):
     rows = store.read(batch, temperature=2.0)
     want = np.concatenate([logits[i] for i in batch])
     if encoding == "float32":
-        assert isinstance(rows, torch.Tensor) and np.array_equal(rows.numpy(), want)
+        assert isinstance(rows, torch.Tensor)
+        assert np.array_equal(rows.numpy(), want)
     elif encoding == "float16":
         assert np.allclose(rows.numpy(), want, atol=1e-2)
     elif encoding.startswith("topk"):
-        assert isinstance(rows, SparseLogits) and rows.shape == want.shape
+        assert isinstance(rows, SparseLogits)
+        assert rows.shape == want.shape
         top = np.sort(np.argsort(-want, axis=1)[:, :5], axis=1)
         assert np.array_equal(np.sort(rows.indices.numpy(), axis=1), top)
     else:
-        assert isinstance(rows, SampledLogits) and rows.shape == want.shape
+        assert isinstance(rows, SampledLogits)
+        assert rows.shape == want.shape
         assert torch.allclose(rows.probs.sum(dim=1), torch.ones(len(want)))
     # sample 4's slice of a batch is its own rows, whatever the batch
     alone = store.read([4])

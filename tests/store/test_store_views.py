@@ -48,9 +48,11 @@ def test_views_round_trip_in_any_encoding(tmp_path, encoding):
     writer.finalize()
     reader = open_store(tmp_path / "s.zarr")
     assert (reader.num_samples, reader.views, reader.num_rows) == (11, 3, 33)
-    assert reader.metadata.format_version == FORMAT_VERSION and reader.metadata.augment == AUGMENT
+    assert reader.metadata.format_version == FORMAT_VERSION
+    assert reader.metadata.augment == AUGMENT
     logits, view_params = reader.read_views([4, 0], temperature=1.0)
-    assert logits.shape == (2, 3, 5) and view_params.shape == (2, 3, 1)
+    assert logits.shape == (2, 3, 5)
+    assert view_params.shape == (2, 3, 1)
     expected = all_logits[[12, 13, 14, 0, 1, 2]].reshape(2, 3, 5)
     if encoding == "float32":
         assert torch.equal(logits, torch.from_numpy(expected))
@@ -62,7 +64,8 @@ def test_views_round_trip_in_any_encoding(tmp_path, encoding):
     assert group.attrs["kdcache"]["views"] == 3
     np.testing.assert_array_equal(group["view_params"][:], params(11, 3))
     verified = verify_store(tmp_path / "s.zarr")
-    assert verified.ok and f": N=11 V=3 C=5 {encoding}, " in verified.lines()[0]
+    assert verified.ok
+    assert f": N=11 V=3 C=5 {encoding}, " in verified.lines()[0]
 
 
 def test_a_resumed_store_with_views_must_keep_its_recipe(tmp_path):
@@ -106,7 +109,8 @@ def test_a_resumed_store_with_views_must_keep_its_recipe(tmp_path):
     resumed.write(np.arange(12, 33), logits_of(np.arange(12, 33)))
     resumed.finalize()
     report = verify_store(tmp_path / "s.zarr")
-    assert report.ok and report.chunks_checked == 6
+    assert report.ok
+    assert report.chunks_checked == 6
 
 
 def test_verify_names_damaged_view_params_and_rows(tmp_path):
@@ -165,12 +169,11 @@ def test_inspect_shows_views_recipe_and_bytes_per_view(tmp_path):
     writer.write(np.arange(33), logits_of(np.arange(33)))
     writer.finalize()
     report = inspect_store(tmp_path / "s.zarr")
-    assert report.views == 3 and report.augment == AUGMENT
+    assert report.views == 3
+    assert report.augment == AUGMENT
     assert report.bytes_per_view == pytest.approx(report.bytes_per_sample / 3)
     text = format_report(report)
-    assert (
-        "views (V):" in text
-        and "recipe 'flip' seed 3 (1 parameters per view, drawn by an older" in text
-    )
+    assert "views (V):" in text
+    assert "recipe 'flip' seed 3 (1 parameters per view, drawn by an older" in text
     assert "B/view" in text
     assert report.teacher_accuracy is not None  # every view against its sample's label

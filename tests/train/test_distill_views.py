@@ -56,8 +56,10 @@ def view_store(tmp_path_factory):
 
 def test_the_dump_stores_the_teachers_logits_on_each_recreated_view(view_store):
     reader = open_store(view_store)
-    assert reader.views == 3 and reader.metadata.augment["recipe"] == RECIPE
-    assert reader.metadata.augment["seed"] == 2 and reader.metadata.augment["input_size"] == [8, 8]
+    assert reader.views == 3
+    assert reader.metadata.augment["recipe"] == RECIPE
+    assert reader.metadata.augment["seed"] == 2
+    assert reader.metadata.augment["input_size"] == [8, 8]
     assert reader.metadata.augment["sampler"] == "counter-v1"
     dataset = build_dataset(DATASET)
     recipe = parse_recipe(RECIPE)
@@ -114,7 +116,8 @@ def test_cached_and_online_distillation_with_views_give_bit_identical_students(
     other = load_state(tmp_path / "other/last.pt")
     assert not all(torch.equal(cached[name], other[name]) for name in cached)
     resolved = json.loads((tmp_path / "cached/config.json").read_text())["resolved"]
-    assert resolved["views"] == 3 and resolved["store"]["augment"]["recipe"] == RECIPE
+    assert resolved["views"] == 3
+    assert resolved["store"]["augment"]["recipe"] == RECIPE
     online_resolved = json.loads((tmp_path / "online/config.json").read_text())["resolved"]
     assert resolved["view_sampler"] == online_resolved["view_sampler"] == "counter-v1"
 
@@ -153,7 +156,7 @@ def test_a_store_drawn_by_the_older_generator_distills_from_its_stored_views(tmp
 
 
 @pytest.mark.parametrize(
-    "changes, message",
+    ("changes", "message"),
     [
         ({"augment": "pad-crop:2+flip"}, "dumped with recipe 'pad-crop:1\\+flip\\+mixup:0.4'"),
         ({"augment_seed": 5}, "--augment-seed 2 but 5"),
@@ -222,7 +225,7 @@ def test_train_with_augmentation_draws_a_fresh_view_each_epoch(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "config, error, message",
+    ("config", "error", "message"),
     [
         (lambda: DumpConfig(teacher="cnn", views=4), ConfigError, "--views 4 needs --augment"),
         (lambda: DumpConfig(teacher="cnn", augment="blur"), SpecError, "unknown operation"),
@@ -264,8 +267,10 @@ def test_cli_dumps_views_and_inspect_shows_them(tmp_path):
         "--device",
         "cpu",
     )
-    assert "V=2" in result.stdout and "B/view" in result.stdout
+    assert "V=2" in result.stdout
+    assert "B/view" in result.stdout
     shown = run_cli("inspect", str(out), "--plot", str(tmp_path / "store.png")).stdout
-    assert "views (V):" in shown and "rrc:scale=0.5-1" in shown
+    assert "views (V):" in shown
+    assert "rrc:scale=0.5-1" in shown
     assert_png(tmp_path / "store.png")
     assert_png(tmp_path / "store-views.png")  # a few samples' views with the teacher's classes

@@ -30,13 +30,12 @@ def test_train_writes_the_run_folder(tmp_path):
     assert {"train_loss", "val_acc"} <= lines[0].keys()
     assert result.final == lines[-1]["val_acc"]
     config = json.loads((run / "config.json").read_text())
-    assert (
-        config["model"] == "mlp:16"
-        and config["seed"] == 3
-        and config["resolved"]["device"] == "cpu"
-    )
+    assert config["model"] == "mlp:16"
+    assert config["seed"] == 3
+    assert config["resolved"]["device"] == "cpu"
     checkpoint = torch.load(run / "best.pt", weights_only=True)
-    assert checkpoint["model"] == "mlp:16" and checkpoint["val_acc"] == result.best
+    assert checkpoint["model"] == "mlp:16"
+    assert checkpoint["val_acc"] == result.best
     assert_png(run / "curves.png")
     assert not (run / "distributions.png").exists()
 
@@ -128,7 +127,7 @@ def test_a_store_from_another_dataset_is_refused(tmp_path, digits_store):
 
 
 @pytest.mark.parametrize(
-    "changes, message",
+    ("changes", "message"),
     [
         ({"temperature": 0.0}, "temperature"),
         ({"alpha": 1.5}, "alpha"),

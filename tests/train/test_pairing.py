@@ -63,8 +63,10 @@ def test_items_and_batches_carry_the_stores_rows(topk_digits_store):
     store = open_store(topk_digits_store)
     pairs = TeacherLogits(train_set, store)
     x, y, teacher = pairs[7]
-    assert torch.equal(x, train_set[7][0]) and y == train_set[7][1]
-    assert isinstance(teacher, SparseLogits) and teacher.shape == (1, 10)
+    assert torch.equal(x, train_set[7][0])
+    assert y == train_set[7][1]
+    assert isinstance(teacher, SparseLogits)
+    assert teacher.shape == (1, 10)
 
     reads = []
     read = store.read
@@ -74,8 +76,10 @@ def test_items_and_batches_carry_the_stores_rows(topk_digits_store):
     assert len(reads) == len(batches) == len(loader)  # one store read per batch
     assert sorted(sum(reads, [])) == list(range(len(train_set)))
     x, y, teacher = batches[0]
-    assert x.shape == (32, 1, 8, 8) and y.shape == (32,)
-    assert isinstance(teacher, SparseLogits) and teacher.shape == (32, 10)
+    assert x.shape == (32, 1, 8, 8)
+    assert y.shape == (32,)
+    assert isinstance(teacher, SparseLogits)
+    assert teacher.shape == (32, 10)
     want = read(reads[0])
     torch.testing.assert_close(teacher.values, want.values)
     torch.testing.assert_close(teacher.indices, want.indices)
@@ -105,7 +109,9 @@ def test_the_worker_loader_gives_the_same_batches(digits_store):
     through_workers = list(pairs.loader(batch_size=32, num_workers=1))
     assert len(direct) == len(through_workers) == 3
     for (x1, y1, t1), (x2, y2, t2) in zip(direct, through_workers, strict=True):
-        assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(t1, t2)
+        assert torch.equal(x1, x2)
+        assert torch.equal(y1, y2)
+        assert torch.equal(t1, t2)
 
 
 def test_a_store_of_other_data_is_refused_for_any_dataset(digits_store):
@@ -168,7 +174,8 @@ def test_a_store_with_views_pairs_each_recreated_view_with_its_own_row(views_sto
     for item, row in enumerate(rows):
         assert pairs.sample_index(item) == row // 3
         view, label = distilled.dataset[row]  # the pixels and label distill trains on
-        assert torch.equal(x[item], view) and y[item] == label
+        assert torch.equal(x[item], view)
+        assert y[item] == label
     torch.testing.assert_close(logits, reader.read(rows))
     with torch.no_grad():  # the teacher's logits on exactly these pixels
         torch.testing.assert_close(logits, teacher(x), rtol=1e-5, atol=1e-5)
@@ -178,7 +185,9 @@ def test_a_store_with_views_pairs_each_recreated_view_with_its_own_row(views_sto
         pairs.loader(batch_size=4, num_workers=1),
         strict=True,
     ):
-        assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(t1, t2)
+        assert torch.equal(x1, x2)
+        assert torch.equal(y1, y2)
+        assert torch.equal(t1, t2)
 
 
 def test_a_store_whose_views_cannot_be_recreated_is_refused(tmp_path, views_store):

@@ -44,7 +44,7 @@ def test_indices_and_excluded_classes_select_the_transfer_set(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "changes, message",
+    ("changes", "message"),
     [
         ({"indices": [0, DIGITS_TRAIN]}, r"outside \[0, 1437\)"),
         ({"indices": [3, 4, 3]}, "lists sample 3 more than once"),
@@ -70,13 +70,15 @@ def test_the_sampler_visits_each_transfer_sample_once_per_epoch(tmp_path):
     rows = np.arange(0, 300, 3)
     shuffled = TransferSampler(rows, seed=0)
     first, second = list(shuffled), list(shuffled)
-    assert sorted(first) == sorted(second) == rows.tolist() and first != second
+    assert sorted(first) == sorted(second) == rows.tolist()
+    assert first != second
     writer = create_store(tmp_path / "s.zarr", num_samples=300, num_classes=4, chunk_rows=20)
     writer.write(np.arange(300), np.zeros((300, 4), dtype=np.float32))
     writer.finalize()
     reader = open_store(tmp_path / "s.zarr")
     feed = LogitFeed(reader, memory_budget=reader.feed.chunk_nbytes * 4)
-    assert feed.mode == "chunked" and feed.window_chunks == 2
+    assert feed.mode == "chunked"
+    assert feed.window_chunks == 2
     chunked = list(TransferSampler(rows, seed=0, feed=feed))
     assert sorted(chunked) == rows.tolist()
     # the feed's chunk-aware order, restricted to the transfer set: window after window of
@@ -102,7 +104,8 @@ def test_distill_on_a_transfer_set_records_it_and_validates_on_the_whole_split(
     )
     saved = json.loads((tmp_path / "config.json").read_text())
     labels = build_dataset("digits", split="train").labels[::2]
-    assert saved["exclude_classes"] == [3, 5] and len(saved["indices"]) == 719
+    assert saved["exclude_classes"] == [3, 5]
+    assert len(saved["indices"]) == 719
     assert saved["resolved"]["transfer"]["num_samples"] == int(
         ((labels != 3) & (labels != 5)).sum()
     )
@@ -133,7 +136,8 @@ def unlabeled_store(tmp_path_factory, digits_teacher):
 
 def test_an_unlabeled_pool_distils_with_alpha_1_only(tmp_path, unlabeled_store, digits_store):
     reader = open_store(unlabeled_store)
-    assert reader.labels is None and reader.metadata.dataset["spec"] == "unlabeled:digits"
+    assert reader.labels is None
+    assert reader.metadata.dataset["spec"] == "unlabeled:digits"
     assert (build_dataset("unlabeled:digits").labels == -1).all()
     with pytest.raises(
         ConfigError, match="1437 samples of the transfer set have no label.*--alpha 1"
@@ -193,7 +197,8 @@ def test_transfer_set_options_through_the_cli(tmp_path, digits_store, unlabeled_
     )
     assert "best val_acc" in result.stdout
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["indices"] == str(tmp_path / "idx.txt") and saved["exclude_classes"] == [3, 5]
+    assert saved["indices"] == str(tmp_path / "idx.txt")
+    assert saved["exclude_classes"] == [3, 5]
     refused = run_cli(
         "distill",
         "--cache",

@@ -88,7 +88,7 @@ class BackgroundWriter:
                 if ready is not None:
                     ready.synchronize()  # the non-blocking device-to-host copy has landed
                 self.writer.write(indices, logits)
-            except BaseException as error:  # noqa: BLE001 - handed to the main thread as is
+            except BaseException as error:  # handed to the main thread as is
                 with self._error_lock:
                     if self._error is None:
                         self._error = error
@@ -163,5 +163,5 @@ class BackgroundWriter:
         # shorter), but let the caller's exception win over a background one.
         try:
             self.close()
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             pass

@@ -25,7 +25,7 @@ def finished_store(path, num_samples=30, num_classes=4, seed=0):
 
 
 @pytest.mark.parametrize(
-    "text, kind, target",
+    ("text", "kind", "target"),
     [
         ("out/t.zarr", "local", "out/t.zarr"),
         ("out/t.zarr/", "local", "out/t.zarr"),
@@ -113,9 +113,11 @@ def test_dump_to_s3_then_distill_from_it_in_forked_workers(
             teacher="cnn:8", weights=str(digits_teacher), out=url, device="cpu", chunk_rows=500
         )
     )
-    assert dumped.num_samples == 1437 and dumped.bytes_on_disk is None
+    assert dumped.num_samples == 1437
+    assert dumped.bytes_on_disk is None
     report = verify_store(url)
-    assert report.ok and report.chunks_checked == 3
+    assert report.ok
+    assert report.chunks_checked == 3
     fs, path = url_to_fs(url)
     assert not fs.exists(path + ".lock")  # the lease went away with the writer
     distilled = run_cli(

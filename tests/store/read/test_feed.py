@@ -42,7 +42,8 @@ def store(tmp_path_factory):
 
 def chunked_feed(store, chunks: int = 4) -> LogitFeed:
     feed = open_store(store, memory_budget=chunks * CHUNK_ROWS * ROW_BYTES).feed
-    assert feed.mode == "chunked" and feed.capacity == chunks
+    assert feed.mode == "chunked"
+    assert feed.capacity == chunks
     return feed
 
 
@@ -63,7 +64,8 @@ def test_every_index_exactly_once_per_epoch_in_a_new_order(store, mode):
     orders = [feed.epoch_order(epoch, seed=3) for epoch in range(3)]
     for order in orders:
         np.testing.assert_array_equal(np.sort(order), np.arange(NUM_SAMPLES))
-    assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
+    assert not np.array_equal(orders[0], orders[1])
+    assert not np.array_equal(orders[1], orders[2])
     np.testing.assert_array_equal(orders[0], feed.epoch_order(0, seed=3))
     assert not np.array_equal(orders[0], feed.epoch_order(0, seed=4))
 
@@ -109,7 +111,7 @@ def test_budget_below_two_chunks_and_bad_indices_are_refused(store):
 
 
 @pytest.mark.parametrize(
-    "text, size",
+    ("text", "size"),
     [
         (1024, 1024),
         ("2048", 2048),

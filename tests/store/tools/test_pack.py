@@ -15,7 +15,8 @@ from kdcache.train.loop import distill
 
 def test_a_packed_store_trains_the_same_student(tmp_path, digits_store):
     packed = run_cli("pack", str(digits_store), str(tmp_path / "teacher.zip"))
-    assert "packed" in packed.stdout and (tmp_path / "teacher.zip").is_file()
+    assert "packed" in packed.stdout
+    assert (tmp_path / "teacher.zip").is_file()
     reader, original = open_store(tmp_path / "teacher.zip"), open_store(digits_store)
     assert reader.metadata == original.metadata
     np.testing.assert_array_equal(

@@ -38,7 +38,8 @@ def flip_byte(path, offset_fraction=0.5):
 
 def test_a_sound_store_passes(store):
     report = verify_store(store)
-    assert report.ok and report.chunks_checked == 10
+    assert report.ok
+    assert report.chunks_checked == 10
     assert report.lines()[0].endswith(": N=95 C=5 float32, 10 chunks decoded")
     assert report.lines()[-1] == "OK"
 

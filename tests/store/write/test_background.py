@@ -73,10 +73,9 @@ def test_the_callers_own_error_wins_and_queued_chunks_are_kept(tmp_path):
     writer = create_store(
         tmp_path / "s.zarr", num_samples=30, num_classes=2, encoding="float32", chunk_rows=10
     )
-    with pytest.raises(KeyboardInterrupt):
-        with BackgroundWriter(writer) as background:
-            background.write(np.arange(10), random_logits(10, 2))
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), BackgroundWriter(writer) as background:
+        background.write(np.arange(10), random_logits(10, 2))
+        raise KeyboardInterrupt
     writer.close()
     reopened = create_store(
         tmp_path / "s.zarr",
@@ -133,7 +132,8 @@ def test_an_error_in_one_of_several_threads_surfaces_and_the_rest_stays_resumabl
         resume=True,
     )
     pending = resumed.pending_indices()
-    assert 40 in pending and len(pending) < 64
+    assert 40 in pending
+    assert len(pending) < 64
     with BackgroundWriter(resumed, workers=2) as background:
         background.write(pending, logits[pending])
     resumed.finalize()

@@ -26,7 +26,7 @@ def random_logits(num_samples: int, num_classes: int, seed: int = 0) -> np.ndarr
     )
 
 
-@pytest.mark.parametrize("encoding, tolerance", [("float32", 0.0), ("float16", 1e-2)])
+@pytest.mark.parametrize(("encoding", "tolerance"), [("float32", 0.0), ("float16", 1e-2)])
 def test_round_trip_in_any_write_order(tmp_path, encoding, tolerance):
     logits = random_logits(103, 7)
     writer = create_store(
@@ -46,7 +46,8 @@ def test_round_trip_in_any_write_order(tmp_path, encoding, tolerance):
     assert (reader.num_samples, reader.num_classes, reader.metadata.encoding) == (103, 7, encoding)
     indices = [5, 100, 0, 5]
     read = reader.read(indices)
-    assert read.dtype == torch.float32 and read.shape == (4, 7)
+    assert read.dtype == torch.float32
+    assert read.shape == (4, 7)
     np.testing.assert_allclose(read.numpy(), logits[indices], atol=tolerance * 10, rtol=tolerance)
     np.testing.assert_array_equal(reader.labels, np.arange(103) % 7)
 
@@ -173,9 +174,8 @@ def test_lossy_encodings_round_trip_and_record_their_fidelity(tmp_path, encoding
         writer.write(batch, logits[batch])
     metadata = writer.finalize()
     fidelity = metadata.fidelity
-    assert (
-        fidelity["temperatures"] == [1.0, 2.0, 4.0, 8.0] and fidelity["num_samples"] == 8
-    )  # every 8th row
+    assert fidelity["temperatures"] == [1.0, 2.0, 4.0, 8.0]
+    assert fidelity["num_samples"] == 8
     assert writer.fidelity.result().to_dict() == fidelity
     assert all(kl > 0 for kl in fidelity["mean_kl"])
 
@@ -183,7 +183,8 @@ def test_lossy_encodings_round_trip_and_record_their_fidelity(tmp_path, encoding
     assert reader.metadata.fidelity == fidelity
     for temperature in (1.0, 3.0):
         read = reader.read_dense(np.arange(64), temperature=temperature).numpy()
-        assert read.shape == (64, 12) and read.dtype == np.float32
+        assert read.shape == (64, 12)
+        assert read.dtype == np.float32
         np.testing.assert_array_equal(read.argmax(axis=1), logits.argmax(axis=1))
     if encoding == "int8":
         np.testing.assert_allclose(read, logits, atol=(logits.max() - logits.min()) / 255)
@@ -206,7 +207,8 @@ def test_a_store_written_before_fidelity_was_recorded_still_opens(tmp_path):
         key: value for key, value in group.attrs["kdcache"].items() if key != "fidelity"
     }
     reader = open_store(tmp_path / "s.zarr")
-    assert reader.metadata.fidelity is None and reader.read([0]).shape == (1, 3)
+    assert reader.metadata.fidelity is None
+    assert reader.read([0]).shape == (1, 3)
 
 
 def test_topk_store_stays_near_its_raw_payload_on_disk(tmp_path):
