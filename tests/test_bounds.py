@@ -16,7 +16,7 @@ from kdcache.train.loop import train
 
 @pytest.mark.parametrize("device", ["meta", "cuda:99" if torch.cuda.is_available() else "cuda"])
 def test_devices_that_cannot_run_a_dump_are_refused(device):
-    with pytest.raises(ConfigError, match="use --device cpu|not supported|does not exist"):
+    with pytest.raises(ConfigError, match=r"use --device cpu|not supported|does not exist"):
         resolve_device(device)
 
 
@@ -40,14 +40,14 @@ def test_generated_datasets_too_large_to_build_are_refused(spec, message):
 
 
 def test_temperatures_whose_softmax_overflows_float32_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="at least 1.1e-19"):
+    with pytest.raises(ConfigError, match=r"at least 1.1e-19"):
         DistillConfig(student="mlp", cache="s.zarr", out=str(tmp_path), temperature=1e-45)
 
 
 def test_a_text_file_as_weights_and_images_too_small_for_a_cnn(tmp_path):
     (tmp_path / "w.pt").write_text("hello\n")  # unpickles into a KeyError
     model = build_model("cnn", num_classes=2, in_channels=3)
-    with pytest.raises(CheckpointError, match="cannot load .*w.pt: .*corrupt"):
+    with pytest.raises(CheckpointError, match=r"cannot load .*w.pt: .*corrupt"):
         load_weights(model, tmp_path / "w.pt")
     with pytest.raises(ConfigError, match=r"cannot take inputs of shape \(3, 1, 1\)"):
         check_input_fits(model, (3, 1, 1), spec="cnn")

@@ -44,7 +44,7 @@ def test_dump_and_online_distill_take_the_teacher_and_dataset_from_the_weights(
 
 
 def test_a_teacher_that_contradicts_the_weights_is_refused(tmp_path, digits_teacher):
-    with pytest.raises(ConfigError, match="--teacher 'mlp' contradicts .* model 'cnn:8'"):
+    with pytest.raises(ConfigError, match=r"--teacher 'mlp' contradicts .* model 'cnn:8'"):
         dump_teacher(
             DumpConfig(teacher="mlp", weights=str(digits_teacher), out=str(tmp_path / "s"))
         )
@@ -77,7 +77,7 @@ def test_weights_of_another_dataset_name_the_dataset_in_use_and_the_fix(tmp_path
     torch.save(checkpoint["state_dict"], tmp_path / "plain.pt")
     for name in ("old.pt", "plain.pt"):
         with pytest.raises(
-            CheckpointError, match="'fake:20:8:4' .* is in use.*pass --dataset SPEC"
+            CheckpointError, match=r"'fake:20:8:4' .* is in use.*pass --dataset SPEC"
         ):
             dump_teacher(
                 DumpConfig(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -102,7 +104,7 @@ def test_the_dump_plan_writes_every_row_once_in_the_same_batches_for_any_rank_co
             for rank in range(world_size)
         ]
         # The same batches as one process, split between the ranks without overlap...
-        assert sorted(map(tuple, sum(plans, []))) == sorted(map(tuple, alone))
+        assert sorted(map(tuple, itertools.chain.from_iterable(plans))) == sorted(map(tuple, alone))
         for rank, plan in enumerate(plans):
             mine = set(
                 owned_chunks(num_chunks, per_unit=per_unit, rank=rank, world_size=world_size)

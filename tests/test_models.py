@@ -101,13 +101,13 @@ def test_user_function(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     model = build_model("kd_user_models:tiny", num_classes=5, in_channels=1)
     assert model(torch.randn(3, 1, 8, 8)).shape == (3, 5)
-    with pytest.raises(SpecError, match="returned int, expected a torch.nn.Module"):
+    with pytest.raises(SpecError, match=r"returned int, expected a torch.nn.Module"):
         build_model("kd_user_models:not_a_model", num_classes=5, in_channels=1)
     with pytest.raises(SpecError, match="must accept keyword arguments num_classes and in_chan"):
         build_model("kd_user_models:wrong_args", num_classes=5, in_channels=1)
     with pytest.raises(SpecError, match="'kd_user_models' has no function 'missing'"):
         build_model("kd_user_models:missing", num_classes=5, in_channels=1)
-    with pytest.raises(SpecError, match="cannot import module 'kd_no_such.module'"):
+    with pytest.raises(SpecError, match=r"cannot import module 'kd_no_such.module'"):
         build_model("kd_no_such.module:f", num_classes=5, in_channels=1)
 
 
@@ -184,7 +184,7 @@ def test_load_weights_bad_files(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_weights(model, tmp_path / "absent.pt")
     (tmp_path / "junk.pt").write_bytes(b"definitely not a checkpoint" * 10)
-    with pytest.raises(CheckpointError, match="cannot load .*junk.pt: it is corrupt") as info:
+    with pytest.raises(CheckpointError, match=r"cannot load .*junk.pt: it is corrupt") as info:
         load_weights(model, tmp_path / "junk.pt")
     assert "\n" not in str(info.value)
     torch.save({"state_dict": model.state_dict(), "extra": _Opaque()}, tmp_path / "untrusted.pt")

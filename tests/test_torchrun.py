@@ -38,8 +38,17 @@ NUM_CHUNKS = 10
 def torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``torchrun --nproc-per-node 2 -m kdcache ARGS`` as a user would."""
     return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        + ["-m", "kdcache", *args],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "kdcache",
+            *args,
+        ],
         env=cli_environment(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

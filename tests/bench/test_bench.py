@@ -164,5 +164,5 @@ def test_every_bench_option_is_a_declared_field_with_its_default(name, options):
 def test_a_language_model_spec_is_refused_naming_its_option():
     refused = run_cli("bench", "distill", "--teacher", "hf:gpt2", check=False)
     assert_one_line_error(refused, "--teacher hf:gpt2", "image models", "resnet50")
-    with pytest.raises(ConfigError, match="--dataset text:corpus.txt"):
+    with pytest.raises(ConfigError, match=r"--dataset text:corpus.txt"):
         BenchInputsOptions(dataset="text:corpus.txt")

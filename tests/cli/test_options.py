@@ -90,7 +90,7 @@ def test_a_field_without_help_is_refused():
     class Undocumented(TrainingOptions):
         mystery: int = 3
 
-    with pytest.raises(TypeError, match="Undocumented.mystery has no help text"):
+    with pytest.raises(TypeError, match=r"Undocumented.mystery has no help text"):
         config_options(Undocumented)
 
 

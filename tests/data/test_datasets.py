@@ -146,7 +146,7 @@ def test_imagefolder_missing_folders(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=re.escape(str(tmp_path / "train"))):
         build_dataset(f"imagefolder:{tmp_path}")
     _png_tree(tmp_path, "train")
-    with pytest.raises(DatasetNotFoundError, match="val or .*test"):
+    with pytest.raises(DatasetNotFoundError, match=r"val or .*test"):
         build_dataset(f"imagefolder:{tmp_path}", split="test")
     _png_tree(tmp_path, "val", classes=("cat", "emu"))
     with pytest.raises(DatasetNotFoundError, match="emu"):
@@ -155,7 +155,7 @@ def test_imagefolder_missing_folders(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="no usable images for the imagefolder train"):
         build_dataset(f"imagefolder:{tmp_path / 'empty'}")
     (tmp_path / "empty" / "val").mkdir()
-    with pytest.raises(DatasetNotFoundError, match="imagefolder test split: .*class folder"):
+    with pytest.raises(DatasetNotFoundError, match=r"imagefolder test split: .*class folder"):
         build_dataset(f"imagefolder:{tmp_path / 'empty'}", split="test")
 
 

@@ -81,7 +81,7 @@ def test_topk_store_run_folder_and_the_student_reloads(tmp_path, lm_files, store
 
 
 def test_store_refuses_a_student_or_dataset_that_differs(tmp_path, lm_files, stores):
-    with pytest.raises(StoreMismatchError, match="another tokenizer.*vocabulary"):
+    with pytest.raises(StoreMismatchError, match=r"another tokenizer.*vocabulary"):
         distill(
             DistillConfig(
                 student=f"hf:{lm_files['other_tok']}",
@@ -98,7 +98,7 @@ def test_store_refuses_a_student_or_dataset_that_differs(tmp_path, lm_files, sto
                 out=str(tmp_path / "b"),
             )
         )
-    with pytest.raises(ConfigError, match="'focal'.*valid losses: kd, reverse, skew, js"):
+    with pytest.raises(ConfigError, match=r"'focal'.*valid losses: kd, reverse, skew, js"):
         distill(DistillConfig(student="hf:x", cache="s.zarr", loss="focal", out="x"))
     with pytest.raises(ConfigError, match="--gamma applies to image models only"):
         distill(DistillConfig(student="hf:x", cache="s", out="o", gamma=3.0))

@@ -86,7 +86,7 @@ def test_layout_sizes_match_the_budget_at_1000_classes():
     assert parse_encoding("float16").row_nbytes(1000) == 2000
     assert Int8Encoding().row_nbytes(1000) == 1008
     assert TopKEncoding(20).row_nbytes(1000) == 96
-    with pytest.raises(ConfigError, match="topk:10 keeps 10 classes.*only 10"):
+    with pytest.raises(ConfigError, match=r"topk:10 keeps 10 classes.*only 10"):
         TopKEncoding(10).layout(10)
 
 

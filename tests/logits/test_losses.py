@@ -307,7 +307,7 @@ def test_build_loss_names_and_unknown_name():
         assert loss.alpha == 0.4
     assert build_loss("focal", temperature=2.0, alpha=0.4, gamma=1.0).gamma == 1.0
     assert build_loss("attention", temperature=2.0, alpha=0.4, top_k=3).top_k == 3
-    with pytest.raises(SpecError, match="'mse'.*kd, focal, attention") as info:
+    with pytest.raises(SpecError, match=r"'mse'.*kd, focal, attention") as info:
         build_loss("mse", temperature=2.0, alpha=0.4)
     assert isinstance(info.value, ValueError)
 
@@ -352,7 +352,7 @@ def test_sparse_kd_outputs_and_gradients():
 def test_sparse_attention_refuses_top_k_beyond_the_stored_classes():
     sparse = sparse_teacher(3, 2, 20, 3)
     student, _, labels = make_inputs(4, 2, 20)
-    with pytest.raises(ConfigError, match="at most the 3 classes.*got 4"):
+    with pytest.raises(ConfigError, match=r"at most the 3 classes.*got 4"):
         AttentionLogitsLoss(top_k=4)(student, sparse, labels)
 
 

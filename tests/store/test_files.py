@@ -109,6 +109,6 @@ def test_overwrite_refuses_to_delete_what_is_not_part_of_the_store(tmp_path):
     small_store(store)
     (store / "run").mkdir()
     (store / "run" / "best.pt").write_bytes(b"weights")
-    with pytest.raises(StoreExistsError, match="run/best.pt"):
+    with pytest.raises(StoreExistsError, match=r"run/best.pt"):
         small_store(store, overwrite=True)
     assert (store / "run" / "best.pt").read_bytes() == b"weights"

@@ -65,7 +65,7 @@ def test_an_edited_array_zarr_json_is_refused_by_open_and_verify(store, edit):
 def test_nan_rows_written_behind_the_writers_back_stop_the_feed(store):
     group = zarr.open_group(str(store), mode="r+")
     group["logits"][13] = np.nan
-    with pytest.raises(StoreCorruptError, match="samples 10-19|NaN or Inf for samples 13"):
+    with pytest.raises(StoreCorruptError, match=r"samples 10-19|NaN or Inf for samples 13"):
         open_store(store).load()
 
 

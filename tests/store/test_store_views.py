@@ -90,7 +90,7 @@ def test_a_resumed_store_with_views_must_keep_its_recipe(tmp_path):
     # missing views differently, so the resume is refused in one line.
     with pytest.raises(
         StoreMismatchError,
-        match="its views were drawn by an older kdcache's generator but this dump draws with "
+        match=r"its views were drawn by an older kdcache's generator but this dump draws with "
         "'counter-v1'.*pass --overwrite",
     ):
         create_store(

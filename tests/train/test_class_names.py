@@ -63,7 +63,7 @@ def test_exclude_classes_takes_names_or_indices(folder_store):
     with pytest.raises(ConfigError, match="the transfer set is empty"):
         rows("one", 0)
     with pytest.raises(
-        ConfigError, match="class 'two' but dataset .* has classes 0 to 1 or eight, one"
+        ConfigError, match=r"class 'two' but dataset .* has classes 0 to 1 or eight, one"
     ):
         rows("two")
     option = next(p for p in cli.commands["distill"].params if p.name == "exclude_classes")

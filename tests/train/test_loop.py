@@ -88,7 +88,7 @@ def test_distill_shares_an_open_store_and_draws_its_figures(tmp_path, digits_sto
     assert 0 <= distill(config, reader=reader).final <= 100
     assert_png(tmp_path / "run/curves.png")
     assert_png(tmp_path / "run/distributions.png")
-    with pytest.raises(ConfigError, match="config.cache is None"):
+    with pytest.raises(ConfigError, match=r"config.cache is None"):
         distill(
             DistillConfig(
                 student="mlp:8", teacher="cnn:8", dataset="digits", out=str(tmp_path / "x")
@@ -120,7 +120,7 @@ def test_a_store_from_another_dataset_is_refused(tmp_path, digits_store):
                 student="mlp:8", cache=str(digits_store), dataset="fake:50", out=str(tmp_path)
             )
         )
-    with pytest.raises(StoreMismatchError, match="1437 samples.*360"):
+    with pytest.raises(StoreMismatchError, match=r"1437 samples.*360"):
         distill(
             DistillConfig(student="mlp:8", cache=str(digits_store), split="test", out=str(tmp_path))
         )

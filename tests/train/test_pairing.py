@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 
@@ -74,7 +75,7 @@ def test_items_and_batches_carry_the_stores_rows(topk_digits_store):
     loader = DataLoader(pairs, batch_size=32, shuffle=True, collate_fn=pairs.collate)
     batches = list(loader)
     assert len(reads) == len(batches) == len(loader)  # one store read per batch
-    assert sorted(sum(reads, [])) == list(range(len(train_set)))
+    assert sorted(itertools.chain.from_iterable(reads)) == list(range(len(train_set)))
     x, y, teacher = batches[0]
     assert x.shape == (32, 1, 8, 8)
     assert y.shape == (32,)
@@ -96,7 +97,7 @@ def test_a_dense_store_batches_into_one_tensor_and_indices_keep_a_subset(digits_
     pairs = TeacherLogits(
         build_dataset("digits", split="train"), digits_store, indices=[5, 9, 100, 3]
     )
-    x, y, teacher = next(iter(DataLoader(pairs, batch_size=4, collate_fn=pairs.collate)))
+    _x, _y, teacher = next(iter(DataLoader(pairs, batch_size=4, collate_fn=pairs.collate)))
     assert len(pairs) == 4
     torch.testing.assert_close(teacher, open_store(digits_store).read([5, 9, 100, 3]))
     with pytest.raises(ConfigError, match=r"indices must lie in \[0, 1437\)"):
@@ -125,7 +126,7 @@ def test_a_store_of_other_data_is_refused_for_any_dataset(digits_store):
     TeacherLogits(TensorDataset(inputs, labels), digits_store)  # a plain dataset of the same data
     altered = inputs.clone()
     altered[0] += 1
-    with pytest.raises(StoreMismatchError, match="inputs differ.*check_inputs=False"):
+    with pytest.raises(StoreMismatchError, match=r"inputs differ.*check_inputs=False"):
         TeacherLogits(TensorDataset(altered, labels), digits_store)
     TeacherLogits(TensorDataset(altered, labels), digits_store, check_inputs=False)
     shuffled = TensorDataset(inputs, labels.roll(1))

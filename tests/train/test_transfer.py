@@ -140,7 +140,7 @@ def test_an_unlabeled_pool_distils_with_alpha_1_only(tmp_path, unlabeled_store, 
     assert reader.metadata.dataset["spec"] == "unlabeled:digits"
     assert (build_dataset("unlabeled:digits").labels == -1).all()
     with pytest.raises(
-        ConfigError, match="1437 samples of the transfer set have no label.*--alpha 1"
+        ConfigError, match=r"1437 samples of the transfer set have no label.*--alpha 1"
     ):
         distill(DistillConfig(student="mlp:16", cache=str(unlabeled_store), out=str(tmp_path)))
     assert not (tmp_path / "config.json").exists()  # refused before anything is written

@@ -15,6 +15,7 @@ only ever call :meth:`StoreWriter.write`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -161,7 +162,5 @@ class BackgroundWriter:
             return
         # The caller already fails: still write what is queued (those chunks make a resume
         # shorter), but let the caller's exception win over a background one.
-        try:
+        with contextlib.suppress(BaseException):
             self.close()
-        except BaseException:
-            pass

@@ -41,7 +41,9 @@ def test_locations_are_classified(text, kind, target):
 
 
 def test_an_unsupported_scheme_lists_the_supported_ones():
-    with pytest.raises(ConfigError, match="unsupported store URL scheme 'ftpx'.*s3://.*gs://.*zip"):
+    with pytest.raises(
+        ConfigError, match=r"unsupported store URL scheme 'ftpx'.*s3://.*gs://.*zip"
+    ):
         open_store("ftpx://host/t.zarr")
     with pytest.raises(ConfigError, match="remote zip"):
         open_store("s3://bucket/t.zip")

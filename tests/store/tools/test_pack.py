@@ -42,9 +42,9 @@ def test_pack_refuses_unfinished_stores_and_never_clobbers(tmp_path):
     with pytest.raises(StoreIncompleteError, match="unfinished dump"):
         pack_store(tmp_path / "s.zarr", tmp_path / "s.zip")
     assert not list(tmp_path.glob("s.zip*"))
-    with pytest.raises(ConfigError, match="must end in .zip"):
+    with pytest.raises(ConfigError, match=r"must end in .zip"):
         pack_store(tmp_path / "s.zarr", tmp_path / "s.tar")
     (tmp_path / "taken.zip").write_text("keep me")
-    with pytest.raises(StoreExistsError, match="already exists.*--overwrite"):
+    with pytest.raises(StoreExistsError, match=r"already exists.*--overwrite"):
         pack_store(tmp_path / "s.zarr", tmp_path / "taken.zip")
     assert (tmp_path / "taken.zip").read_text() == "keep me"

@@ -55,7 +55,7 @@ def test_flipped_bytes_are_reported_as_sample_ranges_by_verify_and_distill_reads
     with pytest.raises(StoreCorruptError, match="samples 30-39"):
         open_store(store).load()
     assert report.lines()[-1] == "FAILED: 1 problem"
-    with pytest.raises(StoreCorruptError, match="with 1 problem, first: .*30-39"):
+    with pytest.raises(StoreCorruptError, match=r"with 1 problem, first: .*30-39"):
         report.raise_if_bad()
 
 

@@ -43,11 +43,13 @@ def test_a_background_error_surfaces_in_the_caller_and_the_dump_resumes(tmp_path
     )
     bad = logits[20:30].copy()
     bad[4, 1] = np.inf
-    with pytest.raises(InvalidLogitsError, match="samples 24"):
-        with BackgroundWriter(writer) as background:
-            background.write(np.arange(20), logits[:20])
-            background.write(np.arange(20, 30), bad)
-            background.write(np.arange(30, 40), logits[30:])
+    with (
+        pytest.raises(InvalidLogitsError, match="samples 24"),
+        BackgroundWriter(writer) as background,
+    ):
+        background.write(np.arange(20), logits[:20])
+        background.write(np.arange(20, 30), bad)
+        background.write(np.arange(30, 40), logits[30:])
     writer.close()  # what the dump's process exiting does: the lock is freed
     resumed = create_store(
         tmp_path / "s.zarr",
@@ -118,10 +120,12 @@ def test_an_error_in_one_of_several_threads_surfaces_and_the_rest_stays_resumabl
     writer = create_store(
         tmp_path / "s.zarr", num_samples=64, num_classes=3, encoding="float32", chunk_rows=8
     )
-    with pytest.raises(InvalidLogitsError, match="samples 40"):
-        with BackgroundWriter(writer, workers=4) as background:
-            for start in range(0, 64, 8):
-                background.write(np.arange(start, start + 8), bad[start : start + 8])
+    with (
+        pytest.raises(InvalidLogitsError, match="samples 40"),
+        BackgroundWriter(writer, workers=4) as background,
+    ):
+        for start in range(0, 64, 8):
+            background.write(np.arange(start, start + 8), bad[start : start + 8])
     writer.close()
     resumed = create_store(
         tmp_path / "s.zarr",

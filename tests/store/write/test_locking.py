@@ -100,7 +100,7 @@ def test_a_remote_writer_notices_that_its_lease_was_taken(s3_bucket):
         f"{s3_bucket}/t.zarr.lock", owner="intruder", host="elsewhere", pid=2, expires_at=future
     )
     time.sleep(0.2)
-    with pytest.raises(StoreLockedError, match="lost the write lease.*elsewhere"):
+    with pytest.raises(StoreLockedError, match=r"lost the write lease.*elsewhere"):
         lock.refresh()
     lock.release()  # must not delete the other writer's lease
     with pytest.raises(StoreLockedError, match="pid 2 on elsewhere"):
