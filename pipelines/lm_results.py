@@ -71,7 +71,9 @@ def synthetic_bytes_per_token(out: Path, *, vocab: int, tokens: int) -> dict:
             writer.write(samples, logits)
         writer.finalize()
         store = open_sequence_store(path)
-        sizes[encoding] = store_nbytes(path) / store.num_tokens
+        nbytes = store_nbytes(path)
+        assert nbytes is not None  # a local folder has a size
+        sizes[encoding] = nbytes / store.num_tokens
     return sizes
 
 

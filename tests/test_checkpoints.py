@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from narrowing import present
 
 from kdcache import DistillConfig, DumpConfig
 from kdcache.checkpoints import read_record
@@ -29,8 +30,8 @@ def test_dump_and_online_distill_take_the_teacher_and_dataset_from_the_weights(
     out = tmp_path / "teacher.zarr"
     dump_teacher(DumpConfig(weights=str(digits_teacher), out=str(out), device="cpu"))
     metadata = open_store(out).metadata
-    assert metadata.teacher["spec"] == "cnn:8"
-    assert metadata.dataset["spec"] == "digits"
+    assert present(metadata.teacher)["spec"] == "cnn:8"
+    assert present(metadata.dataset)["spec"] == "digits"
 
     run = tmp_path / "online"
     distill(
@@ -91,7 +92,7 @@ def test_weights_of_another_dataset_name_the_dataset_in_use_and_the_fix(tmp_path
     dump_teacher(
         DumpConfig(teacher="cnn:8", weights=str(tmp_path / "old.pt"), out=str(tmp_path / "old"))
     )  # without a record the dataset is digits, as before
-    assert open_store(tmp_path / "old").metadata.dataset["spec"] == "digits"
+    assert present(open_store(tmp_path / "old").metadata.dataset)["spec"] == "digits"
 
 
 def test_without_teacher_or_weights_the_cli_says_what_to_pass(tmp_path):

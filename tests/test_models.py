@@ -69,17 +69,22 @@ def test_eval_mode_is_deterministic():
 
 def test_torchvision_first_conv_replaced():
     model = build_model("resnet18", num_classes=10, in_channels=1)
-    assert model.conv1.in_channels == 1
-    assert (model.conv1.out_channels, model.conv1.kernel_size, model.conv1.stride) == (
+    conv1, fc = model.conv1, model.fc
+    assert isinstance(conv1, nn.Conv2d)
+    assert isinstance(fc, nn.Linear)
+    assert conv1.in_channels == 1
+    assert (conv1.out_channels, conv1.kernel_size, conv1.stride) == (
         64,
         (7, 7),
         (2, 2),
     )
-    assert model.conv1.bias is None
-    assert model.fc.out_features == 10
+    assert conv1.bias is None
+    assert fc.out_features == 10
     # Models whose stem is nested in a Sequential are handled too.
     mobile = build_model("mobilenet_v3_small", num_classes=4, in_channels=2)
-    assert mobile.features[0][0].in_channels == 2
+    stem = mobile.get_submodule("features.0.0")
+    assert isinstance(stem, nn.Conv2d)
+    assert stem.in_channels == 2
     assert mobile.eval()(torch.randn(1, 2, 32, 32)).shape == (1, 4)
 
 

@@ -15,12 +15,14 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import zarr
 from conftest import cli_environment
+from narrowing import kdcache_record, stored
 from teachers import fingerprint
 
 from kdcache import DumpConfig, dump_teacher
@@ -31,7 +33,9 @@ from kdcache.store.format.location import parse_location, zarr_store
 from kdcache.store.write.locking import acquire_writer_lock
 from kdcache.train.loop import evaluate
 
-DUMP = dict(dataset="fake:200:8:10", chunk_rows=20, batch_size=15, encoding="float32")
+DUMP: dict[str, Any] = dict(
+    dataset="fake:200:8:10", chunk_rows=20, batch_size=15, encoding="float32"
+)
 NUM_CHUNKS = 10
 
 
@@ -94,10 +98,10 @@ def written_flags(store: Path) -> int:
 
 def contents(url: str) -> tuple[dict[str, np.ndarray], dict]:
     group = zarr.open_group(zarr_store(parse_location(url), read_only=True), mode="r")
-    record = dict(group.attrs["kdcache"])
+    record = dict(kdcache_record(group))
     record.pop("created_at")
     assert len(record.pop("generation")) == 32  # each store's own identity, like created_at
-    return {name: group[name][:] for name in ("logits", "labels", "chunk_written")}, record
+    return {name: stored(group, name) for name in ("logits", "labels", "chunk_written")}, record
 
 
 def assert_same_store(url: str, reference: Path) -> None:
@@ -138,7 +142,7 @@ def test_a_rank_killed_mid_dump_leaves_a_store_that_resumes_bit_identically_with
     done = written_flags(out)
     assert 2 <= done < NUM_CHUNKS
     # Rank 1 wrote some of those chunks: its own, never rank 0's (units of one chunk here).
-    flags = zarr.open_group(str(out), mode="r")["chunk_written"][:]
+    flags = stored(zarr.open_group(str(out), mode="r"), "chunk_written")
     assert flags[1::2].any()
     assert flags[0::2].any()
 

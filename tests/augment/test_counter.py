@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -75,7 +77,9 @@ def test_golden_draws_and_records():
 )
 def test_any_chunking_and_any_single_record_give_the_same_bits(spec, monkeypatch):
     recipe = parse_recipe(spec)
-    options = dict(seed=11, num_samples=37, views=5, size=(9, 13), stream=STUDENT_STREAM)
+    options: dict[str, Any] = dict(
+        seed=11, num_samples=37, views=5, size=(9, 13), stream=STUDENT_STREAM
+    )
     table = recipe.sample_table(**options)
     for chunk_rows in (1, 7, 64):  # a sample per chunk, chunks that split nothing evenly, one
         monkeypatch.setattr(recipe_module, "CHUNK_ROWS", chunk_rows)

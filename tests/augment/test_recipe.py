@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from narrowing import present
 
 from kdcache.augment.recipe import OPERATIONS, parse_recipe
 from kdcache.errors import SpecError
@@ -99,7 +100,7 @@ def test_mixup_pairs_with_another_sample_and_blends_by_lam():
     lam = recipe.lam(record)
     assert 0 <= lam <= 1
     assert lam == float(record[1])
-    mixed = recipe.apply(clean[1], record, clean[recipe.partner(record)])
+    mixed = recipe.apply(clean[1], record, clean[present(recipe.partner(record))])
     lam_t = torch.tensor(lam, dtype=torch.float32)
     assert torch.equal(mixed, lam_t * clean[1] + (1 - lam_t) * clean[int(record[0])])
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
 
+import click
 import pytest
 from conftest import assert_one_line_error, run_cli
 
@@ -21,7 +23,9 @@ from kdcache.cli.bench import (
 )
 from kdcache.errors import ConfigError
 
-TINY = dict(dataset="fake:64:8:10", batch_size=32, repeats=2, device="cpu", threads=1)
+TINY: dict[str, Any] = dict(
+    dataset="fake:64:8:10", batch_size=32, repeats=2, device="cpu", threads=1
+)
 
 
 def test_bench_dump_reports_dump_and_bare_forward_side_by_side():
@@ -156,7 +160,9 @@ def test_every_bench_option_is_a_declared_field_with_its_default(name, options):
     for field_name, field in fields.items():
         assert params[field_name].help == field.metadata["help"]
         if field.default is False:
-            assert params[field_name].is_flag
+            flag = params[field_name]
+            assert isinstance(flag, click.Option)
+            assert flag.is_flag
         else:
             assert params[field_name].default == field.default
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import zarr
 from conftest import assert_one_line_error, run_cli
+from narrowing import kdcache_record
 
 from kdcache import DumpConfig, create_store
 from kdcache.dump.teacher import dump_teacher
@@ -30,7 +31,7 @@ def test_dump_then_distill_end_to_end(tmp_path, digits_teacher):
     )
     assert "N=1437 C=10 float16" in dumped.stdout
     assert "B/sample" in dumped.stdout
-    attributes = zarr.open_group(str(tmp_path / "t.zarr"), mode="r").attrs["kdcache"]
+    attributes = kdcache_record(zarr.open_group(str(tmp_path / "t.zarr"), mode="r"))
     assert attributes["teacher"]["spec"] == "cnn:8"
     assert len(attributes["teacher"]["weights_sha256"]) == 64
     assert attributes["dataset"]["fingerprint"]["num_samples"] == 1437
@@ -85,7 +86,7 @@ def test_user_errors_are_one_line(tmp_path, digits_store):
         run_cli("dump-teacher", "--teacher", "cnn", "--out", str(digits_store), check=False),
         "already holds a complete store; pass --overwrite to replace it",
     )
-    assert zarr.open_group(str(digits_store), mode="r").attrs["kdcache"]["complete"]
+    assert kdcache_record(zarr.open_group(str(digits_store), mode="r"))["complete"]
 
 
 def test_a_missing_required_option_is_a_usage_error_that_writes_nothing(tmp_path):
@@ -248,7 +249,7 @@ def bad_inputs(tmp_path_factory, digits_store) -> Path:
     (root / "a-file").write_text("not a folder")
     shutil.copytree(digits_store, root / "newer.zarr")
     group = zarr.open_group(str(root / "newer.zarr"), mode="r+")
-    group.attrs["kdcache"] = {**group.attrs["kdcache"], "format_version": FORMAT_VERSION + 1}
+    group.attrs["kdcache"] = {**kdcache_record(group), "format_version": FORMAT_VERSION + 1}
     writer = create_store(
         root / "five-classes.zarr", num_samples=1437, num_classes=5, chunk_rows=500
     )

@@ -46,6 +46,7 @@ def test_every_field_is_an_option_with_the_fields_default_and_help(name, config)
             )
         elif isinstance(field.default, bool):
             # off by default: --flag; on by default: a --flag/--no-flag switch
+            assert isinstance(param, click.Option)
             assert param.is_flag
             assert field.default is False or bool(param.secondary_opts)
         else:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import zarr
 from conftest import assert_one_line_error, run_cli, start_cli
+from narrowing import kdcache_record, stored
 
 from kdcache import DumpConfig, open_store
 from kdcache.data.datasets import build_dataset
@@ -46,16 +47,14 @@ def written_flags(store: Path) -> int:
 
 def store_contents(store: Path) -> dict[str, np.ndarray]:
     group = zarr.open_group(str(store), mode="r")
-    return {name: group[name][:] for name in ("logits", "labels", "chunk_written")}
+    return {name: stored(group, name) for name in ("logits", "labels", "chunk_written")}
 
 
 def assert_same_store(store: Path, reference: Path) -> None:
     got, expected = store_contents(store), store_contents(reference)
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
-    attributes = [
-        dict(zarr.open_group(str(s), mode="r").attrs["kdcache"]) for s in (store, reference)
-    ]
+    attributes = [kdcache_record(zarr.open_group(str(s), mode="r")) for s in (store, reference)]
     for record in attributes:
         record.pop("created_at")
         assert len(record.pop("generation")) == 32  # each store's own identity, like created_at

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -37,7 +38,9 @@ def stores(lm_files, tmp_path_factory):
 
 
 def test_cached_float32_and_online_give_bit_identical_students(tmp_path, lm_files, stores):
-    common = dict(student=f"hf:{lm_files['student']}", epochs=1, batch_size=8, temperature=2.0)
+    common: dict[str, Any] = dict(
+        student=f"hf:{lm_files['student']}", epochs=1, batch_size=8, temperature=2.0
+    )
     cached = distill(DistillConfig(**common, cache=stores["float32"], out=str(tmp_path / "cached")))
     online = distill(
         DistillConfig(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from narrowing import present
 
 from kdcache.errors import ConfigError
 from kdcache.logits.encodings import parse_encoding
@@ -57,7 +58,7 @@ def test_accumulator_counts_only_sampled_and_kept_rows():
     keep = np.ones(16, dtype=bool)
     keep[8] = False
     accumulator.update(block, encoding.encode(block), indices=np.arange(16), keep=keep)
-    result = accumulator.result()
+    result = present(accumulator.result())
     assert result.num_samples == 3  # rows 0, 4, 12
     rows = [0, 4, 12]
     assert result.kl_at(4.0) == pytest.approx(measure_fidelity(block[rows], encoding).kl_at(4.0))
@@ -72,7 +73,7 @@ def test_measure_fidelity_refuses_an_empty_block():
 def test_sparse_kl_equals_the_kl_to_the_dense_reconstruction():
     block = logits(32, 40)
     encoding = parse_encoding("topk:6", num_classes=40)
-    sparse = encoding.sparse(encoding.encode(block))
+    sparse = present(encoding.sparse(encoding.encode(block)))
     true = torch.from_numpy(block)
     for temperature in (0.5, 1.0, 3.0, 8.0):
         torch.testing.assert_close(

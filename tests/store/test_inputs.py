@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -72,7 +73,7 @@ def test_metadata_is_validated_by_one_schema_at_open(tmp_path, changes, message)
 
 def test_a_refused_resume_names_only_the_part_that_differs(tmp_path):
     fingerprint = {"num_samples": 4, "labels_sha256": "a" * 64, "inputs_sha256": "b" * 64}
-    options = dict(num_samples=4, num_classes=2, chunk_rows=2)
+    options: dict[str, Any] = dict(num_samples=4, num_classes=2, chunk_rows=2)
     create_store(
         tmp_path / "s.zarr", dataset={"spec": "x", "fingerprint": fingerprint}, **options
     ).close()

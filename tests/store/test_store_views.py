@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from narrowing import dense, kdcache_record, present, zarr_array
 
 from kdcache import create_store, open_store, verify_store
 from kdcache.errors import ConfigError, StoreFormatError, StoreMismatchError
@@ -52,7 +53,7 @@ def test_views_round_trip_in_any_encoding(tmp_path, encoding):
     assert reader.metadata.augment == AUGMENT
     logits, view_params = reader.read_views([4, 0], temperature=1.0)
     assert logits.shape == (2, 3, 5)
-    assert view_params.shape == (2, 3, 1)
+    assert present(view_params).shape == (2, 3, 1)
     expected = all_logits[[12, 13, 14, 0, 1, 2]].reshape(2, 3, 5)
     if encoding == "float32":
         assert torch.equal(logits, torch.from_numpy(expected))
@@ -61,8 +62,8 @@ def test_views_round_trip_in_any_encoding(tmp_path, encoding):
     np.testing.assert_array_equal(view_params, params(11, 3)[[4, 0]])
     # Plain zarr: row sample*V+view, view_params (N, V, P), the record in the attributes.
     group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
-    assert group.attrs["kdcache"]["views"] == 3
-    np.testing.assert_array_equal(group["view_params"][:], params(11, 3))
+    assert kdcache_record(group)["views"] == 3
+    np.testing.assert_array_equal(zarr_array(group, "view_params")[:], params(11, 3))
     verified = verify_store(tmp_path / "s.zarr")
     assert verified.ok
     assert f": N=11 V=3 C=5 {encoding}, " in verified.lines()[0]
@@ -120,7 +121,7 @@ def test_verify_names_damaged_view_params_and_rows(tmp_path):
     group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")
     bad = params(11, 3)
     bad[7, 1, 0] = np.nan
-    group["view_params"][:] = bad
+    zarr_array(group, "view_params")[:] = bad
     problems = verify_store(tmp_path / "s.zarr").problems
     assert any("'view_params': NaN or Inf for samples 7" in p for p in problems), problems
     del group["view_params"]
@@ -152,12 +153,12 @@ def test_a_store_written_before_views_still_loads(tmp_path):
     writer.finalize()
     # An older kdcache wrote neither field; format version 1.
     group = zarr.open_group(str(tmp_path / "old.zarr"), mode="r+")
-    record = {k: v for k, v in group.attrs["kdcache"].items() if k not in ("views", "augment")}
+    record = {k: v for k, v in kdcache_record(group).items() if k not in ("views", "augment")}
     assert record["format_version"] == 1
     group.attrs["kdcache"] = record
     reader = open_store(tmp_path / "old.zarr")
     assert (reader.views, reader.num_rows, reader.view_params) == (1, 7, None)
-    assert torch.equal(reader.read([3]), torch.from_numpy(logits_of(np.arange(7))[[3]]))
+    assert torch.equal(dense(reader.read([3])), torch.from_numpy(logits_of(np.arange(7))[[3]]))
     assert verify_store(tmp_path / "old.zarr").ok
     group.attrs["kdcache"] = {**record, "views": 0}
     with pytest.raises(StoreFormatError, match="views is 0"):
@@ -171,7 +172,7 @@ def test_inspect_shows_views_recipe_and_bytes_per_view(tmp_path):
     report = inspect_store(tmp_path / "s.zarr")
     assert report.views == 3
     assert report.augment == AUGMENT
-    assert report.bytes_per_view == pytest.approx(report.bytes_per_sample / 3)
+    assert report.bytes_per_view == pytest.approx(present(report.bytes_per_sample) / 3)
     text = format_report(report)
     assert "views (V):" in text
     assert "recipe 'flip' seed 3 (1 parameters per view, drawn by an older" in text

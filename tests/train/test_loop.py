@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,7 +52,7 @@ def test_a_finished_run_is_not_clobbered(tmp_path):
 def test_cached_and_online_distillation_give_bit_identical_students(
     tmp_path, digits_teacher, digits_store
 ):
-    common = dict(
+    common: dict[str, Any] = dict(
         student="mlp:16", epochs=2, batch_size=32, seed=7, device="cpu", temperature=3.0, alpha=0.6
     )
     distill(DistillConfig(cache=str(digits_store), out=str(tmp_path / "cached"), **common))

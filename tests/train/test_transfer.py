@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
+from narrowing import present
 
 from kdcache import DistillConfig, DumpConfig, create_store, open_store
 from kdcache.data.datasets import build_dataset
@@ -97,7 +99,7 @@ def test_distill_on_a_transfer_set_records_it_and_validates_on_the_whole_split(
             student="mlp:16",
             cache=str(digits_store),
             exclude_classes=(3, 5),
-            indices=list(range(0, DIGITS_TRAIN, 2)),
+            indices=tuple(range(0, DIGITS_TRAIN, 2)),
             epochs=2,
             out=str(tmp_path),
         )
@@ -137,14 +139,14 @@ def unlabeled_store(tmp_path_factory, digits_teacher):
 def test_an_unlabeled_pool_distils_with_alpha_1_only(tmp_path, unlabeled_store, digits_store):
     reader = open_store(unlabeled_store)
     assert reader.labels is None
-    assert reader.metadata.dataset["spec"] == "unlabeled:digits"
+    assert present(reader.metadata.dataset)["spec"] == "unlabeled:digits"
     assert (build_dataset("unlabeled:digits").labels == -1).all()
     with pytest.raises(
         ConfigError, match=r"1437 samples of the transfer set have no label.*--alpha 1"
     ):
         distill(DistillConfig(student="mlp:16", cache=str(unlabeled_store), out=str(tmp_path)))
     assert not (tmp_path / "config.json").exists()  # refused before anything is written
-    common = dict(student="mlp:16", alpha=1.0, epochs=2, seed=4)
+    common: dict[str, Any] = dict(student="mlp:16", alpha=1.0, epochs=2, seed=4)
     unlabeled = distill(
         DistillConfig(cache=str(unlabeled_store), out=str(tmp_path / "u"), **common)
     )
@@ -222,7 +224,7 @@ def test_every_run_of_a_sweep_shares_the_transfer_set():
         out="sweep",
         temperatures=(2.0, 4.0),
         indices="idx.npy",
-        exclude_classes=[3, 5],
+        exclude_classes=(3, 5),
     )
     assert [(run.indices, run.exclude_classes) for run in sweep.runs()] == [
         ("idx.npy", (3, 5)),

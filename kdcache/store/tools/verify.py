@@ -212,7 +212,7 @@ def _scan(
         values = None
         if block[-1] - block[0] + 1 == len(block):  # one read for a run of contiguous chunks
             # on a decoding error, values stays None: reread chunk by chunk to find the bad ones
-            with contextlib.suppress(_DECODE_ERRORS):
+            with contextlib.suppress(*_DECODE_ERRORS):
                 values = [(start, array[start:stop])]
         if values is None:
             values = []

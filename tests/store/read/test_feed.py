@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 import torch
+from narrowing import dense
 from torch.utils.data import DataLoader, Dataset
 
 from kdcache import create_store, open_store
@@ -18,7 +20,7 @@ NUM_SAMPLES, NUM_CLASSES, CHUNK_ROWS = 203, 6, 10
 ROW_BYTES = NUM_CLASSES * 4  # float32
 
 
-def logits_for(indices: np.ndarray) -> np.ndarray:
+def logits_for(indices: Sequence[int] | np.ndarray) -> np.ndarray:
     """Logits that name their own row: row i is i, i+0.5, i+1, ... so a mix-up is visible."""
     indices = np.asarray(indices, dtype=np.float32).reshape(-1, 1)
     return indices + 0.5 * np.arange(NUM_CLASSES, dtype=np.float32)
@@ -51,7 +53,7 @@ def test_a_store_that_fits_is_served_from_memory(store):
     feed = open_store(store).feed
     assert feed.mode == "memory"
     indices = np.random.default_rng(0).integers(0, NUM_SAMPLES, size=50)
-    np.testing.assert_array_equal(feed.read(indices).numpy(), logits_for(indices))
+    np.testing.assert_array_equal(dense(feed.read(indices)).numpy(), logits_for(indices))
     assert feed.chunks_decoded == feed.num_chunks == 21
 
 
@@ -85,7 +87,7 @@ def test_chunked_feed_decodes_each_chunk_once_per_epoch_within_its_budget(store)
         order = feed.epoch_order(epoch)
         for start in range(0, NUM_SAMPLES, 16):
             batch = order[start : start + 16]
-            np.testing.assert_array_equal(feed.read(batch).numpy(), logits_for(batch))
+            np.testing.assert_array_equal(dense(feed.read(batch)).numpy(), logits_for(batch))
             assert feed.resident_nbytes <= feed.memory_budget
         assert feed.chunks_decoded == (epoch + 1) * feed.num_chunks
 
@@ -95,7 +97,9 @@ def test_chunked_feed_serves_any_indices_even_more_chunks_than_fit(store):
     indices = np.random.default_rng(1).permutation(NUM_SAMPLES)[
         :120
     ]  # touches far more than 2 chunks
-    np.testing.assert_array_equal(feed.read(torch.from_numpy(indices)).numpy(), logits_for(indices))
+    np.testing.assert_array_equal(
+        dense(feed.read(torch.from_numpy(indices))).numpy(), logits_for(indices)
+    )
     assert feed.resident_nbytes <= feed.memory_budget
     assert feed.read([]).shape == (0, NUM_CLASSES)
 

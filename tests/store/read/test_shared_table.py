@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import cli_environment
+from narrowing import present
 
 from kdcache.store.read.reader import open_store
 from kdcache.store.read.shared_table import SHARED_DIR_ENV, table_name
@@ -45,9 +46,9 @@ def test_readers_share_one_table_and_the_last_one_removes_it(tmp_path, monkeypat
     assert sorted(p.name for p in folder.glob("*.npy")) == sorted(
         f"{name}.npy" for name in first.encoding.layout(17)
     )
-    first.feed._shared.close()
+    present(first.feed._shared).close()
     assert (folder / "ready").exists()  # still mapped by the second reader
-    second.feed._shared.close()
+    present(second.feed._shared).close()
     assert not (folder / "ready").exists()
     assert not list(folder.glob("*.npy*"))
     # A later reader builds it afresh.
