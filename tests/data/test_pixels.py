@@ -81,7 +81,7 @@ def test_the_jpeg_path_decodes_like_pil_within_a_few_grey_levels(tmp_path):
     # libjpeg-turbo and PIL's libjpeg round the IDCT and upsampling differently, by a level or two.
     assert levels.mean() < 0.5, (levels.mean(), levels.max())
     assert levels.max() < 4, (levels.mean(), levels.max())
-    # the jpeg form's items are a torchvision ImageFolder's (path, label) samples
+    # the (path, label) list of the folder listing behind the jpeg form: private, so untyped
     samples = files._items.samples  # type: ignore[attr-defined]
     png = [i for i, (path, _) in enumerate(samples) if path.endswith(".png")]
     assert png
