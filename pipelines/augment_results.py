@@ -62,10 +62,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     kind = job.pop("kind")
     name = job.pop("name")
     started = time.perf_counter()
-    if kind == "train":
-        result = train(TrainConfig(**job))
-    else:
-        result = distill(DistillConfig(**job))
+    result = train(TrainConfig(**job)) if kind == "train" else distill(DistillConfig(**job))
     return {
         "name": name,
         "seed": job["seed"],

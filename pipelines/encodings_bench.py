@@ -22,6 +22,7 @@ import shutil
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,7 +134,7 @@ def run_c1000(out: Path, num_samples: int) -> dict:
         seconds = time.perf_counter() - started
         reader = open_store(path)
         report = inspect_store(path)
-        row = {
+        row: dict[str, Any] = {
             "encoding": encoding,
             "bytes_per_sample": report.bytes_per_sample,
             "payload_bytes": reader.encoding.row_nbytes(1000),
@@ -182,7 +183,7 @@ def run_digits(out: Path, seeds: int, epochs: int) -> dict:
     teacher_dir = out / "digits" / "teacher"
     shutil.rmtree(teacher_dir, ignore_errors=True)
     teacher = train(TrainConfig(model="cnn:16", out=str(teacher_dir), epochs=20, device="cpu"))
-    common = dict(
+    common: dict[str, Any] = dict(
         student="mlp:16", epochs=epochs, temperature=4.0, alpha=0.7, device="cpu", overwrite=True
     )
     baseline = [
@@ -223,6 +224,7 @@ def run_digits(out: Path, seeds: int, epochs: int) -> dict:
             ).final
             for seed in range(seeds)
         ]
+        assert report.fidelity is not None
         row = {
             "encoding": encoding,
             "bytes_per_sample": report.bytes_per_sample,

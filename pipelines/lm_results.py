@@ -28,13 +28,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lm_setup import documents, train_tokenizer, write_config  # noqa: E402
+from lm_setup import documents, train_tokenizer, write_config
 
-from kdcache.config import DistillConfig, DumpConfig, TrainConfig  # noqa: E402
-from kdcache.lm.dump import dump_lm  # noqa: E402
-from kdcache.store.format.layout import store_nbytes  # noqa: E402
-from kdcache.store.sequence import create_sequence_store, open_sequence_store  # noqa: E402
-from kdcache.train.loop import distill, train  # noqa: E402
+from kdcache.config import DistillConfig, DumpConfig, TrainConfig
+from kdcache.lm.dump import dump_lm
+from kdcache.store.format.layout import store_nbytes
+from kdcache.store.sequence import create_sequence_store, open_sequence_store
+from kdcache.train.loop import distill, train
 
 ENCODINGS = ("float16", "topk:8", "topk:32", "topk:128", "sampled:16", "sampled:48")
 
@@ -71,7 +71,9 @@ def synthetic_bytes_per_token(out: Path, *, vocab: int, tokens: int) -> dict:
             writer.write(samples, logits)
         writer.finalize()
         store = open_sequence_store(path)
-        sizes[encoding] = store_nbytes(path) / store.num_tokens
+        nbytes = store_nbytes(path)
+        assert nbytes is not None  # a local folder has a size
+        sizes[encoding] = nbytes / store.num_tokens
     return sizes
 
 

@@ -21,7 +21,9 @@ def _write(job: tuple[str, int, int, int, int]) -> None:
     path, seed, width, height, quality = job
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 256, (height // 25 + 1, width // 25 + 1, 3), dtype=np.uint8)
-    image = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.int16)
+    image = np.asarray(
+        Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), np.int16
+    )
     image = image + rng.integers(-12, 13, image.shape, dtype=np.int16)
     Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(path, quality=quality)
 

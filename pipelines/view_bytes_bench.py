@@ -190,7 +190,7 @@ def fidelity(paths: dict[str, Path], rows: np.ndarray, logits_np: np.ndarray) ->
         print(encoding, json.dumps(rows_out[encoding]), flush=True)
     fkd: dict[str, dict[str, float]] = {"as_trained": {}, "tempered": {}, "best": {}}
     for t in TEMPERATURES:
-        weighted = {name: 0.0 for name in fkd}
+        weighted = dict.fromkeys(fkd, 0.0)
         for start in range(0, len(rows), 4096):
             block = logits[start : start + 4096]
             for name, value in fkd_kl(block, t).items():

@@ -45,7 +45,8 @@ def old_recipe_module(ref: str) -> Any:
     path = Path(tempfile.mkdtemp()) / "old_recipe.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("old_recipe", path)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -102,4 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

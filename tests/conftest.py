@@ -142,5 +142,6 @@ def assert_png(path: Path, min_size: tuple[int, int] = (200, 150)) -> None:
     with Image.open(path) as image:
         image.verify()
     with Image.open(path) as image:
-        assert image.size[0] >= min_size[0] and image.size[1] >= min_size[1]
+        assert image.size[0] >= min_size[0]
+        assert image.size[1] >= min_size[1]
     assert not path.with_name(path.name + ".tmp").exists()

@@ -16,7 +16,7 @@ from kdcache.train.loop import train
 
 @pytest.mark.parametrize("device", ["meta", "cuda:99" if torch.cuda.is_available() else "cuda"])
 def test_devices_that_cannot_run_a_dump_are_refused(device):
-    with pytest.raises(ConfigError, match="use --device cpu|not supported|does not exist"):
+    with pytest.raises(ConfigError, match=r"use --device cpu|not supported|does not exist"):
         resolve_device(device)
 
 
@@ -31,7 +31,7 @@ def test_empty_or_in_store_output_folders_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "spec, message",
+    ("spec", "message"),
     [("fake:99999999999", "N=99,999,999,999"), ("fake:10:100000", "SIZE=100,000")],
 )
 def test_generated_datasets_too_large_to_build_are_refused(spec, message):
@@ -40,14 +40,14 @@ def test_generated_datasets_too_large_to_build_are_refused(spec, message):
 
 
 def test_temperatures_whose_softmax_overflows_float32_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="at least 1.1e-19"):
+    with pytest.raises(ConfigError, match=r"at least 1.1e-19"):
         DistillConfig(student="mlp", cache="s.zarr", out=str(tmp_path), temperature=1e-45)
 
 
 def test_a_text_file_as_weights_and_images_too_small_for_a_cnn(tmp_path):
     (tmp_path / "w.pt").write_text("hello\n")  # unpickles into a KeyError
     model = build_model("cnn", num_classes=2, in_channels=3)
-    with pytest.raises(CheckpointError, match="cannot load .*w.pt: .*corrupt"):
+    with pytest.raises(CheckpointError, match=r"cannot load .*w.pt: .*corrupt"):
         load_weights(model, tmp_path / "w.pt")
     with pytest.raises(ConfigError, match=r"cannot take inputs of shape \(3, 1, 1\)"):
         check_input_fits(model, (3, 1, 1), spec="cnn")
@@ -56,9 +56,8 @@ def test_a_text_file_as_weights_and_images_too_small_for_a_cnn(tmp_path):
 
 def test_specs_are_compared_with_their_defaults_spelled_out():
     assert canonical_model_spec("mlp") == canonical_model_spec("mlp:128") == "mlp:128"
-    assert (
-        canonical_model_spec("cnn") == "cnn:32" and canonical_model_spec("resnet18") == "resnet18"
-    )
+    assert canonical_model_spec("cnn") == "cnn:32"
+    assert canonical_model_spec("resnet18") == "resnet18"
     assert canonical_dataset_spec("fake:50:8") == canonical_dataset_spec("fake:50:8:10")
     assert canonical_dataset_spec("synthetic:5") == "synthetic:5:32:10"
     assert canonical_dataset_spec("digits") == "digits"

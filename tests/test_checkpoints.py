@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from narrowing import present
 
 from kdcache import DistillConfig, DumpConfig
 from kdcache.checkpoints import read_record
@@ -29,7 +30,8 @@ def test_dump_and_online_distill_take_the_teacher_and_dataset_from_the_weights(
     out = tmp_path / "teacher.zarr"
     dump_teacher(DumpConfig(weights=str(digits_teacher), out=str(out), device="cpu"))
     metadata = open_store(out).metadata
-    assert metadata.teacher["spec"] == "cnn:8" and metadata.dataset["spec"] == "digits"
+    assert present(metadata.teacher)["spec"] == "cnn:8"
+    assert present(metadata.dataset)["spec"] == "digits"
 
     run = tmp_path / "online"
     distill(
@@ -38,11 +40,12 @@ def test_dump_and_online_distill_take_the_teacher_and_dataset_from_the_weights(
         )
     )
     saved = json.loads((run / "config.json").read_text())
-    assert saved["teacher"] == "cnn:8" and saved["dataset"] == "digits"
+    assert saved["teacher"] == "cnn:8"
+    assert saved["dataset"] == "digits"
 
 
 def test_a_teacher_that_contradicts_the_weights_is_refused(tmp_path, digits_teacher):
-    with pytest.raises(ConfigError, match="--teacher 'mlp' contradicts .* model 'cnn:8'"):
+    with pytest.raises(ConfigError, match=r"--teacher 'mlp' contradicts .* model 'cnn:8'"):
         dump_teacher(
             DumpConfig(teacher="mlp", weights=str(digits_teacher), out=str(tmp_path / "s"))
         )
@@ -65,7 +68,8 @@ def test_weights_of_another_dataset_name_the_dataset_in_use_and_the_fix(tmp_path
         )
     message = str(caught.value)
     assert "dataset 'fake:20:8:4' (4 classes, 3 channels) is in use" in message
-    assert "trained on dataset 'digits'" in message and "pass --dataset digits" in message
+    assert "trained on dataset 'digits'" in message
+    assert "pass --dataset digits" in message
     # A checkpoint from before the dataset was recorded, and a plain state_dict, still load and
     # still name the dataset in use when they do not fit it.
     checkpoint = torch.load(digits_teacher, weights_only=True)
@@ -74,7 +78,7 @@ def test_weights_of_another_dataset_name_the_dataset_in_use_and_the_fix(tmp_path
     torch.save(checkpoint["state_dict"], tmp_path / "plain.pt")
     for name in ("old.pt", "plain.pt"):
         with pytest.raises(
-            CheckpointError, match="'fake:20:8:4' .* is in use.*pass --dataset SPEC"
+            CheckpointError, match=r"'fake:20:8:4' .* is in use.*pass --dataset SPEC"
         ):
             dump_teacher(
                 DumpConfig(
@@ -88,7 +92,7 @@ def test_weights_of_another_dataset_name_the_dataset_in_use_and_the_fix(tmp_path
     dump_teacher(
         DumpConfig(teacher="cnn:8", weights=str(tmp_path / "old.pt"), out=str(tmp_path / "old"))
     )  # without a record the dataset is digits, as before
-    assert open_store(tmp_path / "old").metadata.dataset["spec"] == "digits"
+    assert present(open_store(tmp_path / "old").metadata.dataset)["spec"] == "digits"
 
 
 def test_without_teacher_or_weights_the_cli_says_what_to_pass(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -29,7 +31,7 @@ def assert_partition(shares: list[list[int]], num_samples: int) -> None:
     np.testing.assert_array_equal(np.sort(joined), np.arange(num_samples))
 
 
-@pytest.mark.parametrize("num_samples, world_size", [(101, 2), (101, 3), (7, 3), (2, 3)])
+@pytest.mark.parametrize(("num_samples", "world_size"), [(101, 2), (101, 3), (7, 3), (2, 3)])
 def test_epoch_shards_hold_every_index_once_per_epoch(num_samples, world_size):
     samplers = [
         EpochShardSampler(num_samples, rank=rank, world_size=world_size, seed=5)
@@ -63,7 +65,9 @@ def test_chunked_feed_shares_give_each_rank_whole_chunks(tmp_path):
             assert_partition(shares, 103)
             if mode == "chunked":
                 owners = [{i // 10 for i in share} for share in shares]
-                assert not (owners[0] & owners[1] or owners[0] & owners[2] or owners[1] & owners[2])
+                assert not (owners[0] & owners[1])
+                assert not (owners[0] & owners[2])
+                assert not (owners[1] & owners[2])
     # One process is unchanged by the new arguments: rank 0 of 1 gets the whole epoch order.
     feed = LogitFeed(reader, memory_budget=4 * feed_chunk_bytes(reader), mode="chunked")
     np.testing.assert_array_equal(
@@ -76,7 +80,7 @@ def feed_chunk_bytes(reader) -> int:
 
 
 @pytest.mark.parametrize(
-    "num_samples, chunk_rows, batch_size",
+    ("num_samples", "chunk_rows", "batch_size"),
     [(200, 20, 15), (70, 20, 15), (5000, 7, 16), (100_000, 100, 256), (3000, 64, 64)],
 )
 def test_the_dump_plan_writes_every_row_once_in_the_same_batches_for_any_rank_count(
@@ -100,7 +104,7 @@ def test_the_dump_plan_writes_every_row_once_in_the_same_batches_for_any_rank_co
             for rank in range(world_size)
         ]
         # The same batches as one process, split between the ranks without overlap...
-        assert sorted(map(tuple, sum(plans, []))) == sorted(map(tuple, alone))
+        assert sorted(map(tuple, itertools.chain.from_iterable(plans))) == sorted(map(tuple, alone))
         for rank, plan in enumerate(plans):
             mine = set(
                 owned_chunks(num_chunks, per_unit=per_unit, rank=rank, world_size=world_size)
@@ -114,7 +118,7 @@ def test_the_dump_plan_writes_every_row_once_in_the_same_batches_for_any_rank_co
 
 
 @pytest.mark.parametrize(
-    "num_sequences, chunk_rows, batch_size", [(27, 8, 2), (300, 16, 7), (2000, 300, 32)]
+    ("num_sequences", "chunk_rows", "batch_size"), [(27, 8, 2), (300, 16, 7), (2000, 300, 32)]
 )
 def test_a_sequence_plan_writes_every_pending_token_row_once_in_the_same_blocks_for_any_rank_count(
     num_sequences, chunk_rows, batch_size
@@ -166,7 +170,8 @@ def test_rank_info_reads_torchrun_variables(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     info = rank_info()
     assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (2, 4, 0, 2)
-    assert info.is_distributed and not info.is_main
+    assert info.is_distributed
+    assert not info.is_main
     monkeypatch.setenv("RANK", "two")
     with pytest.raises(ConfigError, match="RANK='two' is not an integer"):
         rank_info()

@@ -102,9 +102,8 @@ def missing_names(doc: Path) -> list[str]:
                     found = span in names
                 if not found:
                     missing.append(f"file {span}")
-            elif dotted := DOTTED_NAME.match(span):
-                if not python_name_exists(dotted.group(0)):
-                    missing.append(f"name {dotted.group(0)}")
+            elif (dotted := DOTTED_NAME.match(span)) and not python_name_exists(dotted.group(0)):
+                missing.append(f"name {dotted.group(0)}")
     return missing
 
 

@@ -135,7 +135,7 @@ def test_no_import_cycles() -> None:
             if target.startswith(node + ".") or node.startswith(target + "."):
                 continue  # a package and its own submodules
             if state.get(target) == 1:
-                cycle = stack[stack.index(target) :] + [target]
+                cycle = [*stack[stack.index(target) :], target]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if target not in state:
                 visit(target)

@@ -17,7 +17,7 @@ class _Opaque:
 
 
 @pytest.mark.parametrize(
-    "spec, in_channels, size",
+    ("spec", "in_channels", "size"),
     [
         ("mlp", 1, 8),
         ("mlp:16", 1, 8),
@@ -33,7 +33,8 @@ def test_forward_shapes(spec, in_channels, size):
     for train in (True, False):
         model.train(train)
         out = model(torch.randn(2, in_channels, size, size))
-        assert isinstance(out, torch.Tensor) and out.shape == (2, 7)
+        assert isinstance(out, torch.Tensor)
+        assert out.shape == (2, 7)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -68,17 +69,22 @@ def test_eval_mode_is_deterministic():
 
 def test_torchvision_first_conv_replaced():
     model = build_model("resnet18", num_classes=10, in_channels=1)
-    assert model.conv1.in_channels == 1
-    assert (model.conv1.out_channels, model.conv1.kernel_size, model.conv1.stride) == (
+    conv1, fc = model.conv1, model.fc
+    assert isinstance(conv1, nn.Conv2d)
+    assert isinstance(fc, nn.Linear)
+    assert conv1.in_channels == 1
+    assert (conv1.out_channels, conv1.kernel_size, conv1.stride) == (
         64,
         (7, 7),
         (2, 2),
     )
-    assert model.conv1.bias is None
-    assert model.fc.out_features == 10
+    assert conv1.bias is None
+    assert fc.out_features == 10
     # Models whose stem is nested in a Sequential are handled too.
     mobile = build_model("mobilenet_v3_small", num_classes=4, in_channels=2)
-    assert mobile.features[0][0].in_channels == 2
+    stem = mobile.get_submodule("features.0.0")
+    assert isinstance(stem, nn.Conv2d)
+    assert stem.in_channels == 2
     assert mobile.eval()(torch.randn(1, 2, 32, 32)).shape == (1, 4)
 
 
@@ -100,18 +106,18 @@ def test_user_function(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     model = build_model("kd_user_models:tiny", num_classes=5, in_channels=1)
     assert model(torch.randn(3, 1, 8, 8)).shape == (3, 5)
-    with pytest.raises(SpecError, match="returned int, expected a torch.nn.Module"):
+    with pytest.raises(SpecError, match=r"returned int, expected a torch.nn.Module"):
         build_model("kd_user_models:not_a_model", num_classes=5, in_channels=1)
     with pytest.raises(SpecError, match="must accept keyword arguments num_classes and in_chan"):
         build_model("kd_user_models:wrong_args", num_classes=5, in_channels=1)
     with pytest.raises(SpecError, match="'kd_user_models' has no function 'missing'"):
         build_model("kd_user_models:missing", num_classes=5, in_channels=1)
-    with pytest.raises(SpecError, match="cannot import module 'kd_no_such.module'"):
+    with pytest.raises(SpecError, match=r"cannot import module 'kd_no_such.module'"):
         build_model("kd_no_such.module:f", num_classes=5, in_channels=1)
 
 
 @pytest.mark.parametrize(
-    "spec, error, fragment",
+    ("spec", "error", "fragment"),
     [
         ("resnt18", SpecError, "did you mean 'resnet18'\\? Valid: mlp, cnn, any torchvision"),
         ("cnnn", SpecError, "did you mean 'cnn'"),
@@ -163,7 +169,8 @@ def test_load_weights_mismatch_messages(tmp_path):
         load_weights(build_model("cnn", num_classes=10, in_channels=1), path, spec="cnn")
     message = str(info.value)
     assert message.startswith("weights in t.pt do not fit model 'cnn': shape mismatch for ")
-    assert "checkpoint (5, 64) vs model (10, 64) and 1 more" in message and "\n" not in message
+    assert "checkpoint (5, 64) vs model (10, 64) and 1 more" in message
+    assert "\n" not in message
     torch.save(build_model("mlp:8,8", num_classes=5, in_channels=1).state_dict(), path)
     with pytest.raises(CheckpointError) as info:
         load_weights(build_model("mlp:8", num_classes=5, in_channels=1), path)
@@ -182,7 +189,7 @@ def test_load_weights_bad_files(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_weights(model, tmp_path / "absent.pt")
     (tmp_path / "junk.pt").write_bytes(b"definitely not a checkpoint" * 10)
-    with pytest.raises(CheckpointError, match="cannot load .*junk.pt: it is corrupt") as info:
+    with pytest.raises(CheckpointError, match=r"cannot load .*junk.pt: it is corrupt") as info:
         load_weights(model, tmp_path / "junk.pt")
     assert "\n" not in str(info.value)
     torch.save({"state_dict": model.state_dict(), "extra": _Opaque()}, tmp_path / "untrusted.pt")
@@ -204,7 +211,8 @@ def test_weights_sha256(tmp_path):
     path = tmp_path / "w.pt"
     torch.save(build_model("mlp:4", num_classes=2, in_channels=1).state_dict(), path)
     digest = weights_sha256(path)
-    assert len(digest) == 64 and digest == weights_sha256(str(path))
+    assert len(digest) == 64
+    assert digest == weights_sha256(str(path))
     import hashlib
 
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()

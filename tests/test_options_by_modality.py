@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
-from lm.lm_fixtures import lm_files_fixture  # noqa: F401  (provides the lm_files fixture)
+from lm_fixtures import lm_files_fixture  # noqa: F401  (provides the lm_files fixture)
 
 from kdcache import DistillConfig, DumpConfig, SweepConfig, TrainConfig, distill, dump_teacher
 from kdcache.cli.commands import cli
@@ -64,7 +66,7 @@ def runs(lm_files, tmp_path_factory):
     root = tmp_path_factory.mktemp("options")
     text = f"text:{lm_files['corpus']}:16"
     hf_student, hf_teacher = f"hf:{lm_files['student']}", f"hf:{lm_files['teacher']}"
-    image = dict(epochs=1, batch_size=64, device="cpu")
+    image: dict[str, Any] = dict(epochs=1, batch_size=64, device="cpu")
     dataset = "fake:60:8:3"
     store = root / "t.zarr"
     dump_teacher(DumpConfig(teacher="mlp:8", dataset=dataset, out=str(store), device="cpu"))
@@ -83,7 +85,7 @@ def runs(lm_files, tmp_path_factory):
             cache=str(store), student="mlp:8", temperatures=(2.0,), out=str(root / "sweep"), **image
         )
     )
-    lm = dict(epochs=1, batch_size=32, device="cpu", **LM_SPEED)
+    lm: dict[str, Any] = dict(epochs=1, batch_size=32, device="cpu", **LM_SPEED)
     train(
         TrainConfig(model=hf_student, dataset=text, out=str(root / "train-lm"), compile=True, **lm)
     )
@@ -118,7 +120,7 @@ def runs(lm_files, tmp_path_factory):
     return {"configs": configs, "bases": bases, "root": root}
 
 
-RUNNERS = {"train": train, "distill": distill, "sweep": run_sweep}
+RUNNERS: dict[str, Callable[..., Any]] = {"train": train, "distill": distill, "sweep": run_sweep}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -135,7 +137,8 @@ def test_each_option_is_recorded_or_refused_in_one_line(runs, command, name, kin
     if only is not None and only != kind:
         with pytest.raises(ConfigError) as info:  # by the config, or by the run before it starts
             RUNNERS[command](CONFIGS[command](**{**base, name: FOREIGN_VALUES[name]}))
-        assert flag in str(info.value) and "\n" not in str(info.value)
+        assert flag in str(info.value)
+        assert "\n" not in str(info.value)
         assert not (runs["root"] / "x").exists()  # refused before anything is written
         return
     recorded = runs["configs"][(command, kind)]

@@ -26,8 +26,10 @@ def test_a_log_gets_whole_lines_only_once_a_phase_runs_long(capsys, caplog, monk
     for _ in progress(range(4), desc="slow", unit="batch"):
         time.sleep(0.03)
     lines = capsys.readouterr().err.splitlines(keepends=True)
-    assert lines and all(line.startswith("slow: ") and line.endswith("\n") for line in lines)
-    assert "\r" not in "".join(lines) and "batch/s" in lines[-1]
+    assert lines
+    assert all(line.startswith("slow: ") and line.endswith("\n") for line in lines)
+    assert "\r" not in "".join(lines)
+    assert "batch/s" in lines[-1]
     caplog.set_level(logging.WARNING, logger="kdcache")  # --quiet
     for _ in progress(range(4), desc="quiet", unit="batch"):
         time.sleep(0.03)
@@ -49,7 +51,8 @@ def test_a_dump_of_views_counts_views(tmp_path, capsys, caplog, monkeypatch):
         )
     )
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dump: ")]
-    assert lines and all("view" in line and "sample" not in line for line in lines)
+    assert lines
+    assert all("view" in line and "sample" not in line for line in lines)
     assert "48/48" in lines[-1]
 
 

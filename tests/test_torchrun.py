@@ -15,12 +15,14 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import zarr
 from conftest import cli_environment
+from narrowing import kdcache_record, stored
 from teachers import fingerprint
 
 from kdcache import DumpConfig, dump_teacher
@@ -31,15 +33,26 @@ from kdcache.store.format.location import parse_location, zarr_store
 from kdcache.store.write.locking import acquire_writer_lock
 from kdcache.train.loop import evaluate
 
-DUMP = dict(dataset="fake:200:8:10", chunk_rows=20, batch_size=15, encoding="float32")
+DUMP: dict[str, Any] = dict(
+    dataset="fake:200:8:10", chunk_rows=20, batch_size=15, encoding="float32"
+)
 NUM_CHUNKS = 10
 
 
 def torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``torchrun --nproc-per-node 2 -m kdcache ARGS`` as a user would."""
     return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        + ["-m", "kdcache", *args],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "kdcache",
+            *args,
+        ],
         env=cli_environment(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -85,10 +98,10 @@ def written_flags(store: Path) -> int:
 
 def contents(url: str) -> tuple[dict[str, np.ndarray], dict]:
     group = zarr.open_group(zarr_store(parse_location(url), read_only=True), mode="r")
-    record = dict(group.attrs["kdcache"])
+    record = dict(kdcache_record(group))
     record.pop("created_at")
     assert len(record.pop("generation")) == 32  # each store's own identity, like created_at
-    return {name: group[name][:] for name in ("logits", "labels", "chunk_written")}, record
+    return {name: stored(group, name) for name in ("logits", "labels", "chunk_written")}, record
 
 
 def assert_same_store(url: str, reference: Path) -> None:
@@ -129,8 +142,9 @@ def test_a_rank_killed_mid_dump_leaves_a_store_that_resumes_bit_identically_with
     done = written_flags(out)
     assert 2 <= done < NUM_CHUNKS
     # Rank 1 wrote some of those chunks: its own, never rank 0's (units of one chunk here).
-    flags = zarr.open_group(str(out), mode="r")["chunk_written"][:]
-    assert flags[1::2].any() and flags[0::2].any()
+    flags = stored(zarr.open_group(str(out), mode="r"), "chunk_written")
+    assert flags[1::2].any()
+    assert flags[0::2].any()
 
     # Resumed by one process...
     single = tmp_path / "single.zarr"
@@ -155,7 +169,8 @@ def test_a_rank_killed_mid_dump_leaves_a_store_that_resumes_bit_identically_with
     for job in jobs:
         finish(job)
     assert_same_store(str(out), reference)
-    assert not Path(str(out) + ".lock").exists() and not list(out.rglob("*.partial"))
+    assert not Path(str(out) + ".lock").exists()
+    assert not list(out.rglob("*.partial"))
     assert_same_store(url, reference)
     assert not s3fs.S3FileSystem(skip_instance_cache=True).exists(url + ".lock")
 

@@ -67,7 +67,7 @@ def _numbers(text: str, spec: str, what: str) -> tuple[float, float]:
 def _rrc(named: dict[str, str], positional: list[str], spec: str) -> Op:
     scale = _numbers(named.get("scale", "0.08-1"), spec, "scale")
     ratio = _numbers(named.get("ratio", "0.75-1.3333333"), spec, "ratio")
-    if not (0 < scale[0] and scale[1] <= 1 and ratio[0] > 0):
+    if not (scale[0] > 0 and scale[1] <= 1 and ratio[0] > 0):
         raise SpecError(f"rrc in {spec!r} needs 0 < scale <= 1 and ratio > 0")
     size = named.get("size")
     if size is not None and not (size.isdigit() and int(size) >= 1):

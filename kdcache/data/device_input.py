@@ -165,7 +165,7 @@ class InputPipeline:
                             batch.ready.record(stream)
                         if not offer(batch):
                             return
-            except BaseException as error:  # noqa: BLE001 - raised again by the consumer
+            except BaseException as error:  # raised again by the consumer
                 offer(error)
                 return
             offer(_END)

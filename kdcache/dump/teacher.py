@@ -144,7 +144,8 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
 
 def _dump_teacher(config: DumpConfig, session: RankSession) -> DumpResult:
     started = time.perf_counter()
-    assert config.teacher is not None and config.dataset is not None  # resolved by dump_teacher
+    assert config.teacher is not None
+    assert config.dataset is not None
     device = session.device
     dataset = build_dataset(config.dataset, split=config.split)
     inputs = resolve_inputs(config.inputs, dataset, device, views=config.augment is not None)

@@ -137,7 +137,8 @@ def dump_lm(config: DumpConfig) -> LMDumpResult:
 
 def _dump_lm(config: DumpConfig, session: RankSession) -> LMDumpResult:
     # DumpConfig needs --teacher when --weights is not given, and dump_lm refused a missing dataset
-    assert config.teacher is not None and config.dataset is not None
+    assert config.teacher is not None
+    assert config.dataset is not None
     started = time.perf_counter()
     device = session.device
     teacher = load_causal_lm(config.teacher, device=device)

@@ -24,6 +24,7 @@ training time).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -238,7 +239,7 @@ def interpolate_tail_logit(tail: Tensor, temperature: float, num_tail: int) -> T
     t = 1.0 / float(temperature)
     top = tail[:, 0]
     knots = torch.cat([tail[:, 1:2], tail[:, 2:].flip(1)], dim=1)  # values at _KNOT_T
-    h = [b - a for a, b in zip(_KNOT_T[:-1], _KNOT_T[1:], strict=False)]
+    h = [b - a for a, b in itertools.pairwise(_KNOT_T)]
     delta = (knots[:, 1:] - knots[:, :-1]) / torch.tensor(h, dtype=knots.dtype, device=knots.device)
     slopes = _pchip_slopes(h, delta)
     if t >= 1.0:

@@ -202,7 +202,8 @@ def _from_store(config: DistillConfig, session: RankSession, reader: StoreReader
 
 
 def _from_live_teacher(config: DistillConfig, session: RankSession) -> _Teaching:
-    assert config.teacher is not None and config.dataset is not None
+    assert config.teacher is not None
+    assert config.dataset is not None
     train_set = build_dataset(config.dataset, split=config.split or "train")
     rows = transfer_rows(config, train_set)
     views = drawn_views(
@@ -221,7 +222,7 @@ def _from_live_teacher(config: DistillConfig, session: RankSession) -> _Teaching
     if config.weights is not None:
         load_checkpoint(model, config.weights, spec=config.teacher, dataset=train_set)
         resolved["teacher_weights_sha256"] = weights_sha256(config.weights)
-    teacher, forward = prepare_model(
+    _teacher, forward = prepare_model(
         model.eval().requires_grad_(False),
         device=session.device,
         channels_last=config.channels_last,
@@ -322,7 +323,7 @@ def _plot_final_distributions(
     """
     labelled = np.flatnonzero(dataset.labels >= 0)
     if labelled.size:
-        classes, first = np.unique(dataset.labels[labelled], return_index=True)
+        _classes, first = np.unique(dataset.labels[labelled], return_index=True)
         first = labelled[first]
     else:  # an unlabeled dataset: samples spread over it
         first = np.arange(len(dataset))

@@ -114,7 +114,8 @@ def _from_store(
 def _from_live_teacher(
     config: DistillConfig, session: RankSession, student: CausalLM, resolved: dict
 ) -> tuple[TeacherSource, TokenDataset]:
-    assert config.teacher is not None and config.dataset is not None
+    assert config.teacher is not None
+    assert config.dataset is not None
     teacher = load_causal_lm(config.teacher, device=session.device)
     teacher.model.eval().requires_grad_(False)
     differences = compare_tokenizers(

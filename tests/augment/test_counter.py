@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -29,7 +31,7 @@ def reference_uniform(seed: int, stream: int, index: int, view: int, draw: int) 
     return (mix((row + (draw + 1) * G) & MASK) >> 11) * 2.0**-53
 
 
-@pytest.mark.parametrize("seed, stream", [(0, 0), (3, STUDENT_STREAM), (2**64 - 1, 0), (-1, 7)])
+@pytest.mark.parametrize(("seed", "stream"), [(0, 0), (3, STUDENT_STREAM), (2**64 - 1, 0), (-1, 7)])
 def test_draws_follow_the_documented_formula(seed, stream):
     index = np.array([0, 1, 5, 1_279_999, 2**40])
     view = np.array([0, 0, 3, 15, 2])
@@ -75,7 +77,9 @@ def test_golden_draws_and_records():
 )
 def test_any_chunking_and_any_single_record_give_the_same_bits(spec, monkeypatch):
     recipe = parse_recipe(spec)
-    options = dict(seed=11, num_samples=37, views=5, size=(9, 13), stream=STUDENT_STREAM)
+    options: dict[str, Any] = dict(
+        seed=11, num_samples=37, views=5, size=(9, 13), stream=STUDENT_STREAM
+    )
     table = recipe.sample_table(**options)
     for chunk_rows in (1, 7, 64):  # a sample per chunk, chunks that split nothing evenly, one
         monkeypatch.setattr(recipe_module, "CHUNK_ROWS", chunk_rows)
@@ -118,6 +122,8 @@ def test_neighbouring_samples_views_and_draws_are_uncorrelated():
         # Independent uniforms: the correlation's standard error is 1 / sqrt(n) ~ 0.0022.
         assert abs(np.corrcoef(a, b)[0, 1]) < 0.01, name
     u = first.uniform(0)
-    assert abs(u.mean() - 0.5) < 0.003 and abs(u.var() - 1 / 12) < 0.002
+    assert abs(u.mean() - 0.5) < 0.003
+    assert abs(u.var() - 1 / 12) < 0.002
     counts = np.bincount((u * 16).astype(int), minlength=16)
-    assert counts.min() > 0.95 * n / 16 and counts.max() < 1.05 * n / 16
+    assert counts.min() > 0.95 * n / 16
+    assert counts.max() < 1.05 * n / 16

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_png
 from PIL import Image
-from test_plots import assert_png
 
 from kdcache import augment_record, create_store, open_store, parse_recipe
 from kdcache.data.datasets import build_dataset

@@ -62,7 +62,7 @@ def test_rrc_falls_back_to_torchvisions_centre_crop():
 
 
 @pytest.mark.parametrize(
-    "spec, size",
+    ("spec", "size"),
     [
         ("rrc", (7, 5)),
         ("rrc:scale=0.01-0.02", (3, 40)),
@@ -74,8 +74,12 @@ def test_every_crop_lies_inside_the_image(spec, size):
     height, width = size
     records = table(spec, size=size, n=20_000)
     for top, left, h, w in (records[:, :4].T, records[:, -4:].T):
-        assert (h >= 1).all() and (w >= 1).all() and (top >= 0).all() and (left >= 0).all()
-        assert (top + h <= height).all() and (left + w <= width).all()
+        assert (h >= 1).all()
+        assert (w >= 1).all()
+        assert (top >= 0).all()
+        assert (left >= 0).all()
+        assert (top + h <= height).all()
+        assert (left + w <= width).all()
         assert (records == np.round(records)).all()
 
 
@@ -83,7 +87,8 @@ def test_pad_crop_offsets_are_uniform_integers():
     records = table("pad-crop:3", size=(8, 8))
     for column in records.T:
         counts = np.bincount(column.astype(int), minlength=7)
-        assert len(counts) == 7 and (np.abs(counts / N - 1 / 7) < 0.005).all()
+        assert len(counts) == 7
+        assert (np.abs(counts / N - 1 / 7) < 0.005).all()
 
 
 def test_flip_is_bernoulli_p():
@@ -93,7 +98,7 @@ def test_flip_is_bernoulli_p():
     assert set(table("flip:0", size=(4, 4), n=1000)[:, 0]) == {0.0}
 
 
-@pytest.mark.parametrize("alpha, n", [(0.05, N), (0.2, N), (1.0, N), (2.0, 20_000)])
+@pytest.mark.parametrize(("alpha", "n"), [(0.05, N), (0.2, N), (1.0, N), (2.0, 20_000)])
 def test_mixup_lam_is_beta_alpha_alpha(alpha, n):
     # Jöhnk's method below 1, the inverse CDF from 1 up (and for rejected views).
     lam = table(f"mixup:{alpha}", size=(4, 4), n=n)[:, 1].astype(np.float64)
@@ -125,8 +130,12 @@ def test_the_partner_is_uniform_over_the_other_samples():
 def test_cutmix_box_lies_inside_and_lam_is_its_complement():
     records = table("cutmix:1", size=(10, 14), n=50_000)
     lam, top, left, h, w = records[:, 1:].T
-    assert (top >= 0).all() and (left >= 0).all() and (h >= 0).all() and (w >= 0).all()
-    assert (top + h <= 10).all() and (left + w <= 14).all()
+    assert (top >= 0).all()
+    assert (left >= 0).all()
+    assert (h >= 0).all()
+    assert (w >= 0).all()
+    assert (top + h <= 10).all()
+    assert (left + w <= 14).all()
     np.testing.assert_allclose(lam, 1 - h * w / 140, rtol=1e-6)
     # Before clipping the box's area share is 1 - lam ~ U(0, 1); clipping only shrinks it.
     assert 0.5 < lam.mean() < 0.8

@@ -9,7 +9,7 @@ from kdcache import create_store, open_store
 from kdcache.augment.order import ViewSampler, view_of
 
 
-@pytest.mark.parametrize("views, epochs", [(8, 5), (4, 4), (3, 7), (1, 3)])
+@pytest.mark.parametrize(("views", "epochs"), [(8, 5), (4, 4), (3, 7), (1, 3)])
 def test_views_cover_evenly_and_repeat_only_after_all_were_used(views, epochs):
     samples = np.arange(50)
     used = np.stack(
@@ -19,7 +19,8 @@ def test_views_cover_evenly_and_repeat_only_after_all_were_used(views, epochs):
     for sample_views in used.T:
         counts = np.bincount(sample_views, minlength=views)
         # Each view is used floor(E/V) or ceil(E/V) times: at most once while V >= E.
-        assert counts.max() - counts.min() <= 1 and counts.max() == -(-epochs // views)
+        assert counts.max() - counts.min() <= 1
+        assert counts.max() == -(-epochs // views)
     if views > 1:
         assert len(set(used[0].tolist())) > 1  # samples do not march in lockstep
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from narrowing import present
 
 from kdcache.augment.recipe import OPERATIONS, parse_recipe
 from kdcache.errors import SpecError
@@ -18,7 +19,7 @@ def images(n: int = 6) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "spec, fields",
+    ("spec", "fields"),
     [
         ("rrc:scale=0.35-1,ratio=0.75-1.33+flip", 5),
         ("pad-crop:4+flip", 3),
@@ -30,7 +31,8 @@ def test_records_are_a_pure_function_of_seed_sample_and_view(spec, fields):
     recipe = parse_recipe(spec)
     assert len(recipe.fields) == fields
     table = recipe.sample_table(seed=3, num_samples=6, views=4, size=SIZE)
-    assert table.shape == (6, 4, fields) and table.dtype == np.float32
+    assert table.shape == (6, 4, fields)
+    assert table.dtype == np.float32
     # Any one record, drawn alone and in another order, equals the table's.
     for index, view in [(5, 3), (0, 0), (2, 1)]:
         alone = recipe.sample(seed=3, index=index, view=view, num_samples=6, size=SIZE)
@@ -57,7 +59,8 @@ def test_same_record_same_pixels_bit_for_bit(spec):
                 np.frombuffer(record.tobytes(), dtype=np.float32),
                 None if other is None else other.clone(),
             )
-            assert first.shape == (3, *SIZE) and torch.equal(first, again)
+            assert first.shape == (3, *SIZE)
+            assert torch.equal(first, again)
 
 
 def test_rrc_crops_the_recorded_box_and_flip_mirrors():
@@ -65,7 +68,8 @@ def test_rrc_crops_the_recorded_box_and_flip_mirrors():
     image = torch.arange(3 * 12 * 10, dtype=torch.float32).reshape(3, 12, 10)
     record = recipe.sample(seed=0, index=0, view=0, num_samples=1, size=SIZE)
     top, left, height, width, flip = record.astype(int)
-    assert flip == 1 and 0.25 * 120 <= height * width <= 0.5 * 120 + 12
+    assert flip == 1
+    assert 0.25 * 120 <= height * width <= 0.5 * 120 + 12
     expected = torch.nn.functional.interpolate(
         image[None, :, top : top + height, left : left + width],
         size=(4, 4),
@@ -80,7 +84,8 @@ def test_pad_crop_shifts_the_image_inside_zero_padding():
     recipe = parse_recipe("pad-crop:2")
     image = torch.ones(1, 4, 4)
     view = recipe.apply(image, np.array([0, 4], dtype=np.float32))  # 2 up, 2 right
-    assert view[:, :2].sum() == 0 and view[:, :, 2:].sum() == 0
+    assert view[:, :2].sum() == 0
+    assert view[:, :, 2:].sum() == 0
     assert torch.equal(view[:, 2:, :2], torch.ones(1, 2, 2))
 
 
@@ -93,8 +98,9 @@ def test_mixup_pairs_with_another_sample_and_blends_by_lam():
     assert (partners != np.arange(6)[:, None]).all()  # never mixed with itself
     record = table[1, 2]
     lam = recipe.lam(record)
-    assert 0 <= lam <= 1 and lam == float(record[1])
-    mixed = recipe.apply(clean[1], record, clean[recipe.partner(record)])
+    assert 0 <= lam <= 1
+    assert lam == float(record[1])
+    mixed = recipe.apply(clean[1], record, clean[present(recipe.partner(record))])
     lam_t = torch.tensor(lam, dtype=torch.float32)
     assert torch.equal(mixed, lam_t * clean[1] + (1 - lam_t) * clean[int(record[0])])
 
@@ -127,7 +133,7 @@ def test_canonical_spec_reparses_equal():
 
 
 @pytest.mark.parametrize(
-    "spec, message",
+    ("spec", "message"),
     [
         ("", "empty operation"),
         ("rrc+", "empty operation"),
@@ -159,4 +165,5 @@ def test_every_registered_operation_parses_draws_and_applies(name):
     record = recipe.sample(seed=0, index=1, view=0, num_samples=6, size=SIZE)
     partner = recipe.partner(record)
     view = recipe.apply(clean[1], record, None if partner is None else clean[partner])
-    assert view.shape == (3, *recipe.out_size(SIZE)) and view.dtype == torch.float32
+    assert view.shape == (3, *recipe.out_size(SIZE))
+    assert view.dtype == torch.float32

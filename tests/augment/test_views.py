@@ -26,6 +26,7 @@ def test_student_augmentation_replays_each_items_own_record():
             seed=9, index=sample, view=epoch, num_samples=40, size=(6, 6), stream=STUDENT_STREAM
         )
         expected = student.apply(source.view(sample, view), record)
-        assert label == dataset[sample][1] and torch.equal(image, expected)
+        assert label == dataset[sample][1]
+        assert torch.equal(image, expected)
     # Another epoch, another record: the item of epoch 5 differs from epoch 0's.
     assert not torch.equal(views[3 * 2 + 1][0], views[5 * views.num_rows + 3 * 2 + 1][0])

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
 
+import click
 import pytest
 from conftest import assert_one_line_error, run_cli
 
@@ -21,13 +23,16 @@ from kdcache.cli.bench import (
 )
 from kdcache.errors import ConfigError
 
-TINY = dict(dataset="fake:64:8:10", batch_size=32, repeats=2, device="cpu", threads=1)
+TINY: dict[str, Any] = dict(
+    dataset="fake:64:8:10", batch_size=32, repeats=2, device="cpu", threads=1
+)
 
 
 def test_bench_dump_reports_dump_and_bare_forward_side_by_side():
     result = bench_dump(teacher="cnn:4", **TINY)
     json.dumps(result)
-    assert result["num_samples"] == 64 and result["repeats"] == 2
+    assert result["num_samples"] == 64
+    assert result["repeats"] == 2
     assert len(result["all_bare_forward_s"]) == len(result["all_dump_loop_s"]) == 2
     unsynced = result["all_dump_no_fsync_loop_s"]
     assert len(unsynced) == 2
@@ -60,7 +65,8 @@ def test_bench_dump_of_views_runs_the_teacher_on_every_view():
     result = bench_dump(
         teacher="cnn:4", views=3, augment="pad-crop:1+flip", writer_workers=2, **TINY
     )
-    assert result["views"] == 3 and result["writer_workers"] == 2
+    assert result["views"] == 3
+    assert result["writer_workers"] == 2
     assert result["dump_loop_views_per_s"] == pytest.approx(
         3 * result["dump_loop_samples_per_s"], rel=1e-3
     )
@@ -113,13 +119,16 @@ def test_bench_dump_writer_only_from_the_command_line(tmp_path):
 def test_the_summary_is_aligned_lines_with_units_and_json_only_on_request():
     args = ("bench", "dump", "--writer-only", "--dataset", "fake:8:4:5", "--rows", "64")
     summary = run_cli(*args, "--encoding", "float16,int8", "--repeats", "1").stdout
-    assert "{" not in summary and '"' not in summary
+    assert "{" not in summary
+    assert '"' not in summary
     lines = summary.splitlines()
-    assert lines[0].split() == ["benchmark:", "writer"] and "fsync:" in summary
+    assert lines[0].split() == ["benchmark:", "writer"]
+    assert "fsync:" in summary
     runs = lines.index("runs:")
     assert lines[runs + 1].split() == ["-", "encoding:", "float16"]
     assert lines[runs + 3].lstrip().startswith("rows/s:")
-    assert lines[runs + 5].lstrip().startswith("all wall:") and lines[runs + 5].endswith(" s")
+    assert lines[runs + 5].lstrip().startswith("all wall:")
+    assert lines[runs + 5].endswith(" s")
 
 
 def test_summary_values_carry_their_units():
@@ -136,7 +145,7 @@ def test_summary_values_carry_their_units():
 
 
 @pytest.mark.parametrize(
-    "name, options",
+    ("name", "options"),
     [
         ("feed", BenchFeedOptions),
         ("dump", BenchDumpOptions),
@@ -151,7 +160,9 @@ def test_every_bench_option_is_a_declared_field_with_its_default(name, options):
     for field_name, field in fields.items():
         assert params[field_name].help == field.metadata["help"]
         if field.default is False:
-            assert params[field_name].is_flag
+            flag = params[field_name]
+            assert isinstance(flag, click.Option)
+            assert flag.is_flag
         else:
             assert params[field_name].default == field.default
 
@@ -159,5 +170,5 @@ def test_every_bench_option_is_a_declared_field_with_its_default(name, options):
 def test_a_language_model_spec_is_refused_naming_its_option():
     refused = run_cli("bench", "distill", "--teacher", "hf:gpt2", check=False)
     assert_one_line_error(refused, "--teacher hf:gpt2", "image models", "resnet50")
-    with pytest.raises(ConfigError, match="--dataset text:corpus.txt"):
+    with pytest.raises(ConfigError, match=r"--dataset text:corpus.txt"):
         BenchInputsOptions(dataset="text:corpus.txt")

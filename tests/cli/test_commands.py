@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import zarr
 from conftest import assert_one_line_error, run_cli
+from narrowing import kdcache_record
 
 from kdcache import DumpConfig, create_store
 from kdcache.dump.teacher import dump_teacher
@@ -28,13 +29,13 @@ def test_dump_then_distill_end_to_end(tmp_path, digits_teacher):
         "--device",
         "cpu",
     )
-    assert "N=1437 C=10 float16" in dumped.stdout and "B/sample" in dumped.stdout
-    attributes = zarr.open_group(str(tmp_path / "t.zarr"), mode="r").attrs["kdcache"]
-    assert (
-        attributes["teacher"]["spec"] == "cnn:8"
-        and len(attributes["teacher"]["weights_sha256"]) == 64
-    )
-    assert attributes["dataset"]["fingerprint"]["num_samples"] == 1437 and attributes["complete"]
+    assert "N=1437 C=10 float16" in dumped.stdout
+    assert "B/sample" in dumped.stdout
+    attributes = kdcache_record(zarr.open_group(str(tmp_path / "t.zarr"), mode="r"))
+    assert attributes["teacher"]["spec"] == "cnn:8"
+    assert len(attributes["teacher"]["weights_sha256"]) == 64
+    assert attributes["dataset"]["fingerprint"]["num_samples"] == 1437
+    assert attributes["complete"]
 
     distilled = run_cli(
         "distill",
@@ -47,7 +48,8 @@ def test_dump_then_distill_end_to_end(tmp_path, digits_teacher):
         "--out",
         str(tmp_path / "kd"),
     )
-    assert "best val_acc" in distilled.stdout and ", 1 epoch in " in distilled.stdout
+    assert "best val_acc" in distilled.stdout
+    assert ", 1 epoch in " in distilled.stdout
     assert json.loads((tmp_path / "kd/config.json").read_text())["temperature"] == 4.0
 
 
@@ -84,13 +86,14 @@ def test_user_errors_are_one_line(tmp_path, digits_store):
         run_cli("dump-teacher", "--teacher", "cnn", "--out", str(digits_store), check=False),
         "already holds a complete store; pass --overwrite to replace it",
     )
-    assert zarr.open_group(str(digits_store), mode="r").attrs["kdcache"]["complete"]
+    assert kdcache_record(zarr.open_group(str(digits_store), mode="r"))["complete"]
 
 
 def test_a_missing_required_option_is_a_usage_error_that_writes_nothing(tmp_path):
     result = run_cli("train", "--out", str(tmp_path / "run"), check=False)
     assert result.returncode == 2
-    assert "Missing option '--model'" in result.stderr and "Traceback" not in result.stderr
+    assert "Missing option '--model'" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -127,10 +130,8 @@ def test_sweep_end_to_end_and_resumed(tmp_path, digits_store):
     assert "4 runs trained, 0 kept" in first.stdout
     assert "[4/4] kd-a0.7-T4-seed1" in first.stderr
     rows = (tmp_path / "sweep/results.csv").read_text().splitlines()
-    assert (
-        rows[0].startswith("setting,loss,alpha,temperature,seed,best_val_acc,final_val_acc")
-        and len(rows) == 5
-    )
+    assert rows[0].startswith("setting,loss,alpha,temperature,seed,best_val_acc,final_val_acc")
+    assert len(rows) == 5
     assert (tmp_path / "sweep/sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert "0 runs trained, 4 kept" in run_cli(*args).stdout
 
@@ -165,15 +166,20 @@ def test_topk_store_through_the_cli_dump_inspect_distill(tmp_path, digits_teache
         "--encoding",
         "topk:3",
     )
-    assert "C=10 topk:3" in dumped.stdout and "KL(T=1)" in dumped.stdout
+    assert "C=10 topk:3" in dumped.stdout
+    assert "KL(T=1)" in dumped.stdout
 
     report = json.loads(
         run_cli("inspect", store, "--json", "--plot", str(tmp_path / "fig" / "store.png")).stdout
     )
     assert (tmp_path / "fig" / "store.png").read_bytes()[:4] == b"\x89PNG"
-    assert report["encoding"] == "topk:3" and report["complete"] and report["num_samples"] == 1437
-    assert report["fidelity"]["top1_agreement"] == 1.0 and len(report["fidelity"]["mean_kl"]) == 4
-    assert 0 <= report["teacher_accuracy"] <= 100 and report["bytes_per_sample"] > 0
+    assert report["encoding"] == "topk:3"
+    assert report["complete"]
+    assert report["num_samples"] == 1437
+    assert report["fidelity"]["top1_agreement"] == 1.0
+    assert len(report["fidelity"]["mean_kl"]) == 4
+    assert 0 <= report["teacher_accuracy"] <= 100
+    assert report["bytes_per_sample"] > 0
 
     # Distilling from it runs the sparse path up to the first batch, where the loss refuses k > K.
     assert_one_line_error(
@@ -227,7 +233,8 @@ def test_bad_encodings_are_one_line_errors_that_write_nothing(tmp_path):
         "topk:10 keeps 10 classes",
         "K < 10",
     )
-    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
+    assert not (tmp_path / "a.zarr").exists()
+    assert not (tmp_path / "b.zarr").exists()
 
 
 def tree_bytes(*roots: Path) -> dict[Path, bytes]:
@@ -242,7 +249,7 @@ def bad_inputs(tmp_path_factory, digits_store) -> Path:
     (root / "a-file").write_text("not a folder")
     shutil.copytree(digits_store, root / "newer.zarr")
     group = zarr.open_group(str(root / "newer.zarr"), mode="r+")
-    group.attrs["kdcache"] = {**group.attrs["kdcache"], "format_version": FORMAT_VERSION + 1}
+    group.attrs["kdcache"] = {**kdcache_record(group), "format_version": FORMAT_VERSION + 1}
     writer = create_store(
         root / "five-classes.zarr", num_samples=1437, num_classes=5, chunk_rows=500
     )
@@ -319,7 +326,8 @@ def test_each_bad_input_ends_in_one_line_and_damages_nothing(
     assert_one_line_error(result, *fragments)
     assert result.returncode == 1
     assert tree_bytes(bad_inputs, digits_store) == before
-    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "t.zarr").exists()
+    assert not (tmp_path / "run" / "last.pt").exists()
+    assert not (tmp_path / "t.zarr").exists()
 
 
 def test_distill_with_a_cache_memory_budget(tmp_path, digits_store):

@@ -28,7 +28,7 @@ def command_params(name: str) -> dict[str, click.Parameter]:
     return {param.name: param for param in command.params if param.name != "help"}
 
 
-@pytest.mark.parametrize("name, config", COMMANDS.items())
+@pytest.mark.parametrize(("name", "config"), COMMANDS.items())
 def test_every_field_is_an_option_with_the_fields_default_and_help(name, config):
     params = command_params(name)
     fields = {field.name: field for field in dataclasses.fields(config)}
@@ -46,7 +46,9 @@ def test_every_field_is_an_option_with_the_fields_default_and_help(name, config)
             )
         elif isinstance(field.default, bool):
             # off by default: --flag; on by default: a --flag/--no-flag switch
-            assert param.is_flag and (field.default is False or bool(param.secondary_opts))
+            assert isinstance(param, click.Option)
+            assert param.is_flag
+            assert field.default is False or bool(param.secondary_opts)
         else:
             assert param.default == field.default
 
@@ -73,8 +75,10 @@ def test_a_new_field_is_a_new_option_with_no_other_edit():
 
     result = CliRunner().invoke(run, ["--warmup-epochs", "5", "--milestones", "10,20"])
     assert result.exit_code == 0, result.output
-    assert received["warmup_epochs"] == 5 and received["milestones"] == (10, 20)
-    assert received["schedule"] == "cosine" and received["epochs"] == 10
+    assert received["warmup_epochs"] == 5
+    assert received["milestones"] == (10, 20)
+    assert received["schedule"] == "cosine"
+    assert received["epochs"] == 10
     help_text = " ".join(CliRunner().invoke(run, ["--help"]).output.split())
     assert (
         "--warmup-epochs INTEGER Epochs of linear learning-rate warm-up. [default: 2]" in help_text
@@ -87,7 +91,7 @@ def test_a_field_without_help_is_refused():
     class Undocumented(TrainingOptions):
         mystery: int = 3
 
-    with pytest.raises(TypeError, match="Undocumented.mystery has no help text"):
+    with pytest.raises(TypeError, match=r"Undocumented.mystery has no help text"):
         config_options(Undocumented)
 
 
@@ -136,7 +140,7 @@ def test_the_commands_with_required_options_are_found():
 
 
 @pytest.mark.parametrize(
-    "path, command, missing",
+    ("path", "command", "missing"),
     [
         pytest.param(path, command, missing, id=" ".join((*path, missing.opts[0])))
         for path, command, missing in required_options()

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from kdcache.choices import SPLITS
 from kdcache.data.datasets import (
     DATASET_KINDS,
-    SPLITS,
     LabeledDataset,
     build_dataset,
     compare_fingerprints,
@@ -30,13 +30,20 @@ def test_digits_sizes_shapes_and_labels():
     train, test = build_dataset("digits"), build_dataset("digits", split="test")
     assert (len(train), len(test)) == (1437, 360)
     for ds in (train, test):
-        assert ds.num_classes == 10 and ds.in_channels == 1 and ds.spec == "digits"
-        assert ds.labels.dtype == np.int64 and len(ds.labels) == len(ds)
+        assert ds.num_classes == 10
+        assert ds.in_channels == 1
+        assert ds.spec == "digits"
+        assert ds.labels.dtype == np.int64
+        assert len(ds.labels) == len(ds)
         x, y = ds[0]
-        assert x.dtype == torch.float32 and x.shape == (1, 8, 8) and isinstance(y, int)
-        assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+        assert x.dtype == torch.float32
+        assert x.shape == (1, 8, 8)
+        assert isinstance(y, int)
+        assert float(x.min()) >= 0.0
+        assert float(x.max()) <= 1.0
         assert [ds[i][1] for i in range(0, len(ds), 37)] == ds.labels[::37].tolist()
-    assert train.split == "train" and test.split == "test"
+    assert train.split == "train"
+    assert test.split == "test"
     assert "x/16" in train.transform_description
 
 
@@ -65,7 +72,7 @@ def test_index_bounds():
     assert torch.equal(ds[-1][0], ds[2][0])
     with pytest.raises(IndexError):
         ds[3]
-    assert len(list(ds)) == 3
+    assert len(list(iter(ds))) == 3
 
 
 def test_fake_sizes_labels_and_splits():
@@ -73,8 +80,10 @@ def test_fake_sizes_labels_and_splits():
     assert (len(train), len(test)) == (50, 10)
     assert len(build_dataset("fake:3", split="test")) == 1
     x, _ = train[0]
-    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
-    assert train.num_classes == 10 and train.in_channels == 3
+    assert x.shape == (3, 32, 32)
+    assert x.dtype == torch.float32
+    assert train.num_classes == 10
+    assert train.in_channels == 3
     for ds in (train, test):
         assert ds.labels.dtype == np.int64
         assert ds.labels.tolist() == [ds[i][1] for i in range(len(ds))]
@@ -90,7 +99,9 @@ def test_fake_sizes_labels_and_splits():
 
 def test_fake_extended_form():
     ds = build_dataset("fake:12:16:100")
-    assert len(ds) == 12 and ds.num_classes == 100 and ds[0][0].shape == (3, 16, 16)
+    assert len(ds) == 12
+    assert ds.num_classes == 100
+    assert ds[0][0].shape == (3, 16, 16)
     assert ds.labels.tolist() == [ds[i][1] for i in range(12)]
     assert max(ds.labels) < 100
 
@@ -110,10 +121,13 @@ def test_imagefolder_train_and_val(tmp_path):
     train = build_dataset(f"imagefolder:{tmp_path}:16")
     test = build_dataset(f"imagefolder:{tmp_path}:16", split="test")
     assert len(train) == len(test) == 6
-    assert train.num_classes == 2 and train.in_channels == 3
+    assert train.num_classes == 2
+    assert train.in_channels == 3
     assert train.labels.tolist() == [0, 0, 0, 1, 1, 1]
     x, y = train[4]
-    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y == 1
+    assert x.shape == (3, 16, 16)
+    assert x.dtype == torch.float32
+    assert y == 1
     assert torch.equal(train[4][0], build_dataset(f"imagefolder:{tmp_path}:16")[4][0])
     assert "Resize(16)" in train.transform_description
 
@@ -124,14 +138,15 @@ def test_imagefolder_default_size_and_test_folder(tmp_path):
     assert build_dataset(f"imagefolder:{tmp_path}")[0][0].shape == (3, 224, 224)
     test = build_dataset(f"imagefolder:{tmp_path}", split="test")
     # Val labels use the train split's class indices even when a class folder is absent.
-    assert test.num_classes == 2 and test.labels.tolist() == [1, 1]
+    assert test.num_classes == 2
+    assert test.labels.tolist() == [1, 1]
 
 
 def test_imagefolder_missing_folders(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=re.escape(str(tmp_path / "train"))):
         build_dataset(f"imagefolder:{tmp_path}")
     _png_tree(tmp_path, "train")
-    with pytest.raises(DatasetNotFoundError, match="val or .*test"):
+    with pytest.raises(DatasetNotFoundError, match=r"val or .*test"):
         build_dataset(f"imagefolder:{tmp_path}", split="test")
     _png_tree(tmp_path, "val", classes=("cat", "emu"))
     with pytest.raises(DatasetNotFoundError, match="emu"):
@@ -140,25 +155,26 @@ def test_imagefolder_missing_folders(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="no usable images for the imagefolder train"):
         build_dataset(f"imagefolder:{tmp_path / 'empty'}")
     (tmp_path / "empty" / "val").mkdir()
-    with pytest.raises(DatasetNotFoundError, match="imagefolder test split: .*class folder"):
+    with pytest.raises(DatasetNotFoundError, match=r"imagefolder test split: .*class folder"):
         build_dataset(f"imagefolder:{tmp_path / 'empty'}", split="test")
 
 
 @pytest.mark.parametrize(
-    "kind, expected",
+    ("kind", "expected"),
     [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"), ("mnist", "MNIST/raw")],
 )
 def test_torchvision_sets_absent(tmp_path, kind, expected):
     with pytest.raises(DatasetNotFoundError) as info:
         build_dataset(f"{kind}:{tmp_path}")
     message = str(info.value)
-    assert str(tmp_path / expected) in message and "never downloads" in message
+    assert str(tmp_path / expected) in message
+    assert "never downloads" in message
     assert "\n" not in message
     assert not any(tmp_path.iterdir())  # nothing was fetched or created
 
 
 @pytest.mark.parametrize(
-    "spec, error, fragment",
+    ("spec", "error", "fragment"),
     [
         ("cifar11:/x", SpecError, "valid kinds: digits, fake"),
         ("", SpecError, "valid kinds"),
@@ -226,9 +242,12 @@ def _tiny_spec(kind: str, root: Path) -> str:
 def test_every_registered_kind_builds_a_tiny_dataset(tmp_path, kind, split):
     dataset = build_dataset(_tiny_spec(kind, tmp_path), split=split)
     x, y = dataset[0]
-    assert x.dtype == torch.float32 and x.shape[0] == dataset.in_channels
-    assert len(dataset) == len(dataset.labels) and dataset.num_classes >= 2
-    assert y == dataset.labels[0] and (y == -1) == (kind == "unlabeled")
+    assert x.dtype == torch.float32
+    assert x.shape[0] == dataset.in_channels
+    assert len(dataset) == len(dataset.labels)
+    assert dataset.num_classes >= 2
+    assert y == dataset.labels[0]
+    assert (y == -1) == (kind == "unlabeled")
 
 
 def test_an_unknown_kind_names_what_was_given_and_every_registered_kind():
@@ -243,10 +262,14 @@ def test_unlabeled_keeps_the_inputs_and_drops_every_label():
         build_dataset("unlabeled:digits", split="test"),
         build_dataset("digits", split="test"),
     )
-    assert len(pool) == len(digits) and pool.num_classes == 10 and pool.in_channels == 1
-    assert (pool.labels == -1).all() and pool[5][1] == -1
+    assert len(pool) == len(digits)
+    assert pool.num_classes == 10
+    assert pool.in_channels == 1
+    assert (pool.labels == -1).all()
+    assert pool[5][1] == -1
     assert torch.equal(pool[5][0], digits[5][0])
-    assert labeled_spec("unlabeled:digits") == "digits" and labeled_spec("fake:10") == "fake:10"
+    assert labeled_spec("unlabeled:digits") == "digits"
+    assert labeled_spec("fake:10") == "fake:10"
     with pytest.raises(SpecError, match="expected unlabeled:SPEC"):
         build_dataset("unlabeled:")
 
@@ -255,8 +278,10 @@ def test_fingerprint_equal_for_same_dataset():
     fp = dataset_fingerprint(build_dataset("digits"))
     assert fp == dataset_fingerprint(build_dataset("digits"))
     assert compare_fingerprints(fp, fp) == []
-    assert fp["num_samples"] == 1437 and fp["num_classes"] == 10
-    assert fp["input_indices"][0] == 0 and fp["input_indices"][-1] == 1436
+    assert fp["num_samples"] == 1437
+    assert fp["num_classes"] == 10
+    assert fp["input_indices"][0] == 0
+    assert fp["input_indices"][-1] == 1436
     assert len(fp["input_indices"]) == len(set(fp["input_indices"])) == 16
     small = dataset_fingerprint(build_dataset("fake:3"), num_input_samples=16)
     assert small["input_indices"] == [0, 1, 2]
@@ -302,7 +327,8 @@ def test_pickle_round_trip(tmp_path):
     for spec in ("digits", "fake:10", f"imagefolder:{tmp_path}:8"):
         ds = build_dataset(spec)
         clone = pickle.loads(pickle.dumps(ds))
-        assert len(clone) == len(ds) and clone.spec == spec
+        assert len(clone) == len(ds)
+        assert clone.spec == spec
         assert np.array_equal(clone.labels, ds.labels)
         assert torch.equal(clone[len(ds) - 1][0], ds[len(ds) - 1][0])
 
@@ -322,8 +348,10 @@ def test_synthetic_images_are_cheap_deterministic_and_distinct():
     test = build_dataset("synthetic:130:16:7", split="test")
     assert (len(train), len(test), train.num_classes, train.in_channels) == (130, 26, 7, 3)
     first, label = train[65]
-    assert first.shape == (3, 16, 16) and first.dtype == torch.float32
-    assert torch.equal(first, train[65][0]) and label == int(train.labels[65])
+    assert first.shape == (3, 16, 16)
+    assert first.dtype == torch.float32
+    assert torch.equal(first, train[65][0])
+    assert label == int(train.labels[65])
     assert not torch.equal(train[1][0], train[65][0])  # same bank image, rolled differently
     assert not torch.equal(train[0][0], test[0][0])
     assert set(train.labels) <= set(range(7))
@@ -331,7 +359,8 @@ def test_synthetic_images_are_cheap_deterministic_and_distinct():
 
 def test_digits_upscaled_keeps_samples_and_labels():
     small, large = build_dataset("digits"), build_dataset("digits:32", split="train")
-    assert large[3][0].shape == (1, 32, 32) and len(large) == len(small)
+    assert large[3][0].shape == (1, 32, 32)
+    assert len(large) == len(small)
     assert np.array_equal(large.labels, small.labels)
     # Bilinear upscaling keeps each digit's mean brightness.
     assert abs(float(large[3][0].mean()) - float(small[3][0].mean())) < 0.02
@@ -341,7 +370,8 @@ def test_digits_upscaled_keeps_samples_and_labels():
 
 def test_digits_subset_keeps_a_stratified_training_subset_and_the_whole_test_split():
     full, few = build_dataset("digits:16"), build_dataset("digits:16:200")
-    assert len(few) == 200 and np.array_equal(np.bincount(few.labels), [20] * 10)
+    assert len(few) == 200
+    assert np.array_equal(np.bincount(few.labels), [20] * 10)
     assert len(build_dataset("digits:16:200", split="test")) == 360
     # Every kept sample is one of the full split's, unchanged.
     full_images = {full[i][0].numpy().tobytes(): full.labels[i] for i in range(len(full))}

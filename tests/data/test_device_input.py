@@ -4,10 +4,12 @@ on the CPU; JPEG batches match within decoding rounding; the speed options are r
 from __future__ import annotations
 
 import json
+from collections.abc import Generator
 
 import numpy as np
 import pytest
 import torch
+from narrowing import dense, present
 from test_pixels import GREY_LEVEL, write_images
 from torch.utils.data import Dataset
 
@@ -62,6 +64,7 @@ def test_uint8_batches_equal_float_batches_in_order_and_channels_last():
     assert torch.equal(torch.cat([b.inputs for b in batches]), floats)
     assert torch.equal(torch.cat([b.indices for b in batches]), float_order)
     assert torch.equal(torch.cat([b.labels for b in batches]), torch.from_numpy(data.labels))
+    assert isinstance(pixels.dataset, LabeledDataset)
     assert bytes_per_sample(pixels.dataset) * 4 == bytes_per_sample(data) == 3 * 10 * 10 * 4
 
 
@@ -70,7 +73,7 @@ def test_attached_values_ride_along_with_their_batch():
     pipeline = InputPipeline(data, device=CPU)
     loader = pipeline.loader(batch_size=64, num_workers=0, shuffle=True, seed=1)
     for batch in pipeline.batches(loader, attach=lambda indices: indices.double() * 10):
-        assert torch.equal(batch.teacher, batch.indices.double() * 10)
+        assert torch.equal(dense(batch.teacher), batch.indices.double() * 10)
         assert torch.equal(batch.labels, torch.from_numpy(data.labels[batch.indices.numpy()]))
 
 
@@ -99,6 +102,7 @@ def test_a_loader_error_reaches_the_consumer_and_leaving_early_stops_the_thread(
     with pytest.raises(DatasetNotFoundError, match="sample 7 vanished"):
         list(pipeline.batches(loader))
     batches = pipeline.batches(loader)
+    assert isinstance(batches, Generator)
     next(batches)
     batches.close()  # joins the prefetch thread; a hang here would time the test out
 
@@ -109,7 +113,7 @@ def test_uint8_dump_and_training_equal_the_float_path_exactly(tmp_path):
         torch.manual_seed(0)  # same random teacher for both
         config = DumpConfig(teacher="cnn:4", out=str(tmp_path / f"{form}.zarr"), inputs=form)
         dump_teacher(config)
-        stores[form] = open_store(config.out).read(np.arange(1437))
+        stores[form] = dense(open_store(config.out).read(np.arange(1437)))
     assert torch.equal(stores["uint8"], stores["float32"])
     metrics = {}
     for form in ("float32", "uint8"):
@@ -142,10 +146,11 @@ def test_amp_and_channels_last_train_distill_and_dump_record_their_settings(tmp_
     amp = DumpConfig(teacher="cnn:4", out=str(tmp_path / "bf16.zarr"), amp="bf16")
     dump_teacher(amp)
     reader = open_store(amp.out)
-    assert reader.metadata.teacher["amp"] == "bf16"
-    assert "amp" not in open_store(str(tmp_path / "t32.zarr")).metadata.teacher
+    assert present(reader.metadata.teacher)["amp"] == "bf16"
+    assert "amp" not in present(open_store(str(tmp_path / "t32.zarr")).metadata.teacher)
     exact, bf16 = (
-        open_store(str(tmp_path / name)).read(np.arange(300)) for name in ("t32.zarr", "bf16.zarr")
+        dense(open_store(str(tmp_path / name)).read(np.arange(300)))
+        for name in ("t32.zarr", "bf16.zarr")
     )
     assert not torch.equal(exact, bf16)  # really computed in bf16 ...
     torch.testing.assert_close(bf16, exact, rtol=0.05, atol=0.05)  # ... to bf16's precision
@@ -193,8 +198,10 @@ def test_jpeg_dump_matches_the_pil_dump_and_is_recorded(tmp_path):
         )
         dump_teacher(config)
         reader = open_store(config.out)
-        logits[form] = reader.read(np.arange(reader.num_samples))
-        assert reader.metadata.dataset.get("inputs") == ("jpeg" if form == "jpeg" else None)
+        logits[form] = dense(reader.read(np.arange(reader.num_samples)))
+        assert present(reader.metadata.dataset).get("inputs") == (
+            "jpeg" if form == "jpeg" else None
+        )
     scale = logits["uint8"].abs().max()
     assert (logits["jpeg"] - logits["uint8"]).abs().max() < 0.05 * scale
     # The inputs themselves, through the same pipeline as the run: within decoding rounding.
@@ -211,7 +218,8 @@ def test_compiled_training_saves_plain_weights(tmp_path):
     # 1437 = 3 x 479: equal batches, so one compiled graph (no recompile for a short last batch).
     train(TrainConfig(model="mlp:8", out=str(out), epochs=1, batch_size=479, compile=True))
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["state_dict"]
-    assert state and not any(key.startswith("_orig_mod") for key in state)
+    assert state
+    assert not any(key.startswith("_orig_mod") for key in state)
     assert json.loads((out / "config.json").read_text())["compile"] is True
 
 
@@ -222,6 +230,7 @@ def test_bench_inputs_reports_each_form_and_the_bytes_it_moves():
     assert set(forms) == {"float32", "uint8"}
     assert forms["float32"]["bytes_per_batch"] == 8 * 3 * 16 * 16 * 4
     assert forms["uint8"]["bytes_per_batch"] == 8 * 3 * 16 * 16
-    assert len(forms["uint8"]["all_pass_s"]) == 2 and forms["uint8"]["speed_over_float32"] > 0
+    assert len(forms["uint8"]["all_pass_s"]) == 2
+    assert forms["uint8"]["speed_over_float32"] > 0
     with pytest.raises(ConfigError, match="cannot yield 'jpeg'"):
         bench_inputs(dataset="fake:40:16:3", forms=("jpeg",), device="cpu", repeats=1)

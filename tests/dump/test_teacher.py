@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import zarr
 from conftest import assert_one_line_error, run_cli, start_cli
+from narrowing import kdcache_record, stored
 
 from kdcache import DumpConfig, open_store
 from kdcache.data.datasets import build_dataset
@@ -46,16 +47,14 @@ def written_flags(store: Path) -> int:
 
 def store_contents(store: Path) -> dict[str, np.ndarray]:
     group = zarr.open_group(str(store), mode="r")
-    return {name: group[name][:] for name in ("logits", "labels", "chunk_written")}
+    return {name: stored(group, name) for name in ("logits", "labels", "chunk_written")}
 
 
 def assert_same_store(store: Path, reference: Path) -> None:
     got, expected = store_contents(store), store_contents(reference)
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
-    attributes = [
-        dict(zarr.open_group(str(s), mode="r").attrs["kdcache"]) for s in (store, reference)
-    ]
+    attributes = [kdcache_record(zarr.open_group(str(s), mode="r")) for s in (store, reference)]
     for record in attributes:
         record.pop("created_at")
         assert len(record.pop("generation")) == 32  # each store's own identity, like created_at
@@ -274,7 +273,8 @@ def test_ctrl_c_says_how_to_resume_and_leaves_the_store_resumable(tmp_path, refe
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     lines = stderr.strip().splitlines()
-    assert "Traceback" not in stderr and "Aborted!" not in stderr
+    assert "Traceback" not in stderr
+    assert "Aborted!" not in stderr
     assert lines[-1].startswith(f"Interrupted: {out} keeps the chunks written so far")
     assert "--resume" in lines[-1]
     assert any(line.startswith("dump: ") and "sample/s" in line for line in lines), stderr
@@ -286,7 +286,7 @@ def test_ctrl_c_says_how_to_resume_and_leaves_the_store_resumable(tmp_path, refe
 
 
 def test_out_of_range_options_are_named_as_on_the_command_line(tmp_path):
-    with pytest.raises(ConfigError, match="^--num-workers must be >= 0, got -1$"):
+    with pytest.raises(ConfigError, match=r"^--num-workers must be >= 0, got -1$"):
         dump_config(tmp_path / "x.zarr", num_workers=-1)
-    with pytest.raises(ConfigError, match="^--chunk-rows must be >= 1, got 0$"):
+    with pytest.raises(ConfigError, match=r"^--chunk-rows must be >= 1, got 0$"):
         dump_config(tmp_path / "x.zarr", chunk_rows=0)

@@ -15,7 +15,25 @@ import pytest
 pytest.importorskip("transformers", reason="the [llm] extra is not installed")
 
 _BUILT: dict = {}
-WORDS = "the cat dog sat ran on a mat log big small red blue and then away home".split()
+WORDS = [
+    "the",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "a",
+    "mat",
+    "log",
+    "big",
+    "small",
+    "red",
+    "blue",
+    "and",
+    "then",
+    "away",
+    "home",
+]
 
 
 def write_corpus(path: Path, *, documents: int = 30, seed: int = 0) -> Path:

@@ -10,9 +10,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: Set by the tests: the save_pretrained folder to wrap, and after how many batches to fail.
 FOLDER = ""
@@ -74,7 +78,7 @@ def flaky():
 class _RecordingLM(nn.Module):
     """Appends ``EPOCH SEQUENCE`` for every training sequence to $KDCACHE_TEST_RECORD/rankR."""
 
-    def __init__(self, inner: nn.Module) -> None:
+    def __init__(self, inner: PreTrainedModel) -> None:
         super().__init__()
         self.inner = inner
         self.epoch = 0

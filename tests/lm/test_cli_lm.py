@@ -23,7 +23,8 @@ def test_dump_then_distill_through_the_cli(tmp_path, lm_files):
         "--out",
         str(store),
     )
-    assert "sequences" in dumped.stdout and "B/token" in dumped.stdout
+    assert "sequences" in dumped.stdout
+    assert "B/token" in dumped.stdout
     refused = run_cli(
         "distill",
         "--cache",
@@ -39,5 +40,6 @@ def test_dump_then_distill_through_the_cli(tmp_path, lm_files):
     # the default temperature (4) cannot be met by draws taken at T = 1: one line, exit 1
     assert refused.returncode == 1
     lines = refused.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--temperature 1" in lines[0], refused.stderr
+    assert len(lines) == 1, refused.stderr
+    assert "--temperature 1" in lines[0], refused.stderr
     assert json.loads((tmp_path / "run" / "config.json").read_text())["loss"] == "kd"

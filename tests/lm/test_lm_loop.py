@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -37,7 +38,9 @@ def stores(lm_files, tmp_path_factory):
 
 
 def test_cached_float32_and_online_give_bit_identical_students(tmp_path, lm_files, stores):
-    common = dict(student=f"hf:{lm_files['student']}", epochs=1, batch_size=8, temperature=2.0)
+    common: dict[str, Any] = dict(
+        student=f"hf:{lm_files['student']}", epochs=1, batch_size=8, temperature=2.0
+    )
     cached = distill(DistillConfig(**common, cache=stores["float32"], out=str(tmp_path / "cached")))
     online = distill(
         DistillConfig(
@@ -50,7 +53,8 @@ def test_cached_float32_and_online_give_bit_identical_students(tmp_path, lm_file
     assert cached.final == online.final
     a = load_file(tmp_path / "cached" / "last" / "model.safetensors")
     b = load_file(tmp_path / "online" / "last" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
     initial = load_causal_lm(f"hf:{lm_files['student']}", seed=0).model.state_dict()
     assert not all(torch.equal(initial[k], a[k]) for k in a if k in initial)  # it did train
 
@@ -80,7 +84,7 @@ def test_topk_store_run_folder_and_the_student_reloads(tmp_path, lm_files, store
 
 
 def test_store_refuses_a_student_or_dataset_that_differs(tmp_path, lm_files, stores):
-    with pytest.raises(StoreMismatchError, match="another tokenizer.*vocabulary"):
+    with pytest.raises(StoreMismatchError, match=r"another tokenizer.*vocabulary"):
         distill(
             DistillConfig(
                 student=f"hf:{lm_files['other_tok']}",
@@ -97,7 +101,7 @@ def test_store_refuses_a_student_or_dataset_that_differs(tmp_path, lm_files, sto
                 out=str(tmp_path / "b"),
             )
         )
-    with pytest.raises(ConfigError, match="'focal'.*valid losses: kd, reverse, skew, js"):
+    with pytest.raises(ConfigError, match=r"'focal'.*valid losses: kd, reverse, skew, js"):
         distill(DistillConfig(student="hf:x", cache="s.zarr", loss="focal", out="x"))
     with pytest.raises(ConfigError, match="--gamma applies to image models only"):
         distill(DistillConfig(student="hf:x", cache="s", out="o", gamma=3.0))

@@ -6,28 +6,30 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import lm_teachers
 import numpy as np
 import pytest
 import zarr
 from lm_fixtures import lm_files_fixture  # noqa: F401  (provides the lm_files fixture)
+from narrowing import kdcache_record, stored
 from test_torchrun import finish, torchrun
 
 from kdcache.config import DumpConfig
 from kdcache.lm.dump import dump_lm
 
 #: ~500 token rows of ~27 sequences: units of 5 chunks (one batch's rows), ~13 units.
-DUMP = dict(chunk_rows=8, batch_size=2, encoding="sampled:8")
+DUMP: dict[str, Any] = dict(chunk_rows=8, batch_size=2, encoding="sampled:8")
 
 
 def contents(store: Path) -> tuple[dict[str, np.ndarray], dict]:
     group = zarr.open_group(str(store), mode="r")
-    record = dict(group.attrs["kdcache"])
+    record = dict(kdcache_record(group))
     for key in ("created_at", "generation", "fidelity"):  # each store's own, or its last run's
         record.pop(key)
     # Chunk digests bind each chunk to its store's generation: equal only within one store.
-    arrays = {name: group[name][:] for name in group.array_keys() if name != "chunk_digests"}
+    arrays = {name: stored(group, name) for name in group.array_keys() if name != "chunk_digests"}
     return arrays, record
 
 
@@ -40,14 +42,14 @@ def assert_same_store(store: Path, reference: Path) -> None:
 
 
 def written(store: Path) -> np.ndarray:
-    return zarr.open_group(str(store), mode="r")["chunk_written"][:]
+    return stored(zarr.open_group(str(store), mode="r"), "chunk_written")
 
 
 def test_a_dump_stopped_midway_resumes_bit_identically_with_another_number_of_ranks(
     tmp_path, lm_files
 ):
     lm_teachers.FOLDER = str(lm_files["teacher"])
-    options = dict(
+    options: dict[str, Any] = dict(
         teacher="lm_teachers:flaky",
         dataset=f"text:{lm_files['corpus']}:16",
         device="cpu",  # bit-identity is a CPU property

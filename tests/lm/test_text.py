@@ -37,7 +37,8 @@ def test_documents_split_into_pieces_and_splits(lm_files):
     batch = collate(train, [0, 1])
     n = len(train.sequences[0])
     assert batch.input_ids.shape == (2, 8)
-    assert batch.mask[0].sum() == n - 1 and batch.targets[0, n - 2] == train.sequences[0][-1]
+    assert batch.mask[0].sum() == n - 1
+    assert batch.targets[0, n - 2] == train.sequences[0][-1]
     assert not batch.mask[:, -1].any()
 
 
@@ -69,14 +70,16 @@ def test_fingerprint_names_the_differing_part(lm_files):
     assert diffs[0].startswith("tokenizer vocabulary size")
     teacher.tokenizer.chat_template = "{{ messages }}"
     diffs = compare_lm_fingerprints(base, lm_fingerprint(teacher.tokenizer, data))
-    assert diffs == [diffs[0]] and diffs[0].startswith("tokenizer chat template")
+    assert diffs == [diffs[0]]
+    assert diffs[0].startswith("tokenizer chat template")
     teacher.tokenizer.chat_template = None
     edited = type(data)(
         spec=spec, split="train", sequences=[s.copy() for s in data.sequences], max_length=16
     )
     edited.sequences[3][1] = (edited.sequences[3][1] + 1) % 50
     diffs = compare_lm_fingerprints(base, lm_fingerprint(teacher.tokenizer, edited))
-    assert len(diffs) == 1 and diffs[0].startswith("token ids")
+    assert len(diffs) == 1
+    assert diffs[0].startswith("token ids")
     assert np.array_equal(
         data.sequences[3],
         build_text_dataset(spec, split="train", tokenizer=teacher.tokenizer).sequences[3],

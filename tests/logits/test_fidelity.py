@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from narrowing import present
 
 from kdcache.errors import ConfigError
 from kdcache.logits.encodings import parse_encoding
@@ -37,16 +38,16 @@ def test_finer_encodings_are_more_faithful():
         name: measure_fidelity(block, parse_encoding(name, num_classes=50))
         for name in ("float32", "float16", "int8", "topk:10", "topk:3")
     }
-    assert (
-        results["float32"].mean_kl == (0.0, 0.0, 0.0, 0.0)
-        and results["float32"].top1_agreement == 1.0
-    )
+    assert results["float32"].mean_kl == (0.0, 0.0, 0.0, 0.0)
+    assert results["float32"].top1_agreement == 1.0
     for temperature in (1.0, 2.0, 4.0, 8.0):
         kls = [
             results[name].kl_at(temperature) for name in ("float16", "int8", "topk:10", "topk:3")
         ]
-        assert kls == sorted(kls) and kls[0] < 1e-5
-    assert results["topk:3"].top1_agreement == 1.0 and results["topk:3"].num_samples == 200
+        assert kls == sorted(kls)
+        assert kls[0] < 1e-5
+    assert results["topk:3"].top1_agreement == 1.0
+    assert results["topk:3"].num_samples == 200
 
 
 def test_accumulator_counts_only_sampled_and_kept_rows():
@@ -57,7 +58,7 @@ def test_accumulator_counts_only_sampled_and_kept_rows():
     keep = np.ones(16, dtype=bool)
     keep[8] = False
     accumulator.update(block, encoding.encode(block), indices=np.arange(16), keep=keep)
-    result = accumulator.result()
+    result = present(accumulator.result())
     assert result.num_samples == 3  # rows 0, 4, 12
     rows = [0, 4, 12]
     assert result.kl_at(4.0) == pytest.approx(measure_fidelity(block[rows], encoding).kl_at(4.0))
@@ -72,7 +73,7 @@ def test_measure_fidelity_refuses_an_empty_block():
 def test_sparse_kl_equals_the_kl_to_the_dense_reconstruction():
     block = logits(32, 40)
     encoding = parse_encoding("topk:6", num_classes=40)
-    sparse = encoding.sparse(encoding.encode(block))
+    sparse = present(encoding.sparse(encoding.encode(block)))
     true = torch.from_numpy(block)
     for temperature in (0.5, 1.0, 3.0, 8.0):
         torch.testing.assert_close(
@@ -84,9 +85,11 @@ def test_sparse_kl_equals_the_kl_to_the_dense_reconstruction():
 
 
 def test_the_writer_measures_every_8th_row_and_at_most_about_65k_rows():
-    assert sample_stride(1_000) == 8 and sample_stride(MAX_MEASURED_ROWS * 8) == 8
+    assert sample_stride(1_000) == 8
+    assert sample_stride(MAX_MEASURED_ROWS * 8) == 8
     big = 1_281_167 * 16  # ImageNet with 16 views
-    assert sample_stride(big) > 8 and big / sample_stride(big) <= MAX_MEASURED_ROWS
+    assert sample_stride(big) > 8
+    assert big / sample_stride(big) <= MAX_MEASURED_ROWS
 
 
 def test_accumulated_fidelity_does_not_depend_on_the_order_of_blocks():

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from narrowing import present
 
 from kdcache.errors import ConfigError, SpecError
-from kdcache.logits.encodings import parse_encoding
+from kdcache.logits.encodings import SampledEncoding, parse_encoding
 from kdcache.logits.loss_options import DIVERGENCES
 from kdcache.logits.sampled import draw_samples
 from kdcache.logits.sequence_losses import TokenDistillationLoss
@@ -49,7 +50,7 @@ def reference(name, student_rows, teacher_rows, temperature, skew=0.1):
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)
-@pytest.mark.parametrize("temperature", (1.0, 2.0, 4.0))
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
 def test_dense_teacher_matches_reference(name, temperature):
     student, teacher, targets, mask = batch()
     alpha = 0.3
@@ -68,11 +69,11 @@ def test_dense_teacher_matches_reference(name, temperature):
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)
-@pytest.mark.parametrize("temperature", (1.0, 4.0))
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
 def test_topk_rows_equal_the_dense_loss_on_their_reconstruction(name, temperature):
     student, teacher, targets, mask = batch(1)
     encoding = parse_encoding("topk:6", num_classes=VOCAB)
-    sparse = encoding.sparse(encoding.encode(teacher.numpy()))
+    sparse = present(encoding.sparse(encoding.encode(teacher.numpy())))
     loss = TokenDistillationLoss(divergence=name, temperature=temperature, alpha=1.0)
     got = loss(student, sparse, targets, mask)["soft"]
     want = loss(student, sparse.dense(temperature), targets, mask)["soft"]
@@ -99,6 +100,7 @@ def test_sampled_rows_are_unbiased_and_refuse_what_they_cannot_give():
     gen = torch.Generator().manual_seed(3)
     logits = (torch.randn(1, VOCAB, generator=gen) * 2).numpy()
     encoding = parse_encoding("sampled:12", num_classes=VOCAB)
+    assert isinstance(encoding, SampledEncoding)
     # The mean of p_hat over many independent rows of draws tends to p (unbiased).
     many = np.repeat(logits, 4000, axis=0) + np.arange(4000)[:, None] * 0  # same row, one block
     classes, counts = draw_samples(many, 12)

@@ -78,9 +78,8 @@ def test_effective_tail_logit_runs_from_max_to_mean():
     temperatures = [0.05, 0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 50, 1e4]
     curve = torch.stack([sparse.tail_logit(t) for t in temperatures], dim=1)
     assert (curve[:, 1:] <= curve[:, :-1] + 1e-5).all()  # decreasing in T
-    assert (curve <= sparse.tail[:, :1] + 1e-5).all() and (
-        curve >= sparse.tail[:, 1:2] - 1e-5
-    ).all()
+    assert (curve <= sparse.tail[:, :1] + 1e-5).all()
+    assert (curve >= sparse.tail[:, 1:2] - 1e-5).all()
     torch.testing.assert_close(curve[:, -1], sparse.tail[:, 1], atol=1e-2, rtol=0)
     # Near T = 0 only the largest tail logit counts: z(T) ~ max - T log(n).
     torch.testing.assert_close(
@@ -123,9 +122,10 @@ def test_interpolate_rejects_nothing_it_should_not():
 def test_rows_slices_and_cat_keep_every_row_as_a_batch():
     sparse = split(peaked_logits(rows=6, classes=20), 4)
     rows = sparse.rows()
-    assert len(rows) == len(sparse) == 6 and all(row.shape == (1, 20) for row in rows)
-    assert (
-        sparse[2].shape == (1, 20) and sparse[-1].shape == (1, 20) and sparse[1:4].shape == (3, 20)
-    )
+    assert len(rows) == len(sparse) == 6
+    assert all(row.shape == (1, 20) for row in rows)
+    assert sparse[2].shape == (1, 20)
+    assert sparse[-1].shape == (1, 20)
+    assert sparse[1:4].shape == (3, 20)
     again = SparseLogits.cat([rows[3], rows[0], sparse[-1]])
     torch.testing.assert_close(again.dense(4.0), sparse.dense(4.0)[[3, 0, 5]])

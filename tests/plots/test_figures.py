@@ -82,7 +82,7 @@ def test_sweep_figure_with_several_seeds_and_a_single_one(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "encoding, with_labels", [("float16", True), ("float16", False), ("topk:2", True)]
+    ("encoding", "with_labels"), [("float16", True), ("float16", False), ("topk:2", True)]
 )
 def test_store_figure(tmp_path, encoding, with_labels):
     logits = np.random.default_rng(0).normal(size=(40, 5)).astype(np.float32) * 4

@@ -18,6 +18,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from narrowing import dense
 
 from kdcache import create_store, open_store
 from kdcache.errors import KdcacheError
@@ -79,12 +80,12 @@ def exercise(path: Path) -> None:
             if action == "verify":
                 verify_store(path).lines()
             elif action == "read":
-                values = open_store(path).read(np.arange(12)).numpy()
+                values = dense(open_store(path).read(np.arange(12))).numpy()
                 np.testing.assert_array_equal(values, LOGITS)  # never silently other values
             else:
                 inspect_store(path)
         except KdcacheError as error:
-            assert "\n" not in str(error), str(error)
+            assert "\n" not in str(error), str(error)  # noqa: PT017 - not every fuzzed action fails
     after = (
         snapshot(path) if path.is_dir() else {"zip": hashlib.sha256(path.read_bytes()).hexdigest()}
     )

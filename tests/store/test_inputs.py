@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from kdcache.errors import ConfigError, StoreFormatError, StoreMismatchError
 
 
 @pytest.mark.parametrize(
-    "path, message",
+    ("path", "message"),
     [
         ("", "store path is empty"),
         ("file://", "names no path"),
@@ -36,7 +37,8 @@ def test_sizes_no_store_could_hold_are_refused_and_huge_chunks_clamped(tmp_path)
         create_store(tmp_path / "a.zarr", num_samples=2**50, num_classes=2)
     with pytest.raises(ConfigError, match="use chunk_rows <="):
         create_store(tmp_path / "b.zarr", num_samples=10**6, num_classes=1000, chunk_rows=10**6)
-    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
+    assert not (tmp_path / "a.zarr").exists()
+    assert not (tmp_path / "b.zarr").exists()
     writer = create_store(tmp_path / "c.zarr", num_samples=5, num_classes=2, chunk_rows=10**20)
     assert writer.metadata.chunk_rows == 5  # one chunk holding every sample
     writer.close()
@@ -49,7 +51,7 @@ def _edit_record(path, **changes):
 
 
 @pytest.mark.parametrize(
-    "changes, message",
+    ("changes", "message"),
     [
         ({"format_version": 0}, "format_version is 0"),
         ({"num_samples": "12"}, "num_samples is '12'"),
@@ -71,7 +73,7 @@ def test_metadata_is_validated_by_one_schema_at_open(tmp_path, changes, message)
 
 def test_a_refused_resume_names_only_the_part_that_differs(tmp_path):
     fingerprint = {"num_samples": 4, "labels_sha256": "a" * 64, "inputs_sha256": "b" * 64}
-    options = dict(num_samples=4, num_classes=2, chunk_rows=2)
+    options: dict[str, Any] = dict(num_samples=4, num_classes=2, chunk_rows=2)
     create_store(
         tmp_path / "s.zarr", dataset={"spec": "x", "fingerprint": fingerprint}, **options
     ).close()
@@ -85,4 +87,5 @@ def test_a_refused_resume_names_only_the_part_that_differs(tmp_path):
         )
     message = str(refused.value)
     assert "dataset.fingerprint.labels_sha256 is 'aaaa" in message
-    assert "inputs_sha256" not in message and "\n" not in message
+    assert "inputs_sha256" not in message
+    assert "\n" not in message

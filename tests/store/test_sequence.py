@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from narrowing import dense, kdcache_record, stored, zarr_array
 
 from kdcache.errors import ConfigError, StoreFormatError, StoreIncompleteError
 from kdcache.logits.sampled import SampledLogits
@@ -60,20 +61,23 @@ def test_write_in_any_order_and_read_ragged_batches(tmp_path, encoding):
     rows = store.read(batch, temperature=2.0)
     want = np.concatenate([logits[i] for i in batch])
     if encoding == "float32":
-        assert isinstance(rows, torch.Tensor) and np.array_equal(rows.numpy(), want)
+        assert isinstance(rows, torch.Tensor)
+        assert np.array_equal(rows.numpy(), want)
     elif encoding == "float16":
-        assert np.allclose(rows.numpy(), want, atol=1e-2)
+        assert np.allclose(dense(rows).numpy(), want, atol=1e-2)
     elif encoding.startswith("topk"):
-        assert isinstance(rows, SparseLogits) and rows.shape == want.shape
+        assert isinstance(rows, SparseLogits)
+        assert rows.shape == want.shape
         top = np.sort(np.argsort(-want, axis=1)[:, :5], axis=1)
         assert np.array_equal(np.sort(rows.indices.numpy(), axis=1), top)
     else:
-        assert isinstance(rows, SampledLogits) and rows.shape == want.shape
+        assert isinstance(rows, SampledLogits)
+        assert rows.shape == want.shape
         assert torch.allclose(rows.probs.sum(dim=1), torch.ones(len(want)))
     # sample 4's slice of a batch is its own rows, whatever the batch
     alone = store.read([4])
     if isinstance(alone, torch.Tensor):
-        assert torch.equal(alone, rows[1 : 1 + LENGTHS[4] - 1])
+        assert torch.equal(alone, dense(rows)[1 : 1 + LENGTHS[4] - 1])
     assert verify_store(path).ok
 
 
@@ -83,12 +87,12 @@ def test_plain_zarr_reads_a_samples_rows_and_tokens(tmp_path):
     writer.write(range(len(LENGTHS)), np.concatenate(logits))
     writer.finalize()
     group = zarr.open_group(tmp_path / "lm.zarr", mode="r")
-    offsets = group["offsets"][:]
+    offsets = stored(group, "offsets")
     start, stop = offsets[1], offsets[2]
-    assert np.allclose(group["logits"][start:stop], logits[1], atol=1e-2)
-    tokens = [group["first_token"][1], *group["labels"][start:stop]]
+    assert np.allclose(zarr_array(group, "logits")[start:stop], logits[1], atol=1e-2)
+    tokens = [zarr_array(group, "first_token")[1], *stored(group, "labels")[start:stop]]
     assert tokens == sequences[1].tolist()
-    assert group.attrs["kdcache"]["extra"]["sequence"]["num_sequences"] == len(LENGTHS)
+    assert kdcache_record(group)["extra"]["sequence"]["num_sequences"] == len(LENGTHS)
 
 
 def test_resume_writes_only_the_missing_samples(tmp_path):
@@ -111,7 +115,7 @@ def test_resume_writes_only_the_missing_samples(tmp_path):
     again.write(pending, np.concatenate([logits[i] for i in pending]))
     again.finalize()
     store = open_sequence_store(path)
-    assert np.array_equal(store.read(range(5)).numpy(), np.concatenate(logits))
+    assert np.array_equal(dense(store.read(range(5))).numpy(), np.concatenate(logits))
 
 
 def test_overwrite_and_pack_keep_the_sequence_layout(tmp_path):
@@ -130,13 +134,15 @@ def test_overwrite_and_pack_keep_the_sequence_layout(tmp_path):
     pack_store(path, tmp_path / "lm.zip")
     for store in (open_sequence_store(path), open_sequence_store(tmp_path / "lm.zip")):
         assert store.tokens(4).tolist() == sequences[4].tolist()
-        assert np.array_equal(store.read(range(5)).numpy(), np.concatenate(logits))
+        assert np.array_equal(dense(store.read(range(5))).numpy(), np.concatenate(logits))
 
 
 def test_refusals_are_one_line(tmp_path):
     sequences, _ = make_data()
     with pytest.raises(ConfigError, match="2 tokens per sample"):
-        create_sequence_store(tmp_path / "a.zarr", sequences=[*sequences, [1]], vocab_size=VOCAB)
+        create_sequence_store(
+            tmp_path / "a.zarr", sequences=[*sequences, np.array([1])], vocab_size=VOCAB
+        )
     image = create_store(tmp_path / "img.zarr", num_samples=2, num_classes=3)
     image.write([0, 1], np.zeros((2, 3), dtype=np.float32))
     image.finalize()

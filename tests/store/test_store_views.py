@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from narrowing import dense, kdcache_record, present, zarr_array
 
 from kdcache import create_store, open_store, verify_store
 from kdcache.errors import ConfigError, StoreFormatError, StoreMismatchError
@@ -48,9 +49,11 @@ def test_views_round_trip_in_any_encoding(tmp_path, encoding):
     writer.finalize()
     reader = open_store(tmp_path / "s.zarr")
     assert (reader.num_samples, reader.views, reader.num_rows) == (11, 3, 33)
-    assert reader.metadata.format_version == FORMAT_VERSION and reader.metadata.augment == AUGMENT
+    assert reader.metadata.format_version == FORMAT_VERSION
+    assert reader.metadata.augment == AUGMENT
     logits, view_params = reader.read_views([4, 0], temperature=1.0)
-    assert logits.shape == (2, 3, 5) and view_params.shape == (2, 3, 1)
+    assert logits.shape == (2, 3, 5)
+    assert present(view_params).shape == (2, 3, 1)
     expected = all_logits[[12, 13, 14, 0, 1, 2]].reshape(2, 3, 5)
     if encoding == "float32":
         assert torch.equal(logits, torch.from_numpy(expected))
@@ -59,10 +62,11 @@ def test_views_round_trip_in_any_encoding(tmp_path, encoding):
     np.testing.assert_array_equal(view_params, params(11, 3)[[4, 0]])
     # Plain zarr: row sample*V+view, view_params (N, V, P), the record in the attributes.
     group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
-    assert group.attrs["kdcache"]["views"] == 3
-    np.testing.assert_array_equal(group["view_params"][:], params(11, 3))
+    assert kdcache_record(group)["views"] == 3
+    np.testing.assert_array_equal(zarr_array(group, "view_params")[:], params(11, 3))
     verified = verify_store(tmp_path / "s.zarr")
-    assert verified.ok and f": N=11 V=3 C=5 {encoding}, " in verified.lines()[0]
+    assert verified.ok
+    assert f": N=11 V=3 C=5 {encoding}, " in verified.lines()[0]
 
 
 def test_a_resumed_store_with_views_must_keep_its_recipe(tmp_path):
@@ -87,7 +91,7 @@ def test_a_resumed_store_with_views_must_keep_its_recipe(tmp_path):
     # missing views differently, so the resume is refused in one line.
     with pytest.raises(
         StoreMismatchError,
-        match="its views were drawn by an older kdcache's generator but this dump draws with "
+        match=r"its views were drawn by an older kdcache's generator but this dump draws with "
         "'counter-v1'.*pass --overwrite",
     ):
         create_store(
@@ -106,7 +110,8 @@ def test_a_resumed_store_with_views_must_keep_its_recipe(tmp_path):
     resumed.write(np.arange(12, 33), logits_of(np.arange(12, 33)))
     resumed.finalize()
     report = verify_store(tmp_path / "s.zarr")
-    assert report.ok and report.chunks_checked == 6
+    assert report.ok
+    assert report.chunks_checked == 6
 
 
 def test_verify_names_damaged_view_params_and_rows(tmp_path):
@@ -116,7 +121,7 @@ def test_verify_names_damaged_view_params_and_rows(tmp_path):
     group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")
     bad = params(11, 3)
     bad[7, 1, 0] = np.nan
-    group["view_params"][:] = bad
+    zarr_array(group, "view_params")[:] = bad
     problems = verify_store(tmp_path / "s.zarr").problems
     assert any("'view_params': NaN or Inf for samples 7" in p for p in problems), problems
     del group["view_params"]
@@ -148,12 +153,12 @@ def test_a_store_written_before_views_still_loads(tmp_path):
     writer.finalize()
     # An older kdcache wrote neither field; format version 1.
     group = zarr.open_group(str(tmp_path / "old.zarr"), mode="r+")
-    record = {k: v for k, v in group.attrs["kdcache"].items() if k not in ("views", "augment")}
+    record = {k: v for k, v in kdcache_record(group).items() if k not in ("views", "augment")}
     assert record["format_version"] == 1
     group.attrs["kdcache"] = record
     reader = open_store(tmp_path / "old.zarr")
     assert (reader.views, reader.num_rows, reader.view_params) == (1, 7, None)
-    assert torch.equal(reader.read([3]), torch.from_numpy(logits_of(np.arange(7))[[3]]))
+    assert torch.equal(dense(reader.read([3])), torch.from_numpy(logits_of(np.arange(7))[[3]]))
     assert verify_store(tmp_path / "old.zarr").ok
     group.attrs["kdcache"] = {**record, "views": 0}
     with pytest.raises(StoreFormatError, match="views is 0"):
@@ -165,12 +170,11 @@ def test_inspect_shows_views_recipe_and_bytes_per_view(tmp_path):
     writer.write(np.arange(33), logits_of(np.arange(33)))
     writer.finalize()
     report = inspect_store(tmp_path / "s.zarr")
-    assert report.views == 3 and report.augment == AUGMENT
-    assert report.bytes_per_view == pytest.approx(report.bytes_per_sample / 3)
+    assert report.views == 3
+    assert report.augment == AUGMENT
+    assert report.bytes_per_view == pytest.approx(present(report.bytes_per_sample) / 3)
     text = format_report(report)
-    assert (
-        "views (V):" in text
-        and "recipe 'flip' seed 3 (1 parameters per view, drawn by an older" in text
-    )
+    assert "views (V):" in text
+    assert "recipe 'flip' seed 3 (1 parameters per view, drawn by an older" in text
     assert "B/view" in text
     assert report.teacher_accuracy is not None  # every view against its sample's label

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from narrowing import kdcache_record, stored, zarr_array
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache import create_store, open_store, pack_store, parse_recipe, verify_store
@@ -67,7 +68,7 @@ def test_view_params_round_trip_exactly_and_compress_better_than_plain_zstd(tmp_
     write_store(tmp_path / "s.zarr", table, recipe.spec)
     assert codec_names(tmp_path / "s.zarr") == ["transpose", "bytes", "blosc", "crc32c"]
     np.testing.assert_array_equal(open_store(tmp_path / "s.zarr").view_params, table)
-    plain = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["view_params"][:]
+    plain = stored(zarr.open_group(str(tmp_path / "s.zarr"), mode="r"), "view_params")
     np.testing.assert_array_equal(plain, table)  # plain zarr reads it too
     assert verify_store(tmp_path / "s.zarr").ok
     pack_store(tmp_path / "s.zarr", tmp_path / "s.zip")
@@ -106,8 +107,8 @@ def test_a_store_with_the_old_view_params_codecs_loads_verifies_and_resumes(tmp_
     assert verify_store(folder).ok
     # Interrupt it (record incomplete, last chunk unwritten) and resume with today's writer.
     group = zarr.open_group(str(folder), mode="r+")
-    group.attrs["kdcache"] = {**group.attrs["kdcache"], "complete": False}
-    group["chunk_written"][2] = 0
+    group.attrs["kdcache"] = {**kdcache_record(group), "complete": False}
+    zarr_array(group, "chunk_written")[2] = 0
     writer = create_store(
         folder,
         num_samples=6,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -41,7 +43,9 @@ def test_a_sweep_folder_belongs_to_one_store(tmp_path):
     labels = build_dataset("digits").labels
     first = api_store(tmp_path / "a.zarr", labels)
     second = api_store(tmp_path / "b.zarr", labels, value=1.0)
-    options = dict(student="mlp:8", out=str(tmp_path / "sw"), temperatures=(4.0,), epochs=1)
+    options: dict[str, Any] = dict(
+        student="mlp:8", out=str(tmp_path / "sw"), temperatures=(4.0,), epochs=1
+    )
     run_sweep(SweepConfig(cache=str(first), device="cpu", **options))
     with pytest.raises(KdcacheError) as refused:
         run_sweep(SweepConfig(cache=str(second), device="cpu", **options))

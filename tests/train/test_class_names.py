@@ -7,6 +7,7 @@ import click
 import numpy as np
 import pytest
 import torch
+from narrowing import present
 from test_datasets import _png_tree
 
 from kdcache import DistillConfig, DumpConfig
@@ -53,17 +54,17 @@ def test_the_store_records_the_folders_class_names(folder_store, tmp_path):
 
 
 def test_exclude_classes_takes_names_or_indices(folder_store):
-    dataset = build_dataset(open_store(folder_store).metadata.dataset["spec"])
+    dataset = build_dataset(present(open_store(folder_store).metadata.dataset)["spec"])
 
     def rows(*classes):
         config = DistillConfig(student="mlp", cache="s", out="o", exclude_classes=classes)
-        return transfer_rows(config, dataset).tolist()
+        return present(transfer_rows(config, dataset)).tolist()
 
     assert rows("eight") == rows(0) == [3, 4, 5]
     with pytest.raises(ConfigError, match="the transfer set is empty"):
         rows("one", 0)
     with pytest.raises(
-        ConfigError, match="class 'two' but dataset .* has classes 0 to 1 or eight, one"
+        ConfigError, match=r"class 'two' but dataset .* has classes 0 to 1 or eight, one"
     ):
         rows("two")
     option = next(p for p in cli.commands["distill"].params if p.name == "exclude_classes")

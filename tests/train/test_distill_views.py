@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import zarr
 from conftest import assert_png, run_cli
+from narrowing import kdcache_record, present, stored, zarr_array
 from teachers import seeded
 
 from kdcache import DistillConfig, DumpConfig, TrainConfig
@@ -32,7 +34,7 @@ def load_state(path):
 
 
 def dump_views(out, **changes):
-    options = dict(
+    options: dict[str, Any] = dict(
         teacher=TEACHER,
         dataset=DATASET,
         out=str(out),
@@ -56,9 +58,11 @@ def view_store(tmp_path_factory):
 
 def test_the_dump_stores_the_teachers_logits_on_each_recreated_view(view_store):
     reader = open_store(view_store)
-    assert reader.views == 3 and reader.metadata.augment["recipe"] == RECIPE
-    assert reader.metadata.augment["seed"] == 2 and reader.metadata.augment["input_size"] == [8, 8]
-    assert reader.metadata.augment["sampler"] == "counter-v1"
+    assert reader.views == 3
+    assert present(reader.metadata.augment)["recipe"] == RECIPE
+    assert present(reader.metadata.augment)["seed"] == 2
+    assert present(reader.metadata.augment)["input_size"] == [8, 8]
+    assert present(reader.metadata.augment)["sampler"] == "counter-v1"
     dataset = build_dataset(DATASET)
     recipe = parse_recipe(RECIPE)
     logits, params = reader.read_views([5, 40])
@@ -67,8 +71,8 @@ def test_the_dump_stores_the_teachers_logits_on_each_recreated_view(view_store):
     for row, sample in enumerate([5, 40]):
         for view in range(3):
             record = recipe.sample(seed=2, index=sample, view=view, num_samples=48, size=(8, 8))
-            np.testing.assert_array_equal(params[row, view], record)
-            partner = dataset[recipe.partner(record)][0]
+            np.testing.assert_array_equal(present(params)[row, view], record)
+            partner = dataset[present(recipe.partner(record))][0]
             image = recipe.apply(dataset[sample][0], record, partner)
             with torch.no_grad():
                 expected = teacher(image[None])[0]
@@ -79,23 +83,23 @@ def test_an_interrupted_dump_with_views_resumes_bit_identical(tmp_path, view_sto
     copy = tmp_path / "copy.zarr"
     shutil.copytree(view_store, copy)
     group = zarr.open_group(str(copy), mode="r+")
-    group["chunk_written"][5:] = 0  # as if killed after the first five chunks
-    group.attrs["kdcache"] = {**group.attrs["kdcache"], "complete": False}
-    group["logits"][60:] = 0
+    zarr_array(group, "chunk_written")[5:] = 0  # as if killed after the first five chunks
+    group.attrs["kdcache"] = {**kdcache_record(group), "complete": False}
+    zarr_array(group, "logits")[60:] = 0
     assert dump_views(copy, resume=True).rows_computed == 144 - 60
     assert verify_store(copy).ok
-    before = zarr.open_group(str(view_store), mode="r")["logits"][:]
-    assert np.array_equal(zarr.open_group(str(copy), mode="r")["logits"][:], before)
+    before = stored(zarr.open_group(str(view_store), mode="r"), "logits")
+    assert np.array_equal(stored(zarr.open_group(str(copy), mode="r"), "logits"), before)
 
 
 def test_cached_and_online_distillation_with_views_give_bit_identical_students(
     tmp_path, view_store
 ):
-    common = dict(
+    common: dict[str, Any] = dict(
         student="mlp:16", epochs=2, batch_size=8, seed=7, device="cpu", temperature=3.0, alpha=0.6
     )
     distill(DistillConfig(cache=str(view_store), out=str(tmp_path / "cached"), **common))
-    online = dict(teacher=TEACHER, dataset=DATASET, **common)
+    online: dict[str, Any] = dict(teacher=TEACHER, dataset=DATASET, **common)
     distill(
         DistillConfig(
             augment=RECIPE, augment_seed=2, views=3, out=str(tmp_path / "online"), **online
@@ -114,7 +118,8 @@ def test_cached_and_online_distillation_with_views_give_bit_identical_students(
     other = load_state(tmp_path / "other/last.pt")
     assert not all(torch.equal(cached[name], other[name]) for name in cached)
     resolved = json.loads((tmp_path / "cached/config.json").read_text())["resolved"]
-    assert resolved["views"] == 3 and resolved["store"]["augment"]["recipe"] == RECIPE
+    assert resolved["views"] == 3
+    assert resolved["store"]["augment"]["recipe"] == RECIPE
     online_resolved = json.loads((tmp_path / "online/config.json").read_text())["resolved"]
     assert resolved["view_sampler"] == online_resolved["view_sampler"] == "counter-v1"
 
@@ -126,12 +131,14 @@ def test_a_store_drawn_by_the_older_generator_distills_from_its_stored_views(tmp
     legacy = tmp_path / "legacy.zarr"
     dump_views(legacy, augment_seed=5)
     group = zarr.open_group(str(legacy), mode="r+")
-    record = group.attrs["kdcache"]
+    record = kdcache_record(group)
     augment = {k: v for k, v in record["augment"].items() if k != "sampler"}
     group.attrs["kdcache"] = {**record, "augment": {**augment, "seed": 2}}
-    common = dict(student="mlp:16", epochs=1, batch_size=8, seed=7, device="cpu")
+    common: dict[str, Any] = dict(student="mlp:16", epochs=1, batch_size=8, seed=7, device="cpu")
     distill(DistillConfig(cache=str(legacy), out=str(tmp_path / "cached"), **common))
-    online = dict(teacher=TEACHER, dataset=DATASET, augment=RECIPE, augment_seed=5, views=3)
+    online: dict[str, Any] = dict(
+        teacher=TEACHER, dataset=DATASET, augment=RECIPE, augment_seed=5, views=3
+    )
     distill(DistillConfig(out=str(tmp_path / "online"), **online, **common))
     cached, same = load_state(tmp_path / "cached/last.pt"), load_state(tmp_path / "online/last.pt")
     for name in cached:
@@ -146,14 +153,14 @@ def test_a_store_drawn_by_the_older_generator_distills_from_its_stored_views(tmp
     ):
         distill(DistillConfig(cache=str(legacy), augment=RECIPE, out=str(tmp_path / "x"), **common))
     # Its missing views would be drawn differently: a resume is refused in one line.
-    group["chunk_written"][5:] = 0
-    group.attrs["kdcache"] = {**group.attrs["kdcache"], "complete": False}
+    zarr_array(group, "chunk_written")[5:] = 0
+    group.attrs["kdcache"] = {**kdcache_record(group), "complete": False}
     with pytest.raises(StoreMismatchError, match="drawn by an older kdcache's generator"):
         dump_views(legacy, resume=True)
 
 
 @pytest.mark.parametrize(
-    "changes, message",
+    ("changes", "message"),
     [
         ({"augment": "pad-crop:2+flip"}, "dumped with recipe 'pad-crop:1\\+flip\\+mixup:0.4'"),
         ({"augment_seed": 5}, "--augment-seed 2 but 5"),
@@ -222,7 +229,7 @@ def test_train_with_augmentation_draws_a_fresh_view_each_epoch(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "config, error, message",
+    ("config", "error", "message"),
     [
         (lambda: DumpConfig(teacher="cnn", views=4), ConfigError, "--views 4 needs --augment"),
         (lambda: DumpConfig(teacher="cnn", augment="blur"), SpecError, "unknown operation"),
@@ -264,8 +271,10 @@ def test_cli_dumps_views_and_inspect_shows_them(tmp_path):
         "--device",
         "cpu",
     )
-    assert "V=2" in result.stdout and "B/view" in result.stdout
+    assert "V=2" in result.stdout
+    assert "B/view" in result.stdout
     shown = run_cli("inspect", str(out), "--plot", str(tmp_path / "store.png")).stdout
-    assert "views (V):" in shown and "rrc:scale=0.5-1" in shown
+    assert "views (V):" in shown
+    assert "rrc:scale=0.5-1" in shown
     assert_png(tmp_path / "store.png")
     assert_png(tmp_path / "store-views.png")  # a few samples' views with the teacher's classes

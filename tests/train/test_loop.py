@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,13 +31,12 @@ def test_train_writes_the_run_folder(tmp_path):
     assert {"train_loss", "val_acc"} <= lines[0].keys()
     assert result.final == lines[-1]["val_acc"]
     config = json.loads((run / "config.json").read_text())
-    assert (
-        config["model"] == "mlp:16"
-        and config["seed"] == 3
-        and config["resolved"]["device"] == "cpu"
-    )
+    assert config["model"] == "mlp:16"
+    assert config["seed"] == 3
+    assert config["resolved"]["device"] == "cpu"
     checkpoint = torch.load(run / "best.pt", weights_only=True)
-    assert checkpoint["model"] == "mlp:16" and checkpoint["val_acc"] == result.best
+    assert checkpoint["model"] == "mlp:16"
+    assert checkpoint["val_acc"] == result.best
     assert_png(run / "curves.png")
     assert not (run / "distributions.png").exists()
 
@@ -52,7 +52,7 @@ def test_a_finished_run_is_not_clobbered(tmp_path):
 def test_cached_and_online_distillation_give_bit_identical_students(
     tmp_path, digits_teacher, digits_store
 ):
-    common = dict(
+    common: dict[str, Any] = dict(
         student="mlp:16", epochs=2, batch_size=32, seed=7, device="cpu", temperature=3.0, alpha=0.6
     )
     distill(DistillConfig(cache=str(digits_store), out=str(tmp_path / "cached"), **common))
@@ -89,7 +89,7 @@ def test_distill_shares_an_open_store_and_draws_its_figures(tmp_path, digits_sto
     assert 0 <= distill(config, reader=reader).final <= 100
     assert_png(tmp_path / "run/curves.png")
     assert_png(tmp_path / "run/distributions.png")
-    with pytest.raises(ConfigError, match="config.cache is None"):
+    with pytest.raises(ConfigError, match=r"config.cache is None"):
         distill(
             DistillConfig(
                 student="mlp:8", teacher="cnn:8", dataset="digits", out=str(tmp_path / "x")
@@ -121,14 +121,14 @@ def test_a_store_from_another_dataset_is_refused(tmp_path, digits_store):
                 student="mlp:8", cache=str(digits_store), dataset="fake:50", out=str(tmp_path)
             )
         )
-    with pytest.raises(StoreMismatchError, match="1437 samples.*360"):
+    with pytest.raises(StoreMismatchError, match=r"1437 samples.*360"):
         distill(
             DistillConfig(student="mlp:8", cache=str(digits_store), split="test", out=str(tmp_path))
         )
 
 
 @pytest.mark.parametrize(
-    "changes, message",
+    ("changes", "message"),
     [
         ({"temperature": 0.0}, "temperature"),
         ({"alpha": 1.5}, "alpha"),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 
 import pytest
 import torch
 from conftest import REPO_ROOT
+from narrowing import dense, present
 from teachers import seeded
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -63,24 +65,35 @@ def test_items_and_batches_carry_the_stores_rows(topk_digits_store):
     store = open_store(topk_digits_store)
     pairs = TeacherLogits(train_set, store)
     x, y, teacher = pairs[7]
-    assert torch.equal(x, train_set[7][0]) and y == train_set[7][1]
-    assert isinstance(teacher, SparseLogits) and teacher.shape == (1, 10)
+    assert torch.equal(x, train_set[7][0])
+    assert y == train_set[7][1]
+    assert isinstance(teacher, SparseLogits)
+    assert teacher.shape == (1, 10)
 
     reads = []
     read = store.read
-    store.read = lambda rows: reads.append(list(rows)) or read(rows)  # count the reads
+
+    def counting_read(indices):
+        reads.append(list(indices))
+        return read(indices)
+
+    store.read = counting_read  # type: ignore[method-assign]  # counts the reads
     loader = DataLoader(pairs, batch_size=32, shuffle=True, collate_fn=pairs.collate)
     batches = list(loader)
     assert len(reads) == len(batches) == len(loader)  # one store read per batch
-    assert sorted(sum(reads, [])) == list(range(len(train_set)))
+    assert sorted(itertools.chain.from_iterable(reads)) == list(range(len(train_set)))
     x, y, teacher = batches[0]
-    assert x.shape == (32, 1, 8, 8) and y.shape == (32,)
-    assert isinstance(teacher, SparseLogits) and teacher.shape == (32, 10)
+    assert x.shape == (32, 1, 8, 8)
+    assert y.shape == (32,)
+    assert isinstance(teacher, SparseLogits)
+    assert teacher.shape == (32, 10)
     want = read(reads[0])
+    assert isinstance(want, SparseLogits)
     torch.testing.assert_close(teacher.values, want.values)
     torch.testing.assert_close(teacher.indices, want.indices)
     # items gathered one by one collate to the same batch as one read
     _, _, one_by_one = pairs.collate([pairs[row] for row in reads[0]])
+    assert isinstance(one_by_one, SparseLogits)
     torch.testing.assert_close(one_by_one.values, want.values)
     torch.testing.assert_close(one_by_one.tail, want.tail)
     student = torch.randn(32, 10)
@@ -92,7 +105,7 @@ def test_a_dense_store_batches_into_one_tensor_and_indices_keep_a_subset(digits_
     pairs = TeacherLogits(
         build_dataset("digits", split="train"), digits_store, indices=[5, 9, 100, 3]
     )
-    x, y, teacher = next(iter(DataLoader(pairs, batch_size=4, collate_fn=pairs.collate)))
+    _x, _y, teacher = next(iter(DataLoader(pairs, batch_size=4, collate_fn=pairs.collate)))
     assert len(pairs) == 4
     torch.testing.assert_close(teacher, open_store(digits_store).read([5, 9, 100, 3]))
     with pytest.raises(ConfigError, match=r"indices must lie in \[0, 1437\)"):
@@ -105,7 +118,9 @@ def test_the_worker_loader_gives_the_same_batches(digits_store):
     through_workers = list(pairs.loader(batch_size=32, num_workers=1))
     assert len(direct) == len(through_workers) == 3
     for (x1, y1, t1), (x2, y2, t2) in zip(direct, through_workers, strict=True):
-        assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(t1, t2)
+        assert torch.equal(x1, x2)
+        assert torch.equal(y1, y2)
+        assert torch.equal(dense(t1), dense(t2))
 
 
 def test_a_store_of_other_data_is_refused_for_any_dataset(digits_store):
@@ -119,11 +134,12 @@ def test_a_store_of_other_data_is_refused_for_any_dataset(digits_store):
     TeacherLogits(TensorDataset(inputs, labels), digits_store)  # a plain dataset of the same data
     altered = inputs.clone()
     altered[0] += 1
-    with pytest.raises(StoreMismatchError, match="inputs differ.*check_inputs=False"):
+    with pytest.raises(StoreMismatchError, match=r"inputs differ.*check_inputs=False"):
         TeacherLogits(TensorDataset(altered, labels), digits_store)
     TeacherLogits(TensorDataset(altered, labels), digits_store, check_inputs=False)
     shuffled = TensorDataset(inputs, labels.roll(1))
-    shuffled.labels = labels.roll(1).numpy()  # a dataset exposing its labels: they are compared
+    # a dataset exposing its labels: they are compared
+    shuffled.labels = labels.roll(1).numpy()  # type: ignore[attr-defined]
     with pytest.raises(StoreMismatchError, match="labels differ"):
         TeacherLogits(shuffled, digits_store, check_inputs=False)
 
@@ -167,8 +183,9 @@ def test_a_store_with_views_pairs_each_recreated_view_with_its_own_row(views_sto
     rows = [20 * 3, 20 * 3 + 1, 20 * 3 + 2, 9, 10, 11]
     for item, row in enumerate(rows):
         assert pairs.sample_index(item) == row // 3
-        view, label = distilled.dataset[row]  # the pixels and label distill trains on
-        assert torch.equal(x[item], view) and y[item] == label
+        view, label = present(distilled).dataset[row]  # the pixels and label distill trains on
+        assert torch.equal(x[item], view)
+        assert y[item] == label
     torch.testing.assert_close(logits, reader.read(rows))
     with torch.no_grad():  # the teacher's logits on exactly these pixels
         torch.testing.assert_close(logits, teacher(x), rtol=1e-5, atol=1e-5)
@@ -178,7 +195,9 @@ def test_a_store_with_views_pairs_each_recreated_view_with_its_own_row(views_sto
         pairs.loader(batch_size=4, num_workers=1),
         strict=True,
     ):
-        assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(t1, t2)
+        assert torch.equal(x1, x2)
+        assert torch.equal(y1, y2)
+        assert torch.equal(dense(t1), dense(t2))
 
 
 def test_a_store_whose_views_cannot_be_recreated_is_refused(tmp_path, views_store):

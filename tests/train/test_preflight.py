@@ -24,7 +24,7 @@ def test_checking_a_model_allocates_nothing_and_leaves_the_random_state():
 
 
 @pytest.mark.parametrize(
-    "run, error, message",
+    ("run", "error", "message"),
     [
         (lambda out, store: train(TrainConfig(model="resnet51", out=out)), SpecError, "resnet50"),
         (

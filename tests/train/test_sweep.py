@@ -60,7 +60,9 @@ def test_one_run_per_setting_and_seed(finished_sweep):
     assert_png(out / "sweep.png")
     assert (result.runs_done, result.runs_skipped) == (4, 0)
     table = format_table(result.rows).splitlines()
-    assert len(table) == 3 and table[1].startswith("kd-a0.7-T1") and "±" in table[1]
+    assert len(table) == 3
+    assert table[1].startswith("kd-a0.7-T1")
+    assert "±" in table[1]
 
 
 def test_resume_keeps_finished_runs_and_reruns_half_finished_ones(tmp_path, digits_store):
@@ -80,7 +82,8 @@ def test_resume_keeps_finished_runs_and_reruns_half_finished_ones(tmp_path, digi
     assert [
         json.loads(line)["epoch"] for line in (killed / "metrics.jsonl").read_text().splitlines()
     ] == [1, 2]
-    assert (killed / "result.json").exists() and (killed / "curves.png").exists()
+    assert (killed / "result.json").exists()
+    assert (killed / "curves.png").exists()
     assert [r["run_dir"] for r in read_csv(tmp_path / "results.csv")] == [kept.name, killed.name]
 
 
@@ -91,7 +94,7 @@ def test_a_finished_run_with_other_settings_is_refused(finished_sweep, digits_st
 
 
 @pytest.mark.parametrize(
-    "changes, message",
+    ("changes", "message"),
     [
         ({"temperatures": ()}, "--temperatures needs at least one value"),
         ({"seeds": (0, 0)}, "lists a value twice"),

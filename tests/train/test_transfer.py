@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
+from narrowing import present
 
 from kdcache import DistillConfig, DumpConfig, create_store, open_store
 from kdcache.data.datasets import build_dataset
@@ -44,7 +46,7 @@ def test_indices_and_excluded_classes_select_the_transfer_set(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "changes, message",
+    ("changes", "message"),
     [
         ({"indices": [0, DIGITS_TRAIN]}, r"outside \[0, 1437\)"),
         ({"indices": [3, 4, 3]}, "lists sample 3 more than once"),
@@ -70,13 +72,15 @@ def test_the_sampler_visits_each_transfer_sample_once_per_epoch(tmp_path):
     rows = np.arange(0, 300, 3)
     shuffled = TransferSampler(rows, seed=0)
     first, second = list(shuffled), list(shuffled)
-    assert sorted(first) == sorted(second) == rows.tolist() and first != second
+    assert sorted(first) == sorted(second) == rows.tolist()
+    assert first != second
     writer = create_store(tmp_path / "s.zarr", num_samples=300, num_classes=4, chunk_rows=20)
     writer.write(np.arange(300), np.zeros((300, 4), dtype=np.float32))
     writer.finalize()
     reader = open_store(tmp_path / "s.zarr")
     feed = LogitFeed(reader, memory_budget=reader.feed.chunk_nbytes * 4)
-    assert feed.mode == "chunked" and feed.window_chunks == 2
+    assert feed.mode == "chunked"
+    assert feed.window_chunks == 2
     chunked = list(TransferSampler(rows, seed=0, feed=feed))
     assert sorted(chunked) == rows.tolist()
     # the feed's chunk-aware order, restricted to the transfer set: window after window of
@@ -95,14 +99,15 @@ def test_distill_on_a_transfer_set_records_it_and_validates_on_the_whole_split(
             student="mlp:16",
             cache=str(digits_store),
             exclude_classes=(3, 5),
-            indices=list(range(0, DIGITS_TRAIN, 2)),
+            indices=tuple(range(0, DIGITS_TRAIN, 2)),
             epochs=2,
             out=str(tmp_path),
         )
     )
     saved = json.loads((tmp_path / "config.json").read_text())
     labels = build_dataset("digits", split="train").labels[::2]
-    assert saved["exclude_classes"] == [3, 5] and len(saved["indices"]) == 719
+    assert saved["exclude_classes"] == [3, 5]
+    assert len(saved["indices"]) == 719
     assert saved["resolved"]["transfer"]["num_samples"] == int(
         ((labels != 3) & (labels != 5)).sum()
     )
@@ -133,14 +138,15 @@ def unlabeled_store(tmp_path_factory, digits_teacher):
 
 def test_an_unlabeled_pool_distils_with_alpha_1_only(tmp_path, unlabeled_store, digits_store):
     reader = open_store(unlabeled_store)
-    assert reader.labels is None and reader.metadata.dataset["spec"] == "unlabeled:digits"
+    assert reader.labels is None
+    assert present(reader.metadata.dataset)["spec"] == "unlabeled:digits"
     assert (build_dataset("unlabeled:digits").labels == -1).all()
     with pytest.raises(
-        ConfigError, match="1437 samples of the transfer set have no label.*--alpha 1"
+        ConfigError, match=r"1437 samples of the transfer set have no label.*--alpha 1"
     ):
         distill(DistillConfig(student="mlp:16", cache=str(unlabeled_store), out=str(tmp_path)))
     assert not (tmp_path / "config.json").exists()  # refused before anything is written
-    common = dict(student="mlp:16", alpha=1.0, epochs=2, seed=4)
+    common: dict[str, Any] = dict(student="mlp:16", alpha=1.0, epochs=2, seed=4)
     unlabeled = distill(
         DistillConfig(cache=str(unlabeled_store), out=str(tmp_path / "u"), **common)
     )
@@ -193,7 +199,8 @@ def test_transfer_set_options_through_the_cli(tmp_path, digits_store, unlabeled_
     )
     assert "best val_acc" in result.stdout
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["indices"] == str(tmp_path / "idx.txt") and saved["exclude_classes"] == [3, 5]
+    assert saved["indices"] == str(tmp_path / "idx.txt")
+    assert saved["exclude_classes"] == [3, 5]
     refused = run_cli(
         "distill",
         "--cache",
@@ -217,7 +224,7 @@ def test_every_run_of_a_sweep_shares_the_transfer_set():
         out="sweep",
         temperatures=(2.0, 4.0),
         indices="idx.npy",
-        exclude_classes=[3, 5],
+        exclude_classes=(3, 5),
     )
     assert [(run.indices, run.exclude_classes) for run in sweep.runs()] == [
         ("idx.npy", (3, 5)),

@@ -254,9 +254,12 @@ def recorded_class_names(dataset: dict[str, Any] | None, num_classes: int) -> li
     """The class names a store's ``dataset`` record holds (stores written before kdcache
     recorded them, and datasets without names, have none)."""
     names = (dataset or {}).get("class_names")
-    if isinstance(names, list) and len(names) == num_classes:
-        if all(isinstance(name, str) for name in names):
-            return names
+    if (
+        isinstance(names, list)
+        and len(names) == num_classes
+        and all(isinstance(name, str) for name in names)
+    ):
+        return names
     return None
 
 

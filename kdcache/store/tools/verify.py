@@ -10,6 +10,7 @@ table existed are reported as unverified by index (a note, not a problem).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -210,10 +211,9 @@ def _scan(
         start, stop = int(block[0]) * rows, min((int(block[-1]) + 1) * rows, n)
         values = None
         if block[-1] - block[0] + 1 == len(block):  # one read for a run of contiguous chunks
-            try:
+            # on a decoding error, values stays None: reread chunk by chunk to find the bad ones
+            with contextlib.suppress(*_DECODE_ERRORS):
                 values = [(start, array[start:stop])]
-            except _DECODE_ERRORS:
-                pass  # reread chunk by chunk to find the bad ones
         if values is None:
             values = []
             for chunk in block:

@@ -15,6 +15,7 @@ only ever call :meth:`StoreWriter.write`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -88,7 +89,7 @@ class BackgroundWriter:
                 if ready is not None:
                     ready.synchronize()  # the non-blocking device-to-host copy has landed
                 self.writer.write(indices, logits)
-            except BaseException as error:  # noqa: BLE001 - handed to the main thread as is
+            except BaseException as error:  # handed to the main thread as is
                 with self._error_lock:
                     if self._error is None:
                         self._error = error
@@ -161,7 +162,5 @@ class BackgroundWriter:
             return
         # The caller already fails: still write what is queued (those chunks make a resume
         # shorter), but let the caller's exception win over a background one.
-        try:
+        with contextlib.suppress(BaseException):
             self.close()
-        except BaseException:  # noqa: BLE001
-            pass

@@ -84,7 +84,7 @@ def checked_sizes(
         ):
             raise ConfigError(f"{name} must be an integer from 1 to {high:,}, got {value!r}")
     row_nbytes = codec.row_nbytes(num_classes)  # also refuses topk:K with K >= C
-    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not 1 <= chunk_rows):
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not chunk_rows >= 1):
         raise ConfigError(f"chunk_rows must be >= 1, got {chunk_rows!r}")
     # More rows than samples is one chunk holding every sample: the same store.
     num_rows = num_samples * views

@@ -158,7 +158,7 @@ def _refuse_foreign(fd: int, path: Path, where: str) -> None:
         problem = f"belongs to user id {status.st_uid}, not to you"
     elif status.st_size:
         record = _read_json(fd)
-        if not isinstance(record, dict) or not _HOLDER_KEYS <= record.keys():
+        if not isinstance(record, dict) or not record.keys() >= _HOLDER_KEYS:
             problem = "holds something other than a kdcache lock record"
     if problem is not None:
         os.close(fd)

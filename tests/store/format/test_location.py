@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 from fsspec.core import url_to_fs
+from narrowing import dense
 
 from kdcache import DumpConfig, create_store, dump_teacher, open_store
 from kdcache.errors import ConfigError, StoreFormatError, StoreNotFoundError
@@ -25,7 +26,7 @@ def finished_store(path, num_samples=30, num_classes=4, seed=0):
 
 
 @pytest.mark.parametrize(
-    "text, kind, target",
+    ("text", "kind", "target"),
     [
         ("out/t.zarr", "local", "out/t.zarr"),
         ("out/t.zarr/", "local", "out/t.zarr"),
@@ -41,7 +42,9 @@ def test_locations_are_classified(text, kind, target):
 
 
 def test_an_unsupported_scheme_lists_the_supported_ones():
-    with pytest.raises(ConfigError, match="unsupported store URL scheme 'ftpx'.*s3://.*gs://.*zip"):
+    with pytest.raises(
+        ConfigError, match=r"unsupported store URL scheme 'ftpx'.*s3://.*gs://.*zip"
+    ):
         open_store("ftpx://host/t.zarr")
     with pytest.raises(ConfigError, match="remote zip"):
         open_store("s3://bucket/t.zip")
@@ -50,7 +53,7 @@ def test_an_unsupported_scheme_lists_the_supported_ones():
 def test_file_urls_and_plain_paths_open_the_same_store(tmp_path):
     logits = finished_store(tmp_path / "s.zarr")
     np.testing.assert_array_equal(
-        open_store(f"file://{tmp_path}/s.zarr").read(np.arange(30)).numpy(), logits
+        dense(open_store(f"file://{tmp_path}/s.zarr").read(np.arange(30))).numpy(), logits
     )
 
 
@@ -68,7 +71,7 @@ def test_zip_stores_are_read_only_and_checked(tmp_path):
 def test_memory_urls_hold_a_store_within_one_process():
     url = "memory://kdcache-test/s.zarr"
     logits = finished_store(url)
-    assert open_store(url).read([3]).numpy().tolist() == [logits[3].tolist()]
+    assert dense(open_store(url).read([3])).numpy().tolist() == [logits[3].tolist()]
 
 
 def test_resume_removes_a_killed_writers_temporary_files(tmp_path):
@@ -97,9 +100,9 @@ def test_s3_store_round_trip_and_zip_of_it(s3_bucket, tmp_path):
     logits = finished_store(url, num_samples=20, num_classes=3)
     reader = open_store(url)
     assert reader.where == url
-    np.testing.assert_array_equal(reader.read(np.arange(20)).numpy(), logits)
+    np.testing.assert_array_equal(dense(reader.read(np.arange(20))).numpy(), logits)
     packed = pack_store(url, tmp_path / "teacher.zip")
-    np.testing.assert_array_equal(open_store(packed.out).read(np.arange(20)).numpy(), logits)
+    np.testing.assert_array_equal(dense(open_store(packed.out).read(np.arange(20))).numpy(), logits)
     with pytest.raises(StoreNotFoundError, match="no store at"):
         open_store(f"{s3_bucket}/missing.zarr")
 
@@ -113,9 +116,11 @@ def test_dump_to_s3_then_distill_from_it_in_forked_workers(
             teacher="cnn:8", weights=str(digits_teacher), out=url, device="cpu", chunk_rows=500
         )
     )
-    assert dumped.num_samples == 1437 and dumped.bytes_on_disk is None
+    assert dumped.num_samples == 1437
+    assert dumped.bytes_on_disk is None
     report = verify_store(url)
-    assert report.ok and report.chunks_checked == 3
+    assert report.ok
+    assert report.chunks_checked == 3
     fs, path = url_to_fs(url)
     assert not fs.exists(path + ".lock")  # the lease went away with the writer
     distilled = run_cli(

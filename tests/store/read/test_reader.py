@@ -82,7 +82,8 @@ def test_read_gives_sparse_rows_for_topk_and_dense_rows_only_when_asked(tmp_path
     write_store(tmp_path / "s.zarr", f"topk:{K}")
     store = open_store(tmp_path / "s.zarr")
     rows = store.read([5, 0])
-    assert isinstance(rows, SparseLogits) and rows.shape == (2, NUM_CLASSES)
+    assert isinstance(rows, SparseLogits)
+    assert rows.shape == (2, NUM_CLASSES)
     with pytest.raises(ConfigError, match=r"read_dense\(indices, temperature=T\)"):
         store.read_dense([5, 0])
     torch.testing.assert_close(store.read_dense([5, 0], temperature=3.0), rows.dense(3.0))
@@ -95,6 +96,7 @@ def test_dense_encodings_read_the_same_tensor_at_any_temperature(tmp_path, encod
     logits = write_store(tmp_path / "s.zarr", encoding)
     store = open_store(tmp_path / "s.zarr")
     rows = store.read(np.arange(NUM_SAMPLES))
-    assert isinstance(rows, torch.Tensor) and rows.dtype == torch.float32
+    assert isinstance(rows, torch.Tensor)
+    assert rows.dtype == torch.float32
     np.testing.assert_allclose(rows.numpy(), logits, atol=0.1)
     torch.testing.assert_close(store.read_dense(np.arange(4), temperature=8.0), rows[:4])
