@@ -8,6 +8,8 @@ without click. Each name is imported from its module on first use, so that ``imp
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from kdcache._version import __version__
@@ -83,6 +85,21 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(_DEFINED_IN[name]), name)
     globals()[name] = value
     return value
+
+
+class _Package(types.ModuleType):
+    """The package module: a public name stays itself when a submodule of that name loads."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Importing the subpackage kdcache.train binds it on the package under the name of the
+        # public function train(); the function keeps that name (the subpackage stays reachable
+        # through sys.modules and every import statement).
+        if name in _DEFINED_IN and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:
