@@ -155,6 +155,25 @@ class RankSession:
             raise outcome[0]
         return result
 
+    def on_local_main(self, action: Callable[[], T]) -> T:
+        """Run ``action`` on the local rank 0 of each machine and hand its result to the other
+        ranks there; its :class:`KdcacheError` is raised again on each of them.
+
+        torchrun numbers a machine's ranks consecutively from its local rank 0.
+        """
+        if not self.is_distributed:
+            return action()
+        offer: tuple[T | None, KdcacheError | None] = (None, None)
+        if self.info.local_rank == 0:
+            try:
+                offer = (action(), None)
+            except KdcacheError as raised:
+                offer = (None, raised)
+        result, error = self.all_gather(offer)[self.info.rank - self.info.local_rank]
+        if error is not None:
+            raise error
+        return result  # type: ignore[return-value]
+
     def barrier(self, *, while_waiting: Callable[[], None] | None = None) -> None:
         """Wait for every rank; call ``while_waiting`` now and then meanwhile (a lock refresh)."""
         if not self.is_distributed:

@@ -33,6 +33,7 @@ from kdcache.options import IMAGE, LM, refuse_foreign_options
 from kdcache.plots.figures import plot_distributions
 from kdcache.run_folder import prepare_output_dir
 from kdcache.runtime import prepare_model
+from kdcache.store.read.private_folder import adopt_private_folder, private_folder
 from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.store.sequence import SequenceReader
 from kdcache.train.fit import RunResult, fit, held_out_split
@@ -173,8 +174,12 @@ def _from_store(config: DistillConfig, session: RankSession, reader: StoreReader
     train_set = store_dataset(reader, config.dataset, config.split)
     rows = transfer_rows(config, train_set)
     feed = reader.feed
-    # Ranks on one machine share one decoded table instead of one copy each.
-    feed.load(shared=session.info.local_world_size > 1)
+    # Ranks on one machine share one decoded table instead of one copy each, in the private
+    # folder their local rank 0 found (one it made in place of a planted one has a random name).
+    shared = session.info.local_world_size > 1
+    if shared:
+        adopt_private_folder(str(session.on_local_main(private_folder)))
+    feed.load(shared=shared)
     # In memory any order is fast, so keep the seeded shuffle (the online run's order too);
     # a chunked feed must dictate the order for each chunk to be decoded once per epoch.
     sampler: Sampler[int] | None = None

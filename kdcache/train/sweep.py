@@ -28,6 +28,7 @@ from kdcache.models import canonical_model_spec
 from kdcache.options import IMAGE, LM, refuse_foreign_options
 from kdcache.plots.figures import plot_sweep, read_metrics
 from kdcache.store.format.location import refuse_inside_store
+from kdcache.store.read.private_folder import private_folder
 from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.store.tools.report import teacher_statistics
 from kdcache.train.loop import RunResult, distill, modality
@@ -287,6 +288,8 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             results[run.out] = kept
     skipped = len(results)
     todo = [run for run in runs if run.out not in results]
+    if config.jobs > 1 and todo:
+        private_folder()  # the workers inherit it, one made in place of a planted one included
     finished = (
         ((run, _run_and_save(run, reader)) for run in todo)
         if config.jobs == 1

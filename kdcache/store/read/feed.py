@@ -32,7 +32,7 @@ from torch.utils.data import Sampler
 
 from kdcache.errors import ConfigError
 from kdcache.logits.sparse import SparseLogits, TeacherInput
-from kdcache.store.read.shared_table import SharedTable, table_name
+from kdcache.store.read.shared_table import SharedTable, store_identity
 
 if TYPE_CHECKING:
     from kdcache.logits.encodings import Encoding
@@ -51,6 +51,8 @@ class RowSource(Protocol):
     def check_chunks_present(self, name: str) -> None: ...
 
     def check_unchanged(self) -> None: ...
+
+    def content_digest(self) -> str: ...
 
 
 #: Share of the memory available when the feed is built that it may use by default.
@@ -376,8 +378,9 @@ class _InMemory(_Residency):
         if feed._tables is not None:
             return
         if shared:
+            reader = feed.reader
             feed._shared = SharedTable.open(
-                table_name(feed.reader.where, feed.reader.metadata),
+                store_identity(reader.where, reader.metadata, reader.content_digest()),
                 feed._layout,
                 feed.num_samples,
                 feed._check_and_decode_all,

@@ -6,6 +6,7 @@ Every read is by row: the sample index, or ``sample * views + view`` in a store 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +18,7 @@ import zarr
 from kdcache.errors import ConfigError, StoreCorruptError, StoreIncompleteError
 from kdcache.logits.encodings import parse_encoding
 from kdcache.logits.sparse import SparseLogits, TeacherInput
+from kdcache.store.format.digests import DIGESTS_ARRAY
 from kdcache.store.format.layout import (
     LABELS_ARRAY,
     VIEW_PARAMS_ARRAY,
@@ -184,6 +186,20 @@ class StoreReader:
     def check_unchanged(self) -> None:
         """Stop if the store was overwritten since it was opened (see kdcache.store.read.guard)."""
         self.guard.check_unchanged()
+
+    def content_digest(self) -> str:
+        """sha256 of the store's chunk digest table, which changes whenever any chunk's values
+        do; empty for stores written before digests existed."""
+        if not self.metadata.digests:
+            return ""
+        try:
+            table = np.ascontiguousarray(self.guard.array(DIGESTS_ARRAY)[:])
+        except DECODE_ERRORS as error:
+            raise StoreCorruptError(
+                f"{self.where}: the digest table {DIGESTS_ARRAY!r} does not decode "
+                f"({first_line(error)}); run `kdcache verify` and dump again"
+            ) from None
+        return hashlib.sha256(table.data).hexdigest()
 
     def read(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> TeacherInput:
         """The rows of the given sample indices in the form every loss takes, right at any T.
