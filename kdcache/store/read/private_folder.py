@@ -62,22 +62,22 @@ def open_private_folder() -> tuple[int, Path]:
             ) from None
     root = shared_root()
     folder = root / f"kdcache-{os.geteuid()}"
+    made = False
     try:
         root.mkdir(parents=True, exist_ok=True)
-        os.mkdir(folder, FOLDER_MODE)
-        made = True
-    except FileExistsError:
-        made = False
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, FOLDER_MODE)
+            made = True
     except OSError as error:
-        raise ConfigError(
-            f"cannot use {root} for shared logit tables: {error.strerror}; set {SHARED_DIR_ENV} "
-            "to a writable folder on a local (ideally in-memory) filesystem"
-        ) from None
+        raise _unusable(root, error) from None
     try:
         return _open_owned_folder(None, folder, fix_mode=made), folder
     except NotOwnedError as why:
         planted = why
-    fresh = Path(tempfile.mkdtemp(prefix=f"kdcache-{os.geteuid()}-", dir=root))
+    try:
+        fresh = Path(tempfile.mkdtemp(prefix=f"kdcache-{os.geteuid()}-", dir=root))
+    except OSError as error:
+        raise _unusable(root, error) from None
     descriptor = _open_owned_folder(None, fresh, fix_mode=True)
     log.warning(
         "%s is not this user's private folder (%s); shared tables go to %s instead",
@@ -88,6 +88,13 @@ def open_private_folder() -> tuple[int, Path]:
     os.environ[PRIVATE_ENV] = str(fresh)  # the workers this process starts share it
     atexit.register(_remove_if_empty, fresh)
     return descriptor, fresh
+
+
+def _unusable(root: Path, error: OSError) -> ConfigError:
+    return ConfigError(
+        f"cannot use {root} for shared logit tables: {error.strerror}; set {SHARED_DIR_ENV} "
+        "to a writable folder on a local (ideally in-memory) filesystem"
+    )
 
 
 def private_folder() -> Path:
@@ -121,12 +128,15 @@ def _describe(path: str | Path, dir_fd: int | None) -> str:
     return "neither a file nor a folder"
 
 
-def _check_owned(descriptor: int, kind: str, mode: int, test: int) -> None:
+def _check_owned(descriptor: int, kind: str, mode: int, test: int, *, fix_mode: bool) -> None:
     found = os.fstat(descriptor)
     if stat.S_IFMT(found.st_mode) != test:
         raise NotOwnedError(f"not a {kind}")
     if found.st_uid != os.geteuid():
         raise NotOwnedError(f"owned by uid {found.st_uid}, not {os.geteuid()}")
+    if fix_mode:  # made by this process a moment ago: only the umask may have narrowed it
+        os.fchmod(descriptor, mode)
+        found = os.fstat(descriptor)
     if stat.S_IMODE(found.st_mode) != mode:
         raise NotOwnedError(f"mode {stat.S_IMODE(found.st_mode):04o}, not {mode:04o}")
 
@@ -140,9 +150,7 @@ def _open_owned_folder(dir_fd: int | None, path: str | Path, *, fix_mode: bool =
             raise NotOwnedError(_describe(path, dir_fd)) from None
         raise NotOwnedError(error.strerror or "cannot be opened") from None
     try:
-        if fix_mode:  # made by this process a moment ago: only the umask may have narrowed it
-            os.fchmod(descriptor, FOLDER_MODE)
-        _check_owned(descriptor, "folder", FOLDER_MODE, stat.S_IFDIR)
+        _check_owned(descriptor, "folder", FOLDER_MODE, stat.S_IFDIR, fix_mode=fix_mode)
     except BaseException:
         os.close(descriptor)
         raise
@@ -153,24 +161,26 @@ def open_owned_file(folder: int, name: str, flags: int, *, create: bool) -> int:
     """Open ``name`` in ``folder`` (a descriptor) as a regular file of this user with mode 0600.
 
     ``create`` makes it with ``O_EXCL`` if absent (a file that appears meanwhile is opened). A
-    link, or anything not owned by this user with mode 0600, raises :class:`NotOwnedError`;
-    a missing file (``create=False``) raises ``FileNotFoundError``.
+    link, anything not owned by this user with mode 0600 or that cannot be opened raises
+    :class:`NotOwnedError`; a missing file (``create=False``) raises ``FileNotFoundError``.
     """
     flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     descriptor = None
     if create:
         with contextlib.suppress(FileExistsError):
             descriptor = os.open(name, flags | os.O_CREAT | os.O_EXCL, FILE_MODE, dir_fd=folder)
-            os.fchmod(descriptor, FILE_MODE)  # the umask may have narrowed it
+    made = descriptor is not None
     if descriptor is None:
         try:
             descriptor = os.open(name, flags, dir_fd=folder)
-        except OSError as error:
-            if error.errno in (errno.ELOOP, errno.ENXIO):
-                raise NotOwnedError(_describe(name, folder)) from None
+        except FileNotFoundError:
             raise
+        except OSError as error:
+            if error.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                raise NotOwnedError(_describe(name, folder)) from None
+            raise NotOwnedError(error.strerror or "cannot be opened") from None
     try:
-        _check_owned(descriptor, "regular file", FILE_MODE, stat.S_IFREG)
+        _check_owned(descriptor, "regular file", FILE_MODE, stat.S_IFREG, fix_mode=made)
     except BaseException:
         os.close(descriptor)
         raise

@@ -243,8 +243,7 @@ def _attach_or_build(
     except UnusableTable as why:
         log.warning("shared table %s: %s; decoding the store again", folder / name, why)
     _remove_files(private, name, locks=False)
-    sums = _build(private, folder, name, arrays, fill)
-    _write_record(private, folder, name, identity, arrays, sums)
+    _build(private, folder, name, identity, arrays, fill)
     try:
         return {
             array: _map(private, f"{name}.{array}.npy", expected, checksum=None)
@@ -268,7 +267,7 @@ def _read_record(private: int, name: str) -> dict[str, Any]:
         raise UnusableTable(f"its record is larger than {HEADER_LIMIT} bytes")
     try:
         record = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise UnusableTable("its record is not JSON") from None
     if not isinstance(record, dict):
         raise UnusableTable("its record is not a JSON object")
@@ -332,10 +331,11 @@ def _build(
     private: int,
     folder: Path,
     name: str,
+    identity: dict[str, Any],
     arrays: dict[str, dict[str, Any]],
     fill: Callable[[dict[str, np.ndarray]], None],
-) -> dict[str, str]:
-    """Decode into new files ``NAME.ARRAY.npy``; the sha256 of each array's bytes."""
+) -> None:
+    """Decode into new files ``NAME.ARRAY.npy``, then write the record that makes them a table."""
     tables: dict[str, np.memmap] = {}
     made: list[str] = []
     try:
@@ -353,7 +353,8 @@ def _build(
         fill(dict(tables))
         for table in tables.values():
             table.flush()
-        return {array: hashlib.sha256(table.data).hexdigest() for array, table in tables.items()}
+        sums = {array: hashlib.sha256(table.data).hexdigest() for array, table in tables.items()}
+        _write_record(private, folder, name, identity, arrays, sums)
     except BaseException:
         tables.clear()
         for file_name in made:  # free the shared memory a failed build took
@@ -406,4 +407,11 @@ def _write_record(
         ) from None
     with os.fdopen(descriptor, "wb") as stream:
         stream.write(json.dumps(record, sort_keys=True).encode())
-    os.replace(temporary, f"{name}.json", src_dir_fd=private, dst_dir_fd=private)
+    try:
+        os.replace(temporary, f"{name}.json", src_dir_fd=private, dst_dir_fd=private)
+    except OSError as error:
+        os.unlink(temporary, dir_fd=private)
+        raise ConfigError(
+            f"cannot write {folder / name}.json for the shared logit table: {error.strerror}; "
+            "remove what is there"
+        ) from None

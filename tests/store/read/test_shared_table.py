@@ -337,6 +337,21 @@ def test_a_link_at_the_lock_file_is_refused_in_one_line(small, shm):
     assert victim.read_text() == "precious"
 
 
+@pytest.mark.parametrize("suffix", ["json", "logits.npy"])
+def test_a_folder_at_a_table_name_is_refused_in_one_line(small, shm, suffix):
+    path, _ = small
+    reader = open_store(path)
+    private(shm).mkdir(parents=True, mode=0o700)
+    (private(shm) / f"{name_of(reader)}.{suffix}" / "kept").mkdir(parents=True)
+    with pytest.raises(KdcacheError) as raised:
+        reader.feed.load(shared=True)
+    assert "\n" not in str(raised.value)
+    assert f"{name_of(reader)}.{suffix}" in str(raised.value)
+    assert (private(shm) / f"{name_of(reader)}.{suffix}" / "kept").is_dir()
+    assert not list(private(shm).glob("*.npy*")) or suffix == "logits.npy"  # no table left
+    assert not list(private(shm).glob("*.tmp"))
+
+
 def hold_table(path: Path) -> tuple[StoreReader, Path]:
     """A reader that keeps the store's shared table mapped, and the table's logits file."""
     keeper = open_store(path)
