@@ -22,6 +22,7 @@ import logging
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from kdcache.errors import ConfigError
@@ -88,6 +89,28 @@ def open_private_folder() -> tuple[int, Path]:
     os.environ[PRIVATE_ENV] = str(fresh)  # the workers this process starts share it
     atexit.register(_remove_if_empty, fresh)
     return descriptor, fresh
+
+
+def other_private_folders(current: Path) -> Iterator[tuple[int, Path]]:
+    """Descriptors of this user's other private folders in the shared root (the ones made in
+    place of a planted folder by earlier processes), each closed when the next is asked for."""
+    root = shared_root()
+    prefix = f"kdcache-{os.geteuid()}"
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError:
+        return
+    for entry in entries:
+        if not (entry == prefix or entry.startswith(prefix + "-")) or root / entry == current:
+            continue
+        try:
+            descriptor = _open_owned_folder(None, root / entry)
+        except NotOwnedError:
+            continue
+        try:
+            yield descriptor, root / entry
+        finally:
+            os.close(descriptor)
 
 
 def _unusable(root: Path, error: OSError) -> ConfigError:

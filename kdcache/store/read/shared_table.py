@@ -22,7 +22,8 @@ Coordination uses ``flock`` only, which the kernel drops when a process dies:
   can take it exclusively, nobody else maps the table, and it deletes the table's files.
 
 A job killed with SIGKILL leaves its table behind: the next job on the same store checks and
-reuses it, and every process that opens a table first removes the tables nobody maps any more.
+reuses it, and every process that opens a table first removes the tables nobody maps any more,
+in all of this user's private folders.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from kdcache.store.read.private_folder import (
     create_owned_file,
     open_owned_file,
     open_private_folder,
+    other_private_folders,
 )
 
 HEADER_FORMAT = "kdcache-shared-table-1"
@@ -138,6 +140,8 @@ class SharedTable:
         private, folder = open_private_folder()
         try:
             _remove_abandoned(private, folder, keep=name)
+            for other, where in other_private_folders(folder):
+                _remove_abandoned(other, where, keep="")
             build = _lock(private, folder, f"{name}.lock", fcntl.LOCK_EX)
             try:
                 users = _lock(private, folder, f"{name}.users", fcntl.LOCK_SH)

@@ -399,6 +399,39 @@ def test_a_forged_or_wrong_table_is_rebuilt_not_used(small, shm, caplog, forgery
     present(keeper.feed._shared).close()
 
 
+def abandon(reader: StoreReader) -> None:
+    """Let go of the reader's table as a killed process would: its locks drop, its files stay."""
+    _, _, handles, _ = present(present(reader.feed._shared)._closer.detach())
+    for descriptor in handles[2:4]:  # the private folder and the users lock
+        os.close(descriptor)
+
+
+def test_tables_abandoned_in_another_private_folder_are_removed(small, shm):
+    path, expected = small
+    shm.mkdir()
+    other = Path(tempfile.mkdtemp(prefix=f"kdcache-{os.geteuid()}-", dir=shm))
+    os.environ[PRIVATE_ENV] = str(other)  # as a job that found its folder planted
+    left = open_store(path)
+    left.feed.load(shared=True)
+    abandon(left)
+    in_use = open_store(path)
+    in_use.feed.load(shared=True)  # another job on it, still running
+    os.environ.pop(PRIVATE_ENV)
+    assert list(other.iterdir())
+    reader = open_store(path)
+    np.testing.assert_array_equal(shared_rows(reader), expected)
+    assert list(other.iterdir())  # mapped by the running job
+    present(in_use.feed._shared).close()
+    assert not list(other.iterdir())
+    left = open_store(path)
+    os.environ[PRIVATE_ENV] = str(other)
+    left.feed.load(shared=True)
+    abandon(left)
+    os.environ.pop(PRIVATE_ENV)
+    open_store(path).feed.load(shared=True)
+    assert not list(other.iterdir())  # removed by the next job that opens a table
+
+
 KILLED = """
 import os, signal, sys
 from kdcache.store.read.reader import open_store
