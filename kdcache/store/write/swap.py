@@ -14,6 +14,7 @@ file someone put inside it makes ``--overwrite`` refuse rather than destroy it.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -75,6 +76,8 @@ def swap_in(staging: Path, target: Path, where: str) -> None:
     try:
         if not _exchange(staging, target):
             aside = target.with_name(target.name + ".replaced")
+            if os.path.lexists(aside):  # rename would replace an empty folder there silently
+                raise FileExistsError(errno.EEXIST, f"{aside} is in the way")
             os.rename(target, aside)
             os.rename(staging, target)
             staging = aside
