@@ -82,3 +82,28 @@ def test_temporary_folders_are_created_exclusively_and_links_are_refused(tmp_pat
             own_folder_exists(tmp_path / name, purpose="a folder")
         with pytest.raises(PathInTheWayError, match=found):
             create_folder(tmp_path / name, purpose="a folder")
+
+
+def test_every_atomic_write_of_a_run_refuses_a_link_planted_at_its_temporary(tmp_path):
+    from kdcache.plots.figures import new_figure, save_figure
+    from kdcache.run_folder import atomic_torch_save, prepare_output_dir
+    from kdcache.train.sweep import write_results_csv
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("secret")
+    run = tmp_path / "run"
+    run.mkdir()
+    writes = {
+        ".kdcache-write-test": lambda: prepare_output_dir(run, overwrite=False),
+        "last.pt.tmp": lambda: atomic_torch_save({"step": 1}, run / "last.pt"),
+        "loss.png.tmp": lambda: save_figure(new_figure(width=2, height=2), run / "loss.png"),
+        "results.csv.tmp": lambda: write_results_csv([], run / "results.csv"),
+    }
+    for temporary, write in writes.items():
+        (run / temporary).symlink_to(victim)
+        with pytest.raises(PathInTheWayError, match=f"{temporary}, .* is a symbolic link"):
+            write()
+        (run / temporary).unlink()
+        write()  # with the link gone, the same write succeeds
+    assert victim.read_text() == "secret"
+    assert sorted(path.name for path in run.iterdir()) == ["last.pt", "loss.png", "results.csv"]
