@@ -126,7 +126,11 @@ class StoreWriter:
         self, indices: Sequence[int] | np.ndarray | torch.Tensor, logits: np.ndarray | torch.Tensor
     ) -> None:
         """Store raw logits ``(B, C)`` for the rows ``(B,)``: sample indices, or
-        ``sample * views + view`` in a store with views."""
+        ``sample * views + view`` in a store with views.
+
+        Refuses (:class:`InvalidLogitsError`, nothing stored) indices that are not integers in
+        range, rows that are not finite, and rows the encoding cannot hold (e.g. beyond
+        float16's 65504), which a reader would refuse as damage."""
         if isinstance(logits, torch.Tensor):
             logits = logits.detach().to("cpu", torch.float32).numpy()
         rows = _checked_rows(indices, self.metadata.num_rows)
@@ -345,13 +349,12 @@ def create_store(
 
     ``resume=True`` continues an incomplete store made with the same parameters (or an
     interrupted replacement); ``overwrite=True`` replaces an existing kdcache store: a local
-    one
-    only once the new one is complete (kdcache.store.write.swap). Anything else already at ``path``
-    is
-    never touched. ``extra`` is recorded as the metadata's ``extra`` (a sequence store keeps its
-    layout there). The writer holds the store's single-writer lock (kdcache.store.write.locking)
-    until
-    ``finalize`` or ``close``. ``fsync=False`` skips making each chunk durable before its flag
+    one only once the new one is complete (and verifies, if ``finalize`` is given ``verify``;
+    kdcache.store.write.swap). Anything else already at ``path`` is never touched. ``labels``
+    must be integer classes in ``[0, num_classes)``. ``extra`` is recorded as the metadata's
+    ``extra`` (a sequence store keeps its layout there). The writer holds the store's
+    single-writer lock (kdcache.store.write.locking) until ``finalize`` or ``close``.
+    ``fsync=False`` skips making each chunk durable before its flag
     (kdcache.store.write.durability).
     """
     location = parse_location(path).resolved()
