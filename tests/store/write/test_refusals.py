@@ -186,3 +186,27 @@ def test_any_logits_are_refused_or_read_back_within_the_encodings_error(encoding
             else:
                 allowed = np.abs(wide) * (2**-11 if encoding == "float16" else 0.0) + 6e-8
         assert np.all(np.abs(got - expected) <= allowed), (got, expected)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    indices=arrays(
+        st.sampled_from([np.int64, np.uint64, np.int8, np.float64, np.float16, np.bool_]),
+        st.integers(1, 3),
+    )
+)
+def test_any_row_indices_are_refused_or_name_exactly_the_rows_written(indices):
+    with tempfile.TemporaryDirectory() as folder:
+        writer = create_store(Path(folder) / "s.zarr", num_samples=4, num_classes=2, chunk_rows=1)
+        refused: str | None = None
+        try:
+            writer.write(indices, np.ones((len(indices), 2)))
+        except KdcacheError as error:
+            refused = str(error)
+        writer.close()
+        if refused is not None:
+            assert "\n" not in refused
+            return
+        assert indices.dtype.kind in "iu"
+        written = set(range(4)) - set(writer.pending_indices().tolist())
+        assert written == {int(index) for index in indices}
