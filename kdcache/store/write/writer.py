@@ -196,8 +196,8 @@ class StoreWriter:
         bad = ~np.isfinite(block).all(axis=1)
         if bad.any():
             raise InvalidLogitsError(
-                f"teacher logits are NaN or Inf (or beyond float32's range) for samples "
-                f"{row_ranges(np.sort(rows[bad]))}; check the teacher's weights and inputs"
+                f"teacher logits are NaN or Inf for samples {row_ranges(np.sort(rows[bad]))}; "
+                "check the teacher's weights and inputs (values beyond float32's range are Inf)"
             )
 
     def _check_encoded(
