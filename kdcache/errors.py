@@ -67,3 +67,7 @@ class InvalidLogitsError(KdcacheError, ValueError):
 
 class StoreWriteError(StoreError, OSError):
     """The store cannot be written (unwritable path, full disk); a dump stays resumable."""
+
+
+class PathInTheWayError(KdcacheError, FileExistsError):
+    """Something kdcache did not create sits where it would put a temporary file or folder."""

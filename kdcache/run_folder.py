@@ -10,6 +10,7 @@ import torch
 
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.store.format.location import refuse_inside_store
+from kdcache.temporaries import TemporaryFile
 
 
 def prepare_output_dir(
@@ -28,9 +29,11 @@ def prepare_output_dir(
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".kdcache-write-test"
-        probe.write_text("")
-        probe.unlink()
+        TemporaryFile.create(
+            out / ".kdcache-write-test", purpose="a probe that the folder is writable"
+        ).discard()
+    except KdcacheError:
+        raise
     except OSError as error:
         raise KdcacheError(
             f"cannot write to output folder {out}: {error.strerror}; choose a writable --out"
@@ -40,6 +43,8 @@ def prepare_output_dir(
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Save so that ``path`` is always either the old file or the complete new one."""
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
+    with TemporaryFile.create(
+        path.with_name(path.name + ".tmp"), purpose=f"{path.name} being saved"
+    ) as temporary:
+        torch.save(obj, temporary.stream)
+        temporary.publish(path)

@@ -95,3 +95,13 @@ class _Recording(_Wrapped):
 def recording(*, num_classes: int, in_channels: int) -> nn.Module:
     """An ``mlp:16`` student that records which samples it trains on (see _Recording)."""
     return _Recording(build_model("mlp:16", num_classes=num_classes, in_channels=in_channels))
+
+
+class _Loud(_Wrapped):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * 1e6
+
+
+def loud(*, num_classes: int, in_channels: int) -> nn.Module:
+    """``seeded`` with its logits times 1e6: beyond float16's largest value (65504)."""
+    return _Loud(_seeded(num_classes, in_channels))

@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "kdcache.wording": 0,
     "kdcache.progress": 0,
     "kdcache.logits": 1,
+    "kdcache.temporaries": 1,
     "kdcache.store.format": 2,
     "kdcache.store.read": 3,
     "kdcache.store.write": 3,

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from kdcache.distributed import RankSession
 from kdcache.store.ranks.joining import join_writer
+from kdcache.store.tools.verify import verify_store
 from kdcache.store.write.writer import StoreWriter
 
 
@@ -28,10 +30,10 @@ def finalize_ranks(session: RankSession, writer: StoreWriter) -> None:
     """Once every rank has written its chunks, rank 0 finalizes the store; others let go.
 
     Rank 0 keeps its writer lock alive while it waits, and records the fidelity measured over
-    all ranks' rows.
+    all ranks' rows. A replacement (``--overwrite``) is swapped in only once it verifies.
     """
     if not session.is_distributed:
-        writer.finalize()
+        writer.finalize(verify=verify_replacement)
         return
     session.barrier(while_waiting=writer.keep_lock if session.is_main else None)
     # Every measured row's KL (at most ~65k rows in all): the recorded fidelity is then the
@@ -43,4 +45,9 @@ def finalize_ranks(session: RankSession, writer: StoreWriter) -> None:
                 writer.fidelity.add_parts(other)
     else:
         writer.close()
-    session.on_main(writer.finalize)
+    session.on_main(lambda: writer.finalize(verify=verify_replacement))
+
+
+def verify_replacement(folder: Path) -> None:
+    """Everything ``kdcache verify`` checks, on a complete replacement before its swap."""
+    verify_store(folder).raise_if_bad()

@@ -24,6 +24,7 @@ from torch import nn
 
 from kdcache.errors import CheckpointError, SpecError
 from kdcache.lm._hf import require_transformers
+from kdcache.temporaries import create_folder, own_folder_exists
 
 LM_SPEC_FORMS = "hf:PATH (a save_pretrained folder) or package.module:function"
 
@@ -152,7 +153,10 @@ def save_causal_lm(lm: CausalLM, folder: Path) -> None:
     Written into ``folder.tmp`` first, so ``folder`` is never a half-written checkpoint.
     """
     temporary = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
+    purpose = f"the checkpoint {folder.name} being saved"
+    if own_folder_exists(temporary, purpose=purpose):
+        shutil.rmtree(temporary)  # a killed save's leftover; a link there is refused, not followed
+    create_folder(temporary, purpose=purpose)
     save = getattr(lm.model, "save_pretrained", None)
     if not callable(save):
         raise CheckpointError(

@@ -48,6 +48,16 @@ class Encoding(ABC):
         the temperature the logits will be softened with (those require it); the others ignore it.
         """
 
+    def unrepresentable_rows(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
+        """Rows ``(B,)`` of an :meth:`encode` result that do not hold their logits: a value that
+        overflowed a floating array (float16 holds magnitudes up to 65504). A reader refuses
+        such rows as damage, so a writer must refuse them instead of storing them."""
+        bad = np.zeros(len(next(iter(encoded.values()))), dtype=bool)
+        for values in encoded.values():
+            if np.issubdtype(values.dtype, np.floating):
+                bad |= ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        return bad
+
     def teacher(self, arrays: dict[str, np.ndarray]) -> TeacherInput:
         """The rows in the form the losses take, correct at any temperature they soften at:
         :class:`~kdcache.logits.sparse.SparseLogits` for a sparse encoding, else dense (B, C)."""
@@ -134,6 +144,12 @@ class Int8Encoding(Encoding):
             "offset": low.astype(np.float32),
             "scale": scale.astype(np.float32),
         }
+
+    def unrepresentable_rows(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
+        # The largest decoded value, offset + 255 * scale, must stay a float32 too.
+        top = encoded["offset"].astype(np.float64) + 255.0 * encoded["scale"].astype(np.float64)
+        too_wide = ~(np.abs(top) <= np.finfo(np.float32).max)
+        return super().unrepresentable_rows(encoded) | too_wide
 
     def decode(
         self, arrays: dict[str, np.ndarray], *, temperature: float | None = None

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.errors import ConfigError, KdcacheError
+from kdcache.temporaries import TemporaryFile
 from kdcache.wording import counted
 
 if TYPE_CHECKING:
@@ -61,11 +62,15 @@ def save_figure(figure: Figure, path: str | os.PathLike[str]) -> Path:
             f"cannot tell the figure format of {os.fspath(path)!r}; end the file name with "
             + ", ".join(f".{f}" for f in FIGURE_FORMATS)
         )
-    temporary = target.with_name(target.name + ".tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(temporary, format=fmt, dpi=100)
-        os.replace(temporary, target)
+        with TemporaryFile.create(
+            target.with_name(target.name + ".tmp"), purpose=f"the figure {target.name}"
+        ) as temporary:
+            figure.savefig(temporary.stream, format=fmt, dpi=100)
+            temporary.publish(target)
+    except KdcacheError:
+        raise
     except OSError as error:
         raise KdcacheError(
             f"cannot write figure {target}: {error.strerror}; choose a writable path"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from kdcache.store.format.location import refuse_inside_store
 from kdcache.store.read.private_folder import private_folder
 from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.store.tools.report import teacher_statistics
+from kdcache.temporaries import TemporaryFile
 from kdcache.train.loop import RunResult, distill, modality
 from kdcache.train.parallel import run_concurrently
 from kdcache.train.preflight import check_model, store_dataset
@@ -192,9 +194,12 @@ def _difference(
 
 
 def _save_result(result: RunResult, folder: Path) -> None:
-    temporary = folder / (RUN_RESULT + ".tmp")
-    temporary.write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
-    os.replace(temporary, folder / RUN_RESULT)  # written last: its presence marks the run finished
+    text = json.dumps(dataclasses.asdict(result), indent=2) + "\n"
+    with TemporaryFile.create(
+        folder / (RUN_RESULT + ".tmp"), purpose=f"{RUN_RESULT} being saved"
+    ) as temporary:
+        temporary.stream.write(text.encode())
+        temporary.publish(folder / RUN_RESULT)  # written last: its presence marks the run finished
 
 
 def _row(config: DistillConfig, result: RunResult) -> dict[str, Any]:
@@ -215,12 +220,15 @@ def _row(config: DistillConfig, result: RunResult) -> dict[str, Any]:
 
 def write_results_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Write the per-run rows atomically, in :data:`CSV_COLUMNS` order."""
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    with TemporaryFile.create(
+        path.with_name(path.name + ".tmp"), purpose=f"{path.name} being saved"
+    ) as temporary:
+        temporary.stream.write(text.getvalue().encode())
+        temporary.publish(path)
 
 
 def _run_and_save(run: DistillConfig, reader: StoreReader | None = None) -> RunResult:

@@ -247,6 +247,43 @@ def test_a_teacher_of_the_wrong_width_stops_the_dump(tmp_path):
     )
 
 
+def test_a_teacher_beyond_float16_stops_the_dump_in_one_line_and_keeps_the_old_store(tmp_path):
+    out = tmp_path / "t.zarr"
+    dump_teacher(
+        DumpConfig(
+            teacher="teachers:seeded",
+            dataset="fake:40:8:10",
+            encoding="float16",
+            out=str(out),
+            device="cpu",
+        )
+    )
+    before = store_contents(out)
+    result = run_cli(
+        "dump-teacher",
+        *("--dataset", "fake:40:8:10", "--encoding", "float16", "--device", "cpu"),
+        *("--teacher", "teachers:loud", "--out", str(out), "--overwrite"),
+        check=False,
+    )
+    assert_one_line_error(result, "overflow the encoding float16", "--encoding float32")
+    for name, values in store_contents(out).items():
+        np.testing.assert_array_equal(values, before[name], err_msg=name)
+    assert verify_store(out).ok
+    fresh = tmp_path / "fresh.zarr"
+    with pytest.raises(InvalidLogitsError, match="overflow the encoding float16"):
+        dump_teacher(
+            DumpConfig(
+                teacher="teachers:loud",
+                dataset="fake:40:8:10",
+                encoding="float16",
+                out=str(fresh),
+                device="cpu",
+            )
+        )
+    with pytest.raises(StoreIncompleteError):
+        open_store(fresh)  # never finalized with rows its readers would refuse
+
+
 def test_a_dump_with_several_writer_threads_equals_one_with_one(tmp_path, reference_store):
     result = dump_teacher(dump_config(tmp_path / "t.zarr", writer_workers=3))
     assert_same_store(tmp_path / "t.zarr", reference_store)

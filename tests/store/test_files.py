@@ -13,6 +13,7 @@ from kdcache import create_store, open_store
 from kdcache.errors import (
     ConfigError,
     InvalidLogitsError,
+    PathInTheWayError,
     StoreExistsError,
     StoreFormatError,
     StoreLockedError,
@@ -115,3 +116,76 @@ def test_overwrite_refuses_to_delete_what_is_not_part_of_the_store(tmp_path):
     with pytest.raises(StoreExistsError, match=r"run/best.pt"):
         small_store(store, overwrite=True)
     assert (store / "run" / "best.pt").read_bytes() == b"weights"
+
+
+def test_a_link_planted_at_the_pack_temporary_never_redirects_the_zip(tmp_path):
+    store = tmp_path / "s.zarr"
+    small_store(store)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("secret")
+    (tmp_path / "s.zip.partial").symlink_to(victim)
+    with pytest.raises(PathInTheWayError, match=r"s.zip.partial, .* is a symbolic link"):
+        pack_store(store, tmp_path / "s.zip")
+    assert victim.read_text() == "secret"
+    assert not (tmp_path / "s.zip").exists()
+    (tmp_path / "s.zip.partial").unlink()
+    (tmp_path / "s.zip.partial").write_bytes(b"left by a killed pack")
+    pack_store(store, tmp_path / "s.zip")  # our own leftover is recognised and replaced
+    assert not (tmp_path / "s.zip.partial").exists()
+    assert dense(open_store(tmp_path / "s.zip").read([5])).tolist() == [[1.0, 1.0, 1.0]]
+
+
+def test_a_link_at_the_staging_folder_never_makes_resume_write_into_another_store(tmp_path):
+    store, other = tmp_path / "s.zarr", tmp_path / "other.zarr"
+    small_store(store, 1.0)
+    unfinished = create_store(other, num_samples=6, num_classes=3, chunk_rows=2, encoding="float32")
+    unfinished.write(np.arange(2), np.full((2, 3), 5.0))
+    unfinished.close()
+    (tmp_path / "s.zarr.incoming").symlink_to(other)
+    for options in ({"resume": True}, {"overwrite": True}):
+        with pytest.raises(PathInTheWayError, match=r"s.zarr.incoming, .* is a symbolic link"):
+            small_store(store, 2.0, **options)
+    assert (tmp_path / "s.zarr.incoming").is_symlink()
+    assert store.is_dir()
+    assert not store.is_symlink()
+    assert dense(open_store(store).read([0])).tolist() == [[1.0, 1.0, 1.0]]
+    reopened = create_store(
+        other, num_samples=6, num_classes=3, chunk_rows=2, encoding="float32", resume=True
+    )
+    assert reopened.pending_indices().tolist() == [2, 3, 4, 5]  # the other store is untouched
+    reopened.close()
+
+
+def test_what_is_in_the_way_of_a_replacement_is_refused_in_one_line_and_kept(tmp_path):
+    store, staging = tmp_path / "s.zarr", tmp_path / "s.zarr.incoming"
+    small_store(store, 1.0)
+    staging.write_text("a file")
+    with pytest.raises(PathInTheWayError, match="is a file"):
+        small_store(store, 2.0, overwrite=True)
+    staging.unlink()
+    staging.mkdir()
+    (staging / "notes.txt").write_text("mine")
+    with pytest.raises(StoreExistsError, match="is not a kdcache store") as error:
+        small_store(store, 2.0, overwrite=True)
+    assert "\n" not in str(error.value)
+    assert (staging / "notes.txt").read_text() == "mine"
+    (staging / "notes.txt").unlink()
+    staging.rmdir()
+    small_store(staging, 3.0)  # a complete store of its own at that name
+    with pytest.raises(StoreExistsError, match="holds a complete kdcache store"):
+        small_store(store, 2.0, overwrite=True)
+    assert dense(open_store(staging).read([0])).tolist() == [[3.0, 3.0, 3.0]]
+    assert dense(open_store(store).read([0])).tolist() == [[1.0, 1.0, 1.0]]
+
+
+def test_an_interrupted_replacement_is_cleared_by_the_next_overwrite(tmp_path):
+    store = tmp_path / "s.zarr"
+    small_store(store, 1.0)
+    writer = create_store(
+        store, num_samples=6, num_classes=3, chunk_rows=2, encoding="float32", overwrite=True
+    )
+    writer.write(np.arange(2), np.full((2, 3), 2.0))
+    writer.close()
+    small_store(store, 3.0, overwrite=True)
+    assert dense(open_store(store).read([0, 5])).tolist() == [[3.0] * 3, [3.0] * 3]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["s.zarr"]

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import os
 import stat
+import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
-from kdcache.errors import ConfigError, StoreExistsError, StoreFormatError, StoreWriteError
+from kdcache.errors import (
+    ConfigError,
+    KdcacheError,
+    StoreExistsError,
+    StoreFormatError,
+    StoreWriteError,
+)
 from kdcache.store.format._zarr_compat import buffer_prototype, run_sync
 from kdcache.store.format.digests import DIGESTS_ARRAY
 from kdcache.store.format.layout import (
@@ -21,6 +30,7 @@ from kdcache.store.format.layout import (
 )
 from kdcache.store.format.location import parse_location, refuse_inside_store, zarr_store
 from kdcache.store.read.reader import open_store
+from kdcache.temporaries import TemporaryFile
 
 
 @dataclass(frozen=True)
@@ -42,10 +52,8 @@ def pack_store(
     symbolic link anywhere on a key's path is refused, so that a link to a private file never
     ends up in the zip. Chunks are stored uncompressed in the zip (they are already
     zstd-compressed), so readers can seek straight to them. The zip is written to a temporary
-    name and renamed when complete.
+    name (``OUT.partial``, created exclusively: kdcache.temporaries) and renamed when complete.
     """
-    from zarr.storage import ZipStore
-
     target = Path(out)
     if target.suffix.lower() != ".zip":
         raise ConfigError(f"pack output must end in .zip, got {os.fspath(out)!r}; e.g. teacher.zip")
@@ -68,32 +76,42 @@ def pack_store(
     keys = own_keys(reader.group, names)
     if location.folder is not None:
         keys = [key for key in keys if _regular_file(location.folder, key, location.text)]
-    temporary = target.with_name(target.name + ".partial")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        source_store = zarr_store(location, read_only=True)
-        packed = ZipStore(temporary, mode="w")
-
-        async def copy() -> int:
-            count = 0
-            for key in keys:
-                value = await source_store.get(key, prototype=buffer_prototype())
-                if value is not None:  # chunks never written (fill values) are absent
-                    await packed.set(key, value)
-                    count += 1
-            return count
-
-        count = run_sync(copy())
-        packed.close()
-        os.replace(temporary, target)
+        with TemporaryFile.create(
+            target.with_name(target.name + ".partial"), purpose=f"the zip being packed for {target}"
+        ) as temporary:
+            count = _write_zip(zarr_store(location, read_only=True), keys, temporary.stream)
+            temporary.publish(target)
+    except KdcacheError:
+        raise
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         raise StoreWriteError(
             f"cannot write {target}: {error.strerror or error}; choose a writable path "
             "with free space"
         ) from None
     open_store(target)  # the zip must open as a store before we call it done
     return PackResult(out=os.fspath(target), num_objects=count, nbytes=target.stat().st_size)
+
+
+def _write_zip(source: Any, keys: list[str], stream: BinaryIO) -> int:
+    """Copy ``keys`` of the zarr store ``source`` into a zip written to ``stream``, as zarr's
+    ``ZipStore`` lays them out (stored uncompressed); returns how many objects it holds."""
+
+    async def copy(packed: zipfile.ZipFile) -> int:
+        count = 0
+        for key in keys:
+            value = await source.get(key, prototype=buffer_prototype())
+            if value is not None:  # chunks never written (fill values) are absent
+                member = zipfile.ZipInfo(key, date_time=time.localtime()[:6])
+                member.compress_type = zipfile.ZIP_STORED
+                member.external_attr = 0o644 << 16
+                packed.writestr(member, value.to_bytes())
+                count += 1
+        return count
+
+    with zipfile.ZipFile(stream, mode="w", compression=zipfile.ZIP_STORED) as packed:
+        return run_sync(copy(packed))
 
 
 def _regular_file(root: Path, key: str, where: str) -> bool:

@@ -3,6 +3,7 @@ resumed, what a replacing dump may delete, and the arrays of a fresh store."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
-from kdcache.errors import ConfigError, StoreExistsError, StoreMismatchError
+from kdcache.errors import ConfigError, KdcacheError, StoreExistsError, StoreMismatchError
 from kdcache.logits.encodings import Encoding, parse_encoding
 from kdcache.store.format.digests import ALGORITHM, DIGEST_BYTES, DIGESTS_ARRAY
 from kdcache.store.format.layout import (
@@ -21,12 +22,14 @@ from kdcache.store.format.layout import (
     WRITTEN_ARRAY,
     own_keys,
     read_metadata,
+    row_ranges,
 )
 from kdcache.store.format.location import StoreLocation, zarr_store
 from kdcache.store.format.metadata import ATTRIBUTE_KEY, StoreMetadata
 from kdcache.store.format.pinning import array_spec
 from kdcache.store.format.schema import MAX_CLASSES, MAX_SAMPLES
 from kdcache.store.write.swap import refuse_foreign_entries, remove_store_folder
+from kdcache.temporaries import own_folder_exists
 
 #: Rows per chunk aim at about this many stored bytes: big enough that per-chunk overhead is
 #: negligible, small enough that an interrupted dump loses little and chunks decode quickly.
@@ -110,18 +113,45 @@ def known_keys(group: zarr.Group, metadata: StoreMetadata) -> set[str]:
     return set(own_keys(group, [*own, OFFSETS_ARRAY, FIRST_TOKEN_ARRAY]))
 
 
+def staging_purpose(where: str) -> str:
+    """What ``STORE.incoming`` is for, as errors about it name it."""
+    return f"the replacement being built for {where}"
+
+
+def staged_store(staging: StoreLocation) -> tuple[zarr.Group, StoreMetadata] | None:
+    """The kdcache store in the folder ``staging`` (a real folder of this user: see
+    :func:`kdcache.temporaries.own_folder_exists`), or ``None`` when it holds none."""
+    try:
+        return existing_store(staging, zarr_store(staging, read_only=False))
+    except (KdcacheError, OSError, ValueError):
+        return None
+
+
 def clear_staging(staging: StoreLocation, where: str) -> None:
-    """Remove what an earlier, interrupted replacement left (only if it is a kdcache store)."""
-    if staging.is_empty():
+    """Remove what an earlier, interrupted replacement left at ``staging``: an unfinished
+    kdcache store holding only its own files. Anything else there is refused, never deleted: a
+    link, a file, another user's folder, a folder that is no kdcache store, a complete store.
+    The caller holds the writer lock of the store at ``where``."""
+    root = Path(staging.target)
+    if not own_folder_exists(root, purpose=staging_purpose(where)):
         return
-    existing = existing_store(staging, zarr_store(staging, read_only=True))
+    if not any(root.iterdir()):
+        root.rmdir()
+        return
+    existing = staged_store(staging)
     if existing is None:
         raise StoreExistsError(
-            f"{staging.target} exists and is not a kdcache store, so --overwrite of {where} cannot "
+            f"{root} exists and is not a kdcache store, so --overwrite of {where} cannot "
             "build its replacement there; move it away and run again"
         )
-    refuse_foreign_entries(Path(staging.target), known_keys(*existing), staging.text)
-    remove_store_folder(Path(staging.target))
+    if existing[1].complete:
+        raise StoreExistsError(
+            f"{root} holds a complete kdcache store (another store, or the old one left by an "
+            f"interrupted --overwrite of {where}), which kdcache never deletes; check it, then "
+            "move it away or remove it and run again"
+        )
+    refuse_foreign_entries(root, known_keys(*existing), staging.text)
+    remove_store_folder(root)
 
 
 def existing_store(location: StoreLocation, store: Any) -> tuple[zarr.Group, StoreMetadata] | None:
@@ -262,6 +292,30 @@ def create_arrays(
         compressors=[Crc32cCodec()],
     )
     return group, metadata
+
+
+def checked_labels(
+    labels: np.ndarray | Sequence[int] | None, num_samples: int, num_classes: int
+) -> np.ndarray | None:
+    """``labels`` as int64 ``(num_samples,)``, refusing what a reader would refuse: anything but
+    integer class indices in ``[0, num_classes)``."""
+    if labels is None:
+        return None
+    values = np.asarray(labels).reshape(-1)
+    if values.size != num_samples:
+        raise ConfigError(f"expected {num_samples} labels, got {values.size}")
+    if values.dtype.kind not in "iu":
+        raise ConfigError(
+            f"labels must be integer class indices, got {values.dtype} values such as "
+            f"{values[:3].tolist()}; pass an integer array"
+        )
+    bad = np.flatnonzero((values < 0) | (values >= num_classes))
+    if bad.size:
+        raise ConfigError(
+            f"labels must lie in [0, {num_classes}) (the store's classes), got {values[bad[0]]} "
+            f"for samples {row_ranges(bad)}; pass labels=None for unlabeled data, or fix them"
+        )
+    return values.astype(np.int64)
 
 
 def checked_view_params(

@@ -1,11 +1,13 @@
 """``--overwrite`` without a moment of having no store: build beside, swap in when complete.
 
 A replacing dump writes into ``STORE.incoming`` next to the old store, under the old store's
-writer lock, and only :meth:`kdcache.store.write.writer.StoreWriter.finalize` swaps it in: one
-atomic
-``renameat2(RENAME_EXCHANGE)`` on Linux (two renames elsewhere), then the old store is deleted.
-Until then the old store is untouched and readable, so a teacher that fails (NaN logits, a full
-disk, Ctrl-C) leaves it as it was; ``--resume`` continues the interrupted replacement.
+writer lock, and only :meth:`kdcache.store.write.writer.StoreWriter.finalize` swaps it in, once
+the replacement is complete and verifies: one atomic ``renameat2(RENAME_EXCHANGE)`` on Linux (two
+renames elsewhere), then the old store is deleted. Until then the old store is untouched and
+readable, so a teacher that fails (NaN logits, a full disk, Ctrl-C) leaves it as it was;
+``--resume`` continues the interrupted replacement. ``STORE.incoming`` is a folder the writer
+creates itself (kdcache.temporaries): a link there is refused, never followed, and only an
+unfinished replacement holding nothing but its own files is taken for a leftover of ours.
 
 The old store is deleted only when it holds nothing but its own arrays and metadata: a folder or
 file someone put inside it makes ``--overwrite`` refuse rather than destroy it.
@@ -14,6 +16,7 @@ file someone put inside it makes ``--overwrite`` refuse rather than destroy it.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -75,6 +78,8 @@ def swap_in(staging: Path, target: Path, where: str) -> None:
     try:
         if not _exchange(staging, target):
             aside = target.with_name(target.name + ".replaced")
+            if os.path.lexists(aside):  # rename would replace an empty folder there silently
+                raise FileExistsError(errno.EEXIST, f"{aside} is in the way")
             os.rename(target, aside)
             os.rename(staging, target)
             staging = aside

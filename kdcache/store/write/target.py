@@ -29,8 +29,11 @@ from kdcache.store.write.creation import (
     create_arrays,
     existing_store,
     known_keys,
+    staged_store,
+    staging_purpose,
 )
 from kdcache.store.write.swap import refuse_foreign_entries, staging_location
+from kdcache.temporaries import create_folder, own_folder_exists
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ def open_for_writing(
     refuse_foreign_entries(root, known_keys(group, old), where)
     staging = staging_location(location)
     clear_staging(staging, where)
+    create_folder(staging.target, purpose=staging_purpose(where))
     return _new_store(
         zarr_store(staging, read_only=False),
         metadata,
@@ -111,9 +115,9 @@ def _resume_replacement(
 ) -> WriteTarget | None:
     """The staging store of an interrupted ``--overwrite`` of ``location``, if one waits."""
     staging = staging_location(location)
-    if staging.is_empty():
+    if not own_folder_exists(staging.target, purpose=staging_purpose(where)):
         return None
-    existing = existing_store(staging, zarr_store(staging, read_only=False))
+    existing = staged_store(staging)
     if existing is None or existing[1].complete or not has_array(existing[0], WRITTEN_ARRAY):
         return None
     group, old = existing

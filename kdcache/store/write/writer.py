@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from kdcache.errors import (
     ConfigError,
     InvalidLogitsError,
     KdcacheError,
+    StoreCorruptError,
     StoreIncompleteError,
     StoreWriteError,
 )
@@ -46,12 +47,13 @@ from kdcache.store.format.metadata import (
     StoreMetadata,
 )
 from kdcache.store.write.creation import (
+    checked_labels,
     checked_sizes,
     checked_view_params,
 )
 from kdcache.store.write.durability import ChunkSync
 from kdcache.store.write.locking import WriterLock, acquire_writer_lock
-from kdcache.store.write.swap import swap_in
+from kdcache.store.write.swap import remove_store_folder, swap_in
 from kdcache.store.write.target import open_for_writing
 
 
@@ -124,15 +126,20 @@ class StoreWriter:
         self, indices: Sequence[int] | np.ndarray | torch.Tensor, logits: np.ndarray | torch.Tensor
     ) -> None:
         """Store raw logits ``(B, C)`` for the rows ``(B,)``: sample indices, or
-        ``sample * views + view`` in a store with views."""
+        ``sample * views + view`` in a store with views.
+
+        Refuses (:class:`InvalidLogitsError`, nothing stored) indices that are not integers in
+        range, rows that are not finite, and rows the encoding cannot hold (e.g. beyond
+        float16's 65504), which a reader would refuse as damage."""
         if isinstance(logits, torch.Tensor):
             logits = logits.detach().to("cpu", torch.float32).numpy()
-        if isinstance(indices, torch.Tensor):
-            indices = indices.cpu().numpy()
-        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
-        block = np.asarray(logits, dtype=np.float32)
-        self._check_block(rows, block)
-        encoded = self.encoding.encode(block)
+        rows = _checked_rows(indices, self.metadata.num_rows)
+        # Overflow (to float32, then in the encoding) is refused by the checks, not warned about.
+        with np.errstate(over="ignore", invalid="ignore"):
+            block = np.asarray(logits, dtype=np.float32)
+            self._check_block(rows, block)
+            encoded = self.encoding.encode(block)
+        self._check_encoded(rows, block, encoded)
         chunk_of_row = rows // self.metadata.chunk_rows
         with self._mutex:
             new_rows = ~self._written[chunk_of_row]
@@ -186,16 +193,27 @@ class StoreWriter:
                 f"{row_ranges(np.unique(rows))}, got {tuple(block.shape)}; the teacher's output "
                 f"width must equal the store's {num_classes} classes"
             )
-        if rows.size and (rows.min() < 0 or rows.max() >= self.metadata.num_rows):
-            raise InvalidLogitsError(
-                f"row indices must lie in [0, {self.metadata.num_rows}), "
-                f"got values from {rows.min()} to {rows.max()}"
-            )
         bad = ~np.isfinite(block).all(axis=1)
         if bad.any():
             raise InvalidLogitsError(
                 f"teacher logits are NaN or Inf for samples {row_ranges(np.sort(rows[bad]))}; "
-                "check the teacher's weights and inputs"
+                "check the teacher's weights and inputs (values beyond float32's range are Inf)"
+            )
+
+    def _check_encoded(
+        self, rows: np.ndarray, block: np.ndarray, encoded: dict[str, np.ndarray]
+    ) -> None:
+        """Refuse rows the encoding could not hold: a reader would refuse them as damage."""
+        bad = self.encoding.unrepresentable_rows(encoded)
+        if bad.any():
+            overflowing = block[bad].astype(np.float64)
+            largest = np.abs(overflowing).max()
+            spread = (overflowing.max(axis=1) - overflowing.min(axis=1)).max()
+            raise InvalidLogitsError(
+                f"teacher logits for samples {row_ranges(np.sort(rows[bad]))} overflow the "
+                f"encoding {self.encoding.name} (largest magnitude {largest:.6g}, widest row "
+                f"spread {spread:.6g}); dump with --encoding float32, or check the teacher's "
+                "output scale"
             )
 
     def _flush(self, chunk: int, buffers: dict[str, np.ndarray]) -> None:
@@ -226,9 +244,14 @@ class StoreWriter:
             if self._lock is not None:
                 self._lock.refresh()
 
-    def finalize(self) -> StoreMetadata:
+    def finalize(self, *, verify: Callable[[Path], None] | None = None) -> StoreMetadata:
         """Mark the store complete (and swap a replacement into place); refuses while any row
-        is missing."""
+        is missing.
+
+        ``verify(folder)`` checks a complete replacement (``overwrite=True``) before it is
+        swapped in, e.g. ``lambda folder: verify_store(folder).raise_if_bad()``: if it raises,
+        the replacement is deleted, the old store stays as it was and the error names both.
+        """
         # The flags in the store are the truth: other ranks of a torchrun job wrote chunks too.
         self._written = np.asarray(self._written_array[:], dtype=bool)
         missing = self.pending_indices()
@@ -246,10 +269,24 @@ class StoreWriter:
             self._sync.metadata()
         if self._replaces is not None:
             staging, target = self._replaces
+            if verify is not None:
+                self._verify_replacement(staging, verify)
             swap_in(staging, target, self._where)  # still under the lock: no writer meets a gap
             self._replaces = None
         self.close()
         return self.metadata
+
+    def _verify_replacement(self, staging: Path, verify: Callable[[Path], None]) -> None:
+        try:
+            verify(staging)
+        except KdcacheError as error:
+            self._replaces = None
+            remove_store_folder(staging)  # ours, built under the lock we still hold
+            self.close()
+            raise StoreCorruptError(
+                f"{self._where} was not replaced: its new store failed verification, so it was "
+                f"deleted and the old store kept as it was ({error})"
+            ) from None
 
     def close(self) -> None:
         """Release the writer lock; an unfinished store stays resumable (idempotent)."""
@@ -262,6 +299,27 @@ class StoreWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _checked_rows(indices: Sequence[int] | np.ndarray | torch.Tensor, num_rows: int) -> np.ndarray:
+    """``indices`` as int64 rows, refusing anything but integers in ``[0, num_rows)``: a float
+    index would otherwise be truncated into another sample's row."""
+    if isinstance(indices, torch.Tensor):
+        indices = indices.cpu().numpy()
+    values = np.asarray(indices).reshape(-1)
+    if not values.size:
+        return values.astype(np.int64)
+    if values.dtype.kind not in "iu":
+        raise InvalidLogitsError(
+            f"row indices must be integers, got {values.dtype} values such as "
+            f"{values[:3].tolist()}; pass integer sample indices (e.g. an int64 array)"
+        )
+    low, high = values.min(), values.max()
+    if low < 0 or high >= num_rows:
+        raise InvalidLogitsError(
+            f"row indices must lie in [0, {num_rows}), got values from {low} to {high}"
+        )
+    return values.astype(np.int64)
 
 
 def create_store(
@@ -291,13 +349,12 @@ def create_store(
 
     ``resume=True`` continues an incomplete store made with the same parameters (or an
     interrupted replacement); ``overwrite=True`` replaces an existing kdcache store: a local
-    one
-    only once the new one is complete (kdcache.store.write.swap). Anything else already at ``path``
-    is
-    never touched. ``extra`` is recorded as the metadata's ``extra`` (a sequence store keeps its
-    layout there). The writer holds the store's single-writer lock (kdcache.store.write.locking)
-    until
-    ``finalize`` or ``close``. ``fsync=False`` skips making each chunk durable before its flag
+    one only once the new one is complete (and verifies, if ``finalize`` is given ``verify``;
+    kdcache.store.write.swap). Anything else already at ``path`` is never touched. ``labels``
+    must be integer classes in ``[0, num_classes)``. ``extra`` is recorded as the metadata's
+    ``extra`` (a sequence store keeps its layout there). The writer holds the store's
+    single-writer lock (kdcache.store.write.locking) until ``finalize`` or ``close``.
+    ``fsync=False`` skips making each chunk durable before its flag
     (kdcache.store.write.durability).
     """
     location = parse_location(path).resolved()
@@ -307,11 +364,7 @@ def create_store(
     params = checked_view_params(view_params, num_samples, views, augment)
     codec = parse_encoding(encoding)
     rows = checked_sizes(codec, num_samples, num_classes, chunk_rows, views=views)
-    label_values = None
-    if labels is not None:
-        label_values = np.asarray(labels, dtype=np.int64).reshape(-1)
-        if label_values.size != num_samples:
-            raise ConfigError(f"expected {num_samples} labels, got {label_values.size}")
+    label_values = checked_labels(labels, num_samples, num_classes)
     if location.folder is not None:
         refuse_inside_store(location.target, "the store path")
 

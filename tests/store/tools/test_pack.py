@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from narrowing import dense
 
 from kdcache import DistillConfig, create_store, open_store
@@ -49,3 +52,29 @@ def test_pack_refuses_unfinished_stores_and_never_clobbers(tmp_path):
     with pytest.raises(StoreExistsError, match=r"already exists.*--overwrite"):
         pack_store(tmp_path / "s.zarr", tmp_path / "taken.zip")
     assert (tmp_path / "taken.zip").read_text() == "keep me"
+
+
+def _without_permission_overrides() -> None:
+    """In the child: drop root's right to write anywhere, so a read-only folder is read-only."""
+    if os.geteuid() == 0:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+            if prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP: gone after exec
+                raise OSError(ctypes.get_errno(), "cannot drop a capability")
+
+
+def test_pack_into_a_read_only_folder_says_so_in_one_line_and_leaves_nothing(tmp_path):
+    writer = create_store(tmp_path / "s.zarr", num_samples=4, num_classes=2, chunk_rows=2)
+    writer.write([0, 1, 2, 3], np.ones((4, 2)))
+    writer.finalize()
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    result = run_cli(
+        "pack",
+        str(tmp_path / "s.zarr"),
+        str(folder / "s.zip"),
+        check=False,
+        preexec_fn=_without_permission_overrides,
+    )
+    assert_one_line_error(result, f"cannot write {folder / 's.zip'}: Permission denied")
+    assert not list(folder.iterdir())
