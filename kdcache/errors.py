@@ -67,3 +67,7 @@ class InvalidLogitsError(KdcacheError, ValueError):
 
 class StoreWriteError(StoreError, OSError):
     """The store cannot be written (unwritable path, full disk); a dump stays resumable."""
+
+
+class WorkerError(KdcacheError):
+    """A worker process of ``sweep --jobs`` could not start, died, or failed on a bug."""
