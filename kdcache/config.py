@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from kdcache.choices import AMP_DTYPES, INPUT_CHOICES, SPLITS
+from kdcache.choices import AMP_DTYPES, INPUT_CHOICES, MAX_VIEWS, SPLITS
 from kdcache.errors import ConfigError
 from kdcache.logits.loss_options import (
     DEFAULT_ALPHA,
@@ -42,7 +42,6 @@ from kdcache.options import (
     option,
     require,
 )
-from kdcache.store.format.schema import MAX_VIEWS
 
 T = TypeVar("T")
 
