@@ -404,7 +404,7 @@ class DumpConfig(SpeedOptions):
         "float16",
         help="How logits are stored: float32, float16, int8 (per-row scale/offset) or topk:K "
         "(the K largest logits plus tail statistics; any --temperature at distill time); "
-        "sampled:S (S draws per token, language models, T = 1).",
+        "sampled:S (S draws per row, distilled at --temperature 1 only).",
     )
     batch_size: int = option(
         256,
