@@ -68,6 +68,9 @@ LEARNING_RATES = Bounds(0, 1e37, real=True, above_low=True)
 EPOCHS = Bounds(1, 1_000_000)
 #: Views per sample, as many as a store holds at most.
 VIEWS = Bounds(1, MAX_VIEWS)
+#: Worker processes or threads: more than any machine's cores, far fewer than would exhaust it.
+DATA_WORKERS = Bounds(0, 1024)
+WRITER_WORKERS = Bounds(1, 1024)
 
 
 def check_views(augment: str | None, views: int | None, *, default: str) -> None:
@@ -138,10 +141,9 @@ class TrainingOptions(SpeedOptions):
     batch_size: int = option(64, bounds=BATCH_SIZES, help="Samples per optimisation step.")
     lr: float = option(1e-3, bounds=LEARNING_RATES, help="Adam learning rate.")
     device: str | None = option(None, help=DEVICE_HELP)
-    num_workers: int = option(0, help="DataLoader worker processes.")
+    num_workers: int = option(0, bounds=DATA_WORKERS, help="DataLoader worker processes.")
 
     def __post_init__(self) -> None:
-        require(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
         super().__post_init__()
 
 
@@ -411,7 +413,7 @@ class DumpConfig(SpeedOptions):
         bounds=BATCH_SIZES,
         help="Samples per teacher forward pass; --resume needs the one the dump started with.",
     )
-    num_workers: int = option(0, help="DataLoader worker processes.")
+    num_workers: int = option(0, bounds=DATA_WORKERS, help="DataLoader worker processes.")
     device: str | None = option(None, help=DEVICE_HELP)
     chunk_rows: int | None = option(
         None, help="Rows per Zarr chunk [default: about 1 MiB per chunk]."
@@ -428,6 +430,7 @@ class DumpConfig(SpeedOptions):
     augment_seed: int = option(0, bounds=SEEDS, help=f"{AUGMENT_SEED_HELP}.")
     writer_workers: int | None = option(
         None,
+        bounds=WRITER_WORKERS,
         help="Threads that encode, compress and write the logits beside the teacher "
         "[default: a quarter of the cores, 1 to 8; see `kdcache bench dump --writer-only`].",
     )
@@ -446,11 +449,6 @@ class DumpConfig(SpeedOptions):
             "written by `kdcache train` (which records its model)",
         )
         check_views(self.augment, self.views, default="or dump with --views 1")
-        require(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
-        require(
-            self.writer_workers is None or self.writer_workers >= 1,
-            f"--writer-workers must be >= 1, got {self.writer_workers}",
-        )
         require(
             self.chunk_rows is None or self.chunk_rows >= 1,
             f"--chunk-rows must be >= 1, got {self.chunk_rows}",

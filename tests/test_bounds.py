@@ -129,6 +129,8 @@ def sweep_config(**changes):
         (distill_config, {"views": 100000}, "to 65,536, got 100000"),
         (train_config, {"views": 0, "augment": "flip"}, "--views must be an integer from 1"),
         (distill_config, {"gamma": float("inf")}, "gamma must be a finite number >= 0, got inf"),
+        (sweep_config, {"num_workers": HUGE}, "--num-workers must be an integer from 0 to 1,024"),
+        (dump_config, {"writer_workers": HUGE}, "--writer-workers must be an integer from 1 to"),
     ],
 )
 def test_numbers_beyond_what_torch_and_numpy_take_are_refused_by_the_api(build, changes, message):
