@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from kdcache.choices import AMP_DTYPES, INPUT_CHOICES, SPLITS
+from kdcache.choices import AMP_DTYPES, INPUT_CHOICES, MAX_VIEWS, SPLITS
 from kdcache.errors import ConfigError
 from kdcache.logits.loss_options import (
     DEFAULT_ALPHA,
@@ -32,7 +32,16 @@ from kdcache.logits.loss_options import (
     check_alpha,
     check_temperature,
 )
-from kdcache.options import IMAGE, LM, MODALITY_NAMES, Options, option, require
+from kdcache.options import (
+    IMAGE,
+    LM,
+    MODALITY_NAMES,
+    Bounds,
+    Options,
+    check_bounds,
+    option,
+    require,
+)
 
 T = TypeVar("T")
 
@@ -49,17 +58,30 @@ VIEWS_HELP = (
     "Distinct views per sample, cycled through evenly over the epochs [default: one per epoch"
 )
 
+#: Seeds reach torch.manual_seed (at most 2^64 - 1) and numpy's generators (at least 0).
+SEEDS = Bounds(0, 2**63 - 1)
+#: Samples (a dump: views) per step; far above any memory, far below what Python's slicing takes.
+BATCH_SIZES = Bounds(1, 1 << 24)
+#: Adam's first step is 10 x lr per weight: it must stay a float32 (at most 3.4e38).
+LEARNING_RATES = Bounds(0, 1e37, real=True, above_low=True)
+#: Passes over the data: a million is already years of any real run.
+EPOCHS = Bounds(1, 1_000_000)
+#: Views per sample, as many as a store holds at most.
+VIEWS = Bounds(1, MAX_VIEWS)
+#: Worker processes or threads: more than any machine's cores, far fewer than would exhaust it.
+DATA_WORKERS = Bounds(0, 1024)
+WRITER_WORKERS = Bounds(1, 1024)
+
 
 def check_views(augment: str | None, views: int | None, *, default: str) -> None:
-    """A recipe parses; V >= 1, and V > 1 only with a recipe (identical views would be waste)."""
+    """A recipe parses; V within :data:`VIEWS`, and V > 1 only with a recipe (identical views
+    would be waste)."""
     if augment is not None:
         from kdcache.augment.recipe import parse_recipe
 
         parse_recipe(augment)  # a malformed recipe fails here, naming what is wrong
     if views is not None:
-        require(
-            isinstance(views, int) and views >= 1, f"views must be an integer >= 1, got {views!r}"
-        )
+        check_bounds("views", views, VIEWS)
         require(
             views == 1 or augment is not None,
             f"--views {views} needs --augment RECIPE (e.g. 'rrc:scale=0.35-1+flip'): without "
@@ -115,17 +137,13 @@ class SpeedOptions(Options):
 class TrainingOptions(SpeedOptions):
     """How any student is optimised: shared by training, distillation and every run of a sweep."""
 
-    epochs: int = option(10, help="Passes over the training split.")
-    batch_size: int = option(64, help="Samples per optimisation step.")
-    lr: float = option(1e-3, help="Adam learning rate.")
+    epochs: int = option(10, bounds=EPOCHS, help="Passes over the training split.")
+    batch_size: int = option(64, bounds=BATCH_SIZES, help="Samples per optimisation step.")
+    lr: float = option(1e-3, bounds=LEARNING_RATES, help="Adam learning rate.")
     device: str | None = option(None, help=DEVICE_HELP)
-    num_workers: int = option(0, help="DataLoader worker processes.")
+    num_workers: int = option(0, bounds=DATA_WORKERS, help="DataLoader worker processes.")
 
     def __post_init__(self) -> None:
-        require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
-        require(math.isfinite(self.lr) and self.lr > 0, f"learning rate must be > 0, got {self.lr}")
-        require(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
         super().__post_init__()
 
 
@@ -134,7 +152,7 @@ class LoopConfig(TrainingOptions):
     """Options of one training run: its folder and seed on top of :class:`TrainingOptions`."""
 
     out: str = option(path="dir", help="Run folder for checkpoints, metrics and config.")
-    seed: int = option(0, help="Seed for initialisation and shuffling.")
+    seed: int = option(0, bounds=SEEDS, help="Seed for initialisation and shuffling.")
     overwrite: bool = option(False, help="Replace a finished run already in --out.")
 
     def save(self, path: Path, **resolved: Any) -> None:
@@ -157,8 +175,10 @@ class TrainConfig(LoopConfig):
     )
     split: str = option("train", choices=SPLITS, help="Split to train on; the other one validates.")
     augment: str | None = option(None, only=IMAGE, help=AUGMENT_HELP)
-    augment_seed: int | None = option(None, only=IMAGE, help=f"{AUGMENT_SEED_HELP} [default: 0].")
-    views: int | None = option(None, only=IMAGE, help=f"{VIEWS_HELP}].")
+    augment_seed: int | None = option(
+        None, only=IMAGE, bounds=SEEDS, help=f"{AUGMENT_SEED_HELP} [default: 0]."
+    )
+    views: int | None = option(None, only=IMAGE, bounds=VIEWS, help=f"{VIEWS_HELP}].")
 
     def __post_init__(self) -> None:
         check_split(self.split)
@@ -217,7 +237,7 @@ class DistillOptions(TrainingOptions):
             from kdcache.store.read.feed import parse_size
 
             parse_size(self.cache_memory)  # raises ConfigError for an unreadable size
-        require(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
+        require(0 <= self.gamma < math.inf, f"gamma must be a finite number >= 0, got {self.gamma}")
         require(self.top_k >= 1, f"--top-k must be >= 1, got {self.top_k}")
         require(0.0 < self.skew < 1.0, f"--skew must lie in (0, 1), got {self.skew}")
         excluded = tuple(self.exclude_classes)
@@ -240,7 +260,10 @@ class DistillOptions(TrainingOptions):
 def _integers(values: Any, name: str) -> tuple[int, ...]:
     array = np.asarray(values)
     require(
-        array.ndim == 1 and (array.size == 0 or np.issubdtype(array.dtype, np.integer)),
+        array.ndim == 1
+        and (array.size == 0 or np.issubdtype(array.dtype, np.integer))
+        # uint64 holds numbers no int64 index array can
+        and not (array.dtype == np.uint64 and array.size and array.max() >= 2**63),
         f"{name} must be a sequence of integers, got {values!r}",
     )
     return tuple(int(value) for value in array)
@@ -283,9 +306,14 @@ class DistillConfig(DistillOptions, LoopConfig):
         help=f"{AUGMENT_HELP} With --cache: must equal the store's [default: the store's].",
     )
     augment_seed: int | None = option(
-        None, only=IMAGE, help=f"{AUGMENT_SEED_HELP} [default: 0; with --cache the store's]."
+        None,
+        only=IMAGE,
+        bounds=SEEDS,
+        help=f"{AUGMENT_SEED_HELP} [default: 0; with --cache the store's].",
     )
-    views: int | None = option(None, only=IMAGE, help=f"{VIEWS_HELP}; with --cache the store's V].")
+    views: int | None = option(
+        None, only=IMAGE, bounds=VIEWS, help=f"{VIEWS_HELP}; with --cache the store's V]."
+    )
     student_augment: str | None = option(
         None,
         only=IMAGE,
@@ -378,10 +406,14 @@ class DumpConfig(SpeedOptions):
         "float16",
         help="How logits are stored: float32, float16, int8 (per-row scale/offset) or topk:K "
         "(the K largest logits plus tail statistics; any --temperature at distill time); "
-        "sampled:S (S draws per token, language models, T = 1).",
+        "sampled:S (S draws per row, distilled at --temperature 1 only).",
     )
-    batch_size: int = option(256, help="Samples per teacher forward pass.")
-    num_workers: int = option(0, help="DataLoader worker processes.")
+    batch_size: int = option(
+        256,
+        bounds=BATCH_SIZES,
+        help="Samples per teacher forward pass; --resume needs the one the dump started with.",
+    )
+    num_workers: int = option(0, bounds=DATA_WORKERS, help="DataLoader worker processes.")
     device: str | None = option(None, help=DEVICE_HELP)
     chunk_rows: int | None = option(
         None, help="Rows per Zarr chunk [default: about 1 MiB per chunk]."
@@ -390,13 +422,15 @@ class DumpConfig(SpeedOptions):
     resume: bool = option(False, help="Continue an interrupted dump at --out.")
     views: int = option(
         1,
+        bounds=VIEWS,
         help="Augmented views V per sample, each stored with its parameters (needs --augment); "
         "--batch-size then counts views.",
     )
     augment: str | None = option(None, help=f"{AUGMENT_HELP} Drawn once per stored view.")
-    augment_seed: int = option(0, help=f"{AUGMENT_SEED_HELP}.")
+    augment_seed: int = option(0, bounds=SEEDS, help=f"{AUGMENT_SEED_HELP}.")
     writer_workers: int | None = option(
         None,
+        bounds=WRITER_WORKERS,
         help="Threads that encode, compress and write the logits beside the teacher "
         "[default: a quarter of the cores, 1 to 8; see `kdcache bench dump --writer-only`].",
     )
@@ -415,12 +449,6 @@ class DumpConfig(SpeedOptions):
             "written by `kdcache train` (which records its model)",
         )
         check_views(self.augment, self.views, default="or dump with --views 1")
-        require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
-        require(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
-        require(
-            self.writer_workers is None or self.writer_workers >= 1,
-            f"--writer-workers must be >= 1, got {self.writer_workers}",
-        )
         require(
             self.chunk_rows is None or self.chunk_rows >= 1,
             f"--chunk-rows must be >= 1, got {self.chunk_rows}",
@@ -462,7 +490,10 @@ class SweepConfig(DistillOptions):
         ("kd",), example="kd,focal", help=f"Comma-separated losses among {', '.join(LOSS_NAMES)}."
     )
     seeds: tuple[int, ...] = option(
-        (0,), example="0,1,2", help="Comma-separated seeds; results are mean ± std over them."
+        (0,),
+        example="0,1,2",
+        bounds=SEEDS,
+        help="Comma-separated seeds; results are mean ± std over them.",
     )
     jobs: int = option(
         1, help="Runs trained at once, in separate processes that share one decoded store."

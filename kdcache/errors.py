@@ -71,3 +71,7 @@ class StoreWriteError(StoreError, OSError):
 
 class PathInTheWayError(KdcacheError, FileExistsError):
     """Something kdcache did not create sits where it would put a temporary file or folder."""
+
+
+class WorkerError(KdcacheError):
+    """A worker process of ``sweep --jobs`` could not start, died, or failed on a bug."""

@@ -7,6 +7,7 @@ The building blocks of :mod:`kdcache.config`'s dataclasses; like it, this import
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass
 from typing import Any, TypeVar
@@ -20,6 +21,36 @@ IMAGE, LM = "image", "lm"
 MODALITY_NAMES = {IMAGE: "image models", LM: "language models"}
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers a numeric option accepts: ``low`` to ``high``, both included unless
+    ``above_low`` (then ``low`` itself is refused); integers only unless ``real``. NaN and the
+    infinities never pass, nor a bool.
+
+    The upper bounds keep every accepted value within what torch and numpy take (a seed, a
+    float32 step), so that an absurd number is refused in one line before anything runs.
+    """
+
+    low: int | float
+    high: int | float
+    real: bool = False
+    above_low: bool = False
+
+    def admits(self, value: Any) -> bool:
+        kind = numbers.Real if self.real else numbers.Integral
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return False
+        number: Any = value
+        # Comparisons, not math.isfinite: NaN fails them, and a huge int never overflows them.
+        above = self.low < number if self.above_low else self.low <= number
+        return bool(above and number <= self.high)
+
+    def describe(self) -> str:
+        if self.real:
+            return f"a number in {'(' if self.above_low else '['}{self.low:g}, {self.high:g}]"
+        return f"an integer from {self.low:,} to {self.high:,}"
+
+
 def option(
     default: Any = MISSING,
     *,
@@ -28,6 +59,7 @@ def option(
     path: str | None = None,
     example: str | None = None,
     only: str | None = None,
+    bounds: Bounds | None = None,
 ) -> Any:
     """A dataclass field that is also a command-line option ``--field-name``.
 
@@ -35,9 +67,18 @@ def option(
     the values it accepts, ``path`` ``"file"`` or ``"dir"`` for a path option, and ``example``
     a value shown when a comma-separated list (a ``tuple`` field) cannot be read. ``only``
     (:data:`IMAGE` or :data:`LM`) marks an option that means something for that kind of run alone:
-    :func:`refuse_foreign_options` refuses it, when set, for the other kind.
+    :func:`refuse_foreign_options` refuses it, when set, for the other kind. ``bounds`` are the
+    numbers a numeric option (or each item of a list) accepts; :class:`Options` checks them for
+    the API and the command line alike (None is left to the field's own checks).
     """
-    metadata = {"help": help, "choices": choices, "path": path, "example": example, "only": only}
+    metadata = {
+        "help": help,
+        "choices": choices,
+        "path": path,
+        "example": example,
+        "only": only,
+        "bounds": bounds,
+    }
     return dataclasses.field(
         default=default, metadata={key: value for key, value in metadata.items() if value}
     )
@@ -65,7 +106,13 @@ class Options:
     """Base of every configuration: a validation hook each subclass extends, and a dict form."""
 
     def __post_init__(self) -> None:
-        """Validate; each subclass checks its own fields, then calls ``super().__post_init__()``."""
+        """Validate; each subclass checks its own fields, then calls ``super().__post_init__()``,
+        which ends here: every field declared with ``bounds`` is checked against them."""
+        for field in dataclasses.fields(self):
+            bounds = field.metadata.get("bounds")
+            value = getattr(self, field.name)
+            if bounds is not None and value is not None:
+                check_bounds(field.name, value, bounds)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -74,6 +121,20 @@ class Options:
     def from_dict(cls: type[T], data: dict[str, Any]) -> T:
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def check_bounds(name: str, value: Any, bounds: Bounds) -> None:
+    """Refuse, in one line naming the option ``--name`` and the valid range, a ``value`` (or an
+    item of a list value) outside ``bounds``."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, tuple | list):
+        for item in value:
+            require(
+                bounds.admits(item),
+                f"{flag} lists {item!r}; each must be {bounds.describe()}",
+            )
+        return
+    require(bounds.admits(value), f"{flag} must be {bounds.describe()}, got {value!r}")
 
 
 def refuse_foreign_options(config: Options, modality: str) -> None:

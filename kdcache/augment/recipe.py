@@ -48,6 +48,19 @@ __all__ = ["OPERATIONS", "SAMPLER", "STUDENT_STREAM", "VIEW_STREAM", "Recipe", "
 VIEW_STREAM, STUDENT_STREAM = 0, 1
 #: Records drawn per batch by :meth:`Recipe.sample_table`: bounds its temporaries (~100 MB).
 CHUNK_ROWS = 1 << 16
+#: The largest side ``rrc:size=S`` resizes to (a 4096-pixel RGB view is already 200 MB in float32).
+MAX_SIZE = 4096
+#: The most zero pixels ``pad-crop:P`` pads each side with, a quarter of :data:`MAX_SIZE`: more
+#: would make whole views of padding, and the padded image is allocated before it is cropped.
+MAX_PADDING = MAX_SIZE // 4
+
+
+def _count(value: str, *, high: int) -> int | None:
+    """``value`` as an integer from 1 to ``high``, else None (checked as text: no huge ints)."""
+    if not (value.isascii() and value.isdigit()) or len(value) > len(str(high)):
+        return None
+    number = int(value)
+    return number if 1 <= number <= high else None
 
 
 def _numbers(text: str, spec: str, what: str) -> tuple[float, float]:
@@ -70,16 +83,24 @@ def _rrc(named: dict[str, str], positional: list[str], spec: str) -> Op:
     if not (scale[0] > 0 and scale[1] <= 1 and ratio[0] > 0):
         raise SpecError(f"rrc in {spec!r} needs 0 < scale <= 1 and ratio > 0")
     size = named.get("size")
-    if size is not None and not (size.isdigit() and int(size) >= 1):
-        raise SpecError(f"rrc size={size!r} in {spec!r} must be an integer >= 1")
-    return RandomResizedCrop(scale=scale, ratio=ratio, size=None if size is None else int(size))
+    pixels = None if size is None else _count(size, high=MAX_SIZE)
+    if size is not None and pixels is None:
+        raise SpecError(
+            f"rrc size={size!r} in {spec!r} must be an integer from 1 to {MAX_SIZE:,} (the side "
+            "of the square view, in pixels)"
+        )
+    return RandomResizedCrop(scale=scale, ratio=ratio, size=pixels)
 
 
 def _pad_crop(named: dict[str, str], positional: list[str], spec: str) -> Op:
     value = named.get("padding", positional[0] if positional else "4")
-    if not (value.isdigit() and int(value) >= 1):
-        raise SpecError(f"pad-crop:{value} in {spec!r}: padding must be an integer >= 1")
-    return PadCrop(padding=int(value))
+    padding = _count(value, high=MAX_PADDING)
+    if padding is None:
+        raise SpecError(
+            f"pad-crop:{value} in {spec!r}: padding must be an integer from 1 to {MAX_PADDING:,} "
+            "(zero pixels on each side, e.g. pad-crop:4)"
+        )
+    return PadCrop(padding=padding)
 
 
 def _flip(named: dict[str, str], positional: list[str], spec: str) -> Op:

@@ -71,10 +71,11 @@ def print_run(result: Any) -> None:
 @config_options(TrainConfig)
 def train(**options: Any) -> None:
     """Train a model with plain cross-entropy (a teacher, or the CE-only baseline)."""
+    config = TrainConfig(**options)  # refused options fail before the heavy imports
     announce("train: starting (loading the dataset and building the model)")
     from kdcache.train.loop import train as run
 
-    print_run(run(TrainConfig(**options)))
+    print_run(run(config))
 
 
 @cli.command("dump-teacher")
@@ -85,9 +86,10 @@ def dump_teacher(**options: Any) -> None:
     Prefix with `torchrun --nproc-per-node K` to split the dump by whole chunks between K
     processes writing one store (see docs/distributed.md).
     """
+    config = DumpConfig(**options)  # refused options fail before the heavy imports
     announce("dump-teacher: starting (loading the dataset and the teacher)")
     try:
-        _dump(options)
+        _dump(config)
     except KeyboardInterrupt:
         click.echo(
             f"Interrupted: {options['out']} keeps the chunks written so far; run the same command "
@@ -97,14 +99,14 @@ def dump_teacher(**options: Any) -> None:
         sys.exit(EXIT_INTERRUPTED)
 
 
-def _dump(options: dict[str, Any]) -> None:
+def _dump(config: DumpConfig) -> None:
     from kdcache.distributed import rank_info
     from kdcache.lm.dispatch import is_lm_run
 
-    if is_lm_run(models=(options["teacher"],), dataset=options["dataset"]):
+    if is_lm_run(models=(config.teacher,), dataset=config.dataset):
         from kdcache.lm.dump import dump_lm
 
-        lm = dump_lm(DumpConfig(**options))
+        lm = dump_lm(config)
         if not rank_info().is_main:
             return  # under torchrun rank 0 reports for the whole job
         size = "remote" if lm.bytes_per_token is None else f"{lm.bytes_per_token:,.1f} B/token"
@@ -118,7 +120,7 @@ def _dump(options: dict[str, Any]) -> None:
         return
     from kdcache.dump.teacher import dump_teacher as run
 
-    result = run(DumpConfig(**options))
+    result = run(config)
     if not rank_info().is_main:
         return  # under torchrun rank 0 reports for the whole job
     size = (
@@ -186,20 +188,22 @@ def distill(**options: Any) -> None:
     Prefix with `torchrun --nproc-per-node K` to train with DistributedDataParallel on K
     processes; --batch-size is then per process (see docs/distributed.md).
     """
+    config = DistillConfig(**options)  # refused options fail before the heavy imports
     announce("distill: starting (opening the store, loading the dataset, building the models)")
     from kdcache.train.loop import distill as run
 
-    print_run(run(DistillConfig(**options)))
+    print_run(run(config))
 
 
 @cli.command()
 @config_options(SweepConfig)
 def sweep(**options: Any) -> None:
     """Distill one student per loss x alpha x temperature x seed from one store (resumable)."""
+    config = SweepConfig(**options)  # refused options fail before the heavy imports
     announce("sweep: starting (opening the store and loading the dataset)")
     from kdcache.train.sweep import format_table, run_sweep
 
-    result = run_sweep(SweepConfig(**options))
+    result = run_sweep(config)
     click.echo(format_table(result.rows))
     click.echo(
         f"{counted(result.runs_done, 'run')} trained, {result.runs_skipped} kept from before -> "

@@ -183,6 +183,9 @@ def _dump_teacher(config: DumpConfig, session: RankSession) -> DumpResult:
             # Autocast logits differ from float32 ones by about the dtype's rounding; absent
             # means float32 (as in stores written before --amp existed).
             **({"amp": config.amp} if config.amp else {}),
+            # A row's logits depend on its batch in the last bits (kdcache.store.ranks.partition):
+            # --resume must run the batches the dump started with to stay bit-identical.
+            "batch_size": config.batch_size,
         },
         dataset={
             "spec": canonical_dataset_spec(dataset.spec),

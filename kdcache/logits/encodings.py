@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import ConfigError, SpecError
-from kdcache.logits.sampled import SampledLogits, draw_samples
+from kdcache.logits.sampled import SampledLogits, check_draws_temperature, draw_samples
 from kdcache.logits.sparse import TAIL_STATS, SparseLogits, TeacherInput, tail_statistics
 
 #: Per-row shape and dtype of every array an encoding stores, keyed by array name.
@@ -63,6 +63,13 @@ class Encoding(ABC):
         :class:`~kdcache.logits.sparse.SparseLogits` for a sparse encoding, else dense (B, C)."""
         sparse = self.sparse(arrays)
         return sparse if sparse is not None else torch.from_numpy(self.decode(arrays))
+
+    def check_distill_temperature(
+        self, temperature: float, *, option: str = "--temperature"
+    ) -> None:
+        """Refuse, in one line naming ``option``, a temperature the rows cannot be distilled at
+        (every encoding but ``sampled:S`` holds rows right at any)."""
+        return None
 
     def sparse(self, arrays: dict[str, np.ndarray]) -> SparseLogits | None:
         """The rows in sparse form (:class:`~kdcache.logits.sparse.SparseLogits`); ``None`` for
@@ -269,6 +276,11 @@ class SampledEncoding(Encoding):
         classes, counts = draw_samples(logits, self.num_draws)
         dtype = self.layout(logits.shape[1])["sample_indices"][1]
         return {"sample_indices": classes.astype(dtype), "sample_counts": counts}
+
+    def check_distill_temperature(
+        self, temperature: float, *, option: str = "--temperature"
+    ) -> None:
+        check_draws_temperature(temperature, option=option)
 
     def sampled(self, arrays: dict[str, np.ndarray]) -> SampledLogits:
         """The rows as class shares (B, S), never as a dense (B, C) tensor."""

@@ -22,6 +22,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdcache.errors import ConfigError
+
+#: The temperature the draws are taken at, the only one they are an unbiased target for.
+DRAWN_AT = 1.0
+
+
+def check_draws_temperature(temperature: float, *, option: str = "--temperature") -> None:
+    """Refuse, in one line, distilling draws at a temperature other than :data:`DRAWN_AT`
+    (softening the draws' shares would sharpen or flatten p_hat, not give p_T)."""
+    if temperature != DRAWN_AT:
+        raise ConfigError(
+            f"a sampled:S store holds draws from the teacher at T = 1, got temperature "
+            f"{temperature:g}; distill it at {option} 1, or dump with topk:K for other T"
+        )
+
 
 @dataclass(frozen=True)
 class SampledLogits:

@@ -45,7 +45,7 @@ from kdcache.logits.loss_options import (
     check_alpha,
     check_temperature,
 )
-from kdcache.logits.sampled import SampledLogits
+from kdcache.logits.sampled import SampledLogits, check_draws_temperature
 from kdcache.logits.sparse import SparseLogits
 
 #: Teacher rows as the token-level losses accept them.
@@ -80,11 +80,7 @@ def _teacher_rows(teacher: TokenTeacher, temperature: float, dtype: torch.dtype)
         each = tail - math.log(sparse.num_tail) if sparse.num_tail else tail
         return _Rows(top.exp(), top, sparse.indices, each.exp(), each, sparse.num_tail)
     if isinstance(teacher, SampledLogits):
-        if temperature != 1.0:
-            raise ConfigError(
-                f"a sampled:S store holds draws from the teacher at T = 1, got temperature "
-                f"{temperature}; distill it at --temperature 1, or dump with topk:K for other T"
-            )
+        check_draws_temperature(temperature)
         probs = teacher.probs.detach().to(dtype)
         zero = torch.zeros_like(probs[:, 0])
         num_other = teacher.num_classes - probs.shape[1]

@@ -37,11 +37,16 @@ from kdcache.store.read.private_folder import adopt_private_folder, private_fold
 from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.store.sequence import SequenceReader
 from kdcache.train.fit import RunResult, fit, held_out_split
-from kdcache.train.preflight import store_dataset
+from kdcache.train.preflight import check_store_run, store_dataset
 from kdcache.train.tasks import Classification, LogitDistillation, evaluate
 from kdcache.train.teachers import LiveLogits, StoreLogits, TeacherSource
 from kdcache.train.tokens import distill_tokens, train_tokens
-from kdcache.train.transfer import TransferSampler, describe_transfer, transfer_rows
+from kdcache.train.transfer import (
+    TransferSampler,
+    describe_transfer,
+    refuse_transfer_set_with_views,
+    transfer_rows,
+)
 from kdcache.train.views import Views, cached_views, drawn_views, first_rows
 
 if TYPE_CHECKING:
@@ -171,8 +176,9 @@ class _Teaching:
 
 
 def _from_store(config: DistillConfig, session: RankSession, reader: StoreReader) -> _Teaching:
+    reader.encoding.check_distill_temperature(config.temperature)
     train_set = store_dataset(reader, config.dataset, config.split)
-    rows = transfer_rows(config, train_set)
+    rows = check_store_run(config, reader, train_set)
     feed = reader.feed
     # Ranks on one machine share one decoded table instead of one copy each, in the private
     # folder their local rank 0 found (one it made in place of a planted one has a random name).
@@ -267,13 +273,8 @@ def _distill(
         "inputs": inputs,
         "transfer": describe_transfer(rows, train_set),
     }
+    refuse_transfer_set_with_views(rows, views=views is not None)
     if views is not None:
-        if rows is not None:
-            raise ConfigError(
-                "a transfer set (--indices, --exclude-classes) cannot be combined with views "
-                "(--augment or a store with views) yet; distill on every sample, or dump a store "
-                "of the transfer set"
-            )
         sampler = views.sampler
         resolved["views"] = views.dataset.views
         resolved["view_sampler"] = views.drawn_by

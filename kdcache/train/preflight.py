@@ -4,13 +4,17 @@ folder and its ``config.json`` exist)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from kdcache.config import DistillConfig
 from kdcache.data.datasets import LabeledDataset, build_dataset
 from kdcache.errors import StoreMismatchError
 from kdcache.models import build_model, check_input_fits
 from kdcache.store.read.reader import StoreReader
 from kdcache.train.pairing import check_store_matches
+from kdcache.train.transfer import refuse_transfer_set_with_views, transfer_rows
+from kdcache.train.views import check_view_options
 
 
 def check_model(spec: str, dataset: LabeledDataset) -> None:
@@ -36,3 +40,18 @@ def store_dataset(reader: StoreReader, spec: str | None, split: str | None) -> L
     dataset = build_dataset(spec, split=split or recorded.get("split") or "train")
     check_store_matches(reader, dataset)
     return dataset
+
+
+def check_store_run(
+    config: DistillConfig, reader: StoreReader, dataset: LabeledDataset
+) -> np.ndarray | None:
+    """What a run from a store may be refused for, short of its model and its views' pixels:
+    view options against the store's, the transfer set (``--indices`` read and checked) and
+    their combination. Returns the transfer set's rows (None for every sample)."""
+    check_view_options(
+        reader, augment=config.augment, augment_seed=config.augment_seed, views=config.views
+    )
+    rows = transfer_rows(config, dataset)
+    views = reader.metadata.augment is not None or config.student_augment is not None
+    refuse_transfer_set_with_views(rows, views=views)
+    return rows

@@ -35,7 +35,7 @@ from kdcache.store.tools.report import teacher_statistics
 from kdcache.temporaries import TemporaryFile
 from kdcache.train.loop import RunResult, distill, modality
 from kdcache.train.parallel import run_concurrently
-from kdcache.train.preflight import check_model, store_dataset
+from kdcache.train.preflight import check_model, check_store_run, store_dataset
 
 log = logging.getLogger("kdcache")
 
@@ -273,7 +273,13 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     reader = open_store(
         config.cache, memory_budget=config.cache_memory
     )  # opened once, shared by every run
-    check_model(config.student, store_dataset(reader, config.dataset, config.split))
+    dataset = store_dataset(reader, config.dataset, config.split)
+    check_model(config.student, dataset)
+    # Whatever a run would be refused for is refused here, before any worker starts.
+    for temperature in config.temperatures:
+        reader.encoding.check_distill_temperature(temperature, option="--temperatures")
+    # The transfer set's check is strictest at the smallest alpha (labels needed below 1).
+    check_store_run(min(runs, key=lambda run: run.alpha), reader, dataset)
     if not config.out.strip():
         raise ConfigError("the sweep folder is empty; pass --out FOLDER, e.g. --out runs/sweep")
     refuse_inside_store(config.out, "the sweep folder")

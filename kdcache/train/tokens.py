@@ -97,6 +97,7 @@ def check_lm_store(store: SequenceReader, student: CausalLM, dataset: TokenDatas
 def _from_store(
     config: DistillConfig, store: SequenceReader, student: CausalLM, resolved: dict
 ) -> tuple[TeacherSource, TokenDataset]:
+    store.store.encoding.check_distill_temperature(config.temperature)
     recorded = store.metadata.dataset or {}
     spec = config.dataset or recorded.get("spec")
     split = config.split or recorded.get("split") or "train"

@@ -21,9 +21,22 @@ from kdcache.data.datasets import LabeledDataset
 from kdcache.errors import ConfigError
 from kdcache.store.read.feed import LogitFeed
 
+#: What a text file of indices may hold: ASCII integers separated by white space or commas.
+_INDEX = re.compile(r"[-+]?[0-9]+")
+_SEPARATORS = re.compile(r"[\s,]+", re.ASCII)
+#: The largest index a file may name (an int64); a larger number is no sample of any dataset.
+_MAX_INDEX = 2**63 - 1
+_TEXT_FORM = (
+    "expected integer sample indices separated by spaces, commas or newlines (or a .npy file)"
+)
+
 
 def read_indices(path: str) -> np.ndarray:
-    """Sample indices from a ``.npy`` file or a text file of integers (spaces, commas, lines)."""
+    """Sample indices from a ``.npy`` file or a text file of integers (spaces, commas, lines).
+
+    Anything else in a text file (a sign or digit that is not ASCII, bytes that are not text, a
+    number beyond int64) is refused in one line naming the file and the line.
+    """
     file = Path(path)
     if not file.is_file():
         raise ConfigError(
@@ -31,25 +44,68 @@ def read_indices(path: str) -> np.ndarray:
             "indices"
         )
     if file.suffix == ".npy":
-        try:
-            values = np.load(file, allow_pickle=False)
-        except ValueError as error:
-            raise ConfigError(f"cannot read --indices file {path} as .npy: {error}") from None
-        if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
-            raise ConfigError(
-                f"--indices file {path} holds a {values.dtype} array of shape {values.shape}; "
-                "expected a 1-D array of integer sample indices"
-            )
-        return values.astype(np.int64)
-    tokens = [token for token in re.split(r"[\s,]+", file.read_text()) if token]
+        return _read_npy(file, path)
     try:
-        return np.array([int(token) for token in tokens], dtype=np.int64)
-    except ValueError:
-        bad = next(token for token in tokens if not token.lstrip("-").isdigit())
+        data = file.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"cannot read --indices file {path}: {error.strerror or error}") from None
+    values: list[int] = []
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        try:
+            text = line.decode("ascii")
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"--indices file {path} line {number} holds byte 0x{line[error.start]:02x}, "
+                f"which is not ASCII text; {_TEXT_FORM}"
+            ) from None
+        for token in _SEPARATORS.split(text.strip()):
+            if not token:
+                continue
+            if not _INDEX.fullmatch(token):
+                raise ConfigError(
+                    f"--indices file {path} line {number} holds {_shown(token)}; {_TEXT_FORM}"
+                )
+            digits = token.lstrip("-+").lstrip("0")
+            # Compared as text first: int() of thousands of digits is refused or slow.
+            if len(digits) > len(str(_MAX_INDEX)) or int(digits or "0") > _MAX_INDEX:
+                raise ConfigError(
+                    f"--indices file {path} line {number} holds {_shown(token)}, beyond any "
+                    "sample index "
+                    f"(at most {_MAX_INDEX:,}); {_TEXT_FORM}"
+                )
+            values.append(int(token))
+    return np.array(values, dtype=np.int64)
+
+
+def _shown(token: str, limit: int = 32) -> str:
+    """``token`` quoted for a message, cut short: a binary file may hold one huge token."""
+    return repr(token if len(token) <= limit else token[:limit] + "...")
+
+
+def _read_npy(file: Path, path: str) -> np.ndarray:
+    try:
+        values = np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
         raise ConfigError(
-            f"--indices file {path} holds {bad!r}; expected integer sample indices separated by "
-            "spaces, commas or newlines (or a .npy file)"
+            f"cannot read --indices file {path} as a .npy array ({type(error).__name__}); "
+            "write it with numpy.save(path, indices) from integer sample indices"
         ) from None
+    if not isinstance(values, np.ndarray):  # a .npz archive under a .npy name
+        raise ConfigError(
+            f"--indices file {path} is not a .npy array; expected a 1-D array of integer sample "
+            "indices"
+        )
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+        raise ConfigError(
+            f"--indices file {path} holds a {values.dtype} array of shape {values.shape}; "
+            "expected a 1-D array of integer sample indices"
+        )
+    if values.dtype == np.uint64 and values.size and int(values.max()) > _MAX_INDEX:
+        raise ConfigError(
+            f"--indices file {path} holds {int(values.max())}, beyond any sample index "
+            f"(at most {_MAX_INDEX:,})"
+        )
+    return values.astype(np.int64)
 
 
 def transfer_rows(config: DistillConfig, dataset: LabeledDataset) -> np.ndarray | None:
@@ -101,6 +157,16 @@ def transfer_rows(config: DistillConfig, dataset: LabeledDataset) -> np.ndarray 
             f"{config.alpha:g}"
         )
     return rows
+
+
+def refuse_transfer_set_with_views(rows: np.ndarray | None, *, views: bool) -> None:
+    """Refuse a transfer set (``rows``) in a run with views, which cannot train on one yet."""
+    if views and rows is not None:
+        raise ConfigError(
+            "a transfer set (--indices, --exclude-classes) cannot be combined with views "
+            "(--augment or a store with views) yet; distill on every sample, or dump a store "
+            "of the transfer set"
+        )
 
 
 def describe_transfer(rows: np.ndarray | None, dataset: LabeledDataset) -> dict[str, Any]:

@@ -82,6 +82,32 @@ def cached_views(
 ) -> Views | None:
     """The views a store holds (``None`` for a plain store without student augmentation);
     refuses options that disagree with what the store was dumped with."""
+    check_view_options(reader, augment=augment, augment_seed=augment_seed, views=views)
+    meta = reader.metadata
+    recorded = meta.augment
+    source = stored_view_source(reader, dataset, described=f"dataset {dataset.spec!r}")
+    if source is None and student_augment is None:
+        return None
+    student = _student_recipe(student_augment)
+    return Views(
+        dataset=ViewDataset(dataset, source, student=student, student_seed=seed),
+        sampler=ViewSampler(
+            num_samples=len(dataset),
+            views=meta.views,
+            seed=seed,
+            feed=feed,
+            with_epoch=student is not None,
+        ),
+        source=source,
+        drawn_by=SAMPLER if recorded is None else sampler_of(recorded),
+    )
+
+
+def check_view_options(
+    reader: StoreReader, *, augment: str | None, augment_seed: int | None, views: int | None
+) -> None:
+    """Refuse ``--augment``, ``--augment-seed`` or ``--views`` that disagree with what the store
+    was dumped with (no view is read)."""
     meta = reader.metadata
     recorded = meta.augment
     where = reader.where
@@ -113,22 +139,6 @@ def cached_views(
             "options sees other views; drop --augment and --augment-seed to distill on the "
             "store's own views, or dump the store again"
         )
-    source = stored_view_source(reader, dataset, described=f"dataset {dataset.spec!r}")
-    if source is None and student_augment is None:
-        return None
-    student = _student_recipe(student_augment)
-    return Views(
-        dataset=ViewDataset(dataset, source, student=student, student_seed=seed),
-        sampler=ViewSampler(
-            num_samples=len(dataset),
-            views=meta.views,
-            seed=seed,
-            feed=feed,
-            with_epoch=student is not None,
-        ),
-        source=source,
-        drawn_by=SAMPLER if recorded is None else sampler_of(recorded),
-    )
 
 
 def stored_view_source(

@@ -306,7 +306,7 @@ BAD_INPUTS = {
     ),
     "batch size 0": (
         (*DISTILL, "--cache", "{store}", "--batch-size", "0"),
-        ["batch size must be >= 1, got 0"],
+        ["--batch-size must be an integer from 1 to 16,777,216, got 0"],
     ),
     "unwritable store output": (
         ("dump-teacher", "--teacher", "cnn", "--out", "{root}/a-file/t.zarr"),

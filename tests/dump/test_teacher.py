@@ -4,6 +4,7 @@ subprocesses)."""
 from __future__ import annotations
 
 import resource
+import shutil
 import signal
 import subprocess
 import time
@@ -13,12 +14,17 @@ import numpy as np
 import pytest
 import zarr
 from conftest import assert_one_line_error, run_cli, start_cli
-from narrowing import kdcache_record, stored
+from narrowing import kdcache_record, stored, zarr_array
 
 from kdcache import DumpConfig, open_store
 from kdcache.data.datasets import build_dataset
 from kdcache.dump.teacher import dump_teacher
-from kdcache.errors import ConfigError, InvalidLogitsError, StoreIncompleteError
+from kdcache.errors import (
+    ConfigError,
+    InvalidLogitsError,
+    StoreIncompleteError,
+    StoreMismatchError,
+)
 from kdcache.store.ranks.partition import dump_batches
 from kdcache.store.tools.verify import verify_store
 
@@ -291,7 +297,9 @@ def test_a_dump_with_several_writer_threads_equals_one_with_one(tmp_path, refere
         result.fidelity
         == dump_teacher(dump_config(tmp_path / "one.zarr", writer_workers=1)).fidelity
     )
-    with pytest.raises(ConfigError, match="--writer-workers must be >= 1, got 0"):
+    with pytest.raises(
+        ConfigError, match="--writer-workers must be an integer from 1 to 1,024, got 0"
+    ):
         dump_config(tmp_path / "x.zarr", writer_workers=0)
 
 
@@ -323,7 +331,32 @@ def test_ctrl_c_says_how_to_resume_and_leaves_the_store_resumable(tmp_path, refe
 
 
 def test_out_of_range_options_are_named_as_on_the_command_line(tmp_path):
-    with pytest.raises(ConfigError, match=r"^--num-workers must be >= 0, got -1$"):
+    with pytest.raises(
+        ConfigError, match=r"^--num-workers must be an integer from 0 to 1,024, got -1$"
+    ):
         dump_config(tmp_path / "x.zarr", num_workers=-1)
     with pytest.raises(ConfigError, match=r"^--chunk-rows must be >= 1, got 0$"):
         dump_config(tmp_path / "x.zarr", chunk_rows=0)
+
+
+def test_resume_with_another_batch_size_is_refused_unless_the_store_predates_the_record(
+    tmp_path, reference_store
+):
+    out = tmp_path / "t.zarr"
+    shutil.copytree(reference_store, out)
+    group = zarr.open_group(str(out), mode="r+")
+    zarr_array(group, "chunk_written")[5:] = 0  # the dump stopped after 5 of its 10 chunks
+    group.attrs["kdcache"] = {**kdcache_record(group), "complete": False}
+    before = store_contents(out)
+    # Its rows came from batches of 15; batches of 16 would differ in the last bits.
+    with pytest.raises(
+        StoreMismatchError, match=r"cannot resume .*teacher\.batch_size is 15 but this dump has 16"
+    ):
+        dump_teacher(dump_config(out, batch_size=16, resume=True))
+    for name, values in store_contents(out).items():
+        np.testing.assert_array_equal(values, before[name], err_msg=name)
+    # A store dumped before batch sizes were recorded cannot tell: it resumes as it always did.
+    record = kdcache_record(group)
+    del record["teacher"]["batch_size"]
+    group.attrs["kdcache"] = record
+    assert dump_teacher(dump_config(out, batch_size=16, resume=True)).rows_computed == 100

@@ -73,3 +73,38 @@ def test_a_refused_run_leaves_no_folder(tmp_path, digits_store, run, error, mess
     with pytest.raises(error, match=message):
         run(str(out), digits_store)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def sampled_store(tmp_path_factory, digits_teacher):
+    """The digits teacher kept as 8 draws per sample at T = 1."""
+    out = tmp_path_factory.mktemp("sampled") / "s.zarr"
+    dump_teacher(
+        DumpConfig(
+            teacher="cnn:8",
+            weights=str(digits_teacher),
+            out=str(out),
+            encoding="sampled:8",
+            device="cpu",
+        )
+    )
+    return out
+
+
+def test_a_sampled_image_store_distils_at_t_1_only(tmp_path, sampled_store):
+    def runs(**changes):
+        return {"student": "mlp:8", "cache": str(sampled_store), "epochs": 1, **changes}
+
+    # Softened draws are no p_T: the default T = 4 is refused, as for a token store.
+    with pytest.raises(
+        ConfigError,
+        match="holds draws from the teacher at T = 1, got temperature 4; distill it at "
+        "--temperature 1, or dump with topk:K",
+    ):
+        distill(DistillConfig(**runs(out=str(tmp_path / "t4"))))
+    with pytest.raises(ConfigError, match="got temperature 2; distill it at --temperatures 1"):
+        run_sweep(SweepConfig(**runs(out=str(tmp_path / "sweep"), temperatures=(1.0, 2.0))))
+    assert not list(tmp_path.iterdir())
+    result = distill(DistillConfig(**runs(out=str(tmp_path / "t1"), temperature=1.0)))
+    assert result.epochs == 1
+    assert (tmp_path / "t1" / "last.pt").is_file()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
-from conftest import assert_png
+from conftest import assert_one_line_error, assert_png, run_cli
 
 from kdcache.config import SweepConfig
 from kdcache.errors import ConfigError, KdcacheError
@@ -163,3 +164,34 @@ def test_a_sweep_under_torchrun_is_refused(digits_store, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="not under torchrun; use --jobs"):
         run_sweep(tiny_sweep(digits_store, tmp_path / "s"))
     assert not (tmp_path / "s").exists()
+
+
+def test_jobs_check_the_index_file_before_any_worker_starts(tmp_path, digits_store):
+    (tmp_path / "idx.txt").write_text("1 2\n--5\n")
+    with pytest.raises(ConfigError, match=r"idx\.txt line 2 holds '--5'"):
+        run_sweep(
+            tiny_sweep(digits_store, tmp_path / "out", jobs=2, indices=str(tmp_path / "idx.txt"))
+        )
+    assert not (tmp_path / "out").exists()  # refused before the sweep folder, so before workers
+
+
+def test_workers_that_cannot_start_end_the_sweep_in_one_line(tmp_path, digits_store):
+    site = tmp_path / "site"
+    site.mkdir()
+    # Every spawned worker exits as its interpreter starts, as one killed for memory would.
+    (site / "sitecustomize.py").write_text(
+        "import os, sys\nif '--multiprocessing-fork' in sys.argv:\n    os._exit(3)\n"
+    )
+    args = ("--cache", str(digits_store), "--student", "mlp:8", "--epochs", "1", "--jobs", "2")
+    result = run_cli(
+        "sweep",
+        *args,
+        "--temperatures",
+        "1,2",
+        "--out",
+        str(tmp_path / "out"),
+        check=False,
+        env={"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])},
+    )
+    assert_one_line_error(result, "its worker process died before finishing", "--jobs")
+    assert result.returncode == 1

@@ -68,6 +68,39 @@ def test_an_unreadable_index_file_names_the_bad_token(tmp_path):
         config(exclude_classes=(-1,))
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"1 2\n--5\n", "line 2 holds '--5'; expected integer sample indices"),
+        ("1\n\u00b2\n".encode(), "line 2 holds byte 0xc2, which is not ASCII text"),
+        ("4, 1\n\xe9t\xe9\n".encode("latin-1"), "line 2 holds byte 0xe9, which is not ASCII"),
+        (bytes(range(256)), r"line 1 holds '\\x00\\x01"),
+        (b"3\n99999999999999999999\n", "line 2 holds '99999999999999999999', beyond any sample"),
+        (b"7" * 5000, r"line 1 holds '7{32}\.\.\.', beyond any sample index"),
+    ],
+    ids=["double-minus", "superscript", "latin-1", "binary", "huge", "thousands-of-digits"],
+)
+def test_index_files_that_are_not_ascii_integers_are_refused_naming_the_line(
+    tmp_path, content, message
+):
+    (tmp_path / "idx.txt").write_bytes(content)
+    with pytest.raises(ConfigError, match=f"--indices file {tmp_path}/idx.txt {message}"):
+        read_indices(str(tmp_path / "idx.txt"))
+
+
+def test_index_files_read_any_ascii_spacing_and_refuse_unreadable_arrays(tmp_path):
+    (tmp_path / "idx.txt").write_bytes(b"1,2,\r\n3\t4\n+5 -0 007\n")
+    np.testing.assert_array_equal(read_indices(str(tmp_path / "idx.txt")), [1, 2, 3, 4, 5, 0, 7])
+    np.save(tmp_path / "big.npy", np.array([2**64 - 1], dtype=np.uint64))
+    with pytest.raises(ConfigError, match="holds 18446744073709551615, beyond any sample index"):
+        read_indices(str(tmp_path / "big.npy"))
+    (tmp_path / "junk.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(ConfigError, match=r"cannot read --indices file .*junk.npy as a .npy array"):
+        read_indices(str(tmp_path / "junk.npy"))
+    with pytest.raises(ConfigError, match="indices must be a sequence of integers"):
+        config(indices=np.array([2**63], dtype=np.uint64))
+
+
 def test_the_sampler_visits_each_transfer_sample_once_per_epoch(tmp_path):
     rows = np.arange(0, 300, 3)
     shuffled = TransferSampler(rows, seed=0)

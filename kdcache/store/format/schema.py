@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from kdcache.choices import MAX_VIEWS
 from kdcache.errors import KdcacheError, StoreFormatError
 from kdcache.logits.encodings import parse_encoding
 
@@ -161,10 +162,6 @@ def _check_integrity(check: _Checker, record: dict[str, Any], layout: dict[str, 
             digests,
             f"an object with a string algorithm and arrays equal to {list(layout)}",
         )
-
-
-#: Views per sample a store may hold (FKD keeps a few hundred crops per image).
-MAX_VIEWS = 1 << 16
 
 
 def validate_record(record: Any, *, where: str, format_version: int) -> dict[str, Any]:

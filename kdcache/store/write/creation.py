@@ -182,6 +182,9 @@ def check_resumable(old: StoreMetadata, new: StoreMetadata, where: str) -> None:
         "augment",
     ):
         before, now = getattr(old, field_name), getattr(new, field_name)
+        if field_name == "teacher" and isinstance(before, dict) and isinstance(now, dict):
+            # A store dumped before batch sizes were recorded resumes with any batch size.
+            now = {key: value for key, value in now.items() if key in before or key != "batch_size"}
         if field_name == "augment" and _only_sampler_differs(before, now):
             drawn_by = before.get("sampler")
             raise StoreMismatchError(
