@@ -186,21 +186,25 @@ def _unpickling_reason(error: BaseException) -> str:
 
 
 def max_positions(model: nn.Module) -> int | None:
-    """The longest sequence a model's config says it takes (None when it does not say)."""
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+    """The longest sequence the model's config says it takes (None when none says): the first
+    config found in its modules, so that a wrapper (``module:function``, DDP) answers too."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
     return None
 
 
 def embedding_rows(model: nn.Module) -> int | None:
-    """Token ids a model can embed (None when it has no input embedding to ask)."""
-    get = getattr(model, "get_input_embeddings", None)
-    embedding = get() if callable(get) else None
-    rows = getattr(embedding, "num_embeddings", None)
-    return rows if isinstance(rows, int) else None
+    """Token ids the model can embed (None when no module of it has an input embedding)."""
+    for module in model.modules():
+        get = getattr(module, "get_input_embeddings", None)
+        rows = getattr(get() if callable(get) else None, "num_embeddings", None)
+        if isinstance(rows, int):
+            return rows
+    return None
 
 
 def check_dataset_fits(lm: CausalLM, dataset: TokenDataset) -> None:
