@@ -105,8 +105,9 @@ def read_documents(path: Path) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise SpecError(f"{path}:{number} is not valid JSON ({error.msg})") from None
-        except RecursionError:
-            raise SpecError(f"{path}:{number} nests JSON too deeply to read") from None
+        except (ValueError, RecursionError) as error:  # a number of 4300+ digits, deep nesting
+            reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)[:60]
+            raise SpecError(f"{path}:{number} is JSON kdcache cannot read ({reason})") from None
         value = record.get("text") if isinstance(record, dict) else record
         if not isinstance(value, str):
             raise SpecError(

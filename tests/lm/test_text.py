@@ -45,6 +45,23 @@ def test_binary_or_undecodable_text_is_refused_in_one_line(tmp_path, content, re
         assert "\n" not in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    ("line", "refusal"),
+    [
+        ('{"text": "the cat', "is not valid JSON"),
+        ("[" * 100_000, r"cannot read \(nested too deeply\)"),
+        ("1" * 5000, r"cannot read \(Exceeds the limit"),
+        ('{"text": 5}', "has no text"),
+    ],
+)
+def test_unreadable_json_lines_are_refused_in_one_line(tmp_path, line, refusal):
+    path = tmp_path / "data.jsonl"
+    path.write_text(f'"the cat"\n{line}\n')
+    with pytest.raises(SpecError, match=rf"data\.jsonl:2 .*{refusal}") as refused:
+        build_text_dataset(f"text:{path}", split="train", tokenizer=None)
+    assert "\n" not in str(refused.value)
+
+
 def test_the_spec_is_recorded_resolved_whatever_the_spelling(tmp_path, lm_files, monkeypatch):
     lm = load_causal_lm(f"hf:{lm_files['teacher']}")
     (tmp_path / "data").mkdir()
