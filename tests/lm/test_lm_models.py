@@ -13,6 +13,7 @@ from conftest import assert_one_line_error, run_cli
 from lm_fixtures import lm_files_fixture  # noqa: F401  (provides the lm_files fixture)
 from safetensors.torch import load_file, save_file
 
+from kdcache import DistillConfig, TrainConfig, distill, train
 from kdcache.errors import CheckpointError, SpecError
 from kdcache.lm.models import check_dataset_fits, load_causal_lm
 from kdcache.lm.text import build_text_dataset
@@ -123,3 +124,21 @@ def test_a_dataset_the_model_cannot_take_is_refused_before_a_batch(tmp_path, lm_
     with pytest.raises(SpecError, match="input embedding has 100 rows") as refused:
         check_dataset_fits(student, data)
     one_line(refused)
+
+
+def test_train_and_distill_refuse_a_max_length_beyond_positions_before_the_run_folder(
+    tmp_path, lm_files
+):
+    dataset = f"text:{lm_files['corpus']}:65"
+    with pytest.raises(SpecError, match="more than the 64 positions of hf:"):
+        train(TrainConfig(model=f"hf:{lm_files['student']}", dataset=dataset, out=str(tmp_path)))
+    with pytest.raises(SpecError, match="more than the 64 positions of hf:"):
+        distill(
+            DistillConfig(
+                student=f"hf:{lm_files['student']}",
+                teacher=f"hf:{lm_files['teacher']}",
+                dataset=dataset,
+                out=str(tmp_path / "run"),
+            )
+        )
+    assert not list(tmp_path.iterdir())
