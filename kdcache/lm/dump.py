@@ -21,15 +21,18 @@ from kdcache.config import DumpConfig
 from kdcache.distributed import RankSession, rank_session
 from kdcache.dump.ranks import finalize_ranks, open_rank_writer
 from kdcache.dump.teacher import DumpResult, _resumable_on_os_error
-from kdcache.errors import ConfigError
+from kdcache.errors import ConfigError, KdcacheError
 from kdcache.lm.fingerprint import lm_fingerprint
-from kdcache.lm.models import CausalLM, load_causal_lm, pad_id
+from kdcache.lm.models import CausalLM, check_dataset_fits, load_causal_lm, pad_id
 from kdcache.lm.text import TokenBatch, TokenDataset, build_text_dataset, collate
 from kdcache.runtime import autocast, prepare_model
 from kdcache.store.format.layout import store_nbytes
+from kdcache.store.format.location import parse_location
 from kdcache.store.ranks.partition import SequencePlan
+from kdcache.store.read.reader import open_store
 from kdcache.store.sequence import SequenceWriter, create_sequence_store, sequence_offsets
 from kdcache.store.write.background import BackgroundWriter
+from kdcache.store.write.swap import staging_location
 from kdcache.store.write.writer import StoreWriter
 
 
@@ -135,6 +138,27 @@ def dump_lm(config: DumpConfig) -> LMDumpResult:
         return _dump_lm(config, session)
 
 
+def _as_recorded(record: dict[str, Any], out: str) -> dict[str, Any]:
+    """The dataset record of the interrupted dump at ``out`` (or of its interrupted replacement)
+    when it holds the same text as ``record`` under another spelling of the path: a resume
+    matches the text by its content fingerprint, and stores that recorded the path as typed
+    (relative) resume from any folder."""
+    location = parse_location(out).resolved()
+    candidates = [location]
+    if location.folder is not None:
+        candidates.append(staging_location(location))
+    same = {key: value for key, value in record.items() if key != "spec"}
+    for candidate in candidates:
+        try:
+            metadata = open_store(candidate, allow_incomplete=True).metadata
+        except KdcacheError:
+            continue  # nothing to resume there; create_store says so if it matters
+        earlier = metadata.dataset or {}
+        if not metadata.complete and {k: v for k, v in earlier.items() if k != "spec"} == same:
+            return earlier
+    return record
+
+
 def _dump_lm(config: DumpConfig, session: RankSession) -> LMDumpResult:
     # DumpConfig needs --teacher when --weights is not given, and dump_lm refused a missing dataset
     assert config.teacher is not None
@@ -147,7 +171,16 @@ def _dump_lm(config: DumpConfig, session: RankSession) -> LMDumpResult:
         teacher.model, device=device, channels_last=False, compile=config.compile
     )
     dataset = build_text_dataset(config.dataset, split=config.split, tokenizer=teacher.tokenizer)
+    check_dataset_fits(teacher, dataset)
     offsets = sequence_offsets([len(tokens) for tokens in dataset.sequences])
+    record = {
+        "spec": dataset.spec,
+        "split": dataset.split,
+        "transform": "tokenized by the teacher's tokenizer, right-padded to max length",
+        "fingerprint": lm_fingerprint(teacher.tokenizer, dataset),
+    }
+    if config.resume:
+        record = _as_recorded(record, config.out)
 
     def create(path: str, **options: Any) -> StoreWriter:
         return create_sequence_store(path, **options).writer
@@ -166,12 +199,7 @@ def _dump_lm(config: DumpConfig, session: RankSession) -> LMDumpResult:
             # As for images: autocast logits differ from float32 ones by about bf16/fp16 rounding.
             **({"amp": config.amp} if config.amp else {}),
         },
-        dataset={
-            "spec": dataset.spec,
-            "split": dataset.split,
-            "transform": "tokenized by the teacher's tokenizer, right-padded to max length",
-            "fingerprint": lm_fingerprint(teacher.tokenizer, dataset),
-        },
+        dataset=record,
         overwrite=config.overwrite,
         resume=config.resume,
         fsync=config.fsync,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from torch import nn
 
 from kdcache.errors import CheckpointError, SpecError
 from kdcache.lm._hf import require_transformers
+from kdcache.lm.text import TokenDataset
+from kdcache.store.format.layout import first_line
 from kdcache.temporaries import create_folder, own_folder_exists
 
 LM_SPEC_FORMS = "hf:PATH (a save_pretrained folder) or package.module:function"
@@ -112,26 +115,116 @@ def _load_hf(path: Path, spec: str) -> tuple[nn.Module, Any, str | None]:
             "written by model.save_pretrained() and tokenizer.save_pretrained()"
         )
     transformers = require_transformers()
+    from safetensors import SafetensorError  # installed with transformers
+
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
         raise SpecError(
-            f"{spec}: no tokenizer could be loaded from {path} ({error}); save it there with "
-            "tokenizer.save_pretrained()"
+            f"{spec}: no tokenizer could be loaded from {path} ({first_line(error)}); save it "
+            "there with tokenizer.save_pretrained()"
         ) from None
     files = _weight_files(path)
     try:
         if files:
             # In the checkpoint's own dtype; load_causal_lm casts to float32 (exact from bf16/fp16).
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            # weights_only: a pytorch_model.bin is unpickled by torch's tensors-only unpickler, so
+            # a pickle that names any other callable is refused before anything of it runs.
+            # Mismatched shapes are loaded aside (ignore_mismatched_sizes) and refused below,
+            # naming the tensor, rather than raised by transformers without saying which.
+            model, loading = transformers.AutoModelForCausalLM.from_pretrained(
+                path,
+                local_files_only=True,
+                weights_only=True,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+            )
         else:
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
             model = transformers.AutoModelForCausalLM.from_config(config)
-    except (OSError, ValueError, KeyError) as error:
+            loading = {}
+    except pickle.UnpicklingError as error:
+        pickled = [file.name for file in files if file.suffix == ".bin"]
         raise CheckpointError(
-            f"{spec}: cannot build a causal LM from {path} ({error}); check config.json and weights"
+            f"{spec}: {', '.join(pickled) or 'a weights file'} in {path} is a pickle that holds "
+            f"more than tensors ({_unpickling_reason(error)}); kdcache never runs such a pickle: "
+            "save the model as safetensors (model.save_pretrained(PATH)) from a trusted copy"
         ) from None
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
+        raise CheckpointError(
+            f"{spec}: cannot build a causal LM from {path} ({first_line(error)}); check "
+            "config.json and the weights files"
+        ) from None
+    _refuse_unfit_weights(loading, path, spec)
     return model, tokenizer, weights_digest(files)
+
+
+def _refuse_unfit_weights(loading: dict[str, Any], path: Path, spec: str) -> None:
+    """Refuse weights that left tensors of the model random: a wrong shape, or none at all."""
+    mismatched = sorted(loading.get("mismatched_keys") or (), key=lambda item: str(item[0]))
+    if mismatched:
+        name, stored, expected = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise CheckpointError(
+            f"{spec}: the weights in {path} do not fit its config.json: {name} is "
+            f"{tuple(stored)} there but {tuple(expected)} in the model{more}; save the "
+            "weights and config.json together with model.save_pretrained()"
+        )
+    missing = sorted(loading.get("missing_keys") or ())
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(
+            f"{spec}: the weights in {path} lack {missing[0]}{more}, which would stay random; "
+            "save the whole model with model.save_pretrained()"
+        )
+
+
+def _unpickling_reason(error: BaseException) -> str:
+    """The line of torch's refusal that names what the pickle asked for."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "global" in line]
+    return (named or lines or ["unreadable"])[0][:160].rstrip(".")
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's config says it takes (None when none says): the first
+    config found in its modules, so that a wrapper (``module:function``, DDP) answers too."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def embedding_rows(model: nn.Module) -> int | None:
+    """Token ids the model can embed (None when no module of it has an input embedding)."""
+    for module in model.modules():
+        get = getattr(module, "get_input_embeddings", None)
+        rows = getattr(get() if callable(get) else None, "num_embeddings", None)
+        if isinstance(rows, int):
+            return rows
+    return None
+
+
+def check_dataset_fits(lm: CausalLM, dataset: TokenDataset) -> None:
+    """Refuse a dataset whose sequences ``lm`` cannot take, before a batch is allocated: a
+    MAX_LENGTH beyond its positions or a token id beyond its embedding."""
+    positions = max_positions(lm.model)
+    if positions is not None and dataset.max_length > positions:
+        raise SpecError(
+            f"{dataset.spec}: MAX_LENGTH {dataset.max_length} is more than the {positions} "
+            f"positions of {lm.spec}; use text:FILE:{positions} or less"
+        )
+    rows = embedding_rows(lm.model)
+    highest = max(int(tokens.max()) for tokens in dataset.sequences)
+    if rows is not None and highest >= rows:
+        raise SpecError(
+            f"{lm.spec}'s tokenizer gives token id {highest} in {dataset.spec} but its input "
+            f"embedding has {rows} rows; make config.json's vocab_size cover the tokenizer's "
+            f"{len(lm.tokenizer)} tokens"
+        )
 
 
 def _load_function(module_name: str, function_name: str, spec: str) -> tuple[nn.Module, Any]:

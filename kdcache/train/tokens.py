@@ -12,15 +12,15 @@ from pathlib import Path
 from kdcache._version import __version__
 from kdcache.config import DistillConfig, TrainConfig
 from kdcache.distributed import RankSession
-from kdcache.errors import StoreMismatchError
+from kdcache.errors import DatasetNotFoundError, StoreMismatchError
 from kdcache.lm.fingerprint import (
     compare_lm_fingerprints,
     compare_tokenizers,
     lm_fingerprint,
     tokenizer_fingerprint,
 )
-from kdcache.lm.models import CausalLM, load_causal_lm
-from kdcache.lm.text import TokenDataset, build_text_dataset
+from kdcache.lm.models import CausalLM, check_dataset_fits, load_causal_lm
+from kdcache.lm.text import TokenDataset, build_text_dataset, parse_text_spec
 from kdcache.logits.losses import construct
 from kdcache.logits.sequence_losses import TOKEN_LOSSES
 from kdcache.run_folder import prepare_output_dir
@@ -57,6 +57,8 @@ def train_tokens(config: TrainConfig, session: RankSession) -> RunResult:
     val_set = build_text_dataset(
         config.dataset, split=held_out_split(config.split), tokenizer=student.tokenizer
     )
+    for dataset in (train_set, val_set):
+        check_dataset_fits(student, dataset)
     out = _prepare_out(config, session, _resolved(config, session, "train"))
     return fit(
         task=NextToken(student),
@@ -68,9 +70,13 @@ def train_tokens(config: TrainConfig, session: RankSession) -> RunResult:
     )
 
 
-def check_lm_store(store: SequenceReader, student: CausalLM, dataset: TokenDataset) -> None:
+def check_lm_store(
+    store: SequenceReader, student: CausalLM, dataset: TokenDataset, *, recorded_text: bool = False
+) -> None:
     """Refuse a store whose tokenizer, text or vocabulary differ from the student's and dataset's,
-    naming the part that differs."""
+    naming the part that differs. The text is matched by its content fingerprint, wherever the
+    file is now; ``recorded_text`` says the dataset is the one the store records (no --dataset),
+    so a difference means the file changed since the dump."""
     recorded = (store.metadata.dataset or {}).get("fingerprint") or {}
     actual = lm_fingerprint(student.tokenizer, dataset)
     tokenizer = compare_tokenizers(recorded.get("tokenizer", {}), actual["tokenizer"])
@@ -86,6 +92,13 @@ def check_lm_store(store: SequenceReader, student: CausalLM, dataset: TokenDatas
             f"{store.vocab_size}; size the student's output (vocab_size) to the teacher's"
         )
     differences = compare_lm_fingerprints(recorded, actual)
+    if differences and recorded_text:
+        path, _ = parse_text_spec(dataset.spec)
+        raise StoreMismatchError(
+            f"{path} changed since {store.where} was dumped from it ({dataset.split}): "
+            + "; ".join(differences)
+            + "; restore the original text, or pass --dataset text:FILE naming a copy of it"
+        )
     if differences:
         raise StoreMismatchError(
             f"{store.where} was not dumped from dataset {dataset.spec!r} ({dataset.split}): "
@@ -105,8 +118,19 @@ def _from_store(
         raise StoreMismatchError(
             f"{store.where} records no dataset; pass --dataset text:FILE (and --split)"
         )
-    train_set = build_text_dataset(spec, split=split, tokenizer=student.tokenizer)
-    check_lm_store(store, student, train_set)
+    try:
+        train_set = build_text_dataset(spec, split=split, tokenizer=student.tokenizer)
+    except DatasetNotFoundError:
+        if config.dataset is not None:
+            raise
+        path, _ = parse_text_spec(spec)
+        raise DatasetNotFoundError(
+            f"{store.where} was dumped from {path}, which is not there now (looked for from "
+            f"{Path.cwd()}); pass --dataset text:FILE naming that text where it is now "
+            "(it is matched by content)"
+        ) from None
+    as_recorded = config.dataset is None and split == recorded.get("split", "train")
+    check_lm_store(store, student, train_set, recorded_text=as_recorded)
     store.store.load()
     resolved["store"] = store.metadata.to_dict()
     return StoreTokens(store, temperature=config.temperature), train_set
@@ -131,6 +155,7 @@ def _from_live_teacher(
     train_set = build_text_dataset(
         config.dataset, split=config.split or "train", tokenizer=teacher.tokenizer
     )
+    check_dataset_fits(teacher, train_set)
     resolved["teacher_weights_sha256"] = teacher.weights_sha256
     return LiveTokens(teacher, amp=config.amp), train_set
 
@@ -152,6 +177,8 @@ def distill_tokens(
     val_set = build_text_dataset(
         train_set.spec, split=held_out_split(train_set.split), tokenizer=student.tokenizer
     )
+    for dataset in (train_set, val_set):
+        check_dataset_fits(student, dataset)
     out = _prepare_out(config, session, resolved)
     return fit(
         task=TokenDistillation(student, criterion=criterion),

@@ -11,17 +11,87 @@ from lm_fixtures import lm_files_fixture  # noqa: F401  (provides the lm_files f
 from kdcache.errors import DatasetNotFoundError, SpecError
 from kdcache.lm.fingerprint import compare_lm_fingerprints, lm_fingerprint
 from kdcache.lm.models import load_causal_lm
-from kdcache.lm.text import build_text_dataset, collate, parse_text_spec
+from kdcache.lm.text import MAX_LENGTH_LIMIT, build_text_dataset, collate, parse_text_spec
 
 
 def test_spec_parsing_and_errors(tmp_path):
     assert parse_text_spec("text:a/b.jsonl") == (tmp_path.__class__("a/b.jsonl"), 128)
     assert parse_text_spec("text:a:b.txt:32")[1] == 32
-    with pytest.raises(SpecError, match="MAX_LENGTH must be >= 2"):
-        parse_text_spec("text:x.txt:1")
+    assert parse_text_spec("text:a:16:32") == (tmp_path.__class__("a:16"), 32)
+    for absurd in ("1", "0", "-5", "+1", str(10**12), str(MAX_LENGTH_LIMIT + 1), "9" * 5000):
+        with pytest.raises(SpecError, match=r"MAX_LENGTH must be from 2 to 1,048,576") as refused:
+            parse_text_spec(f"text:x.txt:{absurd}")
+        assert "\n" not in str(refused.value)
+        assert len(str(refused.value)) < 300
+    assert parse_text_spec(f"text:x.txt:{MAX_LENGTH_LIMIT}")[1] == MAX_LENGTH_LIMIT
     teacher = None
     with pytest.raises(DatasetNotFoundError, match="no text file"):
         build_text_dataset(f"text:{tmp_path / 'missing.txt'}", split="train", tokenizer=teacher)
+
+
+@pytest.mark.parametrize(
+    ("content", "refusal"),
+    [
+        (b'{"text": "the cat"}\n\x00\x01\x02\n', "NUL byte at offset 20, so it is binary"),
+        (b"the cat\n\nsat \xff\xfe on", r"not UTF-8 text \(byte 0xff at offset 13\)"),
+        ("the caf\u00e9".encode("latin-1"), r"not UTF-8 text \(byte 0xe9 at offset 7\)"),
+    ],
+)
+def test_binary_or_undecodable_text_is_refused_in_one_line(tmp_path, content, refusal):
+    for name in ("data.jsonl", "data.txt"):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(SpecError, match=refusal) as refused:
+            build_text_dataset(f"text:{tmp_path / name}", split="train", tokenizer=None)
+        assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("line", "refusal"),
+    [
+        ('{"text": "the cat', "is not valid JSON"),
+        ("[" * 100_000, r"cannot read \(nested too deeply\)"),
+        ("1" * 5000, r"cannot read \(Exceeds the limit"),
+        ('{"text": 5}', "has no text"),
+    ],
+)
+def test_unreadable_json_lines_are_refused_in_one_line(tmp_path, line, refusal):
+    path = tmp_path / "data.jsonl"
+    path.write_text(f'"the cat"\n{line}\n')
+    with pytest.raises(SpecError, match=rf"data\.jsonl:2 .*{refusal}") as refused:
+        build_text_dataset(f"text:{path}", split="train", tokenizer=None)
+    assert "\n" not in str(refused.value)
+
+
+def test_the_spec_is_recorded_resolved_whatever_the_spelling(tmp_path, lm_files, monkeypatch):
+    lm = load_causal_lm(f"hf:{lm_files['teacher']}")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "corpus.jsonl").write_bytes(lm_files["corpus"].read_bytes())
+    monkeypatch.chdir(tmp_path / "data")
+    canonical = f"text:{tmp_path.resolve() / 'data' / 'corpus.jsonl'}"
+    relative = build_text_dataset("text:corpus.jsonl:16", split="train", tokenizer=lm.tokenizer)
+    assert relative.spec == f"{canonical}:16"
+    other = build_text_dataset("text:../data/./corpus.jsonl", split="test", tokenizer=lm.tokenizer)
+    assert other.spec == f"{canonical}:128"
+    again = build_text_dataset(relative.spec, split="train", tokenizer=lm.tokenizer)
+    assert again.spec == relative.spec
+    assert lm_fingerprint(lm.tokenizer, again) == lm_fingerprint(lm.tokenizer, relative)
+
+
+def test_one_token_documents_gain_the_eos_and_shorter_ones_are_refused(tmp_path, lm_files):
+    lm = load_causal_lm(f"hf:{lm_files['teacher']}")
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps({"text": "cat"}) + "\n" for _ in range(12)))
+    data = build_text_dataset(f"text:{one}:16", split="train", tokenizer=lm.tokenizer)
+    eos = lm.tokenizer.eos_token_id
+    assert [tokens.tolist() for tokens in data.sequences] == [[data.sequences[0][0], eos]] * 11
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("".join(json.dumps({"text": ""}) + "\n" for _ in range(12)))
+    with pytest.raises(SpecError, match="each of its 11 documents is shorter than 2 tokens"):
+        build_text_dataset(f"text:{empty}:16", split="train", tokenizer=lm.tokenizer)
+    few = tmp_path / "few.jsonl"
+    few.write_text('"the cat sat"\n' * 3)
+    with pytest.raises(SpecError, match="has no test document among its 3"):
+        build_text_dataset(f"text:{few}:16", split="test", tokenizer=lm.tokenizer)
 
 
 def test_documents_split_into_pieces_and_splits(lm_files):
