@@ -205,13 +205,25 @@ class TokenDistillationMixin:
             kwargs["train_dataset"] = TokenStoreDataset(self.teacher_store, tokenizer=tokenizer)
         elif tokenizer is not None:
             check_tokenizer(self.teacher_store, tokenizer)
-        if kwargs.get("data_collator") is None:
+        collator = kwargs.get("data_collator")
+        if collator is None:
             kwargs["data_collator"] = TeacherRowsCollator(
                 self.teacher_store,
                 temperature=distillation_loss.temperature,
                 pad_token_id=_pad_token_id(tokenizer),
             )
+        elif (
+            isinstance(collator, TeacherRowsCollator)
+            and collator.temperature != distillation_loss.temperature
+        ):
+            raise ConfigError(
+                f"the collator reads rows at temperature {collator.temperature} but the loss "
+                f"softens at {distillation_loss.temperature}; leave data_collator out (it then "
+                "takes the loss's) or give both the same temperature"
+            )
         super().__init__(model, args, **kwargs)  # type: ignore[call-arg]
+        # The model's own loss arguments (num_items_in_batch) are not used: see below.
+        cast(Any, self).model_accepts_loss_kwargs = False
 
     #: The loss is a per-batch mean: the Trainer divides it by the gradient accumulation steps.
     loss_is_scaled_for_ga = False

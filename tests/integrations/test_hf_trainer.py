@@ -204,6 +204,12 @@ def test_mismatches_are_refused_in_one_line(tmp_path, lm_files, stores):
         collator([cut])
     with pytest.raises(StoreMismatchError, match="sample_index 999 is not a sample"):
         collator([{"input_ids": store.tokens(2), "sample_index": 999}])
+    with pytest.raises(
+        ConfigError, match=r"reads rows at temperature 1\.0 but the loss softens at 4"
+    ):
+        DistillationTrainer(
+            student(lm_files), arguments(tmp_path), store=store, data_collator=collator
+        )
     with pytest.raises(ConfigError, match="distillation_loss must be a TokenDistillationLoss"):
         DistillationTrainer(
             student(lm_files),
