@@ -80,7 +80,8 @@ def test_without_timm_the_error_says_which_extra_to_install(monkeypatch):
 
 
 def test_train_dump_and_distill_timm_models(tmp_path):
-    """The teacher trained by the API, dumped and distilled by the command line."""
+    """The teacher trained by the API, dumped (its checkpoint naming the model and dataset) and
+    distilled by the command line."""
     dataset = "digits:8:100"
     train(
         TrainConfig(
@@ -88,12 +89,12 @@ def test_train_dump_and_distill_timm_models(tmp_path):
         )
     )
     dumped = run_cli(
-        "dump-teacher", "--teacher", TEACHER, "--weights", str(tmp_path / "teacher" / "last.pt"),
-        "--dataset", dataset, "--out", str(tmp_path / "t.zarr"), "--device", "cpu",
+        "dump-teacher", "--weights", str(tmp_path / "teacher" / "last.pt"),
+        "--out", str(tmp_path / "t.zarr"), "--device", "cpu",
     )  # fmt: skip
     assert "N=100 C=10 float16" in dumped.stdout
     record = kdcache_record(zarr.open_group(str(tmp_path / "t.zarr"), mode="r"))
-    assert record["teacher"]["spec"] == TEACHER
+    assert (record["teacher"]["spec"], record["dataset"]["spec"]) == (TEACHER, dataset)
     distilled = run_cli(
         "distill", "--student", STUDENT, "--cache", str(tmp_path / "t.zarr"), "--epochs", "1",
         "--batch-size", "50", "--out", str(tmp_path / "kd"), "--device", "cpu",
