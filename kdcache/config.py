@@ -165,8 +165,8 @@ class TrainConfig(LoopConfig):
     """Plain cross-entropy training of ``model`` on ``dataset``."""
 
     model: str = option(
-        help="Model spec: mlp, cnn, a torchvision model name, package.module:function, or "
-        "hf:PATH (a causal language model, see docs/lm.md)."
+        help="Model spec: mlp, cnn, a torchvision model name, timm:NAME (needs kdcache[timm]), "
+        "package.module:function, or hf:PATH (a causal language model, see docs/lm.md)."
     )
     dataset: str = option(
         "digits",

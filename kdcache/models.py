@@ -1,8 +1,10 @@
 """Models named by a spec string, and loading of weights files.
 
 A spec is a builtin (``mlp``, ``mlp:HIDDEN``, ``mlp:H1,H2``, ``cnn``, ``cnn:WIDTH``), any
-torchvision classification model name (always randomly initialised: kdcache never downloads
-weights), or ``package.module:function`` for a user-defined model.
+torchvision classification model name, ``timm:NAME`` for any timm model (the optional extra
+``kdcache[timm]``), or ``package.module:function`` for a user-defined model. torchvision and timm
+models are always randomly initialised: kdcache never downloads weights (``--weights`` loads a
+state_dict).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import cast
 
 import torch
@@ -53,6 +56,8 @@ def _build(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
     builtin = MODELS.get(name)
     if builtin is not None:
         return builtin.build(spec, arg or builtin.default_argument, num_classes, in_channels)
+    if name == TIMM_PREFIX and sep:
+        return _timm_model(spec, arg, num_classes, in_channels)
     if sep:
         return _user_model(spec, name, arg, num_classes, in_channels)
     if spec in _torchvision_names():
@@ -61,7 +66,8 @@ def _build(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise SpecError(
         f"unknown model {spec!r}; {hint}Valid: {', '.join(MODELS)}, any torchvision "
-        "classification model (torchvision.models.list_models()), or package.module:function"
+        "classification model (torchvision.models.list_models()), timm:NAME, or "
+        "package.module:function"
     )
 
 
@@ -176,6 +182,44 @@ def _torchvision_model(name: str, num_classes: int, in_channels: int) -> nn.Modu
     return model
 
 
+#: The spec prefix of timm models: ``timm:NAME``.
+TIMM_PREFIX = "timm"
+
+
+def _require_timm() -> ModuleType:
+    try:
+        import timm
+    except ImportError:
+        raise SpecError(
+            "timm:NAME models need timm, which is not installed; install it with "
+            'pip install "kdcache[timm]" (or pip install -e ".[timm]" in a checkout)'
+        ) from None
+    return timm
+
+
+def _timm_model(spec: str, name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """timm's ``create_model(name)``, never pretrained: ``name`` may carry a pretrained tag
+    (``resnet50.a1_in1k``), which then only picks the architecture's configuration."""
+    timm = _require_timm()
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise SpecError(
+            f"unknown timm model {name!r} in model spec {spec!r}; {hint}expected timm:NAME with "
+            "NAME in timm.list_models()"
+        )
+    try:
+        return timm.create_model(
+            name, pretrained=False, num_classes=num_classes, in_chans=in_channels
+        )
+    except TypeError as e:  # an architecture whose constructor takes no in_chans
+        raise ConfigError(
+            f"timm model {name!r} cannot be built with num_classes={num_classes}, "
+            f"in_channels={in_channels} ({_first_sentence(str(e))}); wrap timm.create_model in a "
+            "package.module:function model"
+        ) from None
+
+
 def _user_model(
     spec: str, module_name: str, func_name: str, num_classes: int, in_channels: int
 ) -> nn.Module:
@@ -267,7 +311,7 @@ def check_input_fits(model: nn.Module, input_shape: tuple[int, ...], *, spec: st
     written, in one line. User models (``package.module:function``) are not probed: an extra
     call could disturb models that count, time or gate their calls."""
     name, sep, _ = spec.partition(":")
-    if sep and name not in MODELS:
+    if sep and name not in MODELS and name != TIMM_PREFIX:
         return
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -276,7 +320,8 @@ def check_input_fits(model: nn.Module, input_shape: tuple[int, ...], *, spec: st
     try:
         with torch.no_grad():
             model(torch.zeros((1, *input_shape), device=device))
-    except (RuntimeError, ValueError, IndexError) as e:
+    except (RuntimeError, ValueError, IndexError, AssertionError) as e:
+        # timm's vision transformers assert their input size
         raise ConfigError(
             f"model {spec!r} cannot take inputs of shape {tuple(input_shape)} "
             f"({_first_sentence(str(e))}); use larger images or another model"

@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "kdcache.dump": 10,
     "kdcache.train": 10,
     "kdcache.bench": 11,
+    "kdcache.integrations": 11,  # stores in other frameworks' training code
     "kdcache.lm.dump": 11,
     "kdcache.cli": 12,
     "kdcache.__main__": 13,
