@@ -152,13 +152,6 @@ def _drawing(character: str, face: str, em: int) -> tuple[np.ndarray, float, flo
     return np.asarray(ink, dtype=np.float32) / 255.0, anchor_x, anchor_y
 
 
-def _canvas_half_width(size: int) -> int:
-    """Half the side of the canvas of drawings at em ``2 * size``: the farthest any output pixel
-    reaches from the anchor (a corner, moved and rotated, at the smallest scale), plus a margin."""
-    reach = math.sqrt(2) * (0.5 + MAX_SHIFT) / SCALE_RANGE[0]  # in ems
-    return math.ceil(reach * 2 * size) + 2
-
-
 def _stroke_radius(em: int) -> int:
     return max(1, round(em * STROKE_CHANGE))
 
@@ -173,32 +166,22 @@ def _render(
     """Samples ``(len(draws), size, size)`` uint8: sample i is ``drawings[which[i]]`` (drawn at
     em ``2 * size``) placed by its draws ``draws[i]``. A sample's pixels depend on its drawing
     and draws alone, not on the other samples of the call."""
-    em = 2 * size
-    half = _canvas_half_width(size)
-    stroke = (draws[:, 5] * 3).astype(np.int64)
-    # Each (drawing, stroke weight) pair that some sample uses, on its canvas once.
-    pairs, pair_of_sample = np.unique(which * 3 + stroke, return_inverse=True)
-    canvases = torch.cat(
-        [
-            _canvas(_stroked(drawings[pair // 3][0], pair % 3, _stroke_radius(em)), x, y, half)
-            for pair in pairs
-            for _, x, y in [drawings[pair // 3]]
-        ]
-    )
-    # The anchor's fraction of a pixel that each canvas leaves, moved by the grid instead.
-    fractions = torch.tensor(
-        [
-            [math.ceil(x) - x, math.ceil(y) - y]
-            for pair in pairs
-            for _, x, y in [drawings[pair // 3]]
-        ],
-        dtype=torch.float64,
-    )
-    of_sample = torch.from_numpy(pair_of_sample.reshape(-1))
-    grid = _sampling_grid(draws, fractions[of_sample], size=size, half=half)
-    doubled = torch.nn.functional.grid_sample(
-        canvases[of_sample], grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )
+    radius = _stroke_radius(2 * size)
+    pair_of_sample = which * 3 + (draws[:, 5] * 3).astype(np.int64)
+    grid = _sampling_grid(draws, [drawings[k] for k in which], size=size)
+    doubled = torch.empty(len(draws), 1, 2 * size, 2 * size)
+    order = np.argsort(pair_of_sample, kind="stable")
+    pairs, starts = np.unique(pair_of_sample[order], return_index=True)
+    for pair, samples in zip(pairs, np.split(order, starts[1:]), strict=True):
+        chosen = torch.from_numpy(samples)
+        source = _stroked(drawings[pair // 3][0], pair % 3, radius)
+        doubled[chosen] = torch.nn.functional.grid_sample(
+            source.expand(len(samples), -1, -1, -1),
+            grid[chosen],
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
+        )
     pixels = torch.nn.functional.avg_pool2d(doubled, 2)[:, 0]
     return pixels.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
@@ -212,49 +195,44 @@ def _stroked(ink: np.ndarray, weight: int, radius: int) -> torch.Tensor:
     return sign * torch.nn.functional.max_pool2d(sign * pixels, 2 * radius + 1, 1, radius)
 
 
-def _canvas(ink: torch.Tensor, x: float, y: float, half: int) -> torch.Tensor:
-    """``ink`` on a ``2 half`` square with its anchor ``(x, y)`` within a pixel of the centre
-    (the rest is moved by the grid), cut where no output pixel can reach: a canvas of one size
-    for every drawing, so that samples do not depend on which drawings share a call."""
-    canvas = torch.zeros(1, 1, 2 * half, 2 * half)
-    top, left = half - math.ceil(y), half - math.ceil(x)
-    height, width = ink.shape[-2:]
-    rows = slice(max(0, -top), min(height, 2 * half - top))
-    cols = slice(max(0, -left), min(width, 2 * half - left))
-    canvas[..., top + rows.start : top + rows.stop, left + cols.start : left + cols.stop] = ink[
-        ..., rows, cols
-    ]
-    return canvas
-
-
 def _sampling_grid(
-    draws: np.ndarray, fractions: torch.Tensor, *, size: int, half: int
+    draws: np.ndarray, drawings: list[tuple[np.ndarray, float, float]], *, size: int
 ) -> torch.Tensor:
-    """Where each pixel of each sample's doubled grid reads its drawing's canvas, in
-    grid_sample's coordinates (-1 and 1 the canvas's outer edges): the pixel's offset from the
-    sample's centre, rotated by minus its angle and divided by its scale, less the anchor's
-    ``fractions`` of a pixel. Scalars come from ``math`` and the grid from elementwise float64
-    arithmetic, each operation rounded once, so that every machine computes the same grid."""
+    """Where each pixel of each sample's doubled grid reads its drawing, ``(n, 2 size, 2 size,
+    2)`` in grid_sample's coordinates (-1 and 1 the drawing's outer edges, align_corners False;
+    zeros beyond, and the drawing's margin keeps a bolder stroke inside): the pixel's offset
+    from the sample's centre, rotated by minus its angle, divided by its scale, from the anchor.
+
+    Per sample, ``x' = a x + b y + c`` and ``y' = d x + e y + f`` with coefficients from ``math``
+    (double precision); the rest is elementwise, each operation rounded once, so every machine
+    computes the same grid and a sample's does not depend on the others in the call."""
     em = 2 * size
-    rows = []
-    for d in draws:
+    coefficients = []
+    for d, (ink, anchor_x, anchor_y) in zip(draws, drawings, strict=True):
         scale = (SCALE_RANGE[0] + (SCALE_RANGE[1] - SCALE_RANGE[0]) * d[1]) * size / em
         angle = math.radians(MAX_ROTATION * (2 * d[2] - 1))
-        rows.append(
+        centre_x = size / 2 + MAX_SHIFT * size * (2 * d[3] - 1)
+        centre_y = size / 2 + MAX_SHIFT * size * (2 * d[4] - 1)
+        cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+        half_width, half_height = ink.shape[1] / 2, ink.shape[0] / 2
+        coefficients.append(
             (
-                math.cos(angle) / scale / half,
-                math.sin(angle) / scale / half,
-                size / 2 + MAX_SHIFT * size * (2 * d[3] - 1),
-                size / 2 + MAX_SHIFT * size * (2 * d[4] - 1),
+                cos / half_width,
+                sin / half_width,
+                (anchor_x - cos * centre_x - sin * centre_y) / half_width - 1,
+                -sin / half_height,
+                cos / half_height,
+                (anchor_y + sin * centre_x - cos * centre_y) / half_height - 1,
             )
         )
-    cos, sin, centre_x, centre_y = torch.tensor(rows, dtype=torch.float64).T[..., None, None]
+    a, b, c, d_, e, f = torch.tensor(coefficients, dtype=torch.float64).T[..., None, None]
+    # Output pixel centres on the doubled grid, in output pixels.
     steps = (torch.arange(2 * size, dtype=torch.float64) + 0.5) / 2
-    dx = steps[None, None, :] - centre_x
-    dy = steps[None, :, None] - centre_y
-    grid_x = cos * dx + sin * dy - fractions[:, 0, None, None] / half
-    grid_y = cos * dy - sin * dx - fractions[:, 1, None, None] / half
-    return torch.stack([grid_x, grid_y], dim=-1).to(torch.float32)
+    across, down = steps[None, None, :], steps[None, :, None]
+    grid = torch.empty(len(draws), 2 * size, 2 * size, 2)
+    torch.add((a * across).float(), (b * down + c).float(), out=grid[..., 0])
+    torch.add((d_ * across).float(), (e * down + f).float(), out=grid[..., 1])
+    return grid
 
 
 def sample_draws(split: str, character: str, count: int) -> np.ndarray:
@@ -285,7 +263,7 @@ def _references(characters: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray
                 np.repeat(_PLAIN[None, :], len(chunk), axis=0),
                 size=_REFERENCE_SIZE,
             )
-            for chunk in (pairs[i : i + 256] for i in range(0, len(pairs), 256))
+            for chunk in (pairs[i : i + 1024] for i in range(0, len(pairs), 1024))
         ]
     )
     flat = pixels.reshape(len(pairs), -1).astype(np.float32) / 255.0
