@@ -23,7 +23,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from kdcache.data.datasets import glyph_render
+from kdcache.data.datasets.glyph_render import (
+    RENDER_VERSION,
+    font_digests,
+    glyph_classes,
+    one_torch_thread,
+    render_samples,
+    sample_draws,
+)
 from kdcache.data.datasets.labeled import LabeledDataset
 from kdcache.data.pixels import PixelNormalization
 from kdcache.errors import ConfigError, SpecError
@@ -99,7 +106,7 @@ def build_glyphs(spec: str, args: str, split: str) -> LabeledDataset:
         class_names=characters,
         transform_description=(
             f"glyphs: {count} samples of each of {classes} glyphs of matplotlib's fonts, "
-            f"uint8 (1,{size},{size}) / 255, renderer version {glyph_render.RENDER_VERSION}"
+            f"uint8 (1,{size},{size}) / 255, renderer version {RENDER_VERSION}"
         ),
         uint8_base=_GlyphImages(images, labels, uint8=True),
         normalization=PixelNormalization(255.0),
@@ -133,7 +140,7 @@ def glyph_samples(
     path = cache_folder() / "glyphs" / f"glyphs-{classes}-{size}-{count}-{split}-{key[:20]}.npz"
     loaded = _load(path)
     if loaded is None:
-        characters = glyph_render.glyph_classes(classes)
+        characters = glyph_classes(classes)
         if len(characters) < classes:
             raise ConfigError(
                 f"CLASSES={classes:,} in dataset spec glyphs:{classes} is out of range; "
@@ -155,10 +162,10 @@ def glyph_samples(
 def render_split(characters: tuple[str, ...], size: int, count: int, split: str) -> np.ndarray:
     """``count`` samples of each character, class after class: ``(len * count, 1, size, size)``."""
     images = np.empty((len(characters) * count, 1, size, size), dtype=np.uint8)
-    with glyph_render.one_torch_thread():
+    with one_torch_thread():
         for index, character in enumerate(characters):
-            draws = glyph_render.sample_draws(split, character, count)
-            images[index * count : (index + 1) * count, 0] = glyph_render.render_samples(
+            draws = sample_draws(split, character, count)
+            images[index * count : (index + 1) * count, 0] = render_samples(
                 character, draws, size=size
             )
     return images
@@ -173,8 +180,8 @@ def _cache_key(classes: int, size: int, count: int, split: str) -> str:
         "size": size,
         "count": count,
         "split": split,
-        "renderer": glyph_render.RENDER_VERSION,
-        "fonts": glyph_render.font_digests(),
+        "renderer": RENDER_VERSION,
+        "fonts": font_digests(),
         "pillow": pillow_version,
         "freetype": features.version("freetype2"),
         "torch": torch.__version__,
