@@ -12,7 +12,13 @@ import torch
 from conftest import assert_one_line_error, run_cli
 
 from kdcache import DistillConfig, DumpConfig, TrainConfig, distill, dump_teacher, train
-from kdcache.data.datasets import build_dataset, dataset_fingerprint, glyph_render, glyphs
+from kdcache.data.datasets import (
+    build_dataset,
+    canonical_dataset_spec,
+    dataset_fingerprint,
+    glyph_render,
+    glyphs,
+)
 from kdcache.errors import ConfigError, SpecError
 
 TINY = "glyphs:20:16:4"
@@ -156,6 +162,13 @@ def test_bad_specs_are_refused_naming_the_valid_range(spec, error, fragment):
     with pytest.raises(error, match=re.escape(fragment)) as raised:
         build_dataset(spec)
     assert "\n" not in str(raised.value)
+
+
+def test_the_canonical_spec_spells_out_the_defaults():
+    assert canonical_dataset_spec("glyphs:100") == "glyphs:100:32:100"
+    assert canonical_dataset_spec("glyphs:100:16") == "glyphs:100:16:100"
+    assert canonical_dataset_spec("glyphs:100:16:5") == "glyphs:100:16:5"
+    assert canonical_dataset_spec("glyphs:x") == "glyphs:x"
 
 
 def test_the_cli_refuses_a_bad_spec_in_one_line(tmp_path):

@@ -62,6 +62,16 @@ def cache_folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdcache"
 
 
+def canonical_glyphs_spec(spec: str) -> str:
+    """``glyphs:CLASSES[:SIZE[:PER_CLASS]]`` with SIZE and PER_CLASS spelled out (a malformed
+    spec unchanged: building it says what is wrong)."""
+    parts = spec.split(":")[1:]
+    if not 1 <= len(parts) <= 3 or not all(part.isdigit() for part in parts):
+        return spec
+    values = [int(part) for part in parts] + list(GLYPHS_DEFAULTS[len(parts) - 1 :])
+    return "glyphs:" + ":".join(map(str, values))
+
+
 def parse_glyphs_spec(spec: str, args: str) -> tuple[int, int, int]:
     """CLASSES, SIZE and PER_CLASS of ``glyphs:CLASSES[:SIZE[:PER_CLASS]]`` (``args`` is the text
     after ``glyphs:``), checked against their ranges (CLASSES against the fonts' distinct glyphs
@@ -93,6 +103,7 @@ def parse_glyphs_spec(spec: str, args: str) -> tuple[int, int, int]:
 
 
 def build_glyphs(spec: str, args: str, split: str) -> LabeledDataset:
+    """The ``split`` of ``glyphs:ARGS``, drawn or read from the cache."""
     classes, size, per_class = parse_glyphs_spec(spec, args)
     images, labels, characters = glyph_samples(classes, size, per_class, split)
     count = per_class if split == "train" else TEST_PER_CLASS
@@ -143,9 +154,9 @@ def glyph_samples(
         characters = glyph_classes(classes)
         if len(characters) < classes:
             raise ConfigError(
-                f"CLASSES={classes:,} in dataset spec glyphs:{classes} is out of range; "
-                f"matplotlib's fonts hold {len(characters):,} distinct glyphs: expected "
-                f"2 <= CLASSES <= {len(characters):,}"
+                f"CLASSES={classes:,} of a glyphs dataset is out of range; matplotlib's fonts "
+                f"hold {len(characters):,} distinct glyphs: expected 2 <= CLASSES <= "
+                f"{len(characters):,}"
             )
         images = render_split(characters, size, count, split)
         labels = np.repeat(np.arange(classes, dtype=np.int64), count)
