@@ -77,6 +77,17 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in lines[0], lines[0]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Datasets drawn and cached by the tests (``glyphs``) go to a temporary folder, never to the
+    user's cache; the CLI's subprocesses inherit it."""
+    from kdcache.data.datasets.glyphs import CACHE_DIR_ENV
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_DIR_ENV, str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small cnn teacher trained for two epochs on digits (checkpoint path)."""

@@ -232,6 +232,7 @@ def _tiny_spec(kind: str, root: Path) -> str:
     return {
         "digits": "digits",
         "fake": "fake:6:8:3",
+        "glyphs": "glyphs:3:8:2",
         "synthetic": "synthetic:6:8:3",
         "unlabeled": "unlabeled:fake:6:8:3",
     }[kind]

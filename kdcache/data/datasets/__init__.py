@@ -14,7 +14,9 @@ can yield the undecoded files too (``"jpeg"``), for decoding on the GPU.
 Modules: :mod:`~kdcache.data.datasets.labeled` (:class:`LabeledDataset`),
 :mod:`~kdcache.data.datasets.build`
 (the spec dispatch, ``digits``, ``unlabeled``), :mod:`~kdcache.data.datasets.generated` (``fake``,
-``synthetic``), :mod:`~kdcache.data.datasets.image_sets` (``imagefolder``, CIFAR, MNIST) and
+``synthetic``), :mod:`~kdcache.data.datasets.glyphs` and
+:mod:`~kdcache.data.datasets.glyph_render` (``glyphs``, drawn from fonts and cached on disk),
+:mod:`~kdcache.data.datasets.image_sets` (``imagefolder``, CIFAR, MNIST) and
 :mod:`~kdcache.data.datasets.fingerprints`. This package re-exports their public names.
 """
 

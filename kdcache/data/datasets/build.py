@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from kdcache.choices import SPLITS
 from kdcache.data.datasets.generated import build_generated
+from kdcache.data.datasets.glyphs import build_glyphs
 from kdcache.data.datasets.image_sets import build_imagefolder, build_torchvision_set
 from kdcache.data.datasets.labeled import ArrayDataset, LabeledDataset
 from kdcache.data.pixels import PixelNormalization
@@ -199,6 +200,7 @@ DATASET_KINDS: dict[str, Builder] = {
     "digits": _digits,
     "fake": _generated("fake"),
     "synthetic": _generated("synthetic"),
+    "glyphs": build_glyphs,
     "imagefolder": _on_disk("imagefolder:PATH or imagefolder:PATH:SIZE", build_imagefolder),
     "cifar10": _torchvision_set("cifar10"),
     "cifar100": _torchvision_set("cifar100"),
