@@ -143,9 +143,6 @@ class TrainingOptions(SpeedOptions):
     device: str | None = option(None, help=DEVICE_HELP)
     num_workers: int = option(0, bounds=DATA_WORKERS, help="DataLoader worker processes.")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-
 
 @dataclass(frozen=True, kw_only=True)
 class LoopConfig(TrainingOptions):

@@ -132,7 +132,7 @@ def test_a_store_from_another_dataset_is_refused(tmp_path, digits_store):
     [
         ({"temperature": 0.0}, "temperature"),
         ({"alpha": 1.5}, "alpha"),
-        ({"batch_size": 0}, "batch size"),
+        ({"batch_size": 0}, "--batch-size must be an integer from 1"),
         ({"loss": "mse"}, "kd, focal, attention"),
         ({"cache": None}, "--cache"),
         ({"cache_memory": "lots"}, "'lots'.*8GiB"),
