@@ -13,6 +13,7 @@ import torch
 import zarr
 from conftest import assert_png, run_cli
 from narrowing import kdcache_record, present, stored, zarr_array
+from older_stores import as_previous_release
 from teachers import seeded
 
 from kdcache import DistillConfig, DumpConfig, TrainConfig
@@ -133,7 +134,7 @@ def test_a_store_drawn_by_the_older_generator_distills_from_its_stored_views(tmp
     group = zarr.open_group(str(legacy), mode="r+")
     record = kdcache_record(group)
     augment = {k: v for k, v in record["augment"].items() if k != "sampler"}
-    group.attrs["kdcache"] = {**record, "augment": {**augment, "seed": 2}}
+    as_previous_release(legacy, augment={**augment, "seed": 2})
     common: dict[str, Any] = dict(student="mlp:16", epochs=1, batch_size=8, seed=7, device="cpu")
     distill(DistillConfig(cache=str(legacy), out=str(tmp_path / "cached"), **common))
     online: dict[str, Any] = dict(

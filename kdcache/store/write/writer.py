@@ -204,7 +204,7 @@ class StoreWriter:
             self._arrays[name][start:stop] = values
         if self._digests_array is not None:
             self._digests_array[chunk] = chunk_digests(
-                self.metadata.generation, self._digest_names, chunk, buffers
+                self.metadata.chunk_binding, self._digest_names, chunk, buffers
             )
         if self._sync is not None:  # data and digests must be on disk before the flag can be
             arrays = [*self._arrays.values()]
@@ -281,6 +281,7 @@ def create_store(
     augment: dict[str, Any] | None = None,
     view_params: np.ndarray | None = None,
     fsync: bool = True,
+    arrays: dict[str, np.ndarray] | None = None,
 ) -> StoreWriter:
     """Create an empty store at ``path`` (or reopen an interrupted one) and return its writer.
 
@@ -298,7 +299,9 @@ def create_store(
     layout there). The writer holds the store's single-writer lock (kdcache.store.write.locking)
     until
     ``finalize`` or ``close``. ``fsync=False`` skips making each chunk durable before its flag
-    (kdcache.store.write.durability).
+    (kdcache.store.write.durability). ``arrays`` (name: int64 values) are further arrays written
+    once with the store, e.g. a sequence store's ``offsets``; like the labels and
+    ``view_params`` they are digested and a resume must give the same values.
     """
     location = parse_location(path).resolved()
     where = location.text
@@ -343,6 +346,7 @@ def create_store(
             params,
             resume=resume,
             overwrite=overwrite,
+            further=arrays,
         )
         writer = StoreWriter(target.group, target.metadata, where, lock, replaces=target.replaces)
         writer._sync = ChunkSync.for_location(location, enabled=fsync)
