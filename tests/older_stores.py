@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from narrowing import kdcache_record, zarr_array
+from narrowing import kdcache_record, stored, zarr_array
 
 from kdcache.store.format.digests import DIGESTS_ARRAY, chunk_digests
 
@@ -30,9 +30,9 @@ def as_previous_release(path: Path, **record_changes) -> None:
     names, rows = digests["arrays"], record["chunk_rows"]
     num_rows = record["num_samples"] * record.get("views", 1)
     table = zarr_array(group, DIGESTS_ARRAY)
-    written = zarr_array(group, "chunk_written")[:]
-    for chunk in np.flatnonzero(written):
+    written = stored(group, "chunk_written")
+    for chunk in map(int, np.flatnonzero(written)):
         start, stop = chunk * rows, min((chunk + 1) * rows, num_rows)
-        values = {name: zarr_array(group, name)[start:stop] for name in names}
-        table[chunk] = chunk_digests(record["generation"], names, int(chunk), values)
+        values = {name: np.asarray(zarr_array(group, name)[start:stop]) for name in names}
+        table[chunk] = chunk_digests(record["generation"], names, chunk, values)
     group.attrs["kdcache"] = record

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from narrowing import dense, kdcache_record, zarr_array
+from narrowing import dense, kdcache_record, stored, zarr_array
 from older_stores import as_previous_release
 
 from kdcache import create_store, open_store
@@ -114,7 +114,7 @@ def test_view_params_edited_swapped_or_out_of_range_behind_the_writer_are_refuse
     views_store, attack
 ):
     group = zarr.open_group(str(views_store), mode="r+")
-    params = zarr_array(group, "view_params")[:]
+    params = stored(group, "view_params")
     params[0, :, 0], params[1, :, 0] = 0, 1  # samples 0 and 1 differ
     attack(group, params)
     zarr_array(group, "view_params")[:] = params
@@ -155,7 +155,7 @@ def test_edited_labels_are_refused(views_store):
 @pytest.mark.parametrize(("name", "index"), [("offsets", 1), ("first_token", 2)])
 def test_edited_offsets_or_first_token_are_refused(sequence_store, name, index):
     group = zarr.open_group(str(sequence_store), mode="r+")
-    values = zarr_array(group, name)[:]
+    values = stored(group, name)
     values[index] += 1
     zarr_array(group, name)[:] = values
     with pytest.raises(StoreCorruptError, match=f"'{name}' does not match the digest"):
