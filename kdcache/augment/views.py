@@ -24,6 +24,8 @@ log = logging.getLogger("kdcache")
 #: The generator of stores whose ``augment`` record names none (kdcache before counter-v1 drew
 #: each view from ``numpy.random.default_rng([seed, sample, view, stream])``).
 LEGACY_SAMPLER = "numpy-default_rng"
+#: View records range-checked at a time (:func:`check_view_records`).
+CHECK_ROWS = 1 << 20
 
 
 class BaseDataset(Protocol):
@@ -112,7 +114,6 @@ def check_view_records(
     first such sample and view: replayed, they would show the student pixels no teacher saw."""
     num_samples, views, _ = params.shape
     records = params.reshape(num_samples * views, -1)
-    index = np.repeat(np.arange(num_samples), views)
     # Each operation's block of fields, at the size its input has (partner blocks last).
     blocks: list[tuple[Op | Mix, Size]] = []
     current = size
@@ -121,22 +122,24 @@ def check_view_records(
         current = geometric.out_size(current)
     if recipe.mix is not None:
         blocks += [(recipe.mix, current), *blocks[: len(recipe.geometric)]]
-    position = 0
-    for op, at in blocks:
-        columns = records[:, position : position + len(op.fields)]
-        for bad, column, expected in _block_problems(op, columns, at, index, num_samples):
-            if bad.any():
-                row = int(np.flatnonzero(bad)[0])
-                sample, view = divmod(row, views)
-                name = recipe.fields[position + column]
-                raise StoreCorruptError(
-                    f"{described}: view {view} of sample {sample} has {name} = "
-                    f"{records[row, position + column]:g}, expected {expected} (recipe "
-                    f"{recipe.spec!r} on {at[0]} x {at[1]} inputs); kdcache never draws such a "
-                    "view, so the parameters were altered: run `kdcache verify` and dump the "
-                    "store again"
-                )
-        position += len(op.fields)
+    for first in range(0, len(records), CHECK_ROWS):  # bounds the temporaries
+        part = records[first : first + CHECK_ROWS]
+        index = (first + np.arange(len(part))) // views
+        position = 0
+        for op, at in blocks:
+            columns = part[:, position : position + len(op.fields)]
+            for bad, column, expected in _block_problems(op, columns, at, index, num_samples):
+                if bad.any():
+                    row = int(np.flatnonzero(bad)[0])
+                    sample, view = divmod(first + row, views)
+                    raise StoreCorruptError(
+                        f"{described}: view {view} of sample {sample} has "
+                        f"{recipe.fields[position + column]} = {part[row, position + column]:g}, "
+                        f"expected {expected} (recipe {recipe.spec!r} on {at[0]} x {at[1]} "
+                        "inputs); kdcache never draws such a view, so the parameters were "
+                        "altered: run `kdcache verify` and dump the store again"
+                    )
+            position += len(op.fields)
 
 
 class ViewSource:

@@ -219,7 +219,7 @@ class SequenceReader:
 
     def __init__(self, reader: StoreReader) -> None:
         layout = reader.metadata.extra.get(SEQUENCE_KEY)
-        if not isinstance(layout, dict) or OFFSETS_ARRAY not in reader.group:
+        if not isinstance(layout, dict):
             raise StoreFormatError(
                 f"{reader.where} holds one row per sample, not a sequence store; open it with "
                 "kdcache.open_store, or dump a language model with --dataset text:FILE"

@@ -4,8 +4,11 @@
 ranges, the chunks that fail to decode, are missing or do not match the digest recorded for
 their index (moved, swapped or replaced), the rows holding NaN or Inf, arrays whose shape,
 dtype, chunking or codecs disagree with the metadata, labels that disagree with the recorded
-dataset fingerprint, and how far an unfinished dump got. Stores written before the digest
-table existed are reported as unverified by index (a note, not a problem).
+dataset fingerprint, and how far an unfinished dump got. Every array written once with the
+store (labels, view_params, a sequence store's offsets and first_token) is decoded and checked
+against its recorded digest, and the sequence layout against the token rows; the record itself
+is checked against its digest when the store is opened. Stores written before these digests
+existed are reported with a note, not a problem.
 """
 
 from __future__ import annotations
@@ -114,6 +117,13 @@ def verify_store(path: str | os.PathLike[str]) -> VerifyReport:
         notes.append(
             "written before kdcache recorded chunk digests: chunks are checksummed but not bound "
             "to their index (a chunk moved or swapped within an array would go unnoticed)"
+        )
+    elif "record" not in meta.digests and reader.guard.whole_arrays():
+        unbound = ", ".join(reader.guard.whole_arrays())
+        notes.append(
+            f"written before kdcache digested its record and {unbound}: "
+            "those are checksummed and range-checked but an edit that stays in range would go "
+            "unnoticed; dump again to bind them"
         )
     leftovers = partial_files(location)
     if leftovers:

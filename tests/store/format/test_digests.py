@@ -277,4 +277,13 @@ def test_a_store_of_the_previous_release_loads_and_verifies(views_store):
     reader = open_store(views_store)
     np.testing.assert_array_equal(reader.view_params, flips(0))
     np.testing.assert_array_equal(dense(reader.read(np.arange(N * V))).numpy(), LOGITS)
-    assert verify_store(views_store).ok
+    report = verify_store(views_store)
+    assert report.ok
+    assert "digested its record and labels, view_params" in report.notes[0]
+
+
+def test_a_deleted_offsets_array_is_named(sequence_store):
+    shutil.rmtree(sequence_store / "offsets")
+    with pytest.raises(StoreFormatError, match="lacks its array 'offsets'"):
+        open_store(sequence_store)
+    assert "'offsets' is missing" in problems_of(sequence_store)
