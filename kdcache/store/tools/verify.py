@@ -375,7 +375,8 @@ def _check_view_params(reader: StoreReader, params: np.ndarray | None, problems:
             problems.append(f"augment.{key} is {augment.get(key)!r}: the views cannot be recreated")
     fields = augment.get("fields")
     if params is None:
-        if not has_array(reader.group, VIEW_PARAMS_ARRAY):
+        reported = VIEW_PARAMS_ARRAY in reader.guard.whole_arrays()  # by _whole_arrays
+        if not reported and not has_array(reader.group, VIEW_PARAMS_ARRAY):
             problems.append(
                 f"array {VIEW_PARAMS_ARRAY!r} is missing but the metadata records the recipe "
                 f"{augment.get('recipe')!r}; the views cannot be recreated"
