@@ -285,5 +285,5 @@ def test_a_store_of_the_previous_release_loads_and_verifies(views_store):
 def test_a_deleted_offsets_array_is_named(sequence_store):
     shutil.rmtree(sequence_store / "offsets")
     with pytest.raises(StoreFormatError, match="lacks its array 'offsets'"):
-        open_store(sequence_store)
+        open_sequence_store(sequence_store)
     assert "'offsets' is missing" in problems_of(sequence_store)
