@@ -251,6 +251,9 @@ def pristine_sequences(tmp_path_factory) -> Path:
 
 def _read_views(path: Path) -> None:
     reader = open_store(path)
+    if reader.view_params is None:  # the array is gone: its users refuse a recipe without it
+        assert not (path / "view_params" / "zarr.json").exists()
+        return
     np.testing.assert_array_equal(reader.view_params, VIEW_PARAMS)
     logits, params = reader.read_views(np.arange(6), temperature=1.0)
     np.testing.assert_array_equal(logits.reshape(12, 3).numpy(), LOGITS)

@@ -32,6 +32,7 @@ from kdcache.store.format.layout import (
     WRITTEN_ARRAY,
     first_line,
     has_array,
+    missing_chunks,
     open_array,
     row_ranges,
     sequence_count,
@@ -117,13 +118,24 @@ class ChunkGuard:
     def whole(self, name: str) -> np.ndarray:
         """Every value of the array ``name`` written once with the store (labels, view_params,
         offsets, ...), decoded and checked against its recorded digest."""
-        array = self.array(name)
+        array = self.present(name)
         try:
             values = np.asarray(array[:])
         except DECODE_ERRORS as error:
             raise self._undecodable(name, error) from None
         self.check_whole(name, values)
         return values
+
+    def present(self, name: str) -> Any:
+        """The array ``name``, refused if a chunk of it is missing (zarr would read it as fill
+        values, which an older store's missing digest could not tell)."""
+        array = self.array(name)
+        if array.ndim and missing_chunks(array, np.arange(array.cdata_shape[0])).size:
+            raise StoreCorruptError(
+                f"{self.where}: array {name!r} lacks some of its chunks (deleted or lost in a "
+                "copy); run `kdcache verify`, then restore the store or dump it again"
+            )
+        return array
 
     def check_whole(self, name: str, values: np.ndarray) -> None:
         """Refuse ``values``, all of the array ``name`` as decoded, unless they match its
@@ -136,7 +148,7 @@ class ChunkGuard:
         labels."""
         if name in self._verified:
             return
-        array = self.array(name)
+        array = self.present(name)
         step = max(1, int(array.chunks[0])) if array.ndim else 1
 
         def blocks() -> Any:

@@ -312,7 +312,7 @@ def _whole_arrays(reader: StoreReader, problems: list[str]) -> dict[str, np.ndar
             problems.append(f"array {name!r} has shape {tuple(raw.shape)}, expected {shape}")
             continue
         try:
-            data = np.asarray(reader.guard.array(name)[:])
+            data = np.asarray(reader.guard.present(name)[:])
         except StoreError as error:
             problems.append(_problem(error))
             continue

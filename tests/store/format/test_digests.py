@@ -266,7 +266,7 @@ def test_a_deleted_digest_table_is_refused(views_store):
 
 def test_an_array_added_behind_the_writer_is_not_trusted(views_store):
     group = zarr.open_group(str(views_store), mode="r+")
-    group.create_array("offsets", shape=(3,), dtype="int64", fill_value=0)
+    group.create_array("offsets", shape=(3,), dtype="int64", fill_value=0)[:] = [0, 1, 2]
     assert "'offsets' is not covered by the store's digests" in problems_of(views_store)
 
 
@@ -287,3 +287,12 @@ def test_a_deleted_offsets_array_is_named(sequence_store):
     with pytest.raises(StoreFormatError, match="lacks its array 'offsets'"):
         open_sequence_store(sequence_store)
     assert "'offsets' is missing" in problems_of(sequence_store)
+
+
+def test_a_lost_chunk_of_an_older_stores_view_params_is_refused(views_store):
+    # Without a digest, zarr would read the lost chunk as zeros: valid flips, wrong views.
+    as_previous_release(views_store)
+    next(p for p in (views_store / "view_params" / "c").rglob("*") if p.is_file()).unlink()
+    with pytest.raises(StoreCorruptError, match="'view_params' lacks some of its chunks"):
+        _ = open_store(views_store).view_params
+    assert "'view_params' lacks some of its chunks" in problems_of(views_store)
