@@ -15,14 +15,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kdcache.augment.ops import Flip, Mix, Op, PadCrop, RandomResizedCrop, Size
 from kdcache.augment.recipe import SAMPLER, STUDENT_STREAM, Recipe
-from kdcache.errors import ConfigError, SpecError
+from kdcache.errors import ConfigError, SpecError, StoreCorruptError
 
 log = logging.getLogger("kdcache")
 
 #: The generator of stores whose ``augment`` record names none (kdcache before counter-v1 drew
 #: each view from ``numpy.random.default_rng([seed, sample, view, stream])``).
 LEGACY_SAMPLER = "numpy-default_rng"
+#: View records range-checked at a time (:func:`check_view_records`).
+CHECK_ROWS = 1 << 20
 
 
 class BaseDataset(Protocol):
@@ -64,10 +67,93 @@ def sampler_of(record: dict[str, Any]) -> str:
     return str(record.get("sampler") or LEGACY_SAMPLER)
 
 
-class ViewSource:
-    """A dataset's views: ``recipe`` replayed from ``params`` ``(N, V, P)`` on its clean inputs."""
+def _block_problems(
+    op: Op | Mix, values: np.ndarray, size: Size, index: np.ndarray, num_samples: int
+) -> list[tuple[np.ndarray, int, str]]:
+    """For one operation's columns ``values`` (rows of views of samples ``index``) at input
+    ``size``: (bad rows, column, what the column must hold) for each rule the records break."""
+    height, width = size
+    whole = values == np.round(values)
+    rules: list[tuple[np.ndarray, int, str]] = []
+    if isinstance(op, RandomResizedCrop):
+        top, left, h, w = values.T
+        rules += [
+            (~whole[:, 2] | (h < 1) | (h > height), 2, f"an integer from 1 to {height}"),
+            (~whole[:, 3] | (w < 1) | (w > width), 3, f"an integer from 1 to {width}"),
+            (~whole[:, 0] | (top < 0) | (top + h > height), 0, "a crop inside the image"),
+            (~whole[:, 1] | (left < 0) | (left + w > width), 1, "a crop inside the image"),
+        ]
+    elif isinstance(op, PadCrop):
+        span = 2 * op.padding
+        for column in (0, 1):
+            bad = ~whole[:, column] | (values[:, column] < 0) | (values[:, column] > span)
+            rules.append((bad, column, f"an integer from 0 to {span}"))
+    elif isinstance(op, Flip):
+        rules.append((~np.isin(values[:, 0], (0.0, 1.0)), 0, "0 or 1"))
+    elif isinstance(op, Mix):
+        partner, lam = values[:, 0], values[:, 1]
+        bad = ~whole[:, 0] | (partner < 0) | (partner >= num_samples)
+        if num_samples > 1:  # a single sample is its own partner
+            bad |= partner == index
+        rules.append((bad, 0, f"another sample's index in [0, {num_samples})"))
+        rules.append((~((lam >= 0) & (lam <= 1)), 1, "from 0 to 1"))
+        if op.kind == "cutmix":
+            top, left, h, w = values[:, 2:6].T
+            inside = (top >= 0) & (left >= 0) & (h >= 0) & (w >= 0)
+            inside &= (top + h <= height) & (left + w <= width)
+            rules.append((~whole[:, 2:6].all(axis=1) | ~inside, 2, "a box inside the image"))
+    return rules
 
-    def __init__(self, dataset: BaseDataset, recipe: Recipe, params: np.ndarray) -> None:
+
+def check_view_records(
+    recipe: Recipe, params: np.ndarray, size: Size, *, described: str = "the view parameters"
+) -> None:
+    """Refuse records ``params`` ``(N, V, P)`` that ``recipe`` could not have drawn for inputs
+    of ``size`` (a crop outside the image, a flip other than 0 or 1, lam outside [0, 1], a
+    partner that is not another sample, pad offsets beyond the padding), in one line naming the
+    first such sample and view: replayed, they would show the student pixels no teacher saw."""
+    num_samples, views, _ = params.shape
+    records = params.reshape(num_samples * views, -1)
+    # Each operation's block of fields, at the size its input has (partner blocks last).
+    blocks: list[tuple[Op | Mix, Size]] = []
+    current = size
+    for geometric in recipe.geometric:
+        blocks.append((geometric, current))
+        current = geometric.out_size(current)
+    if recipe.mix is not None:
+        blocks += [(recipe.mix, current), *blocks[: len(recipe.geometric)]]
+    for first in range(0, len(records), CHECK_ROWS):  # bounds the temporaries
+        part = records[first : first + CHECK_ROWS]
+        index = (first + np.arange(len(part))) // views
+        position = 0
+        for op, at in blocks:
+            columns = part[:, position : position + len(op.fields)]
+            for bad, column, expected in _block_problems(op, columns, at, index, num_samples):
+                if bad.any():
+                    row = int(np.flatnonzero(bad)[0])
+                    sample, view = divmod(first + row, views)
+                    raise StoreCorruptError(
+                        f"{described}: view {view} of sample {sample} has "
+                        f"{recipe.fields[position + column]} = {part[row, position + column]:g}, "
+                        f"expected {expected} (recipe {recipe.spec!r} on {at[0]} x {at[1]} "
+                        "inputs); kdcache never draws such a view, so the parameters were "
+                        "altered: run `kdcache verify` and dump the store again"
+                    )
+            position += len(op.fields)
+
+
+class ViewSource:
+    """A dataset's views: ``recipe`` replayed from ``params`` ``(N, V, P)`` on its clean inputs,
+    each record range-checked first (:func:`check_view_records`)."""
+
+    def __init__(
+        self,
+        dataset: BaseDataset,
+        recipe: Recipe,
+        params: np.ndarray,
+        *,
+        described: str = "the view parameters",
+    ) -> None:
         params = np.asarray(params, dtype=np.float32)
         if (
             params.ndim != 3
@@ -80,9 +166,10 @@ class ViewSource:
             )
         self.dataset = dataset
         self.recipe = recipe
-        self.params = params
         self.views = params.shape[1]
         self.size = input_size(dataset)
+        check_view_records(recipe, params, self.size, described=described)
+        self.params = params
 
     @classmethod
     def drawn(cls, dataset: BaseDataset, recipe: Recipe, *, seed: int, views: int) -> ViewSource:

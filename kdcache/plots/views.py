@@ -49,7 +49,9 @@ def plot_views(
             f"{reader.where} holds no augmented views to draw; it was dumped without --augment"
         )
     recipe = parse_recipe(record["recipe"])
-    source = ViewSource(dataset, recipe, reader.view_params)
+    source = ViewSource(
+        dataset, recipe, reader.view_params, described=f"{reader.where}'s view_params"
+    )
     labels = getattr(dataset, "labels", None)
     chosen = np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).round().astype(int)
     shown = min(max_views, reader.views)

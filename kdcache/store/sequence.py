@@ -22,19 +22,22 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
-from kdcache.errors import ConfigError, StoreFormatError, StoreMismatchError
+from kdcache.errors import ConfigError, StoreCorruptError, StoreFormatError
 from kdcache.logits.encodings import SampledEncoding
 from kdcache.logits.sampled import SampledLogits
 from kdcache.logits.sparse import SparseLogits
-from kdcache.store.format.layout import FIRST_TOKEN_ARRAY, OFFSETS_ARRAY, StoreLike
-from kdcache.store.format.location import parse_location
+from kdcache.store.format.layout import (
+    FIRST_TOKEN_ARRAY,
+    LABELS_ARRAY,
+    OFFSETS_ARRAY,
+    SEQUENCE_KEY,
+    StoreLike,
+    row_ranges,
+)
+from kdcache.store.format.metadata import StoreMetadata
 from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.store.write.writer import StoreWriter, create_store
-
-#: Key of the sequence layout in the metadata's ``extra``.
-SEQUENCE_KEY = "sequence"
 
 #: Teacher rows as read back: dense (n, V), top-k (:class:`SparseLogits`) or draws.
 TokenRows = torch.Tensor | SparseLogits | SampledLogits
@@ -156,42 +159,59 @@ def create_sequence_store(
         overwrite=overwrite,
         resume=resume,
         fsync=fsync,
+        # Written and digested with the store; a resume must give the same ones.
+        arrays={OFFSETS_ARRAY: offsets, FIRST_TOKEN_ARRAY: first},
     )
-    try:
-        _write_layout(writer.group, offsets, first, where=parse_location(path).text)
-    except BaseException:
-        writer.close()
-        raise
     return SequenceWriter(writer, offsets)
 
 
-def _read_all(group: zarr.Group, name: str) -> np.ndarray:
-    array = group[name]
-    if not isinstance(array, zarr.Array):
-        raise StoreFormatError(f"{name!r} in {group.store} is a group, not an array; dump again")
-    return np.asarray(array[:], dtype=np.int64)
-
-
-def _write_layout(group: zarr.Group, offsets: np.ndarray, first: np.ndarray, *, where: str) -> None:
-    """Create ``offsets`` and ``first_token`` in the writer's group (a replacement's under
-    --overwrite), or check them on resume (we hold the lock)."""
-    for name, values in ((OFFSETS_ARRAY, offsets), (FIRST_TOKEN_ARRAY, first)):
-        if name in group:
-            if not np.array_equal(_read_all(group, name), values):
-                raise StoreMismatchError(
-                    f"cannot resume {where}: its {name} differ from this dataset's "
-                    "sequences; resume with the original data or pass --overwrite to start over"
-                )
-            continue
-        # Written before any token row could be flagged, in one chunk: small next to the rows.
-        array = group.create_array(
-            name,
-            shape=values.shape,
-            chunks=(max(1, values.size),),
-            dtype="int64",
-            fill_value=0,
+def sequence_problems(
+    metadata: StoreMetadata, offsets: np.ndarray, first_token: np.ndarray
+) -> list[str]:
+    """How a sequence store's ``offsets``, ``first_token`` and sequence record disagree with
+    each other and with its token rows (empty when they agree)."""
+    layout = metadata.extra.get(SEQUENCE_KEY)
+    layout = layout if isinstance(layout, dict) else {}
+    problems = []
+    if offsets.ndim != 1 or offsets.size < 2 or offsets[0] != 0:
+        return [
+            f"offsets must start at 0 and hold one entry per sample and one more, got "
+            f"{offsets[:3].tolist()} ({offsets.size} entries)"
+        ]
+    steps = np.diff(offsets)
+    backwards = np.flatnonzero(steps < 0)
+    if backwards.size:
+        problems.append(
+            f"offsets decrease at samples {row_ranges(backwards)} (each sample's token rows "
+            "must follow the previous sample's)"
         )
-        array[:] = values
+    if offsets[-1] != metadata.num_samples:
+        problems.append(
+            f"offsets end at {offsets[-1]} but the store has {metadata.num_samples} token rows"
+        )
+    expected = {
+        "num_sequences": offsets.size - 1,
+        "num_tokens": metadata.num_samples,
+    }
+    for key, value in expected.items():
+        if layout.get(key) != value:
+            problems.append(f"extra.sequence.{key} is {layout.get(key)!r}, expected {value}")
+    longest = int(steps.max()) + 1 if steps.size else 0
+    max_length = layout.get("max_length")
+    if not isinstance(max_length, int) or max_length < longest:
+        problems.append(
+            f"extra.sequence.max_length is {max_length!r} but a sample holds {longest} tokens"
+        )
+    if first_token.shape != (offsets.size - 1,):
+        problems.append(f"first_token holds {first_token.size} ids for {offsets.size - 1} samples")
+    else:
+        outside = np.flatnonzero((first_token < 0) | (first_token >= metadata.num_classes))
+        if outside.size:
+            problems.append(
+                f"first_token lies outside the vocabulary [0, {metadata.num_classes}) for samples "
+                f"{row_ranges(outside)}"
+            )
+    return problems
 
 
 class SequenceReader:
@@ -199,20 +219,20 @@ class SequenceReader:
 
     def __init__(self, reader: StoreReader) -> None:
         layout = reader.metadata.extra.get(SEQUENCE_KEY)
-        if not isinstance(layout, dict) or OFFSETS_ARRAY not in reader.group:
+        if not isinstance(layout, dict):
             raise StoreFormatError(
                 f"{reader.where} holds one row per sample, not a sequence store; open it with "
                 "kdcache.open_store, or dump a language model with --dataset text:FILE"
             )
         self.store = reader
         self.layout = layout
-        self.offsets = _read_all(reader.group, OFFSETS_ARRAY)
-        self.first_token = _read_all(reader.group, FIRST_TOKEN_ARRAY)
-        if self.offsets[-1] != reader.num_samples or len(self.first_token) + 1 != len(self.offsets):
-            raise StoreFormatError(
-                f"{reader.where}: offsets end at {self.offsets[-1]} for {len(self.first_token)} "
-                f"samples but the store has {reader.num_samples} token rows; the store is "
-                "damaged: dump it again"
+        self.offsets = reader.guard.whole(OFFSETS_ARRAY).astype(np.int64)
+        self.first_token = reader.guard.whole(FIRST_TOKEN_ARRAY).astype(np.int64)
+        problems = sequence_problems(reader.metadata, self.offsets, self.first_token)
+        if problems:
+            raise StoreCorruptError(
+                f"{reader.where}: {problems[0]}; the store is damaged: run `kdcache verify` and "
+                "dump it again"
             )
 
     @property
@@ -247,7 +267,8 @@ class SequenceReader:
     def tokens(self, sample: int) -> np.ndarray:
         """The token ids of ``sample``, read back from the store alone."""
         start, stop = self.offsets[sample], self.offsets[sample + 1]
-        labels = self.store.read_rows("labels", int(start), int(stop))
+        self.store.guard.verify_whole(LABELS_ARRAY)
+        labels = self.store.read_rows(LABELS_ARRAY, int(start), int(stop))
         return np.concatenate(([self.first_token[sample]], labels)).astype(np.int64)
 
     def read(

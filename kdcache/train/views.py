@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kdcache.augment.order import ViewSampler
 from kdcache.augment.recipe import SAMPLER, Recipe, parse_recipe
-from kdcache.augment.views import BaseDataset, ViewDataset, ViewSource, sampler_of
+from kdcache.augment.views import BaseDataset, ViewDataset, ViewSource, input_size, sampler_of
 from kdcache.data.datasets import LabeledDataset
 from kdcache.errors import StoreMismatchError
 from kdcache.store.read.feed import LogitFeed
@@ -161,14 +161,15 @@ def stored_view_source(
             f"{where} records the recipe {recorded.get('recipe')!r} but lacks its "
             "view_params array; run kdcache verify and dump again"
         )
-    source = ViewSource(dataset, parse_recipe(recorded["recipe"]), params)
-    drawn_for = tuple(recorded.get("input_size") or source.size)
-    if drawn_for != source.size:
+    size = input_size(dataset)
+    drawn_for = tuple(recorded.get("input_size") or size)
+    if drawn_for != size:
         raise StoreMismatchError(
             f"{where}'s views were drawn for {drawn_for} inputs but {described} yields "
-            f"{source.size}; use the dataset the store was dumped from"
+            f"{size}; use the dataset the store was dumped from"
         )
-    return source
+    recipe = parse_recipe(recorded["recipe"])
+    return ViewSource(dataset, recipe, params, described=f"{where}'s view_params")
 
 
 def drawn_views(

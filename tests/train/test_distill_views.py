@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from typing import Any
 
@@ -11,15 +12,22 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import assert_png, run_cli
+from conftest import assert_one_line_error, assert_png, run_cli
 from narrowing import kdcache_record, present, stored, zarr_array
+from older_stores import as_previous_release
 from teachers import seeded
 
 from kdcache import DistillConfig, DumpConfig, TrainConfig
 from kdcache.augment.recipe import parse_recipe
 from kdcache.data.datasets import build_dataset
 from kdcache.dump.teacher import dump_teacher
-from kdcache.errors import ConfigError, SpecError, StoreMismatchError
+from kdcache.errors import (
+    ConfigError,
+    SpecError,
+    StoreCorruptError,
+    StoreFormatError,
+    StoreMismatchError,
+)
 from kdcache.store.read.reader import open_store
 from kdcache.store.tools.verify import verify_store
 from kdcache.train.loop import distill, train
@@ -130,10 +138,10 @@ def test_a_store_drawn_by_the_older_generator_distills_from_its_stored_views(tmp
     # cached run that redrew the views from the record would not match the online run on seed 5.
     legacy = tmp_path / "legacy.zarr"
     dump_views(legacy, augment_seed=5)
-    group = zarr.open_group(str(legacy), mode="r+")
-    record = kdcache_record(group)
+    record = kdcache_record(zarr.open_group(str(legacy), mode="r"))
     augment = {k: v for k, v in record["augment"].items() if k != "sampler"}
-    group.attrs["kdcache"] = {**record, "augment": {**augment, "seed": 2}}
+    as_previous_release(legacy, augment={**augment, "seed": 2})
+    group = zarr.open_group(str(legacy), mode="r+")
     common: dict[str, Any] = dict(student="mlp:16", epochs=1, batch_size=8, seed=7, device="cpu")
     distill(DistillConfig(cache=str(legacy), out=str(tmp_path / "cached"), **common))
     online: dict[str, Any] = dict(
@@ -157,6 +165,80 @@ def test_a_store_drawn_by_the_older_generator_distills_from_its_stored_views(tmp
     group.attrs["kdcache"] = {**kdcache_record(group), "complete": False}
     with pytest.raises(StoreMismatchError, match="drawn by an older kdcache's generator"):
         dump_views(legacy, resume=True)
+
+
+def test_a_seed_edited_in_the_metadata_before_resume_is_refused(tmp_path, view_store):
+    # Resuming with --augment-seed 7 after editing the record to say 7 would mix two seeds'
+    # views in one store: the record no longer matches the digest it was written with.
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(view_store, copy)
+    group = zarr.open_group(str(copy), mode="r+")
+    zarr_array(group, "chunk_written")[5:] = 0
+    record = kdcache_record(group)
+    group.attrs["kdcache"] = {
+        **record,
+        "complete": False,
+        "augment": {**record["augment"], "seed": 7},
+    }
+    with pytest.raises(StoreFormatError, match="metadata edited since it was written"):
+        dump_views(copy, resume=True, augment_seed=7)
+    assert np.array_equal(
+        stored(group, "view_params"), stored(zarr.open_group(str(view_store)), "view_params")
+    )
+
+
+def test_a_flipped_byte_in_view_params_is_one_line_in_distill(tmp_path, view_store):
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(view_store, copy)
+    chunk = next(p for p in (copy / "view_params" / "c").rglob("*") if p.is_file())
+    content = bytearray(chunk.read_bytes())
+    content[len(content) // 3] ^= 0x10
+    chunk.write_bytes(bytes(content))
+    result = run_cli(
+        "distill",
+        "--student",
+        "mlp:8",
+        "--cache",
+        str(copy),
+        "--dataset",
+        DATASET,
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+        check=False,
+    )
+    assert_one_line_error(result, "view_params", "does not decode")
+
+
+def test_out_of_range_views_of_an_older_store_are_refused_naming_sample_and_view(
+    tmp_path, view_store
+):
+    # A store as the previous release wrote it has no digest over view_params: the range
+    # checks alone stand between an edited record and a student trained on blank views.
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(view_store, copy)
+    as_previous_release(copy)
+    group = zarr.open_group(str(copy), mode="r+")
+    params = stored(group, "view_params")
+    fields = kdcache_record(group)["augment"]["fields"]
+    for field, value, expected in [
+        ("pad_top", 1000, "pad_top = 1000, expected an integer from 0 to 2"),
+        ("partner", -1, "partner = -1, expected another sample's index in [0, 48)"),
+        ("lam", 5, "lam = 5, expected from 0 to 1"),
+    ]:
+        edited = params.copy()
+        edited[9, 2, fields.index(field)] = value
+        zarr_array(group, "view_params")[:] = edited
+        with pytest.raises(
+            StoreCorruptError, match="view 2 of sample 9 has " + re.escape(expected)
+        ):
+            distill(
+                DistillConfig(student="mlp:8", cache=str(copy), out=str(tmp_path / "r"), epochs=1)
+            )
+    assert not (tmp_path / "r" / "last.pt").exists()
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ compressed with zstd plus a crc32c checksum;
 ``labels`` ``(N,)`` when labels are known; ``chunk_written`` ``(num_chunks,)``, one flag per row
 chunk set only after that chunk's data is durably stored; and the :class:`StoreMetadata` record
 in the group attributes, whose ``complete`` flag is written last; ``view_params`` ``(N, V, P)``
-in stores with augmented views.
+in stores with augmented views; ``offsets`` ``(S + 1,)`` and ``first_token`` ``(S,)`` in sequence
+stores (kdcache.store.sequence). Every array is under a digest (kdcache.store.format.digests).
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ VIEW_PARAMS_ARRAY = "view_params"
 #: A sequence store's (N + 1,) token-row offsets and (N,) first token ids (kdcache.store.sequence).
 OFFSETS_ARRAY = "offsets"
 FIRST_TOKEN_ARRAY = "first_token"
+#: Key of a sequence store's layout (num_sequences, num_tokens, max_length) in ``extra``.
+SEQUENCE_KEY = "sequence"
+
+
+def sequence_count(metadata: StoreMetadata) -> int | None:
+    """N, the sequences of a sequence store as its record says (``None`` for other stores, or
+    a record that does not say it as an integer)."""
+    layout = metadata.extra.get(SEQUENCE_KEY)
+    count = layout.get("num_sequences") if isinstance(layout, dict) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 def store_nbytes(path: StoreLike) -> int | None:

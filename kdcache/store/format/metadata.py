@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from kdcache.store.format.schema import validate_record
+from kdcache.store.format.digests import chunk_binding
+from kdcache.store.format.schema import check_record_digest, validate_record
 
 #: Newest on-disk layout this kdcache reads and writes; readers refuse newer versions. Version 2
 #: adds views (rows keyed by sample and view, ``view_params``); a store without views is still
@@ -56,8 +57,10 @@ class StoreMetadata:
     #: Each array's zarr metadata (shape, chunks, dtype, codecs, ...) as created, so that an
     #: edited zarr.json is refused; None in older stores.
     arrays: dict[str, Any] | None = None
-    #: ``{"algorithm", "arrays"}`` of the per-chunk digest table (kdcache.store.format.digests) that
-    #: binds every chunk to its index; None in older stores, which are unverified by index.
+    #: ``{"algorithm", "arrays", "whole", "record"}`` (kdcache.store.format.digests): the per-chunk
+    #: digest table's layout (binds every row chunk to its index), the digest of every array
+    #: written once and of the record itself. None in older stores, which are unverified by
+    #: index; ``whole`` and ``record`` are absent in stores written before they were recorded.
     digests: dict[str, Any] | None = None
     views: int = 1
     augment: dict[str, Any] | None = None
@@ -66,6 +69,11 @@ class StoreMetadata:
     def num_rows(self) -> int:
         """Rows in every per-sample array: one per view of every sample."""
         return self.num_samples * self.views
+
+    @property
+    def chunk_binding(self) -> str:
+        """What every row chunk's digest is bound to (kdcache.store.format.digests)."""
+        return chunk_binding(self.generation, self.digests)
 
     @property
     def num_chunks(self) -> int:
@@ -92,7 +100,9 @@ class StoreMetadata:
         what fails the schema (kdcache.store.format.schema)."""
         validate_record(data, where=where, format_version=FORMAT_VERSION)
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in known})
+        metadata = cls(**{key: value for key, value in data.items() if key in known})
+        check_record_digest(metadata.to_dict(), where=where)
+        return metadata
 
     def replace(self, **changes: Any) -> StoreMetadata:
         return dataclasses.replace(self, **changes)

@@ -16,11 +16,14 @@ from typing import Any
 from kdcache.choices import MAX_VIEWS
 from kdcache.errors import KdcacheError, StoreFormatError
 from kdcache.logits.encodings import parse_encoding
+from kdcache.store.format.digests import DIGEST_BYTES, DIGESTS_ARRAY, record_digest
 
 #: Upper bounds that keep arithmetic on N, C and R far from overflowing int64.
 MAX_SAMPLES = 1 << 40
 MAX_CLASSES = 1 << 31
 MAX_CHUNK_ROWS = 1 << 31
+#: Largest input side (pixels) a view record may be drawn for.
+MAX_SIDE = 1 << 20
 
 
 def _is_int(value: Any) -> bool:
@@ -86,7 +89,16 @@ def _string_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
+def _size(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(_is_int(side) and 1 <= side <= MAX_SIDE for side in value)
+    )
+
+
 _EXPECTED[_optional_int] = "an integer or null"
+_EXPECTED[_size] = "[HEIGHT, WIDTH], two integers >= 1"
 _EXPECTED[_string_list] = "a list of strings"
 
 
@@ -133,8 +145,18 @@ def _check_fidelity(check: _Checker, value: Any) -> None:
     check.require(ok, "fidelity", value, expected)
 
 
+def _hex(value: Any) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) == 2 * DIGEST_BYTES
+        and all(c in "0123456789abcdef" for c in value)
+    )
+
+
 def _check_integrity(check: _Checker, record: dict[str, Any], layout: dict[str, Any]) -> None:
-    """The fields that bind chunks to the store: generation, pinned arrays, digest table."""
+    """The fields that bind chunks and arrays to the store: generation, pinned arrays, digests;
+    and the no-downgrade rule (a store carrying any field of a format that records digests
+    must carry the digests that format records)."""
     generation = record.get("generation", "")
     check.require(
         isinstance(generation, str) and len(generation) <= 64,
@@ -153,14 +175,71 @@ def _check_integrity(check: _Checker, record: dict[str, Any], layout: dict[str, 
             f"an object pinning at least the arrays {sorted(layout)}",
         )
     digests = record.get("digests")
-    if digests is not None:
-        check.require(
-            isinstance(digests, dict)
-            and isinstance(digests.get("algorithm"), str)
-            and digests.get("arrays") == list(layout),
-            "digests",
-            digests,
-            f"an object with a string algorithm and arrays equal to {list(layout)}",
+    augment = record.get("augment")
+    newer = [
+        field
+        for field, present in (
+            ("generation", bool(generation)),
+            ("arrays", arrays is not None),
+            ("augment.sampler", isinstance(augment, dict) and "sampler" in augment),
+        )
+        if present
+    ]
+    if digests is None:
+        if newer:
+            raise _downgraded(check, f"it carries {newer[0]} but no digests")
+        return
+    check.require(
+        isinstance(digests, dict)
+        and isinstance(digests.get("algorithm"), str)
+        and digests.get("arrays") == list(layout),
+        "digests",
+        digests,
+        f"an object with a string algorithm and arrays equal to {list(layout)}",
+    )
+    whole, bound = digests.get("whole"), digests.get("record")
+    if whole is None and bound is None:
+        return  # written before whole arrays and the record were digested
+    if whole is None or bound is None:
+        present, missing = ("record", "whole") if whole is None else ("whole", "record")
+        raise _downgraded(check, f"it records digests.{present} but not digests.{missing}")
+    check.require(
+        isinstance(whole, dict) and all(map(_hex, whole.values())),
+        "digests.whole",
+        whole,
+        "an object of 32-digit hex digests",
+    )
+    check.require(_hex(bound), "digests.record", bound, "a 32-digit hex digest")
+    if arrays is None:
+        raise _downgraded(check, "it records digests.whole but no pinned arrays")
+    # Every array written once with the store (all pinned ones but the row arrays and the
+    # digest table) has its digest: a new kind of array is covered without naming it here.
+    unrowed = set(arrays) - set(layout) - {DIGESTS_ARRAY}
+    check.require(
+        set(whole) == unrowed,
+        "digests.whole",
+        sorted(whole),
+        f"a digest for each of the arrays {sorted(unrowed)}",
+    )
+
+
+def _downgraded(check: _Checker, what: str) -> StoreFormatError:
+    return StoreFormatError(
+        f"{check.where} lacks integrity data its format records ({what}): its digests were "
+        "deleted or the store was damaged; restore it from a good copy or dump it again"
+    )
+
+
+def check_record_digest(record: dict[str, Any], *, where: str) -> None:
+    """Refuse a record whose bound fields no longer match its ``digests.record`` (edited after
+    the store was written); ``record`` has every field of StoreMetadata (defaults filled in)."""
+    recorded = (record.get("digests") or {}).get("record")
+    if recorded is not None and record_digest(record) != recorded:
+        raise StoreFormatError(
+            f"{where} has metadata edited since it was written: its record no longer matches "
+            "digests.record (a changed recipe, seed, sampler, input size, layout, teacher or "
+            "dataset field would make the stored arrays lie); restore the store's zarr.json from "
+            "a good copy or dump the store again"
         )
 
 
@@ -194,6 +273,7 @@ def validate_record(record: Any, *, where: str, format_version: int) -> dict[str
             "seed": _optional_int,
             "sampler": _optional_str,
             "fields": _string_list,
+            "input_size": _size,
         },
     )
     encoding = record.get("encoding")

@@ -5,6 +5,9 @@
 * **Each chunk sits at its index**: its decoded values hash to the digest recorded for that
   chunk index (kdcache.store.format.digests). Stores written before the digest table existed are
   read unverified by index (``kdcache verify`` says so).
+* **Each array written once is the one written**: labels, view_params, offsets, first_token
+  (any array beside the row arrays) hash to the digest the record holds for it, checked when
+  it is read (stores written before these digests existed are read unchecked).
 * **The values are finite** and, for ``topk:K``, class indices lie in [0, C).
 * **The store is still the one opened**: its generation id is re-read after decoding; an
   overwritten store stops the reader instead of mixing two teachers' rows.
@@ -20,15 +23,19 @@ import numpy as np
 
 from kdcache.errors import StoreCorruptError, StoreFormatError
 from kdcache.store.format._zarr_compat import read_group_key
-from kdcache.store.format.digests import DIGEST_BYTES, DIGESTS_ARRAY, chunk_digest
+from kdcache.store.format.digests import DIGEST_BYTES, DIGESTS_ARRAY, chunk_digest, whole_digest
 from kdcache.store.format.layout import (
+    FIRST_TOKEN_ARRAY,
     LABELS_ARRAY,
+    OFFSETS_ARRAY,
     VIEW_PARAMS_ARRAY,
     WRITTEN_ARRAY,
     first_line,
     has_array,
+    missing_chunks,
     open_array,
     row_ranges,
+    sequence_count,
 )
 from kdcache.store.format.location import ZIP_ERRORS
 from kdcache.store.format.metadata import ATTRIBUTE_KEY, StoreMetadata
@@ -66,6 +73,8 @@ class ChunkGuard:
         self._checked: set[str] = set()
         self._digests: np.ndarray | None = None
         self._must_match: np.ndarray | None = None
+        #: Arrays written once whose digest this reader has checked.
+        self._verified: set[str] = set()
 
     def array(self, name: str) -> Any:
         """The array ``name``, refused if it departs from what the store created."""
@@ -76,27 +85,11 @@ class ChunkGuard:
         if name in self._expected:
             shape, dtype, chunks = self._expected[name]
             found = array_problems(array, pinned=pinned, shape=shape, dtype=dtype, chunks=chunks)
-        elif name == LABELS_ARRAY:
-            found = array_problems(
-                array,
-                pinned=pinned,
-                shape=(self.metadata.num_samples,),
-                dtype=np.dtype("int64"),
-                chunks=tuple(array.chunks),
-            )
-        elif name == VIEW_PARAMS_ARRAY:
-            # Its codecs include a transpose: an edited zarr.json would scramble the views.
-            fields = (self.metadata.augment or {}).get("fields")
-            width = len(fields) if fields is not None else (array.shape or (0,))[-1]
-            found = array_problems(
-                array,
-                pinned=pinned,
-                shape=(self.metadata.num_samples, self.metadata.views, width),
-                dtype=np.dtype("float32"),
-                chunks=tuple(array.chunks),
-            )
         else:
-            found = []
+            shape, dtype = self.whole_shape(name, array)
+            found = array_problems(
+                array, pinned=pinned, shape=shape, dtype=dtype, chunks=tuple(array.chunks)
+            )
         if found:
             raise StoreFormatError(
                 f"{self.where}: array {name!r} has {'; '.join(found)}; its zarr.json was edited or "
@@ -105,12 +98,117 @@ class ChunkGuard:
         self._checked.add(name)
         return array
 
+    def whole_shape(self, name: str, array: Any) -> tuple[tuple[int, ...], np.dtype]:
+        """Shape and dtype an array written once with the store must have, from the record."""
+        meta = self.metadata
+        if name == LABELS_ARRAY:
+            return (meta.num_samples,), np.dtype("int64")
+        if name == VIEW_PARAMS_ARRAY:
+            # Its codecs include a transpose: an edited zarr.json would scramble the views.
+            fields = (meta.augment or {}).get("fields")
+            width = len(fields) if fields is not None else (array.shape or (0,))[-1]
+            return (meta.num_samples, meta.views, width), np.dtype("float32")
+        sequences = sequence_count(meta)
+        if name == OFFSETS_ARRAY and sequences is not None:
+            return (sequences + 1,), np.dtype("int64")
+        if name == FIRST_TOKEN_ARRAY and sequences is not None:
+            return (sequences,), np.dtype("int64")
+        return tuple(array.shape), array.dtype
+
+    def whole(self, name: str) -> np.ndarray:
+        """Every value of the array ``name`` written once with the store (labels, view_params,
+        offsets, ...), decoded and checked against its recorded digest."""
+        array = self.present(name)
+        try:
+            values = np.asarray(array[:])
+        except DECODE_ERRORS as error:
+            raise self._undecodable(name, error) from None
+        self.check_whole(name, values)
+        return values
+
+    def present(self, name: str) -> Any:
+        """The array ``name``, refused if a chunk of it is missing (zarr would read it as fill
+        values, which an older store's missing digest could not tell)."""
+        array = self.array(name)
+        if array.ndim and missing_chunks(array, np.arange(array.cdata_shape[0])).size:
+            raise StoreCorruptError(
+                f"{self.where}: array {name!r} lacks some of its chunks (deleted or lost in a "
+                "copy); run `kdcache verify`, then restore the store or dump it again"
+            )
+        return array
+
+    def check_whole(self, name: str, values: np.ndarray) -> None:
+        """Refuse ``values``, all of the array ``name`` as decoded, unless they match its
+        recorded digest (stores written before these digests: no check)."""
+        self._check_whole(name, values.shape, values.dtype, [values])
+
+    def verify_whole(self, name: str) -> None:
+        """Check the array ``name`` against its recorded digest without holding it in memory
+        (once per reader): for arrays read in slices afterwards, such as a sequence store's
+        labels."""
+        if name in self._verified:
+            return
+        array = self.present(name)
+        step = max(1, int(array.chunks[0])) if array.ndim else 1
+
+        def blocks() -> Any:
+            for start in range(0, array.shape[0] if array.ndim else 1, step):
+                try:
+                    yield np.asarray(array[start : start + step] if array.ndim else array[...])
+                except DECODE_ERRORS as error:
+                    raise self._undecodable(name, error) from None
+
+        self._check_whole(name, tuple(array.shape), array.dtype, blocks())
+
+    def _check_whole(self, name: str, shape: tuple[int, ...], dtype: np.dtype, blocks: Any) -> None:
+        recorded = (self.metadata.digests or {}).get("whole")
+        if recorded is None:  # an older store: no digest to check
+            for _ in blocks:
+                pass
+        elif name not in recorded:
+            raise StoreCorruptError(
+                f"{self.where}: array {name!r} is not covered by the store's digests (added "
+                "after it was written); remove it, restore the store or dump it again"
+            )
+        elif whole_digest(name, shape, dtype, blocks) != recorded[name]:
+            self.check_unchanged()
+            raise StoreCorruptError(
+                f"{self.where}: array {name!r} does not match the digest recorded for it "
+                "(edited, replaced, or chunks swapped or taken from another store); run "
+                "`kdcache verify`, then restore the store or dump it again"
+            )
+        self._verified.add(name)
+
+    def _undecodable(self, name: str, error: BaseException) -> StoreCorruptError:
+        return StoreCorruptError(
+            f"{self.where}: array {name!r} does not decode ({first_line(error)}); run "
+            "`kdcache verify`, then restore the store or dump it again"
+        )
+
+    def whole_arrays(self) -> list[str]:
+        """The arrays written once with the store that it holds or must hold: every one it
+        recorded a digest or pinned metadata for, and any present of the known ones."""
+        meta = self.metadata
+        named = {
+            *((meta.digests or {}).get("whole") or {}),
+            *(set(meta.arrays or {}) - set(self._expected)),
+        }
+        group = self._group()
+        present = [
+            name
+            for name in (LABELS_ARRAY, VIEW_PARAMS_ARRAY, OFFSETS_ARRAY, FIRST_TOKEN_ARRAY)
+            if has_array(group, name)
+        ]
+        return sorted(named | set(present))
+
     def check_all_arrays(self) -> None:
-        """Every array a complete store needs is present and as created."""
+        """Every array a complete store needs is present and as created (an array written once
+        that is missing is refused where it is needed, by what needs it)."""
         for name in self._expected:
             self.array(name)
-        if has_array(self._group(), LABELS_ARRAY):
-            self.array(LABELS_ARRAY)
+        for name in self.whole_arrays():
+            if has_array(self._group(), name):
+                self.array(name)
 
     def written(self) -> np.ndarray:
         """Per row chunk, whether its flag says it was written (StoreCorruptError if unreadable)."""
@@ -159,7 +257,7 @@ class ChunkGuard:
                 low, high = meta.chunk_bounds(chunk)
                 piece = values[low - start : high - start]
                 if not np.array_equal(
-                    chunk_digest(meta.generation, name, chunk, piece), table[chunk, column]
+                    chunk_digest(meta.chunk_binding, name, chunk, piece), table[chunk, column]
                 ):
                     self.check_unchanged()
                     raise StoreCorruptError(

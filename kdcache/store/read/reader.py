@@ -23,7 +23,6 @@ from kdcache.store.format.layout import (
     LABELS_ARRAY,
     VIEW_PARAMS_ARRAY,
     StoreLike,
-    first_line,
     has_array,
     missing_chunks,
     open_group,
@@ -33,7 +32,7 @@ from kdcache.store.format.layout import (
 from kdcache.store.format.location import StoreLocation, parse_location
 from kdcache.store.format.metadata import StoreMetadata
 from kdcache.store.read.feed import LogitFeed, parse_size
-from kdcache.store.read.guard import DECODE_ERRORS, ChunkGuard, decode_rows
+from kdcache.store.read.guard import ChunkGuard, decode_rows
 from kdcache.wording import counted
 
 
@@ -97,8 +96,15 @@ class StoreReader:
     def view_params(self) -> np.ndarray | None:
         """``(N, V, P)`` float32 parameters of every view (``None`` without them), read once."""
         if self._view_params is None and has_array(self._group, VIEW_PARAMS_ARRAY):
-            params = self.guard.array(VIEW_PARAMS_ARRAY)[:]
-            self._view_params = np.asarray(params, dtype=np.float32)
+            params = np.asarray(self.guard.whole(VIEW_PARAMS_ARRAY), dtype=np.float32)
+            bad = np.flatnonzero(~np.isfinite(params.reshape(len(params), -1)).all(axis=1))
+            if bad.size:
+                raise StoreCorruptError(
+                    f"{self.where}: array {VIEW_PARAMS_ARRAY!r} holds NaN or Inf for samples "
+                    f"{row_ranges(bad)} (kdcache never writes them: the store was altered); run "
+                    "`kdcache verify` and dump again"
+                )
+            self._view_params = params
         return self._view_params
 
     @property
@@ -111,13 +117,7 @@ class StoreReader:
         """The stored labels (``None`` when the store has none), checked to lie in [0, C)."""
         if not has_array(self._group, LABELS_ARRAY):
             return None
-        try:
-            labels = np.asarray(self.guard.array(LABELS_ARRAY)[:], dtype=np.int64)
-        except DECODE_ERRORS as error:
-            raise StoreCorruptError(
-                f"{self.where}: array {LABELS_ARRAY!r} does not decode ({first_line(error)}); "
-                "run `kdcache verify` and dump again"
-            ) from None
+        labels = np.asarray(self.guard.whole(LABELS_ARRAY), dtype=np.int64)
         bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
         if bad.size:
             raise StoreCorruptError(

@@ -4,8 +4,11 @@
 ranges, the chunks that fail to decode, are missing or do not match the digest recorded for
 their index (moved, swapped or replaced), the rows holding NaN or Inf, arrays whose shape,
 dtype, chunking or codecs disagree with the metadata, labels that disagree with the recorded
-dataset fingerprint, and how far an unfinished dump got. Stores written before the digest
-table existed are reported as unverified by index (a note, not a problem).
+dataset fingerprint, and how far an unfinished dump got. Every array written once with the
+store (labels, view_params, a sequence store's offsets and first_token) is decoded and checked
+against its recorded digest, and the sequence layout against the token rows; the record itself
+is checked against its digest when the store is opened. Stores written before these digests
+existed are reported with a note, not a problem.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from kdcache.errors import StoreCorruptError, StoreError
 from kdcache.progress import progress
 from kdcache.store.format.digests import DIGESTS_ARRAY, chunk_digest
 from kdcache.store.format.layout import (
+    FIRST_TOKEN_ARRAY,
     LABELS_ARRAY,
+    OFFSETS_ARRAY,
+    SEQUENCE_KEY,
     VIEW_PARAMS_ARRAY,
     WRITTEN_ARRAY,
     ZARR_METADATA_ERRORS,
@@ -36,6 +42,7 @@ from kdcache.store.format.pinning import array_problems
 from kdcache.store.read.feed import LOAD_BLOCK_CHUNKS
 from kdcache.store.read.guard import DECODE_ERRORS as _DECODE_ERRORS
 from kdcache.store.read.reader import StoreReader, open_store
+from kdcache.store.sequence import sequence_problems
 from kdcache.wording import counted
 
 
@@ -101,13 +108,22 @@ def verify_store(path: str | os.PathLike[str]) -> VerifyReport:
         array = _checked_array(reader, name, (meta.num_rows, *row_shape), np.dtype(dtype), problems)
         if array is not None:
             checked += _scan(reader, array, written, digests, problems)
-    _check_labels(reader, problems)
-    _check_view_params(reader, problems)
+    whole = _whole_arrays(reader, problems)
+    _check_labels(reader, whole.get(LABELS_ARRAY), problems)
+    _check_view_params(reader, whole.get(VIEW_PARAMS_ARRAY), problems)
+    _check_sequences(reader, whole, problems)
     notes = []
     if not meta.digests:
         notes.append(
             "written before kdcache recorded chunk digests: chunks are checksummed but not bound "
             "to their index (a chunk moved or swapped within an array would go unnoticed)"
+        )
+    elif "record" not in meta.digests and reader.guard.whole_arrays():
+        unbound = ", ".join(reader.guard.whole_arrays())
+        notes.append(
+            f"written before kdcache digested its record and {unbound}: "
+            "those are checksummed and range-checked but an edit that stays in range would go "
+            "unnoticed; dump again to bind them"
         )
     leftovers = partial_files(location)
     if leftovers:
@@ -142,7 +158,7 @@ def _written_chunks(reader: StoreReader, problems: list[str]) -> np.ndarray:
     try:
         return reader.guard.written()
     except StoreError as error:
-        problems.append(str(error).partition(": ")[2].partition("; ")[0] or str(error))
+        problems.append(_problem(error))
         return np.ones(num_chunks, dtype=bool)
 
 
@@ -153,7 +169,7 @@ def _digest_table(reader: StoreReader, problems: list[str]) -> np.ndarray | None
     try:
         return np.asarray(reader.guard.array(DIGESTS_ARRAY)[:])
     except StoreError as error:
-        problems.append(str(error).partition(": ")[2].partition("; ")[0] or str(error))
+        problems.append(_problem(error))
     except _DECODE_ERRORS as error:
         problems.append(f"the digest table {DIGESTS_ARRAY!r} does not decode ({first_line(error)})")
     return None
@@ -265,13 +281,53 @@ def _misplaced(
     first = offset // meta.chunk_rows
     for chunk in range(first, first + -(-len(data) // meta.chunk_rows)):
         low, high = meta.chunk_bounds(chunk)
-        digest = chunk_digest(meta.generation, name, chunk, data[low - offset : high - offset])
+        digest = chunk_digest(meta.chunk_binding, name, chunk, data[low - offset : high - offset])
         if not np.array_equal(digest, digests[chunk, column]):
             found.append(np.arange(low, high))
     return found
 
 
-def _check_labels(reader: StoreReader, problems: list[str]) -> None:
+def _problem(error: StoreError) -> str:
+    """A reader's one-line refusal as a verify problem (without the store's name and advice)."""
+    return str(error).partition(": ")[2].partition("; ")[0] or str(error)
+
+
+def _whole_arrays(reader: StoreReader, problems: list[str]) -> dict[str, np.ndarray]:
+    """Every array written once with the store that decodes, matches its pinned metadata and
+    its recorded digest, by name; what fails is recorded as a problem."""
+    values = {}
+    for name in reader.guard.whole_arrays():
+        if not has_array(reader.group, name):
+            problems.append(
+                f"array {name!r} is missing but the metadata records it (deleted or lost in a copy)"
+            )
+            continue
+        try:
+            raw: Any = reader.group[name]
+        except ZARR_METADATA_ERRORS as error:
+            problems.append(f"array {name!r} has an unreadable zarr.json ({first_line(error)})")
+            continue
+        shape, _ = reader.guard.whole_shape(name, raw)
+        if tuple(raw.shape) != shape:
+            problems.append(f"array {name!r} has shape {tuple(raw.shape)}, expected {shape}")
+            continue
+        try:
+            data = np.asarray(reader.guard.present(name)[:])
+        except StoreError as error:
+            problems.append(_problem(error))
+            continue
+        except _DECODE_ERRORS as error:
+            problems.append(f"array {name!r} does not decode ({first_line(error)})")
+            continue
+        values[name] = data  # checked below for what else is wrong, digest or not
+        try:
+            reader.guard.check_whole(name, data)
+        except StoreError as error:
+            problems.append(_problem(error))
+    return values
+
+
+def _check_labels(reader: StoreReader, labels: np.ndarray | None, problems: list[str]) -> None:
     """Labels within [0, C) and matching the recorded dataset fingerprint."""
     fingerprint = (reader.metadata.dataset or {}).get("fingerprint") or {}
     for key in ("num_samples", "num_classes"):
@@ -280,33 +336,9 @@ def _check_labels(reader: StoreReader, problems: list[str]) -> None:
                 f"dataset fingerprint says {key}={fingerprint[key]} but the store has "
                 f"{getattr(reader, key)}"
             )
-    if not has_array(reader.group, LABELS_ARRAY):
+    if labels is None:
         return
-    try:
-        array: Any = reader.group[LABELS_ARRAY]
-    except ZARR_METADATA_ERRORS as error:
-        problems.append(f"array {LABELS_ARRAY!r} has an unreadable zarr.json ({first_line(error)})")
-        return
-    if array.shape != (reader.num_samples,):
-        problems.append(
-            f"array {LABELS_ARRAY!r} has shape {array.shape}, expected ({reader.num_samples},)"
-        )
-        return
-    found = array_problems(
-        array,
-        pinned=(reader.metadata.arrays or {}).get(LABELS_ARRAY),
-        shape=(reader.num_samples,),
-        dtype=np.dtype("int64"),
-        chunks=tuple(array.chunks),
-    )
-    if found:
-        problems.append(f"array {LABELS_ARRAY!r} has {', '.join(found)}")
-        return
-    try:
-        labels = np.asarray(array[:], dtype=np.int64)
-    except _DECODE_ERRORS as error:
-        problems.append(f"array {LABELS_ARRAY!r} does not decode ({error})")
-        return
+    labels = labels.astype(np.int64)
     out_of_range = np.flatnonzero((labels < 0) | (labels >= reader.num_classes))
     if out_of_range.size:
         problems.append(
@@ -321,35 +353,61 @@ def _check_labels(reader: StoreReader, problems: list[str]) -> None:
         )
 
 
-def _check_view_params(reader: StoreReader, problems: list[str]) -> None:
-    """``view_params`` of shape (N, V, len(fields)), decodable and finite, in a store with views."""
+def _check_view_params(reader: StoreReader, params: np.ndarray | None, problems: list[str]) -> None:
+    """The ``augment`` record complete, and ``view_params`` of shape (N, V, len(fields)) and
+    finite, in a store with views. (Each record's ranges depend on its recipe: they are checked
+    where the views are recreated, kdcache.augment.views.)"""
     meta = reader.metadata
-    fields = (meta.augment or {}).get("fields")
-    if not has_array(reader.group, VIEW_PARAMS_ARRAY):
-        if fields is not None:
+    augment = meta.augment
+    if augment is None:
+        if meta.views > 1:
             problems.append(
-                f"array {VIEW_PARAMS_ARRAY!r} is missing but the metadata records the recipe "
-                f"{(meta.augment or {}).get('recipe')!r}; the views cannot be recreated"
+                f"the store holds {meta.views} views per sample but records no augment recipe; "
+                "the views cannot be recreated"
             )
         return
-    try:
-        array = reader.guard.array(VIEW_PARAMS_ARRAY)
-    except StoreError as error:
-        problems.append(str(error).partition(": ")[2].partition("; ")[0] or str(error))
+    for key, valid in (
+        ("recipe", isinstance(augment.get("recipe"), str) and bool(augment.get("recipe"))),
+        ("seed", isinstance(augment.get("seed"), int)),
+        ("fields", isinstance(augment.get("fields"), list)),
+    ):
+        if not valid:
+            problems.append(f"augment.{key} is {augment.get(key)!r}: the views cannot be recreated")
+    fields = augment.get("fields")
+    if params is None:
+        reported = VIEW_PARAMS_ARRAY in reader.guard.whole_arrays()  # by _whole_arrays
+        if not reported and not has_array(reader.group, VIEW_PARAMS_ARRAY):
+            problems.append(
+                f"array {VIEW_PARAMS_ARRAY!r} is missing but the metadata records the recipe "
+                f"{augment.get('recipe')!r}; the views cannot be recreated"
+            )
         return
-    width = len(fields) if fields is not None else array.shape[-1]
-    if array.shape != (meta.num_samples, meta.views, width):
+    width = len(fields) if isinstance(fields, list) else params.shape[-1]
+    if params.shape != (meta.num_samples, meta.views, width):
         problems.append(
-            f"array {VIEW_PARAMS_ARRAY!r} has shape {array.shape}, expected "
+            f"array {VIEW_PARAMS_ARRAY!r} has shape {params.shape}, expected "
             f"({meta.num_samples}, {meta.views}, {width}) for N={meta.num_samples}, "
             f"V={meta.views} and {width} parameter fields"
         )
         return
-    try:
-        params = np.asarray(array[:])
-    except _DECODE_ERRORS as error:
-        problems.append(f"array {VIEW_PARAMS_ARRAY!r} does not decode ({error})")
-        return
     bad = np.flatnonzero(~np.isfinite(params.reshape(meta.num_samples, -1)).all(axis=1))
     if bad.size:
         problems.append(f"array {VIEW_PARAMS_ARRAY!r}: NaN or Inf for samples {row_ranges(bad)}")
+
+
+def _check_sequences(
+    reader: StoreReader, values: dict[str, np.ndarray], problems: list[str]
+) -> None:
+    """A sequence store's offsets, first_token and sequence record agree with its token rows."""
+    if not isinstance(reader.metadata.extra.get(SEQUENCE_KEY), dict):
+        return
+    missing = [name for name in (OFFSETS_ARRAY, FIRST_TOKEN_ARRAY) if name not in values]
+    for name in missing:
+        if not has_array(reader.group, name) and name not in reader.guard.whole_arrays():
+            problems.append(f"array {name!r} of the sequence store is missing")
+    if not missing:
+        problems += sequence_problems(
+            reader.metadata,
+            values[OFFSETS_ARRAY].astype(np.int64),
+            values[FIRST_TOKEN_ARRAY].astype(np.int64),
+        )

@@ -3,6 +3,7 @@ resumed, what a replacing dump may delete, and the arrays of a fresh store."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,21 @@ from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
 from kdcache.errors import ConfigError, KdcacheError, StoreExistsError, StoreMismatchError
 from kdcache.logits.encodings import Encoding, parse_encoding
-from kdcache.store.format.digests import ALGORITHM, DIGEST_BYTES, DIGESTS_ARRAY
+from kdcache.store.format.digests import (
+    ALGORITHM,
+    DIGEST_BYTES,
+    DIGESTS_ARRAY,
+    record_digest,
+    values_digest,
+)
 from kdcache.store.format.layout import (
     FIRST_TOKEN_ARRAY,
     LABELS_ARRAY,
     OFFSETS_ARRAY,
     VIEW_PARAMS_ARRAY,
     WRITTEN_ARRAY,
+    has_array,
+    open_array,
     own_keys,
     read_metadata,
     row_ranges,
@@ -232,10 +241,13 @@ def create_arrays(
     codec: Encoding,
     label_values: np.ndarray | None,
     view_params: np.ndarray | None = None,
+    further: dict[str, np.ndarray] | None = None,
 ) -> tuple[zarr.Group, StoreMetadata]:
     """Create every array of a fresh store in ``store`` (emptied first); returns its group and
-    its metadata with the digest layout and the pinned array metadata filled in. Per-row arrays
-    hold ``num_samples * views`` rows; ``view_params`` ``(N, V, P)`` is stored when given."""
+    its metadata with the digests and the pinned array metadata filled in. Per-row arrays
+    hold ``num_samples * views`` rows; ``view_params`` ``(N, V, P)`` is stored when given, and
+    each of ``further`` (name: int64 values, e.g. a sequence store's ``offsets``) as one array.
+    Every array written here is digested whole (kdcache.store.format.digests)."""
     num_samples, num_classes, rows = metadata.num_samples, metadata.num_classes, metadata.chunk_rows
     layout = codec.layout(num_classes)
     metadata = metadata.replace(digests={"algorithm": ALGORITHM, "arrays": list(layout)})
@@ -254,6 +266,7 @@ def create_arrays(
             fill_value=0,
             compressors=_compressors(),
         )
+    whole: dict[str, np.ndarray] = {}
     if label_values is not None:
         arrays[LABELS_ARRAY] = group.create_array(
             LABELS_ARRAY,
@@ -263,7 +276,7 @@ def create_arrays(
             fill_value=-1,
             compressors=_compressors(),
         )
-        arrays[LABELS_ARRAY][:] = label_values
+        whole[LABELS_ARRAY] = label_values
     if view_params is not None:
         _, views, width = view_params.shape
         arrays[VIEW_PARAMS_ARRAY] = group.create_array(
@@ -274,7 +287,20 @@ def create_arrays(
             fill_value=0,
             **_view_params_codecs(),
         )
-        arrays[VIEW_PARAMS_ARRAY][:] = view_params
+        whole[VIEW_PARAMS_ARRAY] = view_params
+    for name, values in (further or {}).items():
+        # Small next to the rows: one chunk, written before any row can be flagged.
+        arrays[name] = group.create_array(
+            name,
+            shape=values.shape,
+            chunks=(max(1, values.size),),
+            dtype="int64",
+            fill_value=0,
+            compressors=_compressors(),
+        )
+        whole[name] = values
+    for name, values in whole.items():
+        arrays[name][:] = values
     arrays[DIGESTS_ARRAY] = group.create_array(
         DIGESTS_ARRAY,
         shape=(metadata.num_chunks, len(layout), DIGEST_BYTES),
@@ -283,7 +309,19 @@ def create_arrays(
         fill_value=0,
         compressors=[Crc32cCodec()],
     )
-    metadata = metadata.replace(arrays={name: array_spec(a) for name, a in arrays.items()})
+    digests = {
+        **(metadata.digests or {}),
+        "whole": {
+            name: values_digest(name, np.asarray(values, dtype=arrays[name].dtype))
+            for name, values in whole.items()
+        },
+    }
+    metadata = metadata.replace(
+        arrays={name: array_spec(a) for name, a in arrays.items()}, digests=digests
+    )
+    # The record digest covers the record as it reads back from JSON (tuples become lists).
+    bound = json.loads(json.dumps(metadata.to_dict()))
+    metadata = metadata.replace(digests={**digests, "record": record_digest(bound)})
     group.attrs[ATTRIBUTE_KEY] = metadata.to_dict()
     # Created last: its presence means every other array, the labels and the record are in place.
     group.create_array(
@@ -319,6 +357,32 @@ def checked_labels(
             f"for samples {row_ranges(bad)}; pass labels=None for unlabeled data, or fix them"
         )
     return values.astype(np.int64)
+
+
+def check_same_arrays(
+    group: zarr.Group, old: StoreMetadata, given: dict[str, np.ndarray | None], where: str
+) -> None:
+    """Refuse to resume a store whose arrays written once (labels, view_params, offsets, ...)
+    differ from this dump's: its missing rows would be computed for other inputs. Compared by
+    digest where the store records one, else by reading the stored values."""
+    recorded = (old.digests or {}).get("whole")
+    for name, values in given.items():
+        if values is None:
+            continue
+        if not has_array(group, name):
+            same = False
+        elif recorded is not None and name in recorded:
+            array = open_array(group, name, where)
+            same = values_digest(name, np.asarray(values, dtype=array.dtype)) == recorded[name]
+        else:
+            stored = np.asarray(open_array(group, name, where)[:])
+            same = stored.shape == values.shape and np.array_equal(stored, values)
+        if not same:
+            raise StoreMismatchError(
+                f"cannot resume {where}: its {name} differ from this dump's (another dataset, "
+                "seed or recipe, or the store was edited); resume with the original settings or "
+                "pass --overwrite to start over"
+            )
 
 
 def checked_view_params(

@@ -16,7 +16,12 @@ import zarr
 
 from kdcache.errors import StoreExistsError
 from kdcache.logits.encodings import Encoding
-from kdcache.store.format.layout import WRITTEN_ARRAY, has_array
+from kdcache.store.format.layout import (
+    LABELS_ARRAY,
+    VIEW_PARAMS_ARRAY,
+    WRITTEN_ARRAY,
+    has_array,
+)
 from kdcache.store.format.location import (
     StoreLocation,
     remove_partial_files,
@@ -25,6 +30,7 @@ from kdcache.store.format.location import (
 from kdcache.store.format.metadata import StoreMetadata
 from kdcache.store.write.creation import (
     check_resumable,
+    check_same_arrays,
     clear_staging,
     create_arrays,
     existing_store,
@@ -56,11 +62,14 @@ def open_for_writing(
     *,
     resume: bool,
     overwrite: bool,
+    further: dict[str, np.ndarray] | None = None,
 ) -> WriteTarget:
     """Where a writer of ``metadata`` at ``location`` writes: a fresh store, the interrupted one
     it resumes, or a staging replacement; refuses anything it must not touch. The caller holds
-    the store's writer lock."""
+    the store's writer lock. ``further`` are arrays written once beside the labels
+    (kdcache.store.write.creation.create_arrays)."""
     where = location.text
+    given = {LABELS_ARRAY: label_values, VIEW_PARAMS_ARRAY: view_params, **(further or {})}
     existing = existing_store(location, store)
     if existing is None:
         if not location.is_empty():
@@ -68,18 +77,22 @@ def open_for_writing(
                 f"{where} exists and is not a kdcache store; choose another path (kdcache never "
                 "deletes it)"
             )
-        return _new_store(store, metadata, codec, label_values, view_params)
+        return _new_store(store, metadata, codec, label_values, view_params, further)
     group, old = existing
     if resume and not overwrite:
         if not old.complete:
             check_resumable(old, metadata, where)
             remove_partial_files(location)  # temporary files of a killed writer; we hold the lock
-            if has_array(group, WRITTEN_ARRAY):
+            if has_array(group, WRITTEN_ARRAY) and all(
+                has_array(group, name) for name in further or {}
+            ):
+                check_same_arrays(group, old, given, where)
                 return WriteTarget(group, old)
-            # Killed while creating the arrays: nothing was computed yet, so start afresh.
-            return _new_store(store, metadata, codec, label_values, view_params)
+            # Killed while creating the arrays (or, before they were created with the store,
+            # before a sequence store's offsets were written): nothing was computed yet.
+            return _new_store(store, metadata, codec, label_values, view_params, further)
         if location.folder is not None:
-            resumed = _resume_replacement(location, metadata, where)
+            resumed = _resume_replacement(location, metadata, where, given)
             if resumed is not None:
                 return resumed
     if not overwrite:
@@ -95,7 +108,7 @@ def open_for_writing(
     root = location.folder
     if root is None:
         # Object stores cannot swap a prefix atomically: the old store goes first (docs/sharing.md).
-        return _new_store(store, metadata, codec, label_values, view_params)
+        return _new_store(store, metadata, codec, label_values, view_params, further)
     refuse_foreign_entries(root, known_keys(group, old), where)
     staging = staging_location(location)
     clear_staging(staging, where)
@@ -106,12 +119,16 @@ def open_for_writing(
         codec,
         label_values,
         view_params,
+        further,
         replaces=(Path(staging.target), root),
     )
 
 
 def _resume_replacement(
-    location: StoreLocation, metadata: StoreMetadata, where: str
+    location: StoreLocation,
+    metadata: StoreMetadata,
+    where: str,
+    given: dict[str, np.ndarray | None],
 ) -> WriteTarget | None:
     """The staging store of an interrupted ``--overwrite`` of ``location``, if one waits."""
     staging = staging_location(location)
@@ -122,6 +139,7 @@ def _resume_replacement(
         return None
     group, old = existing
     check_resumable(old, metadata, where)
+    check_same_arrays(group, old, given, where)
     remove_partial_files(staging)
     return WriteTarget(group, old, replaces=(Path(staging.target), Path(location.target)))
 
@@ -132,9 +150,10 @@ def _new_store(
     codec: Encoding,
     label_values: np.ndarray | None,
     view_params: np.ndarray | None,
+    further: dict[str, np.ndarray] | None = None,
     *,
     replaces: tuple[Path, Path] | None = None,
 ) -> WriteTarget:
     """A fresh store created in ``store`` (emptied first)."""
-    group, metadata = create_arrays(store, metadata, codec, label_values, view_params)
+    group, metadata = create_arrays(store, metadata, codec, label_values, view_params, further)
     return WriteTarget(group, metadata, replaces=replaces)

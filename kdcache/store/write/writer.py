@@ -222,7 +222,7 @@ class StoreWriter:
             self._arrays[name][start:stop] = values
         if self._digests_array is not None:
             self._digests_array[chunk] = chunk_digests(
-                self.metadata.generation, self._digest_names, chunk, buffers
+                self.metadata.chunk_binding, self._digest_names, chunk, buffers
             )
         if self._sync is not None:  # data and digests must be on disk before the flag can be
             arrays = [*self._arrays.values()]
@@ -339,6 +339,7 @@ def create_store(
     augment: dict[str, Any] | None = None,
     view_params: np.ndarray | None = None,
     fsync: bool = True,
+    arrays: dict[str, np.ndarray] | None = None,
 ) -> StoreWriter:
     """Create an empty store at ``path`` (or reopen an interrupted one) and return its writer.
 
@@ -352,9 +353,11 @@ def create_store(
     one only once the new one is complete (and verifies, if ``finalize`` is given ``verify``;
     kdcache.store.write.swap). Anything else already at ``path`` is never touched. ``labels``
     must be integer classes in ``[0, num_classes)``. ``extra`` is recorded as the metadata's
-    ``extra`` (a sequence store keeps its layout there). The writer holds the store's
-    single-writer lock (kdcache.store.write.locking) until ``finalize`` or ``close``.
-    ``fsync=False`` skips making each chunk durable before its flag
+    ``extra`` (a sequence store keeps its layout there). ``arrays`` (name: int64 values) are
+    further arrays written once with the store, e.g. a sequence store's ``offsets``; like the
+    labels and ``view_params`` they are digested and a resume must give the same values. The
+    writer holds the store's single-writer lock (kdcache.store.write.locking) until ``finalize``
+    or ``close``. ``fsync=False`` skips making each chunk durable before its flag
     (kdcache.store.write.durability).
     """
     location = parse_location(path).resolved()
@@ -396,6 +399,7 @@ def create_store(
             params,
             resume=resume,
             overwrite=overwrite,
+            further=arrays,
         )
         writer = StoreWriter(target.group, target.metadata, where, lock, replaces=target.replaces)
         writer._sync = ChunkSync.for_location(location, enabled=fsync)
