@@ -16,6 +16,7 @@ import zarr
 from conftest import run_cli
 from lm_fixtures import lm_files_fixture  # noqa: F401  (provides the lm_files fixture)
 from narrowing import dense, kdcache_record, stored
+from older_stores import as_previous_release
 from safetensors.torch import load_file
 from zarr.storage import ZipStore
 
@@ -160,10 +161,8 @@ def test_a_resume_matches_the_text_by_content_even_as_an_older_release_recorded_
     finally:
         lm_teachers.FAIL_AFTER = None
     # Releases before this one recorded the path as typed, relative to where the dump ran.
-    group = zarr.open_group(str(out), mode="r+")
-    record = kdcache_record(group)
-    record["dataset"] = {**record["dataset"], "spec": "text:corpus.jsonl:16"}
-    group.attrs["kdcache"] = record
+    recorded = kdcache_record(zarr.open_group(str(out), mode="r"))["dataset"]
+    as_previous_release(out, dataset={**recorded, "spec": "text:corpus.jsonl:16"})
 
     monkeypatch.chdir(tmp_path)
     resumed = dump_lm(DumpConfig(**options, dataset="text:data/corpus.jsonl:16", resume=True))
