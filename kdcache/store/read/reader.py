@@ -23,6 +23,7 @@ from kdcache.store.format.layout import (
     LABELS_ARRAY,
     VIEW_PARAMS_ARRAY,
     StoreLike,
+    first_line,
     has_array,
     missing_chunks,
     open_group,
@@ -32,7 +33,7 @@ from kdcache.store.format.layout import (
 from kdcache.store.format.location import StoreLocation, parse_location
 from kdcache.store.format.metadata import StoreMetadata
 from kdcache.store.read.feed import LogitFeed, parse_size
-from kdcache.store.read.guard import ChunkGuard, decode_rows
+from kdcache.store.read.guard import DECODE_ERRORS, ChunkGuard, decode_rows
 from kdcache.wording import counted
 
 
