@@ -49,5 +49,6 @@ def finalize_ranks(session: RankSession, writer: StoreWriter) -> None:
 
 
 def verify_replacement(folder: Path) -> None:
-    """Everything ``kdcache verify`` checks, on a complete replacement before its swap."""
-    verify_store(folder).raise_if_bad()
+    """Everything ``kdcache verify`` checks, on a replacement whose every row is written, before
+    it is marked complete and swapped in."""
+    verify_store(folder, finishing=True).raise_if_bad()

@@ -17,7 +17,8 @@ the metadata's ``num_samples`` counts token rows and ``extra["sequence"]`` recor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -100,8 +101,10 @@ class SequenceWriter:
         """Store the rows (n, V) of ``samples``: each sample's L - 1 rows in order, concatenated."""
         self.writer.write(self.token_rows(samples), logits)
 
-    def finalize(self) -> Any:
-        return self.writer.finalize()
+    def finalize(self, *, verify: Callable[[Path], None] | None = None) -> Any:
+        """Mark the store complete; ``verify`` checks a replacement first
+        (:meth:`kdcache.store.write.writer.StoreWriter.finalize`)."""
+        return self.writer.finalize(verify=verify)
 
     def close(self) -> None:
         self.writer.close()

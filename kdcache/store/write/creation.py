@@ -4,7 +4,7 @@ resumed, what a replacing dump may delete, and the arrays of a fresh store."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -357,6 +357,30 @@ def checked_labels(
             f"for samples {row_ranges(bad)}; pass labels=None for unlabeled data, or fix them"
         )
     return values.astype(np.int64)
+
+
+def checked_further_arrays(
+    arrays: dict[str, np.ndarray] | None, *, reserved: Iterable[str]
+) -> dict[str, np.ndarray] | None:
+    """``arrays`` (written once beside the rows) as int64, refusing a name the store already
+    uses and values that are not integers (a float would be truncated)."""
+    if not arrays:
+        return arrays
+    taken = {*reserved, LABELS_ARRAY, VIEW_PARAMS_ARRAY, WRITTEN_ARRAY, DIGESTS_ARRAY}
+    checked = {}
+    for name, values in arrays.items():
+        if name in taken:
+            raise ConfigError(
+                f"array name {name!r} is taken by the store itself ({', '.join(sorted(taken))}); "
+                "choose another name"
+            )
+        values = np.asarray(values)
+        if values.dtype.kind not in "iu":
+            raise ConfigError(
+                f"array {name!r} must hold integers, got {values.dtype}; pass an integer array"
+            )
+        checked[name] = values.astype(np.int64)
+    return checked
 
 
 def check_same_arrays(

@@ -47,6 +47,7 @@ from kdcache.store.format.metadata import (
     StoreMetadata,
 )
 from kdcache.store.write.creation import (
+    checked_further_arrays,
     checked_labels,
     checked_sizes,
     checked_view_params,
@@ -248,8 +249,9 @@ class StoreWriter:
         """Mark the store complete (and swap a replacement into place); refuses while any row
         is missing.
 
-        ``verify(folder)`` checks a complete replacement (``overwrite=True``) before it is
-        swapped in, e.g. ``lambda folder: verify_store(folder).raise_if_bad()``: if it raises,
+        ``verify(folder)`` checks a replacement (``overwrite=True``) whose every row is written,
+        before it is marked complete and swapped in, e.g.
+        ``lambda folder: verify_store(folder, finishing=True).raise_if_bad()``: if it raises,
         the replacement is deleted, the old store stays as it was and the error names both.
         """
         # The flags in the store are the truth: other ranks of a torchrun job wrote chunks too.
@@ -262,19 +264,26 @@ class StoreWriter:
             )
         fidelity = self.fidelity.result()
         self.metadata = self.metadata.replace(
-            complete=True, fidelity=None if fidelity is None else fidelity.to_dict()
+            fidelity=None if fidelity is None else fidelity.to_dict()
         )
-        self._group.attrs[ATTRIBUTE_KEY] = self.metadata.to_dict()
-        if self._sync is not None:
-            self._sync.metadata()
+        if self._replaces is not None and verify is not None:
+            # Verified before it is marked complete: a replacement interrupted while it is being
+            # verified stays an unfinished one, which --resume finishes and --overwrite clears.
+            self._write_metadata()
+            self._verify_replacement(self._replaces[0], verify)
+        self.metadata = self.metadata.replace(complete=True)
+        self._write_metadata()
         if self._replaces is not None:
             staging, target = self._replaces
-            if verify is not None:
-                self._verify_replacement(staging, verify)
             swap_in(staging, target, self._where)  # still under the lock: no writer meets a gap
             self._replaces = None
         self.close()
         return self.metadata
+
+    def _write_metadata(self) -> None:
+        self._group.attrs[ATTRIBUTE_KEY] = self.metadata.to_dict()
+        if self._sync is not None:
+            self._sync.metadata()
 
     def _verify_replacement(self, staging: Path, verify: Callable[[Path], None]) -> None:
         try:
@@ -368,6 +377,7 @@ def create_store(
     codec = parse_encoding(encoding)
     rows = checked_sizes(codec, num_samples, num_classes, chunk_rows, views=views)
     label_values = checked_labels(labels, num_samples, num_classes)
+    further = checked_further_arrays(arrays, reserved=codec.layout(num_classes))
     if location.folder is not None:
         refuse_inside_store(location.target, "the store path")
 
@@ -399,7 +409,7 @@ def create_store(
             params,
             resume=resume,
             overwrite=overwrite,
-            further=arrays,
+            further=further,
         )
         writer = StoreWriter(target.group, target.metadata, where, lock, replaces=target.replaces)
         writer._sync = ChunkSync.for_location(location, enabled=fsync)

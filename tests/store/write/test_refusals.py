@@ -114,7 +114,7 @@ def test_labels_a_reader_would_refuse_are_refused_before_anything_is_written(
 
 
 def verify_replacement(folder: Path) -> None:
-    verify_store(folder).raise_if_bad()
+    verify_store(folder, finishing=True).raise_if_bad()
 
 
 def small_store(path: Path, value: float, *, overwrite: bool = False) -> None:
@@ -142,6 +142,39 @@ def test_overwrite_swaps_in_a_replacement_only_once_it_verifies(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["s.zarr"]  # lock released too
     small_store(store, 3.0, overwrite=True)  # a replacement that verifies is swapped in
     assert dense(open_store(store).read([3])).tolist() == [[3.0, 3.0]]
+
+
+def test_a_replacement_interrupted_while_it_is_verified_stays_resumable(tmp_path):
+    store = tmp_path / "s.zarr"
+    small_store(store, 1.0)
+
+    def interrupted(folder: Path) -> None:
+        assert not verify_store(folder).ok  # not marked complete while it is being verified
+        raise KeyboardInterrupt
+
+    for finish in ("resume", "overwrite"):
+        writer = create_store(
+            store, num_samples=4, num_classes=2, chunk_rows=2, encoding="float32", overwrite=True
+        )
+        writer.write(np.arange(4), np.full((4, 2), 2.0))
+        with pytest.raises(KeyboardInterrupt):
+            writer.finalize(verify=interrupted)
+        writer.close()
+        assert dense(open_store(store).read([0])).tolist() == [[1.0, 1.0]]
+        again = create_store(
+            store,
+            num_samples=4,
+            num_classes=2,
+            chunk_rows=2,
+            encoding="float32",
+            resume=finish == "resume",
+            overwrite=finish == "overwrite",
+        )
+        if finish == "overwrite":
+            again.write(np.arange(4), np.full((4, 2), 2.0))
+        again.finalize(verify=verify_replacement)
+        assert dense(open_store(store).read([0])).tolist() == [[2.0, 2.0]]
+        small_store(store, 1.0, overwrite=True)
 
 
 #: Values a teacher could hand the writer: ordinary, at and beyond each encoding's limits.
@@ -212,3 +245,19 @@ def test_any_row_indices_are_refused_or_name_exactly_the_rows_written(indices):
         assert indices.dtype.kind in "iu"
         written = set(range(4)) - set(writer.pending_indices().tolist())
         assert written == {int(index) for index in indices}
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"labels": np.zeros(3, dtype=np.int64)}, "array name 'labels' is taken by the store"),
+        ({"logits": np.zeros(3, dtype=np.int64)}, "array name 'logits' is taken by the store"),
+        ({"offsets": np.array([0.0, 1.5])}, "array 'offsets' must hold integers, got float64"),
+    ],
+)
+def test_further_arrays_with_a_taken_name_or_non_integer_values_are_refused(
+    tmp_path, arrays, message
+):
+    with pytest.raises(ConfigError, match=message):
+        create_store(tmp_path / "s.zarr", num_samples=3, num_classes=3, arrays=arrays)
+    assert not (tmp_path / "s.zarr").exists()
