@@ -196,6 +196,9 @@ def _dump_lm(config: DumpConfig, session: RankSession) -> LMDumpResult:
         teacher={
             "spec": config.teacher,
             "weights_sha256": teacher.weights_sha256,
+            # Batches are padded to their longest sequence: another batch size changes the
+            # kernels' shapes and the rows' last bits, so a resume must keep it.
+            "batch_size": config.batch_size,
             # As for images: autocast logits differ from float32 ones by about bf16/fp16 rounding.
             **({"amp": config.amp} if config.amp else {}),
         },

@@ -213,3 +213,21 @@ def test_overwrite_replaces_a_token_store_only_once_the_new_one_is_complete(tmp_
     assert after.tokens(7).tolist() == dataset.sequences[7].tolist()
     assert verify_store(out).ok
     assert sorted(path.name for path in tmp_path.iterdir()) == ["t.zarr"]
+
+
+def test_a_resume_with_another_batch_size_is_refused(tmp_path, lm_files):
+    out = tmp_path / "b.zarr"
+    lm_teachers.FOLDER = str(lm_files["teacher"])
+    options: dict[str, Any] = dict(
+        teacher="lm_teachers:flaky", out=str(out), dataset=f"text:{lm_files['corpus']}:16"
+    )
+    lm_teachers.FAIL_AFTER = 3
+    try:
+        with pytest.raises(lm_teachers.Interrupted):
+            dump_lm(DumpConfig(**options, batch_size=8, chunk_rows=40))
+    finally:
+        lm_teachers.FAIL_AFTER = None
+    before = sorted((path.name, path.stat().st_size) for path in out.rglob("*"))
+    with pytest.raises(StoreMismatchError, match=r"teacher\.batch_size is 8 but this dump has 4"):
+        dump_lm(DumpConfig(**options, batch_size=4, chunk_rows=40, resume=True))
+    assert sorted((path.name, path.stat().st_size) for path in out.rglob("*")) == before
