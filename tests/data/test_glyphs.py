@@ -138,6 +138,29 @@ def test_the_cache_is_read_and_a_damaged_file_is_drawn_again(cache):
         assert glyphs._load(path) is not None
 
 
+@pytest.mark.parametrize(
+    "planted",
+    [
+        {"labels": lambda labels: labels[::-1].copy()},
+        {"codes": lambda codes: np.full_like(codes, 0x110000)},
+        {"images": lambda images: images[:-1].copy()},
+    ],
+    ids=["labels", "codes", "shape"],
+)
+def test_a_planted_file_that_passes_its_digest_but_not_its_name_is_drawn_again(cache, planted):
+    drawn = build_dataset(TINY).with_inputs("uint8")
+    (path,) = [p for p in _cached_files(cache) if "-train-" in p.name]
+    with np.load(path) as data:
+        arrays = {name: data[name].copy() for name in ("images", "labels", "codes")}
+    for name, change in planted.items():
+        arrays[name] = change(arrays[name])
+    np.savez(path, **arrays, sha256=np.array(glyphs._digest(*arrays.values())))
+    glyphs.glyph_samples.cache_clear()
+    rebuilt = build_dataset(TINY).with_inputs("uint8")
+    assert [rebuilt[i][1] for i in (0, 79)] == [drawn[i][1] for i in (0, 79)]
+    assert torch.equal(rebuilt[0][0], drawn[0][0])
+
+
 def test_an_unwritable_cache_leaves_the_dataset_in_memory(cache):
     cache.mkdir()
     (cache / "glyphs").write_text("a file where the folder would go")

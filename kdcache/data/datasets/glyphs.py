@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -150,6 +151,8 @@ def glyph_samples(
     key = _cache_key(classes, size, count, split)
     path = cache_folder() / "glyphs" / f"glyphs-{classes}-{size}-{count}-{split}-{key[:20]}.npz"
     loaded = _load(path)
+    if loaded is not None and not _fits(loaded, classes, size, count):
+        loaded = None
     if loaded is None:
         characters = glyph_classes(classes)
         if len(characters) < classes:
@@ -218,6 +221,23 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     if recorded != _digest(images, labels, codes):
         return None
     return images, labels, codes
+
+
+def _fits(
+    loaded: tuple[np.ndarray, np.ndarray, np.ndarray], classes: int, size: int, count: int
+) -> bool:
+    """Whether a cached split has the shapes, labels and class characters its name promises: a
+    file planted in a shared cache folder passes its own digest, so it is checked here too."""
+    images, labels, codes = loaded
+    return (
+        images.dtype == np.uint8
+        and images.shape == (classes * count, 1, size, size)
+        and np.array_equal(labels, np.repeat(np.arange(classes, dtype=np.int64), count))
+        and codes.shape == (classes,)
+        and codes.dtype.kind in "iu"
+        and bool(np.all((codes > 32) & (codes <= sys.maxunicode)))
+        and np.unique(codes).size == classes
+    )
 
 
 def _save(path: Path, images: np.ndarray, labels: np.ndarray, codes: np.ndarray) -> None:
