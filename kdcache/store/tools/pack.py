@@ -64,15 +64,23 @@ def pack_store(
     refuse_inside_store(target, "the pack output")
     location = parse_location(source)
     reader = open_store(location)  # refuses missing, foreign, newer-format, damaged, unfinished
-    names = [
-        *reader.encoding.layout(reader.num_classes),
-        LABELS_ARRAY,
-        VIEW_PARAMS_ARRAY,
-        WRITTEN_ARRAY,
-        DIGESTS_ARRAY,
-        OFFSETS_ARRAY,  # a sequence store's layout (own_keys skips arrays a store lacks)
-        FIRST_TOKEN_ARRAY,
-    ]
+    # Every array the store pinned at creation (any kind, any future array) and the written flags
+    # (created last, unpinned); older stores, which pinned none, by the names their releases
+    # wrote (own_keys skips arrays a store lacks).
+    pinned = list(reader.metadata.arrays or {})
+    names = (
+        [*pinned, WRITTEN_ARRAY]
+        if pinned
+        else [
+            *reader.encoding.layout(reader.num_classes),
+            LABELS_ARRAY,
+            VIEW_PARAMS_ARRAY,
+            WRITTEN_ARRAY,
+            DIGESTS_ARRAY,
+            OFFSETS_ARRAY,
+            FIRST_TOKEN_ARRAY,
+        ]
+    )
     keys = own_keys(reader.group, names)
     if location.folder is not None:
         keys = [key for key in keys if _regular_file(location.folder, key, location.text)]

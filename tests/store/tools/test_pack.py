@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli
-from narrowing import dense
+from narrowing import dense, stored
 
 from kdcache import DistillConfig, create_store, open_store
 from kdcache.errors import ConfigError, StoreExistsError, StoreIncompleteError
@@ -78,3 +78,16 @@ def test_pack_into_a_read_only_folder_says_so_in_one_line_and_leaves_nothing(tmp
     )
     assert_one_line_error(result, f"cannot write {folder / 's.zip'}: Permission denied")
     assert not list(folder.iterdir())
+
+
+def test_pack_keeps_every_array_the_store_pinned_even_one_it_does_not_know(tmp_path):
+    ids = np.array([7, 3, 5], dtype=np.int64)
+    writer = create_store(
+        tmp_path / "s.zarr", num_samples=3, num_classes=2, chunk_rows=2, arrays={"ids": ids}
+    )
+    writer.write(np.arange(3), np.ones((3, 2)))
+    writer.finalize()
+    pack_store(tmp_path / "s.zarr", tmp_path / "s.zip")
+    assert verify_store(tmp_path / "s.zip").ok
+    packed = open_store(tmp_path / "s.zip")
+    assert stored(packed.group, "ids").tolist() == ids.tolist()
