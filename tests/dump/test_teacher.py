@@ -15,6 +15,7 @@ import pytest
 import zarr
 from conftest import assert_one_line_error, run_cli, start_cli
 from narrowing import kdcache_record, stored, zarr_array
+from older_stores import as_previous_release
 
 from kdcache import DumpConfig, open_store
 from kdcache.data.datasets import build_dataset
@@ -356,7 +357,7 @@ def test_resume_with_another_batch_size_is_refused_unless_the_store_predates_the
     for name, values in store_contents(out).items():
         np.testing.assert_array_equal(values, before[name], err_msg=name)
     # A store dumped before batch sizes were recorded cannot tell: it resumes as it always did.
-    record = kdcache_record(group)
-    del record["teacher"]["batch_size"]
-    group.attrs["kdcache"] = record
+    teacher = dict(kdcache_record(group)["teacher"])
+    del teacher["batch_size"]
+    as_previous_release(out, teacher=teacher)
     assert dump_teacher(dump_config(out, batch_size=16, resume=True)).rows_computed == 100

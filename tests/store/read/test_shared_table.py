@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
@@ -267,7 +268,8 @@ def test_the_ranks_on_one_machine_share_the_folder_made_in_place_of_a_planted_on
         timeout=300,
     )
     assert process.returncode == 0, process.stderr
-    ranks = [json.loads(line) for line in process.stdout.splitlines() if line.startswith("{")]
+    # The ranks print at once: their lines may run together, so each object is found on its own.
+    ranks = [json.loads(found) for found in re.findall(r"\{[^{}]*\}", process.stdout)]
     assert len(ranks) == 2
     assert ranks[0]["folder"] == ranks[1]["folder"] != str(folder)
     assert sorted(rank["decoded"] > 0 for rank in ranks) == [False, True]  # one decoded it
