@@ -226,6 +226,24 @@ def _image_folder(root, seed=0):
     return f"imagefolder:{root}:8"
 
 
+def test_a_store_dumped_from_a_relative_image_folder_distills_from_any_folder(
+    tmp_path, monkeypatch
+):
+    _image_folder(tmp_path / "work" / "images")
+    monkeypatch.chdir(tmp_path / "work")
+    dump_teacher(
+        DumpConfig(teacher="cnn:4", dataset="imagefolder:images:8", out="s.zarr", device="cpu")
+    )
+    recorded = open_store("s.zarr").metadata.dataset or {}
+    assert recorded["spec"] == f"imagefolder:{tmp_path / 'work' / 'images'}:8"
+    monkeypatch.chdir(tmp_path)
+    result = distill(
+        DistillConfig(student="mlp:8", cache="work/s.zarr", epochs=1, out=str(tmp_path / "run"))
+    )
+    assert result.final is not None
+    assert (tmp_path / "run" / "last.pt").is_file()
+
+
 def test_fingerprint_refusals_say_which_part_differs(tmp_path):
     spec = _image_folder(tmp_path / "images")
     dump_teacher(

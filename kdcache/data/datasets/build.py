@@ -112,7 +112,7 @@ def _unlabeled(spec: str, args: str, split: str) -> LabeledDataset:
     inner = build_dataset(args, split=split)
     return LabeledDataset(
         _WithoutLabels(inner),
-        spec=spec,
+        spec=f"unlabeled:{inner.spec}",
         split=split,
         num_classes=inner.num_classes,
         in_channels=inner.in_channels,

@@ -12,6 +12,7 @@ from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 
 from kdcache.data.datasets.glyphs import canonical_glyphs_spec
+from kdcache.data.datasets.image_sets import ON_DISK_KINDS, resolved_spec
 from kdcache.data.datasets.labeled import LabeledDataset
 from kdcache.data.pixels import PixelNormalization
 from kdcache.errors import ConfigError, SpecError
@@ -23,11 +24,16 @@ _GENERATED_LIMITS = {"N": 100_000_000, "SIZE": 4096, "CLASSES": 1_000_000}
 
 
 def canonical_dataset_spec(spec: str) -> str:
-    """``spec`` with its defaults spelled out, so that equal datasets compare equal
-    (``fake:100:8`` and ``fake:100:8:10``, ``glyphs:100`` and ``glyphs:100:32:100``); other
-    specs are returned unchanged."""
+    """``spec`` with its defaults spelled out and its folder made absolute, so that equal datasets
+    compare equal (``fake:100:8`` and ``fake:100:8:10``, ``glyphs:100`` and
+    ``glyphs:100:32:100``) and a recorded spec finds its folder from anywhere; other specs are
+    returned unchanged."""
     kind, _, args = spec.partition(":")
     parts = args.split(":")
+    if kind == "unlabeled" and args:
+        return f"unlabeled:{canonical_dataset_spec(args)}"
+    if kind in ON_DISK_KINDS and args:
+        return resolved_spec(kind, args)
     if kind == "glyphs":
         return canonical_glyphs_spec(spec)
     if kind not in ("fake", "synthetic") or not 1 <= len(parts) <= 3:

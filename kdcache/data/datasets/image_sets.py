@@ -52,6 +52,20 @@ class _ImageFolderWithClasses(tv_datasets.ImageFolder):
         return self._given_classes, {c: i for i, c in enumerate(self._given_classes)}
 
 
+#: Kinds whose spec names a folder: their datasets carry the spec with that folder resolved, so
+#: a store or checkpoint that records it finds the folder from any working directory.
+ON_DISK_KINDS = ("imagefolder", "cifar10", "cifar100", "mnist")
+
+
+def resolved_spec(kind: str, args: str) -> str:
+    """``KIND:ARGS`` with the folder made absolute (``imagefolder:PATH:SIZE`` keeps its SIZE)."""
+    path, size = args, ""
+    head, sep, tail = args.rpartition(":")
+    if kind == "imagefolder" and sep and head and tail.lstrip("-").isdigit():
+        path, size = head, f":{tail}"
+    return f"{kind}:{Path(path).expanduser().resolve()}{size}"
+
+
 def build_imagefolder(spec: str, args: str, split: str) -> LabeledDataset:
     path_str, size = args, None
     head, sep, tail = args.rpartition(":")
@@ -103,7 +117,7 @@ def build_imagefolder(spec: str, args: str, split: str) -> LabeledDataset:
         )
     return LabeledDataset(
         base,
-        spec=spec,
+        spec=resolved_spec("imagefolder", args),
         split=split,
         num_classes=len(base.classes),
         class_names=base.classes,
@@ -134,7 +148,7 @@ def build_torchvision_set(spec: str, kind: str, root: str, split: str) -> Labele
         ) from None
     return LabeledDataset(
         base,
-        spec=spec,
+        spec=resolved_spec(kind, root),
         split=split,
         num_classes=classes,
         class_names=getattr(base, "classes", None),
