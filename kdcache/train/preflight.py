@@ -9,7 +9,7 @@ import torch
 
 from kdcache.config import DistillConfig
 from kdcache.data.datasets import LabeledDataset, build_dataset
-from kdcache.errors import StoreMismatchError
+from kdcache.errors import ConfigError, StoreMismatchError
 from kdcache.models import build_model, check_input_fits
 from kdcache.store.read.reader import StoreReader
 from kdcache.train.pairing import check_store_matches
@@ -51,7 +51,21 @@ def check_store_run(
     check_view_options(
         reader, augment=config.augment, augment_seed=config.augment_seed, views=config.views
     )
+    check_top_k(config, reader)
     rows = transfer_rows(config, dataset)
     views = reader.metadata.augment is not None or config.student_augment is not None
     refuse_transfer_set_with_views(rows, views=views)
     return rows
+
+
+def check_top_k(config: DistillConfig, reader: StoreReader) -> None:
+    """The attention loss keeps the teacher's ``--top-k`` classes: at most the store's classes,
+    and at most the K a ``topk:K`` store keeps (beyond them the tail classes tie)."""
+    if config.loss != "attention":
+        return
+    kept = getattr(reader.encoding, "k", reader.num_classes)
+    if config.top_k > kept:
+        raise ConfigError(
+            f"--top-k {config.top_k} exceeds the {kept} classes {reader.where} keeps "
+            f"({reader.metadata.encoding}, C={reader.num_classes}); pass --top-k {kept} or less"
+        )

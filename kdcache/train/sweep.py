@@ -278,8 +278,12 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     # Whatever a run would be refused for is refused here, before any worker starts.
     for temperature in config.temperatures:
         reader.encoding.check_distill_temperature(temperature, option="--temperatures")
-    # The transfer set's check is strictest at the smallest alpha (labels needed below 1).
-    check_store_run(min(runs, key=lambda run: run.alpha), reader, dataset)
+    # The transfer set's check is strictest at the smallest alpha (labels needed below 1); the
+    # other checks depend on the loss only.
+    for loss in config.losses:
+        run = min((run for run in runs if run.loss == loss), key=lambda run: run.alpha)
+        run.check_loss(IMAGE)
+        check_store_run(run, reader, dataset)
     if not config.out.strip():
         raise ConfigError("the sweep folder is empty; pass --out FOLDER, e.g. --out runs/sweep")
     refuse_inside_store(config.out, "the sweep folder")

@@ -65,8 +65,34 @@ def test_checking_a_model_allocates_nothing_and_leaves_the_random_state():
             CheckpointError,
             "cannot load",
         ),
+        (
+            lambda out, store: distill(
+                DistillConfig(student="mlp", cache=store, loss="attention", top_k=11, out=out)
+            ),
+            ConfigError,
+            r"--top-k 11 exceeds the 10 classes .* pass --top-k 10 or less",
+        ),
+        (
+            lambda out, store: run_sweep(
+                SweepConfig(
+                    student="mlp", cache=store, losses=("kd", "attention"), top_k=11, out=out
+                )
+            ),
+            ConfigError,
+            "--top-k 11 exceeds the 10 classes",
+        ),
     ],
-    ids=["train", "distill", "distill-dataset", "sweep", "sweep-dataset", "dump", "dump-weights"],
+    ids=[
+        "train",
+        "distill",
+        "distill-dataset",
+        "sweep",
+        "sweep-dataset",
+        "dump",
+        "dump-weights",
+        "distill-top-k",
+        "sweep-top-k",
+    ],
 )
 def test_a_refused_run_leaves_no_folder(tmp_path, digits_store, run, error, message):
     out = tmp_path / "out" / "run"
