@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -306,21 +307,14 @@ def _map(
     except FileNotFoundError:
         raise UnusableTable(f"{file_name} is missing") from None
     dtype, shape = np.dtype(expected["dtype"]), tuple(expected["shape"])
+    header = _npy_header(dtype, shape)
     with os.fdopen(descriptor, "rb") as stream:
-        try:
-            version = np.lib.format.read_magic(stream)
-            if version == (1, 0):
-                found_shape, fortran, found_dtype = np.lib.format.read_array_header_1_0(stream)
-            elif version == (2, 0):
-                found_shape, fortran, found_dtype = np.lib.format.read_array_header_2_0(stream)
-            else:
-                raise ValueError(f"npy version {version}")
-        except (ValueError, OSError, SyntaxError) as error:
-            raise UnusableTable(f"{file_name} has no valid npy header ({error})") from None
-        if found_dtype != dtype or fortran:
-            raise UnusableTable(f"{file_name} holds {found_dtype}, not {dtype}")
-        if tuple(found_shape) != shape:
-            raise UnusableTable(f"{file_name} has shape {tuple(found_shape)}, not {shape}")
+        # Compared byte for byte with the header this table's builder writes: a damaged header
+        # is never parsed (numpy evaluates it as a Python literal).
+        if stream.read(len(header)) != header:
+            raise UnusableTable(
+                f"{file_name} does not start with the npy header of {dtype} {shape} in C order"
+            )
         offset = stream.tell()
         size, wanted = os.fstat(descriptor).st_size, offset + dtype.itemsize * int(np.prod(shape))
         if size != wanted:
@@ -367,15 +361,18 @@ def _build(
         raise
 
 
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The npy (version 1.0) header of a C-ordered ``dtype`` array of ``shape``."""
+    buffer = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
 def _new_array(descriptor: int, folder: Path, expected: dict[str, Any]) -> np.memmap:
     dtype, shape = np.dtype(expected["dtype"]), tuple(expected["shape"])
     with os.fdopen(descriptor, "r+b") as stream:
-        header = {
-            "descr": np.lib.format.dtype_to_descr(dtype),
-            "fortran_order": False,
-            "shape": shape,
-        }
-        np.lib.format.write_array_header_1_0(stream, header)
+        stream.write(_npy_header(dtype, shape))
         stream.flush()
         size = stream.tell() + dtype.itemsize * int(np.prod(shape))
         # Reserve the pages now: a full tmpfs must fail here with ENOSPC, not with SIGBUS
