@@ -570,8 +570,8 @@ class ConvertConfig(Options):
     indices: str | None = option(
         None,
         path="file",
-        help="Copy only these sample indices, in ascending order (a .npy file, or a text file of "
-        "integers separated by spaces, commas or newlines) [default: every sample].",
+        help="Copy only these sample indices, kept in ascending order (a .npy file, or a text file "
+        "of integers separated by spaces, commas or newlines) [default: every sample].",
     )
     chunk_rows: int | None = option(
         None, help="Rows per Zarr chunk of the new store [default: about 1 MiB per chunk]."

@@ -13,6 +13,7 @@ filled for T = 1.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from kdcache.store.format.layout import SEQUENCE_KEY, StoreLike
 from kdcache.store.format.location import parse_location
 from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.store.tools.verify import verify_store
+from kdcache.store.write.swap import remove_store_folder
 from kdcache.store.write.writer import create_store
 from kdcache.wording import counted
 
@@ -112,6 +114,8 @@ def convert_store(
             ),
         },
     }
+    folder = out_location.resolved().folder
+    created = folder if folder is not None and not os.path.lexists(folder) else None
     writer = create_store(
         out,
         num_samples=samples.size,
@@ -129,10 +133,16 @@ def convert_store(
         fsync=fsync,
     )
     with writer:
-        _copy_rows(reader, samples, writer.write)
-        written = writer.finalize(
-            verify=lambda folder: verify_store(folder, finishing=True).raise_if_bad()
-        )
+        try:
+            _copy_rows(reader, samples, writer.write)
+            written = writer.finalize(
+                verify=lambda folder: verify_store(folder, finishing=True).raise_if_bad()
+            )
+        except BaseException:
+            writer.close()
+            if created is not None:  # ours, unfinished: no half-converted store is left behind
+                remove_store_folder(created)
+            raise
     fidelity = None if written.fidelity is None else Fidelity.from_dict(written.fidelity)
     return ConvertResult(
         out=out_location.text,

@@ -8,7 +8,7 @@ from conftest import assert_one_line_error, run_cli
 from narrowing import present
 
 from kdcache import DistillConfig, create_store, open_store
-from kdcache.errors import ConfigError, SpecError, StoreExistsError
+from kdcache.errors import ConfigError, SpecError, StoreCorruptError, StoreExistsError
 from kdcache.store.tools.convert import CONVERTED_FROM_KEY, convert_store
 from kdcache.store.tools.verify import verify_store
 from kdcache.train.loop import distill
@@ -174,6 +174,16 @@ def test_overwrite_replaces_an_existing_store_with_the_converted_one(tmp_path, f
     convert_store(float16_store, tmp_path / "out.zarr", encoding="int8", overwrite=True)
     assert open_store(tmp_path / "out.zarr").metadata.encoding == "int8"
     assert verify_store(tmp_path / "out.zarr").ok
+
+
+def test_a_damaged_source_chunk_stops_the_convert_and_leaves_no_new_store(tmp_path, float16_store):
+    chunk = float16_store / "logits" / "c" / "3" / "0"
+    damaged = bytearray(chunk.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(damaged))
+    with pytest.raises(StoreCorruptError, match="24-31"):
+        convert_store(float16_store, tmp_path / "out.zarr", encoding="int8")
+    assert not (tmp_path / "out.zarr").exists()
 
 
 @pytest.mark.parametrize(
