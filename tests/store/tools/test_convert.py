@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli
-from narrowing import present
+from narrowing import dense, present
 
 from kdcache import DistillConfig, create_store, open_store
 from kdcache.errors import ConfigError, SpecError, StoreCorruptError, StoreExistsError
+from kdcache.store.sequence import create_sequence_store, open_sequence_store
 from kdcache.store.tools.convert import CONVERTED_FROM_KEY, convert_store
 from kdcache.store.tools.verify import verify_store
 from kdcache.train.loop import distill
@@ -164,6 +165,46 @@ def test_a_subset_of_mixed_views_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="partners are other samples"):
         convert_store(tmp_path / "mixed.zarr", tmp_path / "out.zarr", encoding="int8", indices=[1])
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_token_store_converts_whole_and_by_whole_sequences(tmp_path):
+    generator = np.random.default_rng(3)
+    sequences = [generator.integers(0, 12, size=length) for length in (5, 2, 9, 4, 7, 3)]
+    writer = create_sequence_store(
+        tmp_path / "tokens.zarr",
+        sequences=sequences,
+        vocab_size=12,
+        encoding="float16",
+        chunk_rows=4,  # chunks that split sequences
+        dataset={"spec": "text:notes.txt", "fingerprint": {"num_sequences": 6}},
+    )
+    writer.write(np.arange(6), teacher_logits(sum(len(tokens) - 1 for tokens in sequences), 12))
+    writer.finalize()
+    whole = convert_store(tmp_path / "tokens.zarr", tmp_path / "int8.zarr", encoding="int8")
+    assert whole.num_samples == 6
+    assert present(whole.fidelity).kl_at(1.0) > 0
+    source = open_sequence_store(tmp_path / "tokens.zarr")
+    converted = open_sequence_store(tmp_path / "int8.zarr")
+    np.testing.assert_array_equal(converted.offsets, source.offsets)
+    np.testing.assert_allclose(
+        dense(converted.read(range(6))).numpy(), dense(source.read(range(6))).numpy(), atol=0.05
+    )
+    subset = convert_store(
+        tmp_path / "tokens.zarr", tmp_path / "subset.zarr", encoding="float32", indices=[4, 1, 2]
+    )
+    assert subset.num_samples == 3
+    chosen = open_sequence_store(tmp_path / "subset.zarr")
+    np.testing.assert_array_equal(chosen.lengths, [2, 9, 7])
+    for position, sample in enumerate([1, 2, 4]):
+        np.testing.assert_array_equal(chosen.tokens(position), sequences[sample])
+        np.testing.assert_array_equal(
+            dense(chosen.read([position])).numpy(), dense(source.read([sample])).numpy()
+        )
+    assert chosen.layout == {"num_sequences": 3, "num_tokens": 15, "max_length": 9}
+    for path in ("int8.zarr", "subset.zarr"):
+        assert verify_store(tmp_path / path).ok
+    with pytest.raises(ConfigError, match=r"holds 6 sequences"):
+        convert_store(tmp_path / "tokens.zarr", tmp_path / "bad.zarr", encoding="int8", indices=[6])
 
 
 def test_overwrite_replaces_an_existing_store_with_the_converted_one(tmp_path, float16_store):
