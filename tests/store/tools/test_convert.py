@@ -234,6 +234,8 @@ def test_a_damaged_source_chunk_stops_the_convert_and_leaves_no_new_store(tmp_pa
         ("source.zarr/inner.zarr", {}, ConfigError, "lies inside the source store"),
         (".", {"overwrite": True}, ConfigError, "lies around the source store"),
         ("out.zarr", {"encoding": "float8"}, SpecError, "unknown encoding"),
+        ("out.zarr", {"encoding": "sampled:11"}, ConfigError, "has only 10"),
+        ("out.zarr", {"encoding": "topk:10"}, ConfigError, "has only 10"),
         ("out.zarr", {"indices": [3, 40]}, ConfigError, r"outside \[0, 40\)"),
         ("out.zarr", {"indices": [3, 3]}, ConfigError, "more than once"),
         ("out.zarr", {"indices": []}, ConfigError, "no sample"),
