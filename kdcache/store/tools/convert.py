@@ -19,7 +19,6 @@ import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -133,6 +132,7 @@ def convert_store(
         "store": source_location.resolved().target,
         "generation": metadata.generation,
         "content_sha256": reader.content_digest(),
+        "record_digest": (metadata.digests or {}).get("record"),
         "encoding": metadata.encoding,
         "num_samples": metadata.num_samples,
         "indices_sha256": None
@@ -196,7 +196,7 @@ def _refuse_overlap(source: str, out: str, given: str) -> None:
             "(convert never rewrites its source)"
         )
     for inner, outer, what in ((out, source, "inside"), (source, out, "around")):
-        if "://" not in inner and Path(outer) in Path(inner).parents:
+        if inner.startswith(outer.rstrip("/") + "/"):
             raise ConfigError(
                 f"the output {given!r} lies {what} the source store {source}; choose a "
                 "path outside it"
