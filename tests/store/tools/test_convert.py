@@ -207,6 +207,20 @@ def test_a_token_store_converts_whole_and_by_whole_sequences(tmp_path):
         convert_store(tmp_path / "tokens.zarr", tmp_path / "bad.zarr", encoding="int8", indices=[6])
 
 
+def test_a_store_converts_to_and_from_object_storage(tmp_path, float16_store, s3_bucket):
+    remote = f"{s3_bucket}/top4.zarr"
+    result = convert_store(float16_store, remote, encoding="topk:4")
+    assert result.nbytes is None  # remote
+    with pytest.raises(ConfigError, match="lies inside the source store"):
+        convert_store(remote, f"{remote}/inner.zarr", encoding="int8")
+    convert_store(remote, tmp_path / "back.zarr", encoding="float32", indices=[0, 39])
+    back = open_store(tmp_path / "back.zarr")
+    assert back.metadata.extra[CONVERTED_FROM_KEY]["store"] == remote
+    expected = open_store(remote).read_dense([0, 39], temperature=1.0)
+    np.testing.assert_array_equal(back.read_dense([0, 1]).numpy(), expected.numpy())
+    assert verify_store(remote).ok
+
+
 def test_overwrite_replaces_an_existing_store_with_the_converted_one(tmp_path, float16_store):
     convert_store(float16_store, tmp_path / "out.zarr", encoding="float32")
     with pytest.raises(StoreExistsError, match="--overwrite"):
