@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from kdcache.store.format.metadata import StoreMetadata
     from kdcache.store.read.reader import StoreReader, open_store
     from kdcache.store.sequence import create_sequence_store, open_sequence_store
+    from kdcache.store.tools.convert import ConvertResult, convert_store
     from kdcache.store.tools.pack import PackResult, pack_store
     from kdcache.store.tools.report import StoreReport, inspect_store
     from kdcache.store.tools.verify import VerifyReport, verify_store
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 _DEFINED_IN = {
     "AttentionLogitsLoss": "kdcache.logits.losses",
     "BackgroundWriter": "kdcache.store.write.background",
+    "ConvertResult": "kdcache.store.tools.convert",
     "DistillConfig": "kdcache.config",
     "DumpConfig": "kdcache.config",
     "DumpResult": "kdcache.dump.teacher",
@@ -64,6 +66,7 @@ _DEFINED_IN = {
     "TrainConfig": "kdcache.config",
     "VerifyReport": "kdcache.store.tools.verify",
     "augment_record": "kdcache.augment.views",
+    "convert_store": "kdcache.store.tools.convert",
     "create_sequence_store": "kdcache.store.sequence",
     "create_store": "kdcache.store.write.writer",
     "distill": "kdcache.train.loop",
@@ -109,6 +112,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "AttentionLogitsLoss",
     "BackgroundWriter",
+    "ConvertResult",
     "DistillConfig",
     "DumpConfig",
     "DumpResult",
@@ -131,6 +135,7 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "augment_record",
+    "convert_store",
     "create_sequence_store",
     "create_store",
     "distill",

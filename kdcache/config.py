@@ -557,3 +557,41 @@ def setting_name(loss: str, alpha: float, temperature: float) -> str:
 def run_name(loss: str, alpha: float, temperature: float, seed: int) -> str:
     """The folder of one run under the sweep's ``out``, e.g. ``kd-a0.7-T4-seed0``."""
     return f"{setting_name(loss, alpha, temperature)}-seed{seed}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvertConfig(Options):
+    """How ``kdcache convert`` writes a store anew (kdcache.store.tools.convert.convert_store)."""
+
+    encoding: str = option(
+        help="The new store's encoding: float32, float16, int8, topk:K or sampled:S (see "
+        "docs/encodings.md); its fidelity to the source rows is measured and recorded.",
+    )
+    indices: str | None = option(
+        None,
+        path="file",
+        help="Copy only these sample indices, kept in ascending order (a .npy file, or a text file "
+        "of integers separated by spaces, commas or newlines) [default: every sample].",
+    )
+    chunk_rows: int | None = option(
+        None, help="Rows per Zarr chunk of the new store [default: about 1 MiB per chunk]."
+    )
+    overwrite: bool = option(
+        False, help="Replace an existing store at OUT (only once the new one verifies)."
+    )
+    fsync: bool = option(
+        True,
+        help="fsync each chunk of a local store before marking it written "
+        "(--no-fsync: faster, but a power loss can leave chunks marked written that never "
+        "reached the disk).",
+    )
+
+    def __post_init__(self) -> None:
+        require(
+            self.chunk_rows is None or self.chunk_rows >= 1,
+            f"--chunk-rows must be >= 1, got {self.chunk_rows}",
+        )
+        from kdcache.logits.encodings import parse_encoding
+
+        parse_encoding(self.encoding)  # a bad name fails here, listing the valid encodings
+        super().__post_init__()

@@ -16,7 +16,7 @@ import click
 from kdcache._version import __version__
 from kdcache.cli.bench import bench
 from kdcache.cli.options import config_options
-from kdcache.config import DistillConfig, DumpConfig, SweepConfig, TrainConfig
+from kdcache.config import ConvertConfig, DistillConfig, DumpConfig, SweepConfig, TrainConfig
 from kdcache.errors import KdcacheError
 from kdcache.progress import announce
 from kdcache.wording import counted
@@ -243,6 +243,38 @@ def pack(store: str, out: str, overwrite: bool) -> None:
     click.echo(
         f"packed {store} into {result.out}: {counted(result.num_objects, 'object')}, "
         f"{result.nbytes:,} bytes"
+    )
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("out")
+@config_options(ConvertConfig)
+def convert(source: str, out: str, **options: Any) -> None:
+    """Write the complete store SOURCE anew as OUT in another --encoding, or only some samples.
+
+    SOURCE is read one chunk at a time; the new encoding's fidelity to the source's rows is
+    measured and recorded in OUT, which keeps the source's records and names where it came from.
+    """
+    config = ConvertConfig(**options)  # refused options fail before the heavy imports
+    from kdcache.store.tools.convert import convert_store
+    from kdcache.train.transfer import read_indices
+
+    result = convert_store(
+        source,
+        out,
+        encoding=config.encoding,
+        indices=None if config.indices is None else read_indices(config.indices),
+        overwrite=config.overwrite,
+        chunk_rows=config.chunk_rows,
+        fsync=config.fsync,
+    )
+    size = "remote" if result.nbytes is None else f"{result.nbytes:,} bytes on disk"
+    fidelity = "" if result.fidelity is None else f", KL(T=1) {result.fidelity.kl_at(1.0):.3g}"
+    views = f" V={result.views}" if result.views > 1 else ""
+    click.echo(
+        f"converted {source} ({result.source_encoding}) into {result.out}: "
+        f"N={result.num_samples}{views} {result.encoding}, {size}{fidelity}"
     )
 
 

@@ -267,6 +267,12 @@ class SampledEncoding(Encoding):
         self.num_classes = num_classes
 
     def layout(self, num_classes: int) -> Layout:
+        if self.num_draws > num_classes:
+            raise ConfigError(
+                f"encoding {self.name} keeps up to {self.num_draws} distinct classes but the "
+                f"store has only {num_classes}; use sampled:S with S <= {num_classes}, or "
+                "float16 to keep every class"
+            )
         return {
             "sample_indices": ((self.num_draws,), index_dtype(num_classes)),
             "sample_counts": ((self.num_draws,), np.dtype("uint8")),

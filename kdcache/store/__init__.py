@@ -4,7 +4,7 @@
 * :mod:`~kdcache.store.write`: creating, resuming, filling and replacing a store;
 * :mod:`~kdcache.store.read`: opening a store, checked decoding, the logit feed;
 * :mod:`~kdcache.store.ranks`: a store written by the K ranks of a torchrun job;
-* :mod:`~kdcache.store.tools`: verify, inspect (the report) and pack;
+* :mod:`~kdcache.store.tools`: verify, inspect (the report), pack and convert;
 * :mod:`~kdcache.store.sequence`: language-model stores, one row per token.
 
 This package exports the names a user of stores needs. Imports only :mod:`kdcache.logits` and
@@ -14,12 +14,14 @@ This package exports the names a user of stores needs. Imports only :mod:`kdcach
 from kdcache.store.format.layout import StoreLike
 from kdcache.store.format.metadata import StoreMetadata
 from kdcache.store.read.reader import StoreReader, open_store
+from kdcache.store.tools.convert import ConvertResult, convert_store
 from kdcache.store.tools.pack import PackResult, pack_store
 from kdcache.store.tools.report import StoreReport, inspect_store
 from kdcache.store.tools.verify import VerifyReport, verify_store
 from kdcache.store.write.writer import StoreWriter, create_store
 
 __all__ = [
+    "ConvertResult",
     "PackResult",
     "StoreLike",
     "StoreMetadata",
@@ -27,6 +29,7 @@ __all__ = [
     "StoreReport",
     "StoreWriter",
     "VerifyReport",
+    "convert_store",
     "create_store",
     "inspect_store",
     "open_store",
