@@ -181,7 +181,7 @@ def test_topk_store_through_the_cli_dump_inspect_distill(tmp_path, digits_teache
     assert 0 <= report["teacher_accuracy"] <= 100
     assert report["bytes_per_sample"] > 0
 
-    # Distilling from it runs the sparse path up to the first batch, where the loss refuses k > K.
+    # Distilling from it with k > K is refused before the run folder exists.
     assert_one_line_error(
         run_cli(
             "distill",
@@ -199,9 +199,10 @@ def test_topk_store_through_the_cli_dump_inspect_distill(tmp_path, digits_teache
             str(tmp_path / "kd5"),
             check=False,
         ),
-        "at most the 3 classes",
-        "got 5",
+        "--top-k 5 exceeds the 3 classes",
+        "pass --top-k 3 or less",
     )
+    assert not (tmp_path / "kd5").exists()
 
 
 def test_bad_encodings_are_one_line_errors_that_write_nothing(tmp_path):

@@ -149,11 +149,16 @@ def test_the_commands_with_required_options_are_found():
 def test_each_missing_required_option_is_a_usage_error(
     path, command, missing, monkeypatch, tmp_path
 ):
+    # Every positional argument and every other required option given, so that only the missing
+    # option is what click can complain about.
     given = [
-        argument
-        for param in command.params
-        if isinstance(param, click.Option) and param.required and param is not missing
-        for argument in (param.opts[0], "x")
+        *("x" for param in command.params if isinstance(param, click.Argument)),
+        *(
+            argument
+            for param in command.params
+            if isinstance(param, click.Option) and param.required and param is not missing
+            for argument in (param.opts[0], "x")
+        ),
     ]
     monkeypatch.chdir(tmp_path)  # a run that started would write here
     result = CliRunner().invoke(cli, [*path, *given])
