@@ -380,6 +380,13 @@ class DistillConfig(DistillOptions, LoopConfig):
         )
 
 
+#: ``--fsync``, for every command that writes a store.
+FSYNC_HELP = (
+    "fsync each chunk of a local store before marking it written (--no-fsync: faster, but a "
+    "power loss can leave chunks marked written that never reached the disk)."
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class DumpConfig(SpeedOptions):
     """Run ``teacher`` once over ``dataset``/``split`` and store its raw logits at ``out``."""
@@ -433,9 +440,7 @@ class DumpConfig(SpeedOptions):
     )
     fsync: bool = option(
         True,
-        help="fsync each chunk of a local store before marking it written "
-        "(--no-fsync: faster, but a power loss can leave chunks marked written that never "
-        "reached the disk).",
+        help=FSYNC_HELP,
     )
 
     def __post_init__(self) -> None:
@@ -581,9 +586,7 @@ class ConvertConfig(Options):
     )
     fsync: bool = option(
         True,
-        help="fsync each chunk of a local store before marking it written "
-        "(--no-fsync: faster, but a power loss can leave chunks marked written that never "
-        "reached the disk).",
+        help=FSYNC_HELP,
     )
 
     def __post_init__(self) -> None:
