@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +18,28 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from kdcache.choices import AMP_DTYPES, INPUT_CHOICES, MAX_VIEWS, SPLITS
+from kdcache.choices import (
+    AMP_DTYPES,
+    DATASET_KINDS,
+    ENCODINGS,
+    INPUT_CHOICES,
+    MAX_VIEWS,
+    MODELS,
+    RECIPE_OPERATIONS,
+    SPLITS,
+)
 from kdcache.errors import ConfigError
 from kdcache.logits.loss_options import (
-    DEFAULT_ALPHA,
-    DEFAULT_GAMMA,
-    DEFAULT_SKEW,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_K,
-    DIVERGENCES,
-    LOSS_NAMES,
-    check_alpha,
-    check_temperature,
+    ALPHA,
+    GAMMA,
+    HYPER_PARAMETERS,
+    IMAGE_LOSSES,
+    SKEW,
+    TEMPERATURE,
+    TOKEN_LOSS_DECLARATIONS,
+    TOP_K,
+    HyperParameter,
+    losses_taking,
 )
 from kdcache.options import (
     IMAGE,
@@ -45,14 +54,55 @@ from kdcache.options import (
 
 T = TypeVar("T")
 
-#: The distillation losses each kind of run accepts (the keys of the losses' registries).
-LOSS_CHOICES = {IMAGE: LOSS_NAMES, LM: DIVERGENCES}
+#: The distillation losses each kind of run accepts, by name (see kdcache.logits.loss_options).
+LOSS_DECLARATIONS = {IMAGE: IMAGE_LOSSES, LM: TOKEN_LOSS_DECLARATIONS}
+LOSS_CHOICES = {modality: tuple(losses) for modality, losses in LOSS_DECLARATIONS.items()}
+#: Every loss name, image losses first.
+ALL_LOSSES = tuple(dict.fromkeys(name for names in LOSS_CHOICES.values() for name in names))
+
+
+def describe_losses() -> str:
+    """Each loss with what it computes, by kind of run: the help of --loss."""
+    return "; ".join(
+        f"{MODALITY_NAMES[modality]}: "
+        + ", ".join(f"{name} ({loss.summary})" for name, loss in losses.items())
+        for modality, losses in LOSS_DECLARATIONS.items()
+    )
+
+
+def valid_losses() -> str:
+    """The loss names by kind of run, for an error message."""
+    return "; ".join(
+        f"{', '.join(choices)} for {MODALITY_NAMES[kind]}" for kind, choices in LOSS_CHOICES.items()
+    )
+
+
+def hyper_option(parameter: HyperParameter, *, only: str | None = None) -> Any:
+    """The option setting a loss hyper-parameter: its default and help from its declaration, the
+    losses taking it named when not all do."""
+    takers = losses_taking(parameter)
+    used_by = "" if set(takers) == set(ALL_LOSSES) else f"; --loss {', '.join(takers)} only"
+    return option(parameter.default, only=only, help=parameter.help.rstrip(".") + used_by + ".")
+
 
 DEVICE_HELP = "cpu, cuda or cuda:N [default: cuda when available, else cpu]."
 AUGMENT_HELP = (
-    "Augmentation recipe, e.g. 'rrc:scale=0.35-1+flip', 'pad-crop:4+flip', 'rrc+flip+mixup:0.2' "
-    "(see docs/augmentation.md)."
+    f"Augmentation recipe: operations among {', '.join(RECIPE_OPERATIONS.names())} joined by +, "
+    "e.g. 'rrc:scale=0.35-1+flip', 'pad-crop:4+flip', 'rrc+flip+mixup:0.2' (see "
+    "docs/augmentation.md)."
 )
+MODEL_HELP = (
+    f"Model spec: {', '.join(MODELS.names())}, a torchvision model name, timm:NAME (needs "
+    "kdcache[timm]), package.module:function, or hf:PATH (a causal language model, see "
+    "docs/lm.md)."
+)
+DATASET_HELP = (
+    f"Dataset spec: {', '.join(DATASET_KINDS.names())} with their arguments (e.g. fake:N, "
+    "imagefolder:PATH, cifar10:ROOT; see docs/datasets.md), or text:FILE[:MAX_LEN] for a language "
+    "model."
+)
+#: The store encodings, for the options that choose one.
+ENCODING_LIST = ", ".join(ENCODINGS.forms())
 AUGMENT_SEED_HELP = "Seed the views' parameters are drawn from"
 VIEWS_HELP = (
     "Distinct views per sample, cycled through evenly over the epochs [default: one per epoch"
@@ -161,15 +211,8 @@ class LoopConfig(TrainingOptions):
 class TrainConfig(LoopConfig):
     """Plain cross-entropy training of ``model`` on ``dataset``."""
 
-    model: str = option(
-        help="Model spec: mlp, cnn, a torchvision model name, timm:NAME (needs kdcache[timm]), "
-        "package.module:function, or hf:PATH (a causal language model, see docs/lm.md)."
-    )
-    dataset: str = option(
-        "digits",
-        help="Dataset spec: digits, fake:N, imagefolder:PATH, cifar10:ROOT, ..., or "
-        "text:FILE[:MAX_LEN] for a language model.",
-    )
+    model: str = option(help=MODEL_HELP)
+    dataset: str = option("digits", help=DATASET_HELP)
     split: str = option("train", choices=SPLITS, help="Split to train on; the other one validates.")
     augment: str | None = option(None, only=IMAGE, help=AUGMENT_HELP)
     augment_seed: int | None = option(
@@ -217,11 +260,9 @@ class DistillOptions(TrainingOptions):
         help="Transfer set: leave out the samples labelled with these comma-separated classes, "
         "by index or (image folders) by name, e.g. 3,5 or cat,dog.",
     )
-    gamma: float = option(DEFAULT_GAMMA, only=IMAGE, help="Focal exponent (--loss focal).")
-    top_k: int = option(DEFAULT_TOP_K, only=IMAGE, help="Teacher classes kept (--loss attention).")
-    skew: float = option(
-        DEFAULT_SKEW, only=LM, help="Mixing weight of the skew KL (--loss skew), in (0, 1)."
-    )
+    gamma: float = hyper_option(GAMMA, only=IMAGE)
+    top_k: int = hyper_option(TOP_K, only=IMAGE)
+    skew: float = hyper_option(SKEW, only=LM)
     cache_memory: int | str | None = option(
         None,
         help="RAM for decoded logits, e.g. 8GiB; a larger store streams chunk by chunk "
@@ -234,9 +275,8 @@ class DistillOptions(TrainingOptions):
             from kdcache.store.read.feed import parse_size
 
             parse_size(self.cache_memory)  # raises ConfigError for an unreadable size
-        require(0 <= self.gamma < math.inf, f"gamma must be a finite number >= 0, got {self.gamma}")
-        require(self.top_k >= 1, f"--top-k must be >= 1, got {self.top_k}")
-        require(0.0 < self.skew < 1.0, f"--skew must lie in (0, 1), got {self.skew}")
+        for parameter in (GAMMA, TOP_K, SKEW):
+            parameter.check(getattr(self, parameter.name))
         excluded = tuple(self.exclude_classes)
         require(
             all(
@@ -288,14 +328,10 @@ class DistillConfig(DistillOptions, LoopConfig):
         None, path="file", only=IMAGE, help="Online baseline only: the teacher's weights."
     )
     loss: str = option(
-        "kd",
-        choices=tuple(dict.fromkeys(LOSS_CHOICES[IMAGE] + LOSS_CHOICES[LM])),
-        help="Distillation loss: "
-        + "; ".join(f"{', '.join(LOSS_CHOICES[m])} for {MODALITY_NAMES[m]}" for m in LOSS_CHOICES)
-        + ".",
+        "kd", choices=ALL_LOSSES, help=f"Distillation loss, for {describe_losses()}."
     )
-    temperature: float = option(DEFAULT_TEMPERATURE, help="Softmax temperature T (> 0).")
-    alpha: float = option(DEFAULT_ALPHA, help="Weight of the soft loss, in [0, 1].")
+    temperature: float = hyper_option(TEMPERATURE)
+    alpha: float = hyper_option(ALPHA)
 
     augment: str | None = option(
         None,
@@ -332,15 +368,10 @@ class DistillConfig(DistillOptions, LoopConfig):
                 "the teacher's logits cover only the student's own sample; drop the mixing",
             )
         require(
-            any(self.loss in choices for choices in LOSS_CHOICES.values()),
-            f"unknown loss {self.loss!r}; valid losses: "
-            + "; ".join(
-                f"{', '.join(choices)} for {MODALITY_NAMES[kind]}"
-                for kind, choices in LOSS_CHOICES.items()
-            ),
+            self.loss in ALL_LOSSES, f"unknown loss {self.loss!r}; valid losses: {valid_losses()}"
         )
-        check_temperature(self.temperature)
-        check_alpha(self.alpha)
+        TEMPERATURE.check(self.temperature)
+        ALPHA.check(self.alpha)
         if self.cache is None:
             require(
                 self.teacher is not None or self.weights is not None,
@@ -362,13 +393,7 @@ class DistillConfig(DistillOptions, LoopConfig):
     def loss_options(self) -> dict[str, float]:
         """Every loss hyper-parameter of this run; each loss takes those it declares
         (:func:`kdcache.logits.losses.construct`)."""
-        return {
-            "temperature": self.temperature,
-            "alpha": self.alpha,
-            "gamma": self.gamma,
-            "top_k": self.top_k,
-            "skew": self.skew,
-        }
+        return {parameter.name: getattr(self, parameter.name) for parameter in HYPER_PARAMETERS}
 
     def check_loss(self, modality: str) -> None:
         """Refuse a loss that the ``modality`` run has no form of, naming the valid ones."""
@@ -408,9 +433,9 @@ class DumpConfig(SpeedOptions):
     out: str = option("teacher.zarr", help="Store to create: a path or an fsspec URL (s3://...).")
     encoding: str = option(
         "float16",
-        help="How logits are stored: float32, float16, int8 (per-row scale/offset) or topk:K "
-        "(the K largest logits plus tail statistics; any --temperature at distill time); "
-        "sampled:S (S draws per row, distilled at --temperature 1 only).",
+        help=f"How logits are stored: {ENCODING_LIST} (see docs/encodings.md: int8 keeps a "
+        "per-row scale/offset; topk:K the K largest logits plus tail statistics, any --temperature "
+        "at distill time; sampled:S S draws per row, distilled at --temperature 1 only).",
     )
     batch_size: int = option(
         256,
@@ -484,12 +509,14 @@ class SweepConfig(DistillOptions):
         help="Comma-separated temperatures T (> 0).",
     )
     alphas: tuple[float, ...] = option(
-        (DEFAULT_ALPHA,),
+        (ALPHA.default,),
         example="0.5,0.7,1",
         help="Comma-separated soft-loss weights in [0, 1]; 1 = soft targets only.",
     )
     losses: tuple[str, ...] = option(
-        ("kd",), example="kd,focal", help=f"Comma-separated losses among {', '.join(LOSS_NAMES)}."
+        ("kd",),
+        example="kd,focal",
+        help=f"Comma-separated losses among {', '.join(IMAGE_LOSSES)} (image students).",
     )
     seeds: tuple[int, ...] = option(
         (0,),
@@ -522,9 +549,9 @@ class SweepConfig(DistillOptions):
                     "list each once"
                 )
         for loss in self.losses:
-            if loss not in LOSS_NAMES:
+            if loss not in IMAGE_LOSSES:
                 raise ConfigError(
-                    f"unknown loss {loss!r} in --losses; valid losses: {', '.join(LOSS_NAMES)}"
+                    f"unknown loss {loss!r} in --losses; valid losses: {', '.join(IMAGE_LOSSES)}"
                 )
         self.runs()  # every run's DistillConfig validates its own values (temperature > 0, ...)
 
@@ -569,8 +596,8 @@ class ConvertConfig(Options):
     """How ``kdcache convert`` writes a store anew (kdcache.store.tools.convert.convert_store)."""
 
     encoding: str = option(
-        help="The new store's encoding: float32, float16, int8, topk:K or sampled:S (see "
-        "docs/encodings.md); its fidelity to the source rows is measured and recorded.",
+        help=f"The new store's encoding: {ENCODING_LIST} (see docs/encodings.md); its fidelity "
+        "to the source rows is measured and recorded.",
     )
     indices: str | None = option(
         None,

@@ -14,7 +14,7 @@ import click
 
 from kdcache.choices import INPUT_FORMS
 from kdcache.cli.options import config_options
-from kdcache.config import DEVICE_HELP, SpeedOptions
+from kdcache.config import DEVICE_HELP, ENCODING_LIST, SpeedOptions
 from kdcache.errors import ConfigError
 from kdcache.options import Options, option
 
@@ -65,7 +65,7 @@ class BenchFeedOptions(BenchOptions):
     num_samples: int = option(1_000_000, help="Rows N of the benchmark store.")
     num_classes: int = option(1000, help="Classes C per row.")
     batch_size: int = option(256, help="Rows per random-order batch.")
-    encoding: str = option("float16", help="Store encoding.")
+    encoding: str = option("float16", help=f"Store encoding: {ENCODING_LIST}.")
     chunked_memory: str | None = option(
         None,
         help="Budget of the larger-than-RAM mode, e.g. 512MiB [default: a quarter of the store].",

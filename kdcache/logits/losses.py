@@ -39,13 +39,15 @@ from torch import Tensor, nn
 
 from kdcache.errors import ConfigError, SpecError
 from kdcache.logits.loss_options import (
-    DEFAULT_ALPHA,
-    DEFAULT_GAMMA,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_K,
+    ALPHA,
+    GAMMA,
+    IMAGE_LOSSES,
+    TEMPERATURE,
+    TOP_K,
     check_alpha,
+    check_gamma,
     check_temperature,
-    is_real,
+    check_top_k,
 )
 from kdcache.logits.sparse import SparseLogits, TeacherInput
 
@@ -220,8 +222,8 @@ class LogitsDistillationLoss(nn.Module):
 
     def __init__(
         self,
-        temperature: float = DEFAULT_TEMPERATURE,
-        alpha: float = DEFAULT_ALPHA,
+        temperature: float = TEMPERATURE.default,
+        alpha: float = ALPHA.default,
         reduction: str = "mean",
     ) -> None:
         super().__init__()
@@ -268,16 +270,14 @@ class FocalDistillationLoss(nn.Module):
 
     def __init__(
         self,
-        temperature: float = DEFAULT_TEMPERATURE,
-        alpha: float = DEFAULT_ALPHA,
-        gamma: float = DEFAULT_GAMMA,
+        temperature: float = TEMPERATURE.default,
+        alpha: float = ALPHA.default,
+        gamma: float = GAMMA.default,
     ) -> None:
         super().__init__()
-        if not (is_real(gamma) and math.isfinite(gamma) and gamma >= 0):
-            raise ConfigError(f"gamma must be a finite number >= 0, got {gamma!r}")
         self.temperature = check_temperature(temperature)
         self.alpha = check_alpha(alpha)
-        self.gamma = float(gamma)
+        self.gamma = check_gamma(gamma)
 
     def forward(
         self, student_logits: Tensor, teacher_logits: TeacherInput, labels: Tensor
@@ -311,16 +311,14 @@ class AttentionLogitsLoss(nn.Module):
 
     def __init__(
         self,
-        temperature: float = DEFAULT_TEMPERATURE,
-        alpha: float = DEFAULT_ALPHA,
-        top_k: int = DEFAULT_TOP_K,
+        temperature: float = TEMPERATURE.default,
+        alpha: float = ALPHA.default,
+        top_k: int = int(TOP_K.default),
     ) -> None:
         super().__init__()
-        if not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1):
-            raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
         self.temperature = check_temperature(temperature)
         self.alpha = check_alpha(alpha)
-        self.top_k = top_k
+        self.top_k = check_top_k(top_k)
 
     def forward(
         self, student_logits: Tensor, teacher_logits: TeacherInput, labels: Tensor
@@ -339,12 +337,14 @@ class AttentionLogitsLoss(nn.Module):
         return f"temperature={self.temperature}, alpha={self.alpha}, top_k={self.top_k}"
 
 
-#: The image losses by name, filled here and nowhere else: the CLI's choices and the errors'
-#: lists come from it.
+_IMPLEMENTATIONS = {
+    loss.__name__: loss
+    for loss in (LogitsDistillationLoss, FocalDistillationLoss, AttentionLogitsLoss)
+}
+#: The image losses by the names :data:`~kdcache.logits.loss_options.IMAGE_LOSSES` declares
+#: (with their hyper-parameters), in its order.
 LOSSES: dict[str, type[nn.Module]] = {
-    "kd": LogitsDistillationLoss,
-    "focal": FocalDistillationLoss,
-    "attention": AttentionLogitsLoss,
+    name: _IMPLEMENTATIONS[declaration.implementation] for name, declaration in IMAGE_LOSSES.items()
 }
 
 

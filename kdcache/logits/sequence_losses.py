@@ -13,7 +13,7 @@ With p = p_T(teacher), q = p_T(student) at each counted position and n positions
 
     L = alpha * T^2 * (1/n) sum_positions D(p, q) + (1 - alpha) * (1/n) sum_positions CE(s, y)
 
-where y is the next token and D is one of :data:`DIVERGENCES`:
+where y is the next token and D is one of :data:`TOKEN_LOSSES`:
 
 - ``kd``: forward KL(p || q), Hinton et al. (2015) applied per token (Kim & Rush 2016, "word-level
   KD"); mode-covering.
@@ -38,11 +38,12 @@ from torch import Tensor, nn
 
 from kdcache.errors import ConfigError
 from kdcache.logits.loss_options import (
-    DEFAULT_ALPHA,
-    DEFAULT_SKEW,
-    DEFAULT_TEMPERATURE,
-    DIVERGENCES,
+    ALPHA,
+    SKEW,
+    TEMPERATURE,
+    TOKEN_LOSS_DECLARATIONS,
     check_alpha,
+    check_skew,
     check_temperature,
 )
 from kdcache.logits.sampled import SampledLogits, check_draws_temperature
@@ -51,7 +52,6 @@ from kdcache.logits.sparse import SparseLogits
 #: Teacher rows as the token-level losses accept them.
 TokenTeacher = Tensor | SparseLogits | SampledLogits
 
-#: The mixing weight lam of ``skew``.
 #: Target of the ignored positions in ``targets``, as in torch's cross_entropy.
 IGNORE_INDEX = -100
 
@@ -165,21 +165,20 @@ class TokenDistillationLoss(nn.Module):
         self,
         *,
         divergence: str = "kd",
-        temperature: float = DEFAULT_TEMPERATURE,
-        alpha: float = DEFAULT_ALPHA,
-        skew: float = DEFAULT_SKEW,
+        temperature: float = TEMPERATURE.default,
+        alpha: float = ALPHA.default,
+        skew: float = SKEW.default,
     ) -> None:
         super().__init__()
-        if divergence not in DIVERGENCES:
+        if divergence not in TOKEN_LOSS_DECLARATIONS:
             raise ConfigError(
-                f"unknown token-level loss {divergence!r}; valid choices: {', '.join(DIVERGENCES)}"
+                f"unknown token-level loss {divergence!r}; valid choices: "
+                f"{', '.join(TOKEN_LOSS_DECLARATIONS)}"
             )
-        if not 0.0 < skew < 1.0:
-            raise ConfigError(f"skew must lie in (0, 1), got {skew!r}")
         self.divergence = divergence
         self.temperature = check_temperature(temperature)
         self.alpha = check_alpha(alpha)
-        self.skew = float(skew)
+        self.skew = check_skew(skew)
 
     def forward(
         self, student_logits: Tensor, teacher: TokenTeacher, targets: Tensor, mask: Tensor
@@ -218,8 +217,8 @@ class TokenDistillationLoss(nn.Module):
         )
 
 
-#: The token-level losses by name, filled here and nowhere else: the CLI's choices and the
-#: errors' lists for language models come from it.
+#: The token-level losses by the names
+#: :data:`~kdcache.logits.loss_options.TOKEN_LOSS_DECLARATIONS` declares, in its order.
 TOKEN_LOSSES: dict[str, Callable[..., nn.Module]] = {
-    name: partial(TokenDistillationLoss, divergence=name) for name in DIVERGENCES
+    name: partial(TokenDistillationLoss, divergence=name) for name in TOKEN_LOSS_DECLARATIONS
 }

@@ -31,6 +31,7 @@ from kdcache.plots.figures import plot_sweep, read_metrics
 from kdcache.store.format.location import refuse_inside_store
 from kdcache.store.read.private_folder import private_folder
 from kdcache.store.read.reader import StoreReader, open_store
+from kdcache.store.sequence import is_sequence_store
 from kdcache.store.tools.report import teacher_statistics
 from kdcache.temporaries import TemporaryFile
 from kdcache.train.loop import RunResult, distill, modality
@@ -264,9 +265,17 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             "settings side by side (torchrun is for dump-teacher, train and distill)"
         )
     if modality(config.student, dataset=config.dataset, cache=config.cache) == LM:
+        what = (
+            f"{config.cache} is a token store"
+            if is_sequence_store(config.cache)
+            else f"--student {config.student} is a language model"
+        )
         raise ConfigError(
-            "sweep does not handle language models yet; run `kdcache distill --cache STORE "
-            "--student hf:PATH` once per setting (docs/lm.md)"
+            f"sweep does not handle language models: {what}, whose runs report perplexity, "
+            "while a sweep tabulates, plots and reuses runs by image accuracy and shares one "
+            f"decoded image store between its --jobs; run `kdcache distill --cache {config.cache} "
+            "--student hf:PATH --loss L --temperature T --alpha A --out DIR` once per setting "
+            "(docs/lm.md)"
         )
     refuse_foreign_options(config, IMAGE)
     runs = config.runs()

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from kdcache.cli.commands import cli
 from kdcache.cli.options import config_options
 from kdcache.config import DistillConfig, DumpConfig, SweepConfig, TrainConfig, TrainingOptions
-from kdcache.logits.loss_options import DEFAULT_TEMPERATURE
+from kdcache.logits.loss_options import TEMPERATURE
 from kdcache.logits.losses import LogitsDistillationLoss
 from kdcache.options import option
 
@@ -54,9 +54,9 @@ def test_every_field_is_an_option_with_the_fields_default_and_help(name, config)
 
 
 def test_the_default_temperature_is_the_losses():
-    assert DistillConfig(student="mlp", cache="s.zarr", out="o").temperature == DEFAULT_TEMPERATURE
-    assert LogitsDistillationLoss().temperature == DEFAULT_TEMPERATURE
-    assert command_params("distill")["temperature"].default == DEFAULT_TEMPERATURE
+    assert DistillConfig(student="mlp", cache="s.zarr", out="o").temperature == TEMPERATURE.default
+    assert LogitsDistillationLoss().temperature == TEMPERATURE.default
+    assert command_params("distill")["temperature"].default == TEMPERATURE.default
 
 
 def test_a_new_field_is_a_new_option_with_no_other_edit():

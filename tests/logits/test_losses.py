@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from narrowing import present
 
 from kdcache.errors import ConfigError, SpecError
-from kdcache.logits.loss_options import LOSS_NAMES
+from kdcache.logits.loss_options import HYPER_PARAMETERS, IMAGE_LOSSES, TOKEN_LOSS_DECLARATIONS
 from kdcache.logits.losses import (
     LOSSES,
     AttentionLogitsLoss,
@@ -19,6 +19,7 @@ from kdcache.logits.losses import (
     build_loss,
     total_loss,
 )
+from kdcache.logits.sequence_losses import TOKEN_LOSSES
 
 # --- Reference: the spec's formulas, written out as plainly as possible. ---------------------
 
@@ -162,14 +163,14 @@ def test_alpha_one_is_soft_only_and_alpha_zero_is_ce_only():
     ce = F.cross_entropy(student, labels)
     soft = LogitsDistillationLoss(4.0, 1.0)(student, teacher, labels)
     assert soft["total"].item() == pytest.approx(soft["soft"].item(), abs=ATOL)
-    for name in LOSS_NAMES:
+    for name in IMAGE_LOSSES:
         loss = build_loss(name, temperature=4.0, alpha=0.0)
         torch.testing.assert_close(
             total_loss(loss(student, teacher, labels)), ce, atol=ATOL, rtol=0
         )
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", IMAGE_LOSSES)
 def test_gradients_reach_student_not_teacher(name):
     student, teacher, labels = make_inputs(2, 8, 10)
     student.requires_grad_(True)
@@ -181,7 +182,7 @@ def test_gradients_reach_student_not_teacher(name):
     assert teacher.grad is None
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", IMAGE_LOSSES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_are_computed_in_float32(name, dtype):
     student, teacher, labels = make_inputs(4, 16, 10)
@@ -198,7 +199,7 @@ def test_half_precision_inputs_are_computed_in_float32(name, dtype):
     assert torch.isfinite(low_student.grad.float()).all()
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", IMAGE_LOSSES)
 def test_no_tensor_is_pinned_to_the_cpu(name):
     # The meta device runs every op without data, so a stray CPU tensor would fail here.
     student = torch.randn(4, 6, device="meta", requires_grad=True)
@@ -212,7 +213,7 @@ def test_no_tensor_is_pinned_to_the_cpu(name):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", IMAGE_LOSSES)
 def test_cuda_matches_cpu(name):
     student, teacher, labels = make_inputs(6, 16, 10)
     loss = build_loss(name, temperature=4.0, alpha=0.5)
@@ -294,8 +295,7 @@ def test_top_k_above_class_count_raises_config_error():
 
 
 def test_build_loss_names_and_unknown_name():
-    assert LOSS_NAMES == ("kd", "focal", "attention")
-    assert tuple(LOSSES) == LOSS_NAMES  # the CLI's torch-free names are the registry's keys
+    assert tuple(LOSSES) == tuple(IMAGE_LOSSES) == ("kd", "focal", "attention")
     kinds = {
         "kd": LogitsDistillationLoss,
         "focal": FocalDistillationLoss,
@@ -325,7 +325,7 @@ def sparse_teacher(seed, batch, classes, k):
     return encoding.sparse(encoding.encode(teacher.numpy()))
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", IMAGE_LOSSES)
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0, 4.0, 16.0])
 @pytest.mark.parametrize(("classes", "k"), [(10, 3), (100, 5)])
 def test_sparse_teacher_equals_dense_loss_on_its_reconstruction(name, temperature, classes, k):
@@ -390,3 +390,33 @@ def test_kd_without_reduction_keeps_the_batch_shape_without_labels():
     )
     assert out["total"].shape == (5,)
     assert torch.isfinite(out["total"]).all()
+
+
+#: A value outside each hyper-parameter's bounds, and the words its refusal holds.
+OUT_OF_BOUNDS = {
+    "temperature": (0.0, "temperature must be > 0"),
+    "alpha": (1.5, "alpha must lie in"),
+    "gamma": (-1.0, "gamma must be a finite number >= 0"),
+    "top_k": (0, "top_k must be an integer >= 1"),
+    "skew": (1.0, "skew must lie in"),
+}
+
+
+@pytest.mark.parametrize(
+    ("registry", "declarations"),
+    [(LOSSES, IMAGE_LOSSES), (TOKEN_LOSSES, TOKEN_LOSS_DECLARATIONS)],
+    ids=["image", "token"],
+)
+def test_each_declared_loss_builds_with_its_hyper_parameters_defaults_and_bounds(
+    registry, declarations
+):
+    assert tuple(registry) == tuple(declarations)
+    for name, declaration in declarations.items():
+        default = registry[name]()
+        assert type(default).__name__ == declaration.implementation
+        for parameter in declaration.hyper_parameters:
+            assert getattr(default, parameter.name) == parameter.default, (name, parameter.name)
+            value, message = OUT_OF_BOUNDS[parameter.name]
+            with pytest.raises(ConfigError, match=message):
+                registry[name](**{parameter.name: value})
+    assert {p.name for p in HYPER_PARAMETERS} == set(OUT_OF_BOUNDS)

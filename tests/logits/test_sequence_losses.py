@@ -12,7 +12,7 @@ from narrowing import present
 
 from kdcache.errors import ConfigError, SpecError
 from kdcache.logits.encodings import SampledEncoding, parse_encoding
-from kdcache.logits.loss_options import DIVERGENCES
+from kdcache.logits.loss_options import TOKEN_LOSS_DECLARATIONS
 from kdcache.logits.sampled import draw_samples
 from kdcache.logits.sequence_losses import TokenDistillationLoss
 
@@ -49,7 +49,7 @@ def reference(name, student_rows, teacher_rows, temperature, skew=0.1):
     return 0.5 * (kl(p, m) + kl(q, m))
 
 
-@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("name", TOKEN_LOSS_DECLARATIONS)
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
 def test_dense_teacher_matches_reference(name, temperature):
     student, teacher, targets, mask = batch()
@@ -68,7 +68,7 @@ def test_dense_teacher_matches_reference(name, temperature):
     )
 
 
-@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("name", TOKEN_LOSS_DECLARATIONS)
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
 def test_topk_rows_equal_the_dense_loss_on_their_reconstruction(name, temperature):
     student, teacher, targets, mask = batch(1)

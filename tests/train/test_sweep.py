@@ -6,12 +6,14 @@ import csv
 import json
 import os
 
+import numpy as np
 import pytest
 from conftest import assert_one_line_error, assert_png, run_cli
 
 from kdcache.config import SweepConfig
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.options import parse_list
+from kdcache.store.sequence import create_sequence_store
 from kdcache.train.sweep import format_table, run_sweep
 
 
@@ -195,3 +197,19 @@ def test_workers_that_cannot_start_end_the_sweep_in_one_line(tmp_path, digits_st
     )
     assert_one_line_error(result, "its worker process died before finishing", "--jobs")
     assert result.returncode == 1
+
+
+def test_a_sweep_of_a_token_store_is_refused_naming_the_store_and_why(tmp_path):
+    store = tmp_path / "tokens.zarr"
+    sequences = [np.array([1, 2, 3]), np.array([4, 5])]
+    writer = create_sequence_store(store, sequences=sequences, vocab_size=8)
+    writer.write(range(2), np.zeros((3, 8), dtype=np.float32))
+    writer.finalize()
+    with pytest.raises(ConfigError) as info:
+        run_sweep(tiny_sweep(store, tmp_path / "sweep"))
+    message = str(info.value)
+    assert f"{store} is a token store" in message
+    assert "perplexity" in message
+    assert f"kdcache distill --cache {store}" in message
+    assert "\n" not in message
+    assert not (tmp_path / "sweep").exists()
