@@ -17,7 +17,9 @@ import importlib.util
 import json
 import os
 import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -99,6 +101,10 @@ for line in sys.stdin:
 """
 
 
+#: The longest a block may run.
+BLOCK_TIMEOUT_S = 600
+
+
 def block_environment() -> dict[str, str]:
     environment = cli_environment()
     environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment["PATH"]])
@@ -118,6 +124,7 @@ class BlockRunner:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
 
     def run(self, block: Block) -> tuple[int, str]:
@@ -128,6 +135,11 @@ class BlockRunner:
         assert self.process.stdout is not None
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
+        # One answer line per request, so nothing is left buffered while this waits.
+        ready, _, _ = select.select([self.process.stdout], [], [], BLOCK_TIMEOUT_S)
+        if not ready:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the runner and the block it forked
+            raise AssertionError(f"{block.code}\ndid not finish in {BLOCK_TIMEOUT_S} s")
         answer = self.process.stdout.readline()
         assert answer, "the block runner died"
         return json.loads(answer), log.read_text()
@@ -150,7 +162,7 @@ def run_block(block: Block, folder: Path, runner: BlockRunner) -> None:
             env=block_environment(),
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=BLOCK_TIMEOUT_S,
         )
         status, output = result.returncode, result.stderr
     else:
@@ -215,3 +227,11 @@ def test_the_blocks_are_found():
         Block("bash", "ls\n"),
     ]
     assert len(page_blocks(PAGE.read_text())) >= 8
+
+
+def test_a_block_that_forgets_an_import_fails_though_the_runner_imported_it(
+    page_folder_path, runner
+):
+    with pytest.raises(AssertionError, match="NameError: name 'torch' is not defined"):
+        run_block(Block("python", "torch.zeros(1)\n"), page_folder_path, runner)
+    run_block(Block("python", "import torch\n\ntorch.zeros(1)\n"), page_folder_path, runner)
