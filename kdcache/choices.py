@@ -17,3 +17,6 @@ AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 #: Views per sample a store may hold (FKD keeps a few hundred crops per image): the most
 #: ``--views`` takes, and the most a store's record may say.
 MAX_VIEWS = 1 << 16
+#: ``--train-on`` choices: which tokens of a language-model dataset the loss counts (assistant:
+#: those of the assistant's turns in chat data).
+TRAIN_ON = ("all", "assistant")

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from kdcache.choices import AMP_DTYPES, INPUT_CHOICES, MAX_VIEWS, SPLITS
+from kdcache.choices import AMP_DTYPES, INPUT_CHOICES, MAX_VIEWS, SPLITS, TRAIN_ON
 from kdcache.errors import ConfigError
 from kdcache.logits.loss_options import (
     DEFAULT_ALPHA,
@@ -58,6 +58,16 @@ VIEWS_HELP = (
     "Distinct views per sample, cycled through evenly over the epochs [default: one per epoch"
 )
 
+#: ``--train-on`` and ``--pack``, for every command that reads a language-model dataset.
+TRAIN_ON_HELP = (
+    "Tokens the loss counts: all, or assistant (chat data: the assistant's turns only; a dump "
+    "stores only those rows) (docs/lm.md#data-files-chat-and-packing)"
+)
+PACK_HELP = (
+    "Pack the documents, EOS-joined, into sequences of MAX_LENGTH tokens instead of padding "
+    "each one (docs/lm.md#data-files-chat-and-packing)"
+)
+
 #: Seeds reach torch.manual_seed (at most 2^64 - 1) and numpy's generators (at least 0).
 SEEDS = Bounds(0, 2**63 - 1)
 #: Samples (a dump: views) per step; far above any memory, far below what Python's slicing takes.
@@ -92,6 +102,13 @@ def check_views(augment: str | None, views: int | None, *, default: str) -> None
 def check_split(split: str | None) -> None:
     require(
         split is None or split in SPLITS, f"split must be one of {', '.join(SPLITS)}, got {split!r}"
+    )
+
+
+def check_train_on(train_on: str | None) -> None:
+    require(
+        train_on is None or train_on in TRAIN_ON,
+        f"--train-on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}",
     )
 
 
@@ -168,7 +185,8 @@ class TrainConfig(LoopConfig):
     dataset: str = option(
         "digits",
         help="Dataset spec: digits, fake:N, imagefolder:PATH, cifar10:ROOT, ..., or "
-        "text:FILE[:MAX_LEN] for a language model.",
+        "text:FILE[:MAX_LEN], jsonl:FILE, parquet:FILE or hfdisk:FOLDER (each [:COLUMN][:MAX_LEN]) "
+        "for a language model.",
     )
     split: str = option("train", choices=SPLITS, help="Split to train on; the other one validates.")
     augment: str | None = option(None, only=IMAGE, help=AUGMENT_HELP)
@@ -176,9 +194,12 @@ class TrainConfig(LoopConfig):
         None, only=IMAGE, bounds=SEEDS, help=f"{AUGMENT_SEED_HELP} [default: 0]."
     )
     views: int | None = option(None, only=IMAGE, bounds=VIEWS, help=f"{VIEWS_HELP}].")
+    train_on: str = option("all", choices=TRAIN_ON, only=LM, help=f"{TRAIN_ON_HELP}.")
+    pack: bool = option(False, only=LM, help=f"{PACK_HELP}.")
 
     def __post_init__(self) -> None:
         check_split(self.split)
+        check_train_on(self.train_on)
         check_views(self.augment, self.views, default="drop --views")
         super().__post_init__()
 
@@ -227,9 +248,19 @@ class DistillOptions(TrainingOptions):
         help="RAM for decoded logits, e.g. 8GiB; a larger store streams chunk by chunk "
         "[default: half the available memory].",
     )
+    train_on: str | None = option(
+        None,
+        choices=TRAIN_ON,
+        only=LM,
+        help=f"{TRAIN_ON_HELP} [default: the store's, else all].",
+    )
+    pack: bool = option(
+        False, only=LM, help=f"{PACK_HELP} [default: as the store was dumped, else off]."
+    )
 
     def __post_init__(self) -> None:
         check_split(self.split)
+        check_train_on(self.train_on)
         if self.cache_memory is not None:
             from kdcache.store.read.feed import parse_size
 
@@ -442,9 +473,12 @@ class DumpConfig(SpeedOptions):
         True,
         help=FSYNC_HELP,
     )
+    train_on: str = option("all", choices=TRAIN_ON, only=LM, help=f"{TRAIN_ON_HELP}.")
+    pack: bool = option(False, only=LM, help=f"{PACK_HELP}.")
 
     def __post_init__(self) -> None:
         check_split(self.split)
+        check_train_on(self.train_on)
         require(
             self.teacher is not None or self.weights is not None,
             "dump-teacher needs --teacher SPEC (e.g. --teacher resnet18), or --weights CKPT "
