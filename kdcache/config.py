@@ -60,12 +60,12 @@ VIEWS_HELP = (
 
 #: ``--train-on`` and ``--pack``, for every command that reads a language-model dataset.
 TRAIN_ON_HELP = (
-    "Tokens the loss counts: all, or assistant (chat data: the assistant's turns only; a dump "
-    "stores only those rows) (docs/lm.md#data-files-chat-and-packing)"
+    "Tokens the loss counts: all, or assistant (chat data: the assistant's replies only; a dump "
+    "then stores only their rows)"
 )
 PACK_HELP = (
-    "Pack the documents, EOS-joined, into sequences of MAX_LENGTH tokens instead of padding "
-    "each one (docs/lm.md#data-files-chat-and-packing)"
+    "Join the documents (EOS between them) and cut them into MAX_LENGTH-token sequences, "
+    "instead of padding each document"
 )
 
 #: Seeds reach torch.manual_seed (at most 2^64 - 1) and numpy's generators (at least 0).
