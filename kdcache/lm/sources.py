@@ -106,13 +106,15 @@ def _chosen(path: Path, names: Sequence[str], column: str | None) -> str:
 
 def _jsonl_column(path: Path, column: str | None) -> Column:
     rows = json_lines(path, read_utf8(path))
+    if not rows:
+        raise SpecError(f"{path} has no rows; give it at least 10 (every 10th is held out)")
     for number, row in rows:
         if not isinstance(row, dict):
             raise SpecError(
                 f"{path}:{number} is not a JSON object; each line of a jsonl: dataset must be an "
                 'object such as {"text": "..."} or {"messages": [...]}'
             )
-    name = _chosen(path, list(rows[0][1]) if rows else [], column)
+    name = _chosen(path, list(rows[0][1]), column)
     values = []
     for number, row in rows:
         if name not in row:

@@ -126,7 +126,7 @@ def read_documents(path: Path) -> list[str]:
         if not isinstance(value, str):
             raise SpecError(
                 f"{path}:{number} has no text; each line must be a string or an object with a "
-                '"text" string field'
+                '"text" string field (other columns, e.g. messages: jsonl:FILE[:COLUMN])'
             )
         documents.append(value)
     return documents
