@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Any
 
+import lm_teachers
 import numpy as np
 import pytest
 import torch
@@ -225,6 +226,35 @@ def test_assistant_rows_align_whether_the_dump_skipped_the_others_or_not(
     assert finals["skipped"] == finals["full"] == finals["online"]
     for name in ("full", "online"):
         assert all(torch.equal(weights["skipped"][k], weights[name][k]) for k in weights[name])
+
+
+def test_an_interrupted_assistant_only_dump_resumes_to_the_same_rows(
+    tmp_path, chat_files, chat_stores
+):
+    out = str(tmp_path / "resumed.zarr")
+    lm_teachers.FOLDER = str(chat_files["teacher"])
+    lm_teachers.FAIL_AFTER = 2
+    config: dict[str, Any] = dict(
+        teacher="lm_teachers:flaky",
+        dataset=f"jsonl:{chat_files['chat']}:{CHAT_LENGTH}",
+        train_on="assistant",
+        encoding="float32",
+        batch_size=16,  # as the fixture's store: the same batches, so the same bits
+        chunk_rows=16,
+        out=out,
+    )
+    try:
+        with pytest.raises(lm_teachers.Interrupted):
+            dump_lm(DumpConfig(**config))
+    finally:
+        lm_teachers.FAIL_AFTER = None
+    resumed = dump_lm(DumpConfig(**config, resume=True))
+    assert 0 < resumed.rows_computed < resumed.num_tokens
+    store, reference = open_sequence_store(out), open_sequence_store(chat_stores["assistant"])
+    assert not store.every_position
+    assert np.array_equal(store.offsets, reference.offsets)
+    samples = np.arange(store.num_sequences)
+    assert torch.equal(store.read(samples), reference.read(samples))  # type: ignore[arg-type]
 
 
 def test_the_command_line_refuses_another_template_packing_or_masking(
