@@ -27,6 +27,7 @@ from kdcache.choices import (
     MODELS,
     RECIPE_OPERATIONS,
     SPLITS,
+    TRAIN_ON,
 )
 from kdcache.errors import ConfigError
 from kdcache.logits.loss_options import (
@@ -98,14 +99,24 @@ MODEL_HELP = (
 )
 DATASET_HELP = (
     f"Dataset spec: {', '.join(DATASET_KINDS.names())} with their arguments (e.g. fake:N, "
-    "imagefolder:PATH, cifar10:ROOT; see docs/datasets.md), or text:FILE[:MAX_LEN] for a language "
-    "model."
+    "imagefolder:PATH, cifar10:ROOT; see docs/datasets.md), or text:FILE[:MAX_LEN], jsonl:FILE, "
+    "parquet:FILE or hfdisk:FOLDER (each [:COLUMN][:MAX_LEN]) for a language model."
 )
 #: The store encodings, for the options that choose one.
 ENCODING_LIST = ", ".join(ENCODINGS.forms())
 AUGMENT_SEED_HELP = "Seed the views' parameters are drawn from"
 VIEWS_HELP = (
     "Distinct views per sample, cycled through evenly over the epochs [default: one per epoch"
+)
+
+#: ``--train-on`` and ``--pack``, for every command that reads a language-model dataset.
+TRAIN_ON_HELP = (
+    "Tokens the loss counts: all, or assistant (chat data: the assistant's replies only; a dump "
+    "then stores only their rows)"
+)
+PACK_HELP = (
+    "Join the documents (EOS between them) and cut them into MAX_LENGTH-token sequences, "
+    "instead of padding each document"
 )
 
 #: Seeds reach torch.manual_seed (at most 2^64 - 1) and numpy's generators (at least 0).
@@ -142,6 +153,13 @@ def check_views(augment: str | None, views: int | None, *, default: str) -> None
 def check_split(split: str | None) -> None:
     require(
         split is None or split in SPLITS, f"split must be one of {', '.join(SPLITS)}, got {split!r}"
+    )
+
+
+def check_train_on(train_on: str | None) -> None:
+    require(
+        train_on is None or train_on in TRAIN_ON,
+        f"--train-on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}",
     )
 
 
@@ -219,9 +237,12 @@ class TrainConfig(LoopConfig):
         None, only=IMAGE, bounds=SEEDS, help=f"{AUGMENT_SEED_HELP} [default: 0]."
     )
     views: int | None = option(None, only=IMAGE, bounds=VIEWS, help=f"{VIEWS_HELP}].")
+    train_on: str = option("all", choices=TRAIN_ON, only=LM, help=f"{TRAIN_ON_HELP}.")
+    pack: bool = option(False, only=LM, help=f"{PACK_HELP}.")
 
     def __post_init__(self) -> None:
         check_split(self.split)
+        check_train_on(self.train_on)
         check_views(self.augment, self.views, default="drop --views")
         super().__post_init__()
 
@@ -268,9 +289,19 @@ class DistillOptions(TrainingOptions):
         help="RAM for decoded logits, e.g. 8GiB; a larger store streams chunk by chunk "
         "[default: half the available memory].",
     )
+    train_on: str | None = option(
+        None,
+        choices=TRAIN_ON,
+        only=LM,
+        help=f"{TRAIN_ON_HELP} [default: the store's, else all].",
+    )
+    pack: bool = option(
+        False, only=LM, help=f"{PACK_HELP} [default: as the store was dumped, else off]."
+    )
 
     def __post_init__(self) -> None:
         check_split(self.split)
+        check_train_on(self.train_on)
         if self.cache_memory is not None:
             from kdcache.store.read.feed import parse_size
 
@@ -467,9 +498,12 @@ class DumpConfig(SpeedOptions):
         True,
         help=FSYNC_HELP,
     )
+    train_on: str = option("all", choices=TRAIN_ON, only=LM, help=f"{TRAIN_ON_HELP}.")
+    pack: bool = option(False, only=LM, help=f"{PACK_HELP}.")
 
     def __post_init__(self) -> None:
         check_split(self.split)
+        check_train_on(self.train_on)
         require(
             self.teacher is not None or self.weights is not None,
             "dump-teacher needs --teacher SPEC (e.g. --teacher resnet18), or --weights CKPT "

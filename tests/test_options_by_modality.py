@@ -38,6 +38,8 @@ FOREIGN_VALUES = {
     "gamma": 1.0,
     "top_k": 2,
     "skew": 0.3,
+    "train_on": "assistant",
+    "pack": True,
 }
 #: Speed options the language-model runs set away from their defaults (they must take effect).
 LM_SPEED = {"amp": "bf16", "num_workers": 1}

@@ -2,5 +2,6 @@
 
 Needs the optional extra ``pip install -e ".[llm]"`` (transformers, tokenizers), imported only
 when a language-model command runs. Teachers and students are ``hf:PATH`` (a ``save_pretrained``
-folder) or ``package.module:function``; datasets are ``text:FILE[:MAX_LENGTH]``. See docs/lm.md.
+folder) or ``package.module:function``; datasets are ``text:FILE[:MAX_LENGTH]`` or a table's
+column (``jsonl:``, ``parquet:``, ``hfdisk:``). See docs/lm.md.
 """

@@ -170,9 +170,17 @@ def _dump_lm(config: DumpConfig, session: RankSession) -> LMDumpResult:
     _, forward = prepare_model(
         teacher.model, device=device, channels_last=False, compile=config.compile
     )
-    dataset = build_text_dataset(config.dataset, split=config.split, tokenizer=teacher.tokenizer)
+    dataset = build_text_dataset(
+        config.dataset,
+        split=config.split,
+        tokenizer=teacher.tokenizer,
+        train_on=config.train_on,
+        pack=config.pack,
+    )
     check_dataset_fits(teacher, dataset)
-    offsets = sequence_offsets([len(tokens) for tokens in dataset.sequences])
+    offsets = sequence_offsets(
+        [len(tokens) for tokens in dataset.sequences], counted=dataset.counted
+    )
     record = {
         "spec": dataset.spec,
         "split": dataset.split,
@@ -190,6 +198,7 @@ def _dump_lm(config: DumpConfig, session: RankSession) -> LMDumpResult:
         create,
         config.out,
         sequences=dataset.sequences,
+        counted=dataset.counted,
         vocab_size=teacher.vocab_size,
         encoding=config.encoding,
         chunk_rows=config.chunk_rows,

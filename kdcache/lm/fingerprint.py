@@ -4,11 +4,18 @@ A sequence store's dataset record holds::
 
     {"tokenizer": {"vocab_size", "vocab_sha256", "special_tokens", "chat_template_sha256"},
      "tokens": {"num_samples", "num_tokens", "token_ids_sha256"},
-     "max_length": M}
+     "max_length": M,
+     "data": {"format": "chat", "packed": true, "train_on": "assistant", "loss_mask_sha256"}}
 
-The vocabulary hash covers every (token, id) pair, added tokens included; the token-id hash covers
-every sample's ids and its length, so a different tokenizer (other merges, other normalisation)
-or different text is caught even when the vocabularies agree.
+``data`` says how the rows became sequences, and holds only what differs from plain documents
+each padded on its own with every position counted (so records written before it existed, and
+plain text now, agree): conversations rendered with the chat template (whose hash is the
+tokenizer's), documents packed to the max length, and the loss on assistant tokens only (with
+the hash of which positions count).
+
+The vocabulary hash covers every (token, id) pair, added tokens included; the token-id hash
+covers every sample's ids and its length, so a different tokenizer (other merges, other
+normalisation) or different text is caught even when the vocabularies agree.
 """
 
 from __future__ import annotations
@@ -54,12 +61,56 @@ def tokens_fingerprint(dataset: TokenDataset) -> dict[str, Any]:
     }
 
 
+def data_fingerprint(dataset: TokenDataset) -> dict[str, Any]:
+    """How ``dataset``'s sequences were made, as far as it differs from the plain default."""
+    record: dict[str, Any] = {}
+    if dataset.chat:
+        record["format"] = "chat"
+    if dataset.packed:
+        record["packed"] = True
+    if dataset.counted is not None:
+        digest = hashlib.sha256()
+        for mask in dataset.counted:
+            digest.update(np.int64(len(mask)).tobytes())
+            digest.update(np.packbits(mask).tobytes())
+        record["train_on"] = "assistant"
+        record["loss_mask_sha256"] = digest.hexdigest()
+    return record
+
+
 def lm_fingerprint(tokenizer: Any, dataset: TokenDataset) -> dict[str, Any]:
-    return {
+    fingerprint = {
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "tokens": tokens_fingerprint(dataset),
         "max_length": dataset.max_length,
     }
+    data = data_fingerprint(dataset)
+    return {**fingerprint, "data": data} if data else fingerprint
+
+
+def describe_format(data: dict[str, Any]) -> str:
+    return "conversations" if data.get("format") == "chat" else "documents"
+
+
+def describe_packing(data: dict[str, Any]) -> str:
+    return "packed (--pack)" if data.get("packed") else "one document per sequence (no --pack)"
+
+
+def describe_train_on(data: dict[str, Any]) -> str:
+    return "assistant tokens" if data.get("train_on") == "assistant" else "all tokens"
+
+
+def compare_data(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    """The parts of two ``data`` records that differ, each named (empty when they agree)."""
+    differences = []
+    for name, describe in (
+        ("data", describe_format),
+        ("packing", describe_packing),
+        ("loss on", describe_train_on),
+    ):
+        if describe(expected) != describe(actual):
+            differences.append(f"{name}: {describe(expected)} vs {describe(actual)}")
+    return differences
 
 
 def _short(value: Any) -> str:
@@ -98,6 +149,7 @@ def compare_lm_fingerprints(expected: dict[str, Any], actual: dict[str, Any]) ->
     ]
     if expected.get("max_length") != actual.get("max_length"):
         differences.append(f"max length {expected.get('max_length')} vs {actual.get('max_length')}")
+    differences.extend(compare_data(expected.get("data", {}), actual.get("data", {})))
     old, new = expected.get("tokens", {}), actual.get("tokens", {})
     for key in ("num_samples", "num_tokens"):
         if old.get(key) != new.get(key):
@@ -106,5 +158,11 @@ def compare_lm_fingerprints(expected: dict[str, Any], actual: dict[str, Any]) ->
         differences.append(
             f"token ids (sha256 {_short(old.get('token_ids_sha256'))} vs "
             f"{_short(new.get('token_ids_sha256'))})"
+        )
+    old_mask = expected.get("data", {}).get("loss_mask_sha256")
+    new_mask = actual.get("data", {}).get("loss_mask_sha256")
+    if not differences and old_mask != new_mask:
+        differences.append(
+            f"assistant tokens (loss mask sha256 {_short(old_mask)} vs {_short(new_mask)})"
         )
     return differences

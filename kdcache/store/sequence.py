@@ -13,6 +13,11 @@ teacher's logits at position j (the distribution of t_{j+1} given t_0 .. t_j), i
 ``[first_token[i], *labels[offsets[i]:offsets[i + 1]]]``. The token rows are chunked like any
 store's rows (``chunk_rows`` tokens per chunk), so resume, verify, pack and inspect work unchanged;
 the metadata's ``num_samples`` counts token rows and ``extra["sequence"]`` records the layout.
+
+A store may instead hold only the rows of the positions a loss counts (a dump with ``--train-on
+assistant``): ``extra["sequence"]["every_position"]`` is then false, sample i's rows are its
+counted positions in order, ``labels`` holds their next tokens, and the token ids are not all
+in the store (the reader recomputes which positions count from the data it re-tokenizes).
 """
 
 from __future__ import annotations
@@ -44,9 +49,15 @@ from kdcache.store.write.writer import StoreWriter, create_store
 TokenRows = torch.Tensor | SparseLogits | SampledLogits
 
 
-def sequence_offsets(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
-    """``offsets`` (N + 1,) for samples of ``lengths`` tokens: each has max(L - 1, 0) rows."""
-    rows = np.maximum(np.asarray(lengths, dtype=np.int64) - 1, 0)
+def sequence_offsets(
+    lengths: Sequence[int] | np.ndarray, *, counted: Sequence[np.ndarray] | None = None
+) -> np.ndarray:
+    """``offsets`` (N + 1,) for samples of ``lengths`` tokens: each has max(L - 1, 0) rows, or
+    with ``counted`` (per sample, which positions count) as many as it has counted positions."""
+    if counted is None:
+        rows = np.maximum(np.asarray(lengths, dtype=np.int64) - 1, 0)
+    else:
+        rows = np.array([np.count_nonzero(mask) for mask in counted], dtype=np.int64)
     return np.concatenate(([0], np.cumsum(rows))).astype(np.int64)
 
 
@@ -128,11 +139,13 @@ def create_sequence_store(
     overwrite: bool = False,
     resume: bool = False,
     fsync: bool = True,
+    counted: Sequence[np.ndarray] | None = None,
 ) -> SequenceWriter:
     """Create (or resume) a sequence store for the token id arrays ``sequences``.
 
-    Every sample needs at least 2 tokens (one row); ``chunk_rows`` counts tokens per chunk. The
-    other options are :func:`kdcache.store.write.writer.create_store`'s.
+    Every sample needs at least 2 tokens (one row); ``chunk_rows`` counts tokens per chunk.
+    ``counted`` (per sample, L - 1 booleans with at least one set) keeps only the rows of those
+    positions. The other options are :func:`kdcache.store.write.writer.create_store`'s.
     """
     lengths = np.array([len(tokens) for tokens in sequences], dtype=np.int64)
     if lengths.size == 0 or (lengths < 2).any():
@@ -141,13 +154,27 @@ def create_sequence_store(
             f"a sequence store needs at least one sample and 2 tokens per sample (one next-token "
             f"row), got {lengths.size} samples, too short: {short}; drop or join short texts"
         )
-    offsets = sequence_offsets(lengths)
-    labels = np.concatenate([np.asarray(tokens, dtype=np.int64)[1:] for tokens in sequences])
+    following = [np.asarray(tokens, dtype=np.int64)[1:] for tokens in sequences]
+    layout: dict[str, Any] = {}
+    offsets = sequence_offsets(lengths, counted=counted)
+    if counted is not None:
+        masks = [np.asarray(mask, dtype=bool) for mask in counted]
+        if [len(mask) for mask in masks] != (lengths - 1).tolist() or not all(
+            mask.any() for mask in masks
+        ):
+            raise ConfigError(
+                "counted must give each sample one boolean per position with a next token "
+                "(L - 1), at least one of them true"
+            )
+        following = [tokens[mask] for tokens, mask in zip(following, masks, strict=True)]
+        layout["every_position"] = False
+    labels = np.concatenate(following)
     first = np.array([int(tokens[0]) for tokens in sequences], dtype=np.int64)
     layout = {
         "num_sequences": int(lengths.size),
         "num_tokens": int(offsets[-1]),
         "max_length": int(lengths.max()),
+        **layout,
     }
     writer = create_store(
         path,
@@ -260,8 +287,14 @@ class SequenceReader:
         return self.store.num_classes
 
     @property
+    def every_position(self) -> bool:
+        """Whether each sample has a row at every position with a next token (else only at the
+        positions its loss counts)."""
+        return bool(self.layout.get("every_position", True))
+
+    @property
     def lengths(self) -> np.ndarray:
-        """Tokens per sample (rows + 1)."""
+        """Tokens per sample (rows + 1) of a store with every position."""
         return np.diff(self.offsets) + 1
 
     def token_rows(self, samples: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
@@ -269,6 +302,12 @@ class SequenceReader:
 
     def tokens(self, sample: int) -> np.ndarray:
         """The token ids of ``sample``, read back from the store alone."""
+        if not self.every_position:
+            raise StoreFormatError(
+                f"{self.where} holds rows only at the positions its loss counts (dumped with "
+                "--train-on assistant), so its token ids are not all stored; re-tokenize the "
+                "dataset it records, or dump it again with --train-on all"
+            )
         start, stop = self.offsets[sample], self.offsets[sample + 1]
         self.store.guard.verify_whole(LABELS_ARRAY)
         labels = self.store.read_rows(LABELS_ARRAY, int(start), int(stop))
@@ -283,7 +322,11 @@ class SequenceReader:
         unused); ``sampled:S`` a :class:`SampledLogits`. ``torch.split(range(n), lengths - 1)``
         of the samples recovers each one's slice.
         """
-        gathered = self.store.feed.gather(self.token_rows(samples))
+        return self.read_rows(self.token_rows(samples), temperature=temperature)
+
+    def read_rows(self, rows: np.ndarray, *, temperature: float = 1.0) -> TokenRows:
+        """Token rows ``rows`` (indices into the store's rows, any order), as :meth:`read`."""
+        gathered = self.store.feed.gather(np.asarray(rows, dtype=np.int64))
         encoding = self.store.encoding
         if isinstance(encoding, SampledEncoding):
             return encoding.sampled(gathered)

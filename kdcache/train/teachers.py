@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -71,14 +72,32 @@ class LiveLogits(TeacherSource):
 
 
 class StoreTokens(TeacherSource):
-    """A sequence store's rows of the batch's tokens, softened at the run's temperature."""
+    """A sequence store's rows of the batch's counted tokens, softened at the run's temperature.
 
-    def __init__(self, store: SequenceReader, *, temperature: float) -> None:
+    By default the store holds exactly the rows the batch counts, sample for sample. With
+    ``samples`` (a store with a row at every position, and a run that counts only some:
+    ``--train-on assistant`` from a store dumped with ``--train-on all``) dataset sample i is
+    store sample ``samples[i]``, and only the rows at the batch's counted positions are read.
+    """
+
+    def __init__(
+        self, store: SequenceReader, *, temperature: float, samples: np.ndarray | None = None
+    ) -> None:
         self.store = store
         self.temperature = temperature
+        self.samples = samples
 
     def targets(self, batch: TokenBatch) -> TokenTeacher:
-        rows = self.store.read(batch.indices.numpy(), temperature=self.temperature)
+        if self.samples is None:
+            rows = self.store.read(batch.indices.numpy(), temperature=self.temperature)
+        else:
+            # Row-major, as the losses take the student's rows: logits[mask].
+            sequence, position = batch.mask.nonzero(as_tuple=True)
+            owners = self.samples[batch.indices.numpy()[sequence.cpu().numpy()]]
+            starts = self.store.offsets[owners]
+            rows = self.store.read_rows(
+                starts + position.cpu().numpy(), temperature=self.temperature
+            )
         return rows.to(batch.input_ids.device)
 
 

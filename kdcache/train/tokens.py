@@ -53,9 +53,15 @@ def _prepare_out(config: TrainConfig | DistillConfig, session: RankSession, reso
 def train_tokens(config: TrainConfig, session: RankSession) -> RunResult:
     """Next-token cross-entropy training of causal LM ``config.model`` on ``config.dataset``."""
     student = load_causal_lm(config.model, seed=config.seed)
-    train_set = build_text_dataset(config.dataset, split=config.split, tokenizer=student.tokenizer)
-    val_set = build_text_dataset(
-        config.dataset, split=held_out_split(config.split), tokenizer=student.tokenizer
+    train_set, val_set = (
+        build_text_dataset(
+            config.dataset,
+            split=split,
+            tokenizer=student.tokenizer,
+            train_on=config.train_on,
+            pack=config.pack,
+        )
+        for split in (config.split, held_out_split(config.split))
     )
     for dataset in (train_set, val_set):
         check_dataset_fits(student, dataset)
@@ -107,6 +113,27 @@ def check_lm_store(
         )
 
 
+def _stored_data(config: DistillConfig, store: SequenceReader) -> tuple[str, bool, str, bool]:
+    """The run's --train-on and --pack (given, else the store's) and the store's own; a run
+    the store's rows cannot serve is refused, naming the difference."""
+    data = ((store.metadata.dataset or {}).get("fingerprint") or {}).get("data") or {}
+    stored_on, stored_pack = str(data.get("train_on", "all")), bool(data.get("packed"))
+    train_on = config.train_on or stored_on
+    pack = config.pack or stored_pack
+    if pack != stored_pack:
+        raise StoreMismatchError(
+            f"{store.where} was dumped without --pack (one document per sequence), so its rows "
+            "are not those of packed sequences; drop --pack, or dump again with --pack"
+        )
+    if train_on == "all" and stored_on == "assistant":
+        raise StoreMismatchError(
+            f"{store.where} holds the teacher's rows at assistant tokens only (dumped with "
+            "--train-on assistant), so it cannot train on all tokens; drop --train-on all, or "
+            "dump again with --train-on all"
+        )
+    return train_on, pack, stored_on, stored_pack
+
+
 def _from_store(
     config: DistillConfig, store: SequenceReader, student: CausalLM, resolved: dict
 ) -> tuple[TeacherSource, TokenDataset]:
@@ -118,8 +145,11 @@ def _from_store(
         raise StoreMismatchError(
             f"{store.where} records no dataset; pass --dataset text:FILE (and --split)"
         )
+    train_on, pack, stored_on, stored_pack = _stored_data(config, store)
     try:
-        train_set = build_text_dataset(spec, split=split, tokenizer=student.tokenizer)
+        as_stored = build_text_dataset(
+            spec, split=split, tokenizer=student.tokenizer, train_on=stored_on, pack=stored_pack
+        )
     except DatasetNotFoundError:
         if config.dataset is not None:
             raise
@@ -130,10 +160,19 @@ def _from_store(
             "(it is matched by content)"
         ) from None
     as_recorded = config.dataset is None and split == recorded.get("split", "train")
-    check_lm_store(store, student, train_set, recorded_text=as_recorded)
+    check_lm_store(store, student, as_stored, recorded_text=as_recorded)
     store.store.load()
     resolved["store"] = store.metadata.to_dict()
-    return StoreTokens(store, temperature=config.temperature), train_set
+    if train_on == stored_on:
+        return StoreTokens(store, temperature=config.temperature), as_stored
+    # Every position stored, the assistant's counted: each kept piece's rows are read at its
+    # counted positions of the piece it was among all of them.
+    train_set = build_text_dataset(
+        spec, split=split, tokenizer=student.tokenizer, train_on=train_on, pack=pack
+    )
+    assert train_set.pieces is not None
+    teacher = StoreTokens(store, temperature=config.temperature, samples=train_set.pieces)
+    return teacher, train_set
 
 
 def _from_live_teacher(
@@ -153,7 +192,11 @@ def _from_live_teacher(
             + "; give the student the teacher's tokenizer"
         )
     train_set = build_text_dataset(
-        config.dataset, split=config.split or "train", tokenizer=teacher.tokenizer
+        config.dataset,
+        split=config.split or "train",
+        tokenizer=teacher.tokenizer,
+        train_on=config.train_on or "all",
+        pack=config.pack,
     )
     check_dataset_fits(teacher, train_set)
     resolved["teacher_weights_sha256"] = teacher.weights_sha256
@@ -173,9 +216,18 @@ def distill_tokens(
         teacher, train_set = _from_store(config, store, student, resolved)
     else:
         teacher, train_set = _from_live_teacher(config, session, student, resolved)
-    resolved.update(dataset=train_set.spec, split=train_set.split)
+    resolved.update(
+        dataset=train_set.spec,
+        split=train_set.split,
+        train_on=train_set.train_on,
+        pack=train_set.packed,
+    )
     val_set = build_text_dataset(
-        train_set.spec, split=held_out_split(train_set.split), tokenizer=student.tokenizer
+        train_set.spec,
+        split=held_out_split(train_set.split),
+        tokenizer=student.tokenizer,
+        train_on=train_set.train_on,
+        pack=train_set.packed,
     )
     for dataset in (train_set, val_set):
         check_dataset_fits(student, dataset)

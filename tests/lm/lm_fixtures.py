@@ -112,3 +112,60 @@ def lm_files_fixture(tmp_path_factory):
         }
     )
     return _BUILT
+
+
+#: A chat template in the usual shape: each turn rendered in order, the reply after the
+#: generation prompt and before the end-of-turn marker.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+_CHAT: dict = {}
+
+
+def chat_rows(*, conversations: int = 30, seed: int = 1) -> list[dict]:
+    """Rows with a ``messages`` column: a system turn now and then, one or two exchanges."""
+    rng = random.Random(seed)
+
+    def words(low: int, high: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+    rows = []
+    for number in range(conversations):
+        messages = [{"role": "system", "content": words(2, 4)}] if number % 3 == 0 else []
+        for _ in range(1 + number % 2):
+            messages.append({"role": "user", "content": words(2, 8)})
+            messages.append({"role": "assistant", "content": words(1, 8)})
+        rows.append({"messages": messages})
+    return rows
+
+
+@pytest.fixture(scope="session", name="chat_files")
+def chat_files_fixture(lm_files):
+    """chat.jsonl (a messages column), and teacher/ and student/ whose tokenizer (lm_files') has
+    CHAT_TEMPLATE; other_template/ is a student whose template differs."""
+    if _CHAT:
+        return _CHAT
+    from transformers import AutoTokenizer
+
+    root = lm_files["root"] / "chat"
+    root.mkdir()
+    chat = root / "chat.jsonl"
+    chat.write_text("".join(json.dumps(row) + "\n" for row in chat_rows()))
+    tokenizer = AutoTokenizer.from_pretrained(lm_files["teacher"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    other = AutoTokenizer.from_pretrained(lm_files["teacher"])
+    other.chat_template = CHAT_TEMPLATE.replace("<|end|>", "<|stop|>")
+    _CHAT.update(
+        {
+            "root": root,
+            "chat": chat,
+            "tokenizer": tokenizer,
+            "teacher": write_model(root / "teacher", tokenizer, layers=2, width=32, weights=True),
+            "student": write_model(root / "student", tokenizer, layers=1, width=16, weights=False),
+            "other_template": write_model(
+                root / "other_template", other, layers=1, width=16, weights=False
+            ),
+        }
+    )
+    return _CHAT

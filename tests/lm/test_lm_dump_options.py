@@ -162,6 +162,20 @@ def check_compile(dump: Dump) -> None:
     assert dump.seen("compiled") == {True}
 
 
+def check_pack(dump: Dump) -> None:
+    packed = dump(pack=True)
+    assert dump.store().metadata.dataset["fingerprint"]["data"] == {"packed": True}
+    assert packed.num_samples < dump(overwrite=True).num_samples  # documents joined, then cut
+
+
+def check_train_on(dump: Dump) -> None:
+    # The corpus is plain documents; chat data's assistant rows: tests/lm/test_lm_data.py.
+    with pytest.raises(KdcacheError, match="--train-on assistant needs chat data"):
+        dump(train_on="assistant")
+    dump(train_on="all")
+    assert "data" not in dump.store().metadata.dataset["fingerprint"]
+
+
 HONOURED: dict[str, Callable[..., None]] = {
     "teacher": check_teacher,
     "dataset": check_dataset,
@@ -178,6 +192,8 @@ HONOURED: dict[str, Callable[..., None]] = {
     "fsync": check_fsync,
     "amp": check_amp,
     "compile": check_compile,
+    "pack": check_pack,
+    "train_on": check_train_on,
 }
 
 #: Options that mean nothing for a language model, with a value that asks for them.
