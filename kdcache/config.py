@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from kdcache.augment.catalog import recipe_help
 from kdcache.choices import AMP_DTYPES, INPUT_CHOICES, MAX_VIEWS, SPLITS
 from kdcache.errors import ConfigError
 from kdcache.logits.loss_options import (
@@ -49,10 +50,7 @@ T = TypeVar("T")
 LOSS_CHOICES = {IMAGE: LOSS_NAMES, LM: DIVERGENCES}
 
 DEVICE_HELP = "cpu, cuda or cuda:N [default: cuda when available, else cpu]."
-AUGMENT_HELP = (
-    "Augmentation recipe, e.g. 'rrc:scale=0.35-1+flip', 'pad-crop:4+flip', 'rrc+flip+mixup:0.2' "
-    "(see docs/augmentation.md)."
-)
+AUGMENT_HELP = recipe_help()
 AUGMENT_SEED_HELP = "Seed the views' parameters are drawn from"
 VIEWS_HELP = (
     "Distinct views per sample, cycled through evenly over the epochs [default: one per epoch"
