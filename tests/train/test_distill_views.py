@@ -344,7 +344,7 @@ def test_train_with_augmentation_draws_a_fresh_view_each_epoch(tmp_path):
     ("config", "error", "message"),
     [
         (lambda: DumpConfig(teacher="cnn", views=4), ConfigError, "--views 4 needs --augment"),
-        (lambda: DumpConfig(teacher="cnn", augment="blur"), SpecError, "unknown operation"),
+        (lambda: DumpConfig(teacher="cnn", augment="sharpen"), SpecError, "unknown operation"),
         (
             lambda: DistillConfig(
                 student="mlp", cache="s.zarr", out="r", student_augment="mixup:1"
