@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
+from torchvision.transforms.v2 import functional as TF
 
 from kdcache.augment.recipe import STUDENT_STREAM, parse_recipe
 from kdcache.augment.views import ViewDataset, ViewSource, augment_record, recorded_recipe
 from kdcache.data.datasets import build_dataset
+from kdcache.data.datasets.labeled import ArrayDataset, LabeledDataset
+from kdcache.data.pixels import PixelNormalization
 from kdcache.errors import StoreCorruptError, StoreMismatchError
 
 DATASET = "fake:40:8:4"  # 40 images of (3, 8, 8)
@@ -142,3 +146,26 @@ def test_only_recipes_with_the_newer_operations_record_their_layout():
 def test_a_layout_this_kdcache_cannot_read_is_refused_in_one_line(record, error, message):
     with pytest.raises(error, match=f"^s\\.zarr.*{message}"):
         recorded_recipe(record, where="s.zarr")
+
+
+def test_colour_operations_see_the_pixels_behind_a_normalised_dataset():
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    pixels = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    inputs = TF.normalize(pixels, list(mean), list(std))
+    labels = np.zeros(4, dtype=np.int64)
+    dataset = LabeledDataset(
+        ArrayDataset(inputs.numpy(), labels),
+        spec="normalised",
+        split="train",
+        num_classes=2,
+        in_channels=3,
+        transform_description="test",
+        labels=labels,
+        normalization=PixelNormalization(255.0, mean, std),
+    )
+    recipe = parse_recipe("gray:1")
+    source = ViewSource(dataset, recipe, np.ones((4, 1, 1), dtype=np.float32))
+    gray = TF.rgb_to_grayscale(pixels[2], num_output_channels=3)
+    torch.testing.assert_close(source.view(2, 0), TF.normalize(gray, list(mean), list(std)))
+    # Gray of the normalised inputs themselves would be another image.
+    assert not torch.allclose(source.view(2, 0), TF.rgb_to_grayscale(inputs[2], 3))
