@@ -19,6 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from kdcache.augment.counter import Draws
 from kdcache.augment.ops import Op, Problem, Size, integral, text
+from kdcache.errors import SpecError
 
 #: The 24 orders of ColorJitter's four adjustments (brightness, contrast, saturation, hue), by
 #: index: ``jitter_order`` stores the position of the drawn order in this list.
@@ -138,6 +139,11 @@ class GaussianBlur(Op):
     since = 2
 
     def draw(self, draws: Draws, size: Size) -> np.ndarray:
+        if self.kernel // 2 >= min(size):  # torchvision pads by reflection: less than a side
+            raise SpecError(
+                f"blur:{self.kernel} needs inputs of more than {self.kernel // 2} pixels a side, "
+                f"got {size[0]} x {size[1]}; use a kernel below {2 * min(size)}"
+            )
         low, high = self.sigma
         sigma = low + (high - low) * draws.uniform(1)
         return np.where(draws.uniform(0) < self.p, sigma, 0.0)[:, None]

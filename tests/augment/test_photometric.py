@@ -13,6 +13,7 @@ from torchvision.transforms.v2 import functional as TF
 from kdcache.augment.ops import PixelScale
 from kdcache.augment.photometric import JITTER_ORDERS
 from kdcache.augment.recipe import parse_recipe
+from kdcache.errors import SpecError
 
 N = 100_000
 SIZE = (20, 30)
@@ -144,3 +145,12 @@ def test_colour_operations_run_on_pixels_and_the_rest_on_inputs():
     expected[:, 2:7, 3:10] = 0  # erasing writes on the normalised inputs
     torch.testing.assert_close(view, expected)
     assert not torch.allclose(recipe.apply(inputs, record), expected)  # without the scale
+
+
+def test_a_blur_window_wider_than_the_input_is_refused_before_any_view():
+    recipe = parse_recipe("blur:17")
+    recipe.sample_table(seed=0, num_samples=2, views=1, size=(9, 9))
+    with pytest.raises(
+        SpecError, match=r"blur:17 needs inputs of more than 8 pixels a side, got 8 x 8"
+    ):
+        recipe.sample_table(seed=0, num_samples=2, views=1, size=(8, 8))
