@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from kdcache.augment.catalog import recipe_help
 from kdcache.choices import (
     AMP_DTYPES,
     DATASET_KINDS,
@@ -25,7 +26,6 @@ from kdcache.choices import (
     INPUT_CHOICES,
     MAX_VIEWS,
     MODELS,
-    RECIPE_OPERATIONS,
     SPLITS,
     TRAIN_ON,
 )
@@ -87,11 +87,7 @@ def hyper_option(parameter: HyperParameter, *, only: str | None = None) -> Any:
 
 
 DEVICE_HELP = "cpu, cuda or cuda:N [default: cuda when available, else cpu]."
-AUGMENT_HELP = (
-    f"Augmentation recipe: operations among {', '.join(RECIPE_OPERATIONS.names())} joined by +, "
-    "e.g. 'rrc:scale=0.35-1+flip', 'pad-crop:4+flip', 'rrc+flip+mixup:0.2' (see "
-    "docs/augmentation.md)."
-)
+AUGMENT_HELP = recipe_help()
 MODEL_HELP = (
     f"Model spec: {', '.join(MODELS.names())}, a torchvision model name, timm:NAME (needs "
     "kdcache[timm]), package.module:function, or hf:PATH (a causal language model, see "

@@ -1,8 +1,11 @@
 """The operations of a recipe: their parameter fields, how to draw them in bulk, how to apply them.
 
 Each operation draws the parameters of a whole batch of views at once from
-:class:`~kdcache.augment.counter.Draws` (its own block of ``num_draws`` draw numbers) and replays
-one view's parameters with ``torchvision.transforms.v2.functional``.
+:class:`~kdcache.augment.counter.Draws` (its own block of ``num_draws`` draw numbers), replays
+one view's parameters with ``torchvision.transforms.v2.functional`` and says which stored values
+it could never have drawn (:meth:`Op.problems`). This module holds the base class, the geometric
+operations and mixing; :mod:`kdcache.augment.photometric` and :mod:`kdcache.augment.policies`
+hold the colour operations and the learned policies.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from kdcache.augment.counter import BETA_DRAWS, Draws
 from kdcache.errors import SpecError
 
 Size = tuple[int, int]
+#: (bad rows, column, what the column must hold): one rule a block of stored records breaks.
+Problem = tuple[np.ndarray, int, str]
 #: torchvision's RandomResizedCrop tries this many boxes before it falls back to a centre crop.
 RRC_ATTEMPTS = 10
 
@@ -29,13 +34,56 @@ def text(value: float) -> str:
     return short if float(short) == value else repr(value)
 
 
+def integral(values: np.ndarray) -> np.ndarray:
+    """Which of ``values`` are whole numbers."""
+    return values == np.round(values)
+
+
+@dataclass(frozen=True)
+class PixelScale:
+    """How a dataset's inputs relate to pixel values in [0, 1]: ``input = (pixel - mean) / std``
+    per channel (torchvision's ``Normalize``); without ``mean``/``std`` the inputs are pixels.
+
+    Colour operations (``Op.pixels``) run on pixels, as torchvision's expect of float images.
+    """
+
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @classmethod
+    def of(cls, dataset: object) -> PixelScale:
+        """The scale of a dataset's float32 inputs, read from its ``normalization`` if it has one
+        (:class:`kdcache.data.pixels.PixelNormalization`, whose divisor maps uint8 to [0, 1])."""
+        normalization = getattr(dataset, "normalization", None)
+        return cls(getattr(normalization, "mean", None), getattr(normalization, "std", None))
+
+    def _per_channel(self, values: tuple[float, ...]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1)
+
+    def to_pixels(self, image: torch.Tensor) -> torch.Tensor:
+        if self.mean is None or self.std is None:
+            return image
+        return image * self._per_channel(self.std) + self._per_channel(self.mean)
+
+    def to_inputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.mean is None or self.std is None:
+            return pixels
+        return (pixels - self._per_channel(self.mean)) / self._per_channel(self.std)
+
+
 class Op(ABC):
-    """One geometric operation: its parameter fields, how to draw them, and how to apply them."""
+    """One operation on a single image: its parameter fields, how to draw them, how to apply
+    them, and which stored values it could not have drawn."""
 
     name: str
     fields: tuple[str, ...] = ()
     #: Draw numbers the operation owns in every record (a fixed block, used or not).
     num_draws: int = 0
+    #: Whether the operation works on pixel values in [0, 1] (colour operations, as torchvision's
+    #: expect) rather than on the dataset's inputs (geometry, erasing with normalised noise).
+    pixels: bool = False
+    #: The view-parameter layout version that introduced the operation (``augment.ops_version``).
+    since: int = 1
 
     @abstractmethod
     def draw(self, draws: Draws, size: Size) -> np.ndarray:
@@ -49,6 +97,11 @@ class Op(ABC):
 
     def describe(self) -> str:
         return self.name
+
+    @abstractmethod
+    def problems(self, values: np.ndarray, size: Size) -> list[Problem]:
+        """The rules stored ``values`` (rows of this operation's columns) break for inputs of
+        ``size``: a value outside what :meth:`draw` can produce."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +162,17 @@ class RandomResizedCrop(Op):
         out = list(self.out_size((image.shape[-2], image.shape[-1])))
         return TF.resized_crop(image, top, left, h, w, out, antialias=True)
 
+    def problems(self, values: np.ndarray, size: Size) -> list[Problem]:
+        height, width = size
+        whole = integral(values)
+        top, left, h, w = values.T
+        return [
+            (~whole[:, 2] | (h < 1) | (h > height), 2, f"an integer from 1 to {height}"),
+            (~whole[:, 3] | (w < 1) | (w > width), 3, f"an integer from 1 to {width}"),
+            (~whole[:, 0] | (top < 0) | (top + h > height), 0, "a crop inside the image"),
+            (~whole[:, 1] | (left < 0) | (left + w > width), 1, "a crop inside the image"),
+        ]
+
     def describe(self) -> str:
         size = "" if self.size is None else f",size={self.size}"
         scale, ratio = (f"{text(a)}-{text(b)}" for a, b in (self.scale, self.ratio))
@@ -134,6 +198,18 @@ class PadCrop(Op):
         padded = TF.pad(image, [self.padding], fill=0.0)
         return TF.crop(padded, top, left, height, width)
 
+    def problems(self, values: np.ndarray, size: Size) -> list[Problem]:
+        span = 2 * self.padding
+        whole = integral(values)
+        return [
+            (
+                ~whole[:, c] | (values[:, c] < 0) | (values[:, c] > span),
+                c,
+                f"an integer from 0 to {span}",
+            )
+            for c in (0, 1)
+        ]
+
     def describe(self) -> str:
         return f"pad-crop:{self.padding}"
 
@@ -152,6 +228,9 @@ class Flip(Op):
 
     def apply(self, image: torch.Tensor, values: np.ndarray) -> torch.Tensor:
         return TF.horizontal_flip(image) if values[0] else image
+
+    def problems(self, values: np.ndarray, size: Size) -> list[Problem]:
+        return [(~np.isin(values[:, 0], (0.0, 1.0)), 0, "0 or 1")]
 
     def describe(self) -> str:
         return "flip" if self.p == 0.5 else f"flip:{text(self.p)}"
@@ -216,6 +295,27 @@ class Mix:
         mixed = image.clone()
         mixed[..., top : top + h, left : left + w] = partner[..., top : top + h, left : left + w]
         return mixed
+
+    def problems(
+        self, values: np.ndarray, size: Size, index: np.ndarray, num_samples: int
+    ) -> list[Problem]:
+        """As :meth:`Op.problems`, for the views of samples ``index`` (of ``num_samples``)."""
+        height, width = size
+        whole = integral(values)
+        partner, lam = values[:, 0], values[:, 1]
+        bad = ~whole[:, 0] | (partner < 0) | (partner >= num_samples)
+        if num_samples > 1:  # a single sample is its own partner
+            bad |= partner == index
+        rules = [
+            (bad, 0, f"another sample's index in [0, {num_samples})"),
+            (~((lam >= 0) & (lam <= 1)), 1, "from 0 to 1"),
+        ]
+        if self.kind == "cutmix":
+            top, left, h, w = values[:, 2:6].T
+            inside = (top >= 0) & (left >= 0) & (h >= 0) & (w >= 0)
+            inside &= (top + h <= height) & (left + w <= width)
+            rules.append((~whole[:, 2:6].all(axis=1) | ~inside, 2, "a box inside the image"))
+        return rules
 
     def describe(self) -> str:
         return f"{self.kind}:{text(self.alpha)}"

@@ -12,16 +12,19 @@ positional or ``key=value``, and ranges written ``LOW-HIGH``::
 
 Operations (see docs/augmentation.md): ``rrc[:scale=A-B,ratio=A-B,size=S]`` (defaults 0.08-1,
 0.75-1.3333, output the input's size), ``pad-crop:P`` (P zero pixels on every side, cropped
-back to the input's size), ``flip[:P]`` (horizontal, probability P = 0.5), and as the last
-operation at most one of ``mixup:ALPHA`` or ``cutmix:ALPHA`` (lambda ~ Beta(ALPHA, ALPHA)).
+back to the input's size), ``flip[:P]`` (horizontal, probability P = 0.5), the colour operations
+``jitter``, ``gray``, ``blur``, the policies ``randaugment:N,M``, ``trivialaugment``,
+``autoaugment``, random erasing ``erase:P``, and as the last operation at most one of
+``mixup:ALPHA`` or ``cutmix:ALPHA`` (lambda ~ Beta(ALPHA, ALPHA)). A preset's name
+(:data:`~kdcache.augment.catalog.PRESETS`, e.g. ``deit``) stands for its operations.
 
 Every view of every sample has a fixed-width float32 parameter record (:attr:`Recipe.fields`)
 drawn by :meth:`Recipe.sample_table` (or :meth:`Recipe.sample`, one row of it, through the same
 code) from the counter-based generator :data:`SAMPLER` (:mod:`kdcache.augment.counter`): a pure
 function of ``(seed, stream, sample, view)`` (and of N and the input size), drawn in bulk, so any
 process and any chunking draws the same views. The draw numbers of a record are laid out in
-recipe order: each geometric operation's block (``num_draws``: rrc 22, pad-crop 2, flip 1),
-then the mixing operation's (mixup 18, cutmix 20), then the partner's geometric blocks.
+recipe order: each image operation's block (``num_draws``: rrc 22, pad-crop 2, flip 1, ...),
+then the mixing operation's (mixup 18, cutmix 20), then the partner's image operation blocks.
 :meth:`Recipe.apply` replays a record with ``torchvision.transforms.v2.functional``; the dump,
 the cached run and the online run all go through it, so the same record gives the same pixels,
 bit for bit on the CPU.
@@ -36,13 +39,24 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kdcache.augment.catalog import OPERATION_SUMMARIES, PRESETS
 from kdcache.augment.counter import NAME as SAMPLER
 from kdcache.augment.counter import Draws
-from kdcache.augment.ops import Flip, Mix, Op, PadCrop, RandomResizedCrop, Size
+from kdcache.augment.ops import Flip, Mix, Op, PadCrop, PixelScale, RandomResizedCrop, Size
+from kdcache.augment.photometric import ColorJitter, GaussianBlur, Grayscale, RandomErasing
+from kdcache.augment.policies import AutoAugment, RandAugment, TrivialAugmentWide
 from kdcache.errors import SpecError
 from kdcache.wording import counted
 
-__all__ = ["OPERATIONS", "SAMPLER", "STUDENT_STREAM", "VIEW_STREAM", "Recipe", "parse_recipe"]
+__all__ = [
+    "OPERATIONS",
+    "OPS_VERSION",
+    "SAMPLER",
+    "STUDENT_STREAM",
+    "VIEW_STREAM",
+    "Recipe",
+    "parse_recipe",
+]
 
 #: Stream tags in the generator key: stored views and student-only augmentation never share draws.
 VIEW_STREAM, STUDENT_STREAM = 0, 1
@@ -53,6 +67,14 @@ MAX_SIZE = 4096
 #: The most zero pixels ``pad-crop:P`` pads each side with, a quarter of :data:`MAX_SIZE`: more
 #: would make whole views of padding, and the padded image is allocated before it is cropped.
 MAX_PADDING = MAX_SIZE // 4
+#: The newest view-parameter layout this kdcache reads and writes: 1 knows rrc, pad-crop, flip,
+#: mixup and cutmix; 2 adds the colour operations, the policies and erasing. A store records the
+#: layout its recipe needs (``augment.ops_version``, absent for 1).
+OPS_VERSION = 2
+#: The most transforms ``randaugment:N`` chains, and the most magnitude bins it takes.
+MAX_RAND_OPS, MAX_BINS = 16, 1000
+#: The largest Gaussian blur window (pixels per side); windows are odd.
+MAX_KERNEL = 1023
 
 
 def _count(value: str, *, high: int) -> int | None:
@@ -110,6 +132,95 @@ def _flip(named: dict[str, str], positional: list[str], spec: str) -> Op:
     return Flip(p=p)
 
 
+def _probability(
+    named: dict[str, str], positional: list[str], spec: str, op: str, default: str
+) -> float:
+    p = _numbers(named.get("p", positional[0] if positional else default), spec, "p")[0]
+    if not 0 <= p <= 1:
+        raise SpecError(f"{op} probability {p} in {spec!r} must lie in [0, 1]")
+    return p
+
+
+def _integer(value: str, spec: str, what: str, *, low: int, high: int) -> int:
+    """``value`` as an integer from ``low`` to ``high`` (checked as text: no huge ints)."""
+    number = int(value) if value.isascii() and value.isdigit() and len(value) <= 6 else None
+    if number is None or not low <= number <= high:
+        raise SpecError(
+            f"{what}={value!r} in recipe {spec!r} must be an integer from {low} to {high:,}"
+        )
+    return number
+
+
+def _jitter(named: dict[str, str], positional: list[str], spec: str) -> Op:
+    keys = ("brightness", "contrast", "saturation", "hue")
+    given = dict(zip(keys, positional, strict=False))
+    if len(positional) == 1:  # one strength for brightness, contrast and saturation, as timm's
+        given = dict.fromkeys(keys[:3], positional[0])
+    given.update(named)
+    ranges = [given.get(key, "0") for key in keys]
+    strengths = [_numbers(value, spec, key)[0] for key, value in zip(keys, ranges, strict=True)]
+    if any("-" in value for value in ranges) or strengths[3] > 0.5 or not any(strengths):
+        raise SpecError(
+            f"jitter in {spec!r} needs single strengths >= 0 (hue at most 0.5), at least one of "
+            "them above 0, e.g. jitter:0.4 or jitter:brightness=0.4,hue=0.1"
+        )
+    return ColorJitter(*strengths)
+
+
+def _gray(named: dict[str, str], positional: list[str], spec: str) -> Op:
+    return Grayscale(p=_probability(named, positional, spec, "gray", "0.1"))
+
+
+def _blur(named: dict[str, str], positional: list[str], spec: str) -> Op:
+    kernel = _integer(
+        named.get("kernel", positional[0] if positional else "5"),
+        spec,
+        "blur kernel",
+        low=1,
+        high=MAX_KERNEL,
+    )
+    if kernel % 2 == 0:
+        raise SpecError(f"blur kernel {kernel} in {spec!r} must be odd, e.g. blur:5")
+    sigma = _numbers(named.get("sigma", "0.1-2"), spec, "sigma")
+    if sigma[0] <= 0:
+        raise SpecError(f"blur sigma={named.get('sigma')} in {spec!r} must be > 0")
+    return GaussianBlur(kernel=kernel, sigma=sigma, p=_probability(named, [], spec, "blur", "1"))
+
+
+def _erase(named: dict[str, str], positional: list[str], spec: str) -> Op:
+    scale = _numbers(named.get("scale", "0.02-0.33"), spec, "scale")
+    ratio = _numbers(named.get("ratio", "0.3-3.3"), spec, "ratio")
+    if not (scale[0] > 0 and scale[1] < 1 and ratio[0] > 0):
+        raise SpecError(f"erase in {spec!r} needs 0 < scale < 1 and ratio > 0")
+    value_text = named.get("value", "0")
+    value = None if value_text == "random" else _numbers(value_text, spec, "value")[0]
+    p = _probability(named, positional, spec, "erase", "0.5")
+    return RandomErasing(p=p, scale=scale, ratio=ratio, value=value)
+
+
+def _randaugment(named: dict[str, str], positional: list[str], spec: str) -> Op:
+    given = {**dict(zip(("num_ops", "magnitude"), positional, strict=False)), **named}
+    bins = _integer(given.get("bins", "31"), spec, "randaugment bins", low=2, high=MAX_BINS)
+    num_ops = _integer(
+        given.get("num_ops", "2"), spec, "randaugment num_ops", low=1, high=MAX_RAND_OPS
+    )
+    magnitude = _integer(
+        given.get("magnitude", "9"), spec, "randaugment magnitude", low=0, high=bins - 1
+    )
+    return RandAugment(num_ops=num_ops, magnitude=magnitude, bins=bins)
+
+
+def _trivialaugment(named: dict[str, str], positional: list[str], spec: str) -> Op:
+    value = named.get("bins", positional[0] if positional else "31")
+    return TrivialAugmentWide(
+        bins=_integer(value, spec, "trivialaugment bins", low=2, high=MAX_BINS)
+    )
+
+
+def _autoaugment(named: dict[str, str], positional: list[str], spec: str) -> Op:
+    return AutoAugment()
+
+
 def _mix(kind: str) -> Callable[[dict[str, str], list[str], str], Mix]:
     def build(named: dict[str, str], positional: list[str], spec: str) -> Mix:
         alpha = _numbers(named.get("alpha", positional[0] if positional else "1"), spec, "alpha")
@@ -131,14 +242,25 @@ class Operation:
     build: Callable[[dict[str, str], list[str], str], Op | Mix]
 
 
-#: Every recipe operation, by name; the mixing ones (:class:`Mix`) may only come last.
+#: Every recipe operation, by name (those of :data:`~kdcache.augment.catalog.OPERATION_SUMMARIES`,
+#: in its order); the mixing ones (:class:`Mix`) may only come last.
 OPERATIONS: dict[str, Operation] = {
     "rrc": Operation(("scale", "ratio", "size"), 0, "rrc:scale=0.35-1", _rrc),
     "pad-crop": Operation(("padding",), 1, "pad-crop:4", _pad_crop),
     "flip": Operation(("p",), 1, "flip", _flip),
+    "jitter": Operation(
+        ("brightness", "contrast", "saturation", "hue"), 4, "jitter:0.4,0.4,0.4,0.1", _jitter
+    ),
+    "gray": Operation(("p",), 1, "gray:0.2", _gray),
+    "blur": Operation(("kernel", "sigma", "p"), 1, "blur:5,sigma=0.1-2,p=0.5", _blur),
+    "randaugment": Operation(("num_ops", "magnitude", "bins"), 2, "randaugment:2,9", _randaugment),
+    "trivialaugment": Operation(("bins",), 1, "trivialaugment", _trivialaugment),
+    "autoaugment": Operation((), 0, "autoaugment", _autoaugment),
+    "erase": Operation(("p", "scale", "ratio", "value"), 1, "erase:0.25,value=random", _erase),
     "mixup": Operation(("alpha",), 1, "mixup:0.2", _mix("mixup")),
     "cutmix": Operation(("alpha",), 1, "cutmix:1.0", _mix("cutmix")),
 }
+assert list(OPERATIONS) == list(OPERATION_SUMMARIES)
 
 
 def _parse_op(text: str, spec: str) -> Op | Mix:
@@ -147,7 +269,7 @@ def _parse_op(text: str, spec: str) -> Op | Mix:
     if operation is None:
         raise SpecError(
             f"unknown operation {name!r} in recipe {spec!r}; valid operations: "
-            f"{', '.join(OPERATIONS)} (e.g. 'rrc:scale=0.35-1+flip')"
+            f"{', '.join(OPERATIONS)}; presets: {', '.join(PRESETS)} (e.g. 'rrc:scale=0.35-1+flip')"
         )
     args = [a.strip() for a in arg_text.split(",")] if arg_text else []
     positional = [a for a in args if "=" not in a]
@@ -156,7 +278,11 @@ def _parse_op(text: str, spec: str) -> Op | Mix:
     if unknown or len(positional) > operation.max_positional:
         raise SpecError(
             f"operation {text!r} in recipe {spec!r} takes "
-            + f"the arguments {', '.join(operation.arguments)}"
+            + (
+                f"the arguments {', '.join(operation.arguments)}"
+                if operation.arguments
+                else "no arguments"
+            )
             + (
                 f" or {counted(operation.max_positional, 'value')}"
                 if operation.max_positional
@@ -167,12 +293,30 @@ def _parse_op(text: str, spec: str) -> Op | Mix:
     return operation.build(named, positional, spec)
 
 
-class Recipe:
-    """A parsed recipe: geometric operations, then at most one mixing operation.
+def _expand_presets(parts: list[str], spec: str) -> list[str]:
+    """``parts`` with each preset's name replaced by its operations."""
+    expanded = []
+    for part in parts:
+        name, colon, _ = part.strip().partition(":")
+        preset = PRESETS.get(name)
+        if preset is None:
+            expanded.append(part)
+        elif colon:
+            raise SpecError(
+                f"preset {name!r} in recipe {spec!r} takes no arguments; write its operations "
+                f"({preset.spec}) to change them"
+            )
+        else:
+            expanded += preset.spec.split("+")
+    return expanded
 
-    With mixing, the partner goes through the same geometric operations with its own
-    parameters (fields prefixed ``partner_``), so both images of a pair are independently
-    augmented before they are mixed.
+
+class Recipe:
+    """A parsed recipe: operations on each image, then at most one mixing operation.
+
+    With mixing, the partner goes through the same image operations with its own parameters
+    (fields prefixed ``partner_``), so both images of a pair are independently augmented before
+    they are mixed.
     """
 
     def __init__(self, spec: str) -> None:
@@ -181,15 +325,17 @@ class Recipe:
             raise SpecError(
                 f"empty operation in recipe {spec!r}; expected OP[+OP...], e.g. 'pad-crop:4+flip'"
             )
-        ops = [_parse_op(p, spec) for p in parts]
+        ops = [_parse_op(p, spec) for p in _expand_presets(parts, spec)]
         mixes = [i for i, op in enumerate(ops) if isinstance(op, Mix)]
         if mixes and (len(mixes) > 1 or mixes[0] != len(ops) - 1):
             raise SpecError(
                 f"recipe {spec!r} may mix only once, as its last operation (e.g. "
                 "'rrc+flip+mixup:0.2'): both images are augmented first, then mixed"
             )
-        self.geometric: tuple[Op, ...] = tuple(op for op in ops if isinstance(op, Op))
+        self.image_ops: tuple[Op, ...] = tuple(op for op in ops if isinstance(op, Op))
         self.mix: Mix | None = ops[-1] if isinstance(ops[-1], Mix) else None
+        #: The view-parameter layout the recipe needs (see :data:`OPS_VERSION`).
+        self.ops_version = max(op.since for op in self.image_ops) if self.image_ops else 1
         #: Canonical spec: every default written out, so equal recipes compare equal as text.
         self.spec = "+".join(op.describe() for op in ops)
         # A repeated operation's fields get a suffix: crop_top, crop_top_2, ...
@@ -203,7 +349,7 @@ class Recipe:
     def _numbered(self) -> list[tuple[int, Op]]:
         seen: dict[str, int] = {}
         numbered = []
-        for op in self.geometric:
+        for op in self.image_ops:
             count = seen.get(op.name, 0)
             seen[op.name] = count + 1
             numbered.append((count, op))
@@ -211,15 +357,15 @@ class Recipe:
 
     @property
     def mix_offset(self) -> int:
-        """Position of ``partner`` (then ``lam``) in a record: after the geometric fields."""
-        return sum(len(op.fields) for op in self.geometric)
+        """Position of ``partner`` (then ``lam``) in a record: after the image operations'."""
+        return sum(len(op.fields) for op in self.image_ops)
 
     @property
     def mixes(self) -> bool:
         return self.mix is not None
 
     def out_size(self, size: Size) -> Size:
-        for op in self.geometric:
+        for op in self.image_ops:
             size = op.out_size(size)
         return size
 
@@ -232,9 +378,9 @@ class Recipe:
     def __repr__(self) -> str:
         return f"Recipe({self.spec!r})"
 
-    def _draw_geometric(self, draws: Draws, size: Size) -> list[np.ndarray]:
+    def _draw_image_ops(self, draws: Draws, size: Size) -> list[np.ndarray]:
         columns = []
-        for op in self.geometric:
+        for op in self.image_ops:
             columns.append(op.draw(draws, size))
             draws = draws.at(op.num_draws)
             size = op.out_size(size)
@@ -254,12 +400,12 @@ class Recipe:
         """Float32 records ``(len(index), len(fields))`` of views ``(index[i], view[i])``, into
         ``out`` if given: the one implementation behind :meth:`sample` and :meth:`sample_table`."""
         draws = Draws.of(seed=seed, stream=stream, index=index, view=view)
-        columns = self._draw_geometric(draws, size)
+        columns = self._draw_image_ops(draws, size)
         if self.mix is not None:
-            geometric_draws = sum(op.num_draws for op in self.geometric)
-            draws = draws.at(geometric_draws)
+            image_draws = sum(op.num_draws for op in self.image_ops)
+            draws = draws.at(image_draws)
             columns.append(self.mix.draw(draws, self.out_size(size), index, num_samples))
-            columns += self._draw_geometric(draws.at(self.mix.num_draws), size)
+            columns += self._draw_image_ops(draws.at(self.mix.num_draws), size)
         if out is None:
             out = np.empty((len(index), len(self.fields)), dtype=np.float32)
         return np.concatenate(columns, axis=1, out=out)
@@ -320,13 +466,19 @@ class Recipe:
             )
         return records
 
-    def _apply_geometric(self, image: torch.Tensor, values: np.ndarray) -> torch.Tensor:
+    def _apply_image_ops(
+        self, image: torch.Tensor, values: np.ndarray, scale: PixelScale
+    ) -> torch.Tensor:
         position = 0
-        for op in self.geometric:
+        in_pixels = False  # colour operations run on pixels in [0, 1], the others on inputs
+        for op in self.image_ops:
+            if op.pixels != in_pixels:
+                image = scale.to_pixels(image) if op.pixels else scale.to_inputs(image)
+                in_pixels = op.pixels
             width = len(op.fields)
             image = op.apply(image, values[position : position + width])
             position += width
-        return image
+        return scale.to_inputs(image) if in_pixels else image
 
     def partner(self, values: np.ndarray) -> int | None:
         """The partner sample index a record mixes in, ``None`` for a recipe without mixing."""
@@ -337,23 +489,31 @@ class Recipe:
         return 1.0 if self.mix is None else float(values[self.mix_offset + 1])
 
     def apply(
-        self, image: torch.Tensor, values: np.ndarray, partner: torch.Tensor | None = None
+        self,
+        image: torch.Tensor,
+        values: np.ndarray,
+        partner: torch.Tensor | None = None,
+        *,
+        scale: PixelScale | None = None,
     ) -> torch.Tensor:
-        """The view a record describes, from the sample's clean input (and its partner's)."""
+        """The view a record describes, from the sample's clean input (and its partner's);
+        ``scale`` says how the inputs map to pixels in [0, 1] for the colour operations
+        (:meth:`PixelScale.of` the dataset; by default the inputs are pixels)."""
         values = np.asarray(values, dtype=np.float32)
         if values.shape != (len(self.fields),):
             raise SpecError(
                 f"recipe {self.spec!r} stores {len(self.fields)} parameters per view, got a "
                 f"record of shape {values.shape}"
             )
-        view = self._apply_geometric(image, values)
+        scale = scale or PixelScale()
+        view = self._apply_image_ops(image, values, scale)
         if self.mix is None:
             return view
         if partner is None:
             raise SpecError(f"recipe {self.spec!r} mixes two samples: pass the partner's input")
         start = self.mix_offset
         mix_values = values[start : start + len(self.mix.fields)]
-        other = self._apply_geometric(partner, values[start + len(self.mix.fields) :])
+        other = self._apply_image_ops(partner, values[start + len(self.mix.fields) :], scale)
         return self.mix.mix(view, other, mix_values)
 
 

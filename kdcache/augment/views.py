@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from kdcache.augment.ops import Flip, Mix, Op, PadCrop, RandomResizedCrop, Size
-from kdcache.augment.recipe import SAMPLER, STUDENT_STREAM, Recipe
-from kdcache.errors import ConfigError, SpecError, StoreCorruptError
+from kdcache.augment.ops import Mix, Op, PixelScale, Size
+from kdcache.augment.recipe import OPS_VERSION, SAMPLER, STUDENT_STREAM, Recipe, parse_recipe
+from kdcache.errors import ConfigError, SpecError, StoreCorruptError, StoreMismatchError
 
 log = logging.getLogger("kdcache")
 
@@ -53,13 +53,41 @@ def input_size(dataset: BaseDataset) -> tuple[int, int]:
 def augment_record(recipe: Recipe, *, seed: int, size: tuple[int, int]) -> dict[str, Any]:
     """What a store records about its views (``StoreMetadata.augment``), including the generator
     that drew their parameters (``sampler``): another generator draws other views."""
-    return {
+    record = {
         "recipe": recipe.spec,
         "seed": seed,
         "sampler": SAMPLER,
         "fields": list(recipe.fields),
         "input_size": list(size),
     }
+    # Layout 1 is left unrecorded: such records equal those of stores written before layouts
+    # were numbered, so those stores still resume.
+    if recipe.ops_version > 1:
+        record["ops_version"] = recipe.ops_version
+    return record
+
+
+def recorded_recipe(record: dict[str, Any], *, where: str) -> Recipe:
+    """The recipe of a store's ``augment`` record, after checking that this kdcache reads its
+    view-parameter layout (``ops_version``, 1 when absent) and that the recipe fits it."""
+    version = record.get("ops_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise StoreCorruptError(
+            f"{where} records augment.ops_version = {version!r}, expected an integer from 1 to "
+            f"{OPS_VERSION}; run kdcache verify and dump the store again"
+        )
+    if version > OPS_VERSION:
+        raise StoreMismatchError(
+            f"{where}'s views use view-parameter layout {version} but this kdcache reads up to "
+            f"{OPS_VERSION}; upgrade kdcache (pip install -U kdcache)"
+        )
+    recipe = parse_recipe(str(record.get("recipe")))
+    if recipe.ops_version > version:
+        raise StoreCorruptError(
+            f"{where}'s recipe {recipe.spec!r} needs view-parameter layout {recipe.ops_version} "
+            f"but the store records layout {version}; run kdcache verify and dump the store again"
+        )
+    return recipe
 
 
 def sampler_of(record: dict[str, Any]) -> str:
@@ -67,68 +95,37 @@ def sampler_of(record: dict[str, Any]) -> str:
     return str(record.get("sampler") or LEGACY_SAMPLER)
 
 
-def _block_problems(
-    op: Op | Mix, values: np.ndarray, size: Size, index: np.ndarray, num_samples: int
-) -> list[tuple[np.ndarray, int, str]]:
-    """For one operation's columns ``values`` (rows of views of samples ``index``) at input
-    ``size``: (bad rows, column, what the column must hold) for each rule the records break."""
-    height, width = size
-    whole = values == np.round(values)
-    rules: list[tuple[np.ndarray, int, str]] = []
-    if isinstance(op, RandomResizedCrop):
-        top, left, h, w = values.T
-        rules += [
-            (~whole[:, 2] | (h < 1) | (h > height), 2, f"an integer from 1 to {height}"),
-            (~whole[:, 3] | (w < 1) | (w > width), 3, f"an integer from 1 to {width}"),
-            (~whole[:, 0] | (top < 0) | (top + h > height), 0, "a crop inside the image"),
-            (~whole[:, 1] | (left < 0) | (left + w > width), 1, "a crop inside the image"),
-        ]
-    elif isinstance(op, PadCrop):
-        span = 2 * op.padding
-        for column in (0, 1):
-            bad = ~whole[:, column] | (values[:, column] < 0) | (values[:, column] > span)
-            rules.append((bad, column, f"an integer from 0 to {span}"))
-    elif isinstance(op, Flip):
-        rules.append((~np.isin(values[:, 0], (0.0, 1.0)), 0, "0 or 1"))
-    elif isinstance(op, Mix):
-        partner, lam = values[:, 0], values[:, 1]
-        bad = ~whole[:, 0] | (partner < 0) | (partner >= num_samples)
-        if num_samples > 1:  # a single sample is its own partner
-            bad |= partner == index
-        rules.append((bad, 0, f"another sample's index in [0, {num_samples})"))
-        rules.append((~((lam >= 0) & (lam <= 1)), 1, "from 0 to 1"))
-        if op.kind == "cutmix":
-            top, left, h, w = values[:, 2:6].T
-            inside = (top >= 0) & (left >= 0) & (h >= 0) & (w >= 0)
-            inside &= (top + h <= height) & (left + w <= width)
-            rules.append((~whole[:, 2:6].all(axis=1) | ~inside, 2, "a box inside the image"))
-    return rules
-
-
 def check_view_records(
     recipe: Recipe, params: np.ndarray, size: Size, *, described: str = "the view parameters"
 ) -> None:
     """Refuse records ``params`` ``(N, V, P)`` that ``recipe`` could not have drawn for inputs
     of ``size`` (a crop outside the image, a flip other than 0 or 1, lam outside [0, 1], a
-    partner that is not another sample, pad offsets beyond the padding), in one line naming the
-    first such sample and view: replayed, they would show the student pixels no teacher saw."""
+    partner that is not another sample, pad offsets beyond the padding, a transform or magnitude
+    its policy never picks, a jitter factor outside its range, ...: each operation's
+    ``problems``), in one line naming the first such sample and view: replayed, they would show
+    the student pixels no teacher saw."""
     num_samples, views, _ = params.shape
     records = params.reshape(num_samples * views, -1)
     # Each operation's block of fields, at the size its input has (partner blocks last).
     blocks: list[tuple[Op | Mix, Size]] = []
     current = size
-    for geometric in recipe.geometric:
-        blocks.append((geometric, current))
-        current = geometric.out_size(current)
+    for image_op in recipe.image_ops:
+        blocks.append((image_op, current))
+        current = image_op.out_size(current)
     if recipe.mix is not None:
-        blocks += [(recipe.mix, current), *blocks[: len(recipe.geometric)]]
+        blocks += [(recipe.mix, current), *blocks[: len(recipe.image_ops)]]
     for first in range(0, len(records), CHECK_ROWS):  # bounds the temporaries
         part = records[first : first + CHECK_ROWS]
         index = (first + np.arange(len(part))) // views
         position = 0
-        for op, at in blocks:
-            columns = part[:, position : position + len(op.fields)]
-            for bad, column, expected in _block_problems(op, columns, at, index, num_samples):
+        for block, at in blocks:
+            columns = part[:, position : position + len(block.fields)]
+            problems = (
+                block.problems(columns, at, index, num_samples)
+                if isinstance(block, Mix)
+                else block.problems(columns, at)
+            )
+            for bad, column, expected in problems:
                 if bad.any():
                     row = int(np.flatnonzero(bad)[0])
                     sample, view = divmod(first + row, views)
@@ -139,7 +136,7 @@ def check_view_records(
                         "inputs); kdcache never draws such a view, so the parameters were "
                         "altered: run `kdcache verify` and dump the store again"
                     )
-            position += len(op.fields)
+            position += len(block.fields)
 
 
 class ViewSource:
@@ -168,6 +165,7 @@ class ViewSource:
         self.recipe = recipe
         self.views = params.shape[1]
         self.size = input_size(dataset)
+        self.scale = PixelScale.of(dataset)
         check_view_records(recipe, params, self.size, described=described)
         self.params = params
 
@@ -194,7 +192,7 @@ class ViewSource:
         image = self._clean(index) if clean is None else clean
         partner = self.recipe.partner(record)
         other = None if partner is None else self._clean(partner)
-        return self.recipe.apply(image, record, other)
+        return self.recipe.apply(image, record, other, scale=self.scale)
 
     def mix_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Partner sample and own-pixel share ``lam`` of each row; ``None`` without mixing."""
@@ -260,6 +258,7 @@ class ViewDataset(Dataset):
         self.size = input_size(dataset) if source is None else source.size
         # What the student's augmentation gets: the stored views' size (or the clean inputs').
         self._student_size = self.size if source is None else source.recipe.out_size(self.size)
+        self._scale = PixelScale.of(dataset)
         self._student_epoch: tuple[int, np.ndarray] | None = None
 
     @property
@@ -282,7 +281,8 @@ class ViewDataset(Dataset):
         image = clean if self.source is None else self.source.view(sample, view, clean)
         if self.student is not None:
             size = (int(image.shape[-2]), int(image.shape[-1]))
-            image = self.student.apply(image, self._student_record(sample, epoch, size))
+            record = self._student_record(sample, epoch, size)
+            image = self.student.apply(image, record, scale=self._scale)
         return image, label
 
     def _student_record(self, sample: int, epoch: int, size: tuple[int, int]) -> np.ndarray:

@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kdcache.augment.recipe import parse_recipe
-from kdcache.augment.views import BaseDataset, ViewSource
+from kdcache.augment.views import BaseDataset, ViewSource, recorded_recipe
 from kdcache.errors import StoreMismatchError
 from kdcache.plots.figures import new_figure, save_figure, set_title
 
@@ -48,7 +47,7 @@ def plot_views(
         raise StoreMismatchError(
             f"{reader.where} holds no augmented views to draw; it was dumped without --augment"
         )
-    recipe = parse_recipe(record["recipe"])
+    recipe = recorded_recipe(record, where=reader.where)
     source = ViewSource(
         dataset, recipe, reader.view_params, described=f"{reader.where}'s view_params"
     )

@@ -16,7 +16,14 @@ import torch.nn.functional as F
 
 from kdcache.augment.order import ViewSampler
 from kdcache.augment.recipe import SAMPLER, Recipe, parse_recipe
-from kdcache.augment.views import BaseDataset, ViewDataset, ViewSource, input_size, sampler_of
+from kdcache.augment.views import (
+    BaseDataset,
+    ViewDataset,
+    ViewSource,
+    input_size,
+    recorded_recipe,
+    sampler_of,
+)
 from kdcache.data.datasets import LabeledDataset
 from kdcache.errors import StoreMismatchError
 from kdcache.store.read.feed import LogitFeed
@@ -168,7 +175,7 @@ def stored_view_source(
             f"{where}'s views were drawn for {drawn_for} inputs but {described} yields "
             f"{size}; use the dataset the store was dumped from"
         )
-    recipe = parse_recipe(recorded["recipe"])
+    recipe = recorded_recipe(recorded, where=where)
     return ViewSource(dataset, recipe, params, described=f"{where}'s view_params")
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from narrowing import present
 
+from kdcache.augment.catalog import OPERATION_SUMMARIES, PRESETS, recipe_help
 from kdcache.augment.recipe import OPERATIONS, parse_recipe
 from kdcache.errors import SpecError
 
@@ -42,7 +43,19 @@ def test_records_are_a_pure_function_of_seed_sample_and_view(spec, fields):
     assert len({row.tobytes() for row in table.reshape(24, -1)}) > 12  # views do differ
 
 
-@pytest.mark.parametrize("spec", ["rrc:scale=0.2-1+flip", "pad-crop:3+flip", "rrc+cutmix:1"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "rrc:scale=0.2-1+flip",
+        "pad-crop:3+flip",
+        "rrc+cutmix:1",
+        "rrc+flip+jitter:0.4,0.4,0.4,0.1+gray:0.5+blur:3,p=0.5",
+        "deit",
+        "timm-a1",
+        "rrc+trivialaugment+erase:0.5",
+        "pad-crop:2+autoaugment+mixup:0.2",
+    ],
+)
 def test_same_record_same_pixels_bit_for_bit(spec):
     recipe = parse_recipe(spec)
     clean = images()
@@ -137,7 +150,10 @@ def test_canonical_spec_reparses_equal():
     [
         ("", "empty operation"),
         ("rrc+", "empty operation"),
-        ("blur", "unknown operation 'blur'.*rrc, pad-crop, flip, mixup, cutmix"),
+        (
+            "sharpen",
+            "unknown operation 'sharpen'.*rrc, pad-crop, flip, jitter, .*, cutmix; presets: fkd",
+        ),
         ("mixup:0.2+flip", "last operation"),
         ("mixup:0.2+cutmix:1", "last operation"),
         ("rrc:scale=1-0.5", "LOW <= HIGH"),
@@ -153,6 +169,23 @@ def test_canonical_spec_reparses_equal():
         ("flip:1.5", r"\[0, 1\]"),
         ("mixup:0", "alpha 0.0"),
         ("mixup:x", "cannot read alpha='x'"),
+        ("jitter:-0.1", "cannot read brightness='-0.1'"),
+        ("jitter:saturation=0.1-0.4", "single strengths >= 0"),
+        ("jitter:hue=0.6", "hue at most 0.5"),
+        ("jitter:0", "at least one of them above 0"),
+        ("gray:2", r"gray probability 2.0 .* \[0, 1\]"),
+        ("blur:4", "blur kernel 4 .* must be odd"),
+        ("blur:0", "blur kernel='0' .* integer from 1 to 1,023"),
+        ("blur:3,sigma=0-1", "sigma=0-1 .* must be > 0"),
+        ("erase:0.5,scale=0.1-1", "0 < scale < 1"),
+        ("erase:0.5,value=noise", "cannot read value='noise'"),
+        ("randaugment:0", "num_ops='0' .* from 1 to 16"),
+        ("randaugment:2,31", "magnitude='31' .* from 0 to 30"),
+        ("randaugment:2,9,bins=1", "bins='1' .* from 2 to 1,000"),
+        ("trivialaugment:x", "bins='x'"),
+        ("autoaugment:imagenet", "takes no arguments, got 'imagenet'"),
+        ("deit:2", "preset 'deit' .* takes no arguments; write its operations"),
+        ("deit+mixup:0.2+cutmix:1", "last operation"),
     ],
 )
 def test_malformed_recipes_say_what_is_wrong(spec, message):
@@ -172,3 +205,24 @@ def test_every_registered_operation_parses_draws_and_applies(name):
     view = recipe.apply(clean[1], record, None if partner is None else clean[partner])
     assert view.shape == (3, *recipe.out_size(SIZE))
     assert view.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_each_preset_stands_for_its_operations(name):
+    recipe = parse_recipe(name)
+    assert recipe == parse_recipe(PRESETS[name].spec)
+    assert parse_recipe(recipe.spec) == recipe  # stores record the operations, not the name
+    assert name not in OPERATIONS
+
+
+def test_a_preset_is_one_element_of_a_recipe():
+    recipe = parse_recipe("deit+mixup:0.8")
+    assert recipe.spec == parse_recipe(PRESETS["deit"].spec + "+mixup:0.8").spec
+    assert recipe.mixes
+    assert parse_recipe("fkd").spec == "rrc:scale=0.08-1,ratio=0.75-1.3333333+flip"
+
+
+def test_the_operation_registry_and_the_torch_free_catalog_agree():
+    assert list(OPERATIONS) == list(OPERATION_SUMMARIES)
+    help_text = recipe_help()
+    assert all(name in help_text for name in [*OPERATIONS, *PRESETS])

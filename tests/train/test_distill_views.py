@@ -132,6 +132,36 @@ def test_cached_and_online_distillation_with_views_give_bit_identical_students(
     assert resolved["view_sampler"] == online_resolved["view_sampler"] == "counter-v1"
 
 
+#: Every operation of view-parameter layout 2, with one mixing operation.
+COLOUR_RECIPE = (
+    "pad-crop:1+flip+jitter:0.4,0.4,0.4,0.1+gray:0.5+blur:3,p=0.5+randaugment:2,9+trivialaugment"
+    "+autoaugment+erase:0.5,value=random+cutmix:1"
+)
+
+
+def test_colour_policy_and_erasing_views_give_bit_identical_students_cached_and_online(tmp_path):
+    store = tmp_path / "colour.zarr"
+    dump_views(store, augment=COLOUR_RECIPE)
+    assert verify_store(store).ok
+    assert present(open_store(store).metadata.augment)["ops_version"] == 2
+    common: dict[str, Any] = dict(
+        student="mlp:16", epochs=2, batch_size=8, seed=7, device="cpu", temperature=3.0, alpha=0.6
+    )
+    distill(DistillConfig(cache=str(store), out=str(tmp_path / "cached"), **common))
+    online: dict[str, Any] = dict(teacher=TEACHER, dataset=DATASET, views=3, **common)
+    distill(
+        DistillConfig(augment=COLOUR_RECIPE, augment_seed=2, out=str(tmp_path / "online"), **online)
+    )
+    cached, same = load_state(tmp_path / "cached/last.pt"), load_state(tmp_path / "online/last.pt")
+    for name in cached:
+        assert torch.equal(cached[name], same[name]), name
+    # The colour operations change the views: without them the student differs.
+    plain = COLOUR_RECIPE.replace("+jitter:0.4,0.4,0.4,0.1+gray:0.5", "")
+    distill(DistillConfig(augment=plain, augment_seed=2, out=str(tmp_path / "plain"), **online))
+    other = load_state(tmp_path / "plain/last.pt")
+    assert not all(torch.equal(cached[name], other[name]) for name in cached)
+
+
 def test_a_store_drawn_by_the_older_generator_distills_from_its_stored_views(tmp_path):
     # A store as kdcache wrote it before counter-v1: no augment.sampler. Its stored views are
     # what counts. Here they are counter-v1's views of seed 5 while the record says seed 2: a
@@ -314,7 +344,7 @@ def test_train_with_augmentation_draws_a_fresh_view_each_epoch(tmp_path):
     ("config", "error", "message"),
     [
         (lambda: DumpConfig(teacher="cnn", views=4), ConfigError, "--views 4 needs --augment"),
-        (lambda: DumpConfig(teacher="cnn", augment="blur"), SpecError, "unknown operation"),
+        (lambda: DumpConfig(teacher="cnn", augment="sharpen"), SpecError, "unknown operation"),
         (
             lambda: DistillConfig(
                 student="mlp", cache="s.zarr", out="r", student_augment="mixup:1"

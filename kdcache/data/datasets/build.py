@@ -118,6 +118,8 @@ def _unlabeled(spec: str, args: str, split: str) -> LabeledDataset:
         in_channels=inner.in_channels,
         labels=np.full(len(inner), UNLABELED, dtype=np.int64),
         transform_description=f"{inner.transform_description}; labels dropped (-1)",
+        # Colour operations of augmentation recipes undo the inputs' normalisation.
+        normalization=inner.normalization,
     )
 
 

@@ -274,6 +274,7 @@ def validate_record(record: Any, *, where: str, format_version: int) -> dict[str
             "sampler": _optional_str,
             "fields": _string_list,
             "input_size": _size,
+            "ops_version": _is_int,
         },
     )
     encoding = record.get("encoding")
