@@ -219,11 +219,12 @@ def import_tinyvit_command(
 @click.option(
     "--input-size",
     type=click.IntRange(min=1),
-    default=None,
-    help="The side FKD's teacher saw (its --input_size), recorded in OUT.",
+    required=True,
+    help="The side S of kdcache's square dataset inputs: FKD's boxes (fractions of the image) "
+    "become pixel boxes of them.",
 )
 def import_fkd_command(
-    source: str, num_classes: int, files_list: str | None, input_size: int | None, **options: Any
+    source: str, num_classes: int, files_list: str | None, input_size: int, **options: Any
 ) -> None:
     """Import FKD's soft-label files (one .tar per image) as a store of one view per crop."""
     from kdcache.store.bridges.fkd import import_fkd

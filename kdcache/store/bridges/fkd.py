@@ -16,9 +16,13 @@ The format, as FKD's generator writes it (``FKD_SLG/generate_soft_label.py``, tr
 Samples are the files in sorted path order, which is torchvision's ImageFolder order (classes,
 then files, sorted) unless two file names sort differently once their extensions are dropped;
 each image's label is its class folder's rank. Every crop becomes one view: the store has
-V = N views per sample and ``view_params`` fields ``fkd_top, fkd_left, fkd_height, fkd_width,
-flip`` as FKD stores them. The files are pickles: they are loaded with
-``torch.load(weights_only=True)`` allowing numpy arrays only (no code runs).
+V = N views per sample, recorded as kdcache's ``rrc+flip`` views of inputs of a given square
+size S (kdcache's dataset inputs): each box, a fraction of the image, becomes the pixel box
+``round(fraction * S)`` of that input, so ``distill`` replays FKD's crops (the same region of
+the image when kdcache's inputs are the whole image resized to S; to within half a pixel). The
+views' generator is recorded as ``fkd``: they are replayed, never drawn again. The files are
+pickles: they are loaded with ``torch.load(weights_only=True)`` allowing numpy arrays only (no
+code runs).
 """
 
 from __future__ import annotations
@@ -42,8 +46,22 @@ from kdcache.store.bridges.topk import (
 from kdcache.store.format.layout import StoreLike
 from kdcache.store.format.location import parse_location
 
-#: The view parameters of an imported store, in FKD's own units (fractions of the image).
-FIELDS = ["fkd_top", "fkd_left", "fkd_height", "fkd_width", "flip"]
+#: FKD's crops as a kdcache recipe (kdcache.augment.recipe's canonical spec): torchvision's
+#: RandomResizedCrop at FKD's default scale range, then a horizontal flip.
+RECIPE = "rrc:scale=0.08-0.936,ratio=0.75-1.3333333+flip"
+FIELDS = ["crop_top", "crop_left", "crop_height", "crop_width", "flip"]
+#: The generator recorded for the views: FKD's, not kdcache's (they are never redrawn).
+SAMPLER = "fkd"
+
+
+def pixel_boxes(fractions: np.ndarray, size: int) -> np.ndarray:
+    """FKD's boxes ``(top, left, height, width)`` as fractions of the image, (N, 4), as integer
+    pixel boxes inside a ``size`` x ``size`` input."""
+    height = np.clip(np.rint(fractions[:, 2] * size), 1, size)
+    width = np.clip(np.rint(fractions[:, 3] * size), 1, size)
+    top = np.clip(np.rint(fractions[:, 0] * size), 0, size - height)
+    left = np.clip(np.rint(fractions[:, 1] * size), 0, size - width)
+    return np.stack([top, left, height, width], axis=1).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -105,8 +123,8 @@ def import_fkd(
     out: StoreLike,
     *,
     num_classes: int,
+    input_size: int,
     files: Sequence[str] | None = None,
-    input_size: int | None = None,
     encoding: str | None = None,
     teacher: str | None = None,
     overwrite: bool = False,
@@ -115,8 +133,9 @@ def import_fkd(
 ) -> ImportResult:
     """Import FKD's soft-label folder ``source`` as a store of V views per image.
 
-    ``files`` lists the label files (relative to ``source``) in sample order [default: sorted
-    paths, ImageFolder's order]; ``input_size`` is the side FKD's teacher saw (recorded)."""
+    ``input_size`` is the side S of the square inputs the views are replayed on (kdcache's
+    dataset inputs); ``files`` lists the label files (relative to ``source``) in sample order
+    [default: sorted paths, ImageFolder's order]."""
     refuse_existing(out, overwrite)
     folder = Path(source)
     paths = label_files(folder) if files is None else [folder / name for name in files]
@@ -143,7 +162,7 @@ def import_fkd(
                 f"{path} holds {soft.shape[0]} crops of top-{soft.shape[2]} labels but "
                 f"{paths[0]} holds {views} of top-{k}; every image needs the same crops and k"
             )
-        params[number, :, :4] = boxes
+        params[number, :, :4] = pixel_boxes(boxes, input_size)
         params[number, :, 4] = flips
         digest.update(path.read_bytes())
     chosen = encoding or default_encoding(k, num_classes)
@@ -187,16 +206,18 @@ def import_fkd(
                 "kept_per_view": k,
                 "temperature": 1.0,
                 "missing_mass": "spread evenly over the classes outside the top-k",
-                "views": "FKD's crop boxes (fractions of each image) and flips in view_params",
+                "views": f"FKD's crop boxes as pixel boxes of {input_size}x{input_size} inputs",
             }
         },
         fsync=fsync,
         views=views,
+        # The seed is unused: the views are replayed from view_params, never drawn again.
         augment={
-            "recipe": None,
-            "seed": None,
+            "recipe": RECIPE,
+            "seed": 0,
+            "sampler": SAMPLER,
             "fields": FIELDS,
-            "input_size": None if input_size is None else [input_size, input_size],
+            "input_size": [input_size, input_size],
         },
         view_params=params,
     )
