@@ -40,11 +40,14 @@ def _store_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _lines(path: str | None) -> list[str] | None:
+    """The non-empty lines of the text file ``path`` (``None`` for no file)."""
     if path is None:
         return None
-    return [
-        line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read the list {path}: {error}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 @click.command()
@@ -79,12 +82,11 @@ def import_group() -> None:
 
 
 @import_group.command("distillkit")
-@click.argument("source", type=click.Path(exists=True))
+@click.argument("source", type=click.Path())
 @_store_options
 @click.option(
     "--config",
     "config_file",
-    type=click.Path(exists=True, dir_okay=False),
     default=None,
     help="DistillKit's compression_config.yaml [default: the one beside the files].",
 )
@@ -110,12 +112,11 @@ def import_distillkit_command(
 
 
 @import_group.command("megatron")
-@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.argument("source", type=click.Path(file_okay=False))
 @_store_options
 @click.option(
     "--tokens",
     "tokens_file",
-    type=click.Path(exists=True, dir_okay=False),
     required=True,
     help="A .npy (N, S + 1) array: the token ids of the samples the "
     "shards hold, in training order (Megatron's shards hold none).",
@@ -123,10 +124,12 @@ def import_distillkit_command(
 @click.option(
     "--vocab-size",
     type=click.IntRange(min=2),
-    required=True,
-    help="The teacher's vocabulary (its padded output width).",
+    default=None,
+    help="Required: the teacher's vocabulary (its padded output width).",
 )
-def import_megatron_command(source: str, tokens_file: str, vocab_size: int, **options: Any) -> None:
+def import_megatron_command(
+    source: str, tokens_file: str, vocab_size: int | None, **options: Any
+) -> None:
     """Import Megatron-LM's offline-logit tar shards (cp*_dp*__*.tar) as a token store."""
     import numpy as np
 
@@ -146,13 +149,13 @@ def import_megatron_command(source: str, tokens_file: str, vocab_size: int, **op
 
 
 @import_group.command("tinyvit")
-@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.argument("source", type=click.Path(file_okay=False))
 @_store_options
 @click.option(
     "--num-classes",
     type=click.IntRange(min=2),
-    required=True,
-    help="The teacher's classes (1000, or 21841 for ImageNet-22k).",
+    default=None,
+    help="Required: the teacher's classes (1000, or 21841 for ImageNet-22k).",
 )
 @click.option(
     "--top-k",
@@ -163,7 +166,6 @@ def import_megatron_command(source: str, tokens_file: str, vocab_size: int, **op
 @click.option(
     "--keys",
     "keys_file",
-    type=click.Path(exists=True, dir_okay=False),
     default=None,
     help="The dataset's keys in sample order, one per line [default: keys are indices].",
 )
@@ -175,7 +177,7 @@ def import_megatron_command(source: str, tokens_file: str, vocab_size: int, **op
 )
 def import_tinyvit_command(
     source: str,
-    num_classes: int,
+    num_classes: int | None,
     top_k: int | None,
     keys_file: str | None,
     num_samples: int | None,
@@ -200,18 +202,17 @@ def import_tinyvit_command(
 
 
 @import_group.command("fkd")
-@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.argument("source", type=click.Path(file_okay=False))
 @_store_options
 @click.option(
     "--num-classes",
     type=click.IntRange(min=2),
-    required=True,
-    help="The teacher's classes (1000 for ImageNet).",
+    default=None,
+    help="Required: the teacher's classes (1000 for ImageNet).",
 )
 @click.option(
     "--files",
     "files_list",
-    type=click.Path(exists=True, dir_okay=False),
     default=None,
     help="The label files (relative to SOURCE) in sample order, one per line "
     "[default: sorted paths, ImageFolder's order].",
@@ -219,12 +220,16 @@ def import_tinyvit_command(
 @click.option(
     "--input-size",
     type=click.IntRange(min=1),
-    required=True,
-    help="The side S of kdcache's square dataset inputs: FKD's boxes (fractions of the image) "
-    "become pixel boxes of them.",
+    default=None,
+    help="Required: the side S of kdcache's square dataset inputs: FKD's boxes (fractions of "
+    "the image) become pixel boxes of them.",
 )
 def import_fkd_command(
-    source: str, num_classes: int, files_list: str | None, input_size: int, **options: Any
+    source: str,
+    num_classes: int | None,
+    files_list: str | None,
+    input_size: int | None,
+    **options: Any,
 ) -> None:
     """Import FKD's soft-label files (one .tar per image) as a store of one view per crop."""
     from kdcache.store.bridges.fkd import import_fkd

@@ -41,6 +41,7 @@ from kdcache.store.bridges.topk import (
     default_encoding,
     dense_from_top_k,
     refuse_existing,
+    required,
     write_new_store,
 )
 from kdcache.store.format.layout import StoreLike
@@ -122,8 +123,8 @@ def import_fkd(
     source: str | Path,
     out: StoreLike,
     *,
-    num_classes: int,
-    input_size: int,
+    num_classes: int | None,
+    input_size: int | None,
     files: Sequence[str] | None = None,
     encoding: str | None = None,
     teacher: str | None = None,
@@ -136,6 +137,10 @@ def import_fkd(
     ``input_size`` is the side S of the square inputs the views are replayed on (kdcache's
     dataset inputs); ``files`` lists the label files (relative to ``source``) in sample order
     [default: sorted paths, ImageFolder's order]."""
+    num_classes = required(num_classes, "--num-classes", "the teacher's classes")
+    input_size = required(
+        input_size, "--input-size", "the side of kdcache's square inputs the crops map onto"
+    )
     refuse_existing(out, overwrite)
     folder = Path(source)
     paths = label_files(folder) if files is None else [folder / name for name in files]

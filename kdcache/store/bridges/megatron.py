@@ -41,6 +41,7 @@ from kdcache.store.bridges.topk import (
     default_encoding,
     dense_from_top_k,
     refuse_existing,
+    required,
     sequence_record,
     write_new_store,
 )
@@ -203,7 +204,7 @@ def import_megatron(
     out: StoreLike,
     *,
     tokens: np.ndarray,
-    vocab_size: int,
+    vocab_size: int | None,
     encoding: str | None = None,
     teacher: str | None = None,
     overwrite: bool = False,
@@ -216,6 +217,9 @@ def import_megatron(
     (Megatron's samples are S + 1 tokens: position j of the logits predicts token j + 1);
     ``vocab_size`` is the teacher's vocabulary (padded output width). ``encoding`` [default:
     ``topk:K``] keeps the K stored log-probs exactly."""
+    vocab_size = required(
+        vocab_size, "--vocab-size", "the teacher's vocabulary (its padded output width)"
+    )
     refuse_existing(out, overwrite)
     folder = Path(source)
     ranks = shards(folder)

@@ -36,6 +36,7 @@ from kdcache.store.bridges.topk import (
     default_encoding,
     dense_from_top_k,
     refuse_existing,
+    required,
     write_new_store,
 )
 from kdcache.store.format.layout import StoreLike, row_ranges
@@ -96,7 +97,7 @@ def import_tinyvit(
     source: str | Path,
     out: StoreLike,
     *,
-    num_classes: int,
+    num_classes: int | None,
     top_k: int | None = None,
     keys: Sequence[str] | None = None,
     num_samples: int | None = None,
@@ -111,6 +112,9 @@ def import_tinyvit(
     ``keys`` are the dataset's keys in sample order (its ``get_keys()``); without them every key
     must be an integer sample index. ``num_samples`` [default: len(keys), or the largest index
     + 1]; a sample without a record is refused, naming the indices."""
+    num_classes = required(
+        num_classes, "--num-classes", "the teacher's classes (TinyViT's files do not say)"
+    )
     refuse_existing(out, overwrite)
     folder = Path(source)
     if not folder.is_dir():

@@ -16,7 +16,7 @@ even spread; how the true tail was shaped (and so the tail mass at T != 1) is lo
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -105,6 +105,13 @@ def sequence_record(sequences: list[np.ndarray]) -> tuple[np.ndarray, dict[str, 
     return labels, {OFFSETS_ARRAY: offsets, FIRST_TOKEN_ARRAY: first}, {SEQUENCE_KEY: layout}
 
 
+def required(value: int | None, option: str, what: str) -> int:
+    """``value`` of a command-line ``option`` the import cannot do without (one line if not)."""
+    if value is None:
+        raise ConfigError(f"{option} is required: {what}")
+    return value
+
+
 def default_encoding(k: int, num_classes: int) -> str:
     """``topk:k``, the encoding that keeps exactly what a top-k file holds (float16 when k
     leaves no class out)."""
@@ -151,8 +158,6 @@ def refuse_existing(out: StoreLike, overwrite: bool) -> None:
 
 
 def batched(count: int, size: int = ROWS_PER_WRITE) -> Iterable[slice]:
+    """Consecutive slices of at most ``size`` covering ``range(count)``."""
     for start in range(0, count, size):
         yield slice(start, min(start + size, count))
-
-
-RowBatches = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
