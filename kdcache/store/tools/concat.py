@@ -23,9 +23,9 @@ import numpy as np
 
 from kdcache.errors import ConfigError, StoreMismatchError
 from kdcache.store.format.layout import (
+    DATASET_INDICES_ARRAY,
     FIRST_TOKEN_ARRAY,
     OFFSETS_ARRAY,
-    SAMPLE_INDICES_ARRAY,
     SEQUENCE_KEY,
     StoreLike,
     row_ranges,
@@ -33,7 +33,7 @@ from kdcache.store.format.layout import (
 from kdcache.store.format.location import parse_location
 from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.store.sequence import SequenceReader, rows_of, sequence_offsets
-from kdcache.store.tools.convert import CONVERTED_FROM_KEY, source_sample_indices
+from kdcache.store.tools.convert import CONVERTED_FROM_KEY, recorded_dataset_indices
 from kdcache.store.tools.verify import verify_store
 from kdcache.store.write.swap import remove_store_folder
 from kdcache.store.write.writer import create_store
@@ -172,12 +172,12 @@ def _open_source(source: StoreLike, out: str, given: str) -> _Source:
                 "outside every source"
             )
     reader = open_store(source)  # refuses missing, foreign, damaged or unfinished stores
-    indices = source_sample_indices(reader)
+    indices = recorded_dataset_indices(reader)
     if indices is None:
         raise StoreMismatchError(
-            f"{text} records no {SAMPLE_INDICES_ARRAY!r} (which samples of the dataset it holds); "
+            f"{text} records no {DATASET_INDICES_ARRAY!r} (which samples of the dataset it holds); "
             "concat joins parts written by `kdcache convert --indices` or by create_store(..., "
-            f"arrays={{{SAMPLE_INDICES_ARRAY!r}: indices}})"
+            f"arrays={{{DATASET_INDICES_ARRAY!r}: indices}})"
         )
     sequences = (
         SequenceReader(reader)
@@ -187,7 +187,7 @@ def _open_source(source: StoreLike, out: str, given: str) -> _Source:
     count = reader.num_samples if sequences is None else sequences.num_sequences
     if indices.shape != (count,) or (indices.size and indices.min() < 0):
         raise StoreMismatchError(
-            f"{text}: its {SAMPLE_INDICES_ARRAY!r} hold {indices.size} indices (smallest "
+            f"{text}: its {DATASET_INDICES_ARRAY!r} hold {indices.size} indices (smallest "
             f"{indices.min() if indices.size else None}) for {count} samples; each sample needs "
             "one index >= 0"
         )

@@ -130,3 +130,17 @@ def test_the_command_joins_parts_and_refuses_a_gap_in_one_line(tmp_path):
     assert open_store(tmp_path / "all.zarr").num_samples == 12
     refused = run_cli("concat", str(a), str(a), "--out", str(tmp_path / "x.zarr"), check=False)
     assert_one_line_error(refused, "both hold samples 0-5")
+
+
+def test_parts_on_object_storage_join_into_a_remote_store(tmp_path, s3_bucket):
+    source = whole_store(tmp_path / "whole.zarr", "float16")
+    remote = [f"{s3_bucket}/part{number}.zarr" for number in range(2)]
+    for path, indices in zip(remote, ([1, 3, 5, 7, 9, 11], [0, 2, 4, 6, 8, 10]), strict=True):
+        convert_store(source, path, encoding="float16", indices=indices)
+    result = concat_stores(remote, f"{s3_bucket}/all.zarr")
+    assert result.nbytes is None  # remote
+    joined, whole = open_store(f"{s3_bucket}/all.zarr"), open_store(source)
+    np.testing.assert_array_equal(
+        joined.read_rows("logits", 0, 12), whole.read_rows("logits", 0, 12)
+    )
+    assert verify_store(f"{s3_bucket}/all.zarr").ok
