@@ -14,12 +14,20 @@ import numpy as np
 import torch
 import zarr
 
+from kdcache.logits.sparse import SparseLogits
+
 T = TypeVar("T")
 
 
 def dense(rows: object) -> torch.Tensor:
     """Rows read from a store with a dense encoding (float32, float16, int8, ...)."""
     assert isinstance(rows, torch.Tensor), type(rows)
+    return rows
+
+
+def sparse(rows: object) -> SparseLogits:
+    """Rows read from a ``topk:K`` store."""
+    assert isinstance(rows, SparseLogits), type(rows)
     return rows
 
 

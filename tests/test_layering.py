@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "kdcache.store.ranks": 4,
     "kdcache.store.tools": 5,
     "kdcache.store.sequence": 4,
+    "kdcache.store.bridges": 6,  # other tools' soft-label files, imported through the tools
     "kdcache.store": 6,  # the package's exports
     "kdcache.models": 7,
     "kdcache.runtime": 7,

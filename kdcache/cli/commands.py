@@ -15,6 +15,7 @@ import click
 
 from kdcache._version import __version__
 from kdcache.cli.bench import bench
+from kdcache.cli.bridges import concat, export_group, import_group
 from kdcache.cli.options import config_options
 from kdcache.config import ConvertConfig, DistillConfig, DumpConfig, SweepConfig, TrainConfig
 from kdcache.errors import KdcacheError
@@ -279,6 +280,9 @@ def convert(source: str, out: str, **options: Any) -> None:
 
 
 cli.add_command(bench)
+cli.add_command(concat)
+cli.add_command(import_group)
+cli.add_command(export_group)
 
 
 def main() -> None:

@@ -39,6 +39,10 @@ VIEW_PARAMS_ARRAY = "view_params"
 #: A sequence store's (N + 1,) token-row offsets and (N,) first token ids (kdcache.store.sequence).
 OFFSETS_ARRAY = "offsets"
 FIRST_TOKEN_ARRAY = "first_token"
+#: (n,) int64: the dataset's sample (sequence) index of each sample of a store that holds only
+#: some of them (``kdcache convert --indices``), so stores of disjoint parts can be joined
+#: (kdcache.store.tools.concat).
+DATASET_INDICES_ARRAY = "dataset_indices"
 #: Key of a sequence store's layout (num_sequences, num_tokens, max_length) in ``extra``.
 SEQUENCE_KEY = "sequence"
 

@@ -27,10 +27,12 @@ from kdcache.errors import ConfigError
 from kdcache.logits.encodings import parse_encoding
 from kdcache.logits.fidelity import Fidelity
 from kdcache.store.format.layout import (
+    DATASET_INDICES_ARRAY,
     FIRST_TOKEN_ARRAY,
     OFFSETS_ARRAY,
     SEQUENCE_KEY,
     StoreLike,
+    has_array,
 )
 from kdcache.store.format.location import parse_location
 from kdcache.store.read.reader import StoreReader, open_store
@@ -122,6 +124,11 @@ def convert_store(
             "max_length": int(lengths.max()),
         }
         num_samples = int(new_starts[-1])
+    whole_indices = recorded_dataset_indices(reader)
+    if chosen is not None or whole_indices is not None:
+        # Which samples of the whole dataset OUT holds, so parts can be joined again.
+        kept = samples if whole_indices is None else whole_indices[samples]
+        arrays = {**(arrays or {}), DATASET_INDICES_ARRAY: kept}
     dataset = metadata.dataset
     if chosen is not None and dataset is not None:
         dataset = {
@@ -185,6 +192,14 @@ def convert_store(
         fidelity=fidelity,
         nbytes=out_location.nbytes(),
     )
+
+
+def recorded_dataset_indices(reader: StoreReader) -> np.ndarray | None:
+    """The dataset sample indices of a store that holds only some samples (``None`` for a
+    store of the whole dataset)."""
+    if not has_array(reader.group, DATASET_INDICES_ARRAY):
+        return None
+    return reader.guard.whole(DATASET_INDICES_ARRAY).astype(np.int64)
 
 
 def _refuse_overlap(source: str, out: str, given: str) -> None:

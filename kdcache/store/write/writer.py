@@ -153,6 +153,44 @@ class StoreWriter:
             with self._mutex:
                 self._flushing.difference_update(chunk for chunk, _ in full)
 
+    def write_encoded(
+        self, indices: Sequence[int] | np.ndarray, encoded: dict[str, np.ndarray]
+    ) -> None:
+        """Store rows already in this store's encoding (every array of its layout, ``(B, ...)``),
+        as read from another store of the same encoding and class count: copied bit for bit,
+        where decoding and encoding again would redraw a ``sampled:S`` row or flatten a
+        ``topk:K`` row's tail. The fidelity is not measured for such rows (there are no logits).
+
+        Refuses (:class:`InvalidLogitsError`, nothing stored) arrays missing from the layout or
+        of another shape or dtype, and rows a reader would refuse (non-finite values)."""
+        rows = _checked_rows(indices, self.metadata.num_rows)
+        if set(encoded) != set(self._layout):
+            raise InvalidLogitsError(
+                f"encoded rows must hold the arrays {sorted(self._layout)} of encoding "
+                f"{self.encoding.name}, got {sorted(encoded)}"
+            )
+        for name, (shape, dtype) in self._layout.items():
+            values = encoded[name]
+            if values.shape != (rows.size, *shape) or values.dtype != dtype:
+                raise InvalidLogitsError(
+                    f"encoded array {name!r} must have shape {(rows.size, *shape)} and dtype "
+                    f"{np.dtype(dtype)} for encoding {self.encoding.name}, got {values.shape} "
+                    f"{values.dtype}"
+                )
+        bad = self.encoding.unrepresentable_rows(encoded)
+        if bad.any():
+            raise InvalidLogitsError(
+                f"encoded rows for samples {row_ranges(np.sort(rows[bad]))} hold NaN or Inf; "
+                "copy rows only from a store that verifies"
+            )
+        full = self._buffer_rows(rows, rows // self.metadata.chunk_rows, encoded)
+        try:
+            for chunk, buffers in full:
+                self._flush(chunk, buffers)
+        finally:
+            with self._mutex:
+                self._flushing.difference_update(chunk for chunk, _ in full)
+
     def _buffer_rows(
         self, rows: np.ndarray, chunk_of_row: np.ndarray, encoded: dict[str, np.ndarray]
     ) -> list[tuple[int, dict[str, np.ndarray]]]:

@@ -9,6 +9,7 @@ from narrowing import dense, present
 
 from kdcache import DistillConfig, create_store, open_store
 from kdcache.errors import ConfigError, SpecError, StoreCorruptError, StoreExistsError
+from kdcache.store.format.layout import DATASET_INDICES_ARRAY
 from kdcache.store.sequence import create_sequence_store, open_sequence_store
 from kdcache.store.tools.convert import CONVERTED_FROM_KEY, convert_store
 from kdcache.store.tools.verify import verify_store
@@ -309,3 +310,16 @@ def test_the_command_converts_a_dumped_store_that_then_distills(tmp_path, digits
     )
     assert_one_line_error(refused, "already holds a complete store", "--overwrite")
     assert open_store(tmp_path / "topk.zarr").metadata.encoding == "topk:4"
+
+
+def test_a_subset_records_which_samples_of_the_whole_dataset_it_holds(tmp_path, float16_store):
+    convert_store(float16_store, tmp_path / "half.zarr", encoding="float16", indices=[30, 2, 9, 21])
+    convert_store(
+        tmp_path / "half.zarr", tmp_path / "quarter.zarr", encoding="int8", indices=[3, 1]
+    )
+    convert_store(tmp_path / "quarter.zarr", tmp_path / "again.zarr", encoding="float32")
+    for name, expected in (("half", [2, 9, 21, 30]), ("quarter", [9, 30]), ("again", [9, 30])):
+        store = open_store(tmp_path / f"{name}.zarr")
+        assert store.guard.whole(DATASET_INDICES_ARRAY).tolist() == expected
+    whole = convert_store(float16_store, tmp_path / "whole.zarr", encoding="int8")
+    assert DATASET_INDICES_ARRAY not in open_store(whole.out).group

@@ -225,3 +225,23 @@ def test_topk_store_stays_near_its_raw_payload_on_disk(tmp_path):
     payload = parse_encoding("topk:20").row_nbytes(classes)
     assert payload == 96
     assert present(store_nbytes(tmp_path / "s.zarr")) / rows <= 1.1 * payload
+
+
+def test_encoded_rows_are_stored_bit_for_bit_and_foreign_ones_refused(tmp_path):
+    source = create_store(tmp_path / "a.zarr", num_samples=6, num_classes=5, encoding="sampled:3")
+    source.write(np.arange(6), np.random.default_rng(1).normal(size=(6, 5)).astype(np.float32))
+    source.finalize()
+    reader = open_store(tmp_path / "a.zarr")
+    rows = {name: reader.read_rows(name, 0, 6) for name in ("sample_indices", "sample_counts")}
+    copy = create_store(tmp_path / "b.zarr", num_samples=6, num_classes=5, encoding="sampled:3")
+    with pytest.raises(InvalidLogitsError, match="must hold the arrays"):
+        copy.write_encoded(np.arange(6), {"sample_indices": rows["sample_indices"]})
+    wrong = {**rows, "sample_counts": rows["sample_counts"].astype(np.int16)}
+    with pytest.raises(InvalidLogitsError, match="dtype uint8"):
+        copy.write_encoded(np.arange(6), wrong)
+    copy.write_encoded(np.arange(5, -1, -1), {name: v[::-1] for name, v in rows.items()})
+    copy.finalize()
+    copied = open_store(tmp_path / "b.zarr")
+    for name, values in rows.items():
+        np.testing.assert_array_equal(copied.read_rows(name, 0, 6), values)
+    assert copied.metadata.fidelity is None  # no logits passed through the writer

@@ -1,0 +1,343 @@
+"""Join stores that each hold some samples of one dataset into one store of the whole dataset.
+
+Each source records which samples of the dataset it holds in its ``dataset_indices`` array
+(``kdcache convert --indices`` writes it, and so can
+``create_store(..., arrays={"dataset_indices": ...})`` for a dump of a part). The sources must
+share the teacher, encoding, class count, views and the whole dataset's record; together they
+must hold every sample exactly once. Rows are copied in their stored encoding, chunk by chunk
+(never decoded: a ``sampled:S`` row keeps its draws, a ``topk:K`` row its tail statistics),
+through :meth:`~kdcache.store.write.writer.StoreWriter.write_encoded`, so the new store gets
+every writer guarantee and is verified before it is marked complete. Image stores (with or
+without views) and token (sequence) stores alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kdcache.errors import ConfigError, StoreMismatchError
+from kdcache.store.format.layout import (
+    DATASET_INDICES_ARRAY,
+    FIRST_TOKEN_ARRAY,
+    OFFSETS_ARRAY,
+    SEQUENCE_KEY,
+    StoreLike,
+    row_ranges,
+)
+from kdcache.store.format.location import parse_location
+from kdcache.store.read.reader import StoreReader, open_store
+from kdcache.store.sequence import SequenceReader, rows_of, sequence_offsets
+from kdcache.store.tools.convert import CONVERTED_FROM_KEY, recorded_dataset_indices
+from kdcache.store.tools.verify import verify_store
+from kdcache.store.write.swap import remove_store_folder
+from kdcache.store.write.writer import create_store
+
+#: Where the joined store's metadata records its sources (``extra``).
+CONCATENATED_FROM_KEY = "concatenated_from"
+
+
+@dataclass(frozen=True)
+class ConcatResult:
+    """The joined store: where, its samples (sequences in a token store), views and encoding."""
+
+    out: str
+    num_samples: int
+    views: int
+    encoding: str
+    num_sources: int
+    nbytes: int | None
+
+
+@dataclass
+class _Source:
+    text: str
+    reader: StoreReader
+    sequences: SequenceReader | None
+    indices: np.ndarray
+
+
+def concat_stores(
+    sources: Sequence[StoreLike],
+    out: StoreLike,
+    *,
+    overwrite: bool = False,
+    chunk_rows: int | None = None,
+    fsync: bool = True,
+) -> ConcatResult:
+    """Write the stores ``sources``, each holding some samples of one dataset, into ``out``.
+
+    Sample i of ``out`` is sample i of the whole dataset: each source's samples go where its
+    ``dataset_indices`` say. Refused in one line, nothing written: fewer than two sources, a
+    source that records no ``dataset_indices``, sources of different teachers, encodings, class
+    counts, views or datasets, a sample held by two sources (overlap) or by none (gap), and an
+    ``out`` that is a source, lies inside one or holds one.
+    """
+    if len(sources) < 2:
+        raise ConfigError(
+            f"concat joins at least two stores, got {len(sources)}; name every part of the dataset"
+        )
+    out_location = parse_location(out)
+    target = out_location.resolved().target
+    opened = [_open_source(source, target, out_location.text) for source in sources]
+    first = opened[0]
+    for other in opened[1:]:
+        _refuse_mismatch(first, other)
+    dataset = _whole_dataset(first.reader.metadata.dataset)
+    total = _refuse_overlaps_and_gaps(opened, _whole_size(dataset, first))
+    metadata = first.reader.metadata
+    views = metadata.views
+    arrays: dict[str, np.ndarray] | None = None
+    extra = _common_extra(opened)
+    extra[CONCATENATED_FROM_KEY] = [_provenance(source) for source in opened]
+    if first.sequences is None:
+        new_starts = np.arange(total + 1, dtype=np.int64) * views
+        num_rows = total
+    else:
+        lengths = np.zeros(total, dtype=np.int64)
+        first_token = np.zeros(total, dtype=np.int64)
+        for source in opened:
+            assert source.sequences is not None
+            lengths[source.indices] = source.sequences.lengths
+            first_token[source.indices] = source.sequences.first_token
+        new_starts = sequence_offsets(lengths)
+        num_rows = int(new_starts[-1])
+        arrays = {OFFSETS_ARRAY: new_starts, FIRST_TOKEN_ARRAY: first_token}
+        extra[SEQUENCE_KEY] = {
+            "num_sequences": total,
+            "num_tokens": num_rows,
+            "max_length": int(lengths.max()),
+        }
+    labels = _joined_labels(opened, new_starts, num_rows)
+    params = _joined_view_params(opened, total)
+    folder = out_location.resolved().folder
+    created = folder if folder is not None and not os.path.lexists(folder) else None
+    writer = create_store(
+        out,
+        num_samples=num_rows,
+        num_classes=metadata.num_classes,
+        encoding=metadata.encoding,
+        labels=labels,
+        chunk_rows=chunk_rows,
+        teacher=metadata.teacher,
+        dataset=dataset,
+        extra=extra,
+        overwrite=overwrite,
+        views=views,
+        augment=metadata.augment,
+        view_params=params,
+        fsync=fsync,
+        arrays=arrays,
+    )
+    with writer:
+        try:
+            for source in opened:
+                _copy_source(source, new_starts, writer.write_encoded)
+            writer.finalize(
+                verify=lambda folder: verify_store(folder, finishing=True).raise_if_bad()
+            )
+        except BaseException:
+            writer.close()
+            if created is not None:  # ours, unfinished: no half-joined store is left behind
+                remove_store_folder(created)
+            raise
+    return ConcatResult(
+        out=out_location.text,
+        num_samples=total,
+        views=views,
+        encoding=metadata.encoding,
+        num_sources=len(opened),
+        nbytes=out_location.nbytes(),
+    )
+
+
+def _open_source(source: StoreLike, out: str, given: str) -> _Source:
+    location = parse_location(source)
+    text = location.text
+    resolved = location.resolved().target
+    if resolved == out:
+        raise ConfigError(
+            f"the output {given!r} is the source store {text} itself; choose a new path "
+            "(concat never rewrites its sources)"
+        )
+    for inner, outer, what in ((out, resolved, "inside"), (resolved, out, "around")):
+        if inner.startswith(outer.rstrip("/") + "/"):
+            raise ConfigError(
+                f"the output {given!r} lies {what} the source store {text}; choose a path "
+                "outside every source"
+            )
+    reader = open_store(source)  # refuses missing, foreign, damaged or unfinished stores
+    indices = recorded_dataset_indices(reader)
+    if indices is None:
+        raise StoreMismatchError(
+            f"{text} records no {DATASET_INDICES_ARRAY!r} (which samples of the dataset it holds); "
+            "concat joins parts written by `kdcache convert --indices` or by create_store(..., "
+            f"arrays={{{DATASET_INDICES_ARRAY!r}: indices}})"
+        )
+    sequences = (
+        SequenceReader(reader)
+        if isinstance(reader.metadata.extra.get(SEQUENCE_KEY), dict)
+        else None
+    )
+    count = reader.num_samples if sequences is None else sequences.num_sequences
+    if indices.shape != (count,) or (indices.size and indices.min() < 0):
+        raise StoreMismatchError(
+            f"{text}: its {DATASET_INDICES_ARRAY!r} hold {indices.size} indices (smallest "
+            f"{indices.min() if indices.size else None}) for {count} samples; each sample needs "
+            "one index >= 0"
+        )
+    return _Source(text=text, reader=reader, sequences=sequences, indices=indices)
+
+
+def _whole_dataset(dataset: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The record of the whole dataset a part was taken from (``subset_of``, as deep as it
+    goes), or the part's own record when it names none."""
+    while isinstance(dataset, dict) and isinstance(dataset.get("subset_of"), dict):
+        dataset = dataset["subset_of"]
+    return dataset
+
+
+def _identity(source: _Source) -> dict[str, Any]:
+    metadata = source.reader.metadata
+    return {
+        "teacher": metadata.teacher,
+        "encoding": metadata.encoding,
+        "classes": metadata.num_classes,
+        "views": metadata.views,
+        "augmentation": metadata.augment,
+        "dataset": _whole_dataset(metadata.dataset),
+        "kind": "token (sequence) store" if source.sequences is not None else "image store",
+    }
+
+
+def _refuse_mismatch(first: _Source, other: _Source) -> None:
+    mine, theirs = _identity(first), _identity(other)
+    for field, value in mine.items():
+        if theirs[field] != value:
+            raise StoreMismatchError(
+                f"{other.text} and {first.text} differ in their {field} ({theirs[field]!r} vs "
+                f"{value!r}); concat joins parts of one dump: same teacher, encoding, classes, "
+                "views and dataset"
+            )
+
+
+def _whole_size(dataset: dict[str, Any] | None, first: _Source) -> int | None:
+    """Samples (sequences) of the whole dataset, as its fingerprint records them."""
+    fingerprint = (dataset or {}).get("fingerprint") or {}
+    if first.sequences is not None:
+        fingerprint = fingerprint.get("tokens") or {}
+    count = fingerprint.get("num_samples")
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
+
+
+def _refuse_overlaps_and_gaps(opened: list[_Source], total: int | None) -> int:
+    """The samples of the whole dataset (``total``, or the largest index held + 1), once every
+    one is held by exactly one source."""
+    everything = np.concatenate([source.indices for source in opened])
+    size = int(everything.max()) + 1 if total is None else total
+    if everything.max() >= size:
+        outside = np.unique(everything[everything >= size])
+        raise StoreMismatchError(
+            f"the stores hold samples {row_ranges(outside)} beyond the dataset's {size} samples "
+            "(its fingerprint's num_samples); they are not parts of that dataset"
+        )
+    owner = np.full(size, -1, dtype=np.int64)
+    for number, source in enumerate(opened):
+        held = owner[source.indices]
+        twice = source.indices[held >= 0]
+        if twice.size:
+            earlier = opened[int(held[held >= 0][0])].text
+            raise StoreMismatchError(
+                f"{source.text} and {earlier} both hold samples {row_ranges(np.unique(twice))}; "
+                "parts must not overlap: convert one of them again without those indices"
+            )
+        owner[source.indices] = number
+    missing = np.flatnonzero(owner < 0)
+    if missing.size:
+        raise StoreMismatchError(
+            f"no store holds samples {row_ranges(missing)} of the dataset's {size}; add the part "
+            "that holds them (concat joins a whole dataset, without gaps)"
+        )
+    return size
+
+
+def _common_extra(opened: list[_Source]) -> dict[str, Any]:
+    """The ``extra`` notes every source shares (less where each came from and its layout)."""
+    first = opened[0].reader.metadata.extra
+    skip = {CONVERTED_FROM_KEY, CONCATENATED_FROM_KEY, SEQUENCE_KEY}
+    return {
+        key: value
+        for key, value in first.items()
+        if key not in skip
+        and all(source.reader.metadata.extra.get(key) == value for source in opened[1:])
+    }
+
+
+def _provenance(source: _Source) -> dict[str, Any]:
+    metadata = source.reader.metadata
+    return {
+        "store": parse_location(source.text).resolved().target,
+        "generation": metadata.generation,
+        "content_sha256": source.reader.content_digest(),
+        "record_digest": (metadata.digests or {}).get("record"),
+        "num_samples": int(source.indices.size),
+        "dataset_indices_sha256": hashlib.sha256(
+            source.indices.astype("<i8").tobytes()
+        ).hexdigest(),
+        "fidelity": metadata.fidelity,
+    }
+
+
+def _source_rows(source: _Source, new_starts: np.ndarray) -> np.ndarray:
+    """Where each of ``source``'s rows goes in the joined store, in its row order."""
+    if source.sequences is None:
+        views = source.reader.metadata.views
+        rows = np.arange(source.reader.num_rows, dtype=np.int64)
+        return new_starts[source.indices[rows // views]] + rows % views
+    return rows_of(new_starts, source.indices)
+
+
+def _joined_labels(
+    opened: list[_Source], new_starts: np.ndarray, num_rows: int
+) -> np.ndarray | None:
+    """Every source's labels in their new places; ``None`` when any source has none."""
+    parts = [source.reader.labels for source in opened]
+    if any(part is None for part in parts):
+        return None
+    labels = np.zeros(num_rows if opened[0].sequences is not None else new_starts.size - 1, "<i8")
+    for source, part in zip(opened, parts, strict=True):
+        assert part is not None
+        if source.sequences is None:
+            labels[source.indices] = part
+        else:
+            labels[_source_rows(source, new_starts)] = part
+    return labels
+
+
+def _joined_view_params(opened: list[_Source], total: int) -> np.ndarray | None:
+    parts = [source.reader.view_params for source in opened]
+    if parts[0] is None:
+        return None
+    params = np.zeros((total, *parts[0].shape[1:]), dtype=np.float32)
+    for source, part in zip(opened, parts, strict=True):
+        assert part is not None
+        params[source.indices] = part
+    return params
+
+
+def _copy_source(source: _Source, new_starts: np.ndarray, write: Any) -> None:
+    """Copy ``source``'s encoded rows one chunk at a time to their places in the new store."""
+    reader = source.reader
+    metadata = reader.metadata
+    destinations = _source_rows(source, new_starts)
+    names = list(reader.encoding.layout(metadata.num_classes))
+    for start in range(0, metadata.num_rows, metadata.chunk_rows):
+        stop = min(start + metadata.chunk_rows, metadata.num_rows)
+        write(
+            destinations[start:stop], {name: reader.read_rows(name, start, stop) for name in names}
+        )
