@@ -48,6 +48,11 @@ class Encoding(ABC):
         the temperature the logits will be softened with (those require it); the others ignore it.
         """
 
+    def encode_views(self, logits: np.ndarray, samples: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`encode` rows of which ``samples`` (B,) names the sample each is a view of; an
+        encoding that shares data between the views of one sample (``viewset:M``) uses it."""
+        return self.encode(logits)
+
     def unrepresentable_rows(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
         """Rows ``(B,)`` of an :meth:`encode` result that do not hold their logits: a value that
         overflowed a floating array (float16 holds magnitudes up to 65504). A reader refuses
@@ -348,6 +353,25 @@ def _sampled(spec: str, argument: str, num_classes: int | None) -> Encoding:
     return SampledEncoding(int(argument), num_classes=num_classes)
 
 
+def _viewset(spec: str, argument: str, num_classes: int | None) -> Encoding:
+    # Imported here: kdcache.logits.viewset builds on this module's Encoding.
+    from kdcache.logits.viewset import MAX_BITS, MIN_BITS, ViewSetEncoding
+
+    size, sep, bits = argument.partition(":")
+    if not (
+        size.isdigit()
+        and int(size) >= 1
+        and (not sep or (bits.isdigit() and MIN_BITS <= int(bits) <= MAX_BITS))
+    ):
+        raise SpecError(
+            f"malformed encoding {spec!r}; expected viewset:M or viewset:M:BITS with an integer "
+            f"M >= 1 and BITS in [{MIN_BITS}, {MAX_BITS}], e.g. viewset:16"
+        )
+    if bits:
+        return ViewSetEncoding(int(size), bits=int(bits), num_classes=num_classes)
+    return ViewSetEncoding(int(size), num_classes=num_classes)
+
+
 @dataclass(frozen=True)
 class EncodingKind:
     """One entry of :data:`ENCODINGS`: how its spec is written, an example, how it is built.
@@ -368,6 +392,7 @@ ENCODINGS: dict[str, EncodingKind] = {
     "int8": EncodingKind("int8", "int8", _int8),
     "topk": EncodingKind("topk:K", "topk:20", _topk),
     "sampled": EncodingKind("sampled:S", "sampled:12", _sampled),
+    "viewset": EncodingKind("viewset:M", "viewset:16", _viewset),
 }
 #: The forms :func:`parse_encoding` accepts, for messages.
 ENCODING_CHOICES = tuple(kind.form for kind in ENCODINGS.values())
