@@ -12,18 +12,19 @@ from a small set. Per view (row) the encoding stores
   ``d_k = -DEPTH * (k / (L - 1))^2``: fine near the maximum, where the softmax is decided,
   coarse far below it (the KL cost of an error ``e`` on class c is about ``p_c e^2 / 2``). An
   offset below ``-DEPTH`` is stored as ``-DEPTH``.
-- ``row_max`` (float16): the view's maximum logit, so the decoded logits are raw logits (not
-  just their differences).
+- ``row_max`` (float16): the view's maximum logit rounded to a quarter nat, so that the decoded
+  logits are raw logits to within that shift of the whole row (which no softmax sees).
 - ``tail_codes`` (6 uint8): the :data:`~kdcache.logits.sparse.TAIL_STATS` of the other C - M
   classes (their max, z(T) at T = 1, 2, 4, 8, and their mean: non-increasing in that order),
   each as the number of steps of :data:`TAIL_STEP` nats below the previous one (the first below
   the view's maximum): the reconstruction at any temperature of ``topk:K``
   (:mod:`kdcache.logits.sparse`) with statistics rounded to TAIL_STEP / 2.
 
-The set is chosen per sample from all its views written together: the M classes with the largest
-``max_v (z_vc - max_v)``, i.e. every view's top class first, then the classes some view ranks
-close to its top. A view written without its siblings gets a set of its own (its top M): the
-same fidelity, without the shared set's saving. Reading never needs a sibling row.
+The set is chosen per sample from all its views written together: every view's top class, then
+the classes with the largest softmax probability (T = 1) summed over the views, the set that
+leaves the least mass to the uniform tail on average. A view written without its siblings gets
+a set of its own (its top M): the same fidelity, without the shared set's saving. Reading never
+needs a sibling row.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from kdcache.logits.encodings import Encoding, Layout, index_dtype
 from kdcache.logits.sparse import TAIL_STATS, SparseLogits, tail_statistics
 
 #: Nats per step of the tail statistics' codes.
-TAIL_STEP = 1.0 / 8.0
+TAIL_STEP = 1.0 / 4.0
 #: The quantiser's depth: the lowest level, in nats below the view's maximum.
 DEPTH = 16.0
 #: Code bits per class allowed in the spec ``viewset:M:BITS``.
@@ -83,10 +84,11 @@ class ViewSetEncoding(Encoding):
     def encode_views(self, logits: np.ndarray, samples: np.ndarray) -> dict[str, np.ndarray]:
         layout = self.layout(logits.shape[1])
         row_max = logits.max(axis=1)
-        # The stored maximum is what the offsets are taken from, so that the maximum decodes to
-        # itself (to float16) and the other classes to it plus their offsets.
-        stored_max = row_max.astype(np.float16)
-        offsets = logits - stored_max.astype(np.float32)[:, None]
+        offsets = logits - row_max[:, None]
+        # Every decoded value is the stored maximum plus an offset from the true one: rounding
+        # the maximum to a quarter nat shifts a whole row alike, which no softmax sees, and
+        # leaves float16 fewer distinct low bytes to compress.
+        stored_max = (np.rint(row_max * 4.0) / 4.0).astype(np.float16)
         sets = self._class_sets(offsets, np.asarray(samples))
         kept = np.take_along_axis(offsets, sets, axis=1)
         steps = len(self.grid) - 1
@@ -97,16 +99,23 @@ class ViewSetEncoding(Encoding):
             "set_indices": sets.astype(layout["set_indices"][1]),
             "set_codes": codes,
             "row_max": stored_max,
-            "tail_codes": self._tail_codes(tail, stored_max.astype(np.float64)),
+            "tail_codes": self._tail_codes(tail, row_max.astype(np.float64)),
         }
 
     def _class_sets(self, offsets: np.ndarray, samples: np.ndarray) -> np.ndarray:
-        """The class set of every row (B, M), ascending: its sample's M classes with the largest
-        offset from the maximum in any of the sample's rows in this block."""
-        groups, inverse = np.unique(samples, return_inverse=True)
-        best = np.full((len(groups), offsets.shape[1]), -np.inf, dtype=np.float32)
-        np.maximum.at(best, inverse, offsets)
-        chosen = np.argpartition(best, -self.set_size, axis=1)[:, -self.set_size :]
+        """The class set of every row (B, M), ascending: every view's top class, then its
+        sample's classes with the largest softmax probability (T = 1) summed over the sample's
+        rows in this block, i.e. the set that leaves the least mass to the uniform tail on
+        average over the views."""
+        inverse = np.unique(samples, return_inverse=True)[1]
+        probs = np.exp(offsets)
+        probs /= probs.sum(axis=1, keepdims=True)
+        # More than any sum of probabilities: a view's top class comes before every other.
+        probs[np.arange(len(probs)), offsets.argmax(axis=1)] += len(probs)
+        order = np.argsort(inverse, kind="stable")
+        starts = np.flatnonzero(np.diff(inverse[order], prepend=-1))
+        mass = np.add.reduceat(probs[order], starts, axis=0)
+        chosen = np.argpartition(mass, -self.set_size, axis=1)[:, -self.set_size :]
         return np.sort(chosen, axis=1)[inverse]
 
     @staticmethod
@@ -118,7 +127,7 @@ class ViewSetEncoding(Encoding):
         steps = np.maximum.accumulate(np.maximum(steps, 0.0), axis=1)
         differences = np.diff(steps, axis=1, prepend=0.0)
         out = np.empty(differences.shape, dtype=np.uint8)
-        # A difference beyond a byte saturates: the statistic then sits 255 steps (32 nats)
+        # A difference beyond a byte saturates: the statistic then sits 255 steps (64 nats)
         # below the previous one, where its mass is negligible next to the set's.
         out[:, list(_TAIL_CHAIN)] = np.minimum(differences, 255.0)
         return out

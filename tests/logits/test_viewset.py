@@ -71,17 +71,18 @@ def test_offsets_and_tail_statistics_are_within_their_quantisation_steps():
     encoding = viewset("viewset:12:5")
     arrays = encoding.encode_views(logits, samples)
     sparse = encoding.sparse(arrays)
-    row_max = arrays["row_max"].astype(np.float32)
-    assert np.abs(row_max - logits.max(1)).max() <= 0.01  # float16 at |z| < 16
-    true = np.take_along_axis(logits, sparse.indices.numpy(), axis=1) - row_max[:, None]
-    decoded = sparse.values.numpy() - row_max[:, None]
+    stored_max = arrays["row_max"].astype(np.float32)
+    true_max = logits.max(1)
+    assert np.abs(stored_max - true_max).max() <= 0.125 + 0.01  # a quarter nat, float16
+    true = np.take_along_axis(logits, sparse.indices.numpy(), axis=1) - true_max[:, None]
+    decoded = sparse.values.numpy() - stored_max[:, None]
     inside = true >= -DEPTH
     # Rounded to the nearest level in the companded domain sqrt(-d / DEPTH), 31 steps.
     error = np.abs(np.sqrt(-decoded / DEPTH) - np.sqrt(np.clip(-true, 0, None) / DEPTH))
     assert error[inside].max() <= 0.5 / 31 + 1e-4
     assert (decoded[~inside] == -DEPTH).all()
-    tail = tail_statistics(logits, sparse.indices).numpy()
-    assert np.abs(sparse.tail.numpy() - tail).max() <= TAIL_STEP / 2 + 0.01
+    tail = tail_statistics(logits, sparse.indices).numpy() - true_max[:, None]
+    assert np.abs(sparse.tail.numpy() - stored_max[:, None] - tail).max() <= TAIL_STEP / 2 + 1e-3
 
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
