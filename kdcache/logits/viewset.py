@@ -11,7 +11,8 @@ from a small set. Per view (row) the encoding stores
   view's maximum, ``d = z - max <= 0``, quantised to ``2^BITS`` levels on a companded grid
   ``d_k = -DEPTH * (k / (L - 1))^2``: fine near the maximum, where the softmax is decided,
   coarse far below it (the KL cost of an error ``e`` on class c is about ``p_c e^2 / 2``). An
-  offset below ``-DEPTH`` is stored as ``-DEPTH``.
+  offset below ``-DEPTH`` is stored as ``-DEPTH``; level 0 is the view's top class alone, so the
+  decoded row keeps its top class.
 - ``row_max`` (float16): the view's maximum logit rounded to a quarter nat, so that the decoded
   logits are raw logits to within that shift of the whole row (which no softmax sees).
 - ``tail_codes`` (6 uint8): the :data:`~kdcache.logits.sparse.TAIL_STATS` of the other C - M
@@ -94,6 +95,9 @@ class ViewSetEncoding(Encoding):
         steps = len(self.grid) - 1
         companded = np.sqrt(np.clip(-kept / DEPTH, 0.0, 1.0))
         codes = np.rint(companded * steps).astype(np.uint8)
+        # Level 0 is the view's top class alone: a runner-up rounded up to it would tie with it,
+        # and the decoded row could name another top class.
+        codes[(codes == 0) & (kept < 0)] = 1
         tail = tail_statistics(logits, sets).numpy().astype(np.float64)
         return {
             "set_indices": sets.astype(layout["set_indices"][1]),
