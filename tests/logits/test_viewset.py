@@ -8,10 +8,10 @@ import torch
 
 from kdcache import create_store, open_store
 from kdcache.errors import ConfigError, SpecError
-from kdcache.logits.encodings import parse_encoding
+from kdcache.logits.encodings import ViewSetEncoding, parse_encoding
 from kdcache.logits.fidelity import sparse_kl_divergence
 from kdcache.logits.sparse import tail_statistics
-from kdcache.logits.viewset import DEPTH, TAIL_STEP, ViewSetEncoding
+from kdcache.logits.viewset import DEPTH, TAIL_STEP
 
 CLASSES, VIEWS = 200, 8
 
