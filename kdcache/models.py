@@ -1,6 +1,7 @@
 """Models named by a spec string, and loading of weights files.
 
-A spec is a builtin (``mlp``, ``mlp:HIDDEN``, ``mlp:H1,H2``, ``cnn``, ``cnn:WIDTH``), any
+A spec is a builtin (``mlp``, ``mlp:HIDDEN``, ``mlp:H1,H2``, ``cnn``, ``cnn:WIDTH``,
+``resnet``, ``resnet:WIDTH``), any
 torchvision classification model name, ``timm:NAME`` for any timm model (the optional extra
 ``kdcache[timm]``), or ``package.module:function`` for a user-defined model. torchvision and timm
 models are always randomly initialised: kdcache never downloads weights (``--weights`` loads a
@@ -133,6 +134,51 @@ def _cnn(spec: str, argument: str, num_classes: int, in_channels: int) -> nn.Mod
     )
 
 
+class _BasicBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm and an identity (or 1x1 strided) shortcut."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(inputs, outputs, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(outputs),
+            nn.ReLU(),
+            nn.Conv2d(outputs, outputs, 3, padding=1, bias=False),
+            nn.BatchNorm2d(outputs),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or inputs != outputs:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(inputs, outputs, 1, stride=stride, bias=False), nn.BatchNorm2d(outputs)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def _resnet(spec: str, argument: str, num_classes: int, in_channels: int) -> nn.Module:
+    """A CIFAR-style ResNet (He et al., CVPR 2016, section 4.2) for small images: a 3x3 stem
+    without pooling, three stages of one basic block each at WIDTH, 2 WIDTH and 4 WIDTH channels
+    (the last two halving the resolution), global average pooling: 8 weight layers."""
+    widths = _positive_ints(spec, argument, "resnet or resnet:WIDTH, e.g. resnet:16")
+    if len(widths) > 1:
+        raise SpecError(
+            f"malformed model spec {spec!r}; expected resnet or resnet:WIDTH, e.g. resnet:16"
+        )
+    width = widths[0]
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        _BasicBlock(width, width, 1),
+        _BasicBlock(width, 2 * width, 2),
+        _BasicBlock(2 * width, 4 * width, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * width, num_classes),
+    )
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
     """One entry of :data:`MODELS`: an example spec, the argument a bare name stands for, and how
@@ -148,6 +194,7 @@ class BuiltinModel:
 MODELS: dict[str, BuiltinModel] = {
     "mlp": BuiltinModel("mlp:16,8", "128", _mlp),
     "cnn": BuiltinModel("cnn:4", "32", _cnn),
+    "resnet": BuiltinModel("resnet:4", "16", _resnet),
 }
 
 

@@ -119,7 +119,11 @@ def test_user_function(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("spec", "error", "fragment"),
     [
-        ("resnt18", SpecError, "did you mean 'resnet18'\\? Valid: mlp, cnn, any torchvision"),
+        (
+            "resnt18",
+            SpecError,
+            "did you mean 'resnet18'\\? Valid: mlp, cnn, resnet, any torchvision",
+        ),
         ("cnnn", SpecError, "did you mean 'cnn'"),
         ("zzzzqqq", SpecError, "unknown model 'zzzzqqq'; Valid: mlp, cnn"),
         ("mlp:abc", SpecError, "expected mlp, mlp:HIDDEN or mlp:H1,H2"),

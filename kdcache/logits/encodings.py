@@ -18,6 +18,16 @@ import torch
 from kdcache.errors import ConfigError, SpecError
 from kdcache.logits.sampled import SampledLogits, check_draws_temperature, draw_samples
 from kdcache.logits.sparse import TAIL_STATS, SparseLogits, TeacherInput, tail_statistics
+from kdcache.logits.viewset import (
+    DEFAULT_BITS,
+    MAX_BITS,
+    MIN_BITS,
+    class_sets,
+    companded_grid,
+    offset_codes,
+    tail_codes,
+    tail_from_codes,
+)
 
 #: Per-row shape and dtype of every array an encoding stores, keyed by array name.
 Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
@@ -47,6 +57,11 @@ class Encoding(ABC):
         ``temperature`` matters only to lossy encodings whose best dense reconstruction depends on
         the temperature the logits will be softened with (those require it); the others ignore it.
         """
+
+    def encode_views(self, logits: np.ndarray, samples: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`encode` rows of which ``samples`` (B,) names the sample each is a view of; an
+        encoding that shares data between the views of one sample (``viewset:M``) uses it."""
+        return self.encode(logits)
 
     def unrepresentable_rows(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
         """Rows ``(B,)`` of an :meth:`encode` result that do not hold their logits: a value that
@@ -319,6 +334,91 @@ class SampledEncoding(Encoding):
         return out.numpy()
 
 
+class ViewSetEncoding(Encoding):
+    """A class set of M classes shared by a sample's views, with BITS-bit offsets per view.
+
+    Per row: ``set_indices`` (M, ascending, the same in every view of a sample), ``set_codes``
+    (M uint8, the view's offset from its maximum of each set class on a companded grid),
+    ``row_max`` (float16, to a quarter nat) and ``tail_codes`` (6 uint8, the tail statistics of
+    the other classes): 3M + 8 bytes raw, the V copies of the set compressing to one. See
+    :mod:`kdcache.logits.viewset`; ``decode`` needs the temperature, as ``topk:K``'s does.
+    """
+
+    is_sparse = True
+
+    def __init__(
+        self, set_size: int, *, bits: int = DEFAULT_BITS, num_classes: int | None = None
+    ) -> None:
+        self.set_size = set_size
+        self.bits = bits
+        self.name = f"viewset:{set_size}" + ("" if bits == DEFAULT_BITS else f":{bits}")
+        self.num_classes = num_classes
+        self.grid = companded_grid(bits)
+
+    def layout(self, num_classes: int) -> Layout:
+        if self.set_size >= num_classes:
+            raise ConfigError(
+                f"encoding {self.name} keeps a set of {self.set_size} classes but the store has "
+                f"only {num_classes}; use viewset:M with M < {num_classes}, or float16 to keep "
+                "every class"
+            )
+        return {
+            "set_indices": ((self.set_size,), index_dtype(num_classes)),
+            "set_codes": ((self.set_size,), np.dtype("uint8")),
+            "row_max": ((), np.dtype("float16")),
+            "tail_codes": ((len(TAIL_STATS),), np.dtype("uint8")),
+        }
+
+    def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        return self.encode_views(logits, np.arange(len(logits)))
+
+    def encode_views(self, logits: np.ndarray, samples: np.ndarray) -> dict[str, np.ndarray]:
+        layout = self.layout(logits.shape[1])
+        row_max = logits.max(axis=1)
+        offsets = logits - row_max[:, None]
+        sets = class_sets(offsets, np.asarray(samples), self.set_size)
+        tail = tail_statistics(logits, sets).numpy().astype(np.float64)
+        return {
+            "set_indices": sets.astype(layout["set_indices"][1]),
+            "set_codes": offset_codes(np.take_along_axis(offsets, sets, axis=1), self.bits),
+            # Every decoded value is the stored maximum plus an offset from the true one:
+            # rounding the maximum to a quarter nat shifts a whole row alike, which no softmax
+            # sees, and leaves float16 fewer distinct low bytes to compress.
+            "row_max": (np.rint(row_max * 4.0) / 4.0).astype(np.float16),
+            "tail_codes": tail_codes(tail, row_max.astype(np.float64)),
+        }
+
+    def sparse(self, arrays: dict[str, np.ndarray]) -> SparseLogits:
+        if self.num_classes is None:
+            raise ConfigError(
+                f"encoding {self.name} needs the number of classes to reconstruct rows; "
+                f"get it with parse_encoding({self.name!r}, num_classes=C)"
+            )
+        row_max = np.asarray(arrays["row_max"], dtype=np.float32)
+        grid = self.grid[np.minimum(arrays["set_codes"], len(self.grid) - 1)]
+        values = torch.from_numpy(row_max[:, None] + grid)
+        indices = torch.from_numpy(arrays["set_indices"].astype(np.int64))
+        # Descending, as topk:K's: the first is the top class.
+        order = torch.argsort(values, dim=1, descending=True, stable=True)
+        return SparseLogits(
+            values=values.gather(1, order),
+            indices=indices.gather(1, order),
+            tail=torch.from_numpy(tail_from_codes(arrays["tail_codes"], row_max)),
+            num_classes=self.num_classes,
+        )
+
+    def decode(
+        self, arrays: dict[str, np.ndarray], *, temperature: float | None = None
+    ) -> np.ndarray:
+        if temperature is None:
+            raise ConfigError(
+                f"a dense {self.name} row depends on the temperature it is softened at: pass "
+                "temperature=T (the one you distill at), or use the sparse rows, which every "
+                "loss softens at its own temperature"
+            )
+        return self.sparse(arrays).dense(temperature).numpy()
+
+
 #: Draws per row are counted in uint8.
 MAX_DRAWS = 255
 
@@ -348,6 +448,22 @@ def _sampled(spec: str, argument: str, num_classes: int | None) -> Encoding:
     return SampledEncoding(int(argument), num_classes=num_classes)
 
 
+def _viewset(spec: str, argument: str, num_classes: int | None) -> Encoding:
+    size, sep, bits = argument.partition(":")
+    if not (
+        size.isdigit()
+        and int(size) >= 1
+        and (not sep or (bits.isdigit() and MIN_BITS <= int(bits) <= MAX_BITS))
+    ):
+        raise SpecError(
+            f"malformed encoding {spec!r}; expected viewset:M or viewset:M:BITS with an integer "
+            f"M >= 1 and BITS in [{MIN_BITS}, {MAX_BITS}], e.g. viewset:16"
+        )
+    if bits:
+        return ViewSetEncoding(int(size), bits=int(bits), num_classes=num_classes)
+    return ViewSetEncoding(int(size), num_classes=num_classes)
+
+
 @dataclass(frozen=True)
 class EncodingKind:
     """One entry of :data:`ENCODINGS`: how its spec is written, an example, how it is built.
@@ -368,6 +484,7 @@ ENCODINGS: dict[str, EncodingKind] = {
     "int8": EncodingKind("int8", "int8", _int8),
     "topk": EncodingKind("topk:K", "topk:20", _topk),
     "sampled": EncodingKind("sampled:S", "sampled:12", _sampled),
+    "viewset": EncodingKind("viewset:M", "viewset:16", _viewset),
 }
 #: The forms :func:`parse_encoding` accepts, for messages.
 ENCODING_CHOICES = tuple(kind.form for kind in ENCODINGS.values())

@@ -43,6 +43,8 @@ from kdcache.store.format.pinning import array_problems
 
 #: What zarr raises for chunk bytes that do not decode (checksum mismatch, zstd frame errors).
 DECODE_ERRORS = (ValueError, RuntimeError, *ZIP_ERRORS)
+#: Encoding arrays that hold class indices, each below the store's number of classes.
+CLASS_INDEX_ARRAYS = ("topk_indices", "set_indices")
 
 
 def expected_arrays(metadata: StoreMetadata, layout: dict[str, Any]) -> dict[str, Any]:
@@ -274,7 +276,7 @@ class ChunkGuard:
                     f"{row_ranges(start + bad)} (kdcache never writes them: the store was "
                     "altered); run `kdcache verify` and dump again"
                 )
-        elif name == "topk_indices" and values.size and int(values.max()) >= meta.num_classes:
+        elif name in CLASS_INDEX_ARRAYS and values.size and int(values.max()) >= meta.num_classes:
             bad = np.flatnonzero((values >= meta.num_classes).any(axis=1))
             raise StoreCorruptError(
                 f"{self.where}: array {name!r} names classes beyond the store's {meta.num_classes} "

@@ -139,7 +139,7 @@ class StoreWriter:
         with np.errstate(over="ignore", invalid="ignore"):
             block = np.asarray(logits, dtype=np.float32)
             self._check_block(rows, block)
-            encoded = self.encoding.encode(block)
+            encoded = self.encoding.encode_views(block, rows // self.metadata.views)
         self._check_encoded(rows, block, encoded)
         chunk_of_row = rows // self.metadata.chunk_rows
         with self._mutex:

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The 1,000-class results of docs/results.md at a larger setting, on a CUDA machine: 32 x 32 glyphs,
+# 100 training samples per class (100,000 images), a resnet:64 teacher and 20 student epochs; then
+# the bytes-per-view curve on that teacher's logits.
+#
+# Run from the repository root where kdcache's dependencies are installed:
+#     OUT=/path/to/results bash pipelines/glyph_results_gpu.sh
+# Writes $OUT/results (glyph_results.json and .md, the teacher, the stores and runs) and
+# $OUT/bytes (results.json, tables.md) and $OUT/glyphs-view-bytes.png. Every run goes to the GPU
+# (--device cuda); the student runs share it, JOBS at a time.
+# Overrides: PYTHON, DATASET (glyphs:1000:32:100), TEACHER (resnet:64), TEACHER_EPOCHS (15),
+# STUDENT (mlp:256), EPOCHS (20), SEEDS (0,1,2), JOBS (4).
+set -euo pipefail
+
+OUT=${OUT:-glyph-results-gpu}
+PYTHON=${PYTHON:-python3}
+DATASET=${DATASET:-glyphs:1000:32:100}
+TEACHER=${TEACHER:-resnet:64}
+TEACHER_EPOCHS=${TEACHER_EPOCHS:-15}
+STUDENT=${STUDENT:-mlp:256}
+EPOCHS=${EPOCHS:-20}
+SEEDS=${SEEDS:-0,1,2}
+JOBS=${JOBS:-4}
+mkdir -p "$OUT"
+export PYTHONPATH=${PYTHONPATH:-.}
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/device.txt" || true
+
+"$PYTHON" pipelines/glyph_results.py "$OUT/results" --dataset "$DATASET" --teacher "$TEACHER" \
+    --teacher-epochs "$TEACHER_EPOCHS" --student "$STUDENT" --epochs "$EPOCHS" --seeds "$SEEDS" \
+    --jobs "$JOBS" --device cuda --threads 8
+"$PYTHON" pipelines/glyph_view_bytes.py --weights "$OUT/results/teacher/best.pt" \
+    --teacher "$TEACHER" --dataset "${DATASET%:*}:4" --out "$OUT/bytes" \
+    --figure "$OUT/glyphs-view-bytes.png"
