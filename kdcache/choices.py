@@ -84,6 +84,7 @@ def _declared_entries(registry: Registry) -> dict[str, str | None]:
         "line's help reads its entries from the source"
     )
 
+
 #: ``--train-on`` choices: which tokens of a language-model dataset the loss counts (assistant:
 #: those of the assistant's turns in chat data).
 TRAIN_ON = ("all", "assistant")
