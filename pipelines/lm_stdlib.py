@@ -341,6 +341,61 @@ def gradient_angles(
     return {name: statistics.mean(values) for name, values in angles.items()}
 
 
+def plot_curves(results: dict, path: Path) -> None:
+    """Bytes per token against KL(teacher || decoded) at T = 1 and 2 (dense and top-k), and
+    against the teacher mass the draws miss (sampled), one line per vocabulary size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for name, rows in results["curves"].items():
+        for column, key in enumerate(("kl_t1", "kl_t2")):
+            for family, marker in (("topk:", "o"), ("float16", "s"), ("int8", "^")):
+                chosen = [(e, r) for e, r in rows.items() if e.startswith(family) and key in r]
+                if not chosen:
+                    continue
+                axes[column].plot(
+                    [r["bytes_per_token"] for _, r in chosen],
+                    [max(r[key], 1e-12) for _, r in chosen],
+                    marker=marker,
+                    label=f"{family.rstrip(':')} V={name}",
+                )
+                for encoding, row in chosen:
+                    axes[column].annotate(
+                        encoding.split(":")[-1] if ":" in encoding else "",
+                        (row["bytes_per_token"], max(row[key], 1e-12)),
+                        fontsize=7,
+                    )
+        sampled = [(e, r) for e, r in rows.items() if e.startswith("sampled:")]
+        if sampled:
+            axes[2].plot(
+                [r["bytes_per_token"] for _, r in sampled],
+                [r["missing_mass"] for _, r in sampled],
+                marker="o",
+                label=f"sampled V={name}",
+            )
+    for column, temperature in enumerate((1, 2)):
+        axes[column].set(
+            xscale="log",
+            yscale="log",
+            xlabel="bytes per token on disk",
+            ylabel="KL(teacher ‖ decoded), nats",
+            title=f"T = {temperature}",
+        )
+    axes[2].set(
+        xlabel="bytes per token on disk",
+        ylabel="teacher mass outside the draws",
+        title="sampled:S (T = 1)",
+    )
+    for ax in axes:
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def save(out: Path, results: dict) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
@@ -528,6 +583,8 @@ def main() -> None:
 
     results["wall_s"] = time.perf_counter() - started
     save(out, results)
+    if results.get("curves"):
+        plot_curves(results, out / "lm_stdlib_curves.png")
     print_tables(results)
 
 
