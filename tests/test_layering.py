@@ -47,9 +47,10 @@ LAYERS: dict[str, int] = {
     "kdcache.bench": 11,
     "kdcache.integrations": 11,  # stores in other frameworks' training code
     "kdcache.lm.dump": 11,
-    "kdcache.cli": 12,
-    "kdcache.__main__": 13,
-    "kdcache": 14,
+    "kdcache.bench.lm": 12,  # times kdcache.lm.dump
+    "kdcache.cli": 13,
+    "kdcache.__main__": 14,
+    "kdcache": 15,
 }
 
 

@@ -31,7 +31,7 @@ from kdcache.train.loop import distill, train
 __all__ = ["bench_distill"]
 
 
-def _epoch_time(out: Path) -> float:
+def epoch_time(out: Path) -> float:
     """The last epoch's training time: earlier epochs pay worker start-up and autotuning."""
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["train_time_s"]
 
@@ -177,7 +177,7 @@ def bench_distill(
             for name in names[round_index % 3 :] + names[: round_index % 3]:
                 out = root / f"{name}{round_index}"
                 runs[name](out)
-                times[name].append(_epoch_time(out))
+                times[name].append(epoch_time(out))
     ce, cache, online = (statistics.median(times[name]) for name in ("ce", "cache", "online"))
     saving = (teacher_s + student_s) / student_s
     return round_floats(

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from kdcache.choices import INPUT_FORMS
+from kdcache.choices import AMP_DTYPES, INPUT_FORMS
 from kdcache.cli.options import config_options
 from kdcache.config import DEVICE_HELP, ENCODING_LIST, SpeedOptions
 from kdcache.errors import ConfigError
@@ -21,16 +21,26 @@ from kdcache.options import Options, option
 
 @click.group()
 def bench() -> None:
-    """Measure the logit feed, the dump and distillation from the cache (see docs/benchmarks.md)."""
+    """Measure the logit feed, the dump and distillation from the cache, for images and (`lm`)
+    language models (see docs/benchmarks.md)."""
 
 
 @dataclass(frozen=True, kw_only=True)
-class BenchOptions(Options):
-    """Options every benchmark takes. The benchmarks time image models and datasets: a
-    language-model spec (``hf:...``, ``text:...``) is refused, naming its option."""
+class CommonBenchOptions(Options):
+    """Options every benchmark takes."""
 
     threads: int | None = option(None, help="Torch intra-op threads [default: all cores].")
     json: bool = option(False, help="Print one JSON object instead of a summary.")
+
+    def arguments(self) -> dict[str, Any]:
+        """The benchmark function's keyword arguments: every field but the output format."""
+        return {key: value for key, value in self.to_dict().items() if key != "json"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchOptions(CommonBenchOptions):
+    """Options of the image benchmarks: a language-model spec (``hf:...``, ``text:...``) is
+    refused, naming its option (``kdcache bench lm`` times language models)."""
 
     def __post_init__(self) -> None:
         from kdcache.lm.models import is_lm_model_spec
@@ -41,14 +51,11 @@ class BenchOptions(Options):
             if is_lm_model_spec(value) or is_text_spec(value):
                 default = next(f.default for f in dataclasses.fields(self) if f.name == name)
                 raise ConfigError(
-                    f"--{name} {value}: the bench commands time image models and datasets only; "
-                    f"pass an image spec such as {default}"
+                    f"--{name} {value}: this bench command times image models and datasets "
+                    f"only; pass an image spec such as {default}, or time a language model "
+                    "with `kdcache bench lm`"
                 )
         super().__post_init__()
-
-    def arguments(self) -> dict[str, Any]:
-        """The benchmark function's keyword arguments: every field but the output format."""
-        return {key: value for key, value in self.to_dict().items() if key != "json"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,6 +140,41 @@ class BenchInputsOptions(RoundOptions, BenchOptions):
     )
     batch_size: int = option(256, help="Samples per batch.")
     channels_last: bool = option(False, help="Lay the images out channels-last on the device.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchLMOptions(CommonBenchOptions):
+    teacher: str = option(help="Teacher language model, hf:PATH (random weights without any).")
+    student: str = option(help="Student language model, hf:PATH.")
+    dataset: str = option(help="Text the teacher and students run over, text:FILE[:MAX_LENGTH].")
+    batch_size: int = option(16, help="Sequences per forward pass and per step.")
+    encoding: str = option("topk:32", help="Encoding of the dumped store.")
+    epochs: int = option(2, help="Epochs per distillation run; the last one is timed.")
+    repeats: int = option(3, help="Interleaved rounds; medians are reported.")
+    device: str | None = option(None, help=DEVICE_HELP)
+    amp: str | None = option(
+        None, choices=tuple(AMP_DTYPES), help="Autocast of every forward (bare, dump and runs)."
+    )
+    feed_batches: int = option(50, help="Random batches the token feed is timed over.")
+
+    def __post_init__(self) -> None:
+        from kdcache.lm.models import is_lm_model_spec
+        from kdcache.lm.text import is_text_spec
+
+        for name in ("teacher", "student"):
+            value = getattr(self, name)
+            if not is_lm_model_spec(value):
+                raise ConfigError(
+                    f"--{name} {value}: `kdcache bench lm` times language models; pass "
+                    f"hf:PATH (a save_pretrained folder), or time an image model with "
+                    "`kdcache bench distill`"
+                )
+        if not is_text_spec(self.dataset):
+            raise ConfigError(
+                f"--dataset {self.dataset}: `kdcache bench lm` runs over text; pass "
+                "text:FILE[:MAX_LENGTH]"
+            )
+        super().__post_init__()
 
 
 def print_bench(result: dict[str, Any], as_json: bool) -> None:
@@ -292,3 +334,14 @@ def bench_inputs(**fields: Any) -> None:
     forms = options.forms
     chosen = None if forms is None else tuple(f.strip() for f in forms.split(",") if f.strip())
     print_bench(run(**options.arguments() | {"forms": chosen}), options.json)
+
+
+@bench.command("lm")
+@config_options(BenchLMOptions)
+def bench_lm(**fields: Any) -> None:
+    """A language model's dump tokens/s against the bare teacher forward, the token feed, and
+    distillation from the cache vs CE-only vs online (docs/benchmarks.md#language-models)."""
+    from kdcache.bench.lm import bench_lm as run
+
+    options = BenchLMOptions(**fields)
+    print_bench(run(**options.arguments()), options.json)

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# GPU figures for docs/benchmarks.md (language models): `kdcache bench lm` with a Llama-style teacher
+# of about 1.5 B parameters built from a config (random weights: speed does not depend on them), a
+# 128,000-token vocabulary (byte-level BPE trained here on the standard library's own source, padded
+# with reserved tokens to 128k), bf16 autocast, sequences of 1,024 tokens.
+# Measures, side by side in one run: the dump's tokens/s against the bare teacher forward, the token
+# feed's tokens/s, and an epoch distilled from the cache against CE-only and online distillation.
+#
+# Run from the repository root on a CUDA machine where kdcache and its [llm] extra are installed:
+#     OUT=/path/to/results bash pipelines/gpu_lm_bench.sh
+# Writes into $OUT: device.txt, models.txt (parameter counts), bench_lm_gpu_<encoding>.json for
+# each encoding in ENCODINGS. Not run yet (no GPU was lent to the task that wrote it, as
+# docs/benchmarks.md says); each step is capped at STEP_S seconds and a failed step does not stop
+# the others (the script exits non-zero at the end if any failed).
+# Overrides: PYTHON, DEVICE (cuda), AMP (bf16; "" for float32), VOCAB (128000), LAYERS (16),
+# HIDDEN (2048), FFN (8192), HEADS (16), KV_HEADS (8), STUDENT_LAYERS (4), STUDENT_HIDDEN (1024),
+# MAX_LEN (1024), EVERY (keep every EVERY-th stdlib document, 200: about 50k tokens), BATCH (8
+# sequences), EPOCHS (2), REPEATS (3), ENCODINGS ("topk:32 sampled:16"), STEP_S (540).
+# A CPU smoke test of the whole script (tiny models and text, about 3 minutes on 2 cores):
+#     DEVICE=cpu AMP= VOCAB=2000 LAYERS=1 HIDDEN=64 FFN=128 HEADS=2 KV_HEADS=1 STUDENT_LAYERS=1 \
+#         STUDENT_HIDDEN=32 MAX_LEN=64 EVERY=400 BATCH=4 EPOCHS=1 REPEATS=1 ENCODINGS=topk:8 \
+#         OUT=/tmp/gpu-lm-smoke bash pipelines/gpu_lm_bench.sh
+set -uo pipefail
+
+OUT=${OUT:-gpu-lm-bench-out}
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+AMP=${AMP-bf16}
+VOCAB=${VOCAB:-128000}
+LAYERS=${LAYERS:-16}
+HIDDEN=${HIDDEN:-2048}
+FFN=${FFN:-8192}
+HEADS=${HEADS:-16}
+KV_HEADS=${KV_HEADS:-8}
+STUDENT_LAYERS=${STUDENT_LAYERS:-4}
+STUDENT_HIDDEN=${STUDENT_HIDDEN:-1024}
+MAX_LEN=${MAX_LEN:-1024}
+EVERY=${EVERY:-200}
+BATCH=${BATCH:-8}
+EPOCHS=${EPOCHS:-2}
+REPEATS=${REPEATS:-3}
+ENCODINGS=${ENCODINGS:-topk:32 sampled:16}
+STEP_S=${STEP_S:-540}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+failed=0
+step() {  # step NAME SECONDS OUTFILE COMMAND...: run one capped step, keep going on failure
+    local name=$1 seconds=$2 out=$3; shift 3
+    local started=$SECONDS
+    if timeout "$seconds" "$@" > "$out"; then
+        echo "gpu_lm_bench.sh: $name done in $(( SECONDS - started )) s" >&2
+    else
+        echo "gpu_lm_bench.sh: $name FAILED (status $?, after $(( SECONDS - started )) s)" >&2
+        failed=1
+    fi
+}
+
+"$PYTHON" - "$DEVICE" <<'PY' | tee "$OUT/device.txt"
+import sys, torch, transformers
+device = sys.argv[1]
+if device.startswith("cuda") and not torch.cuda.is_available():
+    sys.exit("gpu_lm_bench.sh: CUDA is not available to this python; install a CUDA build of torch")
+name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
+print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {name}")
+PY
+
+# The text, the tokenizer and the two configs (no weights: kdcache draws them at load time).
+"$PYTHON" - "$OUT" "$VOCAB" "$LAYERS" "$HIDDEN" "$FFN" "$HEADS" "$KV_HEADS" \
+    "$STUDENT_LAYERS" "$STUDENT_HIDDEN" "$MAX_LEN" "$EVERY" <<'PY' | tee "$OUT/models.txt"
+import json, sys
+from pathlib import Path
+sys.path.insert(0, "pipelines")
+from lm_stdlib import stdlib_documents, train_tokenizer
+from transformers import LlamaConfig
+
+out = Path(sys.argv[1])
+vocab, layers, hidden, ffn, heads, kv, s_layers, s_hidden, max_len, every = map(int, sys.argv[2:])
+documents = stdlib_documents(4 * max_len)
+with (out / "text.jsonl").open("w") as stream:
+    for text in documents[::every]:
+        stream.write(json.dumps({"text": text}) + "\n")
+tokenizer, learned = train_tokenizer(documents, vocab)
+
+
+def write(folder, layers, hidden, ffn, heads, kv):
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+        max_position_embeddings=max_len, tie_word_embeddings=False, torch_dtype="bfloat16",
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    config.save_pretrained(out / folder)
+    tokenizer.save_pretrained(out / folder)
+    per_layer = 2 * hidden * hidden + 2 * hidden * (hidden * kv // heads) + 3 * hidden * ffn
+    params = 2 * len(tokenizer) * hidden + layers * per_layer
+    print(f"{folder}: {params / 1e9:.2f} B parameters, vocabulary {len(tokenizer)} "
+          f"({learned} learned BPE tokens), {layers} layers x {hidden}")
+
+
+write("teacher", layers, hidden, ffn, heads, kv)
+write("student", s_layers, s_hidden, 4 * s_hidden, max(1, s_hidden // 128), max(1, s_hidden // 256))
+PY
+
+amp_option=()
+if [ -n "$AMP" ]; then amp_option=(--amp "$AMP"); fi
+for encoding in $ENCODINGS; do
+    step "bench lm $encoding" "$STEP_S" "$OUT/bench_lm_gpu_${encoding/:/}.json" \
+        "$PYTHON" -m kdcache bench lm --teacher "hf:$OUT/teacher" --student "hf:$OUT/student" \
+        --dataset "text:$OUT/text.jsonl:$MAX_LEN" --encoding "$encoding" --batch-size "$BATCH" \
+        --epochs "$EPOCHS" --repeats "$REPEATS" --device "$DEVICE" "${amp_option[@]}" --json
+done
+exit $failed
