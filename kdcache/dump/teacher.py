@@ -36,6 +36,7 @@ from kdcache.models import (
     check_input_fits,
     weights_sha256,
 )
+from kdcache.options import IMAGE, refuse_foreign_options
 from kdcache.progress import progress
 from kdcache.runtime import autocast, prepare_model
 from kdcache.store.format.layout import store_nbytes
@@ -130,6 +131,7 @@ def dump_teacher(config: DumpConfig) -> DumpResult:
     Under torchrun every rank runs this with the same config and writes its own chunks
     (kdcache.distributed); rank 0 creates and finalizes the store.
     """
+    refuse_foreign_options(config, IMAGE)
     teacher, dataset = resolve_specs(
         config.weights,
         model=config.teacher,
