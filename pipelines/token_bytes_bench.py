@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import zarr
 from numcodecs import Zstd
 
 from kdcache.logits.encodings import parse_encoding
@@ -79,6 +80,7 @@ def plain_zstd_bytes(store: Path, names: list[str]) -> int:
     total = 0
     for name in names:
         array = reader.group[name]
+        assert isinstance(array, zarr.Array)
         rows = array.chunks[0]
         for start in range(0, array.shape[0], rows):
             total += len(zstd.encode(np.ascontiguousarray(array[start : start + rows])))
