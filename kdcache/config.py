@@ -471,6 +471,13 @@ class DumpConfig(SpeedOptions):
     )
     num_workers: int = option(0, bounds=DATA_WORKERS, help="DataLoader worker processes.")
     device: str | None = option(None, help=DEVICE_HELP)
+    device_map: str | None = option(
+        None,
+        only=LM,
+        help="Shard an hf:PATH teacher across the local devices with Transformers' own "
+        "device_map (auto, balanced, sequential, or one device such as cuda:1) [default: "
+        "the whole teacher on --device].",
+    )
     chunk_rows: int | None = option(
         None, help="Rows per Zarr chunk [default: about 1 MiB per chunk]."
     )

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 from narrowing import kdcache_record, stored, zarr_array
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache.store.format.digests import DIGESTS_ARRAY, chunk_digests
+from kdcache.store.format.pinning import array_spec
 
 
 def as_previous_release(path: Path, **record_changes) -> None:
@@ -35,4 +37,34 @@ def as_previous_release(path: Path, **record_changes) -> None:
         start, stop = chunk * rows, min((chunk + 1) * rows, num_rows)
         values = {name: np.asarray(zarr_array(group, name)[start:stop]) for name in names}
         table[chunk] = chunk_digests(record["generation"], names, chunk, values)
+    group.attrs["kdcache"] = record
+
+
+def with_plain_arrays(path: Path) -> None:
+    """Rewrite the arrays the store codes with kdcache.packed_ints as releases before that codec
+    stored them (plain bytes, zstd level 1, crc32c), chunk by written chunk, pinning their new
+    zarr metadata in the record; follow with :func:`as_previous_release`."""
+    group = zarr.open_group(str(path), mode="r+")
+    record = kdcache_record(group)
+    rows = record["chunk_rows"]
+    num_rows = record["num_samples"] * record.get("views", 1)
+    written = np.flatnonzero(stored(group, "chunk_written"))
+    for name in record["digests"]["arrays"]:
+        old = zarr_array(group, name)
+        if array_spec(old)["codecs"][0].get("name") != "kdcache.packed_ints":
+            continue
+        values = np.asarray(old[:])
+        del group[name]
+        new = group.create_array(
+            name,
+            shape=values.shape,
+            chunks=old.chunks,
+            dtype=values.dtype,
+            fill_value=0,
+            compressors=[ZstdCodec(level=1), Crc32cCodec()],
+        )
+        for chunk in map(int, written):
+            start, stop = chunk * rows, min((chunk + 1) * rows, num_rows)
+            new[start:stop] = values[start:stop]
+        record["arrays"] = {**record["arrays"], name: array_spec(new)}
     group.attrs["kdcache"] = record

@@ -28,6 +28,7 @@ from kdcache.lm.text import TokenBatch, TokenDataset, build_text_dataset, collat
 from kdcache.runtime import autocast, prepare_model
 from kdcache.store.format.layout import store_nbytes
 from kdcache.store.format.location import parse_location
+from kdcache.store.format.metadata import StoreMetadata
 from kdcache.store.ranks.partition import SequencePlan
 from kdcache.store.read.reader import open_store
 from kdcache.store.sequence import SequenceWriter, create_sequence_store, sequence_offsets
@@ -125,11 +126,12 @@ def dump_lm(config: DumpConfig) -> LMDumpResult:
     """Run ``config.teacher`` (``hf:PATH`` or ``module:function``) over ``config.dataset``
     (``text:FILE``) and write its logits, one row per token, to ``config.out``.
 
-    Batches are padded on the right to the dataset's max length; logits are taken in float32
-    from the model's output over the full vocabulary (under ``--amp`` the forward autocasts and
-    the logits are upcast), and any encoding (top-k, sampling) works from those, so its tail
-    statistics and draws see every token. ``--resume`` recomputes only the batches that hold an
-    unwritten chunk, with any number of ranks.
+    Batches are padded on the right to the dataset's max length; the teacher runs in its
+    weights' own dtype (and under ``--amp`` autocasts), and each batch's logits are upcast to
+    float32 over the full vocabulary (a padded head's extra columns dropped) before any encoding
+    (top-k, sampling) works from them, so its tail statistics and draws see every token.
+    ``--resume`` recomputes only the batches that hold an unwritten chunk, with any number of
+    ranks.
     """
     _refuse_image_options(config)
     if config.dataset is None:
@@ -138,25 +140,43 @@ def dump_lm(config: DumpConfig) -> LMDumpResult:
         return _dump_lm(config, session)
 
 
-def _as_recorded(record: dict[str, Any], out: str) -> dict[str, Any]:
-    """The dataset record of the interrupted dump at ``out`` (or of its interrupted replacement)
-    when it holds the same text as ``record`` under another spelling of the path: a resume
-    matches the text by its content fingerprint, and stores that recorded the path as typed
-    (relative) resume from any folder."""
+def _interrupted(out: str) -> list[StoreMetadata]:
+    """The records of the unfinished stores a ``--resume`` of ``out`` may continue: the store
+    at ``out`` and the replacement an interrupted ``--overwrite`` was building beside it."""
     location = parse_location(out).resolved()
     candidates = [location]
     if location.folder is not None:
         candidates.append(staging_location(location))
-    same = {key: value for key, value in record.items() if key != "spec"}
+    found = []
     for candidate in candidates:
         try:
             metadata = open_store(candidate, allow_incomplete=True).metadata
         except KdcacheError:
             continue  # nothing to resume there; create_store says so if it matters
+        if not metadata.complete:
+            found.append(metadata)
+    return found
+
+
+def _as_recorded(record: dict[str, Any], out: str) -> dict[str, Any]:
+    """The dataset record of the interrupted dump at ``out`` (or of its interrupted replacement)
+    when it holds the same text as ``record`` under another spelling of the path: a resume
+    matches the text by its content fingerprint, and stores that recorded the path as typed
+    (relative) resume from any folder."""
+    same = {key: value for key, value in record.items() if key != "spec"}
+    for metadata in _interrupted(out):
         earlier = metadata.dataset or {}
-        if not metadata.complete and {k: v for k, v in earlier.items() if k != "spec"} == same:
+        if {k: v for k, v in earlier.items() if k != "spec"} == same:
             return earlier
     return record
+
+
+def _resumed_in_float32(out: str) -> bool:
+    """Whether the dump to resume at ``out`` ran its teacher in float32 without recording a
+    dtype (stores of earlier releases cast every teacher to float32): its missing rows must be
+    computed the same way."""
+    teachers = [metadata.teacher for metadata in _interrupted(out)]
+    return any(isinstance(teacher, dict) and "dtype" not in teacher for teacher in teachers)
 
 
 def _dump_lm(config: DumpConfig, session: RankSession) -> LMDumpResult:
@@ -165,11 +185,18 @@ def _dump_lm(config: DumpConfig, session: RankSession) -> LMDumpResult:
     assert config.dataset is not None
     started = time.perf_counter()
     device = session.device
-    teacher = load_causal_lm(config.teacher, device=device)
+    teacher = load_causal_lm(config.teacher, device=device, device_map=config.device_map)
+    legacy_float32 = config.resume and _resumed_in_float32(config.out)
+    if legacy_float32:
+        teacher = dataclasses.replace(teacher, model=teacher.model.float())
     teacher.model.eval().requires_grad_(False)
-    _, forward = prepare_model(
-        teacher.model, device=device, channels_last=False, compile=config.compile
-    )
+    if config.device_map is None:
+        _, forward = prepare_model(
+            teacher.model, device=device, channels_last=False, compile=config.compile
+        )
+    else:  # Transformers placed the layers; moving the model would undo it
+        compiled = torch.compile(teacher.model) if config.compile else teacher.model
+        forward = compiled  # type: ignore[assignment]
     dataset = build_text_dataset(
         config.dataset,
         split=config.split,
@@ -210,6 +237,11 @@ def _dump_lm(config: DumpConfig, session: RankSession) -> LMDumpResult:
             "batch_size": config.batch_size,
             # As for images: autocast logits differ from float32 ones by about bf16/fp16 rounding.
             **({"amp": config.amp} if config.amp else {}),
+            # The weights' own dtype (bf16 rows differ from float32 ones likewise); absent from
+            # stores of releases that ran every teacher in float32.
+            **({} if legacy_float32 else {"dtype": teacher.dtype}),
+            # Where the rows came from when the head is padded beyond the tokenizer.
+            **({"head_size": teacher.head_size} if teacher.head_size != teacher.vocab_size else {}),
         },
         dataset=record,
         overwrite=config.overwrite,

@@ -8,6 +8,11 @@ student starts from scratch. Nothing is ever downloaded.
 ``package.module:function`` is called with no arguments (after seeding) and returns
 ``(model, tokenizer)``: a module taking ``input_ids`` and ``attention_mask`` that returns logits
 (B, L, V) or an object with ``.logits``, and a Hugging Face tokenizer.
+
+Weights stay in the dtype they come in (a bf16 checkpoint runs in bf16: no float32 copy of a
+large teacher); only the logits are upcast to float32. A head wider than the tokenizer's
+vocabulary (rows padded for speed, as Qwen2.5's 152,064 for 151,665 tokens) has its padded
+columns dropped: ``CausalLM.vocab_size`` is the tokenizer's vocabulary then.
 """
 
 from __future__ import annotations
@@ -34,26 +39,59 @@ LM_SPEC_FORMS = "hf:PATH (a save_pretrained folder) or package.module:function"
 
 @dataclass
 class CausalLM:
-    """A loaded model with its tokenizer; ``vocab_size`` is the width of its logits."""
+    """A loaded model with its tokenizer.
+
+    ``vocab_size`` is the width of the logits :meth:`logits` gives: the model's output width
+    (``head_size``), or the tokenizer's vocabulary when the head is padded beyond it.
+    ``dtype`` is the weights' own (``"bfloat16"``, ``"float32"``, ...).
+    """
 
     spec: str
     model: nn.Module
     tokenizer: Any
     vocab_size: int
     weights_sha256: str | None
+    head_size: int = 0
+    dtype: str = "float32"
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Float32 logits (B, L, V) taken from the model's output, whatever its dtype."""
-        return lm_logits(self.model, input_ids, attention_mask)
+        """Float32 logits (B, L, vocab_size) from the model's output, whatever its dtype."""
+        return lm_logits(self.model, input_ids, attention_mask, width=self.vocab_size)
 
 
 def lm_logits(
-    module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    module: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    width: int | None = None,
 ) -> torch.Tensor:
-    """Float32 logits (B, L, V) of a causal LM ``module`` (or its compiled or DDP wrapper)."""
+    """Float32 logits (B, L, V) of a causal LM ``module`` (or its compiled or DDP wrapper),
+    cut to the first ``width`` columns when given (a padded head's extra rows dropped before
+    the upcast, so no float32 copy of them is made)."""
     output = module(input_ids=input_ids, attention_mask=attention_mask)
     logits = output if isinstance(output, torch.Tensor) else output.logits
+    if width is not None and width < logits.shape[-1]:
+        logits = logits[..., :width]
     return logits.float()
+
+
+def true_vocab_size(head_size: int, tokenizer: Any) -> int:
+    """The logits' width worth keeping: the tokenizer's vocabulary when the head is padded
+    beyond it, else the head's width (a tokenizer larger than the head is refused elsewhere)."""
+    try:
+        tokens = len(tokenizer)
+    except TypeError:
+        return head_size
+    return tokens if 0 < tokens < head_size else head_size
+
+
+def weights_dtype(model: nn.Module) -> str:
+    """The dtype of the model's first floating parameter, as torch names it without ``torch.``."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return str(parameter.dtype).removeprefix("torch.")
+    return "float32"
 
 
 def pad_id(lm: CausalLM) -> int:
@@ -84,19 +122,36 @@ def weights_digest(files: list[Path]) -> str | None:
     return digest.hexdigest()
 
 
-def load_causal_lm(spec: str, *, seed: int = 0, device: torch.device | None = None) -> CausalLM:
-    """Load the model and tokenizer named by ``spec`` (see the module docstring), in float32."""
+def load_causal_lm(
+    spec: str,
+    *,
+    seed: int = 0,
+    device: torch.device | None = None,
+    device_map: str | dict[str, Any] | None = None,
+) -> CausalLM:
+    """Load the model and tokenizer named by ``spec`` (see the module docstring), its weights in
+    their own dtype.
+
+    ``device_map`` (``"auto"``, ``"balanced"``, a dict of module names to devices, ...) is given
+    to Transformers' ``from_pretrained``, which places the layers across the local devices (a
+    teacher too large for one); the model is then left where it put it, and ``device`` only
+    says where the inputs start. It needs an ``hf:PATH`` with weights.
+    """
     kind, sep, arg = spec.partition(":")
     torch.manual_seed(seed)
     if kind == "hf" and sep:
-        model, tokenizer, digest = _load_hf(Path(arg), spec)
+        model, tokenizer, digest = _load_hf(Path(arg), spec, device_map=device_map)
     elif sep and kind and arg and "/" not in kind:
+        if device_map is not None:
+            raise SpecError(
+                f"--device-map needs an hf:PATH teacher with weights, got {spec}; drop "
+                "--device-map or save the model with save_pretrained()"
+            )
         model, tokenizer = _load_function(kind, arg, spec)
         digest = None
     else:
         raise SpecError(f"unknown language-model spec {spec!r}; use {LM_SPEC_FORMS}")
-    model = model.float()
-    if device is not None:
+    if device is not None and device_map is None:
         model = model.to(device)
     probe = torch.zeros(1, 2, dtype=torch.long, device=device)
     with torch.no_grad():
@@ -105,10 +160,21 @@ def load_causal_lm(spec: str, *, seed: int = 0, device: torch.device | None = No
         output = model(input_ids=probe, attention_mask=torch.ones_like(probe))
         model.train(was_training)
     logits = output if isinstance(output, torch.Tensor) else output.logits
-    return CausalLM(spec, model, tokenizer, int(logits.shape[-1]), digest)
+    head_size = int(logits.shape[-1])
+    return CausalLM(
+        spec,
+        model,
+        tokenizer,
+        true_vocab_size(head_size, tokenizer),
+        digest,
+        head_size=head_size,
+        dtype=weights_dtype(model),
+    )
 
 
-def _load_hf(path: Path, spec: str) -> tuple[nn.Module, Any, str | None]:
+def _load_hf(
+    path: Path, spec: str, *, device_map: str | dict[str, Any] | None = None
+) -> tuple[nn.Module, Any, str | None]:
     if not (path / "config.json").is_file():
         raise SpecError(
             f"{spec}: {path} is not a save_pretrained folder (no config.json there); pass a folder "
@@ -125,9 +191,14 @@ def _load_hf(path: Path, spec: str) -> tuple[nn.Module, Any, str | None]:
             "there with tokenizer.save_pretrained()"
         ) from None
     files = _weight_files(path)
+    if device_map is not None and not files:
+        raise SpecError(
+            f"--device-map places a checkpoint's weights, but {path} holds none (config.json "
+            "only: a model with random weights); drop --device-map"
+        )
     try:
         if files:
-            # In the checkpoint's own dtype; load_causal_lm casts to float32 (exact from bf16/fp16).
+            # dtype="auto": the checkpoint's own dtype, so a bf16 teacher takes half the memory.
             # weights_only: a pytorch_model.bin is unpickled by torch's tensors-only unpickler, so
             # a pickle that names any other callable is refused before anything of it runs.
             # Mismatched shapes are loaded aside (ignore_mismatched_sizes) and refused below,
@@ -138,10 +209,14 @@ def _load_hf(path: Path, spec: str) -> tuple[nn.Module, Any, str | None]:
                 weights_only=True,
                 output_loading_info=True,
                 ignore_mismatched_sizes=True,
+                dtype="auto",
+                **({"device_map": device_map} if device_map is not None else {}),
             )
         else:
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-            model = transformers.AutoModelForCausalLM.from_config(config)
+            # Random weights are drawn in float32 whatever config.json's dtype says: a model
+            # trained from scratch keeps float32 masters (--amp gives the half-precision speed).
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             loading = {}
     except pickle.UnpicklingError as error:
         pickled = [file.name for file in files if file.suffix == ".bin"]

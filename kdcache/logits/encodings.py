@@ -39,6 +39,9 @@ class Encoding(ABC):
     name: str
     #: True when :meth:`sparse` gives the rows without a dense (B, C) tensor.
     is_sparse: bool = False
+    #: Arrays of the layout whose rows are few small integers (ids, counts) or sorted offsets:
+    #: the store codes them losslessly in about the bits they need (kdcache.packed_ints).
+    packed_arrays: tuple[str, ...] = ()
 
     @abstractmethod
     def layout(self, num_classes: int) -> Layout:
@@ -201,6 +204,7 @@ class TopKEncoding(Encoding):
     """
 
     is_sparse = True
+    packed_arrays = ("topk_indices", "topk_offsets")
 
     def __init__(self, k: int, *, num_classes: int | None = None) -> None:
         self.k = k
@@ -275,6 +279,8 @@ class SampledEncoding(Encoding):
     :mod:`kdcache.logits.sampled`) rather than its best approximation row by row: ``decode`` gives
     log(count / S) to the drawn classes and a floor 30 nats lower to the others.
     """
+
+    packed_arrays = ("sample_indices", "sample_counts")
 
     def __init__(self, num_draws: int, *, num_classes: int | None = None) -> None:
         self.num_draws = num_draws

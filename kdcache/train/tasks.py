@@ -317,7 +317,9 @@ class TokenTask(Task):
         return _Reiterable(lambda: (batch.to(device) for batch in loader)), len(loader)
 
     def forward(self, module: nn.Module, batch: TokenBatch) -> torch.Tensor:
-        return lm_logits(module, batch.input_ids, batch.attention_mask)
+        return lm_logits(
+            module, batch.input_ids, batch.attention_mask, width=self.student.vocab_size
+        )
 
     def weight(self, batch: TokenBatch) -> int:
         return int(batch.mask.sum())

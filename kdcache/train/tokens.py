@@ -7,6 +7,7 @@ record or the options), checks a store against the student, and writes ``config.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from kdcache._version import __version__
@@ -92,11 +93,7 @@ def check_lm_store(
             + "; ".join(tokenizer)
             + "; give the student the teacher's tokenizer"
         )
-    if student.vocab_size != store.vocab_size:
-        raise StoreMismatchError(
-            f"student {student.spec} predicts {student.vocab_size} tokens but {store.where} holds "
-            f"{store.vocab_size}; size the student's output (vocab_size) to the teacher's"
-        )
+    fitted_to(student, store.vocab_size, store.where)
     differences = compare_lm_fingerprints(recorded, actual)
     if differences and recorded_text:
         path, _ = parse_text_spec(dataset.spec)
@@ -132,6 +129,21 @@ def _stored_data(config: DistillConfig, store: SequenceReader) -> tuple[str, boo
             "dump again with --train-on all"
         )
     return train_on, pack, stored_on, stored_pack
+
+
+def fitted_to(student: CausalLM, vocab_size: int, teacher: str) -> CausalLM:
+    """``student`` with its logits cut to the teacher's ``vocab_size`` columns.
+
+    Teacher and student share a tokenizer (checked before) but their heads may be padded
+    differently beyond it (a teacher's padded columns are dropped at dump time): any head that
+    covers the tokenizer and the teacher's columns distills from the same first ``vocab_size``
+    columns. A head narrower than that is refused in one line."""
+    if not student.vocab_size <= vocab_size <= student.head_size:
+        raise StoreMismatchError(
+            f"student {student.spec} predicts {student.vocab_size} tokens but {teacher} holds "
+            f"{vocab_size}; size the student's output (vocab_size) to the teacher's"
+        )
+    return dataclasses.replace(student, vocab_size=vocab_size)
 
 
 def _from_store(
@@ -199,6 +211,7 @@ def _from_live_teacher(
         pack=config.pack,
     )
     check_dataset_fits(teacher, train_set)
+    fitted_to(student, teacher.vocab_size, f"teacher {teacher.spec}")
     resolved["teacher_weights_sha256"] = teacher.weights_sha256
     return LiveTokens(teacher, amp=config.amp), train_set
 
@@ -214,8 +227,11 @@ def distill_tokens(
     if config.cache is not None:
         store = store or open_sequence_store(config.cache, memory_budget=config.cache_memory)
         teacher, train_set = _from_store(config, store, student, resolved)
+        student = fitted_to(student, store.vocab_size, store.where)
     else:
         teacher, train_set = _from_live_teacher(config, session, student, resolved)
+        assert isinstance(teacher, LiveTokens)
+        student = fitted_to(student, teacher.teacher.vocab_size, config.teacher or "")
     resolved.update(
         dataset=train_set.spec,
         split=train_set.split,

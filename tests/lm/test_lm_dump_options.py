@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import lm_teachers
+import numpy as np
 import pytest
+import torch
 from conftest import assert_one_line_error, run_cli
 from lm_fixtures import lm_files_fixture  # noqa: F401  (provides the lm_files fixture)
 
@@ -176,6 +178,20 @@ def check_train_on(dump: Dump) -> None:
     assert "data" not in dump.store().metadata.dataset["fingerprint"]
 
 
+def check_device_map(dump: Dump) -> None:
+    # Transformers places the layers (here all on the CPU, the one device there is): the rows
+    # are the unsharded teacher's, bit for bit. A module:function teacher cannot be placed.
+    teacher = f"hf:{lm_teachers.FOLDER}"
+    sharded = str(dump.folder / "sharded.zarr")
+    dump(teacher=teacher, device_map="auto", out=sharded, encoding="float32")
+    dump(teacher=teacher, encoding="float32")
+    whole, placed = dump.store(), dump.store(sharded)
+    samples = np.arange(whole.num_sequences)
+    assert torch.equal(placed.read(samples), whole.read(samples))
+    with pytest.raises(KdcacheError, match="--device-map needs an hf:PATH"):
+        dump(device_map="auto", out=str(dump.folder / "refused.zarr"))
+
+
 HONOURED: dict[str, Callable[..., None]] = {
     "teacher": check_teacher,
     "dataset": check_dataset,
@@ -194,6 +210,7 @@ HONOURED: dict[str, Callable[..., None]] = {
     "compile": check_compile,
     "pack": check_pack,
     "train_on": check_train_on,
+    "device_map": check_device_map,
 }
 
 #: Options that mean nothing for a language model, with a value that asks for them.

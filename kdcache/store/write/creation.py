@@ -35,6 +35,7 @@ from kdcache.store.format.layout import (
 )
 from kdcache.store.format.location import StoreLocation, zarr_store
 from kdcache.store.format.metadata import ATTRIBUTE_KEY, StoreMetadata
+from kdcache.store.format.packed_ints import PackedIntsCodec
 from kdcache.store.format.pinning import array_spec
 from kdcache.store.format.schema import MAX_CLASSES, MAX_SAMPLES
 from kdcache.store.write.swap import refuse_foreign_entries, remove_store_folder
@@ -264,6 +265,7 @@ def create_arrays(
             chunks=(rows, *shape),
             dtype=dtype,
             fill_value=0,
+            serializer=PackedIntsCodec() if name in codec.packed_arrays else "auto",
             compressors=_compressors(),
         )
     whole: dict[str, np.ndarray] = {}
