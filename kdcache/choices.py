@@ -17,3 +17,6 @@ AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 #: Views per sample a store may hold (FKD keeps a few hundred crops per image): the most
 #: ``--views`` takes, and the most a store's record may say.
 MAX_VIEWS = 1 << 16
+#: How an ensemble's teachers combine (``merge --mode``, ``distill --teacher-mix``): the mean of
+#: their logits, or the mixture of their softmaxes at a temperature (kdcache.logits.ensemble).
+ENSEMBLE_MODES = ("mean", "mixture")
