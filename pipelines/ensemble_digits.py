@@ -132,8 +132,8 @@ def main() -> None:
             "train_store_acc": store_accuracy(out / f"ensemble-{merge}-train.zarr"),
         }
     print("\n| teacher | test acc. (%) | train acc. (%) |\n|---|---|---|")
-    for name, scores in teachers.items():
-        print(f"| {name} | {scores['val_acc']:.2f} | {scores['train_store_acc']:.2f} |")
+    for name, accuracy in teachers.items():
+        print(f"| {name} | {accuracy['val_acc']:.2f} | {accuracy['train_store_acc']:.2f} |")
     print("\n| student `mlp:32` | final test acc. (%) | seeds 0 / 1 / 2 |\n|---|---|---|")
     for condition, scores in results.items():
         spread = statistics.stdev(scores) if len(scores) > 1 else 0.0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,12 @@ def write_store(path: Path, logits: np.ndarray, encoding: str) -> Path:
     return path
 
 
+def disk_bytes(path: Path) -> int:
+    nbytes = parse_location(path).nbytes()
+    assert nbytes is not None  # a local folder
+    return nbytes
+
+
 def mean_kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
     return float((p_log.exp() * (p_log - q_log)).sum(dim=1).mean())
 
@@ -100,7 +107,7 @@ def main() -> None:
             write_store(args.out / f"teacher{i}-top{k}.zarr", rows, f"topk:{k}")
             for i, rows in enumerate(logits)
         ]
-        input_bytes = np.mean([parse_location(path).nbytes() for path in inputs])
+        input_bytes = statistics.mean(disk_bytes(path) for path in inputs)
         for temperature in (1.0, 4.0):
             stores = mixture_log_probs(
                 [read_log_probs(p, temperature, args.samples) for p in inputs]
@@ -116,7 +123,7 @@ def main() -> None:
                 ]  # fmt: skip
                 subprocess.run(command, check=True, capture_output=True, text=True)
                 merged = read_log_probs(out, temperature, args.samples)
-                ratio = parse_location(out).nbytes() / input_bytes
+                ratio = disk_bytes(out) / input_bytes
                 print(
                     f"| topk:{k} x 3 | {temperature:g} | {kept} | {mean_kl(stores, merged):.3g} "
                     f"| {mean_kl(dense, merged):.3g} | {ratio:.2f}x |",
