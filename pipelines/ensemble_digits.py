@@ -1,20 +1,19 @@
-"""Ensemble distillation on digits: three teachers, one student per store, per merge and per
-multi-store run, three seeds each.
+"""Ensemble distillation on digits: three teachers, one student per store, per merged store and
+for the multi-store run, three seeds each.
 
-Every step is a `kdcache` command (run as `python -m kdcache`); only the summary reads the run
-folders and stores, through the public API. Steps whose output exists are skipped, so an
-interrupted run continues where it stopped.
+Every step calls kdcache's public Python API (`train`, `dump_teacher`, `merge_stores`,
+`distill`), in one process; each step's command-line equivalent is printed as it runs. Steps
+whose output exists are skipped, so an interrupted run continues where it stopped.
 
 1. Train three teachers of different architectures and seeds (cross-entropy, 15 epochs).
 2. Dump each one's logits over the training split (float32) and, to score the ensemble itself,
    over the test split.
 3. Merge the three stores: the mean of the logits (float32) and the mixture at T = 4.
-4. Distill `mlp:32` (20 epochs, lr 3e-3, kd, T = 4, alpha = 0.7; the setting of
-   docs/results.md) from each teacher's store, from each merged store and from the three
-   stores at once (`distill --cache a --cache b --cache c`, mean and mixture), plus the
-   cross-entropy-only student, for seeds 0, 1 and 2.
-5. Print a Markdown table of final test accuracies (mean ± std over seeds) and write
-   ``summary.json``.
+4. Distill `mlp:32` (20 epochs, lr 3e-3, kd, T = 4, alpha = 0.7: the setting of
+   docs/results.md) from each teacher's store, from each merged store and from the three stores
+   at once (`distill --cache a --cache b --cache c`, mean), for seeds 0, 1 and 2.
+5. Print Markdown tables of the teachers' and students' test accuracies (mean ± std over seeds)
+   and write ``summary.json``.
 
 Run from the repository root: ``PYTHONPATH=. python pipelines/ensemble_digits.py --out DIR``.
 """
@@ -24,31 +23,39 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from kdcache import open_store
+from kdcache import (
+    DistillConfig,
+    DumpConfig,
+    TrainConfig,
+    distill,
+    dump_teacher,
+    merge_stores,
+    open_store,
+    train,
+)
 
-TEACHERS = {"cnn-s0": ("cnn", 0), "cnn16-s1": ("cnn:16", 1), "mlp256-s2": ("mlp:256", 2)}
-STUDENT = ("--student", "mlp:32", "--epochs", "20", "--lr", "3e-3", "--loss", "kd")
-KD = ("--temperature", "4", "--alpha", "0.7")
+TEACHERS = {"cnn-s0": ("cnn", 0), "cnn8-s1": ("cnn:8", 1), "mlp256-s2": ("mlp:256", 2)}
+STUDENT: dict[str, Any] = dict(
+    student="mlp:32", epochs=20, lr=3e-3, loss="kd", temperature=4.0, alpha=0.7
+)
 SEEDS = (0, 1, 2)
 
 
-def kdcache(*args: str) -> None:
+def once(target: Path, command: str, step: Callable[..., Any], *args: Any, **options: Any) -> None:
+    """Run ``step(*args, **options)`` (whose command line is ``command``) unless ``target``
+    already exists."""
+    if target.exists():
+        return
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "kdcache", "-q", *args], check=True)
-    print(f"  {time.perf_counter() - started:6.1f}s kdcache {' '.join(args)}", flush=True)
-
-
-def once(target: Path, *args: str) -> None:
-    """Run the command unless ``target`` (a run's last.pt or a store) already exists."""
-    if not target.exists():
-        kdcache(*args)
+    step(*args, **options)
+    print(f"  {time.perf_counter() - started:6.1f}s {command}", flush=True)
 
 
 def final_accuracy(run: Path) -> float:
@@ -70,53 +77,70 @@ def main() -> None:
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    device = ("--device", args.device)
     for name, (model, seed) in TEACHERS.items():
+        run = out / name
         once(
-            out / name / "last.pt",
-            "train", "--model", model, "--dataset", "digits", "--epochs", "15", "--seed",
-            str(seed), "--out", str(out / name), "--overwrite", *device,
+            run / "last.pt",
+            f"kdcache train --model {model} --epochs 15 --seed {seed} --out {run}",
+            train,
+            TrainConfig(
+                model=model, epochs=15, seed=seed, out=str(run), overwrite=True,
+                device=args.device,
+            ),
         )  # fmt: skip
         for split in ("train", "test"):
+            store = out / f"{name}-{split}.zarr"
             once(
-                out / f"{name}-{split}.zarr",
-                "dump-teacher", "--teacher", model, "--weights", str(out / name / "best.pt"),
-                "--dataset", "digits", "--split", split, "--encoding", "float32",
-                "--out", str(out / f"{name}-{split}.zarr"), *device,
+                store,
+                f"kdcache dump-teacher --teacher {model} --weights {run}/best.pt --split {split} "
+                f"--encoding float32 --out {store}",
+                dump_teacher,
+                DumpConfig(
+                    teacher=model, weights=str(run / "best.pt"), dataset="digits",
+                    split=split, encoding="float32", out=str(store), device=args.device,
+                ),
             )  # fmt: skip
-    merges = {"mean": ("--mode", "mean"), "mixture-T4": ("--mode", "mixture", "--temperature", "4")}
+    merges: dict[str, dict[str, Any]] = {
+        "mean": {"mode": "mean"},
+        "mixture-T4": {"mode": "mixture", "temperature": 4.0},
+    }
     for split in ("train", "test"):
-        stores = [str(out / f"{name}-{split}.zarr") for name in TEACHERS]
+        stores = [out / f"{name}-{split}.zarr" for name in TEACHERS]
         for merge, options in merges.items():
             target = out / f"ensemble-{merge}-{split}.zarr"
-            once(target, "merge", *stores, "--out", str(target), *options)
-    train_stores = [str(out / f"{name}-train.zarr") for name in TEACHERS]
-    caches = [arg for store in train_stores for arg in ("--cache", store)]
-    conditions: dict[str, tuple[str, ...]] = {
-        **{f"from {name}": ("--cache", str(out / f"{name}-train.zarr")) for name in TEACHERS},
-        "from the merged store (mean)": ("--cache", str(out / "ensemble-mean-train.zarr")),
-        "from 3 stores at once (mean)": (*caches, "--teacher-mix", "mean"),
-        "from the merged store (mixture, T=4)": (
-            "--cache",
-            str(out / "ensemble-mixture-T4-train.zarr"),
-        ),
-        "from 3 stores at once (mixture)": (*caches, "--teacher-mix", "mixture"),
+            flags = " ".join(
+                f"--{key} {value:g}" if key == "temperature" else f"--{key} {value}"
+                for key, value in options.items()
+            )
+            once(
+                target,
+                f"kdcache merge {' '.join(map(str, stores))} --out {target} {flags}",
+                merge_stores,
+                stores,
+                target,
+                **options,
+            )
+    train_stores = tuple(str(out / f"{name}-train.zarr") for name in TEACHERS)
+    conditions: dict[str, str | tuple[str, ...]] = {
+        **{f"from {name}": str(out / f"{name}-train.zarr") for name in TEACHERS},
+        "from the merged store (mean)": str(out / "ensemble-mean-train.zarr"),
+        "from 3 stores at once (mean)": train_stores,
+        "from the merged store (mixture, T=4)": str(out / "ensemble-mixture-T4-train.zarr"),
     }
     results: dict[str, list[float]] = {}
     for seed in SEEDS:
-        run = out / f"ce-seed{seed}"
-        once(
-            run / "last.pt",
-            "train", "--model", "mlp:32", "--dataset", "digits", "--epochs", "20", "--lr",
-            "3e-3", "--seed", str(seed), "--out", str(run), "--overwrite", *device,
-        )  # fmt: skip
-        results.setdefault("cross-entropy only", []).append(final_accuracy(run))
-        for index, (condition, source) in enumerate(conditions.items()):
+        for index, (condition, cache) in enumerate(conditions.items()):
             run = out / f"kd{index}-seed{seed}"
+            caches = cache if isinstance(cache, tuple) else (cache,)
             once(
                 run / "last.pt",
-                "distill", *source, *STUDENT, *KD, "--seed", str(seed), "--out", str(run),
-                "--overwrite", *device,
+                f"kdcache distill {' '.join(f'--cache {c}' for c in caches)} --student mlp:32 "
+                f"--epochs 20 --lr 3e-3 --temperature 4 --alpha 0.7 --seed {seed} --out {run}",
+                distill,
+                DistillConfig(
+                    cache=cache, seed=seed, out=str(run), overwrite=True,
+                    device=args.device, **STUDENT,
+                ),
             )  # fmt: skip
             results.setdefault(condition, []).append(final_accuracy(run))
     teachers = {
