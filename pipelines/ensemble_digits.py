@@ -45,7 +45,6 @@ TEACHERS = {"cnn-s0": ("cnn", 0), "cnn8-s1": ("cnn:8", 1), "mlp256-s2": ("mlp:25
 STUDENT: dict[str, Any] = dict(
     student="mlp:32", epochs=20, lr=3e-3, loss="kd", temperature=4.0, alpha=0.7
 )
-SEEDS = (0, 1, 2)
 
 
 def once(target: Path, command: str, step: Callable[..., Any], *args: Any, **options: Any) -> None:
@@ -74,6 +73,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--seeds", default="0,1,2", help="Student seeds (comma-separated) [default: 0,1,2]."
+    )
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -128,7 +130,7 @@ def main() -> None:
         "from the merged store (mixture, T=4)": str(out / "ensemble-mixture-T4-train.zarr"),
     }
     results: dict[str, list[float]] = {}
-    for seed in SEEDS:
+    for seed in (int(seed) for seed in args.seeds.split(",")):
         for index, (condition, cache) in enumerate(conditions.items()):
             run = out / f"kd{index}-seed{seed}"
             caches = cache if isinstance(cache, tuple) else (cache,)
