@@ -21,6 +21,7 @@ Run from the repository root: ``PYTHONPATH=. python pipelines/ensemble_digits.py
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -47,10 +48,27 @@ STUDENT: dict[str, Any] = dict(
 )
 
 
-def once(target: Path, command: str, step: Callable[..., Any], *args: Any, **options: Any) -> None:
+def finished(target: Path, epochs: int | None) -> bool:
+    """Whether ``target`` exists; for a run folder (``epochs`` given), whether its metrics hold
+    every epoch (``last.pt`` is written after each epoch, so it marks no finished run)."""
+    if epochs is None:
+        return target.exists()
+    metrics = target / "metrics.jsonl"
+    return metrics.exists() and len(metrics.read_text().splitlines()) >= epochs
+
+
+def once(
+    target: Path,
+    command: str,
+    step: Callable[..., Any],
+    *args: Any,
+    epochs: int | None = None,
+    dry: bool = False,
+    **options: Any,
+) -> None:
     """Run ``step(*args, **options)`` (whose command line is ``command``) unless ``target``
-    already exists."""
-    if target.exists():
+    already holds its result (a run folder of ``epochs`` epochs, or a store), or ``dry``."""
+    if dry or finished(target, epochs):
         return
     started = time.perf_counter()
     step(*args, **options)
@@ -74,25 +92,32 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
+        "--summarize",
+        action="store_true",
+        help="Run nothing: print the tables of the runs finished so far.",
+    )
+    parser.add_argument(
         "--seeds", default="0,1,2", help="Student seeds (comma-separated) [default: 0,1,2]."
     )
     args = parser.parse_args()
     out: Path = args.out
+    run_once = functools.partial(once, dry=args.summarize)
     out.mkdir(parents=True, exist_ok=True)
     for name, (model, seed) in TEACHERS.items():
         run = out / name
-        once(
-            run / "last.pt",
+        run_once(
+            run,
             f"kdcache train --model {model} --epochs 15 --seed {seed} --out {run}",
             train,
             TrainConfig(
                 model=model, epochs=15, seed=seed, out=str(run), overwrite=True,
                 device=args.device,
             ),
+            epochs=15,
         )  # fmt: skip
         for split in ("train", "test"):
             store = out / f"{name}-{split}.zarr"
-            once(
+            run_once(
                 store,
                 f"kdcache dump-teacher --teacher {model} --weights {run}/best.pt --split {split} "
                 f"--encoding float32 --out {store}",
@@ -114,7 +139,7 @@ def main() -> None:
                 f"--{key} {value:g}" if key == "temperature" else f"--{key} {value}"
                 for key, value in options.items()
             )
-            once(
+            run_once(
                 target,
                 f"kdcache merge {' '.join(map(str, stores))} --out {target} {flags}",
                 merge_stores,
@@ -134,8 +159,12 @@ def main() -> None:
         for index, (condition, cache) in enumerate(conditions.items()):
             run = out / f"kd{index}-seed{seed}"
             caches = cache if isinstance(cache, tuple) else (cache,)
-            once(
-                run / "last.pt",
+            if args.summarize:
+                if finished(run, STUDENT["epochs"]):
+                    results.setdefault(condition, []).append(final_accuracy(run))
+                continue
+            run_once(
+                run,
                 f"kdcache distill {' '.join(f'--cache {c}' for c in caches)} --student mlp:32 "
                 f"--epochs 20 --lr 3e-3 --temperature 4 --alpha 0.7 --seed {seed} --out {run}",
                 distill,
@@ -143,6 +172,7 @@ def main() -> None:
                     cache=cache, seed=seed, out=str(run), overwrite=True,
                     device=args.device, **STUDENT,
                 ),
+                epochs=STUDENT["epochs"],
             )  # fmt: skip
             results.setdefault(condition, []).append(final_accuracy(run))
     teachers = {
