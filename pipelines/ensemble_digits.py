@@ -177,7 +177,7 @@ def main() -> None:
             results.setdefault(condition, []).append(final_accuracy(run))
     teachers = {
         name: {
-            "val_acc": final_accuracy(out / name),
+            "val_acc": store_accuracy(out / f"{name}-test.zarr"),
             "train_store_acc": store_accuracy(out / f"{name}-train.zarr"),
         }
         for name in TEACHERS
