@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from kdcache.store.read.reader import StoreReader, open_store
     from kdcache.store.sequence import create_sequence_store, open_sequence_store
     from kdcache.store.tools.convert import ConvertResult, convert_store
+    from kdcache.store.tools.merge import MergeResult, merge_stores
     from kdcache.store.tools.pack import PackResult, pack_store
     from kdcache.store.tools.report import StoreReport, inspect_store
     from kdcache.store.tools.verify import VerifyReport, verify_store
@@ -51,6 +52,7 @@ _DEFINED_IN = {
     "FocalDistillationLoss": "kdcache.logits.losses",
     "KdcacheError": "kdcache.errors",
     "LogitsDistillationLoss": "kdcache.logits.losses",
+    "MergeResult": "kdcache.store.tools.merge",
     "PackResult": "kdcache.store.tools.pack",
     "Recipe": "kdcache.augment.recipe",
     "RunResult": "kdcache.train.loop",
@@ -72,6 +74,7 @@ _DEFINED_IN = {
     "distill": "kdcache.train.loop",
     "dump_teacher": "kdcache.dump.teacher",
     "inspect_store": "kdcache.store.tools.report",
+    "merge_stores": "kdcache.store.tools.merge",
     "open_sequence_store": "kdcache.store.sequence",
     "open_store": "kdcache.store.read.reader",
     "pack_store": "kdcache.store.tools.pack",
@@ -119,6 +122,7 @@ __all__ = [
     "FocalDistillationLoss",
     "KdcacheError",
     "LogitsDistillationLoss",
+    "MergeResult",
     "PackResult",
     "Recipe",
     "RunResult",
@@ -141,6 +145,7 @@ __all__ = [
     "distill",
     "dump_teacher",
     "inspect_store",
+    "merge_stores",
     "open_sequence_store",
     "open_store",
     "pack_store",

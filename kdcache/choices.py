@@ -88,3 +88,6 @@ def _declared_entries(registry: Registry) -> dict[str, str | None]:
 #: ``--train-on`` choices: which tokens of a language-model dataset the loss counts (assistant:
 #: those of the assistant's turns in chat data).
 TRAIN_ON = ("all", "assistant")
+#: How an ensemble's teachers combine (``merge --mode``, ``distill --teacher-mix``): the mean of
+#: their logits, or the mixture of their softmaxes at a temperature (kdcache.logits.ensemble).
+ENSEMBLE_MODES = ("mean", "mixture")

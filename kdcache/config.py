@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from kdcache.choices import (
     AMP_DTYPES,
     DATASET_KINDS,
     ENCODINGS,
+    ENSEMBLE_MODES,
     INPUT_CHOICES,
     MAX_VIEWS,
     MODELS,
@@ -343,8 +345,23 @@ class DistillConfig(DistillOptions, LoopConfig):
     decoded logits held in RAM (see :mod:`kdcache.store.read.feed`).
     """
 
-    cache: str | None = option(
-        None, help="Teacher logit store written by `kdcache dump-teacher`: a path, URL or .zip."
+    cache: str | tuple[str, ...] | None = option(
+        None,
+        multiple=True,
+        help="Teacher logit store written by `kdcache dump-teacher`: a path, URL or .zip; repeat "
+        "it for several teachers of one dataset, combined in the loss (--teacher-mix).",
+    )
+    teacher_weights: tuple[float, ...] = option(
+        (),
+        example="0.5,0.5",
+        help="With several --cache: one weight >= 0 per store, in their order, normalised to sum "
+        "to 1 [default: equal].",
+    )
+    teacher_mix: str = option(
+        "mean",
+        choices=ENSEMBLE_MODES,
+        help="With several --cache: mean of the teachers' logits, or mixture of their softmaxes "
+        "at --temperature (as `kdcache merge --mode`).",
     )
     teacher: str | None = option(
         None,
@@ -381,9 +398,47 @@ class DistillConfig(DistillOptions, LoopConfig):
         "teacher-student consistency (a warning says so).",
     )
 
+    @property
+    def stores(self) -> tuple[str, ...]:
+        """Every teacher store of the run, in order (none for online distillation)."""
+        if self.cache is None:
+            return ()
+        return (self.cache,) if isinstance(self.cache, str) else self.cache
+
     def __post_init__(self) -> None:
         from kdcache.augment.recipe import parse_recipe
 
+        if self.cache is not None and not isinstance(self.cache, str):
+            stores = tuple(str(store) for store in self.cache)  # the command line gives a tuple
+            object.__setattr__(
+                self, "cache", None if not stores else stores[0] if len(stores) == 1 else stores
+            )
+        object.__setattr__(
+            self, "teacher_weights", tuple(float(weight) for weight in self.teacher_weights)
+        )
+        require(
+            self.teacher_mix in ENSEMBLE_MODES,
+            f"unknown --teacher-mix {self.teacher_mix!r}; valid choices: "
+            f"{', '.join(ENSEMBLE_MODES)}",
+        )
+        if len(self.stores) < 2:
+            require(
+                not self.teacher_weights and self.teacher_mix == "mean",
+                "--teacher-weights and --teacher-mix combine several teachers; give two or more "
+                "--cache stores, or drop them",
+            )
+        else:
+            require(
+                len(self.teacher_weights) in (0, len(self.stores)),
+                f"--teacher-weights lists {len(self.teacher_weights)} weights for "
+                f"{len(self.stores)} --cache stores; give one per store, in their order",
+            )
+            require(
+                all(math.isfinite(w) and w >= 0 for w in self.teacher_weights)
+                and (not self.teacher_weights or sum(self.teacher_weights) > 0),
+                f"--teacher-weights must be finite numbers >= 0, not all 0, got "
+                f"{','.join(map(str, self.teacher_weights))}",
+            )
         if self.cache is None:
             check_views(self.augment, self.views, default="drop --views")
         elif self.augment is not None:
@@ -661,4 +716,64 @@ class ConvertConfig(Options):
         from kdcache.logits.encodings import parse_encoding
 
         parse_encoding(self.encoding)  # a bad name fails here, listing the valid encodings
+        super().__post_init__()
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeConfig(Options):
+    """How ``kdcache merge`` writes an ensemble of stores
+    (kdcache.store.tools.merge.merge_stores)."""
+
+    out: str = option(help="The merged store to write: a path or URL (never one of the sources).")
+    mode: str = option(
+        "mean",
+        choices=ENSEMBLE_MODES,
+        help="mean: the weighted mean of the logits (good at any temperature); mixture: the "
+        "weighted mixture of the softmaxes at --temperature, stored as T*log(mixture) (distill "
+        "it at that T).",
+    )
+    temperature: float = option(
+        1.0,
+        help="The mixture's temperature T; also the T sparse (topk:K) sources' tails are filled "
+        "for.",
+    )
+    weights: tuple[float, ...] = option(
+        (),
+        example="0.5,0.25,0.25",
+        help="One weight >= 0 per store, in their order, normalised to sum to 1 [default: equal].",
+    )
+    encoding: str | None = option(
+        None,
+        help="The merged store's encoding [default: the most precise of dense sources' "
+        "encodings; topk:K when a source is sparse].",
+    )
+    top_k: int | None = option(
+        None,
+        help="Classes kept per row from the union of sparse sources' classes (the encoding "
+        "topk:K) [default: the sum of their K, which holds the whole union].",
+    )
+    chunk_rows: int | None = option(
+        None, help="Rows per Zarr chunk of the new store [default: about 1 MiB per chunk]."
+    )
+    overwrite: bool = option(
+        False, help="Replace an existing store at --out (only once the new one verifies)."
+    )
+    fsync: bool = option(True, help=FSYNC_HELP)
+
+    def __post_init__(self) -> None:
+        from kdcache.logits.encodings import parse_encoding
+
+        require(
+            self.mode in ENSEMBLE_MODES,
+            f"unknown --mode {self.mode!r}; valid choices: {', '.join(ENSEMBLE_MODES)}",
+        )
+        TEMPERATURE.check(self.temperature)
+        require(
+            self.chunk_rows is None or self.chunk_rows >= 1,
+            f"--chunk-rows must be >= 1, got {self.chunk_rows}",
+        )
+        require(self.top_k is None or self.top_k >= 1, f"--top-k must be >= 1, got {self.top_k}")
+        if self.encoding is not None:
+            parse_encoding(self.encoding)  # a bad name fails here, listing the valid encodings
+        object.__setattr__(self, "weights", tuple(float(weight) for weight in self.weights))
         super().__post_init__()

@@ -60,6 +60,7 @@ def option(
     example: str | None = None,
     only: str | None = None,
     bounds: Bounds | None = None,
+    multiple: bool = False,
 ) -> Any:
     """A dataclass field that is also a command-line option ``--field-name``.
 
@@ -69,7 +70,8 @@ def option(
     (:data:`IMAGE` or :data:`LM`) marks an option that means something for that kind of run alone:
     :func:`refuse_foreign_options` refuses it, when set, for the other kind. ``bounds`` are the
     numbers a numeric option (or each item of a list) accepts; :class:`Options` checks them for
-    the API and the command line alike (None is left to the field's own checks).
+    the API and the command line alike (None is left to the field's own checks). ``multiple``
+    makes a text option repeatable (``--cache a --cache b``): the command line passes a tuple.
     """
     metadata = {
         "help": help,
@@ -78,6 +80,7 @@ def option(
         "example": example,
         "only": only,
         "bounds": bounds,
+        "multiple": multiple,
     }
     return dataclasses.field(
         default=default, metadata={key: value for key, value in metadata.items() if value}

@@ -17,7 +17,14 @@ from kdcache._version import __version__
 from kdcache.cli.bench import bench
 from kdcache.cli.bridges import concat, export_group, import_group
 from kdcache.cli.options import config_options
-from kdcache.config import ConvertConfig, DistillConfig, DumpConfig, SweepConfig, TrainConfig
+from kdcache.config import (
+    ConvertConfig,
+    DistillConfig,
+    DumpConfig,
+    MergeConfig,
+    SweepConfig,
+    TrainConfig,
+)
 from kdcache.errors import KdcacheError
 from kdcache.progress import announce
 from kdcache.wording import counted
@@ -275,6 +282,47 @@ def convert(source: str, out: str, **options: Any) -> None:
     views = f" V={result.views}" if result.views > 1 else ""
     click.echo(
         f"converted {source} ({result.source_encoding}) into {result.out}: "
+        f"N={result.num_samples}{views} {result.encoding}, {size}{fidelity}"
+    )
+
+
+@cli.command()
+@click.argument("stores", nargs=-1, required=True)
+@config_options(MergeConfig)
+def merge(stores: tuple[str, ...], **options: Any) -> None:
+    """Write one store of the ensemble of the teachers in STORES (two or more) as --out.
+
+    The stores must hold one dataset's rows (same samples, labels and views); they are read one
+    chunk at a time and the ensemble's logits written: the mean of the logits, or the mixture of
+    the softmaxes at --temperature. The new store records its sources.
+    """
+    config = MergeConfig(**options)  # refused options fail before the heavy imports
+    from kdcache.store.tools.merge import merge_stores
+
+    result = merge_stores(
+        stores,
+        config.out,
+        mode=config.mode,
+        temperature=config.temperature,
+        weights=config.weights,
+        encoding=config.encoding,
+        top_k=config.top_k,
+        overwrite=config.overwrite,
+        chunk_rows=config.chunk_rows,
+        fsync=config.fsync,
+    )
+    size = "remote" if result.nbytes is None else f"{result.nbytes:,} bytes on disk"
+    at = result.temperature if result.mode == "mixture" else 1.0
+    fidelity = (
+        f", KL(T={at:g}) {result.fidelity.kl_at(at):.3g}"
+        if result.fidelity is not None and at in result.fidelity.temperatures
+        else ""
+    )
+    mode = result.mode + (f" at T={result.temperature:g}" if result.mode == "mixture" else "")
+    views = f" V={result.views}" if result.views > 1 else ""
+    click.echo(
+        f"merged {counted(len(result.sources), 'store')} ({mode}, weights "
+        f"{','.join(f'{weight:.3g}' for weight in result.weights)}) into {result.out}: "
         f"N={result.num_samples}{views} {result.encoding}, {size}{fidelity}"
     )
 

@@ -62,6 +62,8 @@ def _click_option(field: dataclasses.Field, kind: Any, config: type) -> Callable
             return click.option(f"--{flag}/--no-{flag}", default=True, help=meta["help"])
         return click.option(name, is_flag=True, help=meta["help"])
     settings: dict[str, Any] = {"help": meta["help"], "required": required}
+    if meta.get("multiple"):
+        return click.option(name, multiple=True, type=_text_type(meta), default=default, **settings)
     if typing.get_origin(kind) is tuple:
         item = typing.get_args(kind)[0]
         if isinstance(item, UnionType):  # int | str: a number where it reads as one

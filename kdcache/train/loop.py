@@ -11,6 +11,7 @@ loss and ``config.json``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from kdcache.data.device_input import DeviceBatch, resolve_inputs
 from kdcache.distributed import RankSession, rank_session
 from kdcache.errors import ConfigError
 from kdcache.lm.dispatch import is_lm_run
+from kdcache.logits.ensemble import ensemble_weights
 from kdcache.logits.losses import build_loss
 from kdcache.models import build_model, check_input_fits, load_weights, weights_sha256
 from kdcache.options import IMAGE, LM, refuse_foreign_options
@@ -36,10 +38,11 @@ from kdcache.runtime import prepare_model
 from kdcache.store.read.private_folder import adopt_private_folder, private_folder
 from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.store.sequence import SequenceReader
+from kdcache.store.tools.merge import check_same_rows, warn_mixture_temperature
 from kdcache.train.fit import RunResult, fit, held_out_split
 from kdcache.train.preflight import check_store_run, store_dataset
 from kdcache.train.tasks import Classification, LogitDistillation, evaluate
-from kdcache.train.teachers import LiveLogits, StoreLogits, TeacherSource
+from kdcache.train.teachers import EnsembleLogits, LiveLogits, StoreLogits, TeacherSource
 from kdcache.train.tokens import distill_tokens, train_tokens
 from kdcache.train.transfer import (
     TransferSampler,
@@ -150,11 +153,18 @@ def distill(
         )
         config = dataclasses.replace(config, teacher=teacher, dataset=dataset)
     if reader is None:
-        kind = modality(config.student, config.teacher, dataset=config.dataset, cache=config.cache)
+        first = config.stores[0] if config.stores else None
+        kind = modality(config.student, config.teacher, dataset=config.dataset, cache=first)
     else:
         kind = LM if isinstance(reader, SequenceReader) else IMAGE
     config.check_loss(kind)
     refuse_foreign_options(config, kind)
+    if kind == LM and len(config.stores) > 1:
+        raise ConfigError(
+            f"several --cache stores are combined for image models only, got "
+            f"{len(config.stores)} token stores; merge them first (`kdcache merge`) and distill "
+            "the merged store"
+        )
     with rank_session(config.device) as session:
         if kind == LM:
             assert not isinstance(reader, StoreReader)
@@ -175,17 +185,30 @@ class _Teaching:
     resolved: dict[str, Any] = field(default_factory=dict)
 
 
-def _from_store(config: DistillConfig, session: RankSession, reader: StoreReader) -> _Teaching:
-    reader.encoding.check_distill_temperature(config.temperature)
+def _from_store(
+    config: DistillConfig,
+    session: RankSession,
+    reader: StoreReader,
+    members: Sequence[StoreReader] = (),
+) -> _Teaching:
+    """The teaching of a store, or with ``members`` (every store of a multi-teacher run, the
+    first being ``reader``) of their ensemble, combined batch by batch."""
+    for store in members or (reader,):
+        store.encoding.check_distill_temperature(config.temperature)
     train_set = store_dataset(reader, config.dataset, config.split)
     rows = check_store_run(config, reader, train_set)
-    feed = reader.feed
+    for member in members[1:]:
+        check_same_rows(reader, member, action="distill from")
+        check_store_run(config, member, train_set)
     # Ranks on one machine share one decoded table instead of one copy each, in the private
     # folder their local rank 0 found (one it made in place of a planted one has a random name).
     shared = session.info.local_world_size > 1
     if shared:
         adopt_private_folder(str(session.on_local_main(private_folder)))
-    feed.load(shared=shared)
+    for store in members or (reader,):
+        warn_mixture_temperature(store, config.temperature)
+        store.feed.load(shared=shared)
+    feed = reader.feed
     # In memory any order is fast, so keep the seeded shuffle (the online run's order too);
     # a chunked feed must dictate the order for each chunk to be decoded once per epoch.
     sampler: Sampler[int] | None = None
@@ -205,11 +228,36 @@ def _from_store(config: DistillConfig, session: RankSession, reader: StoreReader
         seed=config.seed,
         feed=feed,
     )
-    resolved = {
+    resolved: dict[str, Any] = {
         "store": reader.metadata.to_dict(),
         "feed": {"mode": feed.mode, "memory_budget": feed.memory_budget},
     }
-    return _Teaching(StoreLogits(feed, views), train_set, rows, sampler, views, resolved)
+    if not members:
+        return _Teaching(StoreLogits(feed, views), train_set, rows, sampler, views, resolved)
+    weights = ensemble_weights(config.teacher_weights, len(members), option="--teacher-weights")
+    source = EnsembleLogits(
+        [member.feed for member in members],
+        views,
+        weights=weights,
+        mode=config.teacher_mix,
+        temperature=config.temperature,
+    )
+    resolved["ensemble"] = {
+        "mode": config.teacher_mix,
+        "temperature": config.temperature,
+        "weights": list(weights),
+        "stores": [
+            {
+                "store": member.where,
+                "generation": member.metadata.generation,
+                "content_sha256": member.content_digest(),
+                "encoding": member.metadata.encoding,
+                "teacher": member.metadata.teacher,
+            }
+            for member in members
+        ],
+    }
+    return _Teaching(source, train_set, rows, sampler, views, resolved)
 
 
 def _from_live_teacher(config: DistillConfig, session: RankSession) -> _Teaching:
@@ -248,9 +296,14 @@ def _distill(
     config: DistillConfig, session: RankSession, *, reader: StoreReader | None
 ) -> RunResult:
     device = session.device
-    if config.cache is not None:
-        reader = reader or open_store(config.cache, memory_budget=config.cache_memory)
-        teaching = _from_store(config, session, reader)
+    if config.stores:
+        reader = reader or open_store(config.stores[0], memory_budget=config.cache_memory)
+        members = (
+            [reader, *(open_store(s, memory_budget=config.cache_memory) for s in config.stores[1:])]
+            if len(config.stores) > 1
+            else []
+        )
+        teaching = _from_store(config, session, reader, members)
     else:
         teaching = _from_live_teacher(config, session)
     views, rows = teaching.views, teaching.rows
@@ -346,7 +399,9 @@ def _plot_final_distributions(
     student.to(device).eval()
     with torch.no_grad():
         student_logits = student(inputs).cpu()
-        if reader is not None:
+        if isinstance(teacher, EnsembleLogits):
+            teacher_logits = teacher.ensemble(indices)
+        elif reader is not None:
             teacher_logits = reader.read_dense(indices, temperature=config.temperature)
         else:
             batch = DeviceBatch(inputs, torch.tensor(labels, device=device), indices)

@@ -236,7 +236,7 @@ def _run_and_save(run: DistillConfig, reader: StoreReader | None = None) -> RunR
     """Train one run and mark it finished; in a ``--jobs`` worker, on the node's shared table."""
     log.info("%s: started", os.path.basename(run.out))
     if reader is None:
-        reader = _worker_reader(run.cache, run.cache_memory)
+        reader = _worker_reader(run.stores[0], run.cache_memory)
     # overwrite: a folder here holds at most a half-finished run, which starts over
     result = distill(dataclasses.replace(run, overwrite=True), reader=reader)
     _save_result(result, Path(run.out))

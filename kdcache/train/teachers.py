@@ -9,6 +9,7 @@ nowhere else: the loop and the tasks never ask which one they have.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch import nn
 from kdcache.data.device_input import Attach, DeviceBatch
 from kdcache.lm.models import CausalLM
 from kdcache.lm.text import TokenBatch
+from kdcache.logits.ensemble import combine_logits
 from kdcache.logits.sequence_losses import TokenTeacher
 from kdcache.logits.sparse import TeacherInput
 from kdcache.runtime import autocast
@@ -54,6 +56,42 @@ class StoreLogits(TeacherSource):
 
     def targets(self, batch: DeviceBatch) -> TeacherInput:
         assert batch.teacher is not None
+        return batch.teacher
+
+
+class EnsembleLogits(TeacherSource):
+    """The ensemble of several stores' image logits (a multi-teacher run), combined on the host
+    batch by batch as ``kdcache merge`` combines them (:func:`~kdcache.logits.ensemble.
+    combine_logits`): the loss sees one dense (B, C) teacher."""
+
+    def __init__(
+        self,
+        feeds: Sequence[LogitFeed],
+        views: Views | None,
+        *,
+        weights: Sequence[float],
+        mode: str,
+        temperature: float,
+    ) -> None:
+        self.feeds = list(feeds)
+        self.views = views
+        self.weights = tuple(weights)
+        self.mode = mode
+        self.temperature = temperature
+        self.attach = self.ensemble
+
+    def ensemble(self, indices: torch.Tensor) -> torch.Tensor:
+        """The ensemble's logits of the given samples (their views' rows in a store of views)."""
+        rows = indices if self.views is None else self.views.rows(indices)
+        return combine_logits(
+            [feed.read(rows) for feed in self.feeds],
+            weights=self.weights,
+            mode=self.mode,
+            temperature=self.temperature,
+        )
+
+    def targets(self, batch: DeviceBatch) -> torch.Tensor:
+        assert isinstance(batch.teacher, torch.Tensor)
         return batch.teacher
 
 

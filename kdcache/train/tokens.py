@@ -225,7 +225,7 @@ def distill_tokens(
     criterion = construct(TOKEN_LOSSES[config.loss], config.loss_options())
     resolved = _resolved(config, session, "distill")
     if config.cache is not None:
-        store = store or open_sequence_store(config.cache, memory_budget=config.cache_memory)
+        store = store or open_sequence_store(config.stores[0], memory_budget=config.cache_memory)
         teacher, train_set = _from_store(config, store, student, resolved)
         student = fitted_to(student, store.vocab_size, store.where)
     else:
