@@ -218,6 +218,13 @@ def import_tinyvit_command(
     "[default: sorted paths, ImageFolder's order].",
 )
 @click.option(
+    "--classes",
+    "classes_list",
+    default=None,
+    help="The teacher's class folder names in label order, one per line [default: the class "
+    "folders present, sorted; they must then number --num-classes].",
+)
+@click.option(
     "--input-size",
     type=click.IntRange(min=1),
     default=None,
@@ -228,6 +235,7 @@ def import_fkd_command(
     source: str,
     num_classes: int | None,
     files_list: str | None,
+    classes_list: str | None,
     input_size: int | None,
     **options: Any,
 ) -> None:
@@ -239,6 +247,7 @@ def import_fkd_command(
         options.pop("out"),
         num_classes=num_classes,
         files=_lines(files_list),
+        classes=_lines(classes_list),
         input_size=input_size,
         **options,
     )

@@ -13,16 +13,16 @@ The format, as FKD's generator writes it (``FKD_SLG/generate_soft_label.py``, tr
   ``marginal_renorm_k5``): row 0 the k class ids, row 1 their softmax probabilities at T = 1.
   The ``hard`` and ``smoothing`` types keep one class and no distribution: refused.
 
-Samples are the files in sorted path order, which is torchvision's ImageFolder order (classes,
-then files, sorted) unless two file names sort differently once their extensions are dropped;
-each image's label is its class folder's rank. Every crop becomes one view: the store has
-V = N views per sample, recorded as kdcache's ``rrc+flip`` views of inputs of a given square
-size S (kdcache's dataset inputs): each box, a fraction of the image, becomes the pixel box
-``round(fraction * S)`` of that input, so ``distill`` replays FKD's crops (the same region of
-the image when kdcache's inputs are the whole image resized to S; to within half a pixel). The
-views' generator is recorded as ``fkd``: they are replayed, never drawn again. The files are
-pickles: they are loaded with ``torch.load(weights_only=True)`` allowing numpy arrays only (no
-code runs).
+Samples are the files in sorted path order, which is torchvision's ImageFolder order (classes, then
+files, sorted) unless two file names sort differently once their extensions are dropped; each
+image's label is its class folder's rank among the class folders present, which must then be all the
+teacher's classes, or its place in a given list of class folders. Every crop becomes one view: the
+store has V = N views per sample, recorded as kdcache's ``rrc+flip`` views of inputs of a given
+square size S (kdcache's dataset inputs): each box, a fraction of the image, becomes the pixel box
+``round(fraction * S)`` of that input, so ``distill`` replays FKD's crops (the same region of the
+image when kdcache's inputs are the whole image resized to S; to within half a pixel). The views'
+generator is recorded as ``fkd``: they are replayed, never drawn again. The files are pickles: they
+are loaded with ``torch.load(weights_only=True)`` allowing numpy arrays only (no code runs).
 """
 
 from __future__ import annotations
@@ -63,6 +63,30 @@ def pixel_boxes(fractions: np.ndarray, size: int) -> np.ndarray:
     top = np.clip(np.rint(fractions[:, 0] * size), 0, size - height)
     left = np.clip(np.rint(fractions[:, 1] * size), 0, size - width)
     return np.stack([top, left, height, width], axis=1).astype(np.float32)
+
+
+def _class_folders(
+    folder: Path, paths: list[Path], num_classes: int, classes: Sequence[str] | None
+) -> list[str]:
+    """The class folder names in label order: ``classes``, or those present, sorted."""
+    present = sorted({path.parent.name for path in paths})
+    if classes is None:
+        if len(present) != num_classes:
+            raise ConfigError(
+                f"{folder} holds images of {len(present)} class folders but --num-classes is "
+                f"{num_classes}; a label is its folder's rank, so a missing folder would shift "
+                "every later label: pass --classes FILE (the teacher's class folders in order)"
+            )
+        return present
+    names = list(classes)
+    unknown = sorted(set(present) - set(names))
+    if len(names) != num_classes or len(set(names)) != len(names) or unknown:
+        raise ConfigError(
+            f"--classes lists {len(names)} class folders ({len(set(names))} distinct) for "
+            f"--num-classes {num_classes}, missing {unknown[:3]} of {folder}; list each of the "
+            "teacher's class folders once, in label order"
+        )
+    return names
 
 
 @dataclass(frozen=True)
@@ -126,6 +150,7 @@ def import_fkd(
     num_classes: int | None,
     input_size: int | None,
     files: Sequence[str] | None = None,
+    classes: Sequence[str] | None = None,
     encoding: str | None = None,
     teacher: str | None = None,
     overwrite: bool = False,
@@ -136,7 +161,9 @@ def import_fkd(
 
     ``input_size`` is the side S of the square inputs the views are replayed on (kdcache's
     dataset inputs); ``files`` lists the label files (relative to ``source``) in sample order
-    [default: sorted paths, ImageFolder's order]."""
+    [default: sorted paths, ImageFolder's order]; ``classes`` names the teacher's class folders
+    in label order [default: the class folders present, sorted, which must then be
+    ``num_classes``: a missing folder would shift every later label]."""
     num_classes = required(num_classes, "--num-classes", "the teacher's classes")
     input_size = required(
         input_size, "--input-size", "the side of kdcache's square inputs the crops map onto"
@@ -151,13 +178,8 @@ def import_fkd(
         )
     _, _, output = load_label_file(paths[0])
     views, k = output.shape[0], output.shape[2]
-    classes_of = sorted({path.parent.name for path in paths})
+    classes_of = _class_folders(folder, paths, num_classes, classes)
     labels = np.array([classes_of.index(path.parent.name) for path in paths], dtype=np.int64)
-    if len(classes_of) > num_classes:
-        raise ConfigError(
-            f"{folder} holds images of {len(classes_of)} class folders but --num-classes is "
-            f"{num_classes}; pass the teacher's class count"
-        )
     params = np.zeros((len(paths), views, len(FIELDS)), dtype=np.float32)
     digest = hashlib.sha256()
     for number, path in enumerate(paths):
@@ -200,8 +222,7 @@ def import_fkd(
             "spec": f"fkd:{folder.resolve()}",
             "split": "train",
             "fingerprint": None,
-            # Names only when the folders name every class (a part may lack some).
-            "class_names": classes_of if len(classes_of) == num_classes else None,
+            "class_names": classes_of,
         },
         extra={
             IMPORTED_FROM_KEY: {

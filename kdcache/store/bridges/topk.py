@@ -8,9 +8,14 @@ and nothing of the other C - k classes. The dense row given to the store writer 
 
 so softmax(z) is exactly the stored top-k at T = 1 with the missing mass spread evenly: the
 distribution any top-k reader assumes (DistillKit's ``SYMMETRIC_UNIFORM``, FKD's
-``marginal_smoothing``). Entries that are padding (a non-finite or sentinel value) count as
-missing. A ``topk:K`` store then holds those k values exactly and its tail statistics describe the
-even spread; how the true tail was shaped (and so the tail mass at T != 1) is lost.
+``marginal_smoothing``). Where that even share would reach the smallest stored probability (few
+classes, little stored mass: k = 5 of C = 10 holding 0.5 leaves 0.1 per other class), each other
+class gets ``FILL_CAP`` times the smallest stored probability instead, so the stored classes stay
+the k largest and a ``topk:k`` store keeps them; softmax(z) then renormalises: the stored
+probabilities keep their ratios, scaled up by 1 / (stored mass + (C - k) * fill). Entries that are
+padding (a non-finite or sentinel value) count as missing. A ``topk:K`` store then holds those k
+values (up to that scale) and its tail statistics describe the even spread; how the true tail was
+shaped (and so the tail mass at T != 1) is lost.
 """
 
 from __future__ import annotations
@@ -31,13 +36,16 @@ from kdcache.store.format.layout import (
 )
 from kdcache.store.format.location import parse_location
 from kdcache.store.sequence import sequence_offsets
-from kdcache.store.tools.verify import verify_store
+from kdcache.store.tools.verify import finalize_verified
 from kdcache.store.write.swap import remove_store_folder
 from kdcache.store.write.writer import create_store
 
 #: The least total probability left to the classes outside the top-k (a row whose stored
 #: probabilities sum to 1 or more, from rounding, still needs finite logits for the others).
 MIN_TAIL_MASS = 1e-6
+#: The most an unstored class gets, as a fraction of the row's smallest stored probability: strictly
+#: below it, so re-encoding keeps the stored classes (a float16 offset still tells them apart).
+FILL_CAP = 0.9
 #: Where an imported store's metadata records what it was imported from (``extra``).
 IMPORTED_FROM_KEY = "imported_from"
 #: Rows decoded and written at a time: a dense row of a 150k vocabulary is 600 kB.
@@ -53,7 +61,8 @@ def dense_from_top_k(
     where: str = "the source",
 ) -> np.ndarray:
     """Dense float32 logits (B, C) whose softmax is the top-k ``log_probs`` (B, k) at ``classes``
-    (B, k) with the rest of the mass spread evenly. ``kept`` (B, k) marks real entries (default:
+    (B, k) with the rest of the mass spread evenly, each other class below the smallest stored
+    probability (see the module's note). ``kept`` (B, k) marks real entries (default:
     the finite ones); an index outside [0, C) or twice in a row among them is refused."""
     values = np.asarray(log_probs, dtype=np.float64)
     indices = np.asarray(classes, dtype=np.int64)
@@ -77,7 +86,9 @@ def dense_from_top_k(
             f"{where} keeps every one of the {num_classes} classes in some rows; import it as a "
             "dense store instead (nothing is missing)"
         )
-    fill = np.log(np.maximum(1.0 - mass, MIN_TAIL_MASS) / (num_classes - counts))
+    smallest = np.where(real, values, np.inf).min(axis=1)
+    spread = np.log(np.maximum(1.0 - mass, MIN_TAIL_MASS) / (num_classes - counts))
+    fill = np.minimum(spread, smallest + np.log(FILL_CAP))
     dense = np.repeat(fill[:, None], num_classes, axis=1)
     rows, slots = np.nonzero(real)
     dense[rows, indices[rows, slots]] = values[rows, slots]
@@ -138,9 +149,7 @@ def write_new_store(
         try:
             for indices, dense in rows:
                 writer.write(indices, dense)
-            return writer.finalize(
-                verify=lambda folder: verify_store(folder, finishing=True).raise_if_bad()
-            )
+            return finalize_verified(writer, out)
         except BaseException:
             writer.close()
             if created is not None:

@@ -34,7 +34,7 @@ from kdcache.store.format.location import parse_location
 from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.store.sequence import SequenceReader, rows_of, sequence_offsets
 from kdcache.store.tools.convert import CONVERTED_FROM_KEY, recorded_dataset_indices
-from kdcache.store.tools.verify import verify_store
+from kdcache.store.tools.verify import finalize_verified
 from kdcache.store.write.swap import remove_store_folder
 from kdcache.store.write.writer import create_store
 
@@ -101,17 +101,23 @@ def concat_stores(
     else:
         lengths = np.zeros(total, dtype=np.int64)
         first_token = np.zeros(total, dtype=np.int64)
+        # Rows at the counted positions only do not tell a sample's length: the sources'
+        # records do.
+        max_length = 0
         for source in opened:
             assert source.sequences is not None
             lengths[source.indices] = source.sequences.lengths
             first_token[source.indices] = source.sequences.first_token
+            max_length = max(max_length, int(source.sequences.layout["max_length"]))
         new_starts = sequence_offsets(lengths)
         num_rows = int(new_starts[-1])
         arrays = {OFFSETS_ARRAY: new_starts, FIRST_TOKEN_ARRAY: first_token}
+        every_position = first.sequences.every_position
         extra[SEQUENCE_KEY] = {
             "num_sequences": total,
             "num_tokens": num_rows,
-            "max_length": int(lengths.max()),
+            "max_length": max_length,
+            **({} if every_position else {"every_position": False}),
         }
     labels = _joined_labels(opened, new_starts, num_rows)
     params = _joined_view_params(opened, total)
@@ -138,9 +144,7 @@ def concat_stores(
         try:
             for source in opened:
                 _copy_source(source, new_starts, writer.write_encoded)
-            writer.finalize(
-                verify=lambda folder: verify_store(folder, finishing=True).raise_if_bad()
-            )
+            finalize_verified(writer, out)
         except BaseException:
             writer.close()
             if created is not None:  # ours, unfinished: no half-joined store is left behind
@@ -191,6 +195,12 @@ def _open_source(source: StoreLike, out: str, given: str) -> _Source:
             f"{indices.min() if indices.size else None}) for {count} samples; each sample needs "
             "one index >= 0"
         )
+    if np.unique(indices).size != indices.size:
+        values, counts = np.unique(indices, return_counts=True)
+        raise StoreMismatchError(
+            f"{text}: its {DATASET_INDICES_ARRAY!r} list sample {values[counts > 1][0]} more "
+            "than once; each sample of the dataset belongs in one place: convert the part again"
+        )
     return _Source(text=text, reader=reader, sequences=sequences, indices=indices)
 
 
@@ -206,12 +216,14 @@ def _identity(source: _Source) -> dict[str, Any]:
     metadata = source.reader.metadata
     return {
         "teacher": metadata.teacher,
-        "encoding": metadata.encoding,
+        # Parsed: a dump records the encoding as typed (viewset:16:4), convert by its name.
+        "encoding": source.reader.encoding.name,
         "classes": metadata.num_classes,
         "views": metadata.views,
         "augmentation": metadata.augment,
         "dataset": _whole_dataset(metadata.dataset),
         "kind": "token (sequence) store" if source.sequences is not None else "image store",
+        "rows at every position": source.sequences is None or source.sequences.every_position,
     }
 
 

@@ -37,7 +37,7 @@ from kdcache.store.format.layout import (
 from kdcache.store.format.location import parse_location
 from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.store.sequence import SequenceReader, rows_of, sequence_offsets
-from kdcache.store.tools.verify import verify_store
+from kdcache.store.tools.verify import finalize_verified
 from kdcache.store.write.swap import remove_store_folder
 from kdcache.store.write.writer import create_store
 from kdcache.wording import counted
@@ -121,7 +121,12 @@ def convert_store(
         extra[SEQUENCE_KEY] = {
             "num_sequences": int(samples.size),
             "num_tokens": int(new_starts[-1]),
-            "max_length": int(lengths.max()),
+            # Rows at the counted positions only do not tell a sample's length: keep the
+            # source's bound.
+            "max_length": int(lengths.max())
+            if sequences.every_position
+            else int(sequences.layout["max_length"]),
+            **({} if sequences.every_position else {"every_position": False}),
         }
         num_samples = int(new_starts[-1])
     whole_indices = recorded_dataset_indices(reader)
@@ -174,9 +179,7 @@ def convert_store(
     with writer:
         try:
             _copy_rows(reader, samples, source_starts, new_starts, writer.write)
-            written = writer.finalize(
-                verify=lambda folder: verify_store(folder, finishing=True).raise_if_bad()
-            )
+            written = finalize_verified(writer, out)
         except BaseException:
             writer.close()
             if created is not None:  # ours, unfinished: no half-converted store is left behind

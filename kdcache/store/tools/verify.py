@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +31,7 @@ from kdcache.store.format.layout import (
     VIEW_PARAMS_ARRAY,
     WRITTEN_ARRAY,
     ZARR_METADATA_ERRORS,
+    StoreLike,
     first_line,
     has_array,
     missing_chunks,
@@ -44,6 +44,10 @@ from kdcache.store.read.guard import DECODE_ERRORS as _DECODE_ERRORS
 from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.store.sequence import sequence_problems
 from kdcache.wording import counted
+
+if TYPE_CHECKING:
+    from kdcache.store.format.metadata import StoreMetadata
+    from kdcache.store.write.writer import StoreWriter
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ class VerifyReport:
             )
 
 
-def verify_store(path: str | os.PathLike[str], *, finishing: bool = False) -> VerifyReport:
+def verify_store(path: StoreLike, *, finishing: bool = False) -> VerifyReport:
     """Read everything in the store at ``path`` (folder, URL or .zip) and report what is wrong.
 
     ``finishing=True`` checks a store whose writer wrote every row but has not marked it
@@ -416,3 +420,14 @@ def _check_sequences(
             values[OFFSETS_ARRAY].astype(np.int64),
             values[FIRST_TOKEN_ARRAY].astype(np.int64),
         )
+
+
+def finalize_verified(writer: StoreWriter, where: StoreLike) -> StoreMetadata:
+    """Mark ``writer``'s store complete only once it verifies: a fresh store at ``where``
+    before :meth:`~kdcache.store.write.writer.StoreWriter.finalize`, a replacement in its
+    staging folder before it is swapped in (the old store then stays as it was)."""
+    if not writer.replacing:
+        verify_store(where, finishing=True).raise_if_bad()
+    return writer.finalize(
+        verify=lambda folder: verify_store(folder, finishing=True).raise_if_bad()
+    )

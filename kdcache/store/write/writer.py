@@ -114,6 +114,12 @@ class StoreWriter:
         return len(self._written)
 
     @property
+    def replacing(self) -> bool:
+        """Whether this writer builds a replacement (``overwrite=True`` over an existing store)
+        that :meth:`finalize` swaps in."""
+        return self._replaces is not None
+
+    @property
     def group(self) -> zarr.Group:
         """The group this writer fills: under --overwrite, the replacement's staging group."""
         return self._group

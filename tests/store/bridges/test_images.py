@@ -99,7 +99,11 @@ def test_fkd_files_import_as_one_view_per_crop(tmp_path):
     images = {"n02/x": 2, "n01/b": 1, "n01/a": 0}  # samples in ImageFolder's sorted order
     write_fkd(tmp_path / "labels", images)
     result = import_fkd(
-        tmp_path / "labels", tmp_path / "fkd.zarr", num_classes=CLASSES, input_size=8
+        tmp_path / "labels",
+        tmp_path / "fkd.zarr",
+        num_classes=CLASSES,
+        input_size=8,
+        classes=["n01", "n02", *(f"other{number}" for number in range(CLASSES - 2))],
     )
     assert (result.num_samples, result.views, result.k) == (3, 4, K)
     store = open_store(tmp_path / "fkd.zarr")
@@ -123,6 +127,29 @@ def test_fkd_files_import_as_one_view_per_crop(tmp_path):
     expected = np.rint(coords)
     expected[:, 2:] = np.maximum(expected[:, 2:], 1)
     np.testing.assert_array_equal(params[0, :, :4], expected)
+
+
+def test_fkd_labels_need_every_class_folder_or_the_class_list(tmp_path):
+    write_fkd(tmp_path / "labels", {"n03/c": 1, "n01/a": 0})  # no n00, n02, ... folder
+    with pytest.raises(ConfigError, match="2 class folders but --num-classes is 20"):
+        import_fkd(tmp_path / "labels", tmp_path / "a.zarr", num_classes=CLASSES, input_size=8)
+    assert not (tmp_path / "a.zarr").exists()
+    classes = tmp_path / "classes.txt"
+    classes.write_text("".join(f"n{number:02d}\n" for number in range(CLASSES)))
+    options = ["--num-classes", str(CLASSES), "--input-size", "8", "--out"]
+    run_cli(
+        "import", "fkd", str(tmp_path / "labels"), *options, str(tmp_path / "b.zarr"),
+        "--classes", str(classes),
+    )  # fmt: skip
+    store = open_store(tmp_path / "b.zarr")
+    assert present(store.labels).tolist() == [1, 3]  # n01/a, n03/c: their lines in the list
+    assert present(store.metadata.dataset)["class_names"][3] == "n03"
+    classes.write_text("n01\nn02\n")
+    refused = run_cli(
+        "import", "fkd", str(tmp_path / "labels"), *options, str(tmp_path / "c.zarr"),
+        "--classes", str(classes), check=False,
+    )  # fmt: skip
+    assert_one_line_error(refused, "--classes lists 2 class folders")
 
 
 def test_fkd_refuses_other_label_types_in_one_line(tmp_path):

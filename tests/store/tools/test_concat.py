@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli
+from narrowing import present
 
 from kdcache import create_store, open_store
-from kdcache.errors import StoreMismatchError
+from kdcache.errors import StoreFormatError, StoreMismatchError
+from kdcache.store.format.layout import DATASET_INDICES_ARRAY
 from kdcache.store.sequence import create_sequence_store, open_sequence_store
 from kdcache.store.tools.concat import CONCATENATED_FROM_KEY, concat_stores
 from kdcache.store.tools.convert import convert_store
@@ -144,3 +146,92 @@ def test_parts_on_object_storage_join_into_a_remote_store(tmp_path, s3_bucket):
         joined.read_rows("logits", 0, 12), whole.read_rows("logits", 0, 12)
     )
     assert verify_store(f"{s3_bucket}/all.zarr").ok
+
+
+def assistant_only_store(path, counted_only: bool = True):
+    """A token store of 4 sequences holding rows only at the counted (assistant) positions."""
+    generator = np.random.default_rng(4)
+    sequences = [generator.integers(0, 9, size=length) for length in (6, 4, 8, 5)]
+    counted = [np.arange(len(tokens) - 1) % 2 == 1 for tokens in sequences]
+    writer = create_sequence_store(
+        path,
+        sequences=sequences,
+        vocab_size=9,
+        encoding="float16",
+        chunk_rows=3,
+        dataset={"spec": "text:chat.jsonl", "fingerprint": {"tokens": {"num_samples": 4}}},
+        counted=counted if counted_only else None,
+    )
+    rows = sum(int(mask.sum()) if counted_only else mask.size for mask in counted)
+    writer.write(np.arange(4), logits(rows, 9))
+    writer.finalize()
+    return path
+
+
+def test_assistant_only_parts_stay_assistant_only_through_convert_and_concat(tmp_path):
+    source = assistant_only_store(tmp_path / "chat.zarr")
+    split = parts(tmp_path, source, "float16", [3, 0], [1, 2])
+    joined_path = tmp_path / "all.zarr"
+    concat_stores(split, joined_path)
+    for path in [*split, joined_path]:
+        store = open_sequence_store(path)
+        assert not store.every_position
+        assert store.layout["max_length"] == 8  # the longest sequence, not its rows + 1
+        with pytest.raises(StoreFormatError, match="--train-on assistant"):
+            store.tokens(0)
+    joined, original = open_sequence_store(joined_path), open_sequence_store(source)
+    np.testing.assert_array_equal(joined.offsets, original.offsets)
+    np.testing.assert_array_equal(joined.store.labels, original.store.labels)
+    assert verify_store(joined_path).ok
+    full = assistant_only_store(tmp_path / "full.zarr", counted_only=False)
+    (every,) = parts(tmp_path, full, "float16", [1, 2], name="every")
+    with pytest.raises(StoreMismatchError, match="differ in their rows at every position"):
+        concat_stores([split[0], every], tmp_path / "mixed.zarr")
+    assert not (tmp_path / "mixed.zarr").exists()
+
+
+def test_a_source_listing_a_sample_twice_is_refused_naming_it(tmp_path):
+    paths = []
+    for number, indices in enumerate(([0, 2, 2], [1, 3, 4])):
+        writer = create_store(
+            tmp_path / f"part{number}.zarr",
+            num_samples=3,
+            num_classes=6,
+            encoding="float16",
+            teacher=TEACHER,
+            dataset=DATASET,
+            arrays={DATASET_INDICES_ARRAY: np.array(indices)},
+        )
+        writer.write(np.arange(3), logits(3, 6))
+        writer.finalize()
+        paths.append(tmp_path / f"part{number}.zarr")
+    with pytest.raises(StoreMismatchError, match=r"part0.zarr.*list sample 2 more than once"):
+        concat_stores(paths, tmp_path / "out.zarr")
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_one_encoding_typed_two_ways_joins(tmp_path):
+    views = 3
+    source = whole_store(tmp_path / "whole.zarr", "float32", views=views)
+    (converted,) = parts(tmp_path, source, "viewset:4", list(range(6)))
+    assert open_store(converted).metadata.encoding == "viewset:4"
+    # A dump records the encoding as typed, its default bits included.
+    whole = open_store(source)
+    writer = create_store(
+        tmp_path / "dumped.zarr",
+        num_samples=6,
+        num_classes=6,
+        encoding="viewset:4:4",
+        labels=np.arange(6, 12) % 6,
+        teacher=TEACHER,
+        dataset=DATASET,
+        views=views,
+        augment=AUGMENT,
+        view_params=present(whole.view_params)[6:],
+        arrays={DATASET_INDICES_ARRAY: np.arange(6, 12)},
+    )
+    writer.write(np.arange(6 * views), logits(6 * views, 6))
+    writer.finalize()
+    result = concat_stores([converted, tmp_path / "dumped.zarr"], tmp_path / "all.zarr")
+    assert result.num_samples == 12
+    assert verify_store(tmp_path / "all.zarr").ok

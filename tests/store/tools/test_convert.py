@@ -323,3 +323,11 @@ def test_a_subset_records_which_samples_of_the_whole_dataset_it_holds(tmp_path, 
         assert store.guard.whole(DATASET_INDICES_ARRAY).tolist() == expected
     whole = convert_store(float16_store, tmp_path / "whole.zarr", encoding="int8")
     assert DATASET_INDICES_ARRAY not in open_store(whole.out).group
+
+
+def test_a_part_holding_only_sample_0_verifies(tmp_path, float16_store):
+    # Its dataset_indices are all zero: the array's one chunk is still written.
+    convert_store(float16_store, tmp_path / "first.zarr", encoding="float16", indices=[0])
+    report = verify_store(tmp_path / "first.zarr")
+    assert report.ok, report.problems
+    assert open_store(tmp_path / "first.zarr").guard.whole(DATASET_INDICES_ARRAY).tolist() == [0]
