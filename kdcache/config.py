@@ -408,6 +408,8 @@ class DistillConfig(DistillOptions, LoopConfig):
     def __post_init__(self) -> None:
         from kdcache.augment.recipe import parse_recipe
 
+        if isinstance(self.cache, os.PathLike):
+            object.__setattr__(self, "cache", os.fspath(self.cache))
         if self.cache is not None and not isinstance(self.cache, str):
             stores = tuple(str(store) for store in self.cache)  # the command line gives a tuple
             object.__setattr__(
