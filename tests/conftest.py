@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 from PIL import Image
+from warm_interpreter import WarmInterpreter
 
 # CI replays the same examples every run (a red CI must be reproducible); elsewhere the fuzzers
 # explore new ones.
@@ -43,6 +44,25 @@ def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen
     )
 
 
+#: Packages every CLI test process imports: the warm interpreter (:func:`run_cli`) has them.
+CLI_PRELOAD = ("torch", "torchvision")
+_warm_cli: WarmInterpreter | None = None
+
+
+def _warm_interpreter() -> WarmInterpreter:
+    global _warm_cli
+    if _warm_cli is None or _warm_cli.process.poll() is not None:
+        _warm_cli = WarmInterpreter(CLI_PRELOAD, env=cli_environment(), cwd=REPO_ROOT)
+    return _warm_cli
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_warm_interpreter() -> Iterator[None]:
+    yield
+    if _warm_cli is not None:
+        _warm_cli.close()
+
+
 def run_cli(
     *args: str,
     cwd: Path | None = None,
@@ -50,16 +70,30 @@ def run_cli(
     env: dict[str, str] | None = None,
     preexec_fn: Callable[[], None] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m kdcache ARGS`` in a fresh process, as a user would."""
-    result = subprocess.run(
-        [sys.executable, "-m", "kdcache", *args],
-        cwd=cwd,
-        env=cli_environment(env),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        preexec_fn=preexec_fn,
-    )
+    """Run ``python -m kdcache ARGS`` in a fresh process, as a user would.
+
+    The process is forked from a warm interpreter that imported :data:`CLI_PRELOAD` once
+    (tests/warm_interpreter.py), unless ``preexec_fn`` or an environment variable read at
+    interpreter start-up asks for a genuinely new interpreter.
+    """
+    command = [sys.executable, "-m", "kdcache", *args]
+    environment = cli_environment(env)
+    warm = _warm_interpreter() if preexec_fn is None else None
+    if warm is not None and warm.serves(environment):
+        returncode, stdout, stderr = warm.run(
+            command[2:], cwd=cwd or Path.cwd(), env=environment, module="kdcache", timeout=600
+        )
+        result = subprocess.CompletedProcess(command, returncode, stdout, stderr)
+    else:
+        result = subprocess.run(
+            command,
+            cwd=cwd,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            preexec_fn=preexec_fn,
+        )
     if check and result.returncode != 0:
         raise AssertionError(
             f"kdcache {' '.join(args)} failed ({result.returncode}):\n{result.stderr}"

@@ -1,11 +1,12 @@
 """Every code block of docs/integrations.md runs, in order, in one folder, as a user would run it.
 
 Python blocks run each in a fresh namespace of a fresh process, forked from one interpreter that
-imported the heavy third-party packages (:data:`PRELOADED`) once, so that each block does not pay
-their seconds again; a block that forgets an import still fails, and nothing of kdcache is
-imported before a block imports it. A block after ``<!-- file: NAME -->`` is saved as NAME and
-run as the script NAME (a later block runs it again, e.g. under torchrun); bash blocks run with
-this interpreter's scripts (kdcache, torchrun) first on PATH. A block after
+imported the heavy third-party packages (:data:`PRELOADED`) once (tests/warm_interpreter.py), so
+that each block does not pay their seconds again; a block that forgets an import still fails,
+and nothing of kdcache is imported before a block imports it. A block after
+``<!-- file: NAME -->`` is saved as NAME and run as the script NAME (a later block runs it
+again, e.g. under torchrun); bash blocks run with this interpreter's scripts (kdcache, torchrun)
+first on PATH. A block after
 ``<!-- needs: MODULE -->`` runs in its own test, skipped where MODULE is not installed. The
 language-model blocks find teacher/, student/ and corpus.jsonl made by the tests' tiny-model
 fixtures.
@@ -14,12 +15,9 @@ fixtures.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
-import select
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,6 +27,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, cli_environment
 from lm_fixtures import lm_files_fixture  # noqa: F401  (provides the lm_files fixture)
+from warm_interpreter import WarmInterpreter
 
 pytest.importorskip("timm", reason="the [timm] extra is not installed")
 pytest.importorskip("accelerate", reason="the [llm] extra is not installed")
@@ -68,39 +67,6 @@ def page_blocks(text: str) -> list[Block]:
 #: a submodule it never imported fails here as it would for a user.
 PRELOADED = ("torch", "torchvision", "timm", "transformers")
 
-#: The block runner: imports PRELOADED, then for each request line {"code", "file", "log"} forks a
-#: process that runs the code as ``__main__`` in a fresh namespace, its output to "log", and
-#: answers with that process's exit status.
-RUNNER = """
-import importlib, json, os, sys, traceback
-for name in sys.argv[1:]:
-    importlib.import_module(name)
-for line in sys.stdin:
-    request = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        sys.argv = [request["file"] or "-c"]
-        sys.path[0] = os.getcwd() if request["file"] else ""
-        status = 0
-        try:
-            code = compile(request["code"], request["file"] or "<string>", "exec")
-            exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
-        except SystemExit as stop:
-            status = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
-        except BaseException:
-            traceback.print_exc()
-            status = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    _, wait_status = os.waitpid(pid, 0)
-    print(json.dumps(os.waitstatus_to_exitcode(wait_status)), flush=True)
-"""
-
-
 #: The longest a block may run.
 BLOCK_TIMEOUT_S = 600
 
@@ -116,38 +82,22 @@ class BlockRunner:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        preloaded = [name for name in PRELOADED if importlib.util.find_spec(name)]
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", RUNNER, *preloaded],
-            cwd=folder,
-            env=block_environment(),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        preloaded = tuple(name for name in PRELOADED if importlib.util.find_spec(name))
+        self.interpreter = WarmInterpreter(preloaded, env=block_environment(), cwd=folder)
 
     def run(self, block: Block) -> tuple[int, str]:
         """The block's exit status and output."""
-        log = self.folder / ".block.log"
-        request = {"code": block.code, "file": block.file, "log": str(log)}
-        assert self.process.stdin is not None
-        assert self.process.stdout is not None
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        # One answer line per request, so nothing is left buffered while this waits.
-        ready, _, _ = select.select([self.process.stdout], [], [], BLOCK_TIMEOUT_S)
-        if not ready:
-            os.killpg(self.process.pid, signal.SIGKILL)  # the runner and the block it forked
-            raise AssertionError(f"{block.code}\ndid not finish in {BLOCK_TIMEOUT_S} s")
-        answer = self.process.stdout.readline()
-        assert answer, "the block runner died"
-        return json.loads(answer), log.read_text()
+        status, output, _ = self.interpreter.run(
+            [block.file or "-c"],
+            cwd=self.folder,
+            code=block.code,
+            timeout=BLOCK_TIMEOUT_S,
+            merge_output=True,
+        )
+        return status, output
 
     def close(self) -> None:
-        if self.process.stdin is not None:
-            self.process.stdin.close()
-        self.process.wait(timeout=60)
+        self.interpreter.close()
 
 
 def run_block(block: Block, folder: Path, runner: BlockRunner) -> None:
