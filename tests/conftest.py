@@ -45,7 +45,7 @@ def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen
 
 
 #: Packages every CLI test process imports: the warm interpreter (:func:`run_cli`) has them.
-CLI_PRELOAD = ("torch", "torchvision")
+CLI_PRELOAD = ("torch", "torchvision", "transformers")
 _warm_cli: WarmInterpreter | None = None
 
 

@@ -10,8 +10,9 @@ nothing before it forks (torch's thread pools start in each child, with the chil
 and imports nothing of kdcache: each child imports kdcache afresh, reading its environment then.
 
 Variables that the interpreter or the preloaded packages read at start-up (``PYTHON*``, thread
-and device settings) cannot change in a child: :meth:`WarmInterpreter.serves` says whether an
-environment differs from the warm one in any of them, and callers then start a fresh process.
+and device settings), and a ``PYTHONPATH`` entry holding a ``sitecustomize`` or a package that
+shadows a preloaded one, cannot take effect in a child: :meth:`WarmInterpreter.serves` says
+whether an environment asks for any of them, and callers then start a fresh process.
 """
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ for line in sys.stdin:
 """
 
 #: Environment variables read when the interpreter or a preloaded package starts (never again).
-STARTUP_PREFIXES = ("PYTHON", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "CUDA_", "TORCH", "PYTORCH_")
+STARTUP_PREFIXES = (
+    *("PYTHON", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "CUDA_", "TORCH", "PYTORCH_"),
+    *("HF_", "TRANSFORMERS_", "TOKENIZERS_"),
+)
 
 
 def _startup_variables(env: dict[str, str]) -> dict[str, str]:
@@ -95,6 +99,11 @@ class WarmInterpreter:
 
     def __init__(self, preload: tuple[str, ...], *, env: dict[str, str], cwd: Path) -> None:
         self._startup = _startup_variables(env)
+        self._path = env.get("PYTHONPATH", "").split(os.pathsep)
+        #: Files that an added sys.path entry would need a new interpreter to honour: start-up
+        #: hooks, and packages shadowing the preloaded ones.
+        self._startup_files = {"sitecustomize.py", "usercustomize.py"}
+        self._startup_files |= {name for top in preload for name in (top, f"{top}.py")}
         self._outputs = Path(tempfile.mkdtemp(prefix="kdcache-warm-"))
         self._count = 0
         self.process = subprocess.Popen(
@@ -110,7 +119,17 @@ class WarmInterpreter:
     def serves(self, env: dict[str, str]) -> bool:
         """Whether a child can run with ``env``: it agrees with the warm one on the start-up
         variables."""
-        return _startup_variables(env) == self._startup and self.process.poll() is None
+        added = set(env.get("PYTHONPATH", "").split(os.pathsep)) - set(self._path)
+        return (
+            _startup_variables(env) == self._startup
+            and not any(
+                (Path(entry) / name).exists()
+                for entry in added
+                if entry
+                for name in self._startup_files
+            )
+            and self.process.poll() is None
+        )
 
     def run(
         self,
