@@ -24,9 +24,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 import zarr
 from numcodecs import Zstd
 
+from kdcache.lm.models import load_causal_lm
 from kdcache.logits.encodings import parse_encoding
 from kdcache.store.read.reader import open_store
 from kdcache.store.write.writer import create_store
@@ -53,6 +55,27 @@ def zipf_rows(tokens: int, vocab: int, seed: int) -> np.ndarray:
             row[boosted] += rng.uniform(4.0, 10.0, boosted.size)
         rows[start : start + count] = block
     return rows
+
+
+def teacher_rows(teacher: Path, text: Path, tokens: int, max_length: int = 128) -> np.ndarray:
+    """Up to ``tokens`` next-token logit rows (float32) of the causal LM saved in ``teacher``
+    over the documents of ``text`` (JSON Lines with a ``text`` field, as lm_stdlib.py writes
+    them), each document cut into windows of ``max_length`` tokens, every position kept."""
+    lm = load_causal_lm(f"hf:{teacher}")
+    lm.model.eval()
+    rows: list[np.ndarray] = []
+    kept = 0
+    for line in text.read_text().splitlines():
+        ids = lm.tokenizer(json.loads(line)["text"])["input_ids"]
+        for start in range(0, len(ids) - 1, max_length):
+            window = torch.tensor([ids[start : start + max_length]])
+            with torch.no_grad():
+                logits = lm.logits(window, torch.ones_like(window))[0].numpy()
+            rows.append(logits[: tokens - kept])
+            kept += len(rows[-1])
+            if kept >= tokens:
+                return np.concatenate(rows)
+    return np.concatenate(rows)
 
 
 def describe(rows: np.ndarray) -> dict[str, float]:
