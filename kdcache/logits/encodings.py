@@ -207,7 +207,7 @@ class TopKEncoding(Encoding):
     row's own ``topk_depth`` (float16, at least the K-th offset's depth, so no offset is cut),
     within ``(sqrt(depth * |d|) + depth / 4L) / L`` of each offset ``d`` (L = 2^BITS - 1): fine
     near the maximum, where the softmax is decided. ``row_max`` is then float16 rounded to a
-    quarter nat, a shift of the whole row that no softmax sees: 3K + 10 bytes raw, the codes'
+    quarter nat, a shift of the whole row that no softmax sees: 3K + 16 bytes raw, the codes'
     small steps coding in a few bits each.
     """
 
