@@ -147,7 +147,20 @@ def measure(rows: np.ndarray, encoding: str, folder: Path) -> dict[str, float]:
         "raw_bytes_per_token": float(parse_encoding(encoding).row_nbytes(vocab)),
         "kl_t1": float(kl.get(1.0, math.nan)),
         "kl_t2": float(kl.get(2.0, math.nan)),
+        "mass_outside_draws": mass_outside_draws(rows, store)
+        if encoding.startswith("sampled:")
+        else math.nan,
     }
+
+
+def mass_outside_draws(rows: np.ndarray, store: Path) -> float:
+    """The teacher's mean probability (T = 1) on the classes a ``sampled:S`` store never drew."""
+    reader = open_store(store)
+    classes = reader.read_rows("sample_indices", 0, len(rows)).astype(np.int64)
+    drawn = reader.read_rows("sample_counts", 0, len(rows)) > 0
+    log_probs = torch.log_softmax(torch.from_numpy(rows).double(), dim=1).numpy()
+    kept = np.where(drawn, np.exp(np.take_along_axis(log_probs, classes, axis=1)), 0.0)
+    return float(1.0 - kept.sum(axis=1).mean())
 
 
 def main() -> None:
@@ -195,7 +208,12 @@ def main() -> None:
                     f"  {encoding:>10}: {figures['bytes_per_token']:6.1f} B/token "
                     f"(plain bytes + zstd {figures['plain_zstd_bytes_per_token']:6.1f}, raw "
                     f"{figures['raw_bytes_per_token']:5.0f}), KL(T=1) {figures['kl_t1']:.3g}, "
-                    f"KL(T=2) {figures['kl_t2']:.3g}",
+                    f"KL(T=2) {figures['kl_t2']:.3g}"
+                    + (
+                        ""
+                        if math.isnan(figures["mass_outside_draws"])
+                        else f", mass outside the draws {figures['mass_outside_draws']:.3f}"
+                    ),
                     flush=True,
                 )
             del rows

@@ -206,3 +206,26 @@ def test_topk_bits_spec_is_validated_in_one_line():
         message = str(raised.value)
         assert repr(bad) in message and "topk:K:BITS with BITS in [2, 8]" in message
         assert "\n" not in message
+
+
+def test_plain_topk_rows_are_stored_as_before_bits_existed():
+    # topk:K keeps its layout and values exactly: stores written before topk:K:BITS read the same.
+    logits = peaked_logits(rows=8, classes=300)
+    encoding = parse_encoding("topk:5", num_classes=300)
+    layout = encoding.layout(300)
+    assert {name: (shape, str(dtype)) for name, (shape, dtype) in layout.items()} == {
+        "row_max": ((), "float32"),
+        "topk_offsets": ((5,), "float16"),
+        "topk_indices": ((5,), "uint16"),
+        "tail": ((6,), "float16"),
+    }
+    arrays = encoding.encode(logits)
+    assert list(arrays) == list(layout)
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :5]
+    values = np.take_along_axis(logits, top, axis=1)
+    np.testing.assert_array_equal(arrays["topk_indices"], top)
+    np.testing.assert_array_equal(arrays["row_max"], values[:, 0])
+    np.testing.assert_array_equal(
+        arrays["topk_offsets"], (values - values[:, :1]).astype(np.float16)
+    )
+    assert encoding.packed_arrays == ("topk_indices", "topk_offsets")
