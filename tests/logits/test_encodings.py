@@ -204,7 +204,8 @@ def test_topk_bits_spec_is_validated_in_one_line():
         with pytest.raises(SpecError) as raised:
             parse_encoding(bad)
         message = str(raised.value)
-        assert repr(bad) in message and "topk:K:BITS with BITS in [2, 8]" in message
+        assert repr(bad) in message
+        assert "topk:K:BITS with BITS in [2, 8]" in message
         assert "\n" not in message
 
 
