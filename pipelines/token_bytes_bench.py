@@ -23,10 +23,12 @@ writer measured (every 8th row; for ``sampled:S`` that of the draws' shares agai
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -183,11 +185,11 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.text) != len(args.teacher):
         parser.error(f"give one --text per --teacher, got {len(args.text)} for {len(args.teacher)}")
-    sources = [
-        (str(teacher), lambda teacher=teacher, text=text: teacher_rows(teacher, text, args.tokens))
+    sources: list[tuple[str, Callable[[], np.ndarray]]] = [
+        (str(teacher), functools.partial(teacher_rows, teacher, text, args.tokens))
         for teacher, text in zip(args.teacher, args.text, strict=True)
     ] or [
-        (f"synthetic V={vocab}", lambda vocab=vocab: zipf_rows(args.tokens, vocab, seed=vocab))
+        (f"synthetic V={vocab}", functools.partial(zipf_rows, args.tokens, vocab, vocab))
         for vocab in args.vocab
     ]
     results = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from conftest import run_cli
 from lm_fixtures import lm_files_fixture  # noqa: F401  (provides the lm_files fixture)
-from narrowing import sparse
+from narrowing import present, sparse
 
 from kdcache.config import DumpConfig
 from kdcache.lm.dump import dump_lm
@@ -35,14 +35,16 @@ def test_a_quantised_token_store_dumps_reads_converts_and_distills(tmp_path, lm_
     exact, quantised = sparse(plain.read(every)), sparse(coded.read(every))
     torch.testing.assert_close(quantised.indices, exact.indices)
     torch.testing.assert_close(
-        quantised.tail - quantised.values[:, :1], exact.tail - exact.values[:, :1], atol=0, rtol=0
+        quantised.tail - quantised.values[:, :1],
+        exact.tail - exact.values[:, :1],
+        atol=1e-5,
+        rtol=0,
     )
     # 8-bit codes on the row's own depth: a few hundredths of a nat from the float16 offsets.
     offsets = [rows.values - rows.values[:, :1] for rows in (quantised, exact)]
     assert (offsets[0] - offsets[1]).abs().max() < 0.05
-    fidelity = coded.store.metadata.fidelity
-    assert fidelity is not None
-    assert fidelity["mean_kl"][0] <= plain.store.metadata.fidelity["mean_kl"][0] * 1.01 + 1e-4
+    kl = [present(reader.store.metadata.fidelity)["mean_kl"][0] for reader in (coded, plain)]
+    assert kl[0] <= kl[1] * 1.01 + 1e-4
     assert verify_store(stores["topk:6:8"]).ok
     report = inspect_store(stores["topk:6:8"])
     assert (report.encoding, report.complete) == ("topk:6:8", True)

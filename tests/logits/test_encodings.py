@@ -181,7 +181,7 @@ def test_topk_bits_codes_each_kept_value_within_its_bound(bits):
     assert np.abs(decoded[:3]).max() == 0.0
     # The row max is stored to a quarter nat: a shift of the whole row.
     assert np.abs(sparse.values[:, 0].numpy() - logits.max(axis=1)).max() <= 0.125
-    torch.testing.assert_close(sparse.indices, plain.sparse(plain_arrays).indices)
+    torch.testing.assert_close(sparse.indices, present(plain.sparse(plain_arrays)).indices)
 
 
 def test_topk_bits_kl_stays_near_topk_at_8_bits():
@@ -198,8 +198,10 @@ def test_topk_bits_kl_stays_near_topk_at_8_bits():
 
 
 def test_topk_bits_spec_is_validated_in_one_line():
-    assert parse_encoding("topk:32:8").bits == 8
-    assert parse_encoding("topk:32").bits is None
+    coded, plain = parse_encoding("topk:32:8"), parse_encoding("topk:32")
+    assert isinstance(coded, TopKEncoding)
+    assert isinstance(plain, TopKEncoding)
+    assert (coded.bits, plain.bits) == (8, None)
     for bad in ("topk:32:1", "topk:32:9", "topk:32:", "topk:0:8", "topk:32:8:1", "topk::8"):
         with pytest.raises(SpecError) as raised:
             parse_encoding(bad)
