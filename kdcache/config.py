@@ -758,7 +758,7 @@ class MergeConfig(Options):
     bits: int | None = option(
         None,
         help="Store the kept values of the topk:K output in BITS-bit codes (the encoding "
-        "topk:K:BITS: about two thirds of the bytes, error bounded) [default: float16 values].",
+        "topk:K:BITS: a fifth to a third fewer bytes, error bounded) [default: float16 values].",
     )
     chunk_rows: int | None = option(
         None, help="Rows per Zarr chunk of the new store [default: about 1 MiB per chunk]."

@@ -9,8 +9,8 @@ run bit for bit. Dense sources merge exactly. A sparse (``topk:K``) source enter
 filled for the temperature: its distribution there is its top-K plus its exact tail mass spread
 uniformly, so the sources' mixture is the union of their kept classes plus one uniform tail,
 which a ``topk:K'`` output holds exactly when K' covers the union (K' defaults to the sum of the
-sources' K); a ``topk:K':BITS`` output (``bits``) holds it to its codes' bounded error in about
-two thirds of the bytes. A ``sampled:S`` source holds draws at T = 1: it merges in ``mixture``
+sources' K); a ``topk:K':BITS`` output (``bits``) holds it to its codes' bounded error in about a
+fifth fewer bytes. A ``sampled:S`` source holds draws at T = 1: it merges in ``mixture``
 mode at T = 1.
 
 The sources are read one row chunk at a time (each chunk checked by the reader's guard) and the
