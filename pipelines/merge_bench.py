@@ -5,10 +5,11 @@ set of class prototypes and samples, each teacher seeing the samples through its
 noise and logit noise, at its own confidence) are written as topk:K stores, then merged as the
 probability-space mixture at T = 1 and T = 4 into topk:K' stores with
 :func:`kdcache.store.tools.merge.merge_stores` (what ``kdcache merge A B C --out M --mode mixture
---temperature T --top-k K'`` runs). Two sets of teachers: ``different`` (feature noise 0.6-0.8,
-logit scales 28-36: different models, whose top-K sets overlap little) and ``similar`` (feature
-noise 0.25, one scale: seeds of one model). For each merge it prints, in nats (mean over rows,
-float64):
+--temperature T --top-k K' [--bits BITS]`` runs; with ``--bits`` the output is
+``topk:K':BITS``, its values in BITS-bit codes). Two sets of teachers: ``different`` (feature
+noise 0.6-0.8, logit scales 28-36: different models, whose top-K sets overlap little) and
+``similar`` (feature noise 0.25, one scale: seeds of one model). For each merge it prints, in nats
+(mean over rows, float64):
 
 - KL(mixture || merged): the mixture of the three stores as they read back at T (each one's
   top-K plus its exact tail mass spread uniformly) against the merged store read back at T: what
@@ -102,11 +103,18 @@ def main() -> None:
         default=[1.5, 2.0, 2.5],
         help="Output K' as multiples of the inputs' K.",
     )
+    parser.add_argument(
+        "--bits",
+        type=int,
+        nargs="+",
+        default=[0, 8],
+        help="Code bits of the output's values (topk:K':BITS); 0 for float16 values (topk:K').",
+    )
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     print(
-        "| teachers | inputs | T | output K' | KL(mixture of the stores ‖ merged) | KL(teachers' "
+        "| teachers | inputs | T | output | KL(mixture of the stores ‖ merged) | KL(teachers' "
         "mixture ‖ merged) | merged bytes / one input's |"
     )
     print("|---|---|---|---|---|---|---|")
@@ -129,16 +137,24 @@ def main() -> None:
                     ]
                 )
                 for kept in (round(k * factor) for factor in args.kept):
-                    out = args.out / f"{teachers}-top{k}-T{temperature:g}-K{kept}.zarr"
-                    merge_stores(inputs, out, mode="mixture", temperature=temperature, top_k=kept)
-                    merged = read_log_probs(out, temperature, args.samples)
-                    print(
-                        f"| {teachers} | topk:{k} x 3 | {temperature:g} | {kept} | "
-                        f"{mean_kl(stores, merged):.2g} | {mean_kl(dense, merged):.3g} | "
-                        f"{disk_bytes(out) / input_bytes:.2f}x |",
-                        flush=True,
-                    )
-                    shutil.rmtree(out)
+                    for bits in args.bits:
+                        out = args.out / f"{teachers}-top{k}-T{temperature:g}-K{kept}-{bits}.zarr"
+                        result = merge_stores(
+                            inputs,
+                            out,
+                            mode="mixture",
+                            temperature=temperature,
+                            top_k=kept,
+                            bits=bits or None,
+                        )
+                        merged = read_log_probs(out, temperature, args.samples)
+                        print(
+                            f"| {teachers} | topk:{k} x 3 | {temperature:g} | {result.encoding} | "
+                            f"{mean_kl(stores, merged):.2g} | {mean_kl(dense, merged):.3g} | "
+                            f"{disk_bytes(out) / input_bytes:.2f}x |",
+                            flush=True,
+                        )
+                        shutil.rmtree(out)
 
 
 if __name__ == "__main__":

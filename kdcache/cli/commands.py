@@ -307,6 +307,7 @@ def merge(stores: tuple[str, ...], **options: Any) -> None:
         weights=config.weights,
         encoding=config.encoding,
         top_k=config.top_k,
+        bits=config.bits,
         overwrite=config.overwrite,
         chunk_rows=config.chunk_rows,
         fsync=config.fsync,

@@ -201,15 +201,26 @@ class TopKEncoding(Encoding):
     4K + 16 bytes. Offsets from the max keep float16's relative error on the differences that
     decide the softmax rather than on the raw values. See :mod:`kdcache.logits.sparse` for the
     reconstruction at any temperature; ``decode`` needs that temperature.
+
+    ``topk:K:BITS`` (``bits`` given) stores each offset as a BITS-bit code instead: ``topk_codes``
+    (K uint8, non-decreasing) on :func:`~kdcache.logits.viewset.companded_grid` scaled to the
+    row's own ``topk_depth`` (float16, at least the K-th offset's depth, so no offset is cut),
+    within ``(sqrt(depth * |d|) + depth / 4L) / L`` of each offset ``d`` (L = 2^BITS - 1): fine
+    near the maximum, where the softmax is decided. ``row_max`` is then float16 rounded to a
+    quarter nat, a shift of the whole row that no softmax sees: 3K + 16 bytes raw, the codes'
+    small steps coding in a few bits each.
     """
 
     is_sparse = True
-    packed_arrays = ("topk_indices", "topk_offsets")
 
-    def __init__(self, k: int, *, num_classes: int | None = None) -> None:
+    def __init__(self, k: int, *, bits: int | None = None, num_classes: int | None = None) -> None:
         self.k = k
-        self.name = f"topk:{k}"
+        self.bits = bits
+        self.name = f"topk:{k}" + ("" if bits is None else f":{bits}")
         self.num_classes = num_classes
+        self.packed_arrays = (
+            ("topk_indices", "topk_offsets") if bits is None else ("topk_indices", "topk_codes")
+        )
 
     def layout(self, num_classes: int) -> Layout:
         if self.k >= num_classes:
@@ -218,9 +229,17 @@ class TopKEncoding(Encoding):
                 f"{num_classes}; "
                 f"use topk:K with K < {num_classes}, or float16 to keep every class"
             )
+        if self.bits is None:
+            return {
+                "row_max": ((), np.dtype("float32")),
+                "topk_offsets": ((self.k,), np.dtype("float16")),
+                "topk_indices": ((self.k,), index_dtype(num_classes)),
+                "tail": ((len(TAIL_STATS),), np.dtype("float16")),
+            }
         return {
-            "row_max": ((), np.dtype("float32")),
-            "topk_offsets": ((self.k,), np.dtype("float16")),
+            "row_max": ((), np.dtype("float16")),
+            "topk_codes": ((self.k,), np.dtype("uint8")),
+            "topk_depth": ((), np.dtype("float16")),
             "topk_indices": ((self.k,), index_dtype(num_classes)),
             "tail": ((len(TAIL_STATS),), np.dtype("float16")),
         }
@@ -237,12 +256,37 @@ class TopKEncoding(Encoding):
         )
         tail = tail_statistics(logits, top).numpy()
         row_max = values[:, :1]
-        return {
-            "row_max": row_max[:, 0].astype(np.float32),
-            "topk_offsets": (values - row_max).astype(np.float16),
+        encoded = {
             "topk_indices": top.astype(layout["topk_indices"][1]),
             "tail": (tail - row_max).astype(np.float16),
         }
+        if self.bits is None:
+            encoded["row_max"] = row_max[:, 0].astype(np.float32)
+            encoded["topk_offsets"] = (values - row_max).astype(np.float16)
+        else:
+            offsets = values - row_max
+            depth = _depth_at_least(-offsets[:, -1])
+            encoded["row_max"] = (np.rint(row_max[:, 0] * 4.0) / 4.0).astype(np.float16)
+            encoded["topk_codes"] = offset_codes(
+                offsets, self.bits, depth.astype(np.float32)[:, None]
+            )
+            encoded["topk_depth"] = depth
+        return {name: encoded[name] for name in layout}
+
+    def unrepresentable_rows(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
+        bad = super().unrepresentable_rows(encoded)
+        if "topk_depth" in encoded:
+            # A depth of 0 (or below) would code every kept class as the maximum.
+            bad |= ~(encoded["topk_depth"] > 0)
+        return bad
+
+    def offsets(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """The K kept logits of each row minus its ``row_max`` (B, K) float32, descending."""
+        if self.bits is None:
+            return arrays["topk_offsets"].astype(np.float32)
+        unit = companded_grid(self.bits, 1.0)
+        codes = np.minimum(arrays["topk_codes"], len(unit) - 1)
+        return unit[codes] * np.asarray(arrays["topk_depth"], dtype=np.float32)[:, None]
 
     def sparse(self, arrays: dict[str, np.ndarray]) -> SparseLogits:
         if self.num_classes is None:
@@ -252,7 +296,7 @@ class TopKEncoding(Encoding):
             )
         row_max = torch.from_numpy(np.asarray(arrays["row_max"], dtype=np.float32))[:, None]
         return SparseLogits(
-            values=torch.from_numpy(arrays["topk_offsets"].astype(np.float32)) + row_max,
+            values=torch.from_numpy(self.offsets(arrays)) + row_max,
             indices=torch.from_numpy(arrays["topk_indices"].astype(np.int64)),
             tail=torch.from_numpy(arrays["tail"].astype(np.float32)) + row_max,
             num_classes=self.num_classes,
@@ -269,6 +313,15 @@ class TopKEncoding(Encoding):
                 "loss softens at its own temperature"
             )
         return sparse.dense(temperature).numpy()
+
+
+def _depth_at_least(spans: np.ndarray) -> np.ndarray:
+    """float16 depths (B,), each the nearest float16 at or above ``spans`` (B,) and above 0."""
+    spans = np.maximum(spans.astype(np.float32), np.float32(np.finfo(np.float16).tiny))
+    depth = spans.astype(np.float16)
+    short = depth.astype(np.float32) < spans
+    depth[short] = np.nextafter(depth[short], np.float16(np.inf))
+    return depth
 
 
 class SampledEncoding(Encoding):
@@ -438,11 +491,18 @@ def _int8(spec: str, argument: str, num_classes: int | None) -> Encoding:
 
 
 def _topk(spec: str, argument: str, num_classes: int | None) -> Encoding:
-    if not (argument.isdigit() and int(argument) >= 1):
+    k, sep, bits = argument.partition(":")
+    if not (
+        k.isdigit()
+        and int(k) >= 1
+        and (not sep or (bits.isdigit() and MIN_BITS <= int(bits) <= MAX_BITS))
+    ):
         raise SpecError(
-            f"malformed encoding {spec!r}; expected topk:K with an integer K >= 1, e.g. topk:20"
+            f"malformed encoding {spec!r}; expected topk:K with an integer K >= 1, or "
+            f"topk:K:BITS with BITS in [{MIN_BITS}, {MAX_BITS}] (values in BITS-bit codes), "
+            "e.g. topk:20 or topk:32:8"
         )
-    return TopKEncoding(int(argument), num_classes=num_classes)
+    return TopKEncoding(int(k), bits=int(bits) if sep else None, num_classes=num_classes)
 
 
 def _sampled(spec: str, argument: str, num_classes: int | None) -> Encoding:
@@ -488,7 +548,7 @@ ENCODINGS: dict[str, EncodingKind] = {
     "float32": EncodingKind("float32", "float32", _dense("float32")),
     "float16": EncodingKind("float16", "float16", _dense("float16")),
     "int8": EncodingKind("int8", "int8", _int8),
-    "topk": EncodingKind("topk:K", "topk:20", _topk),
+    "topk": EncodingKind("topk:K[:BITS]", "topk:20", _topk),
     "sampled": EncodingKind("sampled:S", "sampled:12", _sampled),
     "viewset": EncodingKind("viewset:M", "viewset:16", _viewset),
 }

@@ -46,17 +46,21 @@ DEFAULT_BITS = 4
 _TAIL_CHAIN = (0, *range(2, len(TAIL_STATS)), 1)
 
 
-def companded_grid(bits: int) -> np.ndarray:
-    """The decoded offset of each of the 2^bits codes, 0 (the maximum) down to -DEPTH."""
+def companded_grid(bits: int, depth: float = DEPTH) -> np.ndarray:
+    """The decoded offset of each of the 2^bits codes, 0 (the maximum) down to -``depth``."""
     levels = (1 << bits) - 1
-    return (-DEPTH * (np.arange(levels + 1) / levels) ** 2).astype(np.float32)
+    return (-depth * (np.arange(levels + 1) / levels) ** 2).astype(np.float32)
 
 
-def offset_codes(offsets: np.ndarray, bits: int) -> np.ndarray:
+def offset_codes(offsets: np.ndarray, bits: int, depth: float | np.ndarray = DEPTH) -> np.ndarray:
     """Codes (uint8) of offsets from the row's maximum (<= 0): the nearest level of
-    :func:`companded_grid` in the companded domain sqrt(-d / DEPTH)."""
+    :func:`companded_grid` in the companded domain sqrt(-d / depth). ``depth`` may be one per
+    row (``(B, 1)``, each > 0); an offset below it is coded as it.
+
+    The decoded offset of a code is within ``(sqrt(depth * -d) + depth / (4L)) / L`` of ``d``
+    (L = 2^bits - 1 steps): fine near the maximum, at most about ``depth / L`` at the bottom."""
     steps = (1 << bits) - 1
-    companded = np.sqrt(np.clip(-offsets / DEPTH, 0.0, 1.0))
+    companded = np.sqrt(np.clip(-offsets / depth, 0.0, 1.0))
     codes = np.rint(companded * steps).astype(np.uint8)
     # Level 0 is the view's top class alone: a runner-up rounded up to it would tie with it,
     # and the decoded row could name another top class.

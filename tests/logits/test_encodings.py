@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -62,7 +64,7 @@ def test_every_registered_encoding_builds_from_its_example_and_round_trips(name)
 
 
 def test_an_unknown_encoding_names_what_was_given_and_every_registered_form():
-    with pytest.raises(SpecError, match="'bf16'.*" + ".*".join(ENCODING_CHOICES)):
+    with pytest.raises(SpecError, match="'bf16'.*" + ".*".join(map(re.escape, ENCODING_CHOICES))):
         parse_encoding("bf16")
     # A form without an argument takes none.
     with pytest.raises(SpecError, match="unknown encoding 'int8:4'"):
@@ -149,3 +151,84 @@ def test_topk_needs_the_class_count_to_decode():
     encoding = parse_encoding("topk:3")
     with pytest.raises(ConfigError, match="num_classes=C"):
         encoding.decode(encoding.encode(peaked_logits(4, 10)))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_topk_bits_codes_each_kept_value_within_its_bound(bits):
+    logits = peaked_logits()
+    logits[:3] = 0.0  # constant rows: every kept value is the maximum
+    plain = parse_encoding("topk:16", num_classes=300)
+    encoding = parse_encoding(f"topk:16:{bits}", num_classes=300)
+    assert (encoding.name, encoding.row_nbytes(300)) == (f"topk:16:{bits}", 3 * 16 + 16)
+    arrays = encoding.encode(logits)
+    assert arrays["topk_codes"].max() <= (1 << bits) - 1
+    assert (np.diff(arrays["topk_codes"].astype(int), axis=1) >= 0).all()  # descending values
+    plain_arrays = plain.encode(logits)
+    for name in ("topk_indices", "tail"):
+        np.testing.assert_array_equal(arrays[name], plain_arrays[name])
+    true_top = torch.from_numpy(logits).double().topk(16, dim=1)
+    offsets = (true_top.values - true_top.values[:, :1]).numpy()
+    sparse = present(encoding.sparse(arrays))
+    decoded = (sparse.values.double() - sparse.values[:, :1].double()).numpy()
+    # Every offset d from the max lies within (sqrt(depth |d|) + depth / 4L) / L of its code's
+    # level, the depth being the row's K-th offset (to float16's next value above).
+    levels = (1 << bits) - 1
+    depth = arrays["topk_depth"].astype(np.float64)[:, None]
+    assert (depth >= -offsets[:, -1:]).all()
+    assert (depth <= -offsets[:, -1:] * (1 + 2**-10) + 1e-4).all()
+    bound = (np.sqrt(depth * -offsets) + depth / (4 * levels)) / levels
+    assert (np.abs(decoded - offsets) <= bound * (1 + 1e-4) + 1e-6).all()
+    assert np.abs(decoded[:3]).max() == 0.0
+    # The row max is stored to a quarter nat: a shift of the whole row.
+    assert np.abs(sparse.values[:, 0].numpy() - logits.max(axis=1)).max() <= 0.125
+    torch.testing.assert_close(sparse.indices, present(plain.sparse(plain_arrays)).indices)
+
+
+def test_topk_bits_kl_stays_near_topk_at_8_bits():
+    logits = peaked_logits()
+    for temperature in (1.0, 4.0):
+        kls = {}
+        for spec in ("topk:8", "topk:8:8", "topk:8:3"):
+            encoding = parse_encoding(spec, num_classes=300)
+            decoded = encoding.decode(encoding.encode(logits), temperature=temperature)
+            kls[spec] = kl_divergence(
+                torch.from_numpy(logits), torch.from_numpy(decoded), temperature
+            ).mean()
+        assert kls["topk:8"] <= kls["topk:8:8"] <= kls["topk:8"] * 1.01 + 1e-5 < kls["topk:8:3"]
+
+
+def test_topk_bits_spec_is_validated_in_one_line():
+    coded, plain = parse_encoding("topk:32:8"), parse_encoding("topk:32")
+    assert isinstance(coded, TopKEncoding)
+    assert isinstance(plain, TopKEncoding)
+    assert (coded.bits, plain.bits) == (8, None)
+    for bad in ("topk:32:1", "topk:32:9", "topk:32:", "topk:0:8", "topk:32:8:1", "topk::8"):
+        with pytest.raises(SpecError) as raised:
+            parse_encoding(bad)
+        message = str(raised.value)
+        assert repr(bad) in message
+        assert "topk:K:BITS with BITS in [2, 8]" in message
+        assert "\n" not in message
+
+
+def test_plain_topk_rows_are_stored_as_before_bits_existed():
+    # topk:K keeps its layout and values exactly: stores written before topk:K:BITS read the same.
+    logits = peaked_logits(rows=8, classes=300)
+    encoding = parse_encoding("topk:5", num_classes=300)
+    layout = encoding.layout(300)
+    assert {name: (shape, str(dtype)) for name, (shape, dtype) in layout.items()} == {
+        "row_max": ((), "float32"),
+        "topk_offsets": ((5,), "float16"),
+        "topk_indices": ((5,), "uint16"),
+        "tail": ((6,), "float16"),
+    }
+    arrays = encoding.encode(logits)
+    assert list(arrays) == list(layout)
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :5]
+    values = np.take_along_axis(logits, top, axis=1)
+    np.testing.assert_array_equal(arrays["topk_indices"], top)
+    np.testing.assert_array_equal(arrays["row_max"], values[:, 0])
+    np.testing.assert_array_equal(
+        arrays["topk_offsets"], (values - values[:, :1]).astype(np.float16)
+    )
+    assert encoding.packed_arrays == ("topk_indices", "topk_offsets")

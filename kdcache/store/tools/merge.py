@@ -9,7 +9,9 @@ run bit for bit. Dense sources merge exactly. A sparse (``topk:K``) source enter
 filled for the temperature: its distribution there is its top-K plus its exact tail mass spread
 uniformly, so the sources' mixture is the union of their kept classes plus one uniform tail,
 which a ``topk:K'`` output holds exactly when K' covers the union (K' defaults to the sum of the
-sources' K). A ``sampled:S`` source holds draws at T = 1: it merges in ``mixture`` mode at T = 1.
+sources' K); a ``topk:K':BITS`` output (``bits``) holds it to its codes' bounded error in about a
+fifth fewer bytes. A ``sampled:S`` source holds draws at T = 1: it merges in ``mixture``
+mode at T = 1.
 
 The sources are read one row chunk at a time (each chunk checked by the reader's guard) and the
 rows written through :func:`~kdcache.store.write.writer.create_store`, as ``kdcache convert``
@@ -42,6 +44,7 @@ from kdcache.logits.ensemble import (
 )
 from kdcache.logits.fidelity import Fidelity
 from kdcache.logits.loss_options import check_temperature
+from kdcache.logits.viewset import MAX_BITS, MIN_BITS
 from kdcache.store.format.layout import FIRST_TOKEN_ARRAY, OFFSETS_ARRAY, SEQUENCE_KEY, StoreLike
 from kdcache.store.format.location import parse_location
 from kdcache.store.read.reader import StoreReader, open_store
@@ -84,6 +87,7 @@ def merge_stores(
     weights: Sequence[float] | None = None,
     encoding: str | None = None,
     top_k: int | None = None,
+    bits: int | None = None,
     overwrite: bool = False,
     chunk_rows: int | None = None,
     fsync: bool = True,
@@ -94,7 +98,8 @@ def merge_stores(
     at ``temperature``, stored as ``T * log(mixture)``: distill it at that T). ``weights`` (one
     per source, >= 0; default equal) are normalised to sum to 1. ``encoding`` defaults to the most
     precise of dense sources' encodings, or ``topk:K`` when a source is sparse, K being ``top_k``
-    (default: the sum of the sparse sources' K and S, at most C - 1, which holds their union).
+    (default: the sum of the sparse sources' K and S, at most C - 1, which holds their union);
+    ``bits`` makes that output ``topk:K:BITS``, its values in BITS-bit codes.
     """
     check_mode(mode)
     check_temperature(temperature)
@@ -114,7 +119,7 @@ def merge_stores(
         check_same_rows(first, other)
     _check_modes(readers, mode, temperature)
     codec = parse_encoding(
-        _output_encoding(readers, encoding, top_k), num_classes=first.num_classes
+        _output_encoding(readers, encoding, top_k, bits), num_classes=first.num_classes
     )
     codec.layout(first.num_classes)  # a topk:K too wide for the classes is refused here
     metadata = first.metadata
@@ -309,23 +314,34 @@ def _check_modes(readers: Sequence[StoreReader], mode: str, temperature: float) 
 
 
 def _output_encoding(
-    readers: Sequence[StoreReader], encoding: str | None, top_k: int | None
+    readers: Sequence[StoreReader], encoding: str | None, top_k: int | None, bits: int | None
 ) -> str:
-    if top_k is not None and encoding is not None:
+    if encoding is not None and (top_k is not None or bits is not None):
+        given = f"--top-k {top_k}" if top_k is not None else f"--bits {bits}"
         raise ConfigError(
-            f"--top-k {top_k} and --encoding {encoding} both choose the output encoding; give "
-            f"one (--top-k K means --encoding topk:K)"
+            f"{given} and --encoding {encoding} both choose the output encoding; give one "
+            f"(--top-k K --bits BITS means --encoding topk:K:BITS)"
         )
+    if bits is not None and not (isinstance(bits, int) and MIN_BITS <= bits <= MAX_BITS):
+        raise ConfigError(
+            f"--bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}; e.g. --bits 8"
+        )
+    suffix = "" if bits is None else f":{bits}"
     if encoding is not None:
         return encoding
     if top_k is not None:
-        return f"topk:{top_k}"
+        return f"topk:{top_k}{suffix}"
     kept = [_kept_classes(reader) for reader in readers]
     if any(count is not None for count in kept):
         union = sum(
             count or reader.num_classes for count, reader in zip(kept, readers, strict=True)
         )
-        return f"topk:{min(union, readers[0].num_classes - 1)}"
+        return f"topk:{min(union, readers[0].num_classes - 1)}{suffix}"
+    if bits is not None:
+        raise ConfigError(
+            f"--bits {bits} codes the values of a topk:K output, but the sources are dense and "
+            "the output too; add --top-k K for a topk:K:BITS output, or drop --bits"
+        )
     names = {reader.metadata.encoding for reader in readers}
     return next(name for name in _DENSE_BY_PRECISION if name in names)
 

@@ -125,6 +125,38 @@ def test_topk_stores_merge_into_their_union_with_an_exact_tail(tmp_path, three):
     assert mean.encoding == "float16"
 
 
+def test_topk_stores_merge_into_a_quantised_union_within_its_codes_error(tmp_path):
+    logits = [teacher_logits(seed, classes=40) for seed in range(3)]
+    sparse = [
+        write_store(tmp_path / f"top{i}.zarr", rows, encoding="topk:6")
+        for i, rows in enumerate(logits)
+    ]
+    for temperature in (1.0, 4.0):
+        sources = torch.stack([read_all(p, temperature) for p in sparse]).double()
+        mixture = torch.softmax(sources / temperature, dim=2).mean(dim=0)
+        kls = {}
+        for bits in (8, 3):
+            out = tmp_path / f"union{bits}-T{temperature:g}.zarr"
+            result = merge_stores(sparse, out, mode="mixture", temperature=temperature, bits=bits)
+            assert result.encoding == f"topk:18:{bits}"  # the whole union, its values coded
+            assert verify_store(out).ok
+            got = torch.softmax(read_all(out, temperature).double() / temperature, dim=1)
+            kls[bits] = (mixture * (mixture.log() - got.log())).sum(dim=1).mean().item()
+        assert kls[8] < 1e-4 < kls[3] < 0.1, kls
+    smaller = merge_stores(sparse, tmp_path / "k10.zarr", mode="mixture", top_k=10, bits=6)
+    assert smaller.encoding == "topk:10:6"
+    with pytest.raises(ConfigError, match=r"--bits must be an integer in \[2, 8\], got 9"):
+        merge_stores(sparse, tmp_path / "bad.zarr", bits=9)
+    with pytest.raises(ConfigError, match="--bits 8 and --encoding topk:5 both choose"):
+        merge_stores(sparse, tmp_path / "bad.zarr", encoding="topk:5", bits=8)
+    dense_sources = [
+        write_store(tmp_path / f"d{i}.zarr", rows) for i, rows in enumerate(logits[:2])
+    ]
+    with pytest.raises(ConfigError, match="the sources are dense"):
+        merge_stores(dense_sources, tmp_path / "bad.zarr", bits=8)
+    assert not (tmp_path / "bad.zarr").exists()
+
+
 def test_sampled_stores_merge_as_a_mixture_at_t1_only(tmp_path, three):
     _paths, logits = three
     drawn = [

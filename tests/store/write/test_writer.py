@@ -165,7 +165,7 @@ def test_newer_format_version_is_refused(tmp_path):
         open_store(tmp_path / "s.zarr")
 
 
-@pytest.mark.parametrize("encoding", ["int8", "topk:4"])
+@pytest.mark.parametrize("encoding", ["int8", "topk:4", "topk:4:8"])
 def test_lossy_encodings_round_trip_and_record_their_fidelity(tmp_path, encoding):
     logits = random_logits(64, 12)
     writer = create_store(
