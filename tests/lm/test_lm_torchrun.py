@@ -12,7 +12,10 @@ import lm_teachers
 import numpy as np
 import pytest
 import zarr
-from lm_fixtures import lm_files_fixture  # noqa: F401  (provides the lm_files fixture)
+from lm_fixtures import (  # noqa: F401  (provide the lm_files and chat_files fixtures)
+    chat_files_fixture,
+    lm_files_fixture,
+)
 from narrowing import kdcache_record, stored
 from test_torchrun import finish, torchrun
 
@@ -89,3 +92,29 @@ def test_a_dump_stopped_midway_resumes_bit_identically_with_another_number_of_ra
     result = dump_lm(DumpConfig(out=str(copy), resume=True, **options))
     assert 0 < result.rows_computed < result.num_tokens
     assert_same_store(copy, reference)
+
+
+def test_a_packed_chat_dump_of_assistant_rows_on_2_ranks_equals_the_one_process_dump(
+    tmp_path, chat_files
+):
+    options: dict[str, Any] = dict(
+        teacher=f"hf:{chat_files['teacher']}",
+        dataset=f"jsonl:{chat_files['chat']}:16",
+        train_on="assistant",
+        pack=True,
+        device="cpu",  # bit-identity is a CPU property
+        **DUMP,
+    )
+    reference = tmp_path / "reference.zarr"
+    dump_lm(DumpConfig(out=str(reference), **options))
+    data = zarr.open_group(str(reference), mode="r").attrs["kdcache"]["dataset"]
+    assert data["fingerprint"]["data"]["packed"]
+    assert data["fingerprint"]["data"]["train_on"] == "assistant"
+    assert len(written(reference)) > 2 * 5  # more than one unit of 5 chunks: both ranks write
+
+    ranks = tmp_path / "ranks.zarr"
+    args = ["dump-teacher", "--teacher", options["teacher"], "--device", "cpu"]
+    args += ["--dataset", options["dataset"], "--train-on", "assistant", "--pack"]
+    args += [f"--{key.replace('_', '-')}={value}" for key, value in DUMP.items()]
+    finish(torchrun(*args, "--out", str(ranks)))
+    assert_same_store(ranks, reference)
