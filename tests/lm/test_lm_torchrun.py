@@ -21,6 +21,7 @@ from test_torchrun import finish, torchrun
 
 from kdcache.config import DumpConfig
 from kdcache.lm.dump import dump_lm
+from kdcache.store.sequence import open_sequence_store
 
 #: ~500 token rows of ~27 sequences: units of 5 chunks (one batch's rows), ~13 units.
 DUMP: dict[str, Any] = dict(chunk_rows=8, batch_size=2, encoding="sampled:8")
@@ -107,9 +108,9 @@ def test_a_packed_chat_dump_of_assistant_rows_on_2_ranks_equals_the_one_process_
     )
     reference = tmp_path / "reference.zarr"
     dump_lm(DumpConfig(out=str(reference), **options))
-    data = zarr.open_group(str(reference), mode="r").attrs["kdcache"]["dataset"]
-    assert data["fingerprint"]["data"]["packed"]
-    assert data["fingerprint"]["data"]["train_on"] == "assistant"
+    data = open_sequence_store(reference).metadata.dataset["fingerprint"]["data"]
+    assert data["packed"]
+    assert data["train_on"] == "assistant"
     assert len(written(reference)) > 2 * 5  # more than one unit of 5 chunks: both ranks write
 
     ranks = tmp_path / "ranks.zarr"
