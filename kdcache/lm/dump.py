@@ -115,9 +115,13 @@ def _fill(
         for samples, batch in loader:
             batch = batch.to(device)
             with autocast(device, amp):
-                rows = teacher.logits(batch.input_ids, batch.attention_mask)[batch.mask]
+                rows = teacher.rows(batch.input_ids, batch.attention_mask, batch.mask)
             token_rows = writer.token_rows(samples)
-            for block in plan.blocks(token_rows):
+            blocks = plan.blocks(token_rows)
+            if sum(len(block) for block in blocks) == len(token_rows):
+                background.write(token_rows, rows)  # every row is this rank's: no copy of them
+                blocks = []
+            for block in blocks:
                 background.write(token_rows[block], rows[torch.from_numpy(block).to(device)])
             bar.update(rows.shape[0])
 
