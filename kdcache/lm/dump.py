@@ -117,11 +117,9 @@ def _fill(
             with autocast(device, amp):
                 rows = teacher.rows(batch.input_ids, batch.attention_mask, batch.mask)
             token_rows = writer.token_rows(samples)
-            blocks = plan.blocks(token_rows)
-            if sum(len(block) for block in blocks) == len(token_rows):
-                background.write(token_rows, rows)  # every row is this rank's: no copy of them
-                blocks = []
-            for block in blocks:
+            # One write per unit, however many ranks: sampled:S seeds its draws from each
+            # write's rows, so a store's bytes must not depend on how the units were grouped.
+            for block in plan.blocks(token_rows):
                 background.write(token_rows[block], rows[torch.from_numpy(block).to(device)])
             bar.update(rows.shape[0])
 
