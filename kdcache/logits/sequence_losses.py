@@ -194,20 +194,25 @@ class _ForwardKLAndCE(torch.autograd.Function):
         soft_scale = grad_soft / (n * temperature)
         hard_scale = grad_hard / n
         if teacher.indices is None:
-            weight = teacher.probs
-            grad = log_q.exp().mul_(weight.sum(dim=-1, keepdim=True) * soft_scale)
+            weight, other = teacher.probs, None
+            total = weight.sum(dim=-1, keepdim=True)
+        else:
+            weight = torch.where(teacher.probs > 0, teacher.probs, 0.0)
+            other = torch.where(teacher.other > 0, teacher.other, 0.0)[:, None]
+            total = weight.sum(dim=-1, keepdim=True) + teacher.num_other * other
+        # Two passes over (n, V): the exp, then one multiply(-add) in place.
+        grad = log_q.exp()
+        if log_q1 is log_q:
+            grad.mul_(total * soft_scale + hard_scale)
+        else:
+            grad.mul_(total * soft_scale).add_(log_q1.exp().mul_(hard_scale))
+        if other is None:
             grad.sub_(weight * soft_scale)
         else:
-            stored = torch.where(teacher.probs > 0, teacher.probs, 0.0)
-            other = torch.where(teacher.other > 0, teacher.other, 0.0)[:, None]
-            total = stored.sum(dim=-1, keepdim=True) + teacher.num_other * other
-            grad = log_q.exp().mul_(total * soft_scale).sub_(other * soft_scale)
+            if not teacher.draws:  # sampled rows give the other classes p = 0
+                grad.sub_(other * soft_scale)
             # a stored class's weight is its p, not e (a class stored twice holds p = 0 twice)
-            grad.scatter_add_(1, teacher.indices, (other - stored) * soft_scale)
-        if log_q1 is log_q:
-            grad.add_(log_q.exp().mul_(hard_scale))
-        else:
-            grad.add_(log_q1.exp().mul_(hard_scale))
+            grad.scatter_add_(1, teacher.indices, (other - weight) * soft_scale)
         grad.scatter_add_(1, targets[:, None], (-hard_scale).expand(n, 1).to(grad.dtype))
         return grad, None, None, None
 
