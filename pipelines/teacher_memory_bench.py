@@ -6,9 +6,10 @@ dtype (float32 and bfloat16), on the CPU.
 It saves one GPT-2 (a word-level tokenizer of 32,000 tokens, ``--layers`` x ``--width``, random
 weights) twice, in float32 and in bfloat16, and dumps each over the same synthetic text with
 ``topk:32`` (batches of 2 sequences of 64 tokens, so that the weights dominate) in a fresh
-process. A process reports the growth of its peak resident set
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) from just before the dump (torch, transformers
-and kdcache imported) to its end: the teacher's weights, its activations for one batch, the
+process. A process reports its resident set just before the dump (torch, transformers and
+kdcache imported) and the peak of its resident set during the dump, with the peak reset at the
+start (``/proc/self/clear_refs``), so that nothing before the dump (an import's transient
+allocation) hides what the dump adds: the teacher's weights, its activations for one batch, the
 logits and the writer's buffers. The weights' size is that of the checkpoint's tensors.
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -59,7 +59,8 @@ def dump_once(folder: Path, dtype: str, out: Path) -> dict[str, object]:
     from kdcache.config import DumpConfig
     from kdcache.lm.dump import dump_lm
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _status_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from here
     result = dump_lm(
         DumpConfig(
             teacher=f"hf:{folder / dtype}",
@@ -70,14 +71,24 @@ def dump_once(folder: Path, dtype: str, out: Path) -> dict[str, object]:
             writer_workers=1,
         )
     )
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_mb("VmHWM")
     weights = sum(file.stat().st_size for file in (folder / dtype).glob("*.safetensors"))
     return {
         "dtype": dtype,
         "weights_mb": weights / 2**20,
-        "peak_growth_mb": (after - before) / 1024,  # ru_maxrss is in KiB on Linux
+        "before_mb": before,
+        "peak_mb": peak,
+        "peak_growth_mb": peak - before,
         "tokens": result.num_tokens,
     }
+
+
+def _status_mb(field: str) -> float:
+    """A ``/proc/self/status`` memory field (reported in kB) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field} (Linux only)")
 
 
 def main() -> None:
@@ -111,8 +122,9 @@ def main() -> None:
             )
             figures = json.loads(child.stdout.strip().splitlines()[-1])
             print(
-                f"{figures['dtype']:>9}: weights {figures['weights_mb']:6.1f} MB, dump peak RSS "
-                f"growth {figures['peak_growth_mb']:6.1f} MB ({figures['tokens']} tokens)",
+                f"{figures['dtype']:>9}: weights {figures['weights_mb']:6.1f} MB, RSS before the "
+                f"dump {figures['before_mb']:6.1f} MB, peak during it {figures['peak_mb']:6.1f} MB "
+                f"(growth {figures['peak_growth_mb']:6.1f} MB, {figures['tokens']} tokens)",
                 flush=True,
             )
 

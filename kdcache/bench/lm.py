@@ -56,7 +56,7 @@ def _bare_forward(
             samples = list(range(start, min(start + batch_size, len(dataset))))
             batch = collate(dataset, samples, pad_id=pad).to(device)
             with autocast(device, amp):
-                rows = teacher.logits(batch.input_ids, batch.attention_mask)[batch.mask]
+                rows = teacher.rows(batch.input_ids, batch.attention_mask, batch.mask)
             rows.to("cpu")
 
 

@@ -4,12 +4,15 @@ A token store (``kdcache dump-teacher --teacher hf:PATH --dataset text:FILE``) h
 next-token distribution at every position of every sample, by sample index, and the token ids
 themselves. Three pieces put it into a Trainer:
 
-- :class:`TokenStoreDataset`: the store's sequences as features ``{"input_ids", "sample_index"}``;
-  any other dataset works if each item carries the ``sample_index`` of its sequence in the store
-  and exactly the token ids that were dumped (``datasets.Dataset.add_column("sample_index", ...)``).
+- :class:`TokenStoreDataset`: the store's sequences as features ``{"input_ids", "sample_index"}``,
+  plus ``labels`` with -100 outside the assistant's tokens for a store dumped with ``--train-on
+  assistant``; any other dataset works if each item carries the ``sample_index`` of its sequence
+  in the store and exactly the token ids that were dumped
+  (``datasets.Dataset.add_column("sample_index", ...)``).
 - :class:`TeacherRowsCollator`: pads a batch on the right and attaches the teacher's rows of its
-  samples, read from the store in one gather, in whatever encoding it holds (dense float, int8,
-  ``topk:K``, ``sampled:S``).
+  samples' counted positions (every position, or those whose label is not -100), read from the
+  store in one gather, in whatever encoding it holds (dense float, int8, ``topk:K``,
+  ``sampled:S``).
 - :class:`TokenDistillationMixin`: a ``compute_loss`` that applies a
   :class:`~kdcache.logits.sequence_losses.TokenDistillationLoss` (divergence, temperature, alpha)
   to the student's logits and those rows. ``DistillationTrainer`` is the mixin on
@@ -31,7 +34,13 @@ from torch.utils.data import Dataset
 
 from kdcache.errors import ConfigError, StoreMismatchError
 from kdcache.lm._hf import require_transformers
-from kdcache.lm.fingerprint import compare_tokenizers, tokenizer_fingerprint
+from kdcache.lm.fingerprint import (
+    compare_lm_fingerprints,
+    compare_tokenizers,
+    lm_fingerprint,
+    tokenizer_fingerprint,
+)
+from kdcache.lm.text import TokenDataset, build_text_dataset
 from kdcache.logits.sequence_losses import IGNORE_INDEX, TOKEN_LOSSES, TokenDistillationLoss
 from kdcache.store.format.layout import StoreLike
 from kdcache.store.sequence import SequenceReader, open_sequence_store
@@ -40,6 +49,8 @@ from kdcache.store.sequence import SequenceReader, open_sequence_store
 SAMPLE_INDEX = "sample_index"
 #: The batch entry holding the teacher's rows (one per counted position, row-major).
 TEACHER = "teacher"
+#: The feature (and batch entry) of the next-token labels: the ids, -100 where no loss counts.
+LABELS = "labels"
 
 
 def _opened(store: StoreLike | SequenceReader) -> SequenceReader:
@@ -67,6 +78,12 @@ class TokenStoreDataset(Dataset):
     Item ``i`` is ``{"input_ids": (L,) int64 tensor, "sample_index": s}`` for sample
     ``s = indices[i]`` (``i`` when ``indices`` is None), its token ids read back from the store
     itself. ``tokenizer`` (optional) is checked against the one the store records.
+
+    A store dumped with ``--train-on assistant`` holds rows only where the assistant's tokens are
+    predicted, and not every token id: its sequences are rebuilt from the chat data it records
+    (or ``dataset``, the same data where it is now) with ``tokenizer`` (then required), checked
+    against the store's fingerprint, and each item also carries ``labels``: the ids, with -100
+    at every token the loss does not count, as ``kdcache distill`` masks them.
     """
 
     def __init__(
@@ -75,10 +92,14 @@ class TokenStoreDataset(Dataset):
         *,
         indices: Sequence[int] | np.ndarray | None = None,
         tokenizer: Any = None,
+        dataset: str | None = None,
     ) -> None:
         self.store = _opened(store)
         if tokenizer is not None:
             check_tokenizer(self.store, tokenizer)
+        self.rebuilt = (
+            None if self.store.every_position else _rebuilt(self.store, tokenizer, dataset)
+        )
         count = self.store.num_sequences
         samples = np.arange(count) if indices is None else np.asarray(indices)
         if samples.ndim != 1 or not (samples.size == 0 or np.issubdtype(samples.dtype, np.integer)):
@@ -95,18 +116,63 @@ class TokenStoreDataset(Dataset):
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         sample = int(self.indices[position])
-        return {"input_ids": torch.from_numpy(self.store.tokens(sample)), SAMPLE_INDEX: sample}
+        if self.rebuilt is None:
+            return {"input_ids": torch.from_numpy(self.store.tokens(sample)), SAMPLE_INDEX: sample}
+        assert self.rebuilt.counted is not None  # rebuilt with train_on="assistant"
+        ids = torch.from_numpy(self.rebuilt.sequences[sample]).long()
+        labels = ids.clone()
+        labels[0] = IGNORE_INDEX  # no position predicts the first token
+        labels[1:].masked_fill_(~torch.from_numpy(self.rebuilt.counted[sample]), IGNORE_INDEX)
+        return {"input_ids": ids, LABELS: labels, SAMPLE_INDEX: sample}
+
+
+def _rebuilt(store: SequenceReader, tokenizer: Any, dataset: str | None) -> TokenDataset:
+    """The assistant-only sequences ``store`` was dumped from, re-rendered with ``tokenizer``;
+    refused in one line when they are not the store's (another template, text or packing)."""
+    record = store.metadata.dataset or {}
+    fingerprint = record.get("fingerprint") or {}
+    if tokenizer is None:
+        raise ConfigError(
+            f"{store.where} holds rows only at the assistant's tokens (dumped with --train-on "
+            "assistant), so its token ids are not all stored; pass tokenizer= (the teacher's) so "
+            "that the chat data it records is rendered again"
+        )
+    spec = dataset or record.get("spec")
+    if spec is None:
+        raise StoreMismatchError(
+            f"{store.where} records no dataset; pass dataset= naming the chat data it was "
+            "dumped from"
+        )
+    rebuilt = build_text_dataset(
+        spec,
+        split=record.get("split", "train"),
+        tokenizer=tokenizer,
+        train_on="assistant",
+        pack=bool((fingerprint.get("data") or {}).get("packed")),
+    )
+    differences = compare_lm_fingerprints(fingerprint, lm_fingerprint(tokenizer, rebuilt))
+    if differences:
+        raise StoreMismatchError(
+            f"{store.where} was not dumped from {spec!r} as rendered now: "
+            + "; ".join(differences)
+            + "; pass dataset= naming the data the store was dumped from"
+        )
+    return rebuilt
 
 
 class TeacherRowsCollator:
-    """``data_collator`` for features ``{"input_ids", "sample_index"}``.
+    """``data_collator`` for features ``{"input_ids", "sample_index"}`` and optionally
+    ``labels``.
 
     Pads ``input_ids`` on the right with ``pad_token_id`` and returns ``input_ids``,
-    ``attention_mask`` and ``labels`` (the ids, -100 on padding) as a causal LM takes them, plus
-    ``sample_index`` (B,) and ``teacher``: the rows of those samples read from ``store`` in one
-    gather (a dense float32 tensor, or the store's sparse or sampled rows), one per position
-    that has a next token, in row-major order. ``temperature`` is the one the loss softens at
-    (the dense reconstruction of some encodings depends on it).
+    ``attention_mask`` and ``labels`` (the features' labels, else the ids; -100 on padding) as a
+    causal LM takes them, plus ``sample_index`` (B,) and ``teacher``: the store's rows of the
+    positions that count, read in one gather (a dense float32 tensor, or the store's sparse or
+    sampled rows), in row-major order. A position counts when it has a next token whose label is
+    not -100, so labels masked outside the assistant's replies read only those rows, from a store
+    with every position or from one dumped with ``--train-on assistant`` (which needs such labels:
+    :class:`TokenStoreDataset` gives them). ``temperature`` is the one the loss softens at (the
+    dense reconstruction of some encodings depends on it).
 
     Features without ``sample_index`` (a held-out text set) are padded alone: such a batch has no
     teacher rows, and :class:`TokenDistillationMixin` scores it with the model's own
@@ -129,26 +195,39 @@ class TeacherRowsCollator:
             input_ids[row, : len(tokens)] = tokens
             attention_mask[row, : len(tokens)] = 1
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        labelled = _all_or_none(features, LABELS)
+        if labelled:
+            for row, feature in enumerate(features):
+                given = torch.as_tensor(feature[LABELS], dtype=torch.long)
+                if given.shape != sequences[row].shape:
+                    raise ConfigError(
+                        f"feature {row} has {len(given)} labels for {len(sequences[row])} "
+                        "input_ids; give one label per token (-100 where the loss does not count)"
+                    )
+                labels[row, : len(given)] = given
         batch: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "labels": labels,
+            LABELS: labels,
         }
-        indexed = [SAMPLE_INDEX in f for f in features]
-        if not any(indexed):
+        if not _all_or_none(features, SAMPLE_INDEX):
             return batch
-        if not all(indexed):
-            raise ConfigError(
-                f"a batch mixes features with and without {SAMPLE_INDEX!r}; every item of a "
-                "distillation dataset needs the index of its sequence in the store"
-            )
         samples = np.array([int(f[SAMPLE_INDEX]) for f in features], dtype=np.int64)
-        self._check_lengths(samples, [len(tokens) for tokens in sequences])
+        # Position j counts when token j + 1 is a label: the causal shift compute_loss applies.
+        counted = labels[:, 1:] != IGNORE_INDEX
+        self._check_samples(samples, [len(tokens) for tokens in sequences], counted, labelled)
         batch[SAMPLE_INDEX] = torch.from_numpy(samples)
-        batch[TEACHER] = self.store.read(samples, temperature=self.temperature)
+        if self.store.every_position and labelled:
+            sequence, position = counted.nonzero(as_tuple=True)
+            rows = self.store.offsets[samples[sequence.numpy()]] + position.numpy()
+            batch[TEACHER] = self.store.read_rows(rows, temperature=self.temperature)
+        else:
+            batch[TEACHER] = self.store.read(samples, temperature=self.temperature)
         return batch
 
-    def _check_lengths(self, samples: np.ndarray, lengths: list[int]) -> None:
+    def _check_samples(
+        self, samples: np.ndarray, lengths: list[int], counted: torch.Tensor, labelled: bool
+    ) -> None:
         count = self.store.num_sequences
         outside = samples[(samples < 0) | (samples >= count)]
         if outside.size:
@@ -156,15 +235,39 @@ class TeacherRowsCollator:
                 f"{SAMPLE_INDEX} {outside[0]} is not a sample of {self.store.where}, which holds "
                 f"{count}; the dataset does not belong to this store"
             )
-        stored = self.store.lengths[samples]
-        differ = np.flatnonzero(stored != np.asarray(lengths))
+        if self.store.every_position:
+            stored, given, what = self.store.lengths[samples], np.asarray(lengths), "tokens"
+        elif not labelled:
+            raise ConfigError(
+                f"{self.store.where} holds rows only at the assistant's tokens (dumped with "
+                "--train-on assistant), so each feature needs labels with -100 at every other "
+                "token; TokenStoreDataset(store, tokenizer=...) gives them"
+            )
+        else:
+            stored, given, what = (
+                np.diff(self.store.offsets)[samples],
+                counted.sum(1).numpy(),
+                ("counted positions (labels other than -100 after the first token)"),
+            )
+        differ = np.flatnonzero(stored != given)
         if differ.size:
             first = differ[0]
             raise StoreMismatchError(
-                f"sample {samples[first]} has {lengths[first]} tokens but {self.store.where} holds "
-                f"{stored[first]} for it; feed the token ids that were dumped (TokenStoreDataset "
-                "reads them from the store)"
+                f"sample {samples[first]} has {given[first]} {what} but {self.store.where} holds "
+                f"{stored[first]} for it; feed the token ids (and labels) that were dumped "
+                "(TokenStoreDataset reads them from the store)"
             )
+
+
+def _all_or_none(features: Sequence[Mapping[str, Any]], key: str) -> bool:
+    """Whether every feature has ``key``; a batch where only some do is refused."""
+    present = [key in feature for feature in features]
+    if any(present) and not all(present):
+        raise ConfigError(
+            f"a batch mixes features with and without {key!r}; give every item of a "
+            f"distillation dataset its {key!r} or none"
+        )
+    return all(present)
 
 
 class TokenDistillationMixin:

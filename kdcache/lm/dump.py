@@ -115,8 +115,10 @@ def _fill(
         for samples, batch in loader:
             batch = batch.to(device)
             with autocast(device, amp):
-                rows = teacher.logits(batch.input_ids, batch.attention_mask)[batch.mask]
+                rows = teacher.rows(batch.input_ids, batch.attention_mask, batch.mask)
             token_rows = writer.token_rows(samples)
+            # One write per unit, however many ranks: sampled:S seeds its draws from each
+            # write's rows, so a store's bytes must not depend on how the units were grouped.
             for block in plan.blocks(token_rows):
                 background.write(token_rows[block], rows[torch.from_numpy(block).to(device)])
             bar.update(rows.shape[0])

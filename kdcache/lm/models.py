@@ -58,6 +58,14 @@ class CausalLM:
         """Float32 logits (B, L, vocab_size) from the model's output, whatever its dtype."""
         return lm_logits(self.model, input_ids, attention_mask, width=self.vocab_size)
 
+    def rows(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Float32 rows (n, vocab_size) of the positions in ``mask`` (B, L), row-major: the
+        positions are picked in the model's dtype before the upcast, so a bf16 teacher's padding
+        and last positions never get a float32 copy (B x L x V x 4 bytes)."""
+        return lm_logits(self.model, input_ids, attention_mask, width=self.vocab_size, mask=mask)
+
 
 def lm_logits(
     module: nn.Module,
@@ -65,14 +73,18 @@ def lm_logits(
     attention_mask: torch.Tensor,
     *,
     width: int | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float32 logits (B, L, V) of a causal LM ``module`` (or its compiled or DDP wrapper),
     cut to the first ``width`` columns when given (a padded head's extra rows dropped before
-    the upcast, so no float32 copy of them is made)."""
+    the upcast, so no float32 copy of them is made); with ``mask`` (B, L), only the rows of its
+    positions (n, V), picked before the upcast too."""
     output = module(input_ids=input_ids, attention_mask=attention_mask)
     logits = output if isinstance(output, torch.Tensor) else output.logits
     if width is not None and width < logits.shape[-1]:
         logits = logits[..., :width]
+    if mask is not None:
+        logits = logits[mask]
     return logits.float()
 
 

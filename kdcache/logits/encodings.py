@@ -191,6 +191,12 @@ def index_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.uint64)
 
 
+#: From this many classes (language-model vocabularies) ``topk:K`` selects with torch.topk: 5-7x
+#: faster per row than np.argpartition on one core at 32k-128k classes, and no faster at 1,000
+#: (docs/benchmarks.md, "Where the time goes").
+TORCH_TOPK_FROM_CLASSES = 4096
+
+
 class TopKEncoding(Encoding):
     """The K largest raw logits, their class indices, and six statistics of the other classes.
 
@@ -246,14 +252,19 @@ class TopKEncoding(Encoding):
 
     def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
         layout = self.layout(logits.shape[1])
-        # argpartition then a sort of K values: about 3x faster than torch.topk on CPU.
-        top = np.argpartition(logits, -self.k, axis=1)[:, -self.k :]
-        values = np.take_along_axis(logits, top, axis=1)
-        order = np.argsort(-values, axis=1, kind="stable")
-        top, values = (
-            np.take_along_axis(top, order, axis=1),
-            np.take_along_axis(values, order, axis=1),
-        )
+        if logits.shape[1] >= TORCH_TOPK_FROM_CLASSES:
+            selected = torch.topk(torch.from_numpy(np.ascontiguousarray(logits)), self.k, dim=1)
+            top, values = selected.indices.numpy(), selected.values.numpy()
+        else:
+            # argpartition then a sort of K values: one numpy call per writer thread, which
+            # scales over the threads where torch's shared intra-op pool made them wait.
+            top = np.argpartition(logits, -self.k, axis=1)[:, -self.k :]
+            values = np.take_along_axis(logits, top, axis=1)
+            order = np.argsort(-values, axis=1, kind="stable")
+            top, values = (
+                np.take_along_axis(top, order, axis=1),
+                np.take_along_axis(values, order, axis=1),
+            )
         tail = tail_statistics(logits, top).numpy()
         row_max = values[:, :1]
         encoded = {

@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -107,11 +108,11 @@ def _js_terms(p: Tensor, log_p: Tensor, q: Tensor, log_q: Tensor) -> Tensor:
 
 def divergence(name: str, teacher: _Rows, log_q: Tensor, *, skew: float = 0.1) -> Tensor:
     """D(p, q) per position (n,), summed over the whole vocabulary of ``log_q`` (n, V)."""
+    if name == "kd":
+        return _forward_kl(teacher, log_q)
     q = log_q.exp()
     if teacher.indices is None:
         p, log_p = teacher.probs, teacher.log_probs
-        if name == "kd":
-            return _xlogy_diff(p, log_p, log_q).sum(dim=-1)
         if name == "reverse":
             return _xlogy_diff(q, log_q, log_p).sum(dim=-1)
         if name == "skew":
@@ -121,12 +122,6 @@ def divergence(name: str, teacher: _Rows, log_q: Tensor, *, skew: float = 0.1) -
     e, log_e = teacher.other[:, None], teacher.other_log[:, None]
     log_q_top = log_q.gather(1, indices)
     q_top = log_q_top.exp()
-    if name == "kd":
-        # The other classes in closed form: sum_other e (log e - log q) = n e log e - e sum log q.
-        top = _xlogy_diff(p, log_p, log_q_top).sum(dim=-1)
-        rest = log_q.sum(dim=-1) - log_q_top.sum(dim=-1)
-        other = torch.where(e[:, 0] > 0, e[:, 0] * (teacher.num_other * log_e[:, 0] - rest), 0.0)
-        return top + other
     if name == "reverse":
         if teacher.draws:
             raise ConfigError(
@@ -150,6 +145,76 @@ def divergence(name: str, teacher: _Rows, log_q: Tensor, *, skew: float = 0.1) -
     every = terms(e.expand_as(q), log_e.expand_as(q), q, log_q).sum(dim=-1)
     as_other = terms(e.expand_as(q_top), log_e.expand_as(q_top), q_top, log_q_top).sum(dim=-1)
     return every - as_other + terms(p, log_p, q_top, log_q_top).sum(dim=-1)
+
+
+def _forward_kl(teacher: _Rows, log_q: Tensor) -> Tensor:
+    """KL(p || q) per position (n,); for stored classes, the other ones in closed form:
+    sum_other e (log e - log q) = n_other e log e - e sum_other log q."""
+    if teacher.indices is None:
+        return _xlogy_diff(teacher.probs, teacher.log_probs, log_q).sum(dim=-1)
+    log_q_top = log_q.gather(1, teacher.indices)
+    top = _xlogy_diff(teacher.probs, teacher.log_probs, log_q_top).sum(dim=-1)
+    rest = log_q.sum(dim=-1) - log_q_top.sum(dim=-1)
+    e, log_e = teacher.other, teacher.other_log
+    return top + torch.where(e > 0, e * (teacher.num_other * log_e - rest), 0.0)
+
+
+def _scaled(rows: Tensor, temperature: float) -> Tensor:
+    return rows if temperature == 1.0 else rows / temperature
+
+
+class _ForwardKLAndCE(torch.autograd.Function):
+    """(mean KL(p || q_T), mean CE) over the rows, with the gradient in closed form.
+
+    For teacher weights w (p at the stored classes, e at each other one, W = sum w; W = 1 up to
+    rounding), d KL / d s_j = (W q_T,j - w_j) / T and d CE / d s_j = q_1,j - [j = y]: one V-wide
+    softmax per temperature (shared when T = 1) and no V-wide tensor of the teacher, where
+    autograd through the formula keeps several (n, V) intermediates and a second log-softmax.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, rows: Tensor, teacher: _Rows, targets: Tensor, temperature: float
+    ) -> tuple[Tensor, Tensor]:
+        log_q = F.log_softmax(_scaled(rows, temperature), dim=-1)
+        log_q1 = log_q if temperature == 1.0 else F.log_softmax(rows, dim=-1)
+        soft = _forward_kl(teacher, log_q).mean()
+        hard = F.nll_loss(log_q1, targets)
+        ctx.save_for_backward(log_q, log_q1, targets)
+        ctx.teacher, ctx.temperature = teacher, temperature
+        return soft, hard
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_soft: Tensor, grad_hard: Tensor
+    ) -> tuple[Tensor | None, None, None, None]:
+        log_q, log_q1, targets = ctx.saved_tensors
+        teacher, temperature = ctx.teacher, ctx.temperature
+        n = log_q.shape[0]
+        soft_scale = grad_soft / (n * temperature)
+        hard_scale = grad_hard / n
+        if teacher.indices is None:
+            weight, other = teacher.probs, None
+            total = weight.sum(dim=-1, keepdim=True)
+        else:
+            weight = torch.where(teacher.probs > 0, teacher.probs, 0.0)
+            other = torch.where(teacher.other > 0, teacher.other, 0.0)[:, None]
+            total = weight.sum(dim=-1, keepdim=True) + teacher.num_other * other
+        # Two passes over (n, V): the exp, then one multiply(-add) in place.
+        grad = log_q.exp()
+        if log_q1 is log_q:
+            grad.mul_(total * soft_scale + hard_scale)
+        else:
+            grad.mul_(total * soft_scale).add_(log_q1.exp().mul_(hard_scale))
+        if other is None:
+            grad.sub_(weight * soft_scale)
+        else:
+            if not teacher.draws:  # sampled rows give the other classes p = 0
+                grad.sub_(other * soft_scale)
+            # a stored class's weight is its p, not e (a class stored twice holds p = 0 twice)
+            grad.scatter_add_(1, teacher.indices, (other - weight) * soft_scale)
+        grad.scatter_add_(1, targets[:, None], (-hard_scale).expand(n, 1).to(grad.dtype))
+        return grad, None, None, None
 
 
 class TokenDistillationLoss(nn.Module):
@@ -199,10 +264,14 @@ class TokenDistillationLoss(nn.Module):
         dtype = torch.float32 if torch.finfo(rows.dtype).bits < 32 else rows.dtype
         rows = rows.to(dtype)
         t = self.temperature
-        log_q = F.log_softmax(rows / t, dim=-1)
         teacher_rows = _teacher_rows(teacher, t, dtype)
-        soft = divergence(self.divergence, teacher_rows, log_q, skew=self.skew).mean() * t**2
-        hard = F.cross_entropy(rows, targets[mask])
+        if self.divergence == "kd":
+            kl, hard = _ForwardKLAndCE.apply(rows, teacher_rows, targets[mask], t)
+            soft = kl * t**2
+        else:
+            log_q = F.log_softmax(_scaled(rows, t), dim=-1)
+            soft = divergence(self.divergence, teacher_rows, log_q, skew=self.skew).mean() * t**2
+            hard = F.cross_entropy(rows, targets[mask])
         return {
             "total": self.alpha * soft + (1 - self.alpha) * hard,
             "soft": soft,

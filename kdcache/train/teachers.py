@@ -149,5 +149,4 @@ class LiveTokens(TeacherSource):
     @torch.no_grad()
     def targets(self, batch: TokenBatch) -> torch.Tensor:
         with autocast(batch.input_ids.device, self.amp):
-            logits = self.teacher.logits(batch.input_ids, batch.attention_mask)
-        return logits[batch.mask]
+            return self.teacher.rows(batch.input_ids, batch.attention_mask, batch.mask)

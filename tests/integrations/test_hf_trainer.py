@@ -13,7 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from lm_fixtures import lm_files_fixture  # noqa: F401  (provides the lm_files fixture)
+from lm_fixtures import (  # noqa: F401  (provide the lm_files and chat_files fixtures)
+    chat_files_fixture,
+    lm_files_fixture,
+)
 
 pytest.importorskip("accelerate", reason="the [llm] extra is not installed")
 
@@ -217,6 +220,64 @@ def test_mismatches_are_refused_in_one_line(tmp_path, lm_files, stores):
             store=store,
             distillation_loss=torch.nn.MSELoss(),
         )
+
+
+def test_a_store_of_assistant_tokens_trains_on_them_alone_as_kdcache_distill_does(
+    tmp_path, chat_files
+):
+    spec = f"jsonl:{chat_files['chat']}:16"
+    tokenizer = chat_files["tokenizer"]
+    stores = {}
+    for train_on in ("all", "assistant"):
+        stores[train_on] = tmp_path / f"{train_on}.zarr"
+        dump_lm(
+            DumpConfig(
+                teacher=f"hf:{chat_files['teacher']}",
+                dataset=spec,
+                train_on=train_on,
+                encoding="float32",
+                batch_size=16,
+                out=str(stores[train_on]),
+            )
+        )
+    store = open_sequence_store(stores["assistant"])
+    with pytest.raises(ConfigError, match="pass tokenizer="):
+        TokenStoreDataset(store)
+    criterion = TokenDistillationLoss(temperature=2.0, alpha=0.5)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(chat_files["student"]))
+    trainer = DistillationTrainer(
+        model.eval(),
+        arguments(tmp_path, max_steps=1),
+        store=store,
+        distillation_loss=criterion,
+        processing_class=tokenizer,
+    )
+    samples = [0, 3, 5, 2]
+    features = [trainer.train_dataset[i] for i in samples]
+    batch = trainer.data_collator(features)
+    # kdcache's own loop on the same sequences: targets only at the assistant's next tokens
+    replies = build_text_dataset(spec, split="train", tokenizer=tokenizer, train_on="assistant")
+    ours = collate(replies, samples)
+    width = batch["labels"].shape[1]
+    assert torch.equal(batch["labels"][:, 1:], ours.targets[:, : width - 1])
+    assert 0 < int(ours.mask.sum()) < int(ours.attention_mask[:, 1:].sum())
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+        logits = lm_logits(model, ours.input_ids, ours.attention_mask)
+        expected = criterion(logits, store.read(samples, temperature=2.0), ours.targets, ours.mask)
+    torch.testing.assert_close(loss, expected["total"], rtol=1e-5, atol=1e-6)
+    # The same labels against the store of every position read just those positions' rows.
+    assert replies.pieces is not None
+    everywhere = [
+        {**feature, "sample_index": int(replies.pieces[sample])}
+        for feature, sample in zip(features, samples, strict=True)
+    ]
+    full = TeacherRowsCollator(stores["all"], temperature=2.0)(everywhere)
+    assert torch.equal(full["teacher"], batch["teacher"])
+    unlabelled = [{k: v for k, v in f.items() if k != "labels"} for f in features]
+    with pytest.raises(ConfigError, match="each feature needs labels with -100"):
+        trainer.data_collator(unlabelled)
+    assert np.isfinite(trainer.train().training_loss)
 
 
 def test_under_torchrun_each_rank_reads_only_its_own_samples(tmp_path, lm_files, stores):

@@ -12,12 +12,16 @@ import lm_teachers
 import numpy as np
 import pytest
 import zarr
-from lm_fixtures import lm_files_fixture  # noqa: F401  (provides the lm_files fixture)
+from lm_fixtures import (  # noqa: F401  (provide the lm_files and chat_files fixtures)
+    chat_files_fixture,
+    lm_files_fixture,
+)
 from narrowing import kdcache_record, stored
 from test_torchrun import finish, torchrun
 
 from kdcache.config import DumpConfig
 from kdcache.lm.dump import dump_lm
+from kdcache.store.sequence import open_sequence_store
 
 #: ~500 token rows of ~27 sequences: units of 5 chunks (one batch's rows), ~13 units.
 DUMP: dict[str, Any] = dict(chunk_rows=8, batch_size=2, encoding="sampled:8")
@@ -89,3 +93,29 @@ def test_a_dump_stopped_midway_resumes_bit_identically_with_another_number_of_ra
     result = dump_lm(DumpConfig(out=str(copy), resume=True, **options))
     assert 0 < result.rows_computed < result.num_tokens
     assert_same_store(copy, reference)
+
+
+def test_a_packed_chat_dump_of_assistant_rows_on_2_ranks_equals_the_one_process_dump(
+    tmp_path, chat_files
+):
+    options: dict[str, Any] = dict(
+        teacher=f"hf:{chat_files['teacher']}",
+        dataset=f"jsonl:{chat_files['chat']}:16",
+        train_on="assistant",
+        pack=True,
+        device="cpu",  # bit-identity is a CPU property
+        **DUMP,
+    )
+    reference = tmp_path / "reference.zarr"
+    dump_lm(DumpConfig(out=str(reference), **options))
+    data = open_sequence_store(reference).metadata.dataset["fingerprint"]["data"]
+    assert data["packed"]
+    assert data["train_on"] == "assistant"
+    assert len(written(reference)) > 2 * 5  # more than one unit of 5 chunks: both ranks write
+
+    ranks = tmp_path / "ranks.zarr"
+    args = ["dump-teacher", "--teacher", options["teacher"], "--device", "cpu"]
+    args += ["--dataset", options["dataset"], "--train-on", "assistant", "--pack"]
+    args += [f"--{key.replace('_', '-')}={value}" for key, value in DUMP.items()]
+    finish(torchrun(*args, "--out", str(ranks)))
+    assert_same_store(ranks, reference)

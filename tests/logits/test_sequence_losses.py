@@ -14,7 +14,7 @@ from kdcache.errors import ConfigError, SpecError
 from kdcache.logits.encodings import SampledEncoding, parse_encoding
 from kdcache.logits.loss_options import TOKEN_LOSS_DECLARATIONS
 from kdcache.logits.sampled import draw_samples
-from kdcache.logits.sequence_losses import TokenDistillationLoss
+from kdcache.logits.sequence_losses import TokenDistillationLoss, _teacher_rows, divergence
 
 VOCAB = 40
 
@@ -158,3 +158,41 @@ def test_bad_shapes_and_options_are_one_line_errors():
         TokenDistillationLoss(divergence="wasserstein")
     with pytest.raises(ConfigError, match="alpha"):
         TokenDistillationLoss(alpha=2.0)
+
+
+def _unfused_kd(student, teacher, targets, mask, temperature, alpha):
+    """The kd loss by autograd through its formula (the other divergences' path)."""
+    rows = student[mask]
+    teacher_rows = _teacher_rows(teacher, temperature, rows.dtype)
+    log_q = F.log_softmax(rows / temperature, dim=-1)
+    soft = divergence("kd", teacher_rows, log_q).mean() * temperature**2
+    return alpha * soft + (1 - alpha) * F.cross_entropy(rows, targets[mask])
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk", "sampled"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_kd_gradient_in_closed_form_is_autograds_through_the_formula(kind, temperature):
+    student, teacher, targets, mask = batch(4)
+    if kind == "topk":
+        encoding = parse_encoding("topk:6", num_classes=VOCAB)
+        teacher = present(encoding.sparse(encoding.encode(teacher.numpy())))
+    elif kind == "sampled":
+        temperature = 1.0
+        encoding = parse_encoding("sampled:5", num_classes=VOCAB)
+        assert isinstance(encoding, SampledEncoding)
+        teacher = encoding.sampled(encoding.encode(teacher.numpy()))  # padded rows repeat ids
+    grads = []
+    for fused in (True, False):
+        leaf = student.clone().requires_grad_(True)
+        if fused:
+            loss = TokenDistillationLoss(temperature=temperature, alpha=0.3)(
+                leaf, teacher, targets, mask
+            )["total"]
+        else:
+            loss = _unfused_kd(leaf, teacher, targets, mask, temperature, 0.3)
+        loss.backward()
+        grads.append((loss.detach(), leaf.grad))
+    (fused_loss, fused_grad), (loss, grad) = grads
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused_grad, grad, rtol=1e-5, atol=1e-7)
+    assert torch.count_nonzero(fused_grad[~mask]) == 0
