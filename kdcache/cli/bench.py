@@ -289,6 +289,7 @@ def bench_dump(**fields: Any) -> None:
                 batch_size=options.batch_size,
                 repeats=options.repeats,
                 path=options.path,
+                views=options.views,
             ),
             options.json,
         )
