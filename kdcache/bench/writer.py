@@ -53,12 +53,13 @@ def _write_once(
     batch_size: int,
     fsync: bool,
     views: int,
+    store_rows: int,
 ) -> tuple[float, float]:
-    """Wall-clock and CPU seconds (every thread of the process) to write ``num_rows`` rows and
-    finalize."""
+    """Wall-clock and CPU seconds (every thread of the process) to write the first ``num_rows``
+    rows of a store of ``store_rows`` rows, and to finalize it when that is all of it."""
     writer = create_store(
         path,
-        num_samples=num_rows // views,
+        num_samples=store_rows // views,
         num_classes=pool.shape[1],
         encoding=encoding,
         fsync=fsync,
@@ -73,7 +74,10 @@ def _write_once(
             if len(block) < stop - start:  # wrap around the pool
                 block = np.concatenate([block, pool[: stop - start - len(block)]])
             background.write(np.arange(start, stop), block)
-    writer.finalize()
+    if num_rows == store_rows:
+        writer.finalize()
+    else:
+        writer.close()
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     shutil.rmtree(path)  # a float16 store of 65k x 1,000 rows is ~120 MB: keep one at a time
     return seconds, cpu_seconds
@@ -90,6 +94,7 @@ def bench_writer(
     fsync: bool = True,
     path: str | None = None,
     views: int = 1,
+    store_rows: int | None = None,
 ) -> dict[str, Any]:
     """Rows/s of the writer for each encoding and each number of writer threads.
 
@@ -98,6 +103,10 @@ def bench_writer(
     median over rounds of the ratio to the first worker count's time in the same round.
     ``views=V`` writes ``num_rows / V`` samples of V views each (rows ``sample * V + view``, the
     views of one sample sharing their confident classes), as a dump with ``--views V`` does.
+    ``store_rows`` (default ``num_rows``) makes those rows the first of a larger dump's store,
+    left unfinished: the writer then samples the fidelity as sparsely as that dump would (at
+    most ~65k rows of a store, kdcache.logits.fidelity), a per-row cost that only a small store
+    pays in full.
     ``rows_per_cpu_s`` divides by the CPU time of every thread of the process (the writer's
     threads, zarr's and this loop's): on a machine shared with other jobs it moves less than the
     wall clock, and C cores reach at most C times it.
@@ -110,12 +119,16 @@ def bench_writer(
         or batch_size < 1
         or views < 1
         or num_rows % views
+        or (store_rows or num_rows) < num_rows
+        or (store_rows or num_rows) % views
     ):
         raise ConfigError(
             f"bench writer needs encodings, worker counts >= 1 and rows >= 1 (a multiple of the "
-            f"views), got encodings {list(encodings)}, workers {counts}, rows {num_rows}, batch "
-            f"size {batch_size}, views {views}"
+            f"views, and at most the store's rows), got encodings {list(encodings)}, workers "
+            f"{counts}, rows {num_rows}, store rows {store_rows}, batch size {batch_size}, views "
+            f"{views}"
         )
+    total = store_rows or num_rows
     pool = teacher_like_logits(min(_POOL_ROWS, num_rows), num_classes, views=views)
     wall: dict[tuple[str, int], list[float]] = {}
     cpu: dict[tuple[str, int], list[float]] = {}
@@ -130,6 +143,7 @@ def bench_writer(
             batch_size=batch_size,
             fsync=fsync,
             views=views,
+            store_rows=min(num_rows, max(views, 2 * batch_size - 2 * batch_size % views)),
         )
         for round_index in range(max(1, repeats)):
             order = counts if round_index % 2 == 0 else counts[::-1]
@@ -144,6 +158,7 @@ def bench_writer(
                         batch_size=batch_size,
                         fsync=fsync,
                         views=views,
+                        store_rows=total,
                     )
                     wall.setdefault((encoding, count), []).append(seconds)
                     cpu.setdefault((encoding, count), []).append(cpu_seconds)
@@ -172,6 +187,7 @@ def bench_writer(
             "num_rows": num_rows,
             "num_classes": num_classes,
             "views": views,
+            "store_rows": total,
             "batch_size": batch_size,
             "fsync": fsync,
             "repeats": max(1, repeats),

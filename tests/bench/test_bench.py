@@ -107,6 +107,14 @@ def test_bench_writer_writes_views_of_one_sample_together():
         bench_writer(encodings=("float16",), num_rows=10, views=4)
 
 
+def test_bench_writer_writes_the_first_rows_of_a_larger_dump():
+    result = bench_writer(
+        encodings=("float16",), num_rows=32, store_rows=4096, num_classes=5, batch_size=16
+    )
+    assert result["store_rows"] == 4096
+    assert result["runs"][0]["rows_per_s"] > 0
+
+
 def test_bench_dump_writer_only_from_the_command_line(tmp_path):
     result = run_cli(
         "bench",
