@@ -8,8 +8,8 @@ array's own codec chain (``bytes`` or ``kdcache.packed_ints``, then ``zstd`` and
 its ``zarr.json`` names them) in the calling thread, with numcodecs, hashlib and crc32c releasing
 the GIL, and writes the bytes under the same keys the way zarr's ``LocalStore`` does (a
 temporary ``*.partial`` name, then a rename), so the files are byte for byte what zarr writes and
-plain zarr reads them. With ``sync`` each file is flushed before its rename and every folder
-that gained an entry is flushed after (kdcache.store.write.durability): a chunk's files are on
+plain zarr reads them. With ``sync`` each file is flushed once renamed, and every folder
+that gained an entry is flushed after it (kdcache.store.write.durability): a chunk's files are on
 disk before the caller writes its flag.
 
 Only arrays of a local store whose codecs are all known here get a :class:`ChunkFiles`
@@ -19,7 +19,6 @@ Only arrays of a local store whose codecs are all known here get a :class:`Chunk
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import uuid
 from collections.abc import Callable, Iterable
@@ -33,9 +32,9 @@ from numcodecs import Zstd
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
+import kdcache.store.write.durability as durability
 from kdcache.store.format._zarr_compat import row_chunk_key
 from kdcache.store.format.packed_ints import PackedIntsCodec, pack_rows
-from kdcache.store.write.durability import fsync_path
 
 Step = Callable[[bytes], bytes]
 
@@ -144,13 +143,12 @@ class ChunkFiles:
             try:
                 with open(partial, "wb") as file:
                     file.write(data)
-                    if sync:
-                        file.flush()
-                        os.fsync(file.fileno())
                 partial.replace(path)
             except BaseException:
                 partial.unlink(missing_ok=True)
                 raise
+            if sync:
+                durability.fsync_path(path)
             changed.add(path.parent)
         if sync:
             self._flush_folders(changed)
@@ -174,7 +172,7 @@ class ChunkFiles:
             }
         # Deepest first: each folder holds the entry of the one below.
         for folder in sorted(changed | first, key=lambda p: len(p.parts), reverse=True):
-            fsync_path(folder)
+            durability.fsync_path(folder)
         with self._flushed_lock:
             # A folder that gained an entry is flushed whenever it does: remembering only the
             # others keeps this set small (one row chunk's folders are written once).
