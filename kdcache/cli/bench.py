@@ -110,6 +110,12 @@ class BenchDumpOptions(SpeedOptions, RoundOptions, BenchOptions):
         "on teacher-like logits with the dataset's number of classes.",
     )
     rows: int = option(65_536, help="Rows each --writer-only run writes.")
+    store_rows: int | None = option(
+        None,
+        help="With --writer-only: rows of the dump those rows belong to (e.g. 20480000 for "
+        "1.28M images x 16 views), which sets how sparsely the fidelity is sampled [default: "
+        "--rows, a store of its own].",
+    )
     path: str | None = option(
         None,
         path="dir",
@@ -289,6 +295,8 @@ def bench_dump(**fields: Any) -> None:
                 batch_size=options.batch_size,
                 repeats=options.repeats,
                 path=options.path,
+                views=options.views,
+                store_rows=options.store_rows,
             ),
             options.json,
         )
@@ -308,7 +316,7 @@ def bench_dump(**fields: Any) -> None:
     arguments = {
         key: value
         for key, value in options.arguments().items()
-        if key not in ("writer_only", "rows")
+        if key not in ("writer_only", "rows", "store_rows")
     }
     arguments |= {"encoding": encodings[0], "writer_workers": workers[0] if workers else None}
     print_bench(run(**arguments), options.json)

@@ -88,6 +88,33 @@ def test_bench_writer_reports_rows_per_second_for_each_encoding_and_thread_count
     assert runs[("float16", 1)]["speedup"] == 1.0
 
 
+def test_bench_writer_writes_views_of_one_sample_together():
+    result = bench_writer(
+        encodings=("viewset:3",),
+        workers=(1,),
+        num_rows=64,
+        num_classes=12,
+        batch_size=16,
+        repeats=1,
+        views=4,
+    )
+    (run,) = result["runs"]
+    assert result["views"] == 4
+    assert run["encoding"] == "viewset:3"
+    assert run["rows_per_s"] > 0
+    assert run["rows_per_cpu_s"] > 0
+    with pytest.raises(ConfigError, match="multiple of the views"):
+        bench_writer(encodings=("float16",), num_rows=10, views=4)
+
+
+def test_bench_writer_writes_the_first_rows_of_a_larger_dump():
+    result = bench_writer(
+        encodings=("float16",), num_rows=32, store_rows=4096, num_classes=5, batch_size=16
+    )
+    assert result["store_rows"] == 4096
+    assert result["runs"][0]["rows_per_s"] > 0
+
+
 def test_bench_dump_writer_only_from_the_command_line(tmp_path):
     result = run_cli(
         "bench",

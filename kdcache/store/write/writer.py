@@ -46,6 +46,7 @@ from kdcache.store.format.metadata import (
     PLAIN_FORMAT_VERSION,
     StoreMetadata,
 )
+from kdcache.store.write.chunk_files import ChunkFiles
 from kdcache.store.write.creation import (
     checked_further_arrays,
     checked_labels,
@@ -99,6 +100,12 @@ class StoreWriter:
         self._digests_array = (
             open_array(group, DIGESTS_ARRAY, where) if self._digest_names else None
         )
+        on_disk = dict(self._arrays)
+        on_disk[WRITTEN_ARRAY] = self._written_array
+        if self._digests_array is not None:
+            on_disk[DIGESTS_ARRAY] = self._digests_array
+        #: Writes row chunks past zarr's event loop (local stores with known codecs).
+        self._files = ChunkFiles.for_arrays(on_disk)
         self._buffers: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
         #: Guards the buffers, the written flags in memory and the lock's refresh.
         self._mutex = threading.Lock()
@@ -262,6 +269,28 @@ class StoreWriter:
             )
 
     def _flush(self, chunk: int, buffers: dict[str, np.ndarray]) -> None:
+        if self._files is not None:
+            self._flush_files(self._files, chunk, buffers)
+        else:
+            self._flush_zarr(chunk, buffers)
+        with self._mutex:
+            self._written[chunk] = True
+            if self._lock is not None:
+                self._lock.refresh()
+
+    def _flush_files(self, files: ChunkFiles, chunk: int, buffers: dict[str, np.ndarray]) -> None:
+        """Encode and write the chunk in this thread (kdcache.store.write.chunk_files): the
+        same files zarr writes, without queueing on zarr's event loop."""
+        sync = self._sync is not None
+        objects = [files.encode(name, chunk, values) for name, values in buffers.items()]
+        if self._digests_array is not None:
+            digests = chunk_digests(self.metadata.chunk_binding, self._digest_names, chunk, buffers)
+            objects.append(files.encode(DIGESTS_ARRAY, chunk, digests[None]))
+        files.put(objects, sync=sync)  # data and digests on disk before the flag can be
+        # The flag goes last: a crash before it leaves the chunk marked unwritten.
+        files.put([files.encode(WRITTEN_ARRAY, chunk, np.ones(1, dtype=np.uint8))], sync=sync)
+
+    def _flush_zarr(self, chunk: int, buffers: dict[str, np.ndarray]) -> None:
         start, stop = self.metadata.chunk_bounds(chunk)
         for name, values in buffers.items():
             self._arrays[name][start:stop] = values
@@ -278,10 +307,6 @@ class StoreWriter:
         self._written_array[chunk] = 1
         if self._sync is not None:
             self._sync.chunk([self._written_array], chunk)
-        with self._mutex:
-            self._written[chunk] = True
-            if self._lock is not None:
-                self._lock.refresh()
 
     def keep_lock(self) -> None:
         """Renew the writer lock (a remote lease) while the writer waits between writes."""
