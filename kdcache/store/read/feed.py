@@ -39,7 +39,12 @@ from torch.utils.data import Sampler
 from kdcache.errors import ConfigError
 from kdcache.logits.encodings import DenseEncoding
 from kdcache.logits.sparse import SparseLogits, TeacherInput
-from kdcache.store.read.decoding import DEFAULT_DECODE_THREADS, PLANS_KEPT, ChunkDecoder, EpochPlan
+from kdcache.store.read.decoding import (
+    LOCAL_DECODE_THREADS,
+    PLANS_KEPT,
+    ChunkDecoder,
+    EpochPlan,
+)
 from kdcache.store.read.shared_table import SharedTable, store_identity
 
 if TYPE_CHECKING:
@@ -141,8 +146,8 @@ class LogitFeed:
     (``open_store(path, memory_budget=...)``)
     rather than directly. ``memory_budget`` bounds the bytes of decoded chunks kept in RAM
     (default: half the available memory); ``mode`` forces ``"memory"`` or ``"chunked"``;
-    ``decode_threads`` is how many chunks are decoded at once (default
-    :data:`~kdcache.store.read.decoding.DEFAULT_DECODE_THREADS`).
+    ``decode_threads`` is how many chunks are decoded at once (default one per core; the
+    reader of a remote store passes more, see kdcache.store.read.decoding).
     """
 
     def __init__(
@@ -173,7 +178,7 @@ class LogitFeed:
             raise ConfigError(f"unknown feed mode {mode!r}; valid modes: {', '.join(FEED_MODES)}")
         if decode_threads is not None and decode_threads < 1:
             raise ConfigError(f"decode_threads must be >= 1, got {decode_threads}")
-        self.decode_threads = decode_threads or DEFAULT_DECODE_THREADS
+        self.decode_threads = decode_threads or LOCAL_DECODE_THREADS
         self._residency = residency
         #: Chunk slots of the table.
         self.capacity = residency.capacity(self)
@@ -199,6 +204,8 @@ class LogitFeed:
         self._last_used = np.full(self.capacity, -1, dtype=np.int64)
         #: Slots whose chunk is still being decoded (or decoded but not yet checked).
         self._decoding = np.zeros(self.capacity, dtype=bool)
+        #: Slots decoded since the store was last seen unchanged (see _check_unchanged).
+        self._unchecked = np.zeros(self.capacity, dtype=bool)
         self._tick = 0
         self._decoder: ChunkDecoder | None = None
         self._plans: dict[tuple[int, int, int, int], EpochPlan] = {}
@@ -348,6 +355,8 @@ class LogitFeed:
             for window in ahead:
                 self._request(window, protected=protected, needed=False)
         self._collect(touched)
+        if self._unchecked[self._slot_of_chunk[touched]].any():
+            self._check_unchanged()
         return self._slot_of_chunk[chunks] * self.chunk_rows + rows % self.chunk_rows
 
     def _follow_plan(self, touched: np.ndarray, rows: int) -> EpochPlan | None:
@@ -414,7 +423,7 @@ class LogitFeed:
             self._collect(np.asarray(finished, dtype=np.int64), needed=False)
 
     def _collect(self, chunks: np.ndarray, *, needed: bool = True) -> None:
-        """Wait for the decodes of ``chunks`` in flight; check the store is still the one opened.
+        """Wait for the decodes of ``chunks`` in flight and take them in, unchecked.
 
         A ``needed`` chunk that failed to decode raises its error; a chunk decoded ahead that
         failed is forgotten, to be decoded again (and raise) if a batch needs it.
@@ -431,20 +440,29 @@ class LogitFeed:
             if problem is not None and needed and error is None:
                 error = problem
         self._forget(failed)
-        if collected:
-            try:
-                self.reader.check_unchanged()  # the chunks came from the store that was opened
-            except Exception:
-                self._forget(collected)  # never serve rows that may come from another store
-                raise
-            self._decoding[self._slot_of_chunk[collected]] = False
-            self.chunks_decoded += len(collected)
+        slots = self._slot_of_chunk[collected]
+        self._decoding[slots] = False
+        self._unchecked[slots] = True
+        self.chunks_decoded += len(collected)
         if error is not None:
             raise error
+
+    def _check_unchanged(self) -> None:
+        """Before serving rows of chunks decoded since the last check: the store is still the
+        one opened. One check covers every chunk decoded before it, so a window of prefetched
+        chunks costs one check (one request on a remote store), not one per chunk or batch."""
+        try:
+            self.reader.check_unchanged()
+        except Exception:
+            # never serve rows that may come from another store
+            self._forget(self._chunk_of_slot[self._unchecked].tolist())
+            raise
+        self._unchecked[:] = False
 
     def _forget(self, chunks: list[int]) -> None:
         slots = self._slot_of_chunk[chunks]
         self._decoding[slots] = False
+        self._unchecked[slots] = False
         self._chunk_of_slot[slots] = -1
         self._last_used[slots] = -1
         self._slot_of_chunk[chunks] = -1
@@ -635,8 +653,11 @@ class _Chunked(_Residency):
     def pieces(self, feed: LogitFeed, rows: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
         if feed._tables is None:
             feed._allocate(feed.capacity * feed.chunk_rows)
+        if np.unique(rows // feed.chunk_rows).size <= feed.capacity:
+            yield slice(0, rows.size), feed._resident_positions(rows)
+            return
         # Pieces of at most `capacity` rows touch at most `capacity` chunks, so they always fit.
-        for start in range(0, max(rows.size, 1), feed.capacity):
+        for start in range(0, rows.size, feed.capacity):
             piece = rows[start : start + feed.capacity]
             yield slice(start, start + piece.size), feed._resident_positions(piece)
 

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -86,6 +87,8 @@ class ChunkGuard:
         #: a remote store), which would otherwise cost each chunk read one more round trip.
         self._opened: tuple[Any, dict[str, Any]] | None = None
         self._digests: np.ndarray | None = None
+        #: Decoding threads check chunks at once: the digest table is read by the first only.
+        self._digests_lock = threading.Lock()
         self._must_match: np.ndarray | None = None
         #: Arrays written once whose digest this reader has checked.
         self._verified: set[str] = set()
@@ -251,6 +254,10 @@ class ChunkGuard:
         return flags.astype(bool)
 
     def _digest_table(self) -> np.ndarray:
+        with self._digests_lock:
+            return self._read_digest_table()
+
+    def _read_digest_table(self) -> np.ndarray:
         if self._digests is None:
             try:
                 self._digests = np.asarray(self.array(DIGESTS_ARRAY)[:])
