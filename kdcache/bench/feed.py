@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from kdcache.errors import ConfigError, KdcacheError
+from kdcache.store.read.decoding import default_decode_threads
+from kdcache.store.read.feed import LogitFeed
 from kdcache.store.read.reader import open_store
 from kdcache.store.write.writer import create_store
 
@@ -67,12 +69,18 @@ def _feed_trial(
     max_batches: int | None,
     seed: int,
     threads: int,
+    decode_threads: int | None = None,
 ) -> dict[str, Any]:
     """One feed mode in a fresh process, so peak RSS belongs to this mode alone."""
     torch.set_num_threads(threads)
     baseline = _peak_rss_bytes()
     started = time.perf_counter()
-    feed = open_store(path, memory_budget=memory_budget).feed
+    reader = open_store(path)
+    feed = LogitFeed(
+        reader,
+        memory_budget=memory_budget,
+        decode_threads=decode_threads or default_decode_threads(remote=reader.remote),
+    )
     if feed.mode != mode:
         raise ConfigError(
             f"expected the {mode} feed mode for a budget of {memory_budget:,} bytes, "
@@ -94,6 +102,13 @@ def _feed_trial(
     for start in starts:
         rows += feed.read(order[start : start + batch_size]).shape[0]
     elapsed = time.perf_counter() - started
+    stored_rows_per_s = None
+    if mode == "memory":
+        # The same batches as stored (float16), not converted: the gather's own ceiling.
+        started = time.perf_counter()
+        for start in starts:
+            feed.gather(order[start : start + batch_size])
+        stored_rows_per_s = rows / (time.perf_counter() - started)
     return round_floats(
         {
             "mode": mode,
@@ -101,9 +116,13 @@ def _feed_trial(
             "open_s": open_s,
             "batches": len(starts),
             "samples_per_s": rows / elapsed,
+            "stored_rows_samples_per_s": stored_rows_per_s,
             "batches_per_s": len(starts) / elapsed,
             "chunks_decoded": feed.chunks_decoded,
             "num_chunks": feed.num_chunks,
+            "decode_threads": feed.decode_threads,
+            # Chunked: decoded one window ahead of the epoch order, half the table's slots.
+            "prefetch_chunks": feed.window_chunks if mode == "chunked" else 0,
             "table_bytes": feed.resident_nbytes,
             "baseline_rss_bytes": baseline,
             "peak_rss_bytes": _peak_rss_bytes(),
@@ -142,6 +161,7 @@ def bench_feed(
     path: str | None = None,
     seed: int = 0,
     threads: int | None = None,
+    decode_threads: int | None = None,
 ) -> dict[str, Any]:
     """Write a store of random logits, then time random-order batches in both feed modes.
 
@@ -149,6 +169,8 @@ def bench_feed(
     chunks); each mode
     runs in its own fresh process, reporting open time, samples/s and peak RSS. Filling the store
     gives the synchronous writer's throughput (encode, check, compress, checksum, write).
+    ``path`` may be a URL (``s3://bucket/feed.zarr``) to time the feed from a remote store;
+    ``decode_threads`` is the feed's (default: its own).
     """
     threads = set_threads(threads)
     if num_samples < 1 or batch_size < 1:
@@ -185,7 +207,15 @@ def bench_feed(
         }
         modes = {
             mode: _in_fresh_process(
-                _feed_trial, store_path, mode, budget, batch_size, max_batches, seed, threads
+                _feed_trial,
+                store_path,
+                mode,
+                budget,
+                batch_size,
+                max_batches,
+                seed,
+                threads,
+                decode_threads,
             )
             for mode, budget in budgets.items()
         }

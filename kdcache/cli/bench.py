@@ -82,7 +82,11 @@ class BenchFeedOptions(BenchOptions):
     )
     path: str | None = option(
         None,
-        help="Where to write the benchmark store [default: a temporary folder, deleted after].",
+        help="Where to write the benchmark store, a folder or a URL such as s3://bucket/feed.zarr "
+        "[default: a temporary folder, deleted after].",
+    )
+    decode_threads: int | None = option(
+        None, help="Chunks the feed decodes (or fetches) at once [default: the feed's]."
     )
 
 

@@ -32,6 +32,7 @@ from kdcache.store.format.layout import (
 )
 from kdcache.store.format.location import StoreLocation, parse_location
 from kdcache.store.format.metadata import StoreMetadata
+from kdcache.store.read.decoding import default_decode_threads
 from kdcache.store.read.feed import LogitFeed, parse_size
 from kdcache.store.read.guard import DECODE_ERRORS, ChunkGuard, decode_rows
 from kdcache.wording import counted
@@ -139,8 +140,17 @@ class StoreReader:
     def feed(self) -> LogitFeed:
         """The in-memory or chunked logit feed behind :meth:`read`, built on first use."""
         if self._feed is None:
-            self._feed = LogitFeed(self, memory_budget=self._memory_budget)
+            self._feed = LogitFeed(
+                self,
+                memory_budget=self._memory_budget,
+                decode_threads=default_decode_threads(remote=self.remote),
+            )
         return self._feed
+
+    @property
+    def remote(self) -> bool:
+        """Whether the store is reached over the network (a URL such as ``s3://...``)."""
+        return self._location is not None and self._location.kind == "remote"
 
     @property
     def group(self) -> zarr.Group:

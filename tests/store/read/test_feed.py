@@ -207,3 +207,68 @@ def test_a_pickled_reader_travels_without_its_table(store):
     copy = pickle.loads(pickle.dumps(reader))
     assert copy.feed.resident_nbytes == 0
     np.testing.assert_array_equal(copy.read([7, 3]).numpy(), logits_for([7, 3]))
+
+
+def test_reading_in_epoch_order_decodes_the_next_window_ahead(store):
+    feed = chunked_feed(store, chunks=6)
+    order = feed.epoch_order(0, seed=1)
+    chunks, first_seen = np.unique(order // CHUNK_ROWS, return_index=True)
+    by_window = chunks[np.argsort(first_seen)]  # a window's rows all come before the next's
+    next_window = by_window[feed.window_chunks : 2 * feed.window_chunks]
+    first = order[:16]
+    np.testing.assert_array_equal(dense(feed.read(first)).numpy(), logits_for(first))
+    feed.decoder.quiesce()
+    held = set(feed._chunk_of_slot.tolist())
+    assert set(next_window.tolist()) <= held  # decoded before any of its rows was asked for
+    # random-order reads are served too, decoding only the chunks they touch
+    feed.decoder.quiesce()
+    before = feed.chunks_decoded + len(feed.decoder.pending)
+    scattered = np.array([5, 195, 101])
+    np.testing.assert_array_equal(dense(feed.read(scattered)).numpy(), logits_for(scattered))
+    touched = set((scattered // CHUNK_ROWS).tolist()) - held
+    assert feed.chunks_decoded + len(feed.decoder.pending) == before + len(touched)
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_prefetching_ranks_read_disjoint_shares_of_every_row_each_epoch(store, world_size):
+    feeds = [chunked_feed(store, chunks=4) for _ in range(world_size)]
+    for epoch in range(2):
+        shares = []
+        for rank, feed in enumerate(feeds):
+            decoded = feed.chunks_decoded
+            order = feed.epoch_order(epoch, seed=7, rank=rank, world_size=world_size)
+            for start in range(0, len(order), 16):
+                batch = order[start : start + 16]
+                np.testing.assert_array_equal(dense(feed.read(batch)).numpy(), logits_for(batch))
+                assert feed.resident_nbytes <= feed.memory_budget
+            shares.append(order)
+            owned = np.unique(order // CHUNK_ROWS).size
+            # each of its chunks once (in a later epoch, one still held from the last needs none)
+            assert feed.chunks_decoded - decoded <= owned
+            assert epoch > 0 or feed.chunks_decoded == owned
+        every = np.concatenate(shares)
+        np.testing.assert_array_equal(np.sort(every), np.arange(NUM_SAMPLES))
+
+
+@pytest.fixture(scope="module")
+def wide_float16_store(tmp_path_factory):
+    """float16 rows wider than one conversion block, so a batch takes several."""
+    path = tmp_path_factory.mktemp("feed16") / "s.zarr"
+    values = np.random.default_rng(2).standard_normal((60, 9000), dtype=np.float32) * 4
+    writer = create_store(path, num_samples=60, num_classes=9000, encoding="float16", chunk_rows=8)
+    writer.write(np.arange(60), values)
+    writer.finalize()
+    return path, values.astype(np.float16).astype(np.float32)
+
+
+@pytest.mark.parametrize("budget", [None, 4 * 8 * 9000 * 2])
+def test_float16_rows_reach_float32_exactly(wide_float16_store, budget):
+    path, stored = wide_float16_store
+    reader = open_store(path, memory_budget=budget)
+    assert reader.feed.mode == ("memory" if budget is None else "chunked")
+    rows = np.random.default_rng(3).permutation(60)[:21]
+    np.testing.assert_array_equal(dense(reader.read(rows)).numpy(), stored[rows])
+    np.testing.assert_array_equal(reader.read_dense(rows).numpy(), stored[rows])
+    on_cpu = reader.feed.to_device(rows, torch.device("cpu"))
+    np.testing.assert_array_equal(dense(on_cpu).numpy(), stored[rows])
+    np.testing.assert_array_equal(reader.feed.gather(rows)["logits"], stored[rows])
