@@ -224,3 +224,12 @@ def test_a_student_from_joined_parts_equals_one_from_their_concatenated_copy(
     assert [entry["store"] for entry in joined_from] == [str(p.resolve()) for p in parts]
     # Another seed gives another student: the comparison can fail.
     assert not same_student(tmp_path / "joined", tmp_path / "seed4")
+
+
+def test_a_joined_store_is_not_packed(tmp_path):
+    source = whole_store(tmp_path / "whole.zarr")
+    a, b = split_store(tmp_path, source, "float16", list(range(6)), list(range(6, 12)))
+    link_stores([a, b], tmp_path / "joined.zarr")
+    refused = run_cli("pack", str(tmp_path / "joined.zarr"), str(tmp_path / "j.zip"), check=False)
+    assert_one_line_error(refused, "is a joined store, which reads its parts in place")
+    assert not (tmp_path / "j.zip").exists()
