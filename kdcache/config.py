@@ -279,6 +279,18 @@ class DistillOptions(TrainingOptions):
         help="Transfer set: leave out the samples labelled with these comma-separated classes, "
         "by index or (image folders) by name, e.g. 3,5 or cat,dog.",
     )
+    teacher_weights: tuple[float, ...] = option(
+        (),
+        example="0.5,0.5",
+        help="With several --cache: one weight >= 0 per store, in their order, normalised to sum "
+        "to 1 [default: equal].",
+    )
+    teacher_mix: str = option(
+        "mean",
+        choices=ENSEMBLE_MODES,
+        help="With several --cache: mean of the teachers' logits, or mixture of their softmaxes "
+        "at --temperature (as `kdcache merge --mode`).",
+    )
     gamma: float = hyper_option(GAMMA, only=IMAGE)
     top_k: int = hyper_option(TOP_K, only=IMAGE)
     skew: float = hyper_option(SKEW, only=LM)
@@ -320,6 +332,14 @@ class DistillOptions(TrainingOptions):
         object.__setattr__(self, "exclude_classes", excluded)  # lists in, tuples kept
         if self.indices is not None and not isinstance(self.indices, str):
             object.__setattr__(self, "indices", _integers(self.indices, "indices"))
+        object.__setattr__(
+            self, "teacher_weights", tuple(float(weight) for weight in self.teacher_weights)
+        )
+        require(
+            self.teacher_mix in ENSEMBLE_MODES,
+            f"unknown --teacher-mix {self.teacher_mix!r}; valid choices: "
+            f"{', '.join(ENSEMBLE_MODES)}",
+        )
         super().__post_init__()
 
 
@@ -333,6 +353,23 @@ def _integers(values: Any, name: str) -> tuple[int, ...]:
         f"{name} must be a sequence of integers, got {values!r}",
     )
     return tuple(int(value) for value in array)
+
+
+def _one_or_more_stores(cache: Any) -> str | tuple[str, ...] | None:
+    """``--cache`` as kept: one store as its path, several as a tuple (the command line gives a
+    tuple, Python a path, a string or a sequence)."""
+    if cache is None or isinstance(cache, str):
+        return cache
+    if isinstance(cache, os.PathLike):
+        return os.fspath(cache)
+    stores = tuple(str(store) for store in cache)
+    return None if not stores else stores[0] if len(stores) == 1 else stores
+
+
+def _stores(cache: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    if cache is None:
+        return ()
+    return (cache,) if isinstance(cache, str) else cache
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -350,18 +387,6 @@ class DistillConfig(DistillOptions, LoopConfig):
         multiple=True,
         help="Teacher logit store written by `kdcache dump-teacher`: a path, URL or .zip; repeat "
         "it for several teachers of one dataset, combined in the loss (--teacher-mix).",
-    )
-    teacher_weights: tuple[float, ...] = option(
-        (),
-        example="0.5,0.5",
-        help="With several --cache: one weight >= 0 per store, in their order, normalised to sum "
-        "to 1 [default: equal].",
-    )
-    teacher_mix: str = option(
-        "mean",
-        choices=ENSEMBLE_MODES,
-        help="With several --cache: mean of the teachers' logits, or mixture of their softmaxes "
-        "at --temperature (as `kdcache merge --mode`).",
     )
     teacher: str | None = option(
         None,
@@ -401,28 +426,12 @@ class DistillConfig(DistillOptions, LoopConfig):
     @property
     def stores(self) -> tuple[str, ...]:
         """Every teacher store of the run, in order (none for online distillation)."""
-        if self.cache is None:
-            return ()
-        return (self.cache,) if isinstance(self.cache, str) else self.cache
+        return _stores(self.cache)
 
     def __post_init__(self) -> None:
         from kdcache.augment.recipe import parse_recipe
 
-        if isinstance(self.cache, os.PathLike):
-            object.__setattr__(self, "cache", os.fspath(self.cache))
-        if self.cache is not None and not isinstance(self.cache, str):
-            stores = tuple(str(store) for store in self.cache)  # the command line gives a tuple
-            object.__setattr__(
-                self, "cache", None if not stores else stores[0] if len(stores) == 1 else stores
-            )
-        object.__setattr__(
-            self, "teacher_weights", tuple(float(weight) for weight in self.teacher_weights)
-        )
-        require(
-            self.teacher_mix in ENSEMBLE_MODES,
-            f"unknown --teacher-mix {self.teacher_mix!r}; valid choices: "
-            f"{', '.join(ENSEMBLE_MODES)}",
-        )
+        object.__setattr__(self, "cache", _one_or_more_stores(self.cache))
         if len(self.stores) < 2:
             require(
                 not self.teacher_weights and self.teacher_mix == "mean",
@@ -594,7 +603,11 @@ class SweepConfig(DistillOptions):
     :class:`~kdcache.config.DistillConfig`.
     """
 
-    cache: str = option(help="Teacher logit store written by `kdcache dump-teacher`.")
+    cache: str | tuple[str, ...] = option(
+        multiple=True,
+        help="Teacher logit store written by `kdcache dump-teacher`; repeat it for several "
+        "teachers of one dataset, combined in every run's loss (--teacher-mix).",
+    )
     out: str = option(
         path="dir", help="Sweep folder: one run folder per setting, results.csv, sweep.png."
     )
@@ -623,7 +636,16 @@ class SweepConfig(DistillOptions):
         1, help="Runs trained at once, in separate processes that share one decoded store."
     )
 
+    @property
+    def stores(self) -> tuple[str, ...]:
+        """Every teacher store of the sweep, in order."""
+        return _stores(self.cache)
+
     def __post_init__(self) -> None:
+        cache = _one_or_more_stores(self.cache)
+        if cache is None:
+            raise ConfigError("sweep needs a --cache store; e.g. --cache teacher.zarr")
+        object.__setattr__(self, "cache", cache)
         if self.jobs < 1:
             raise ConfigError(f"--jobs must be >= 1, got {self.jobs}; e.g. --jobs 4")
         super().__post_init__()

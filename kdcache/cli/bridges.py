@@ -60,19 +60,34 @@ def _lines(path: str | None) -> list[str] | None:
     help="Rows per Zarr chunk of OUT [default: about 1 MiB per chunk].",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at OUT.")
-def concat(sources: tuple[str, ...], out: str, chunk_rows: int | None, overwrite: bool) -> None:
+@click.option(
+    "--link",
+    is_flag=True,
+    help="Copy nothing: OUT is a small joined store that reads SOURCES in place, by path or URL "
+    "and digest (image stores).",
+)
+def concat(
+    sources: tuple[str, ...], out: str, chunk_rows: int | None, overwrite: bool, link: bool
+) -> None:
     """Join stores of disjoint parts of one dataset (SOURCES) into one store OUT.
 
     Each source records which samples it holds (`kdcache convert --indices` writes them); together
-    they must hold every sample once. Rows are copied in their encoding, chunk by chunk.
+    they must hold every sample once. Rows are copied in their encoding, chunk by chunk; with
+    --link none is: OUT names the sources, which stay where they are and must not change.
     """
-    from kdcache.store.tools.concat import concat_stores
+    from kdcache.store.tools.concat import concat_stores, link_stores
 
-    result = concat_stores(list(sources), out, overwrite=overwrite, chunk_rows=chunk_rows)
+    if link and chunk_rows is not None:
+        raise click.BadParameter("--chunk-rows sizes copied rows; --link copies none: drop it")
+    result = (
+        link_stores(list(sources), out, overwrite=overwrite)
+        if link
+        else concat_stores(list(sources), out, overwrite=overwrite, chunk_rows=chunk_rows)
+    )
     views = f" V={result.views}" if result.views > 1 else ""
     click.echo(
-        f"joined {counted(result.num_sources, 'store')} into {result.out}: "
-        f"N={result.num_samples}{views} {result.encoding}"
+        f"{'linked' if link else 'joined'} {counted(result.num_sources, 'store')} into "
+        f"{result.out}: N={result.num_samples}{views} {result.encoding}"
     )
 
 

@@ -206,7 +206,8 @@ def distill(**options: Any) -> None:
 @cli.command()
 @config_options(SweepConfig)
 def sweep(**options: Any) -> None:
-    """Distill one student per loss x alpha x temperature x seed from one store (resumable)."""
+    """Distill one student per loss x alpha x temperature x seed from one store, or several
+    teachers combined in the loss (resumable)."""
     config = SweepConfig(**options)  # refused options fail before the heavy imports
     announce("sweep: starting (opening the store and loading the dataset)")
     from kdcache.train.sweep import format_table, run_sweep

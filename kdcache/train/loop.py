@@ -129,20 +129,32 @@ def _train(config: TrainConfig, session: RankSession) -> RunResult:
 
 
 def distill(
-    config: DistillConfig, *, reader: StoreReader | SequenceReader | None = None
+    config: DistillConfig,
+    *,
+    reader: StoreReader | SequenceReader | None = None,
+    members: Sequence[StoreReader] = (),
 ) -> RunResult:
     """Train ``config.student`` on the distillation loss against a store's (or a live teacher's)
     logits: an image classifier, or a causal language model (``hf:PATH``).
 
     ``reader`` is ``config.cache`` already opened (:func:`~kdcache.store.read.reader.open_store`, or
     :func:`~kdcache.store.sequence.open_sequence_store` for a language model): pass it to share
-    one decoded store across many runs (as :func:`kdcache.train.sweep.run_sweep` does).
-    Under torchrun every rank runs this with the same config (DistributedDataParallel).
+    one decoded store across many runs (as :func:`kdcache.train.sweep.run_sweep` does). With
+    several stores, ``members`` are all of ``config.stores`` opened, in order (``reader`` is then
+    the first or None). Under torchrun every rank runs this with the same config
+    (DistributedDataParallel).
     """
-    if reader is not None and config.cache is None:
+    if (reader is not None or members) and config.cache is None:
         raise ConfigError(
             "an open store was passed to distill() but config.cache is None; set cache to its path"
         )
+    if members:
+        if len(members) != len(config.stores) or reader not in (None, members[0]):
+            raise ConfigError(
+                f"distill() got {len(members)} open stores for the {len(config.stores)} of "
+                "config.cache; pass every one of them, in order (reader, if given, the first)"
+            )
+        reader, members = members[0], members if len(members) > 1 else ()
     if config.cache is None:
         teacher, dataset = resolve_specs(
             config.weights,
@@ -170,7 +182,7 @@ def distill(
             assert not isinstance(reader, StoreReader)
             return distill_tokens(config, session, store=reader)
         assert not isinstance(reader, SequenceReader)
-        return _distill(config, session, reader=reader)
+        return _distill(config, session, reader=reader, members=members)
 
 
 @dataclass
@@ -293,16 +305,18 @@ def _from_live_teacher(config: DistillConfig, session: RankSession) -> _Teaching
 
 
 def _distill(
-    config: DistillConfig, session: RankSession, *, reader: StoreReader | None
+    config: DistillConfig,
+    session: RankSession,
+    *,
+    reader: StoreReader | None,
+    members: Sequence[StoreReader] = (),
 ) -> RunResult:
     device = session.device
     if config.stores:
         reader = reader or open_store(config.stores[0], memory_budget=config.cache_memory)
-        members = (
-            [reader, *(open_store(s, memory_budget=config.cache_memory) for s in config.stores[1:])]
-            if len(config.stores) > 1
-            else []
-        )
+        if len(config.stores) > 1 and not members:
+            opened = (open_store(s, memory_budget=config.cache_memory) for s in config.stores[1:])
+            members = [reader, *opened]
         teaching = _from_store(config, session, reader, members)
     else:
         teaching = _from_live_teacher(config, session)

@@ -1,6 +1,8 @@
 """One cache, many experiments: distill a student once per (loss, alpha, temperature, seed).
 
-Every run reads the same store, opened and decoded once; the teacher never runs. Each setting
+Every run reads the same store (or the same several stores of a multi-teacher sweep, combined
+in each run's loss as ``distill --cache a --cache b`` combines them), opened and decoded once;
+the teacher never runs. Each setting
 gets its own folder under ``out``; a finished one (``last.pt``, a metrics file covering every
 epoch and its ``result.json``) is skipped when the sweep is run again, a half-finished one is
 rerun from scratch. The sweep ends with ``results.csv`` (one row per run) and ``sweep.png``.
@@ -32,6 +34,7 @@ from kdcache.store.format.location import refuse_inside_store
 from kdcache.store.read.private_folder import private_folder
 from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.store.sequence import is_sequence_store
+from kdcache.store.tools.merge import check_same_rows
 from kdcache.store.tools.report import teacher_statistics
 from kdcache.temporaries import TemporaryFile
 from kdcache.train.loop import RunResult, distill, modality
@@ -133,14 +136,17 @@ def _canonical(name: str, value: Any) -> Any:
     return value
 
 
-def _store_identity(reader: StoreReader, config: SweepConfig) -> dict[str, Any]:
-    """What ties a sweep folder to one store and one dataset: every run in it must share them."""
-    meta = reader.metadata
+def _store_identity(readers: Sequence[StoreReader], config: SweepConfig) -> dict[str, Any]:
+    """What ties a sweep folder to its stores and one dataset: every run in it must share them
+    (with several stores, each one's generation and teacher, in order)."""
+    meta = readers[0].metadata
     recorded = meta.dataset or {}
     dataset = config.dataset or recorded.get("spec")
+    generations = [r.metadata.generation or r.metadata.created_at for r in readers]
+    teachers = [r.metadata.teacher for r in readers]
     return {
-        "generation": meta.generation or meta.created_at,
-        "teacher": meta.teacher,
+        "generation": generations[0] if len(readers) == 1 else generations,
+        "teacher": teachers[0] if len(readers) == 1 else teachers,
         "dataset": None if dataset is None else canonical_dataset_spec(dataset),
         "split": config.split or recorded.get("split"),
         "labels_sha256": (recorded.get("fingerprint") or {}).get("labels_sha256"),
@@ -182,7 +188,7 @@ def _difference(
         if before_cache in (None, cache):
             return f"{cache} was dumped again since its runs were trained"
         return f"its runs were distilled from {before_cache}, not {cache}"
-    if key == "teacher":
+    if key == "teacher" and not isinstance(now[key], list) and not isinstance(before[key], list):
         return (
             f"its runs were distilled from teacher {(before['teacher'] or {}).get('spec')!r}, "
             f"{cache} holds teacher {(now['teacher'] or {}).get('spec')!r}"
@@ -232,13 +238,13 @@ def write_results_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
         temporary.publish(path)
 
 
-def _run_and_save(run: DistillConfig, reader: StoreReader | None = None) -> RunResult:
-    """Train one run and mark it finished; in a ``--jobs`` worker, on the node's shared table."""
+def _run_and_save(run: DistillConfig, readers: Sequence[StoreReader] = ()) -> RunResult:
+    """Train one run and mark it finished; in a ``--jobs`` worker, on the node's shared tables."""
     log.info("%s: started", os.path.basename(run.out))
-    if reader is None:
-        reader = _worker_reader(run.stores[0], run.cache_memory)
+    if not readers:
+        readers = [_worker_reader(store, run.cache_memory) for store in run.stores]
     # overwrite: a folder here holds at most a half-finished run, which starts over
-    result = distill(dataclasses.replace(run, overwrite=True), reader=reader)
+    result = distill(dataclasses.replace(run, overwrite=True), members=readers)
     _save_result(result, Path(run.out))
     return result
 
@@ -246,11 +252,10 @@ def _run_and_save(run: DistillConfig, reader: StoreReader | None = None) -> RunR
 _WORKER_READERS: dict[tuple[Any, Any], StoreReader] = {}
 
 
-def _worker_reader(cache: str | None, memory: int | str | None) -> StoreReader:
-    """The store of a ``--jobs`` worker, opened once per process and kept for its next runs."""
+def _worker_reader(cache: str, memory: int | str | None) -> StoreReader:
+    """A store of a ``--jobs`` worker, opened once per process and kept for its next runs."""
     key = (cache, memory)
     if key not in _WORKER_READERS:
-        assert cache is not None
         reader = open_store(cache, memory_budget=memory)
         reader.feed.load(shared=True)  # one table for all the workers on this machine
         _WORKER_READERS[key] = reader
@@ -264,35 +269,40 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             "kdcache sweep runs in one process, not under torchrun; use --jobs J to train J "
             "settings side by side (torchrun is for dump-teacher, train and distill)"
         )
-    if modality(config.student, dataset=config.dataset, cache=config.cache) == LM:
+    first = config.stores[0]
+    if modality(config.student, dataset=config.dataset, cache=first) == LM:
         what = (
-            f"{config.cache} is a token store"
-            if is_sequence_store(config.cache)
+            f"{first} is a token store"
+            if is_sequence_store(first)
             else f"--student {config.student} is a language model"
         )
         raise ConfigError(
             f"sweep does not handle language models: {what}, whose runs report perplexity, "
             "while a sweep tabulates, plots and reuses runs by image accuracy and shares one "
-            f"decoded image store between its --jobs; run `kdcache distill --cache {config.cache} "
+            f"decoded image store between its --jobs; run `kdcache distill --cache {first} "
             "--student hf:PATH --loss L --temperature T --alpha A --out DIR` once per setting "
             "(docs/lm.md)"
         )
     refuse_foreign_options(config, IMAGE)
     runs = config.runs()
-    reader = open_store(
-        config.cache, memory_budget=config.cache_memory
-    )  # opened once, shared by every run
+    # opened once, shared by every run
+    readers = [open_store(store, memory_budget=config.cache_memory) for store in config.stores]
+    reader = readers[0]
     dataset = store_dataset(reader, config.dataset, config.split)
     check_model(config.student, dataset)
     # Whatever a run would be refused for is refused here, before any worker starts.
+    for member in readers[1:]:
+        check_same_rows(reader, member, action="sweep over")
     for temperature in config.temperatures:
-        reader.encoding.check_distill_temperature(temperature, option="--temperatures")
+        for member in readers:
+            member.encoding.check_distill_temperature(temperature, option="--temperatures")
     # The transfer set's check is strictest at the smallest alpha (labels needed below 1); the
     # other checks depend on the loss only.
     for loss in config.losses:
         run = min((run for run in runs if run.loss == loss), key=lambda run: run.alpha)
         run.check_loss(IMAGE)
-        check_store_run(run, reader, dataset)
+        for member in readers:
+            check_store_run(run, member, dataset)
     if not config.out.strip():
         raise ConfigError("the sweep folder is empty; pass --out FOLDER, e.g. --out runs/sweep")
     refuse_inside_store(config.out, "the sweep folder")
@@ -303,8 +313,9 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         raise KdcacheError(
             f"cannot create sweep folder {out}: {error.strerror}; choose a writable --out"
         ) from None
-    identity = _store_identity(reader, config)
-    _claim_folder(out, identity, config.cache)
+    identity = _store_identity(readers, config)
+    stores_text = ", ".join(config.stores)
+    _claim_folder(out, identity, stores_text)
     record = {**config.to_dict(), "store_identity": identity}
     (out / "sweep.json").write_text(json.dumps(record, indent=2) + "\n")
     results: dict[str, RunResult] = {}
@@ -318,7 +329,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     if config.jobs > 1 and todo:
         private_folder()  # the workers inherit it, one made in place of a planted one included
     finished = (
-        ((run, _run_and_save(run, reader)) for run in todo)
+        ((run, _run_and_save(run, readers)) for run in todo)
         if config.jobs == 1
         else run_concurrently(todo, jobs=config.jobs, task=_run_and_save)
     )
@@ -333,8 +344,8 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     figure = plot_sweep(
         rows,
         out / SWEEP_FIGURE,
-        title=f"{config.student} from {config.cache}",
-        references=_teacher_reference(reader),
+        title=f"{config.student} from {stores_text}",
+        references=_teacher_references(readers),
     )
     return SweepResult(
         rows=rows,
@@ -345,11 +356,18 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     )
 
 
-def _teacher_reference(reader: StoreReader) -> dict[str, float]:
-    """The cached teacher's accuracy against the labels stored with its logits, for the figure."""
-    accuracy, _ = teacher_statistics(reader)
-    split = (reader.metadata.dataset or {}).get("split", "stored")
-    return {} if accuracy is None else {f"teacher on the {split} split": accuracy}
+def _teacher_references(readers: Sequence[StoreReader]) -> dict[str, float]:
+    """Each cached teacher's accuracy against the labels stored with its logits, for the
+    figure."""
+    references = {}
+    for reader in readers:
+        accuracy, _ = teacher_statistics(reader)
+        split = (reader.metadata.dataset or {}).get("split", "stored")
+        spec = (reader.metadata.teacher or {}).get("spec")
+        name = "teacher" if len(readers) == 1 else f"teacher {spec or reader.where}"
+        if accuracy is not None:
+            references[f"{name} on the {split} split"] = accuracy
+    return references
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:

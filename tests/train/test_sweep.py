@@ -5,15 +5,19 @@ from __future__ import annotations
 import csv
 import json
 import os
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from conftest import assert_one_line_error, assert_png, run_cli
 
-from kdcache.config import SweepConfig
+from kdcache import create_store, open_store
+from kdcache.config import DistillConfig, SweepConfig
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.options import parse_list
 from kdcache.store.sequence import create_sequence_store
+from kdcache.train.loop import distill
 from kdcache.train.sweep import format_table, run_sweep
 
 
@@ -213,3 +217,76 @@ def test_a_sweep_of_a_token_store_is_refused_naming_the_store_and_why(tmp_path):
     assert f"kdcache distill --cache {store}" in message
     assert "\n" not in message
     assert not (tmp_path / "sweep").exists()
+
+
+def other_teacher(source, out):
+    """A second store of the digits dataset: the first teacher's logits, rescaled and noisy."""
+    reader = open_store(source)
+    logits = reader.read_dense(np.arange(reader.num_samples)).numpy()
+    noise = np.random.default_rng(1).normal(size=logits.shape).astype(np.float32)
+    writer = create_store(
+        out,
+        num_samples=reader.num_samples,
+        num_classes=reader.num_classes,
+        encoding="float32",
+        labels=reader.labels,
+        teacher={"spec": "other", "weights_sha256": None},
+        dataset=reader.metadata.dataset,
+    )
+    writer.write(np.arange(reader.num_samples), logits * 0.6 + 2.0 * noise)
+    writer.finalize()
+    return out
+
+
+def test_a_sweep_over_several_teachers_trains_each_run_as_distill_does(tmp_path, digits_store):
+    pair = (str(digits_store), str(other_teacher(digits_store, tmp_path / "other.zarr")))
+    ensemble: dict[str, Any] = dict(cache=pair, teacher_weights=(3.0, 1.0), teacher_mix="mixture")
+    grid: dict[str, Any] = dict(temperatures=(4.0,), seeds=(0,), **ensemble)
+    result = run_sweep(tiny_sweep(digits_store, tmp_path / "sweep", **grid))
+    assert (result.runs_done, result.runs_skipped) == (1, 0)
+    run = tmp_path / "sweep" / "kd-a0.7-T4-seed0"
+    record = json.loads((run / "config.json").read_text())
+    assert (record["cache"], record["teacher_weights"]) == (list(pair), [3.0, 1.0])
+    assert record["resolved"]["ensemble"]["weights"] == [0.75, 0.25]
+    sweep_record = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert sweep_record["cache"] == list(pair)
+    assert sweep_record["store_identity"]["teacher"][1] == {"spec": "other", "weights_sha256": None}
+    # The sweep's run is the run `distill --cache a --cache b` trains, bit for bit.
+    alone = DistillConfig(
+        student="mlp:8",
+        epochs=1,
+        batch_size=128,
+        device="cpu",
+        temperature=4.0,
+        seed=0,
+        out=str(tmp_path / "alone"),
+        **ensemble,
+    )
+    distill(alone)
+    states = [
+        torch.load(f / "last.pt", weights_only=True)["state_dict"]
+        for f in (run, tmp_path / "alone")
+    ]
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+    assert run_sweep(tiny_sweep(digits_store, tmp_path / "sweep", **grid)).runs_skipped == 1
+    with pytest.raises(KdcacheError, match=r"teacher_weights=\[3.0, 1.0\] but this sweep asks"):
+        run_sweep(
+            tiny_sweep(digits_store, tmp_path / "sweep", **{**grid, "teacher_weights": (1, 1)})
+        )
+
+
+def test_teacher_weights_without_several_stores_are_refused_in_one_line(tmp_path, digits_store):
+    refused = run_cli(
+        "sweep",
+        "--cache",
+        str(digits_store),
+        "--student",
+        "mlp:8",
+        "--out",
+        str(tmp_path / "s"),
+        "--teacher-weights",
+        "1,2",
+        check=False,
+    )
+    assert_one_line_error(refused, "--teacher-weights and --teacher-mix combine several teachers")
+    assert not (tmp_path / "s").exists()

@@ -15,12 +15,20 @@ import numpy as np
 import torch
 import zarr
 
-from kdcache.errors import ConfigError, StoreCorruptError, StoreIncompleteError
+from kdcache.errors import (
+    ConfigError,
+    KdcacheError,
+    StoreCorruptError,
+    StoreIncompleteError,
+    StoreMismatchError,
+)
 from kdcache.logits.encodings import parse_encoding
 from kdcache.logits.sparse import SparseLogits, TeacherInput
 from kdcache.store.format.digests import DIGESTS_ARRAY
 from kdcache.store.format.layout import (
+    DATASET_INDICES_ARRAY,
     LABELS_ARRAY,
+    SEQUENCE_KEY,
     VIEW_PARAMS_ARRAY,
     StoreLike,
     first_line,
@@ -33,8 +41,20 @@ from kdcache.store.format.layout import (
 from kdcache.store.format.location import StoreLocation, parse_location
 from kdcache.store.format.metadata import StoreMetadata
 from kdcache.store.read.decoding import default_decode_threads
-from kdcache.store.read.feed import LogitFeed, parse_size
+from kdcache.store.read.feed import LogitFeed, default_memory_budget, parse_size
 from kdcache.store.read.guard import DECODE_ERRORS, ChunkGuard, decode_rows
+from kdcache.store.read.joined import (
+    JOINED_FROM_KEY,
+    JoinedFeed,
+    common_extra,
+    is_joined,
+    part_identity,
+    read_joined_record,
+    refuse_different_parts,
+    sample_owners,
+    whole_dataset,
+    whole_size,
+)
 from kdcache.wording import counted
 
 
@@ -304,6 +324,8 @@ def open_store(
     location = parse_location(path)
     where = location.text
     group = open_group(location)
+    if is_joined(group.attrs.asdict()):
+        return JoinedReader.open(group, location, memory_budget=memory_budget)
     metadata = read_metadata(group, where)
     reader = StoreReader(group, metadata, where, location=location, memory_budget=memory_budget)
     if not metadata.complete and not allow_incomplete:
@@ -314,3 +336,185 @@ def open_store(
     if not allow_incomplete:
         reader.guard.check_all_arrays()
     return reader
+
+
+class JoinedReader(StoreReader):
+    """Stores of disjoint parts of one dataset read in place as one store of the whole dataset
+    (a joined store, written by ``kdcache concat PARTS --out J --link``; see
+    :mod:`kdcache.store.read.joined`). Sample i is sample i of the dataset, read from the part
+    that holds it; :attr:`parts` are the parts' own readers, in the recorded order."""
+
+    def __init__(
+        self,
+        group: zarr.Group,
+        metadata: StoreMetadata,
+        where: str,
+        *,
+        location: StoreLocation,
+        parts: list[StoreReader],
+        part_indices: list[np.ndarray],
+        memory_budget: int,
+    ) -> None:
+        super().__init__(group, metadata, where, location=location, memory_budget=memory_budget)
+        self.parts = parts
+        self.part_indices = part_indices
+
+    @classmethod
+    def open(
+        cls, group: zarr.Group, location: StoreLocation, *, memory_budget: int | str | None
+    ) -> JoinedReader:
+        """Open every part the joined store at ``location`` names; refuse a part that cannot
+        be opened, changed since it was joined, or does not make one dataset with the others."""
+        where = location.text
+        record = read_joined_record(group.attrs.asdict(), where)
+        entries = record["parts"]
+        budget = default_memory_budget() if memory_budget is None else parse_size(memory_budget)
+        total = sum(entry["num_samples"] for entry in entries)
+        parts = [
+            _open_part(entry, where, memory_budget=max(1, budget * entry["num_samples"] // total))
+            for entry in entries
+        ]
+        indices = [
+            _part_indices(part, entry, where) for part, entry in zip(parts, entries, strict=True)
+        ]
+        first = parts[0]
+        identities = [part_identity(part.metadata, part.encoding.name) for part in parts]
+        for part, identity in zip(parts[1:], identities[1:], strict=True):
+            refuse_different_parts(
+                identities[0], identity, first.where, part.where, "a joined store"
+            )
+        dataset = whole_dataset(first.metadata.dataset)
+        sample_owners(indices, [part.where for part in parts], whole_size(dataset))
+        samples = sum(held.size for held in indices)
+        extra = common_extra([part.metadata.extra for part in parts])
+        extra[JOINED_FROM_KEY] = [
+            {**entry, "fidelity": part.metadata.fidelity}
+            for entry, part in zip(entries, parts, strict=True)
+        ]
+        metadata = StoreMetadata(
+            num_samples=samples,
+            num_classes=first.num_classes,
+            encoding=first.metadata.encoding,
+            chunk_rows=first.metadata.chunk_rows,
+            format_version=first.metadata.format_version,
+            teacher=first.metadata.teacher,
+            dataset=dataset,
+            kdcache_version=record["kdcache_version"],
+            created_at=record["created_at"],
+            complete=True,
+            extra=extra,
+            generation=record["generation"],
+            views=first.views,
+            augment=first.metadata.augment,
+        )
+        return cls(
+            group,
+            metadata,
+            where,
+            location=location,
+            parts=parts,
+            part_indices=indices,
+            memory_budget=budget,
+        )
+
+    @property
+    def feed(self) -> LogitFeed:
+        if self._feed is None:
+            assert self._memory_budget is not None
+            self._feed = JoinedFeed(
+                self,
+                [part.feed for part in self.parts],
+                self.part_indices,
+                memory_budget=self._memory_budget,
+            )
+        return self._feed
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """Every part's labels in their samples' places (``None`` when a part has none)."""
+        joined = np.zeros(self.num_samples, dtype=np.int64)
+        for part, indices in zip(self.parts, self.part_indices, strict=True):
+            labels = part.labels
+            if labels is None:
+                return None
+            joined[indices] = labels
+        return joined
+
+    @property
+    def view_params(self) -> np.ndarray | None:
+        """Every part's view parameters in their samples' places (``None`` without views)."""
+        held = [part.view_params for part in self.parts]
+        if self._view_params is None and held[0] is not None:
+            params = np.zeros((self.num_samples, *held[0].shape[1:]), dtype=np.float32)
+            for part_params, indices in zip(held, self.part_indices, strict=True):
+                params[indices] = part_params
+            self._view_params = params
+        return self._view_params
+
+    def written_fraction(self) -> float:
+        return 1.0
+
+    def progress(self) -> str:
+        return f"complete: {len(self.parts)} parts, every one complete"
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self.feed.gather(np.arange(start, stop))[name]
+
+    def check_chunks_present(self, name: str) -> None:
+        for part in self.parts:
+            part.check_chunks_present(name)
+
+    def check_unchanged(self) -> None:
+        for part in self.parts:
+            part.check_unchanged()
+
+    def content_digest(self) -> str:
+        """sha256 over the parts' content digests and which samples each holds."""
+        digest = hashlib.sha256(b"kdcache-joined")
+        for entry in self.metadata.extra[JOINED_FROM_KEY]:
+            digest.update(f"{entry['content_sha256']}:{entry['dataset_indices_sha256']}".encode())
+        return digest.hexdigest()
+
+
+def _open_part(entry: dict[str, Any], where: str, *, memory_budget: int) -> StoreReader:
+    """The part ``entry`` names, refused unless it is the store that was joined."""
+    try:
+        part = open_store(entry["store"], memory_budget=memory_budget)
+    except KdcacheError as error:
+        raise type(error)(f"{where} joins a part that cannot be read: {error}") from None
+    if isinstance(part, JoinedReader) or SEQUENCE_KEY in part.metadata.extra:
+        raise StoreMismatchError(
+            f"{where} joins {part.where}, which is not a store of image rows (a joined or token "
+            "store); join the parts themselves"
+        )
+    found = {
+        "generation": part.metadata.generation,
+        "content_sha256": part.content_digest(),
+        "record_digest": (part.metadata.digests or {}).get("record"),
+    }
+    changed = [key for key, value in found.items() if entry[key] != value]
+    if changed:
+        raise StoreMismatchError(
+            f"{where} joins {part.where}, which changed since it was joined (its {changed[0]} "
+            f"differs: {found[changed[0]]!r}, recorded {entry[changed[0]]!r}); join the parts "
+            "again with `kdcache concat PARTS --out STORE --link --overwrite`"
+        )
+    return part
+
+
+def _part_indices(part: StoreReader, entry: dict[str, Any], where: str) -> np.ndarray:
+    """The dataset samples ``part`` holds, as recorded when it was joined."""
+    if not has_array(part.group, DATASET_INDICES_ARRAY):
+        raise StoreMismatchError(
+            f"{where} joins {part.where}, which records no {DATASET_INDICES_ARRAY!r}; join "
+            "parts written by `kdcache convert --indices` or with that array"
+        )
+    indices = np.asarray(part.guard.whole(DATASET_INDICES_ARRAY), dtype=np.int64)
+    found = hashlib.sha256(indices.astype("<i8").tobytes()).hexdigest()
+    if found != entry["dataset_indices_sha256"] or indices.shape != (part.num_samples,):
+        raise StoreMismatchError(
+            f"{where} joins {part.where}, whose {DATASET_INDICES_ARRAY!r} changed since it was "
+            "joined; join the parts again with `kdcache concat PARTS --out STORE --link "
+            "--overwrite`"
+        )
+    return indices

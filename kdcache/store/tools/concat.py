@@ -13,30 +13,44 @@ without views) and token (sequence) stores alike.
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import os
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import zarr
 
-from kdcache.errors import ConfigError, StoreMismatchError
+from kdcache._version import __version__
+from kdcache.errors import ConfigError, StoreExistsError, StoreMismatchError
 from kdcache.store.format.layout import (
     DATASET_INDICES_ARRAY,
     FIRST_TOKEN_ARRAY,
     OFFSETS_ARRAY,
     SEQUENCE_KEY,
     StoreLike,
-    row_ranges,
 )
-from kdcache.store.format.location import parse_location
+from kdcache.store.format.location import StoreLocation, parse_location, zarr_store
+from kdcache.store.read.joined import (
+    JOINED_FORMAT,
+    JOINED_KEY,
+    PART_FIELDS,
+    part_identity,
+    refuse_different_parts,
+    sample_owners,
+    whole_dataset,
+    whole_size,
+)
 from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.store.sequence import SequenceReader, rows_of, sequence_offsets
 from kdcache.store.tools.convert import CONVERTED_FROM_KEY, recorded_dataset_indices
 from kdcache.store.tools.verify import finalize_verified
-from kdcache.store.write.swap import remove_store_folder
+from kdcache.store.write.swap import remove_store_folder, staging_location, swap_in
 from kdcache.store.write.writer import create_store
+from kdcache.temporaries import create_folder
 
 #: Where the joined store's metadata records its sources (``extra``).
 CONCATENATED_FROM_KEY = "concatenated_from"
@@ -78,18 +92,9 @@ def concat_stores(
     counts, views or datasets, a sample held by two sources (overlap) or by none (gap), and an
     ``out`` that is a source, lies inside one or holds one.
     """
-    if len(sources) < 2:
-        raise ConfigError(
-            f"concat joins at least two stores, got {len(sources)}; name every part of the dataset"
-        )
     out_location = parse_location(out)
-    target = out_location.resolved().target
-    opened = [_open_source(source, target, out_location.text) for source in sources]
+    opened, dataset, total = _checked_parts(sources, out_location)
     first = opened[0]
-    for other in opened[1:]:
-        _refuse_mismatch(first, other)
-    dataset = _whole_dataset(first.reader.metadata.dataset)
-    total = _refuse_overlaps_and_gaps(opened, _whole_size(dataset, first))
     metadata = first.reader.metadata
     views = metadata.views
     arrays: dict[str, np.ndarray] | None = None
@@ -160,6 +165,81 @@ def concat_stores(
     )
 
 
+def link_stores(
+    sources: Sequence[StoreLike], out: StoreLike, *, overwrite: bool = False
+) -> ConcatResult:
+    """Write ``out``, a joined store that reads the stores ``sources`` in place as one store of
+    the whole dataset (no row is copied; :class:`~kdcache.store.read.reader.JoinedReader`).
+
+    ``out`` records each source's resolved path or URL, ``generation``, content and record
+    digests and which samples it holds; :func:`~kdcache.store.read.reader.open_store` refuses
+    it once a source is missing or changed. Refused as :func:`concat_stores` refuses, and for
+    token (sequence) stores (copy those with :func:`concat_stores`) and a zip ``out``. An
+    existing ``out`` is replaced only with ``overwrite``: a local one once the new record opens
+    (built beside it, then swapped in), a remote one in place.
+    """
+    out_location = parse_location(out)
+    if out_location.kind == "zip":
+        raise ConfigError(
+            f"a joined store is a folder or URL, not a zip: {out_location.text}; choose a folder "
+            "such as joined.zarr"
+        )
+    opened, _dataset, total = _checked_parts(sources, out_location)
+    first = opened[0]
+    if first.sequences is not None:
+        raise ConfigError(
+            f"{first.text} is a token (sequence) store; --link joins image stores only: copy "
+            "token parts into one store with `kdcache concat` without --link"
+        )
+    if not out_location.is_empty() and not overwrite:
+        raise StoreExistsError(
+            f"{out_location.text} already exists; pass --overwrite to replace it, or choose "
+            "another --out"
+        )
+    record = {
+        "format": JOINED_FORMAT,
+        "generation": uuid.uuid4().hex,
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "kdcache_version": __version__,
+        "parts": [
+            {key: value for key, value in _provenance(source).items() if key in PART_FIELDS}
+            for source in opened
+        ],
+    }
+    _publish_joined(out_location, {JOINED_KEY: record})
+    return ConcatResult(
+        out=out_location.text,
+        num_samples=total,
+        views=first.reader.metadata.views,
+        encoding=first.reader.metadata.encoding,
+        num_sources=len(opened),
+        nbytes=out_location.nbytes(),
+    )
+
+
+def _publish_joined(out: StoreLocation, attributes: dict[str, Any]) -> None:
+    """Write a joined store's group at ``out``, checked to open before it replaces anything."""
+    folder = out.resolved().folder
+    if folder is None:  # an object store: one zarr.json, put whole
+        zarr.open_group(zarr_store(out, read_only=False), mode="w", attributes=attributes)
+        open_store(out)
+        return
+    staging = staging_location(out.resolved())
+    assert staging.folder is not None
+    create_folder(staging.folder, purpose="the joined store being written")
+    try:
+        zarr.open_group(zarr_store(staging, read_only=False), mode="w", attributes=attributes)
+        open_store(staging)
+        if os.path.lexists(folder):
+            swap_in(staging.folder, folder, out.text)
+        else:
+            os.rename(staging.folder, folder)
+    except BaseException:
+        if staging.folder.exists():
+            remove_store_folder(staging.folder)
+        raise
+
+
 def _open_source(source: StoreLike, out: str, given: str) -> _Source:
     location = parse_location(source)
     text = location.text
@@ -204,78 +284,32 @@ def _open_source(source: StoreLike, out: str, given: str) -> _Source:
     return _Source(text=text, reader=reader, sequences=sequences, indices=indices)
 
 
-def _whole_dataset(dataset: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The record of the whole dataset a part was taken from (``subset_of``, as deep as it
-    goes), or the part's own record when it names none."""
-    while isinstance(dataset, dict) and isinstance(dataset.get("subset_of"), dict):
-        dataset = dataset["subset_of"]
-    return dataset
+def _checked_parts(
+    sources: Sequence[StoreLike], out: StoreLocation
+) -> tuple[list[_Source], dict[str, Any] | None, int]:
+    """The parts opened, the whole dataset's record and its sample count, once the parts are
+    refused unless they make that dataset, each sample once."""
+    if len(sources) < 2:
+        raise ConfigError(
+            f"concat joins at least two stores, got {len(sources)}; name every part of the dataset"
+        )
+    target = out.resolved().target
+    opened = [_open_source(source, target, out.text) for source in sources]
+    first = opened[0]
+    for other in opened[1:]:
+        refuse_different_parts(_identity(first), _identity(other), first.text, other.text, "concat")
+    dataset = whole_dataset(first.reader.metadata.dataset)
+    size = whole_size(dataset, tokens=first.sequences is not None)
+    owners = sample_owners([source.indices for source in opened], [s.text for s in opened], size)
+    return opened, dataset, owners.size
 
 
 def _identity(source: _Source) -> dict[str, Any]:
-    metadata = source.reader.metadata
     return {
-        "teacher": metadata.teacher,
-        # Parsed: a dump records the encoding as typed (viewset:16:4), convert by its name.
-        "encoding": source.reader.encoding.name,
-        "classes": metadata.num_classes,
-        "views": metadata.views,
-        "augmentation": metadata.augment,
-        "dataset": _whole_dataset(metadata.dataset),
+        **part_identity(source.reader.metadata, source.reader.encoding.name),
         "kind": "token (sequence) store" if source.sequences is not None else "image store",
         "rows at every position": source.sequences is None or source.sequences.every_position,
     }
-
-
-def _refuse_mismatch(first: _Source, other: _Source) -> None:
-    mine, theirs = _identity(first), _identity(other)
-    for field, value in mine.items():
-        if theirs[field] != value:
-            raise StoreMismatchError(
-                f"{other.text} and {first.text} differ in their {field} ({theirs[field]!r} vs "
-                f"{value!r}); concat joins parts of one dump: same teacher, encoding, classes, "
-                "views and dataset"
-            )
-
-
-def _whole_size(dataset: dict[str, Any] | None, first: _Source) -> int | None:
-    """Samples (sequences) of the whole dataset, as its fingerprint records them."""
-    fingerprint = (dataset or {}).get("fingerprint") or {}
-    if first.sequences is not None:
-        fingerprint = fingerprint.get("tokens") or {}
-    count = fingerprint.get("num_samples")
-    return count if isinstance(count, int) and not isinstance(count, bool) else None
-
-
-def _refuse_overlaps_and_gaps(opened: list[_Source], total: int | None) -> int:
-    """The samples of the whole dataset (``total``, or the largest index held + 1), once every
-    one is held by exactly one source."""
-    everything = np.concatenate([source.indices for source in opened])
-    size = int(everything.max()) + 1 if total is None else total
-    if everything.max() >= size:
-        outside = np.unique(everything[everything >= size])
-        raise StoreMismatchError(
-            f"the stores hold samples {row_ranges(outside)} beyond the dataset's {size} samples "
-            "(its fingerprint's num_samples); they are not parts of that dataset"
-        )
-    owner = np.full(size, -1, dtype=np.int64)
-    for number, source in enumerate(opened):
-        held = owner[source.indices]
-        twice = source.indices[held >= 0]
-        if twice.size:
-            earlier = opened[int(held[held >= 0][0])].text
-            raise StoreMismatchError(
-                f"{source.text} and {earlier} both hold samples {row_ranges(np.unique(twice))}; "
-                "parts must not overlap: convert one of them again without those indices"
-            )
-        owner[source.indices] = number
-    missing = np.flatnonzero(owner < 0)
-    if missing.size:
-        raise StoreMismatchError(
-            f"no store holds samples {row_ranges(missing)} of the dataset's {size}; add the part "
-            "that holds them (concat joins a whole dataset, without gaps)"
-        )
-    return size
 
 
 def _common_extra(opened: list[_Source]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from kdcache.store.format.layout import (
     own_keys,
 )
 from kdcache.store.format.location import parse_location, refuse_inside_store, zarr_store
-from kdcache.store.read.reader import open_store
+from kdcache.store.read.reader import JoinedReader, open_store
 from kdcache.temporaries import TemporaryFile
 
 
@@ -64,6 +64,11 @@ def pack_store(
     refuse_inside_store(target, "the pack output")
     location = parse_location(source)
     reader = open_store(location)  # refuses missing, foreign, newer-format, damaged, unfinished
+    if isinstance(reader, JoinedReader):
+        raise ConfigError(
+            f"{location.text} is a joined store, which reads its parts in place and holds no rows "
+            "to pack; pack a copy (`kdcache concat PARTS --out STORE` without --link)"
+        )
     # Every array the store pinned at creation (any kind, any future array) and the written flags
     # (created last, unpinned); older stores, which pinned none, by the names their releases
     # wrote (own_keys skips arrays a store lacks).

@@ -18,7 +18,12 @@ import numpy as np
 import torch
 
 from kdcache.store.format.layout import store_nbytes
-from kdcache.store.read.reader import StoreReader, open_store, recorded_class_names
+from kdcache.store.read.reader import (
+    JoinedReader,
+    StoreReader,
+    open_store,
+    recorded_class_names,
+)
 from kdcache.store.sequence import SEQUENCE_KEY
 
 #: Temperatures at which the report gives the teacher's mean entropy.
@@ -62,6 +67,9 @@ class StoreReport:
     augment: dict[str, Any] | None = None
     bytes_per_view: float | None = None
     sequence: dict[str, int] | None = None
+    #: A joined store's parts, read in place: each one's ``store`` (path or URL),
+    #: ``num_samples`` and ``bytes_on_disk``; ``None`` for a store of its own rows.
+    parts: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,6 +109,16 @@ def inspect_store(path: str | os.PathLike[str]) -> StoreReport:
     reader = open_store(path, allow_incomplete=True)
     meta = reader.metadata
     nbytes = store_nbytes(path)
+    parts = None
+    if isinstance(reader, JoinedReader):
+        sizes = [store_nbytes(part.where) for part in reader.parts]
+        parts = [
+            {"store": part.where, "num_samples": part.num_samples, "bytes_on_disk": size}
+            for part, size in zip(reader.parts, sizes, strict=True)
+        ]
+        known = [size for size in sizes if size is not None]
+        # the parts' rows and the joined record; unknown once a part is remote
+        nbytes = None if nbytes is None or len(known) < len(sizes) else nbytes + sum(known)
     accuracy, entropy = teacher_statistics(reader) if meta.complete else (None, None)
     raw_float32 = meta.num_rows * meta.num_classes * 4
     return StoreReport(
@@ -126,6 +144,7 @@ def inspect_store(path: str | os.PathLike[str]) -> StoreReport:
         augment=meta.augment,
         bytes_per_view=None if nbytes is None else nbytes / meta.num_rows,
         sequence=meta.extra.get(SEQUENCE_KEY),
+        parts=parts,
     )
 
 
@@ -218,6 +237,15 @@ def format_report(report: StoreReport) -> str:
             "yes" if report.complete else f"no ({report.written_fraction:.0%} of chunks written)",
         ),
     ]
+    for number, part in enumerate(report.parts or ()):
+        size = part["bytes_on_disk"]
+        lines.append(
+            (
+                f"part {number}",
+                f"{part['store']} ({part['num_samples']:,} samples, "
+                + ("remote)" if size is None else f"{size:,} bytes)"),
+            )
+        )
     if report.bytes_on_disk is None:
         lines.append(("bytes on disk", "unknown (remote store)"))
     else:

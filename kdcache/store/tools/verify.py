@@ -41,7 +41,7 @@ from kdcache.store.format.location import parse_location, partial_files
 from kdcache.store.format.pinning import array_problems
 from kdcache.store.read.feed import LOAD_BLOCK_CHUNKS
 from kdcache.store.read.guard import DECODE_ERRORS as _DECODE_ERRORS
-from kdcache.store.read.reader import StoreReader, open_store
+from kdcache.store.read.reader import JoinedReader, StoreReader, open_store
 from kdcache.store.sequence import sequence_problems
 from kdcache.wording import counted
 
@@ -97,6 +97,8 @@ def verify_store(path: StoreLike, *, finishing: bool = False) -> VerifyReport:
     """
     location = parse_location(path)
     reader = open_store(location, allow_incomplete=True)
+    if isinstance(reader, JoinedReader):
+        return _verify_joined(reader)
     meta = reader.metadata
     problems: list[str] = []
     written = _written_chunks(reader, problems)
@@ -146,6 +148,33 @@ def verify_store(path: StoreLike, *, finishing: bool = False) -> VerifyReport:
         num_classes=meta.num_classes,
         encoding=meta.encoding,
         chunks_checked=checked,
+        problems=tuple(problems),
+        notes=tuple(notes),
+        views=meta.views,
+    )
+
+
+def _verify_joined(reader: JoinedReader) -> VerifyReport:
+    """A joined store: opening it checked that every part is the one joined (generation and
+    digests) and that together they hold each sample once; each part is then verified whole."""
+    reports = [verify_store(part.where) for part in reader.parts]
+    problems = [
+        f"part {report.where}: {problem}" for report in reports for problem in report.problems
+    ]
+    _check_labels(reader, reader.labels, problems)
+    notes = [f"part {report.where}: {note}" for report in reports for note in report.notes]
+    notes.insert(
+        0,
+        f"a joined store: {counted(len(reports), 'part')} read in place, each the store that was "
+        "joined, together holding every sample once",
+    )
+    meta = reader.metadata
+    return VerifyReport(
+        where=reader.where,
+        num_samples=meta.num_samples,
+        num_classes=meta.num_classes,
+        encoding=meta.encoding,
+        chunks_checked=sum(report.chunks_checked for report in reports),
         problems=tuple(problems),
         notes=tuple(notes),
         views=meta.views,
