@@ -235,8 +235,9 @@ def _jobs(args: argparse.Namespace, out: Path, weights: Path) -> list[dict[str, 
                     **options,
                 }
             )
-    # The slowest runs (online KD) first, so that the pool does not end on one of them.
-    jobs.sort(key=lambda job: "online" not in job["name"])
+    # One seed's every run before the next seed's, so that a run cut short still has whole
+    # seeds; within a seed the slowest runs (online KD) first.
+    jobs.sort(key=lambda job: (job["seed"], "online" not in job["name"]))
     return jobs
 
 
