@@ -9,7 +9,10 @@
 # $OUT/bytes (results.json, tables.md) and $OUT/glyphs-view-bytes.png. Every run goes to the GPU
 # (--device cuda); the student runs share it, JOBS at a time.
 # Overrides: PYTHON, DATASET (glyphs:1000:32:100), TEACHER (resnet:64), TEACHER_EPOCHS (15),
-# STUDENT (mlp:256), EPOCHS (20), SEEDS (0,1,2), JOBS (4).
+# STUDENT (mlp:256), EPOCHS (20), SEEDS (0,1,2), JOBS (4), PARTS (encodings,sweep,views),
+# RECIPE (glyph_results.py's rrc+flip) and, for the views study with a data-starved student as in
+# docs/results.md's CPU run, STUDENT_DATASET (the students' training set; the teacher keeps
+# DATASET), e.g. STUDENT_DATASET=glyphs:1000:32:20 STUDENT=resnet:16 PARTS=views.
 set -euo pipefail
 
 OUT=${OUT:-glyph-results-gpu}
@@ -21,13 +24,18 @@ STUDENT=${STUDENT:-mlp:256}
 EPOCHS=${EPOCHS:-20}
 SEEDS=${SEEDS:-0,1,2}
 JOBS=${JOBS:-4}
+PARTS=${PARTS:-encodings,sweep,views}
+STUDENT_DATASET=${STUDENT_DATASET:-$DATASET}
+recipe=()
+if [[ -n ${RECIPE:-} ]]; then recipe=(--recipe "$RECIPE"); fi
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-.}
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/device.txt" || true
 
-"$PYTHON" pipelines/glyph_results.py "$OUT/results" --dataset "$DATASET" --teacher "$TEACHER" \
-    --teacher-epochs "$TEACHER_EPOCHS" --student "$STUDENT" --epochs "$EPOCHS" --seeds "$SEEDS" \
-    --jobs "$JOBS" --device cuda --threads 8
+"$PYTHON" pipelines/glyph_results.py "$OUT/results" --dataset "$STUDENT_DATASET" \
+    --teacher-dataset "$DATASET" --teacher "$TEACHER" --teacher-epochs "$TEACHER_EPOCHS" \
+    --student "$STUDENT" --epochs "$EPOCHS" --seeds "$SEEDS" --jobs "$JOBS" --parts "$PARTS" \
+    "${recipe[@]}" --device cuda --threads 8
 "$PYTHON" pipelines/glyph_view_bytes.py --weights "$OUT/results/teacher/best.pt" \
     --teacher "$TEACHER" --dataset "${DATASET%:*}:4" --out "$OUT/bytes" \
     --figure "$OUT/glyphs-view-bytes.png"
