@@ -154,8 +154,9 @@ def test_the_summary_is_aligned_lines_with_units_and_json_only_on_request():
     runs = lines.index("runs:")
     assert lines[runs + 1].split() == ["-", "encoding:", "float16"]
     assert lines[runs + 3].lstrip().startswith("rows/s:")
-    assert lines[runs + 5].lstrip().startswith("all wall:")
-    assert lines[runs + 5].endswith(" s")
+    assert lines[runs + 4].lstrip().startswith("rows/cpu-s:")
+    assert lines[runs + 6].lstrip().startswith("all wall:")
+    assert lines[runs + 6].endswith(" s")
 
 
 def test_summary_values_carry_their_units():

@@ -193,6 +193,8 @@ class JoinedFeed(LogitFeed):
         self.memory_budget = memory_budget
         self._pinned = []
         self._next_pinned = 0
+        # Rows come through gather and the encoding: the parts hold the tables.
+        self._dense = False
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pinned": [], "_next_pinned": 0}
