@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    from kdcache.store.read.shared_table import SHARED_DIR_ENV
+    from kdcache.store.read.private_folder import SHARED_DIR_ENV
     from kdcache.store.write.writer import create_store
 
     with tempfile.TemporaryDirectory(prefix="kdcache-check-bench-") as scratch:

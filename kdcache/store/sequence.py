@@ -45,6 +45,18 @@ from kdcache.store.format.metadata import StoreMetadata
 from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.store.write.writer import StoreWriter, create_store
 
+__all__ = [
+    "SequenceReader",
+    "SequenceWriter",
+    "TokenRows",
+    "create_sequence_store",
+    "is_sequence_store",
+    "open_sequence_store",
+    "rows_of",
+    "sequence_offsets",
+    "sequence_problems",
+]
+
 #: Teacher rows as read back: dense (n, V), top-k (:class:`SparseLogits`) or draws.
 TokenRows = torch.Tensor | SparseLogits | SampledLogits
 

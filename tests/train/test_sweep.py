@@ -140,7 +140,7 @@ def test_jobs_run_settings_side_by_side_from_one_shared_table(
 ):
     import torch
 
-    from kdcache.store.read.shared_table import SHARED_DIR_ENV
+    from kdcache.store.read.private_folder import SHARED_DIR_ENV
 
     monkeypatch.setenv(SHARED_DIR_ENV, str(tmp_path / "shm"))  # inherited by the workers
     sequential, _ = finished_sweep

@@ -10,3 +10,5 @@ Every format keeps the teacher's top-k probabilities only; :mod:`~kdcache.store.
 turns them into rows a kdcache store holds, the missing mass spread evenly over the other
 classes (docs/merging.md says what each format keeps and loses).
 """
+
+__all__: list[str] = []

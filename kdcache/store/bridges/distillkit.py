@@ -50,22 +50,29 @@ from kdcache.store.format.layout import StoreLike, row_ranges
 from kdcache.store.format.location import parse_location
 from kdcache.store.sequence import open_sequence_store
 
-CONFIG_FILE = "compression_config.yaml"
+__all__ = [
+    "ExportResult",
+    "ImportResult",
+    "export_distillkit",
+    "import_distillkit",
+]
+
+_CONFIG_FILE = "compression_config.yaml"
 _DTYPES = {"float16": "<f2", "bfloat16": "bfloat16", "float32": "<f4", "float64": "<f8"}
 _SPECIAL_TERMS = ("sqrt", "exp")
 #: Rows per Parquet file of an export (DistillKit's ``--macrobatch-size`` default).
-ROWS_PER_FILE = 256
+_ROWS_PER_FILE = 256
 
 
 @dataclass(frozen=True)
-class ResidualBin:
+class _ResidualBin:
     scale_dtype: str
     element_bits: int
     num_elements: int
 
 
 @dataclass(frozen=True)
-class CompressionConfig:
+class _CompressionConfig:
     """DistillKit's ``DistributionQuantizationConfig``: how one row's bytes hold k log-probs."""
 
     d: int
@@ -74,7 +81,7 @@ class CompressionConfig:
     exact_dtype: str = "float32"
     polynomial_terms: tuple[int | str, ...] = ()
     term_dtype: str = "float32"
-    residual_bins: tuple[ResidualBin, ...] = ()
+    residual_bins: tuple[_ResidualBin, ...] = ()
     delta_encoding: bool = True
     error_diffusion: bool = False
     normalize_t: bool = False
@@ -110,11 +117,11 @@ class CompressionConfig:
         }
 
     @staticmethod
-    def from_dict(record: Any, *, where: str) -> CompressionConfig:
+    def from_dict(record: Any, *, where: str) -> _CompressionConfig:
         def fail(what: str) -> ConfigError:
             return ConfigError(
                 f"{where} is not a DistillKit compression config ({what}); pass the "
-                f"{CONFIG_FILE} written with the logits"
+                f"{_CONFIG_FILE} written with the logits"
             )
 
         if not isinstance(record, dict):
@@ -122,10 +129,10 @@ class CompressionConfig:
         try:
             terms = tuple(record.get("polynomial_terms") or ())
             bins = tuple(
-                ResidualBin(str(b["scale_dtype"]), int(b["element_bits"]), int(b["num_elements"]))
+                _ResidualBin(str(b["scale_dtype"]), int(b["element_bits"]), int(b["num_elements"]))
                 for b in record.get("residual_bins") or ()
             )
-            config = CompressionConfig(
+            config = _CompressionConfig(
                 d=int(record["d"]),
                 k=int(record["k"]),
                 exact_k=int(record["exact_k"]),
@@ -167,7 +174,7 @@ def _floats(raw: np.ndarray, dtype: str, count: int) -> np.ndarray:
     return values.astype(np.float64)
 
 
-def unpack_bits(raw: np.ndarray, bits: int, count: int) -> np.ndarray:
+def _unpack_bits(raw: np.ndarray, bits: int, count: int) -> np.ndarray:
     """``count`` unsigned integers of ``bits`` bits per row of ``raw`` (n, bytes), most
     significant bit first (DistillKit's ``unpack_from_bytes``)."""
     stream = np.unpackbits(np.ascontiguousarray(raw, dtype=np.uint8), axis=1)
@@ -176,14 +183,14 @@ def unpack_bits(raw: np.ndarray, bits: int, count: int) -> np.ndarray:
     return (fields * weights).sum(axis=2).astype(np.int64)
 
 
-def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
-    """The inverse of :func:`unpack_bits`: rows of integers (n, count) into bytes."""
+def _pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """The inverse of :func:`_unpack_bits`: rows of integers (n, count) into bytes."""
     shifts = np.arange(bits - 1, -1, -1, dtype=np.uint64)
     fields = (values.astype(np.uint64)[:, :, None] >> shifts) & np.uint64(1)
     return np.packbits(fields.reshape(len(values), -1).astype(np.uint8), axis=1)
 
 
-def _terms(config: CompressionConfig, count: int) -> np.ndarray:
+def _terms(config: _CompressionConfig, count: int) -> np.ndarray:
     points = (
         np.linspace(0.0, 1.0, count) if config.normalize_t else np.arange(count, dtype=np.float64)
     )
@@ -194,7 +201,7 @@ def _terms(config: CompressionConfig, count: int) -> np.ndarray:
     return np.stack(columns, axis=1) if columns else np.zeros((count, 0))
 
 
-def decompress_log_probs(raw: np.ndarray, config: CompressionConfig) -> np.ndarray:
+def _decompress_log_probs(raw: np.ndarray, config: _CompressionConfig) -> np.ndarray:
     """The k log-probabilities (n, k) held in each row of bytes ``raw`` (n, row_bytes)."""
     n = len(raw)
     position = 0
@@ -218,7 +225,7 @@ def decompress_log_probs(raw: np.ndarray, config: CompressionConfig) -> np.ndarr
     start = 0
     for part in config.residual_bins:
         scale = _floats(take(_itemsize(part.scale_dtype)), part.scale_dtype, 1)
-        codes = unpack_bits(
+        codes = _unpack_bits(
             take((part.element_bits * part.num_elements + 7) // 8),
             part.element_bits,
             part.num_elements,
@@ -234,7 +241,7 @@ def decompress_log_probs(raw: np.ndarray, config: CompressionConfig) -> np.ndarr
     return np.cumsum(values, axis=1) if config.delta_encoding else values
 
 
-def read_config(path: Path) -> CompressionConfig:
+def _read_config(path: Path) -> _CompressionConfig:
     import yaml
 
     try:
@@ -246,10 +253,10 @@ def read_config(path: Path) -> CompressionConfig:
         ) from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise ConfigError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
-    return CompressionConfig.from_dict(record, where=str(path))
+    return _CompressionConfig.from_dict(record, where=str(path))
 
 
-def parquet_files(source: Path) -> list[Path]:
+def _parquet_files(source: Path) -> list[Path]:
     """DistillKit's ``data_{i}.parquet`` files of ``source`` (a folder, or one file) in the
     order written: by i, numerically."""
     if source.is_file():
@@ -269,13 +276,13 @@ def parquet_files(source: Path) -> list[Path]:
 
 
 @dataclass(frozen=True)
-class DistillKitSample:
+class _DistillKitSample:
     input_ids: np.ndarray
     log_probs: np.ndarray
     token_ids: np.ndarray
 
 
-def read_samples(files: list[Path], config: CompressionConfig) -> Iterator[DistillKitSample]:
+def _read_samples(files: list[Path], config: _CompressionConfig) -> Iterator[_DistillKitSample]:
     """Every sample of ``files`` in order, decoded (one Parquet row group batch at a time)."""
     import pyarrow.parquet as pq
 
@@ -308,8 +315,8 @@ def read_samples(files: list[Path], config: CompressionConfig) -> Iterator[Disti
 
 
 def _decoded(
-    number: int, path: Path, ids: Any, logprobs: Any, indices: Any, config: CompressionConfig
-) -> DistillKitSample:
+    number: int, path: Path, ids: Any, logprobs: Any, indices: Any, config: _CompressionConfig
+) -> _DistillKitSample:
     tokens = np.asarray(ids, dtype=np.int64)
     rows = len(logprobs)
     if rows != tokens.size - 1 or len(indices) != rows:
@@ -323,12 +330,12 @@ def _decoded(
         raise SpecError(
             f"{path}: sample {number} holds rows of {values.shape[1]} and {packed.shape[1]} bytes "
             f"but its compression config says {config.row_bytes} and {config.index_bytes}; pass "
-            f"the {CONFIG_FILE} written with these logits"
+            f"the {_CONFIG_FILE} written with these logits"
         )
-    return DistillKitSample(
+    return _DistillKitSample(
         input_ids=tokens,
-        log_probs=decompress_log_probs(values, config),
-        token_ids=unpack_bits(packed, config.index_bits, config.k),
+        log_probs=_decompress_log_probs(values, config),
+        token_ids=_unpack_bits(packed, config.index_bits, config.k),
     )
 
 
@@ -360,11 +367,11 @@ def import_distillkit(
     number) and rows' order; every sample's token ids are kept (``first_token`` and labels)."""
     refuse_existing(out, overwrite)
     folder = Path(source)
-    files = parquet_files(folder)
-    config_path = Path(config) if config is not None else files[0].parent / CONFIG_FILE
-    settings = read_config(config_path)
+    files = _parquet_files(folder)
+    config_path = Path(config) if config is not None else files[0].parent / _CONFIG_FILE
+    settings = _read_config(config_path)
     classes = settings.d if vocab_size is None else vocab_size
-    sequences = [sample.input_ids for sample in read_samples(files, settings)]
+    sequences = [sample.input_ids for sample in _read_samples(files, settings)]
     too_large = [i for i, tokens in enumerate(sequences) if tokens.size and tokens.max() >= classes]
     if too_large:
         raise InvalidLogitsError(
@@ -385,7 +392,7 @@ def import_distillkit(
     offsets = arrays["offsets"]
 
     def rows() -> Iterable[tuple[np.ndarray, np.ndarray]]:
-        for number, sample in enumerate(read_samples(files, settings)):
+        for number, sample in enumerate(_read_samples(files, settings)):
             start = int(offsets[number])
             for part in batched(len(sample.log_probs)):
                 dense = dense_from_top_k(
@@ -442,7 +449,7 @@ def export_distillkit(
     out: str | Path,
     *,
     top_k: int | None = None,
-    rows_per_file: int = ROWS_PER_FILE,
+    rows_per_file: int = _ROWS_PER_FILE,
 ) -> ExportResult:
     """Write the token store ``store`` as a DistillKit logit set in the folder ``out``.
 
@@ -476,7 +483,7 @@ def export_distillkit(
     target = Path(out)
     if target.exists():
         raise ConfigError(f"{target} already exists; choose a new folder for the export")
-    settings = CompressionConfig(
+    settings = _CompressionConfig(
         d=sequences.vocab_size, k=k, exact_k=k, exact_dtype="float32", delta_encoding=False
     )
     staging = target.with_name(target.name + ".incoming")
@@ -499,12 +506,12 @@ def export_distillkit(
                     log_probs.astype("<f4").view(np.uint8).reshape(len(log_probs), -1).tolist()
                 )
                 records["bytepacked_indices"].append(
-                    pack_bits(token_ids, settings.index_bits).tolist()
+                    _pack_bits(token_ids, settings.index_bits).tolist()
                 )
             table = pa.Table.from_pydict(records, schema=schema)
             pq.write_table(table, staging / f"data_{number}.parquet")
             files += 1
-        (staging / CONFIG_FILE).write_text(yaml.safe_dump(settings.to_dict()), encoding="utf-8")
+        (staging / _CONFIG_FILE).write_text(yaml.safe_dump(settings.to_dict()), encoding="utf-8")
         staging.rename(target)
     except BaseException:
         for path in staging.glob("*"):

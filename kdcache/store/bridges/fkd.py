@@ -47,15 +47,22 @@ from kdcache.store.bridges.topk import (
 from kdcache.store.format.layout import StoreLike
 from kdcache.store.format.location import parse_location
 
+__all__ = [
+    "FIELDS",
+    "RECIPE",
+    "ImportResult",
+    "import_fkd",
+]
+
 #: FKD's crops as a kdcache recipe (kdcache.augment.recipe's canonical spec): torchvision's
 #: RandomResizedCrop at FKD's default scale range, then a horizontal flip.
 RECIPE = "rrc:scale=0.08-0.936,ratio=0.75-1.3333333+flip"
 FIELDS = ["crop_top", "crop_left", "crop_height", "crop_width", "flip"]
 #: The generator recorded for the views: FKD's, not kdcache's (they are never redrawn).
-SAMPLER = "fkd"
+_SAMPLER = "fkd"
 
 
-def pixel_boxes(fractions: np.ndarray, size: int) -> np.ndarray:
+def _pixel_boxes(fractions: np.ndarray, size: int) -> np.ndarray:
     """FKD's boxes ``(top, left, height, width)`` as fractions of the image, (N, 4), as integer
     pixel boxes inside a ``size`` x ``size`` input."""
     height = np.clip(np.rint(fractions[:, 2] * size), 1, size)
@@ -99,7 +106,7 @@ class ImportResult:
     encoding: str
 
 
-def label_files(source: Path) -> list[Path]:
+def _label_files(source: Path) -> list[Path]:
     """Every FKD soft-label file under ``source``, in sorted path order."""
     if not source.is_dir():
         raise DatasetNotFoundError(f"no FKD soft-label folder at {source}; pass FKD's --save_path")
@@ -109,7 +116,7 @@ def label_files(source: Path) -> list[Path]:
     return files
 
 
-def load_label_file(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _load_label_file(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``coords`` (N, 4), ``flip`` (N,) and ``output`` (N, 2, k) of one FKD file."""
     import torch
     from numpy._core.multiarray import _reconstruct
@@ -170,33 +177,33 @@ def import_fkd(
     )
     refuse_existing(out, overwrite)
     folder = Path(source)
-    paths = label_files(folder) if files is None else [folder / name for name in files]
+    paths = _label_files(folder) if files is None else [folder / name for name in files]
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
         raise DatasetNotFoundError(
             f"{len(missing)} listed FKD files are missing, e.g. {missing[0]}"
         )
-    _, _, output = load_label_file(paths[0])
+    _, _, output = _load_label_file(paths[0])
     views, k = output.shape[0], output.shape[2]
     classes_of = _class_folders(folder, paths, num_classes, classes)
     labels = np.array([classes_of.index(path.parent.name) for path in paths], dtype=np.int64)
     params = np.zeros((len(paths), views, len(FIELDS)), dtype=np.float32)
     digest = hashlib.sha256()
     for number, path in enumerate(paths):
-        boxes, flips, soft = load_label_file(path)
+        boxes, flips, soft = _load_label_file(path)
         if soft.shape != (views, 2, k):
             raise SpecError(
                 f"{path} holds {soft.shape[0]} crops of top-{soft.shape[2]} labels but "
                 f"{paths[0]} holds {views} of top-{k}; every image needs the same crops and k"
             )
-        params[number, :, :4] = pixel_boxes(boxes, input_size)
+        params[number, :, :4] = _pixel_boxes(boxes, input_size)
         params[number, :, 4] = flips
         digest.update(path.read_bytes())
     chosen = encoding or default_encoding(k, num_classes)
 
     def rows() -> Iterable[tuple[np.ndarray, np.ndarray]]:
         for number, path in enumerate(paths):
-            _, _, soft = load_label_file(path)
+            _, _, soft = _load_label_file(path)
             with np.errstate(divide="ignore"):
                 log_probs = np.log(soft[:, 1])
             dense = dense_from_top_k(
@@ -241,7 +248,7 @@ def import_fkd(
         augment={
             "recipe": RECIPE,
             "seed": 0,
-            "sampler": SAMPLER,
+            "sampler": _SAMPLER,
             "fields": FIELDS,
             "input_size": [input_size, input_size],
         },

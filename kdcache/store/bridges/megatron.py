@@ -48,15 +48,20 @@ from kdcache.store.bridges.topk import (
 from kdcache.store.format.layout import StoreLike, row_ranges
 from kdcache.store.format.location import parse_location
 
-SHARD_NAME = re.compile(r"^cp(?P<cp>\d+)_dp(?P<dp>\d+)__(?P<iter>\d+)\.tar$")
-META_MEMBER = "_meta.json"
-PAYLOAD_MEMBER = re.compile(r"^(?P<iter>\d+)\.pt\.zst$")
+__all__ = [
+    "ImportResult",
+    "import_megatron",
+]
+
+_SHARD_NAME = re.compile(r"^cp(?P<cp>\d+)_dp(?P<dp>\d+)__(?P<iter>\d+)\.tar$")
+_META_MEMBER = "_meta.json"
+_PAYLOAD_MEMBER = re.compile(r"^(?P<iter>\d+)\.pt\.zst$")
 #: Megatron pads a top-p row with this value (and id -1); anything at or below it is padding.
-PADDING_LOG_PROB = -1e3
+_PADDING_LOG_PROB = -1e3
 
 
 @dataclass(frozen=True)
-class Microbatch:
+class _Microbatch:
     """One microbatch of one rank: log-probs and ids, (rows, sequence, K)."""
 
     iteration: int
@@ -66,14 +71,14 @@ class Microbatch:
     ids: np.ndarray
 
 
-def shards(source: Path) -> dict[int, list[Path]]:
+def _shards(source: Path) -> dict[int, list[Path]]:
     """The tar shards of ``source`` by data-parallel rank, each rank's in iteration order."""
     if not source.is_dir():
         raise DatasetNotFoundError(f"no Megatron-LM logits folder at {source}; pass its folder")
     found: dict[int, list[tuple[int, Path]]] = {}
     context_ranks = set()
     for path in source.iterdir():
-        match = SHARD_NAME.match(path.name)
+        match = _SHARD_NAME.match(path.name)
         if match:
             context_ranks.add(int(match["cp"]))
             found.setdefault(int(match["dp"]), []).append((int(match["iter"]), path))
@@ -106,15 +111,15 @@ def _rank_payloads(paths: list[Path]) -> Iterator[tuple[int, dict[str, Any], byt
                         continue
                     handle = archive.extractfile(member)
                     data = handle.read() if handle is not None else b""
-                    if member.name == META_MEMBER:
+                    if member.name == _META_MEMBER:
                         meta = json.loads(data)
                         continue
-                    match = PAYLOAD_MEMBER.match(member.name)
+                    match = _PAYLOAD_MEMBER.match(member.name)
                     if match is None:
                         continue
                     if meta is None:
                         raise SpecError(
-                            f"{path} has no leading {META_MEMBER}; Megatron-LM writes it first"
+                            f"{path} has no leading {_META_MEMBER}; Megatron-LM writes it first"
                         )
                     yield int(match["iter"]), meta, data
         except (tarfile.TarError, json.JSONDecodeError, OSError) as error:
@@ -141,7 +146,7 @@ def _decode(data: bytes, where: str) -> tuple[list[np.ndarray], list[np.ndarray]
     return values, ids
 
 
-def read_microbatches(ranks: dict[int, list[Path]]) -> Iterator[tuple[dict, list[Microbatch]]]:
+def _read_microbatches(ranks: dict[int, list[Path]]) -> Iterator[tuple[dict, list[_Microbatch]]]:
     """Each iteration's microbatches of every rank, in sample order (iteration, microbatch,
     rank), with the first rank's metadata."""
     streams = {rank: _rank_payloads(paths) for rank, paths in ranks.items()}
@@ -177,7 +182,7 @@ def read_microbatches(ranks: dict[int, list[Path]]) -> Iterator[tuple[dict, list
             for rank, (values, ids) in decoded.items():
                 # Megatron's logits are (sequence, batch, vocabulary): rows first here.
                 batches.append(
-                    Microbatch(
+                    _Microbatch(
                         iteration,
                         rank,
                         number,
@@ -222,7 +227,7 @@ def import_megatron(
     )
     refuse_existing(out, overwrite)
     folder = Path(source)
-    ranks = shards(folder)
+    ranks = _shards(folder)
     ids = np.asarray(tokens)
     if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.shape[1] < 2:
         raise ConfigError(
@@ -231,7 +236,7 @@ def import_megatron(
         )
     counted, k = 0, 0
     meta: dict[str, Any] = {}
-    for saved, batches in read_microbatches(ranks):
+    for saved, batches in _read_microbatches(ranks):
         meta = saved
         for batch in batches:
             if batch.log_probs.shape[1] != ids.shape[1] - 1:
@@ -270,7 +275,7 @@ def import_megatron(
 
     def rows() -> Iterable[tuple[np.ndarray, np.ndarray]]:
         sample = 0
-        for _, batches in read_microbatches(ranks):
+        for _, batches in _read_microbatches(ranks):
             for batch in batches:
                 values = batch.log_probs.reshape(-1, batch.log_probs.shape[2])
                 classes = batch.ids.reshape(values.shape)
@@ -280,7 +285,7 @@ def import_megatron(
                         values[part],
                         classes[part],
                         vocab_size,
-                        kept=values[part] > PADDING_LOG_PROB,
+                        kept=values[part] > _PADDING_LOG_PROB,
                         where=f"iteration {batch.iteration} of rank {batch.rank}",
                     )
                     yield np.arange(start + part.start, start + part.stop), dense

@@ -42,8 +42,14 @@ from kdcache.store.bridges.topk import (
 from kdcache.store.format.layout import StoreLike, row_ranges
 from kdcache.store.format.location import parse_location
 
-EPOCH_FOLDER = re.compile(r"logits_top(?P<k>\d+)_epoch(?P<epoch>\d+)$")
-RANK_FILES = re.compile(r"^rank(?P<rank>\d+)-values\.bin$")
+__all__ = [
+    "SEED_ARRAY",
+    "ImportResult",
+    "import_tinyvit",
+]
+
+_EPOCH_FOLDER = re.compile(r"logits_top(?P<k>\d+)_epoch(?P<epoch>\d+)$")
+_RANK_FILES = re.compile(r"^rank(?P<rank>\d+)-values\.bin$")
 #: The array of an imported store holding each image's augmentation seed.
 SEED_ARRAY = "tinyvit_seed"
 
@@ -57,12 +63,12 @@ class ImportResult:
     encoding: str
 
 
-def read_epoch(folder: Path, k: int) -> tuple[list[str], np.ndarray]:
+def _read_epoch(folder: Path, k: int) -> tuple[list[str], np.ndarray]:
     """Every (key, record) of one epoch folder, ranks in order, a key's first record kept."""
     files = sorted(
         (int(match["rank"]), path)
         for path in folder.iterdir()
-        if (match := RANK_FILES.match(path.name))
+        if (match := _RANK_FILES.match(path.name))
     )
     if not files:
         raise DatasetNotFoundError(
@@ -119,13 +125,13 @@ def import_tinyvit(
     folder = Path(source)
     if not folder.is_dir():
         raise DatasetNotFoundError(f"no TinyViT logits folder at {folder}")
-    match = EPOCH_FOLDER.search(folder.name)
+    match = _EPOCH_FOLDER.search(folder.name)
     k = top_k if top_k is not None else (int(match["k"]) if match else None)
     if k is None:
         raise ConfigError(
             f"{folder.name} does not say its k (logits_top{{k}}_epoch{{e}}); pass --top-k"
         )
-    names, records = read_epoch(folder, k)
+    names, records = _read_epoch(folder, k)
     indices = _sample_indices(names, keys)
     count = (
         num_samples

@@ -40,16 +40,28 @@ from kdcache.store.tools.verify import finalize_verified
 from kdcache.store.write.swap import remove_store_folder
 from kdcache.store.write.writer import create_store
 
+__all__ = [
+    "FILL_CAP",
+    "IMPORTED_FROM_KEY",
+    "batched",
+    "default_encoding",
+    "dense_from_top_k",
+    "refuse_existing",
+    "required",
+    "sequence_record",
+    "write_new_store",
+]
+
 #: The least total probability left to the classes outside the top-k (a row whose stored
 #: probabilities sum to 1 or more, from rounding, still needs finite logits for the others).
-MIN_TAIL_MASS = 1e-6
+_MIN_TAIL_MASS = 1e-6
 #: The most an unstored class gets, as a fraction of the row's smallest stored probability: strictly
 #: below it, so re-encoding keeps the stored classes (a float16 offset still tells them apart).
 FILL_CAP = 0.9
 #: Where an imported store's metadata records what it was imported from (``extra``).
 IMPORTED_FROM_KEY = "imported_from"
 #: Rows decoded and written at a time: a dense row of a 150k vocabulary is 600 kB.
-ROWS_PER_WRITE = 64
+_ROWS_PER_WRITE = 64
 
 
 def dense_from_top_k(
@@ -87,7 +99,7 @@ def dense_from_top_k(
             "dense store instead (nothing is missing)"
         )
     smallest = np.where(real, values, np.inf).min(axis=1)
-    spread = np.log(np.maximum(1.0 - mass, MIN_TAIL_MASS) / (num_classes - counts))
+    spread = np.log(np.maximum(1.0 - mass, _MIN_TAIL_MASS) / (num_classes - counts))
     fill = np.minimum(spread, smallest + np.log(FILL_CAP))
     dense = np.repeat(fill[:, None], num_classes, axis=1)
     rows, slots = np.nonzero(real)
@@ -166,7 +178,7 @@ def refuse_existing(out: StoreLike, overwrite: bool) -> None:
         )
 
 
-def batched(count: int, size: int = ROWS_PER_WRITE) -> Iterable[slice]:
+def batched(count: int, size: int = _ROWS_PER_WRITE) -> Iterable[slice]:
     """Consecutive slices of at most ``size`` covering ``range(count)``."""
     for start in range(0, count, size):
         yield slice(start, min(start + size, count))

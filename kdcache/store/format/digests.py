@@ -35,12 +35,24 @@ from typing import Any
 
 import numpy as np
 
+__all__ = [
+    "ALGORITHM",
+    "DIGESTS_ARRAY",
+    "DIGEST_BYTES",
+    "chunk_binding",
+    "chunk_digest",
+    "chunk_digests",
+    "record_digest",
+    "values_digest",
+    "whole_digest",
+]
+
 DIGESTS_ARRAY = "chunk_digests"
 ALGORITHM = "sha256-128"
 DIGEST_BYTES = 16
 #: Record fields left out of the record digest: they change while the store is written
 #: (``complete``, ``fidelity``) or name this instance of it (``generation``, ``created_at``).
-UNBOUND_FIELDS = ("complete", "fidelity", "generation", "created_at")
+_UNBOUND_FIELDS = ("complete", "fidelity", "generation", "created_at")
 
 
 def _canonical(values: np.ndarray) -> np.ndarray:
@@ -90,9 +102,9 @@ def values_digest(name: str, values: np.ndarray) -> str:
 
 
 def record_digest(record: dict[str, Any]) -> str:
-    """Hex digest of a metadata record's bound fields (all but :data:`UNBOUND_FIELDS` and the
+    """Hex digest of a metadata record's bound fields (all but :data:`_UNBOUND_FIELDS` and the
     record digest itself), as canonical JSON."""
-    bound = {key: value for key, value in record.items() if key not in UNBOUND_FIELDS}
+    bound = {key: value for key, value in record.items() if key not in _UNBOUND_FIELDS}
     bound["digests"] = {k: v for k, v in (bound.get("digests") or {}).items() if k != "record"}
     text = json.dumps(bound, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(f"kdcache-record:{text}".encode()).hexdigest()[: 2 * DIGEST_BYTES]

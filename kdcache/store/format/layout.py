@@ -28,6 +28,28 @@ from kdcache.store.format.location import (
 )
 from kdcache.store.format.metadata import ATTRIBUTE_KEY, StoreMetadata
 
+__all__ = [
+    "DATASET_INDICES_ARRAY",
+    "FIRST_TOKEN_ARRAY",
+    "LABELS_ARRAY",
+    "OFFSETS_ARRAY",
+    "SEQUENCE_KEY",
+    "VIEW_PARAMS_ARRAY",
+    "WRITTEN_ARRAY",
+    "ZARR_METADATA_ERRORS",
+    "StoreLike",
+    "first_line",
+    "has_array",
+    "missing_chunks",
+    "open_array",
+    "open_group",
+    "own_keys",
+    "read_metadata",
+    "row_ranges",
+    "sequence_count",
+    "store_nbytes",
+]
+
 #: Anything that names a store: a path, an fsspec URL, a .zip file (see
 # kdcache.store.format.location).
 StoreLike = str | os.PathLike[str] | StoreLocation

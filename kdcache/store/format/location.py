@@ -24,8 +24,21 @@ from kdcache.store.format._zarr_compat import open_zip_now, run_sync
 if TYPE_CHECKING:
     from zarr.abc.store import Store
 
+__all__ = [
+    "ZIP_ERRORS",
+    "LocalLocation",
+    "RemoteLocation",
+    "StoreLocation",
+    "ZipLocation",
+    "parse_location",
+    "partial_files",
+    "refuse_inside_store",
+    "remove_partial_files",
+    "zarr_store",
+]
+
 #: What :func:`parse_location` accepts, for error messages and docs.
-SUPPORTED_LOCATIONS = (
+_SUPPORTED_LOCATIONS = (
     "a local path, file://PATH, s3://BUCKET/PATH (AWS_* environment variables, including "
     "AWS_ENDPOINT_URL for S3-compatible servers), gs://, az://, memory:// or any other fsspec "
     "protocol whose package is installed, or a PATH.zip written by `kdcache pack` (read-only)"
@@ -228,7 +241,7 @@ def parse_location(location: str | os.PathLike[str] | StoreLocation) -> StoreLoc
         if scheme not in known_implementations and scheme not in registry:
             raise ConfigError(
                 f"unsupported store URL scheme {scheme!r} in {text!r}; a store can be "
-                f"{SUPPORTED_LOCATIONS}"
+                f"{_SUPPORTED_LOCATIONS}"
             )
         if text.lower().endswith(".zip"):
             raise ConfigError(
@@ -263,7 +276,7 @@ def remove_partial_files(location: StoreLocation) -> int:
     return len(leftovers)
 
 
-def enclosing_store(path: str | os.PathLike[str]) -> Path | None:
+def _enclosing_store(path: str | os.PathLike[str]) -> Path | None:
     """The nearest folder above ``path`` that is a Zarr node (holds ``zarr.json``), if any."""
     for parent in Path(path).resolve().parents:
         if (parent / "zarr.json").is_file():
@@ -273,7 +286,7 @@ def enclosing_store(path: str | os.PathLike[str]) -> Path | None:
 
 def refuse_inside_store(path: str | os.PathLike[str], what: str) -> None:
     """Refuse to create ``what`` at a local ``path`` inside a Zarr store (it would damage it)."""
-    store = enclosing_store(path)
+    store = _enclosing_store(path)
     if store is not None:
         raise ConfigError(
             f"{what} {os.fspath(path)!r} lies inside the Zarr store {store}; choose a path "

@@ -15,6 +15,13 @@ import numpy as np
 from kdcache.store.format.digests import chunk_binding
 from kdcache.store.format.schema import check_record_digest, validate_record
 
+__all__ = [
+    "ATTRIBUTE_KEY",
+    "FORMAT_VERSION",
+    "PLAIN_FORMAT_VERSION",
+    "StoreMetadata",
+]
+
 #: Newest on-disk layout this kdcache reads and writes; readers refuse newer versions. Version 2
 #: adds views (rows keyed by sample and view, ``view_params``); a store without views is still
 #: written as version 1, so older kdcache releases keep reading it.

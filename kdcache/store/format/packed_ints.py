@@ -48,6 +48,14 @@ from zarr.core.buffer import Buffer, NDBuffer
 from zarr.core.common import JSON, parse_named_configuration
 from zarr.registry import register_codec
 
+__all__ = [
+    "CODEC_NAME",
+    "PackedInts",
+    "PackedIntsCodec",
+    "pack_rows",
+    "unpack_rows",
+]
+
 #: The codec's name in ``zarr.json`` and its numcodecs id.
 CODEC_NAME = "kdcache.packed_ints"
 _MAGIC = b"KDPI"

@@ -14,16 +14,21 @@ from typing import Any
 
 import numpy as np
 
+__all__ = [
+    "array_problems",
+    "array_spec",
+]
+
 #: The parts of an array's zarr metadata that decide how its bytes decode into values.
-PINNED_KEYS = ("shape", "data_type", "chunk_grid", "chunk_key_encoding", "codecs", "fill_value")
+_PINNED_KEYS = ("shape", "data_type", "chunk_grid", "chunk_key_encoding", "codecs", "fill_value")
 #: Codecs kdcache writes; a store without pinned arrays may use no others.
-KNOWN_CODECS = ("bytes", "zstd", "crc32c")
+_KNOWN_CODECS = ("bytes", "zstd", "crc32c")
 
 
 def array_spec(array: Any) -> dict[str, Any]:
     """The pinned parts of ``array``'s metadata, as JSON-ready values."""
     metadata = array.metadata.to_dict()
-    return {key: _plain(metadata.get(key)) for key in PINNED_KEYS}
+    return {key: _plain(metadata.get(key)) for key in _PINNED_KEYS}
 
 
 def _plain(value: Any) -> Any:
@@ -55,7 +60,7 @@ def array_problems(
         found.append(f"chunks {tuple(array.chunks)} (the store needs {chunks})")
     actual = array_spec(array)
     if pinned is not None:
-        changed = [key for key in PINNED_KEYS if actual.get(key) != pinned.get(key)]
+        changed = [key for key in _PINNED_KEYS if actual.get(key) != pinned.get(key)]
         if changed and not found:
             key = changed[0]
             found.append(
@@ -65,7 +70,7 @@ def array_problems(
         return found
     for codec in actual["codecs"] or []:
         name = codec.get("name") if isinstance(codec, dict) else codec
-        if name not in KNOWN_CODECS:
+        if name not in _KNOWN_CODECS:
             found.append(f"codec {name!r}, which kdcache never writes")
         elif name == "bytes" and (codec.get("configuration") or {}).get("endian") == "big":
             found.append("big-endian bytes, which kdcache never writes")

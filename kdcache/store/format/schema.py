@@ -18,12 +18,19 @@ from kdcache.errors import KdcacheError, StoreFormatError
 from kdcache.logits.encodings import parse_encoding
 from kdcache.store.format.digests import DIGEST_BYTES, DIGESTS_ARRAY, record_digest
 
+__all__ = [
+    "MAX_CLASSES",
+    "MAX_SAMPLES",
+    "check_record_digest",
+    "validate_record",
+]
+
 #: Upper bounds that keep arithmetic on N, C and R far from overflowing int64.
 MAX_SAMPLES = 1 << 40
 MAX_CLASSES = 1 << 31
-MAX_CHUNK_ROWS = 1 << 31
+_MAX_CHUNK_ROWS = 1 << 31
 #: Largest input side (pixels) a view record may be drawn for.
-MAX_SIDE = 1 << 20
+_MAX_SIDE = 1 << 20
 
 
 def _is_int(value: Any) -> bool:
@@ -93,7 +100,7 @@ def _size(value: Any) -> bool:
     return (
         isinstance(value, list)
         and len(value) == 2
-        and all(_is_int(side) and 1 <= side <= MAX_SIDE for side in value)
+        and all(_is_int(side) and 1 <= side <= _MAX_SIDE for side in value)
     )
 
 
@@ -257,7 +264,7 @@ def validate_record(record: Any, *, where: str, format_version: int) -> dict[str
     check.integer(record, "format_version", 1, format_version)
     check.integer(record, "num_samples", 1, MAX_SAMPLES)
     num_classes = check.integer(record, "num_classes", 1, MAX_CLASSES)
-    check.integer(record, "chunk_rows", 1, MAX_CHUNK_ROWS)
+    check.integer(record, "chunk_rows", 1, _MAX_CHUNK_ROWS)
     views = record.get("views", 1)
     check.require(
         _is_int(views) and 1 <= views <= MAX_VIEWS,

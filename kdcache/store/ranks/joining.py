@@ -18,6 +18,10 @@ from kdcache.store.format.location import parse_location, zarr_store
 from kdcache.store.write.durability import ChunkSync
 from kdcache.store.write.writer import StoreWriter
 
+__all__ = [
+    "join_writer",
+]
+
 
 def join_writer(path: StoreLike, *, fsync: bool = True) -> StoreWriter:
     """A lock-less writer for the unfinished store at ``path`` that a cooperating process locked.

@@ -16,9 +16,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+__all__ = [
+    "MIN_UNITS",
+    "SequencePlan",
+    "dump_batches",
+    "owned_chunks",
+    "sequence_plan",
+    "unit_chunks",
+]
+
 #: A unit of the dump plan holds whole chunks worth at least this many teacher batches, so the
 #: short batch at a unit's end costs little...
-UNIT_BATCHES = 8
+_UNIT_BATCHES = 8
 #: ...unless the store has fewer than this many units of that size: then smaller units (down to
 #: one chunk) keep up to this many ranks busy.
 MIN_UNITS = 64
@@ -26,7 +35,7 @@ MIN_UNITS = 64
 
 def unit_chunks(*, num_chunks: int, chunk_rows: int, batch_size: int) -> int:
     """Chunks per unit (see the module docstring); independent of the number of ranks."""
-    enough = -(-UNIT_BATCHES * batch_size // chunk_rows)
+    enough = -(-_UNIT_BATCHES * batch_size // chunk_rows)
     return max(1, min(enough, num_chunks // MIN_UNITS))
 
 

@@ -21,19 +21,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+__all__ = [
+    "LOCAL_DECODE_THREADS",
+    "PLANS_KEPT",
+    "ChunkDecoder",
+    "EpochPlan",
+    "default_decode_threads",
+]
+
 #: Chunks a feed decodes at once from local files: one per core, since decoding is CPU work
 #: (on 2 cores, 4 or 8 threads were slower than 2).
 LOCAL_DECODE_THREADS = os.cpu_count() or 1
 #: Chunks a feed fetches and decodes at once from a remote store (S3, HTTP), whose requests mostly
 #: wait on the server: against a local S3 server on 2 cores, 8 beat 4 and 16.
-REMOTE_DECODE_THREADS = 8
+_REMOTE_DECODE_THREADS = 8
 #: Epoch plans a feed remembers (the epoch being read, the next one, and one spare).
 PLANS_KEPT = 3
 
 
 def default_decode_threads(*, remote: bool) -> int:
     """Chunks decoded at once by default, from a remote store or from local files."""
-    return REMOTE_DECODE_THREADS if remote else LOCAL_DECODE_THREADS
+    return _REMOTE_DECODE_THREADS if remote else LOCAL_DECODE_THREADS
 
 
 class ChunkDecoder:

@@ -51,6 +51,15 @@ if TYPE_CHECKING:
     from kdcache.logits.encodings import Encoding
     from kdcache.store.format.metadata import StoreMetadata
 
+__all__ = [
+    "FEED_MODES",
+    "LOAD_BLOCK_CHUNKS",
+    "LogitFeed",
+    "RowSource",
+    "default_memory_budget",
+    "parse_size",
+]
+
 
 class RowSource(Protocol):
     """What the feed needs of a store: its metadata and contiguous row reads (a StoreReader)."""
@@ -69,16 +78,16 @@ class RowSource(Protocol):
 
 
 #: Share of the memory available when the feed is built that it may use by default.
-DEFAULT_MEMORY_FRACTION = 0.5
+_DEFAULT_MEMORY_FRACTION = 0.5
 #: Chunks decoded per read request when the whole store is loaded (big contiguous reads are
 #: zarr's fast path); kdcache.store.tools.verify reads in blocks of the same size.
 LOAD_BLOCK_CHUNKS = 64
 #: Pinned host buffers cycled by :meth:`LogitFeed.to_device`; a buffer is reused only after its
 #: copy finished, so this many batches may be in flight.
-PINNED_BUFFERS = 4
+_PINNED_BUFFERS = 4
 #: Elements converted to float32 per torch call: below torch's grain size (32,768), so torch
 #: converts in the calling thread instead of waking its thread pool.
-CONVERT_BLOCK_ELEMENTS = 32_000
+_CONVERT_BLOCK_ELEMENTS = 32_000
 
 _UNITS = {
     "": 1,
@@ -116,7 +125,7 @@ def parse_size(value: int | str) -> int:
     return size
 
 
-def available_memory() -> int:
+def _available_memory() -> int:
     """Bytes this process can still allocate: MemAvailable, capped by a cgroup v2 limit."""
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     meminfo = Path("/proc/meminfo")
@@ -136,7 +145,7 @@ def available_memory() -> int:
 
 
 def default_memory_budget() -> int:
-    return int(available_memory() * DEFAULT_MEMORY_FRACTION)
+    return int(_available_memory() * _DEFAULT_MEMORY_FRACTION)
 
 
 class LogitFeed:
@@ -335,7 +344,7 @@ class LogitFeed:
 
     def _float16_scratch(self) -> tuple[np.ndarray, torch.Tensor]:
         if self._scratch is None:
-            rows = max(1, CONVERT_BLOCK_ELEMENTS // self.num_classes)
+            rows = max(1, _CONVERT_BLOCK_ELEMENTS // self.num_classes)
             scratch = np.empty((rows, self.num_classes), dtype=np.float16)
             self._scratch = (scratch, torch.from_numpy(scratch))
         return self._scratch
@@ -515,7 +524,7 @@ class LogitFeed:
 
     def _pinned_buffer(self, shape: torch.Size) -> tuple[int, torch.Tensor]:
         numel = int(np.prod(shape))
-        if len(self._pinned) < PINNED_BUFFERS:
+        if len(self._pinned) < _PINNED_BUFFERS:
             self._pinned.append((torch.empty(0, dtype=torch.float32).pin_memory(), None))
         slot = self._next_pinned % len(self._pinned)
         self._next_pinned = slot + 1
@@ -553,9 +562,9 @@ class LogitFeed:
             while len(self._plans) > PLANS_KEPT:
                 del self._plans[next(iter(self._plans))]
 
-    def sampler(self, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> FeedSampler:
+    def sampler(self, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> _FeedSampler:
         """A DataLoader sampler that follows :meth:`epoch_order`, one epoch per iteration."""
-        return FeedSampler(self, seed=seed, rank=rank, world_size=world_size)
+        return _FeedSampler(self, seed=seed, rank=rank, world_size=world_size)
 
 
 class _Residency(ABC):
@@ -692,7 +701,7 @@ class _Chunked(_Residency):
 FEED_MODES: dict[str, _Residency] = {"memory": _InMemory(), "chunked": _Chunked()}
 
 
-class FeedSampler(Sampler[int]):
+class _FeedSampler(Sampler[int]):
     """Yields :meth:`LogitFeed.epoch_order` for epoch 0, 1, 2, ... on successive iterations.
 
     Give it to the DataLoader that loads the inputs so inputs arrive in the order in which the

@@ -42,13 +42,19 @@ from kdcache.store.format.location import ZIP_ERRORS
 from kdcache.store.format.metadata import ATTRIBUTE_KEY, StoreMetadata
 from kdcache.store.format.pinning import array_problems
 
+__all__ = [
+    "DECODE_ERRORS",
+    "ChunkGuard",
+    "decode_rows",
+]
+
 #: What zarr raises for chunk bytes that do not decode (checksum mismatch, zstd frame errors).
 DECODE_ERRORS = (ValueError, RuntimeError, *ZIP_ERRORS)
 #: Encoding arrays that hold class indices, each below the store's number of classes.
-CLASS_INDEX_ARRAYS = ("topk_indices", "set_indices")
+_CLASS_INDEX_ARRAYS = ("topk_indices", "set_indices")
 
 
-def expected_arrays(metadata: StoreMetadata, layout: dict[str, Any]) -> dict[str, Any]:
+def _expected_arrays(metadata: StoreMetadata, layout: dict[str, Any]) -> dict[str, Any]:
     """Shape, dtype and chunks every array of the store must have, keyed by name."""
     n, rows, chunks = metadata.num_rows, metadata.chunk_rows, metadata.num_chunks
     expected = {
@@ -63,7 +69,7 @@ def expected_arrays(metadata: StoreMetadata, layout: dict[str, Any]) -> dict[str
     return expected
 
 
-def all_finite(values: np.ndarray) -> bool:
+def _all_finite(values: np.ndarray) -> bool:
     """Whether every value of a floating array is finite; float16 by its exponent bits, about
     ten times faster than numpy's isfinite on float16."""
     if values.dtype == np.float16:
@@ -81,7 +87,7 @@ class ChunkGuard:
         self.metadata = metadata
         self.where = where
         self._group = group
-        self._expected = expected_arrays(metadata, layout)
+        self._expected = _expected_arrays(metadata, layout)
         self._checked: set[str] = set()
         #: Arrays opened from the group below: opening one rereads its zarr.json (a request on
         #: a remote store), which would otherwise cost each chunk read one more round trip.
@@ -295,7 +301,7 @@ class ChunkGuard:
                         "swapped, replaced or edited); run `kdcache verify`, then restore the "
                         "store or dump it again"
                     )
-        if np.issubdtype(values.dtype, np.floating) and not all_finite(values):
+        if np.issubdtype(values.dtype, np.floating) and not _all_finite(values):
             bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
             if bad.size:
                 raise StoreCorruptError(
@@ -303,7 +309,7 @@ class ChunkGuard:
                     f"{row_ranges(start + bad)} (kdcache never writes them: the store was "
                     "altered); run `kdcache verify` and dump again"
                 )
-        elif name in CLASS_INDEX_ARRAYS and values.size and int(values.max()) >= meta.num_classes:
+        elif name in _CLASS_INDEX_ARRAYS and values.size and int(values.max()) >= meta.num_classes:
             bad = np.flatnonzero((values >= meta.num_classes).any(axis=1))
             raise StoreCorruptError(
                 f"{self.where}: array {name!r} names classes beyond the store's {meta.num_classes} "

@@ -22,6 +22,22 @@ from kdcache.store.format.layout import row_ranges
 from kdcache.store.format.metadata import StoreMetadata
 from kdcache.store.read.feed import LogitFeed, RowSource
 
+__all__ = [
+    "JOINED_FORMAT",
+    "JOINED_FROM_KEY",
+    "JOINED_KEY",
+    "PART_FIELDS",
+    "JoinedFeed",
+    "common_extra",
+    "is_joined",
+    "part_identity",
+    "read_joined_record",
+    "refuse_different_parts",
+    "sample_owners",
+    "whole_dataset",
+    "whole_size",
+]
+
 #: Attribute key of a joined store's record (a store of rows has ``"kdcache"`` instead).
 JOINED_KEY = "kdcache_joined"
 #: Version of that record this kdcache reads and writes.

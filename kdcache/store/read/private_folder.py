@@ -27,10 +27,22 @@ from pathlib import Path
 
 from kdcache.errors import ConfigError
 
+__all__ = [
+    "PRIVATE_ENV",
+    "SHARED_DIR_ENV",
+    "NotOwnedError",
+    "adopt_private_folder",
+    "create_owned_file",
+    "open_owned_file",
+    "open_private_folder",
+    "other_private_folders",
+    "private_folder",
+]
+
 SHARED_DIR_ENV = "KDCACHE_SHARED_DIR"
 PRIVATE_ENV = "KDCACHE_SHARED_TABLES"
-FOLDER_MODE = 0o700
-FILE_MODE = 0o600
+_FOLDER_MODE = 0o700
+_FILE_MODE = 0o600
 
 log = logging.getLogger("kdcache")
 
@@ -39,7 +51,7 @@ class NotOwnedError(Exception):
     """An entry is not what this process would have made (why, in one phrase)."""
 
 
-def shared_root() -> Path:
+def _shared_root() -> Path:
     """Where private folders are made: ``$KDCACHE_SHARED_DIR``, ``/dev/shm``, else a temp folder."""
     chosen = os.environ.get(SHARED_DIR_ENV)
     if chosen:
@@ -61,13 +73,13 @@ def open_private_folder() -> tuple[int, Path]:
                 f"{PRIVATE_ENV}={chosen} is not a private folder of this user ({why}); unset "
                 f"{PRIVATE_ENV} to let kdcache make one"
             ) from None
-    root = shared_root()
+    root = _shared_root()
     folder = root / f"kdcache-{os.geteuid()}"
     made = False
     try:
         root.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError):
-            os.mkdir(folder, FOLDER_MODE)
+            os.mkdir(folder, _FOLDER_MODE)
             made = True
     except OSError as error:
         raise _unusable(root, error) from None
@@ -94,7 +106,7 @@ def open_private_folder() -> tuple[int, Path]:
 def other_private_folders(current: Path) -> Iterator[tuple[int, Path]]:
     """Descriptors of this user's other private folders in the shared root (the ones made in
     place of a planted folder by earlier processes), each closed when the next is asked for."""
-    root = shared_root()
+    root = _shared_root()
     prefix = f"kdcache-{os.geteuid()}"
     try:
         entries = sorted(os.listdir(root))
@@ -173,7 +185,7 @@ def _open_owned_folder(dir_fd: int | None, path: str | Path, *, fix_mode: bool =
             raise NotOwnedError(_describe(path, dir_fd)) from None
         raise NotOwnedError(error.strerror or "cannot be opened") from None
     try:
-        _check_owned(descriptor, "folder", FOLDER_MODE, stat.S_IFDIR, fix_mode=fix_mode)
+        _check_owned(descriptor, "folder", _FOLDER_MODE, stat.S_IFDIR, fix_mode=fix_mode)
     except BaseException:
         os.close(descriptor)
         raise
@@ -191,7 +203,7 @@ def open_owned_file(folder: int, name: str, flags: int, *, create: bool) -> int:
     descriptor = None
     if create:
         with contextlib.suppress(FileExistsError):
-            descriptor = os.open(name, flags | os.O_CREAT | os.O_EXCL, FILE_MODE, dir_fd=folder)
+            descriptor = os.open(name, flags | os.O_CREAT | os.O_EXCL, _FILE_MODE, dir_fd=folder)
     made = descriptor is not None
     if descriptor is None:
         try:
@@ -203,7 +215,7 @@ def open_owned_file(folder: int, name: str, flags: int, *, create: bool) -> int:
                 raise NotOwnedError(_describe(name, folder)) from None
             raise NotOwnedError(error.strerror or "cannot be opened") from None
     try:
-        _check_owned(descriptor, "regular file", FILE_MODE, stat.S_IFREG, fix_mode=made)
+        _check_owned(descriptor, "regular file", _FILE_MODE, stat.S_IFREG, fix_mode=made)
     except BaseException:
         os.close(descriptor)
         raise
@@ -213,6 +225,6 @@ def open_owned_file(folder: int, name: str, flags: int, *, create: bool) -> int:
 def create_owned_file(folder: int, name: str) -> int:
     """A new file ``name`` in ``folder``, read-write, mode 0600; refuses anything already there."""
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    descriptor = os.open(name, flags, FILE_MODE, dir_fd=folder)
-    os.fchmod(descriptor, FILE_MODE)
+    descriptor = os.open(name, flags, _FILE_MODE, dir_fd=folder)
+    os.fchmod(descriptor, _FILE_MODE)
     return descriptor

@@ -57,6 +57,13 @@ from kdcache.store.read.joined import (
 )
 from kdcache.wording import counted
 
+__all__ = [
+    "JoinedReader",
+    "StoreReader",
+    "open_store",
+    "recorded_class_names",
+]
+
 
 class StoreReader:
     """Read-only access to a store; :meth:`read` gathers rows through its :class:`LogitFeed`."""

@@ -54,18 +54,25 @@ from kdcache.store.read.private_folder import (
     other_private_folders,
 )
 
-HEADER_FORMAT = "kdcache-shared-table-1"
-#: Largest ``NAME.json`` read: a record of a few arrays takes a few kilobytes.
-HEADER_LIMIT = 1 << 20
-#: Table names: a hash of what the table holds.
-TABLE_NAME = re.compile(r"[0-9a-f]{24}")
+__all__ = [
+    "SharedTable",
+    "store_identity",
+    "table_arrays",
+    "table_name",
+]
 
-Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
+_HEADER_FORMAT = "kdcache-shared-table-1"
+#: Largest ``NAME.json`` read: a record of a few arrays takes a few kilobytes.
+_HEADER_LIMIT = 1 << 20
+#: Table names: a hash of what the table holds.
+_TABLE_NAME = re.compile(r"[0-9a-f]{24}")
+
+_Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 log = logging.getLogger("kdcache")
 
 
-class UnusableTable(Exception):
+class _UnusableTable(Exception):
     """A table on disk that must not be mapped (why, in one phrase)."""
 
 
@@ -86,7 +93,7 @@ def store_identity(where: str, metadata: StoreMetadata, content_digest: str) -> 
     return normalized
 
 
-def table_arrays(layout: Layout, num_rows: int) -> dict[str, dict[str, Any]]:
+def table_arrays(layout: _Layout, num_rows: int) -> dict[str, dict[str, Any]]:
     """Each array's dtype and full shape, as the table's record holds them."""
     return {
         name: {"dtype": np.dtype(dtype).str, "shape": [num_rows, *shape]}
@@ -125,7 +132,7 @@ class SharedTable:
     def open(
         cls,
         identity: dict[str, Any],
-        layout: Layout,
+        layout: _Layout,
         num_rows: int,
         fill: Callable[[dict[str, np.ndarray]], None],
     ) -> SharedTable:
@@ -218,7 +225,7 @@ def _remove_files(private: int, name: str, *, locks: bool) -> None:
 def _remove_abandoned(private: int, folder: Path, *, keep: str) -> None:
     """Remove the tables no process maps (left by killed jobs), except table ``keep``."""
     names = {entry.split(".", 1)[0] for entry in os.listdir(private)} - {keep}
-    for name in sorted(n for n in names if TABLE_NAME.fullmatch(n)):
+    for name in sorted(n for n in names if _TABLE_NAME.fullmatch(n)):
         try:
             build = _lock(private, folder, f"{name}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, ConfigError):
@@ -245,7 +252,7 @@ def _attach_or_build(
         return _attach(private, name, identity, arrays)
     except FileNotFoundError:
         pass
-    except UnusableTable as why:
+    except _UnusableTable as why:
         log.warning("shared table %s: %s; decoding the store again", folder / name, why)
     _remove_files(private, name, locks=False)
     _build(private, folder, name, identity, arrays, fill)
@@ -254,7 +261,7 @@ def _attach_or_build(
             array: _map(private, f"{name}.{array}.npy", expected, checksum=None)
             for array, expected in arrays.items()
         }
-    except UnusableTable as why:
+    except _UnusableTable as why:
         raise ConfigError(
             f"the shared table {folder / name} changed while it was being built ({why}); is "
             "another program writing in that folder? Start the run again"
@@ -265,17 +272,17 @@ def _read_record(private: int, name: str) -> dict[str, Any]:
     try:
         descriptor = open_owned_file(private, f"{name}.json", os.O_RDONLY, create=False)
     except NotOwnedError as why:
-        raise UnusableTable(f"its record is {why}") from None
+        raise _UnusableTable(f"its record is {why}") from None
     with os.fdopen(descriptor, "rb") as stream:
-        raw = stream.read(HEADER_LIMIT + 1)
-    if len(raw) > HEADER_LIMIT:
-        raise UnusableTable(f"its record is larger than {HEADER_LIMIT} bytes")
+        raw = stream.read(_HEADER_LIMIT + 1)
+    if len(raw) > _HEADER_LIMIT:
+        raise _UnusableTable(f"its record is larger than {_HEADER_LIMIT} bytes")
     try:
         record = json.loads(raw)
     except (ValueError, RecursionError):
-        raise UnusableTable("its record is not JSON") from None
+        raise _UnusableTable("its record is not JSON") from None
     if not isinstance(record, dict):
-        raise UnusableTable("its record is not a JSON object")
+        raise _UnusableTable("its record is not a JSON object")
     return record
 
 
@@ -284,11 +291,11 @@ def _attach(
 ) -> dict[str, np.ndarray]:
     """Map table ``name`` after checking its record, its files and the sha256 of its bytes."""
     record = _read_record(private, name)
-    if record.get("format") != HEADER_FORMAT or record.get("identity") != identity:
-        raise UnusableTable("its record names another store or table format")
+    if record.get("format") != _HEADER_FORMAT or record.get("identity") != identity:
+        raise _UnusableTable("its record names another store or table format")
     sums = record.get("sha256")
     if record.get("arrays") != arrays or not isinstance(sums, dict) or set(sums) != set(arrays):
-        raise UnusableTable("its record names other arrays, shapes or dtypes")
+        raise _UnusableTable("its record names other arrays, shapes or dtypes")
     return {
         array: _map(private, f"{name}.{array}.npy", expected, checksum=str(sums[array]))
         for array, expected in arrays.items()
@@ -303,25 +310,25 @@ def _map(
     try:
         descriptor = open_owned_file(private, file_name, os.O_RDONLY, create=False)
     except NotOwnedError as why:
-        raise UnusableTable(f"{file_name} is {why}") from None
+        raise _UnusableTable(f"{file_name} is {why}") from None
     except FileNotFoundError:
-        raise UnusableTable(f"{file_name} is missing") from None
+        raise _UnusableTable(f"{file_name} is missing") from None
     dtype, shape = np.dtype(expected["dtype"]), tuple(expected["shape"])
     header = _npy_header(dtype, shape)
     with os.fdopen(descriptor, "rb") as stream:
         # Compared byte for byte with the header this table's builder writes: a damaged header
         # is never parsed (numpy evaluates it as a Python literal).
         if stream.read(len(header)) != header:
-            raise UnusableTable(
+            raise _UnusableTable(
                 f"{file_name} does not start with the npy header of {dtype} {shape} in C order"
             )
         offset = stream.tell()
         size, wanted = os.fstat(descriptor).st_size, offset + dtype.itemsize * int(np.prod(shape))
         if size != wanted:
-            raise UnusableTable(f"{file_name} holds {size} bytes, not {wanted}")
+            raise _UnusableTable(f"{file_name} holds {size} bytes, not {wanted}")
         table = np.memmap(stream, dtype=dtype, mode="r", offset=offset, shape=shape)
     if checksum is not None and hashlib.sha256(table.data).hexdigest() != checksum:
-        raise UnusableTable(f"the bytes of {file_name} do not match their recorded sha256")
+        raise _UnusableTable(f"the bytes of {file_name} do not match their recorded sha256")
     return table
 
 
@@ -397,7 +404,7 @@ def _write_record(
     sums: dict[str, str],
 ) -> None:
     """Write ``NAME.json`` (through a new temporary, renamed): the table is complete."""
-    record = {"format": HEADER_FORMAT, "identity": identity, "arrays": arrays, "sha256": sums}
+    record = {"format": _HEADER_FORMAT, "identity": identity, "arrays": arrays, "sha256": sums}
     temporary = f"{name}.json.tmp"
     try:
         descriptor = create_owned_file(private, temporary)

@@ -52,6 +52,13 @@ from kdcache.store.write.swap import remove_store_folder, staging_location, swap
 from kdcache.store.write.writer import create_store
 from kdcache.temporaries import create_folder
 
+__all__ = [
+    "CONCATENATED_FROM_KEY",
+    "ConcatResult",
+    "concat_stores",
+    "link_stores",
+]
+
 #: Where the joined store's metadata records its sources (``extra``).
 CONCATENATED_FROM_KEY = "concatenated_from"
 

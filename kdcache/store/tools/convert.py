@@ -42,10 +42,17 @@ from kdcache.store.write.swap import remove_store_folder
 from kdcache.store.write.writer import create_store
 from kdcache.wording import counted
 
+__all__ = [
+    "CONVERTED_FROM_KEY",
+    "ConvertResult",
+    "convert_store",
+    "recorded_dataset_indices",
+]
+
 #: Where the new store's metadata records what it was converted from (``extra``).
 CONVERTED_FROM_KEY = "converted_from"
 #: The temperature a ``topk:K`` source's dense rows are reconstructed at.
-SOURCE_DECODE_TEMPERATURE = 1.0
+_SOURCE_DECODE_TEMPERATURE = 1.0
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,7 @@ def convert_store(
         else hashlib.sha256(chosen.astype("<i8").tobytes()).hexdigest(),
         "fidelity_against": "the decoded source rows"
         + (
-            f" (tail filled at T={SOURCE_DECODE_TEMPERATURE:g})"
+            f" (tail filled at T={_SOURCE_DECODE_TEMPERATURE:g})"
             if reader.encoding.is_sparse
             else ""
         ),
@@ -286,6 +293,6 @@ def _copy_rows(
         if not inside.any():
             continue  # no selected sample here: the chunk is never read
         arrays = {name: reader.read_rows(name, start, stop)[inside] for name in names}
-        dense = reader.encoding.decode(arrays, temperature=SOURCE_DECODE_TEMPERATURE)
+        dense = reader.encoding.decode(arrays, temperature=_SOURCE_DECODE_TEMPERATURE)
         offset = rows[inside] - source_starts[owners[inside]]
         write(new_starts[positions[inside]] + offset, dense)

@@ -53,6 +53,13 @@ from kdcache.store.tools.verify import verify_store
 from kdcache.store.write.swap import remove_store_folder
 from kdcache.store.write.writer import create_store
 
+__all__ = [
+    "MergeResult",
+    "check_same_rows",
+    "merge_stores",
+    "warn_mixture_temperature",
+]
+
 log = logging.getLogger("kdcache")
 
 #: Dense encodings from the most to the least precise: the default output of dense sources.

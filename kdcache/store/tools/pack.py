@@ -32,6 +32,11 @@ from kdcache.store.format.location import parse_location, refuse_inside_store, z
 from kdcache.store.read.reader import JoinedReader, open_store
 from kdcache.temporaries import TemporaryFile
 
+__all__ = [
+    "PackResult",
+    "pack_store",
+]
+
 
 @dataclass(frozen=True)
 class PackResult:

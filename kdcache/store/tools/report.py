@@ -17,19 +17,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.store.format.layout import store_nbytes
+from kdcache.store.format.layout import SEQUENCE_KEY, store_nbytes
 from kdcache.store.read.reader import (
     JoinedReader,
     StoreReader,
     open_store,
     recorded_class_names,
 )
-from kdcache.store.sequence import SEQUENCE_KEY
+
+__all__ = [
+    "StoreReport",
+    "format_report",
+    "inspect_store",
+    "teacher_statistics",
+]
 
 #: Temperatures at which the report gives the teacher's mean entropy.
-ENTROPY_TEMPERATURES = (1.0, 4.0)
+_ENTROPY_TEMPERATURES = (1.0, 4.0)
 #: Rows decoded at a time, so that a dense (block, C) tensor stays small.
-BLOCK_ROWS = 4096
+_BLOCK_ROWS = 4096
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,23 +83,23 @@ class StoreReport:
 
 def teacher_statistics(reader: StoreReader) -> tuple[float | None, dict[str, float]]:
     """Accuracy (percent, ``None`` without labels) and mean entropy at each of
-    :data:`ENTROPY_TEMPERATURES` of the teacher a complete store holds, over every row (every
+    :data:`_ENTROPY_TEMPERATURES` of the teacher a complete store holds, over every row (every
     view; a mixed view counts against its own sample's label)."""
     labels = reader.labels
     correct = 0
-    entropy_sums = dict.fromkeys(ENTROPY_TEMPERATURES, 0.0)
+    entropy_sums = dict.fromkeys(_ENTROPY_TEMPERATURES, 0.0)
     num_rows = reader.metadata.num_rows
-    for start in range(0, num_rows, BLOCK_ROWS):
-        rows = np.arange(start, min(start + BLOCK_ROWS, num_rows))
+    for start in range(0, num_rows, _BLOCK_ROWS):
+        rows = np.arange(start, min(start + _BLOCK_ROWS, num_rows))
         if reader.encoding.is_sparse:
             sparse = reader.read_sparse(rows)
             predicted = sparse.indices[:, 0]
-            for temperature in ENTROPY_TEMPERATURES:
+            for temperature in _ENTROPY_TEMPERATURES:
                 entropy_sums[temperature] += sparse.entropy(temperature).double().sum().item()
         else:
             logits = reader.read_dense(rows).double()
             predicted = logits.argmax(dim=1)
-            for temperature in ENTROPY_TEMPERATURES:
+            for temperature in _ENTROPY_TEMPERATURES:
                 log_p = torch.log_softmax(logits / temperature, dim=1)
                 entropy_sums[temperature] -= (
                     torch.special.xlogy(log_p.exp(), log_p.exp()).sum().item()

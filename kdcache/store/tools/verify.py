@@ -49,6 +49,12 @@ if TYPE_CHECKING:
     from kdcache.store.format.metadata import StoreMetadata
     from kdcache.store.write.writer import StoreWriter
 
+__all__ = [
+    "VerifyReport",
+    "finalize_verified",
+    "verify_store",
+]
+
 
 @dataclass(frozen=True)
 class VerifyReport:

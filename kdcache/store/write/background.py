@@ -29,24 +29,29 @@ import torch
 from kdcache.errors import ConfigError
 from kdcache.store.write.writer import StoreWriter
 
+__all__ = [
+    "BackgroundWriter",
+    "default_writer_workers",
+]
+
 #: Batches that may wait for each background thread before ``write`` blocks.
-PENDING_PER_WORKER = 2
+_PENDING_PER_WORKER = 2
 #: At most this many writer threads by default: the speed-up per added thread shrinks (zarr's
 #: one event-loop thread, the GIL), and more threads only take cores from the DataLoader.
-MAX_DEFAULT_WORKERS = 8
+_MAX_DEFAULT_WORKERS = 8
 _STOP = object()
 
 
 def default_writer_workers() -> int:
     """Writer threads for this process: a quarter of its cores (shared among the processes of a
-    torchrun node), between 1 and :data:`MAX_DEFAULT_WORKERS`.
+    torchrun node), between 1 and :data:`_MAX_DEFAULT_WORKERS`.
 
     How many rows/s each encoding reaches per thread, and how many threads a fast teacher needs,
     is measured in docs/benchmarks.md ("Writer threads").
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    return max(1, min(MAX_DEFAULT_WORKERS, (cores or 1) // (4 * max(1, local_processes))))
+    return max(1, min(_MAX_DEFAULT_WORKERS, (cores or 1) // (4 * max(1, local_processes))))
 
 
 class BackgroundWriter:
@@ -66,7 +71,7 @@ class BackgroundWriter:
             raise ConfigError(f"writer workers must be an integer >= 1, got {workers!r}")
         self.writer = writer
         self.workers = workers or default_writer_workers()
-        pending = max_pending if max_pending is not None else PENDING_PER_WORKER * self.workers
+        pending = max_pending if max_pending is not None else _PENDING_PER_WORKER * self.workers
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, pending))
         self._error: BaseException | None = None
         self._error_lock = threading.Lock()

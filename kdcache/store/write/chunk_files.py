@@ -36,7 +36,11 @@ import kdcache.store.write.durability as durability
 from kdcache.store.format._zarr_compat import row_chunk_key
 from kdcache.store.format.packed_ints import PackedIntsCodec, pack_rows
 
-Step = Callable[[bytes], bytes]
+__all__ = [
+    "ChunkFiles",
+]
+
+_Step = Callable[[bytes], bytes]
 
 
 def _serializer(codec: Any, dtype: np.dtype) -> Callable[[np.ndarray], bytes] | None:
@@ -54,7 +58,7 @@ def _append_crc32c(data: bytes) -> bytes:
     return data + np.uint32(google_crc32c.value(data)).tobytes()
 
 
-def _bytes_step(codec: Any) -> Step | None:
+def _bytes_step(codec: Any) -> _Step | None:
     if isinstance(codec, ZstdCodec):
         compress = Zstd(level=codec.level, checksum=codec.checksum).encode
         return lambda data: bytes(compress(data))
@@ -67,7 +71,7 @@ class _ChunkCodec:
     """One array's codec chain as plain functions, and the fill value a last chunk is padded
     with (zarr stores a boundary chunk at the full chunk shape)."""
 
-    def __init__(self, serialize: Callable[[np.ndarray], bytes], steps: list[Step], array: Any):
+    def __init__(self, serialize: Callable[[np.ndarray], bytes], steps: list[_Step], array: Any):
         self._serialize = serialize
         self._steps = steps
         self._chunk_shape = tuple(array.chunks)

@@ -41,19 +41,34 @@ from kdcache.store.format.schema import MAX_CLASSES, MAX_SAMPLES
 from kdcache.store.write.swap import refuse_foreign_entries, remove_store_folder
 from kdcache.temporaries import own_folder_exists
 
+__all__ = [
+    "check_resumable",
+    "check_same_arrays",
+    "checked_further_arrays",
+    "checked_labels",
+    "checked_sizes",
+    "checked_view_params",
+    "clear_staging",
+    "create_arrays",
+    "existing_store",
+    "known_keys",
+    "staged_store",
+    "staging_purpose",
+]
+
 #: Rows per chunk aim at about this many stored bytes: big enough that per-chunk overhead is
 #: negligible, small enough that an interrupted dump loses little and chunks decode quickly.
-TARGET_CHUNK_BYTES = 1 << 20
+_TARGET_CHUNK_BYTES = 1 << 20
 #: A chunk is decoded whole into memory: refuse chunk sizes no reader could hold comfortably.
-MAX_CHUNK_BYTES = 1 << 30
+_MAX_CHUNK_BYTES = 1 << 30
 
 
-def default_chunk_rows(
+def _default_chunk_rows(
     encoding: Encoding, num_samples: int, num_classes: int, *, views: int = 1
 ) -> int:
-    """Rows per chunk so that a chunk holds about :data:`TARGET_CHUNK_BYTES`; with views, a
+    """Rows per chunk so that a chunk holds about :data:`_TARGET_CHUNK_BYTES`; with views, a
     multiple of V, so that a chunk holds every view of its samples."""
-    rows = max(1, min(num_samples * views, TARGET_CHUNK_BYTES // encoding.row_nbytes(num_classes)))
+    rows = max(1, min(num_samples * views, _TARGET_CHUNK_BYTES // encoding.row_nbytes(num_classes)))
     return max(views, rows - rows % views)
 
 
@@ -101,13 +116,13 @@ def checked_sizes(
         raise ConfigError(f"chunk_rows must be >= 1, got {chunk_rows!r}")
     # More rows than samples is one chunk holding every sample: the same store.
     num_rows = num_samples * views
-    rows = chunk_rows or default_chunk_rows(codec, num_samples, num_classes, views=views)
+    rows = chunk_rows or _default_chunk_rows(codec, num_samples, num_classes, views=views)
     rows = min(int(rows), num_rows)
-    if rows * row_nbytes > MAX_CHUNK_BYTES:
+    if rows * row_nbytes > _MAX_CHUNK_BYTES:
         raise ConfigError(
             f"chunks of {rows:,} rows would hold {rows * row_nbytes:,} bytes each, more than the "
-            f"{MAX_CHUNK_BYTES:,} a reader decodes at once; use chunk_rows <= "
-            f"{max(1, MAX_CHUNK_BYTES // row_nbytes):,} (or leave it unset for about 1 MiB)"
+            f"{_MAX_CHUNK_BYTES:,} a reader decodes at once; use chunk_rows <= "
+            f"{max(1, _MAX_CHUNK_BYTES // row_nbytes):,} (or leave it unset for about 1 MiB)"
         )
     return rows
 
@@ -284,7 +299,7 @@ def create_arrays(
         arrays[VIEW_PARAMS_ARRAY] = group.create_array(
             VIEW_PARAMS_ARRAY,
             shape=view_params.shape,
-            chunks=(max(1, TARGET_CHUNK_BYTES // (4 * views * width)), views, width),
+            chunks=(max(1, _TARGET_CHUNK_BYTES // (4 * views * width)), views, width),
             dtype="float32",
             fill_value=0,
             **_view_params_codecs(),

@@ -20,6 +20,11 @@ from typing import Any
 from kdcache.store.format._zarr_compat import row_chunk_key
 from kdcache.store.format.location import StoreLocation
 
+__all__ = [
+    "ChunkSync",
+    "fsync_path",
+]
+
 
 def fsync_path(path: Path) -> None:
     """Flush a file's data, or a folder's entries, to the disk."""

@@ -7,7 +7,7 @@ store stuck. Works on local disks and on NFS (Linux maps ``flock`` to NFS byte-r
 Object stores have no such locks, so a remote store ``s3://b/teacher.zarr`` gets a lease object
 ``s3://b/teacher.zarr.lock`` created with create-if-absent (S3 conditional writes), naming its
 holder and an expiry that the writer renews while it writes. A crashed writer's lease blocks
-others until it expires (:data:`LEASE_SECONDS`); delete the lease object to take over sooner.
+others until it expires (:data:`_LEASE_SECONDS`); delete the lease object to take over sooner.
 """
 
 from __future__ import annotations
@@ -29,9 +29,14 @@ from typing import Any
 from kdcache.errors import StoreLockedError, StoreWriteError
 from kdcache.store.format.location import RemoteLocation, StoreLocation
 
-LOCK_SUFFIX = ".lock"
+__all__ = [
+    "WriterLock",
+    "acquire_writer_lock",
+]
+
+_LOCK_SUFFIX = ".lock"
 #: How long a remote writer's lease lasts without renewal.
-LEASE_SECONDS = 600.0
+_LEASE_SECONDS = 600.0
 
 
 def _now() -> _dt.datetime:
@@ -64,7 +69,7 @@ class WriterLock(ABC):
         """Give up the lock."""
 
 
-class FileLock(WriterLock):
+class _FileLock(WriterLock):
     """An ``flock`` on ``STORE.lock``, released by the OS if the process dies."""
 
     def __init__(self, path: Path, fd: int) -> None:
@@ -74,7 +79,7 @@ class FileLock(WriterLock):
         self._closer = weakref.finalize(self, os.close, fd)
 
     @classmethod
-    def acquire(cls, path: Path, where: str) -> FileLock:
+    def acquire(cls, path: Path, where: str) -> _FileLock:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -175,7 +180,7 @@ def _read_json(fd: int) -> dict[str, Any] | None:
         return None
 
 
-class LeaseLock(WriterLock):
+class _LeaseLock(WriterLock):
     """A lease object ``STORE.lock`` in an object store, renewed while the writer runs.
 
     Create-if-absent makes two fresh writers exclusive. Taking over an expired lease is a delete
@@ -191,7 +196,7 @@ class LeaseLock(WriterLock):
         self._held = False
 
     @classmethod
-    def acquire(cls, url: str, where: str, *, lease_seconds: float = LEASE_SECONDS) -> LeaseLock:
+    def acquire(cls, url: str, where: str, *, lease_seconds: float = _LEASE_SECONDS) -> _LeaseLock:
         from fsspec.core import url_to_fs
 
         fs, path = url_to_fs(url)
@@ -258,13 +263,13 @@ class LeaseLock(WriterLock):
 
 
 def acquire_writer_lock(
-    location: StoreLocation, *, lease_seconds: float = LEASE_SECONDS
+    location: StoreLocation, *, lease_seconds: float = _LEASE_SECONDS
 ) -> WriterLock:
     """Take the single-writer lock of the store at ``location`` or raise
     :class:`StoreLockedError`."""
     if isinstance(location, RemoteLocation):
-        return LeaseLock.acquire(
-            location.target.rstrip("/") + LOCK_SUFFIX, location.text, lease_seconds=lease_seconds
+        return _LeaseLock.acquire(
+            location.target.rstrip("/") + _LOCK_SUFFIX, location.text, lease_seconds=lease_seconds
         )
     # Keyed by the resolved path: an alias link or ``store.zarr/.`` shares the store's one lock.
-    return FileLock.acquire(Path(location.resolved().target + LOCK_SUFFIX), location.text)
+    return _FileLock.acquire(Path(location.resolved().target + _LOCK_SUFFIX), location.text)

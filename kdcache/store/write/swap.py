@@ -24,20 +24,27 @@ from pathlib import Path
 from kdcache.errors import StoreExistsError, StoreWriteError
 from kdcache.store.format.location import LocalLocation, StoreLocation, partial_files
 
-STAGING_SUFFIX = ".incoming"
+__all__ = [
+    "refuse_foreign_entries",
+    "remove_store_folder",
+    "staging_location",
+    "swap_in",
+]
+
+_STAGING_SUFFIX = ".incoming"
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
 def staging_location(location: StoreLocation) -> StoreLocation:
     """Where a replacement of the (resolved, local) store at ``location`` is built."""
-    return location.with_suffix(STAGING_SUFFIX)
+    return location.with_suffix(_STAGING_SUFFIX)
 
 
-def foreign_entries(root: Path, own_keys: set[str]) -> list[str]:
+def _foreign_entries(root: Path, own_keys: set[str]) -> list[str]:
     """Entries under ``root`` that are not among the store's own keys: links anywhere, and files
     that are neither its arrays and metadata nor a killed writer's temporary files."""
-    temporary = {path.relative_to(root).as_posix() for path in partial_files_in(root)}
+    temporary = {path.relative_to(root).as_posix() for path in _partial_files_in(root)}
     found = []
     for folder, subfolders, files in os.walk(root):
         here = Path(folder)
@@ -49,13 +56,13 @@ def foreign_entries(root: Path, own_keys: set[str]) -> list[str]:
     return sorted(found)
 
 
-def partial_files_in(root: Path) -> list[Path]:
+def _partial_files_in(root: Path) -> list[Path]:
     return partial_files(LocalLocation(str(root), str(root)))
 
 
 def refuse_foreign_entries(root: Path, own_keys: set[str], where: str) -> None:
     """Refuse to replace a store that holds files kdcache did not write there."""
-    foreign = foreign_entries(root, own_keys)
+    foreign = _foreign_entries(root, own_keys)
     if foreign:
         shown = ", ".join(foreign[:3]) + (
             f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""

@@ -41,6 +41,11 @@ from kdcache.store.write.creation import (
 from kdcache.store.write.swap import refuse_foreign_entries, staging_location
 from kdcache.temporaries import create_folder, own_folder_exists
 
+__all__ = [
+    "WriteTarget",
+    "open_for_writing",
+]
+
 
 @dataclass(frozen=True)
 class WriteTarget:

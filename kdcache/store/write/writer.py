@@ -58,6 +58,11 @@ from kdcache.store.write.locking import WriterLock, acquire_writer_lock
 from kdcache.store.write.swap import remove_store_folder, swap_in
 from kdcache.store.write.target import open_for_writing
 
+__all__ = [
+    "StoreWriter",
+    "create_store",
+]
+
 
 class StoreWriter:
     """Accepts logits for any rows in any order and stores every chunk as soon as it is full.
