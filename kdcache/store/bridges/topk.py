@@ -20,9 +20,8 @@ shaped (and so the tail mass at T != 1) is lost.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,9 +35,10 @@ from kdcache.store.format.layout import (
 )
 from kdcache.store.format.location import parse_location
 from kdcache.store.sequence import sequence_offsets
-from kdcache.store.tools.verify import finalize_verified
-from kdcache.store.write.swap import remove_store_folder
-from kdcache.store.write.writer import create_store
+from kdcache.store.tools.verified_write import write_verified_store
+
+if TYPE_CHECKING:
+    from kdcache.store.write.writer import StoreWriter
 
 __all__ = [
     "FILL_CAP",
@@ -150,23 +150,16 @@ def write_new_store(
     overwrite: bool = False,
     **options: Any,
 ) -> Any:
-    """Create ``out`` with :func:`~kdcache.store.write.writer.create_store` ``options``, write
-    every (row indices, dense logits) batch of ``rows``, verify and finalize it; on any failure
-    an ``out`` this call created is removed (nothing half-imported is left behind)."""
-    location = parse_location(out)
-    folder = location.resolved().folder
-    created = folder if folder is not None and not os.path.lexists(folder) else None
-    writer = create_store(out, overwrite=overwrite, **options)
-    with writer:
-        try:
-            for indices, dense in rows:
-                writer.write(indices, dense)
-            return finalize_verified(writer, out)
-        except BaseException:
-            writer.close()
-            if created is not None:
-                remove_store_folder(created)
-            raise
+    """Write every (row indices, dense logits) batch of ``rows`` into a new store ``out``
+    (:func:`~kdcache.store.tools.verified_write.write_verified_store`, which takes the
+    :func:`~kdcache.store.write.writer.create_store` ``options``): published only once it
+    verifies, nothing half-imported left behind."""
+
+    def fill(writer: StoreWriter) -> None:
+        for indices, dense in rows:
+            writer.write(indices, dense)
+
+    return write_verified_store(out, fill, overwrite=overwrite, **options)
 
 
 def refuse_existing(out: StoreLike, overwrite: bool) -> None:

@@ -19,7 +19,7 @@ import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -47,10 +47,12 @@ from kdcache.store.read.joined import (
 from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.store.sequence import SequenceReader, rows_of, sequence_offsets
 from kdcache.store.tools.convert import CONVERTED_FROM_KEY, recorded_dataset_indices
-from kdcache.store.tools.verify import finalize_verified
+from kdcache.store.tools.verified_write import write_verified_store
 from kdcache.store.write.swap import remove_store_folder, staging_location, swap_in
-from kdcache.store.write.writer import create_store
 from kdcache.temporaries import create_folder
+
+if TYPE_CHECKING:
+    from kdcache.store.write.writer import StoreWriter
 
 __all__ = [
     "CONCATENATED_FROM_KEY",
@@ -133,10 +135,14 @@ def concat_stores(
         }
     labels = _joined_labels(opened, new_starts, num_rows)
     params = _joined_view_params(opened, total)
-    folder = out_location.resolved().folder
-    created = folder if folder is not None and not os.path.lexists(folder) else None
-    writer = create_store(
+
+    def fill(writer: StoreWriter) -> None:
+        for source in opened:
+            _copy_source(source, new_starts, writer.write_encoded)
+
+    write_verified_store(
         out,
+        fill,
         num_samples=num_rows,
         num_classes=metadata.num_classes,
         encoding=metadata.encoding,
@@ -152,16 +158,6 @@ def concat_stores(
         fsync=fsync,
         arrays=arrays,
     )
-    with writer:
-        try:
-            for source in opened:
-                _copy_source(source, new_starts, writer.write_encoded)
-            finalize_verified(writer, out)
-        except BaseException:
-            writer.close()
-            if created is not None:  # ours, unfinished: no half-joined store is left behind
-                remove_store_folder(created)
-            raise
     return ConcatResult(
         out=out_location.text,
         num_samples=total,

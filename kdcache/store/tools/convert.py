@@ -16,7 +16,6 @@ filled for T = 1.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,9 +36,7 @@ from kdcache.store.format.layout import (
 from kdcache.store.format.location import parse_location
 from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.store.sequence import SequenceReader, rows_of, sequence_offsets
-from kdcache.store.tools.verify import finalize_verified
-from kdcache.store.write.swap import remove_store_folder
-from kdcache.store.write.writer import create_store
+from kdcache.store.tools.verified_write import write_verified_store
 from kdcache.wording import counted
 
 __all__ = [
@@ -164,10 +161,9 @@ def convert_store(
             else ""
         ),
     }
-    folder = out_location.resolved().folder
-    created = folder if folder is not None and not os.path.lexists(folder) else None
-    writer = create_store(
+    written = write_verified_store(
         out,
+        lambda writer: _copy_rows(reader, samples, source_starts, new_starts, writer.write),
         num_samples=num_samples,
         num_classes=metadata.num_classes,
         encoding=codec.name,
@@ -183,15 +179,6 @@ def convert_store(
         fsync=fsync,
         arrays=arrays,
     )
-    with writer:
-        try:
-            _copy_rows(reader, samples, source_starts, new_starts, writer.write)
-            written = finalize_verified(writer, out)
-        except BaseException:
-            writer.close()
-            if created is not None:  # ours, unfinished: no half-converted store is left behind
-                remove_store_folder(created)
-            raise
     fidelity = None if written.fidelity is None else Fidelity.from_dict(written.fidelity)
     return ConvertResult(
         out=out_location.text,

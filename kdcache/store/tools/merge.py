@@ -23,10 +23,9 @@ location, generation, content and record digests, encoding and teacher).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,9 +48,10 @@ from kdcache.store.format.layout import FIRST_TOKEN_ARRAY, OFFSETS_ARRAY, SEQUEN
 from kdcache.store.format.location import parse_location
 from kdcache.store.read.reader import StoreReader, open_store
 from kdcache.store.sequence import SequenceReader
-from kdcache.store.tools.verify import verify_store
-from kdcache.store.write.swap import remove_store_folder
-from kdcache.store.write.writer import create_store
+from kdcache.store.tools.verified_write import write_verified_store
+
+if TYPE_CHECKING:
+    from kdcache.store.write.writer import StoreWriter
 
 __all__ = [
     "MergeResult",
@@ -150,10 +150,19 @@ def merge_stores(
         "fidelity_against": "the ensemble of the sources' rows"
         + (f" (sparse tails filled at T={temperature:g})" if sparse else ""),
     }
-    folder = out_location.resolved().folder
-    created = folder if folder is not None and not os.path.lexists(folder) else None
-    writer = create_store(
+
+    def fill(writer: StoreWriter) -> None:
+        step = writer.metadata.chunk_rows
+        cursors = [_RowCursor(reader) for reader in readers]
+        for start in range(0, metadata.num_rows, step):
+            stop = min(start + step, metadata.num_rows)
+            members = [cursor.rows(start, stop, temperature) for cursor in cursors]
+            merged = combine_logits(members, weights=normalised, mode=mode, temperature=temperature)
+            writer.write(np.arange(start, stop), merged.numpy())
+
+    written = write_verified_store(
         out,
+        fill,
         num_samples=metadata.num_samples,
         num_classes=metadata.num_classes,
         encoding=codec.name,
@@ -169,25 +178,6 @@ def merge_stores(
         fsync=fsync,
         arrays=arrays,
     )
-    with writer:
-        try:
-            step = writer.metadata.chunk_rows
-            cursors = [_RowCursor(reader) for reader in readers]
-            for start in range(0, metadata.num_rows, step):
-                stop = min(start + step, metadata.num_rows)
-                members = [cursor.rows(start, stop, temperature) for cursor in cursors]
-                merged = combine_logits(
-                    members, weights=normalised, mode=mode, temperature=temperature
-                )
-                writer.write(np.arange(start, stop), merged.numpy())
-            written = writer.finalize(
-                verify=lambda folder: verify_store(folder, finishing=True).raise_if_bad()
-            )
-        except BaseException:
-            writer.close()
-            if created is not None:  # ours, unfinished: no half-merged store is left behind
-                remove_store_folder(created)
-            raise
     return MergeResult(
         out=out_location.text,
         sources=tuple(location.text for location in locations),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -45,13 +45,8 @@ from kdcache.store.read.reader import JoinedReader, StoreReader, open_store
 from kdcache.store.sequence import sequence_problems
 from kdcache.wording import counted
 
-if TYPE_CHECKING:
-    from kdcache.store.format.metadata import StoreMetadata
-    from kdcache.store.write.writer import StoreWriter
-
 __all__ = [
     "VerifyReport",
-    "finalize_verified",
     "verify_store",
 ]
 
@@ -455,14 +450,3 @@ def _check_sequences(
             values[OFFSETS_ARRAY].astype(np.int64),
             values[FIRST_TOKEN_ARRAY].astype(np.int64),
         )
-
-
-def finalize_verified(writer: StoreWriter, where: StoreLike) -> StoreMetadata:
-    """Mark ``writer``'s store complete only once it verifies: a fresh store at ``where``
-    before :meth:`~kdcache.store.write.writer.StoreWriter.finalize`, a replacement in its
-    staging folder before it is swapped in (the old store then stays as it was)."""
-    if not writer.replacing:
-        verify_store(where, finishing=True).raise_if_bad()
-    return writer.finalize(
-        verify=lambda folder: verify_store(folder, finishing=True).raise_if_bad()
-    )
