@@ -39,6 +39,7 @@ LAYERS: dict[str, int] = {
     "kdcache.data": 8,
     "kdcache.plots": 8,
     "kdcache.config": 8,
+    "kdcache.store_config": 9,  # the store commands' configs, built on kdcache.config
     "kdcache.distributed": 9,
     "kdcache.checkpoints": 9,
     "kdcache.lm": 9,  # hf models and text data; trained by kdcache.train

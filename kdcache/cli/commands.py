@@ -17,16 +17,10 @@ from kdcache._version import __version__
 from kdcache.cli.bench import bench
 from kdcache.cli.bridges import concat, export_group, import_group
 from kdcache.cli.options import config_options
-from kdcache.config import (
-    ConvertConfig,
-    DistillConfig,
-    DumpConfig,
-    MergeConfig,
-    SweepConfig,
-    TrainConfig,
-)
+from kdcache.config import DistillConfig, DumpConfig, SweepConfig, TrainConfig
 from kdcache.errors import KdcacheError
 from kdcache.progress import announce
+from kdcache.store_config import ConvertConfig, MergeConfig
 from kdcache.wording import counted
 
 __all__ = ["EXIT_USER_ERROR", "cli", "main"]
