@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.choices import TRAIN_ON
+from kdcache.choices import SPLITS, TRAIN_ON
 from kdcache.errors import SpecError
 from kdcache.lm.chat import check_conversation, render_conversation
 from kdcache.lm.sources import READERS, json_lines, kind_of, read_column, read_utf8
@@ -44,7 +44,6 @@ MAX_LENGTH_LIMIT = 1 << 20
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 #: Every HELD_OUT_EVERY-th document is held out for validation.
 HELD_OUT_EVERY = 10
-SPLITS = ("train", "test")
 
 
 #: Dataset kinds whose rows are one column of a table: those :mod:`kdcache.lm.sources` reads.
