@@ -30,7 +30,7 @@ def module_sizes(root: Path) -> list[tuple[int, str]]:
 def function_sizes(root: Path) -> list[tuple[int, str]]:
     """(lines, ``path:qualified.name``) of every function and method under ``root``, longest
     first."""
-    sizes = []
+    sizes: list[tuple[int, str]] = []
     for path in root.rglob("*.py"):
         where = path.relative_to(root.parent).as_posix()
         sizes.extend(
@@ -40,7 +40,7 @@ def function_sizes(root: Path) -> list[tuple[int, str]]:
 
 
 def _functions(node: ast.AST, prefix: str = "") -> list[tuple[int, str]]:
-    found = []
+    found: list[tuple[int, str]] = []
     for child in ast.iter_child_nodes(node):
         if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             name = f"{prefix}{child.name}"
