@@ -50,6 +50,7 @@ class Registry:
 ENCODINGS = Registry("kdcache.logits.encodings", "ENCODINGS")
 DATASET_KINDS = Registry("kdcache.data.datasets.build", "DATASET_KINDS")
 MODELS = Registry("kdcache.models", "MODELS")
+RECIPE_OPERATIONS = Registry("kdcache.augment.recipe", "OPERATIONS")
 
 
 @functools.cache

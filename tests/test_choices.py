@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kdcache import choices
+from kdcache.augment.recipe import OPERATIONS
 from kdcache.data.datasets.build import DATASET_KINDS
 from kdcache.logits.encodings import ENCODING_CHOICES, ENCODINGS
 from kdcache.models import MODELS
@@ -16,8 +17,9 @@ from kdcache.models import MODELS
         (choices.ENCODINGS, ENCODINGS),
         (choices.DATASET_KINDS, DATASET_KINDS),
         (choices.MODELS, MODELS),
+        (choices.RECIPE_OPERATIONS, OPERATIONS),
     ],
-    ids=["encodings", "dataset kinds", "models"],
+    ids=["encodings", "dataset kinds", "models", "recipe operations"],
 )
 def test_the_names_read_from_the_source_are_the_registry_keys(registry, imported):
     assert registry.names() == tuple(imported)

@@ -1,28 +1,14 @@
-"""What a recipe may name, without importing torch: the operations and the named presets.
+"""What a recipe may name, without importing torch: the named presets and the help of --augment.
 
-The CLI's help text is built from these tables; :data:`kdcache.augment.recipe.OPERATIONS` builds
-the operations themselves and must list exactly the names of :data:`OPERATION_SUMMARIES`.
+The operations are declared once, in :data:`kdcache.augment.recipe.OPERATIONS`; the help reads
+their names through :data:`kdcache.choices.RECIPE_OPERATIONS`, without importing torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: Every recipe operation, by name, with what it does in a few words.
-OPERATION_SUMMARIES: dict[str, str] = {
-    "rrc": "random-resized crop",
-    "pad-crop": "zero-pad and crop back (CIFAR)",
-    "flip": "horizontal flip",
-    "jitter": "colour jitter (brightness, contrast, saturation, hue)",
-    "gray": "random grayscale",
-    "blur": "Gaussian blur",
-    "randaugment": "RandAugment(N, M)",
-    "trivialaugment": "TrivialAugmentWide",
-    "autoaugment": "AutoAugment, ImageNet policy",
-    "erase": "random erasing",
-    "mixup": "mixup with another sample (last)",
-    "cutmix": "CutMix with another sample (last)",
-}
+from kdcache.choices import RECIPE_OPERATIONS
 
 
 @dataclass(frozen=True)
@@ -75,6 +61,6 @@ def recipe_help() -> str:
         "'pad-crop:4+flip', 'rrc+flip+mixup:0.2', or a preset ("
         + ", ".join(PRESETS)
         + "); operations: "
-        + ", ".join(OPERATION_SUMMARIES)
+        + ", ".join(RECIPE_OPERATIONS.names())
         + " (see docs/augmentation.md)."
     )

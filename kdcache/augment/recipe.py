@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kdcache.augment.catalog import OPERATION_SUMMARIES, PRESETS
+from kdcache.augment.catalog import PRESETS
 from kdcache.augment.counter import NAME as SAMPLER
 from kdcache.augment.counter import Draws
 from kdcache.augment.ops import Flip, Mix, Op, PadCrop, PixelScale, RandomResizedCrop, Size
@@ -233,34 +233,55 @@ def _mix(kind: str) -> Callable[[dict[str, str], list[str], str], Mix]:
 
 @dataclass(frozen=True)
 class Operation:
-    """One entry of :data:`OPERATIONS`: the arguments it takes (by name, and how many of them
-    may be given positionally), an example, and how it is built from them and the recipe."""
+    """One entry of :data:`OPERATIONS`: what it does in a few words, the arguments it takes (by
+    name, and how many of them may be given positionally), an example, and how it is built from
+    them and the recipe."""
 
+    summary: str
     arguments: tuple[str, ...]
     max_positional: int
     example: str
     build: Callable[[dict[str, str], list[str], str], Op | Mix]
 
 
-#: Every recipe operation, by name (those of :data:`~kdcache.augment.catalog.OPERATION_SUMMARIES`,
-#: in its order); the mixing ones (:class:`Mix`) may only come last.
+#: Every recipe operation, by name; the mixing ones (:class:`Mix`) may only come last. The CLI's
+#: help reads the names from this source, without torch (kdcache.choices.RECIPE_OPERATIONS).
 OPERATIONS: dict[str, Operation] = {
-    "rrc": Operation(("scale", "ratio", "size"), 0, "rrc:scale=0.35-1", _rrc),
-    "pad-crop": Operation(("padding",), 1, "pad-crop:4", _pad_crop),
-    "flip": Operation(("p",), 1, "flip", _flip),
-    "jitter": Operation(
-        ("brightness", "contrast", "saturation", "hue"), 4, "jitter:0.4,0.4,0.4,0.1", _jitter
+    "rrc": Operation(
+        "random-resized crop", ("scale", "ratio", "size"), 0, "rrc:scale=0.35-1", _rrc
     ),
-    "gray": Operation(("p",), 1, "gray:0.2", _gray),
-    "blur": Operation(("kernel", "sigma", "p"), 1, "blur:5,sigma=0.1-2,p=0.5", _blur),
-    "randaugment": Operation(("num_ops", "magnitude", "bins"), 2, "randaugment:2,9", _randaugment),
-    "trivialaugment": Operation(("bins",), 1, "trivialaugment", _trivialaugment),
-    "autoaugment": Operation((), 0, "autoaugment", _autoaugment),
-    "erase": Operation(("p", "scale", "ratio", "value"), 1, "erase:0.25,value=random", _erase),
-    "mixup": Operation(("alpha",), 1, "mixup:0.2", _mix("mixup")),
-    "cutmix": Operation(("alpha",), 1, "cutmix:1.0", _mix("cutmix")),
+    "pad-crop": Operation(
+        "zero-pad and crop back (CIFAR)", ("padding",), 1, "pad-crop:4", _pad_crop
+    ),
+    "flip": Operation("horizontal flip", ("p",), 1, "flip", _flip),
+    "jitter": Operation(
+        "colour jitter (brightness, contrast, saturation, hue)",
+        ("brightness", "contrast", "saturation", "hue"),
+        4,
+        "jitter:0.4,0.4,0.4,0.1",
+        _jitter,
+    ),
+    "gray": Operation("random grayscale", ("p",), 1, "gray:0.2", _gray),
+    "blur": Operation(
+        "Gaussian blur", ("kernel", "sigma", "p"), 1, "blur:5,sigma=0.1-2,p=0.5", _blur
+    ),
+    "randaugment": Operation(
+        "RandAugment(N, M)", ("num_ops", "magnitude", "bins"), 2, "randaugment:2,9", _randaugment
+    ),
+    "trivialaugment": Operation(
+        "TrivialAugmentWide", ("bins",), 1, "trivialaugment", _trivialaugment
+    ),
+    "autoaugment": Operation("AutoAugment, ImageNet policy", (), 0, "autoaugment", _autoaugment),
+    "erase": Operation(
+        "random erasing", ("p", "scale", "ratio", "value"), 1, "erase:0.25,value=random", _erase
+    ),
+    "mixup": Operation(
+        "mixup with another sample (last)", ("alpha",), 1, "mixup:0.2", _mix("mixup")
+    ),
+    "cutmix": Operation(
+        "CutMix with another sample (last)", ("alpha",), 1, "cutmix:1.0", _mix("cutmix")
+    ),
 }
-assert list(OPERATIONS) == list(OPERATION_SUMMARIES)
 
 
 def _parse_op(text: str, spec: str) -> Op | Mix:

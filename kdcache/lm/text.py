@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.choices import TRAIN_ON
+from kdcache.choices import SPLITS, TRAIN_ON
 from kdcache.errors import SpecError
 from kdcache.lm.chat import check_conversation, render_conversation
-from kdcache.lm.sources import json_lines, kind_of, read_column, read_utf8
+from kdcache.lm.sources import READERS, json_lines, kind_of, read_column, read_utf8
 
 DEFAULT_MAX_LENGTH = 128
 #: MAX_LENGTH beyond any model's positions: refused before a batch of that width is allocated.
@@ -44,16 +44,16 @@ MAX_LENGTH_LIMIT = 1 << 20
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 #: Every HELD_OUT_EVERY-th document is held out for validation.
 HELD_OUT_EVERY = 10
-SPLITS = ("train", "test")
 
 
-#: Dataset kinds whose rows are one column of a table (:mod:`kdcache.lm.sources`).
-TABLE_KINDS = ("jsonl", "parquet", "hfdisk")
+#: Dataset kinds whose rows are one column of a table: those :mod:`kdcache.lm.sources` reads.
+TABLE_KINDS = tuple(READERS)
 #: Every language-model dataset kind.
 TEXT_KINDS = ("text", *TABLE_KINDS)
 SPEC_FORMS = (
-    "text:FILE[:MAX_LENGTH], or jsonl:FILE, parquet:FILE or hfdisk:FOLDER, each "
-    "[:COLUMN][:MAX_LENGTH]"
+    "text:FILE[:MAX_LENGTH], or "
+    + ", ".join(f"{kind}:PATH" for kind in TABLE_KINDS)
+    + ", each [:COLUMN][:MAX_LENGTH]"
 )
 
 

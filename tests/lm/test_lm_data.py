@@ -23,7 +23,14 @@ from kdcache.config import DumpConfig
 from kdcache.errors import ConfigError, SpecError
 from kdcache.lm.dump import dump_lm
 from kdcache.lm.fingerprint import compare_lm_fingerprints, lm_fingerprint
-from kdcache.lm.text import HELD_OUT_EVERY, build_text_dataset, collate, parse_dataset_spec
+from kdcache.lm.sources import READERS
+from kdcache.lm.text import (
+    HELD_OUT_EVERY,
+    build_text_dataset,
+    collate,
+    is_text_spec,
+    parse_dataset_spec,
+)
 from kdcache.store.sequence import open_sequence_store
 
 #: Short enough that some pieces of a conversation hold no assistant token.
@@ -51,12 +58,15 @@ def test_table_files_give_the_documents_a_text_file_gives(tmp_path, lm_files, to
     saved = datasets.Dataset.from_dict({"text": texts})
     saved.save_to_disk(str(tmp_path / "saved"))
     reference = build_text_dataset(f"text:{corpus}:16", split="train", tokenizer=tokenizer)
-    for spec in (
+    specs = (
         f"jsonl:{corpus}:16",
         f"jsonl:{body}:body:16",
         f"parquet:{tmp_path / 'corpus.parquet'}:16",
         f"hfdisk:{tmp_path / 'saved'}:16",
-    ):
+    )
+    assert {spec.partition(":")[0] for spec in specs} == set(READERS)  # every reader is read
+    for spec in specs:
+        assert is_text_spec(spec), spec
         data = build_text_dataset(spec, split="train", tokenizer=tokenizer)
         assert len(data) == len(reference), spec
         assert all(map(np.array_equal, data.sequences, reference.sequences)), spec
