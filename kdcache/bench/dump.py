@@ -122,6 +122,8 @@ def bench_dump(
         compile=compile,
     )
     bare, loop, wall, unsynced = [], [], [], []
+    if path is not None:
+        Path(path).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-", dir=path) as scratch:
         config = DumpConfig(
             teacher=teacher,

@@ -132,6 +132,8 @@ def bench_writer(
     pool = teacher_like_logits(min(_POOL_ROWS, num_rows), num_classes, views=views)
     wall: dict[tuple[str, int], list[float]] = {}
     cpu: dict[tuple[str, int], list[float]] = {}
+    if path is not None:
+        Path(path).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-writer-", dir=path) as scratch:
         # Untimed: the first store of a process pays imports and zarr's event-loop start.
         _write_once(

@@ -130,8 +130,11 @@ def test_bench_dump_writer_only_from_the_command_line(tmp_path):
         "64",
         "--repeats",
         "1",
+        "--path",
+        str(tmp_path / "not" / "yet"),
         "--json",
     )
+    assert (tmp_path / "not" / "yet").is_dir()  # made, as a dump makes its --out's parents
     runs = json.loads(result.stdout)["runs"]
     assert [(run["encoding"], run["workers"]) for run in runs] == [
         ("float16", 1),
