@@ -33,6 +33,50 @@ from kdcache.logits.viewset import (
 Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
+@dataclass(frozen=True)
+class ValueRange:
+    """The values an array may hold: ``low <= v <= high`` (``low < v`` when ``low_open``).
+
+    The digests prove that a chunk is the one written, not that what was written can be decoded:
+    a class index >= C or a code beyond its grid would be clamped or index out of bounds
+    silently, so readers, ``kdcache verify`` and the writer refuse such values by these ranges.
+    """
+
+    low: float
+    high: float
+    low_open: bool = False
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+    def outside(self, values: np.ndarray) -> np.ndarray:
+        """Per row (first dimension) of ``values``, whether any value lies outside the range;
+        NaN is left to the finiteness checks."""
+        flat = values.reshape(len(values), -1)
+        if flat.size:
+            low, high = flat.min(), flat.max()  # the common case: two reductions, no mask
+            if (low > self.low if self.low_open else low >= self.low) and high <= self.high:
+                return np.zeros(len(values), dtype=bool)
+        below = flat <= self.low if self.low_open else flat < self.low
+        return (below | (flat > self.high)).any(axis=1)
+
+    def problem(self, name: str, values: np.ndarray, bad: np.ndarray) -> str:
+        """One line naming ``name``, a value found outside the range in rows ``bad`` (B,) of
+        ``values`` and the range."""
+        flat = values[bad].reshape(int(bad.sum()), -1)
+        below = flat <= self.low if self.low_open else flat < self.low
+        found = flat[below | (flat > self.high)][0]
+        return f"array {name!r} holds {found.item()!r}, outside its valid range {self}"
+
+
+def _index_range(num_classes: int) -> ValueRange:
+    return ValueRange(0, num_classes - 1)
+
+
+def _code_range(bits: int) -> ValueRange:
+    return ValueRange(0, (1 << bits) - 1)
+
+
 class Encoding(ABC):
     """A lossless or lossy representation of one row of teacher logits."""
 
@@ -60,6 +104,11 @@ class Encoding(ABC):
         ``temperature`` matters only to lossy encodings whose best dense reconstruction depends on
         the temperature the logits will be softened with (those require it); the others ignore it.
         """
+
+    def value_ranges(self, num_classes: int) -> dict[str, ValueRange]:
+        """The values each integer or scale array of the layout may hold, by name (arrays left
+        out accept any finite value of their dtype)."""
+        return {}
 
     def encode_views(self, logits: np.ndarray, samples: np.ndarray) -> dict[str, np.ndarray]:
         """:meth:`encode` rows of which ``samples`` (B,) names the sample each is a view of; an
@@ -159,6 +208,10 @@ class Int8Encoding(Encoding):
             "scale": ((), np.dtype("float32")),
         }
 
+    def value_ranges(self, num_classes: int) -> dict[str, ValueRange]:
+        # A scale of 0 or below would decode every code of the row to its offset, or flip it.
+        return {"scale": ValueRange(0.0, float(np.finfo(np.float32).max), low_open=True)}
+
     def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
         low = logits.min(axis=1)
         # A constant row has range 0; any positive scale then encodes it exactly.
@@ -249,6 +302,14 @@ class TopKEncoding(Encoding):
             "topk_indices": ((self.k,), index_dtype(num_classes)),
             "tail": ((len(TAIL_STATS),), np.dtype("float16")),
         }
+
+    def value_ranges(self, num_classes: int) -> dict[str, ValueRange]:
+        ranges = {"topk_indices": _index_range(num_classes)}
+        if self.bits is not None:
+            ranges["topk_codes"] = _code_range(self.bits)
+            # A depth in nats (that of the K-th offset), not a count: only its sign is bounded.
+            ranges["topk_depth"] = ValueRange(0.0, float(np.finfo(np.float16).max), low_open=True)
+        return ranges
 
     def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
         layout = self.layout(logits.shape[1])
@@ -363,6 +424,12 @@ class SampledEncoding(Encoding):
             "sample_counts": ((self.num_draws,), np.dtype("uint8")),
         }
 
+    def value_ranges(self, num_classes: int) -> dict[str, ValueRange]:
+        return {
+            "sample_indices": _index_range(num_classes),
+            "sample_counts": ValueRange(0, self.num_draws),
+        }
+
     def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
         classes, counts = draw_samples(logits, self.num_draws)
         dtype = self.layout(logits.shape[1])["sample_indices"][1]
@@ -438,6 +505,9 @@ class ViewSetEncoding(Encoding):
             "row_max": ((), np.dtype("float16")),
             "tail_codes": ((len(TAIL_STATS),), np.dtype("uint8")),
         }
+
+    def value_ranges(self, num_classes: int) -> dict[str, ValueRange]:
+        return {"set_indices": _index_range(num_classes), "set_codes": _code_range(self.bits)}
 
     def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
         return self.encode_views(logits, np.arange(len(logits)))

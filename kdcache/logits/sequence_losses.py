@@ -223,7 +223,8 @@ class TokenDistillationLoss(nn.Module):
     ``forward(student_logits (B, L, V), teacher rows (n, ...), targets (B, L), mask (B, L))``
     returns a dict with ``total``, ``soft`` (T^2 * mean D over the n positions), ``hard`` (mean
     next-token CE at the same positions) and ``tokens`` (n). Positions outside ``mask`` (padding,
-    the last token of each sequence) contribute nothing.
+    the last token of each sequence) contribute nothing; with none inside it, every term is a zero
+    that backward passes through (no gradient), not a NaN mean over no position.
     """
 
     def __init__(
@@ -263,6 +264,11 @@ class TokenDistillationLoss(nn.Module):
             )
         dtype = torch.float32 if torch.finfo(rows.dtype).bits < 32 else rows.dtype
         rows = rows.to(dtype)
+        if rows.shape[0] == 0:
+            # A batch whose labels are all masked: a mean over no position would be NaN. The
+            # sum over no row is 0 and on the graph, so backward runs and DDP ranks stay in step.
+            zero = rows.sum()
+            return {"total": zero, "soft": zero, "hard": zero, "tokens": torch.tensor(0)}
         t = self.temperature
         teacher_rows = _teacher_rows(teacher, t, dtype)
         if self.divergence == "kd":

@@ -136,6 +136,25 @@ def test_sweep_end_to_end_and_resumed(tmp_path, digits_store):
     assert "0 runs trained, 4 kept" in run_cli(*args).stdout
 
 
+def test_a_sweep_over_two_stores_in_two_jobs_equals_one_job(tmp_path, digits_store):
+    from kdcache.store.tools.convert import convert_store
+
+    other = convert_store(digits_store, tmp_path / "int8.zarr", encoding="int8").out
+    rows = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        run_cli(
+            "sweep", "--cache", str(digits_store), "--cache", str(other), "--student", "mlp:8",
+            "--temperatures", "4", "--seeds", "0", "--epochs", "1", "--batch-size", "128",
+            "--device", "cpu", "--jobs", jobs, "--out", str(out),
+        )  # fmt: skip
+        lines = (out / "results.csv").read_text().splitlines()
+        # Wall time and run folder differ between the two sweeps; what was learnt may not.
+        rows[jobs] = sorted(line.split(",")[:9] for line in lines[1:])
+    assert len(rows["1"]) == 2
+    assert rows["1"] == rows["2"]
+
+
 def test_sweep_user_errors_are_one_line(tmp_path, digits_store):
     common = ("--student", "mlp:8", "--out", str(tmp_path / "s"))
     assert_one_line_error(

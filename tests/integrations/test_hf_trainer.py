@@ -139,6 +139,24 @@ def test_the_trainer_loss_is_kdcache_distills_loss_on_the_same_samples(tmp_path,
     torch.testing.assert_close(loss, expected["total"], rtol=1e-5, atol=1e-6)
 
 
+def test_a_batch_whose_labels_are_all_masked_gives_a_zero_loss_that_backward_passes(
+    tmp_path, lm_files, stores
+):
+    store = open_sequence_store(stores["topk:8"])
+    model = student(lm_files)
+    trainer = DistillationTrainer(model, arguments(tmp_path), store=store)
+    features = [
+        {**trainer.train_dataset[i], "labels": [-100] * int(store.lengths[i])} for i in (2, 5)
+    ]
+    batch = trainer.data_collator(features)
+    assert batch["teacher"].shape[0] == 0
+    loss = trainer.compute_loss(model, batch)
+    assert isinstance(loss, torch.Tensor)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
 @pytest.mark.parametrize("encoding", ENCODINGS)
 def test_the_trainer_distills_from_every_encoding(tmp_path, lm_files, stores, encoding):
     model = student(lm_files)

@@ -15,6 +15,7 @@ from kdcache.logits.encodings import SampledEncoding, parse_encoding
 from kdcache.logits.loss_options import TOKEN_LOSS_DECLARATIONS
 from kdcache.logits.sampled import draw_samples
 from kdcache.logits.sequence_losses import TokenDistillationLoss, _teacher_rows, divergence
+from kdcache.logits.sparse import SparseLogits
 
 VOCAB = 40
 
@@ -196,3 +197,21 @@ def test_the_kd_gradient_in_closed_form_is_autograds_through_the_formula(kind, t
     torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fused_grad, grad, rtol=1e-5, atol=1e-7)
     assert torch.count_nonzero(fused_grad[~mask]) == 0
+
+
+@pytest.mark.parametrize("name", TOKEN_LOSS_DECLARATIONS)
+def test_a_batch_with_no_counted_position_gives_a_zero_loss_on_the_graph(name):
+    student = torch.randn(2, 3, 5, requires_grad=True)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    teachers = [
+        torch.zeros(0, 5),
+        SparseLogits(torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 6), 5),
+    ]
+    for teacher in teachers:
+        terms = TokenDistillationLoss(divergence=name)(
+            student, teacher, torch.full((2, 3), -100), mask
+        )
+        assert [terms[key].item() for key in ("total", "soft", "hard", "tokens")] == [0, 0, 0, 0]
+        terms["total"].backward()
+        assert student.grad is not None
+        assert not student.grad.any()

@@ -9,10 +9,11 @@ import zipfile
 import numpy as np
 import pytest
 import zarr
-from narrowing import dense, kdcache_record, zarr_array
+from narrowing import dense, kdcache_record, present, zarr_array
 
 from kdcache import create_store, open_store
-from kdcache.errors import StoreCorruptError, StoreFormatError
+from kdcache.errors import InvalidLogitsError, StoreCorruptError, StoreFormatError
+from kdcache.logits.encodings import parse_encoding
 from kdcache.store.tools.verify import verify_store
 
 
@@ -98,3 +99,114 @@ def test_two_chunks_swapped_inside_a_packed_zip_are_refused(store, tmp_path):
     assert "samples 10-19, 30-39" in "\n".join(verify_store(tmp_path / "swapped.zip").problems)
     with pytest.raises(StoreCorruptError, match="chunk 1"):
         open_store(tmp_path / "swapped.zip").load()
+
+
+def _forge(path, name, row, value):
+    """Write ``value`` into row ``row`` of the array ``name`` and record the chunk's digest
+    again, so that only a range check can tell."""
+    from kdcache.store.format.digests import DIGESTS_ARRAY, chunk_digest
+    from kdcache.store.format.metadata import StoreMetadata
+
+    group = zarr.open_group(str(path), mode="r+")
+    meta = StoreMetadata.from_dict(kdcache_record(group), where=str(path))
+    array = zarr_array(group, name)
+    chunk = row // meta.chunk_rows
+    low, high = meta.chunk_bounds(chunk)
+    values = np.asarray(array[low:high])
+    values[row - low] = value
+    array[low:high] = values
+    digests = zarr_array(group, DIGESTS_ARRAY)
+    table = np.asarray(digests[chunk])
+    table[present(meta.digests)["arrays"].index(name)] = chunk_digest(
+        meta.chunk_binding, name, chunk, values
+    )
+    digests[chunk] = table
+
+
+@pytest.mark.parametrize(
+    ("encoding", "name", "value", "message"),
+    [
+        ("int8", "scale", 0.0, "array 'scale' holds 0.0, outside its valid range (0, 3.40282e+38]"),
+        (
+            "int8",
+            "scale",
+            -2.0,
+            "array 'scale' holds -2.0, outside its valid range (0, 3.40282e+38]",
+        ),
+        (
+            "topk:2",
+            "topk_indices",
+            7,
+            "array 'topk_indices' holds 7, outside its valid range [0, 5]",
+        ),
+        (
+            "topk:2:4",
+            "topk_codes",
+            16,
+            "array 'topk_codes' holds 16, outside its valid range [0, 15]",
+        ),
+        (
+            "topk:2:4",
+            "topk_depth",
+            -1.0,
+            "array 'topk_depth' holds -1.0, outside its valid range (0, 65504]",
+        ),
+        (
+            "topk:2:4",
+            "topk_depth",
+            0.0,
+            "array 'topk_depth' holds 0.0, outside its valid range (0, 65504]",
+        ),
+        (
+            "sampled:3",
+            "sample_indices",
+            6,
+            "array 'sample_indices' holds 6, outside its valid range [0, 5]",
+        ),
+        (
+            "sampled:3",
+            "sample_counts",
+            4,
+            "array 'sample_counts' holds 4, outside its valid range [0, 3]",
+        ),
+        (
+            "viewset:2:4",
+            "set_indices",
+            200,
+            "array 'set_indices' holds 200, outside its valid range [0, 5]",
+        ),
+        (
+            "viewset:2:4",
+            "set_codes",
+            99,
+            "array 'set_codes' holds 99, outside its valid range [0, 15]",
+        ),
+    ],
+)
+def test_values_outside_an_arrays_range_are_refused_in_one_line(
+    tmp_path, encoding, name, value, message
+):
+    path = tmp_path / "s.zarr"
+    writer = create_store(
+        path, num_samples=20, num_classes=6, chunk_rows=10, encoding=encoding, labels=[0] * 20
+    )
+    rng = np.random.default_rng(0)
+    writer.write(np.arange(20), rng.normal(size=(20, 6)).astype(np.float32))
+    writer.finalize()
+    _forge(path, name, 13, value)
+    with pytest.raises(StoreCorruptError) as refused:
+        open_store(path).load()
+    assert message in str(refused.value)
+    assert "samples 13" in str(refused.value)
+    assert "\n" not in str(refused.value)
+    problems = verify_store(path).problems
+    assert any(message in line and "samples 13" in line for line in problems), problems
+    copy = create_store(
+        tmp_path / "copy.zarr", num_samples=20, num_classes=6, chunk_rows=10, encoding=encoding
+    )
+    encoded = parse_encoding(encoding).encode(rng.normal(size=(10, 6)).astype(np.float32))
+    encoded[name][3] = value
+    with pytest.raises(InvalidLogitsError) as refused_write:
+        copy.write_encoded(np.arange(10, 20), encoded)
+    assert message in str(refused_write.value)
+    assert "samples 13" in str(refused_write.value)

@@ -8,7 +8,9 @@
 * **Each array written once is the one written**: labels, view_params, offsets, first_token
   (any array beside the row arrays) hash to the digest the record holds for it, checked when
   it is read (stores written before these digests existed are read unchecked).
-* **The values are finite** and, for ``topk:K``, class indices lie in [0, C).
+* **The values are finite and in range**: every array the encoding declares a range for
+  (:meth:`~kdcache.logits.encodings.Encoding.value_ranges`: class indices in [0, C), codes on
+  their grid, draw counts, positive scales and depths) holds only values inside it.
 * **The store is still the one opened**: its generation id is re-read after decoding; an
   overwritten store stops the reader instead of mixing two teachers' rows.
 """
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from kdcache.errors import StoreCorruptError, StoreFormatError
+from kdcache.logits.encodings import parse_encoding
 from kdcache.store.format._zarr_compat import read_group_key
 from kdcache.store.format.digests import DIGEST_BYTES, DIGESTS_ARRAY, chunk_digest, whole_digest
 from kdcache.store.format.layout import (
@@ -50,8 +53,6 @@ __all__ = [
 
 #: What zarr raises for chunk bytes that do not decode (checksum mismatch, zstd frame errors).
 DECODE_ERRORS = (ValueError, RuntimeError, *ZIP_ERRORS)
-#: Encoding arrays that hold class indices, each below the store's number of classes.
-_CLASS_INDEX_ARRAYS = ("topk_indices", "set_indices")
 
 
 def _expected_arrays(metadata: StoreMetadata, layout: dict[str, Any]) -> dict[str, Any]:
@@ -88,6 +89,7 @@ class ChunkGuard:
         self.where = where
         self._group = group
         self._expected = _expected_arrays(metadata, layout)
+        self._ranges = parse_encoding(metadata.encoding).value_ranges(metadata.num_classes)
         self._checked: set[str] = set()
         #: Arrays opened from the group below: opening one rereads its zarr.json (a request on
         #: a remote store), which would otherwise cost each chunk read one more round trip.
@@ -309,12 +311,15 @@ class ChunkGuard:
                     f"{row_ranges(start + bad)} (kdcache never writes them: the store was "
                     "altered); run `kdcache verify` and dump again"
                 )
-        elif name in _CLASS_INDEX_ARRAYS and values.size and int(values.max()) >= meta.num_classes:
-            bad = np.flatnonzero((values >= meta.num_classes).any(axis=1))
-            raise StoreCorruptError(
-                f"{self.where}: array {name!r} names classes beyond the store's {meta.num_classes} "
-                f"for samples {row_ranges(start + bad)}; run `kdcache verify` and dump again"
-            )
+        value_range = self._ranges.get(name)
+        if value_range is not None:
+            outside = value_range.outside(values)
+            if outside.any():
+                raise StoreCorruptError(
+                    f"{self.where}: {value_range.problem(name, values, outside)} for samples "
+                    f"{row_ranges(start + np.flatnonzero(outside))} (kdcache never writes it: "
+                    "the store was altered); run `kdcache verify` and dump again"
+                )
 
     def check_unchanged(self) -> None:
         """Stop if the store's metadata now names another generation (it was overwritten)."""

@@ -378,7 +378,9 @@ class JoinedReader(StoreReader):
         budget = default_memory_budget() if memory_budget is None else parse_size(memory_budget)
         total = sum(entry["num_samples"] for entry in entries)
         parts = [
-            _open_part(entry, where, memory_budget=max(1, budget * entry["num_samples"] // total))
+            _open_part(
+                entry, location, memory_budget=max(1, budget * entry["num_samples"] // total)
+            )
             for entry in entries
         ]
         indices = [
@@ -483,10 +485,17 @@ class JoinedReader(StoreReader):
         return digest.hexdigest()
 
 
-def _open_part(entry: dict[str, Any], where: str, *, memory_budget: int) -> StoreReader:
-    """The part ``entry`` names, refused unless it is the store that was joined."""
+def _open_part(
+    entry: dict[str, Any], location: StoreLocation, *, memory_budget: int
+) -> StoreReader:
+    """The part ``entry`` names, refused unless it is the store that was joined. A relative
+    path is relative to the joined store's folder (older joined stores hold absolute ones)."""
+    where, store = location.text, entry["store"]
+    folder = location.resolved().folder
+    if folder is not None and parse_location(store).kind != "remote":
+        store = os.path.join(folder, store)  # an absolute ``store`` is kept as it is
     try:
-        part = open_store(entry["store"], memory_budget=memory_budget)
+        part = open_store(store, memory_budget=memory_budget)
     except KdcacheError as error:
         raise type(error)(f"{where} joins a part that cannot be read: {error}") from None
     if isinstance(part, JoinedReader) or SEQUENCE_KEY in part.metadata.extra:

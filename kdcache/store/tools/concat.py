@@ -174,7 +174,8 @@ def link_stores(
     """Write ``out``, a joined store that reads the stores ``sources`` in place as one store of
     the whole dataset (no row is copied; :class:`~kdcache.store.read.reader.JoinedReader`).
 
-    ``out`` records each source's resolved path or URL, ``generation``, content and record
+    ``out`` records each source's path (relative to ``out`` when both are on local disk, so
+    that a folder holding them all can move) or URL, ``generation``, content and record
     digests and which samples it holds; :func:`~kdcache.store.read.reader.open_store` refuses
     it once a source is missing or changed. Refused as :func:`concat_stores` refuses, and for
     token (sequence) stores (copy those with :func:`concat_stores`) and a zip ``out``. An
@@ -205,7 +206,10 @@ def link_stores(
         "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "kdcache_version": __version__,
         "parts": [
-            {key: value for key, value in _provenance(source).items() if key in PART_FIELDS}
+            {
+                **{key: value for key, value in _provenance(source).items() if key in PART_FIELDS},
+                "store": _part_path(source, out_location),
+            }
             for source in opened
         ],
     }
@@ -218,6 +222,15 @@ def link_stores(
         num_sources=len(opened),
         nbytes=out_location.nbytes(),
     )
+
+
+def _part_path(source: _Source, out: StoreLocation) -> str:
+    """Where a joined store at ``out`` finds the part ``source``: relative to ``out`` when both
+    are on local disk, else its resolved path or URL."""
+    part, folder = parse_location(source.text).resolved(), out.resolved().folder
+    if folder is None or part.kind == "remote":
+        return part.target
+    return os.path.relpath(part.target, folder)
 
 
 def _publish_joined(out: StoreLocation, attributes: dict[str, Any]) -> None:

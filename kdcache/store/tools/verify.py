@@ -249,7 +249,7 @@ def _scan(
     problems: list[str],
 ) -> int:
     """Decode every written chunk of ``array``; record undecodable, missing, misplaced and
-    non-finite rows."""
+    non-finite rows and values outside the range the encoding declares for the array."""
     meta = reader.metadata
     rows, n = meta.chunk_rows, reader.num_rows
     corrupt: list[np.ndarray] = []
@@ -259,6 +259,9 @@ def _scan(
     if digests is not None and meta.digests is not None:
         column = meta.digests["arrays"].index(array.basename)
     check_values = np.issubdtype(array.dtype, np.floating)
+    value_range = reader.encoding.value_ranges(reader.num_classes).get(array.basename)
+    out_of_range: list[np.ndarray] = []
+    found = ""
     chunks = np.flatnonzero(written)
     bar = progress(total=len(chunks), desc=f"verify {array.basename}", unit="chunk", leave=False)
     for first in range(0, len(chunks), LOAD_BLOCK_CHUNKS):
@@ -281,6 +284,9 @@ def _scan(
             if check_values:
                 bad = ~np.isfinite(data.reshape(len(data), -1)).all(axis=1)
                 non_finite.append(offset + np.flatnonzero(bad))
+            if value_range is not None and (outside := value_range.outside(data)).any():
+                found = found or value_range.problem(array.basename, data, outside)
+                out_of_range.append(offset + np.flatnonzero(outside))
             if column is not None:
                 misplaced += _misplaced(meta, array.basename, offset, data, digests, column)
         bar.update(len(block))
@@ -309,6 +315,8 @@ def _scan(
             f"array {name!r}: NaN or Inf in {counted(bad_rows.size, 'row')}, {_unit(reader)} "
             f"{row_ranges(bad_rows)}"
         )
+    if out_of_range:
+        problems.append(f"{found} for {_unit(reader)} {row_ranges(np.concatenate(out_of_range))}")
     return len(chunks)
 
 

@@ -22,6 +22,7 @@ from kdcache.store.format.digests import (
     values_digest,
 )
 from kdcache.store.format.layout import (
+    DATASET_INDICES_ARRAY,
     FIRST_TOKEN_ARRAY,
     LABELS_ARRAY,
     OFFSETS_ARRAY,
@@ -134,8 +135,12 @@ def known_keys(group: zarr.Group, metadata: StoreMetadata) -> set[str]:
         )
     ]
     own = [*names, LABELS_ARRAY, VIEW_PARAMS_ARRAY, WRITTEN_ARRAY, DIGESTS_ARRAY]
+    # Arrays given at creation (a part's dataset_indices, any later one) are its own too: the
+    # record pins and digests each of them.
+    recorded = {*(metadata.arrays or {}), *((metadata.digests or {}).get("whole") or {})}
     # A sequence store's layout arrays are its own too (own_keys skips those a store lacks).
-    return set(own_keys(group, [*own, OFFSETS_ARRAY, FIRST_TOKEN_ARRAY]))
+    names = [*own, OFFSETS_ARRAY, FIRST_TOKEN_ARRAY, DATASET_INDICES_ARRAY]
+    return set(own_keys(group, [*names, *sorted(recorded - set(names))]))
 
 
 def staging_purpose(where: str) -> str:

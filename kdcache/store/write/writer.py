@@ -180,7 +180,8 @@ class StoreWriter:
         ``topk:K`` row's tail. The fidelity is not measured for such rows (there are no logits).
 
         Refuses (:class:`InvalidLogitsError`, nothing stored) arrays missing from the layout or
-        of another shape or dtype, and rows a reader would refuse (non-finite values)."""
+        of another shape or dtype, and rows a reader would refuse (non-finite values, values
+        outside the encoding's :meth:`~kdcache.logits.encodings.Encoding.value_ranges`)."""
         rows = _checked_rows(indices, self.metadata.num_rows)
         if set(encoded) != set(self._layout):
             raise InvalidLogitsError(
@@ -194,6 +195,14 @@ class StoreWriter:
                     f"encoded array {name!r} must have shape {(rows.size, *shape)} and dtype "
                     f"{np.dtype(dtype)} for encoding {self.encoding.name}, got {values.shape} "
                     f"{values.dtype}"
+                )
+        for name, value_range in self.encoding.value_ranges(self.metadata.num_classes).items():
+            outside = value_range.outside(encoded[name])
+            if outside.any():
+                raise InvalidLogitsError(
+                    f"encoded rows: {value_range.problem(name, encoded[name], outside)} for "
+                    f"samples {row_ranges(np.sort(rows[outside]))}; copy rows only from a store "
+                    "that verifies"
                 )
         bad = self.encoding.unrepresentable_rows(encoded)
         if bad.any():

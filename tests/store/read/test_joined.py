@@ -156,7 +156,26 @@ def test_an_existing_output_is_kept_without_overwrite_and_replaced_with_it(tmp_p
     link_stores([b, a], out, overwrite=True)
     second = json.loads((out / "zarr.json").read_text())["attributes"][JOINED_KEY]
     assert first["generation"] != second["generation"]
-    assert [p["store"] for p in second["parts"]] == [str(b.resolve()), str(a.resolve())]
+    assert [p["store"] for p in second["parts"]] == ["../part1.zarr", "../part0.zarr"]
+
+
+def test_a_folder_of_parts_and_their_joined_store_moves_as_one(tmp_path):
+    folder = tmp_path / "stores"
+    folder.mkdir()
+    source = whole_store(tmp_path / "whole.zarr")
+    a, b = split_store(folder, source, "float16", list(range(6)), list(range(6, 12)))
+    run_cli("concat", str(a), str(b), "--out", str(folder / "joined.zarr"), "--link")
+    expected = open_store(folder / "joined.zarr").read(np.arange(12))
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    torch.testing.assert_close(open_store(moved / "joined.zarr").read(np.arange(12)), expected)
+    # A joined store written before relative paths names its parts by absolute paths.
+    path = moved / "joined.zarr" / "zarr.json"
+    meta = json.loads(path.read_text())
+    for entry in meta["attributes"][JOINED_KEY]["parts"]:
+        entry["store"] = str((moved / "joined.zarr" / entry["store"]).resolve())
+    path.write_text(json.dumps(meta))
+    torch.testing.assert_close(open_store(moved / "joined.zarr").read(np.arange(12)), expected)
 
 
 def test_parts_on_object_storage_are_read_in_place(tmp_path, s3_bucket):

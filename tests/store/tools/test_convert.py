@@ -312,6 +312,20 @@ def test_the_command_converts_a_dumped_store_that_then_distills(tmp_path, digits
     assert open_store(tmp_path / "topk.zarr").metadata.encoding == "topk:4"
 
 
+def test_the_command_overwrites_a_part_store_with_another_subset(tmp_path, digits_store):
+    indices = tmp_path / "chosen.txt"
+    part = tmp_path / "part.zarr"
+    for chosen, encoding in (("5, 3", "float16"), ("7, 1, 2", "int8")):
+        indices.write_text(chosen)
+        run_cli(
+            "convert", str(digits_store), str(part), "--encoding", encoding,
+            "--indices", str(indices), "--overwrite",
+        )  # fmt: skip
+    store = open_store(part)
+    assert store.metadata.encoding == "int8"
+    assert store.guard.whole(DATASET_INDICES_ARRAY).tolist() == [1, 2, 7]
+
+
 def test_a_subset_records_which_samples_of_the_whole_dataset_it_holds(tmp_path, float16_store):
     convert_store(float16_store, tmp_path / "half.zarr", encoding="float16", indices=[30, 2, 9, 21])
     convert_store(
