@@ -58,7 +58,7 @@ class ValueRange:
             if (low > self.low if self.low_open else low >= self.low) and high <= self.high:
                 return np.zeros(len(values), dtype=bool)
         below = flat <= self.low if self.low_open else flat < self.low
-        return (below | (flat > self.high)).any(axis=1)
+        return np.asarray((below | (flat > self.high)).any(axis=1))
 
     def problem(self, name: str, values: np.ndarray, bad: np.ndarray) -> str:
         """One line naming ``name``, a value found outside the range in rows ``bad`` (B,) of

@@ -5,6 +5,7 @@ output, and every command's new store is verified before it is published."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,12 @@ from kdcache.store.tools.verify import verify_store
 from kdcache.store.write.writer import StoreWriter
 
 N, C = 12, 5
-OPTIONS = {"num_samples": N, "num_classes": C, "encoding": "float32", "chunk_rows": 4}
+OPTIONS: dict[str, Any] = {
+    "num_samples": N,
+    "num_classes": C,
+    "encoding": "float32",
+    "chunk_rows": 4,
+}
 
 
 def logits(seed: int) -> np.ndarray:
