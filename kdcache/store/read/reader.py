@@ -493,7 +493,7 @@ def _open_part(
     where, store = location.text, entry["store"]
     folder = location.resolved().folder
     if folder is not None and parse_location(store).kind != "remote":
-        store = os.path.join(folder, store)  # an absolute ``store`` is kept as it is
+        store = os.path.normpath(os.path.join(folder, store))  # an absolute one is kept
     try:
         part = open_store(store, memory_budget=memory_budget)
     except KdcacheError as error:

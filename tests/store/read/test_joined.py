@@ -82,7 +82,7 @@ def test_joined_parts_read_as_their_concatenated_copy(tmp_path, encoding, views)
         joined.read_dense(rows, temperature=2.0), copy.read_dense(rows, temperature=2.0)
     )
     recorded = joined.metadata.extra[JOINED_FROM_KEY]
-    assert [entry["store"] for entry in recorded] == [str(p.resolve()) for p in reversed(parts)]
+    assert [entry["store"] for entry in recorded] == [f"../{p.name}" for p in reversed(parts)]
 
 
 def test_a_chunked_joined_feed_decodes_each_part_chunk_once_per_epoch(tmp_path):
@@ -240,7 +240,7 @@ def test_a_student_from_joined_parts_equals_one_from_their_concatenated_copy(
     assert same_student(tmp_path / "all", tmp_path / "joined")
     record = json.loads((tmp_path / "joined/config.json").read_text())
     joined_from = record["resolved"]["store"]["extra"][JOINED_FROM_KEY]
-    assert [entry["store"] for entry in joined_from] == [str(p.resolve()) for p in parts]
+    assert [entry["store"] for entry in joined_from] == [f"../{p.name}" for p in parts]
     # Another seed gives another student: the comparison can fail.
     assert not same_student(tmp_path / "joined", tmp_path / "seed4")
 
