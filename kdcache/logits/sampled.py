@@ -78,7 +78,7 @@ def draw_samples(logits: np.ndarray, num_draws: int) -> tuple[np.ndarray, np.nda
     one generator: torch draws row after row, so the draws are those of the whole block at once.
     """
     block = np.ascontiguousarray(logits, dtype=np.float32)
-    generator = torch.Generator().manual_seed(zlib.crc32(block))
+    generator = torch.Generator().manual_seed(zlib.crc32(block.data))
     classes = np.empty((len(block), num_draws), dtype=np.int64)
     counts = np.empty((len(block), num_draws), dtype=np.uint8)
     step = max(1, DRAW_BLOCK_ELEMENTS // max(1, block.shape[1]))
