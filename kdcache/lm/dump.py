@@ -44,6 +44,8 @@ class LMDumpResult(DumpResult):
     """A dump's summary; ``num_samples`` counts sequences, ``num_tokens`` the rows stored."""
 
     num_tokens: int = 0
+    #: CPU seconds of the whole process (every thread) during the dump loop.
+    loop_cpu_s: float = 0.0
 
     @property
     def bytes_per_token(self) -> float | None:
@@ -284,7 +286,7 @@ def _dump_lm(config: DumpConfig, session: RankSession) -> LMDumpResult:
             collate_fn=functools.partial(_collate_samples, dataset, pad_id(teacher)),
         )
         total = int(sum(offsets[batch[-1] + 1] - offsets[batch[0]] for batch in plan.batches))
-        loop_started = time.perf_counter()
+        loop_started, loop_cpu_started = time.perf_counter(), time.process_time()
         _fill(
             writer,
             dataclasses.replace(teacher, model=forward),
@@ -297,6 +299,7 @@ def _dump_lm(config: DumpConfig, session: RankSession) -> LMDumpResult:
             writer_workers=config.writer_workers,
         )
         loop_time_s = time.perf_counter() - loop_started
+        loop_cpu_s = time.process_time() - loop_cpu_started
         (computed,) = session.all_sum(total)
         with _resumable_on_os_error(f"marking {config.out} complete"):
             finalize_ranks(session, store_writer)
@@ -311,4 +314,5 @@ def _dump_lm(config: DumpConfig, session: RankSession) -> LMDumpResult:
         loop_time_s=loop_time_s,
         fidelity=store_writer.fidelity.result(),
         num_tokens=dataset.num_tokens,
+        loop_cpu_s=loop_cpu_s,
     )
