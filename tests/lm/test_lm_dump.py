@@ -102,11 +102,14 @@ def test_rows_reduced_where_the_teacher_runs_store_what_the_host_encoding_stores
     assert reduced.fidelity.mean_kl == pytest.approx(host.fidelity.mean_kl, rel=1e-3)
     stores = [zarr.open_group(tmp_path / name, mode="r") for name in ("host.zarr", "reduced.zarr")]
     for name in ("row_max", "topk_offsets", "topk_indices"):
-        np.testing.assert_array_equal(*(zarr_array(group, name)[:] for group in stores))
+        host_rows, reduced_rows = (np.asarray(zarr_array(group, name)[:]) for group in stores)
+        np.testing.assert_array_equal(host_rows, reduced_rows)
     # The tail statistics are float64 sums in torch's order rather than numpy's: this random
     # teacher's nearly flat rows put a few of their float16 values one unit in the last place
     # apart (a different order of summation; no reduction can avoid it), never more.
-    host_tail, reduced_tail = (zarr_array(group, "tail")[:].view(np.int16) for group in stores)
+    host_tail, reduced_tail = (
+        np.asarray(zarr_array(group, "tail")[:]).view(np.int16) for group in stores
+    )
     apart = np.abs(host_tail.astype(np.int32) - reduced_tail)
     assert apart.max() <= 1
     assert (apart > 0).mean() < 0.05
