@@ -9,6 +9,7 @@ import torch
 
 from kdcache.logits.encodings import parse_encoding
 from kdcache.logits.reduced import reduce_rows, reduces
+from kdcache.logits.sparse import as_numpy
 
 
 @pytest.mark.parametrize(
@@ -23,14 +24,14 @@ def test_reduced_rows_encode_to_the_host_encoding_bit_for_bit(spec, num_classes)
     measured = np.arange(40) % 8 == 0
     reduced = reduce_rows(torch.from_numpy(logits), encoding, measured=measured)
     from_device = encoding.encode_selected(
-        reduced.values.numpy(), reduced.indices.numpy(), reduced.tail.numpy()
+        as_numpy(reduced.values), as_numpy(reduced.indices), as_numpy(reduced.tail)
     )
     on_host = encoding.encode(logits)
     assert from_device.keys() == on_host.keys()
     for name, values in on_host.items():
         assert from_device[name].dtype == values.dtype, name
         np.testing.assert_array_equal(from_device[name], values, err_msg=name)
-    np.testing.assert_array_equal(reduced.measured_logits.numpy(), logits[measured])
+    np.testing.assert_array_equal(as_numpy(reduced.measured_logits), logits[measured])
 
 
 def test_only_topk_rows_are_reduced():
