@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.logits.encodings import parse_encoding
+from kdcache.logits.encodings import TopKEncoding, parse_encoding
 from kdcache.logits.reduced import reduce_rows, reduces
 from kdcache.logits.sparse import as_numpy
 
@@ -21,6 +21,7 @@ def test_reduced_rows_encode_to_the_host_encoding_bit_for_bit(spec, num_classes)
         -np.log1p(np.arange(num_classes)) + 3 * rng.standard_normal((40, num_classes))
     ).astype(np.float32)
     encoding = parse_encoding(spec, num_classes=num_classes)
+    assert isinstance(encoding, TopKEncoding)
     measured = np.arange(40) % 8 == 0
     reduced = reduce_rows(torch.from_numpy(logits), encoding, measured=measured)
     from_device = encoding.encode_selected(
