@@ -4,7 +4,8 @@ One run measures, interleaved over ``repeats`` rounds (medians of per-round rati
 benchmarks do):
 
 - the dump's loop against the bare teacher forward over the same sequences and batch size (the
-  bare loop also copies each batch's token rows to the host, as any consumer must);
+  bare loop also copies each batch's token rows to the host, as any consumer must), in wall and
+  in CPU seconds (every thread of the process), after one untimed round of each;
 - the token feed: random batches of sequences read from the dumped store, loaded in memory;
 - one epoch of CE-only training, of distillation from that store and of online distillation
   (the teacher in the loop), the same student, text, batch size and seed; the time compared is
@@ -103,6 +104,10 @@ def bench_lm(
     vocab_size = lm.vocab_size
     bare: list[float] = []
     loop: list[float] = []
+    # CPU seconds of the whole process (every thread): steadier than wall time on a shared
+    # machine, and what the encoding adds to the forward's work.
+    bare_cpu: list[float] = []
+    loop_cpu: list[float] = []
     times: dict[str, list[float]] = {"ce": [], "cache": [], "online": []}
     common: dict[str, Any] = dict(
         epochs=epochs, batch_size=batch_size, device=str(torch_device), amp=amp, overwrite=True
@@ -120,21 +125,31 @@ def bench_lm(
             amp=amp,
             overwrite=True,
         )
+
+        def run_bare() -> tuple[float, float]:
+            cpu = time.process_time()
+            wall = timed(
+                lambda: _bare_forward(
+                    lm, data, batch_size=batch_size, device=torch_device, amp=amp
+                ),
+                torch_device,
+            )
+            return wall, time.process_time() - cpu
+
+        def run_dump() -> tuple[float, float]:
+            result = dump_lm(config)
+            return result.loop_time_s, result.loop_cpu_s
+
+        # A round untimed first: kernels, allocator and page cache warm for both alike.
+        run_bare()
+        run_dump()
         for round_index in range(max(1, repeats)):
             # Alternate which runs first, so neither always meets the machine warmer or busier.
             kinds = ("bare", "dump") if round_index % 2 == 0 else ("dump", "bare")
             for kind in kinds:
-                if kind == "bare":
-                    bare.append(
-                        timed(
-                            lambda: _bare_forward(
-                                lm, data, batch_size=batch_size, device=torch_device, amp=amp
-                            ),
-                            torch_device,
-                        )
-                    )
-                else:
-                    loop.append(dump_lm(config).loop_time_s)
+                wall, cpu = run_bare() if kind == "bare" else run_dump()
+                (bare if kind == "bare" else loop).append(wall)
+                (bare_cpu if kind == "bare" else loop_cpu).append(cpu)
         feed = _feed_tokens_per_s(store, batch_size=batch_size, batches=feed_batches)
         runs = {
             "ce": lambda out: train(TrainConfig(model=student, dataset=dataset, out=out, **common)),
@@ -190,6 +205,9 @@ def bench_lm(
             "bare_forward_tokens_per_s": tokens / bare_s,
             "dump_loop_tokens_per_s": tokens / loop_s,
             "dump_over_bare_throughput": paired_ratio(bare, loop),
+            "bare_forward_cpu_s": statistics.median(bare_cpu),
+            "dump_loop_cpu_s": statistics.median(loop_cpu),
+            "dump_over_bare_cpu_throughput": paired_ratio(bare_cpu, loop_cpu),
             "feed_tokens_per_s": feed,
             "ce_epoch_s": ce,
             "cache_epoch_s": cache,
@@ -202,6 +220,8 @@ def bench_lm(
             "epochs_per_run": epochs,
             "all_bare_forward_s": bare,
             "all_dump_loop_s": loop,
+            "all_bare_forward_cpu_s": bare_cpu,
+            "all_dump_loop_cpu_s": loop_cpu,
             "all_epoch_s": times,
         }
     )

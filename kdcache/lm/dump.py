@@ -25,6 +25,8 @@ from kdcache.errors import ConfigError, KdcacheError
 from kdcache.lm.fingerprint import lm_fingerprint
 from kdcache.lm.models import CausalLM, check_dataset_fits, load_causal_lm, pad_id
 from kdcache.lm.text import TokenBatch, TokenDataset, build_text_dataset, collate
+from kdcache.logits.encodings import Encoding
+from kdcache.logits.reduced import reduce_rows, reduces
 from kdcache.runtime import autocast, prepare_model
 from kdcache.store.format.layout import store_nbytes
 from kdcache.store.format.location import parse_location
@@ -42,6 +44,8 @@ class LMDumpResult(DumpResult):
     """A dump's summary; ``num_samples`` counts sequences, ``num_tokens`` the rows stored."""
 
     num_tokens: int = 0
+    #: CPU seconds of the whole process (every thread) during the dump loop.
+    loop_cpu_s: float = 0.0
 
     @property
     def bytes_per_token(self) -> float | None:
@@ -104,8 +108,11 @@ def _fill(
     """The teacher over the plan's batches into ``writer``, encoding and writing in background
     threads; only this rank's units of each batch are written (see :class:`SequencePlan`).
 
-    Only the rows of real positions with a next token leave the device: (n, V), never (B, L, V).
+    Only the rows of real positions with a next token leave the device: (n, V), never (B, L, V);
+    on an accelerator a ``topk:K`` store's rows are reduced there first (:func:`reduces_on`).
     """
+    encoding = writer.writer.encoding
+    reduce_here = reduces_on(device, encoding)
     with (
         _resumable_on_os_error(f"writing {where}"),
         torch.inference_mode(),
@@ -120,8 +127,22 @@ def _fill(
             # One write per unit, however many ranks: sampled:S seeds its draws from each
             # write's rows, so a store's bytes must not depend on how the units were grouped.
             for block in plan.blocks(token_rows):
-                background.write(token_rows[block], rows[torch.from_numpy(block).to(device)])
+                unit = rows[torch.from_numpy(block).to(device)]
+                if reduce_here:
+                    measured = token_rows[block] % writer.writer.fidelity.sample_every == 0
+                    background.write_reduced(
+                        token_rows[block], reduce_rows(unit, encoding, measured=measured)
+                    )
+                else:
+                    background.write(token_rows[block], unit)
             bar.update(rows.shape[0])
+
+
+def reduces_on(device: torch.device, encoding: Encoding) -> bool:
+    """Whether a dump on ``device`` reduces each batch's rows there to what ``encoding`` keeps
+    (:mod:`kdcache.logits.reduced`): on an accelerator, where the host would otherwise copy and
+    encode every V-wide row; on the CPU the writer threads encode the rows as they are."""
+    return device.type != "cpu" and reduces(encoding)
 
 
 def dump_lm(config: DumpConfig) -> LMDumpResult:
@@ -265,7 +286,7 @@ def _dump_lm(config: DumpConfig, session: RankSession) -> LMDumpResult:
             collate_fn=functools.partial(_collate_samples, dataset, pad_id(teacher)),
         )
         total = int(sum(offsets[batch[-1] + 1] - offsets[batch[0]] for batch in plan.batches))
-        loop_started = time.perf_counter()
+        loop_started, loop_cpu_started = time.perf_counter(), time.process_time()
         _fill(
             writer,
             dataclasses.replace(teacher, model=forward),
@@ -278,6 +299,7 @@ def _dump_lm(config: DumpConfig, session: RankSession) -> LMDumpResult:
             writer_workers=config.writer_workers,
         )
         loop_time_s = time.perf_counter() - loop_started
+        loop_cpu_s = time.process_time() - loop_cpu_started
         (computed,) = session.all_sum(total)
         with _resumable_on_os_error(f"marking {config.out} complete"):
             finalize_ranks(session, store_writer)
@@ -292,4 +314,5 @@ def _dump_lm(config: DumpConfig, session: RankSession) -> LMDumpResult:
         loop_time_s=loop_time_s,
         fidelity=store_writer.fidelity.result(),
         num_tokens=dataset.num_tokens,
+        loop_cpu_s=loop_cpu_s,
     )

@@ -326,7 +326,25 @@ class TopKEncoding(Encoding):
                 np.take_along_axis(top, order, axis=1),
                 np.take_along_axis(values, order, axis=1),
             )
-        tail = tail_statistics(logits, top).numpy()
+        return self._encode_selected(values, top, tail_statistics(logits, top).numpy(), layout)
+
+    def encode_selected(
+        self, values: np.ndarray, indices: np.ndarray, tail: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """:meth:`encode` from rows already reduced to what it keeps: the K largest float32
+        logits (B, K) descending, their class ``indices`` (B, K) and the float32 ``tail``
+        statistics (B, 6) (:mod:`kdcache.logits.reduced` selects them on the teacher's device).
+        """
+        if self.num_classes is None:
+            raise ConfigError(
+                f"encoding {self.name} needs the number of classes to size its index array; "
+                f"get it with parse_encoding({self.name!r}, num_classes=C)"
+            )
+        return self._encode_selected(values, indices, tail, self.layout(self.num_classes))
+
+    def _encode_selected(
+        self, values: np.ndarray, top: np.ndarray, tail: np.ndarray, layout: Layout
+    ) -> dict[str, np.ndarray]:
         row_max = values[:, :1]
         encoded = {
             "topk_indices": top.astype(layout["topk_indices"][1]),

@@ -65,20 +65,31 @@ class SampledLogits:
         return out.scatter_add_(1, self.indices, self.probs)
 
 
+#: Rows drawn at a time: a block's float64 probabilities and counts stay in the core's cache.
+DRAW_BLOCK_ELEMENTS = 1 << 16
+
+
 def draw_samples(logits: np.ndarray, num_draws: int) -> tuple[np.ndarray, np.ndarray]:
     """``num_draws`` classes per row drawn from softmax(``logits``) (B, C) with replacement.
 
     Returns the distinct classes (B, S), most drawn first, and their counts (B, S) uint8, padded
     with class 0 and count 0. The generator is seeded from the block's bytes, so a resumed dump
-    that recomputes a batch draws the same classes.
+    that recomputes a batch draws the same classes. The rows are drawn a few at a time from the
+    one generator: torch draws row after row, so the draws are those of the whole block at once.
     """
     block = np.ascontiguousarray(logits, dtype=np.float32)
-    generator = torch.Generator().manual_seed(zlib.crc32(block.tobytes()))
-    probs = torch.softmax(torch.from_numpy(block).double(), dim=1)
-    draws = torch.multinomial(probs, num_draws, replacement=True, generator=generator)
-    counts = torch.zeros_like(probs, dtype=torch.int32).scatter_add_(
-        1, draws, torch.ones_like(draws, dtype=torch.int32)
-    )
-    top_counts, classes = counts.topk(num_draws, dim=1)
-    classes = torch.where(top_counts > 0, classes, 0)
-    return classes.numpy(), top_counts.numpy().astype(np.uint8)
+    generator = torch.Generator().manual_seed(zlib.crc32(block.data))
+    classes = np.empty((len(block), num_draws), dtype=np.int64)
+    counts = np.empty((len(block), num_draws), dtype=np.uint8)
+    step = max(1, DRAW_BLOCK_ELEMENTS // max(1, block.shape[1]))
+    for start in range(0, len(block), step):
+        rows = slice(start, start + step)
+        probs = torch.softmax(torch.from_numpy(block[rows]).double(), dim=1)
+        draws = torch.multinomial(probs, num_draws, replacement=True, generator=generator)
+        dense = torch.zeros_like(probs, dtype=torch.int32).scatter_add_(
+            1, draws, torch.ones_like(draws, dtype=torch.int32)
+        )
+        top_counts, top = dense.topk(num_draws, dim=1)
+        classes[rows] = torch.where(top_counts > 0, top, 0).numpy()
+        counts[rows] = top_counts.numpy()
+    return classes, counts

@@ -156,38 +156,57 @@ def as_numpy(values: Tensor | np.ndarray) -> np.ndarray:
     return values.detach().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
 
 
+#: Rows :func:`tail_statistics` works on at a time: a block's temporaries (a few rows of C
+#: values) stay in the core's cache, where whole-batch temporaries went to memory once per pass.
+TAIL_BLOCK_ELEMENTS = 1 << 17
+
+
 def tail_statistics(logits: Tensor | np.ndarray, kept: Tensor | np.ndarray) -> Tensor:
     """The :data:`TAIL_STATS` of the classes of ``logits`` (B, C) not in ``kept`` (B, K), (B, 6).
 
     Exponents are of ``d - max <= 0`` (nothing overflows) in the input's dtype (at least
     float32), sums in float64. Computed with numpy, which runs one core per call and releases
     the GIL: the store writer's encoder threads then scale, where torch's shared intra-op pool
-    made parallel callers wait on each other. Needs K < C.
+    made parallel callers wait on each other. Needs K < C. Each row's statistics depend on that
+    row alone, so blocks of rows give the same bits as the whole batch at once.
     """
     values = as_numpy(logits)
     values = values.astype(np.promote_types(values.dtype, np.float32), copy=False)
     columns = as_numpy(kept)
+    step = max(1, TAIL_BLOCK_ELEMENTS // max(1, values.shape[1]))
+    stats = np.empty((values.shape[0], len(TAIL_STATS)), dtype=values.dtype)
+    work = np.empty((min(step, len(values)), values.shape[1]), dtype=values.dtype)
+    for start in range(0, len(values), step):
+        stop = min(start + step, len(values))
+        _tail_block(
+            values[start:stop], columns[start:stop], work[: stop - start], stats[start:stop]
+        )
+    return torch.from_numpy(stats)
+
+
+def _tail_block(values: np.ndarray, columns: np.ndarray, work: np.ndarray, out: np.ndarray) -> None:
+    """:func:`tail_statistics` of one block of rows into ``out``, ``work`` its scratch rows."""
     num_tail = values.shape[1] - columns.shape[1]
-    shifted = values.copy()
-    np.put_along_axis(shifted, columns, -np.inf, axis=1)
-    top = shifted.max(axis=1)
+    np.copyto(work, values)
+    np.put_along_axis(work, columns, -np.inf, axis=1)
+    top = work.max(axis=1)
     total = values.sum(axis=1, dtype=np.float64)
     mean = total - np.take_along_axis(values, columns, axis=1).sum(axis=1, dtype=np.float64)
-    shifted -= top[:, None]
+    work -= top[:, None]
     # One exp at the largest knot temperature, then a squaring for each halving of T
     # (exp(x / (T/2)) = exp(x / T)^2): an exp per element costs several times a multiply.
     sums: dict[float, np.ndarray] = {}
-    power, power_t = None, None
+    power_t = None
     for t in sorted(KNOT_TEMPERATURES, reverse=True):
-        if power is not None and power_t == 2 * t:
-            np.square(power, out=power)
+        if power_t == 2 * t:
+            np.square(work, out=work)
         else:
-            power = np.exp(shifted / t)
+            np.divide(work, t, out=work)
+            np.exp(work, out=work)
         power_t = t
-        sums[t] = power.sum(axis=1, dtype=np.float64)
+        sums[t] = work.sum(axis=1, dtype=np.float64)
     knots = [top + t * np.log(sums[t] / num_tail) for t in KNOT_TEMPERATURES]
-    stats = np.stack([top, mean / num_tail, *knots], axis=1).astype(values.dtype)
-    return torch.from_numpy(stats)
+    out[:] = np.stack([top, mean / num_tail, *knots], axis=1)
 
 
 # The knots in t = 1/T, ascending: t = 0 holds the mean, then T = 8, 4, 2, 1.

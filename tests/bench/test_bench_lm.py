@@ -45,6 +45,7 @@ def test_bench_lm_reports_the_dump_the_feed_and_the_three_runs(lm_files):
     assert report["encoding"] == "sampled:4"
     assert report["repeats"] == 2
     assert len(report["all_bare_forward_s"]) == len(report["all_dump_loop_s"]) == 2
+    assert len(report["all_bare_forward_cpu_s"]) == len(report["all_dump_loop_cpu_s"]) == 2
     assert {name: len(times) for name, times in report["all_epoch_s"].items()} == {
         "ce": 2,
         "cache": 2,
@@ -56,6 +57,7 @@ def test_bench_lm_reports_the_dump_the_feed_and_the_three_runs(lm_files):
         "bare_forward_tokens_per_s",
         "dump_loop_tokens_per_s",
         "dump_over_bare_throughput",
+        "dump_over_bare_cpu_throughput",
         "feed_tokens_per_s",
         "cache_over_ce",
         "online_over_cache",

@@ -79,6 +79,42 @@ def test_topk_store_keeps_the_full_vocabulary_tail(tmp_path, lm_files):
     assert store.metadata.fidelity["top1_agreement"] == 1.0
 
 
+def test_rows_reduced_where_the_teacher_runs_store_what_the_host_encoding_stores(
+    tmp_path, lm_files, monkeypatch
+):
+    """The path a GPU dump takes (topk:K rows reduced on the device), forced here on the CPU."""
+    import zarr
+    from narrowing import zarr_array
+
+    from kdcache.lm import dump as lm_dump
+
+    options: dict[str, Any] = dict(
+        teacher=f"hf:{lm_files['teacher']}",
+        dataset=f"text:{lm_files['corpus']}:16",
+        encoding="topk:8",
+        batch_size=8,
+    )
+    host = dump_lm(DumpConfig(**options, out=str(tmp_path / "host.zarr")))
+    monkeypatch.setattr(lm_dump, "reduces_on", lambda device, encoding: True)
+    reduced = dump_lm(DumpConfig(**options, out=str(tmp_path / "reduced.zarr")))
+    assert host.fidelity is not None
+    assert reduced.fidelity is not None
+    assert reduced.fidelity.mean_kl == pytest.approx(host.fidelity.mean_kl, rel=1e-3)
+    stores = [zarr.open_group(tmp_path / name, mode="r") for name in ("host.zarr", "reduced.zarr")]
+    for name in ("row_max", "topk_offsets", "topk_indices"):
+        host_rows, reduced_rows = (np.asarray(zarr_array(group, name)[:]) for group in stores)
+        np.testing.assert_array_equal(host_rows, reduced_rows)
+    # The tail statistics are float64 sums in torch's order rather than numpy's: this random
+    # teacher's nearly flat rows put a few of their float16 values one unit in the last place
+    # apart (a different order of summation; no reduction can avoid it), never more.
+    host_tail, reduced_tail = (
+        np.asarray(zarr_array(group, "tail")[:]).view(np.int16) for group in stores
+    )
+    apart = np.abs(host_tail.astype(np.int32) - reduced_tail)
+    assert apart.max() <= 1
+    assert (apart > 0).mean() < 0.05
+
+
 def test_resume_after_a_crash_computes_only_the_rest_and_equals_a_full_dump(tmp_path, lm_files):
     spec = f"text:{lm_files['corpus']}:16"
     lm_teachers.FOLDER = str(lm_files["teacher"])

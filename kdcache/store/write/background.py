@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import ConfigError
+from kdcache.logits.reduced import ReducedRows
 from kdcache.store.write.writer import StoreWriter
 
 __all__ = [
@@ -40,6 +41,19 @@ _PENDING_PER_WORKER = 2
 #: one event-loop thread, the GIL), and more threads only take cores from the DataLoader.
 _MAX_DEFAULT_WORKERS = 8
 _STOP = object()
+
+
+def _to_host(values: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """A host copy of ``values``: from a CUDA device into pinned memory without blocking (with
+    the event that marks its arrival), else a plain copy (the caller may reuse its buffer)."""
+    values = values.detach()
+    if values.device.type != "cuda":
+        return values.clone(), None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 def default_writer_workers() -> int:
@@ -93,7 +107,10 @@ class BackgroundWriter:
             try:
                 if ready is not None:
                     ready.synchronize()  # the non-blocking device-to-host copy has landed
-                self.writer.write(indices, logits)
+                if isinstance(logits, ReducedRows):
+                    self.writer.write_reduced(indices, logits)
+                else:
+                    self.writer.write(indices, logits)
             except BaseException as error:  # handed to the main thread as is
                 with self._error_lock:
                     if self._error is None:
@@ -120,6 +137,35 @@ class BackgroundWriter:
     ) -> None:
         """Queue raw logits ``(B, C)`` for the sample indices ``(B,)``; blocks only when the queue
         is full."""
+        rows = self._start(indices)
+        ready = None
+        if isinstance(logits, torch.Tensor):
+            logits, ready = _to_host(logits)
+        else:
+            logits = np.array(logits, copy=True)
+        self._queue.put((rows, logits, ready))
+        self._raise_pending_error()
+
+    def write_reduced(
+        self, indices: Sequence[int] | np.ndarray | torch.Tensor, reduced: ReducedRows
+    ) -> None:
+        """Queue rows reduced on the teacher's device (:func:`kdcache.logits.reduced.reduce_rows`)
+        for the sample indices ``(B,)``: only the reduced tensors are copied to the host."""
+        rows = self._start(indices)
+        parts, ready = [], None
+        for part in (reduced.values, reduced.indices, reduced.tail, reduced.measured_logits):
+            if isinstance(part, torch.Tensor):
+                part, ready = _to_host(part)  # copies queue in order: the last event covers all
+            else:
+                part = np.array(part, copy=True)
+            parts.append(part)
+        values, ids, tail, measured_logits = parts
+        held = ReducedRows(values, ids, tail, np.array(reduced.measured), measured_logits)
+        self._queue.put((rows, held, ready))
+        self._raise_pending_error()
+
+    def _start(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+        """Check that a write may be queued, start the threads, and copy the indices."""
         self._raise_pending_error()
         if self._closed:
             raise RuntimeError("BackgroundWriter.write called after close()")
@@ -129,24 +175,8 @@ class BackgroundWriter:
             self._started = True
         if isinstance(indices, torch.Tensor):
             indices = indices.cpu().numpy()
-        rows = np.array(indices, dtype=np.int64).reshape(
-            -1
-        )  # a copy: the caller may reuse its buffer
-        ready = None
-        if isinstance(logits, torch.Tensor):
-            logits = logits.detach()
-            if logits.device.type == "cuda":
-                host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
-                host.copy_(logits, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record()
-                logits = host
-            else:
-                logits = logits.clone()
-        else:
-            logits = np.array(logits, copy=True)
-        self._queue.put((rows, logits, ready))
-        self._raise_pending_error()
+        # A copy: the caller may reuse its buffer.
+        return np.array(indices, dtype=np.int64).reshape(-1)
 
     def close(self) -> None:
         """Wait until every queued batch is written; re-raise the first background error."""

@@ -26,8 +26,10 @@ from kdcache.errors import (
     StoreIncompleteError,
     StoreWriteError,
 )
-from kdcache.logits.encodings import parse_encoding
+from kdcache.logits.encodings import TopKEncoding, parse_encoding
 from kdcache.logits.fidelity import FidelityAccumulator, sample_stride
+from kdcache.logits.reduced import ReducedRows, reduces
+from kdcache.logits.sparse import as_numpy
 from kdcache.store.format.digests import DIGESTS_ARRAY, chunk_digests
 from kdcache.store.format.layout import (
     WRITTEN_ARRAY,
@@ -163,13 +165,58 @@ class StoreWriter:
         with self._mutex:
             new_rows = ~self._written[chunk_of_row]
         self.fidelity.update(block, encoded, indices=rows, keep=new_rows)
-        full = self._buffer_rows(rows, chunk_of_row, encoded)
-        try:
-            for chunk, buffers in full:
-                self._flush(chunk, buffers)
-        finally:
-            with self._mutex:
-                self._flushing.difference_update(chunk for chunk, _ in full)
+        self._store_encoded(rows, chunk_of_row, encoded)
+
+    def write_reduced(
+        self, indices: Sequence[int] | np.ndarray | torch.Tensor, reduced: ReducedRows
+    ) -> None:
+        """Store rows reduced on the teacher's device (:func:`kdcache.logits.reduced.reduce_rows`)
+        for the rows ``(B,)``, as :meth:`write` stores their raw logits; the fidelity is measured
+        on the full rows that came along. Refuses (nothing stored) what :meth:`write` refuses,
+        checked on the kept values and statistics."""
+        if not reduces(self.encoding):
+            raise InvalidLogitsError(
+                f"rows reduced on the device are for topk:K stores; this store's encoding is "
+                f"{self.encoding.name}: write its raw logits"
+            )
+        assert isinstance(self.encoding, TopKEncoding)  # reduces() said so
+        rows = _checked_rows(indices, self.metadata.num_rows)
+        values, ids, tail, measured, measured_logits = (
+            as_numpy(part)
+            for part in (
+                reduced.values,
+                reduced.indices,
+                reduced.tail,
+                reduced.measured,
+                reduced.measured_logits,
+            )
+        )
+        kept = np.concatenate([values, tail], axis=1)
+        if kept.shape[0] != rows.size or values.shape[1] != self.encoding.k:
+            raise InvalidLogitsError(
+                f"expected {rows.size} reduced rows of {self.encoding.k} values for samples "
+                f"{row_ranges(np.unique(rows))}, got {tuple(values.shape)}"
+            )
+        bad = ~np.isfinite(kept).all(axis=1)
+        if bad.any():
+            raise InvalidLogitsError(
+                f"teacher logits are NaN or Inf for samples {row_ranges(np.sort(rows[bad]))}; "
+                "check the teacher's weights and inputs (values beyond float32's range are Inf)"
+            )
+        with np.errstate(over="ignore", invalid="ignore"):
+            encoded = self.encoding.encode_selected(values, ids, tail)
+        self._check_encoded(rows, kept, encoded)
+        chunk_of_row = rows // self.metadata.chunk_rows
+        with self._mutex:
+            new_rows = ~self._written[chunk_of_row]
+        measured = measured.astype(bool)
+        self.fidelity.update(
+            measured_logits,
+            {name: values[measured] for name, values in encoded.items()},
+            indices=rows[measured],
+            keep=new_rows[measured],
+        )
+        self._store_encoded(rows, chunk_of_row, encoded)
 
     def write_encoded(
         self, indices: Sequence[int] | np.ndarray, encoded: dict[str, np.ndarray]
@@ -210,7 +257,13 @@ class StoreWriter:
                 f"encoded rows for samples {row_ranges(np.sort(rows[bad]))} hold NaN or Inf; "
                 "copy rows only from a store that verifies"
             )
-        full = self._buffer_rows(rows, rows // self.metadata.chunk_rows, encoded)
+        self._store_encoded(rows, rows // self.metadata.chunk_rows, encoded)
+
+    def _store_encoded(
+        self, rows: np.ndarray, chunk_of_row: np.ndarray, encoded: dict[str, np.ndarray]
+    ) -> None:
+        """Buffer encoded rows and write the chunks they complete."""
+        full = self._buffer_rows(rows, chunk_of_row, encoded)
         try:
             for chunk, buffers in full:
                 self._flush(chunk, buffers)

@@ -152,3 +152,45 @@ def test_writer_threads_must_be_a_positive_integer(tmp_path):
     with pytest.raises(ConfigError, match="got 0"):
         BackgroundWriter(writer, workers=0)
     writer.close()
+
+
+def test_rows_reduced_on_the_device_store_the_bytes_of_raw_logits(tmp_path):
+    """The reduction runs in torch here on the CPU, as it would on the teacher's GPU."""
+    from kdcache.logits.reduced import reduce_rows
+
+    logits = random_logits(60, 5000, seed=4)
+    stores = {}
+    for way in ("raw", "reduced"):
+        writer = create_store(
+            tmp_path / f"{way}.zarr", num_samples=60, num_classes=5000, encoding="topk:16"
+        )
+        with BackgroundWriter(writer, workers=2) as background:
+            for batch in np.array_split(np.arange(60), 4):
+                block = torch.from_numpy(logits[batch])
+                if way == "raw":
+                    background.write(batch, block)
+                else:
+                    measured = batch % writer.fidelity.sample_every == 0
+                    background.write_reduced(
+                        batch, reduce_rows(block, writer.encoding, measured=measured)
+                    )
+        stores[way] = writer.finalize()
+    raw, reduced = (zarr.open_group(tmp_path / f"{way}.zarr", mode="r") for way in stores)
+    for name in ("row_max", "topk_offsets", "topk_indices", "tail"):
+        np.testing.assert_array_equal(
+            np.asarray(zarr_array(raw, name)[:]), np.asarray(zarr_array(reduced, name)[:])
+        )
+    assert stores["raw"].fidelity == stores["reduced"].fidelity
+    assert stores["raw"].fidelity is not None
+
+
+def test_reduced_rows_are_refused_by_a_store_of_another_encoding(tmp_path):
+    from kdcache.logits.reduced import reduce_rows
+
+    writer = create_store(tmp_path / "s.zarr", num_samples=4, num_classes=50, encoding="float16")
+    reduced = reduce_rows(
+        torch.zeros(4, 50), parse_encoding("topk:4", num_classes=50), measured=np.zeros(4, bool)
+    )
+    with pytest.raises(InvalidLogitsError, match="encoding is float16"):
+        writer.write_reduced(np.arange(4), reduced)
+    writer.close()

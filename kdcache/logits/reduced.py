@@ -1,0 +1,98 @@
+"""Teacher rows reduced, on the teacher's device, to what a ``topk:K`` store keeps of them.
+
+A dump on a GPU used to copy every (n, V) block of float32 logits to the host, where the writer
+threads selected the top K of each row and its tail statistics: at V = 128k a CPU core needs
+about 0.3 ms a row for that, far more than a large teacher's forward takes per token on the
+device. :func:`reduce_rows` does the same selection with torch where the logits are, so only
+K values, K ids and six statistics a row (plus the full rows the fidelity measures, every
+``sample_every``-th) leave the device; the writer then only converts and stores them
+(:meth:`kdcache.store.write.writer.StoreWriter.write_reduced`).
+
+The top K and their ids are those of ``torch.topk`` on the host (the same float32 values); the
+tail statistics follow :func:`kdcache.logits.sparse.tail_statistics` step for step, with sums
+in float64, but in torch's order of summation and exp: their float32 values may differ from the
+host's in the last bits, and so, rarely, the float16 stored from them by one unit in the last
+place. A dump on the CPU keeps the host path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kdcache.logits.encodings import Encoding, TopKEncoding
+from kdcache.logits.sparse import KNOT_TEMPERATURES
+
+__all__ = ["ReducedRows", "reduce_rows", "reduces"]
+
+
+@dataclass(frozen=True)
+class ReducedRows:
+    """A batch of rows as a ``topk:K`` encoding keeps them, before conversion to its dtypes.
+
+    ``values`` (B, K) float32, the K largest logits, descending; ``indices`` (B, K) int64;
+    ``tail`` (B, 6) float32, the :data:`~kdcache.logits.sparse.TAIL_STATS`; ``measured`` (B,)
+    bool, the rows whose full float32 logits ``measured_logits`` (M, C) come along for the
+    fidelity. Tensors on the device that reduced them, or numpy arrays on the host (``measured``
+    is always on the host).
+    """
+
+    values: Tensor | np.ndarray
+    indices: Tensor | np.ndarray
+    tail: Tensor | np.ndarray
+    measured: np.ndarray
+    measured_logits: Tensor | np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def reduces(encoding: Encoding) -> bool:
+    """Whether :func:`reduce_rows` can reduce rows for ``encoding`` (``topk:K``, any BITS; the
+    draws of ``sampled:S`` are seeded from the whole block's bytes, so they stay on the host)."""
+    return isinstance(encoding, TopKEncoding)
+
+
+def reduce_rows(logits: Tensor, encoding: Encoding, *, measured: np.ndarray) -> ReducedRows:
+    """``logits`` (B, C) reduced where they are to what ``encoding`` keeps (see the module).
+
+    ``measured`` (B,) bool, on the host, names the rows whose full logits the writer's fidelity
+    needs (picked by index, which needs no wait for the device, where a mask would).
+    """
+    if not isinstance(encoding, TopKEncoding):
+        raise TypeError(f"only topk:K rows are reduced on the device, got {encoding.name}")
+    block = logits.detach().float()
+    values, indices = torch.topk(block, encoding.k, dim=1)
+    return ReducedRows(
+        values=values,
+        indices=indices,
+        tail=_tail_statistics(block, values, indices),
+        measured=np.asarray(measured, dtype=bool),
+        measured_logits=block.index_select(
+            0, torch.from_numpy(np.flatnonzero(measured)).to(block.device, non_blocking=True)
+        ),
+    )
+
+
+def _tail_statistics(block: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    """:func:`kdcache.logits.sparse.tail_statistics` of ``block`` (B, C) in torch."""
+    num_tail = block.shape[1] - indices.shape[1]
+    work = block.scatter(1, indices, -torch.inf)
+    top = work.amax(dim=1)
+    mean = block.sum(dim=1, dtype=torch.float64) - values.sum(dim=1, dtype=torch.float64)
+    work -= top[:, None]
+    sums: dict[float, Tensor] = {}
+    power_t = None
+    for t in sorted(KNOT_TEMPERATURES, reverse=True):
+        if power_t == 2 * t:
+            work.square_()
+        else:
+            work.div_(t).exp_()
+        power_t = t
+        sums[t] = work.sum(dim=1, dtype=torch.float64)
+    top64 = top.double()
+    knots = [top64 + t * torch.log(sums[t] / num_tail) for t in KNOT_TEMPERATURES]
+    return torch.stack([top64, mean / num_tail, *knots], dim=1).float()
