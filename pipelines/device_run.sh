@@ -23,7 +23,8 @@
 # run), VIEWS_WORKERS (10: the views are cut from float32 images in the workers), VIEWS (16), RECIPE (rrc:scale=0.35-1+flip), VIEWS_N (1024 samples), DUMP_N (16384),
 # DISTILL_N (8192), WRITER_ROWS (131072), WRITER_WORKERS (1,2,4,8), IMG_REPEATS (3), CAP_SCALE
 # (1: multiplies each image step's cap, for slow machines); the LM step
-# takes gpu_lm_bench.sh's own variables, with EVERY (100), TOKENIZER_EVERY (4), REPEATS (2) and
+# takes gpu_lm_bench.sh's own variables, with EVERY (200: ~55k tokens), TOKENIZER_EVERY (4),
+# REPEATS (2) and
 # ENCODINGS ("topk:32 sampled:16") defaulted here.
 # A CPU smoke test of the whole script (tiny models and data; about 8 minutes on 2 busy cores, where
 # importing torch alone took up to a minute):
@@ -54,7 +55,7 @@ WRITER_ROWS=${WRITER_ROWS:-131072}
 WRITER_WORKERS=${WRITER_WORKERS:-1,2,4,8}
 IMG_REPEATS=${IMG_REPEATS:-3}
 CAP_SCALE=${CAP_SCALE:-1}
-export EVERY=${EVERY:-100} TOKENIZER_EVERY=${TOKENIZER_EVERY:-4} REPEATS=${REPEATS:-2}
+export EVERY=${EVERY:-200} TOKENIZER_EVERY=${TOKENIZER_EVERY:-4} REPEATS=${REPEATS:-2}
 export ENCODINGS=${ENCODINGS:-topk:32 sampled:16}
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 mkdir -p "$OUT"
@@ -122,19 +123,21 @@ step "distill" 90 "$OUT/distill.json" "$PYTHON" -m kdcache -q bench distill --st
     --num-workers "$WORKERS" "${speed[@]}"
 
 # The LM benchmark gets what is left: its setup (stdlib text, tokenizer, weights) then an equal
-# share per encoding.
-lm=$(mktemp -d)
-lm_total=$(( TOTAL_S - SECONDS - 10 ))
+# share per encoding (ENCODINGS="" skips it).
 set -- $ENCODINGS
-export STEP_S=${STEP_S:-$(( (lm_total - 45) / $# ))}
-note "LM: ${lm_total} s left, ${STEP_S} s per encoding"
-step "LM (gpu_lm_bench.sh)" "$lm_total" "$lm/stdout.txt" env OUT="$lm" DEVICE="$DEVICE" AMP="$AMP" \
-    PYTHON="$PYTHON" bash pipelines/gpu_lm_bench.sh
-cat "$lm/device.txt" "$lm/models.txt" >> "$LOG" 2>&1
-for encoding in $ENCODINGS; do
-    cp "$lm/bench_lm_gpu_${encoding/:/}.json" "$OUT/lm_${encoding/:/}.json" 2>> "$LOG"
-done
-rm -rf "$lm"
+if (( $# > 0 )); then
+    lm=$(mktemp -d)
+    lm_total=$(( TOTAL_S - SECONDS - 10 ))
+    export STEP_S=${STEP_S:-$(( (lm_total - 45) / $# ))}
+    note "LM: ${lm_total} s left, ${STEP_S} s per encoding"
+    step "LM (gpu_lm_bench.sh)" "$lm_total" "$lm/stdout.txt" env OUT="$lm" DEVICE="$DEVICE" \
+        AMP="$AMP" PYTHON="$PYTHON" bash pipelines/gpu_lm_bench.sh
+    cat "$lm/device.txt" "$lm/models.txt" >> "$LOG" 2>&1
+    for encoding in $ENCODINGS; do
+        cp "$lm/bench_lm_gpu_${encoding/:/}.json" "$OUT/lm_${encoding/:/}.json" 2>> "$LOG"
+    done
+    rm -rf "$lm"
+fi
 
 {
     echo "== summary"
@@ -150,12 +153,14 @@ def load(name):
         return None
 for name in sorted(out.glob("dump_*.json")):
     if (r := load(name.name)):
-        print(f"{name.name}: dump loop / bare {r['dump_loop_over_bare']:.3f} "
+        print(f"{name.name}: throughput dump / bare {1 / r['dump_loop_over_bare']:.3f} "
               f"(bare {r['bare_forward_views_per_s']:,.0f} views/s, dump "
               f"{r['dump_loop_views_per_s']:,.0f} views/s, fsync cost {r['fsync_cost']:.3f}, "
               f"views {r['views']}, encoding {r['encoding']}, writer threads {r['writer_workers']})")
 if (r := load("writer.json")):
-    print("writer.json:", json.dumps({k: v for k, v in r.items() if not k.startswith("all_")}))
+    for run in r["runs"]:
+        print(f"writer.json: {run['encoding']:8s} {run['workers']} threads {run['rows_per_s']:>10,.0f} "
+              f"rows/s ({run['rows_per_cpu_s']:,.0f} rows/cpu-s, speed-up {run['speedup']:.2f})")
 if (r := load("distill.json")):
     print(f"distill.json: ce {r['ce_samples_per_s']:,.0f}/s cache {r['cache_samples_per_s']:,.0f}/s "
           f"online {r['online_samples_per_s']:,.0f}/s; cache/ce {r['cache_over_ce']:.3f}; "

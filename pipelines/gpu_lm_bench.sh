@@ -106,7 +106,7 @@ def write(folder, dtype, layers, hidden, ffn, heads, kv):
     model.save_pretrained(out / folder)
     tokenizer.save_pretrained(out / folder)
     params = sum(p.numel() for p in model.parameters())
-    print(f"{folder}: {params / 1e9:.2f} B parameters ({dtype}), vocabulary {len(tokenizer)} "
+    print(f"{folder}: {params / 1e6:,.1f} M parameters ({dtype}), vocabulary {len(tokenizer)} "
           f"({learned} learned BPE tokens), {layers} layers x {hidden}; drawn and saved in "
           f"{time.perf_counter() - started:.1f} s")
 
