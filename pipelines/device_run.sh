@@ -14,25 +14,26 @@
 #         --platform manylinux2014_x86_64 -d .whl zarr==3.1.6 numcodecs==0.16.6 donfig google-crc32c
 # (their other needs, numpy, packaging, typing-extensions and pyyaml, are on that image).
 #
-# Writes into $OUT (at most 8 files): results.txt (machine, versions, every step's log and a summary),
-# dump_views16.json, dump_plain.json, writer.json, distill.json, lm_topk32.json, lm_sampled16.json
+# Writes into $OUT (at most 8 files): results.txt (machine, versions, every step's log and a
+# summary), dump_views16.json, dump_plain.json, writer.json, distill.json, lm_topk32.json, lm_sampled16.json
 # (one per LM encoding). Every step is capped with `timeout`; a failed step does not stop the others
 # and the script exits non-zero at the end if any failed.
 # Overrides: PYTHON, DEVICE (cuda), AMP (bf16; "" for float32), TOTAL_S (470), TEACHER (resnet50),
 # STUDENT (resnet18), SIZE (224), IMG_BATCH (256), WORKERS (6: better than 14 in the 2026-11-28
-# run), VIEWS_WORKERS (10: the views are cut from float32 images in the workers), VIEWS (16), RECIPE (rrc:scale=0.35-1+flip), VIEWS_N (1024 samples), DUMP_N (16384),
-# DISTILL_N (8192), WRITER_ROWS (131072), WRITER_WORKERS (1,2,4,8), IMG_REPEATS (3), CAP_SCALE
-# (1: multiplies each image step's cap, for slow machines); the LM step
-# takes gpu_lm_bench.sh's own variables, with EVERY (200: ~55k tokens), TOKENIZER_EVERY (4),
-# REPEATS (2) and
-# ENCODINGS ("topk:32 sampled:16") defaulted here.
-# A CPU smoke test of the whole script (tiny models and data; about 8 minutes on 2 busy cores, where
-# importing torch alone took up to a minute):
+# run), VIEWS_WORKERS (10: the views are cut from float32 images in the workers), VIEWS (16),
+# RECIPE (rrc:scale=0.35-1+flip), VIEWS_N (1024 samples), DUMP_N (16384), DISTILL_N (8192),
+# WRITER_ROWS (65536), WRITER_WORKERS (1,2,4,8), IMG_REPEATS (3), DISTILL_REPEATS (2), CAP_SCALE
+# (1: multiplies each step's cap, for slow machines). The LM step takes gpu_lm_bench.sh's own
+# variables, with EVERY (200: ~55k tokens), TOKENIZER_EVERY (4), REPEATS (2) and ENCODINGS
+# ("topk:32 sampled:16"; "" skips the LM) defaulted here.
+# A CPU smoke test of the whole script (tiny models and data; minutes on 2 cores, but over 15 on
+# 2 cores at a load of 13, where importing torch alone took a minute):
 #     DEVICE=cpu AMP= TEACHER=cnn:8 STUDENT=mlp:16 SIZE=32 IMG_BATCH=16 WORKERS=1 VIEWS_WORKERS=1 \
-#         VIEWS_N=16 DUMP_N=64 DISTILL_N=64 WRITER_ROWS=2048 WRITER_WORKERS=1,2 IMG_REPEATS=1 VOCAB=2000 \
-#         LAYERS=1 HIDDEN=64 FFN=128 HEADS=2 KV_HEADS=1 STUDENT_LAYERS=1 STUDENT_HIDDEN=32 \
-#         MAX_LEN=64 EVERY=400 TOKENIZER_EVERY=20 BATCH=4 EPOCHS=1 REPEATS=1 ENCODINGS=topk:8 \
-#         CAP_SCALE=4 TOTAL_S=1500 OUT=/tmp/device-run-smoke bash pipelines/device_run.sh
+#         VIEWS_N=16 DUMP_N=64 DISTILL_N=64 WRITER_ROWS=2048 WRITER_WORKERS=1,2 IMG_REPEATS=1 \
+#         DISTILL_REPEATS=1 VOCAB=2000 LAYERS=1 HIDDEN=64 FFN=128 HEADS=2 KV_HEADS=1 \
+#         STUDENT_LAYERS=1 STUDENT_HIDDEN=32 MAX_LEN=64 EVERY=400 TOKENIZER_EVERY=20 BATCH=4 \
+#         EPOCHS=1 REPEATS=1 ENCODINGS=topk:8 CAP_SCALE=8 TOTAL_S=3000 \
+#         OUT=/tmp/device-run-smoke bash pipelines/device_run.sh
 set -uo pipefail
 
 OUT=${OUT:-device-run-out}
@@ -51,9 +52,10 @@ RECIPE=${RECIPE:-rrc:scale=0.35-1+flip}
 VIEWS_N=${VIEWS_N:-1024}
 DUMP_N=${DUMP_N:-16384}
 DISTILL_N=${DISTILL_N:-8192}
-WRITER_ROWS=${WRITER_ROWS:-131072}
+WRITER_ROWS=${WRITER_ROWS:-65536}
 WRITER_WORKERS=${WRITER_WORKERS:-1,2,4,8}
 IMG_REPEATS=${IMG_REPEATS:-3}
+DISTILL_REPEATS=${DISTILL_REPEATS:-2}
 CAP_SCALE=${CAP_SCALE:-1}
 export EVERY=${EVERY:-200} TOKENIZER_EVERY=${TOKENIZER_EVERY:-4} REPEATS=${REPEATS:-2}
 export ENCODINGS=${ENCODINGS:-topk:32 sampled:16}
@@ -63,7 +65,8 @@ LOG=$OUT/results.txt
 : > "$LOG"
 failed=0
 note() { echo "device_run.sh [$(( SECONDS ))s]: $*" | tee -a "$LOG" >&2; }
-step() {  # step NAME SECONDS OUTFILE COMMAND...: capped at CAP_SCALE x SECONDS and at what TOTAL_S leaves
+# step NAME SECONDS OUTFILE COMMAND...: capped at CAP_SCALE x SECONDS and at what TOTAL_S leaves
+step() {
     local name=$1 seconds=$(( $2 * CAP_SCALE )) out=$3; shift 3
     local left=$(( TOTAL_S - SECONDS - 5 ))
     if (( seconds > left )); then seconds=$left; fi
@@ -106,21 +109,21 @@ print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else 
 } >> "$LOG" 2>&1
 
 amp=(${AMP:+--amp "$AMP"})
-speed=(--batch-size "$IMG_BATCH" --device "$DEVICE" "${amp[@]}" --channels-last
-    --repeats "$IMG_REPEATS" --json)
+speed=(--batch-size "$IMG_BATCH" --device "$DEVICE" "${amp[@]}" --channels-last --json)
 dump=("$PYTHON" -m kdcache -q bench dump --teacher "$TEACHER")
 
 step "dump, $VIEWS views" 75 "$OUT/dump_views$VIEWS.json" "${dump[@]}" \
     --dataset "synthetic:$VIEWS_N:$SIZE:1000" --views "$VIEWS" --augment "$RECIPE" \
-    --encoding topk:5 --num-workers "$VIEWS_WORKERS" "${speed[@]}"
-step "dump, one view" 50 "$OUT/dump_plain.json" "${dump[@]}" \
-    --dataset "synthetic:$DUMP_N:$SIZE:1000" --inputs uint8 --num-workers "$WORKERS" "${speed[@]}"
+    --encoding topk:5 --num-workers "$VIEWS_WORKERS" --repeats "$IMG_REPEATS" "${speed[@]}"
+step "dump, one view" 60 "$OUT/dump_plain.json" "${dump[@]}" \
+    --dataset "synthetic:$DUMP_N:$SIZE:1000" --inputs uint8 --num-workers "$WORKERS" \
+    --repeats "$IMG_REPEATS" "${speed[@]}"
 step "writer alone" 50 "$OUT/writer.json" "$PYTHON" -m kdcache -q bench dump --writer-only \
     --encoding float16,topk:5 --writer-workers "$WRITER_WORKERS" \
     --rows "$WRITER_ROWS" --store-rows 20480000 --repeats "$IMG_REPEATS" --json
 step "distill" 90 "$OUT/distill.json" "$PYTHON" -m kdcache -q bench distill --student "$STUDENT" \
     --teacher "$TEACHER" --dataset "synthetic:$DISTILL_N:$SIZE:1000" --epochs 2 --inputs uint8 \
-    --num-workers "$WORKERS" "${speed[@]}"
+    --num-workers "$WORKERS" --repeats "$DISTILL_REPEATS" "${speed[@]}"
 
 # The LM benchmark gets what is left: its setup (stdlib text, tokenizer, weights) then an equal
 # share per encoding (ENCODINGS="" skips it).
