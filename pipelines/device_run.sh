@@ -15,9 +15,9 @@
 # (their other needs, numpy, packaging, typing-extensions and pyyaml, are on that image).
 #
 # Writes into $OUT (at most 8 files): results.txt (machine, versions, every step's log and a
-# summary), dump_views16.json, dump_plain.json, writer.json, distill.json, lm_topk32.json, lm_sampled16.json
-# (one per LM encoding). Every step is capped with `timeout`; a failed step does not stop the others
-# and the script exits non-zero at the end if any failed.
+# summary), dump_views16.json, dump_plain.json, writer.json, distill.json, lm_topk32.json and
+# lm_sampled16.json (one per LM encoding). Every step is capped with `timeout`; a failed step does
+# not stop the others and the script exits non-zero at the end if any failed.
 # Overrides: PYTHON, DEVICE (cuda), AMP (bf16; "" for float32), TOTAL_S (470), TEACHER (resnet50),
 # STUDENT (resnet18), SIZE (224), IMG_BATCH (256), WORKERS (6: better than 14 in the 2026-11-28
 # run), VIEWS_WORKERS (10: the views are cut from float32 images in the workers), VIEWS (16),
