@@ -24,14 +24,14 @@
 # RECIPE (rrc:scale=0.35-1+flip), VIEWS_N (1024 samples), DUMP_N (16384), DISTILL_N (8192),
 # WRITER_ROWS (65536), WRITER_WORKERS (1,2,4,8), IMG_REPEATS (3), DISTILL_REPEATS (2), CAP_SCALE
 # (1: multiplies each step's cap, for slow machines). The LM step takes gpu_lm_bench.sh's own
-# variables, with EVERY (200: ~55k tokens), TOKENIZER_EVERY (4), REPEATS (2) and ENCODINGS
-# ("topk:32 sampled:16"; "" skips the LM) defaulted here.
+# variables, with EVERY (200: ~55k tokens), REPEATS (2) and ENCODINGS ("topk:32 sampled:16";
+# "" skips the LM) defaulted here.
 # A CPU smoke test of the whole script (tiny models and data; minutes on 2 cores, but over 15 on
 # 2 cores at a load of 13, where importing torch alone took a minute):
 #     DEVICE=cpu AMP= TEACHER=cnn:8 STUDENT=mlp:16 SIZE=32 IMG_BATCH=16 WORKERS=1 VIEWS_WORKERS=1 \
 #         VIEWS_N=16 DUMP_N=64 DISTILL_N=64 WRITER_ROWS=2048 WRITER_WORKERS=1,2 IMG_REPEATS=1 \
 #         DISTILL_REPEATS=1 VOCAB=2000 LAYERS=1 HIDDEN=64 FFN=128 HEADS=2 KV_HEADS=1 \
-#         STUDENT_LAYERS=1 STUDENT_HIDDEN=32 MAX_LEN=64 EVERY=400 TOKENIZER_EVERY=20 BATCH=4 \
+#         STUDENT_LAYERS=1 STUDENT_HIDDEN=32 MAX_LEN=64 EVERY=400 BATCH=4 \
 #         EPOCHS=1 REPEATS=1 ENCODINGS=topk:8 CAP_SCALE=8 TOTAL_S=3000 \
 #         OUT=/tmp/device-run-smoke bash pipelines/device_run.sh
 set -uo pipefail
@@ -57,7 +57,7 @@ WRITER_WORKERS=${WRITER_WORKERS:-1,2,4,8}
 IMG_REPEATS=${IMG_REPEATS:-3}
 DISTILL_REPEATS=${DISTILL_REPEATS:-2}
 CAP_SCALE=${CAP_SCALE:-1}
-export EVERY=${EVERY:-200} TOKENIZER_EVERY=${TOKENIZER_EVERY:-4} REPEATS=${REPEATS:-2}
+export EVERY=${EVERY:-200} REPEATS=${REPEATS:-2}
 export ENCODINGS=${ENCODINGS:-topk:32 sampled:16}
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 mkdir -p "$OUT"
@@ -100,6 +100,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     nproc
     free -g
     timeout 20 nvidia-smi || echo "no nvidia-smi"
+    echo "settings: DEVICE=$DEVICE AMP=$AMP TOTAL_S=$TOTAL_S TEACHER=$TEACHER STUDENT=$STUDENT" \
+        "SIZE=$SIZE IMG_BATCH=$IMG_BATCH WORKERS=$WORKERS VIEWS_WORKERS=$VIEWS_WORKERS" \
+        "VIEWS=$VIEWS RECIPE=$RECIPE VIEWS_N=$VIEWS_N DUMP_N=$DUMP_N DISTILL_N=$DISTILL_N" \
+        "WRITER_ROWS=$WRITER_ROWS WRITER_WORKERS=$WRITER_WORKERS IMG_REPEATS=$IMG_REPEATS" \
+        "DISTILL_REPEATS=$DISTILL_REPEATS EVERY=$EVERY REPEATS=$REPEATS ENCODINGS=$ENCODINGS"
     timeout 60 "$PYTHON" -c 'import sys, torch, torchvision, transformers, tokenizers, zarr, numcodecs, numpy
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
       "torchvision", torchvision.__version__, "transformers", transformers.__version__,
