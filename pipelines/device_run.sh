@@ -133,9 +133,12 @@ step "distill" 90 "$OUT/distill.json" "$PYTHON" -m kdcache -q bench distill --st
 # The LM benchmark gets what is left: its setup (stdlib text, tokenizer, weights) then an equal
 # share per encoding (ENCODINGS="" skips it).
 set -- $ENCODINGS
-if (( $# > 0 )); then
+lm_total=$(( TOTAL_S - SECONDS - 10 ))
+if (( $# > 0 && lm_total < 100 )); then
+    note "LM SKIPPED (only ${lm_total} s left)"
+    failed=1
+elif (( $# > 0 )); then
     lm=$(mktemp -d)
-    lm_total=$(( TOTAL_S - SECONDS - 10 ))
     export STEP_S=${STEP_S:-$(( (lm_total - 45) / $# ))}
     note "LM: ${lm_total} s left, ${STEP_S} s per encoding"
     step "LM (gpu_lm_bench.sh)" "$lm_total" "$lm/stdout.txt" env OUT="$lm" DEVICE="$DEVICE" \
