@@ -84,10 +84,14 @@ step() {
 if "$PYTHON" -c "import zarr, numcodecs" 2>/dev/null; then
     note "zarr importable: wheels not installed"
 elif ls .whl/*.whl > /dev/null 2>&1; then
-    timeout 60 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --upgrade --target /tmp/site .whl/*.whl >> "$LOG" 2>&1 || failed=1
+    if timeout 60 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target /tmp/site .whl/*.whl >> "$LOG" 2>&1; then
+        note "wheels installed: $(cd .whl && echo *.whl)"
+    else
+        note "wheel install FAILED (pip's output is above)"
+        failed=1
+    fi
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    note "wheels installed: $(cd .whl && echo *.whl)"
 else
     note "zarr is missing and there are no wheels in .whl (carry .whl)"
     failed=1
