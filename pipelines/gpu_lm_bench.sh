@@ -2,7 +2,11 @@
 # GPU figures for docs/benchmarks.md (language models): `kdcache bench lm` with a Llama-style teacher
 # of about 1.5 B parameters built from a config (random weights: speed does not depend on them), a
 # 128,000-token vocabulary (byte-level BPE trained here on the standard library's own source, padded
-# with reserved tokens to 128k), bf16 autocast, sequences of 1,024 tokens.
+# with reserved tokens to 128k), bf16 autocast, sequences of 1,024 tokens. The random weights are
+# drawn once on DEVICE and saved as safetensors (teacher in AMP's dtype, as a released checkpoint
+# is; student float32, the masters it trains): the benchmark loads the teacher 2 x REPEATS + 1
+# times per encoding, and drawing 1.5 B numbers on the host each time takes longer than the runs
+# it times.
 # Measures, side by side in one run: the dump's tokens/s against the bare teacher forward, the token
 # feed's tokens/s, and an epoch distilled from the cache against CE-only and online distillation.
 #
@@ -16,6 +20,10 @@
 # HIDDEN (2048), FFN (8192), HEADS (16), KV_HEADS (8), STUDENT_LAYERS (4), STUDENT_HIDDEN (1024),
 # MAX_LEN (1024), EVERY (keep every EVERY-th stdlib document, 200: about 50k tokens), BATCH (8
 # sequences), EPOCHS (2), REPEATS (3), ENCODINGS ("topk:32 sampled:16"), STEP_S (540).
+# The BPE is trained on every document although fewer would train faster: the fewer tokens it
+# learns, the more reserved ones fill the 128k, and loading a tokenizer grows with those (5.3 s
+# with 5,000 and 74 s with 50,000, on 2 busy cores), which every one of the benchmark's model
+# loads pays.
 # A CPU smoke test of the whole script (tiny models and text, about 3 minutes on 2 cores):
 #     DEVICE=cpu AMP= VOCAB=2000 LAYERS=1 HIDDEN=64 FFN=128 HEADS=2 KV_HEADS=1 STUDENT_LAYERS=1 \
 #         STUDENT_HIDDEN=32 MAX_LEN=64 EVERY=400 BATCH=4 EPOCHS=1 REPEATS=1 ENCODINGS=topk:8 \
@@ -64,41 +72,50 @@ name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {name}")
 PY
 
-# The text, the tokenizer and the two configs (no weights: kdcache draws them at load time).
-"$PYTHON" - "$OUT" "$VOCAB" "$LAYERS" "$HIDDEN" "$FFN" "$HEADS" "$KV_HEADS" \
+# The text, the tokenizer, the two configs and their random weights.
+"$PYTHON" - "$OUT" "$DEVICE" "$AMP" "$VOCAB" "$LAYERS" "$HIDDEN" "$FFN" "$HEADS" "$KV_HEADS" \
     "$STUDENT_LAYERS" "$STUDENT_HIDDEN" "$MAX_LEN" "$EVERY" <<'PY' | tee "$OUT/models.txt"
-import json, sys
+import json, sys, time
 from pathlib import Path
 sys.path.insert(0, "pipelines")
+import torch
 from lm_stdlib import stdlib_documents, train_tokenizer
-from transformers import LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 
-out = Path(sys.argv[1])
-vocab, layers, hidden, ffn, heads, kv, s_layers, s_hidden, max_len, every = map(int, sys.argv[2:])
+out, device, amp = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+vocab, layers, hidden, ffn, heads, kv, s_layers, s_hidden, max_len, every = map(int, sys.argv[4:])
+started = time.perf_counter()
 documents = stdlib_documents(4 * max_len)
 with (out / "text.jsonl").open("w") as stream:
     for text in documents[::every]:
         stream.write(json.dumps({"text": text}) + "\n")
 tokenizer, learned = train_tokenizer(documents, vocab)
+print(f"text and tokenizer: {time.perf_counter() - started:.1f} s")
 
 
-def write(folder, layers, hidden, ffn, heads, kv):
+def write(folder, dtype, layers, hidden, ffn, heads, kv):
+    started = time.perf_counter()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-        max_position_embeddings=max_len, tie_word_embeddings=False, torch_dtype="bfloat16",
+        max_position_embeddings=max_len, tie_word_embeddings=False,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    config.save_pretrained(out / folder)
+    torch.manual_seed(0)
+    with torch.device(device):  # drawn where it runs: seconds on a GPU, minutes on the host
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(out / folder)
     tokenizer.save_pretrained(out / folder)
-    per_layer = 2 * hidden * hidden + 2 * hidden * (hidden * kv // heads) + 3 * hidden * ffn
-    params = 2 * len(tokenizer) * hidden + layers * per_layer
-    print(f"{folder}: {params / 1e9:.2f} B parameters, vocabulary {len(tokenizer)} "
-          f"({learned} learned BPE tokens), {layers} layers x {hidden}")
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{folder}: {params / 1e6:,.1f} M parameters ({dtype}), vocabulary {len(tokenizer)} "
+          f"({learned} learned BPE tokens), {layers} layers x {hidden}; drawn and saved in "
+          f"{time.perf_counter() - started:.1f} s")
 
 
-write("teacher", layers, hidden, ffn, heads, kv)
-write("student", s_layers, s_hidden, 4 * s_hidden, max(1, s_hidden // 128), max(1, s_hidden // 256))
+teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, torch.float32)
+write("teacher", teacher_dtype, layers, hidden, ffn, heads, kv)
+write("student", torch.float32, s_layers, s_hidden, 4 * s_hidden, max(1, s_hidden // 128),
+      max(1, s_hidden // 256))
 PY
 
 amp_option=()
