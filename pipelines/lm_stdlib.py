@@ -1,11 +1,11 @@
 """Language-model evidence on the Python standard library's own source: a teacher worth distilling,
 students per encoding at equal bytes, and the bytes-vs-fidelity curves at V = 32k and 128k.
 
-    OMP_NUM_THREADS=1 python pipelines/lm_stdlib.py OUT --threads 1   # the full setting
-    # the reduced setting measured in docs/results.md (a machine shared by eight jobs):
-    OMP_NUM_THREADS=1 python pipelines/lm_stdlib.py OUT --threads 1 --every 200 \
-        --teacher 2x128 --teacher-epochs 3 --student-epochs 1 --students-every 4 --curve-docs 1 \
-        --curve-topk 8,32,128 --curve-sampled 8,16,32,64 --seeds 0 --angle-batches 2 --skip-big
+    OMP_NUM_THREADS=1 python pipelines/lm_stdlib.py OUT --threads 1
+
+The defaults are the setting measured in docs/results.md (about half an hour on a 2-core machine
+shared with other jobs; one torch thread, since two threads on two contended cores ran at half
+the speed of one).
 
 Everything is built here, offline, from the interpreter's own files:
 
@@ -443,31 +443,38 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--big-vocab", type=int, default=128000)
     parser.add_argument("--teacher", default="2x192", help="teacher LAYERSxWIDTH at 32k")
-    parser.add_argument("--teacher-epochs", type=int, default=6)
+    parser.add_argument("--teacher-epochs", type=int, default=2)
     parser.add_argument("--big-teacher", default="2x128", help="teacher LAYERSxWIDTH at 128k")
-    parser.add_argument("--big-teacher-epochs", type=int, default=2)
+    parser.add_argument("--big-teacher-epochs", type=int, default=1)
     parser.add_argument("--student", default="1x64", help="student LAYERSxWIDTH")
     parser.add_argument("--student-epochs", type=int, default=2)
     parser.add_argument(
         "--students-every",
         type=int,
-        default=8,
+        default=12,
         help="the students train on every N-th of the teacher's training documents",
     )
     parser.add_argument(
-        "--curve-docs", type=int, default=8, help="held-out documents the curves are measured on"
+        "--curve-docs", type=int, default=4, help="held-out documents the curves are measured on"
     )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument(
         "--pairs",
-        default="topk:8,sampled:16",
+        default="topk:8:8,sampled:12",
         help="the encodings the students distill from besides float16 (comma-separated)",
     )
     parser.add_argument("--curve-topk", default="8,16,32,64,128")
     parser.add_argument("--curve-sampled", default="8,16,24,32,48,64")
     parser.add_argument("--angle-batches", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=16, help="teacher sequences per step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="teacher Adam learning rate")
+    parser.add_argument(
+        "--student-batch-size",
+        type=int,
+        default=4,
+        help="student sequences per step (small: the students' text is short, so more steps)",
+    )
+    parser.add_argument("--student-lr", type=float, default=3e-3)
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--skip-big", action="store_true", help="no 128k teacher or curve")
@@ -522,7 +529,10 @@ def main() -> None:
     student_init = out / "student-init"
     write_config(student_init, load_tokenizer(out / "tokenizer-32k"), args.student, args.max_length)
     common: dict[str, Any] = dict(
-        epochs=args.student_epochs, batch_size=args.batch_size, lr=args.lr, device=args.device
+        epochs=args.student_epochs,
+        batch_size=args.student_batch_size,
+        lr=args.student_lr,
+        device=args.device,
     )
     students: dict[str, list[dict]] = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -562,7 +572,7 @@ def main() -> None:
             data,
             stores,
             batches=args.angle_batches,
-            batch_size=args.batch_size,
+            batch_size=args.student_batch_size,
         )
         for name, angle in angles.items():
             results.setdefault("angles", {}).setdefault(name, []).append(angle)
