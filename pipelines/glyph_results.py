@@ -7,7 +7,7 @@ Usage: python pipelines/glyph_results.py OUT [--dataset glyphs:1000:16:20]
            [--teacher-weights PATH] [--student resnet:8] [--epochs 6] [--seeds 0,1,2] [--jobs 2]
            [--parts encodings,sweep,views] [--device cpu]
 
-The defaults are the setting docs/results.md times on 2 CPU cores (under an hour): a teacher
+The defaults are the setting of docs/results.md, sized for 2 CPU cores and an hour: a teacher
 trained on 100 images per class, students (16x fewer multiply-adds) on the first 20 of them, so
 that the students are data-starved and the teacher's soft targets have something to add.
 
