@@ -197,12 +197,7 @@ class StoreWriter:
                 f"expected {rows.size} reduced rows of {self.encoding.k} values for samples "
                 f"{row_ranges(np.unique(rows))}, got {tuple(values.shape)}"
             )
-        bad = ~np.isfinite(kept).all(axis=1)
-        if bad.any():
-            raise InvalidLogitsError(
-                f"teacher logits are NaN or Inf for samples {row_ranges(np.sort(rows[bad]))}; "
-                "check the teacher's weights and inputs (values beyond float32's range are Inf)"
-            )
+        _refuse_non_finite(rows, kept)
         with np.errstate(over="ignore", invalid="ignore"):
             encoded = self.encoding.encode_selected(values, ids, tail)
         self._check_encoded(rows, kept, encoded)
@@ -312,12 +307,7 @@ class StoreWriter:
                 f"{row_ranges(np.unique(rows))}, got {tuple(block.shape)}; the teacher's output "
                 f"width must equal the store's {num_classes} classes"
             )
-        bad = ~np.isfinite(block).all(axis=1)
-        if bad.any():
-            raise InvalidLogitsError(
-                f"teacher logits are NaN or Inf for samples {row_ranges(np.sort(rows[bad]))}; "
-                "check the teacher's weights and inputs (values beyond float32's range are Inf)"
-            )
+        _refuse_non_finite(rows, block)
 
     def _check_encoded(
         self, rows: np.ndarray, block: np.ndarray, encoded: dict[str, np.ndarray]
@@ -560,3 +550,13 @@ def create_store(
                 "path with free space"
             ) from None
         raise
+
+
+def _refuse_non_finite(rows: np.ndarray, values: np.ndarray) -> None:
+    """Refuse teacher rows holding NaN or Inf, naming their samples."""
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise InvalidLogitsError(
+            f"teacher logits are NaN or Inf for samples {row_ranges(np.sort(rows[bad]))}; "
+            "check the teacher's weights and inputs (values beyond float32's range are Inf)"
+        )
