@@ -38,10 +38,10 @@ def measure(store: str) -> dict[str, float]:
         "shared_build_s": timed(lambda: builder.feed.load(shared=True)),
         "attach_s": timed(lambda: attacher.feed.load(shared=True)),
     }
-    table = builder.feed._tables["logits"]  # type: ignore[index]
+    table = builder.feed._tables["logits"]  # type: ignore[attr-defined]
     seconds["sha256_s"] = timed(lambda: hashlib.sha256(table.data).hexdigest())
     for reader in (builder, attacher):
-        reader.feed._shared.close()  # type: ignore[union-attr]
+        reader.feed._shared.close()  # type: ignore[attr-defined]
     return seconds
 
 

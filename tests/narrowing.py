@@ -1,8 +1,9 @@
 """Narrow the unions the public API returns to what a test knows it holds, checking as it goes.
 
-A store reads dense tensors or sparse rows depending on its encoding, zarr types a group's members
-as ``Array | Group`` and its attributes as any JSON value, and metadata records are optional: a test
-knows which one it has, and says so here (a wrong guess fails the test).
+A store reads dense tensors or sparse rows depending on its encoding, a reader's feed is any
+:class:`~kdcache.store.read.feed.Feed`, zarr types a group's members as ``Array | Group`` and its
+attributes as any JSON value, and metadata records are optional: a test knows which one it has,
+and says so here (a wrong guess fails the test).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import zarr
 
 from kdcache.logits.sparse import SparseLogits
+from kdcache.store.read.feed import LogitFeed
 
 T = TypeVar("T")
 
@@ -29,6 +31,12 @@ def sparse(rows: object) -> SparseLogits:
     """Rows read from a ``topk:K`` store."""
     assert isinstance(rows, SparseLogits), type(rows)
     return rows
+
+
+def logit_feed(feed: object) -> LogitFeed:
+    """The feed of a store of rows (a joined store's feed gathers from its parts' feeds)."""
+    assert isinstance(feed, LogitFeed), type(feed)
+    return feed
 
 
 def present(value: T | None) -> T:

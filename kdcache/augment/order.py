@@ -18,7 +18,7 @@ from torch.utils.data import Sampler
 from kdcache.errors import ConfigError
 
 if TYPE_CHECKING:
-    from kdcache.store.read.feed import LogitFeed
+    from kdcache.store.read.feed import Feed
 
 #: Keys the view order's generators apart from every other use of the run's seed.
 _ORDER_TAG = 0x5649_4557
@@ -41,7 +41,7 @@ def view_of(
 class ViewSampler(Sampler[int]):
     """Yields, per epoch, one row per sample (``sample * V + view_of(...)``) in a shuffled order.
 
-    Given a chunked :class:`~kdcache.store.read.feed.LogitFeed`, samples come in the feed's chunk
+    Given a chunked :class:`~kdcache.store.read.feed.Feed`, samples come in the feed's chunk
     order (each chunk decoded once per epoch; with V views, 1/V of its rows are used); otherwise
     in a seeded permutation. With ``with_epoch`` the sampler yields ``epoch * N * V + row``
     instead, for datasets that also draw per-epoch student-only augmentation.
@@ -53,7 +53,7 @@ class ViewSampler(Sampler[int]):
         num_samples: int,
         views: int,
         seed: int = 0,
-        feed: LogitFeed | None = None,
+        feed: Feed | None = None,
         with_epoch: bool = False,
     ) -> None:
         if views < 1:

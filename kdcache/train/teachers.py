@@ -23,7 +23,7 @@ from kdcache.logits.ensemble import combine_logits
 from kdcache.logits.sequence_losses import TokenTeacher
 from kdcache.logits.sparse import TeacherInput
 from kdcache.runtime import autocast
-from kdcache.store.read.feed import LogitFeed
+from kdcache.store.read.feed import Feed
 from kdcache.store.sequence import SequenceReader
 from kdcache.train.views import Views
 
@@ -43,7 +43,7 @@ class TeacherSource(ABC):
 class StoreLogits(TeacherSource):
     """Image logits read from a store's feed (a view's row in a store of views)."""
 
-    def __init__(self, feed: LogitFeed, views: Views | None) -> None:
+    def __init__(self, feed: Feed, views: Views | None) -> None:
         self.feed = feed
         self.views = views
 
@@ -66,7 +66,7 @@ class EnsembleLogits(TeacherSource):
 
     def __init__(
         self,
-        feeds: Sequence[LogitFeed],
+        feeds: Sequence[Feed],
         views: Views | None,
         *,
         weights: Sequence[float],

@@ -19,7 +19,7 @@ from torch.utils.data import Sampler
 from kdcache.config import DistillConfig
 from kdcache.data.datasets import LabeledDataset
 from kdcache.errors import ConfigError
-from kdcache.store.read.feed import LogitFeed
+from kdcache.store.read.feed import Feed
 
 #: What a text file of indices may hold: ASCII integers separated by white space or commas.
 _INDEX = re.compile(r"[-+]?[0-9]+")
@@ -188,7 +188,7 @@ class TransferSampler(Sampler[int]):
     set, so each chunk is still decoded once per epoch.
     """
 
-    def __init__(self, rows: np.ndarray, *, seed: int, feed: LogitFeed | None = None) -> None:
+    def __init__(self, rows: np.ndarray, *, seed: int, feed: Feed | None = None) -> None:
         self.rows, self.seed = rows, seed
         self.feed = feed if feed is not None and feed.mode == "chunked" else None
         self.epoch = 0

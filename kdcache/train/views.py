@@ -26,7 +26,7 @@ from kdcache.augment.views import (
 )
 from kdcache.data.datasets import LabeledDataset
 from kdcache.errors import StoreMismatchError
-from kdcache.store.read.feed import LogitFeed
+from kdcache.store.read.feed import Feed
 from kdcache.store.read.reader import StoreReader
 from kdcache.wording import counted
 
@@ -85,7 +85,7 @@ def cached_views(
     views: int | None,
     student_augment: str | None,
     seed: int,
-    feed: LogitFeed,
+    feed: Feed,
 ) -> Views | None:
     """The views a store holds (``None`` for a plain store without student augmentation);
     refuses options that disagree with what the store was dumped with."""

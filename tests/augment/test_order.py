@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from narrowing import logit_feed
 
 from kdcache import create_store, open_store
 from kdcache.augment.order import ViewSampler, view_of
@@ -45,7 +46,7 @@ def test_a_chunked_feed_keeps_its_chunk_order_with_views(tmp_path):
     writer = create_store(tmp_path / "s.zarr", num_samples=30, num_classes=3, views=4, chunk_rows=8)
     writer.write(np.arange(120), np.zeros((120, 3), dtype=np.float32))
     writer.finalize()
-    feed = open_store(tmp_path / "s.zarr").feed
+    feed = logit_feed(open_store(tmp_path / "s.zarr").feed)
     chunked = type(feed)(feed.reader, memory_budget=4 * feed.chunk_nbytes, mode="chunked")
     sampler = ViewSampler(num_samples=30, views=4, seed=0, feed=chunked)
     rows = sampler.epoch_rows(0)

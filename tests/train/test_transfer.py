@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
-from narrowing import present
+from narrowing import logit_feed, present
 
 from kdcache import DistillConfig, DumpConfig, create_store, open_store
 from kdcache.data.datasets import build_dataset
@@ -111,7 +111,7 @@ def test_the_sampler_visits_each_transfer_sample_once_per_epoch(tmp_path):
     writer.write(np.arange(300), np.zeros((300, 4), dtype=np.float32))
     writer.finalize()
     reader = open_store(tmp_path / "s.zarr")
-    feed = LogitFeed(reader, memory_budget=reader.feed.chunk_nbytes * 4)
+    feed = LogitFeed(reader, memory_budget=logit_feed(reader.feed).chunk_nbytes * 4)
     assert feed.mode == "chunked"
     assert feed.window_chunks == 2
     chunked = list(TransferSampler(rows, seed=0, feed=feed))

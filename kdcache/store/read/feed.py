@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FEED_MODES",
     "LOAD_BLOCK_CHUNKS",
+    "Feed",
     "LogitFeed",
     "RowSource",
     "default_memory_budget",
@@ -148,7 +149,131 @@ def default_memory_budget() -> int:
     return int(_available_memory() * _DEFAULT_MEMORY_FRACTION)
 
 
-class LogitFeed:
+class Feed(ABC):
+    """What the training loop, the samplers and the readers use of a logit feed: rows by sample
+    index (:meth:`gather`, :meth:`read`, :meth:`read_dense`, :meth:`to_device`) and the order
+    to read them in (:meth:`epoch_order`, :meth:`sampler`). :class:`LogitFeed` serves one store;
+    :class:`~kdcache.store.read.joined.JoinedFeed` the parts of a joined store."""
+
+    #: The store read: its metadata, encoding and name (``where``) for errors.
+    reader: RowSource
+    #: Rows the feed serves: samples, or every view of every sample (``sample * V + view``).
+    num_samples: int
+    #: Bytes of decoded chunks the feed may keep in RAM.
+    memory_budget: int
+
+    def __init__(self, reader: RowSource) -> None:
+        self.reader = reader
+        self._pinned: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        self._next_pinned = 0
+
+    def __getstate__(self) -> dict:
+        # Pinned buffers and their CUDA events stay in the process that made them.
+        return {**self.__dict__, "_pinned": [], "_next_pinned": 0}
+
+    @property
+    @abstractmethod
+    def mode(self) -> str:
+        """``"memory"`` (every row decoded once, up front) or ``"chunked"`` (a bounded set of
+        chunks, read best in :meth:`epoch_order`)."""
+
+    @property
+    @abstractmethod
+    def resident_nbytes(self) -> int:
+        """Bytes of decoded rows held in RAM now."""
+
+    @property
+    @abstractmethod
+    def chunks_decoded(self) -> int:
+        """Chunks decompressed since the feed was built (each once per epoch in feed order)."""
+
+    @abstractmethod
+    def load(self, *, shared: bool = False) -> None:
+        """In-memory mode: decode every row now (idempotent). Chunked mode: nothing to do.
+        ``shared=True`` maps tables that all processes on this machine share."""
+
+    @abstractmethod
+    def gather(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        """The stored (still encoded) rows for ``indices``, one array per name in the layout."""
+
+    @abstractmethod
+    def epoch_order(
+        self, epoch: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> np.ndarray:
+        """Every row index exactly once (rank ``rank``'s share of ``world_size``), in an order
+        that differs per ``(seed, epoch)``."""
+
+    def _rows(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+        if isinstance(indices, torch.Tensor):
+            indices = indices.cpu().numpy()
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_samples):
+            raise ConfigError(
+                f"row indices must lie in [0, {self.num_samples}), got {rows.min()} to "
+                f"{rows.max()}; "
+                f"{self.reader.where} holds {self.num_samples} rows"
+            )
+        return rows
+
+    def read(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> TeacherInput:
+        """The rows for the sample indices ``(B,)`` on the CPU, in the form the losses take:
+        dense float32 ``(B, C)``, or :class:`~kdcache.logits.sparse.SparseLogits` for a ``topk:K``
+        store (whose dense form would depend on the temperature, see :meth:`read_dense`)."""
+        return self.reader.encoding.teacher(self.gather(indices))
+
+    def read_dense(
+        self,
+        indices: Sequence[int] | np.ndarray | torch.Tensor,
+        *,
+        temperature: float | None = None,
+    ) -> torch.Tensor:
+        """Dense float32 logits ``(B, C)`` on the CPU; a ``topk:K`` store needs ``temperature``,
+        the one its tail is filled for."""
+        decoded = self.reader.encoding.decode(self.gather(indices), temperature=temperature)
+        return torch.from_numpy(np.ascontiguousarray(decoded, dtype=np.float32))
+
+    def to_device(
+        self, indices: Sequence[int] | np.ndarray | torch.Tensor, device: torch.device
+    ) -> TeacherInput:
+        """:meth:`read`, then onto ``device``; on CUDA dense rows go through pinned memory and
+        are copied without blocking (sparse rows are a few bytes each)."""
+        if device.type != "cuda":
+            return self.read(indices).to(device)
+        logits = self.read(indices)
+        if isinstance(logits, SparseLogits):
+            return logits.to(device)
+        slot, host = self._pinned_buffer(logits.shape)
+        host.copy_(logits)
+        return self._send(slot, host, device)
+
+    def _send(self, slot: int, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Copy pinned buffer ``slot`` (holding ``host``) to ``device`` without blocking."""
+        result = host.to(device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        self._pinned[slot] = (self._pinned[slot][0], event)
+        return result
+
+    def _pinned_buffer(self, shape: torch.Size) -> tuple[int, torch.Tensor]:
+        numel = int(np.prod(shape))
+        if len(self._pinned) < _PINNED_BUFFERS:
+            self._pinned.append((torch.empty(0, dtype=torch.float32).pin_memory(), None))
+        slot = self._next_pinned % len(self._pinned)
+        self._next_pinned = slot + 1
+        buffer, event = self._pinned[slot]
+        if event is not None:
+            event.synchronize()  # the copy that last used this buffer must have left it
+        if buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=torch.float32).pin_memory()
+            self._pinned[slot] = (buffer, None)
+        return slot, buffer[:numel].view(shape)
+
+    def sampler(self, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> _FeedSampler:
+        """A DataLoader sampler that follows :meth:`epoch_order`, one epoch per iteration."""
+        return _FeedSampler(self, seed=seed, rank=rank, world_size=world_size)
+
+
+class LogitFeed(Feed):
     """Teacher logits by sample index, served from a bounded table of decoded chunks.
 
     Build it with :attr:`kdcache.store.read.reader.StoreReader.feed`
@@ -167,9 +292,8 @@ class LogitFeed:
         mode: str | None = None,
         decode_threads: int | None = None,
     ) -> None:
-        self.reader = reader
+        super().__init__(reader)
         metadata = reader.metadata
-        #: Rows the feed serves: samples, or every view of every sample (``sample * V + view``).
         self.num_samples = metadata.num_rows
         self.num_classes = metadata.num_classes
         self.chunk_rows = metadata.chunk_rows
@@ -202,10 +326,7 @@ class LogitFeed:
         self._tables: dict[str, np.ndarray] | None = None
         self._shared: SharedTable | None = None
         self._reset_slots()
-        #: Chunks decompressed since the feed was built (each once per epoch in feed order).
-        self.chunks_decoded = 0
-        self._pinned: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
-        self._next_pinned = 0
+        self._chunks_decoded = 0
 
     def _reset_slots(self) -> None:
         self._slot_of_chunk = np.full(self.num_chunks, -1, dtype=np.int64)
@@ -234,14 +355,18 @@ class LogitFeed:
         mode."""
         return 0 if self._tables is None else sum(table.nbytes for table in self._tables.values())
 
+    @property
+    def chunks_decoded(self) -> int:
+        return self._chunks_decoded
+
     def __getstate__(self) -> dict:
         # A pickled feed (spawned DataLoader workers) starts empty instead of copying the table.
         state = {
             key: value
-            for key, value in self.__dict__.items()
+            for key, value in super().__getstate__().items()
             if key not in ("_decoder", "_lock", "_plans", "_plan", "_scratch")
         }
-        state.update(_tables=None, _shared=None, _pinned=[], _next_pinned=0)
+        state.update(_tables=None, _shared=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -286,7 +411,7 @@ class LogitFeed:
             raise
         self._slot_of_chunk[:] = np.arange(self.num_chunks)
         self._chunk_of_slot[:] = np.arange(self.num_chunks)
-        self.chunks_decoded += self.num_chunks
+        self._chunks_decoded += self.num_chunks
 
     def _allocate(self, rows: int) -> None:
         for name in self._layout:
@@ -296,20 +421,7 @@ class LogitFeed:
             for name, (shape, dtype) in self._layout.items()
         }
 
-    def _rows(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
-        if isinstance(indices, torch.Tensor):
-            indices = indices.cpu().numpy()
-        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.num_samples):
-            raise ConfigError(
-                f"row indices must lie in [0, {self.num_samples}), got {rows.min()} to "
-                f"{rows.max()}; "
-                f"{self.reader.where} holds {self.num_samples} rows"
-            )
-        return rows
-
     def gather(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
-        """The stored (still encoded) rows for ``indices``, one array per name in the layout."""
         rows = self._rows(indices)
         gathered = {
             name: np.empty((rows.size, *shape), dtype=dtype)
@@ -452,7 +564,7 @@ class LogitFeed:
         slots = self._slot_of_chunk[collected]
         self._decoding[slots] = False
         self._unchecked[slots] = True
-        self.chunks_decoded += len(collected)
+        self._chunks_decoded += len(collected)
         if error is not None:
             raise error
 
@@ -477,14 +589,11 @@ class LogitFeed:
         self._slot_of_chunk[chunks] = -1
 
     def read(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> TeacherInput:
-        """The rows for the sample indices ``(B,)`` on the CPU, in the form the losses take:
-        dense float32 ``(B, C)``, or :class:`~kdcache.logits.sparse.SparseLogits` for a ``topk:K``
-        store (whose dense form would depend on the temperature, see :meth:`read_dense`)."""
         if self._dense:
             rows = self._rows(indices)
             out = torch.empty((rows.size, self.num_classes), dtype=torch.float32)
             return self._gather_dense(rows, out)
-        return self.reader.encoding.teacher(self.gather(indices))
+        return super().read(indices)
 
     def read_dense(
         self,
@@ -492,49 +601,20 @@ class LogitFeed:
         *,
         temperature: float | None = None,
     ) -> torch.Tensor:
-        """Dense float32 logits ``(B, C)`` on the CPU; a ``topk:K`` store needs ``temperature``,
-        the one its tail is filled for."""
         if self._dense:
             return self.read(indices)  # type: ignore[return-value]
-        decoded = self.reader.encoding.decode(self.gather(indices), temperature=temperature)
-        return torch.from_numpy(np.ascontiguousarray(decoded, dtype=np.float32))
+        return super().read_dense(indices, temperature=temperature)
 
     def to_device(
         self, indices: Sequence[int] | np.ndarray | torch.Tensor, device: torch.device
     ) -> TeacherInput:
-        """:meth:`read`, then onto ``device``; dense rows are gathered straight into pinned
-        memory on CUDA and copied without blocking (sparse rows are a few bytes each)."""
-        if device.type != "cuda":
-            return self.read(indices).to(device)
-        if self._dense:
-            rows = self._rows(indices)
-            slot, host = self._pinned_buffer(torch.Size((rows.size, self.num_classes)))
-            self._gather_dense(rows, host)
-        else:
-            logits = self.read(indices)
-            if isinstance(logits, SparseLogits):
-                return logits.to(device)
-            slot, host = self._pinned_buffer(logits.shape)
-            host.copy_(logits)
-        result = host.to(device, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(device))
-        self._pinned[slot] = (self._pinned[slot][0], event)
-        return result
-
-    def _pinned_buffer(self, shape: torch.Size) -> tuple[int, torch.Tensor]:
-        numel = int(np.prod(shape))
-        if len(self._pinned) < _PINNED_BUFFERS:
-            self._pinned.append((torch.empty(0, dtype=torch.float32).pin_memory(), None))
-        slot = self._next_pinned % len(self._pinned)
-        self._next_pinned = slot + 1
-        buffer, event = self._pinned[slot]
-        if event is not None:
-            event.synchronize()  # the copy that last used this buffer must have left it
-        if buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=torch.float32).pin_memory()
-            self._pinned[slot] = (buffer, None)
-        return slot, buffer[:numel].view(shape)
+        if device.type != "cuda" or not self._dense:
+            return super().to_device(indices, device)
+        # Dense rows are gathered straight into the pinned buffer, without a copy on the host.
+        rows = self._rows(indices)
+        slot, host = self._pinned_buffer(torch.Size((rows.size, self.num_classes)))
+        self._gather_dense(rows, host)
+        return self._send(slot, host, device)
 
     def epoch_order(
         self, epoch: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
@@ -561,10 +641,6 @@ class LogitFeed:
             )
             while len(self._plans) > PLANS_KEPT:
                 del self._plans[next(iter(self._plans))]
-
-    def sampler(self, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> _FeedSampler:
-        """A DataLoader sampler that follows :meth:`epoch_order`, one epoch per iteration."""
-        return _FeedSampler(self, seed=seed, rank=rank, world_size=world_size)
 
 
 class _Residency(ABC):
@@ -702,15 +778,13 @@ FEED_MODES: dict[str, _Residency] = {"memory": _InMemory(), "chunked": _Chunked(
 
 
 class _FeedSampler(Sampler[int]):
-    """Yields :meth:`LogitFeed.epoch_order` for epoch 0, 1, 2, ... on successive iterations.
+    """Yields :meth:`Feed.epoch_order` for epoch 0, 1, 2, ... on successive iterations.
 
     Give it to the DataLoader that loads the inputs so inputs arrive in the order in which the
     feed decodes chunks; pairing with logits is by the sample index each batch carries.
     """
 
-    def __init__(
-        self, feed: LogitFeed, *, seed: int = 0, rank: int = 0, world_size: int = 1
-    ) -> None:
+    def __init__(self, feed: Feed, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         self.feed = feed
         self.seed = seed
         self.rank, self.world_size = rank, world_size

@@ -20,7 +20,7 @@ import numpy as np
 from kdcache.errors import StoreFormatError, StoreMismatchError
 from kdcache.store.format.layout import row_ranges
 from kdcache.store.format.metadata import StoreMetadata
-from kdcache.store.read.feed import LogitFeed, RowSource
+from kdcache.store.read.feed import Feed, RowSource
 
 __all__ = [
     "JOINED_FORMAT",
@@ -178,7 +178,7 @@ def common_extra(extras: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-class JoinedFeed(LogitFeed):
+class JoinedFeed(Feed):
     """The logit feed of a joined store: each row gathered from the feed of the part that holds
     it. Each part keeps its own table (in memory or chunk by chunk, within its share of the
     budget); a chunked epoch order is a random merge of the parts' own orders, so each part
@@ -187,13 +187,12 @@ class JoinedFeed(LogitFeed):
     def __init__(
         self,
         reader: RowSource,
-        parts: Sequence[LogitFeed],
+        parts: Sequence[Feed],
         part_indices: Sequence[np.ndarray],
         *,
         memory_budget: int,
     ) -> None:
-        # No table of its own: LogitFeed's state is the parts'.
-        self.reader = reader
+        super().__init__(reader)
         self.parts = list(parts)
         self.views = reader.metadata.views
         self.part_indices = [np.asarray(held, dtype=np.int64) for held in part_indices]
@@ -204,16 +203,7 @@ class JoinedFeed(LogitFeed):
             self._owner[held] = number
             self._local[held] = np.arange(held.size)
         self.num_samples = reader.metadata.num_rows
-        self.chunk_rows = reader.metadata.chunk_rows
-        self.num_chunks = sum(part.num_chunks for part in self.parts)
         self.memory_budget = memory_budget
-        self._pinned = []
-        self._next_pinned = 0
-        # Rows come through gather and the encoding: the parts hold the tables.
-        self._dense = False
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pinned": [], "_next_pinned": 0}
 
     @property
     def mode(self) -> str:
@@ -225,7 +215,7 @@ class JoinedFeed(LogitFeed):
         return sum(part.resident_nbytes for part in self.parts)
 
     @property
-    def chunks_decoded(self) -> int:  # type: ignore[override]
+    def chunks_decoded(self) -> int:
         return sum(part.chunks_decoded for part in self.parts)
 
     def load(self, *, shared: bool = False) -> None:
@@ -250,7 +240,7 @@ class JoinedFeed(LogitFeed):
     def epoch_order(
         self, epoch: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
     ) -> np.ndarray:
-        """As :meth:`LogitFeed.epoch_order`. In memory the same permutation a store of the whole
+        """As :meth:`Feed.epoch_order`. In memory the same permutation a store of the whole
         dataset gives; chunked, each part's chunk-aware order (its rank's share), merged at
         random so that every batch mixes the parts."""
         rng = np.random.default_rng([seed, epoch])

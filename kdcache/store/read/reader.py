@@ -41,7 +41,7 @@ from kdcache.store.format.layout import (
 from kdcache.store.format.location import StoreLocation, parse_location
 from kdcache.store.format.metadata import StoreMetadata
 from kdcache.store.read.decoding import default_decode_threads
-from kdcache.store.read.feed import LogitFeed, default_memory_budget, parse_size
+from kdcache.store.read.feed import Feed, LogitFeed, default_memory_budget, parse_size
 from kdcache.store.read.guard import DECODE_ERRORS, ChunkGuard, decode_rows
 from kdcache.store.read.joined import (
     JOINED_FROM_KEY,
@@ -66,7 +66,7 @@ __all__ = [
 
 
 class StoreReader:
-    """Read-only access to a store; :meth:`read` gathers rows through its :class:`LogitFeed`."""
+    """Read-only access to a store; :meth:`read` gathers rows through its :class:`Feed`."""
 
     def __init__(
         self,
@@ -84,7 +84,7 @@ class StoreReader:
         self.metadata = metadata
         self.encoding = parse_encoding(metadata.encoding, num_classes=metadata.num_classes)
         self._memory_budget = None if memory_budget is None else parse_size(memory_budget)
-        self._feed: LogitFeed | None = None
+        self._feed: Feed | None = None
         layout = self.encoding.layout(metadata.num_classes)
         #: The checks every decoded chunk passes (kdcache.store.read.guard).
         self.guard = ChunkGuard(metadata, layout, where, lambda: self._group)
@@ -164,7 +164,7 @@ class StoreReader:
         return self._opened
 
     @property
-    def feed(self) -> LogitFeed:
+    def feed(self) -> Feed:
         """The in-memory or chunked logit feed behind :meth:`read`, built on first use."""
         if self._feed is None:
             self._feed = LogitFeed(
@@ -427,7 +427,7 @@ class JoinedReader(StoreReader):
         )
 
     @property
-    def feed(self) -> LogitFeed:
+    def feed(self) -> Feed:
         if self._feed is None:
             assert self._memory_budget is not None
             self._feed = JoinedFeed(

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 import torch
-from narrowing import dense
+from narrowing import dense, logit_feed
 from torch.utils.data import DataLoader, Dataset
 
 from kdcache import create_store, open_store
@@ -43,14 +43,14 @@ def store(tmp_path_factory):
 
 
 def chunked_feed(store, chunks: int = 4) -> LogitFeed:
-    feed = open_store(store, memory_budget=chunks * CHUNK_ROWS * ROW_BYTES).feed
+    feed = logit_feed(open_store(store, memory_budget=chunks * CHUNK_ROWS * ROW_BYTES).feed)
     assert feed.mode == "chunked"
     assert feed.capacity == chunks
     return feed
 
 
 def test_a_store_that_fits_is_served_from_memory(store):
-    feed = open_store(store).feed
+    feed = logit_feed(open_store(store).feed)
     assert feed.mode == "memory"
     indices = np.random.default_rng(0).integers(0, NUM_SAMPLES, size=50)
     np.testing.assert_array_equal(dense(feed.read(indices)).numpy(), logits_for(indices))

@@ -21,7 +21,7 @@ import pytest
 from conftest import cli_environment
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from narrowing import present
+from narrowing import logit_feed, present
 
 from kdcache.errors import KdcacheError
 from kdcache.store.read.private_folder import PRIVATE_ENV, SHARED_DIR_ENV
@@ -138,9 +138,9 @@ def test_readers_share_one_table_and_the_last_one_removes_it(tmp_path, shm):
     assert sorted(p.name for p in private(shm).glob("*.npy")) == sorted(
         f"{name}.{array}.npy" for array in first.encoding.layout(17)
     )
-    present(first.feed._shared).close()
+    present(logit_feed(first.feed)._shared).close()
     assert (private(shm) / f"{name}.json").exists()  # still mapped by the second reader
-    present(second.feed._shared).close()
+    present(logit_feed(second.feed)._shared).close()
     assert not list(private(shm).iterdir())
     # A later reader builds it afresh.
     third = open_store(tmp_path / "s.zarr")
@@ -225,7 +225,7 @@ def test_a_folder_planted_by_another_user_is_never_used(small, world_root, caplo
     assert os.lstat(folder).st_uid == OTHER_UID  # left as it was
     if before is not None:
         assert sorted(os.listdir(folder)) == before
-    table = Path(present(reader.feed._shared).folder)
+    table = Path(present(logit_feed(reader.feed)._shared).folder)
     assert table.parent == world_root
     assert table.name.startswith(f"kdcache-{os.geteuid()}-")
     assert stat.S_IMODE(os.lstat(table).st_mode) == 0o700
@@ -291,7 +291,7 @@ def test_a_private_folder_that_is_not_private_is_not_used(small, shm, planted):
         folder.write_text("")
     reader = open_store(path)
     np.testing.assert_array_equal(shared_rows(reader), expected)
-    assert present(reader.feed._shared).folder != folder
+    assert present(logit_feed(reader.feed)._shared).folder != folder
     if planted == "link":
         assert not list((shm / "elsewhere").iterdir())
     elif planted == "open folder":
@@ -358,7 +358,7 @@ def hold_table(path: Path) -> tuple[StoreReader, Path]:
     """A reader that keeps the store's shared table mapped, and the table's logits file."""
     keeper = open_store(path)
     keeper.feed.load(shared=True)
-    table = present(keeper.feed._shared)
+    table = present(logit_feed(keeper.feed)._shared)
     return keeper, table.folder / f"{table.name}.logits.npy"
 
 
@@ -398,12 +398,12 @@ def test_a_forged_or_wrong_table_is_rebuilt_not_used(small, shm, caplog, forgery
         (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert "decoding the store again" in warning
         assert "\n" not in warning
-    present(keeper.feed._shared).close()
+    present(logit_feed(keeper.feed)._shared).close()
 
 
 def abandon(reader: StoreReader) -> None:
     """Let go of the reader's table as a killed process would: its locks drop, its files stay."""
-    _, _, handles, _ = present(present(reader.feed._shared)._closer.detach())
+    _, _, handles, _ = present(present(logit_feed(reader.feed)._shared)._closer.detach())
     for descriptor in handles[2:4]:  # the private folder and the users lock
         os.close(descriptor)
 
@@ -423,7 +423,7 @@ def test_tables_abandoned_in_another_private_folder_are_removed(small, shm):
     reader = open_store(path)
     np.testing.assert_array_equal(shared_rows(reader), expected)
     assert list(other.iterdir())  # mapped by the running job
-    present(in_use.feed._shared).close()
+    present(logit_feed(in_use.feed)._shared).close()
     assert not list(other.iterdir())
     left = open_store(path)
     os.environ[PRIVATE_ENV] = str(other)
@@ -475,7 +475,7 @@ def test_a_stale_table_is_not_used_after_the_store_changed_and_is_removed(tmp_pa
     np.testing.assert_allclose(rows, changed, atol=1e-2)  # float16 of the new logits
     assert reader.feed.chunks_decoded > 0
     left = {p.name.split(".")[0] for p in private(shm).iterdir()}
-    assert left == {present(reader.feed._shared).name}
+    assert left == {present(logit_feed(reader.feed)._shared).name}
     assert not left & stale
 
 
@@ -502,8 +502,8 @@ def held(tmp_path_factory):
     make_store(path, 40, 5)
     keeper = open_store(path)
     keeper.feed.load(shared=True)
-    yield path, keeper.read_dense(np.arange(40)).numpy(), present(keeper.feed._shared)
-    present(keeper.feed._shared).close()
+    yield path, keeper.read_dense(np.arange(40)).numpy(), present(logit_feed(keeper.feed)._shared)
+    present(logit_feed(keeper.feed)._shared).close()
     if saved is None:
         os.environ.pop(SHARED_DIR_ENV)
     else:
@@ -536,8 +536,9 @@ def test_a_damaged_table_is_rebuilt_or_refused_never_used(held, damage):
     except KdcacheError as error:
         refused = str(error)
     finally:
-        if reader.feed._shared is not None:
-            reader.feed._shared.close()
+        shared = logit_feed(reader.feed)._shared
+        if shared is not None:
+            shared.close()
     if refused is None:
         np.testing.assert_array_equal(rows, expected)
     else:
