@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from kdcache.augment.recipe import parse_recipe
 from kdcache.augment.views import AllViews, ViewSource
-from kdcache.bench.feed import paired_ratio, round_floats, set_threads
+from kdcache.bench.feed import make_bench_folder, paired_ratio, round_floats, set_threads
 from kdcache.bench.inputs import timed
 from kdcache.config import DumpConfig
 from kdcache.data.datasets import LabeledDataset, build_dataset
@@ -122,8 +122,7 @@ def bench_dump(
         compile=compile,
     )
     bare, loop, wall, unsynced = [], [], [], []
-    if path is not None:
-        Path(path).mkdir(parents=True, exist_ok=True)
+    make_bench_folder(path)
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-", dir=path) as scratch:
         config = DumpConfig(
             teacher=teacher,

@@ -40,6 +40,19 @@ def set_threads(threads: int | None) -> int:
     return count
 
 
+def make_bench_folder(path: str | None) -> None:
+    """Make the folder ``--path`` names (its parents too) for a benchmark's scratch stores."""
+    if path is None:
+        return
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"--path {path}: cannot make that folder ({error.strerror}); give a folder that "
+            "exists or can be made"
+        ) from None
+
+
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 

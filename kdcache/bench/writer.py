@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from kdcache.bench.feed import round_floats
+from kdcache.bench.feed import make_bench_folder, round_floats
 from kdcache.errors import ConfigError
 from kdcache.store.write.background import BackgroundWriter, default_writer_workers
 from kdcache.store.write.writer import create_store
@@ -132,8 +132,7 @@ def bench_writer(
     pool = teacher_like_logits(min(_POOL_ROWS, num_rows), num_classes, views=views)
     wall: dict[tuple[str, int], list[float]] = {}
     cpu: dict[tuple[str, int], list[float]] = {}
-    if path is not None:
-        Path(path).mkdir(parents=True, exist_ok=True)
+    make_bench_folder(path)
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-writer-", dir=path) as scratch:
         # Untimed: the first store of a process pays imports and zarr's event-loop start.
         _write_once(

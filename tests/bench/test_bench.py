@@ -144,6 +144,13 @@ def test_bench_dump_writer_only_from_the_command_line(tmp_path):
     ]
     refused = run_cli("bench", "dump", "--encoding", "float16,int8", check=False)
     assert_one_line_error(refused, "need --writer-only")
+    (tmp_path / "a-file").write_text("")
+    unmakeable = str(tmp_path / "a-file" / "folder")
+    refused = run_cli(
+        "bench", "dump", "--writer-only", "--dataset", "fake:8:4:5", "--rows", "64",
+        "--path", unmakeable, check=False,
+    )  # fmt: skip
+    assert_one_line_error(refused, "cannot make that folder")
 
 
 def test_the_summary_is_aligned_lines_with_units_and_json_only_on_request():
