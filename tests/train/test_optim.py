@@ -110,7 +110,8 @@ def test_each_epoch_records_its_last_learning_rate_and_config_json_the_options(t
     )
     train(config)
     steps = math.ceil(len(build_dataset("fake:40:8", split="train")) / 8)
-    curve = LearningRateCurve(schedule="cosine", total_steps=3 * steps, warmup_steps=steps // 2)
+    warmup = round(steps * 0.5)  # --warmup-epochs 0.5
+    curve = LearningRateCurve(schedule="cosine", total_steps=3 * steps, warmup_steps=warmup)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     expected = [1e-3 * curve(epoch * steps - 1) for epoch in (1, 2, 3)]
     assert [record["lr"] for record in records] == pytest.approx(expected)
