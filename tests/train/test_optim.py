@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import json
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from kdcache.train.loop import train
 from kdcache.train.optim import LearningRateCurve, build_optimizer, build_schedule
 
 
-def tiny_model() -> nn.Module:
+def tiny_model() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
 
@@ -120,9 +121,11 @@ def test_each_epoch_records_its_last_learning_rate_and_config_json_the_options(t
 
 
 def test_a_default_run_equals_one_with_the_defaults_spelled_out(tmp_path):
-    common = dict(model="mlp:8", dataset="fake:40:8", epochs=2, batch_size=8)
+    common: dict[str, Any] = dict(model="mlp:8", dataset="fake:40:8", epochs=2, batch_size=8)
     train(TrainConfig(out=str(tmp_path / "a"), **common))
-    spelled = dict(lr_schedule="constant", warmup_epochs=0.0, min_lr=0.0, weight_decay=0.0)
+    spelled: dict[str, Any] = dict(
+        lr_schedule="constant", warmup_epochs=0.0, min_lr=0.0, weight_decay=0.0
+    )
     train(TrainConfig(out=str(tmp_path / "b"), **common, **spelled))
     a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in "ab")
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
