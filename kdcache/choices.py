@@ -23,6 +23,8 @@ INPUT_FORMS = ("float32", "uint8", "jpeg")
 INPUT_CHOICES = ("auto", *INPUT_FORMS)
 #: ``--amp`` choices: the name of the torch dtype autocast computes in.
 AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+#: ``--lr-schedule`` choices: the learning rate's curve over a run (kdcache.train.optim).
+LR_SCHEDULES = ("constant", "cosine")
 #: Views per sample a store may hold (FKD keeps a few hundred crops per image): the most
 #: ``--views`` takes, and the most a store's record may say.
 MAX_VIEWS = 1 << 16

@@ -26,6 +26,7 @@ from kdcache.choices import (
     ENCODINGS,
     ENSEMBLE_MODES,
     INPUT_CHOICES,
+    LR_SCHEDULES,
     MAX_VIEWS,
     MODELS,
     SPLITS,
@@ -125,6 +126,10 @@ BATCH_SIZES = Bounds(1, 1 << 24)
 LEARNING_RATES = Bounds(0, 1e37, real=True, above_low=True)
 #: Passes over the data: a million is already years of any real run.
 EPOCHS = Bounds(1, 1_000_000)
+#: AdamW's decoupled decay and the cosine's floor: any finite float32 at or above 0.
+WEIGHT_DECAYS = MIN_LEARNING_RATES = Bounds(0, 1e37, real=True)
+#: Warm-up in epochs, fractions too; no longer than the run (checked against --epochs).
+WARMUP_EPOCHS = Bounds(0, EPOCHS.high, real=True)
 #: Views per sample, as many as a store holds at most.
 VIEWS = Bounds(1, MAX_VIEWS)
 #: Worker processes or threads: more than any machine's cores, far fewer than would exhaust it.
@@ -172,6 +177,34 @@ def check_speed_options(inputs: str, amp: str | None) -> None:
     )
 
 
+def check_schedule(
+    schedule: str, *, lr: float, min_lr: float, warmup_epochs: float, epochs: int
+) -> None:
+    """The learning-rate curve's options agree: a known schedule, a warm-up within the run, a
+    floor below the peak that only the cosine reaches (their own ranges are checked by bounds)."""
+    require(
+        schedule in LR_SCHEDULES,
+        f"unknown --lr-schedule {schedule!r}; valid choices: {', '.join(LR_SCHEDULES)}",
+    )
+    if WARMUP_EPOCHS.admits(warmup_epochs) and EPOCHS.admits(epochs):
+        require(
+            warmup_epochs <= epochs,
+            f"--warmup-epochs {warmup_epochs:g} is longer than the run (--epochs {epochs}); "
+            f"give a number in [0, {epochs}]",
+        )
+    if not (MIN_LEARNING_RATES.admits(min_lr) and LEARNING_RATES.admits(lr)) or min_lr == 0:
+        return
+    require(
+        schedule == "cosine",
+        f"--min-lr {min_lr:g} is where --lr-schedule cosine ends, but the schedule is "
+        f"{schedule}; add --lr-schedule cosine or drop --min-lr",
+    )
+    require(
+        min_lr <= lr,
+        f"--min-lr {min_lr:g} is above --lr {lr:g}; give a number in [0, {lr:g}]",
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class SpeedOptions(Options):
     """How inputs reach the device and how the models compute (docs/benchmarks.md); shared by
@@ -205,9 +238,45 @@ class TrainingOptions(SpeedOptions):
 
     epochs: int = option(10, bounds=EPOCHS, help="Passes over the training split.")
     batch_size: int = option(64, bounds=BATCH_SIZES, help="Samples per optimisation step.")
-    lr: float = option(1e-3, bounds=LEARNING_RATES, help="Adam learning rate.")
+    lr: float = option(
+        1e-3, bounds=LEARNING_RATES, help="Peak learning rate of Adam (AdamW with --weight-decay)."
+    )
+    lr_schedule: str = option(
+        "constant",
+        choices=LR_SCHEDULES,
+        help="How the learning rate moves, per optimisation step: constant (the default, so "
+        "earlier runs and documented results reproduce), or cosine from --lr down to --min-lr "
+        "over the run; either after --warmup-epochs.",
+    )
+    warmup_epochs: float = option(
+        0.0,
+        bounds=WARMUP_EPOCHS,
+        help="Epochs (fractions too, e.g. 0.5) of linear warm-up from 0 to --lr, per step, at "
+        "most --epochs.",
+    )
+    min_lr: float = option(
+        0.0,
+        bounds=MIN_LEARNING_RATES,
+        help="The learning rate --lr-schedule cosine ends at, at most --lr.",
+    )
+    weight_decay: float = option(
+        0.0,
+        bounds=WEIGHT_DECAYS,
+        help="Decoupled weight decay (AdamW) of the weights; biases and normalisation "
+        "parameters (1-D) are not decayed; 0 = plain Adam.",
+    )
     device: str | None = option(None, help=DEVICE_HELP)
     num_workers: int = option(0, bounds=DATA_WORKERS, help="DataLoader worker processes.")
+
+    def __post_init__(self) -> None:
+        check_schedule(
+            self.lr_schedule,
+            lr=self.lr,
+            min_lr=self.min_lr,
+            warmup_epochs=self.warmup_epochs,
+            epochs=self.epochs,
+        )
+        super().__post_init__()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,9 +1,11 @@
 """The one training loop, for every task and teacher source: :func:`fit`.
 
-Seeded shuffling, Adam, the forward pass under ``--amp`` autocast (fp16 with loss scaling),
+Seeded shuffling, Adam or AdamW under a learning-rate schedule stepped per step
+(:mod:`kdcache.train.optim`), the forward pass under ``--amp`` autocast (fp16 with loss scaling),
 ``--compile``, evaluation on the held-out split after every epoch, DistributedDataParallel under
 torchrun (each rank trains on its share of every epoch; rank 0 writes), and the same run folder
-for every run: the task's ``best``/``last`` checkpoints, ``metrics.jsonl`` and ``curves.png``.
+for every run: the task's ``best``/``last`` checkpoints, ``metrics.jsonl`` (each epoch's last
+learning rate among its entries) and ``curves.png``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from kdcache.distributed import RankSession
 from kdcache.errors import ConfigError
 from kdcache.progress import progress
 from kdcache.runtime import autocast, prepare_model
+from kdcache.train.optim import build_optimizer, build_schedule
 from kdcache.train.tasks import Task, describe_metrics
 from kdcache.train.teachers import TeacherSource
 from kdcache.wording import counted
@@ -89,7 +92,7 @@ def fit(
         step_model = cast(nn.Module, torch.compile(trained)) if config.compile else trained
     if sampler is None:
         sampler = session.epoch_sampler(len(train_set), seed=config.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = build_optimizer(model, config)
     # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     batches, num_batches = task.batches(
@@ -99,6 +102,10 @@ def fit(
         sampler=sampler,
         attach=None if teacher is None else teacher.attach,
     )
+    # Ranks may differ by a batch per epoch: all follow the longest's curve, the others
+    # catching up at each epoch's end, so that every rank's step n has the same learning rate.
+    steps_per_epoch = max(session.all_gather(num_batches))
+    schedule = build_schedule(optimizer, config, steps_per_epoch=steps_per_epoch)
     best: float | None = None
     best_epoch, score = 0, math.nan
     metrics_path = out / "metrics.jsonl"
@@ -109,7 +116,8 @@ def fit(
         model.train()
         # Summed on the device: reading the loss every step would stall the GPU's queue.
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        seen = 0
+        seen = steps = 0
+        lr = optimizer.param_groups[0]["lr"]
         shown = progress(
             batches,
             total=num_batches,
@@ -126,9 +134,15 @@ def fit(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            lr = optimizer.param_groups[0]["lr"]
+            schedule.step()
+            steps += 1
             weight = task.weight(batch)
             loss_sum += loss.detach() * weight
             seen += weight
+        for _ in range(steps, steps_per_epoch):
+            lr = optimizer.param_groups[0]["lr"]
+            schedule.step()
         # .item() waits for the epoch's last step
         summed, counted = session.all_sum(loss_sum.item(), seen)
         train_loss = summed / counted
@@ -145,6 +159,7 @@ def fit(
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
+            "lr": lr,
             **metrics,
             "train_time_s": round(train_time, 4),
             **task.epoch_extras(int(counted), train_time),

@@ -144,10 +144,28 @@ def test_a_sweep_over_two_stores_in_two_jobs_equals_one_job(tmp_path, digits_sto
     for jobs in ("1", "2"):
         out = tmp_path / f"jobs{jobs}"
         run_cli(
-            "sweep", "--cache", str(digits_store), "--cache", str(other), "--student", "mlp:8",
-            "--temperatures", "2,4", "--seeds", "0", "--epochs", "1", "--batch-size", "128",
-            "--device", "cpu", "--jobs", jobs, "--out", str(out),
-        )  # fmt: skip
+            "sweep",
+            "--cache",
+            str(digits_store),
+            "--cache",
+            str(other),
+            "--student",
+            "mlp:8",
+            "--temperatures",
+            "2,4",
+            "--seeds",
+            "0",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "128",
+            "--device",
+            "cpu",
+            "--jobs",
+            jobs,
+            "--out",
+            str(out),
+        )
         lines = (out / "results.csv").read_text().splitlines()
         # Wall time and run folder differ between the two sweeps; what was learnt may not.
         rows[jobs] = sorted(line.split(",")[:9] for line in lines[1:])
@@ -408,3 +426,21 @@ def test_bench_json_output_parses(tmp_path):
     assert all(
         mode["batches"] == 4 and mode["samples_per_s"] > 0 for mode in feed["modes"].values()
     )
+
+
+def test_an_impossible_warm_up_is_refused_in_one_line(tmp_path):
+    result = run_cli(
+        "train",
+        "--model",
+        "mlp",
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "3",
+        "--out",
+        str(tmp_path / "run"),
+        check=False,
+    )
+    assert result.returncode == 1
+    assert_one_line_error(result, "--warmup-epochs 3 is longer than the run (--epochs 2)")
+    assert not (tmp_path / "run").exists()

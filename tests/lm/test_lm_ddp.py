@@ -1,9 +1,11 @@
 """A language-model distillation from a sequence store under torchrun (2 ranks, gloo on CPU):
-DistributedDataParallel through the one training loop, every sequence once per epoch."""
+DistributedDataParallel through the one training loop, every sequence once per epoch, on one
+learning-rate curve."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -16,6 +18,7 @@ from kdcache.config import DumpConfig
 from kdcache.lm.dump import dump_lm
 from kdcache.lm.models import load_causal_lm
 from kdcache.lm.text import build_text_dataset
+from kdcache.train.optim import LearningRateCurve
 
 
 def test_lm_distillation_under_torchrun_sees_every_sequence_once_per_epoch(tmp_path, lm_files):
@@ -34,7 +37,8 @@ def test_lm_distillation_under_torchrun_sees_every_sequence_once_per_epoch(tmp_p
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node", "2", "-m", "kdcache", "distill", "--cache", str(store)]
     command += ["--student", "lm_teachers:recording", "--epochs", str(epochs), "--batch-size", "5"]
-    command += ["--device", "cpu", "--out", str(out)]
+    command += ["--device", "cpu", "--out", str(out), "--lr-schedule", "cosine"]
+    command += ["--warmup-epochs", "0.5", "--weight-decay", "0.01"]
     job = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
     assert job.returncode == 0, job.stderr
     assert job.stdout.count("best val_ppl") == 1  # rank 0 reports for the job
@@ -51,7 +55,12 @@ def test_lm_distillation_under_torchrun_sees_every_sequence_once_per_epoch(tmp_p
     assert sorted(seen) == list(range(1, epochs + 1))
     for epoch, counts in seen.items():
         assert counts == expected, f"epoch {epoch}: not every sequence exactly once"
-    metrics = (out / "metrics.jsonl").read_text().splitlines()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == epochs  # written once, by rank 0
+    steps = math.ceil(math.ceil(len(train_set.sequences) / 2) / 5)  # the longer rank's batches
+    warmup = round(steps * 0.5)  # --warmup-epochs 0.5
+    curve = LearningRateCurve(schedule="cosine", total_steps=epochs * steps, warmup_steps=warmup)
+    lrs = [1e-3 * curve(epoch * steps - 1) for epoch in range(1, epochs + 1)]
+    assert [record["lr"] for record in metrics] == lrs
     assert json.loads((out / "config.json").read_text())["resolved"]["ranks"] == 2
     assert {"best", "last", "curves.png"} <= {p.name for p in out.iterdir()}

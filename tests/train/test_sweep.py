@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -98,6 +99,21 @@ def test_a_finished_run_with_other_settings_is_refused(finished_sweep, digits_st
     out, _ = finished_sweep
     with pytest.raises(KdcacheError, match="epochs=1 but this sweep asks for 3"):
         run_sweep(tiny_sweep(digits_store, out, epochs=3))
+
+
+def test_runs_from_before_the_schedule_options_are_kept_as_constant_without_decay(
+    finished_sweep, digits_store, tmp_path
+):
+    out = tmp_path / "sweep"
+    shutil.copytree(finished_sweep[0], out)
+    for config_path in out.glob("*/config.json"):
+        saved = json.loads(config_path.read_text())
+        for name in ("lr_schedule", "warmup_epochs", "min_lr", "weight_decay"):
+            del saved[name]
+        config_path.write_text(json.dumps(saved))
+    assert run_sweep(tiny_sweep(digits_store, out)).runs_skipped == 4
+    with pytest.raises(KdcacheError, match="lr_schedule='constant' but this sweep asks for 'cos"):
+        run_sweep(tiny_sweep(digits_store, out, lr_schedule="cosine"))
 
 
 @pytest.mark.parametrize(
