@@ -9,7 +9,7 @@
 #     OUT=/path/to/results bash pipelines/glyph_results_gpu.sh
 # Writes $OUT/results (glyph_results.json and .md, the teacher, the stores and runs) and
 # $OUT/bytes (results.json, tables.md) and $OUT/glyphs-view-bytes.png. Every run goes to the GPU
-# (--device cuda); the student runs share it, JOBS at a time.
+# (--device cuda); the tasks share it, JOBS at a time, 4 CPU threads each.
 # Overrides: PYTHON, DATASET (the teacher's: glyphs:1000:32:100), STUDENT_DATASET (the students'
 # and the stores': glyphs:1000:32:20), TEACHER (resnet:64), TEACHER_EPOCHS (15), STUDENT
 # (resnet:16), EPOCHS (20), SEEDS (0,1,2), JOBS (4), PARTS (encodings,sweep,views) and RECIPE
@@ -36,7 +36,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/device.txt" || tru
 "$PYTHON" pipelines/glyph_results.py "$OUT/results" --dataset "$STUDENT_DATASET" \
     --teacher-dataset "$DATASET" --teacher "$TEACHER" --teacher-epochs "$TEACHER_EPOCHS" \
     --student "$STUDENT" --epochs "$EPOCHS" --seeds "$SEEDS" --jobs "$JOBS" --parts "$PARTS" \
-    "${recipe[@]}" --device cuda --threads 8
+    "${recipe[@]}" --device cuda --threads 4
 "$PYTHON" pipelines/glyph_view_bytes.py --weights "$OUT/results/teacher/best.pt" \
     --teacher "$TEACHER" --dataset "${DATASET%:*}:4" --out "$OUT/bytes" \
     --figure "$OUT/glyphs-view-bytes.png"
