@@ -41,7 +41,7 @@ from kdcache.store.format.layout import (
 from kdcache.store.format.location import StoreLocation, parse_location
 from kdcache.store.format.metadata import StoreMetadata
 from kdcache.store.read.decoding import default_decode_threads
-from kdcache.store.read.feed import Feed, LogitFeed, default_memory_budget, parse_size
+from kdcache.store.read.feed import Feed, default_memory_budget, parse_size
 from kdcache.store.read.guard import DECODE_ERRORS, ChunkGuard, decode_rows
 from kdcache.store.read.joined import (
     JOINED_FROM_KEY,
@@ -55,6 +55,7 @@ from kdcache.store.read.joined import (
     whole_dataset,
     whole_size,
 )
+from kdcache.store.read.logit_feed import LogitFeed
 from kdcache.wording import counted
 
 __all__ = [
