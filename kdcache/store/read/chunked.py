@@ -65,13 +65,16 @@ class Chunked(Residency):
         feed = self.feed
         if feed._tables is None:
             feed._allocate(feed.capacity * feed.chunk_rows)
-        if np.unique(rows // feed.chunk_rows).size <= feed.capacity:
-            yield slice(0, rows.size), self._resident_positions(rows)
+        chunks = rows // feed.chunk_rows
+        touched = np.unique(chunks)
+        if touched.size <= feed.capacity:
+            yield slice(0, rows.size), self._resident_positions(rows, chunks, touched)
             return
         # Pieces of at most `capacity` rows touch at most `capacity` chunks, so they always fit.
         for start in range(0, rows.size, feed.capacity):
-            piece = rows[start : start + feed.capacity]
-            yield slice(start, start + piece.size), self._resident_positions(piece)
+            span = slice(start, min(start + feed.capacity, rows.size))
+            piece = chunks[span]
+            yield span, self._resident_positions(rows[span], piece, np.unique(piece))
 
     def epoch_order(
         self,
@@ -110,11 +113,12 @@ class Chunked(Residency):
             while len(self._plans) > PLANS_KEPT:
                 del self._plans[next(iter(self._plans))]
 
-    def _resident_positions(self, rows: np.ndarray) -> np.ndarray:
-        """Chunked mode: make the chunks of ``rows`` (at most :attr:`capacity` of them) resident,
-        start decoding the windows ahead, and return the rows' positions in the table."""
-        chunks = rows // self.feed.chunk_rows
-        touched = np.unique(chunks)
+    def _resident_positions(
+        self, rows: np.ndarray, chunks: np.ndarray, touched: np.ndarray
+    ) -> np.ndarray:
+        """Make ``touched``, the chunks of ``rows`` (``chunks``, at most the feed's capacity of
+        them), resident, start decoding the windows ahead, and return the rows' positions in the
+        table."""
         self._tick += 1
         self._collect_finished()
         self._request(touched, protected=touched, needed=True)

@@ -65,7 +65,7 @@ class InMemory(Residency):
         def decode_block(start: int) -> None:
             stop = min(start + block_rows, feed.num_samples)
             for name, table in tables.items():
-                table[start:stop] = feed.reader.read_rows(name, start, stop)
+                feed.reader.read_rows_into(name, start, stop, table[start:stop])
 
         feed.decoder.run_all(decode_block, range(0, feed.num_samples, block_rows))
         try:

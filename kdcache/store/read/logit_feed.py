@@ -208,7 +208,7 @@ class LogitFeed(Feed):
         stop = min(start + self.chunk_rows, self.num_samples)
         offset = slot * self.chunk_rows
         for name, table in self._tables.items():
-            table[offset : offset + stop - start] = self.reader.read_rows(name, start, stop)
+            self.reader.read_rows_into(name, start, stop, table[offset : offset + stop - start])
 
     def read(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> TeacherInput:
         if self._dense:
