@@ -11,6 +11,7 @@ the table. Random-order reads prefetch nothing and decode the chunks they touch.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -59,7 +60,17 @@ class Chunked(Residency):
         return capacity
 
     def load(self, *, shared: bool) -> None:
-        """Nothing up front: a chunk is decoded when a batch first needs it."""
+        """The slots, allocated and their pages mapped now, for the whole run (chunks are decoded
+        when a batch first needs them). The first touch of fresh memory costs more than the
+        decode into it on a virtual machine (7 ms per MB here, docs/benchmarks.md): paid once,
+        here, rather than by the first epoch's decoding threads."""
+        feed = self.feed
+        if feed._tables is not None:
+            return
+        feed._allocate(feed.capacity * feed.chunk_rows)
+        assert feed._tables is not None
+        for table in feed._tables.values():
+            table.reshape(-1).view(np.uint8)[:: mmap.PAGESIZE] = 0
 
     def pieces(self, rows: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
         feed = self.feed

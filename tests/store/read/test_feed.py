@@ -94,6 +94,14 @@ def test_chunked_feed_decodes_each_chunk_once_per_epoch_within_its_budget(store)
         assert feed.chunks_decoded == (epoch + 1) * feed.num_chunks
 
 
+def test_a_loaded_chunked_feed_holds_its_slots_within_its_budget_and_decodes_nothing(store):
+    feed = chunked_feed(store, chunks=4)
+    feed.load()
+    assert feed.resident_nbytes == 4 * CHUNK_ROWS * ROW_BYTES <= feed.memory_budget
+    assert feed.chunks_decoded == 0
+    np.testing.assert_array_equal(dense(feed.read([5, 57])).numpy(), logits_for([5, 57]))
+
+
 def test_chunked_feed_serves_any_indices_even_more_chunks_than_fit(store):
     feed = chunked_feed(store, chunks=2)
     indices = np.random.default_rng(1).permutation(NUM_SAMPLES)[
