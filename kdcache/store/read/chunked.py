@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kdcache.errors import ConfigError
 from kdcache.store.read.decoding import PLANS_KEPT, EpochPlan
-from kdcache.store.read.residency import Residency
-
-if TYPE_CHECKING:
-    from kdcache.store.read.logit_feed import LogitFeed
+from kdcache.store.read.residency import Residency, SlotTable
 
 __all__ = [
     "Chunked",
@@ -35,7 +31,7 @@ class Chunked(Residency):
 
     name = "chunked"
 
-    def __init__(self, feed: LogitFeed) -> None:
+    def __init__(self, feed: SlotTable) -> None:
         super().__init__(feed)
         self._slot_of_chunk = np.full(feed.num_chunks, -1, dtype=np.int64)
         self._chunk_of_slot = np.full(feed.capacity, -1, dtype=np.int64)
@@ -49,7 +45,7 @@ class Chunked(Residency):
         self._plan: EpochPlan | None = None
 
     @staticmethod
-    def capacity(feed: LogitFeed) -> int:
+    def capacity(feed: SlotTable) -> int:
         capacity = min(feed.num_chunks, feed.memory_budget // feed.chunk_nbytes)
         if capacity < 2:
             raise ConfigError(

@@ -4,15 +4,11 @@ up front (on the decoding threads), and any order of indices served at memory sp
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kdcache.store.read.residency import Residency
+from kdcache.store.read.residency import Residency, SlotTable
 from kdcache.store.read.shared_table import SharedTable, store_identity
-
-if TYPE_CHECKING:
-    from kdcache.store.read.logit_feed import LogitFeed
 
 __all__ = [
     "LOAD_BLOCK_CHUNKS",
@@ -30,7 +26,7 @@ class InMemory(Residency):
     name = "memory"
 
     @staticmethod
-    def capacity(feed: LogitFeed) -> int:
+    def capacity(feed: SlotTable) -> int:
         return feed.num_chunks
 
     def load(self, *, shared: bool) -> None:
