@@ -6,7 +6,9 @@ docs/benchmarks.md), so the feed keeps decoded chunks in a table of fixed-size s
 gathers a batch with one ``np.take`` per array (no per-sample Python). Which chunks the table
 holds is the feed's mode (:data:`FEED_MODES`): the whole store when it fits ``memory_budget``
 (kdcache.store.read.in_memory), else a bounded set that follows the epoch order
-(kdcache.store.read.chunked).
+(kdcache.store.read.chunked). Chunks of a local store are decoded from their files straight into
+their slot (kdcache.store.read.chunk_files), others through zarr; the reader's guard checks
+each one before it is served.
 
 A dense float16 store's rows reach float32 through torch in blocks of fewer than 32,768
 elements: numpy's float16 conversion is several times slower, and torch's thread pool (which it
