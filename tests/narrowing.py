@@ -16,7 +16,7 @@ import torch
 import zarr
 
 from kdcache.logits.sparse import SparseLogits
-from kdcache.store.read.feed import LogitFeed
+from kdcache.store.read.logit_feed import LogitFeed
 
 T = TypeVar("T")
 

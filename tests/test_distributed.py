@@ -17,7 +17,7 @@ from kdcache.store.ranks.partition import (
     sequence_plan,
     unit_chunks,
 )
-from kdcache.store.read.feed import LogitFeed
+from kdcache.store.read.logit_feed import LogitFeed
 from kdcache.store.read.reader import open_store
 from kdcache.store.sequence import rows_of, sequence_offsets
 from kdcache.store.write import durability

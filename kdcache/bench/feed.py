@@ -23,7 +23,7 @@ import torch
 
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.store.read.decoding import default_decode_threads
-from kdcache.store.read.feed import LogitFeed
+from kdcache.store.read.logit_feed import LogitFeed
 from kdcache.store.read.reader import open_store
 from kdcache.store.write.writer import create_store
 

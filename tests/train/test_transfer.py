@@ -15,7 +15,7 @@ from kdcache import DistillConfig, DumpConfig, create_store, open_store
 from kdcache.data.datasets import build_dataset
 from kdcache.dump.teacher import dump_teacher
 from kdcache.errors import ConfigError
-from kdcache.store.read.feed import LogitFeed
+from kdcache.store.read.logit_feed import LogitFeed
 from kdcache.train.loop import distill
 from kdcache.train.transfer import TransferSampler, read_indices, transfer_rows
 

@@ -40,8 +40,9 @@ from kdcache.store.format.layout import (
 )
 from kdcache.store.format.location import StoreLocation, parse_location
 from kdcache.store.format.metadata import StoreMetadata
+from kdcache.store.read.chunk_files import ChunkFileReader
 from kdcache.store.read.decoding import default_decode_threads
-from kdcache.store.read.feed import Feed, LogitFeed, default_memory_budget, parse_size
+from kdcache.store.read.feed import Feed, default_memory_budget, parse_size
 from kdcache.store.read.guard import DECODE_ERRORS, ChunkGuard, decode_rows
 from kdcache.store.read.joined import (
     JOINED_FROM_KEY,
@@ -55,6 +56,7 @@ from kdcache.store.read.joined import (
     whole_dataset,
     whole_size,
 )
+from kdcache.store.read.logit_feed import LogitFeed
 from kdcache.wording import counted
 
 __all__ = [
@@ -89,10 +91,18 @@ class StoreReader:
         #: The checks every decoded chunk passes (kdcache.store.read.guard).
         self.guard = ChunkGuard(metadata, layout, where, lambda: self._group)
         self._view_params: np.ndarray | None = None
+        #: Per array, its chunk files' reader, ``None`` where zarr's path is kept.
+        self._chunk_files: dict[str, ChunkFileReader | None] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # Zarr handles are reopened where the reader lands; the feed travels without its table.
-        return {**self.__dict__, "_opened": None, "_pid": None, "guard": None}
+        return {
+            **self.__dict__,
+            "_opened": None,
+            "_pid": None,
+            "guard": None,
+            "_chunk_files": {},
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -207,6 +217,23 @@ class StoreReader:
         values = decode_rows(array, start, stop, self.where, self.metadata.chunk_rows)
         self.guard.check_rows(name, start, values)
         return values
+
+    def read_rows_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        """:meth:`read_rows` decoded into ``out`` (``stop - start`` rows, C-contiguous); from a
+        local store's chunk files without a new buffer per chunk (kdcache.store.read.chunk_files).
+        """
+        array = self.guard.array(name)
+        if name not in self._chunk_files:
+            self._chunk_files[name] = ChunkFileReader.for_array(array)
+        files = self._chunk_files[name]
+        chunk_rows = self.metadata.chunk_rows
+        spans = [(low, min(low + chunk_rows, stop)) for low in range(start, stop, chunk_rows)]
+        if files is None or not all(
+            files.decode_into(low // chunk_rows, out[low - start : high - start])
+            for low, high in spans
+        ):
+            out[...] = decode_rows(array, start, stop, self.where, chunk_rows)
+        self.guard.check_rows(name, start, out)
 
     def check_chunks_present(self, name: str) -> None:
         """Refuse an array whose written chunks were deleted (zarr would read them as fill
@@ -468,6 +495,9 @@ class JoinedReader(StoreReader):
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         return self.feed.gather(np.arange(start, stop))[name]
+
+    def read_rows_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        out[...] = self.read_rows(name, start, stop)
 
     def check_chunks_present(self, name: str) -> None:
         for part in self.parts:

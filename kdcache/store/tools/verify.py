@@ -39,8 +39,8 @@ from kdcache.store.format.layout import (
 )
 from kdcache.store.format.location import parse_location, partial_files
 from kdcache.store.format.pinning import array_problems
-from kdcache.store.read.feed import LOAD_BLOCK_CHUNKS
 from kdcache.store.read.guard import DECODE_ERRORS as _DECODE_ERRORS
+from kdcache.store.read.in_memory import LOAD_BLOCK_CHUNKS
 from kdcache.store.read.reader import JoinedReader, StoreReader, open_store
 from kdcache.store.sequence import sequence_problems
 from kdcache.wording import counted

@@ -1,52 +1,32 @@
-"""The logit feed on real stores: order, pairing, memory bound and worker safety (not speed)."""
+"""The logit feed on real stores: the mode a budget picks, order, pairing, sizes and worker
+safety (not speed); the chunked mode's own guarantees are in test_chunked.py."""
 
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
 
 import numpy as np
 import pytest
 import torch
+from named_rows import (
+    CHUNK_ROWS,
+    NUM_SAMPLES,
+    ROW_BYTES,
+    logits_for,
+    write_named_store,
+)
 from narrowing import dense, logit_feed
 from torch.utils.data import DataLoader, Dataset
 
 from kdcache import create_store, open_store
 from kdcache.data.loaders import make_loader
 from kdcache.errors import ConfigError
-from kdcache.store.read.feed import LogitFeed, parse_size
-
-NUM_SAMPLES, NUM_CLASSES, CHUNK_ROWS = 203, 6, 10
-ROW_BYTES = NUM_CLASSES * 4  # float32
-
-
-def logits_for(indices: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Logits that name their own row: row i is i, i+0.5, i+1, ... so a mix-up is visible."""
-    indices = np.asarray(indices, dtype=np.float32).reshape(-1, 1)
-    return indices + 0.5 * np.arange(NUM_CLASSES, dtype=np.float32)
+from kdcache.store.read.feed import parse_size
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("feed") / "s.zarr"
-    writer = create_store(
-        path,
-        num_samples=NUM_SAMPLES,
-        num_classes=NUM_CLASSES,
-        encoding="float32",
-        chunk_rows=CHUNK_ROWS,
-    )
-    for batch in np.array_split(np.arange(NUM_SAMPLES), 7):
-        writer.write(batch, logits_for(batch))
-    writer.finalize()
-    return path
-
-
-def chunked_feed(store, chunks: int = 4) -> LogitFeed:
-    feed = logit_feed(open_store(store, memory_budget=chunks * CHUNK_ROWS * ROW_BYTES).feed)
-    assert feed.mode == "chunked"
-    assert feed.capacity == chunks
-    return feed
+    return write_named_store(tmp_path_factory.mktemp("feed") / "s.zarr")
 
 
 def test_a_store_that_fits_is_served_from_memory(store):
@@ -70,38 +50,6 @@ def test_every_index_exactly_once_per_epoch_in_a_new_order(store, mode):
     assert not np.array_equal(orders[1], orders[2])
     np.testing.assert_array_equal(orders[0], feed.epoch_order(0, seed=3))
     assert not np.array_equal(orders[0], feed.epoch_order(0, seed=4))
-
-
-def test_chunked_order_shuffles_rows_within_windows_of_chunks(store):
-    feed = chunked_feed(store, chunks=6)
-    order = feed.epoch_order(0)
-    window_rows = feed.window_chunks * CHUNK_ROWS
-    first = order[:window_rows]
-    assert len(np.unique(first // CHUNK_ROWS)) == feed.window_chunks == 3
-    assert not np.array_equal(first, np.sort(first))  # rows are shuffled, not in chunk order
-
-
-def test_chunked_feed_decodes_each_chunk_once_per_epoch_within_its_budget(store):
-    feed = chunked_feed(store, chunks=4)
-    for epoch in range(2):
-        order = feed.epoch_order(epoch)
-        for start in range(0, NUM_SAMPLES, 16):
-            batch = order[start : start + 16]
-            np.testing.assert_array_equal(dense(feed.read(batch)).numpy(), logits_for(batch))
-            assert feed.resident_nbytes <= feed.memory_budget
-        assert feed.chunks_decoded == (epoch + 1) * feed.num_chunks
-
-
-def test_chunked_feed_serves_any_indices_even_more_chunks_than_fit(store):
-    feed = chunked_feed(store, chunks=2)
-    indices = np.random.default_rng(1).permutation(NUM_SAMPLES)[
-        :120
-    ]  # touches far more than 2 chunks
-    np.testing.assert_array_equal(
-        dense(feed.read(torch.from_numpy(indices))).numpy(), logits_for(indices)
-    )
-    assert feed.resident_nbytes <= feed.memory_budget
-    assert feed.read([]).shape == (0, NUM_CLASSES)
 
 
 def test_budget_below_two_chunks_and_bad_indices_are_refused(store):
@@ -163,9 +111,7 @@ def test_logits_stay_paired_with_inputs_under_shuffling_and_workers(store, mode)
     for _ in range(2):
         seen = []
         for inputs, _, indices in loader:
-            torch.testing.assert_close(
-                feed.to_device(indices, torch.device("cpu")), inputs, rtol=0, atol=0
-            )
+            torch.testing.assert_close(dense(feed.read(indices)), inputs, rtol=0, atol=0)
             seen.append(indices)
         assert sorted(torch.cat(seen).tolist()) == list(range(NUM_SAMPLES))
     if sampler is not None:
@@ -209,47 +155,6 @@ def test_a_pickled_reader_travels_without_its_table(store):
     np.testing.assert_array_equal(copy.read([7, 3]).numpy(), logits_for([7, 3]))
 
 
-def test_reading_in_epoch_order_decodes_the_next_window_ahead(store):
-    feed = chunked_feed(store, chunks=6)
-    order = feed.epoch_order(0, seed=1)
-    chunks, first_seen = np.unique(order // CHUNK_ROWS, return_index=True)
-    by_window = chunks[np.argsort(first_seen)]  # a window's rows all come before the next's
-    next_window = by_window[feed.window_chunks : 2 * feed.window_chunks]
-    first = order[:16]
-    np.testing.assert_array_equal(dense(feed.read(first)).numpy(), logits_for(first))
-    feed.decoder.quiesce()
-    held = set(feed._chunk_of_slot.tolist())
-    assert set(next_window.tolist()) <= held  # decoded before any of its rows was asked for
-    # random-order reads are served too, decoding only the chunks they touch
-    feed.decoder.quiesce()
-    before = feed.chunks_decoded + len(feed.decoder.pending)
-    scattered = np.array([5, 195, 101])
-    np.testing.assert_array_equal(dense(feed.read(scattered)).numpy(), logits_for(scattered))
-    touched = set((scattered // CHUNK_ROWS).tolist()) - held
-    assert feed.chunks_decoded + len(feed.decoder.pending) == before + len(touched)
-
-
-@pytest.mark.parametrize("world_size", [1, 3])
-def test_prefetching_ranks_read_disjoint_shares_of_every_row_each_epoch(store, world_size):
-    feeds = [chunked_feed(store, chunks=4) for _ in range(world_size)]
-    for epoch in range(2):
-        shares = []
-        for rank, feed in enumerate(feeds):
-            decoded = feed.chunks_decoded
-            order = feed.epoch_order(epoch, seed=7, rank=rank, world_size=world_size)
-            for start in range(0, len(order), 16):
-                batch = order[start : start + 16]
-                np.testing.assert_array_equal(dense(feed.read(batch)).numpy(), logits_for(batch))
-                assert feed.resident_nbytes <= feed.memory_budget
-            shares.append(order)
-            owned = np.unique(order // CHUNK_ROWS).size
-            # each of its chunks once (in a later epoch, one still held from the last needs none)
-            assert feed.chunks_decoded - decoded <= owned
-            assert epoch > 0 or feed.chunks_decoded == owned
-        every = np.concatenate(shares)
-        np.testing.assert_array_equal(np.sort(every), np.arange(NUM_SAMPLES))
-
-
 @pytest.fixture(scope="module")
 def wide_float16_store(tmp_path_factory):
     """float16 rows wider than one conversion block, so a batch takes several."""
@@ -269,6 +174,4 @@ def test_float16_rows_reach_float32_exactly(wide_float16_store, budget):
     rows = np.random.default_rng(3).permutation(60)[:21]
     np.testing.assert_array_equal(dense(reader.read(rows)).numpy(), stored[rows])
     np.testing.assert_array_equal(reader.read_dense(rows).numpy(), stored[rows])
-    on_cpu = reader.feed.to_device(rows, torch.device("cpu"))
-    np.testing.assert_array_equal(dense(on_cpu).numpy(), stored[rows])
     np.testing.assert_array_equal(reader.feed.gather(rows)["logits"], stored[rows])
