@@ -34,6 +34,7 @@ from kdcache.lm.models import load_causal_lm
 from kdcache.lm.text import build_text_dataset, collate
 from kdcache.logits.sampled import SampledLogits
 from kdcache.logits.sequence_losses import TokenDistillationLoss
+from kdcache.store.sequence import SequenceReader
 
 
 def draw(probs: torch.Tensor, num_draws: int, scheme: str, seed: int) -> torch.Tensor:
@@ -53,6 +54,12 @@ def draw(probs: torch.Tensor, num_draws: int, scheme: str, seed: int) -> torch.T
 def as_sampled(counts: torch.Tensor, num_draws: int) -> SampledLogits:
     shares, classes = (counts / num_draws).float().topk(num_draws, dim=1)
     return SampledLogits(indices=classes, probs=shares, num_classes=counts.shape[1])
+
+
+def dense_rows(store: SequenceReader, samples: list[int]) -> torch.Tensor:
+    rows = store.read(samples)
+    assert isinstance(rows, torch.Tensor)  # a float16 store reads as dense rows
+    return rows
 
 
 def angle(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -83,7 +90,7 @@ def main() -> None:
     batch = collate(dataset, samples)
     with torch.no_grad():
         q = torch.softmax(lm.logits(batch.input_ids, batch.attention_mask)[batch.mask].double(), 1)
-    p = torch.softmax(store.read(samples).double(), dim=1)
+    p = torch.softmax(dense_rows(store, samples).double(), dim=1)
     entropy = float(-(p * p.clamp_min(1e-300).log()).sum(1).mean())
     print(
         f"{len(p)} rows, V = {p.shape[1]}, teacher entropy {entropy:.2f} nats, "
@@ -125,7 +132,7 @@ def main() -> None:
         found: dict[str, list[float]] = {scheme: [] for scheme in schemes}
         for repeat in range(args.repeats):
             chosen = order[repeat * size : (repeat + 1) * size]
-            rows = store.read(chosen)
+            rows = dense_rows(store, chosen)
             reference = gradient(rows, chosen)
             probs = torch.softmax(rows.double(), dim=1)
             for scheme in schemes:
