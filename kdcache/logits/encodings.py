@@ -16,7 +16,12 @@ import numpy as np
 import torch
 
 from kdcache.errors import ConfigError, SpecError
-from kdcache.logits.sampled import SampledLogits, check_draws_temperature, draw_samples
+from kdcache.logits.sampled import (
+    DRAW_SCHEMES,
+    SampledLogits,
+    check_draws_temperature,
+    draw_samples,
+)
 from kdcache.logits.sparse import TAIL_STATS, SparseLogits, TeacherInput, tail_statistics
 from kdcache.logits.viewset import (
     DEFAULT_BITS,
@@ -421,13 +426,18 @@ class SampledEncoding(Encoding):
     (S uint8): 3S bytes for C <= 65536. An unbiased estimate of the teacher's distribution (see
     :mod:`kdcache.logits.sampled`) rather than its best approximation row by row: ``decode`` gives
     log(count / S) to the drawn classes and a floor 30 nats lower to the others.
+    ``sampled:S:systematic`` takes the draws systematically (less noise, the same arrays, read
+    the same way); ``sampled:S`` independently.
     """
 
     packed_arrays = ("sample_indices", "sample_counts")
 
-    def __init__(self, num_draws: int, *, num_classes: int | None = None) -> None:
+    def __init__(
+        self, num_draws: int, *, scheme: str = DRAW_SCHEMES[0], num_classes: int | None = None
+    ) -> None:
         self.num_draws = num_draws
-        self.name = f"sampled:{num_draws}"
+        self.scheme = scheme
+        self.name = f"sampled:{num_draws}" + ("" if scheme == DRAW_SCHEMES[0] else f":{scheme}")
         self.num_classes = num_classes
 
     def layout(self, num_classes: int) -> Layout:
@@ -449,7 +459,7 @@ class SampledEncoding(Encoding):
         }
 
     def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
-        classes, counts = draw_samples(logits, self.num_draws)
+        classes, counts = draw_samples(logits, self.num_draws, scheme=self.scheme)
         dtype = self.layout(logits.shape[1])["sample_indices"][1]
         return {"sample_indices": classes.astype(dtype), "sample_counts": counts}
 
@@ -605,12 +615,15 @@ def _topk(spec: str, argument: str, num_classes: int | None) -> Encoding:
 
 
 def _sampled(spec: str, argument: str, num_classes: int | None) -> Encoding:
-    if not (argument.isdigit() and 1 <= int(argument) <= MAX_DRAWS):
+    draws, sep, scheme = argument.partition(":")
+    if not (
+        draws.isdigit() and 1 <= int(draws) <= MAX_DRAWS and (not sep or scheme in DRAW_SCHEMES[1:])
+    ):
         raise SpecError(
             f"malformed encoding {spec!r}; expected sampled:S with an integer S in "
-            f"[1, {MAX_DRAWS}], e.g. sampled:12"
+            f"[1, {MAX_DRAWS}], or sampled:S:systematic (evenly spaced draws), e.g. sampled:12"
         )
-    return SampledEncoding(int(argument), num_classes=num_classes)
+    return SampledEncoding(int(draws), scheme=scheme or DRAW_SCHEMES[0], num_classes=num_classes)
 
 
 def _viewset(spec: str, argument: str, num_classes: int | None) -> Encoding:
@@ -648,7 +661,7 @@ ENCODINGS: dict[str, EncodingKind] = {
     "float16": EncodingKind("float16", "float16", _dense("float16")),
     "int8": EncodingKind("int8", "int8", _int8),
     "topk": EncodingKind("topk:K[:BITS]", "topk:20", _topk),
-    "sampled": EncodingKind("sampled:S", "sampled:12", _sampled),
+    "sampled": EncodingKind("sampled:S[:systematic]", "sampled:12", _sampled),
     "viewset": EncodingKind("viewset:M", "viewset:16", _viewset),
 }
 #: The forms :func:`parse_encoding` accepts, for messages.

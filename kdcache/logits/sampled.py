@@ -11,6 +11,13 @@ and the cross-entropy to p_hat (forward KL up to a constant) has the full distri
 gradient. Their results are at about a dozen draws per token. The draws are taken at T = 1, so the
 target is p_1: distilling at another temperature would need p_T / p_1 per class, which the draws do
 not keep.
+
+Unbiased is not enough on a flat teacher: the draws' noise, sum_c p_c (1 - p_c) / S per row, is
+what moves the gradient away from the dense one (docs/results.md, "Sampled: bias or variance").
+``systematic`` draws (one uniform u per row, the S points (u + i) / S on the row's CDF) keep
+E[count_c / S] = p_c with each class drawn floor(S p_c) or ceil(S p_c) times, so a class with
+p_c >= 1 / S is never missed and its share is off by less than 1 / S: the same store, the same
+loss, less noise.
 """
 
 from __future__ import annotations
@@ -69,8 +76,25 @@ class SampledLogits:
 DRAW_BLOCK_ELEMENTS = 1 << 16
 
 
-def draw_samples(logits: np.ndarray, num_draws: int) -> tuple[np.ndarray, np.ndarray]:
-    """``num_draws`` classes per row drawn from softmax(``logits``) (B, C) with replacement.
+#: How the S draws of a row are taken: independently (multinomial, with replacement) or as S evenly
+#: spaced points on the row's CDF from one uniform (systematic).
+DRAW_SCHEMES = ("multinomial", "systematic")
+
+
+def _systematic(probs: Tensor, num_draws: int, generator: torch.Generator) -> Tensor:
+    """(B, S) classes: the points (u + i) / S, u ~ U[0, 1) per row, looked up on the CDF."""
+    cdf = probs.cumsum(dim=1)
+    cdf[:, -1] = 1.0  # rounding must not leave a point past the last class
+    start = torch.rand(len(probs), 1, generator=generator, dtype=probs.dtype)
+    points = (start + torch.arange(num_draws, dtype=probs.dtype)) / num_draws
+    return torch.searchsorted(cdf, points, right=True).clamp_max(probs.shape[1] - 1)
+
+
+def draw_samples(
+    logits: np.ndarray, num_draws: int, *, scheme: str = "multinomial"
+) -> tuple[np.ndarray, np.ndarray]:
+    """``num_draws`` classes per row drawn from softmax(``logits``) (B, C) by ``scheme`` (one of
+    :data:`DRAW_SCHEMES`; multinomial draws with replacement).
 
     Returns the distinct classes (B, S), most drawn first, and their counts (B, S) uint8, padded
     with class 0 and count 0. The generator is seeded from the block's bytes, so a resumed dump
@@ -85,7 +109,10 @@ def draw_samples(logits: np.ndarray, num_draws: int) -> tuple[np.ndarray, np.nda
     for start in range(0, len(block), step):
         rows = slice(start, start + step)
         probs = torch.softmax(torch.from_numpy(block[rows]).double(), dim=1)
-        draws = torch.multinomial(probs, num_draws, replacement=True, generator=generator)
+        if scheme == "systematic":
+            draws = _systematic(probs, num_draws, generator)
+        else:
+            draws = torch.multinomial(probs, num_draws, replacement=True, generator=generator)
         dense = torch.zeros_like(probs, dtype=torch.int32).scatter_add_(
             1, draws, torch.ones_like(draws, dtype=torch.int32)
         )

@@ -232,3 +232,12 @@ def test_plain_topk_rows_are_stored_as_before_bits_existed():
         arrays["topk_offsets"], (values - values[:, :1]).astype(np.float16)
     )
     assert encoding.packed_arrays == ("topk_indices", "topk_offsets")
+
+
+def test_sampled_systematic_spec_names_its_scheme_and_bad_schemes_are_refused():
+    encoding = parse_encoding("sampled:12:systematic", num_classes=40)
+    assert encoding.name == "sampled:12:systematic"
+    assert parse_encoding("sampled:12").name == "sampled:12"
+    for bad in ("sampled:12:stratified", "sampled:12:", "sampled::systematic"):
+        with pytest.raises(SpecError, match="sampled:S:systematic"):
+            parse_encoding(bad)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import torch
 
 from kdcache.logits import sampled
 from kdcache.logits.sampled import draw_samples
@@ -32,3 +33,20 @@ def test_draws_do_not_depend_on_the_block_size(monkeypatch):
     one_by_one = draw_samples(_block(), 7)
     np.testing.assert_array_equal(classes, one_by_one[0])
     np.testing.assert_array_equal(counts, one_by_one[1])
+
+
+def test_systematic_draws_are_floor_or_ceil_of_s_p_and_unbiased():
+    """Each class is drawn floor(S p) or ceil(S p) times (a class with p >= 1 / S is never
+    missed), and the mean share over many rows of one distribution is p."""
+    logits = np.repeat(_block()[:1, :50], 3000, axis=0)
+    logits += np.arange(3000, dtype=np.float32)[:, None] * 1e-3  # rows differ, same softmax
+    classes, counts = draw_samples(logits, 12, scheme="systematic")
+    assert (counts.sum(axis=1) == 12).all()
+    dense = np.zeros((len(classes), 50))
+    np.add.at(dense, (np.arange(len(classes))[:, None], classes), counts)
+    p = torch.softmax(torch.from_numpy(_block()[0, :50]).double(), dim=0).numpy()
+    assert (dense >= np.floor(12 * p) - 1e-9).all()
+    assert (dense <= np.ceil(12 * p) + 1e-9).all()
+    np.testing.assert_allclose(dense.mean(axis=0) / 12, p, atol=0.01)
+    again = draw_samples(logits, 12, scheme="systematic")  # seeded by the block, as multinomial
+    np.testing.assert_array_equal(classes, again[0])

@@ -215,3 +215,48 @@ def test_a_batch_with_no_counted_position_gives_a_zero_loss_on_the_graph(name):
         terms["total"].backward()
         assert student.grad is not None
         assert not student.grad.any()
+
+
+def test_the_kd_gradient_from_a_sampled_store_on_disk_is_the_dense_one_on_average(tmp_path):
+    """Unbiased through the whole path (draws at dump, store, read, loss): n token rows of one
+    teacher row hold n independent draws of S, and the mean kd gradient over them (what the loss
+    takes) is the dense one within the draws' noise, sqrt(p (1 - p) / (S n)) per class; the
+    gradient is over the student's full-vocabulary softmax, not one renormalised over the draws."""
+    from kdcache.store.sequence import create_sequence_store, open_sequence_store
+
+    draws, vocab, lengths = 12, 50, [101] * 20
+    gen = torch.Generator().manual_seed(5)
+    teacher = torch.randn(vocab, generator=gen) * 2
+    student = torch.randn(vocab, generator=gen)
+    n = sum(lengths) - len(lengths)
+    # Each row shifted by its own constant (the same softmax) so no two blocks of rows have the
+    # same bytes, which seed their draws.
+    rows = (teacher + torch.arange(n)[:, None] * 1e-2).numpy().astype(np.float32)
+    path = tmp_path / "sampled.zarr"
+    writer = create_sequence_store(
+        path,
+        sequences=[np.zeros(length, dtype=np.int64) for length in lengths],
+        vocab_size=vocab,
+        encoding=f"sampled:{draws}",
+        chunk_rows=256,
+    )
+    writer.write(list(range(len(lengths))), rows)
+    writer.finalize()
+    sampled = open_sequence_store(path).read(list(range(len(lengths))))
+    mask = torch.ones(len(lengths), lengths[0], dtype=torch.bool)
+    mask[:, -1] = False
+    targets = torch.zeros(len(lengths), lengths[0], dtype=torch.long)
+    grads = []
+    for rows_in in (sampled, torch.from_numpy(rows)):
+        leaf = student.expand(len(lengths), lengths[0], vocab).clone().requires_grad_(True)
+        loss = TokenDistillationLoss(temperature=1.0, alpha=1.0)
+        loss(leaf, rows_in, targets, mask)["soft"].backward()
+        # the loss is a mean over rows: the rows' gradients sum to q - (mean p_hat)
+        grads.append(present(leaf.grad)[mask].sum(dim=0).double())
+    mean, dense = grads
+    p = torch.softmax(teacher.double(), dim=0)
+    torch.testing.assert_close(dense, torch.softmax(student.double(), 0) - p, atol=1e-6, rtol=0)
+    noise = (p * (1 - p) / (draws * n)).sqrt()
+    assert ((mean - dense).abs() <= 4 * noise + 1e-6).all()
+    cosine = torch.dot(mean, dense) / (mean.norm() * dense.norm())
+    assert math.degrees(math.acos(min(1.0, float(cosine)))) < 2.0
