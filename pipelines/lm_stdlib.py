@@ -56,6 +56,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdcache import DistillConfig, TrainConfig, distill, open_sequence_store, train
+from kdcache.choices import LR_SCHEDULES
 from kdcache.config import DumpConfig
 from kdcache.lm.dump import dump_lm
 from kdcache.lm.models import load_causal_lm
@@ -475,6 +476,18 @@ def main() -> None:
         help="student sequences per step (small: the students' text is short, so more steps)",
     )
     parser.add_argument("--student-lr", type=float, default=3e-3)
+    parser.add_argument(
+        "--student-lr-schedule",
+        choices=LR_SCHEDULES,
+        default="constant",
+        help="every student's learning-rate schedule (constant: earlier results reproduce)",
+    )
+    parser.add_argument(
+        "--student-warmup-epochs",
+        type=float,
+        default=0.0,
+        help="every student's linear warm-up, in epochs",
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--skip-big", action="store_true", help="no 128k teacher or curve")
@@ -532,6 +545,8 @@ def main() -> None:
         epochs=args.student_epochs,
         batch_size=args.student_batch_size,
         lr=args.student_lr,
+        lr_schedule=args.student_lr_schedule,
+        warmup_epochs=args.student_warmup_epochs,
         device=args.device,
     )
     students: dict[str, list[dict]] = {}
