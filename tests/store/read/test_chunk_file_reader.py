@@ -81,6 +81,12 @@ def test_a_damaged_chunk_file_is_left_to_zarr_and_refused(store):
     refuses_on_zarrs_path(store, bytes(damaged))
 
 
+@pytest.mark.parametrize("length", [0, 1, 3])
+def test_a_chunk_file_shorter_than_its_checksum_is_left_to_zarr_and_refused(store, length):
+    original = (store / "logits" / "c" / "1" / "0").read_bytes()
+    refuses_on_zarrs_path(store, original[:length])
+
+
 def test_a_frame_of_fewer_rows_than_a_chunk_is_left_to_zarr_and_refused(store):
     """numcodecs would decompress a short frame into the slot and leave the rest as it was."""
     import google_crc32c
