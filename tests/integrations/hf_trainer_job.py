@@ -54,6 +54,10 @@ def main(store_path: str, student: str, out: str) -> None:
     trainer.train()
     rank = int(os.environ["RANK"])
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(seen))
+    # The Trainer leaves its process group open; torch's gloo threads torn down at interpreter
+    # exit can abort a rank ("terminate called without an active exception", seen once in CI).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
