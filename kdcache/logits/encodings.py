@@ -430,7 +430,9 @@ class SampledEncoding(Encoding):
     the same way); ``sampled:S`` independently.
     """
 
-    packed_arrays = ("sample_indices", "sample_counts")
+    # Ascending ids pack to their gaps; counts in id order (mostly 1) are left to zstd, which
+    # codes them in fewer bytes than packed rows with their per-row headers.
+    packed_arrays = ("sample_indices",)
 
     def __init__(
         self, num_draws: int, *, scheme: str = DRAW_SCHEMES[0], num_classes: int | None = None

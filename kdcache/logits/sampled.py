@@ -96,10 +96,13 @@ def draw_samples(
     """``num_draws`` classes per row drawn from softmax(``logits``) (B, C) by ``scheme`` (one of
     :data:`DRAW_SCHEMES`; multinomial draws with replacement).
 
-    Returns the distinct classes (B, S), most drawn first, and their counts (B, S) uint8, padded
-    with class 0 and count 0. The generator is seeded from the block's bytes, so a resumed dump
-    that recomputes a batch draws the same classes. The rows are drawn a few at a time from the
-    one generator: torch draws row after row, so the draws are those of the whole block at once.
+    Returns the distinct classes (B, S) in ascending order and their counts (B, S) uint8; a row
+    with fewer than S distinct classes is padded with its last class and count 0. Ascending ids
+    are what the store codes cheaply (``kdcache.packed_ints`` writes the gaps between them: 2.5
+    fewer bytes a token than the most-drawn-first order at S = 12, V = 32k). The generator is
+    seeded from the block's bytes, so a resumed dump that recomputes a batch draws the same
+    classes. The rows are drawn a few at a time from the one generator: torch draws row after
+    row, so the draws are those of the whole block at once.
     """
     block = np.ascontiguousarray(logits, dtype=np.float32)
     generator = torch.Generator().manual_seed(zlib.crc32(block.data))
@@ -117,6 +120,9 @@ def draw_samples(
             1, draws, torch.ones_like(draws, dtype=torch.int32)
         )
         top_counts, top = dense.topk(num_draws, dim=1)
-        classes[rows] = torch.where(top_counts > 0, top, 0).numpy()
-        counts[rows] = top_counts.numpy()
+        drawn = top_counts > 0
+        ascending, order = torch.where(drawn, top, probs.shape[1]).sort(dim=1)
+        last = ascending.gather(1, drawn.sum(dim=1, keepdim=True) - 1)
+        classes[rows] = torch.where(drawn, ascending, last).numpy()
+        counts[rows] = top_counts.gather(1, order).numpy()
     return classes, counts

@@ -18,13 +18,29 @@ def _block() -> np.ndarray:
 
 
 def test_draws_match_those_of_the_whole_block_at_once_golden():
-    """The digest and first row were drawn by the code before rows were drawn in blocks
-    (main e4d4fa7, torch 2.14): 30 rows of 5,000 classes span three blocks here."""
+    """The draws are those of the code before rows were drawn in blocks (main e4d4fa7, torch
+    2.14; 30 rows of 5,000 classes span three blocks here), stored in ascending id order since
+    c8c01b0 (checked then against that code's most-drawn-first rows: the same classes and
+    counts in every row, at S = 7, 12 and 64, both schemes)."""
     classes, counts = draw_samples(_block(), 12)
-    assert classes[0].tolist() == [1, 366, 3567, 10, 117, 2309, 720, 108, 0, 0, 0, 0]
-    assert counts[0].tolist() == [4, 2, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
+    assert classes[0].tolist() == [1, 10, 108, 117, 366, 720, 2309, 3567, 3567, 3567, 3567, 3567]
+    assert counts[0].tolist() == [4, 1, 1, 1, 2, 1, 1, 1, 0, 0, 0, 0]
     digest = hashlib.sha256(classes.astype(np.int64).tobytes() + counts.tobytes()).hexdigest()
-    assert digest == "b27b9f81aa5fc394807f70c9a4cccc6223dd8917a8d9e86d9cafc12d0057c5ca"
+    assert digest == "9bbf04b33adf3163aebf9169166df92ade0666b65dab9b1d1e9323f2610e3a6f"
+
+
+def test_rows_hold_distinct_ascending_classes_then_padding_that_repeats_the_last():
+    """The order the store's id codec needs (it writes the gaps between ascending ids and a
+    trailing run once); every row's counts still sum to S."""
+    for scheme in ("multinomial", "systematic"):
+        classes, counts = draw_samples(_block(), 64, scheme=scheme)
+        assert (counts.sum(axis=1) == 64).all()
+        for row_classes, row_counts in zip(classes, counts, strict=True):
+            drawn = row_counts > 0
+            kept = row_classes[drawn]
+            assert drawn[: drawn.sum()].all()  # the padding comes last
+            assert (np.diff(kept) > 0).all()
+            assert (row_classes[~drawn] == kept[-1]).all()
 
 
 def test_draws_do_not_depend_on_the_block_size(monkeypatch):
