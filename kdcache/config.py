@@ -128,6 +128,8 @@ LEARNING_RATES = Bounds(0, 1e37, real=True, above_low=True)
 EPOCHS = Bounds(1, 1_000_000)
 #: AdamW's decoupled decay and the cosine's floor: any finite float32 at or above 0.
 WEIGHT_DECAYS = MIN_LEARNING_RATES = Bounds(0, 1e37, real=True)
+#: The gradients' global norm a step is clipped to (0: not clipped); any finite float32.
+GRAD_NORMS = Bounds(0, 1e37, real=True)
 #: Warm-up in epochs, fractions too; no longer than the run (checked against --epochs).
 WARMUP_EPOCHS = Bounds(0, EPOCHS.high, real=True)
 #: Views per sample, as many as a store holds at most.
@@ -264,6 +266,13 @@ class TrainingOptions(SpeedOptions):
         bounds=WEIGHT_DECAYS,
         help="Decoupled weight decay (AdamW) of the weights; biases and normalisation "
         "parameters (1-D) are not decayed; 0 = plain Adam.",
+    )
+    max_grad_norm: float = option(
+        0.0,
+        bounds=GRAD_NORMS,
+        help="Clip the gradients' global L2 norm to this before each step (transformers' "
+        "max_grad_norm, timm's --clip-grad; 1.0 is their usual value); each epoch then records "
+        "its mean norm before clipping; 0 = no clipping.",
     )
     device: str | None = option(None, help=DEVICE_HELP)
     num_workers: int = option(0, bounds=DATA_WORKERS, help="DataLoader worker processes.")

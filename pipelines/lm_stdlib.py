@@ -488,6 +488,12 @@ def main() -> None:
         default=0.0,
         help="every student's linear warm-up, in epochs",
     )
+    parser.add_argument(
+        "--student-max-grad-norm",
+        type=float,
+        default=0.0,
+        help="every student's gradient clipping (0: none, as the earlier results)",
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--skip-big", action="store_true", help="no 128k teacher or curve")
@@ -547,6 +553,7 @@ def main() -> None:
         lr=args.student_lr,
         lr_schedule=args.student_lr_schedule,
         warmup_epochs=args.student_warmup_epochs,
+        max_grad_norm=args.student_max_grad_norm,
         device=args.device,
     )
     students: dict[str, list[dict]] = {}

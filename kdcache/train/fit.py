@@ -116,6 +116,9 @@ def fit(
         model.train()
         # Summed on the device: reading the loss every step would stall the GPU's queue.
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        # The norms of the steps taken: fp16's loss scaling skips a step whose norm is inf.
+        grad_norm_sum = torch.zeros((), dtype=torch.float64, device=device)
+        grad_norm_steps = torch.zeros((), dtype=torch.int64, device=device)
         seen = steps = 0
         lr = optimizer.param_groups[0]["lr"]
         shown = progress(
@@ -132,6 +135,11 @@ def fit(
             loss = task.loss(logits.float(), batch, targets)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if config.max_grad_norm > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+                norm = nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                grad_norm_sum += torch.where(norm.isfinite(), norm, 0.0)
+                grad_norm_steps += norm.isfinite()
             scaler.step(optimizer)
             scaler.update()
             lr = optimizer.param_groups[0]["lr"]
@@ -160,6 +168,11 @@ def fit(
             "epoch": epoch,
             "train_loss": train_loss,
             "lr": lr,
+            **(
+                {"grad_norm": grad_norm_sum.item() / max(1, grad_norm_steps.item())}
+                if config.max_grad_norm
+                else {}
+            ),
             **metrics,
             "train_time_s": round(train_time, 4),
             **task.epoch_extras(int(counted), train_time),

@@ -1,5 +1,6 @@
 """The optimiser and learning-rate schedule of a run: Adam unless --weight-decay, the warm-up and
-cosine curve per step, its state through a checkpoint, and the lr each epoch records."""
+cosine curve per step, its state through a checkpoint, the lr each epoch records, and gradient
+clipping (--max-grad-norm)."""
 
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ def test_a_default_run_equals_one_with_the_defaults_spelled_out(tmp_path):
     common: dict[str, Any] = dict(model="mlp:8", dataset="fake:40:8", epochs=2, batch_size=8)
     train(TrainConfig(out=str(tmp_path / "a"), **common))
     spelled: dict[str, Any] = dict(
-        lr_schedule="constant", warmup_epochs=0.0, min_lr=0.0, weight_decay=0.0
+        lr_schedule="constant", warmup_epochs=0.0, min_lr=0.0, weight_decay=0.0, max_grad_norm=0.0
     )
     train(TrainConfig(out=str(tmp_path / "b"), **common, **spelled))
     a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in "ab")
@@ -133,17 +134,41 @@ def test_a_default_run_equals_one_with_the_defaults_spelled_out(tmp_path):
     assert [json.loads(line)["lr"] for line in records] == [1e-3, 1e-3]
 
 
-def test_configs_saved_before_these_options_load_as_constant_without_decay():
+def test_configs_saved_before_these_options_load_as_constant_without_decay_or_clipping():
     old = DistillConfig(student="mlp", cache="s.zarr", out="run").to_dict()
-    for name in ("lr_schedule", "warmup_epochs", "min_lr", "weight_decay"):
+    for name in ("lr_schedule", "warmup_epochs", "min_lr", "weight_decay", "max_grad_norm"):
         del old[name]
     config = DistillConfig.from_dict(old)
-    assert (config.lr_schedule, config.warmup_epochs, config.min_lr, config.weight_decay) == (
-        "constant",
-        0.0,
-        0.0,
-        0.0,
-    )
+    assert (
+        config.lr_schedule,
+        config.warmup_epochs,
+        config.min_lr,
+        config.weight_decay,
+        config.max_grad_norm,
+    ) == ("constant", 0.0, 0.0, 0.0, 0.0)
+
+
+def test_clipping_bounds_each_step_and_each_epoch_records_the_mean_norm_before_it(tmp_path):
+    """A bound no gradient reaches leaves the run bit for bit as without clipping; a tight one
+    changes every step (Adam rescales a whole gradient, but not one shrunk by a factor that
+    varies from step to step)."""
+    common: dict[str, Any] = dict(model="mlp:8", dataset="fake:40:8", epochs=2, batch_size=8)
+    runs = {"none": 0.0, "loose": 1e30, "tight": 1e-4}
+    for name, bound in runs.items():
+        train(TrainConfig(out=str(tmp_path / name), max_grad_norm=bound, **common))
+    weights = {
+        name: torch.load(tmp_path / name / "last.pt", weights_only=True)["state_dict"]
+        for name in runs
+    }
+    assert all(torch.equal(weights["none"][k], weights["loose"][k]) for k in weights["none"])
+    assert not all(torch.equal(weights["none"][k], weights["tight"][k]) for k in weights["none"])
+    for name in runs:
+        records = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        norms = [json.loads(line).get("grad_norm") for line in records]
+        if name == "none":
+            assert norms == [None, None]
+        else:
+            assert all(0 < norm < 1e3 for norm in norms)
 
 
 def test_every_run_of_a_sweep_takes_the_schedule():
@@ -157,6 +182,10 @@ def test_every_run_of_a_sweep_takes_the_schedule():
     ("changes", "message"),
     [
         ({"weight_decay": -0.1}, r"--weight-decay must be a number in \[0, 1e\+37\], got -0.1"),
+        (
+            {"max_grad_norm": -1.0},
+            r"--max-grad-norm must be a number in \[0, 1e\+37\], got -1",
+        ),
         ({"lr_schedule": "step"}, "unknown --lr-schedule 'step'; valid choices: constant, cosine"),
         ({"warmup_epochs": 11}, r"--warmup-epochs 11 is longer than the run \(--epochs 10\)"),
         ({"warmup_epochs": -1.0}, r"--warmup-epochs must be a number in \[0, 1e\+06\], got -1"),
