@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -127,15 +128,25 @@ def _fill(
             # One write per unit, however many ranks: sampled:S seeds its draws from each
             # write's rows, so a store's bytes must not depend on how the units were grouped.
             for block in plan.blocks(token_rows):
-                unit = rows[torch.from_numpy(block).to(device)]
+                unit = _picked(rows, block)
                 if reduce_here:
                     measured = token_rows[block] % writer.writer.fidelity.sample_every == 0
                     background.write_reduced(
                         token_rows[block], reduce_rows(unit, encoding, measured=measured)
                     )
                 else:
-                    background.write(token_rows[block], unit)
+                    # The rows are this batch's own (computed above, never reused): no copy.
+                    background.write(token_rows[block], unit, copy=False)
             bar.update(rows.shape[0])
+
+
+def _picked(rows: torch.Tensor, block: np.ndarray) -> torch.Tensor:
+    """The rows at positions ``block``: a view when they are consecutive (a rank's unit of a
+    batch always is), else a copy."""
+    start, stop = int(block[0]), int(block[-1]) + 1
+    if stop - start == len(block):
+        return rows[start:stop]
+    return rows[torch.from_numpy(block).to(rows.device)]
 
 
 def reduces_on(device: torch.device, encoding: Encoding) -> bool:
