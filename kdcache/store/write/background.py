@@ -150,7 +150,7 @@ class BackgroundWriter:
         if isinstance(logits, torch.Tensor):
             logits, ready = _to_host(logits, copy=copy)
         else:
-            logits = np.array(logits, copy=copy)
+            logits = np.array(logits, copy=True) if copy else np.asarray(logits)
         self._queue.put((rows, logits, ready))
         self._raise_pending_error()
 

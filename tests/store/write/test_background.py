@@ -37,6 +37,25 @@ def test_background_writes_equal_direct_writes(tmp_path):
     )
 
 
+def test_rows_handed_over_without_a_copy_are_written_as_given(tmp_path):
+    """``copy=False`` (the LM dump's fresh rows): tensors, views of one batch, arrays and lists
+    are kept as they are, not copied, and land in the store unchanged."""
+    logits = random_logits(40, 4)
+    writer = create_store(
+        tmp_path / "s.zarr", num_samples=40, num_classes=4, encoding="float32", chunk_rows=10
+    )
+    batch = torch.from_numpy(logits[:20].copy())
+    with BackgroundWriter(writer) as background:
+        background.write(np.arange(0, 10), batch[:10], copy=False)
+        background.write(np.arange(10, 20), batch[10:], copy=False)
+        background.write(np.arange(20, 30), logits[20:30], copy=False)
+        background.write(np.arange(30, 40), logits[30:].tolist(), copy=False)
+    writer.finalize()
+    np.testing.assert_array_equal(
+        dense(open_store(tmp_path / "s.zarr").read(np.arange(40))).numpy(), logits
+    )
+
+
 def test_a_background_error_surfaces_in_the_caller_and_the_dump_resumes(tmp_path):
     logits = random_logits(40, 3)
     writer = create_store(
