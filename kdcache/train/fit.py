@@ -1,11 +1,12 @@
 """The one training loop, for every task and teacher source: :func:`fit`.
 
 Seeded shuffling, Adam or AdamW under a learning-rate schedule stepped per step
-(:mod:`kdcache.train.optim`), the forward pass under ``--amp`` autocast (fp16 with loss scaling),
-``--compile``, evaluation on the held-out split after every epoch, DistributedDataParallel under
-torchrun (each rank trains on its share of every epoch; rank 0 writes), and the same run folder
-for every run: the task's ``best``/``last`` checkpoints, ``metrics.jsonl`` (each epoch's last
-learning rate among its entries) and ``curves.png``.
+(:mod:`kdcache.train.optim`) with ``--max-grad-norm`` clipping, the forward pass under ``--amp``
+autocast (fp16 with loss scaling), ``--compile``, evaluation on the held-out split after every
+epoch, DistributedDataParallel under torchrun (each rank trains on its share of every epoch;
+rank 0 writes), and the same run folder for every run: the task's ``best``/``last`` checkpoints,
+``metrics.jsonl`` (each epoch's last learning rate among its entries, and its mean gradient norm
+when clipping) and ``curves.png``.
 """
 
 from __future__ import annotations
