@@ -22,12 +22,16 @@ from kdcache.store.sequence import create_sequence_store, open_sequence_store
 def rows_of_every_kind(seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, 262_144, size=(64, 32))
+    # every width from 0 to 32 bits, so codes start at every bit offset of a byte
+    mixed = rng.integers(0, 2**32, size=(300, 16)) >> rng.integers(0, 33, size=(300, 16))
     padded = ids.copy()
     padded[:, 5:] = 0  # a sampled row with 5 distinct draws
     return [
         ids.astype(np.uint32),
         np.sort(ids, axis=1).astype(np.uint32),
         padded.astype(np.uint32),
+        mixed.astype(np.uint32),
+        np.sort(mixed, axis=1).astype(np.uint32),
         rng.integers(0, 2**32, size=(9, 7), dtype=np.uint64).astype(np.uint32),
         rng.integers(0, 256, size=(40, 12)).astype(np.uint8),
         np.sort(rng.integers(0, 9, size=(40, 12)), axis=1)[:, ::-1].astype(np.uint8),
