@@ -10,6 +10,11 @@ decoded for half a second at a time, alternately by this checkout's codec and by
 ``--against`` (loaded apart, not registered with zarr), three rounds; the medians are printed as
 a Markdown table in millions of rows per second. Both versions must decode every chunk to the same
 bytes, and both must encode it to the same bytes.
+
+For each ``--store`` a second table times reading its packed arrays' full chunks as a feed does:
+through zarr (``array[start:stop]``) and through
+:class:`~kdcache.store.read.chunk_files.ChunkFileReader` (the file read, checked and unpacked in
+the calling thread, into a reused buffer), alternately, three rounds, medians.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import zarr
 
 from kdcache import open_store
 from kdcache.logits.encodings import parse_encoding
 from kdcache.store.format import packed_ints
+from kdcache.store.read.chunk_files import ChunkFileReader
 
 ROUND_S = 0.5
 ROUNDS = 3
@@ -110,7 +117,62 @@ def main() -> None:
         else:
             other = statistics.median(theirs) / 1e6
             print(f"| {label} | {size} | {other:.2f} | {this:.2f} | {this / other:.1f}x |")
+    if args.store:
+        print("\n| array | chunks x rows | M rows/s through zarr | M rows/s chunk files | ratio |")
+        print("|---|---|---|---|---|")
+        for path in args.store:
+            for label, zarr_rate, file_rate, chunks, rows in chunk_read_rates(path):
+                print(
+                    f"| {label} | {chunks} x {rows:,} | {zarr_rate / 1e6:.2f} | "
+                    f"{file_rate / 1e6:.2f} | {file_rate / zarr_rate:.1f}x |"
+                )
     sys.stdout.flush()
+
+
+def read_full_chunks(array: zarr.Array, files: ChunkFileReader | None, out: np.ndarray) -> int:
+    """Every full chunk of ``array`` into ``out``, through ``files`` or (None) zarr; the rows."""
+    rows = len(out)
+    chunks = array.shape[0] // rows
+    for chunk in range(chunks):
+        if files is None:
+            out[...] = array[chunk * rows : (chunk + 1) * rows]
+        else:
+            assert files.decode_into(chunk, out)
+    return chunks * rows
+
+
+def chunk_read_rates(path: str) -> list[tuple[str, float, float, int, int]]:
+    """Per packed array of the store at ``path``: rows/s reading its full chunks through zarr and
+    through chunk files, and how many chunks of how many rows."""
+    reader = open_store(path)
+    store = getattr(reader, "store", reader)
+    encoding = parse_encoding(store.metadata.encoding, num_classes=store.metadata.num_classes)
+    rows = store.metadata.chunk_rows
+    results = []
+    for name in encoding.packed_arrays:
+        array = store.guard.array(name)
+        if array.shape[0] < rows:
+            continue
+        files = ChunkFileReader.for_array(array)
+        assert files is not None, f"{name}: no chunk-file path for this array"
+        out = np.empty((rows, *array.shape[1:]), dtype=array.dtype)
+        rates: dict[str, list[float]] = {"zarr": [], "files": []}
+        for _ in range(ROUNDS):
+            for way, source in (("zarr", None), ("files", files)):
+                started, count = time.perf_counter(), 0
+                while time.perf_counter() - started < ROUND_S:
+                    count += read_full_chunks(array, source, out)
+                rates[way].append(count / (time.perf_counter() - started))
+        results.append(
+            (
+                f"{Path(path).name} {name}",
+                statistics.median(rates["zarr"]),
+                statistics.median(rates["files"]),
+                array.shape[0] // rows,
+                rows,
+            )
+        )
+    return results
 
 
 if __name__ == "__main__":

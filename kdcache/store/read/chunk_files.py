@@ -7,10 +7,13 @@ the kernel maps and zeroes their pages on every chunk, which made up half of a c
 file in the calling thread, checks its crc32c and decompresses it with numcodecs straight into
 the caller's buffer (a slot of the feed's table, whose pages stay mapped), all of which release
 the GIL. It follows the array's own codec chain as its ``zarr.json`` names it, and only the chains
-kdcache writes (``bytes`` in this machine's byte order, then ``zstd`` and ``crc32c``, each
-optional); other stores, codecs and byte orders keep zarr's path. A chunk this path cannot read
-(a missing file, a crc32c mismatch, a zstd frame that does not hold exactly one chunk) is left
-to zarr's path as well, whose errors name what is wrong. The checks of the decoded values
+kdcache writes (``bytes`` in this machine's byte order, or ``kdcache.packed_ints``, then ``zstd``
+and ``crc32c``, each optional); other stores, codecs and byte orders keep zarr's path. A packed
+chunk (the ids and offsets of sparse stores) has no fixed size: it is decompressed and unpacked
+in the calling thread, then copied into the buffer, which spares zarr's event loop and its
+copies. A chunk this path cannot read (a missing file, a crc32c mismatch, a zstd frame or packed
+chunk that does not hold exactly one chunk) is left to zarr's path as well, whose errors name
+what is wrong. The checks of the decoded values
 (kdcache.store.read.guard) are the same on both paths.
 """
 
@@ -28,6 +31,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
 from kdcache.store.format._zarr_compat import row_chunk_key
+from kdcache.store.format.packed_ints import PackedIntsCodec, unpack_rows
 
 __all__ = [
     "ChunkFileReader",
@@ -60,11 +64,14 @@ def _zstd_content_size(frame: bytes) -> int | None:
 class ChunkFileReader:
     """Decodes row chunks of one array of a local store into the caller's buffer (see module)."""
 
-    def __init__(self, array: Any, root: Path, *, zstd_frames: bool, crc32c: bool) -> None:
+    def __init__(
+        self, array: Any, root: Path, *, zstd_frames: bool, crc32c: bool, packed: bool = False
+    ) -> None:
         self._array = array
         self._root = root
         self._zstd = zstd_frames
         self._crc32c = crc32c
+        self._packed = packed
         self._chunk_shape = tuple(array.chunks)
         self._dtype = np.dtype(array.dtype)
         self._chunk_nbytes = int(np.prod(self._chunk_shape)) * self._dtype.itemsize
@@ -78,16 +85,19 @@ class ChunkFileReader:
         if not isinstance(store, LocalStore) or not codecs:
             return None
         serializer, rest = codecs[0], [type(codec) for codec in codecs[1:]]
-        if not isinstance(serializer, BytesCodec) or rest not in _CHAINS:
+        packed = isinstance(serializer, PackedIntsCodec)
+        if not (packed or isinstance(serializer, BytesCodec)) or rest not in _CHAINS:
             return None
-        stored = serializer.endian.name if serializer.endian is not None else sys.byteorder
-        if np.dtype(array.dtype).itemsize > 1 and stored != sys.byteorder:
-            return None
+        if isinstance(serializer, BytesCodec):
+            stored = serializer.endian.name if serializer.endian is not None else sys.byteorder
+            if np.dtype(array.dtype).itemsize > 1 and stored != sys.byteorder:
+                return None
         return cls(
             array,
             Path(store.root),
             zstd_frames=ZstdCodec in rest,
             crc32c=Crc32cCodec in rest,
+            packed=packed,
         )
 
     def decode_into(self, chunk: int, out: np.ndarray) -> bool:
@@ -106,6 +116,8 @@ class ChunkFileReader:
             self._crc32c and int.from_bytes(checksum, "little") != google_crc32c.value(data)
         ):
             return False
+        if self._packed:
+            return self._unpack_into(data, out)
         # zarr stores the last, partial chunk at the full chunk shape
         whole = out.shape[0] == self._chunk_shape[0]
         target = out if whole else np.empty(self._chunk_shape, dtype=self._dtype)
@@ -123,4 +135,16 @@ class ChunkFileReader:
             return False
         if not whole:
             out[...] = target[: out.shape[0]]
+        return True
+
+    def _unpack_into(self, data: bytes, out: np.ndarray) -> bool:
+        """A ``kdcache.packed_ints`` chunk (zstd frame or not) into ``out``; ``False`` for one
+        that does not unpack to exactly one chunk of the array's dtype."""
+        try:
+            values = unpack_rows(zstd.decompress(data) if self._zstd else data)
+        except (RuntimeError, ValueError):
+            return False
+        if values.dtype != self._dtype or values.size != int(np.prod(self._chunk_shape)):
+            return False
+        out[...] = values.reshape(self._chunk_shape)[: out.shape[0]]
         return True

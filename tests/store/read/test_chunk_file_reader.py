@@ -3,6 +3,7 @@ zarr's path, and every chunk that is wrong still refused (digest, finiteness, da
 
 from __future__ import annotations
 
+import google_crc32c
 import numpy as np
 import pytest
 import zarr
@@ -13,6 +14,7 @@ from kdcache import create_store, open_store
 from kdcache.errors import StoreCorruptError
 from kdcache.store.format.digests import DIGESTS_ARRAY, chunk_digest
 from kdcache.store.format.metadata import StoreMetadata
+from kdcache.store.format.packed_ints import pack_rows
 from kdcache.store.read.chunk_files import ChunkFileReader
 from kdcache.store.tools.pack import pack_store
 
@@ -89,8 +91,6 @@ def test_a_chunk_file_shorter_than_its_checksum_is_left_to_zarr_and_refused(stor
 
 def test_a_frame_of_fewer_rows_than_a_chunk_is_left_to_zarr_and_refused(store):
     """numcodecs would decompress a short frame into the slot and leave the rest as it was."""
-    import google_crc32c
-
     short = bytes(zstd.compress(np.zeros((3, NUM_CLASSES), dtype=np.float16).tobytes(), 1))
     refuses_on_zarrs_path(store, short + google_crc32c.value(short).to_bytes(4, "little"))
 
@@ -121,3 +121,51 @@ def test_a_zip_store_keeps_zarrs_path(store, tmp_path):
     np.testing.assert_array_equal(
         reader.feed.gather([46, 0])["logits"], open_store(store).feed.gather([46, 0])["logits"]
     )
+
+
+@pytest.fixture(params=["topk:2", "sampled:3"])
+def sparse_store(tmp_path, request):
+    path = tmp_path / "sparse.zarr"
+    writer = create_store(
+        path,
+        num_samples=NUM_SAMPLES,
+        num_classes=NUM_CLASSES,
+        chunk_rows=CHUNK_ROWS,
+        encoding=request.param,
+    )
+    rng = np.random.default_rng(0)
+    writer.write(np.arange(NUM_SAMPLES), rng.normal(size=(NUM_SAMPLES, NUM_CLASSES)) * 3)
+    writer.finalize()
+    return path
+
+
+def packed_arrays(path) -> list[zarr.Array]:
+    reader = open_store(path)
+    return [reader.guard.array(name) for name in reader.encoding.packed_arrays]
+
+
+def test_packed_chunks_decode_what_zarr_decodes_the_last_partial_chunk_too(sparse_store):
+    for array in packed_arrays(sparse_store):
+        files = ChunkFileReader.for_array(array)
+        assert files is not None, array.name
+        for chunk in range(5):
+            low, high = chunk * CHUNK_ROWS, min((chunk + 1) * CHUNK_ROWS, NUM_SAMPLES)
+            out = np.zeros((high - low, *array.shape[1:]), dtype=array.dtype)
+            assert files.decode_into(chunk, out)
+            np.testing.assert_array_equal(out, array[low:high])
+
+
+@pytest.mark.parametrize("forgery", ["three rows", "not packed"])
+def test_a_packed_chunk_not_of_one_chunk_is_left_to_zarr_and_refused(sparse_store, forgery):
+    array = packed_arrays(sparse_store)[0]
+    if forgery == "three rows":
+        frame = bytes(zstd.compress(pack_rows(np.zeros((3, *array.shape[1:]), array.dtype)), 1))
+    else:
+        frame = bytes(zstd.compress(b"KDPI" + bytes(40), 1))
+    path = sparse_store / array.name.strip("/") / "c" / "1" / "0"
+    path.write_bytes(frame + google_crc32c.value(frame).to_bytes(4, "little"))
+    files = ChunkFileReader.for_array(array)
+    assert files is not None
+    assert not files.decode_into(1, np.zeros((CHUNK_ROWS, *array.shape[1:]), array.dtype))
+    with pytest.raises(StoreCorruptError, match="samples 10-19"):
+        open_store(sparse_store).load()
