@@ -204,7 +204,12 @@ def unpack_rows(data: bytes | bytearray | memoryview) -> np.ndarray:
     magic, version, dtype_text, count, columns, prefix_total = _HEADER.unpack_from(buffer)
     if magic != _MAGIC or version != _VERSION:
         raise ValueError(f"{CODEC_NAME}: not a version-{_VERSION} chunk (header {magic!r})")
-    dtype = np.dtype(dtype_text.decode("ascii"))
+    try:
+        dtype = np.dtype(dtype_text.decode("ascii"))
+    except (TypeError, SyntaxError, ValueError):  # what np.dtype raises for text it cannot read
+        dtype = None
+    if dtype is None or dtype.itemsize not in _ITEMSIZES or dtype.kind not in "uif":
+        raise ValueError(f"{CODEC_NAME}: the header's dtype {dtype_text!r} is not one it codes")
     width = 8 * dtype.itemsize
     if count == 0:
         return np.zeros((0, columns), dtype=dtype)

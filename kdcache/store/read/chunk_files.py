@@ -140,6 +140,12 @@ class ChunkFileReader:
     def _unpack_into(self, data: bytes, out: np.ndarray) -> bool:
         """A ``kdcache.packed_ints`` chunk (zstd frame or not) into ``out``; ``False`` for one
         that does not unpack to exactly one chunk of the array's dtype."""
+        if self._zstd:
+            # A packed chunk is never much larger than its values: each takes at most about
+            # twice its bits, so a frame declaring more (or no size) is left to zarr's path.
+            size = _zstd_content_size(data)
+            if size is None or size > 3 * self._chunk_nbytes + 64 + 5 * self._chunk_shape[0]:
+                return False
         try:
             values = unpack_rows(zstd.decompress(data) if self._zstd else data)
         except (RuntimeError, ValueError):

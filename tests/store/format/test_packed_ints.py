@@ -71,7 +71,8 @@ def test_ids_take_at_most_their_vocabularys_bits_and_sorted_or_padded_rows_fewer
 
 def test_damaged_chunks_raise_value_error():
     packed = pack_rows(np.arange(64, dtype=np.uint32).reshape(8, 8))
-    for damaged in (packed[:10], b"XXXX" + packed[4:], packed[:-3]):
+    unreadable_dtype = packed[:5] + b"(1," + packed[8:]
+    for damaged in (packed[:10], b"XXXX" + packed[4:], packed[:-3], unreadable_dtype):
         with pytest.raises(ValueError, match=CODEC_NAME):
             unpack_rows(damaged)
 

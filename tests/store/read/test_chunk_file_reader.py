@@ -155,17 +155,25 @@ def test_packed_chunks_decode_what_zarr_decodes_the_last_partial_chunk_too(spars
             np.testing.assert_array_equal(out, array[low:high])
 
 
-@pytest.mark.parametrize("forgery", ["three rows", "not packed"])
+@pytest.mark.parametrize("forgery", ["three rows", "another dtype", "not packed", "huge frame"])
 def test_a_packed_chunk_not_of_one_chunk_is_left_to_zarr_and_refused(sparse_store, forgery):
     array = packed_arrays(sparse_store)[0]
+    shape = (CHUNK_ROWS, *array.shape[1:])
     if forgery == "three rows":
         frame = bytes(zstd.compress(pack_rows(np.zeros((3, *array.shape[1:]), array.dtype)), 1))
-    else:
+    elif forgery == "another dtype":  # as many values, twice as wide
+        wider = np.dtype(f"u{2 * array.dtype.itemsize}")
+        frame = bytes(zstd.compress(pack_rows(np.zeros(shape, wider)), 1))
+    elif forgery == "not packed":
         frame = bytes(zstd.compress(b"KDPI" + bytes(40), 1))
+    else:  # a frame declaring 1 TiB of content (then one empty last block): never allocated
+        frame = b"\x28\xb5\x2f\xfd\xe0" + (1 << 40).to_bytes(8, "little") + b"\x01\x00\x00"
     path = sparse_store / array.name.strip("/") / "c" / "1" / "0"
     path.write_bytes(frame + google_crc32c.value(frame).to_bytes(4, "little"))
     files = ChunkFileReader.for_array(array)
     assert files is not None
-    assert not files.decode_into(1, np.zeros((CHUNK_ROWS, *array.shape[1:]), array.dtype))
+    assert not files.decode_into(1, np.zeros(shape, array.dtype))
+    if forgery == "huge frame":
+        return  # zarr's own path would try to allocate it: the frame stops at this path
     with pytest.raises(StoreCorruptError, match="samples 10-19"):
         open_store(sparse_store).load()
