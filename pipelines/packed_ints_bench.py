@@ -121,9 +121,9 @@ def main() -> None:
         print("\n| array | chunks x rows | M rows/s through zarr | M rows/s chunk files | ratio |")
         print("|---|---|---|---|---|")
         for path in args.store:
-            for label, zarr_rate, file_rate, chunks, rows in chunk_read_rates(path):
+            for label, zarr_rate, file_rate, full_chunks, rows in chunk_read_rates(path):
                 print(
-                    f"| {label} | {chunks} x {rows:,} | {zarr_rate / 1e6:.2f} | "
+                    f"| {label} | {full_chunks} x {rows:,} | {zarr_rate / 1e6:.2f} | "
                     f"{file_rate / 1e6:.2f} | {file_rate / zarr_rate:.1f}x |"
                 )
     sys.stdout.flush()
