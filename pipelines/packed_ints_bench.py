@@ -1,4 +1,4 @@
-"""Decode speed of ``kdcache.packed_ints`` on sparse stores' chunks, beside another version.
+"""Speed of ``kdcache.packed_ints`` on sparse stores' chunks, beside another version.
 
     PYTHONPATH=. python pipelines/packed_ints_bench.py [--store STORE ...] \
         [--against <(git show REV:kdcache/store/format/packed_ints.py)]
@@ -6,10 +6,10 @@
 Chunks: every packed array of each ``--store`` (its first chunk; e.g. a ``sampled:S`` store that
 pipelines/lm_stdlib.py dumped from a real teacher), then synthetic ones: ``topk:32`` ids drawn
 uniformly below 131,072 (the hardest ids to pack) and descending float16 offsets. Each chunk is
-decoded for half a second at a time, alternately by this checkout's codec and by the module file
-``--against`` (loaded apart, not registered with zarr), three rounds; the medians are printed as
-a Markdown table in millions of rows per second. Both versions must decode every chunk to the same
-bytes, and both must encode it to the same bytes.
+decoded, then encoded, for half a second at a time, alternately by the module file ``--against``
+(loaded apart, not registered with zarr) and by this checkout's codec, three rounds; the medians
+are printed as a Markdown table in millions of rows per second. Both versions must decode every
+chunk to the same values, and both must encode it to the same bytes.
 
 For each ``--store`` a second table times reading its packed arrays' full chunks as a feed does:
 through zarr (``array[start:stop]``) and through
@@ -23,6 +23,8 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 
@@ -76,12 +78,29 @@ def synthetic_chunks(rows: int = 20_000) -> dict[str, np.ndarray]:
     }
 
 
-def rows_per_second(module: ModuleType, data: bytes, rows: int) -> float:
+def rows_per_second(call: Callable[[], object], rows: int) -> float:
     started, count = time.perf_counter(), 0
     while time.perf_counter() - started < ROUND_S:
-        module.unpack_rows(data)
+        call()
         count += 1
     return rows * count / (time.perf_counter() - started)
+
+
+def median_rates(
+    modules: list[ModuleType], values: np.ndarray, data: bytes
+) -> list[tuple[float, float]]:
+    """Per module, the median (decode, encode) rows/s of ``data``/``values`` over the rounds,
+    the modules taking turns."""
+    rates: list[list[tuple[float, float]]] = [[] for _ in modules]
+    for _ in range(ROUNDS):
+        for taken, module in zip(rates, modules, strict=True):
+            decode = rows_per_second(partial(module.unpack_rows, data), len(values))
+            encode = rows_per_second(partial(module.pack_rows, values), len(values))
+            taken.append((decode, encode))
+    return [
+        (statistics.median(r[0] for r in taken), statistics.median(r[1] for r in taken))
+        for taken in rates
+    ]
 
 
 def main() -> None:
@@ -94,29 +113,35 @@ def main() -> None:
     for path in args.store:
         chunks.update(store_chunks(path))
     chunks.update(synthetic_chunks())
-    print(
-        "| chunk | rows x K | B/row | M rows/s"
-        + (" (against) | M rows/s (this) | ratio |" if against else " |")
-    )
-    print("|---|---|---|---" + ("|---|---|" if against else "|"))
+    if against is None:
+        print("| chunk | rows x K | B/row | decode M rows/s | encode M rows/s |")
+        print("|---|---|---|---|---|")
+    else:
+        print(
+            "| chunk | rows x K | B/row | decode M rows/s (against, this) | "
+            "encode M rows/s (against, this) |"
+        )
+        print("|---|---|---|---|---|")
     for label, values in chunks.items():
         data = packed_ints.pack_rows(values)
         assert packed_ints.unpack_rows(data).tobytes() == values.tobytes(), label
+        modules = [packed_ints]
         if against is not None:
             assert against.pack_rows(values) == data, f"{label}: the versions encode differently"
             assert against.unpack_rows(data).tobytes() == values.tobytes(), label
-        ours, theirs = [], []
-        for _ in range(ROUNDS):
-            if against is not None:
-                theirs.append(rows_per_second(against, data, len(values)))
-            ours.append(rows_per_second(packed_ints, data, len(values)))
+            modules = [against, packed_ints]
+        rates = median_rates(modules, values, data)
         size = f"{len(values):,} x {values.shape[1]} | {len(data) / len(values):.1f}"
-        this = statistics.median(ours) / 1e6
         if against is None:
-            print(f"| {label} | {size} | {this:.2f} |")
+            ((decode, encode),) = rates
+            print(f"| {label} | {size} | {decode / 1e6:.2f} | {encode / 1e6:.2f} |")
         else:
-            other = statistics.median(theirs) / 1e6
-            print(f"| {label} | {size} | {other:.2f} | {this:.2f} | {this / other:.1f}x |")
+            (old_decode, old_encode), (decode, encode) = rates
+            print(
+                f"| {label} | {size} | {old_decode / 1e6:.2f} → {decode / 1e6:.2f} "
+                f"({decode / old_decode:.1f}x) | {old_encode / 1e6:.2f} → {encode / 1e6:.2f} "
+                f"({encode / old_encode:.1f}x) |"
+            )
     if args.store:
         print("\n| array | chunks x rows | M rows/s through zarr | M rows/s chunk files | ratio |")
         print("|---|---|---|---|---|")
