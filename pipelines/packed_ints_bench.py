@@ -32,7 +32,6 @@ import numpy as np
 import zarr
 
 from kdcache import open_store
-from kdcache.logits.encodings import parse_encoding
 from kdcache.store.format import packed_ints
 from kdcache.store.read.chunk_files import ChunkFileReader
 
@@ -55,15 +54,13 @@ def load_module_file(path: str) -> ModuleType:
 
 def store_chunks(path: str) -> dict[str, np.ndarray]:
     reader = open_store(path)
-    store = getattr(reader, "store", reader)
-    encoding = parse_encoding(store.metadata.encoding, num_classes=store.metadata.num_classes)
-    rows = min(store.metadata.chunk_rows, store.metadata.num_rows)
+    rows = min(reader.metadata.chunk_rows, reader.metadata.num_rows)
     name = Path(path).name
     return {
-        f"{name} {array} ({encoding.name}, V = {store.metadata.num_classes:,})": np.asarray(
-            store.guard.array(array)[:rows]
+        f"{name} {array} ({reader.encoding.name}, V = {reader.num_classes:,})": np.asarray(
+            reader.guard.array(array)[:rows]
         )
-        for array in encoding.packed_arrays
+        for array in reader.encoding.packed_arrays
     }
 
 
@@ -154,29 +151,27 @@ def main() -> None:
     sys.stdout.flush()
 
 
-def read_full_chunks(array: zarr.Array, files: ChunkFileReader | None, out: np.ndarray) -> int:
-    """Every full chunk of ``array`` into ``out``, through ``files`` or (None) zarr; the rows."""
+def read_full_chunks(array: zarr.Array, files: ChunkFileReader | None, out: np.ndarray) -> None:
+    """Every full chunk of ``array`` into ``out`` (one chunk's rows), through ``files`` or
+    (None) zarr."""
     rows = len(out)
-    chunks = array.shape[0] // rows
-    for chunk in range(chunks):
+    for chunk in range(array.shape[0] // rows):
         if files is None:
             out[...] = array[chunk * rows : (chunk + 1) * rows]
         else:
             assert files.decode_into(chunk, out)
-    return chunks * rows
 
 
 def chunk_read_rates(path: str) -> list[tuple[str, float, float, int, int]]:
     """Per packed array of the store at ``path``: rows/s reading its full chunks through zarr and
     through chunk files, and how many chunks of how many rows."""
     reader = open_store(path)
-    store = getattr(reader, "store", reader)
-    encoding = parse_encoding(store.metadata.encoding, num_classes=store.metadata.num_classes)
-    rows = store.metadata.chunk_rows
+    rows = reader.metadata.chunk_rows
     results = []
-    for name in encoding.packed_arrays:
-        array = store.guard.array(name)
-        if array.shape[0] < rows:
+    for name in reader.encoding.packed_arrays:
+        array = reader.guard.array(name)
+        full_chunks = array.shape[0] // rows
+        if full_chunks == 0:
             continue
         files = ChunkFileReader.for_array(array)
         assert files is not None, f"{name}: no chunk-file path for this array"
@@ -184,16 +179,14 @@ def chunk_read_rates(path: str) -> list[tuple[str, float, float, int, int]]:
         rates: dict[str, list[float]] = {"zarr": [], "files": []}
         for _ in range(ROUNDS):
             for way, source in (("zarr", None), ("files", files)):
-                started, count = time.perf_counter(), 0
-                while time.perf_counter() - started < ROUND_S:
-                    count += read_full_chunks(array, source, out)
-                rates[way].append(count / (time.perf_counter() - started))
+                read = partial(read_full_chunks, array, source, out)
+                rates[way].append(rows_per_second(read, full_chunks * rows))
         results.append(
             (
                 f"{Path(path).name} {name}",
                 statistics.median(rates["zarr"]),
                 statistics.median(rates["files"]),
-                array.shape[0] // rows,
+                full_chunks,
                 rows,
             )
         )

@@ -192,14 +192,16 @@ def _length_dtype(columns: int) -> np.dtype:
     return np.dtype("<u4")
 
 
-def _read_bits(stream: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The unsigned values (int64) of ``lengths`` bits (0 to :data:`_MAX_CODE_BITS`) found at bit
-    offsets ``starts`` of the bytes ``stream``, most significant bit first (np.packbits' order).
+def _read_bits(stream: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The unsigned values (int64) of ``lengths`` bits each (0 to :data:`_MAX_CODE_BITS`) that the
+    bytes ``stream`` hold one after the other, most significant bit first (np.packbits' order):
+    what :func:`_write_bits` wrote.
 
     Each value is read as one big-endian 64-bit word from its first byte, shifted to its first
     bit: a few passes over the values rather than one per bit (5-8 times faster than that on
     chunks of ids and offsets; docs/benchmarks.md).
     """
+    starts = np.cumsum(lengths) - lengths
     padded = np.zeros(stream.size + 8, dtype=np.uint8)
     padded[: stream.size] = stream
     # np.take copies the 8-byte windows twice as fast as indexing the view with the first bytes
@@ -253,10 +255,9 @@ def unpack_rows(data: bytes | bytearray | memoryview) -> np.ndarray:
     golomb_orders = np.where(element_fixed, 0, element_orders)
     suffix_length = np.where(element_fixed, element_orders, prefix + golomb_orders)
     suffix_stream = stream[prefix_bytes:]
-    starts = np.cumsum(suffix_length) - suffix_length
     if int(suffix_length.sum()) > 8 * suffix_stream.size or (suffix_length > _MAX_CODE_BITS).any():
         raise ValueError(f"{CODEC_NAME}: the chunk ends inside its suffix stream")
-    suffix = _read_bits(suffix_stream, starts, suffix_length)
+    suffix = _read_bits(suffix_stream, suffix_length)
     low = suffix & ((np.int64(1) << golomb_orders) - 1)
     shifted = (np.int64(1) << prefix) + (suffix >> golomb_orders)
     elements = np.where(element_fixed, suffix, ((shifted - 1) << golomb_orders) | low)

@@ -88,7 +88,7 @@ class ChunkFileReader:
         packed = isinstance(serializer, PackedIntsCodec)
         if not (packed or isinstance(serializer, BytesCodec)) or rest not in _CHAINS:
             return None
-        if isinstance(serializer, BytesCodec):
+        if not packed:
             stored = serializer.endian.name if serializer.endian is not None else sys.byteorder
             if np.dtype(array.dtype).itemsize > 1 and stored != sys.byteorder:
                 return None
