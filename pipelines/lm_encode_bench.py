@@ -2,7 +2,10 @@
 
 For each encoding, the CPU microseconds per row of ``Encoding.encode`` and of the fidelity the
 writer measures (every 8th row, as ``kdcache.logits.fidelity.sample_stride`` picks), on Zipf-like
-synthetic rows (``-log(1 + id) + 3 N(0, 1)``) of V classes, one torch thread. With ``--before
+synthetic rows (``-log(1 + id) + 3 N(0, 1)``) of V classes, one torch thread. For an encoding a GPU
+dump reduces on the device (``kdcache.logits.reduced``), also the two shares of that path: the
+reduction (timed here on the CPU; on a GPU it runs on the device) and what is left to the
+writer's host thread (converting the reduced rows to the store's arrays). With ``--before
 DIR`` (a checkout of the older code) each round times that code in a subprocess, then this one,
 so both meet the same load; medians over the rounds are printed side by side:
 
@@ -28,8 +31,10 @@ def measure(encodings: list[str], num_classes: int, rows: int) -> dict[str, dict
     import numpy as np
     import torch
 
-    from kdcache.logits.encodings import parse_encoding
+    from kdcache.logits.encodings import SampledEncoding, TopKEncoding, parse_encoding
     from kdcache.logits.fidelity import FidelityAccumulator
+    from kdcache.logits.reduced import ReducedRows, reduce_rows, reduces
+    from kdcache.logits.sparse import as_numpy
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -47,6 +52,28 @@ def measure(encodings: list[str], num_classes: int, rows: int) -> dict[str, dict
         fidelity.result()
         fidelity_s = time.process_time() - started
         out[spec] = {"encode_us": encode_s / rows * 1e6, "fidelity_us": fidelity_s / rows * 1e6}
+        if reduces(encoding):
+            # Only sampled:S takes the rows' indices (and only code that reduces it knows them).
+            where = {} if spec.startswith("topk") else {"rows": np.arange(rows)}
+            started = time.process_time()
+            reduced = reduce_rows(
+                torch.from_numpy(logits), encoding, measured=np.zeros(rows, bool), **where
+            )
+            reduce_s = time.process_time() - started
+            started = time.process_time()
+            if isinstance(reduced, ReducedRows):
+                assert isinstance(encoding, TopKEncoding)
+                encoding.encode_selected(
+                    as_numpy(reduced.values), as_numpy(reduced.indices), as_numpy(reduced.tail)
+                )
+            else:
+                assert isinstance(encoding, SampledEncoding)
+                encoding.encode_drawn(as_numpy(reduced.classes), as_numpy(reduced.counts))
+            host_s = time.process_time() - started
+            out[spec] |= {
+                "device_part_us": reduce_s / rows * 1e6,
+                "host_part_us": host_s / rows * 1e6,
+            }
     return out
 
 
@@ -77,9 +104,12 @@ def main() -> None:
     print("| encoding | part | " + " | ".join(codes) + " |")
     print("|---|---|" + "---|" * len(codes))
     for spec in args.encodings:
-        for part in ("encode_us", "fidelity_us"):
+        for part in ("encode_us", "fidelity_us", "device_part_us", "host_part_us"):
             cells = [
-                f"{statistics.median(run[spec][part] for run in runs[code]):,.0f}" for code in codes
+                f"{statistics.median(run[spec][part] for run in runs[code]):,.1f}"
+                if all(part in run[spec] for run in runs[code])
+                else "-"
+                for code in codes
             ]
             print(f"| {spec} | {part.removesuffix('_us')} | " + " | ".join(cells) + " |")
 

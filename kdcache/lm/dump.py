@@ -110,7 +110,8 @@ def _fill(
     threads; only this rank's units of each batch are written (see :class:`SequencePlan`).
 
     Only the rows of real positions with a next token leave the device: (n, V), never (B, L, V);
-    on an accelerator a ``topk:K`` store's rows are reduced there first (:func:`reduces_on`).
+    on an accelerator a ``topk:K`` or ``sampled:S`` store's rows are reduced there first
+    (:func:`reduces_on`).
     """
     encoding = writer.writer.encoding
     reduce_here = reduces_on(device, encoding)
@@ -125,15 +126,14 @@ def _fill(
             with autocast(device, amp):
                 rows = teacher.rows(batch.input_ids, batch.attention_mask, batch.mask)
             token_rows = writer.token_rows(samples)
-            # One write per unit, however many ranks: sampled:S seeds its draws from each
-            # write's rows, so a store's bytes must not depend on how the units were grouped.
+            # One write per unit, however many ranks: on the host sampled:S seeds its draws from
+            # each write's rows, so a store's bytes must not depend on how the units were grouped.
             for block in plan.blocks(token_rows):
                 unit = _picked(rows, block)
                 if reduce_here:
                     measured = token_rows[block] % writer.writer.fidelity.sample_every == 0
-                    background.write_reduced(
-                        token_rows[block], reduce_rows(unit, encoding, measured=measured)
-                    )
+                    reduced = reduce_rows(unit, encoding, measured=measured, rows=token_rows[block])
+                    background.write_reduced(token_rows[block], reduced)
                 else:
                     # The rows are this batch's own (computed above, never reused): no copy.
                     background.write(token_rows[block], unit, copy=False)

@@ -465,6 +465,20 @@ class SampledEncoding(Encoding):
         dtype = self.layout(logits.shape[1])["sample_indices"][1]
         return {"sample_indices": classes.astype(dtype), "sample_counts": counts}
 
+    def encode_drawn(self, classes: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+        """The arrays of rows drawn elsewhere (:func:`kdcache.logits.sampled.draw_rows` on the
+        teacher's device): ``classes`` (B, S) ascending with their ``counts`` (B, S)."""
+        if self.num_classes is None:
+            raise ConfigError(
+                f"encoding {self.name} needs the number of classes to size its index array; "
+                f"get it with parse_encoding({self.name!r}, num_classes=C)"
+            )
+        dtype = self.layout(self.num_classes)["sample_indices"][1]
+        return {
+            "sample_indices": classes.astype(dtype),
+            "sample_counts": counts.astype(np.uint8),
+        }
+
     def check_distill_temperature(
         self, temperature: float, *, option: str = "--temperature"
     ) -> None:

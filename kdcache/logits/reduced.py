@@ -1,18 +1,22 @@
-"""Teacher rows reduced, on the teacher's device, to what a ``topk:K`` store keeps of them.
+"""Teacher rows reduced, on the teacher's device, to what a ``topk:K`` or ``sampled:S`` store
+keeps of them.
 
 A dump on a GPU used to copy every (n, V) block of float32 logits to the host, where the writer
-threads selected the top K of each row and its tail statistics: at V = 128k a CPU core needs
-about 0.3 ms a row for that, far more than a large teacher's forward takes per token on the
-device. :func:`reduce_rows` does the same selection with torch where the logits are, so only
-K values, K ids and six statistics a row (plus the full rows the fidelity measures, every
-``sample_every``-th) leave the device; the writer then only converts and stores them
+threads selected the top K of each row and its tail statistics (about 0.3 ms a row on a CPU core
+at V = 128k) or drew S classes from its softmax (about 0.8 ms): far more than a large teacher's
+forward takes per token on the device. :func:`reduce_rows` does that work with torch where the
+logits are, so only what the store keeps (K values, K ids and six statistics, or S classes and S
+counts, a row) and the full rows the fidelity measures (every ``sample_every``-th) leave the
+device; the writer then only converts and stores them
 (:meth:`kdcache.store.write.writer.StoreWriter.write_reduced`).
 
-The top K and their ids are those of ``torch.topk`` on the host (the same float32 values); the
-tail statistics follow :func:`kdcache.logits.sparse.tail_statistics` step for step, with sums
-in float64, but in torch's order of summation and exp: their float32 values may differ from the
-host's in the last bits, and so, rarely, the float16 stored from them by one unit in the last
-place. A dump on the CPU keeps the host path.
+``topk:K``: the top K and their ids are those of ``torch.topk`` on the host (the same float32
+values); the tail statistics follow :func:`kdcache.logits.sparse.tail_statistics` step for step,
+with sums in float64, but in torch's order of summation and exp: their float32 values may differ
+from the host's in the last bits, and so, rarely, the float16 stored from them by one unit in the
+last place. ``sampled:S``: the draws are :func:`kdcache.logits.sampled.draw_rows`, from the same
+distribution as the host's but at uniforms fixed by each row's index, so a GPU dump's classes
+are not a CPU dump's (nor are its logits). A dump on the CPU keeps the host path.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdcache.logits.encodings import Encoding, TopKEncoding
+from kdcache.logits.encodings import Encoding, SampledEncoding, TopKEncoding
+from kdcache.logits.sampled import draw_rows
 from kdcache.logits.sparse import KNOT_TEMPERATURES
 
-__all__ = ["ReducedRows", "reduce_rows", "reduces"]
+__all__ = ["DrawnRows", "ReducedRows", "reduce_rows", "reduces"]
 
 
 @dataclass(frozen=True)
@@ -50,30 +55,67 @@ class ReducedRows:
         return len(self.values)
 
 
+@dataclass(frozen=True)
+class DrawnRows:
+    """A batch of rows as a ``sampled:S`` encoding keeps them, before conversion to its dtypes.
+
+    ``classes`` (B, S) int64, each row's distinct drawn classes ascending (padded with the last
+    at count 0); ``counts`` (B, S) uint8; ``finite`` (B,) bool, the rows whose logits were all
+    finite (the others were drawn from zeros and must be refused); ``measured`` and
+    ``measured_logits`` as in :class:`ReducedRows`.
+    """
+
+    classes: Tensor | np.ndarray
+    counts: Tensor | np.ndarray
+    finite: Tensor | np.ndarray
+    measured: np.ndarray
+    measured_logits: Tensor | np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+
 def reduces(encoding: Encoding) -> bool:
-    """Whether :func:`reduce_rows` can reduce rows for ``encoding`` (``topk:K``, any BITS; the
-    draws of ``sampled:S`` are seeded from the whole block's bytes, so they stay on the host)."""
-    return isinstance(encoding, TopKEncoding)
+    """Whether :func:`reduce_rows` can reduce rows for ``encoding`` (``topk:K`` with any BITS,
+    ``sampled:S`` with either scheme)."""
+    return isinstance(encoding, TopKEncoding | SampledEncoding)
 
 
-def reduce_rows(logits: Tensor, encoding: Encoding, *, measured: np.ndarray) -> ReducedRows:
+def reduce_rows(
+    logits: Tensor, encoding: Encoding, *, measured: np.ndarray, rows: np.ndarray | None = None
+) -> ReducedRows | DrawnRows:
     """``logits`` (B, C) reduced where they are to what ``encoding`` keeps (see the module).
 
     ``measured`` (B,) bool, on the host, names the rows whose full logits the writer's fidelity
-    needs (picked by index, which needs no wait for the device, where a mask would).
+    needs (picked by index, which needs no wait for the device, where a mask would). ``rows``
+    (B,), the rows' indices in the store, fix a ``sampled:S`` row's draws (required for it).
     """
-    if not isinstance(encoding, TopKEncoding):
-        raise TypeError(f"only topk:K rows are reduced on the device, got {encoding.name}")
     block = logits.detach().float()
+    measured_logits = block.index_select(
+        0, torch.from_numpy(np.flatnonzero(measured)).to(block.device, non_blocking=True)
+    )
+    if isinstance(encoding, SampledEncoding):
+        if rows is None:
+            raise TypeError("sampled:S rows are drawn at their store rows: pass rows=")
+        finite = torch.isfinite(block).all(dim=1)
+        classes, counts = draw_rows(
+            torch.where(finite[:, None], block, 0.0),
+            torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(block.device),
+            encoding.num_draws,
+            scheme=encoding.scheme,
+        )
+        return DrawnRows(classes, counts, finite, np.asarray(measured, dtype=bool), measured_logits)
+    if not isinstance(encoding, TopKEncoding):
+        raise TypeError(
+            f"only topk:K and sampled:S rows are reduced on the device, got {encoding.name}"
+        )
     values, indices = torch.topk(block, encoding.k, dim=1)
     return ReducedRows(
         values=values,
         indices=indices,
         tail=_tail_statistics(block, values, indices),
         measured=np.asarray(measured, dtype=bool),
-        measured_logits=block.index_select(
-            0, torch.from_numpy(np.flatnonzero(measured)).to(block.device, non_blocking=True)
-        ),
+        measured_logits=measured_logits,
     )
 
 

@@ -18,6 +18,10 @@ what moves the gradient away from the dense one (docs/results.md, "Sampled: bias
 E[count_c / S] = p_c with each class drawn floor(S p_c) or ceil(S p_c) times, so a class with
 p_c >= 1 / S is never missed and its share is off by less than 1 / S: the same store, the same
 loss, less noise.
+
+Two ways to take the draws, with the same distribution and arrays: :func:`draw_samples` on the
+host, from a generator seeded by the block's bytes, and :func:`draw_rows` where the teacher ran (a
+GPU dump), at uniforms hashed from each row's index in the store.
 """
 
 from __future__ import annotations
@@ -126,3 +130,77 @@ def draw_samples(
         classes[rows] = torch.where(drawn, ascending, last).numpy()
         counts[rows] = top_counts.gather(1, order).numpy()
     return classes, counts
+
+
+#: Rows drawn at a time on the teacher's device: a block's float64 CDF takes 2^24 x 8 bytes.
+DEVICE_DRAW_BLOCK_ELEMENTS = 1 << 24
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(values: Tensor) -> Tensor:
+    """A 32-bit integer hash (Wellons' "lowbias32") of int64 ``values`` in [0, 2^32), elementwise.
+    Integer arithmetic only, so every device computes the same bits; the products wrap past 2^63
+    as two's complement, which keeps their low 32 bits exact."""
+    values = values ^ (values >> 16)
+    values = (values * 0x7FEB352D) & _MASK32
+    values = values ^ (values >> 15)
+    values = (values * 0x846CA68B) & _MASK32
+    return values ^ (values >> 16)
+
+
+def row_uniforms(rows: Tensor, count: int) -> Tensor:
+    """(B, count) float64 uniforms in [0, 1) fixed by each row's store index ``rows`` (B,) int64:
+    draw i of row r is a hash of (r, i), 53 bits each, so a row draws the same whatever batch,
+    rank or resumed dump computes it, and no generator state crosses the device."""
+    rows = rows.to(torch.int64)[:, None]
+    slot = torch.arange(count, device=rows.device, dtype=torch.int64)[None, :]
+    high_word, low_word = rows >> 32, rows & _MASK32
+    # Two independent 32-bit hashes of the row: rows sharing both are as rare as 64-bit ones.
+    first = _mix32(_mix32(high_word) ^ low_word)
+    second = _mix32(_mix32(high_word ^ 0x5BD1E995) ^ low_word ^ 0x1B873593)
+    high = _mix32((first + slot * 0x9E3779B9) & _MASK32)
+    low = _mix32((second + slot * 0x85EBCA77) & _MASK32)
+    bits53 = (high << 21) | (low >> 11)
+    return bits53.to(torch.float64) * 2.0**-53
+
+
+def draw_rows(
+    logits: Tensor, rows: Tensor, num_draws: int, *, scheme: str = DRAW_SCHEMES[0]
+) -> tuple[Tensor, Tensor]:
+    """:func:`draw_samples` with torch where ``logits`` (B, C) are, for the store rows ``rows``
+    (B,): the same distribution and the same arrays (distinct classes ascending, padded with the
+    last class at count 0; counts uint8), drawn by inverting each row's CDF at uniforms fixed by
+    the row's index (:func:`row_uniforms`) instead of from a generator seeded by the block's bytes,
+    which would need the bytes on the host. Another device draws other classes from the same
+    logits only where its float64 CDF differs in the last bit right at a uniform.
+    """
+    rows = rows.to(logits.device)
+    classes = torch.empty(len(logits), num_draws, dtype=torch.int64, device=logits.device)
+    counts = torch.empty(len(logits), num_draws, dtype=torch.uint8, device=logits.device)
+    step = max(1, DEVICE_DRAW_BLOCK_ELEMENTS // max(1, logits.shape[1]))
+    for start in range(0, len(logits), step):
+        block = slice(start, start + step)
+        cdf = torch.softmax(logits[block].double(), dim=1).cumsum_(dim=1)
+        cdf[:, -1] = 1.0  # rounding must not leave a uniform past the last class
+        if scheme == "systematic":
+            first = row_uniforms(rows[block], 1)
+            points = (first + torch.arange(num_draws, device=cdf.device)) / num_draws
+        else:
+            points = row_uniforms(rows[block], num_draws).sort(dim=1).values
+        drawn = torch.searchsorted(cdf, points, right=True)
+        classes[block], counts[block] = _distinct(drawn.clamp_max_(cdf.shape[1] - 1))
+    return classes, counts
+
+
+def _distinct(drawn: Tensor) -> tuple[Tensor, Tensor]:
+    """Ascending draws (B, S) as their distinct classes and counts, left-aligned, padded with the
+    last class at count 0."""
+    starts = torch.ones_like(drawn, dtype=torch.bool)
+    starts[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    group = starts.cumsum(dim=1) - 1
+    counts = torch.zeros_like(drawn).scatter_add_(1, group, torch.ones_like(drawn))
+    distinct = torch.zeros_like(drawn).scatter_(1, group, drawn)
+    groups = group[:, -1:] + 1
+    padding = torch.arange(drawn.shape[1], device=drawn.device)[None, :] >= groups
+    distinct = torch.where(padding, distinct.gather(1, groups - 1), distinct)
+    return distinct, counts.to(torch.uint8)

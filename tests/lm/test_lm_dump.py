@@ -115,6 +115,39 @@ def test_rows_reduced_where_the_teacher_runs_store_what_the_host_encoding_stores
     assert (apart > 0).mean() < 0.05
 
 
+def test_rows_drawn_where_the_teacher_runs_do_not_depend_on_the_batches(
+    tmp_path, lm_files, monkeypatch
+):
+    """The path a GPU dump of sampled:S takes (draws on the device), forced here on the CPU: a
+    row's draws are fixed by its index, so two batch sizes store the same bytes."""
+    import zarr
+    from narrowing import zarr_array
+
+    from kdcache.lm import dump as lm_dump
+
+    monkeypatch.setattr(lm_dump, "reduces_on", lambda device, encoding: True)
+    results = {
+        size: dump_lm(
+            DumpConfig(
+                teacher=f"hf:{lm_files['teacher']}",
+                dataset=f"text:{lm_files['corpus']}:16",
+                encoding="sampled:5",
+                batch_size=size,
+                out=str(tmp_path / f"b{size}.zarr"),
+            )
+        )
+        for size in (8, 3)
+    }
+    assert results[8].fidelity == results[3].fidelity
+    assert results[8].fidelity is not None
+    stores = [zarr.open_group(tmp_path / f"b{size}.zarr", mode="r") for size in results]
+    for name in ("sample_indices", "sample_counts"):
+        first, second = (np.asarray(zarr_array(group, name)[:]) for group in stores)
+        np.testing.assert_array_equal(first, second)
+    counts = np.asarray(zarr_array(stores[0], "sample_counts")[:])
+    assert (counts.astype(int).sum(axis=-1) == 5).all()
+
+
 def test_resume_after_a_crash_computes_only_the_rest_and_equals_a_full_dump(tmp_path, lm_files):
     spec = f"text:{lm_files['corpus']}:16"
     lm_teachers.FOLDER = str(lm_files["teacher"])

@@ -1,5 +1,6 @@
 """``draw_samples``: the draws a ``sampled:S`` store keeps must not change with the code that
-draws them (a resumed dump recomputes batches and must store the same bytes)."""
+draws them (a resumed dump recomputes batches and must store the same bytes). ``draw_rows``, the
+draws taken where the teacher ran: the same arrays and distribution, fixed by each row's index."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 
 from kdcache.logits import sampled
-from kdcache.logits.sampled import draw_samples
+from kdcache.logits.sampled import draw_rows, draw_samples, row_uniforms
 
 
 def _block() -> np.ndarray:
@@ -66,3 +67,74 @@ def test_systematic_draws_are_floor_or_ceil_of_s_p_and_unbiased():
     np.testing.assert_allclose(dense.mean(axis=0) / 12, p, atol=0.01)
     again = draw_samples(logits, 12, scheme="systematic")  # seeded by the block, as multinomial
     np.testing.assert_array_equal(classes, again[0])
+
+
+def _one_distribution(num_rows: int, num_classes: int = 50) -> tuple[torch.Tensor, np.ndarray]:
+    """``num_rows`` rows of one softmax (rows differ by a constant) and that softmax."""
+    row = torch.from_numpy(_block()[0, :num_classes])
+    logits = row[None, :] + torch.arange(num_rows, dtype=torch.float32)[:, None] * 1e-3
+    return logits, torch.softmax(row.double(), dim=0).numpy()
+
+
+def _shares(classes: torch.Tensor, counts: torch.Tensor, num_classes: int) -> np.ndarray:
+    dense = np.zeros((len(classes), num_classes))
+    np.add.at(dense, (np.arange(len(classes))[:, None], classes.numpy()), counts.numpy())
+    return dense
+
+
+def test_device_draws_hold_the_arrays_the_host_draws_hold():
+    block = torch.from_numpy(_block())
+    for scheme in ("multinomial", "systematic"):
+        classes, counts = draw_rows(block, torch.arange(30) + 10**12, 64, scheme=scheme)
+        assert classes.dtype == torch.int64
+        assert counts.dtype == torch.uint8
+        assert (counts.sum(dim=1) == 64).all()
+        for row_classes, row_counts in zip(classes.numpy(), counts.numpy(), strict=True):
+            drawn = row_counts > 0
+            kept = row_classes[drawn]
+            assert drawn[: drawn.sum()].all()
+            assert (np.diff(kept) > 0).all()
+            assert (row_classes[~drawn] == kept[-1]).all()
+
+
+def test_device_draws_of_a_row_depend_on_its_index_only(monkeypatch):
+    """Whatever batch, order or block size draws a row, its classes are the same."""
+    block, rows = torch.from_numpy(_block()), torch.arange(100, 130)
+    classes, counts = draw_rows(block, rows, 12)
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(sampled, "DEVICE_DRAW_BLOCK_ELEMENTS", 1)  # one row at a time
+    shuffled = draw_rows(block[order], rows[order], 12)
+    np.testing.assert_array_equal(shuffled[0].numpy(), classes[order].numpy())
+    np.testing.assert_array_equal(shuffled[1].numpy(), counts[order].numpy())
+    other_rows = draw_rows(block, rows + 30, 12)
+    assert not torch.equal(other_rows[0], classes)
+
+
+def test_row_uniforms_are_uniform_and_differ_between_rows_and_draws():
+    uniforms = row_uniforms(torch.arange(2**40, 2**40 + 20_000), 8)
+    assert uniforms.dtype == torch.float64
+    assert (uniforms >= 0).all()
+    assert (uniforms < 1).all()
+    assert len(torch.unique(uniforms)) == uniforms.numel()
+    histogram = torch.histc(uniforms, bins=20, min=0, max=1)
+    expected = uniforms.numel() / 20
+    assert ((histogram - expected) ** 2 / expected).sum() < 60  # chi-square, 19 dof: p < 1e-5
+    correlation = torch.corrcoef(torch.stack([uniforms[:, 0], uniforms[:, 1]]))[0, 1]
+    assert abs(float(correlation)) < 0.03
+
+
+def test_device_draws_are_unbiased_for_both_schemes():
+    """The mean share of each class over many rows of one distribution is p, within 4.5
+    standard errors of the draws (classes expected often enough for the normal limit)."""
+    logits, p = _one_distribution(4000)
+    for scheme in ("multinomial", "systematic"):
+        classes, counts = draw_rows(logits, torch.arange(4000), 12, scheme=scheme)
+        shares = _shares(classes, counts, 50) / 12
+        error = shares.mean(axis=0) - p
+        standard_error = np.sqrt(p * (1 - p) / (12 * 4000))
+        frequent = p * 12 * 4000 >= 200
+        assert (np.abs(error[frequent]) < 4.5 * standard_error[frequent]).all(), scheme
+        if scheme == "systematic":
+            dense = _shares(classes, counts, 50)
+            assert (dense >= np.floor(12 * p) - 1e-9).all()
+            assert (dense <= np.ceil(12 * p) + 1e-9).all()

@@ -16,6 +16,7 @@ only ever call :meth:`StoreWriter.write`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import threading
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import ConfigError
-from kdcache.logits.reduced import ReducedRows
+from kdcache.logits.reduced import DrawnRows, ReducedRows
 from kdcache.store.write.writer import StoreWriter
 
 __all__ = [
@@ -108,7 +109,7 @@ class BackgroundWriter:
             try:
                 if ready is not None:
                     ready.synchronize()  # the non-blocking device-to-host copy has landed
-                if isinstance(logits, ReducedRows):
+                if isinstance(logits, ReducedRows | DrawnRows):
                     self.writer.write_reduced(indices, logits)
                 else:
                     self.writer.write(indices, logits)
@@ -155,21 +156,21 @@ class BackgroundWriter:
         self._raise_pending_error()
 
     def write_reduced(
-        self, indices: Sequence[int] | np.ndarray | torch.Tensor, reduced: ReducedRows
+        self, indices: Sequence[int] | np.ndarray | torch.Tensor, reduced: ReducedRows | DrawnRows
     ) -> None:
         """Queue rows reduced on the teacher's device (:func:`kdcache.logits.reduced.reduce_rows`)
         for the sample indices ``(B,)``: only the reduced tensors are copied to the host."""
         rows = self._start(indices)
-        parts, ready = [], None
-        for part in (reduced.values, reduced.indices, reduced.tail, reduced.measured_logits):
+        parts: dict[str, Any] = {}
+        ready = None
+        for field in dataclasses.fields(reduced):
+            part = getattr(reduced, field.name)
             if isinstance(part, torch.Tensor):
                 part, ready = _to_host(part)  # copies queue in order: the last event covers all
             else:
                 part = np.array(part, copy=True)
-            parts.append(part)
-        values, ids, tail, measured_logits = parts
-        held = ReducedRows(values, ids, tail, np.array(reduced.measured), measured_logits)
-        self._queue.put((rows, held, ready))
+            parts[field.name] = part
+        self._queue.put((rows, dataclasses.replace(reduced, **parts), ready))
         self._raise_pending_error()
 
     def _start(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:

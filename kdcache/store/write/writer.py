@@ -26,9 +26,9 @@ from kdcache.errors import (
     StoreIncompleteError,
     StoreWriteError,
 )
-from kdcache.logits.encodings import TopKEncoding, parse_encoding
+from kdcache.logits.encodings import SampledEncoding, TopKEncoding, parse_encoding
 from kdcache.logits.fidelity import FidelityAccumulator, sample_stride
-from kdcache.logits.reduced import ReducedRows, reduces
+from kdcache.logits.reduced import DrawnRows, ReducedRows, reduces
 from kdcache.logits.sparse import as_numpy
 from kdcache.store.format.digests import DIGESTS_ARRAY, chunk_digests
 from kdcache.store.format.layout import (
@@ -168,28 +168,41 @@ class StoreWriter:
         self._store_encoded(rows, chunk_of_row, encoded)
 
     def write_reduced(
-        self, indices: Sequence[int] | np.ndarray | torch.Tensor, reduced: ReducedRows
+        self, indices: Sequence[int] | np.ndarray | torch.Tensor, reduced: ReducedRows | DrawnRows
     ) -> None:
         """Store rows reduced on the teacher's device (:func:`kdcache.logits.reduced.reduce_rows`)
         for the rows ``(B,)``, as :meth:`write` stores their raw logits; the fidelity is measured
         on the full rows that came along. Refuses (nothing stored) what :meth:`write` refuses,
-        checked on the kept values and statistics."""
-        if not reduces(self.encoding):
+        checked on the kept values and statistics (or, for draws, the device's finiteness check)."""
+        if not reduces(self.encoding) or isinstance(reduced, DrawnRows) != isinstance(
+            self.encoding, SampledEncoding
+        ):
+            kind = "sampled:S draws" if isinstance(reduced, DrawnRows) else "topk:K rows"
             raise InvalidLogitsError(
-                f"rows reduced on the device are for topk:K stores; this store's encoding is "
+                f"{kind} reduced on the device do not fit this store's encoding "
                 f"{self.encoding.name}: write its raw logits"
             )
-        assert isinstance(self.encoding, TopKEncoding)  # reduces() said so
         rows = _checked_rows(indices, self.metadata.num_rows)
-        values, ids, tail, measured, measured_logits = (
-            as_numpy(part)
-            for part in (
-                reduced.values,
-                reduced.indices,
-                reduced.tail,
-                reduced.measured,
-                reduced.measured_logits,
-            )
+        if isinstance(reduced, DrawnRows):
+            encoded = self._encode_drawn(rows, reduced)
+        else:
+            encoded = self._encode_top(rows, reduced)
+        chunk_of_row = rows // self.metadata.chunk_rows
+        with self._mutex:
+            new_rows = ~self._written[chunk_of_row]
+        measured = as_numpy(reduced.measured).astype(bool)
+        self.fidelity.update(
+            as_numpy(reduced.measured_logits),
+            {name: values[measured] for name, values in encoded.items()},
+            indices=rows[measured],
+            keep=new_rows[measured],
+        )
+        self._store_encoded(rows, chunk_of_row, encoded)
+
+    def _encode_top(self, rows: np.ndarray, reduced: ReducedRows) -> dict[str, np.ndarray]:
+        assert isinstance(self.encoding, TopKEncoding)  # write_reduced checked
+        values, ids, tail = (
+            as_numpy(part) for part in (reduced.values, reduced.indices, reduced.tail)
         )
         kept = np.concatenate([values, tail], axis=1)
         if kept.shape[0] != rows.size or values.shape[1] != self.encoding.k:
@@ -201,17 +214,20 @@ class StoreWriter:
         with np.errstate(over="ignore", invalid="ignore"):
             encoded = self.encoding.encode_selected(values, ids, tail)
         self._check_encoded(rows, kept, encoded)
-        chunk_of_row = rows // self.metadata.chunk_rows
-        with self._mutex:
-            new_rows = ~self._written[chunk_of_row]
-        measured = measured.astype(bool)
-        self.fidelity.update(
-            measured_logits,
-            {name: values[measured] for name, values in encoded.items()},
-            indices=rows[measured],
-            keep=new_rows[measured],
-        )
-        self._store_encoded(rows, chunk_of_row, encoded)
+        return encoded
+
+    def _encode_drawn(self, rows: np.ndarray, drawn: DrawnRows) -> dict[str, np.ndarray]:
+        assert isinstance(self.encoding, SampledEncoding)  # write_reduced checked
+        classes, counts = as_numpy(drawn.classes), as_numpy(drawn.counts)
+        finite = as_numpy(drawn.finite).astype(bool)
+        if classes.shape != (rows.size, self.encoding.num_draws) or counts.shape != classes.shape:
+            raise InvalidLogitsError(
+                f"expected {rows.size} drawn rows of {self.encoding.num_draws} classes for "
+                f"samples {row_ranges(np.unique(rows))}, got {tuple(classes.shape)}"
+            )
+        _refuse_rows_not_finite(rows, ~finite)
+        # Classes and counts only: no value that could overflow the encoding.
+        return self.encoding.encode_drawn(classes, counts)
 
     def write_encoded(
         self, indices: Sequence[int] | np.ndarray, encoded: dict[str, np.ndarray]
@@ -554,7 +570,11 @@ def create_store(
 
 def _refuse_non_finite(rows: np.ndarray, values: np.ndarray) -> None:
     """Refuse teacher rows holding NaN or Inf, naming their samples."""
-    bad = ~np.isfinite(values).all(axis=1)
+    _refuse_rows_not_finite(rows, ~np.isfinite(values).all(axis=1))
+
+
+def _refuse_rows_not_finite(rows: np.ndarray, bad: np.ndarray) -> None:
+    """Refuse the teacher rows ``bad`` (B,) marks as holding NaN or Inf, naming their samples."""
     if bad.any():
         raise InvalidLogitsError(
             f"teacher logits are NaN or Inf for samples {row_ranges(np.sort(rows[bad]))}; "

@@ -203,13 +203,66 @@ def test_rows_reduced_on_the_device_store_the_bytes_of_raw_logits(tmp_path):
     assert stores["raw"].fidelity is not None
 
 
+def test_rows_drawn_on_the_device_are_stored_as_drawn_with_their_fidelity(tmp_path):
+    """sampled:S rows drawn in torch (here on the CPU, as on the teacher's GPU) are stored as the
+    draws, whatever batches carried them; the fidelity is measured on the rows that came along."""
+    from kdcache.logits.reduced import reduce_rows
+    from kdcache.logits.sampled import draw_rows
+
+    logits = random_logits(60, 700, seed=5)
+    stores = {}
+    for name, batches in (("four", 4), ("seven", 7)):
+        writer = create_store(
+            tmp_path / f"{name}.zarr", num_samples=60, num_classes=700, encoding="sampled:6"
+        )
+        with BackgroundWriter(writer, workers=2) as background:
+            for batch in np.array_split(np.arange(60)[::-1], batches):
+                measured = batch % writer.fidelity.sample_every == 0
+                drawn = reduce_rows(
+                    torch.from_numpy(logits[batch]), writer.encoding, measured=measured, rows=batch
+                )
+                background.write_reduced(batch, drawn)
+        stores[name] = writer.finalize()
+    classes, counts = draw_rows(torch.from_numpy(logits), torch.arange(60), 6)
+    for name in stores:
+        group = zarr.open_group(tmp_path / f"{name}.zarr", mode="r")
+        np.testing.assert_array_equal(np.asarray(zarr_array(group, "sample_indices")[:]), classes)
+        np.testing.assert_array_equal(np.asarray(zarr_array(group, "sample_counts")[:]), counts)
+        assert verify_store(tmp_path / f"{name}.zarr").ok
+    assert stores["four"].fidelity == stores["seven"].fidelity
+    assert stores["four"].fidelity is not None
+
+
+def test_drawn_rows_of_non_finite_logits_are_refused_in_one_line(tmp_path):
+    from kdcache.logits.reduced import reduce_rows
+
+    writer = create_store(tmp_path / "s.zarr", num_samples=4, num_classes=50, encoding="sampled:3")
+    logits = torch.zeros(4, 50)
+    logits[2, 9] = float("inf")
+    drawn = reduce_rows(logits, writer.encoding, measured=np.zeros(4, bool), rows=np.arange(4))
+    with pytest.raises(InvalidLogitsError, match=r"NaN or Inf for samples 2\b"):
+        writer.write_reduced(np.arange(4), drawn)
+    assert writer.pending_indices().tolist() == [0, 1, 2, 3]
+    writer.close()
+
+
 def test_reduced_rows_are_refused_by_a_store_of_another_encoding(tmp_path):
     from kdcache.logits.reduced import reduce_rows
 
-    writer = create_store(tmp_path / "s.zarr", num_samples=4, num_classes=50, encoding="float16")
-    reduced = reduce_rows(
-        torch.zeros(4, 50), parse_encoding("topk:4", num_classes=50), measured=np.zeros(4, bool)
-    )
-    with pytest.raises(InvalidLogitsError, match="encoding is float16"):
-        writer.write_reduced(np.arange(4), reduced)
-    writer.close()
+    for encoding, reduced_as in (
+        ("float16", "topk:4"),
+        ("sampled:4", "topk:4"),
+        ("topk:4", "sampled:4"),
+    ):
+        writer = create_store(
+            tmp_path / f"{encoding}.zarr", num_samples=4, num_classes=50, encoding=encoding
+        )
+        reduced = reduce_rows(
+            torch.zeros(4, 50),
+            parse_encoding(reduced_as, num_classes=50),
+            measured=np.zeros(4, bool),
+            rows=np.arange(4),
+        )
+        with pytest.raises(InvalidLogitsError, match=f"store's encoding {encoding}: write its raw"):
+            writer.write_reduced(np.arange(4), reduced)
+        writer.close()
