@@ -42,7 +42,7 @@ class ReducedRows:
     ``tail`` (B, 6) float32, the :data:`~kdcache.logits.sparse.TAIL_STATS`; ``measured`` (B,)
     bool, the rows whose full float32 logits ``measured_logits`` (M, C) come along for the
     fidelity. Tensors on the device that reduced them, or numpy arrays on the host (``measured``
-    is always on the host).
+    is always on the host). ``num_classes``: the width C of the rows they were reduced from.
     """
 
     values: Tensor | np.ndarray
@@ -50,6 +50,7 @@ class ReducedRows:
     tail: Tensor | np.ndarray
     measured: np.ndarray
     measured_logits: Tensor | np.ndarray
+    num_classes: int
 
     def __len__(self) -> int:
         return len(self.values)
@@ -61,8 +62,8 @@ class DrawnRows:
 
     ``classes`` (B, S) int64, each row's distinct drawn classes ascending (padded with the last
     at count 0); ``counts`` (B, S) uint8; ``finite`` (B,) bool, the rows whose logits were all
-    finite (the others were drawn from zeros and must be refused); ``measured`` and
-    ``measured_logits`` as in :class:`ReducedRows`.
+    finite (the others were drawn from zeros and must be refused); ``measured``,
+    ``measured_logits`` and ``num_classes`` as in :class:`ReducedRows`.
     """
 
     classes: Tensor | np.ndarray
@@ -70,6 +71,7 @@ class DrawnRows:
     finite: Tensor | np.ndarray
     measured: np.ndarray
     measured_logits: Tensor | np.ndarray
+    num_classes: int
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -97,14 +99,20 @@ def reduce_rows(
     if isinstance(encoding, SampledEncoding):
         if rows is None:
             raise TypeError("sampled:S rows are drawn at their store rows: pass rows=")
-        finite = torch.isfinite(block).all(dim=1)
-        classes, counts = draw_rows(
-            torch.where(finite[:, None], block, 0.0),
-            torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(block.device),
+        classes, counts, finite = draw_rows(
+            block,
+            torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)),
             encoding.num_draws,
             scheme=encoding.scheme,
         )
-        return DrawnRows(classes, counts, finite, np.asarray(measured, dtype=bool), measured_logits)
+        return DrawnRows(
+            classes=classes,
+            counts=counts,
+            finite=finite,
+            measured=np.asarray(measured, dtype=bool),
+            measured_logits=measured_logits,
+            num_classes=block.shape[1],
+        )
     if not isinstance(encoding, TopKEncoding):
         raise TypeError(
             f"only topk:K and sampled:S rows are reduced on the device, got {encoding.name}"
@@ -116,6 +124,7 @@ def reduce_rows(
         tail=_tail_statistics(block, values, indices),
         measured=np.asarray(measured, dtype=bool),
         measured_logits=measured_logits,
+        num_classes=block.shape[1],
     )
 
 

@@ -85,13 +85,22 @@ DRAW_BLOCK_ELEMENTS = 1 << 16
 DRAW_SCHEMES = ("multinomial", "systematic")
 
 
+#: The largest float64 below 1: where a point (u + i) / S that rounded up to 1 is put back.
+_BELOW_ONE = 1.0 - 2.0**-53
+
+
+def _cdf(probs: Tensor) -> Tensor:
+    """Each row's CDF, ending at exactly 1 (a sum divided by itself), so that every point in
+    [0, 1) falls on a class, and never on one of probability 0."""
+    cdf = probs.cumsum(dim=1)
+    return cdf.div_(cdf[:, -1:].clone())
+
+
 def _systematic(probs: Tensor, num_draws: int, generator: torch.Generator) -> Tensor:
     """(B, S) classes: the points (u + i) / S, u ~ U[0, 1) per row, looked up on the CDF."""
-    cdf = probs.cumsum(dim=1)
-    cdf[:, -1] = 1.0  # rounding must not leave a point past the last class
     start = torch.rand(len(probs), 1, generator=generator, dtype=probs.dtype)
     points = (start + torch.arange(num_draws, dtype=probs.dtype)) / num_draws
-    return torch.searchsorted(cdf, points, right=True).clamp_max(probs.shape[1] - 1)
+    return torch.searchsorted(_cdf(probs), points.clamp_max_(_BELOW_ONE), right=True)
 
 
 def draw_samples(
@@ -156,7 +165,8 @@ def row_uniforms(rows: Tensor, count: int) -> Tensor:
     slot = torch.arange(count, device=rows.device, dtype=torch.int64)[None, :]
     high_word, low_word = rows >> 32, rows & _MASK32
     # Two independent 32-bit hashes of the row: rows sharing both are as rare as 64-bit ones.
-    first = _mix32(_mix32(high_word) ^ low_word)
+    # (The constants keep row 0 off the hash's fixed point 0.)
+    first = _mix32(_mix32(high_word ^ 0x68E31DA4) ^ low_word)
     second = _mix32(_mix32(high_word ^ 0x5BD1E995) ^ low_word ^ 0x1B873593)
     high = _mix32((first + slot * 0x9E3779B9) & _MASK32)
     low = _mix32((second + slot * 0x85EBCA77) & _MASK32)
@@ -166,30 +176,35 @@ def row_uniforms(rows: Tensor, count: int) -> Tensor:
 
 def draw_rows(
     logits: Tensor, rows: Tensor, num_draws: int, *, scheme: str = DRAW_SCHEMES[0]
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`draw_samples` with torch where ``logits`` (B, C) are, for the store rows ``rows``
     (B,): the same distribution and the same arrays (distinct classes ascending, padded with the
     last class at count 0; counts uint8), drawn by inverting each row's CDF at uniforms fixed by
     the row's index (:func:`row_uniforms`) instead of from a generator seeded by the block's bytes,
     which would need the bytes on the host. Another device draws other classes from the same
     logits only where its float64 CDF differs in the last bit right at a uniform.
+
+    Also returns ``finite`` (B,) bool: a row holding NaN or Inf is drawn from its finite values
+    (the others taken as 0) and must be refused by the caller.
     """
-    rows = rows.to(logits.device)
+    rows = rows.to(logits.device, non_blocking=True)
     classes = torch.empty(len(logits), num_draws, dtype=torch.int64, device=logits.device)
     counts = torch.empty(len(logits), num_draws, dtype=torch.uint8, device=logits.device)
+    finite = torch.empty(len(logits), dtype=torch.bool, device=logits.device)
     step = max(1, DEVICE_DRAW_BLOCK_ELEMENTS // max(1, logits.shape[1]))
     for start in range(0, len(logits), step):
         block = slice(start, start + step)
-        cdf = torch.softmax(logits[block].double(), dim=1).cumsum_(dim=1)
-        cdf[:, -1] = 1.0  # rounding must not leave a uniform past the last class
+        values = logits[block].double()
+        finite[block] = torch.isfinite(values).all(dim=1)
+        cdf = _cdf(torch.softmax(values.nan_to_num_(0.0, 0.0, 0.0), dim=1))
         if scheme == "systematic":
             first = row_uniforms(rows[block], 1)
             points = (first + torch.arange(num_draws, device=cdf.device)) / num_draws
+            points.clamp_max_(_BELOW_ONE)
         else:
             points = row_uniforms(rows[block], num_draws).sort(dim=1).values
-        drawn = torch.searchsorted(cdf, points, right=True)
-        classes[block], counts[block] = _distinct(drawn.clamp_max_(cdf.shape[1] - 1))
-    return classes, counts
+        classes[block], counts[block] = _distinct(torch.searchsorted(cdf, points, right=True))
+    return classes, counts, finite
 
 
 def _distinct(drawn: Tensor) -> tuple[Tensor, Tensor]:

@@ -60,7 +60,7 @@ def test_sampled_rows_are_drawn_at_their_store_rows_and_non_finite_ones_flagged(
     assert isinstance(drawn, DrawnRows)
     assert as_numpy(drawn.finite).tolist() == [True, True, True, True, False, True]
     finite = [0, 1, 2, 3, 5]
-    classes, counts = draw_rows(
+    classes, counts, _ = draw_rows(
         logits[finite], torch.from_numpy(rows[finite]), 8, scheme="systematic"
     )
     np.testing.assert_array_equal(as_numpy(drawn.classes)[finite], classes.numpy())

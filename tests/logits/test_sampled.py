@@ -85,7 +85,7 @@ def _shares(classes: torch.Tensor, counts: torch.Tensor, num_classes: int) -> np
 def test_device_draws_hold_the_arrays_the_host_draws_hold():
     block = torch.from_numpy(_block())
     for scheme in ("multinomial", "systematic"):
-        classes, counts = draw_rows(block, torch.arange(30) + 10**12, 64, scheme=scheme)
+        classes, counts, _ = draw_rows(block, torch.arange(30) + 10**12, 64, scheme=scheme)
         assert classes.dtype == torch.int64
         assert counts.dtype == torch.uint8
         assert (counts.sum(dim=1) == 64).all()
@@ -100,7 +100,7 @@ def test_device_draws_hold_the_arrays_the_host_draws_hold():
 def test_device_draws_of_a_row_depend_on_its_index_only(monkeypatch):
     """Whatever batch, order or block size draws a row, its classes are the same."""
     block, rows = torch.from_numpy(_block()), torch.arange(100, 130)
-    classes, counts = draw_rows(block, rows, 12)
+    classes, counts, _ = draw_rows(block, rows, 12)
     order = torch.randperm(30, generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(sampled, "DEVICE_DRAW_BLOCK_ELEMENTS", 1)  # one row at a time
     shuffled = draw_rows(block[order], rows[order], 12)
@@ -128,7 +128,7 @@ def test_device_draws_are_unbiased_for_both_schemes():
     standard errors of the draws (classes expected often enough for the normal limit)."""
     logits, p = _one_distribution(4000)
     for scheme in ("multinomial", "systematic"):
-        classes, counts = draw_rows(logits, torch.arange(4000), 12, scheme=scheme)
+        classes, counts, _ = draw_rows(logits, torch.arange(4000), 12, scheme=scheme)
         shares = _shares(classes, counts, 50) / 12
         error = shares.mean(axis=0) - p
         standard_error = np.sqrt(p * (1 - p) / (12 * 4000))
@@ -138,3 +138,32 @@ def test_device_draws_are_unbiased_for_both_schemes():
             dense = _shares(classes, counts, 50)
             assert (dense >= np.floor(12 * p) - 1e-9).all()
             assert (dense <= np.ceil(12 * p) + 1e-9).all()
+
+
+def test_rows_2_to_the_32_apart_draw_apart():
+    """Both words of a row's index reach its uniforms (a store of 4.3 billion tokens and more)."""
+    rows = torch.arange(5, 10)
+    assert not torch.equal(row_uniforms(rows, 4), row_uniforms(rows + 2**32, 4))
+    assert not torch.equal(row_uniforms(rows, 4), row_uniforms(rows + 2**62, 4))
+    assert row_uniforms(torch.zeros(1, dtype=torch.int64), 1).item() > 1e-6
+
+
+def test_a_class_of_probability_zero_is_never_drawn_even_at_the_last_uniform(monkeypatch):
+    """At the largest uniform below 1 (and a systematic point that rounds up to 1), the draw is
+    the last class of positive probability, not a class the softmax gives 0."""
+    rng = np.random.default_rng(1)
+    logits = torch.from_numpy(rng.standard_normal((4, 1000)).astype(np.float32))
+    logits[:, -3:] = -1e4  # exp underflows to 0 in float64
+    logits[1, 1:] = -1e4  # all the mass on class 0
+    last_uniform = 1.0 - 2.0**-53
+    monkeypatch.setattr(
+        sampled,
+        "row_uniforms",
+        lambda rows, count: torch.full((len(rows), count), last_uniform, dtype=torch.float64),
+    )
+    for scheme, draws in (("multinomial", 3), ("systematic", 255)):
+        classes, counts, finite = draw_rows(logits, torch.arange(4), draws, scheme=scheme)
+        assert finite.all()
+        assert classes[1, 0] == 0
+        assert counts[1, 0] == draws
+        assert (classes[counts > 0] < 997).all(), scheme

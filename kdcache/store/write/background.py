@@ -167,7 +167,7 @@ class BackgroundWriter:
             part = getattr(reduced, field.name)
             if isinstance(part, torch.Tensor):
                 part, ready = _to_host(part)  # copies queue in order: the last event covers all
-            else:
+            elif isinstance(part, np.ndarray):
                 part = np.array(part, copy=True)
             parts[field.name] = part
         self._queue.put((rows, dataclasses.replace(reduced, **parts), ready))

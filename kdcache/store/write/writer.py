@@ -183,6 +183,13 @@ class StoreWriter:
                 f"{self.encoding.name}: write its raw logits"
             )
         rows = _checked_rows(indices, self.metadata.num_rows)
+        if reduced.num_classes != self.metadata.num_classes:
+            raise InvalidLogitsError(
+                f"rows reduced from logits of {reduced.num_classes} classes for samples "
+                f"{row_ranges(np.unique(rows))}, but the store has {self.metadata.num_classes}; "
+                f"the teacher's output width must equal the store's {self.metadata.num_classes} "
+                "classes"
+            )
         if isinstance(reduced, DrawnRows):
             encoded = self._encode_drawn(rows, reduced)
         else:

@@ -223,7 +223,7 @@ def test_rows_drawn_on_the_device_are_stored_as_drawn_with_their_fidelity(tmp_pa
                 )
                 background.write_reduced(batch, drawn)
         stores[name] = writer.finalize()
-    classes, counts = draw_rows(torch.from_numpy(logits), torch.arange(60), 6)
+    classes, counts, _ = draw_rows(torch.from_numpy(logits), torch.arange(60), 6)
     for name in stores:
         group = zarr.open_group(tmp_path / f"{name}.zarr", mode="r")
         np.testing.assert_array_equal(np.asarray(zarr_array(group, "sample_indices")[:]), classes)
@@ -265,4 +265,23 @@ def test_reduced_rows_are_refused_by_a_store_of_another_encoding(tmp_path):
         )
         with pytest.raises(InvalidLogitsError, match=f"store's encoding {encoding}: write its raw"):
             writer.write_reduced(np.arange(4), reduced)
+        writer.close()
+
+
+def test_rows_reduced_from_another_width_are_refused_in_one_line(tmp_path):
+    from kdcache.logits.reduced import reduce_rows
+
+    for encoding in ("sampled:4", "topk:4"):
+        writer = create_store(
+            tmp_path / f"{encoding}.zarr", num_samples=4, num_classes=50, encoding=encoding
+        )
+        reduced = reduce_rows(
+            torch.zeros(4, 300),
+            parse_encoding(encoding, num_classes=50),
+            measured=np.zeros(4, bool),
+            rows=np.arange(4),
+        )
+        with pytest.raises(InvalidLogitsError, match=r"logits of 300 classes .* store has 50"):
+            writer.write_reduced(np.arange(4), reduced)
+        assert writer.pending_indices().tolist() == [0, 1, 2, 3]
         writer.close()
