@@ -246,42 +246,30 @@ def test_drawn_rows_of_non_finite_logits_are_refused_in_one_line(tmp_path):
     writer.close()
 
 
-def test_reduced_rows_are_refused_by_a_store_of_another_encoding(tmp_path):
+@pytest.mark.parametrize(
+    ("encoding", "reduced_as", "width", "message"),
+    [
+        ("float16", "topk:4", 50, "store's encoding float16: write its raw"),
+        ("sampled:4", "topk:4", 50, "store's encoding sampled:4: write its raw"),
+        ("topk:4", "sampled:4", 50, "store's encoding topk:4: write its raw"),
+        ("sampled:4", "sampled:4", 300, r"logits of 300 classes .* store has 50"),
+        ("topk:4", "topk:4", 300, r"logits of 300 classes .* store has 50"),
+    ],
+)
+def test_reduced_rows_that_do_not_fit_the_store_are_refused_in_one_line(
+    tmp_path, encoding, reduced_as, width, message
+):
+    """Rows reduced for another encoding, or from logits of another width, store nothing."""
     from kdcache.logits.reduced import reduce_rows
 
-    for encoding, reduced_as in (
-        ("float16", "topk:4"),
-        ("sampled:4", "topk:4"),
-        ("topk:4", "sampled:4"),
-    ):
-        writer = create_store(
-            tmp_path / f"{encoding}.zarr", num_samples=4, num_classes=50, encoding=encoding
-        )
-        reduced = reduce_rows(
-            torch.zeros(4, 50),
-            parse_encoding(reduced_as, num_classes=50),
-            measured=np.zeros(4, bool),
-            rows=np.arange(4),
-        )
-        with pytest.raises(InvalidLogitsError, match=f"store's encoding {encoding}: write its raw"):
-            writer.write_reduced(np.arange(4), reduced)
-        writer.close()
-
-
-def test_rows_reduced_from_another_width_are_refused_in_one_line(tmp_path):
-    from kdcache.logits.reduced import reduce_rows
-
-    for encoding in ("sampled:4", "topk:4"):
-        writer = create_store(
-            tmp_path / f"{encoding}.zarr", num_samples=4, num_classes=50, encoding=encoding
-        )
-        reduced = reduce_rows(
-            torch.zeros(4, 300),
-            parse_encoding(encoding, num_classes=50),
-            measured=np.zeros(4, bool),
-            rows=np.arange(4),
-        )
-        with pytest.raises(InvalidLogitsError, match=r"logits of 300 classes .* store has 50"):
-            writer.write_reduced(np.arange(4), reduced)
-        assert writer.pending_indices().tolist() == [0, 1, 2, 3]
-        writer.close()
+    writer = create_store(tmp_path / "s.zarr", num_samples=4, num_classes=50, encoding=encoding)
+    reduced = reduce_rows(
+        torch.zeros(4, width),
+        parse_encoding(reduced_as, num_classes=50),
+        measured=np.zeros(4, bool),
+        rows=np.arange(4),
+    )
+    with pytest.raises(InvalidLogitsError, match=message):
+        writer.write_reduced(np.arange(4), reduced)
+    assert writer.pending_indices().tolist() == [0, 1, 2, 3]
+    writer.close()
