@@ -130,6 +130,8 @@ EPOCHS = Bounds(1, 1_000_000)
 WEIGHT_DECAYS = MIN_LEARNING_RATES = Bounds(0, 1e37, real=True)
 #: The gradients' global norm a step is clipped to (0: not clipped); any finite float32.
 GRAD_NORMS = Bounds(0, 1e37, real=True)
+#: Optimisation steps between evaluations (0: at each epoch's end only); far above any run.
+EVAL_STEPS = Bounds(0, 1 << 62)
 #: Warm-up in epochs, fractions too; no longer than the run (checked against --epochs).
 WARMUP_EPOCHS = Bounds(0, EPOCHS.high, real=True)
 #: Views per sample, as many as a store holds at most.
@@ -273,6 +275,13 @@ class TrainingOptions(SpeedOptions):
         help="Clip the gradients' global L2 norm to this before each step (transformers' "
         "max_grad_norm, timm's --clip-grad; 1.0 is their usual value); each epoch then records "
         "its mean norm before clipping; 0 = no clipping.",
+    )
+    eval_every: int = option(
+        0,
+        bounds=EVAL_STEPS,
+        help="Also evaluate on the held-out split every N optimisation steps of the run "
+        "(transformers' eval_steps), within epochs; each evaluation is a line of metrics.jsonl "
+        "and may become best/; 0 = at each epoch's end only.",
     )
     device: str | None = option(None, help=DEVICE_HELP)
     num_workers: int = option(0, bounds=DATA_WORKERS, help="DataLoader worker processes.")

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.plots.figures import mark_best, new_figure, read_metrics, save_figure, set_title
+from kdcache.plots.figures import (
+    epoch_position,
+    mark_best,
+    new_figure,
+    read_metrics,
+    save_figure,
+    set_title,
+)
 
 
 def plot_lm_curves(
@@ -15,7 +22,7 @@ def plot_lm_curves(
 ) -> Path:
     """Training objective and held-out cross-entropy, and held-out perplexity, per epoch."""
     records = read_metrics(metrics)
-    epochs = [r["epoch"] for r in records]
+    epochs = [epoch_position(r) for r in records]
     figure = new_figure(width=9, height=3.4)
     loss_axes, ppl_axes = figure.subplots(1, 2)
     loss_axes.plot(
@@ -34,7 +41,7 @@ def plot_lm_curves(
             ppl_axes,
             epochs[best],
             perplexity[best],
-            f"best {perplexity[best]:.2f} (epoch {epochs[best]})",
+            f"best {perplexity[best]:.2f} (epoch {epochs[best]:g})",
         )
         ppl_axes.legend(fontsize="small", loc="best")
     ppl_axes.margins(y=0.12)  # room for the star at either end of the curve

@@ -102,7 +102,9 @@ def draw_references(axes: Axes, references: Mapping[str, float] | None) -> None:
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The per-epoch records of a run's ``metrics.jsonl`` (an unfinished last line is dropped)."""
+    """The records of a run's ``metrics.jsonl``, one per evaluation (an unfinished last line is
+    dropped): each epoch's end, and within epochs those of ``--eval-every``, which carry their
+    ``epoch_progress`` (see :func:`epoch_position`)."""
     records = []
     for line in Path(path).read_text().splitlines():
         try:
@@ -110,6 +112,12 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break  # a run killed mid-write leaves a torn last line
     return records
+
+
+def epoch_position(record: dict[str, Any]) -> float:
+    """Where a ``metrics.jsonl`` record falls, in epochs: its ``epoch`` at an epoch's end, its
+    fractional ``epoch_progress`` within one."""
+    return float(record.get("epoch_progress", record["epoch"]))
 
 
 def plot_curves(
@@ -125,7 +133,7 @@ def plot_curves(
     or a CE-only student's) are drawn as dashed lines on the accuracy panel.
     """
     records = read_metrics(metrics)
-    epochs = [r["epoch"] for r in records]
+    epochs = [epoch_position(r) for r in records]
     figure = new_figure(width=9, height=3.4)
     loss_axes, acc_axes = figure.subplots(1, 2)
     loss_axes.plot(
@@ -148,7 +156,7 @@ def plot_curves(
             acc_axes,
             epochs[best],
             accuracy[best],
-            f"best {accuracy[best]:.2f}% (epoch {epochs[best]})",
+            f"best {accuracy[best]:.2f}% (epoch {epochs[best]:g})",
         )
     draw_references(acc_axes, references)
     acc_axes.margins(y=0.12)  # room for the star at the top of the curve

@@ -3,14 +3,16 @@
 Seeded shuffling, Adam or AdamW under a learning-rate schedule stepped per step
 (:mod:`kdcache.train.optim`) with ``--max-grad-norm`` clipping, the forward pass under ``--amp``
 autocast (fp16 with loss scaling), ``--compile``, evaluation on the held-out split after every
-epoch, DistributedDataParallel under torchrun (each rank trains on its share of every epoch;
-rank 0 writes), and the same run folder for every run: the task's ``best``/``last`` checkpoints,
-``metrics.jsonl`` (each epoch's last learning rate among its entries, and its mean gradient norm
-when clipping) and ``curves.png``.
+epoch (and every ``--eval-every`` steps within epochs), DistributedDataParallel under torchrun
+(each rank trains on its share of every epoch; rank 0 writes), and the same run folder for every
+run: the task's ``best``/``last`` checkpoints, ``metrics.jsonl`` (one line per evaluation: the
+run's step, the last learning rate, the epoch's mean training loss and gradient norm so far) and
+``curves.png``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -39,7 +41,9 @@ log = logging.getLogger("kdcache")
 @dataclass(frozen=True)
 class RunResult:
     """What a finished run reports: its held-out ``metric`` (``val_acc`` in percent for images,
-    ``val_ppl`` for language models) at its best and final epochs, wall time in seconds."""
+    ``val_ppl`` for language models) at its best and final evaluations, wall time in seconds.
+    ``best_step`` is the optimisation step of the best evaluation (0 in results saved before
+    runs recorded it), ``best_epoch`` the epoch it fell in."""
 
     out: str
     metric: str
@@ -48,12 +52,14 @@ class RunResult:
     best_epoch: int
     epochs: int
     wall_time_s: float
+    best_step: int = 0
 
     def summary(self) -> str:
         unit = "%" if self.metric == "val_acc" else ""
         digits = 2 if self.metric == "val_acc" else 3
         return (
-            f"best {self.metric} {self.best:.{digits}f}{unit} (epoch {self.best_epoch}), final "
+            f"best {self.metric} {self.best:.{digits}f}{unit} (epoch {self.best_epoch}"
+            f"{f', step {self.best_step}' if self.best_step else ''}), final "
             f"{self.final:.{digits}f}{unit}, {counted(self.epochs, 'epoch')} in "
             f"{self.wall_time_s:.1f}s -> {self.out}"
         )
@@ -105,27 +111,31 @@ def fit(
     )
     # Ranks may differ by a batch per epoch: all follow the longest's curve, the others
     # catching up at each epoch's end, so that every rank's step n has the same learning rate.
-    steps_per_epoch = max(session.all_gather(num_batches))
+    rank_batches = session.all_gather(num_batches)
+    steps_per_epoch = max(rank_batches)
     schedule = build_schedule(optimizer, config, steps_per_epoch=steps_per_epoch)
-    best: float | None = None
-    best_epoch, score = 0, math.nan
-    metrics_path = out / "metrics.jsonl"
+    record_path = out / "metrics.jsonl"
     if session.is_main:
-        metrics_path.write_text("")
-    for epoch in range(1, config.epochs + 1):
-        epoch_started = time.perf_counter()
+        record_path.write_text("")
+    evaluation = _Evaluations(
+        task=task, val_set=val_set, config=config, session=session, out=out, train_set=train_set
+    )
+    for number in range(1, config.epochs + 1):
         model.train()
-        # Summed on the device: reading the loss every step would stall the GPU's queue.
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        # The norms of the steps taken: fp16's loss scaling skips a step whose norm is inf.
-        grad_norm_sum = torch.zeros((), dtype=torch.float64, device=device)
-        grad_norm_steps = torch.zeros((), dtype=torch.int64, device=device)
-        seen = steps = 0
-        lr = optimizer.param_groups[0]["lr"]
+        epoch = _Epoch(
+            number=number,
+            steps_per_epoch=steps_per_epoch,
+            # Summed on the device: reading the loss every step would stall the GPU's queue.
+            loss_sum=torch.zeros((), dtype=torch.float64, device=device),
+            # The norms of the steps taken: fp16's loss scaling skips a step whose norm is inf.
+            grad_norm_sum=torch.zeros((), dtype=torch.float64, device=device),
+            grad_norm_steps=torch.zeros((), dtype=torch.int64, device=device),
+            lr=optimizer.param_groups[0]["lr"],
+        )
         shown = progress(
             batches,
             total=num_batches,
-            desc=f"epoch {epoch}/{config.epochs}",
+            desc=f"epoch {number}/{config.epochs}",
             unit="batch",
             leave=False,
         )
@@ -139,72 +149,159 @@ def fit(
             if config.max_grad_norm > 0:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
                 norm = nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                grad_norm_sum += torch.where(norm.isfinite(), norm, 0.0)
-                grad_norm_steps += norm.isfinite()
+                epoch.grad_norm_sum += torch.where(norm.isfinite(), norm, 0.0)
+                epoch.grad_norm_steps += norm.isfinite()
             scaler.step(optimizer)
             scaler.update()
-            lr = optimizer.param_groups[0]["lr"]
+            epoch.lr = optimizer.param_groups[0]["lr"]
             schedule.step()
-            steps += 1
+            epoch.steps += 1
             weight = task.weight(batch)
-            loss_sum += loss.detach() * weight
-            seen += weight
-        for _ in range(steps, steps_per_epoch):
-            lr = optimizer.param_groups[0]["lr"]
+            epoch.loss_sum += loss.detach() * weight
+            epoch.seen += weight
+            # Within the epoch only where every rank still has batches: all must evaluate.
+            if (
+                config.eval_every
+                and epoch.step % config.eval_every == 0
+                and epoch.steps < min(rank_batches)
+            ):
+                evaluation.run(model, epoch, end_of_epoch=False)
+                model.train()
+        for _ in range(epoch.steps, steps_per_epoch):
+            epoch.lr = optimizer.param_groups[0]["lr"]
             schedule.step()
-        # .item() waits for the epoch's last step
-        summed, counted = session.all_sum(loss_sum.item(), seen)
-        train_loss = summed / counted
-        session.sync_buffers(model)  # every rank scores, and rank 0 saves, the same model
-        train_time = time.perf_counter() - epoch_started
-        metrics = task.evaluate(val_set, config=config, device=device, session=session)
-        if not (math.isfinite(train_loss) and math.isfinite(metrics["val_loss"])):
-            # NaN weights would otherwise train on silently and exit 0 with a useless model.
-            raise ConfigError(
-                f"training diverged in epoch {epoch} (train loss {train_loss:.4g}, validation "
-                f"loss {metrics['val_loss']:.4g}); lower --lr, or check --temperature and the "
-                "loss's options"
-            )
-        record = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "lr": lr,
-            **(
-                {"grad_norm": grad_norm_sum.item() / max(1, grad_norm_steps.item())}
-                if config.max_grad_norm
-                else {}
-            ),
-            **metrics,
-            "train_time_s": round(train_time, 4),
-            **task.epoch_extras(int(counted), train_time),
-        }
-        score = metrics[task.metric]
-        improved = task.improves(score, best)
-        if improved:
-            best, best_epoch = score, epoch
-        if not session.is_main:
-            continue  # the metrics are the same on every rank, so is the result
-        with metrics_path.open("a") as stream:
-            stream.write(json.dumps(record) + "\n")
-        log.info(
-            "epoch %d/%d  train_loss %.4f  %s  (%.1fs)",
-            epoch,
-            config.epochs,
-            train_loss,
-            describe_metrics(record, task.metric),
-            train_time,
-        )
-        for name in ("best", "last") if improved else ("last",):
-            task.save(out, name, epoch=epoch, score=score, train_set=train_set)
+        evaluation.run(model, epoch, end_of_epoch=True)
     if session.is_main:
-        task.plot(metrics_path, out)
-    assert best is not None
+        task.plot(record_path, out)
+    assert evaluation.best is not None
     return RunResult(
         out=str(out),
         metric=task.metric,
-        best=best,
-        final=score,
-        best_epoch=best_epoch,
+        best=evaluation.best,
+        final=evaluation.score,
+        best_epoch=evaluation.best_epoch,
         epochs=config.epochs,
         wall_time_s=time.perf_counter() - started,
+        best_step=evaluation.best_step,
     )
+
+
+@dataclass
+class _Epoch:
+    """One epoch's training so far: its steps and samples (or tokens) seen, the sums of its
+    losses and gradient norms (on the device), its last learning rate."""
+
+    number: int
+    steps_per_epoch: int
+    loss_sum: torch.Tensor
+    grad_norm_sum: torch.Tensor
+    grad_norm_steps: torch.Tensor
+    lr: float
+    steps: int = 0
+    seen: int = 0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    #: Seconds spent evaluating (and saving) within the epoch: not training time.
+    evaluating_s: float = 0.0
+
+    @property
+    def training_s(self) -> float:
+        return time.perf_counter() - self.started - self.evaluating_s
+
+    @property
+    def step(self) -> int:
+        """The run's optimisation steps so far, each earlier epoch counted as the longest rank's
+        (the learning-rate curve's) steps, so every rank counts alike."""
+        return (self.number - 1) * self.steps_per_epoch + self.steps
+
+    @property
+    def progress(self) -> float:
+        """Epochs done so far, fractions included."""
+        return self.number - 1 + self.steps / self.steps_per_epoch
+
+
+@dataclass
+class _Evaluations:
+    """The held-out evaluations of one run, at epochs' ends and every ``--eval-every`` steps:
+    each a line of ``metrics.jsonl`` (rank 0), the best one saved as ``best``, each epoch's end
+    as ``last``."""
+
+    task: Task
+    val_set: Any
+    config: LoopConfig
+    session: RankSession
+    out: Path
+    train_set: Any
+    best: float | None = None
+    best_epoch: int = 0
+    best_step: int = 0
+    score: float = math.nan
+
+    def run(self, model: nn.Module, epoch: _Epoch, *, end_of_epoch: bool) -> None:
+        # .item() waits for the last step
+        summed, counted = self.session.all_sum(epoch.loss_sum.item(), epoch.seen)
+        seconds = epoch.training_s
+        evaluation_started = time.perf_counter()
+        try:
+            self._record(model, epoch, summed / counted, counted, seconds, end_of_epoch)
+        finally:
+            epoch.evaluating_s += time.perf_counter() - evaluation_started
+
+    def _record(
+        self,
+        model: nn.Module,
+        epoch: _Epoch,
+        train_loss: float,
+        counted: float,
+        seconds: float,
+        end_of_epoch: bool,
+    ) -> None:
+        session, task = self.session, self.task
+        session.sync_buffers(model)  # every rank scores, and rank 0 saves, the same model
+        metrics = task.evaluate(
+            self.val_set, config=self.config, device=session.device, session=session
+        )
+        if not (math.isfinite(train_loss) and math.isfinite(metrics["val_loss"])):
+            # NaN weights would otherwise train on silently and exit 0 with a useless model.
+            raise ConfigError(
+                f"training diverged in epoch {epoch.number} (train loss {train_loss:.4g}, "
+                f"validation loss {metrics['val_loss']:.4g}); lower --lr, or check "
+                "--temperature and the loss's options"
+            )
+        step = epoch.number * epoch.steps_per_epoch if end_of_epoch else epoch.step
+        record = {
+            "epoch": epoch.number,
+            **({} if end_of_epoch else {"epoch_progress": round(epoch.progress, 6)}),
+            "step": step,
+            "train_loss": train_loss,
+            "lr": epoch.lr,
+            **(
+                {"grad_norm": epoch.grad_norm_sum.item() / max(1, epoch.grad_norm_steps.item())}
+                if self.config.max_grad_norm
+                else {}
+            ),
+            **metrics,
+            "train_time_s": round(seconds, 4),
+            **task.epoch_extras(int(counted), seconds),
+        }
+        self.score = metrics[task.metric]
+        improved = task.improves(self.score, self.best)
+        if improved:
+            self.best, self.best_epoch, self.best_step = self.score, epoch.number, step
+        if not session.is_main:
+            return  # the metrics are the same on every rank, so is the result
+        with (self.out / "metrics.jsonl").open("a") as stream:
+            stream.write(json.dumps(record) + "\n")
+        log.info(
+            "epoch %d/%d%s  train_loss %.4f  %s  (%.1fs)",
+            epoch.number,
+            self.config.epochs,
+            "" if end_of_epoch else f" (step {step})",
+            train_loss,
+            describe_metrics(record, task.metric),
+            seconds,
+        )
+        names = (["best"] if improved else []) + (["last"] if end_of_epoch else [])
+        for name in names:
+            task.save(
+                self.out, name, epoch=epoch.number, score=self.score, train_set=self.train_set
+            )

@@ -105,7 +105,11 @@ def _finished_result(config: DistillConfig) -> RunResult | None:
             )
     if not all(path.is_file() for path in (folder / "last.pt", result_path, metrics_path)):
         return None
-    epochs = [record.get("epoch") for record in read_metrics(metrics_path)]
+    epochs = [
+        record.get("epoch")
+        for record in read_metrics(metrics_path)
+        if "epoch_progress" not in record  # an evaluation within an epoch
+    ]
     if epochs != list(range(1, config.epochs + 1)):
         return None
     return _load_result(result_path)

@@ -64,3 +64,33 @@ def test_lm_distillation_under_torchrun_sees_every_sequence_once_per_epoch(tmp_p
     assert [record["lr"] for record in metrics] == lrs
     assert json.loads((out / "config.json").read_text())["resolved"]["ranks"] == 2
     assert {"best", "last", "curves.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_evaluations_within_epochs_under_torchrun_run_on_every_rank_and_are_written_once(
+    tmp_path, lm_files
+):
+    """--eval-every under torchrun: every rank evaluates at the same steps (only where all still
+    have batches: the ranks' shares differ by a sequence), rank 0 writes each evaluation once."""
+    dataset, epochs = f"text:{lm_files['corpus']}:16", 2
+    store = tmp_path / "t.zarr"
+    dump_lm(DumpConfig(teacher=f"hf:{lm_files['teacher']}", dataset=dataset, out=str(store)))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", "-m", "kdcache", "distill", "--cache", str(store)]
+    command += ["--student", f"hf:{lm_files['student']}", "--epochs", str(epochs)]
+    command += ["--batch-size", "3", "--eval-every", "1", "--device", "cpu", "--out", str(out)]
+    job = subprocess.run(
+        command, env=cli_environment({}), capture_output=True, text=True, timeout=600
+    )
+    assert job.returncode == 0, job.stderr
+    assert job.stdout.count("best val_ppl") == 1
+
+    tokenizer = load_causal_lm(f"hf:{lm_files['teacher']}").tokenizer
+    sequences = len(build_text_dataset(dataset, split="train", tokenizer=tokenizer).sequences)
+    longest, shortest = math.ceil(sequences / 2 / 3), math.ceil(sequences // 2 / 3)
+    within = [(e - 1) * longest + k for e in range(1, epochs + 1) for k in range(1, shortest)]
+    ends = [e * longest for e in range(1, epochs + 1)]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in metrics] == sorted(within + ends)
+    assert len(within) > 0
+    assert {"best", "last"} <= {p.name for p in out.iterdir()}

@@ -15,6 +15,7 @@ from PIL import Image
 from kdcache import create_store, open_store
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.plots.figures import (
+    epoch_position,
     plot_curves,
     plot_distributions,
     plot_store,
@@ -35,6 +36,25 @@ def test_curves_from_a_metrics_file(tmp_path):
     write_metrics(tmp_path / "metrics.jsonl", 3, torn=True)
     assert [r["epoch"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
     assert_png(plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png", title="mlp"))
+
+
+def test_curves_place_evaluations_within_epochs_at_their_fraction(tmp_path):
+    """Records of --eval-every carry their epoch_progress; epochs' ends their epoch."""
+    records = [
+        {"epoch": 1, "epoch_progress": 0.5, "step": 2, "val_acc": 40.0},
+        {"epoch": 1, "step": 4, "val_acc": 55.0},
+        {"epoch": 2, "epoch_progress": 1.5, "step": 6, "val_acc": 70.0},
+        {"epoch": 2, "step": 8, "val_acc": 65.0},
+    ]
+    lines = [json.dumps({"train_loss": 1.0, "val_loss": 0.9, **r}) for r in records]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert [epoch_position(r) for r in read_metrics(tmp_path / "metrics.jsonl")] == [
+        0.5,
+        1.0,
+        1.5,
+        2.0,
+    ]
+    assert_png(plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png"))
 
 
 @pytest.mark.parametrize("num_classes", [10, 50])

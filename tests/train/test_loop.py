@@ -13,6 +13,7 @@ from conftest import assert_png, start_cli
 from PIL import Image
 
 from kdcache import DistillConfig, DumpConfig, TrainConfig
+from kdcache.data.datasets import build_dataset
 from kdcache.dump.teacher import dump_teacher
 from kdcache.errors import ConfigError, KdcacheError, StoreCorruptError, StoreMismatchError
 from kdcache.store.read.reader import open_store
@@ -291,3 +292,45 @@ def test_distill_stops_at_a_corrupted_chunk_naming_its_samples(tmp_path, digits_
             DistillConfig(student="mlp:8", cache=str(store), epochs=1, out=str(tmp_path / "run"))
         )
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_evaluations_within_epochs_are_recorded_and_change_no_weight(tmp_path):
+    """--eval-every N evaluates at every N-th step of the run inside epochs (each epoch's end
+    as before); the training itself is bit for bit that of a run without it, and best/ is the
+    best evaluation, wherever it fell."""
+    common: dict[str, Any] = dict(model="mlp:8", dataset="fake:60:8", epochs=2, batch_size=8)
+    plain = train(TrainConfig(out=str(tmp_path / "plain"), **common))
+    every = train(TrainConfig(out=str(tmp_path / "every"), eval_every=3, **common))
+    steps = -(-len(build_dataset("fake:60:8", split="train")) // 8)
+    records = [
+        json.loads(line) for line in (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()
+    ]
+    within = [(epoch - 1) * steps + k for epoch in (1, 2) for k in range(1, steps)]
+    expected = sorted({s for s in within if s % 3 == 0} | {steps, 2 * steps})
+    assert [r["step"] for r in records] == expected
+    ends = [r for r in records if "epoch_progress" not in r]
+    assert [(r["epoch"], r["step"]) for r in ends] == [(1, steps), (2, 2 * steps)]
+    assert all(
+        r["epoch_progress"] == pytest.approx(r["step"] / steps) for r in records if r not in ends
+    )
+    plain_records = [
+        json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()
+    ]
+    for end, before in zip(ends, plain_records, strict=True):
+        assert (end["train_loss"], end["val_acc"], end["lr"]) == (
+            before["train_loss"],
+            before["val_acc"],
+            before["lr"],
+        )
+    a, b = (load_state(tmp_path / run / "last.pt") for run in ("plain", "every"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    best = max(records, key=lambda r: r["val_acc"])
+    assert (every.best, every.best_step) == (best["val_acc"], best["step"])
+    assert plain.best_step == plain.best_epoch * steps
+    assert torch.load(tmp_path / "every" / "best.pt", weights_only=True)["val_acc"] == every.best
+    assert_png(tmp_path / "every" / "curves.png")
+
+
+def test_eval_every_must_be_a_whole_number_of_steps():
+    with pytest.raises(ConfigError, match=r"--eval-every must be an integer from 0 to .*, got -1"):
+        TrainConfig(model="mlp:8", out="run", eval_every=-1)

@@ -95,6 +95,16 @@ def test_resume_keeps_finished_runs_and_reruns_half_finished_ones(tmp_path, digi
     assert [r["run_dir"] for r in read_csv(tmp_path / "results.csv")] == [kept.name, killed.name]
 
 
+def test_a_finished_run_that_evaluated_within_epochs_is_kept(tmp_path, digits_store):
+    config = tiny_sweep(digits_store, tmp_path, temperatures=(2.0,), seeds=(0,), eval_every=4)
+    run_sweep(config)
+    run = tmp_path / "kd-a0.7-T2-seed0"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("epoch_progress" in record for record in records)
+    again = run_sweep(config)
+    assert (again.runs_done, again.runs_skipped) == (0, 1)
+
+
 def test_a_finished_run_with_other_settings_is_refused(finished_sweep, digits_store):
     out, _ = finished_sweep
     with pytest.raises(KdcacheError, match="epochs=1 but this sweep asks for 3"):
