@@ -105,3 +105,17 @@ class _Loud(_Wrapped):
 def loud(*, num_classes: int, in_channels: int) -> nn.Module:
     """``seeded`` with its logits times 1e6: beyond float16's largest value (65504)."""
     return _Loud(_seeded(num_classes, in_channels))
+
+
+def dropout(*, num_classes: int, in_channels: int) -> nn.Module:
+    """A small MLP with batch norm and dropout: a student whose training draws random numbers and
+    behaves differently in train and eval modes."""
+    return nn.Sequential(
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(16 * in_channels, 32),
+        nn.BatchNorm1d(32),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Linear(32, num_classes),
+    )

@@ -12,6 +12,7 @@ run's step, the last learning rate, the epoch's mean training loss and gradient 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -165,7 +166,10 @@ def fit(
                 and epoch.step % config.eval_every == 0
                 and epoch.steps < min(rank_batches)
             ):
-                evaluation.run(model, epoch, end_of_epoch=False)
+                # The evaluation's loaders draw from torch's generators: put them back, so the
+                # rest of the epoch draws (dropout, augmentations) as it would have without it.
+                with _random_state_kept(device):
+                    evaluation.run(model, epoch, end_of_epoch=False)
                 model.train()
         for _ in range(epoch.steps, steps_per_epoch):
             epoch.lr = optimizer.param_groups[0]["lr"]
@@ -184,6 +188,14 @@ def fit(
         wall_time_s=time.perf_counter() - started,
         best_step=evaluation.best_step,
     )
+
+
+def _random_state_kept(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """torch's CPU generator (and ``device``'s, on CUDA) as they are now, restored on exit."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.random.fork_rng(devices=[index])
+    return torch.random.fork_rng(devices=[])
 
 
 @dataclass
@@ -303,5 +315,10 @@ class _Evaluations:
         names = (["best"] if improved else []) + (["last"] if end_of_epoch else [])
         for name in names:
             task.save(
-                self.out, name, epoch=epoch.number, score=self.score, train_set=self.train_set
+                self.out,
+                name,
+                epoch=epoch.number,
+                step=step,
+                score=self.score,
+                train_set=self.train_set,
             )

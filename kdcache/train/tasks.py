@@ -84,8 +84,11 @@ class Task(ABC):
         """Held-out metrics, ``val_loss`` and :attr:`metric` among them."""
 
     @abstractmethod
-    def save(self, out: Path, name: str, *, epoch: int, score: float, train_set: Any) -> None:
-        """Write the student as checkpoint ``name`` (best, last) in ``out``."""
+    def save(
+        self, out: Path, name: str, *, epoch: int, step: int, score: float, train_set: Any
+    ) -> None:
+        """Write the student as checkpoint ``name`` (best, last) in ``out``, as it was at
+        optimisation ``step`` of the run, in ``epoch``."""
 
     @abstractmethod
     def plot(self, metrics: Path, out: Path) -> None:
@@ -170,6 +173,7 @@ class ImageTask(Task):
         name: str,
         *,
         epoch: int,
+        step: int,
         score: float,
         train_set: LabeledDataset | ViewDataset,
     ) -> None:
@@ -180,6 +184,7 @@ class ImageTask(Task):
             "in_channels": train_set.in_channels,
             "dataset": {"spec": train_set.spec, "split": train_set.split},
             "epoch": epoch,
+            "step": step,
             "val_acc": score,
             "kdcache_version": __version__,
         }
@@ -349,7 +354,9 @@ class TokenTask(Task):
         loss = total / counted
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
 
-    def save(self, out: Path, name: str, *, epoch: int, score: float, train_set: Any) -> None:
+    def save(
+        self, out: Path, name: str, *, epoch: int, step: int, score: float, train_set: Any
+    ) -> None:
         save_causal_lm(self.student, out / name)
 
     def plot(self, metrics: Path, out: Path) -> None:

@@ -97,6 +97,30 @@ def test_fake_sizes_labels_and_splits():
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_fake_items_are_torchvisions_and_leave_the_global_generator_alone():
+    """The same images and labels as torchvision's FakeData, from a generator of their own: a
+    loader thread reading them never moves the training thread's draws."""
+    from torchvision import datasets as tv_datasets
+    from torchvision import transforms as T
+
+    ours = build_dataset("fake:30:8:5", split="test")
+    theirs = tv_datasets.FakeData(
+        size=len(ours),
+        image_size=(3, 8, 8),
+        num_classes=5,
+        transform=T.ToTensor(),
+        random_offset=30,
+    )
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    items = [ours[i] for i in range(len(ours))]
+    assert torch.equal(torch.rand(3), expected)
+    for (image, label), (their_image, their_label) in zip(items, theirs, strict=True):
+        assert torch.equal(image, their_image)
+        assert label == their_label
+
+
 def test_fake_extended_form():
     ds = build_dataset("fake:12:16:100")
     assert len(ds) == 12

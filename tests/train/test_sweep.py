@@ -103,6 +103,9 @@ def test_a_finished_run_that_evaluated_within_epochs_is_kept(tmp_path, digits_st
     assert any("epoch_progress" in record for record in records)
     again = run_sweep(config)
     assert (again.runs_done, again.runs_skipped) == (0, 1)
+    (row,) = read_csv(tmp_path / "results.csv")
+    best = max(records, key=lambda record: record["val_acc"])
+    assert int(row["best_step"]) == best["step"]
 
 
 def test_a_finished_run_with_other_settings_is_refused(finished_sweep, digits_store):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,7 +87,7 @@ def build_generated(spec: str, kind: str, args: str, split: str) -> LabeledDatas
             uint8_base=images.as_uint8(),
             normalization=PixelNormalization(255.0),
         )
-    base = tv_datasets.FakeData(
+    base = _FakeData(
         size=size_n,
         image_size=(3, size, size),
         num_classes=classes,
@@ -101,7 +102,7 @@ def build_generated(spec: str, kind: str, args: str, split: str) -> LabeledDatas
         in_channels=3,
         labels=functools.partial(_fake_labels, base),
         transform_description=f"fake: ToTensor of FakeData (3,{size},{size}), seed index+{offset}",
-        uint8_base=tv_datasets.FakeData(
+        uint8_base=_FakeData(
             size=size_n,
             image_size=(3, size, size),
             num_classes=classes,
@@ -110,6 +111,27 @@ def build_generated(spec: str, kind: str, args: str, split: str) -> LabeledDatas
         ),
         normalization=PixelNormalization(255.0),
     )
+
+
+class _FakeData(tv_datasets.FakeData):
+    """torchvision's FakeData, the same images and labels, drawn from a private generator.
+
+    FakeData seeds torch's global generator for each item and puts its state back: a loader
+    thread doing so while the training thread draws dropout masks, or while another loader
+    thread does the same (an evaluation inside an epoch beside the training's prefetch), mixes
+    their draws. A generator of its own, seeded alike, gives the same numbers and shares nothing.
+    """
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        if index >= len(self):
+            raise IndexError(f"{self.__class__.__name__} index out of range")
+        generator = torch.Generator().manual_seed(index + self.random_offset)
+        pixels = torch.randn(*self.image_size, generator=generator)
+        target = torch.randint(0, self.num_classes, size=(1,), generator=generator)[0]
+        image = T.ToPILImage()(pixels)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(target)
 
 
 class _SyntheticImages(Dataset):
