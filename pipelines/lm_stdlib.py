@@ -494,6 +494,12 @@ def main() -> None:
         default=0.0,
         help="every student's gradient clipping (0: none, as the earlier results)",
     )
+    parser.add_argument(
+        "--student-eval-every",
+        type=int,
+        default=0,
+        help="every student's held-out evaluations inside epochs, in steps (0: epochs' ends)",
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--skip-big", action="store_true", help="no 128k teacher or curve")
@@ -554,6 +560,7 @@ def main() -> None:
         lr_schedule=args.student_lr_schedule,
         warmup_epochs=args.student_warmup_epochs,
         max_grad_norm=args.student_max_grad_norm,
+        eval_every=args.student_eval_every,
         device=args.device,
     )
     students: dict[str, list[dict]] = {}
