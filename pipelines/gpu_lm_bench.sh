@@ -13,9 +13,10 @@
 # Run from the repository root on a CUDA machine where kdcache and its [llm] extra are installed:
 #     OUT=/path/to/results bash pipelines/gpu_lm_bench.sh
 # Writes into $OUT: device.txt, models.txt (parameter counts), bench_lm_gpu_<encoding>.json for
-# each encoding in ENCODINGS. Not run yet (no GPU was lent to the task that wrote it, as
-# docs/benchmarks.md says); each step is capped at STEP_S seconds and a failed step does not stop
-# the others (the script exits non-zero at the end if any failed).
+# each encoding in ENCODINGS. Run once, at VOCAB=64000 and topk:32 only (docs/benchmarks.md,
+# "Second GPU pass"); sampled:16 has since been drawn on the device too and was never run on a GPU.
+# Each step is capped at STEP_S seconds and a failed step does not stop the others (the script
+# exits non-zero at the end if any failed).
 # Overrides: PYTHON, DEVICE (cuda), AMP (bf16; "" for float32), VOCAB (128000), LAYERS (16),
 # HIDDEN (2048), FFN (8192), HEADS (16), KV_HEADS (8), STUDENT_LAYERS (4), STUDENT_HIDDEN (1024),
 # MAX_LEN (1024), EVERY (keep every EVERY-th stdlib document, 200: about 50k tokens), BATCH (8

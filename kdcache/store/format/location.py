@@ -30,6 +30,7 @@ __all__ = [
     "RemoteLocation",
     "StoreLocation",
     "ZipLocation",
+    "forget_cached_listings",
     "parse_location",
     "partial_files",
     "refuse_inside_store",
@@ -211,6 +212,15 @@ class RemoteLocation(StoreLocation):
 
     def resolved(self) -> StoreLocation:
         return self
+
+
+def forget_cached_listings(store: Store) -> None:
+    """Drop the listings the fsspec filesystem behind ``store`` (if any) has cached, so that the
+    next reads see objects other processes wrote since: s3fs, for one, answers "no such key" from a
+    listing it made before they existed, and a missing chunk reads as the fill value."""
+    filesystem = getattr(store, "fs", None)
+    if filesystem is not None:
+        filesystem.invalidate_cache()
 
 
 def _disk_nbytes(root: Path) -> int | None:

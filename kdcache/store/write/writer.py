@@ -38,6 +38,7 @@ from kdcache.store.format.layout import (
     row_ranges,
 )
 from kdcache.store.format.location import (
+    forget_cached_listings,
     parse_location,
     refuse_inside_store,
     zarr_store,
@@ -403,7 +404,9 @@ class StoreWriter:
         ``lambda folder: verify_store(folder, finishing=True).raise_if_bad()``: if it raises,
         the replacement is deleted, the old store stays as it was and the error names both.
         """
-        # The flags in the store are the truth: other ranks of a torchrun job wrote chunks too.
+        # The flags in the store are the truth: other ranks of a torchrun job wrote chunks too,
+        # and an object store's client may still answer from a listing made before they did.
+        forget_cached_listings(self._group.store)
         self._written = np.asarray(self._written_array[:], dtype=bool)
         missing = self.pending_indices()
         if missing.size:

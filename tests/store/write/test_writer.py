@@ -245,3 +245,26 @@ def test_encoded_rows_are_stored_bit_for_bit_and_foreign_ones_refused(tmp_path):
     for name, values in rows.items():
         np.testing.assert_array_equal(copied.read_rows(name, 0, 6), values)
     assert copied.metadata.fidelity is None  # no logits passed through the writer
+
+
+def test_rank_0_finalizes_an_s3_store_whose_missing_chunks_another_process_wrote(
+    tmp_path, s3_bucket
+):
+    """The torchrun case where rank 0 has no chunk left to write on resume: its client listed the
+    store's flags when it opened it, another rank wrote the missing chunks since, and finalize must
+    see them (s3fs answered "no such key" from its listing, a missing flag reads as 0)."""
+    import s3fs
+
+    from kdcache.store.ranks.joining import join_writer
+
+    url = f"{s3_bucket}/t.zarr"
+    first = create_store(url, num_samples=4, num_classes=3, chunk_rows=2)
+    first.write([0, 1], np.zeros((2, 3), np.float32))
+    first.close()
+    resumed = create_store(url, num_samples=4, num_classes=3, chunk_rows=2, resume=True)
+    assert resumed.pending_indices().tolist() == [2, 3]
+    s3fs.S3FileSystem.clear_instance_cache()  # another process: another client
+    other = join_writer(url)
+    other.write([2, 3], np.ones((2, 3), np.float32))
+    other.close()
+    assert resumed.finalize().complete
