@@ -91,6 +91,18 @@ class Encoding(ABC):
     #: Arrays of the layout whose rows are few small integers (ids, counts) or sorted offsets:
     #: the store codes them losslessly in about the bits they need (kdcache.packed_ints).
     packed_arrays: tuple[str, ...] = ()
+    #: The store's number of classes C where an encoding needs it to size its id arrays or to
+    #: reconstruct rows (the sparse ones); given by ``parse_encoding(spec, num_classes=C)``.
+    num_classes: int | None = None
+
+    def _classes(self, purpose: str) -> int:
+        """:attr:`num_classes`, or a one-line error saying it is needed ``purpose``."""
+        if self.num_classes is None:
+            raise ConfigError(
+                f"encoding {self.name} needs the number of classes {purpose}; "
+                f"get it with parse_encoding({self.name!r}, num_classes=C)"
+            )
+        return self.num_classes
 
     @abstractmethod
     def layout(self, num_classes: int) -> Layout:
@@ -340,12 +352,8 @@ class TopKEncoding(Encoding):
         logits (B, K) descending, their class ``indices`` (B, K) and the float32 ``tail``
         statistics (B, 6) (:mod:`kdcache.logits.reduced` selects them on the teacher's device).
         """
-        if self.num_classes is None:
-            raise ConfigError(
-                f"encoding {self.name} needs the number of classes to size its index array; "
-                f"get it with parse_encoding({self.name!r}, num_classes=C)"
-            )
-        return self._encode_selected(values, indices, tail, self.layout(self.num_classes))
+        num_classes = self._classes("to size its index array")
+        return self._encode_selected(values, indices, tail, self.layout(num_classes))
 
     def _encode_selected(
         self, values: np.ndarray, top: np.ndarray, tail: np.ndarray, layout: Layout
@@ -384,17 +392,13 @@ class TopKEncoding(Encoding):
         return unit[codes] * np.asarray(arrays["topk_depth"], dtype=np.float32)[:, None]
 
     def sparse(self, arrays: dict[str, np.ndarray]) -> SparseLogits:
-        if self.num_classes is None:
-            raise ConfigError(
-                f"encoding {self.name} needs the number of classes to reconstruct rows; "
-                f"get it with parse_encoding({self.name!r}, num_classes=C)"
-            )
+        num_classes = self._classes("to reconstruct rows")
         row_max = torch.from_numpy(np.asarray(arrays["row_max"], dtype=np.float32))[:, None]
         return SparseLogits(
             values=torch.from_numpy(self.offsets(arrays)) + row_max,
             indices=torch.from_numpy(arrays["topk_indices"].astype(np.int64)),
             tail=torch.from_numpy(arrays["tail"].astype(np.float32)) + row_max,
-            num_classes=self.num_classes,
+            num_classes=num_classes,
         )
 
     def decode(
@@ -468,12 +472,8 @@ class SampledEncoding(Encoding):
     def encode_drawn(self, classes: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
         """The arrays of rows drawn elsewhere (:func:`kdcache.logits.sampled.draw_rows` on the
         teacher's device): ``classes`` (B, S) ascending with their ``counts`` (B, S)."""
-        if self.num_classes is None:
-            raise ConfigError(
-                f"encoding {self.name} needs the number of classes to size its index array; "
-                f"get it with parse_encoding({self.name!r}, num_classes=C)"
-            )
-        dtype = self.layout(self.num_classes)["sample_indices"][1]
+        num_classes = self._classes("to size its index array")
+        dtype = self.layout(num_classes)["sample_indices"][1]
         return {
             "sample_indices": classes.astype(dtype),
             "sample_counts": counts.astype(np.uint8),
@@ -486,16 +486,12 @@ class SampledEncoding(Encoding):
 
     def sampled(self, arrays: dict[str, np.ndarray]) -> SampledLogits:
         """The rows as class shares (B, S), never as a dense (B, C) tensor."""
-        if self.num_classes is None:
-            raise ConfigError(
-                f"encoding {self.name} needs the number of classes to reconstruct rows; "
-                f"get it with parse_encoding({self.name!r}, num_classes=C)"
-            )
+        num_classes = self._classes("to reconstruct rows")
         counts = torch.from_numpy(arrays["sample_counts"].astype(np.float32))
         return SampledLogits(
             indices=torch.from_numpy(arrays["sample_indices"].astype(np.int64)),
             probs=counts / self.num_draws,
-            num_classes=self.num_classes,
+            num_classes=num_classes,
         )
 
     def decode(
@@ -573,11 +569,7 @@ class ViewSetEncoding(Encoding):
         }
 
     def sparse(self, arrays: dict[str, np.ndarray]) -> SparseLogits:
-        if self.num_classes is None:
-            raise ConfigError(
-                f"encoding {self.name} needs the number of classes to reconstruct rows; "
-                f"get it with parse_encoding({self.name!r}, num_classes=C)"
-            )
+        num_classes = self._classes("to reconstruct rows")
         row_max = np.asarray(arrays["row_max"], dtype=np.float32)
         grid = self.grid[np.minimum(arrays["set_codes"], len(self.grid) - 1)]
         values = torch.from_numpy(row_max[:, None] + grid)
@@ -588,7 +580,7 @@ class ViewSetEncoding(Encoding):
             values=values.gather(1, order),
             indices=indices.gather(1, order),
             tail=torch.from_numpy(tail_from_codes(arrays["tail_codes"], row_max)),
-            num_classes=self.num_classes,
+            num_classes=num_classes,
         )
 
     def decode(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from kdcache.logits.encodings import (
     ENCODING_CHOICES,
     ENCODINGS,
     Int8Encoding,
+    SampledEncoding,
     TopKEncoding,
     index_dtype,
     parse_encoding,
@@ -151,6 +153,27 @@ def test_topk_needs_the_class_count_to_decode():
     encoding = parse_encoding("topk:3")
     with pytest.raises(ConfigError, match="num_classes=C"):
         encoding.decode(encoding.encode(peaked_logits(4, 10)))
+
+
+def test_every_sparse_encoding_names_the_class_count_it_needs_in_one_line():
+    top, drawn = parse_encoding("topk:3"), parse_encoding("sampled:2")
+    assert isinstance(top, TopKEncoding)
+    assert isinstance(drawn, SampledEncoding)
+    values = np.zeros((1, 3), np.float32)
+    calls: dict[str, list[Callable[[], object]]] = {
+        "to size its index array": [
+            lambda: top.encode_selected(values, np.zeros((1, 3), np.int64), np.zeros((1, 6))),
+            lambda: drawn.encode_drawn(np.zeros((1, 2), np.int64), np.ones((1, 2), np.uint8)),
+        ],
+        "to reconstruct rows": [
+            lambda: drawn.sampled(drawn.encode(peaked_logits(1, 10))),
+            lambda: top.sparse(top.encode(peaked_logits(1, 10))),
+        ],
+    }
+    for purpose, actions in calls.items():
+        for action in actions:
+            with pytest.raises(ConfigError, match=f"number of classes {purpose};.*num_classes=C"):
+                action()
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
