@@ -129,15 +129,8 @@ def draw_samples(
             draws = _systematic(probs, num_draws, generator)
         else:
             draws = torch.multinomial(probs, num_draws, replacement=True, generator=generator)
-        dense = torch.zeros_like(probs, dtype=torch.int32).scatter_add_(
-            1, draws, torch.ones_like(draws, dtype=torch.int32)
-        )
-        top_counts, top = dense.topk(num_draws, dim=1)
-        drawn = top_counts > 0
-        ascending, order = torch.where(drawn, top, probs.shape[1]).sort(dim=1)
-        last = ascending.gather(1, drawn.sum(dim=1, keepdim=True) - 1)
-        classes[rows] = torch.where(drawn, ascending, last).numpy()
-        counts[rows] = top_counts.gather(1, order).numpy()
+        distinct, drawn_counts = _distinct(draws.sort(dim=1).values)
+        classes[rows], counts[rows] = distinct.numpy(), drawn_counts.numpy()
     return classes, counts
 
 
