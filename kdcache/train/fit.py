@@ -115,12 +115,11 @@ def fit(
     rank_batches = session.all_gather(num_batches)
     steps_per_epoch = max(rank_batches)
     schedule = build_schedule(optimizer, config, steps_per_epoch=steps_per_epoch)
-    record_path = out / "metrics.jsonl"
-    if session.is_main:
-        record_path.write_text("")
     evaluation = _Evaluations(
         task=task, val_set=val_set, config=config, session=session, out=out, train_set=train_set
     )
+    if session.is_main:
+        evaluation.metrics_path.write_text("")
     for number in range(1, config.epochs + 1):
         model.train()
         epoch = _Epoch(
@@ -176,7 +175,7 @@ def fit(
             schedule.step()
         evaluation.run(model, epoch, end_of_epoch=True)
     if session.is_main:
-        task.plot(record_path, out)
+        task.plot(evaluation.metrics_path, out)
     assert evaluation.best is not None
     return RunResult(
         out=str(out),
@@ -248,6 +247,10 @@ class _Evaluations:
     best_step: int = 0
     score: float = math.nan
 
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
     def run(self, model: nn.Module, epoch: _Epoch, *, end_of_epoch: bool) -> None:
         # .item() waits for the last step
         summed, counted = self.session.all_sum(epoch.loss_sum.item(), epoch.seen)
@@ -301,7 +304,7 @@ class _Evaluations:
             self.best, self.best_epoch, self.best_step = self.score, epoch.number, step
         if not session.is_main:
             return  # the metrics are the same on every rank, so is the result
-        with (self.out / "metrics.jsonl").open("a") as stream:
+        with self.metrics_path.open("a") as stream:
             stream.write(json.dumps(record) + "\n")
         log.info(
             "epoch %d/%d%s  train_loss %.4f  %s  (%.1fs)",
