@@ -282,7 +282,9 @@ class RankSession:
 
         An epoch of N samples rarely splits evenly: a rank that has run out of batches keeps
         answering the others' gradient all-reduces with zeros (DDP's join) until all are done,
-        so no sample is repeated to even the counts out.
+        so no sample is repeated to even the counts out. The join then gives every rank the
+        model of the last rank to finish; :meth:`align_optimizer` does the same for the
+        optimizer's state.
         """
         if not self.is_distributed:
             yield from batches
@@ -291,6 +293,36 @@ class RankSession:
 
         with Join([model]):  # type: ignore[list-item]
             yield from batches
+
+    def align_optimizer(
+        self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *, src: int
+    ) -> None:
+        """Give every rank rank ``src``'s optimizer and loss-scaler state.
+
+        A rank that ran out of batches before the others (:meth:`joined`) took fewer optimizer
+        steps: without this its Adam moments (and step count) would lag from then on, and the
+        replicas would drift apart within every later epoch.
+        """
+        if not self.is_distributed:
+            return
+        device = self._collective_device()
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                state = optimizer.state[parameter]
+                for name in sorted(state):
+                    value = state[name]
+                    if isinstance(value, torch.Tensor):
+                        moved = value.to(device)
+                        dist.broadcast(moved, src=src)
+                        value.copy_(moved)
+                    else:
+                        shared = [value]
+                        dist.broadcast_object_list(shared, src=src)
+                        state[name] = shared[0]
+        if scaler.is_enabled():
+            scaler_state = [scaler.state_dict()]
+            dist.broadcast_object_list(scaler_state, src=src)
+            scaler.load_state_dict(scaler_state[0])
 
 
 @contextmanager

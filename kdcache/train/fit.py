@@ -173,6 +173,11 @@ def fit(
         for _ in range(epoch.steps, steps_per_epoch):
             epoch.lr = optimizer.param_groups[0]["lr"]
             schedule.step()
+        if min(rank_batches) < steps_per_epoch:
+            # The join gave every rank the longest rank's model (the last of them, as DDP
+            # picks it); its optimizer state goes with it.
+            longest = max(range(len(rank_batches)), key=lambda rank: (rank_batches[rank], rank))
+            session.align_optimizer(optimizer, scaler, src=longest)
         evaluation.run(model, epoch, end_of_epoch=True)
     if session.is_main:
         task.plot(evaluation.metrics_path, out)
