@@ -304,6 +304,19 @@ class LoopConfig(TrainingOptions):
     out: str = option(path="dir", help="Run folder for checkpoints, metrics and config.")
     seed: int = option(0, bounds=SEEDS, help="Seed for initialisation and shuffling.")
     overwrite: bool = option(False, help="Replace a finished run already in --out.")
+    resume: bool = option(
+        False,
+        help="Continue the interrupted run in --out from its last evaluation (its student, "
+        "optimizer, schedule, data order and random generators), given the options it started "
+        "with.",
+    )
+
+    def __post_init__(self) -> None:
+        require(
+            not (self.overwrite and self.resume),
+            "--overwrite and --resume exclude each other; pick one",
+        )
+        super().__post_init__()
 
     def save(self, path: Path, **resolved: Any) -> None:
         """Write the configuration plus values resolved at run time (device, dataset, ...)."""

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,6 +49,21 @@ def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def kill_once_halted(process: subprocess.Popen, halted: Path, *, group: bool = False) -> None:
+    """Wait until ``process`` creates ``halted`` (tests/teachers.py's ``halt_if_chosen``), then
+    kill it (with ``group``, its whole session: a torchrun launcher and its ranks)."""
+    deadline = time.monotonic() + 300
+    while not halted.exists():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, f"{halted} never appeared"
+        time.sleep(0.02)
+    if group:
+        os.killpg(process.pid, signal.SIGKILL)
+    else:
+        process.kill()
+    process.wait()
 
 
 #: Packages every CLI test process imports: the warm interpreter (:func:`run_cli`) has them.

@@ -119,3 +119,31 @@ def dropout(*, num_classes: int, in_channels: int) -> nn.Module:
         nn.Dropout(0.3),
         nn.Linear(32, num_classes),
     )
+
+
+def halt_if_chosen(training_passes: int) -> None:
+    """At the KDCACHE_TEST_HALT_AT-th forward pass in train mode, create the file
+    KDCACHE_TEST_HALTED and stand still forever: a run a test can kill at a chosen step."""
+    if training_passes == int(os.environ.get("KDCACHE_TEST_HALT_AT", "0")):
+        with open(os.environ["KDCACHE_TEST_HALTED"], "w"):
+            pass
+        while True:
+            time.sleep(1)
+
+
+class _Halting(_Wrapped):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__(inner)
+        self.training_passes = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.training_passes += 1
+            halt_if_chosen(self.training_passes)
+        return self.inner(x)
+
+
+def halting(*, num_classes: int, in_channels: int) -> nn.Module:
+    """``dropout`` that halts at a chosen training step (:func:`halt_if_chosen`); without the
+    variable, ``dropout`` itself."""
+    return _Halting(dropout(num_classes=num_classes, in_channels=in_channels))

@@ -95,3 +95,21 @@ class EpochShardSampler(Sampler[int]):
         order = self._epoch_order(self.epoch)
         self.epoch += 1
         return iter(np.array_split(order, self.world_size)[self.rank].tolist())
+
+
+def loader_order(loader: DataLoader) -> dict[str, Any]:
+    """What decides the order of ``loader``'s next epoch: its shuffling generator's state, or
+    the epoch its sampler is at (kdcache's samplers draw each epoch's order from it)."""
+    generator = loader.generator
+    return {
+        "generator": None if generator is None else generator.get_state(),
+        "sampler_epoch": getattr(loader.sampler, "epoch", None),
+    }
+
+
+def restore_loader_order(loader: DataLoader, order: dict[str, Any]) -> None:
+    if order["generator"] is not None:
+        assert loader.generator is not None
+        loader.generator.set_state(order["generator"])
+    if order["sampler_epoch"] is not None:
+        loader.sampler.epoch = order["sampler_epoch"]  # type: ignore[attr-defined]

@@ -6,8 +6,8 @@ autocast (fp16 with loss scaling), ``--compile``, evaluation on the held-out spl
 epoch (and every ``--eval-every`` steps within epochs), DistributedDataParallel under torchrun
 (each rank trains on its share of every epoch; rank 0 writes), and the same run folder for every
 run: the task's ``best``/``last`` checkpoints, ``metrics.jsonl`` (one line per evaluation: the
-run's step, the last learning rate, the epoch's mean training loss and gradient norm so far) and
-``curves.png``.
+run's step, the last learning rate, the epoch's mean training loss and gradient norm so far),
+``curves.png`` and, until the run ends, ``resume.pt`` (``--resume``: :mod:`kdcache.train.resume`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,18 @@ from kdcache.errors import ConfigError
 from kdcache.progress import progress
 from kdcache.runtime import autocast, prepare_model
 from kdcache.train.optim import build_optimizer, build_schedule
-from kdcache.train.tasks import Task, describe_metrics
+from kdcache.train.resume import (
+    EpochStart,
+    RankProgress,
+    ResumePoint,
+    load_resume_point,
+    random_states,
+    remove_resume_point,
+    restore_random_states,
+    save_resume_point,
+    skip,
+)
+from kdcache.train.tasks import EpochBatches, Task, describe_metrics
 from kdcache.train.teachers import TeacherSource
 from kdcache.wording import counted
 
@@ -118,10 +129,31 @@ def fit(
     evaluation = _Evaluations(
         task=task, val_set=val_set, config=config, session=session, out=out, train_set=train_set
     )
-    if session.is_main:
+    state = _RunState(
+        out=out,
+        config=config,
+        session=session,
+        evaluation=evaluation,
+        batches=batches,
+        trained={"model": model, "optimizer": optimizer, "schedule": schedule, "scaler": scaler},
+    )
+    resumed = None
+    if config.resume:
+        resumed = load_resume_point(
+            out, config=config, session=session, steps_per_epoch=steps_per_epoch
+        )
+        resumed.restore(model=model, optimizer=optimizer, schedule=schedule, scaler=scaler)
+        evaluation.resume_from(resumed)
+        log.info("resuming %s at epoch %d, step %d", out, resumed.epoch, resumed.step)
+    elif session.is_main:
         evaluation.metrics_path.write_text("")
-    for number in range(1, config.epochs + 1):
+    for number in range(resumed.epoch if resumed else 1, config.epochs + 1):
         model.train()
+        within = resumed if resumed is not None and number == resumed.epoch else None
+        if within is not None:
+            batches.restore_order(within.rank.start.loader)
+            restore_random_states(within.rank.start.random)
+        start = EpochStart(loader=batches.order(), random=random_states())
         epoch = _Epoch(
             number=number,
             steps_per_epoch=steps_per_epoch,
@@ -131,10 +163,18 @@ def fit(
             grad_norm_sum=torch.zeros((), dtype=torch.float64, device=device),
             grad_norm_steps=torch.zeros((), dtype=torch.int64, device=device),
             lr=optimizer.param_groups[0]["lr"],
+            start=start,
         )
+        stream = iter(batches)
+        if within is not None and within.steps:
+            # The same order as before the save, less the batches trained on before it.
+            skip(stream, within.steps)
+            restore_random_states(within.rank.random)
+            epoch.continue_from(within)
         shown = progress(
-            batches,
+            stream,
             total=num_batches,
+            initial=epoch.steps,
             desc=f"epoch {number}/{config.epochs}",
             unit="batch",
             leave=False,
@@ -169,6 +209,7 @@ def fit(
                 # rest of the epoch draws (dropout, augmentations) as it would have without it.
                 with _random_state_kept(device):
                     evaluation.run(model, epoch, end_of_epoch=False)
+                state.save(epoch, end_of_epoch=False)
                 model.train()
         for _ in range(epoch.steps, steps_per_epoch):
             epoch.lr = optimizer.param_groups[0]["lr"]
@@ -179,8 +220,11 @@ def fit(
             longest = max(range(len(rank_batches)), key=lambda rank: (rank_batches[rank], rank))
             session.align_optimizer(optimizer, scaler, src=longest)
         evaluation.run(model, epoch, end_of_epoch=True)
+        if number < config.epochs:
+            state.save(epoch, end_of_epoch=True)
     if session.is_main:
         task.plot(evaluation.metrics_path, out)
+        remove_resume_point(out)
     assert evaluation.best is not None
     return RunResult(
         out=str(out),
@@ -192,6 +236,50 @@ def fit(
         wall_time_s=time.perf_counter() - started,
         best_step=evaluation.best_step,
     )
+
+
+@dataclass
+class _RunState:
+    """Saves, for ``--resume``, the run's state at an evaluation: see
+    :mod:`kdcache.train.resume`."""
+
+    out: Path
+    config: LoopConfig
+    session: RankSession
+    evaluation: _Evaluations
+    batches: EpochBatches
+    #: The student, optimizer, schedule and scaler, by their names in the file.
+    trained: dict[str, Any]
+
+    def save(self, epoch: _Epoch, *, end_of_epoch: bool) -> None:
+        saving_started = time.perf_counter()
+        if end_of_epoch:
+            # The next epoch begins from the state as it is now.
+            now = EpochStart(loader=self.batches.order(), random=random_states())
+            rank = RankProgress(start=now, random=now.random, loss_sum=0.0, seen=0)
+            position, training_s = (epoch.number + 1, 0), 0.0
+        else:
+            rank = RankProgress(
+                start=epoch.start,
+                random=random_states(),
+                loss_sum=epoch.loss_sum.item(),
+                seen=epoch.seen,
+                grad_norm_sum=epoch.grad_norm_sum.item(),
+                grad_norm_steps=int(epoch.grad_norm_steps.item()),
+            )
+            position, training_s = (epoch.number, epoch.steps), epoch.training_s
+        point = ResumePoint(
+            epoch=position[0],
+            steps=position[1],
+            steps_per_epoch=epoch.steps_per_epoch,
+            training_s=training_s,
+            lr=epoch.lr,
+            evaluations=self.evaluation.state(),
+            rank=rank,
+            trained={name: part.state_dict() for name, part in self.trained.items()},
+        )
+        save_resume_point(self.out, config=self.config, session=self.session, point=point)
+        epoch.evaluating_s += time.perf_counter() - saving_started
 
 
 def _random_state_kept(device: torch.device) -> contextlib.AbstractContextManager[None]:
@@ -213,15 +301,27 @@ class _Epoch:
     grad_norm_sum: torch.Tensor
     grad_norm_steps: torch.Tensor
     lr: float
+    #: What its batches' order and random draws follow from (saved for ``--resume``).
+    start: EpochStart
     steps: int = 0
     seen: int = 0
     started: float = dataclasses.field(default_factory=time.perf_counter)
     #: Seconds spent evaluating (and saving) within the epoch: not training time.
     evaluating_s: float = 0.0
+    #: Seconds trained in this epoch before the run was resumed.
+    trained_before_s: float = 0.0
 
     @property
     def training_s(self) -> float:
-        return time.perf_counter() - self.started - self.evaluating_s
+        return time.perf_counter() - self.started - self.evaluating_s + self.trained_before_s
+
+    def continue_from(self, point: ResumePoint) -> None:
+        """Take up this epoch's steps and sums as saved in ``point`` (a save within it)."""
+        self.steps, self.seen, self.lr = point.steps, point.rank.seen, point.lr
+        self.loss_sum += point.rank.loss_sum
+        self.grad_norm_sum += point.rank.grad_norm_sum
+        self.grad_norm_steps += point.rank.grad_norm_steps
+        self.trained_before_s = point.training_s
 
     @property
     def step(self) -> int:
@@ -255,6 +355,25 @@ class _Evaluations:
     @property
     def metrics_path(self) -> Path:
         return self.out / "metrics.jsonl"
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "best_step": self.best_step,
+            "score": self.score,
+        }
+
+    def resume_from(self, point: ResumePoint) -> None:
+        """The evaluations as they were at ``point``; ``metrics.jsonl`` cut back to them (a run
+        stopped between an evaluation and its save has one line more)."""
+        for name, value in point.evaluations.items():
+            setattr(self, name, value)
+        if not self.session.is_main:
+            return
+        lines = self.metrics_path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line)["step"] <= point.step]
+        self.metrics_path.write_text("".join(kept))
 
     def run(self, model: nn.Module, epoch: _Epoch, *, end_of_epoch: bool) -> None:
         # .item() waits for the last step

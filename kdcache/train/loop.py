@@ -33,7 +33,6 @@ from kdcache.logits.losses import build_loss
 from kdcache.models import build_model, check_input_fits, load_weights, weights_sha256
 from kdcache.options import IMAGE, LM, refuse_foreign_options
 from kdcache.plots.figures import plot_distributions
-from kdcache.run_folder import prepare_output_dir
 from kdcache.runtime import prepare_model
 from kdcache.store.read.private_folder import adopt_private_folder, private_folder
 from kdcache.store.read.reader import StoreReader, open_store
@@ -41,6 +40,7 @@ from kdcache.store.sequence import SequenceReader
 from kdcache.store.tools.merge import check_same_rows, warn_mixture_temperature
 from kdcache.train.fit import RunResult, fit, held_out_split
 from kdcache.train.preflight import check_store_run, store_dataset
+from kdcache.train.resume import start_run_folder
 from kdcache.train.tasks import Classification, LogitDistillation, evaluate
 from kdcache.train.teachers import EnsembleLogits, LiveLogits, StoreLogits, TeacherSource
 from kdcache.train.tokens import distill_tokens, train_tokens
@@ -107,8 +107,9 @@ def _train(config: TrainConfig, session: RankSession) -> RunResult:
     # Built before the run folder exists, so that a model that cannot be built leaves nothing.
     model = _seeded_model(config.model, val_set, config.seed)
     session.on_main(
-        lambda: config.save(
-            prepare_output_dir(out, overwrite=config.overwrite) / "config.json",
+        lambda: start_run_folder(
+            config,
+            marker=Classification.finished_marker,
             command="train",
             device=str(device),
             inputs=inputs,
@@ -350,9 +351,7 @@ def _distill(
     student = _seeded_model(config.student, val_set, config.seed)
     criterion = build_loss(config.loss, **config.loss_options())
     session.on_main(
-        lambda: config.save(
-            prepare_output_dir(out, overwrite=config.overwrite) / "config.json", **resolved
-        )
+        lambda: start_run_folder(config, marker=LogitDistillation.finished_marker, **resolved)
     )
     result = fit(
         task=LogitDistillation(

@@ -4,8 +4,9 @@ Every run reads the same store (or the same several stores of a multi-teacher sw
 in each run's loss as ``distill --cache a --cache b`` combines them), opened and decoded once;
 the teacher never runs. Each setting
 gets its own folder under ``out``; a finished one (``last.pt``, a metrics file covering every
-epoch and its ``result.json``) is skipped when the sweep is run again, a half-finished one is
-rerun from scratch. The sweep ends with ``results.csv`` (one row per run) and ``sweep.png``.
+epoch and its ``result.json``) is skipped when the sweep is run again, a half-finished one
+continues from its last evaluation (``--resume``), or starts over if it had none. The sweep ends
+with ``results.csv`` (one row per run) and ``sweep.png``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from kdcache.temporaries import TemporaryFile
 from kdcache.train.loop import RunResult, distill, modality
 from kdcache.train.parallel import run_concurrently
 from kdcache.train.preflight import check_model, check_store_run, store_dataset
+from kdcache.train.resume import RESUME_FILE
 
 log = logging.getLogger("kdcache")
 
@@ -249,8 +251,10 @@ def _run_and_save(run: DistillConfig, readers: Sequence[StoreReader] = ()) -> Ru
     log.info("%s: started", os.path.basename(run.out))
     if not readers:
         readers = [_worker_reader(store, run.cache_memory) for store in run.stores]
-    # overwrite: a folder here holds at most a half-finished run, which starts over
-    result = distill(dataclasses.replace(run, overwrite=True), members=readers)
+    # A folder here holds at most a half-finished run: it continues from its last evaluation if
+    # it saved one, else it starts over.
+    resume = (Path(run.out) / RESUME_FILE).is_file()
+    result = distill(dataclasses.replace(run, overwrite=not resume, resume=resume), members=readers)
     _save_result(result, Path(run.out))
     return result
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 from kdcache._version import __version__
 from kdcache.data.datasets import LabeledDataset
 from kdcache.data.device_input import Attach, DeviceBatch, InputPipeline
+from kdcache.data.loaders import loader_order, restore_loader_order
 from kdcache.distributed import RankSession
 from kdcache.lm.models import CausalLM, lm_logits, pad_id, save_causal_lm
 from kdcache.lm.plots import plot_lm_curves
@@ -61,7 +62,7 @@ class Task(ABC):
         device: torch.device,
         sampler: Sampler[int] | None,
         attach: Attach | None,
-    ) -> tuple[Iterable[Any], int]:
+    ) -> tuple[EpochBatches, int]:
         """This epoch's batches on ``device`` (an iterable to go through once per epoch, from
         one loader built once), and how many there are."""
 
@@ -126,7 +127,7 @@ class ImageTask(Task):
         device: torch.device,
         sampler: Sampler[int] | None,
         attach: Attach | None,
-    ) -> tuple[Iterable[DeviceBatch], int]:
+    ) -> tuple[EpochBatches, int]:
         pipeline = InputPipeline(dataset, device=device, channels_last=config.channels_last)
         loader = pipeline.loader(
             batch_size=config.batch_size,
@@ -135,7 +136,8 @@ class ImageTask(Task):
             seed=config.seed,
             sampler=sampler,
         )
-        return _Reiterable(lambda: pipeline.batches(loader, attach=attach)), len(loader)
+        batches = EpochBatches(lambda: pipeline.batches(loader, attach=attach), loader=loader)
+        return batches, len(loader)
 
     def forward(self, module: nn.Module, batch: DeviceBatch) -> torch.Tensor:
         return module(batch.inputs)
@@ -309,7 +311,7 @@ class TokenTask(Task):
         device: torch.device,
         sampler: Sampler[int] | None,
         attach: Attach | None,
-    ) -> tuple[Iterable[TokenBatch], int]:
+    ) -> tuple[EpochBatches, int]:
         shuffle = sampler is None
         loader = self.loader(
             dataset,
@@ -319,7 +321,8 @@ class TokenTask(Task):
             shuffle=shuffle,
             generator=torch.Generator().manual_seed(config.seed) if shuffle else None,
         )
-        return _Reiterable(lambda: (batch.to(device) for batch in loader)), len(loader)
+        batches = EpochBatches(lambda: (batch.to(device) for batch in loader), loader=loader)
+        return batches, len(loader)
 
     def forward(self, module: nn.Module, batch: TokenBatch) -> torch.Tensor:
         return lm_logits(
@@ -386,14 +389,22 @@ class TokenDistillation(TokenTask):
         return self.criterion(logits, teacher, batch.targets, batch.mask)["total"]
 
 
-class _Reiterable:
-    """Calls ``start`` for every pass: an epoch's batches from a loader built once."""
+class EpochBatches:
+    """An epoch's batches from ``loader`` (built once), through ``start`` for every pass; the
+    state that decides the next pass's order can be taken and given back (``--resume``)."""
 
-    def __init__(self, start: Callable[[], Iterator[Any]]) -> None:
+    def __init__(self, start: Callable[[], Iterator[Any]], *, loader: DataLoader) -> None:
         self.start = start
+        self.loader = loader
 
     def __iter__(self) -> Iterator[Any]:
         return self.start()
+
+    def order(self) -> dict[str, Any]:
+        return loader_order(self.loader)
+
+    def restore_order(self, order: dict[str, Any]) -> None:
+        restore_loader_order(self.loader, order)
 
 
 def describe_metrics(record: Mapping[str, float], metric: str) -> str:

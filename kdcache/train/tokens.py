@@ -24,10 +24,10 @@ from kdcache.lm.models import CausalLM, check_dataset_fits, load_causal_lm
 from kdcache.lm.text import TokenDataset, build_text_dataset, parse_text_spec
 from kdcache.logits.losses import construct
 from kdcache.logits.sequence_losses import TOKEN_LOSSES
-from kdcache.run_folder import prepare_output_dir
 from kdcache.store.sequence import SequenceReader, open_sequence_store
 from kdcache.train.fit import RunResult, fit, held_out_split
-from kdcache.train.tasks import NextToken, TokenDistillation
+from kdcache.train.resume import start_run_folder
+from kdcache.train.tasks import NextToken, TokenDistillation, TokenTask
 from kdcache.train.teachers import LiveTokens, StoreTokens, TeacherSource
 
 
@@ -41,14 +41,8 @@ def _resolved(config: TrainConfig | DistillConfig, session: RankSession, command
 
 
 def _prepare_out(config: TrainConfig | DistillConfig, session: RankSession, resolved: dict) -> Path:
-    out = Path(config.out)
-    session.on_main(
-        lambda: config.save(
-            prepare_output_dir(out, overwrite=config.overwrite, marker="last") / "config.json",
-            **resolved,
-        )
-    )
-    return out
+    session.on_main(lambda: start_run_folder(config, marker=TokenTask.finished_marker, **resolved))
+    return Path(config.out)
 
 
 def train_tokens(config: TrainConfig, session: RankSession) -> RunResult:

@@ -13,6 +13,7 @@ import threading
 from typing import TYPE_CHECKING
 
 import torch
+from teachers import halt_if_chosen
 from torch import nn
 
 if TYPE_CHECKING:
@@ -107,3 +108,29 @@ def recording():
     folder = os.environ["KDCACHE_TEST_LM_FOLDER"]
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
     return _RecordingLM(model), AutoTokenizer.from_pretrained(folder)
+
+
+class _HaltingLM(nn.Module):
+    def __init__(self, inner: PreTrainedModel) -> None:
+        super().__init__()
+        self.inner = inner
+        self.training_passes = 0
+
+    def forward(self, input_ids, attention_mask):
+        if self.training:
+            self.training_passes += 1
+            halt_if_chosen(self.training_passes)
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    def save_pretrained(self, folder) -> None:
+        self.inner.save_pretrained(folder)
+
+
+def halting():
+    """A random causal LM from $KDCACHE_TEST_LM_FOLDER's config that halts at a chosen training
+    step (tests/teachers.py's ``halt_if_chosen``); without $KDCACHE_TEST_HALT_AT, that model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = os.environ["KDCACHE_TEST_LM_FOLDER"]
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    return _HaltingLM(model), AutoTokenizer.from_pretrained(folder)

@@ -11,7 +11,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from conftest import cli_environment
+import torch
+from conftest import cli_environment, kill_once_halted
 from lm_fixtures import lm_files_fixture  # noqa: F401  (provides the lm_files fixture)
 
 from kdcache.config import DumpConfig
@@ -66,21 +67,52 @@ def test_lm_distillation_under_torchrun_sees_every_sequence_once_per_epoch(tmp_p
     assert {"best", "last", "curves.png"} <= {p.name for p in out.iterdir()}
 
 
+def torchrun_distill(store: Path, out: Path, *options: str) -> list[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", "-m", "kdcache", "distill", "--cache", str(store)]
+    command += ["--student", "lm_teachers:halting", "--epochs", "2", "--batch-size", "3"]
+    return [*command, "--eval-every", "1", "--device", "cpu", "--out", str(out), *options]
+
+
+#: What may differ between two runs that train alike: how long they took.
+TIMES = ("train_time_s", "train_tokens_per_s")
+
+
+def records(out: Path) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [
+        {
+            k: v
+            for k, v in json.loads(line).items()
+            if k not in ("train_time_s", "train_tokens_per_s")
+        }
+        for line in lines
+    ]
+
+
 def test_evaluations_within_epochs_under_torchrun_run_on_every_rank_and_are_written_once(
     tmp_path, lm_files
 ):
     """--eval-every under torchrun: every rank evaluates at the same steps (only where all still
-    have batches: the ranks' shares differ by a sequence), rank 0 writes each evaluation once."""
+    have batches: the ranks' shares differ by a sequence), rank 0 writes each evaluation once.
+
+    The same job killed in its second epoch resumes (--resume, 2 ranks) from its last
+    evaluation, each rank with its own generators and share: the same evaluations and weights
+    as the job that never stopped."""
+    from safetensors.torch import load_file  # with transformers
+
     dataset, epochs = f"text:{lm_files['corpus']}:16", 2
     store = tmp_path / "t.zarr"
     dump_lm(DumpConfig(teacher=f"hf:{lm_files['teacher']}", dataset=dataset, out=str(store)))
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc-per-node", "2", "-m", "kdcache", "distill", "--cache", str(store)]
-    command += ["--student", f"hf:{lm_files['student']}", "--epochs", str(epochs)]
-    command += ["--batch-size", "3", "--eval-every", "1", "--device", "cpu", "--out", str(out)]
+    environment = cli_environment(
+        {
+            "PYTHONPATH": str(Path(__file__).parent),
+            "KDCACHE_TEST_LM_FOLDER": str(lm_files["student"]),
+        }
+    )
     job = subprocess.run(
-        command, env=cli_environment({}), capture_output=True, text=True, timeout=600
+        torchrun_distill(store, out), env=environment, capture_output=True, text=True, timeout=600
     )
     assert job.returncode == 0, job.stderr
     assert job.stdout.count("best val_ppl") == 1
@@ -94,3 +126,28 @@ def test_evaluations_within_epochs_under_torchrun_run_on_every_rank_and_are_writ
     assert [record["step"] for record in metrics] == sorted(within + ends)
     assert len(within) > 0
     assert {"best", "last"} <= {p.name for p in out.iterdir()}
+
+    resumed, halted = tmp_path / "resumed", tmp_path / "halted"
+    halt = {"KDCACHE_TEST_HALT_AT": str(longest + 3), "KDCACHE_TEST_HALTED": str(halted)}
+    killed = subprocess.Popen(
+        torchrun_distill(store, resumed),
+        env={**environment, **halt},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # the launcher and its ranks, killed together
+    )
+    kill_once_halted(killed, halted, group=True)
+    saved = torch.load(resumed / "resume.pt", weights_only=True)
+    assert (saved["epoch"], saved["steps"]) == (2, 2)  # the evaluation before the halted step
+    job = subprocess.run(
+        torchrun_distill(store, resumed, "--resume"),
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert job.returncode == 0, job.stderr
+    assert records(resumed) == records(out)
+    for name in ("best", "last"):
+        a, b = (load_file(run / name / "model.safetensors") for run in (out, resumed))
+        assert all(torch.equal(a[key], b[key]) for key in a)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, assert_png, run_cli
+from conftest import assert_one_line_error, assert_png, kill_once_halted, run_cli, start_cli
 
 from kdcache import create_store, open_store
 from kdcache.config import DistillConfig, SweepConfig
@@ -93,6 +94,36 @@ def test_resume_keeps_finished_runs_and_reruns_half_finished_ones(tmp_path, digi
     assert (killed / "result.json").exists()
     assert (killed / "curves.png").exists()
     assert [r["run_dir"] for r in read_csv(tmp_path / "results.csv")] == [kept.name, killed.name]
+
+
+def test_a_run_killed_inside_an_epoch_continues_where_it_stopped(tmp_path, digits_store, caplog):
+    """A sweep killed in its run's second epoch, run again: the run resumes from its last
+    evaluation (resume.pt) and ends as the same run uninterrupted."""
+    grid: dict[str, Any] = dict(
+        student="teachers:halting", temperatures=(2.0,), seeds=(0,), epochs=2, eval_every=5
+    )
+    whole = run_sweep(tiny_sweep(digits_store, tmp_path / "whole", **grid))
+    out, halted = tmp_path / "sweep", tmp_path / "halted"
+    process = start_cli(
+        "-q", "sweep", "--cache", str(digits_store), "--student", "teachers:halting",
+        "--temperatures", "2", "--alphas", "0.7", "--seeds", "0", "--epochs", "2",
+        "--batch-size", "128", "--eval-every", "5", "--device", "cpu", "--out", str(out),
+        env={"KDCACHE_TEST_HALT_AT": "18", "KDCACHE_TEST_HALTED": str(halted)},
+    )  # fmt: skip
+    kill_once_halted(process, halted)
+    run = out / "kd-a0.7-T2-seed0"
+    assert (run / "resume.pt").exists()
+    with caplog.at_level(logging.INFO, logger="kdcache"):
+        again = run_sweep(tiny_sweep(digits_store, out, **grid))
+    assert f"resuming {run} at epoch 2, step 15" in caplog.text  # not started over
+    assert (again.runs_done, again.runs_skipped) == (1, 0)
+    assert again.rows[0]["best_val_acc"] == whole.rows[0]["best_val_acc"]
+    assert again.rows[0]["final_val_acc"] == whole.rows[0]["final_val_acc"]
+    a, b = (
+        torch.load(r / "last.pt", weights_only=True)["state_dict"]
+        for r in (run, tmp_path / "whole" / run.name)
+    )
+    assert all(torch.equal(a[name], b[name]) for name in a)
 
 
 def test_a_finished_run_that_evaluated_within_epochs_is_kept(tmp_path, digits_store):

@@ -1,0 +1,266 @@
+"""An interrupted run continued where it stopped: ``kdcache train`` / ``distill --resume``.
+
+At every evaluation but the run's last, :func:`fit <kdcache.train.fit.fit>` saves ``resume.pt`` in
+the run folder: the student, the optimizer, the learning-rate schedule and the loss scaler; where
+the run stands (epoch, steps into it) and its evaluations so far; and, per rank, the random
+generators and the data order. The data order is saved as it was when the epoch began (the
+loader's shuffling generator and its sampler's epoch, with torch's, Python's and NumPy's
+generators): a run resumed inside an epoch goes through the same order again and skips the
+batches already trained on, then takes up the generators as they were at the save. So a resumed
+run trains on the same batches with the same dropout as one that never stopped, bit for bit on
+the same device (tested), wherever the data pipeline itself is deterministic. The file is removed
+when the run ends.
+
+Like transformers' ``resume_from_checkpoint`` and timm's ``--resume``, with the run's own
+options: a resumed run must be given the options it was started with (only where it runs may
+change: :data:`MAY_CHANGE`).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdcache._version import __version__
+from kdcache.config import LoopConfig
+from kdcache.distributed import RankSession
+from kdcache.errors import ConfigError, KdcacheError
+from kdcache.run_folder import atomic_torch_save, prepare_output_dir
+
+log = logging.getLogger("kdcache")
+
+#: The file in a run folder that an interrupted run resumes from.
+RESUME_FILE = "resume.pt"
+
+#: Options a resumed run may give differently: where it is and runs, not what it trains.
+MAY_CHANGE = ("out", "resume", "overwrite", "device", "num_workers", "compile", "cache_memory")
+
+_FORMAT = 1
+
+
+def start_run_folder(config: LoopConfig, *, marker: str, **resolved: Any) -> Path:
+    """Create ``config.out`` and write its ``config.json``; with ``--resume``, check that the
+    folder holds an interrupted run and leave it as it is."""
+    out = Path(config.out)
+    if not config.resume:
+        folder = prepare_output_dir(out, overwrite=config.overwrite, marker=marker)
+        config.save(folder / "config.json", **resolved)
+        return folder
+    if not (out / RESUME_FILE).is_file():
+        finished = (out / marker).exists() and (out / "config.json").is_file()
+        raise KdcacheError(
+            f"--resume found no {RESUME_FILE} in {out}: "
+            + (
+                "the run there finished (its state is removed at the end); "
+                if finished
+                else "no run there reached its first evaluation; "
+            )
+            + "run without --resume to start anew (with --overwrite to replace that folder)"
+        )
+    return out
+
+
+def random_states() -> dict[str, Any]:
+    """Torch's (CPU and every CUDA device's), Python's and NumPy's global generators."""
+    # The legacy global generator on purpose: it is the one a user's model or dataset may use.
+    numpy_state = np.random.get_state(legacy=False)  # noqa: NPY002
+    key = numpy_state["state"]["key"]
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "python": random.getstate(),
+        # its uint32 key as an int64 tensor: the file loads with weights_only, and ranks
+        # exchange it with all_gather_object (which cannot carry uint32 tensors)
+        "numpy": {
+            **numpy_state,
+            "state": {**numpy_state["state"], "key": torch.from_numpy(key.astype(np.int64))},
+        },
+    }
+
+
+def restore_random_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    random.setstate(states["python"])
+    numpy_state = states["numpy"]
+    key = numpy_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state({**numpy_state, "state": {**numpy_state["state"], "key": key}})  # noqa: NPY002
+
+
+@dataclass(frozen=True)
+class EpochStart:
+    """What an epoch's batches and random draws follow from, taken as the epoch begins."""
+
+    loader: dict[str, Any]
+    random: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RankProgress:
+    """One rank's part of a save: its epoch's start, its generators now, its sums so far."""
+
+    start: EpochStart
+    random: dict[str, Any]
+    loss_sum: float
+    seen: int
+    grad_norm_sum: float = 0.0
+    grad_norm_steps: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "start": {"loader": self.start.loader, "random": self.start.random},
+            "random": self.random,
+            "loss_sum": self.loss_sum,
+            "seen": self.seen,
+            "grad_norm_sum": self.grad_norm_sum,
+            "grad_norm_steps": self.grad_norm_steps,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RankProgress:
+        start = EpochStart(**data["start"])
+        return cls(**{**data, "start": start})
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A saved state of a run: ``epoch`` is the epoch to go on with (1-based), ``steps`` the
+    steps already taken in it (0: it has not begun)."""
+
+    epoch: int
+    steps: int
+    steps_per_epoch: int
+    training_s: float
+    lr: float
+    evaluations: dict[str, Any]
+    rank: RankProgress
+    trained: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        """The run's optimisation steps before the save."""
+        return (self.epoch - 1) * self.steps_per_epoch + self.steps
+
+    def restore(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler,
+    ) -> None:
+        """Put the student, optimizer, schedule and scaler back as they were at the save."""
+        model.load_state_dict(self.trained["model"])
+        optimizer.load_state_dict(self.trained["optimizer"])
+        schedule.load_state_dict(self.trained["schedule"])
+        scaler.load_state_dict(self.trained["scaler"])
+
+
+def save_resume_point(
+    out: Path,
+    *,
+    config: LoopConfig,
+    session: RankSession,
+    point: ResumePoint,
+) -> None:
+    """Write ``point`` (this rank's part in ``point.rank``) as ``out/resume.pt``: every rank
+    hands rank 0 its part, rank 0 writes the file atomically."""
+    ranks = session.all_gather(point.rank.to_dict())
+    if not session.is_main:
+        return
+    atomic_torch_save(
+        {
+            "format": _FORMAT,
+            "kdcache_version": __version__,
+            "config": config.to_dict(),
+            "world_size": session.info.world_size,
+            "epoch": point.epoch,
+            "steps": point.steps,
+            "steps_per_epoch": point.steps_per_epoch,
+            "training_s": point.training_s,
+            "lr": point.lr,
+            "evaluations": point.evaluations,
+            "ranks": ranks,
+            **point.trained,
+        },
+        out / RESUME_FILE,
+    )
+
+
+def load_resume_point(
+    out: Path, *, config: LoopConfig, session: RankSession, steps_per_epoch: int
+) -> ResumePoint:
+    """This rank's :class:`ResumePoint` from ``out/resume.pt``, refused in one line where the
+    run it continues differs from this one."""
+    path = out / RESUME_FILE
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        raise KdcacheError(
+            f"cannot read {path} ({str(error).splitlines()[0][:200]}); the run cannot resume "
+            "from it: run without --resume to start anew (with --overwrite)"
+        ) from None
+    if not isinstance(saved, dict) or saved.get("format") != _FORMAT:
+        raise KdcacheError(
+            f"{path} is not a state kdcache {__version__} can resume from; run without "
+            "--resume to start anew (with --overwrite)"
+        )
+    _check_same_run(path, saved["config"], config.to_dict())
+    if saved["world_size"] != session.info.world_size:
+        raise ConfigError(
+            f"{path} was saved by a run of {saved['world_size']} ranks, this one has "
+            f"{session.info.world_size}; resume it with torchrun --nproc-per-node "
+            f"{saved['world_size']} (each rank's share of the data and its generators are saved)"
+        )
+    if saved["steps_per_epoch"] != steps_per_epoch:
+        raise ConfigError(
+            f"{path} was saved by a run of {saved['steps_per_epoch']} steps per epoch, this one "
+            f"has {steps_per_epoch}: the training data changed; resume with the data the run "
+            "started with, or start anew without --resume"
+        )
+    trained = {key: saved[key] for key in ("model", "optimizer", "schedule", "scaler")}
+    return ResumePoint(
+        epoch=saved["epoch"],
+        steps=saved["steps"],
+        steps_per_epoch=steps_per_epoch,
+        training_s=saved["training_s"],
+        lr=saved["lr"],
+        evaluations=saved["evaluations"],
+        rank=RankProgress.from_dict(saved["ranks"][session.info.rank]),
+        trained=trained,
+    )
+
+
+def _check_same_run(path: Path, saved: dict[str, Any], given: dict[str, Any]) -> None:
+    differences = [
+        f"--{name.replace('_', '-')} {saved.get(name)!r} there, {given.get(name)!r} now"
+        for name in sorted(set(saved) | set(given))
+        if name not in MAY_CHANGE and saved.get(name) != given.get(name)
+    ]
+    if differences:
+        raise ConfigError(
+            f"--resume continues the run saved in {path} with the options it started with, "
+            f"but {'; '.join(differences)}; give them as they were, or start a new run "
+            "without --resume"
+        )
+
+
+def skip(batches: Iterator[Any], count: int) -> None:
+    """Take ``count`` batches from ``batches`` without using them (those trained on before)."""
+    for _ in range(count):
+        next(batches)
+
+
+def remove_resume_point(out: Path) -> None:
+    """The finished run's state is no longer needed (it is as large as three students)."""
+    (out / RESUME_FILE).unlink(missing_ok=True)

@@ -1,0 +1,154 @@
+"""--resume: a run killed mid-way continues, bit for bit, as if it had never stopped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import kill_once_halted, start_cli
+
+from kdcache import DistillConfig, TrainConfig
+from kdcache.errors import ConfigError, KdcacheError
+from kdcache.train.loop import distill, train
+from kdcache.train.resume import RESUME_FILE
+
+#: digits' training split in batches of 128: 12 steps an epoch.
+STEPS = 12
+COMMON: dict[str, Any] = dict(model="teachers:halting", epochs=3, batch_size=128, seed=5)
+
+#: What may differ between two runs that train alike: how long they took.
+TIMES = ("train_time_s", "train_samples_per_s")
+
+
+def killed_at(out: Path, step: int, *options: str) -> None:
+    """``kdcache train`` of COMMON into ``out``, killed as it is about to take ``step``."""
+    halted = out.parent / f"{out.name}.halted"
+    process = start_cli(
+        "-q", "train", "--model", COMMON["model"], "--epochs", str(COMMON["epochs"]),
+        "--batch-size", str(COMMON["batch_size"]), "--seed", str(COMMON["seed"]),
+        "--out", str(out), *options,
+        env={"KDCACHE_TEST_HALT_AT": str(step), "KDCACHE_TEST_HALTED": str(halted)},
+    )  # fmt: skip
+    kill_once_halted(process, halted)
+
+
+def records(out: Path) -> list[dict[str, Any]]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [
+        {key: value for key, value in json.loads(line).items() if key not in TIMES}
+        for line in lines
+    ]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """COMMON trained in one go, evaluated every 5 steps."""
+    out = tmp_path_factory.mktemp("resume") / "whole"
+    train(TrainConfig(out=str(out), eval_every=5, **COMMON))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("eval_every", "halt_at", "saved_step"),
+    [(5, 19, 15), (0, 19, 12)],
+    ids=["within-an-epoch", "at-an-epoch-end"],
+)
+def test_a_killed_run_resumes_bit_for_bit(tmp_path, uninterrupted, eval_every, halt_at, saved_step):
+    """Killed before step 19, the run saved last at its evaluation of step 15 (3 steps into
+    epoch 2, with --eval-every 5) or at epoch 1's end (step 12). Resumed, it trains the same
+    batches with the same dropout draws: the same weights, evaluations and best as the run
+    that never stopped, and its state file is gone at the end."""
+    out = tmp_path / "run"
+    killed_at(out, halt_at, *(["--eval-every", str(eval_every)] if eval_every else []))
+    saved = torch.load(out / RESUME_FILE, map_location="cpu", weights_only=True)
+    assert (saved["epoch"] - 1) * STEPS + saved["steps"] == saved_step
+    before = records(out)
+    result = train(TrainConfig(out=str(out), eval_every=eval_every, resume=True, **COMMON))
+    whole = records(uninterrupted)
+    if not eval_every:
+        whole = [record for record in whole if "epoch_progress" not in record]
+    assert records(out) == whole
+    assert records(out)[: len(before)] == before
+    a, b = weights(uninterrupted / "last.pt"), weights(out / "last.pt")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert result.final == whole[-1]["val_acc"]
+    assert result.best == max(record["val_acc"] for record in whole)
+    assert not (out / RESUME_FILE).exists()
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> Path:
+    """A run of COMMON (--eval-every 5) killed before step 19: resume.pt at step 15."""
+    out = tmp_path_factory.mktemp("resume") / "interrupted"
+    killed_at(out, 19, "--eval-every", "5")
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def test_a_run_resumed_with_other_options_is_refused_naming_them(tmp_path, interrupted):
+    out = copy_of(interrupted, tmp_path)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    options = {**COMMON, "seed": 6, "lr": 0.01}
+    with pytest.raises(
+        ConfigError, match=r"--lr 0.001 there, 0.01 now; --seed 5 there, 6 now; give them as"
+    ):
+        train(TrainConfig(out=str(out), eval_every=5, resume=True, **options))
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_where_a_run_runs_may_change_on_resume(tmp_path, interrupted):
+    out = copy_of(interrupted, tmp_path)
+    train(TrainConfig(out=str(out), eval_every=5, resume=True, num_workers=1, **COMMON))
+    assert not (out / RESUME_FILE).exists()
+
+
+def test_resume_needs_an_interrupted_run(tmp_path, uninterrupted):
+    with pytest.raises(KdcacheError, match=r"no resume.pt in .*: no run there reached its first"):
+        train(TrainConfig(out=str(tmp_path / "empty"), resume=True, **COMMON))
+    with pytest.raises(KdcacheError, match=r"the run there finished .*run without --resume"):
+        train(TrainConfig(out=str(uninterrupted), eval_every=5, resume=True, **COMMON))
+
+
+def test_resume_and_overwrite_exclude_each_other():
+    with pytest.raises(ConfigError, match="--overwrite and --resume exclude each other"):
+        DistillConfig(student="mlp:8", cache="s.zarr", out="run", overwrite=True, resume=True)
+
+
+def test_an_unreadable_state_is_refused_in_one_line(tmp_path, interrupted):
+    out = copy_of(interrupted, tmp_path)
+    (out / RESUME_FILE).write_bytes(b"not a state")
+    with pytest.raises(KdcacheError, match=r"cannot read .*resume.pt .*start anew"):
+        train(TrainConfig(out=str(out), eval_every=5, resume=True, **COMMON))
+
+
+def test_distillation_resumes_too(tmp_path, digits_store):
+    """The teacher's rows come from the store in a sampler's order (its epoch is saved)."""
+    options: dict[str, Any] = dict(
+        student="teachers:halting", cache=str(digits_store), epochs=2, batch_size=128, seed=1
+    )
+    whole = tmp_path / "whole"
+    distill(DistillConfig(out=str(whole), eval_every=7, **options))
+    out = tmp_path / "run"
+    halted = tmp_path / "halted"
+    process = start_cli(
+        "-q", "distill", "--student", options["student"], "--cache", options["cache"],
+        "--epochs", "2", "--batch-size", "128", "--seed", "1", "--eval-every", "7",
+        "--out", str(out),
+        env={"KDCACHE_TEST_HALT_AT": "17", "KDCACHE_TEST_HALTED": str(halted)},
+    )  # fmt: skip
+    kill_once_halted(process, halted)
+    distill(DistillConfig(out=str(out), eval_every=7, resume=True, **options))
+    assert records(out) == records(whole)
+    a, b = weights(whole / "last.pt"), weights(out / "last.pt")
+    assert all(torch.equal(a[name], b[name]) for name in a)
