@@ -310,6 +310,12 @@ class LoopConfig(TrainingOptions):
         "optimizer, schedule, data order and random generators), given the options it started "
         "with.",
     )
+    resumable: bool = option(
+        True,
+        help="Save resume.pt at each evaluation so that --resume can continue an interrupted "
+        "run (--no-resumable: no such save, which writes about three times the student each "
+        "time).",
+    )
 
     def __post_init__(self) -> None:
         require(

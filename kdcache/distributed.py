@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -305,9 +305,17 @@ class RankSession:
         """
         if not self.is_distributed:
             return
-        device = self._collective_device()
-        for group in optimizer.param_groups:
-            for parameter in group["params"]:
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        layouts = self.all_gather([_state_layout(optimizer.state[p]) for p in parameters])
+        if any(layout != layouts[src] for layout in layouts):
+            # A rank whose state differs in shape (one that never took a step, say): the whole
+            # state, as one object.
+            whole = [optimizer.state_dict()]
+            dist.broadcast_object_list(whole, src=src)
+            optimizer.load_state_dict(whole[0])
+        else:
+            device = self._collective_device()
+            for parameter in parameters:
                 state = optimizer.state[parameter]
                 for name in sorted(state):
                     value = state[name]
@@ -323,6 +331,14 @@ class RankSession:
             scaler_state = [scaler.state_dict()]
             dist.broadcast_object_list(scaler_state, src=src)
             scaler.load_state_dict(scaler_state[0])
+
+
+def _state_layout(state: dict[str, Any]) -> list[tuple[str, tuple[int, ...] | None]]:
+    """The names of a parameter's optimizer state, with the shape of each tensor among them."""
+    return [
+        (name, tuple(value.shape) if isinstance(value, torch.Tensor) else None)
+        for name, value in sorted(state.items())
+    ]
 
 
 @contextmanager

@@ -51,6 +51,23 @@ def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen
     )
 
 
+#: For a subprocess whose training a test compares bit for bit with one in the test's process
+#: (under :func:`one_torch_thread`): on CPU the sums' order, so their last bits, follow the
+#: number of torch threads, which other tests may have changed in this process.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """torch computing on one thread in this process during the test (see :data:`ONE_THREAD`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def kill_once_halted(process: subprocess.Popen, halted: Path, *, group: bool = False) -> None:
     """Wait until ``process`` creates ``halted`` (tests/teachers.py's ``halt_if_chosen``), then
     kill it (with ``group``, its whole session: a torchrun launcher and its ranks)."""

@@ -1,14 +1,19 @@
-"""kdcache.distributed in one process: epoch shards, the dump plan, fsync."""
+"""kdcache.distributed: epoch shards, the dump plan, fsync in one process; the optimizer state
+ranks share after an uneven epoch, in two."""
 
 from __future__ import annotations
 
 import itertools
+import os
+import socket
 
 import numpy as np
 import pytest
+import torch
+import torch.multiprocessing as mp
 
 from kdcache.data.loaders import EpochShardSampler
-from kdcache.distributed import rank_info
+from kdcache.distributed import rank_info, rank_session
 from kdcache.errors import ConfigError
 from kdcache.store.ranks.partition import (
     MIN_UNITS,
@@ -215,3 +220,37 @@ def test_each_local_chunk_and_its_flag_are_flushed_before_the_next_step(
     writer.write(np.arange(10, 20), np.zeros((10, 12)))
     writer.finalize()
     assert flushed[-2:] == ["zarr.json", "."]
+
+
+def _align_after(rank: int, port: int, steps: list[int], out: str) -> None:
+    """Rank ``rank`` of 2 takes ``steps[rank]`` Adam steps, then takes rank 0's state."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    with rank_session("cpu") as session:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+        for step in range(steps[rank]):
+            optimizer.zero_grad()
+            model(torch.full((1, 3), float(rank + step))).sum().backward()
+            optimizer.step()
+        session.align_optimizer(optimizer, torch.amp.GradScaler("cpu", enabled=False), src=0)
+        torch.save(optimizer.state_dict(), f"{out}/rank{rank}.pt")
+
+
+@pytest.mark.parametrize("steps", [[3, 2], [3, 0]], ids=["a-step-behind", "never-stepped"])
+def test_every_rank_takes_the_source_ranks_optimizer_state(tmp_path, steps):
+    """What a rank that sat out steps (DDP's join) gets at an epoch's end: rank 0's Adam moments
+    and step counts, also where it has no state at all."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_align_after, args=(port, steps, str(tmp_path)), nprocs=2)
+    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert first["state"].keys() == second["state"].keys() == {0, 1}
+    for index, state in first["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, second["state"][index][name])
+    assert float(first["state"][0]["step"]) == steps[0]

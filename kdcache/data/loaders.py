@@ -107,7 +107,16 @@ def loader_order(loader: DataLoader) -> dict[str, Any]:
     }
 
 
-def restore_loader_order(loader: DataLoader, order: dict[str, Any]) -> None:
+def restore_loader_order(
+    loader: DataLoader, order: dict[str, Any], *, after_first_epoch: bool
+) -> None:
+    """Make ``loader``'s next epoch the one :func:`loader_order` described, as in a run that
+    went through every epoch before it (``after_first_epoch``: that one was not the first)."""
+    if loader.persistent_workers and after_first_epoch:
+        # Such a run made its workers once, in its first epoch, drawing their seed from the
+        # generator (or torch's); a fresh iterator would draw it now, shifting the order. Made
+        # first, it draws before the states below are put back.
+        iter(loader)
     if order["generator"] is not None:
         assert loader.generator is not None
         loader.generator.set_state(order["generator"])

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -135,42 +136,12 @@ def fit(
         session=session,
         evaluation=evaluation,
         batches=batches,
-        trained={"model": model, "optimizer": optimizer, "schedule": schedule, "scaler": scaler},
+        parts={"model": model, "optimizer": optimizer, "schedule": schedule, "scaler": scaler},
+        steps_per_epoch=steps_per_epoch,
     )
-    resumed = None
-    if config.resume:
-        resumed = load_resume_point(
-            out, config=config, session=session, steps_per_epoch=steps_per_epoch
-        )
-        resumed.restore(model=model, optimizer=optimizer, schedule=schedule, scaler=scaler)
-        evaluation.resume_from(resumed)
-        log.info("resuming %s at epoch %d, step %d", out, resumed.epoch, resumed.step)
-    elif session.is_main:
-        evaluation.metrics_path.write_text("")
-    for number in range(resumed.epoch if resumed else 1, config.epochs + 1):
+    for number in range(state.first_epoch(), config.epochs + 1):
         model.train()
-        within = resumed if resumed is not None and number == resumed.epoch else None
-        if within is not None:
-            batches.restore_order(within.rank.start.loader)
-            restore_random_states(within.rank.start.random)
-        start = EpochStart(loader=batches.order(), random=random_states())
-        epoch = _Epoch(
-            number=number,
-            steps_per_epoch=steps_per_epoch,
-            # Summed on the device: reading the loss every step would stall the GPU's queue.
-            loss_sum=torch.zeros((), dtype=torch.float64, device=device),
-            # The norms of the steps taken: fp16's loss scaling skips a step whose norm is inf.
-            grad_norm_sum=torch.zeros((), dtype=torch.float64, device=device),
-            grad_norm_steps=torch.zeros((), dtype=torch.int64, device=device),
-            lr=optimizer.param_groups[0]["lr"],
-            start=start,
-        )
-        stream = iter(batches)
-        if within is not None and within.steps:
-            # The same order as before the save, less the batches trained on before it.
-            skip(stream, within.steps)
-            restore_random_states(within.rank.random)
-            epoch.continue_from(within)
+        epoch, stream = state.begin_epoch(number, lr=optimizer.param_groups[0]["lr"])
         shown = progress(
             stream,
             total=num_batches,
@@ -209,7 +180,8 @@ def fit(
                 # rest of the epoch draws (dropout, augmentations) as it would have without it.
                 with _random_state_kept(device):
                     evaluation.run(model, epoch, end_of_epoch=False)
-                state.save(epoch, end_of_epoch=False)
+                if config.resumable:
+                    state.save(epoch, end_of_epoch=False)
                 model.train()
         for _ in range(epoch.steps, steps_per_epoch):
             epoch.lr = optimizer.param_groups[0]["lr"]
@@ -220,7 +192,7 @@ def fit(
             longest = max(range(len(rank_batches)), key=lambda rank: (rank_batches[rank], rank))
             session.align_optimizer(optimizer, scaler, src=longest)
         evaluation.run(model, epoch, end_of_epoch=True)
-        if number < config.epochs:
+        if number < config.epochs and config.resumable:
             state.save(epoch, end_of_epoch=True)
     if session.is_main:
         task.plot(evaluation.metrics_path, out)
@@ -240,7 +212,7 @@ def fit(
 
 @dataclass
 class _RunState:
-    """Saves, for ``--resume``, the run's state at an evaluation: see
+    """Where the run stands, saved at evaluations for ``--resume`` and taken up from there: see
     :mod:`kdcache.train.resume`."""
 
     out: Path
@@ -249,19 +221,69 @@ class _RunState:
     evaluation: _Evaluations
     batches: EpochBatches
     #: The student, optimizer, schedule and scaler, by their names in the file.
-    trained: dict[str, Any]
+    parts: dict[str, Any]
+    steps_per_epoch: int
+    resumed: ResumePoint | None = None
+
+    def first_epoch(self) -> int:
+        """The epoch to begin with: 1, or with ``--resume`` the saved run's, once its student,
+        optimizer, schedule, scaler and evaluations are put back."""
+        if not self.config.resume:
+            if self.session.is_main:
+                self.evaluation.metrics_path.write_text("")
+            return 1
+        self.resumed = load_resume_point(
+            self.out,
+            config=self.config,
+            session=self.session,
+            steps_per_epoch=self.steps_per_epoch,
+        )
+        self.resumed.restore(**self.parts)
+        self.evaluation.resume_from(self.resumed)
+        log.info(
+            "resuming %s at epoch %d, step %d", self.out, self.resumed.epoch, self.resumed.step
+        )
+        return self.resumed.epoch
+
+    def begin_epoch(self, number: int, *, lr: float) -> tuple[_Epoch, Iterator[Any]]:
+        """Epoch ``number``'s account and its batches; the resumed epoch's in the order it had,
+        past the batches trained on before the save."""
+        device = self.session.device
+        within = self.resumed if self.resumed and number == self.resumed.epoch else None
+        if within is not None:
+            self.batches.restore_order(within.rank.start.loader, after_first_epoch=number > 1)
+            restore_random_states(within.rank.start.random, device)
+        epoch = _Epoch(
+            number=number,
+            steps_per_epoch=self.steps_per_epoch,
+            # Summed on the device: reading the loss every step would stall the GPU's queue.
+            loss_sum=torch.zeros((), dtype=torch.float64, device=device),
+            # The norms of the steps taken: fp16's loss scaling skips a step whose norm is inf.
+            grad_norm_sum=torch.zeros((), dtype=torch.float64, device=device),
+            grad_norm_steps=torch.zeros((), dtype=torch.int64, device=device),
+            lr=lr,
+            start=EpochStart(loader=self.batches.order(), random=random_states(device)),
+        )
+        stream = iter(self.batches)
+        if within is not None and within.steps:
+            skip(stream, within.steps)
+            restore_random_states(within.rank.random, device)
+            epoch.continue_from(within)
+        return epoch, stream
 
     def save(self, epoch: _Epoch, *, end_of_epoch: bool) -> None:
+        """Write ``resume.pt`` as the run stands after ``epoch``'s latest evaluation."""
         saving_started = time.perf_counter()
+        device = self.session.device
         if end_of_epoch:
             # The next epoch begins from the state as it is now.
-            now = EpochStart(loader=self.batches.order(), random=random_states())
+            now = EpochStart(loader=self.batches.order(), random=random_states(device))
             rank = RankProgress(start=now, random=now.random, loss_sum=0.0, seen=0)
             position, training_s = (epoch.number + 1, 0), 0.0
         else:
             rank = RankProgress(
                 start=epoch.start,
-                random=random_states(),
+                random=random_states(device),
                 loss_sum=epoch.loss_sum.item(),
                 seen=epoch.seen,
                 grad_norm_sum=epoch.grad_norm_sum.item(),
@@ -276,10 +298,18 @@ class _RunState:
             lr=epoch.lr,
             evaluations=self.evaluation.state(),
             rank=rank,
-            trained={name: part.state_dict() for name, part in self.trained.items()},
+            parts={name: part.state_dict() for name, part in self.parts.items()},
         )
         save_resume_point(self.out, config=self.config, session=self.session, point=point)
         epoch.evaluating_s += time.perf_counter() - saving_started
+
+
+def _step_of(line: str) -> float:
+    """The step of a ``metrics.jsonl`` line; a line cut short by a kill comes after any."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _random_state_kept(device: torch.device) -> contextlib.AbstractContextManager[None]:
@@ -366,14 +396,14 @@ class _Evaluations:
 
     def resume_from(self, point: ResumePoint) -> None:
         """The evaluations as they were at ``point``; ``metrics.jsonl`` cut back to them (a run
-        stopped between an evaluation and its save has one line more)."""
+        stopped after an evaluation, before its save, left a line more, perhaps half of it)."""
         for name, value in point.evaluations.items():
             setattr(self, name, value)
         if not self.session.is_main:
             return
-        lines = self.metrics_path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if json.loads(line)["step"] <= point.step]
-        self.metrics_path.write_text("".join(kept))
+        path = self.metrics_path
+        lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+        path.write_text("".join(line for line in lines if _step_of(line) <= point.step))
 
     def run(self, model: nn.Module, epoch: _Epoch, *, end_of_epoch: bool) -> None:
         # .item() waits for the last step

@@ -1,15 +1,16 @@
 """An interrupted run continued where it stopped: ``kdcache train`` / ``distill --resume``.
 
 At every evaluation but the run's last, :func:`fit <kdcache.train.fit.fit>` saves ``resume.pt`` in
-the run folder: the student, the optimizer, the learning-rate schedule and the loss scaler; where
-the run stands (epoch, steps into it) and its evaluations so far; and, per rank, the random
-generators and the data order. The data order is saved as it was when the epoch began (the
-loader's shuffling generator and its sampler's epoch, with torch's, Python's and NumPy's
-generators): a run resumed inside an epoch goes through the same order again and skips the
-batches already trained on, then takes up the generators as they were at the save. So a resumed
-run trains on the same batches with the same dropout as one that never stopped, bit for bit on
-the same device (tested), wherever the data pipeline itself is deterministic. The file is removed
-when the run ends.
+the run folder (unless ``--no-resumable``): the student, the optimizer, the learning-rate schedule
+and the loss scaler; where the run stands (epoch, steps into it) and its evaluations so far; and,
+per rank, the random generators and the data order. The data order is saved as it was when the
+epoch began (the loader's shuffling generator and its sampler's epoch, with torch's, Python's and
+NumPy's generators): a run resumed inside an epoch goes through the same order again, loading and
+dropping the batches already trained on, then takes up the generators as they were at the save.
+So a resumed run trains on the same batches with the same dropout as one that never stopped, bit
+for bit on the same device (tested), with or without loader workers; what a dataset draws inside
+its loader workers (its own random transforms) is drawn afresh. The file is removed when the run
+ends.
 
 Like transformers' ``resume_from_checkpoint`` and timm's ``--resume``, with the run's own
 options: a resumed run must be given the options it was started with (only where it runs may
@@ -18,8 +19,6 @@ change: :data:`MAY_CHANGE`).
 
 from __future__ import annotations
 
-import logging
-import pickle
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,32 +35,57 @@ from kdcache.distributed import RankSession
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.run_folder import atomic_torch_save, prepare_output_dir
 
-log = logging.getLogger("kdcache")
-
 #: The file in a run folder that an interrupted run resumes from.
 RESUME_FILE = "resume.pt"
 
-#: Options a resumed run may give differently: where it is and runs, not what it trains.
-MAY_CHANGE = ("out", "resume", "overwrite", "device", "num_workers", "compile", "cache_memory")
+#: Options a resumed run may give differently: where it is and runs, not what it trains or in
+#: which order (--num-workers and --cache-memory decide how the loader draws its order).
+MAY_CHANGE = ("out", "resume", "overwrite", "resumable", "device", "compile")
 
 _FORMAT = 1
+#: What a state file holds (besides its format).
+_STATE_KEYS = frozenset(
+    (
+        "config",
+        "world_size",
+        "epoch",
+        "steps",
+        "steps_per_epoch",
+        "training_s",
+        "lr",
+        "evaluations",
+        "ranks",
+        "model",
+        "optimizer",
+        "schedule",
+        "scaler",
+    )
+)
 
 
 def start_run_folder(config: LoopConfig, *, marker: str, **resolved: Any) -> Path:
     """Create ``config.out`` and write its ``config.json``; with ``--resume``, check that the
     folder holds an interrupted run and leave it as it is."""
     out = Path(config.out)
+    state = out / RESUME_FILE
     if not config.resume:
+        if state.is_file() and not config.overwrite:
+            raise KdcacheError(
+                f"{out} holds an interrupted run ({RESUME_FILE}); add --resume to continue it, "
+                "or --overwrite to start it over"
+            )
         folder = prepare_output_dir(out, overwrite=config.overwrite, marker=marker)
+        state.unlink(missing_ok=True)  # --overwrite: the old run's state would resume it
         config.save(folder / "config.json", **resolved)
         return folder
-    if not (out / RESUME_FILE).is_file():
-        finished = (out / marker).exists() and (out / "config.json").is_file()
+    if not state.is_file():
+        trained = (out / marker).exists() and (out / "config.json").is_file()
         raise KdcacheError(
             f"--resume found no {RESUME_FILE} in {out}: "
             + (
-                "the run there finished (its state is removed at the end); "
-                if finished
+                "the run there finished, or stopped before it saved its state (or ran with "
+                "--no-resumable); "
+                if trained
                 else "no run there reached its first evaluation; "
             )
             + "run without --resume to start anew (with --overwrite to replace that folder)"
@@ -69,14 +93,14 @@ def start_run_folder(config: LoopConfig, *, marker: str, **resolved: Any) -> Pat
     return out
 
 
-def random_states() -> dict[str, Any]:
-    """Torch's (CPU and every CUDA device's), Python's and NumPy's global generators."""
+def random_states(device: torch.device) -> dict[str, Any]:
+    """Torch's (CPU and, on CUDA, ``device``'s), Python's and NumPy's global generators."""
     # The legacy global generator on purpose: it is the one a user's model or dataset may use.
     numpy_state = np.random.get_state(legacy=False)  # noqa: NPY002
     key = numpy_state["state"]["key"]
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "python": random.getstate(),
         # its uint32 key as an int64 tensor: the file loads with weights_only, and ranks
         # exchange it with all_gather_object (which cannot carry uint32 tensors)
@@ -87,10 +111,12 @@ def random_states() -> dict[str, Any]:
     }
 
 
-def restore_random_states(states: dict[str, Any]) -> None:
+def restore_random_states(states: dict[str, Any], device: torch.device) -> None:
+    """Put back what :func:`random_states` took (the CUDA one on ``device``: a rank may sit on
+    another device number when it resumes)."""
     torch.set_rng_state(states["torch"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
     random.setstate(states["python"])
     numpy_state = states["numpy"]
     key = numpy_state["state"]["key"].numpy().astype(np.uint32)
@@ -144,7 +170,8 @@ class ResumePoint:
     lr: float
     evaluations: dict[str, Any]
     rank: RankProgress
-    trained: dict[str, Any]
+    #: The state dicts of the student, optimizer, schedule and scaler, by those names.
+    parts: dict[str, Any]
 
     @property
     def step(self) -> int:
@@ -160,10 +187,10 @@ class ResumePoint:
         scaler: torch.amp.GradScaler,
     ) -> None:
         """Put the student, optimizer, schedule and scaler back as they were at the save."""
-        model.load_state_dict(self.trained["model"])
-        optimizer.load_state_dict(self.trained["optimizer"])
-        schedule.load_state_dict(self.trained["schedule"])
-        scaler.load_state_dict(self.trained["scaler"])
+        model.load_state_dict(self.parts["model"])
+        optimizer.load_state_dict(self.parts["optimizer"])
+        schedule.load_state_dict(self.parts["schedule"])
+        scaler.load_state_dict(self.parts["scaler"])
 
 
 def save_resume_point(
@@ -191,7 +218,7 @@ def save_resume_point(
             "lr": point.lr,
             "evaluations": point.evaluations,
             "ranks": ranks,
-            **point.trained,
+            **point.parts,
         },
         out / RESUME_FILE,
     )
@@ -203,24 +230,32 @@ def load_resume_point(
     """This rank's :class:`ResumePoint` from ``out/resume.pt``, refused in one line where the
     run it continues differs from this one."""
     path = out / RESUME_FILE
+    damaged = (
+        "; the run cannot continue from it: delete it, or run without --resume and with "
+        "--overwrite, to start the run anew"
+    )
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+    except Exception as error:  # a truncated or foreign file fails in many ways, all alike here
+        reason = (str(error).splitlines() or [""])[0][:200]
         raise KdcacheError(
-            f"cannot read {path} ({str(error).splitlines()[0][:200]}); the run cannot resume "
-            "from it: run without --resume to start anew (with --overwrite)"
+            f"cannot read {path} ({type(error).__name__}: {reason}){damaged}"
         ) from None
-    if not isinstance(saved, dict) or saved.get("format") != _FORMAT:
+    missing = _STATE_KEYS - set(saved) if isinstance(saved, dict) else _STATE_KEYS
+    if missing or saved.get("format") != _FORMAT:
         raise KdcacheError(
-            f"{path} is not a state kdcache {__version__} can resume from; run without "
-            "--resume to start anew (with --overwrite)"
+            f"{path} is not a state kdcache {__version__} can resume from"
+            + (f" (it lacks {', '.join(sorted(missing))})" if missing else "")
+            + damaged
         )
     _check_same_run(path, saved["config"], config.to_dict())
     if saved["world_size"] != session.info.world_size:
+        ranks = saved["world_size"]
         raise ConfigError(
-            f"{path} was saved by a run of {saved['world_size']} ranks, this one has "
-            f"{session.info.world_size}; resume it with torchrun --nproc-per-node "
-            f"{saved['world_size']} (each rank's share of the data and its generators are saved)"
+            f"{path} was saved by a run of {ranks} rank(s), this one has "
+            f"{session.info.world_size}; resume it "
+            + (f"with torchrun --nproc-per-node {ranks}" if ranks > 1 else "without torchrun")
+            + " (each rank's share of the data and its generators are saved)"
         )
     if saved["steps_per_epoch"] != steps_per_epoch:
         raise ConfigError(
@@ -228,7 +263,7 @@ def load_resume_point(
             f"has {steps_per_epoch}: the training data changed; resume with the data the run "
             "started with, or start anew without --resume"
         )
-    trained = {key: saved[key] for key in ("model", "optimizer", "schedule", "scaler")}
+    parts = {key: saved[key] for key in ("model", "optimizer", "schedule", "scaler")}
     return ResumePoint(
         epoch=saved["epoch"],
         steps=saved["steps"],
@@ -237,7 +272,7 @@ def load_resume_point(
         lr=saved["lr"],
         evaluations=saved["evaluations"],
         rank=RankProgress.from_dict(saved["ranks"][session.info.rank]),
-        trained=trained,
+        parts=parts,
     )
 
 
@@ -256,7 +291,10 @@ def _check_same_run(path: Path, saved: dict[str, Any], given: dict[str, Any]) ->
 
 
 def skip(batches: Iterator[Any], count: int) -> None:
-    """Take ``count`` batches from ``batches`` without using them (those trained on before)."""
+    """Take ``count`` batches from ``batches`` without using them (those trained on before).
+
+    They are loaded (and their teacher rows read) as the run that never stopped loaded them:
+    what keeps the order and the loaders' draws the same costs that much reading."""
     for _ in range(count):
         next(batches)
 

@@ -401,10 +401,11 @@ class EpochBatches:
         return self.start()
 
     def order(self) -> dict[str, Any]:
+        """What decides the next pass's order (:func:`~kdcache.data.loaders.loader_order`)."""
         return loader_order(self.loader)
 
-    def restore_order(self, order: dict[str, Any]) -> None:
-        restore_loader_order(self.loader, order)
+    def restore_order(self, order: dict[str, Any], *, after_first_epoch: bool) -> None:
+        restore_loader_order(self.loader, order, after_first_epoch=after_first_epoch)
 
 
 def describe_metrics(record: Mapping[str, float], metric: str) -> str:

@@ -9,12 +9,15 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import kill_once_halted, start_cli
+from conftest import ONE_THREAD, kill_once_halted, start_cli
 
 from kdcache import DistillConfig, TrainConfig
 from kdcache.errors import ConfigError, KdcacheError
 from kdcache.train.loop import distill, train
 from kdcache.train.resume import RESUME_FILE
+
+# Each run in this process is compared with one in a subprocess: both on one thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 #: digits' training split in batches of 128: 12 steps an epoch.
 STEPS = 12
@@ -31,7 +34,7 @@ def killed_at(out: Path, step: int, *options: str) -> None:
         "-q", "train", "--model", COMMON["model"], "--epochs", str(COMMON["epochs"]),
         "--batch-size", str(COMMON["batch_size"]), "--seed", str(COMMON["seed"]),
         "--out", str(out), *options,
-        env={"KDCACHE_TEST_HALT_AT": str(step), "KDCACHE_TEST_HALTED": str(halted)},
+        env={"KDCACHE_TEST_HALT_AT": str(step), "KDCACHE_TEST_HALTED": str(halted), **ONE_THREAD},
     )  # fmt: skip
     kill_once_halted(process, halted)
 
@@ -48,36 +51,49 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    """COMMON trained in one go, evaluated every 5 steps."""
-    out = tmp_path_factory.mktemp("resume") / "whole"
-    train(TrainConfig(out=str(out), eval_every=5, **COMMON))
-    return out
+_WHOLE: dict[int, Path] = {}
+
+
+def uninterrupted(tmp_path_factory, num_workers: int = 0) -> Path:
+    """COMMON trained in one go, evaluated every 5 steps (once per session and worker count)."""
+    if num_workers not in _WHOLE:
+        out = tmp_path_factory.mktemp("resume") / f"whole-{num_workers}"
+        train(TrainConfig(out=str(out), eval_every=5, num_workers=num_workers, **COMMON))
+        _WHOLE[num_workers] = out
+    return _WHOLE[num_workers]
 
 
 @pytest.mark.parametrize(
-    ("eval_every", "halt_at", "saved_step"),
-    [(5, 19, 15), (0, 19, 12)],
-    ids=["within-an-epoch", "at-an-epoch-end"],
+    ("eval_every", "halt_at", "saved_step", "num_workers"),
+    [(5, 19, 15, 0), (0, 19, 12, 0), (5, 19, 15, 1), (0, 19, 12, 1)],
+    ids=["within-an-epoch", "at-an-epoch-end", "within-with-a-worker", "end-with-a-worker"],
 )
-def test_a_killed_run_resumes_bit_for_bit(tmp_path, uninterrupted, eval_every, halt_at, saved_step):
+def test_a_killed_run_resumes_bit_for_bit(
+    tmp_path, tmp_path_factory, eval_every, halt_at, saved_step, num_workers
+):
     """Killed before step 19, the run saved last at its evaluation of step 15 (3 steps into
     epoch 2, with --eval-every 5) or at epoch 1's end (step 12). Resumed, it trains the same
     batches with the same dropout draws: the same weights, evaluations and best as the run
-    that never stopped, and its state file is gone at the end."""
+    that never stopped, and its state file is gone at the end. With a loader worker too (its
+    persistent process draws its seed once, in the first epoch)."""
+    whole_run = uninterrupted(tmp_path_factory, num_workers)
     out = tmp_path / "run"
-    killed_at(out, halt_at, *(["--eval-every", str(eval_every)] if eval_every else []))
+    options = ["--num-workers", str(num_workers)]
+    killed_at(out, halt_at, *options, *(["--eval-every", str(eval_every)] if eval_every else []))
     saved = torch.load(out / RESUME_FILE, map_location="cpu", weights_only=True)
     assert (saved["epoch"] - 1) * STEPS + saved["steps"] == saved_step
     before = records(out)
-    result = train(TrainConfig(out=str(out), eval_every=eval_every, resume=True, **COMMON))
-    whole = records(uninterrupted)
+    result = train(
+        TrainConfig(
+            out=str(out), eval_every=eval_every, num_workers=num_workers, resume=True, **COMMON
+        )
+    )
+    whole = records(whole_run)
     if not eval_every:
         whole = [record for record in whole if "epoch_progress" not in record]
     assert records(out) == whole
     assert records(out)[: len(before)] == before
-    a, b = weights(uninterrupted / "last.pt"), weights(out / "last.pt")
+    a, b = weights(whole_run / "last.pt"), weights(out / "last.pt")
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert result.final == whole[-1]["val_acc"]
     assert result.best == max(record["val_acc"] for record in whole)
@@ -92,32 +108,63 @@ def interrupted(tmp_path_factory) -> Path:
     return out
 
 
-def copy_of(run: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(run, tmp_path / "run"))
+def copy_of(run: Path, tmp_path: Path, name: str = "run") -> Path:
+    return Path(shutil.copytree(run, tmp_path / name))
 
 
-def test_a_run_resumed_with_other_options_is_refused_naming_them(tmp_path, interrupted):
+def contents(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"seed": 6, "lr": 0.01}, r"--lr 0.001 there, 0.01 now; --seed 5 there, 6 now; give them"),
+        ({"num_workers": 1}, r"--num-workers 0 there, 1 now"),  # it moves the loader's draws
+    ],
+)
+def test_a_run_resumed_with_other_options_is_refused_naming_them(
+    tmp_path, interrupted, changes, message
+):
     out = copy_of(interrupted, tmp_path)
-    before = {path.name: path.read_bytes() for path in out.iterdir()}
-    options = {**COMMON, "seed": 6, "lr": 0.01}
-    with pytest.raises(
-        ConfigError, match=r"--lr 0.001 there, 0.01 now; --seed 5 there, 6 now; give them as"
-    ):
-        train(TrainConfig(out=str(out), eval_every=5, resume=True, **options))
-    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    before = contents(out)
+    with pytest.raises(ConfigError, match=message):
+        train(TrainConfig(out=str(out), eval_every=5, resume=True, **{**COMMON, **changes}))
+    assert contents(out) == before
 
 
-def test_where_a_run_runs_may_change_on_resume(tmp_path, interrupted):
-    out = copy_of(interrupted, tmp_path)
-    train(TrainConfig(out=str(out), eval_every=5, resume=True, num_workers=1, **COMMON))
+def test_a_moved_run_folder_resumes(tmp_path, tmp_path_factory, interrupted):
+    out = copy_of(interrupted, tmp_path, "moved")
+    train(TrainConfig(out=str(out), eval_every=5, resume=True, **COMMON))
+    assert records(out) == records(uninterrupted(tmp_path_factory))
     assert not (out / RESUME_FILE).exists()
 
 
-def test_resume_needs_an_interrupted_run(tmp_path, uninterrupted):
+def test_resume_needs_an_interrupted_run(tmp_path, tmp_path_factory):
     with pytest.raises(KdcacheError, match=r"no resume.pt in .*: no run there reached its first"):
         train(TrainConfig(out=str(tmp_path / "empty"), resume=True, **COMMON))
-    with pytest.raises(KdcacheError, match=r"the run there finished .*run without --resume"):
-        train(TrainConfig(out=str(uninterrupted), eval_every=5, resume=True, **COMMON))
+    finished = uninterrupted(tmp_path_factory)
+    with pytest.raises(KdcacheError, match=r"the run there finished, or .*run without --resume"):
+        train(TrainConfig(out=str(finished), eval_every=5, resume=True, **COMMON))
+
+
+def test_a_new_run_over_an_interrupted_one_needs_overwrite(tmp_path, interrupted):
+    """Forgetting --resume must not throw away the state it would resume from; --overwrite
+    starts over and drops it (else a later --resume would take it up)."""
+    out = copy_of(interrupted, tmp_path)
+    before = contents(out)
+    with pytest.raises(KdcacheError, match=r"interrupted run \(resume.pt\); add --resume to"):
+        train(TrainConfig(out=str(out), eval_every=5, **COMMON))
+    assert contents(out) == before
+    killed_at(out, 2, "--overwrite")  # before its first evaluation: nothing of its own saved
+    assert not (out / RESUME_FILE).exists()
+
+
+def test_no_state_is_saved_when_not_resumable(tmp_path):
+    out = tmp_path / "run"
+    killed_at(out, 19, "--eval-every", "5", "--no-resumable")
+    assert (out / "metrics.jsonl").read_text()
+    assert not (out / RESUME_FILE).exists()
 
 
 def test_resume_and_overwrite_exclude_each_other():
@@ -125,11 +172,35 @@ def test_resume_and_overwrite_exclude_each_other():
         DistillConfig(student="mlp:8", cache="s.zarr", out="run", overwrite=True, resume=True)
 
 
-def test_an_unreadable_state_is_refused_in_one_line(tmp_path, interrupted):
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", r"cannot read .*resume.pt \(EOFError"),
+        (b"junk", r"cannot read .*resume.pt \("),
+        (None, r"resume.pt is not a state .* \(it lacks lr\)"),
+    ],
+    ids=["empty", "junk", "a-key-missing"],
+)
+def test_an_unreadable_state_is_refused_in_one_line(tmp_path, interrupted, content, message):
     out = copy_of(interrupted, tmp_path)
-    (out / RESUME_FILE).write_bytes(b"not a state")
-    with pytest.raises(KdcacheError, match=r"cannot read .*resume.pt .*start anew"):
+    if content is None:
+        saved = torch.load(out / RESUME_FILE, weights_only=True)
+        del saved["lr"]
+        torch.save(saved, out / RESUME_FILE)
+    else:
+        (out / RESUME_FILE).write_bytes(content)
+    before = contents(out)
+    with pytest.raises(KdcacheError, match=message + r".*delete it, or run without --resume"):
         train(TrainConfig(out=str(out), eval_every=5, resume=True, **COMMON))
+    assert contents(out) == before
+
+
+def test_a_metrics_line_cut_short_by_the_kill_is_dropped(tmp_path, tmp_path_factory, interrupted):
+    out = copy_of(interrupted, tmp_path)
+    with (out / "metrics.jsonl").open("a") as stream:
+        stream.write('{"epoch": 2, "epoch_pro')
+    train(TrainConfig(out=str(out), eval_every=5, resume=True, **COMMON))
+    assert records(out) == records(uninterrupted(tmp_path_factory))
 
 
 def test_distillation_resumes_too(tmp_path, digits_store):
@@ -145,7 +216,7 @@ def test_distillation_resumes_too(tmp_path, digits_store):
         "-q", "distill", "--student", options["student"], "--cache", options["cache"],
         "--epochs", "2", "--batch-size", "128", "--seed", "1", "--eval-every", "7",
         "--out", str(out),
-        env={"KDCACHE_TEST_HALT_AT": "17", "KDCACHE_TEST_HALTED": str(halted)},
+        env={"KDCACHE_TEST_HALT_AT": "17", "KDCACHE_TEST_HALTED": str(halted), **ONE_THREAD},
     )  # fmt: skip
     kill_once_halted(process, halted)
     distill(DistillConfig(out=str(out), eval_every=7, resume=True, **options))

@@ -12,7 +12,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, assert_png, kill_once_halted, run_cli, start_cli
+from conftest import (
+    ONE_THREAD,
+    assert_one_line_error,
+    assert_png,
+    kill_once_halted,
+    run_cli,
+    start_cli,
+)
 
 from kdcache import create_store, open_store
 from kdcache.config import DistillConfig, SweepConfig
@@ -96,6 +103,7 @@ def test_resume_keeps_finished_runs_and_reruns_half_finished_ones(tmp_path, digi
     assert [r["run_dir"] for r in read_csv(tmp_path / "results.csv")] == [kept.name, killed.name]
 
 
+@pytest.mark.usefixtures("one_torch_thread")  # compared with a run in a subprocess
 def test_a_run_killed_inside_an_epoch_continues_where_it_stopped(tmp_path, digits_store, caplog):
     """A sweep killed in its run's second epoch, run again: the run resumes from its last
     evaluation (resume.pt) and ends as the same run uninterrupted."""
@@ -108,7 +116,7 @@ def test_a_run_killed_inside_an_epoch_continues_where_it_stopped(tmp_path, digit
         "-q", "sweep", "--cache", str(digits_store), "--student", "teachers:halting",
         "--temperatures", "2", "--alphas", "0.7", "--seeds", "0", "--epochs", "2",
         "--batch-size", "128", "--eval-every", "5", "--device", "cpu", "--out", str(out),
-        env={"KDCACHE_TEST_HALT_AT": "18", "KDCACHE_TEST_HALTED": str(halted)},
+        env={"KDCACHE_TEST_HALT_AT": "18", "KDCACHE_TEST_HALTED": str(halted), **ONE_THREAD},
     )  # fmt: skip
     kill_once_halted(process, halted)
     run = out / "kd-a0.7-T2-seed0"
