@@ -137,6 +137,7 @@ def bench_distill(
         num_workers=num_workers,
         device=str(torch_device),
         overwrite=True,
+        resumable=False,  # a throwaway run need not write its state every epoch
         inputs=form,
         **speed,
     )

@@ -109,8 +109,14 @@ def bench_lm(
     bare_cpu: list[float] = []
     loop_cpu: list[float] = []
     times: dict[str, list[float]] = {"ce": [], "cache": [], "online": []}
+    # resumable=False: a throwaway run need not write its state (three students) every epoch.
     common: dict[str, Any] = dict(
-        epochs=epochs, batch_size=batch_size, device=str(torch_device), amp=amp, overwrite=True
+        epochs=epochs,
+        batch_size=batch_size,
+        device=str(torch_device),
+        amp=amp,
+        overwrite=True,
+        resumable=False,
     )
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as scratch:
         root = Path(scratch)
