@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import pickle
 import shutil
 from dataclasses import dataclass
@@ -327,8 +328,13 @@ def _load_function(module_name: str, function_name: str, spec: str) -> tuple[nn.
     return result
 
 
-def save_causal_lm(lm: CausalLM, folder: Path) -> None:
-    """Write the model and tokenizer to ``folder`` as ``hf:folder`` loads them, replacing it whole.
+#: What a run's ``best/`` or ``last/`` folder records of the moment it was saved.
+CHECKPOINT_RECORD = "kdcache_checkpoint.json"
+
+
+def save_causal_lm(lm: CausalLM, folder: Path, *, record: dict[str, Any] | None = None) -> None:
+    """Write the model and tokenizer to ``folder`` as ``hf:folder`` loads them, replacing it whole;
+    ``record`` (a run's epoch, step and score) beside them as :data:`CHECKPOINT_RECORD`.
 
     Written into ``folder.tmp`` first, so ``folder`` is never a half-written checkpoint.
     """
@@ -344,5 +350,7 @@ def save_causal_lm(lm: CausalLM, folder: Path) -> None:
         )
     save(temporary)
     lm.tokenizer.save_pretrained(temporary)
+    if record is not None:
+        (temporary / CHECKPOINT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     temporary.rename(folder)

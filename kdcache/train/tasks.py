@@ -360,7 +360,8 @@ class TokenTask(Task):
     def save(
         self, out: Path, name: str, *, epoch: int, step: int, score: float, train_set: Any
     ) -> None:
-        save_causal_lm(self.student, out / name)
+        record = {"epoch": epoch, "step": step, self.metric: score, "kdcache_version": __version__}
+        save_causal_lm(self.student, out / name, record=record)
 
     def plot(self, metrics: Path, out: Path) -> None:
         title = f"{self.spec}: {out.resolve().name}"

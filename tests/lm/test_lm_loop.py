@@ -14,7 +14,7 @@ from kdcache import DistillConfig, distill, train
 from kdcache.config import DumpConfig, TrainConfig
 from kdcache.errors import ConfigError, StoreMismatchError
 from kdcache.lm.dump import dump_lm
-from kdcache.lm.models import load_causal_lm
+from kdcache.lm.models import CHECKPOINT_RECORD, load_causal_lm
 from kdcache.store.sequence import open_sequence_store
 
 
@@ -75,6 +75,14 @@ def test_topk_store_run_folder_and_the_student_reloads(tmp_path, lm_files, store
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert result.best == min(r["val_ppl"] for r in records)
+    best = json.loads((run / "best" / CHECKPOINT_RECORD).read_text())
+    assert (best["epoch"], best["step"], best["val_ppl"]) == (
+        result.best_epoch,
+        result.best_step,
+        result.best,
+    )
+    last = json.loads((run / "last" / CHECKPOINT_RECORD).read_text())
+    assert (last["epoch"], last["step"]) == (2, records[-1]["step"])
     assert (run / "curves.png").stat().st_size > 0
     assert json.loads((run / "config.json").read_text())["loss"] == "reverse"
     assert (
