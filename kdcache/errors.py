@@ -73,5 +73,10 @@ class PathInTheWayError(KdcacheError, FileExistsError):
     """Something kdcache did not create sits where it would put a temporary file or folder."""
 
 
+class ResumeMismatchError(ConfigError):
+    """An interrupted run's saved state does not fit the run asked to continue it (other options,
+    ranks, data, model or store reading)."""
+
+
 class WorkerError(KdcacheError):
     """A worker process of ``sweep --jobs`` could not start, died, or failed on a bug."""

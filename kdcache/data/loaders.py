@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from kdcache.errors import ResumeMismatchError
+
 
 class IndexedDataset(Dataset):
     """Yields ``(input, label, index)`` so teacher logits can be paired by sample index."""
@@ -99,26 +101,63 @@ class EpochShardSampler(Sampler[int]):
 
 def loader_order(loader: DataLoader) -> dict[str, Any]:
     """What decides the order of ``loader``'s next epoch: its shuffling generator's state, or
-    the epoch its sampler is at (kdcache's samplers draw each epoch's order from it)."""
+    the epoch its sampler is at (kdcache's samplers draw each epoch's order from it), and the
+    window of a chunked logit feed it follows (None: it follows none)."""
     generator = loader.generator
     return {
         "generator": None if generator is None else generator.get_state(),
         "sampler_epoch": getattr(loader.sampler, "epoch", None),
+        "feed": _feed_window(loader.sampler),
     }
+
+
+def _feed_window(sampler: Any) -> dict[str, int] | None:
+    feed = getattr(sampler, "feed", None)
+    if feed is None or feed.mode != "chunked":
+        return None
+    return {"window_chunks": feed.window_chunks, "memory_budget": feed.memory_budget}
+
+
+def _reading(feed: dict[str, int] | None) -> str:
+    if feed is None:
+        return "whole in memory"
+    return (
+        f"chunk by chunk in windows of {feed['window_chunks']} chunks (--cache-memory "
+        f"{feed['memory_budget']})"
+    )
 
 
 def restore_loader_order(
     loader: DataLoader, order: dict[str, Any], *, after_first_epoch: bool
 ) -> None:
     """Make ``loader``'s next epoch the one :func:`loader_order` described, as in a run that
-    went through every epoch before it (``after_first_epoch``: that one was not the first)."""
+    went through every epoch before it (``after_first_epoch``: that one was not the first).
+
+    A chunked feed's window decides the order too; another one (its ``--cache-memory`` budget,
+    by default half the free memory, moved) is refused in one line."""
+    saved, now = order.get("feed"), _feed_window(loader.sampler)
+    if saved != now:
+        raise ResumeMismatchError(
+            f"the interrupted run read its store's logits {_reading(saved)}, this run would read "
+            f"them {_reading(now)}, and the order of the batches follows from it; give "
+            + (
+                f"--cache-memory {saved['memory_budget']} as the run had"
+                if saved
+                else "--cache-memory at least the store's size, as the run had"
+            )
+        )
     if loader.persistent_workers and after_first_epoch:
         # Such a run made its workers once, in its first epoch, drawing their seed from the
         # generator (or torch's); a fresh iterator would draw it now, shifting the order. Made
         # first, it draws before the states below are put back.
         iter(loader)
+    if (order["generator"] is None) != (loader.generator is None):
+        raise ResumeMismatchError(
+            "the interrupted run and this one draw their order differently (a shuffling "
+            "generator against a sampler's): resume with the options and torchrun ranks the "
+            "run had"
+        )
     if order["generator"] is not None:
-        assert loader.generator is not None
         loader.generator.set_state(order["generator"])
     if order["sampler_epoch"] is not None:
         loader.sampler.epoch = order["sampler_epoch"]  # type: ignore[attr-defined]

@@ -32,15 +32,16 @@ from torch import nn
 from kdcache._version import __version__
 from kdcache.config import LoopConfig
 from kdcache.distributed import RankSession
-from kdcache.errors import ConfigError, KdcacheError
+from kdcache.errors import KdcacheError, ResumeMismatchError
 from kdcache.run_folder import atomic_torch_save, prepare_output_dir
 
 #: The file in a run folder that an interrupted run resumes from.
 RESUME_FILE = "resume.pt"
 
 #: Options a resumed run may give differently: where it is and runs, not what it trains or in
-#: which order (--num-workers and --cache-memory decide how the loader draws its order).
-MAY_CHANGE = ("out", "resume", "overwrite", "resumable", "device", "compile")
+#: which order. --num-workers decides how the loader draws its order; --cache-memory may change
+#: as long as the store's feed reads in the same windows (checked where the epoch resumes).
+MAY_CHANGE = ("out", "resume", "overwrite", "resumable", "device", "compile", "cache_memory")
 
 _FORMAT = 1
 #: What a state file holds (besides its format).
@@ -187,10 +188,19 @@ class ResumePoint:
         scaler: torch.amp.GradScaler,
     ) -> None:
         """Put the student, optimizer, schedule and scaler back as they were at the save."""
-        model.load_state_dict(self.parts["model"])
-        optimizer.load_state_dict(self.parts["optimizer"])
-        schedule.load_state_dict(self.parts["schedule"])
-        scaler.load_state_dict(self.parts["scaler"])
+        try:
+            model.load_state_dict(self.parts["model"])
+            optimizer.load_state_dict(self.parts["optimizer"])
+            schedule.load_state_dict(self.parts["schedule"])
+            scaler.load_state_dict(self.parts["scaler"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            # torch's message is a header line, then one line per mismatch: one line of them.
+            reason = " ".join(line.strip() for line in str(error).splitlines())[:300]
+            raise ResumeMismatchError(
+                f"the state saved in the run folder does not fit this run's student or "
+                f"optimizer ({reason}); resume with the model the run had, or start the run "
+                "over with --overwrite (without --resume)"
+            ) from None
 
 
 def save_resume_point(
@@ -239,7 +249,7 @@ def load_resume_point(
     except Exception as error:  # a truncated or foreign file fails in many ways, all alike here
         reason = (str(error).splitlines() or [""])[0][:200]
         raise KdcacheError(
-            f"cannot read {path} ({type(error).__name__}: {reason}){damaged}"
+            f"cannot read {path} ({type(error).__name__}{': ' + reason if reason else ''}){damaged}"
         ) from None
     missing = _STATE_KEYS - set(saved) if isinstance(saved, dict) else _STATE_KEYS
     if missing or saved.get("format") != _FORMAT:
@@ -251,19 +261,23 @@ def load_resume_point(
     _check_same_run(path, saved["config"], config.to_dict())
     if saved["world_size"] != session.info.world_size:
         ranks = saved["world_size"]
-        raise ConfigError(
+        raise ResumeMismatchError(
             f"{path} was saved by a run of {ranks} rank(s), this one has "
             f"{session.info.world_size}; resume it "
             + (f"with torchrun --nproc-per-node {ranks}" if ranks > 1 else "without torchrun")
             + " (each rank's share of the data and its generators are saved)"
         )
     if saved["steps_per_epoch"] != steps_per_epoch:
-        raise ConfigError(
+        raise ResumeMismatchError(
             f"{path} was saved by a run of {saved['steps_per_epoch']} steps per epoch, this one "
             f"has {steps_per_epoch}: the training data changed; resume with the data the run "
-            "started with, or start anew without --resume"
+            "started with, or start the run over with --overwrite (without --resume)"
         )
     parts = {key: saved[key] for key in ("model", "optimizer", "schedule", "scaler")}
+    try:
+        rank = RankProgress.from_dict(saved["ranks"][session.info.rank])
+    except (IndexError, KeyError, TypeError):
+        raise KdcacheError(f"{path} lacks rank {session.info.rank}'s part{damaged}") from None
     return ResumePoint(
         epoch=saved["epoch"],
         steps=saved["steps"],
@@ -271,23 +285,27 @@ def load_resume_point(
         training_s=saved["training_s"],
         lr=saved["lr"],
         evaluations=saved["evaluations"],
-        rank=RankProgress.from_dict(saved["ranks"][session.info.rank]),
+        rank=rank,
         parts=parts,
     )
 
 
 def _check_same_run(path: Path, saved: dict[str, Any], given: dict[str, Any]) -> None:
     differences = [
-        f"--{name.replace('_', '-')} {saved.get(name)!r} there, {given.get(name)!r} now"
+        f"--{name.replace('_', '-')} {_shown(saved.get(name))} there, {_shown(given.get(name))} now"
         for name in sorted(set(saved) | set(given))
         if name not in MAY_CHANGE and saved.get(name) != given.get(name)
     ]
     if differences:
-        raise ConfigError(
+        raise ResumeMismatchError(
             f"--resume continues the run saved in {path} with the options it started with, "
-            f"but {'; '.join(differences)}; give them as they were, or start a new run "
-            "without --resume"
+            f"but {'; '.join(differences)}; give them as they were, or start the run over "
+            "with --overwrite (without --resume)"
         )
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None else repr(value)
 
 
 def skip(batches: Iterator[Any], count: int) -> None:

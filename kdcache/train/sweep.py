@@ -27,7 +27,7 @@ from typing import Any
 from kdcache.config import SHARED_FIELDS, DistillConfig, SweepConfig, setting_name
 from kdcache.data.datasets import canonical_dataset_spec
 from kdcache.distributed import rank_info
-from kdcache.errors import ConfigError, KdcacheError
+from kdcache.errors import ConfigError, KdcacheError, ResumeMismatchError
 from kdcache.models import canonical_model_spec
 from kdcache.options import IMAGE, LM, refuse_foreign_options
 from kdcache.plots.figures import plot_sweep, read_metrics
@@ -252,9 +252,18 @@ def _run_and_save(run: DistillConfig, readers: Sequence[StoreReader] = ()) -> Ru
     if not readers:
         readers = [_worker_reader(store, run.cache_memory) for store in run.stores]
     # A folder here holds at most a half-finished run: it continues from its last evaluation if
-    # it saved one, else it starts over.
-    resume = (Path(run.out) / RESUME_FILE).is_file()
-    result = distill(dataclasses.replace(run, overwrite=not resume, resume=resume), members=readers)
+    # it saved one and this sweep can (its --num-workers or the memory it reads the store in may
+    # have changed since), else it starts over.
+    result = None
+    if (Path(run.out) / RESUME_FILE).is_file():
+        try:
+            result = distill(dataclasses.replace(run, resume=True), members=readers)
+        except ResumeMismatchError as error:
+            log.warning(
+                "%s: starting over, it cannot continue: %s", os.path.basename(run.out), error
+            )
+    if result is None:
+        result = distill(dataclasses.replace(run, overwrite=True), members=readers)
     _save_result(result, Path(run.out))
     return result
 

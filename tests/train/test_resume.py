@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import ONE_THREAD, kill_once_halted, start_cli
 
-from kdcache import DistillConfig, TrainConfig
-from kdcache.errors import ConfigError, KdcacheError
+from kdcache import DistillConfig, DumpConfig, TrainConfig
+from kdcache.dump.teacher import dump_teacher
+from kdcache.errors import ConfigError, KdcacheError, ResumeMismatchError
 from kdcache.train.loop import distill, train
 from kdcache.train.resume import RESUME_FILE
 
@@ -195,6 +196,19 @@ def test_an_unreadable_state_is_refused_in_one_line(tmp_path, interrupted, conte
     assert contents(out) == before
 
 
+def test_a_state_that_does_not_fit_the_student_is_refused_in_one_line(tmp_path, interrupted):
+    """As when the model's code changed between the kill and the resume."""
+    out = copy_of(interrupted, tmp_path)
+    saved = torch.load(out / RESUME_FILE, weights_only=True)
+    name = next(key for key, value in saved["model"].items() if value.dim() == 2)
+    saved["model"][name] = saved["model"][name][:, :3]
+    torch.save(saved, out / RESUME_FILE)
+    with pytest.raises(
+        ResumeMismatchError, match=r"does not fit this run's student .*size mismatch.*--overwrite"
+    ):
+        train(TrainConfig(out=str(out), eval_every=5, resume=True, **COMMON))
+
+
 def test_a_metrics_line_cut_short_by_the_kill_is_dropped(tmp_path, tmp_path_factory, interrupted):
     out = copy_of(interrupted, tmp_path)
     with (out / "metrics.jsonl").open("a") as stream:
@@ -203,23 +217,48 @@ def test_a_metrics_line_cut_short_by_the_kill_is_dropped(tmp_path, tmp_path_fact
     assert records(out) == records(uninterrupted(tmp_path_factory))
 
 
-def test_distillation_resumes_too(tmp_path, digits_store):
-    """The teacher's rows come from the store in a sampler's order (its epoch is saved)."""
+@pytest.fixture(scope="module")
+def chunked_store(tmp_path_factory, digits_teacher) -> Path:
+    """The digits teacher's float32 logits in 23 chunks of 64 rows (2,560 bytes each)."""
+    out = tmp_path_factory.mktemp("stores") / "chunked.zarr"
+    dump_teacher(
+        DumpConfig(
+            teacher="cnn:8", weights=str(digits_teacher), out=str(out), encoding="float32",
+            chunk_rows=64, device="cpu",
+        )
+    )  # fmt: skip
+    return out
+
+
+def test_distillation_resumes_too(tmp_path, chunked_store):
+    """The teacher's rows come from the store chunk by chunk, in the feed's order (its sampler's
+    epoch is saved). A budget that reads them in other windows would change that order: it is
+    refused, naming the budget the run had."""
     options: dict[str, Any] = dict(
-        student="teachers:halting", cache=str(digits_store), epochs=2, batch_size=128, seed=1
+        student="teachers:halting", cache=str(chunked_store), epochs=2, batch_size=128, seed=1
     )
     whole = tmp_path / "whole"
-    distill(DistillConfig(out=str(whole), eval_every=7, **options))
+    distill(DistillConfig(out=str(whole), eval_every=7, cache_memory="16KiB", **options))
     out = tmp_path / "run"
     halted = tmp_path / "halted"
     process = start_cli(
         "-q", "distill", "--student", options["student"], "--cache", options["cache"],
         "--epochs", "2", "--batch-size", "128", "--seed", "1", "--eval-every", "7",
-        "--out", str(out),
+        "--cache-memory", "16KiB", "--out", str(out),
         env={"KDCACHE_TEST_HALT_AT": "17", "KDCACHE_TEST_HALTED": str(halted), **ONE_THREAD},
     )  # fmt: skip
     kill_once_halted(process, halted)
-    distill(DistillConfig(out=str(out), eval_every=7, resume=True, **options))
+    for budget in ("8KiB", None):
+        with pytest.raises(
+            ResumeMismatchError,
+            match=r"read its store's logits chunk by chunk .*give --cache-memory 16384 as the run",
+        ):
+            distill(
+                DistillConfig(
+                    out=str(out), eval_every=7, resume=True, cache_memory=budget, **options
+                )
+            )
+    distill(DistillConfig(out=str(out), eval_every=7, resume=True, cache_memory="16KiB", **options))
     assert records(out) == records(whole)
     a, b = weights(whole / "last.pt"), weights(out / "last.pt")
     assert all(torch.equal(a[name], b[name]) for name in a)

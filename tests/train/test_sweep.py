@@ -121,6 +121,7 @@ def test_a_run_killed_inside_an_epoch_continues_where_it_stopped(tmp_path, digit
     kill_once_halted(process, halted)
     run = out / "kd-a0.7-T2-seed0"
     assert (run / "resume.pt").exists()
+    other = shutil.copytree(out, tmp_path / "other")
     with caplog.at_level(logging.INFO, logger="kdcache"):
         again = run_sweep(tiny_sweep(digits_store, out, **grid))
     assert f"resuming {run} at epoch 2, step 15" in caplog.text  # not started over
@@ -132,6 +133,13 @@ def test_a_run_killed_inside_an_epoch_continues_where_it_stopped(tmp_path, digit
         for r in (run, tmp_path / "whole" / run.name)
     )
     assert all(torch.equal(a[name], b[name]) for name in a)
+    # Run again with another --num-workers, which moves the loader's draws: it starts over.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kdcache"):
+        rerun = run_sweep(tiny_sweep(digits_store, other, num_workers=1, **grid))
+    assert f"{run.name}: starting over, it cannot continue: --resume continues" in caplog.text
+    assert (rerun.runs_done, rerun.runs_skipped) == (1, 0)
+    assert not (other / run.name / "resume.pt").exists()
 
 
 def test_a_finished_run_that_evaluated_within_epochs_is_kept(tmp_path, digits_store):
