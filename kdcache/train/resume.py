@@ -19,6 +19,7 @@ change: :data:`MAY_CHANGE`).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ def start_run_folder(config: LoopConfig, *, marker: str, **resolved: Any) -> Pat
                 "or --overwrite to start it over"
             )
         folder = prepare_output_dir(out, overwrite=config.overwrite, marker=marker)
-        state.unlink(missing_ok=True)  # --overwrite: the old run's state would resume it
+        remove_resume_point(out)  # --overwrite: the old run's state would resume it
         config.save(folder / "config.json", **resolved)
         return folder
     if not state.is_file():
@@ -144,14 +145,7 @@ class RankProgress:
     grad_norm_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "start": {"loader": self.start.loader, "random": self.start.random},
-            "random": self.random,
-            "loss_sum": self.loss_sum,
-            "seen": self.seen,
-            "grad_norm_sum": self.grad_norm_sum,
-            "grad_norm_steps": self.grad_norm_steps,
-        }
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RankProgress:
@@ -318,5 +312,6 @@ def skip(batches: Iterator[Any], count: int) -> None:
 
 
 def remove_resume_point(out: Path) -> None:
-    """The finished run's state is no longer needed (it is as large as three students)."""
+    """Drop ``out``'s saved state: its run finished, or is being started over (the state is as
+    large as three students)."""
     (out / RESUME_FILE).unlink(missing_ok=True)
