@@ -32,6 +32,7 @@ from kdcache.distributed import RankSession
 from kdcache.errors import ConfigError
 from kdcache.progress import progress
 from kdcache.runtime import autocast, prepare_model
+from kdcache.temporaries import TemporaryFile
 from kdcache.train.optim import build_optimizer, build_schedule
 from kdcache.train.resume import (
     EpochStart,
@@ -403,7 +404,13 @@ class _Evaluations:
             return
         path = self.metrics_path
         lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
-        path.write_text("".join(line for line in lines if _step_of(line) <= point.step))
+        kept = "".join(line for line in lines if _step_of(line) <= point.step)
+        # through a temporary file: a kill while cutting back must not lose the history
+        with TemporaryFile.create(
+            path.with_name(path.name + ".tmp"), purpose=f"{path.name} being cut back"
+        ) as temporary:
+            temporary.stream.write(kept.encode())
+            temporary.publish(path)
 
     def run(self, model: nn.Module, epoch: _Epoch, *, end_of_epoch: bool) -> None:
         # .item() waits for the last step
