@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import cli_environment
+from conftest import cli_environment, kill_once_halted
 from narrowing import kdcache_record, stored
 from teachers import fingerprint
 
@@ -39,8 +39,11 @@ DUMP: dict[str, Any] = dict(
 NUM_CHUNKS = 10
 
 
-def torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start ``torchrun --nproc-per-node 2 -m kdcache ARGS`` as a user would."""
+def torchrun(
+    *args: str, env: dict[str, str] | None = None, own_session: bool = False
+) -> subprocess.Popen:
+    """Start ``torchrun --nproc-per-node 2 -m kdcache ARGS`` as a user would (with
+    ``own_session``, in a session of its own: the launcher and its ranks, killed together)."""
     return subprocess.Popen(
         [
             sys.executable,
@@ -57,6 +60,7 @@ def torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=own_session,
     )
 
 
@@ -188,8 +192,9 @@ def records(folder: Path) -> dict[int, Counter]:
 
 
 def test_ddp_distillation_from_a_cache_and_online_sees_every_sample_once_and_agrees(tmp_path):
-    # 101 samples on 2 ranks in batches of 10: 51 and 50 samples, 6 and 5 steps per epoch.
-    dataset, epochs = "fake:101:8:4", 2
+    # 103 samples on 2 ranks in batches of 10: 52 and 51 samples, 6 and 5 steps per epoch (the
+    # one sample past 50 joins the batch before it).
+    dataset, epochs = "fake:103:8:4", 2
     store = tmp_path / "t.zarr"
     dump_teacher(
         DumpConfig(
@@ -220,7 +225,7 @@ def test_ddp_distillation_from_a_cache_and_online_sees_every_sample_once_and_agr
 
     train_set = build_dataset(dataset, split="train")
     expected = Counter(fingerprint(train_set[i][0]) for i in range(len(train_set)))
-    assert len(expected) == 101
+    assert len(expected) == 103
     val_set = build_dataset(dataset, split="test")
     students = {}
     for name in runs:
@@ -253,3 +258,48 @@ def test_ddp_distillation_from_a_cache_and_online_sees_every_sample_once_and_agr
         strict=True,
     ):
         torch.testing.assert_close(cached, online, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_killed_ddp_distillation_resumes_on_2_ranks_as_if_it_had_never_stopped(tmp_path):
+    """Uneven shares (6 and 5 steps an epoch), a loader worker per rank, dropout, and an
+    evaluation every 2 steps: killed in epoch 2, the job resumes from its save at step 8 (2
+    steps into epoch 2, after the ranks aligned their optimizers) with each rank's own data
+    order and generators: the same evaluations and weights as the job that never stopped."""
+    dataset, store = "fake:103:8:4", tmp_path / "t.zarr"
+    dump_teacher(
+        DumpConfig(
+            teacher="teachers:seeded",
+            dataset=dataset,
+            encoding="float32",
+            device="cpu",
+            out=str(store),
+        )
+    )
+    command = ["distill", "--cache", str(store), "--student", "teachers:halting", "--epochs", "2"]
+    command += ["--batch-size", "10", "--eval-every", "2", "--num-workers", "1", "--device", "cpu"]
+    whole, resumed, halted = tmp_path / "whole", tmp_path / "resumed", tmp_path / "halted"
+    finish(torchrun(*command, "--out", str(whole)))
+
+    killed = torchrun(
+        *command,
+        "--out",
+        str(resumed),
+        env={"KDCACHE_TEST_HALT_AT": "9", "KDCACHE_TEST_HALTED": str(halted)},
+        own_session=True,
+    )
+    kill_once_halted(killed, halted, group=True)
+    saved = torch.load(resumed / "resume.pt", weights_only=True)
+    assert (saved["epoch"], saved["steps"]) == (2, 2)
+    finish(torchrun(*command, "--out", str(resumed), "--resume"))
+
+    def evaluations(run: Path) -> list[dict[str, Any]]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        times = ("train_time_s", "train_samples_per_s")
+        return [{k: v for k, v in json.loads(line).items() if k not in times} for line in lines]
+
+    assert [record["step"] for record in evaluations(whole)] == [2, 4, 6, 8, 10, 12]
+    assert evaluations(resumed) == evaluations(whole)
+    assert not (resumed / "resume.pt").exists()
+    for name in ("best.pt", "last.pt"):
+        a, b = (torch.load(run / name, weights_only=True)["state_dict"] for run in (whole, resumed))
+        assert all(torch.equal(a[key], b[key]) for key in a), name

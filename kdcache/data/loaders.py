@@ -8,12 +8,12 @@ once per epoch across ranks, never padded with duplicates (unlike
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from kdcache.errors import ResumeMismatchError
 
@@ -43,23 +43,60 @@ def make_loader(
     sampler: Sampler[int] | None = None,
     collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
-    """A loader over ``(input, label, index)`` batches, seeded so runs repeat exactly.
+    """A loader over ``(input, label, index)`` batches, seeded so runs repeat exactly; an epoch
+    never ends on a batch of one sample (:class:`NoSingletonBatchSampler`).
 
     A ``sampler`` (e.g. a chunked logit feed's order) replaces the seeded shuffle; ``collate_fn``
     replaces the default stacking (e.g. for encoded files of different lengths).
     """
-    shuffle = shuffle and sampler is None
+    indexed = IndexedDataset(dataset)
+    generator = None
+    if sampler is None:
+        # What DataLoader(shuffle=...) would build, so the seeded orders stay as they were.
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        sampler = RandomSampler(indexed, generator=generator) if shuffle else None
     return DataLoader(
-        IndexedDataset(dataset),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        sampler=sampler,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        indexed,
+        batch_sampler=NoSingletonBatchSampler(
+            range(len(indexed)) if sampler is None else sampler, batch_size
+        ),
+        generator=generator,
         num_workers=num_workers,
         collate_fn=collate_fn,
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
     )
+
+
+class NoSingletonBatchSampler(BatchSampler):
+    """torch's ``BatchSampler`` keeping a last partial batch, except that a last batch of one
+    sample joins the batch before it.
+
+    BatchNorm cannot train on one sample where its input has one value per channel (a
+    torchvision ResNet's last block on 32-pixel images, any ``BatchNorm1d``): without this, a
+    training set (or a rank's share) one sample longer than a multiple of ``--batch-size``
+    stopped each such run at its first epoch's end. ``batch_size`` 1 keeps its batches of one.
+    """
+
+    def __init__(self, sampler: Sampler[int] | Iterable[int], batch_size: int) -> None:
+        super().__init__(sampler, batch_size, drop_last=False)
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.sampler), self.batch_size)  # type: ignore[arg-type]
+        if rest == 1 and full > 0 and self.batch_size > 1:
+            return full
+        return full + (rest > 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        held: list[int] | None = None
+        for batch in super().__iter__():
+            if held is not None and len(batch) == 1 and self.batch_size > 1:
+                batch = held + batch
+            elif held is not None:
+                yield held
+            held = batch
+        if held is not None:
+            yield held
 
 
 class EpochShardSampler(Sampler[int]):
@@ -106,9 +143,14 @@ def loader_order(loader: DataLoader) -> dict[str, Any]:
     generator = loader.generator
     return {
         "generator": None if generator is None else generator.get_state(),
-        "sampler_epoch": getattr(loader.sampler, "epoch", None),
-        "feed": _feed_window(loader.sampler),
+        "sampler_epoch": getattr(_index_sampler(loader), "epoch", None),
+        "feed": _feed_window(_index_sampler(loader)),
     }
+
+
+def _index_sampler(loader: DataLoader) -> Any:
+    """The sampler that orders ``loader``'s samples (its batch sampler's)."""
+    return loader.batch_sampler.sampler  # type: ignore[union-attr]
 
 
 def _feed_window(sampler: Any) -> dict[str, int] | None:
@@ -135,7 +177,7 @@ def restore_loader_order(
 
     A chunked feed's window decides the order too; another one (its ``--cache-memory`` budget,
     by default half the free memory, moved) is refused in one line."""
-    saved, now = order.get("feed"), _feed_window(loader.sampler)
+    saved, now = order.get("feed"), _feed_window(_index_sampler(loader))
     if saved != now:
         raise ResumeMismatchError(
             f"the interrupted run read its store's logits {_reading(saved)}, this run would read "
@@ -160,4 +202,4 @@ def restore_loader_order(
     if order["generator"] is not None:
         loader.generator.set_state(order["generator"])
     if order["sampler_epoch"] is not None:
-        loader.sampler.epoch = order["sampler_epoch"]  # type: ignore[attr-defined]
+        _index_sampler(loader).epoch = order["sampler_epoch"]
