@@ -153,7 +153,7 @@ def fit(
         )
         for batch in session.joined(trained, shown):
             with autocast(device, config.amp):
-                logits = task.forward(step_model, batch)
+                logits = _forward(task, step_model, batch)
             targets = None if teacher is None else teacher.targets(batch)
             loss = task.loss(logits.float(), batch, targets)
             optimizer.zero_grad(set_to_none=True)
@@ -303,6 +303,26 @@ class _RunState:
         )
         save_resume_point(self.out, config=self.config, session=self.session, point=point)
         epoch.evaluating_s += time.perf_counter() - saving_started
+
+
+#: How torch's batch norm refuses a batch with one value per channel.
+_ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
+
+
+def _forward(task: Task, module: nn.Module, batch: Any) -> torch.Tensor:
+    """``task.forward``, a batch norm's refusal of a lone sample said in one line: epochs never
+    end on one (:class:`~kdcache.data.loaders.NoSingletonBatchSampler`), so it comes from
+    ``--batch-size 1`` or a rank's share of one sample."""
+    try:
+        return task.forward(module, batch)
+    except (ValueError, RuntimeError) as error:  # RuntimeError: the same, through torch.compile
+        if _ONE_VALUE_PER_CHANNEL not in str(error):
+            raise
+        raise ConfigError(
+            f"model {task.spec!r} cannot train on a batch of one sample: its batch norm needs more "
+            "than one value per channel; pass --batch-size 2 or more, with at least 2 training "
+            "samples per torchrun rank"
+        ) from None
 
 
 def _step_of(line: str) -> float:

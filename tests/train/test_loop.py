@@ -338,3 +338,11 @@ def test_evaluations_within_epochs_are_recorded_and_change_no_weight(tmp_path):
 def test_eval_every_must_be_a_whole_number_of_steps():
     with pytest.raises(ConfigError, match=r"--eval-every must be an integer from 0 to .*, got -1"):
         TrainConfig(model="mlp:8", out="run", eval_every=-1)
+
+
+def test_a_batch_norm_student_refuses_batches_of_one_in_one_line(tmp_path):
+    config = TrainConfig(
+        model="teachers:dropout", dataset="fake:21:8:4", batch_size=1, out=str(tmp_path / "run")
+    )
+    with pytest.raises(ConfigError, match=r"batch of one sample.*--batch-size 2 or more"):
+        train(config)
