@@ -55,7 +55,8 @@ log = logging.getLogger("kdcache")
 @dataclass(frozen=True)
 class RunResult:
     """What a finished run reports: its held-out ``metric`` (``val_acc`` in percent for images,
-    ``val_ppl`` for language models) at its best and final evaluations, wall time in seconds.
+    ``val_ppl`` for language models) at its best and final evaluations, wall time in seconds
+    (a resumed run's includes its sessions before the last save).
     ``best_step`` is the optimisation step of the best evaluation (0 in results saved before
     runs recorded it), ``best_epoch`` the epoch it fell in."""
 
@@ -132,6 +133,7 @@ def fit(
         task=task, val_set=val_set, config=config, session=session, out=out, train_set=train_set
     )
     state = _RunState(
+        started=started,
         out=out,
         config=config,
         session=session,
@@ -206,7 +208,7 @@ def fit(
         final=evaluation.score,
         best_epoch=evaluation.best_epoch,
         epochs=config.epochs,
-        wall_time_s=time.perf_counter() - started,
+        wall_time_s=state.wall_s(),
         best_step=evaluation.best_step,
     )
 
@@ -216,6 +218,8 @@ class _RunState:
     """Where the run stands, saved at evaluations for ``--resume`` and taken up from there: see
     :mod:`kdcache.train.resume`."""
 
+    #: When this session of the run began (``time.perf_counter``).
+    started: float
     out: Path
     config: LoopConfig
     session: RankSession
@@ -225,6 +229,11 @@ class _RunState:
     parts: dict[str, Any]
     steps_per_epoch: int
     resumed: ResumePoint | None = None
+
+    def wall_s(self) -> float:
+        """Wall-clock seconds the run has taken, its sessions before a ``--resume`` included."""
+        before = self.resumed.wall_s if self.resumed is not None else 0.0
+        return before + time.perf_counter() - self.started
 
     def first_epoch(self) -> int:
         """The epoch to begin with: 1, or with ``--resume`` the saved run's, once its student,
@@ -300,6 +309,7 @@ class _RunState:
             evaluations=self.evaluation.state(),
             rank=rank,
             parts={name: part.state_dict() for name, part in self.parts.items()},
+            wall_s=self.wall_s(),
         )
         save_resume_point(self.out, config=self.config, session=self.session, point=point)
         epoch.evaluating_s += time.perf_counter() - saving_started

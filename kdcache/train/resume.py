@@ -167,6 +167,8 @@ class ResumePoint:
     rank: RankProgress
     #: The state dicts of the student, optimizer, schedule and scaler, by those names.
     parts: dict[str, Any]
+    #: Wall-clock seconds the run had taken at the save, over all its earlier sessions.
+    wall_s: float = 0.0
 
     @property
     def step(self) -> int:
@@ -221,6 +223,7 @@ def save_resume_point(
             "training_s": point.training_s,
             "lr": point.lr,
             "evaluations": point.evaluations,
+            "wall_s": point.wall_s,
             "ranks": ranks,
             **point.parts,
         },
@@ -281,6 +284,7 @@ def load_resume_point(
         evaluations=saved["evaluations"],
         rank=rank,
         parts=parts,
+        wall_s=saved.get("wall_s", 0.0),  # absent from the first version's files
     )
 
 

@@ -98,6 +98,7 @@ def test_a_killed_run_resumes_bit_for_bit(
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert result.final == whole[-1]["val_acc"]
     assert result.best == max(record["val_acc"] for record in whole)
+    assert result.wall_time_s > saved["wall_s"] > 0  # the killed session's time counts too
     assert not (out / RESUME_FILE).exists()
 
 
