@@ -25,6 +25,9 @@ INPUT_CHOICES = ("auto", *INPUT_FORMS)
 AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 #: ``--lr-schedule`` choices: the learning rate's curve over a run (kdcache.train.optim).
 LR_SCHEDULES = ("constant", "cosine")
+#: ``--optimizer`` choices (kdcache.train.optim): Adam (AdamW with weight decay), or SGD with
+#: Nesterov momentum.
+OPTIMIZERS = ("adam", "sgd")
 #: Views per sample a store may hold (FKD keeps a few hundred crops per image): the most
 #: ``--views`` takes, and the most a store's record may say.
 MAX_VIEWS = 1 << 16

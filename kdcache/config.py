@@ -29,6 +29,7 @@ from kdcache.choices import (
     LR_SCHEDULES,
     MAX_VIEWS,
     MODELS,
+    OPTIMIZERS,
     SPLITS,
     TRAIN_ON,
 )
@@ -130,6 +131,10 @@ EPOCHS = Bounds(1, 1_000_000)
 WEIGHT_DECAYS = MIN_LEARNING_RATES = Bounds(0, 1e37, real=True)
 #: The gradients' global norm a step is clipped to (0: not clipped); any finite float32.
 GRAD_NORMS = Bounds(0, 1e37, real=True)
+#: SGD's momentum factor (0: plain SGD).
+MOMENTA = Bounds(0, 1, real=True)
+#: SGD's default momentum, as timm's and torchvision's ImageNet recipes use.
+SGD_MOMENTUM = 0.9
 #: Optimisation steps between evaluations (0: at each epoch's end only); far above any run.
 EVAL_STEPS = Bounds(0, 1 << 62)
 #: Warm-up in epochs, fractions too; no longer than the run (checked against --epochs).
@@ -178,6 +183,19 @@ def check_speed_options(inputs: str, amp: str | None) -> None:
     require(
         amp is None or amp in AMP_DTYPES,
         f"unknown amp dtype {amp!r}; valid choices: {', '.join(AMP_DTYPES)} (or leave it out)",
+    )
+
+
+def check_optimizer(optimizer: str, *, momentum: float) -> None:
+    """A known optimizer, and a momentum other than the default for SGD only."""
+    require(
+        optimizer in OPTIMIZERS,
+        f"unknown --optimizer {optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}",
+    )
+    require(
+        optimizer == "sgd" or momentum == SGD_MOMENTUM,
+        f"--momentum {momentum:g} is SGD's, but the optimizer is {optimizer}; add --optimizer "
+        "sgd or drop --momentum",
     )
 
 
@@ -242,8 +260,16 @@ class TrainingOptions(SpeedOptions):
 
     epochs: int = option(10, bounds=EPOCHS, help="Passes over the training split.")
     batch_size: int = option(64, bounds=BATCH_SIZES, help="Samples per optimisation step.")
-    lr: float = option(
-        1e-3, bounds=LEARNING_RATES, help="Peak learning rate of Adam (AdamW with --weight-decay)."
+    optimizer: str = option(
+        "adam",
+        choices=OPTIMIZERS,
+        help="adam: Adam, AdamW with --weight-decay; sgd: SGD with Nesterov momentum "
+        "(--momentum), as ResNet students on ImageNet are usually trained (timm's --opt sgd), "
+        "with --weight-decay as its L2 penalty, at an --lr of about 0.1 x batch size / 256.",
+    )
+    lr: float = option(1e-3, bounds=LEARNING_RATES, help="Peak learning rate of the optimizer.")
+    momentum: float = option(
+        SGD_MOMENTUM, bounds=MOMENTA, help="Momentum of --optimizer sgd (0: plain SGD)."
     )
     lr_schedule: str = option(
         "constant",
@@ -266,8 +292,8 @@ class TrainingOptions(SpeedOptions):
     weight_decay: float = option(
         0.0,
         bounds=WEIGHT_DECAYS,
-        help="Decoupled weight decay (AdamW) of the weights; biases and normalisation "
-        "parameters (1-D) are not decayed; 0 = plain Adam.",
+        help="Weight decay of the weights: decoupled with adam (AdamW), an L2 penalty with "
+        "sgd; biases and normalisation parameters (1-D) are not decayed; 0 = none.",
     )
     max_grad_norm: float = option(
         0.0,
@@ -287,6 +313,7 @@ class TrainingOptions(SpeedOptions):
     num_workers: int = option(0, bounds=DATA_WORKERS, help="DataLoader worker processes.")
 
     def __post_init__(self) -> None:
+        check_optimizer(self.optimizer, momentum=self.momentum)
         check_schedule(
             self.lr_schedule,
             lr=self.lr,

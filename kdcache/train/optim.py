@@ -1,9 +1,11 @@
 """A run's optimiser and learning-rate schedule: :func:`build_optimizer`, :func:`build_schedule`.
 
-Adam, as kdcache always trained, unless ``--weight-decay`` asks for AdamW's decoupled decay (of
-the weights only, as timm's ``param_groups_weight_decay``: biases and normalisation parameters,
-the 1-D ones, are not decayed). The learning rate follows :class:`LearningRateCurve`, stepped
-once per optimisation step, as the warm-up/cosine schedules of timm and transformers are.
+Adam, as kdcache always trained, unless ``--weight-decay`` asks for AdamW's decoupled decay; or
+(``--optimizer sgd``) SGD with Nesterov momentum, timm's ``--opt sgd``, weight decay then being
+SGD's L2 penalty. Either decays the weights only, as timm's ``param_groups_weight_decay``: biases
+and normalisation parameters, the 1-D ones, are not decayed. The learning rate follows
+:class:`LearningRateCurve`, stepped once per optimisation step, as the warm-up/cosine schedules
+of timm and transformers are.
 """
 
 from __future__ import annotations
@@ -21,16 +23,21 @@ __all__ = ["LearningRateCurve", "build_optimizer", "build_schedule"]
 
 
 def build_optimizer(model: nn.Module, config: TrainingOptions) -> torch.optim.Optimizer:
-    """Adam over ``model``'s parameters at ``config.lr``, or with ``config.weight_decay`` > 0
-    AdamW decaying its parameters of two or more dimensions only."""
-    if config.weight_decay == 0:
+    """``config.optimizer`` over ``model``'s parameters at ``config.lr``: Adam, or with
+    ``config.weight_decay`` > 0 AdamW; SGD with ``config.momentum`` (Nesterov's where it is above
+    0). Weight decay applies to the parameters of two or more dimensions only."""
+    if config.optimizer == "adam" and config.weight_decay == 0:
         return torch.optim.Adam(model.parameters(), lr=config.lr)
     trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
     groups = [
         {"params": [p for p in trained if p.ndim > 1], "weight_decay": config.weight_decay},
         {"params": [p for p in trained if p.ndim <= 1], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([group for group in groups if group["params"]], lr=config.lr)
+    kept = [group for group in groups if group["params"]]
+    if config.optimizer == "sgd":
+        momentum = config.momentum
+        return torch.optim.SGD(kept, lr=config.lr, momentum=momentum, nesterov=momentum > 0)
+    return torch.optim.AdamW(kept, lr=config.lr)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""The optimiser and learning-rate schedule of a run: Adam unless --weight-decay, the warm-up and
-cosine curve per step, its state through a checkpoint, the lr each epoch records, and gradient
-clipping (--max-grad-norm)."""
+"""The optimiser and learning-rate schedule of a run: Adam unless --weight-decay, SGD with
+Nesterov momentum (--optimizer sgd), the warm-up and cosine curve per step, its state through a
+checkpoint, the lr each epoch records, and gradient clipping (--max-grad-norm)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,53 @@ def test_weight_decay_is_adamw_over_the_weights_but_not_biases_or_norms():
     assert kept["weight_decay"] == 0.0
     assert decayed["params"] == [model[0].weight, model[2].weight]
     assert kept["params"] == [model[0].bias, model[1].weight, model[1].bias]  # frozen bias left out
+
+
+@pytest.mark.parametrize(("momentum", "nesterov"), [(0.9, True), (0.0, False)])
+def test_sgd_takes_nesterov_momentum_and_decays_the_weights_but_not_biases_or_norms(
+    momentum, nesterov
+):
+    model = tiny_model()
+    config = options(optimizer="sgd", lr=0.1, momentum=momentum, weight_decay=1e-4)
+    optimizer = build_optimizer(model, config)
+    assert type(optimizer) is torch.optim.SGD
+    decayed, kept = optimizer.param_groups
+    assert (decayed["weight_decay"], kept["weight_decay"]) == (1e-4, 0.0)
+    assert decayed["params"] == [model[0].weight, model[2].weight]
+    assert (decayed["momentum"], decayed["nesterov"], decayed["lr"]) == (momentum, nesterov, 0.1)
+    # One step of it is torch's own SGD step on the same groups.
+    twin = tiny_model()
+    reference = torch.optim.SGD(
+        [
+            {"params": [twin[0].weight, twin[2].weight]},
+            {"params": [twin[0].bias, twin[1].weight, twin[1].bias, twin[2].bias]},
+        ],
+        lr=0.1,
+        momentum=momentum,
+        nesterov=nesterov,
+    )
+    reference.param_groups[0]["weight_decay"] = 1e-4
+    inputs = torch.randn(5, 4)
+    for trained, its_optimizer in ((model, optimizer), (twin, reference)):
+        for _ in range(2):
+            its_optimizer.zero_grad()
+            trained(inputs).square().sum().backward()
+            its_optimizer.step()
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True)
+    )
+
+
+def test_an_sgd_run_records_its_optimizer_and_trains_otherwise_than_adam(tmp_path):
+    common: dict[str, Any] = dict(model="mlp:8", dataset="fake:40:8", epochs=2, batch_size=8)
+    train(TrainConfig(out=str(tmp_path / "adam"), **common))
+    config = TrainConfig(out=str(tmp_path / "sgd"), optimizer="sgd", lr=0.05, **common)
+    train(config)
+    saved = json.loads((tmp_path / "sgd" / "config.json").read_text())
+    assert (saved["optimizer"], saved["momentum"]) == ("sgd", 0.9)
+    assert TrainConfig.from_dict(saved) == config
+    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("adam", "sgd"))
+    assert not all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
 
 
 def test_the_cosine_warms_up_linearly_then_decays_to_min_lr_per_step():
@@ -136,16 +183,13 @@ def test_a_default_run_equals_one_with_the_defaults_spelled_out(tmp_path):
 
 def test_configs_saved_before_these_options_load_as_constant_without_decay_or_clipping():
     old = DistillConfig(student="mlp", cache="s.zarr", out="run").to_dict()
-    for name in ("lr_schedule", "warmup_epochs", "min_lr", "weight_decay", "max_grad_norm"):
+    names = ("lr_schedule", "warmup_epochs", "min_lr", "weight_decay", "max_grad_norm", "optimizer")
+    for name in names:
         del old[name]
     config = DistillConfig.from_dict(old)
-    assert (
-        config.lr_schedule,
-        config.warmup_epochs,
-        config.min_lr,
-        config.weight_decay,
-        config.max_grad_norm,
-    ) == ("constant", 0.0, 0.0, 0.0, 0.0)
+    assert tuple(getattr(config, name) for name in names) == (
+        "constant", 0.0, 0.0, 0.0, 0.0, "adam"
+    )  # fmt: skip
 
 
 def test_clipping_bounds_each_step_and_each_epoch_records_the_mean_norm_before_it(tmp_path):
@@ -194,6 +238,12 @@ def test_every_run_of_a_sweep_takes_the_schedule():
             r"--min-lr 0.01 is above --lr 0.001; give a number in \[0, 0.001\]",
         ),
         ({"min_lr": 1e-5}, "--min-lr 1e-05 is where --lr-schedule cosine ends"),
+        ({"optimizer": "lamb"}, "unknown --optimizer 'lamb'; valid choices: adam, sgd"),
+        ({"momentum": 0.5}, "--momentum 0.5 is SGD's, but the optimizer is adam; add --optimizer"),
+        (
+            {"optimizer": "sgd", "momentum": 1.5},
+            r"--momentum must be a number in \[0, 1\], got 1.5",
+        ),
     ],
 )
 def test_invalid_schedules_are_refused_naming_the_value_and_range(changes, message):
