@@ -131,6 +131,8 @@ EPOCHS = Bounds(1, 1_000_000)
 WEIGHT_DECAYS = MIN_LEARNING_RATES = Bounds(0, 1e37, real=True)
 #: The gradients' global norm a step is clipped to (0: not clipped); any finite float32.
 GRAD_NORMS = Bounds(0, 1e37, real=True)
+#: Batches whose gradients add up to one optimisation step; far above any real accumulation.
+ACCUMULATION_STEPS = Bounds(1, 1 << 20)
 #: SGD's momentum factor (0: plain SGD).
 MOMENTA = Bounds(0, 1, real=True)
 #: SGD's default momentum, as timm's and torchvision's ImageNet recipes use.
@@ -259,7 +261,18 @@ class TrainingOptions(SpeedOptions):
     """How any student is optimised: shared by training, distillation and every run of a sweep."""
 
     epochs: int = option(10, bounds=EPOCHS, help="Passes over the training split.")
-    batch_size: int = option(64, bounds=BATCH_SIZES, help="Samples per optimisation step.")
+    batch_size: int = option(
+        64, bounds=BATCH_SIZES, help="Samples (sequences) per batch: per optimisation step."
+    )
+    grad_accum_steps: int = option(
+        1,
+        bounds=ACCUMULATION_STEPS,
+        help="Batches whose gradients add up to one optimisation step (timm's "
+        "--grad-accum-steps, transformers' gradient_accumulation_steps): a step then learns "
+        "from N x --batch-size samples (sequences) as one batch that large would, each batch "
+        "weighed by its samples (tokens), except for batch-norm statistics, which stay per "
+        "batch. --warmup-epochs, --lr-schedule and --eval-every count optimisation steps.",
+    )
     optimizer: str = option(
         "adam",
         choices=OPTIMIZERS,

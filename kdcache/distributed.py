@@ -17,6 +17,7 @@ process, exactly as before, and no process group is created.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import time
@@ -276,6 +277,13 @@ class RankSession:
 
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
+        """A context in which backward passes through DDP ``model`` leave their gradients on
+        this rank, to be all-reduced with a later backward's (gradient accumulation)."""
+        if not self.is_distributed:
+            return contextlib.nullcontext()
+        return model.no_sync()  # type: ignore[operator]
 
     def joined(self, model: nn.Module, batches: Iterable[T]) -> Iterator[T]:
         """``batches``, letting ranks run different numbers of steps through DDP ``model``.

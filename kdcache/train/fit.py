@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -50,6 +51,7 @@ from kdcache.train.teachers import TeacherSource
 from kdcache.wording import counted
 
 log = logging.getLogger("kdcache")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,12 @@ def fit(
     # Ranks may differ by a batch per epoch: all follow the longest's curve, the others
     # catching up at each epoch's end, so that every rank's step n has the same learning rate.
     rank_batches = session.all_gather(num_batches)
-    steps_per_epoch = max(rank_batches)
+    accumulated = config.grad_accum_steps
+    rank_steps = [math.ceil(batches / accumulated) for batches in rank_batches]
+    steps_per_epoch = max(rank_steps)
+    # Steps whose batches every rank has: there the gradients are all-reduced once, with the
+    # step's last batch; later, with each batch, as DDP's join expects of the ranks it shadows.
+    shared_steps = min(rank_batches) // accumulated
     schedule = build_schedule(optimizer, config, steps_per_epoch=steps_per_epoch)
     evaluation = _Evaluations(
         task=task, val_set=val_set, config=config, session=session, out=out, train_set=train_set
@@ -148,18 +155,26 @@ def fit(
         shown = progress(
             stream,
             total=num_batches,
-            initial=epoch.steps,
+            initial=epoch.steps * accumulated,
             desc=f"epoch {number}/{config.epochs}",
             unit="batch",
             leave=False,
         )
-        for batch in session.joined(trained, shown):
-            with autocast(device, config.amp):
-                logits = _forward(task, step_model, batch)
-            targets = None if teacher is None else teacher.targets(batch)
-            loss = task.loss(logits.float(), batch, targets)
+        for window in session.joined(trained, _windows(shown, accumulated)):
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            # Each batch's mean loss weighed by its share of the step's samples (tokens): the
+            # step's gradient is that of the mean over all of them.
+            weights = [task.weight(batch) for batch in window]
+            for position, (batch, weight) in enumerate(zip(window, weights, strict=True)):
+                deferred = epoch.steps < shared_steps and position < len(window) - 1
+                with session.no_sync(trained) if deferred else contextlib.nullcontext():
+                    with autocast(device, config.amp):
+                        logits = _forward(task, step_model, batch)
+                    targets = None if teacher is None else teacher.targets(batch)
+                    loss = task.loss(logits.float(), batch, targets)
+                    scaler.scale(loss * (weight / sum(weights))).backward()
+                epoch.loss_sum += loss.detach() * weight
+                epoch.seen += weight
             if config.max_grad_norm > 0:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
                 norm = nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -170,14 +185,11 @@ def fit(
             epoch.lr = optimizer.param_groups[0]["lr"]
             schedule.step()
             epoch.steps += 1
-            weight = task.weight(batch)
-            epoch.loss_sum += loss.detach() * weight
-            epoch.seen += weight
             # Within the epoch only where every rank still has batches: all must evaluate.
             if (
                 config.eval_every
                 and epoch.step % config.eval_every == 0
-                and epoch.steps < min(rank_batches)
+                and epoch.steps < min(rank_steps)
             ):
                 # The evaluation's loaders draw from torch's generators: put them back, so the
                 # rest of the epoch draws (dropout, augmentations) as it would have without it.
@@ -189,7 +201,7 @@ def fit(
         for _ in range(epoch.steps, steps_per_epoch):
             epoch.lr = optimizer.param_groups[0]["lr"]
             schedule.step()
-        if min(rank_batches) < steps_per_epoch:
+        if min(rank_batches) < max(rank_batches):
             # The join gave every rank the longest rank's model (the last of them, as DDP
             # picks it); its optimizer state goes with it.
             longest = max(range(len(rank_batches)), key=lambda rank: (rank_batches[rank], rank))
@@ -276,7 +288,7 @@ class _RunState:
         )
         stream = iter(self.batches)
         if within is not None and within.steps:
-            skip(stream, within.steps)
+            skip(stream, within.steps * self.config.grad_accum_steps)
             restore_random_states(within.rank.random, device)
             epoch.continue_from(within)
         return epoch, stream
@@ -317,6 +329,13 @@ class _RunState:
 
 #: How torch's batch norm refuses a batch with one value per channel.
 _ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
+
+
+def _windows(batches: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``batches`` in lists of ``size`` (the last may be shorter): one optimisation step's."""
+    remaining = iter(batches)
+    while window := list(itertools.islice(remaining, size)):
+        yield window
 
 
 def _forward(task: Task, module: nn.Module, batch: Any) -> torch.Tensor:

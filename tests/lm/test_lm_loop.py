@@ -128,3 +128,30 @@ def test_ce_training_writes_a_reloadable_teacher(tmp_path, lm_files):
     trained = load_causal_lm(f"hf:{tmp_path / 'ce' / 'best'}")
     assert trained.weights_sha256
     assert result.final < trained.vocab_size  # better than a uniform guess
+
+
+def test_accumulated_batches_weigh_their_tokens_as_one_batch_that_large(tmp_path, lm_files):
+    """2 batches of 2 sequences accumulated, and batches of 4: each batch's loss weighed by its
+    share of the step's tokens, the same student (to float rounding). SGD, whose step follows
+    the gradient's scale."""
+    common: dict[str, Any] = dict(
+        model=f"hf:{lm_files['student']}",
+        dataset=f"text:{lm_files['corpus']}:16",
+        epochs=1,
+        optimizer="sgd",
+        lr=0.5,
+    )
+    runs: dict[str, dict[str, Any]] = {
+        "large": dict(batch_size=4),
+        "accumulated": dict(batch_size=2, grad_accum_steps=2),
+    }
+    for name, options in runs.items():
+        train(TrainConfig(out=str(tmp_path / name), **options, **common))
+    large, accumulated = (
+        load_file(tmp_path / name / "last" / "model.safetensors") for name in runs
+    )
+    for key in large:
+        torch.testing.assert_close(accumulated[key], large[key], rtol=1e-4, atol=1e-5)
+    records = [json.loads((tmp_path / name / "metrics.jsonl").read_text()) for name in runs]
+    assert records[0]["step"] == records[1]["step"]
+    assert records[0]["train_loss"] == pytest.approx(records[1]["train_loss"], rel=1e-5)

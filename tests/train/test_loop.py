@@ -346,3 +346,33 @@ def test_a_batch_norm_student_refuses_batches_of_one_in_one_line(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"batch of one sample.*--batch-size 2 or more"):
         train(config)
+
+
+def test_accumulated_batches_step_as_one_batch_that_large(tmp_path):
+    """3 batches of 8 accumulated, and batches of 24, on 44 samples: the same 2 steps an epoch
+    (the second of 8, 8 and 4 samples, each weighed by its share), learning rates, losses and
+    weights, up to the order in which float sums add up. SGD, whose step follows the
+    gradient's scale (Adam's would hide a wrong one)."""
+    common: dict[str, Any] = dict(
+        model="mlp:8", dataset="fake:44:8", epochs=2, optimizer="sgd", lr=0.5, warmup_epochs=0.5
+    )
+    runs: dict[str, dict[str, Any]] = {
+        "large": dict(batch_size=24),
+        "accumulated": dict(batch_size=8, grad_accum_steps=3),
+    }
+    for name, options in runs.items():
+        train(TrainConfig(out=str(tmp_path / name), **options, **common))
+    records = {
+        name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
+        for name in runs
+    }
+    assert [record["step"] for record in records["accumulated"]] == [2, 4]
+    for large, accumulated in zip(records["large"], records["accumulated"], strict=True):
+        assert (accumulated["step"], accumulated["lr"]) == (large["step"], large["lr"])
+        assert accumulated["train_loss"] == pytest.approx(large["train_loss"], rel=1e-6)
+    large, accumulated = (load_state(tmp_path / name / "last.pt") for name in runs)
+    for key in large:
+        torch.testing.assert_close(accumulated[key], large[key], rtol=1e-5, atol=1e-6)
+    train(TrainConfig(out=str(tmp_path / "small"), batch_size=8, **common))
+    small = load_state(tmp_path / "small" / "last.pt")
+    assert not all(torch.allclose(accumulated[key], small[key]) for key in small)
