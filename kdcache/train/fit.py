@@ -327,8 +327,10 @@ class _RunState:
         epoch.evaluating_s += time.perf_counter() - saving_started
 
 
-#: How torch's batch norm refuses a batch with one value per channel.
-_ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
+#: How torch's batch norm refuses a batch of one sample with one value per channel.
+_ONE_VALUE_PER_CHANNEL = (
+    "Expected more than 1 value per channel when training, got input size torch.Size([1,"
+)
 
 
 def _windows(batches: Iterable[T], size: int) -> Iterator[list[T]]:

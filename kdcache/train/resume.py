@@ -44,7 +44,9 @@ RESUME_FILE = "resume.pt"
 #: as long as the store's feed reads in the same windows (checked where the epoch resumes).
 MAY_CHANGE = ("out", "resume", "overwrite", "resumable", "device", "compile", "cache_memory")
 
-_FORMAT = 1
+#: The state file's format. 2: an image epoch's last batch of one sample joins the batch before
+#: it (kdcache.data.loaders), so a rank's batches may differ from a format 1 run's.
+_FORMAT = 2
 #: What a state file holds (besides its format).
 _STATE_KEYS = frozenset(
     (
@@ -56,6 +58,7 @@ _STATE_KEYS = frozenset(
         "training_s",
         "lr",
         "evaluations",
+        "wall_s",
         "ranks",
         "model",
         "optimizer",
@@ -248,6 +251,12 @@ def load_resume_point(
         raise KdcacheError(
             f"cannot read {path} ({type(error).__name__}{': ' + reason if reason else ''}){damaged}"
         ) from None
+    if isinstance(saved, dict) and saved.get("format") in range(1, _FORMAT):
+        raise ResumeMismatchError(
+            f"{path} was saved by kdcache {saved.get('kdcache_version')} in state format "
+            f"{saved['format']}; kdcache {__version__} resumes format {_FORMAT} only, whose "
+            f"epochs may be batched otherwise{damaged}"
+        )
     missing = _STATE_KEYS - set(saved) if isinstance(saved, dict) else _STATE_KEYS
     if missing or saved.get("format") != _FORMAT:
         raise KdcacheError(
@@ -284,7 +293,7 @@ def load_resume_point(
         evaluations=saved["evaluations"],
         rank=rank,
         parts=parts,
-        wall_s=saved.get("wall_s", 0.0),  # absent from the first version's files
+        wall_s=saved["wall_s"],
     )
 
 

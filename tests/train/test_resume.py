@@ -179,15 +179,20 @@ def test_resume_and_overwrite_exclude_each_other():
     [
         (b"", r"cannot read .*resume.pt \(EOFError"),
         (b"junk", r"cannot read .*resume.pt \("),
-        (None, r"resume.pt is not a state .* \(it lacks lr\)"),
+        ({"lr": None}, r"resume.pt is not a state .* \(it lacks lr\)"),
+        ({"format": 1}, r"resume.pt was saved by kdcache .* in state format 1; .* format 2 only"),
     ],
-    ids=["empty", "junk", "a-key-missing"],
+    ids=["empty", "junk", "a-key-missing", "an-earlier-format"],
 )
 def test_an_unreadable_state_is_refused_in_one_line(tmp_path, interrupted, content, message):
     out = copy_of(interrupted, tmp_path)
-    if content is None:
+    if isinstance(content, dict):
         saved = torch.load(out / RESUME_FILE, weights_only=True)
-        del saved["lr"]
+        for key, value in content.items():
+            if value is None:
+                del saved[key]
+            else:
+                saved[key] = value
         torch.save(saved, out / RESUME_FILE)
     else:
         (out / RESUME_FILE).write_bytes(content)
