@@ -285,6 +285,14 @@ class RankSession:
             return contextlib.nullcontext()
         return model.no_sync()  # type: ignore[operator]
 
+    def gradient_sum(self, model: nn.Module, *, batches: int) -> GradientSum | None:
+        """Where a step's ``batches`` batches are each all-reduced through DDP (an epoch's
+        uneven tail, where a joined rank answers with zeros), a :class:`GradientSum` to add
+        their gradients up in; None where ``param.grad`` may hold the sum."""
+        if not self.is_distributed or batches < 2:
+            return None
+        return GradientSum(model)
+
     def joined(self, model: nn.Module, batches: Iterable[T]) -> Iterator[T]:
         """``batches``, letting ranks run different numbers of steps through DDP ``model``.
 
@@ -347,6 +355,37 @@ def _state_layout(state: dict[str, Any]) -> list[tuple[str, tuple[int, ...] | No
         (name, tuple(value.shape) if isinstance(value, torch.Tensor) else None)
         for name, value in sorted(state.items())
     ]
+
+
+class GradientSum:
+    """One step's gradients, batch by batch, added up outside ``param.grad``.
+
+    DDP all-reduces the whole of ``param.grad`` at each synchronised backward, and divides by
+    the number of ranks. While every rank takes part, the part already reduced is the same on
+    all of them and comes out unchanged; once a rank has joined (answering with zeros) it would
+    be divided again. Taking each batch's reduced gradient aside before the next backward
+    keeps every batch's share as the other ranks see it.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.sums: dict[nn.Parameter, torch.Tensor] = {}
+
+    def set_aside(self) -> None:
+        """Add the gradients of the backward passes so far to the sum, leaving none behind."""
+        for parameter in self.parameters:
+            if parameter.grad is None:
+                continue
+            kept = self.sums.get(parameter)
+            self.sums[parameter] = parameter.grad if kept is None else kept + parameter.grad
+            parameter.grad = None
+
+    def put_back(self) -> None:
+        """Leave the step's whole gradient in ``param.grad``, for clipping and the optimizer."""
+        self.set_aside()
+        for parameter, total in self.sums.items():
+            parameter.grad = total
+        self.sums = {}
 
 
 @contextmanager

@@ -254,3 +254,38 @@ def test_every_rank_takes_the_source_ranks_optimizer_state(tmp_path, steps):
         for name, value in state.items():
             assert torch.equal(value, second["state"][index][name])
     assert float(first["state"][0]["step"]) == steps[0]
+
+
+def _tail_step(rank: int, port: int, out: str) -> None:
+    """An epoch's last step under DDP's join, each batch all-reduced: rank 0 has 2 batches
+    (loss x w halved, x = 1 then 10), rank 1 one (x = 100), then joins."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    with rank_session("cpu") as session:
+        model = torch.nn.Linear(1, 1, bias=False)
+        torch.nn.init.zeros_(model.weight)
+        trained = session.wrap_model(model)
+        window = [1.0, 10.0] if rank == 0 else [100.0]
+        for step in session.joined(trained, [window]):
+            summed = session.gradient_sum(model, batches=len(step))
+            for x in step:
+                if summed is not None:
+                    summed.set_aside()
+                (trained(torch.tensor([[x]])).sum() / len(step)).backward()
+            if summed is not None:
+                summed.put_back()
+        assert model.weight.grad is not None
+        torch.save(model.weight.grad, f"{out}/rank{rank}.pt")
+
+
+def test_a_step_whose_batches_are_reduced_one_by_one_keeps_each_batchs_share(tmp_path):
+    """The step's gradient is the mean over ranks of each rank's own mean ((1 + 10) / 2 and
+    100): 52.75 on the rank whose model the join keeps, not 27.625, as it was when a joined
+    rank's zeros divided the first batch's already-reduced gradient a second time."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_tail_step, args=(port, str(tmp_path)), nprocs=2)
+    assert torch.load(tmp_path / "rank0.pt", weights_only=True).item() == 52.75

@@ -191,20 +191,31 @@ def records(folder: Path) -> dict[int, Counter]:
     return seen
 
 
-def test_ddp_distillation_from_a_cache_and_online_sees_every_sample_once_and_agrees(tmp_path):
-    # 103 samples on 2 ranks in batches of 10: 52 and 51 samples, 6 and 5 steps per epoch (the
-    # one sample past 50 joins the batch before it).
-    dataset, epochs = "fake:103:8:4", 2
-    store = tmp_path / "t.zarr"
+#: 103 samples: on 2 ranks in batches of 10, 52 and 51 samples, 6 and 5 batches an epoch (the
+#: one sample past 50 joins the batch before it).
+UNEVEN = "fake:103:8:4"
+
+
+@pytest.fixture(scope="module")
+def uneven_store(tmp_path_factory) -> Path:
+    """A float32 store of ``teachers:seeded`` on :data:`UNEVEN`."""
+    store = tmp_path_factory.mktemp("uneven") / "t.zarr"
     dump_teacher(
         DumpConfig(
             teacher="teachers:seeded",
-            dataset=dataset,
+            dataset=UNEVEN,
             encoding="float32",
             device="cpu",
             out=str(store),
         )
     )
+    return store
+
+
+def test_ddp_distillation_from_a_cache_and_online_sees_every_sample_once_and_agrees(
+    tmp_path, uneven_store
+):
+    dataset, epochs, store = UNEVEN, 2, uneven_store
     common = ["distill", "--student", "teachers:recording", "--epochs", str(epochs)]
     common += ["--batch-size", "10", "--device", "cpu"]
     runs = {
@@ -260,23 +271,16 @@ def test_ddp_distillation_from_a_cache_and_online_sees_every_sample_once_and_agr
         torch.testing.assert_close(cached, online, rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_a_killed_ddp_distillation_resumes_on_2_ranks_as_if_it_had_never_stopped(tmp_path):
+def test_a_killed_ddp_distillation_resumes_on_2_ranks_as_if_it_had_never_stopped(
+    tmp_path, uneven_store
+):
     """Uneven shares (6 and 5 batches an epoch), 2 batches accumulated per step (3 steps an
     epoch; the last one's gradients all-reduced at each batch, the shorter rank then shadowed
     by DDP's join), dropout, and an evaluation every 2 steps: killed in epoch 2, the job
     resumes from its save at step 4 (1 step into epoch 2, after the ranks aligned their
     optimizers) with each rank's own data order and generators: the same evaluations and
     weights as the job that never stopped."""
-    dataset, store = "fake:103:8:4", tmp_path / "t.zarr"
-    dump_teacher(
-        DumpConfig(
-            teacher="teachers:seeded",
-            dataset=dataset,
-            encoding="float32",
-            device="cpu",
-            out=str(store),
-        )
-    )
+    store = uneven_store
     command = ["distill", "--cache", str(store), "--student", "teachers:halting", "--epochs", "2"]
     command += ["--batch-size", "10", "--grad-accum-steps", "2", "--eval-every", "2"]
     # No loader worker: a persistent one would hide a sampler epoch not put back (its first

@@ -165,8 +165,12 @@ def fit(
             # Each batch's mean loss weighed by its share of the step's samples (tokens): the
             # step's gradient is that of the mean over all of them.
             weights = [task.weight(batch) for batch in window]
+            tail = epoch.steps >= shared_steps
+            summed = session.gradient_sum(model, batches=len(window)) if tail else None
             for position, (batch, weight) in enumerate(zip(window, weights, strict=True)):
-                deferred = epoch.steps < shared_steps and position < len(window) - 1
+                deferred = not tail and position < len(window) - 1
+                if summed is not None:
+                    summed.set_aside()
                 with session.no_sync(trained) if deferred else contextlib.nullcontext():
                     with autocast(device, config.amp):
                         logits = _forward(task, step_model, batch)
@@ -175,6 +179,8 @@ def fit(
                     scaler.scale(loss * (weight / sum(weights))).backward()
                 epoch.loss_sum += loss.detach() * weight
                 epoch.seen += weight
+            if summed is not None:
+                summed.put_back()
             if config.max_grad_norm > 0:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
                 norm = nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
