@@ -133,8 +133,10 @@ WEIGHT_DECAYS = MIN_LEARNING_RATES = Bounds(0, 1e37, real=True)
 GRAD_NORMS = Bounds(0, 1e37, real=True)
 #: Batches whose gradients add up to one optimisation step; far above any real accumulation.
 ACCUMULATION_STEPS = Bounds(1, 1 << 20)
-#: SGD's momentum factor (0: plain SGD).
-MOMENTA = Bounds(0, 1, real=True)
+#: SGD's momentum factor (0: plain SGD); at 1 its buffer would never decay.
+MOMENTA = Bounds(0, 1, real=True, below_high=True)
+#: The weight average's decay per step (0: no average); at 1 it would never move.
+EMA_DECAYS = Bounds(0, 1, real=True, below_high=True)
 #: SGD's default momentum, as timm's and torchvision's ImageNet recipes use.
 SGD_MOMENTUM = 0.9
 #: Optimisation steps between evaluations (0: at each epoch's end only); far above any run.
@@ -314,6 +316,14 @@ class TrainingOptions(SpeedOptions):
         help="Clip the gradients' global L2 norm to this before each step (transformers' "
         "max_grad_norm, timm's --clip-grad; 1.0 is their usual value); each epoch then records "
         "its mean norm before clipping; 0 = no clipping.",
+    )
+    ema_decay: float = option(
+        0.0,
+        bounds=EMA_DECAYS,
+        help="Keep an exponential moving average of the student's weights (and batch-norm "
+        "statistics), updated after every optimisation step with this decay (timm's "
+        "--model-ema-decay, e.g. 0.9998; fewer steps want less, e.g. 0.99): evaluations score, "
+        "and best/last hold, the average; 0 = none.",
     )
     eval_every: int = option(
         0,

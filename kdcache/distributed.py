@@ -310,6 +310,16 @@ class RankSession:
         with Join([model]):  # type: ignore[list-item]
             yield from batches
 
+    def share_tensors(self, tensors: Iterable[torch.Tensor], *, src: int) -> None:
+        """Give every rank rank ``src``'s values of ``tensors`` (alike in shape on every rank)."""
+        if not self.is_distributed:
+            return
+        device = self._collective_device()
+        for tensor in tensors:
+            moved = tensor.to(device)
+            dist.broadcast(moved, src=src)
+            tensor.copy_(moved)
+
     def align_optimizer(
         self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *, src: int
     ) -> None:

@@ -24,8 +24,8 @@ MODALITY_NAMES = {IMAGE: "image models", LM: "language models"}
 @dataclass(frozen=True)
 class Bounds:
     """The numbers a numeric option accepts: ``low`` to ``high``, both included unless
-    ``above_low`` (then ``low`` itself is refused); integers only unless ``real``. NaN and the
-    infinities never pass, nor a bool.
+    ``above_low`` or ``below_high`` (then that end is refused); integers only unless ``real``.
+    NaN and the infinities never pass, nor a bool.
 
     The upper bounds keep every accepted value within what torch and numpy take (a seed, a
     float32 step), so that an absurd number is refused in one line before anything runs.
@@ -35,6 +35,7 @@ class Bounds:
     high: int | float
     real: bool = False
     above_low: bool = False
+    below_high: bool = False
 
     def admits(self, value: Any) -> bool:
         kind = numbers.Real if self.real else numbers.Integral
@@ -43,11 +44,15 @@ class Bounds:
         number: Any = value
         # Comparisons, not math.isfinite: NaN fails them, and a huge int never overflows them.
         above = self.low < number if self.above_low else self.low <= number
-        return bool(above and number <= self.high)
+        below = number < self.high if self.below_high else number <= self.high
+        return bool(above and below)
 
     def describe(self) -> str:
         if self.real:
-            return f"a number in {'(' if self.above_low else '['}{self.low:g}, {self.high:g}]"
+            return (
+                f"a number in {'(' if self.above_low else '['}{self.low:g}, {self.high:g}"
+                f"{')' if self.below_high else ']'}"
+            )
         return f"an integer from {self.low:,} to {self.high:,}"
 
 

@@ -276,13 +276,15 @@ def test_a_killed_ddp_distillation_resumes_on_2_ranks_as_if_it_had_never_stopped
 ):
     """Uneven shares (6 and 5 batches an epoch), 2 batches accumulated per step (3 steps an
     epoch; the last one's gradients all-reduced at each batch, the shorter rank then shadowed
-    by DDP's join), dropout, and an evaluation every 2 steps: killed in epoch 2, the job
+    by DDP's join), dropout, a weight average (evaluated and saved), and an evaluation every 2
+    steps: killed in epoch 2, the job
     resumes from its save at step 4 (1 step into epoch 2, after the ranks aligned their
     optimizers) with each rank's own data order and generators: the same evaluations and
     weights as the job that never stopped."""
     store = uneven_store
     command = ["distill", "--cache", str(store), "--student", "teachers:halting", "--epochs", "2"]
     command += ["--batch-size", "10", "--grad-accum-steps", "2", "--eval-every", "2"]
+    command += ["--ema-decay", "0.9"]
     # No loader worker: a persistent one would hide a sampler epoch not put back (its first
     # iterator, made on resume, moves the epoch on as the uninterrupted run's did).
     command += ["--device", "cpu"]

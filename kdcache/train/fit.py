@@ -34,6 +34,7 @@ from kdcache.errors import ConfigError
 from kdcache.progress import progress
 from kdcache.runtime import autocast, prepare_model
 from kdcache.temporaries import TemporaryFile
+from kdcache.train.ema import WeightAverage
 from kdcache.train.optim import build_optimizer, build_schedule
 from kdcache.train.resume import (
     EpochStart,
@@ -117,6 +118,7 @@ def fit(
     if sampler is None:
         sampler = session.epoch_sampler(len(train_set), seed=config.seed)
     optimizer = build_optimizer(model, config)
+    average = WeightAverage(model, decay=config.ema_decay) if config.ema_decay else None
     # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     batches, num_batches = task.batches(
@@ -146,7 +148,13 @@ def fit(
         session=session,
         evaluation=evaluation,
         batches=batches,
-        parts={"model": model, "optimizer": optimizer, "schedule": schedule, "scaler": scaler},
+        parts={
+            "model": model,
+            "optimizer": optimizer,
+            "schedule": schedule,
+            "scaler": scaler,
+            **({} if average is None else {"ema": average}),
+        },
         steps_per_epoch=steps_per_epoch,
     )
     for number in range(state.first_epoch(), config.epochs + 1):
@@ -188,6 +196,8 @@ def fit(
                 epoch.grad_norm_steps += norm.isfinite()
             scaler.step(optimizer)
             scaler.update()
+            if average is not None:
+                average.update(model)
             epoch.lr = optimizer.param_groups[0]["lr"]
             schedule.step()
             epoch.steps += 1
@@ -199,7 +209,7 @@ def fit(
             ):
                 # The evaluation's loaders draw from torch's generators: put them back, so the
                 # rest of the epoch draws (dropout, augmentations) as it would have without it.
-                with _random_state_kept(device):
+                with _random_state_kept(device), _evaluated(average, model, session, src=0):
                     evaluation.run(model, epoch, end_of_epoch=False)
                 if config.resumable:
                     state.save(epoch, end_of_epoch=False)
@@ -207,12 +217,13 @@ def fit(
         for _ in range(epoch.steps, steps_per_epoch):
             epoch.lr = optimizer.param_groups[0]["lr"]
             schedule.step()
+        # The join gave every rank the longest rank's model (the last of them, as DDP picks
+        # it); its optimizer state and weight average go with it.
+        longest = max(range(len(rank_batches)), key=lambda rank: (rank_batches[rank], rank))
         if min(rank_batches) < max(rank_batches):
-            # The join gave every rank the longest rank's model (the last of them, as DDP
-            # picks it); its optimizer state goes with it.
-            longest = max(range(len(rank_batches)), key=lambda rank: (rank_batches[rank], rank))
             session.align_optimizer(optimizer, scaler, src=longest)
-        evaluation.run(model, epoch, end_of_epoch=True)
+        with _evaluated(average, model, session, src=longest):
+            evaluation.run(model, epoch, end_of_epoch=True)
         if number < config.epochs and config.resumable:
             state.save(epoch, end_of_epoch=True)
     if session.is_main:
@@ -266,7 +277,7 @@ class _RunState:
             session=self.session,
             steps_per_epoch=self.steps_per_epoch,
         )
-        self.resumed.restore(**self.parts)
+        self.resumed.restore(self.parts)
         self.evaluation.resume_from(self.resumed)
         log.info(
             "resuming %s at epoch %d, step %d", self.out, self.resumed.epoch, self.resumed.step
@@ -337,6 +348,25 @@ class _RunState:
 _ONE_VALUE_PER_CHANNEL = (
     "Expected more than 1 value per channel when training, got input size torch.Size([1,"
 )
+
+
+@contextlib.contextmanager
+def _evaluated(
+    average: WeightAverage | None, model: nn.Module, session: RankSession, *, src: int
+) -> Iterator[None]:
+    """The weights an evaluation scores and saves: the average's, where the run keeps one.
+
+    Every rank then takes rank ``src``'s average (a rank that sat out a step of an uneven epoch
+    missed an update; each rank averages its own batch-norm statistics), and rank 0's own
+    batch-norm statistics, as an evaluation of the student itself leaves them: so that the
+    state rank 0 saves for ``--resume`` is every rank's."""
+    if average is None:
+        yield
+        return
+    session.sync_buffers(model)
+    session.share_tensors(average.tensors, src=src)
+    with average.swapped_into(model):
+        yield
 
 
 def _windows(batches: Iterable[T], size: int) -> Iterator[list[T]]:

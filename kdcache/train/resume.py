@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from kdcache._version import __version__
 from kdcache.config import LoopConfig
@@ -43,6 +42,9 @@ RESUME_FILE = "resume.pt"
 #: which order. --num-workers decides how the loader draws its order; --cache-memory may change
 #: as long as the store's feed reads in the same windows (checked where the epoch resumes).
 MAY_CHANGE = ("out", "resume", "overwrite", "resumable", "device", "compile", "cache_memory")
+
+#: What a run's state holds of its training objects (``ema`` where it averages its weights).
+PARTS = ("model", "optimizer", "schedule", "scaler", "ema")
 
 #: The state file's format. 2: an image epoch's last batch of one sample joins the batch before
 #: it (kdcache.data.loaders), so a rank's batches may differ from a format 1 run's.
@@ -168,7 +170,8 @@ class ResumePoint:
     lr: float
     evaluations: dict[str, Any]
     rank: RankProgress
-    #: The state dicts of the student, optimizer, schedule and scaler, by those names.
+    #: The state dicts of the student, optimizer, schedule, scaler and (``--ema-decay``)
+    #: weight average, by the names of :data:`PARTS`.
     parts: dict[str, Any]
     #: Wall-clock seconds the run had taken at the save, over all its earlier sessions.
     wall_s: float = 0.0
@@ -178,20 +181,12 @@ class ResumePoint:
         """The run's optimisation steps before the save."""
         return (self.epoch - 1) * self.steps_per_epoch + self.steps
 
-    def restore(
-        self,
-        *,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        schedule: torch.optim.lr_scheduler.LRScheduler,
-        scaler: torch.amp.GradScaler,
-    ) -> None:
-        """Put the student, optimizer, schedule and scaler back as they were at the save."""
+    def restore(self, parts: dict[str, Any]) -> None:
+        """Put ``parts`` (the student, optimizer, schedule, scaler and weight average, by
+        their names in the file) back as they were at the save."""
         try:
-            model.load_state_dict(self.parts["model"])
-            optimizer.load_state_dict(self.parts["optimizer"])
-            schedule.load_state_dict(self.parts["schedule"])
-            scaler.load_state_dict(self.parts["scaler"])
+            for name, part in parts.items():
+                part.load_state_dict(self.parts[name])
         except (RuntimeError, ValueError, KeyError) as error:
             # torch's message is a header line, then one line per mismatch: one line of them.
             reason = " ".join(line.strip() for line in str(error).splitlines())[:300]
@@ -279,7 +274,7 @@ def load_resume_point(
             f"has {steps_per_epoch}: the training data changed; resume with the data the run "
             "started with, or start the run over with --overwrite (without --resume)"
         )
-    parts = {key: saved[key] for key in ("model", "optimizer", "schedule", "scaler")}
+    parts = {key: saved[key] for key in PARTS if key in saved}
     try:
         rank = RankProgress.from_dict(saved["ranks"][session.info.rank])
     except (IndexError, KeyError, TypeError):

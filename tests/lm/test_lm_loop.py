@@ -155,3 +155,24 @@ def test_accumulated_batches_weigh_their_tokens_as_one_batch_that_large(tmp_path
     records = [json.loads((tmp_path / name / "metrics.jsonl").read_text()) for name in runs]
     assert records[0]["step"] == records[1]["step"]
     assert records[0]["train_loss"] == pytest.approx(records[1]["train_loss"], rel=1e-5)
+
+
+def test_a_language_model_saves_its_weight_average(tmp_path, lm_files):
+    """--ema-decay on a GPT-2 student (its tied embedding and head averaged as one): last/
+    holds the average, which scores the perplexity its evaluation recorded."""
+    common: dict[str, Any] = dict(
+        model=f"hf:{lm_files['student']}", dataset=f"text:{lm_files['corpus']}:16", epochs=1
+    )
+    train(TrainConfig(out=str(tmp_path / "plain"), batch_size=4, **common))
+    result = train(TrainConfig(out=str(tmp_path / "ema"), batch_size=4, ema_decay=0.5, **common))
+    plain, averaged = (
+        load_file(tmp_path / name / "last" / "model.safetensors") for name in ("plain", "ema")
+    )
+    assert not all(torch.equal(plain[key], averaged[key]) for key in plain)
+    again = train(
+        TrainConfig(
+            out=str(tmp_path / "scored"), batch_size=4, epochs=1, lr=1e-30,
+            model=f"hf:{tmp_path / 'ema' / 'last'}", dataset=common["dataset"],
+        )
+    )  # fmt: skip
+    assert again.final == pytest.approx(result.final, rel=1e-4)

@@ -242,7 +242,7 @@ def test_every_run_of_a_sweep_takes_the_schedule():
         ({"momentum": 0.5}, "--momentum 0.5 is SGD's, but the optimizer is adam; add --optimizer"),
         (
             {"optimizer": "sgd", "momentum": 1.5},
-            r"--momentum must be a number in \[0, 1\], got 1.5",
+            r"--momentum must be a number in \[0, 1\), got 1.5",
         ),
     ],
 )

@@ -52,41 +52,63 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
-_WHOLE: dict[int, Path] = {}
+_WHOLE: dict[tuple[int, float], Path] = {}
 
 
-def uninterrupted(tmp_path_factory, num_workers: int = 0) -> Path:
-    """COMMON trained in one go, evaluated every 5 steps (once per session and worker count)."""
-    if num_workers not in _WHOLE:
-        out = tmp_path_factory.mktemp("resume") / f"whole-{num_workers}"
-        train(TrainConfig(out=str(out), eval_every=5, num_workers=num_workers, **COMMON))
-        _WHOLE[num_workers] = out
-    return _WHOLE[num_workers]
+def uninterrupted(tmp_path_factory, num_workers: int = 0, ema_decay: float = 0.0) -> Path:
+    """COMMON trained in one go, evaluated every 5 steps (once per session, worker count and
+    weight average)."""
+    if (num_workers, ema_decay) not in _WHOLE:
+        out = tmp_path_factory.mktemp("resume") / f"whole-{num_workers}-{ema_decay}"
+        train(
+            TrainConfig(
+                out=str(out), eval_every=5, num_workers=num_workers, ema_decay=ema_decay, **COMMON
+            )
+        )
+        _WHOLE[num_workers, ema_decay] = out
+    return _WHOLE[num_workers, ema_decay]
 
 
 @pytest.mark.parametrize(
-    ("eval_every", "halt_at", "saved_step", "num_workers"),
-    [(5, 19, 15, 0), (0, 19, 12, 0), (5, 19, 15, 1), (0, 19, 12, 1)],
-    ids=["within-an-epoch", "at-an-epoch-end", "within-with-a-worker", "end-with-a-worker"],
+    ("eval_every", "halt_at", "saved_step", "num_workers", "ema_decay"),
+    [
+        (5, 19, 15, 0, 0.0),
+        (0, 19, 12, 0, 0.0),
+        (5, 19, 15, 1, 0.0),
+        (0, 19, 12, 1, 0.0),
+        (5, 19, 15, 0, 0.9),
+    ],
+    ids=[
+        "within-an-epoch",
+        "at-an-epoch-end",
+        "within-with-a-worker",
+        "end-with-a-worker",
+        "within-with-a-weight-average",
+    ],
 )
 def test_a_killed_run_resumes_bit_for_bit(
-    tmp_path, tmp_path_factory, eval_every, halt_at, saved_step, num_workers
+    tmp_path, tmp_path_factory, eval_every, halt_at, saved_step, num_workers, ema_decay
 ):
     """Killed before step 19, the run saved last at its evaluation of step 15 (3 steps into
     epoch 2, with --eval-every 5) or at epoch 1's end (step 12). Resumed, it trains the same
     batches with the same dropout draws: the same weights, evaluations and best as the run
     that never stopped, and its state file is gone at the end. With a loader worker too (its
     persistent process draws its seed once, in the first epoch)."""
-    whole_run = uninterrupted(tmp_path_factory, num_workers)
+    whole_run = uninterrupted(tmp_path_factory, num_workers, ema_decay)
     out = tmp_path / "run"
-    options = ["--num-workers", str(num_workers)]
+    options = ["--num-workers", str(num_workers), "--ema-decay", str(ema_decay)]
     killed_at(out, halt_at, *options, *(["--eval-every", str(eval_every)] if eval_every else []))
     saved = torch.load(out / RESUME_FILE, map_location="cpu", weights_only=True)
     assert (saved["epoch"] - 1) * STEPS + saved["steps"] == saved_step
     before = records(out)
     result = train(
         TrainConfig(
-            out=str(out), eval_every=eval_every, num_workers=num_workers, resume=True, **COMMON
+            out=str(out),
+            eval_every=eval_every,
+            num_workers=num_workers,
+            ema_decay=ema_decay,
+            resume=True,
+            **COMMON,
         )
     )
     whole = records(whole_run)
