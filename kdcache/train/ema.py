@@ -7,9 +7,11 @@ weights and its batch-norm statistics) moves the average towards it::
 
 as timm's ``ModelEmaV3`` does (Polyak averaging; Tarvainen & Valpola, "Mean teachers are better
 role models", NeurIPS 2017, for its use with students). Integer buffers (batch-norm's step
-count) are not averaged. The run evaluates and saves the average by swapping it into the
-student's own tensors for that time, so every task evaluates and saves it as it would the
-student.
+count) are not averaged. The average of a bf16 or fp16 entry is kept in float32: at a decay of
+0.9998 each update is far below half a bf16 step, and would round away. Entries that share
+storage (a language model's tied embedding and head) are averaged once. The run evaluates and
+saves the average by swapping it into the student's own tensors for that time, so every task
+evaluates and saves it as it would the student.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from torch import nn
 
 __all__ = ["WeightAverage"]
 
+#: The precision a half-precision entry is averaged in.
+_AVERAGED_IN = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
+
 
 class WeightAverage:
     """The moving average of ``model``'s floating-point weights and buffers, starting from
@@ -31,8 +36,24 @@ class WeightAverage:
     def __init__(self, model: nn.Module, *, decay: float) -> None:
         self.decay = decay
         state = model.state_dict()
-        self.names = [name for name, value in state.items() if value.is_floating_point()]
-        self.tensors = [state[name].detach().clone() for name in self.names]
+        self.names: list[str] = []
+        seen: set[tuple[Any, ...]] = set()
+        for name, value in state.items():
+            if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+                continue  # integer buffers and a module's extra state
+            place = (
+                value.untyped_storage().data_ptr(),
+                value.storage_offset(),
+                tuple(value.shape),
+                value.stride(),
+            )
+            if place not in seen:  # a tied entry is the same tensor under another name
+                seen.add(place)
+                self.names.append(name)
+        self.tensors = [
+            state[name].detach().to(_AVERAGED_IN.get(state[name].dtype, state[name].dtype)).clone()
+            for name in self.names
+        ]
 
     def _live(self, model: nn.Module) -> list[torch.Tensor]:
         """``model``'s own tensors for :attr:`names` (writing into them changes the model)."""
@@ -43,7 +64,7 @@ class WeightAverage:
     def update(self, model: nn.Module) -> None:
         """Move the average towards ``model``'s weights as they are now."""
         for average, live in zip(self.tensors, self._live(model), strict=True):
-            average.lerp_(live, 1.0 - self.decay)
+            average.lerp_(live.to(average.dtype), 1.0 - self.decay)
 
     @contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[None]:
@@ -69,6 +90,12 @@ class WeightAverage:
         saved = state["average"]
         if list(saved) != self.names:
             raise KeyError(f"the saved average holds other tensors than {len(self.names)} here")
+        for tensor, name in zip(self.tensors, self.names, strict=True):
+            if saved[name].shape != tensor.shape:
+                raise RuntimeError(
+                    f"the saved average of {name} has shape {tuple(saved[name].shape)}, the "
+                    f"student's {tuple(tensor.shape)}"
+                )
         with torch.no_grad():
             for tensor, name in zip(self.tensors, self.names, strict=True):
                 tensor.copy_(saved[name])

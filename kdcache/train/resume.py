@@ -259,7 +259,7 @@ def load_resume_point(
             + (f" (it lacks {', '.join(sorted(missing))})" if missing else "")
             + damaged
         )
-    _check_same_run(path, saved["config"], config.to_dict())
+    _check_same_run(path, saved["config"], config)
     if saved["world_size"] != session.info.world_size:
         ranks = saved["world_size"]
         raise ResumeMismatchError(
@@ -292,7 +292,16 @@ def load_resume_point(
     )
 
 
-def _check_same_run(path: Path, saved: dict[str, Any], given: dict[str, Any]) -> None:
+def _check_same_run(path: Path, saved: dict[str, Any], config: LoopConfig) -> None:
+    """Refuse options other than the saved run's; an option newer than the run counts as its
+    default there (the run trained as that default does)."""
+    given = config.to_dict()
+    defaults = {
+        field.name: field.default
+        for field in dataclasses.fields(config)
+        if field.default is not dataclasses.MISSING
+    }
+    saved = {**{name: value for name, value in defaults.items() if name not in saved}, **saved}
     differences = [
         f"--{name.replace('_', '-')} {_shown(saved.get(name))} there, {_shown(given.get(name))} now"
         for name in sorted(set(saved) | set(given))
@@ -321,5 +330,5 @@ def skip(batches: Iterator[Any], count: int) -> None:
 
 def remove_resume_point(out: Path) -> None:
     """Drop ``out``'s saved state: its run finished, or is being started over (the state is as
-    large as three students)."""
+    large as three students, four with ``--ema-decay``)."""
     (out / RESUME_FILE).unlink(missing_ok=True)

@@ -158,7 +158,7 @@ def test_accumulated_batches_weigh_their_tokens_as_one_batch_that_large(tmp_path
 
 
 def test_a_language_model_saves_its_weight_average(tmp_path, lm_files):
-    """--ema-decay on a GPT-2 student (its tied embedding and head averaged as one): last/
+    """--ema-decay on a GPT-2 student (its tied embedding and head: one average): last/
     holds the average, which scores the perplexity its evaluation recorded."""
     common: dict[str, Any] = dict(
         model=f"hf:{lm_files['student']}", dataset=f"text:{lm_files['corpus']}:16", epochs=1

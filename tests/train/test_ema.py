@@ -88,3 +88,23 @@ def test_a_run_evaluates_and_saves_the_average(tmp_path):
 def test_a_decay_outside_0_to_1_is_refused_naming_the_range(decay):
     with pytest.raises(ConfigError, match=r"--ema-decay must be a number in \[0, 1\)"):
         TrainConfig(model="mlp", out="run", ema_decay=decay)
+
+
+def test_half_precision_weights_are_averaged_in_float32_and_tied_ones_once():
+    """bf16 rounds an update of 1e-4 x a weight's change away; the average keeps it. An
+    embedding tied to a head is one entry of the average."""
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)).to(torch.bfloat16)
+    model[1].weight = model[0].weight
+    average = WeightAverage(model, decay=0.9998)
+    assert average.names == ["0.weight"]
+    assert average.tensors[0].dtype == torch.float32
+    with torch.no_grad():
+        model.get_parameter("0.weight").fill_(1.0)
+    start = average.tensors[0].clone()
+    for _ in range(100):
+        average.update(model)
+    expected = 1.0 + (start - 1.0) * 0.9998**100
+    torch.testing.assert_close(average.tensors[0], expected)
+    with average.swapped_into(model):
+        assert model.get_parameter("1.weight").dtype == torch.bfloat16
+        torch.testing.assert_close(model[1].weight.float(), expected, atol=1e-2, rtol=1e-2)

@@ -164,6 +164,19 @@ def test_a_moved_run_folder_resumes(tmp_path, tmp_path_factory, interrupted):
     assert not (out / RESUME_FILE).exists()
 
 
+def test_options_newer_than_the_saved_run_count_as_their_defaults(tmp_path, interrupted):
+    """A state saved before --ema-decay existed resumes with its default; another value is
+    refused, naming the default as the run's."""
+    out = copy_of(interrupted, tmp_path)
+    saved = torch.load(out / RESUME_FILE, weights_only=True)
+    del saved["config"]["ema_decay"]
+    torch.save(saved, out / RESUME_FILE)
+    with pytest.raises(ConfigError, match=r"--ema-decay 0.0 there, 0.5 now"):
+        train(TrainConfig(out=str(out), eval_every=5, resume=True, ema_decay=0.5, **COMMON))
+    train(TrainConfig(out=str(out), eval_every=5, resume=True, **COMMON))
+    assert not (out / RESUME_FILE).exists()
+
+
 def test_resume_needs_an_interrupted_run(tmp_path, tmp_path_factory):
     with pytest.raises(KdcacheError, match=r"no resume.pt in .*: no run there reached its first"):
         train(TrainConfig(out=str(tmp_path / "empty"), resume=True, **COMMON))
