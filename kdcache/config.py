@@ -322,8 +322,9 @@ class TrainingOptions(SpeedOptions):
         bounds=EMA_DECAYS,
         help="Keep an exponential moving average of the student's weights (and batch-norm "
         "statistics), updated after every optimisation step with this decay (timm's "
-        "--model-ema-decay, e.g. 0.9998; fewer steps want less, e.g. 0.99): evaluations score, "
-        "and best/last hold, the average; 0 = none.",
+        "--model-ema-decay, e.g. 0.9998): evaluations score, and best/last hold, the average; "
+        "it spans about 1/(1 - D) steps, which should be a small part of the run "
+        "(docs/results.md); 0 = none.",
     )
     eval_every: int = option(
         0,
