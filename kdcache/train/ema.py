@@ -68,18 +68,31 @@ class WeightAverage:
 
     @contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[None]:
-        """``model`` holding the average for the duration, its own weights put back after."""
+        """``model`` holding the average for the duration, its own weights put back after.
+
+        An entry averaged in its own dtype trades places with the average, one tensor at a
+        time, so the swap costs no copy of the model; a half-precision one (averaged in
+        float32) keeps a copy of itself."""
         live = self._live(model)
-        kept = [tensor.clone() for tensor in live]
+        kept = [
+            None if tensor.dtype == average.dtype else tensor.clone()
+            for tensor, average in zip(live, self.tensors, strict=True)
+        ]
         with torch.no_grad():
-            for tensor, average in zip(live, self.tensors, strict=True):
-                tensor.copy_(average)
+            for tensor, average, own in zip(live, self.tensors, kept, strict=True):
+                if own is None:
+                    _exchange(tensor, average)
+                else:
+                    tensor.copy_(average)
         try:
             yield
         finally:
             with torch.no_grad():
-                for tensor, own in zip(live, kept, strict=True):
-                    tensor.copy_(own)
+                for tensor, average, own in zip(live, self.tensors, kept, strict=True):
+                    if own is None:
+                        _exchange(tensor, average)
+                    else:
+                        tensor.copy_(own)
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "average": dict(zip(self.names, self.tensors, strict=True))}
@@ -99,3 +112,10 @@ class WeightAverage:
         with torch.no_grad():
             for tensor, name in zip(self.tensors, self.names, strict=True):
                 tensor.copy_(saved[name])
+
+
+def _exchange(first: torch.Tensor, second: torch.Tensor) -> None:
+    """Swap the values of two tensors of one shape and dtype, through one temporary copy."""
+    held = first.clone()
+    first.copy_(second)
+    second.copy_(held)

@@ -161,14 +161,14 @@ def fit(
         model.train()
         epoch, stream = state.begin_epoch(number, lr=optimizer.param_groups[0]["lr"])
         shown = progress(
-            stream,
-            total=num_batches,
-            initial=epoch.steps * accumulated,
+            _windows(stream, accumulated),
+            total=math.ceil(num_batches / accumulated),
+            initial=epoch.steps,
             desc=f"epoch {number}/{config.epochs}",
-            unit="batch",
+            unit="step",
             leave=False,
         )
-        for window in session.joined(trained, _windows(shown, accumulated)):
+        for window in session.joined(trained, shown):
             optimizer.zero_grad(set_to_none=True)
             # Each batch's mean loss weighed by its share of the step's samples (tokens): the
             # step's gradient is that of the mean over all of them.

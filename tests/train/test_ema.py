@@ -44,9 +44,11 @@ def test_the_average_is_swapped_in_and_the_model_gets_its_own_weights_back():
         model.get_parameter("0.weight").add_(2.0)
     average.update(model)
     own = {name: value.clone() for name, value in model.state_dict().items()}
+    averaged = [tensor.clone() for tensor in average.tensors]
     with average.swapped_into(model):
         torch.testing.assert_close(model.get_parameter("0.weight"), own["0.weight"] - 1.0)
     assert all(torch.equal(model.state_dict()[name], own[name]) for name in own)
+    assert all(torch.equal(a, b) for a, b in zip(average.tensors, averaged, strict=True))
 
 
 def test_a_saved_average_is_taken_up_and_one_of_another_model_refused():
@@ -108,3 +110,5 @@ def test_half_precision_weights_are_averaged_in_float32_and_tied_ones_once():
     with average.swapped_into(model):
         assert model.get_parameter("1.weight").dtype == torch.bfloat16
         torch.testing.assert_close(model[1].weight.float(), expected, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(average.tensors[0], expected)  # still float32's
+    assert bool((model.get_parameter("0.weight") == 1.0).all())
