@@ -51,7 +51,7 @@ class WeightAverage:
                 seen.add(place)
                 self.names.append(name)
         self.tensors = [
-            state[name].detach().to(_AVERAGED_IN.get(state[name].dtype, state[name].dtype)).clone()
+            state[name].detach().to(_averaged_dtype(state[name].dtype), copy=True)
             for name in self.names
         ]
 
@@ -78,21 +78,23 @@ class WeightAverage:
             None if tensor.dtype == average.dtype else tensor.clone()
             for tensor, average in zip(live, self.tensors, strict=True)
         ]
-        with torch.no_grad():
-            for tensor, average, own in zip(live, self.tensors, kept, strict=True):
-                if own is None:
-                    _exchange(tensor, average)
-                else:
-                    tensor.copy_(average)
+        self._trade(live, kept, restoring=False)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for tensor, average, own in zip(live, self.tensors, kept, strict=True):
-                    if own is None:
-                        _exchange(tensor, average)
-                    else:
-                        tensor.copy_(own)
+            self._trade(live, kept, restoring=True)
+
+    @torch.no_grad()
+    def _trade(
+        self, live: list[torch.Tensor], kept: list[torch.Tensor | None], *, restoring: bool
+    ) -> None:
+        """Put the average into ``live`` (or, ``restoring``, the student's own weights back): by
+        exchange where nothing was ``kept``, else by copying the average or the kept weights."""
+        for tensor, average, own in zip(live, self.tensors, kept, strict=True):
+            if own is None:
+                _exchange(tensor, average)
+            else:
+                tensor.copy_(own if restoring else average)
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "average": dict(zip(self.names, self.tensors, strict=True))}
@@ -112,6 +114,10 @@ class WeightAverage:
         with torch.no_grad():
             for tensor, name in zip(self.tensors, self.names, strict=True):
                 tensor.copy_(saved[name])
+
+
+def _averaged_dtype(dtype: torch.dtype) -> torch.dtype:
+    return _AVERAGED_IN.get(dtype, dtype)
 
 
 def _exchange(first: torch.Tensor, second: torch.Tensor) -> None:

@@ -173,6 +173,7 @@ def fit(
             # Each batch's mean loss weighed by its share of the step's samples (tokens): the
             # step's gradient is that of the mean over all of them.
             weights = [task.weight(batch) for batch in window]
+            total = sum(weights)
             tail = epoch.steps >= shared_steps
             summed = session.gradient_sum(model, batches=len(window)) if tail else None
             for position, (batch, weight) in enumerate(zip(window, weights, strict=True)):
@@ -184,7 +185,7 @@ def fit(
                         logits = _forward(task, step_model, batch)
                     targets = None if teacher is None else teacher.targets(batch)
                     loss = task.loss(logits.float(), batch, targets)
-                    scaler.scale(loss * (weight / sum(weights))).backward()
+                    scaler.scale(loss * (weight / total)).backward()
                 epoch.loss_sum += loss.detach() * weight
                 epoch.seen += weight
             if summed is not None:

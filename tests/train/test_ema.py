@@ -37,12 +37,19 @@ def test_each_update_moves_the_average_by_one_minus_the_decay():
         torch.testing.assert_close(value, 0.75 * start[name] + 0.25 * now[name])
 
 
-def test_the_average_is_swapped_in_and_the_model_gets_its_own_weights_back():
+def moved_average(decay: float, name: str, change: float) -> tuple[nn.Sequential, WeightAverage]:
+    """A small model whose parameter ``name`` moved by ``change`` after its average began, and
+    the average, updated once since."""
     model = small_model()
-    average = WeightAverage(model, decay=0.5)
+    average = WeightAverage(model, decay=decay)
     with torch.no_grad():
-        model.get_parameter("0.weight").add_(2.0)
+        model.get_parameter(name).add_(change)
     average.update(model)
+    return model, average
+
+
+def test_the_average_is_swapped_in_and_the_model_gets_its_own_weights_back():
+    model, average = moved_average(0.5, "0.weight", 2.0)
     own = {name: value.clone() for name, value in model.state_dict().items()}
     averaged = [tensor.clone() for tensor in average.tensors]
     with average.swapped_into(model):
@@ -52,11 +59,7 @@ def test_the_average_is_swapped_in_and_the_model_gets_its_own_weights_back():
 
 
 def test_a_saved_average_is_taken_up_and_one_of_another_model_refused():
-    model = small_model()
-    average = WeightAverage(model, decay=0.9)
-    with torch.no_grad():
-        model.get_parameter("2.bias").add_(1.0)
-    average.update(model)
+    _, average = moved_average(0.9, "2.bias", 1.0)
     again = WeightAverage(small_model(), decay=0.9)
     again.load_state_dict(average.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(again.tensors, average.tensors, strict=True))
